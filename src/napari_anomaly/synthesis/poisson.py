@@ -156,7 +156,9 @@ def blend_boxes(
     """
     dims = target.ndim - 2
     if dims not in (2, 3):
-        raise ValueError(f"expected (N, C, *box) with 2 or 3 spatial axes, got {tuple(target.shape)}")
+        raise ValueError(
+            f"expected (N, C, *box) with 2 or 3 spatial axes, got {tuple(target.shape)}"
+        )
     if source.shape != target.shape:
         raise ValueError(f"source shape {tuple(source.shape)} != target {tuple(target.shape)}")
     weight = mask.to(target.dtype)
@@ -170,7 +172,9 @@ def blend_boxes(
         grad_target = target.diff(dim=dim)
         grad_source = source.diff(dim=dim)
         if mix_gradients:
-            grad_guide = torch.where(grad_source.abs() > grad_target.abs(), grad_source, grad_target)
+            grad_guide = torch.where(
+                grad_source.abs() > grad_target.abs(), grad_source, grad_target
+            )
         else:
             grad_guide = grad_source
         edge_weight = 0.5 * (weight.narrow(dim, 0, n - 1) + weight.narrow(dim, 1, n - 1))

@@ -251,7 +251,9 @@ def sample_synthesis(
         core_slices.append(slice(margin, max(margin + 1, size - margin)))
     core[tuple(core_slices)] = True
 
-    counts = rng.integers(config.anomalies_per_image[0], config.anomalies_per_image[1] + 1, batch_size)
+    counts = rng.integers(
+        config.anomalies_per_image[0], config.anomalies_per_image[1] + 1, batch_size
+    )
     if foreground is not None:
         # No foreground in the core region: no anomaly can be placed.
         has_room = np.array([(foreground[b] & core).any() for b in range(batch_size)])
@@ -291,20 +293,26 @@ def sample_synthesis(
     patch_start = np.clip(centres - patch_size // 2, lower_bound, upper_bound)
     source_start = np.clip(source_centres - patch_size // 2, 0, shape - patch_size)
 
-    rater_count = rng.integers(config.raters_per_anomaly[0], config.raters_per_anomaly[1] + 1, anomalies)
+    rater_count = rng.integers(
+        config.raters_per_anomaly[0], config.raters_per_anomaly[1] + 1, anomalies
+    )
     blend_anomaly = np.repeat(np.arange(anomalies), rater_count)
     blends = blend_anomaly.size
     half = patch_size[blend_anomaly] / 2.0
-    centre = (patch_size[blend_anomaly] - 1) / 2.0 + rng.normal(
-        0.0, 1.0, (blends, dims)
-    ) * (config.centre_sd_fraction * half)
+    centre = (patch_size[blend_anomaly] - 1) / 2.0 + rng.normal(0.0, 1.0, (blends, dims)) * (
+        config.centre_sd_fraction * half
+    )
     if config.mask_shape in ("disc", "ball"):
         shortest = half.min(axis=1, keepdims=True)
-        radius = config.radius_fraction * shortest + config.radius_sd * rng.standard_normal((blends, 1))
+        radius = config.radius_fraction * shortest + config.radius_sd * rng.standard_normal(
+            (blends, 1)
+        )
         radii = np.repeat(np.clip(radius, 0.5, shortest), dims, axis=1)
         rotation = np.broadcast_to(np.eye(dims), (blends, dims, dims))
     else:
-        radii = config.radius_fraction * half + config.radius_sd * rng.standard_normal((blends, dims))
+        radii = config.radius_fraction * half + config.radius_sd * rng.standard_normal(
+            (blends, dims)
+        )
         radii = np.clip(radii, 0.5, half)
         rotation = _random_rotations(rng, blends, dims)
     # (x - c)^T Q (x - c) <= 1 with Q = R diag(1 / r^2) R^T.
@@ -357,7 +365,6 @@ def apply_synthesis(
 
     Returns ``(anomalous, label, label_std)``; see :func:`synthesise`.
     """
-    dims = images.ndim - 2
     spatial_shape = tuple(int(s) for s in images.shape[2:])
     if (images.shape[0], spatial_shape) != (params.batch_size, params.spatial_shape):
         raise ValueError(
@@ -376,8 +383,16 @@ def apply_synthesis(
             groups.setdefault(tuple(size), []).append(anomaly)
         for box_shape, anomaly_rows in groups.items():
             _blend_group(
-                images, params, config, box_shape, np.asarray(anomaly_rows), box_start, offset,
-                blends_per_image, change, variance,
+                images,
+                params,
+                config,
+                box_shape,
+                np.asarray(anomaly_rows),
+                box_start,
+                offset,
+                blends_per_image,
+                change,
+                variance,
             )
     if foreground is not None:
         inside = foreground.reshape(images.shape).to(device=device, dtype=dtype)
@@ -461,11 +476,15 @@ def _blend_group(
     per_anomaly.index_add_(0, blend_local, blend_change)
     per_anomaly_sq.index_add_(0, blend_local, blend_change.square())
     raters = tensor(params.rater_count[anomaly_rows], dtype).reshape(-1, 1, *([1] * dims))
-    total = tensor(blends_per_image[params.anomaly_image[anomaly_rows]], dtype).reshape(raters.shape)
+    total = tensor(blends_per_image[params.anomaly_image[anomaly_rows]], dtype).reshape(
+        raters.shape
+    )
     rater_mean = per_anomaly / raters
     rater_variance = (per_anomaly_sq / raters - rater_mean.square()).clamp_min(0.0)
     _scatter_add_boxes(change, image_index, target_index, per_anomaly / total)
-    _scatter_add_boxes(variance, image_index, target_index, (raters / total).square() * rater_variance)
+    _scatter_add_boxes(
+        variance, image_index, target_index, (raters / total).square() * rater_variance
+    )
 
 
 def _validate_images(images: torch.Tensor) -> None:
@@ -543,7 +562,5 @@ def synthesise(
                 f"got {tuple(foreground_t.shape)}"
             )
         foreground_np = foreground_t.reshape(images.shape[0], *images.shape[2:]).cpu().numpy()
-    params = sample_synthesis(
-        images.shape[0], tuple(images.shape[2:]), config, rng, foreground_np
-    )
+    params = sample_synthesis(images.shape[0], tuple(images.shape[2:]), config, rng, foreground_np)
     return apply_synthesis(images, params, config, foreground_t)

@@ -1,0 +1,45 @@
+"""Locations of the normal anatomy used for the default model (see fetch_normal_anatomy.sh).
+
+Shared by ``train_default_model.py``, ``make_sample_scan.py`` and
+``evaluate_default_model.py`` so that the training / held-out split is defined once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ITK_DATA = "usr/share/doc/insighttoolkit5-examples/examples/Data"
+MRICRON = "usr/share/mricron/templates"
+
+# Training: the MNI152 template (a 3D volume; the 2D model sees its slices along
+# all three axes) and two 2D T1 slices of the ITK examples.
+TRAIN_ITK_SLICES = ["BrainT1Slice.png", "BrainMidSagittalSlice.png"]
+# Held out (never trained on): Colin27, another subject, scanner and averaging,
+# and a proton-density slice, another contrast.
+HELD_OUT_VOLUME = "ch2.nii.gz"
+HELD_OUT_ITK_SLICES = ["BrainProtonDensitySlice.png"]
+
+
+def mni152_t1() -> Path:
+    """The MNI ICBM152 2009a T1 template inside the installed nilearn package."""
+    import nilearn
+
+    path = (
+        Path(nilearn.__file__).parent
+        / "datasets"
+        / "data"
+        / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    )
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run scripts/fetch_normal_anatomy.sh")
+    return path
+
+
+def training_files(data_dir: Path) -> list[Path]:
+    return [mni152_t1()] + [data_dir / ITK_DATA / name for name in TRAIN_ITK_SLICES]
+
+
+def held_out_files(data_dir: Path) -> list[Path]:
+    return [data_dir / MRICRON / HELD_OUT_VOLUME] + [
+        data_dir / ITK_DATA / name for name in HELD_OUT_ITK_SLICES
+    ]

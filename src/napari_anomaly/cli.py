@@ -1,0 +1,355 @@
+"""Command line: one subcommand per stage, thin over the scriptable core.
+
+    napari-anomaly train NORMAL... --out MODEL [--dims 2|3] [--steps N] [--device D] [--seed S]
+    napari-anomaly localise IMAGE... --out DIR [--model MODEL] [--threshold T] [--device D]
+    napari-anomaly finetune --model MODEL --images I... --masks M... --out MODEL2
+    napari-anomaly evaluate --images I... --masks M... [--normals N...] [--model M] [--json F]
+    napari-anomaly synthesise NORMAL... --out DIR [--n N] [--seed S]
+    napari-anomaly demo [--screenshot PNG]
+
+Without ``--model`` the bundled default model is used. Nothing is ever
+overwritten unless ``--overwrite`` is given; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from napari_anomaly.progress import Job, Progress
+
+__all__ = ["main"]
+
+
+class _ProgressPrinter:
+    """Prints a one-line progress bar to stderr (a log line per update when not a TTY)."""
+
+    def __init__(self, label: str, every: float = 0.5) -> None:
+        self.label = label
+        self.every = every
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
+
+    def __call__(self, report: Progress) -> None:
+        now = time.perf_counter()
+        final = report.total and report.step >= report.total
+        if now - self.last < self.every and not final:
+            return
+        self.last = now
+        metrics = " ".join(
+            f"{k}={v:.4g}"
+            for k, v in report.metrics.items()
+            if k in ("loss", "val_ap", "samples_per_s")
+        )
+        if report.total:
+            filled = int(30 * report.fraction)
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {report.step}/{report.total}"
+        else:
+            bar = ""
+        line = f"{self.label}: {bar} {report.message} {metrics} ({now - self.started:.0f}s)"
+        if self.tty:
+            sys.stderr.write("\r" + line[:150].ljust(150))
+            if final:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _run(job: Job, label: str):
+    printer = _ProgressPrinter(label)
+    while True:
+        try:
+            report = next(job)
+        except StopIteration as stop:
+            return stop.value
+        printer(report)
+
+
+def _load_model(path: str | None, device: str):
+    from napari_anomaly.localiser import Localiser, default_model_path
+
+    model_path = Path(path) if path else default_model_path()
+    if not model_path.exists():
+        raise SystemExit(f"error: model file {model_path} not found")
+    return Localiser.load(model_path, device="cpu")
+
+
+def _read(path: str):
+    from napari_anomaly.io import read_image
+
+    return read_image(path)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from napari_anomaly.training import TrainConfig, train
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
+    images = [_read(p).array for p in args.normal]
+    config = TrainConfig(
+        spatial_dims=args.dims,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        patch_size=args.patch_size,
+        device=args.device,
+        seed=args.seed,
+    )
+    description = ", ".join(Path(p).name for p in args.normal)
+    localiser = _run(
+        train(
+            images,
+            config,
+            checkpoint_path=args.checkpoint,
+            resume=args.resume,
+            data_description=description,
+        ),
+        "train",
+    )
+    sha = localiser.save(out, overwrite=args.overwrite)
+    print(f"wrote {out} (sha256 {sha[:12]})")
+    return 0
+
+
+def _localise_one(localiser, path: str, args: argparse.Namespace):
+    from napari_anomaly.inference import InferenceConfig, localise
+
+    loaded = _read(path)
+    config = InferenceConfig(device=args.device, slice_axis=args.slice_axis)
+    result = _run(localise(loaded.array, localiser, config), f"localise {Path(path).name}")
+    return loaded, result
+
+
+def _cmd_localise(args: argparse.Namespace) -> int:
+    from napari_anomaly.io import atomic_write_text, output_path_like, write_image
+    from napari_anomaly.review import threshold_map
+
+    localiser = _load_model(args.model, args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        targets = {
+            kind: out_dir / output_path_like(path, f"_{kind}").name
+            for kind in ("anomaly", "confidence", "mask")
+        }
+        sidecar = targets["mask"].with_name(targets["mask"].name.split(".")[0] + ".json")
+        existing = [str(p) for p in [*targets.values(), sidecar] if p.exists()]
+        if existing and not args.overwrite:
+            raise SystemExit(f"error: {', '.join(existing)} exist(s); pass --overwrite to replace")
+        loaded, result = _localise_one(localiser, path, args)
+        mask = threshold_map(result.anomaly_map, args.threshold, args.min_region_size)
+        write_image(
+            targets["anomaly"], result.anomaly_map, loaded.geometry, overwrite=args.overwrite
+        )
+        write_image(
+            targets["confidence"], result.confidence_map, loaded.geometry, overwrite=args.overwrite
+        )
+        write_image(
+            targets["mask"], mask.astype(np.uint8), loaded.geometry, overwrite=args.overwrite
+        )
+        provenance = {
+            "image": str(Path(path).resolve()),
+            "model": localiser.name,
+            "model_sha256": localiser.sha256,
+            "threshold": args.threshold,
+            "min_region_size": args.min_region_size,
+            "marked_voxels": int(mask.sum()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "geometry": loaded.geometry.to_dict(),
+        }
+        atomic_write_text(sidecar, json.dumps(provenance, indent=2), overwrite=args.overwrite)
+        print(
+            f"{Path(path).name}: max score {result.anomaly_map.max():.3f}, "
+            f"{int(mask.sum())} voxels marked -> {targets['mask']}"
+        )
+    return 0
+
+
+def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
+    if len(images) != len(masks):
+        raise SystemExit(
+            f"error: {len(images)} images but {len(masks)} masks; give one mask per image"
+        )
+    pairs = []
+    for image_path, mask_path in zip(images, masks):
+        image = _read(image_path)
+        mask = _read(mask_path)
+        if mask.array.shape != image.array.shape:
+            raise SystemExit(
+                f"error: mask {mask_path} has shape {mask.array.shape}, "
+                f"image {image_path} has {image.array.shape}"
+            )
+        pairs.append((image, mask.array > 0.5))
+    return pairs
+
+
+def _predict_all(localiser, images, args) -> list[np.ndarray]:
+    from napari_anomaly.inference import InferenceConfig, localise
+
+    config = InferenceConfig(device=args.device)
+    return [
+        _run(localise(image.array, localiser, config), f"localise {image.path.name}").anomaly_map
+        for image in images
+    ]
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from napari_anomaly.metrics import evaluate_cases
+    from napari_anomaly.training import FinetuneConfig, finetune
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
+    localiser = _load_model(args.model, args.device)
+    pairs = _read_case_pairs(args.images, args.masks)
+    images = [p[0] for p in pairs]
+    masks = [p[1] for p in pairs]
+    before = evaluate_cases(_predict_all(localiser, images, args), masks, args.threshold)
+    config = FinetuneConfig(steps=args.steps, device=args.device, seed=args.seed)
+    tuned = _run(finetune(localiser, [i.array for i in images], masks, config), "finetune")
+    after = evaluate_cases(_predict_all(tuned, images, args), masks, args.threshold)
+    tuned.metadata["metrics"] = {
+        "corrected_cases_ap_before": before.pixel_ap,
+        "corrected_cases_ap_after": after.pixel_ap,
+    }
+    sha = tuned.save(out, overwrite=args.overwrite)
+    print(
+        f"on the corrected cases: pixel AP {before.pixel_ap:.4f} -> {after.pixel_ap:.4f}, "
+        f"Dice {before.dice:.4f} -> {after.dice:.4f}"
+    )
+    print(f"wrote {out} (sha256 {sha[:12]}, parent {localiser.sha256[:12]})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from napari_anomaly.io import atomic_write_text
+    from napari_anomaly.metrics import evaluate_cases
+
+    localiser = _load_model(args.model, args.device)
+    pairs = _read_case_pairs(args.images, args.masks)
+    maps = _predict_all(localiser, [p[0] for p in pairs], args)
+    normal_maps = None
+    if args.normals:
+        normal_maps = _predict_all(localiser, [_read(p) for p in args.normals], args)
+    report = evaluate_cases(maps, [p[1] for p in pairs], args.threshold, normal_maps=normal_maps)
+    print(report.format_table())
+    if args.json:
+        data = report.to_dict()
+        data.update(model=localiser.name, model_sha256=localiser.sha256, threshold=args.threshold)
+        atomic_write_text(args.json, json.dumps(data, indent=2), overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_synthesise(args: argparse.Namespace) -> int:
+    from napari_anomaly.synthesis_files import synthesise_files
+
+    written = _run(
+        synthesise_files(args.normal, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite),
+        "synthesise",
+    )
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from napari_anomaly._demo import run_demo
+
+    return run_demo(screenshot=args.screenshot, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from napari_anomaly.devices import DEVICE_CHOICES
+    from napari_anomaly.review import ReviewConfig
+    from napari_anomaly.training import FinetuneConfig, TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="napari-anomaly",
+        description="Self-supervised anomaly localisation (P-PII) for anomaly review.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
+        p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        if model:
+            p.add_argument("--model", help="model file (.safetensors); default: the bundled model")
+
+    p = sub.add_parser("train", help="train a localiser on normal images")
+    p.add_argument("normal", nargs="+", help="normal images/volumes")
+    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=TrainConfig.spatial_dims)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--patch-size", type=int, default=TrainConfig.patch_size)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--checkpoint", help="resumable checkpoint file, written every few steps")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    common(p, model=False)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("localise", help="localise anomalies; writes anomaly, confidence and mask")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold)
+    p.add_argument("--min-region-size", type=int, default=ReviewConfig.min_region_size)
+    p.add_argument("--slice-axis", type=int, default=0, help="axis a 2D model walks along")
+    common(p)
+    p.set_defaults(func=_cmd_localise)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on corrected masks")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--masks", nargs="+", required=True)
+    p.add_argument("--out", required=True, help="new model file (.safetensors)")
+    p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
+    p.add_argument("--seed", type=int, default=FinetuneConfig.seed)
+    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold)
+    common(p)
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="pixel AP/AUROC, sample scores, Dice, region recall")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--masks", nargs="+", required=True)
+    p.add_argument("--normals", nargs="*", help="normal cases for sample-level AP/AUROC")
+    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold)
+    p.add_argument("--json", help="write the report as JSON")
+    common(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("synthesise", help="write P-PII training inputs and labels to look at")
+    p.add_argument("normal", nargs="+")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=1, help="samples per input image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_synthesise)
+
+    p = sub.add_parser("demo", help="open napari with the sample scan and the review widget")
+    p.add_argument("--screenshot", help="render the window to this PNG and exit")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ncancelled; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

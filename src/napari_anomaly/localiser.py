@@ -1,0 +1,161 @@
+"""A trained localiser: network weights plus everything needed to use them.
+
+A :class:`Localiser` is what a model file holds: the network, the
+preprocessing it was trained with, and provenance (training data and settings,
+parent model, metrics, creation time). It is saved as ``.safetensors`` weights
+with JSON metadata in the header (see :mod:`napari_anomaly.io.model_file`);
+nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from napari_anomaly import __version__
+from napari_anomaly.io.model_file import ModelFileError, load_model_file, save_model_file
+from napari_anomaly.model import AnomalyNet, NetworkConfig
+from napari_anomaly.preprocess import PreprocessConfig
+
+__all__ = ["DEFAULT_MODEL_NAME", "Localiser", "default_model_path"]
+
+DEFAULT_MODEL_NAME = "default_2d.safetensors"
+
+
+def default_model_path() -> Path:
+    """Path of the bundled default model (ships inside the package)."""
+    return Path(str(resources.files("napari_anomaly") / "data" / DEFAULT_MODEL_NAME))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Localiser:
+    """Network plus preprocessing and provenance.
+
+    Attributes
+    ----------
+    network
+        The :class:`~napari_anomaly.model.AnomalyNet` (on any device).
+    preprocess
+        Preprocessing applied to every image before the network.
+    metadata
+        Provenance: ``name``, ``created``, ``training`` (data, steps, seed,
+        settings, time), ``parent_sha256``, ``metrics``, ``patch_size``.
+    sha256
+        Hash of the file it was loaded from or saved to (``None`` if unsaved).
+    path
+        That file.
+    """
+
+    network: AnomalyNet
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    path: Path | None = None
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.network.config.spatial_dims
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name") or (self.path.stem if self.path else "unsaved model"))
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the training patches; the default inference tile."""
+        return int(self.metadata.get("patch_size", 128))
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> str:
+        """Write the model file atomically; returns (and remembers) its sha256."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"model files end in .safetensors, got {path.name!r}")
+        metadata = dict(self.metadata)
+        metadata.setdefault("created", _now())
+        metadata.setdefault("name", path.stem)
+        metadata["software"] = f"napari-anomaly {__version__}"
+        metadata["spatial_dims"] = self.spatial_dims
+        metadata["network"] = self.network.config.to_dict()
+        metadata["preprocess"] = _preprocess_to_dict(self.preprocess)
+        tensors = {k: v.detach() for k, v in self.network.state_dict().items()}
+        self.sha256 = save_model_file(path, tensors, metadata, overwrite=overwrite)
+        self.metadata = metadata
+        self.path = path
+        return self.sha256
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Localiser:
+        """Load a model file; refuses anything that is not one (``ModelFileError``)."""
+        from napari_anomaly.io.model_file import file_sha256
+
+        path = Path(path)
+        tensors, metadata = load_model_file(path)
+        try:
+            network_config = NetworkConfig.from_dict(metadata["network"])
+            preprocess = _preprocess_from_dict(metadata.get("preprocess", {}))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelFileError(
+                f"{path}: model metadata is incomplete or invalid ({error})"
+            ) from error
+        network = AnomalyNet(network_config)
+        expected = network.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong_shape = [
+            k
+            for k in expected
+            if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)
+        ]
+        if missing or unexpected or wrong_shape:
+            raise ModelFileError(
+                f"{path}: weights do not fit the architecture in its metadata "
+                f"({len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(wrong_shape)} of the wrong shape); it is not a napari-anomaly model "
+                "or it is damaged"
+            )
+        network.load_state_dict(tensors, strict=True)
+        network.to(device).eval()
+        return cls(network, preprocess, metadata, sha256=file_sha256(path), path=path)
+
+    def card(self) -> str:
+        """A short human-readable model card (data, metrics, parent)."""
+        training = self.metadata.get("training", {})
+        lines = [
+            f"Model: {self.name}",
+            f"  file: {self.path or '(not saved)'}",
+            f"  sha256: {self.sha256 or '-'}",
+            f"  created: {self.metadata.get('created', '-')}",
+            f"  spatial dims: {self.spatial_dims}D",
+            f"  parent: {self.metadata.get('parent_sha256') or 'none'}",
+        ]
+        if training:
+            lines.append(
+                f"  training: {training.get('kind', 'train')}, {training.get('steps', '?')} steps, "
+                f"seed {training.get('seed', '?')}, data: {training.get('data', '?')}"
+            )
+        for key, value in (self.metadata.get("metrics") or {}).items():
+            lines.append(
+                f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
+            )
+        return "\n".join(lines)
+
+
+def _preprocess_to_dict(config: PreprocessConfig) -> dict:
+    from napari_anomaly.config import config_to_dict
+
+    return config_to_dict(config)
+
+
+def _preprocess_from_dict(data: dict) -> PreprocessConfig:
+    from napari_anomaly.config import config_from_dict
+
+    return config_from_dict(PreprocessConfig, data)

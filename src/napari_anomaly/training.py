@@ -1,0 +1,510 @@
+"""Self-supervised training on normal scans, and fine-tuning on reviewer corrections.
+
+Both are generators: they yield :class:`~napari_anomaly.progress.Progress`
+at least once per optimisation step and *return* a new
+:class:`~napari_anomaly.localiser.Localiser` at the end. Stopping the generator
+early (Cancel in the widget, Ctrl-C in the CLI) changes nothing: the model
+passed in is never modified and no model file is written by these functions.
+Training can write a resumable checkpoint (atomically) every few steps.
+
+Losses (see :func:`napari_anomaly.model.anomaly_loss`):
+
+* training: ``BCE(anomaly, label) + confidence_weight * BCE(disagreement, label_std)``
+  on P-PII batches synthesised on the fly on the training device;
+* fine-tuning: the anomaly BCE against the corrected masks (voxels the
+  reviewer edited weigh more), plus the full training loss on replayed
+  P-PII batches made from the same images so that the model does not forget
+  the synthetic task.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from napari_anomaly.augment import AugmentConfig, augment_batch
+from napari_anomaly.config import config_to_dict
+from napari_anomaly.devices import resolve_device
+from napari_anomaly.io.model_file import ModelFileError, load_model_file, save_model_file
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.metrics import average_precision
+from napari_anomaly.model import AnomalyNet, NetworkConfig, anomaly_loss
+from napari_anomaly.patches import PatchSampler
+from napari_anomaly.preprocess import PreprocessConfig, preprocess
+from napari_anomaly.progress import Job, Progress
+from napari_anomaly.synthesis import SynthesisConfig, synthesise
+
+__all__ = ["FinetuneConfig", "TrainConfig", "finetune", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of self-supervised training.
+
+    Attributes
+    ----------
+    spatial_dims
+        2 (trains on 2D images and on slices of volumes along every axis) or
+        3 (3D patches of volumes).
+    patch_size
+        Side of the training patches (voxels); also the default inference tile.
+    scale_range
+        Random zoom of the patches: a crop of ``patch_size * s`` voxels is
+        resampled to ``patch_size``, so the model sees anatomy at several
+        resolutions (``s > 1`` mimics coarser scans).
+    batch_size, steps, learning_rate, weight_decay
+        AdamW optimisation with a linear warm-up and cosine decay.
+    confidence_weight
+        Weight of the disagreement (confidence) loss term.
+    validation_every, validation_batches
+        Validation on held-out normal images with synthetic anomalies.
+    checkpoint_every
+        Steps between resumable checkpoints (when a checkpoint path is given).
+    device
+        ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    amp
+        Mixed precision on CUDA.
+    seed
+        Seed of every random choice (patches, augmentation, synthesis).
+    """
+
+    spatial_dims: Literal[2, 3] = 2
+    patch_size: int = 128
+    scale_range: tuple[float, float] = (0.75, 1.5)
+    batch_size: int = 16
+    steps: int = 1500
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    confidence_weight: float = 0.5
+    validation_every: int = 250
+    validation_batches: int = 2
+    checkpoint_every: int = 250
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be at least 1")
+        if self.patch_size < 16 or self.patch_size % 8:
+            raise ValueError(f"patch_size must be a multiple of 8 and >= 16, got {self.patch_size}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of fine-tuning on corrected masks.
+
+    Attributes
+    ----------
+    steps, batch_size, learning_rate
+        A short, gentle AdamW run from the current weights.
+    replay_fraction
+        Share of every batch made of synthetic P-PII patches (against
+        forgetting).
+    focus_probability
+        Probability that a correction patch is centred on a marked anomaly.
+    device, seed
+        As in :class:`TrainConfig`.
+    """
+
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    weight_decay: float = 1e-4
+    replay_fraction: float = 0.5
+    focus_probability: float = 0.6
+    confidence_weight: float = 0.5
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError("need steps >= 1 and batch_size >= 2")
+        if not 0 <= self.replay_fraction < 1:
+            raise ValueError("replay_fraction must lie in [0, 1)")
+
+
+def _learning_rate(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _preprocess_all(
+    images: Sequence[np.ndarray], config: PreprocessConfig, label: str
+) -> Job[tuple[list[np.ndarray], list[np.ndarray]]]:
+    prepared, foregrounds = [], []
+    for index, image in enumerate(images):
+        yield Progress(index, len(images), f"preprocessing {label} {index + 1}/{len(images)}")
+        normalised, foreground = preprocess(np.asarray(image), config)
+        prepared.append(normalised)
+        foregrounds.append(foreground)
+    return prepared, foregrounds
+
+
+def _validation_batches(
+    sampler: PatchSampler, config: TrainConfig, synthesis: SynthesisConfig, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed validation batches (same every evaluation): inputs and binary truth."""
+    rng = np.random.default_rng(config.seed + 10_000)
+    batches = []
+    for _ in range(config.validation_batches):
+        images, foreground = sampler.sample(config.batch_size, rng)
+        anomalous, label, _ = synthesise(images.to(device), synthesis, rng, foreground.to(device))
+        batches.append((anomalous, label >= 0.5))
+    return batches
+
+
+@torch.no_grad()
+def _validate(network: AnomalyNet, batches) -> float:
+    network.eval()
+    scores, truths = [], []
+    for anomalous, truth in batches:
+        anomaly, _ = network.split(network(anomalous))
+        scores.append(anomaly.float().cpu().numpy().ravel())
+        truths.append(truth.cpu().numpy().ravel())
+    network.train()
+    truth = np.concatenate(truths)
+    if not truth.any():
+        return float("nan")
+    return average_precision(np.concatenate(scores), truth)
+
+
+def _save_checkpoint(
+    path: Path,
+    network: AnomalyNet,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    fingerprint: dict,
+) -> None:
+    tensors = {f"model.{k}": v for k, v in network.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    tensors["rng.torch"] = generator.get_state()
+    metadata = {
+        "kind": "training-checkpoint",
+        "step": step,
+        "param_groups": optimizer_state["param_groups"],
+        "rng_numpy": rng.bit_generator.state,
+        "fingerprint": fingerprint,
+    }
+    save_model_file(path, tensors, metadata, overwrite=True)
+
+
+def _load_checkpoint(
+    path: Path,
+    network: AnomalyNet,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    fingerprint: dict,
+) -> int:
+    tensors, metadata = load_model_file(path)
+    if metadata.get("kind") != "training-checkpoint":
+        raise ModelFileError(f"{path} is not a training checkpoint")
+    if metadata.get("fingerprint") != fingerprint:
+        raise ModelFileError(
+            f"{path} was written by a run with other settings or data; "
+            "remove it or train without resuming"
+        )
+    network.load_state_dict(
+        {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    )
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": metadata["param_groups"]})
+    rng.bit_generator.state = metadata["rng_numpy"]
+    generator.set_state(tensors["rng.torch"])
+    return int(metadata["step"])
+
+
+def train(
+    normal_images: Sequence[np.ndarray],
+    config: TrainConfig = TrainConfig(),
+    *,
+    validation_images: Sequence[np.ndarray] | None = None,
+    network: NetworkConfig | None = None,
+    synthesis: SynthesisConfig = SynthesisConfig(),
+    preprocessing: PreprocessConfig = PreprocessConfig(),
+    augmentation: AugmentConfig = AugmentConfig(),
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    data_description: str = "",
+) -> Job[Localiser]:
+    """Train a localiser on normal images with the P-PII task.
+
+    Parameters
+    ----------
+    normal_images
+        Normal 2D images ``(Y, X)`` and/or 3D volumes ``(Z, Y, X)`` in any
+        intensity unit (preprocessed here with ``preprocessing``).
+    config
+        Training settings (``config.seed`` seeds everything).
+    validation_images
+        Held-out normal images for the validation AP; by default the last
+        image is held out when there are at least three, else none.
+    network
+        Architecture; defaults to ``NetworkConfig(spatial_dims=config.spatial_dims)``.
+    synthesis, preprocessing, augmentation
+        Settings of the synthetic task, the preprocessing and the domain
+        randomisation; all are stored in the model file.
+    checkpoint_path
+        Write a resumable checkpoint here every ``config.checkpoint_every``
+        steps (atomically).
+    resume
+        Continue from ``checkpoint_path`` if it exists.
+    data_description
+        Free text stored as the model's training data description.
+
+    Yields
+    ------
+    Progress
+        Per step: ``loss``, ``loss_anomaly``, ``loss_confidence``,
+        ``samples_per_s``, ``synthesis_ms``, ``network_ms``, ``lr``; and
+        ``val_ap`` after each validation.
+
+    Returns
+    -------
+    Localiser
+        The trained model (not yet saved).
+    """
+    network_config = network or NetworkConfig(spatial_dims=config.spatial_dims)
+    if network_config.spatial_dims != config.spatial_dims:
+        raise ValueError("network.spatial_dims differs from config.spatial_dims")
+    if not normal_images:
+        raise ValueError("need at least one normal image to train on")
+    device = resolve_device(config.device)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)  # network initialisation only
+    generator = torch.Generator().manual_seed(config.seed)
+
+    images = list(normal_images)
+    held_out = list(validation_images) if validation_images is not None else []
+    if validation_images is None and len(images) >= 3:
+        held_out = [images.pop()]
+    prepared, foregrounds = yield from _preprocess_all(images, preprocessing, "training image")
+    sampler = PatchSampler(
+        prepared, foregrounds, config.spatial_dims, config.patch_size, config.scale_range
+    )
+    validation = []
+    if held_out:
+        val_prepared, val_foregrounds = yield from _preprocess_all(
+            held_out, preprocessing, "validation image"
+        )
+        val_sampler = PatchSampler(
+            val_prepared, val_foregrounds, config.spatial_dims, config.patch_size
+        )
+        validation = _validation_batches(val_sampler, config, synthesis, device)
+
+    model = AnomalyNet(network_config).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    fingerprint = {
+        "config": config_to_dict(config),
+        "shapes": [list(a.shape) for a in images],
+        "network": network_config.to_dict(),
+    }
+    start = 0
+    checkpoint = Path(checkpoint_path) if checkpoint_path else None
+    if resume and checkpoint is not None and checkpoint.exists():
+        start = _load_checkpoint(checkpoint, model, optimizer, rng, generator, fingerprint)
+        yield Progress(start, config.steps, f"resumed from step {start}")
+
+    model.train()
+    history: dict[str, float] = {}
+    started = time.perf_counter()
+    for step in range(start, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, config)
+        t0 = time.perf_counter()
+        batch, foreground = sampler.sample(config.batch_size, rng)
+        batch, foreground = batch.to(device), foreground.to(device)
+        batch, foreground = augment_batch(batch, foreground, augmentation, generator)
+        anomalous, label, label_std = synthesise(batch, synthesis, rng, foreground)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            logits = model(anomalous)
+        loss, parts = anomaly_loss(logits.float(), label, label_std, config.confidence_weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        metrics = dict(parts)
+        metrics.update(
+            samples_per_s=config.batch_size / (t2 - t0),
+            synthesis_ms=1000 * (t1 - t0),
+            network_ms=1000 * (t2 - t1),
+            lr=optimizer.param_groups[0]["lr"],
+        )
+        done = step + 1
+        if validation and (done % config.validation_every == 0 or done == config.steps):
+            metrics["val_ap"] = _validate(model, validation)
+            history["val_ap"] = metrics["val_ap"]
+        if checkpoint is not None and (done % config.checkpoint_every == 0):
+            _save_checkpoint(checkpoint, model, optimizer, done, rng, generator, fingerprint)
+        history["loss"] = metrics["loss"]
+        yield Progress(done, config.steps, "training", metrics)
+
+    model.eval()
+    metadata = {
+        "patch_size": config.patch_size,
+        "training": {
+            "kind": "train",
+            "data": data_description or f"{len(images)} normal image(s)",
+            "images": [list(a.shape) for a in images],
+            "validation_images": [list(np.shape(a)) for a in held_out],
+            "steps": config.steps,
+            "seed": config.seed,
+            "device": str(device),
+            "seconds": round(time.perf_counter() - started, 1),
+            "config": config_to_dict(config),
+            "synthesis": config_to_dict(synthesis),
+            "augmentation": config_to_dict(augmentation),
+        },
+        "metrics": {k: float(v) for k, v in history.items()},
+        "parent_sha256": None,
+    }
+    return Localiser(model, preprocessing, metadata)
+
+
+def finetune(
+    localiser: Localiser,
+    images: Sequence[np.ndarray],
+    corrected_masks: Sequence[np.ndarray],
+    config: FinetuneConfig = FinetuneConfig(),
+    *,
+    voxel_weights: Sequence[np.ndarray] | None = None,
+    synthesis: SynthesisConfig = SynthesisConfig(),
+) -> Job[Localiser]:
+    """Fine-tune a localiser on reviewer-corrected masks.
+
+    Parameters
+    ----------
+    localiser
+        The current model; never modified (a copy is trained).
+    images
+        The corrected cases, raw intensities, 2D or 3D.
+    corrected_masks
+        Boolean masks of the same shapes: marked voxels are positives,
+        everything else negatives.
+    config
+        Fine-tuning settings.
+    voxel_weights
+        Optional per-voxel loss weights per case (e.g. larger on voxels the
+        reviewer edited, see :func:`napari_anomaly.review.finetune_targets`).
+    synthesis
+        Settings of the replayed P-PII batches.
+
+    Returns
+    -------
+    Localiser
+        A new model whose metadata names the parent's sha256.
+    """
+    if len(images) != len(corrected_masks) or not images:
+        raise ValueError("need one corrected mask per image, and at least one image")
+    for index, (image, mask) in enumerate(zip(images, corrected_masks)):
+        if np.shape(image) != np.shape(mask):
+            raise ValueError(
+                f"case {index}: mask shape {np.shape(mask)} does not match "
+                f"image shape {np.shape(image)}"
+            )
+    weights = (
+        list(voxel_weights)
+        if voxel_weights is not None
+        else [np.ones(np.shape(m), dtype=np.float32) for m in corrected_masks]
+    )
+    device = resolve_device(config.device)
+    rng = np.random.default_rng(config.seed)
+    prepared, foregrounds = yield from _preprocess_all(images, localiser.preprocess, "case")
+    masks = [np.asarray(m).astype(bool) for m in corrected_masks]
+    dims = localiser.spatial_dims
+    sampler = PatchSampler(
+        prepared,
+        foregrounds,
+        dims,
+        localiser.patch_size,
+        scale_range=(1.0, 1.0),
+        min_foreground_fraction=0.05,
+        extras=[
+            [m.astype(np.float32) for m in masks],
+            [np.asarray(w, np.float32) for w in weights],
+        ],
+    )
+
+    model = copy.deepcopy(localiser.network).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    replay = int(round(config.batch_size * config.replay_fraction))
+    corrections = config.batch_size - replay
+    started = time.perf_counter()
+    for step in range(config.steps):
+        images_c, _, target, weight = sampler.sample(
+            corrections, rng, focus=masks, focus_probability=config.focus_probability
+        )
+        logits = model(images_c.to(device))
+        loss, parts = anomaly_loss(
+            logits, target.to(device), None, 0.0, voxel_weight=weight.to(device)
+        )
+        metrics = {"loss_corrections": parts["loss"]}
+        if replay:
+            normal, foreground, _, _ = sampler.sample(replay, rng)
+            anomalous, label, label_std = synthesise(
+                normal.to(device), synthesis, rng, foreground.to(device)
+            )
+            replay_loss, replay_parts = anomaly_loss(
+                model(anomalous), label, label_std, config.confidence_weight
+            )
+            loss = loss + replay_loss
+            metrics["loss_replay"] = replay_parts["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        metrics["loss"] = float(loss.detach())
+        yield Progress(step + 1, config.steps, "fine-tuning", metrics)
+
+    model.eval()
+    metadata = copy.deepcopy(localiser.metadata)
+    for key in ("created", "name", "software"):
+        metadata.pop(key, None)
+    metadata["parent_sha256"] = localiser.sha256
+    metadata["parent_name"] = localiser.name
+    metadata["finetuning"] = metadata.get("finetuning", []) + [
+        {
+            "cases": len(images),
+            "marked_voxels": int(sum(m.sum() for m in masks)),
+            "steps": config.steps,
+            "seed": config.seed,
+            "seconds": round(time.perf_counter() - started, 1),
+            "config": config_to_dict(config),
+        }
+    ]
+    return Localiser(model, localiser.preprocess, metadata)

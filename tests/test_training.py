@@ -1,0 +1,108 @@
+"""Training and fine-tuning: a few real steps on tiny data."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_NETWORK_2D, TINY_NETWORK_3D
+
+from napari_anomaly.progress import Progress, run_to_end
+from napari_anomaly.training import FinetuneConfig, TrainConfig, finetune, train
+
+TINY = {"batch_size": 2, "patch_size": 32, "validation_every": 2, "device": "cpu"}
+
+
+def test_training_yields_progress_every_step_and_returns_a_model(images_2d):
+    reports: list[Progress] = []
+    config = TrainConfig(steps=3, **TINY)
+    localiser = run_to_end(train(images_2d, config, network=TINY_NETWORK_2D), reports.append)
+    steps = [r for r in reports if r.message == "training"]
+    assert [r.step for r in steps] == [1, 2, 3]
+    assert all(np.isfinite(r.metrics["loss"]) for r in steps)
+    assert {"synthesis_ms", "network_ms", "samples_per_s"} <= set(steps[0].metrics)
+    assert "val_ap" in steps[1].metrics  # last image held out for validation
+    assert localiser.spatial_dims == 2
+    assert localiser.metadata["training"]["steps"] == 3
+    assert localiser.metadata["patch_size"] == 32
+
+
+def test_same_seed_same_weights(images_2d):
+    config = TrainConfig(steps=2, **TINY)
+    a = run_to_end(train(images_2d, config, network=TINY_NETWORK_2D))
+    b = run_to_end(train(images_2d, config, network=TINY_NETWORK_2D))
+    for (name, wa), wb in zip(a.network.state_dict().items(), b.network.state_dict().values()):
+        assert torch.equal(wa, wb), name
+
+
+def test_2d_model_trains_on_volumes_and_3d_model_on_volumes(volumes_3d):
+    two = run_to_end(train(volumes_3d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
+    assert two.spatial_dims == 2
+    config = TrainConfig(spatial_dims=3, steps=1, batch_size=2, patch_size=16, device="cpu")
+    three = run_to_end(train(volumes_3d, config, network=TINY_NETWORK_3D))
+    assert three.spatial_dims == 3
+
+
+def test_a_3d_model_refuses_2d_images(images_2d):
+    config = TrainConfig(spatial_dims=3, steps=1, batch_size=2, patch_size=16, device="cpu")
+    with pytest.raises(ValueError, match="3D model"):
+        run_to_end(train(images_2d, config, network=TINY_NETWORK_3D))
+
+
+def test_resume_continues_from_the_checkpoint(images_2d, tmp_path):
+    checkpoint = tmp_path / "run.safetensors"
+    config = TrainConfig(steps=4, checkpoint_every=2, **TINY)
+    full = run_to_end(train(images_2d, config, network=TINY_NETWORK_2D))
+
+    # Stop after step 3 (a checkpoint exists at step 2), then resume.
+    job = train(images_2d, config, network=TINY_NETWORK_2D, checkpoint_path=checkpoint)
+    for report in job:
+        if report.message == "training" and report.step == 3:
+            break
+    job.close()
+    assert checkpoint.exists()
+    reports: list[Progress] = []
+    resumed = run_to_end(
+        train(images_2d, config, network=TINY_NETWORK_2D, checkpoint_path=checkpoint, resume=True),
+        reports.append,
+    )
+    assert [r.step for r in reports if r.message == "training"] == [3, 4]
+    for (name, a), b in zip(
+        full.network.state_dict().items(), resumed.network.state_dict().values()
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_cancelled_training_writes_no_model(images_2d, tmp_path):
+    job = train(images_2d, TrainConfig(steps=50, **TINY), network=TINY_NETWORK_2D)
+    next(job)
+    job.close()  # what Cancel does
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_makes_a_child_and_leaves_the_parent_untouched(images_2d, tmp_path):
+    parent = run_to_end(train(images_2d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
+    parent.save(tmp_path / "parent.safetensors")
+    before = {k: v.clone() for k, v in parent.network.state_dict().items()}
+    image = images_2d[0]
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[20:28, 20:28] = True
+    reports: list[Progress] = []
+    child = run_to_end(
+        finetune(parent, [image], [mask], FinetuneConfig(steps=2, batch_size=2, device="cpu")),
+        reports.append,
+    )
+    assert [r.step for r in reports if r.message == "fine-tuning"] == [1, 2]
+    assert child.metadata["parent_sha256"] == parent.sha256
+    assert child.metadata["finetuning"][-1]["marked_voxels"] == 64
+    for name, value in parent.network.state_dict().items():
+        assert torch.equal(value, before[name]), f"parent weight {name} changed"
+    changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(parent.network.state_dict().values(), child.network.state_dict().values())
+    )
+    assert changed
+
+
+def test_finetune_refuses_a_mask_of_the_wrong_shape(images_2d):
+    parent = run_to_end(train(images_2d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
+    with pytest.raises(ValueError, match="does not match"):
+        run_to_end(finetune(parent, [images_2d[0]], [np.zeros((10, 10), bool)]))
