@@ -26,6 +26,8 @@ from napari_anomaly.progress import Job, Progress
 
 __all__ = ["main"]
 
+THRESHOLD_HELP = "anomaly-score threshold in [0, 1]; default: the model's calibrated threshold"
+
 
 class _ProgressPrinter:
     """Prints a one-line progress bar to stderr (a log line per update when not a TTY)."""
@@ -133,6 +135,7 @@ def _cmd_localise(args: argparse.Namespace) -> int:
     from napari_anomaly.review import threshold_map
 
     localiser = _load_model(args.model, args.device)
+    threshold = _threshold(args, localiser)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in args.images:
@@ -145,7 +148,7 @@ def _cmd_localise(args: argparse.Namespace) -> int:
         if existing and not args.overwrite:
             raise SystemExit(f"error: {', '.join(existing)} exist(s); pass --overwrite to replace")
         loaded, result = _localise_one(localiser, path, args)
-        mask = threshold_map(result.anomaly_map, args.threshold, args.min_region_size)
+        mask = threshold_map(result.anomaly_map, threshold, args.min_region_size)
         write_image(
             targets["anomaly"], result.anomaly_map, loaded.geometry, overwrite=args.overwrite
         )
@@ -159,7 +162,7 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             "image": str(Path(path).resolve()),
             "model": localiser.name,
             "model_sha256": localiser.sha256,
-            "threshold": args.threshold,
+            "threshold": threshold,
             "min_region_size": args.min_region_size,
             "marked_voxels": int(mask.sum()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -171,6 +174,11 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             f"{int(mask.sum())} voxels marked -> {targets['mask']}"
         )
     return 0
+
+
+def _threshold(args: argparse.Namespace, localiser) -> float:
+    """``--threshold`` if given, else the model's calibrated threshold."""
+    return localiser.recommended_threshold if args.threshold is None else args.threshold
 
 
 def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
@@ -212,10 +220,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     pairs = _read_case_pairs(args.images, args.masks)
     images = [p[0] for p in pairs]
     masks = [p[1] for p in pairs]
-    before = evaluate_cases(_predict_all(localiser, images, args), masks, args.threshold)
+    threshold = _threshold(args, localiser)
+    before = evaluate_cases(_predict_all(localiser, images, args), masks, threshold)
     config = FinetuneConfig(steps=args.steps, device=args.device, seed=args.seed)
     tuned = _run(finetune(localiser, [i.array for i in images], masks, config), "finetune")
-    after = evaluate_cases(_predict_all(tuned, images, args), masks, args.threshold)
+    after = evaluate_cases(_predict_all(tuned, images, args), masks, threshold)
     tuned.metadata["metrics"] = {
         "corrected_cases_ap_before": before.pixel_ap,
         "corrected_cases_ap_after": after.pixel_ap,
@@ -239,11 +248,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     normal_maps = None
     if args.normals:
         normal_maps = _predict_all(localiser, [_read(p) for p in args.normals], args)
-    report = evaluate_cases(maps, [p[1] for p in pairs], args.threshold, normal_maps=normal_maps)
+    threshold = _threshold(args, localiser)
+    report = evaluate_cases(maps, [p[1] for p in pairs], threshold, normal_maps=normal_maps)
     print(report.format_table())
     if args.json:
         data = report.to_dict()
-        data.update(model=localiser.name, model_sha256=localiser.sha256, threshold=args.threshold)
+        data.update(model=localiser.name, model_sha256=localiser.sha256, threshold=threshold)
         atomic_write_text(args.json, json.dumps(data, indent=2), overwrite=args.overwrite)
     return 0
 
@@ -298,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("localise", help="localise anomalies; writes anomaly, confidence and mask")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold)
+    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     p.add_argument("--min-region-size", type=int, default=ReviewConfig.min_region_size)
     p.add_argument("--slice-axis", type=int, default=0, help="axis a 2D model walks along")
     common(p)
@@ -310,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new model file (.safetensors)")
     p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
     p.add_argument("--seed", type=int, default=FinetuneConfig.seed)
-    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold)
+    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     common(p)
     p.set_defaults(func=_cmd_finetune)
 
@@ -318,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--masks", nargs="+", required=True)
     p.add_argument("--normals", nargs="*", help="normal cases for sample-level AP/AUROC")
-    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold)
+    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     p.add_argument("--json", help="write the report as JSON")
     common(p)
     p.set_defaults(func=_cmd_evaluate)

@@ -74,6 +74,11 @@ class Localiser:
         """Side of the training patches; the default inference tile."""
         return int(self.metadata.get("patch_size", 128))
 
+    @property
+    def recommended_threshold(self) -> float:
+        """The threshold calibrated on validation data at training time (else 0.5)."""
+        return float(self.metadata.get("recommended_threshold", 0.5))
+
     def save(self, path: str | Path, *, overwrite: bool = False) -> str:
         """Write the model file atomically; returns (and remembers) its sha256."""
         path = Path(path)
@@ -136,6 +141,7 @@ class Localiser:
             f"  created: {self.metadata.get('created', '-')}",
             f"  spatial dims: {self.spatial_dims}D",
             f"  parent: {self.metadata.get('parent_sha256') or 'none'}",
+            f"  recommended threshold: {self.recommended_threshold:.2f}",
         ]
         if training:
             lines.append(

@@ -56,9 +56,11 @@ class ReviewConfig:
 
     Attributes
     ----------
-    threshold : float
+    threshold : float or None
         Initial threshold in [0, 1] of the anomaly map (the slider's start and
-        ``napari-anomaly localise --threshold``).
+        ``napari-anomaly localise --threshold``). ``None`` (the default) uses
+        the threshold calibrated for the model at training time
+        (``Localiser.recommended_threshold``).
     min_region_size : int
         Automatic regions with fewer voxels than this are dropped (>= 0).
         Specks of a few voxels are almost always noise of the map and clutter
@@ -69,12 +71,13 @@ class ReviewConfig:
         corrections become fine-tuning targets (:func:`finetune_targets`).
     """
 
-    threshold: float = 0.5
+    threshold: float | None = None
     min_region_size: int = 10
     edit_weight: float = DEFAULT_EDIT_WEIGHT
 
     def __post_init__(self) -> None:
-        _check_threshold(self.threshold)
+        if self.threshold is not None:
+            _check_threshold(self.threshold)
         if int(self.min_region_size) != self.min_region_size or self.min_region_size < 0:
             raise ValueError(f"min_region_size must be an integer >= 0, got {self.min_region_size}")
         if not self.edit_weight > 0:

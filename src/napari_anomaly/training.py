@@ -182,6 +182,35 @@ def _validate(network: AnomalyNet, batches) -> float:
     return average_precision(np.concatenate(scores), truth)
 
 
+@torch.no_grad()
+def calibrate_threshold(network: AnomalyNet, batches) -> float:
+    """Threshold on the anomaly score that maximises Dice on synthetic validation data.
+
+    Soft P-PII labels make the raw score scale model-specific (a clearly
+    anomalous voxel may score 0.4), so every trained model stores the
+    threshold that best reproduces the binary truth (label >= 0.5) of its
+    validation batches; the CLI and the widget start from it.
+    """
+    network.eval()
+    candidates = np.round(np.arange(0.05, 0.96, 0.01), 2)
+    overlap = np.zeros_like(candidates)
+    predicted = np.zeros_like(candidates)
+    positives = 0.0
+    for anomalous, truth in batches:
+        anomaly, _ = network.split(network(anomalous))
+        scores = anomaly.float().cpu().numpy().ravel()
+        truth_np = truth.cpu().numpy().ravel()
+        positives += truth_np.sum()
+        inside = np.sort(scores[truth_np])
+        everywhere = np.sort(scores)
+        # Voxels with score >= t, counted with binary search for every t at once.
+        overlap += inside.size - np.searchsorted(inside, candidates, side="left")
+        predicted += everywhere.size - np.searchsorted(everywhere, candidates, side="left")
+    network.train()
+    dice = 2 * overlap / np.maximum(predicted + positives, 1)
+    return float(candidates[int(np.argmax(dice))])
+
+
 def _save_checkpoint(
     path: Path,
     network: AnomalyNet,
@@ -372,9 +401,12 @@ def train(
         history["loss"] = metrics["loss"]
         yield Progress(done, config.steps, "training", metrics)
 
+    calibration = validation or _validation_batches(sampler, config, synthesis, device)
+    recommended = calibrate_threshold(model, calibration)
     model.eval()
     metadata = {
         "patch_size": config.patch_size,
+        "recommended_threshold": recommended,
         "training": {
             "kind": "train",
             "data": data_description or f"{len(images)} normal image(s)",

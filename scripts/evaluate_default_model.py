@@ -1,0 +1,432 @@
+"""Held-out evaluation of the default model on anatomy it never trained on.
+
+    python scripts/evaluate_default_model.py --data /tmp/anatomy/extracted
+    python scripts/evaluate_default_model.py --data /tmp/anatomy/extracted \
+        --model /path/to/other.safetensors --json /tmp/eval.json --quick
+
+Protocol (deterministic: every random draw comes from ``numpy.random.default_rng``
+seeded with ``(--seed, family index, case index)``; inference runs on the CPU).
+
+1. Held-out normal cases (``anatomy.held_out_files``; none of them is training data):
+   * 12 axial 2D slices of Colin27 (``ch2.nii.gz``, 1 mm, T1), at equally spaced
+     indices over the central 60 % of the head's extent along axis 0 (the
+     extent is that of the foreground of the whole preprocessed volume);
+   * the ITK ``BrainProtonDensitySlice.png`` (2D, proton density, another
+     contrast; it is the *validation* image of the training log, never a
+     training image).
+   Each case is preprocessed on its own with ``preprocess`` (the default
+   settings: foreground, percentile window, histogram equalisation). Anomalies
+   are placed inside ``foreground & normalised > 0.3`` (the brighter,
+   brain-ish part of the head; the whole foreground if that is tiny).
+2. For each synthetic family (``blobs``, ``deformation``, ``texture``,
+   ``noise``; none is the P-PII training task) and each case, 2 or 3 anomalies
+   of radius 4-10 px are inserted with ``add_anomalies``. The model
+   (``localise`` on the anomalous preprocessed image, with the case's
+   foreground) and a trivial baseline, ``|x - median_filter(x, 7)|`` scaled per
+   case by its 99.9th percentile and clipped to [0, 1], are scored with
+   ``metrics.evaluate_cases``: pixel AP and AUROC over all pixels of all cases
+   of the family flattened together (MOOD convention), Dice of ``map >= 0.5``
+   (pooled over the cases) and region recall at 0.5 (for the model; the
+   baseline has no calibrated threshold).
+3. False positives: the model on the clean cases. Reported: the fraction of
+   foreground pixels scoring >= 0.5, the mean score in the foreground, and the
+   sample-level AUROC/AP of the case score (mean of the top 1 % of the pixel
+   scores, ``metrics.sample_score``) of the anomalous cases of each family
+   against the clean ones. The pixel AP with the clean cases' pixels added as
+   negatives is in the JSON as well.
+4. 3D check: the whole Colin27 volume, preprocessed as one volume, with 3
+   ``blobs`` of radius 5-9 voxels; the 2D model runs slice by slice along
+   axis 0; the baseline uses a 3D 7x7x7 median filter. Pixel AP/AUROC and
+   the wall time of ``localise``.
+
+Prints a Markdown table and writes everything (model sha256, seed, cases,
+timings) as JSON to ``--json``. ``--quick`` is a smoke run: 3 Colin27 slices
+and a 32-slice slab instead of the whole volume (its numbers are not the
+reported ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from anatomy import HELD_OUT_ITK_SLICES, HELD_OUT_VOLUME, held_out_files  # noqa: E402
+
+from napari_anomaly import __version__  # noqa: E402
+from napari_anomaly.anomaly_families import FAMILIES, add_anomalies  # noqa: E402
+from napari_anomaly.inference import InferenceConfig, localise  # noqa: E402
+from napari_anomaly.io import read_image  # noqa: E402
+from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
+from napari_anomaly.metrics import (  # noqa: E402
+    average_precision,
+    evaluate_cases,
+    roc_auc,
+    sample_score,
+)
+from napari_anomaly.preprocess import preprocess  # noqa: E402
+from napari_anomaly.progress import run_to_end  # noqa: E402
+
+FAMILY_ORDER = ("blobs", "deformation", "texture", "noise")
+THRESHOLD = 0.5
+PLACEMENT_LEVEL = 0.3  # anomalies go where foreground & normalised > this
+MIN_PLACEMENT_PIXELS = 500
+RADIUS_2D = (4.0, 10.0)
+COUNT_2D = (2, 3)  # inclusive
+RADIUS_3D = (5.0, 9.0)
+COUNT_3D = 3
+MEDIAN_SIZE = 7
+BASELINE_PERCENTILE = 99.9
+CENTRAL_FRACTION = 0.6
+VOLUME_SLICES = 12
+QUICK_SLICES = 3
+QUICK_SLAB = 32
+ORACLE_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
+
+
+def _placement(normalised: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    mask = foreground & (normalised > PLACEMENT_LEVEL)
+    return mask if np.count_nonzero(mask) >= MIN_PLACEMENT_PIXELS else foreground
+
+
+def baseline_map(image: np.ndarray) -> np.ndarray:
+    """``|x - median(x)|`` (7 px window in every axis), scaled by its 99.9th percentile."""
+    residual = np.abs(image - ndi.median_filter(image, size=MEDIAN_SIZE, mode="nearest"))
+    scale = float(np.percentile(residual, BASELINE_PERCENTILE))
+    if scale <= 0:
+        scale = float(residual.max()) or 1.0
+    return np.clip(residual / scale, 0.0, 1.0).astype(np.float32)
+
+
+def central_slices(volume_foreground: np.ndarray, count: int) -> list[int]:
+    """``count`` equally spaced axis-0 indices over the central 60 % of the foreground."""
+    occupied = np.flatnonzero(volume_foreground.reshape(volume_foreground.shape[0], -1).any(1))
+    first, last = int(occupied[0]), int(occupied[-1])
+    margin = (1.0 - CENTRAL_FRACTION) / 2.0 * (last - first)
+    return [int(round(z)) for z in np.linspace(first + margin, last - margin, count)]
+
+
+def load_cases(data: Path, quick: bool) -> tuple[list[dict], np.ndarray]:
+    """The held-out 2D cases (preprocessed) and the raw Colin27 volume."""
+    volume_path, *slice_paths = held_out_files(data)
+    assert volume_path.name == HELD_OUT_VOLUME
+    assert [p.name for p in slice_paths] == HELD_OUT_ITK_SLICES
+    volume = read_image(volume_path).array
+    _, volume_foreground = preprocess(volume)
+    indices = central_slices(volume_foreground, VOLUME_SLICES)
+    if quick:
+        indices = [indices[i] for i in np.linspace(0, len(indices) - 1, QUICK_SLICES).astype(int)]
+    raw = [(f"colin27_z{z:03d}", volume_path, z, volume[z]) for z in indices]
+    raw += [(p.stem, p, None, read_image(p).array) for p in slice_paths]
+    cases = []
+    for name, path, index, image in raw:
+        normalised, foreground = preprocess(image)
+        cases.append(
+            {
+                "name": name,
+                "file": str(path.relative_to(data)),
+                "axis0_index": index,
+                "shape": list(image.shape),
+                "image": normalised,
+                "foreground": foreground,
+                "placement": _placement(normalised, foreground),
+            }
+        )
+    return cases, volume
+
+
+def run_model(image: np.ndarray, foreground: np.ndarray, localiser: Localiser, config):
+    result = run_to_end(localise(image, localiser, config, foreground=foreground))
+    return result.anomaly_map
+
+
+def _rounded(report: dict) -> dict:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in report.items()}
+
+
+def _quantiles(values: np.ndarray) -> dict:
+    q = np.percentile(values, [50, 90, 99, 100])
+    return {"mean": round(float(values.mean()), 5)} | {
+        name: round(float(v), 5) for name, v in zip(("p50", "p90", "p99", "max"), q)
+    }
+
+
+def best_dice(maps, truths) -> dict:
+    """Pooled Dice at the best threshold of a 0.05 grid: optimistic (chosen on the test set)."""
+    scores = np.concatenate([m.ravel() for m in maps])
+    truth = np.concatenate([t.ravel() for t in truths])
+    best = (0.0, None)
+    for threshold in ORACLE_THRESHOLDS:
+        predicted = scores >= threshold
+        overlap = 2.0 * np.count_nonzero(predicted & truth)
+        value = overlap / max(1, np.count_nonzero(predicted) + np.count_nonzero(truth))
+        if value > best[0]:
+            best = (value, float(threshold))
+    return {"dice": round(best[0], 5), "threshold": best[1]}
+
+
+def evaluate_families(cases, localiser, config, seed, clean_maps):
+    results = {}
+    for family_index, family in enumerate(FAMILY_ORDER):
+        started = time.perf_counter()
+        model_maps, base_maps, truths, counts, changes = [], [], [], [], []
+        for case_index, case in enumerate(cases):
+            rng = np.random.default_rng([seed, family_index, case_index])
+            count = int(rng.integers(COUNT_2D[0], COUNT_2D[1] + 1))
+            image, truth = add_anomalies(
+                case["image"], case["placement"], family, rng, count, RADIUS_2D
+            )
+            model_maps.append(run_model(image, case["foreground"], localiser, config))
+            base_maps.append(baseline_map(image))
+            truths.append(truth)
+            counts.append(count)
+            changes.append(float(np.abs(image - case["image"]).max()))
+        if not any(t.any() for t in truths):
+            # The family changed the image but marked nothing (see the report).
+            results[family] = {
+                "anomalies_per_case": counts,
+                "anomalous_pixels": 0,
+                "evaluable": False,
+                "reason": "add_anomalies returned an empty ground-truth mask for every case",
+                "max_intensity_change": round(max(changes), 5),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            print(f"  {family}: empty ground truth, not evaluable", file=sys.stderr)
+            continue
+        model = evaluate_cases(model_maps, truths, THRESHOLD)
+        base = evaluate_cases(base_maps, truths, THRESHOLD)
+        with_normals = evaluate_cases(model_maps, truths, THRESHOLD, normal_maps=clean_maps)
+        outside = np.concatenate(
+            [m[c["foreground"] & ~t] for m, c, t in zip(model_maps, cases, truths)]
+        )
+        inside = np.concatenate([m[t] for m, t in zip(model_maps, truths)])
+        results[family] = {
+            "anomalies_per_case": counts,
+            "anomalous_pixels": int(sum(np.count_nonzero(t) for t in truths)),
+            "evaluable": True,
+            "model": _rounded(model.to_dict()),
+            "baseline": _rounded(base.to_dict()),
+            "model_with_clean_cases": _rounded(with_normals.to_dict()),
+            "model_fraction_normal_foreground_above_threshold": round(
+                float(np.mean(outside >= THRESHOLD)), 5
+            ),
+            "model_score_inside_anomalies": _quantiles(inside),
+            "model_score_normal_foreground": _quantiles(outside),
+            "model_best_dice_oracle": best_dice(model_maps, truths),
+            "baseline_best_dice_oracle": best_dice(base_maps, truths),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        print(f"  {family}: {results[family]['seconds']} s", file=sys.stderr, flush=True)
+    return results
+
+
+def false_positives(cases, clean_maps) -> dict:
+    per_case = []
+    above = total = 0
+    score_sum = 0.0
+    for case, score in zip(cases, clean_maps):
+        values = score[case["foreground"]]
+        above += int(np.count_nonzero(values >= THRESHOLD))
+        total += values.size
+        score_sum += float(values.sum(dtype=np.float64))
+        per_case.append(
+            {
+                "case": case["name"],
+                "fraction_foreground_above_threshold": round(
+                    float(np.mean(values >= THRESHOLD)), 5
+                ),
+                "mean_foreground_score": round(float(values.mean()), 5),
+                "max_score": round(float(score.max()), 5),
+                "sample_score": round(sample_score(score), 5),
+            }
+        )
+    return {
+        "threshold": THRESHOLD,
+        "fraction_foreground_above_threshold": round(above / total, 5),
+        "mean_foreground_score": round(score_sum / total, 5),
+        "mean_image_score": round(float(np.mean([m.mean() for m in clean_maps])), 5),
+        "per_case": per_case,
+    }
+
+
+def evaluate_volume(volume, localiser, config, seed, quick) -> dict:
+    if quick:
+        middle = volume.shape[0] // 2
+        volume = volume[middle - QUICK_SLAB // 2 : middle + QUICK_SLAB // 2]
+    started = time.perf_counter()
+    normalised, foreground = preprocess(volume)
+    rng = np.random.default_rng([seed, len(FAMILY_ORDER), 0])
+    image, truth = add_anomalies(
+        normalised, _placement(normalised, foreground), "blobs", rng, COUNT_3D, RADIUS_3D
+    )
+    prepared = time.perf_counter()
+    model = run_model(image, foreground, localiser, config)
+    localised = time.perf_counter()
+    base = baseline_map(image)
+    baselined = time.perf_counter()
+    report = evaluate_cases([model], [truth], THRESHOLD)
+    return {
+        "shape": list(volume.shape),
+        "family": "blobs",
+        "anomalies": COUNT_3D,
+        "radius_range": list(RADIUS_3D),
+        "anomalous_voxels": int(np.count_nonzero(truth)),
+        "model": _rounded(report.to_dict()),
+        "baseline": {
+            "pixel_ap": round(average_precision(base, truth), 5),
+            "pixel_auroc": round(roc_auc(base, truth), 5),
+        },
+        "seconds_preprocess_and_synthesis": round(prepared - started, 1),
+        "seconds_model_localise": round(localised - prepared, 1),
+        "seconds_baseline_3d_median": round(baselined - localised, 1),
+    }
+
+
+def markdown_table(families: dict, volume: dict | None) -> str:
+    lines = [
+        "| family | model AP | baseline AP | model AUROC | baseline AUROC | Dice@0.5 "
+        "| region recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family, r in families.items():
+        if not r["evaluable"]:
+            lines.append(f"| {family} | n/a: {r['reason']} |  |  |  |  |  |")
+            continue
+        m, b = r["model"], r["baseline"]
+        lines.append(
+            f"| {family} | {m['pixel_ap']:.3f} | {b['pixel_ap']:.3f} | {m['pixel_auroc']:.3f} "
+            f"| {b['pixel_auroc']:.3f} | {m['dice']:.3f} | {m['region_recall']:.3f} "
+            f"({m['regions_detected']}/{m['regions_total']}) |"
+        )
+    if volume is not None:
+        m, b = volume["model"], volume["baseline"]
+        lines.append(
+            f"| blobs, 3D volume | {m['pixel_ap']:.3f} | {b['pixel_ap']:.3f} "
+            f"| {m['pixel_auroc']:.3f} | {b['pixel_auroc']:.3f} | {m['dice']:.3f} "
+            f"| {m['region_recall']:.3f} ({m['regions_detected']}/{m['regions_total']}) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="extracted Debian packages")
+    parser.add_argument("--model", type=Path, default=None, help="default: the bundled model")
+    parser.add_argument(
+        "--json", type=Path, default=Path("benchmarks/results/default_model_evaluation.json")
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--skip-3d", action="store_true")
+    args = parser.parse_args()
+    assert set(FAMILY_ORDER) == set(FAMILIES), "anomaly families changed; update FAMILY_ORDER"
+
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model_path = args.model or default_model_path()
+    localiser = Localiser.load(model_path)
+    config = InferenceConfig(device=args.device)
+    cases, volume = load_cases(args.data, args.quick)
+    print(f"{len(cases)} held-out cases: {[c['name'] for c in cases]}", file=sys.stderr)
+
+    clean_started = time.perf_counter()
+    clean_maps = [run_model(c["image"], c["foreground"], localiser, config) for c in cases]
+    clean_seconds = time.perf_counter() - clean_started
+    families = evaluate_families(cases, localiser, config, args.seed, clean_maps)
+    fp = false_positives(cases, clean_maps)
+    fp["seconds"] = round(clean_seconds, 1)
+    fp["sample_level"] = {
+        family: {
+            "auroc": r["model_with_clean_cases"]["sample_auroc"],
+            "ap": r["model_with_clean_cases"]["sample_ap"],
+        }
+        for family, r in families.items()
+        if r["evaluable"]
+    }
+    volume_result = None
+    if not args.skip_3d:
+        volume_result = evaluate_volume(volume, localiser, config, args.seed, args.quick)
+    total = time.perf_counter() - started
+
+    table = markdown_table(families, volume_result)
+    print(table)
+    print()
+    fraction = 100 * fp["fraction_foreground_above_threshold"]
+    print(
+        f"clean held-out cases ({len(cases)}): {fraction:.2f} % of foreground pixels "
+        f">= {THRESHOLD}, mean foreground score {fp['mean_foreground_score']:.4f}"
+    )
+    print(
+        "sample-level AUROC (top-1 % score, anomalous vs clean): "
+        + ", ".join(f"{f} {v['auroc']:.3f}" for f, v in fp["sample_level"].items())
+    )
+    if volume_result is not None:
+        print(
+            f"3D {tuple(volume_result['shape'])}: model localise "
+            f"{volume_result['seconds_model_localise']} s, 3D median baseline "
+            f"{volume_result['seconds_baseline_3d_median']} s"
+        )
+    print(f"total {total:.1f} s")
+
+    output = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "quick": args.quick,
+        "model": {
+            "path": str(model_path),
+            "sha256": localiser.sha256,
+            "name": localiser.name,
+            "training": localiser.metadata.get("training", {}),
+        },
+        "seed": args.seed,
+        "device": args.device,
+        "protocol": {
+            "families": list(FAMILY_ORDER),
+            "threshold": THRESHOLD,
+            "anomalies_per_case_2d": list(COUNT_2D),
+            "radius_range_2d": list(RADIUS_2D),
+            "placement": f"foreground & normalised > {PLACEMENT_LEVEL}",
+            "baseline": f"|x - median_filter(x, {MEDIAN_SIZE})| / p{BASELINE_PERCENTILE}, clipped",
+            "pixel_metrics": "all pixels of all cases of a family flattened together",
+            "sample_score": "mean of the top 1 % of pixel scores (metrics.sample_score)",
+        },
+        "cases": [
+            {k: c[k] for k in ("name", "file", "axis0_index", "shape")}
+            | {
+                "foreground_pixels": int(np.count_nonzero(c["foreground"])),
+                "placement_pixels": int(np.count_nonzero(c["placement"])),
+            }
+            for c in cases
+        ],
+        "families": families,
+        "false_positives_on_clean_cases": fp,
+        "volume_3d": volume_result,
+        "seconds_total": round(total, 1),
+        "environment": {
+            "napari_anomaly": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "markdown_table": table,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(output, indent=1) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
