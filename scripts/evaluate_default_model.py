@@ -154,6 +154,14 @@ def _rounded(report: dict) -> dict:
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in report.items()}
 
 
+def _at_threshold(report) -> dict:
+    keys = ("threshold", "dice", "mean_case_dice", "region_recall")
+    return {k: round(getattr(report, k), 5) for k in keys} | {
+        "regions_detected": report.regions_detected,
+        "regions_total": report.regions_total,
+    }
+
+
 def _quantiles(values: np.ndarray) -> dict:
     q = np.percentile(values, [50, 90, 99, 100])
     return {"mean": round(float(values.mean()), 5)} | {
@@ -175,7 +183,7 @@ def best_dice(maps, truths) -> dict:
     return {"dice": round(best[0], 5), "threshold": best[1]}
 
 
-def evaluate_families(cases, localiser, config, seed, clean_maps):
+def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
     results = {}
     for family_index, family in enumerate(FAMILY_ORDER):
         started = time.perf_counter()
@@ -206,6 +214,7 @@ def evaluate_families(cases, localiser, config, seed, clean_maps):
         model = evaluate_cases(model_maps, truths, THRESHOLD)
         base = evaluate_cases(base_maps, truths, THRESHOLD)
         with_normals = evaluate_cases(model_maps, truths, THRESHOLD, normal_maps=clean_maps)
+        at_recommended = evaluate_cases(model_maps, truths, recommended)
         outside = np.concatenate(
             [m[c["foreground"] & ~t] for m, c, t in zip(model_maps, cases, truths)]
         )
@@ -217,8 +226,12 @@ def evaluate_families(cases, localiser, config, seed, clean_maps):
             "model": _rounded(model.to_dict()),
             "baseline": _rounded(base.to_dict()),
             "model_with_clean_cases": _rounded(with_normals.to_dict()),
+            "model_at_recommended_threshold": _at_threshold(at_recommended),
             "model_fraction_normal_foreground_above_threshold": round(
                 float(np.mean(outside >= THRESHOLD)), 5
+            ),
+            "model_fraction_normal_foreground_above_recommended_threshold": round(
+                float(np.mean(outside >= recommended)), 5
             ),
             "model_score_inside_anomalies": _quantiles(inside),
             "model_score_normal_foreground": _quantiles(outside),
@@ -230,13 +243,14 @@ def evaluate_families(cases, localiser, config, seed, clean_maps):
     return results
 
 
-def false_positives(cases, clean_maps) -> dict:
+def false_positives(cases, clean_maps, recommended) -> dict:
     per_case = []
-    above = total = 0
+    above = above_recommended = total = 0
     score_sum = 0.0
     for case, score in zip(cases, clean_maps):
         values = score[case["foreground"]]
         above += int(np.count_nonzero(values >= THRESHOLD))
+        above_recommended += int(np.count_nonzero(values >= recommended))
         total += values.size
         score_sum += float(values.sum(dtype=np.float64))
         per_case.append(
@@ -244,6 +258,9 @@ def false_positives(cases, clean_maps) -> dict:
                 "case": case["name"],
                 "fraction_foreground_above_threshold": round(
                     float(np.mean(values >= THRESHOLD)), 5
+                ),
+                "fraction_foreground_above_recommended_threshold": round(
+                    float(np.mean(values >= recommended)), 5
                 ),
                 "mean_foreground_score": round(float(values.mean()), 5),
                 "max_score": round(float(score.max()), 5),
@@ -253,13 +270,15 @@ def false_positives(cases, clean_maps) -> dict:
     return {
         "threshold": THRESHOLD,
         "fraction_foreground_above_threshold": round(above / total, 5),
+        "recommended_threshold": recommended,
+        "fraction_foreground_above_recommended_threshold": round(above_recommended / total, 5),
         "mean_foreground_score": round(score_sum / total, 5),
         "mean_image_score": round(float(np.mean([m.mean() for m in clean_maps])), 5),
         "per_case": per_case,
     }
 
 
-def evaluate_volume(volume, localiser, config, seed, quick) -> dict:
+def evaluate_volume(volume, localiser, config, seed, quick, recommended) -> dict:
     if quick:
         middle = volume.shape[0] // 2
         volume = volume[middle - QUICK_SLAB // 2 : middle + QUICK_SLAB // 2]
@@ -282,6 +301,10 @@ def evaluate_volume(volume, localiser, config, seed, quick) -> dict:
         "radius_range": list(RADIUS_3D),
         "anomalous_voxels": int(np.count_nonzero(truth)),
         "model": _rounded(report.to_dict()),
+        "model_at_recommended_threshold": _at_threshold(
+            evaluate_cases([model], [truth], recommended)
+        ),
+        "model_best_dice_oracle": best_dice([model], [truth]),
         "baseline": {
             "pixel_ap": round(average_precision(base, truth), 5),
             "pixel_auroc": round(roc_auc(base, truth), 5),
@@ -292,29 +315,48 @@ def evaluate_volume(volume, localiser, config, seed, quick) -> dict:
     }
 
 
-def markdown_table(families: dict, volume: dict | None) -> str:
-    lines = [
-        "| family | model AP | baseline AP | model AUROC | baseline AUROC | Dice@0.5 "
-        "| region recall |",
-        "|---|---|---|---|---|---|---|",
+def _row(name: str, r: dict, recommended: float | None) -> str:
+    m, b = r["model"], r["baseline"]
+    cells = [
+        name,
+        f"{m['pixel_ap']:.3f}",
+        f"{b['pixel_ap']:.3f}",
+        f"{m['pixel_auroc']:.3f}",
+        f"{b['pixel_auroc']:.3f}",
+        f"{m['dice']:.3f}",
+        f"{m['region_recall']:.3f} ({m['regions_detected']}/{m['regions_total']})",
     ]
+    if recommended is not None:
+        t = r["model_at_recommended_threshold"]
+        cells += [
+            f"{t['dice']:.3f}",
+            f"{t['region_recall']:.3f} ({t['regions_detected']}/{t['regions_total']})",
+        ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(families: dict, volume: dict | None, recommended: float) -> str:
+    """The results table; two more columns when the model recommends a threshold != 0.5."""
+    header = [
+        "family",
+        "model AP",
+        "baseline AP",
+        "model AUROC",
+        "baseline AUROC",
+        f"Dice@{THRESHOLD}",
+        f"region recall@{THRESHOLD}",
+    ]
+    extra = None if recommended == THRESHOLD else recommended
+    if extra is not None:
+        header += [f"Dice@{extra:g} (recommended)", f"region recall@{extra:g}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for family, r in families.items():
-        if not r["evaluable"]:
-            lines.append(f"| {family} | n/a: {r['reason']} |  |  |  |  |  |")
-            continue
-        m, b = r["model"], r["baseline"]
-        lines.append(
-            f"| {family} | {m['pixel_ap']:.3f} | {b['pixel_ap']:.3f} | {m['pixel_auroc']:.3f} "
-            f"| {b['pixel_auroc']:.3f} | {m['dice']:.3f} | {m['region_recall']:.3f} "
-            f"({m['regions_detected']}/{m['regions_total']}) |"
-        )
+        if r["evaluable"]:
+            lines.append(_row(family, r, extra))
+        else:
+            lines.append(f"| {family} | n/a: {r['reason']} |" + " |" * (len(header) - 2))
     if volume is not None:
-        m, b = volume["model"], volume["baseline"]
-        lines.append(
-            f"| blobs, 3D volume | {m['pixel_ap']:.3f} | {b['pixel_ap']:.3f} "
-            f"| {m['pixel_auroc']:.3f} | {b['pixel_auroc']:.3f} | {m['dice']:.3f} "
-            f"| {m['region_recall']:.3f} ({m['regions_detected']}/{m['regions_total']}) |"
-        )
+        lines.append(_row("blobs, 3D volume", volume, extra))
     return "\n".join(lines)
 
 
@@ -337,14 +379,15 @@ def main() -> None:
     model_path = args.model or default_model_path()
     localiser = Localiser.load(model_path)
     config = InferenceConfig(device=args.device)
+    recommended = float(getattr(localiser, "recommended_threshold", THRESHOLD))
     cases, volume = load_cases(args.data, args.quick)
     print(f"{len(cases)} held-out cases: {[c['name'] for c in cases]}", file=sys.stderr)
 
     clean_started = time.perf_counter()
     clean_maps = [run_model(c["image"], c["foreground"], localiser, config) for c in cases]
     clean_seconds = time.perf_counter() - clean_started
-    families = evaluate_families(cases, localiser, config, args.seed, clean_maps)
-    fp = false_positives(cases, clean_maps)
+    families = evaluate_families(cases, localiser, config, args.seed, clean_maps, recommended)
+    fp = false_positives(cases, clean_maps, recommended)
     fp["seconds"] = round(clean_seconds, 1)
     fp["sample_level"] = {
         family: {
@@ -356,10 +399,12 @@ def main() -> None:
     }
     volume_result = None
     if not args.skip_3d:
-        volume_result = evaluate_volume(volume, localiser, config, args.seed, args.quick)
+        volume_result = evaluate_volume(
+            volume, localiser, config, args.seed, args.quick, recommended
+        )
     total = time.perf_counter() - started
 
-    table = markdown_table(families, volume_result)
+    table = markdown_table(families, volume_result, recommended)
     print(table)
     print()
     fraction = 100 * fp["fraction_foreground_above_threshold"]
@@ -367,6 +412,9 @@ def main() -> None:
         f"clean held-out cases ({len(cases)}): {fraction:.2f} % of foreground pixels "
         f">= {THRESHOLD}, mean foreground score {fp['mean_foreground_score']:.4f}"
     )
+    if recommended != THRESHOLD:
+        fraction = 100 * fp["fraction_foreground_above_recommended_threshold"]
+        print(f"  {fraction:.2f} % >= the model's recommended threshold {recommended:g}")
     print(
         "sample-level AUROC (top-1 % score, anomalous vs clean): "
         + ", ".join(f"{f} {v['auroc']:.3f}" for f, v in fp["sample_level"].items())
@@ -385,6 +433,7 @@ def main() -> None:
         "model": {
             "path": str(model_path),
             "sha256": localiser.sha256,
+            "recommended_threshold": localiser.metadata.get("recommended_threshold"),
             "name": localiser.name,
             "training": localiser.metadata.get("training", {}),
         },

@@ -26,6 +26,14 @@ def phantom(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return values.astype(np.int16)
 
 
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Record each phase's report on the test item (napari's viewer fixture reads it)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture
 def images_2d() -> list[np.ndarray]:
     return [phantom((48, 48), seed) for seed in range(3)]

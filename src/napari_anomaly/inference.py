@@ -181,29 +181,31 @@ def localise(
     weight_sum = np.zeros(planes.shape, dtype=np.float32)
     window_device = window.to(device)
     total = len(tiles)
-    with torch.no_grad():
-        for first in range(0, total, config.batch_size):
-            chunk = tiles[first : first + config.batch_size]
-            crops = []
-            regions = []
-            for plane, origin in chunk:
-                region = tuple(
-                    slice(o, min(o + t, n)) for o, t, n in zip(origin, tile_shape, plane_shape)
-                )
-                crop = torch.from_numpy(np.ascontiguousarray(planes[(plane, *region)]))[None, None]
-                crops.append(_pad_to(crop, tile_shape))
-                regions.append((plane, region))
-            batch = torch.cat(crops).to(device)
+    for first in range(0, total, config.batch_size):
+        chunk = tiles[first : first + config.batch_size]
+        crops = []
+        regions = []
+        for plane, origin in chunk:
+            region = tuple(
+                slice(o, min(o + t, n)) for o, t, n in zip(origin, tile_shape, plane_shape)
+            )
+            crop = torch.from_numpy(np.ascontiguousarray(planes[(plane, *region)]))[None, None]
+            crops.append(_pad_to(crop, tile_shape))
+            regions.append((plane, region))
+        batch = torch.cat(crops).to(device)
+        # Grad mode is thread-local state: never hold no_grad() across a yield,
+        # or a cancelled job would leave the worker thread without autograd.
+        with torch.no_grad():
             anomaly, confidence = network.split(network(batch).float())
-            anomaly = (anomaly[:, 0] * window_device).cpu().numpy()
-            confidence = (confidence[:, 0] * window_device).cpu().numpy()
-            for k, (plane, region) in enumerate(regions):
-                valid = tuple(slice(0, r.stop - r.start) for r in region)
-                anomaly_sum[(plane, *region)] += anomaly[(k, *valid)]
-                confidence_sum[(plane, *region)] += confidence[(k, *valid)]
-                weight_sum[(plane, *region)] += window_np[valid]
-            done = min(first + config.batch_size, total)
-            yield Progress(done, total, f"localising: tile {done}/{total}")
+        anomaly = (anomaly[:, 0] * window_device).cpu().numpy()
+        confidence = (confidence[:, 0] * window_device).cpu().numpy()
+        for k, (plane, region) in enumerate(regions):
+            valid = tuple(slice(0, r.stop - r.start) for r in region)
+            anomaly_sum[(plane, *region)] += anomaly[(k, *valid)]
+            confidence_sum[(plane, *region)] += confidence[(k, *valid)]
+            weight_sum[(plane, *region)] += window_np[valid]
+        done = min(first + config.batch_size, total)
+        yield Progress(done, total, f"localising: tile {done}/{total}")
 
     np.divide(anomaly_sum, weight_sum, out=anomaly_sum)
     np.divide(confidence_sum, weight_sum, out=confidence_sum)

@@ -40,6 +40,10 @@ __all__ = [
 #: Smallest accepted length of every spatial axis. Below this the U-Net's
 #: down-sampling path and the synthesis patches (5-20 % of a side) degenerate.
 MIN_AXIS_LENGTH = 8
+#: Smallest accepted number of slices (axis 0) of a 3D volume. A 2D model
+#: walks a volume slice by slice, so few thick slices are fine; 3 and 4 stay
+#: refused because such arrays are far more often channel-first RGB(A).
+MIN_SLICES = 5
 
 _SUPPORTED_DIMS_MESSAGE = (
     "only 2D images (Y, X) and 3D volumes (Z, Y, X) are supported; "
@@ -105,7 +109,8 @@ def validate_image(image: Any, *, name: str = "image") -> np.ndarray:
     if arr.ndim not in (2, 3):
         raise ValueError(f"{name}: got shape {arr.shape}; {_SUPPORTED_DIMS_MESSAGE}")
     for axis, length in enumerate(arr.shape):
-        if length < MIN_AXIS_LENGTH:
+        minimum = MIN_SLICES if (arr.ndim == 3 and axis == 0) else MIN_AXIS_LENGTH
+        if length < minimum:
             hint = ""
             if arr.ndim == 3 and axis == 0 and length in (3, 4):
                 hint = (
@@ -114,7 +119,8 @@ def validate_image(image: Any, *, name: str = "image") -> np.ndarray:
                 )
             raise ValueError(
                 f"{name} is too small: axis {axis} has {length} voxel(s) in shape {arr.shape}; "
-                f"every axis needs at least {MIN_AXIS_LENGTH}{hint}"
+                f"every axis needs at least {MIN_AXIS_LENGTH} (a volume at least "
+                f"{MIN_SLICES} slices){hint}"
             )
 
     # min/max are needed for the constant check anyway; they also propagate

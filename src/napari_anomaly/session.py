@@ -149,9 +149,7 @@ class ReviewSession:
         return self.localiser.recommended_threshold
 
     # -- localisation -----------------------------------------------------------
-    def localise(
-        self, name: str, image: np.ndarray, geometry: Geometry | None = None
-    ) -> Job[Case]:
+    def localise(self, name: str, image: np.ndarray, geometry: Geometry | None = None) -> Job[Case]:
         """Predict maps for ``image`` and store them as case ``name`` when done.
 
         Re-localising an existing case keeps its edits (when the shape is
@@ -194,7 +192,8 @@ class ReviewSession:
         edited = np.asarray(edited_mask)
         if edited.shape != case.auto_mask.shape:
             raise ValueError(
-                f"edited mask has shape {edited.shape}, the case {name!r} has {case.auto_mask.shape}"
+                f"edited mask has shape {edited.shape}, "
+                f"the case {name!r} has {case.auto_mask.shape}"
             )
         case.edits.record(case.auto_mask, edited != 0)
         return case

@@ -79,6 +79,7 @@ class AnomalyReviewWidget(Container):
         self._session: ReviewSession | None = None
         self._initial_localiser = localiser
         self._worker = None
+        self._then = None  # follow-up action once the running job has finished
         self._napari_progress = None
         self._regions: list[Region] = []
         self._shown_case: str | None = None
@@ -217,9 +218,9 @@ class AnomalyReviewWidget(Container):
         return self._worker is not None
 
     def wait(self, timeout: float = 600.0) -> None:
-        """Process Qt events until the running job ends (for scripts and tests)."""
+        """Process Qt events until the running job (and its follow-up) ends."""
         deadline = time.monotonic() + timeout
-        while self._worker is not None:
+        while self._worker is not None or self._then is not None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job still running after {timeout} s")
             QApplication.processEvents()
@@ -232,7 +233,8 @@ class AnomalyReviewWidget(Container):
         self.progress.value = 0
         self._say(f"{label}...")
         self._napari_progress = napari_progress(total=0, desc=label)
-        worker = create_worker(_run_job, job, _start_thread=False)
+        # Errors are shown in the widget (status line), not re-raised in the event loop.
+        worker = create_worker(_run_job, job, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(on_done)
         worker.errored.connect(self._on_error)
@@ -276,6 +278,9 @@ class AnomalyReviewWidget(Container):
         if self._napari_progress is not None:
             self._napari_progress.close()
             self._napari_progress = None
+        then, self._then = self._then, None
+        if then is not None:
+            then()
 
     def cancel(self) -> None:
         """Stop the running job at its next progress report; nothing changes."""
@@ -295,7 +300,8 @@ class AnomalyReviewWidget(Container):
             return None
         if layer.rgb:
             self._say(
-                f"Layer {name!r} is RGB; the model takes single-channel greyscale scans.", error=True
+                f"Layer {name!r} is RGB; the model takes single-channel greyscale scans.",
+                error=True,
             )
             return None
         if layer.multiscale:
@@ -338,7 +344,7 @@ class AnomalyReviewWidget(Container):
 
     def _on_localised(self, case) -> None:
         kwargs = layer_kwargs_from_geometry(case.geometry, f"{case.name} anomaly")
-        image_layer = self.viewer.layers[case.name] if case.name in self.viewer.layers else None
+        image_layer = self.viewer.layers[case.name] if case.name in self.viewer.layers else None  # noqa: SIM401
         if image_layer is not None:
             # Follow the scan layer exactly, whatever its geometry metadata says.
             kwargs.update(scale=image_layer.scale, translate=image_layer.translate)
@@ -362,7 +368,9 @@ class AnomalyReviewWidget(Container):
             visible=False,
             **common,
         )
-        self._set_layer(Labels, f"{case.name} mask", case.mask.astype(np.uint8), opacity=0.5, **common)
+        self._set_layer(
+            Labels, f"{case.name} mask", case.mask.astype(np.uint8), opacity=0.5, **common
+        )
         self._shown_case = case.name
         with self.threshold.changed.blocked():
             self.threshold.value = case.threshold
@@ -393,7 +401,13 @@ class AnomalyReviewWidget(Container):
         return self._shown_case
 
     def _sync_edits(self, name: str) -> None:
-        """Fold brush/eraser strokes on the mask layer into the session's edits."""
+        """Fold brush/eraser strokes on the mask layer into the session's edits.
+
+        An edit is a voxel whose value the reviewer changed: painted where the
+        automatic mask was empty, or erased where it was marked (napari itself
+        reports only such changes). Those voxels keep their state at any
+        threshold; untouched voxels follow the threshold.
+        """
         layer_name = f"{name} mask"
         if layer_name not in self.viewer.layers:
             return
@@ -465,7 +479,11 @@ class AnomalyReviewWidget(Container):
 
     def select_next_region(self) -> None:
         current = self.selected_region()
-        row = 0 if current is None else (self._regions.index(current) + 1) % max(1, len(self._regions))
+        row = (
+            0
+            if current is None
+            else (self._regions.index(current) + 1) % max(1, len(self._regions))
+        )
         self.select_region(row)
 
     def _on_region_selected(self) -> None:
@@ -520,9 +538,7 @@ class AnomalyReviewWidget(Container):
         if not self.session.corrected_cases():
             self._say("No corrections yet: paint or erase on a mask layer first.", error=True)
             return
-        config = FinetuneConfig(
-            steps=steps or self.finetune_steps.value, device=self.device.value
-        )
+        config = FinetuneConfig(steps=steps or self.finetune_steps.value, device=self.device.value)
         self._start(self.session.finetune(config), "Fine-tuning", self._on_finetuned)
         if wait:
             self.wait()
@@ -540,12 +556,9 @@ class AnomalyReviewWidget(Container):
         )
         self._say(f"New model version {outcome.localiser.name}; re-localising...")
         name = self._current_case_name()
-        if name is not None:
-            self._relocalise(name)
-
-    def _relocalise(self, name: str) -> None:
-        if name in self.viewer.layers:
-            self.localise(name)
+        if name is not None and name in self.viewer.layers:
+            # Re-localise with the new version once this job has finished.
+            self._then = lambda: self.localise(name)
 
     def revert(self, index: int | None = None) -> None:
         """Make an earlier model version current (default: the previous one)."""
@@ -631,8 +644,11 @@ class AnomalyReviewWidget(Container):
             self.export(path)
         except FileExistsError as error:
             answer = QMessageBox.question(
-                self.native, "Overwrite?", f"{error}\n\nOverwrite?",
-                QMessageBox.Yes | QMessageBox.No, QMessageBox.No,
+                self.native,
+                "Overwrite?",
+                f"{error}\n\nOverwrite?",
+                QMessageBox.Yes | QMessageBox.No,
+                QMessageBox.No,
             )
             if answer == QMessageBox.Yes:
                 self.export(path, overwrite=True)

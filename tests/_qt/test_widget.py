@@ -1,0 +1,177 @@
+"""The review loop in the dock widget, driven like a reviewer would (under Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_anomaly._qt.widget import AnomalyReviewWidget
+from napari_anomaly.io import read_image
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet, NetworkConfig
+
+TINY = NetworkConfig(spatial_dims=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+
+
+def _scan(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    body = sum(g**2 for g in grids) < 0.7
+    return (body * (100 + 20 * rng.standard_normal(shape))).astype(np.float32)
+
+
+@pytest.fixture
+def widget(make_napari_viewer):
+    torch.manual_seed(0)
+    localiser = Localiser(
+        AnomalyNet(TINY).eval(), metadata={"patch_size": 32, "recommended_threshold": 0.5}
+    )
+    viewer = make_napari_viewer()
+    widget = AnomalyReviewWidget(viewer, localiser=localiser)
+    widget.device.value = "cpu"
+    return widget
+
+
+CASES = [
+    ("image2d", (40, 48), (0.5, 0.7)),
+    ("volume3d", (6, 32, 40), (2.5, 0.8, 0.8)),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "spacing"), CASES)
+def test_the_whole_review_loop(widget, tmp_path, name, shape, spacing):
+    viewer = widget.viewer
+    viewer.add_image(_scan(shape), name=name, scale=spacing, translate=(3.0,) * len(shape))
+    widget.image_layer.value = name
+
+    # Localise: three layers with the scan's geometry.
+    widget.localise(wait=True)
+    assert widget.last_error is None
+    anomaly, confidence, mask = (
+        viewer.layers[f"{name} {k}"] for k in ("anomaly", "confidence", "mask")
+    )
+    for layer in (anomaly, confidence, mask):
+        assert layer.data.shape == shape
+        np.testing.assert_allclose(layer.scale, spacing)
+        np.testing.assert_allclose(layer.translate, (3.0,) * len(shape))
+    assert not confidence.visible
+    assert anomaly.data.min() >= 0.0 and anomaly.data.max() <= 1.0
+
+    # Edit like a reviewer: a brush stroke on an unmarked spot, an eraser stroke
+    # on a marked one (an edit is a voxel whose value the reviewer changed).
+    auto = np.asarray(mask.data).copy()
+    mask.brush_size = 3
+    mask.paint(tuple(np.argwhere(auto == 0)[len(np.argwhere(auto == 0)) // 2]), 1)
+    after_paint = np.asarray(mask.data).copy()
+    mask.paint(tuple(np.argwhere(auto != 0)[-1]), 0)
+    after_erase = np.asarray(mask.data).copy()
+    painted = (after_paint != 0) & (auto == 0)
+    erased = (after_erase == 0) & (after_paint != 0)
+    assert painted.any() and erased.any()
+    # And a scripted edit straight into the data.
+    scripted = after_erase.copy()
+    corner = (slice(None),) * (len(shape) - 2) + (slice(0, 2), slice(0, 2))
+    scripted[corner] = 1
+    painted |= (scripted != 0) & (after_erase == 0)
+    mask.data = scripted
+
+    # Moving the threshold re-thresholds live and keeps every edit.
+    for threshold in (0.05, 0.95):
+        widget.set_threshold(threshold)
+        current = np.asarray(mask.data)
+        assert current[painted].all(), "painted voxels must survive any threshold"
+        assert not current[erased].any(), "erased voxels must stay erased"
+    high = int(current.sum())
+    widget.set_threshold(0.05)
+    assert int(np.asarray(mask.data).sum()) > high, "a lower threshold must mark more voxels"
+
+    # The region table lists regions with physical sizes.
+    assert widget.regions.value["data"], "regions must be listed"
+    widget.select_region(0)
+    assert widget.selected_region() is not None
+
+    # Fine-tune for two steps: a new version with before/after metrics, then re-localised.
+    widget.finetune(steps=2, wait=True)
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    assert len(widget.session.versions) == 2 and widget.session.current == 1
+    assert widget.session.localiser.metadata["parent_sha256"] is None  # parent was never saved
+    assert "before" in widget.metrics.value and "after" in widget.metrics.value
+    assert widget.session.cases[name].model_name.endswith("+ft1")
+
+    # Revert goes back to the first version.
+    widget.revert()
+    assert widget.session.current == 0
+
+    # Export, read back: same mask, same geometry; never overwritten silently.
+    target = tmp_path / f"{name}_mask.nii.gz"
+    written = widget.export(target, include_anomaly_map=True)
+    assert {p.name for p in written} == {
+        f"{name}_mask.nii.gz",
+        f"{name}_mask_anomaly.nii.gz",
+        f"{name}_mask.json",
+    }
+    back = read_image(target)
+    np.testing.assert_array_equal(back.array > 0, np.asarray(mask.data) > 0)
+    np.testing.assert_allclose(back.geometry.spacing, spacing, rtol=1e-6)
+    np.testing.assert_allclose(back.geometry.origin, (3.0,) * len(shape), rtol=1e-6)
+    before = target.read_bytes()
+    with pytest.raises(FileExistsError):
+        widget.export(target)
+    assert target.read_bytes() == before
+
+
+def test_cancel_during_localise_changes_nothing(widget):
+    viewer = widget.viewer
+    viewer.add_image(_scan((24, 64, 64)), name="big")
+    widget.image_layer.value = "big"
+    widget.localise()
+    widget.cancel()
+    widget.wait()
+    assert "cancel" in widget.status.value
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    assert widget.session.cases == {}
+
+
+def test_cancel_during_finetune_keeps_the_model(widget):
+    viewer = widget.viewer
+    viewer.add_image(_scan((40, 40)), name="scan")
+    widget.image_layer.value = "scan"
+    widget.localise(wait=True)
+    mask = viewer.layers["scan mask"]
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited
+    weights = {k: v.clone() for k, v in widget.session.localiser.network.state_dict().items()}
+    widget.finetune(steps=10_000)
+    widget.cancel()
+    widget.wait()
+    assert len(widget.session.versions) == 1
+    for key, value in widget.session.localiser.network.state_dict().items():
+        assert torch.equal(value, weights[key])
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "message"),
+    [
+        (
+            np.zeros((16, 16, 3), dtype=np.uint8) + np.arange(3, dtype=np.uint8),
+            {"rgb": True},
+            "RGB",
+        ),
+        (np.random.default_rng(0).random((2, 3, 16, 16)), {}, "2D images and 3D volumes"),
+        (np.zeros((32, 32), dtype=np.float32), {}, "constant"),
+    ],
+)
+def test_a_bad_layer_gives_a_message_not_a_traceback(widget, data, kwargs, message):
+    widget.viewer.add_image(data, name="bad", **kwargs)
+    widget.image_layer.value = "bad"
+    widget.localise(wait=True)
+    assert widget.last_error is not None and message in widget.last_error
+    assert [layer.name for layer in widget.viewer.layers] == ["bad"]
+
+
+def test_model_card_and_device_are_shown(widget):
+    assert "in use: cpu" in widget.device_in_use.value
+    assert "Model" in widget.model_card() and "recommended threshold" in widget.model_card()
