@@ -29,6 +29,10 @@ __all__ = ["main"]
 THRESHOLD_HELP = "anomaly-score threshold in [0, 1]; default: the model's calibrated threshold"
 
 
+class CommandError(Exception):
+    """A refusal the user can act on (printed without a traceback, exit code 2)."""
+
+
 class _ProgressPrinter:
     """Prints a one-line progress bar to stderr (a log line per update when not a TTY)."""
 
@@ -80,7 +84,7 @@ def _load_model(path: str | None, device: str):
 
     model_path = Path(path) if path else default_model_path()
     if not model_path.exists():
-        raise SystemExit(f"error: model file {model_path} not found")
+        raise CommandError(f"model file {model_path} not found")
     return Localiser.load(model_path, device="cpu")
 
 
@@ -95,7 +99,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
+        raise CommandError(f"{out} exists; pass --overwrite to replace it")
     images = [_read(p).array for p in args.normal]
     config = TrainConfig(
         spatial_dims=args.dims,
@@ -146,7 +150,7 @@ def _cmd_localise(args: argparse.Namespace) -> int:
         sidecar = targets["mask"].with_name(targets["mask"].name.split(".")[0] + ".json")
         existing = [str(p) for p in [*targets.values(), sidecar] if p.exists()]
         if existing and not args.overwrite:
-            raise SystemExit(f"error: {', '.join(existing)} exist(s); pass --overwrite to replace")
+            raise CommandError(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
         loaded, result = _localise_one(localiser, path, args)
         mask = threshold_map(result.anomaly_map, threshold, args.min_region_size)
         write_image(
@@ -183,16 +187,16 @@ def _threshold(args: argparse.Namespace, localiser) -> float:
 
 def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
     if len(images) != len(masks):
-        raise SystemExit(
-            f"error: {len(images)} images but {len(masks)} masks; give one mask per image"
+        raise CommandError(
+            f"{len(images)} images but {len(masks)} masks; give one mask per image"
         )
     pairs = []
     for image_path, mask_path in zip(images, masks):
         image = _read(image_path)
         mask = _read(mask_path)
         if mask.array.shape != image.array.shape:
-            raise SystemExit(
-                f"error: mask {mask_path} has shape {mask.array.shape}, "
+            raise CommandError(
+                f"mask {mask_path} has shape {mask.array.shape}, "
                 f"image {image_path} has {image.array.shape}"
             )
         pairs.append((image, mask.array > 0.5))
@@ -215,7 +219,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
+        raise CommandError(f"{out} exists; pass --overwrite to replace it")
     localiser = _load_model(args.model, args.device)
     pairs = _read_case_pairs(args.images, args.masks)
     images = [p[0] for p in pairs]
@@ -353,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

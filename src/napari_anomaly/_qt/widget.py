@@ -147,7 +147,12 @@ class AnomalyReviewWidget(Container):
                 self.export_button,
             ]
         )
-        self.native.setMinimumWidth(360)
+        self.native.setMinimumWidth(420)
+        header = self.regions.native.horizontalHeader()
+        header.setSectionResizeMode(header.ResizeMode.Stretch)
+        self.regions.native.setSelectionBehavior(
+            self.regions.native.SelectionBehavior.SelectRows
+        )
 
         self.localise_button.changed.connect(lambda: self.localise())
         self.cancel_button.changed.connect(self.cancel)
@@ -574,9 +579,9 @@ class AnomalyReviewWidget(Container):
         self._say(f"Current model: {localiser.name}.")
 
     def _on_model_chosen(self, value: str) -> None:
-        if self._session is None or not value:
+        if self._session is None or not value or not str(value).startswith("v"):
             return
-        index = int(value.split(":")[0].lstrip("v"))
+        index = int(str(value).split(":")[0][1:])
         if index != self._session.current:
             self.revert(index)
 
@@ -650,7 +655,7 @@ class AnomalyReviewWidget(Container):
                 QMessageBox.Yes | QMessageBox.No,
                 QMessageBox.No,
             )
-            if answer == QMessageBox.Yes:
+            if answer == QMessageBox.StandardButton.Yes:
                 self.export(path, overwrite=True)
             else:
                 self._say("Export cancelled; nothing was written.")

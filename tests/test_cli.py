@@ -1,0 +1,114 @@
+"""The command line, end to end on small files."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import phantom
+
+from napari_anomaly.cli import main
+from napari_anomaly.io import Geometry, read_image, write_image
+
+GEOMETRY = Geometry(spacing=(2.0, 0.8, 0.7), origin=(-10.0, 5.0, 3.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+@pytest.fixture
+def normals(tmp_path):
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"normal{seed}.nii.gz"
+        write_image(path, phantom((12, 40, 40), seed), GEOMETRY)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def model(tmp_path, normals):
+    out = tmp_path / "model.safetensors"
+    args = ["train", *normals, "--out", str(out), "--steps", "2", "--batch-size", "2"]
+    assert main([*args, "--patch-size", "32", "--device", "cpu"]) == 0
+    return out
+
+
+def test_train_writes_a_model_and_refuses_to_overwrite(model, normals, capsys):
+    assert model.exists()
+    before = model.read_bytes()
+    code = main(["train", *normals, "--out", str(model), "--steps", "1", "--device", "cpu"])
+    assert code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert model.read_bytes() == before
+
+
+def test_localise_writes_three_maps_in_the_input_format_and_geometry(model, normals, tmp_path):
+    out = tmp_path / "out"
+    assert main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "normal0_anomaly.nii.gz",
+        "normal0_confidence.nii.gz",
+        "normal0_mask.json",
+        "normal0_mask.nii.gz",
+    ]
+    for kind in ("anomaly", "confidence", "mask"):
+        loaded = read_image(out / f"normal0_{kind}.nii.gz")
+        assert loaded.array.shape == (12, 40, 40)
+        np.testing.assert_allclose(loaded.geometry.spacing, GEOMETRY.spacing, rtol=1e-6)
+        np.testing.assert_allclose(loaded.geometry.origin, GEOMETRY.origin, rtol=1e-6)
+    sidecar = json.loads((out / "normal0_mask.json").read_text())
+    assert len(sidecar["model_sha256"]) == 64 and 0 <= sidecar["threshold"] <= 1
+    # Running again must not overwrite silently.
+    assert main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"]) != 0
+
+
+def test_finetune_and_evaluate(model, normals, tmp_path):
+    mask = np.zeros((12, 40, 40), dtype=np.uint8)
+    mask[5:8, 15:22, 15:22] = 1
+    mask_path = tmp_path / "normal0_mask.nii.gz"
+    write_image(mask_path, mask, GEOMETRY)
+    child = tmp_path / "child.safetensors"
+    args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
+    assert main([*args, "--out", str(child), "--steps", "2", "--device", "cpu"]) == 0
+    from napari_anomaly.localiser import Localiser
+
+    parent, tuned = Localiser.load(model), Localiser.load(child)
+    assert tuned.metadata["parent_sha256"] == parent.sha256
+    report_path = tmp_path / "report.json"
+    eval_args = ["evaluate", "--images", normals[0], "--masks", str(mask_path), "--normals", normals[1]]
+    assert main([*eval_args, "--model", str(child), "--json", str(report_path), "--device", "cpu"]) == 0
+    report = json.loads(report_path.read_text())
+    for key in ("pixel_ap", "pixel_auroc", "dice", "region_recall", "sample_auroc"):
+        assert key in report
+    assert 0 <= report["pixel_ap"] <= 1
+
+
+def test_a_mask_of_the_wrong_shape_is_refused(model, normals, tmp_path, capsys):
+    wrong = tmp_path / "wrong.nii.gz"
+    write_image(wrong, np.zeros((12, 20, 20), np.uint8), GEOMETRY)
+    code = main(["evaluate", "--images", normals[0], "--masks", str(wrong), "--model", str(model)])
+    assert code != 0
+    assert "shape" in capsys.readouterr().err
+
+
+def test_a_pickled_model_file_is_refused(tmp_path, normals, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    code = main(["localise", normals[0], "--out", str(tmp_path / "o"), "--model", str(bad)])
+    assert code == 2
+    assert "pickle" in capsys.readouterr().err.lower()
+    assert not (tmp_path / "o" / "normal0_mask.nii.gz").exists()
+
+
+def test_synthesise_writes_samples_and_an_overview(tmp_path):
+    paths = []
+    for seed in range(2):
+        path = tmp_path / f"slice{seed}.png"
+        image = phantom((64, 64), seed).astype(np.float32)
+        write_image(path, (image - image.min()) / (image.max() - image.min()))
+        paths.append(str(path))
+    out = tmp_path / "synth"
+    assert main(["synthesise", *paths, "--out", str(out), "--n", "2", "--seed", "3"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"slice0_ppii0.png", "slice0_ppii0_label.png", "slice0_ppii1_overview.png"} <= names
+    label = read_image(out / "slice0_ppii0_label.png").array
+    assert label.max() > 0, "the label must mark the synthetic anomalies"
+    assert main(["synthesise", *paths, "--out", str(out), "--n", "2"]) != 0  # no silent overwrite
