@@ -27,9 +27,12 @@ seeded with ``(--seed, family index, case index)``; inference runs on the CPU).
    ``metrics.evaluate_cases``: pixel AP and AUROC over all pixels of all cases
    of the family flattened together (MOOD convention), Dice of ``map >= 0.5``
    (pooled over the cases) and region recall at 0.5 (for the model; the
-   baseline has no calibrated threshold).
+   baseline has no calibrated threshold), also at the model's stored
+   ``recommended_threshold`` when it has one, and the best pooled Dice over a
+   0.05 threshold grid (an optimistic, test-set-chosen figure, labelled so).
 3. False positives: the model on the clean cases. Reported: the fraction of
-   foreground pixels scoring >= 0.5, the mean score in the foreground, and the
+   foreground pixels scoring >= 0.5 (and >= the model's recommended threshold
+   and every threshold of a 0.05 grid), the mean score in the foreground, and the
    sample-level AUROC/AP of the case score (mean of the top 1 % of the pixel
    scores, ``metrics.sample_score``) of the anomalous cases of each family
    against the clean ones. The pixel AP with the clean cases' pixels added as
@@ -233,6 +236,7 @@ def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
             "model_fraction_normal_foreground_above_recommended_threshold": round(
                 float(np.mean(outside >= recommended)), 5
             ),
+            "model_max_score": round(float(max(m.max() for m in model_maps)), 5),
             "model_score_inside_anomalies": _quantiles(inside),
             "model_score_normal_foreground": _quantiles(outside),
             "model_best_dice_oracle": best_dice(model_maps, truths),
@@ -247,8 +251,10 @@ def false_positives(cases, clean_maps, recommended) -> dict:
     per_case = []
     above = above_recommended = total = 0
     score_sum = 0.0
+    pooled = []
     for case, score in zip(cases, clean_maps):
         values = score[case["foreground"]]
+        pooled.append(values)
         above += int(np.count_nonzero(values >= THRESHOLD))
         above_recommended += int(np.count_nonzero(values >= recommended))
         total += values.size
@@ -274,6 +280,11 @@ def false_positives(cases, clean_maps, recommended) -> dict:
         "fraction_foreground_above_recommended_threshold": round(above_recommended / total, 5),
         "mean_foreground_score": round(score_sum / total, 5),
         "mean_image_score": round(float(np.mean([m.mean() for m in clean_maps])), 5),
+        "fraction_foreground_above": {
+            f"{t:g}": round(float(np.mean(np.concatenate(pooled) >= t)), 5)
+            for t in ORACLE_THRESHOLDS
+        },
+        "foreground_score": _quantiles(np.concatenate(pooled)),
         "per_case": per_case,
     }
 
@@ -305,6 +316,8 @@ def evaluate_volume(volume, localiser, config, seed, quick, recommended) -> dict
             evaluate_cases([model], [truth], recommended)
         ),
         "model_best_dice_oracle": best_dice([model], [truth]),
+        "model_max_score": round(float(model.max()), 5),
+        "model_score_inside_anomalies": _quantiles(model[truth]),
         "baseline": {
             "pixel_ap": round(average_precision(base, truth), 5),
             "pixel_auroc": round(roc_auc(base, truth), 5),

@@ -76,3 +76,11 @@ def test_bad_images_get_a_clear_message(image, message):
 def test_a_3d_model_refuses_a_2d_image():
     with pytest.raises(ValueError, match="3D model"):
         run_to_end(localise(phantom((32, 32)), _model(TINY_NETWORK_3D), CPU))
+
+
+def test_a_huge_volume_is_refused_before_any_work(monkeypatch):
+    import napari_anomaly.inference as inference
+
+    monkeypatch.setattr(inference, "MAX_VOXELS", 1000)
+    with pytest.raises(ValueError, match="voxels"):
+        run_to_end(localise(phantom((16, 32, 32)), _model(TINY_NETWORK_2D), CPU))

@@ -8,7 +8,9 @@ it never saw, each with a ground-truth mask:
     Smooth bright or dark intensity blobs (Gaussian profile), like
     enhancing or hypo-intense lesions.
 ``deformation``
-    A ball whose content is pushed outward (a swelling, mass effect).
+    A ball whose content is pushed outward by up to a quarter of its radius
+    (a swelling, mass effect); the mask is where content moved by more than
+    half a voxel.
 ``texture``
     A ball filled with a foreign texture (band-passed noise at another
     contrast), with soft edges.
@@ -68,12 +70,14 @@ def _deformation(image, foreground, centres, radii, rng):
     mask = np.zeros(image.shape, dtype=bool)
     for centre, radius in zip(centres, radii):
         distance = _distance(coords, centre)
-        # Sample closer to the centre: content is pushed outward by up to 45% of the radius.
-        strength = rng.uniform(0.3, 0.45)
-        shrink = np.where(distance < radius, strength * (1 - distance / radius) ** 2, 0.0)
+        # Sample closer to the centre: content at distance d moves outward by
+        # s * d * (1 - d / r), at most s * r / 4 at d = r / 2 (s < 1 keeps the
+        # mapping one-to-one, so nothing folds).
+        strength = rng.uniform(0.6, 0.95)
+        factor = np.where(distance < radius, strength * (1 - distance / radius), 0.0)
         for axis, c in enumerate(centre):
-            displaced[axis] = displaced[axis] - shrink * (grids[axis] - c)
-        mask |= (shrink * distance) > 0.75
+            displaced[axis] = displaced[axis] - factor * (grids[axis] - c)
+        mask |= (factor * distance) > 0.5
     out = ndimage.map_coordinates(image, displaced, order=1, mode="nearest")
     return out.astype(np.float32), mask
 

@@ -469,12 +469,32 @@ def equalise_histogram(image: Any, foreground: Any | None = None, nbins: int = 2
     counts, _ = np.histogram(values, bins=edges)
     cdf = np.concatenate(([0.0], np.cumsum(counts, dtype=np.float64)))
     cdf /= cdf[-1]
-    # np.interp clamps outside [lo, hi] to 0 / 1, which is what background
-    # voxels brighter or darker than the foreground would need anyway.
-    out = np.interp(img.ravel(), edges, cdf).astype(np.float32).reshape(img.shape)
+    out = _interpolate_cdf(img, lo, hi, cdf.astype(np.float32))
     if mask is not None:
         out[~mask] = 0.0
     return out
+
+
+def _interpolate_cdf(img: np.ndarray, lo: float, hi: float, cdf: np.ndarray) -> np.ndarray:
+    """Evaluate the piecewise-linear CDF on equal bins of [lo, hi] at every voxel.
+
+    Works in float32 chunks (``np.interp`` would make float64 copies of the
+    whole volume); values outside [lo, hi] clamp to 0 / 1, which is what
+    background voxels brighter or darker than the foreground need anyway.
+    """
+    nbins = cdf.size - 1
+    scale = np.float32(nbins / (hi - lo))
+    flat_in = img.reshape(-1)
+    out = np.empty(flat_in.size, dtype=np.float32)
+    chunk = 1 << 22
+    for start in range(0, flat_in.size, chunk):
+        position = (flat_in[start : start + chunk] - np.float32(lo)) * scale
+        np.clip(position, 0, nbins, out=position)
+        index = np.minimum(position.astype(np.int32), nbins - 1)
+        position -= index
+        low = cdf[index]
+        out[start : start + chunk] = low + position * (cdf[index + 1] - low)
+    return out.reshape(img.shape)
 
 
 # --------------------------------------------------------------------------- #

@@ -175,3 +175,23 @@ def test_a_bad_layer_gives_a_message_not_a_traceback(widget, data, kwargs, messa
 def test_model_card_and_device_are_shown(widget):
     assert "in use: cpu" in widget.device_in_use.value
     assert "Model" in widget.model_card() and "recommended threshold" in widget.model_card()
+
+
+def test_a_pickled_model_file_is_refused_in_the_widget(widget, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    widget.model_file.value = bad
+    assert widget.last_error is not None and "Refused" in widget.last_error
+    assert len(widget.session.versions) == 1
+
+
+def test_demo_renders_the_sample_with_the_default_model(tmp_path):
+    from napari_anomaly._demo import run_demo
+
+    screenshot = tmp_path / "demo.png"
+    assert run_demo(screenshot=str(screenshot), device="cpu") == 0
+    import imageio.v3 as iio
+
+    picture = iio.imread(screenshot)
+    assert picture.shape[0] >= 600 and picture.shape[1] >= 1000
+    assert picture[..., :3].std() > 10, "the window must show something, not a blank frame"

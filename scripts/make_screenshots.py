@@ -1,0 +1,77 @@
+"""Make the screenshots of the user guide from the current code (run under Xvfb).
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/make_screenshots.py --out docs/images
+
+Drives the *Anomaly review* widget like a reviewer on the bundled sample scan: localise,
+select the top region, correct the mask (erase a false positive, paint a missed anomaly from
+the ground truth), fine-tune, and writes one PNG per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import napari
+import numpy as np
+
+from napari_anomaly._qt.widget import AnomalyReviewWidget
+
+
+def _shoot(viewer: napari.Viewer, widget: AnomalyReviewWidget, path: Path) -> None:
+    widget.wait(1)
+    viewer.screenshot(str(path), canvas_only=False)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/images"))
+    parser.add_argument("--finetune-steps", type=int, default=40)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    viewer = napari.Viewer(title="napari-anomaly")
+    viewer.window._qt_window.resize(1500, 950)
+    viewer.open_sample("napari-anomaly", "sample_scan")
+    widget = AnomalyReviewWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Anomaly review", area="right")
+    widget.device.value = args.device
+    widget.image_layer.value = "sample_scan"
+
+    # 1. Localise and jump to the top-scoring region.
+    widget.localise(wait=True)
+    if widget.last_error:
+        raise SystemExit(widget.last_error)
+    widget.select_region(0)
+    _shoot(viewer, widget, args.out / "1_localised.png")
+
+    # 2. Review: confidence map and ground truth shown next to the mask.
+    truth = viewer.layers["sample_scan ground truth"]
+    truth.visible = True
+    _shoot(viewer, widget, args.out / "2_ground_truth.png")
+
+    # 3. Correct: erase marked voxels outside the ground truth, paint the missed truth.
+    mask = viewer.layers["sample_scan mask"]
+    edited = np.asarray(mask.data).copy()
+    truth_mask = np.asarray(truth.data) > 0
+    false_positive = (edited > 0) & ~truth_mask
+    edited[false_positive] = 0
+    edited[truth_mask] = 1
+    mask.data = edited
+    truth.visible = False
+    widget.set_threshold(widget.threshold.value)
+    _shoot(viewer, widget, args.out / "3_corrected.png")
+
+    # 4. Fine-tune on the correction (before/after metrics), re-localised with the new version.
+    widget.finetune(steps=args.finetune_steps, wait=True)
+    widget.wait()
+    widget.select_region(0)
+    _shoot(viewer, widget, args.out / "4_finetuned.png")
+    print(widget.metrics.value)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
