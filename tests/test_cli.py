@@ -9,7 +9,9 @@ from conftest import phantom
 from napari_anomaly.cli import main
 from napari_anomaly.io import Geometry, read_image, write_image
 
-GEOMETRY = Geometry(spacing=(2.0, 0.8, 0.7), origin=(-10.0, 5.0, 3.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+GEOMETRY = Geometry(
+    spacing=(2.0, 0.8, 0.7), origin=(-10.0, 5.0, 3.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
+)
 
 
 @pytest.fixture
@@ -41,7 +43,10 @@ def test_train_writes_a_model_and_refuses_to_overwrite(model, normals, capsys):
 
 def test_localise_writes_three_maps_in_the_input_format_and_geometry(model, normals, tmp_path):
     out = tmp_path / "out"
-    assert main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"]) == 0
+    assert (
+        main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"])
+        == 0
+    )
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "normal0_anomaly.nii.gz",
@@ -57,7 +62,10 @@ def test_localise_writes_three_maps_in_the_input_format_and_geometry(model, norm
     sidecar = json.loads((out / "normal0_mask.json").read_text())
     assert len(sidecar["model_sha256"]) == 64 and 0 <= sidecar["threshold"] <= 1
     # Running again must not overwrite silently.
-    assert main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"]) != 0
+    assert (
+        main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"])
+        != 0
+    )
 
 
 def test_finetune_and_evaluate(model, normals, tmp_path):
@@ -73,8 +81,19 @@ def test_finetune_and_evaluate(model, normals, tmp_path):
     parent, tuned = Localiser.load(model), Localiser.load(child)
     assert tuned.metadata["parent_sha256"] == parent.sha256
     report_path = tmp_path / "report.json"
-    eval_args = ["evaluate", "--images", normals[0], "--masks", str(mask_path), "--normals", normals[1]]
-    assert main([*eval_args, "--model", str(child), "--json", str(report_path), "--device", "cpu"]) == 0
+    eval_args = [
+        "evaluate",
+        "--images",
+        normals[0],
+        "--masks",
+        str(mask_path),
+        "--normals",
+        normals[1],
+    ]
+    assert (
+        main([*eval_args, "--model", str(child), "--json", str(report_path), "--device", "cpu"])
+        == 0
+    )
     report = json.loads(report_path.read_text())
     for key in ("pixel_ap", "pixel_auroc", "dice", "region_recall", "sample_auroc"):
         assert key in report

@@ -187,9 +187,7 @@ def _threshold(args: argparse.Namespace, localiser) -> float:
 
 def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
     if len(images) != len(masks):
-        raise CommandError(
-            f"{len(images)} images but {len(masks)} masks; give one mask per image"
-        )
+        raise CommandError(f"{len(images)} images but {len(masks)} masks; give one mask per image")
     pairs = []
     for image_path, mask_path in zip(images, masks):
         image = _read(image_path)

@@ -120,7 +120,7 @@ class FinetuneConfig:
 
     steps: int = 100
     batch_size: int = 8
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-6
     weight_decay: float = 1e-4
     replay_fraction: float = 0.5
     focus_probability: float = 0.6
@@ -508,12 +508,16 @@ def finetune(
         )
         metrics = {"loss_corrections": parts["loss"]}
         if replay:
-            normal, foreground, _, _ = sampler.sample(replay, rng)
+            normal, foreground, marked, _ = sampler.sample(replay, rng)
+            marked = marked.to(device)
+            # The corrected images hold real anomalies: no synthetic anomaly is
+            # placed on them, and they stay positives in the replayed labels
+            # (otherwise replay would teach that the marked lesions are normal).
             anomalous, label, label_std = synthesise(
-                normal.to(device), synthesis, rng, foreground.to(device)
+                normal.to(device), synthesis, rng, foreground.to(device) & (marked < 0.5)
             )
             replay_loss, replay_parts = anomaly_loss(
-                model(anomalous), label, label_std, config.confidence_weight
+                model(anomalous), torch.maximum(label, marked), label_std, config.confidence_weight
             )
             loss = loss + replay_loss
             metrics["loss_replay"] = replay_parts["loss"]

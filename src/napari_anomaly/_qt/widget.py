@@ -150,9 +150,7 @@ class AnomalyReviewWidget(Container):
         self.native.setMinimumWidth(420)
         header = self.regions.native.horizontalHeader()
         header.setSectionResizeMode(header.ResizeMode.Stretch)
-        self.regions.native.setSelectionBehavior(
-            self.regions.native.SelectionBehavior.SelectRows
-        )
+        self.regions.native.setSelectionBehavior(self.regions.native.SelectionBehavior.SelectRows)
 
         self.localise_button.changed.connect(lambda: self.localise())
         self.cancel_button.changed.connect(self.cancel)
