@@ -129,7 +129,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     print(
-        "\n| fine-tuned on | AP other cases of the family: before -> after | AP change on the other families |"
+        "\n| fine-tuned on | AP other cases of the family: before -> after "
+        "| AP change on the other families |"
     )
     print("|---|---|---|")
     for row in results:
