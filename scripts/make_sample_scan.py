@@ -4,8 +4,9 @@
         --out-dir src/napari_anomaly/data
 
 Takes the Colin27 T1 brain (Debian mricron-data; never used in training),
-normalises it, inserts three smooth intensity blobs (a family the P-PII
-training task does not contain; see ``napari_anomaly.anomaly_families``) and
+normalises it, inserts three balls of strong local noise (radius 6-10 mm; an
+artefact-like family the P-PII training task does not contain, see
+``napari_anomaly.anomaly_families``) and
 writes ``sample_scan.nii.gz`` (uint8, the original geometry) and its
 ground-truth ``sample_scan_mask.nii.gz``.
 """
@@ -43,10 +44,10 @@ def main() -> None:
     image, mask = add_anomalies(
         normalised,
         brain,
-        "blobs",
+        "noise",
         np.random.default_rng(args.seed),
         count=3,
-        radius_range=(5.0, 9.0),
+        radius_range=(6.0, 10.0),
     )
     out = (image * 255).round().astype(np.uint8)
     write_image(args.out_dir / "sample_scan.nii.gz", out, scan.geometry, overwrite=args.overwrite)

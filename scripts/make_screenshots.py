@@ -47,10 +47,13 @@ def main() -> None:
     widget.select_region(0)
     _shoot(viewer, widget, args.out / "1_localised.png")
 
-    # 2. Review: confidence map and ground truth shown next to the mask.
+    # 2. Review: the confidence map (mask and heatmap hidden).
     truth = viewer.layers["sample_scan ground truth"]
-    truth.visible = True
-    _shoot(viewer, widget, args.out / "2_ground_truth.png")
+    for name, visible in (("mask", False), ("anomaly", False), ("confidence", True)):
+        viewer.layers[f"sample_scan {name}"].visible = visible
+    _shoot(viewer, widget, args.out / "2_confidence.png")
+    for name, visible in (("mask", True), ("anomaly", True), ("confidence", False)):
+        viewer.layers[f"sample_scan {name}"].visible = visible
 
     # 3. Correct: erase marked voxels outside the ground truth, paint the missed truth.
     mask = viewer.layers["sample_scan mask"]
@@ -60,7 +63,6 @@ def main() -> None:
     edited[false_positive] = 0
     edited[truth_mask] = 1
     mask.data = edited
-    truth.visible = False
     widget.set_threshold(widget.threshold.value)
     _shoot(viewer, widget, args.out / "3_corrected.png")
 

@@ -328,7 +328,11 @@ def test_finetune_targets_weight_the_edits(shape):
 # --------------------------------------------------------------------------- #
 def test_review_config_defaults_round_trip_and_validation():
     config = ReviewConfig()
-    assert 0.0 <= config.threshold <= 1.0 and config.min_region_size >= 0
+    assert config.threshold is None, "by default the model's calibrated threshold is used"
+    assert config.min_region_size >= 0
+    assert (
+        config_from_dict(ReviewConfig, config_to_dict(ReviewConfig(threshold=0.3))).threshold == 0.3
+    )
     assert config.edit_weight == DEFAULT_EDIT_WEIGHT
     assert config_from_dict(ReviewConfig, config_to_dict(config)) == config
     with pytest.raises(ValueError, match="threshold"):

@@ -342,7 +342,7 @@ class Region:
     Attributes
     ----------
     label : int
-        1-based rank in the sorted list (1 = highest peak score).
+        1-based rank in the sorted list (1 = highest mean score).
     voxel_count : int
         Number of voxels (pixels in 2D).
     size_physical : float
@@ -440,7 +440,7 @@ def find_regions(
     Returns
     -------
     regions : list of Region
-        Components with full connectivity, sorted by peak score descending,
+        Components with full connectivity, sorted by mean score descending (then peak),
         then by size descending (then by position, C order, for a stable
         order); labels are 1..n in that order.
     labels : numpy.ndarray of int32, same shape as ``mask``
@@ -495,9 +495,12 @@ def find_regions(
         mean_confidence = conf_sums / sizes
     boxes = ndi.find_objects(raw_labels)
 
-    # Sort: highest peak first, larger first on ties, then raster order of the
-    # raw label (which ndimage assigns in C order) so the order is deterministic.
-    order = np.lexsort((np.arange(count), -sizes, -peaks))
+    # Sort: highest mean score first (peaks saturate near the model's ceiling
+    # and tie often; the mean separates a compact lesion from a large, faint
+    # false positive), then peak, then size, then raster order of the raw label
+    # (which ndimage assigns in C order) so the order is deterministic.
+    means = sums / sizes
+    order = np.lexsort((np.arange(count), -sizes, -peaks, -means))
     voxel_volume = float(np.prod(spacing_vec))
     regions = []
     for rank, index in enumerate(order, start=1):

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AnomalyReviewWidget"]
 
-REGION_COLUMNS = ["#", "size", "peak", "mean", "confidence"]
+REGION_COLUMNS = ["#", "size", "mean", "peak", "conf."]
 
 
 def _run_job(job: Job) -> Any:
@@ -74,7 +74,7 @@ class AnomalyReviewWidget(Container):
     """
 
     def __init__(self, napari_viewer: napari.Viewer, localiser: Localiser | None = None) -> None:
-        super().__init__(scrollable=True)
+        super().__init__(scrollable=False)
         self.viewer = napari_viewer
         self._session: ReviewSession | None = None
         self._initial_localiser = localiser
@@ -147,9 +147,14 @@ class AnomalyReviewWidget(Container):
                 self.export_button,
             ]
         )
-        self.native.setMinimumWidth(420)
+        self.native.setMinimumWidth(380)
+        self.regions.native.setMinimumHeight(180)
         header = self.regions.native.horizontalHeader()
-        header.setSectionResizeMode(header.ResizeMode.Stretch)
+        header.setSectionResizeMode(header.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        self.regions.native.verticalHeader().setVisible(False)
+        for label in (self.status, self.metrics):
+            label.native.setWordWrap(True)
         self.regions.native.setSelectionBehavior(self.regions.native.SelectionBehavior.SelectRows)
 
         self.localise_button.changed.connect(lambda: self.localise())
@@ -457,10 +462,10 @@ class AnomalyReviewWidget(Container):
         unit = "mm³" if case.image.ndim == 3 else "mm²"
         rows = {
             "#": [r.label for r in self._regions],
-            "size": [f"{r.size_physical:.1f} {unit}" for r in self._regions],
-            "peak": [f"{r.peak_score:.2f}" for r in self._regions],
+            "size": [f"{r.size_physical:.0f} {unit}" for r in self._regions],
             "mean": [f"{r.mean_score:.2f}" for r in self._regions],
-            "confidence": [
+            "peak": [f"{r.peak_score:.2f}" for r in self._regions],
+            "conf.": [
                 "-" if r.mean_confidence is None else f"{r.mean_confidence:.2f}"
                 for r in self._regions
             ],
