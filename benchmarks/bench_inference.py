@@ -43,7 +43,6 @@ import argparse
 import cProfile
 import json
 import os
-import platform
 import pstats
 import resource
 import statistics
@@ -55,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import environment
 
 from napari_anomaly.inference import InferenceConfig, localise, tile_starts
 from napari_anomaly.localiser import Localiser, default_model_path
@@ -110,32 +110,6 @@ def textured_phantom_float32(shape: tuple[int, int, int], seed: int = 0) -> np.n
         body = (z[k] / 0.9) ** 2 + (y / 0.85) ** 2 + (x / 0.9) ** 2 < 1
         plane[~body] = -1000.0
     return volume
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict:
-    info = {
-        "device": device,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def tiny_3d_localiser(seed: int = 0) -> Localiser:

@@ -88,6 +88,7 @@ import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import scipy.fft  # noqa: E402
 import torch  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from napari_anomaly.synthesis import (  # noqa: E402
@@ -128,14 +129,6 @@ BASELINE_CONFIG = SynthesisConfig(mask_shape="disc")
 # --------------------------------------------------------------------------- #
 # Environment and inputs
 # --------------------------------------------------------------------------- #
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> list[float]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import environment
 from scipy import ndimage
 
 from napari_anomaly.augment import AugmentConfig, augment_batch
@@ -83,30 +83,6 @@ def textured_phantom(shape: tuple[int, int, int], seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # Environment
 # --------------------------------------------------------------------------- #
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict:
-    info = {
-        "device": device,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def summary(values: list[float]) -> dict:

@@ -44,6 +44,8 @@ MIN_AXIS_LENGTH = 8
 #: walks a volume slice by slice, so few thick slices are fine; 3 and 4 stay
 #: refused because such arrays are far more often channel-first RGB(A).
 MIN_SLICES = 5
+#: Above this many voxels the foreground is estimated at half resolution.
+FOREGROUND_FULL_RESOLUTION_VOXELS = 2_000_000
 
 _SUPPORTED_DIMS_MESSAGE = (
     "only 2D images (Y, X) and 3D volumes (Z, Y, X) are supported; "
@@ -297,8 +299,30 @@ def estimate_foreground(
     ------
     ValueError
         If ``image`` is invalid (see :func:`validate_image`).
+
+    Notes
+    -----
+    Images of more than :data:`FOREGROUND_FULL_RESOLUTION_VOXELS` voxels are
+    masked at half resolution (every second voxel along each axis) and the
+    mask is repeated back to full size: a body outline needs no finer grid,
+    and this keeps the foreground from dominating inference time and memory
+    on large volumes.
     """
     img = validate_image(image)
+    if img.size > FOREGROUND_FULL_RESOLUTION_VOXELS:
+        coarse = estimate_foreground(
+            img[(slice(None, None, 2),) * img.ndim],
+            sigma=sigma,
+            closing_radius=closing_radius,
+            min_component_fraction=min_component_fraction,
+            min_background_fraction=min_background_fraction,
+            min_fraction=min_fraction,
+            max_fraction=max_fraction,
+            min_contrast=min_contrast,
+        )
+        for axis in range(coarse.ndim):
+            coarse = np.repeat(coarse, 2, axis=axis)
+        return np.ascontiguousarray(coarse[tuple(slice(0, n) for n in img.shape)])
     smooth = ndi.gaussian_filter(img, sigma=sigma, mode="nearest") if sigma > 0 else img
     sample = _subsample(smooth)
     p_lo, p_hi = np.percentile(sample, [0.5, 99.5])
