@@ -209,14 +209,17 @@ def localise(
 
     np.divide(anomaly_sum, weight_sum, out=anomaly_sum)
     np.divide(confidence_sum, weight_sum, out=confidence_sum)
-    del weight_sum
-    if dims == 2 and prepared.ndim == 3:
+    del weight_sum, planes, prepared
+    if dims == 2 and image.ndim == 3:
         anomaly_sum = np.moveaxis(anomaly_sum, 0, config.slice_axis)
         confidence_sum = np.moveaxis(confidence_sum, 0, config.slice_axis)
     else:
         anomaly_sum, confidence_sum = anomaly_sum[0], confidence_sum[0]
-    return LocalisationResult(
-        np.clip(np.ascontiguousarray(anomaly_sum), 0.0, 1.0),
-        np.clip(np.ascontiguousarray(confidence_sum), 0.0, 1.0),
-        foreground,
-    )
+    # In place where possible: a copy is made only when the slice axis was not 0.
+    anomaly_map = np.ascontiguousarray(anomaly_sum)
+    del anomaly_sum
+    np.clip(anomaly_map, 0.0, 1.0, out=anomaly_map)
+    confidence_map = np.ascontiguousarray(confidence_sum)
+    del confidence_sum
+    np.clip(confidence_map, 0.0, 1.0, out=confidence_map)
+    return LocalisationResult(anomaly_map, confidence_map, foreground)

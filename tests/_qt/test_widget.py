@@ -174,6 +174,11 @@ def test_a_bad_layer_gives_a_message_not_a_traceback(widget, data, kwargs, messa
 
 def test_model_card_and_device_are_shown(widget):
     assert "in use: cpu" in widget.device_in_use.value
+    # napari re-evaluates a dock widget's choices when layers change: the list of
+    # model versions must survive that.
+    widget.viewer.add_image(_scan((32, 32)), name="another")
+    widget.model_choice.reset_choices()
+    assert widget.model_choice.choices == ("v0: unsaved model",)
     assert "Model" in widget.model_card() and "recommended threshold" in widget.model_card()
 
 

@@ -88,7 +88,8 @@ class AnomalyReviewWidget(Container):
 
         review = ReviewConfig()
         # --- model and device
-        self.model_choice = ComboBox(label="Model", choices=["default (bundled)"])
+        # Choices are computed (napari re-evaluates them when layers change).
+        self.model_choice = ComboBox(label="Model", choices=self._model_names)
         self.model_file = FileEdit(label="Load model", mode="r", filter="*.safetensors")
         self.card_button = PushButton(text="Model card")
         self.device = ComboBox(label="Device", choices=list(DEVICE_CHOICES), value="auto")
@@ -175,6 +176,10 @@ class AnomalyReviewWidget(Container):
         self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
         self._bind_keys()
         self._on_device_changed()
+        try:
+            _ = self.session  # load the model now, so its name and threshold show at once
+        except (OSError, ValueError) as error:
+            self._say(f"Cannot load the model: {error}", error=True)
 
     # ------------------------------------------------------------------ helpers
     def _image_layer_names(self, *_: Any) -> list[str]:
@@ -213,12 +218,16 @@ class AnomalyReviewWidget(Container):
                 self.threshold.value = self._session.default_threshold
         return self._session
 
+    def _model_names(self, *_: Any) -> list[str]:
+        if self._session is None:
+            return ["default (bundled)"]
+        return [f"v{i}: {loc.name}" for i, loc in enumerate(self._session.versions)]
+
     def _refresh_models(self) -> None:
         session = self.session
-        names = [f"v{i}: {loc.name}" for i, loc in enumerate(session.versions)]
         with self.model_choice.changed.blocked():
-            self.model_choice.choices = names
-            self.model_choice.value = names[session.current]
+            self.model_choice.reset_choices()
+            self.model_choice.value = self._model_names()[session.current]
 
     @property
     def busy(self) -> bool:
