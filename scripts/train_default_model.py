@@ -31,6 +31,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="extracted Debian packages")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="3: a 3D model trained on the MNI152 volume only (64^3 patches, batch 2)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
@@ -38,9 +45,22 @@ def main() -> None:
 
     train_paths = training_files(args.data)
     validation_paths = held_out_files(args.data)[1:]  # the PD slice; Colin27 stays for evaluation
+    if args.dims == 3:
+        # Only volumes can train a 3D model, and the held-out volume is kept for evaluation.
+        train_paths, validation_paths = train_paths[:1], []
     images = [read_image(p).array for p in train_paths]
     validation = [read_image(p).array for p in validation_paths]
-    config = TrainConfig(steps=args.steps, seed=args.seed, device=args.device)
+    if args.dims == 3:
+        config = TrainConfig(
+            spatial_dims=3,
+            patch_size=64,
+            batch_size=2,
+            steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+        )
+    else:
+        config = TrainConfig(steps=args.steps, seed=args.seed, device=args.device)
     description = ", ".join(p.name for p in train_paths)
     log = []
     started = time.perf_counter()
