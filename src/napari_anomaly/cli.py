@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_anomaly.progress import Job, Progress
+from napari_anomaly.progress import Job, Progress, run_to_end
 
 __all__ = ["main"]
 
@@ -70,13 +70,7 @@ class _ProgressPrinter:
 
 
 def _run(job: Job, label: str):
-    printer = _ProgressPrinter(label)
-    while True:
-        try:
-            report = next(job)
-        except StopIteration as stop:
-            return stop.value
-        printer(report)
+    return run_to_end(job, _ProgressPrinter(label))
 
 
 def _load_model(path: str | None, device: str):

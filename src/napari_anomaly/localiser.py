@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from napari_anomaly import __version__
-from napari_anomaly.io.model_file import ModelFileError, load_model_file, save_model_file
+from napari_anomaly.config import config_from_dict, config_to_dict
+from napari_anomaly.io.model_file import (
+    ModelFileError,
+    file_sha256,
+    load_model_file,
+    save_model_file,
+)
 from napari_anomaly.model import AnomalyNet, NetworkConfig
 from napari_anomaly.preprocess import PreprocessConfig
 
@@ -90,7 +96,7 @@ class Localiser:
         metadata["software"] = f"napari-anomaly {__version__}"
         metadata["spatial_dims"] = self.spatial_dims
         metadata["network"] = self.network.config.to_dict()
-        metadata["preprocess"] = _preprocess_to_dict(self.preprocess)
+        metadata["preprocess"] = config_to_dict(self.preprocess)
         tensors = {k: v.detach() for k, v in self.network.state_dict().items()}
         self.sha256 = save_model_file(path, tensors, metadata, overwrite=overwrite)
         self.metadata = metadata
@@ -100,13 +106,11 @@ class Localiser:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Localiser:
         """Load a model file; refuses anything that is not one (``ModelFileError``)."""
-        from napari_anomaly.io.model_file import file_sha256
-
         path = Path(path)
         tensors, metadata = load_model_file(path)
         try:
             network_config = NetworkConfig.from_dict(metadata["network"])
-            preprocess = _preprocess_from_dict(metadata.get("preprocess", {}))
+            preprocess = config_from_dict(PreprocessConfig, metadata.get("preprocess", {}))
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(
                 f"{path}: model metadata is incomplete or invalid ({error})"
@@ -153,15 +157,3 @@ class Localiser:
                 f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
             )
         return "\n".join(lines)
-
-
-def _preprocess_to_dict(config: PreprocessConfig) -> dict:
-    from napari_anomaly.config import config_to_dict
-
-    return config_to_dict(config)
-
-
-def _preprocess_from_dict(data: dict) -> PreprocessConfig:
-    from napari_anomaly.config import config_from_dict
-
-    return config_from_dict(PreprocessConfig, data)

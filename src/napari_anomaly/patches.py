@@ -62,6 +62,9 @@ class PatchSampler:
         Slices with less foreground than this are not used (2D from 3D).
     extras
         Optional further arrays per image (e.g. masks) cropped the same way.
+    focus
+        Optional bool arrays per image (e.g. reviewer-marked anomalies) that
+        :meth:`sample` can centre patches on.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class PatchSampler:
         scale_range: tuple[float, float] = (0.8, 1.25),
         min_foreground_fraction: float = 0.15,
         extras: Sequence[Sequence[np.ndarray]] = (),
+        focus: Sequence[np.ndarray] | None = None,
     ) -> None:
         if not images:
             raise ValueError("need at least one image")
@@ -82,12 +86,17 @@ class PatchSampler:
         self.spatial_dims = spatial_dims
         self.patch_size = patch_size
         self.scale_range = scale_range
+        # Voxel lists are found once here, not per patch: whole-volume scans
+        # would otherwise dominate every training step.
+        self._focus_points = [np.argwhere(f) for f in focus] if focus is not None else None
+        self._foreground_points: dict[int, np.ndarray] = {}  # flat indices
         self.planes: list[_Plane] = []
         for index, (image, foreground) in enumerate(zip(self.images, self.foregrounds)):
             if image.ndim == 2 and spatial_dims == 3:
                 raise ValueError("a 3D model cannot be trained on 2D images")
             if image.ndim == spatial_dims:
                 self.planes.append(_Plane(index, None, np.zeros(1, dtype=int)))
+                self._foreground_points[index] = np.flatnonzero(foreground)
                 continue
             for axis in range(3):
                 other = tuple(a for a in range(3) if a != axis)
@@ -108,7 +117,6 @@ class PatchSampler:
         self,
         batch_size: int,
         rng: np.random.Generator,
-        focus: Sequence[np.ndarray] | None = None,
         focus_probability: float = 0.0,
     ) -> list[torch.Tensor]:
         """Draw a batch.
@@ -119,10 +127,10 @@ class PatchSampler:
             Number of patches.
         rng
             Source of randomness.
-        focus, focus_probability
-            Optional bool arrays per image; with this probability a patch is
-            centred on a random voxel of the focus array (e.g. reviewer-marked
-            anomalies) instead of the foreground.
+        focus_probability
+            Probability that a patch is centred on a random voxel of the
+            ``focus`` arrays given to the constructor (when the image has any)
+            instead of on the foreground.
 
         Returns
         -------
@@ -134,29 +142,30 @@ class PatchSampler:
         rows: list[list[np.ndarray]] = []
         for _ in range(batch_size):
             plane = self.planes[rng.integers(len(self.planes))]
-            use_focus = focus is not None and rng.random() < focus_probability
-            if use_focus and plane.axis is not None:
-                # Pick the slice through a focus voxel, so the patch can hold it.
-                points = np.argwhere(focus[plane.image])
-                if len(points):
-                    slice_index = int(points[rng.integers(len(points))][plane.axis])
+            focus_points = None
+            if self._focus_points is not None and rng.random() < focus_probability:
+                focus_points = self._focus_points[plane.image]
+            if focus_points is not None and len(focus_points):
+                # A focus voxel fixes the slice and the patch centre at once.
+                point = focus_points[rng.integers(len(focus_points))]
+                if plane.axis is None:
+                    slice_index, centre = 0, tuple(point)
                 else:
-                    slice_index = int(rng.choice(plane.slices))
+                    slice_index = int(point[plane.axis])
+                    centre = tuple(np.delete(point, plane.axis))
+                arrays = self._plane_arrays(plane, slice_index)
             else:
                 slice_index = int(rng.choice(plane.slices))
-            arrays = self._plane_arrays(plane, slice_index)
-            centre_pool = arrays[1]
-            if use_focus:
-                focus_plane = focus[plane.image]
-                if plane.axis is not None:
-                    focus_plane = np.take(focus_plane, slice_index, axis=plane.axis)
-                if focus_plane.any():
-                    centre_pool = focus_plane
-            points = np.flatnonzero(centre_pool)
-            if points.size:
-                centre = np.unravel_index(points[rng.integers(points.size)], centre_pool.shape)
-            else:
-                centre = tuple(n // 2 for n in centre_pool.shape)
+                arrays = self._plane_arrays(plane, slice_index)
+                if plane.axis is None:
+                    points = self._foreground_points[plane.image]
+                else:
+                    points = np.flatnonzero(arrays[1])
+                if len(points):
+                    flat = points[rng.integers(len(points))]
+                    centre = np.unravel_index(flat, arrays[1].shape)
+                else:
+                    centre = tuple(n // 2 for n in arrays[1].shape)
             scale = float(
                 np.exp(rng.uniform(np.log(self.scale_range[0]), np.log(self.scale_range[1])))
             )

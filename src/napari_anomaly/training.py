@@ -488,6 +488,7 @@ def finetune(
             [m.astype(np.float32) for m in masks],
             [np.asarray(w, np.float32) for w in weights],
         ],
+        focus=masks,
     )
 
     model = copy.deepcopy(localiser.network).to(device)
@@ -500,7 +501,7 @@ def finetune(
     started = time.perf_counter()
     for step in range(config.steps):
         images_c, _, target, weight = sampler.sample(
-            corrections, rng, focus=masks, focus_probability=config.focus_probability
+            corrections, rng, focus_probability=config.focus_probability
         )
         logits = model(images_c.to(device))
         loss, parts = anomaly_loss(

@@ -56,6 +56,7 @@ def test_the_whole_review_loop(widget, tmp_path, name, shape, spacing):
         np.testing.assert_allclose(layer.scale, spacing)
         np.testing.assert_allclose(layer.translate, (3.0,) * len(shape))
     assert not confidence.visible
+    assert "geometry" in mask.metadata, "napari's own writer needs the geometry of the mask"
     assert anomaly.data.min() >= 0.0 and anomaly.data.max() <= 1.0
 
     # Edit like a reviewer: a brush stroke on an unmarked spot, an eraser stroke

@@ -360,12 +360,14 @@ class AnomalyReviewWidget(Container):
             self.wait()
 
     def _on_localised(self, case) -> None:
-        kwargs = layer_kwargs_from_geometry(case.geometry, f"{case.name} anomaly")
-        image_layer = self.viewer.layers[case.name] if case.name in self.viewer.layers else None  # noqa: SIM401
-        if image_layer is not None:
+        # The geometry (direction included) goes into each layer's metadata, so
+        # napari's own "Save layer" with our writer restores it too.
+        common = layer_kwargs_from_geometry(case.geometry, case.name)
+        del common["name"]
+        if case.name in self.viewer.layers:
             # Follow the scan layer exactly, whatever its geometry metadata says.
-            kwargs.update(scale=image_layer.scale, translate=image_layer.translate)
-        common = {"scale": kwargs["scale"], "translate": kwargs["translate"]}
+            scan = self.viewer.layers[case.name]
+            common.update(scale=scan.scale, translate=scan.translate)
         self._set_layer(
             Image,
             f"{case.name} anomaly",
@@ -404,6 +406,7 @@ class AnomalyReviewWidget(Container):
             layer.data = data
             layer.scale = kwargs["scale"]
             layer.translate = kwargs["translate"]
+            layer.metadata.update(kwargs["metadata"])
         else:
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
