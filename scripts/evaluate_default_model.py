@@ -384,6 +384,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--skip-3d", action="store_true")
+    parser.add_argument(
+        "--flips", action="store_true", help="average over mirrored tiles (InferenceConfig.flips)"
+    )
     args = parser.parse_args()
     assert set(FAMILY_ORDER) == set(FAMILIES), "anomaly families changed; update FAMILY_ORDER"
 
@@ -391,7 +394,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model_path = args.model or default_model_path()
     localiser = Localiser.load(model_path)
-    config = InferenceConfig(device=args.device)
+    config = InferenceConfig(device=args.device, flips=args.flips)
     recommended = float(getattr(localiser, "recommended_threshold", THRESHOLD))
     cases, volume = load_cases(args.data, args.quick)
     print(f"{len(cases)} held-out cases: {[c['name'] for c in cases]}", file=sys.stderr)
@@ -452,6 +455,7 @@ def main() -> None:
         },
         "seed": args.seed,
         "device": args.device,
+        "flips": args.flips,
         "protocol": {
             "families": list(FAMILY_ORDER),
             "threshold": THRESHOLD,

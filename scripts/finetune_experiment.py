@@ -72,12 +72,15 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=FinetuneConfig.learning_rate)
     parser.add_argument("--replay-fraction", type=float, default=FinetuneConfig.replay_fraction)
     parser.add_argument(
+        "--flips", action="store_true", help="average over mirrored tiles (InferenceConfig.flips)"
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path("benchmarks/results/finetune_experiment.json")
     )
     args = parser.parse_args()
 
     localiser = Localiser.load(args.model or default_model_path())
-    config = InferenceConfig(device="cpu")
+    config = InferenceConfig(device="cpu", flips=args.flips)
     cases, _ = load_cases(args.data, quick=False)
     anomalous = family_cases(cases, args.seed)
     everyone = list(range(len(cases)))
@@ -146,6 +149,7 @@ def main() -> None:
         "seed": args.seed,
         "learning_rate": args.learning_rate,
         "replay_fraction": args.replay_fraction,
+        "flips": args.flips,
         "cases": [c["name"] for c in cases],
         "results": results,
     }

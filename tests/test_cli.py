@@ -68,6 +68,17 @@ def test_localise_writes_three_maps_in_the_input_format_and_geometry(model, norm
     )
 
 
+def test_localise_with_flips_records_them_and_changes_the_map(model, normals, tmp_path):
+    common = [normals[0], "--model", str(model), "--device", "cpu"]
+    assert main(["localise", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["localise", *common, "--out", str(tmp_path / "flips"), "--flips"]) == 0
+    plain = read_image(tmp_path / "plain" / "normal0_anomaly.nii.gz").array
+    flipped = read_image(tmp_path / "flips" / "normal0_anomaly.nii.gz").array
+    assert plain.shape == flipped.shape and not np.allclose(plain, flipped)
+    assert json.loads((tmp_path / "flips" / "normal0_mask.json").read_text())["flips"] is True
+    assert json.loads((tmp_path / "plain" / "normal0_mask.json").read_text())["flips"] is False
+
+
 def test_finetune_and_evaluate(model, normals, tmp_path):
     mask = np.zeros((12, 40, 40), dtype=np.uint8)
     mask[5:8, 15:22, 15:22] = 1

@@ -50,6 +50,29 @@ def test_tiling_leaves_no_seams():
     assert np.corrcoef(whole.ravel(), tiled.anomaly_map.ravel())[0, 1] > 0.9
 
 
+@pytest.mark.parametrize(
+    ("network", "shape"), [(TINY_NETWORK_2D, (64, 64)), (TINY_NETWORK_3D, (32, 32, 32))]
+)
+def test_flip_averaging_gives_mirror_consistent_maps(network, shape):
+    # One tile covers the image, so mirroring the input must mirror the
+    # flip-averaged maps exactly (up to float error); without flips it does not.
+    model = _model(network, patch=shape[0])
+    image = phantom(shape)
+    flipped = np.flip(image, -1).copy()
+    flips = InferenceConfig(device="cpu", flips=True)
+    plain = run_to_end(localise(image, model, CPU)).anomaly_map
+    averaged = run_to_end(localise(image, model, flips))
+    averaged_of_mirror = run_to_end(localise(flipped, model, flips))
+    for name in ("anomaly_map", "confidence_map"):
+        np.testing.assert_allclose(
+            np.flip(getattr(averaged_of_mirror, name), -1), getattr(averaged, name), atol=1e-5
+        )
+    assert averaged.anomaly_map.min() >= 0 and averaged.anomaly_map.max() <= 1
+    plain_of_mirror = run_to_end(localise(flipped, model, CPU)).anomaly_map
+    assert np.abs(np.flip(plain_of_mirror, -1) - plain).max() > 1e-4
+    assert not np.allclose(plain, averaged.anomaly_map)
+
+
 def test_a_2d_model_walks_along_the_chosen_axis():
     volume = phantom((12, 40, 40))
     model = _model(TINY_NETWORK_2D)

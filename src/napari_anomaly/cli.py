@@ -123,7 +123,7 @@ def _localise_one(localiser, path: str, args: argparse.Namespace):
     from napari_anomaly.inference import InferenceConfig, localise
 
     loaded = _read(path)
-    config = InferenceConfig(device=args.device, slice_axis=args.slice_axis)
+    config = InferenceConfig(device=args.device, slice_axis=args.slice_axis, flips=args.flips)
     result = _run(localise(loaded.array, localiser, config), f"localise {Path(path).name}")
     return loaded, result
 
@@ -162,6 +162,7 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             "model_sha256": localiser.sha256,
             "threshold": threshold,
             "min_region_size": args.min_region_size,
+            "flips": args.flips,
             "marked_voxels": int(mask.sum()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "geometry": loaded.geometry.to_dict(),
@@ -198,7 +199,7 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
 def _predict_all(localiser, images, args) -> list[np.ndarray]:
     from napari_anomaly.inference import InferenceConfig, localise
 
-    config = InferenceConfig(device=args.device)
+    config = InferenceConfig(device=args.device, flips=args.flips)
     return [
         _run(localise(image.array, localiser, config), f"localise {image.path.name}").anomaly_map
         for image in images
@@ -288,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
         if model:
             p.add_argument("--model", help="model file (.safetensors); default: the bundled model")
 
+    def flips(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--flips",
+            action="store_true",
+            help="average over mirrored tiles (steadier maps; 4x slower in 2D, 8x in 3D)",
+        )
+
     p = sub.add_parser("train", help="train a localiser on normal images")
     p.add_argument("normal", nargs="+", help="normal images/volumes")
     p.add_argument("--out", required=True, help="model file to write (.safetensors)")
@@ -307,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     p.add_argument("--min-region-size", type=int, default=ReviewConfig.min_region_size)
     p.add_argument("--slice-axis", type=int, default=0, help="axis a 2D model walks along")
+    flips(p)
     common(p)
     p.set_defaults(func=_cmd_localise)
 
@@ -317,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
     p.add_argument("--seed", type=int, default=FinetuneConfig.seed)
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
+    flips(p)
     common(p)
     p.set_defaults(func=_cmd_finetune)
 
@@ -326,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normals", nargs="*", help="normal cases for sample-level AP/AUROC")
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     p.add_argument("--json", help="write the report as JSON")
+    flips(p)
     common(p)
     p.set_defaults(func=_cmd_evaluate)
 

@@ -52,6 +52,11 @@ class InferenceConfig:
         the tile side.
     device
         ``auto``, ``cpu``, ``cuda`` or ``mps``.
+    flips
+        Test-time augmentation: average each tile's prediction over all
+        mirrorings of its axes (4 forward passes per tile for a 2D model,
+        8 for a 3D one). Smoother maps and higher AP on the held-out
+        evaluation (docs/evaluation.md), at that many times the compute.
     """
 
     tile_size: int | None = None
@@ -60,6 +65,7 @@ class InferenceConfig:
     slice_axis: int = 0
     sigma_scale: float = 0.125
     device: str = "auto"
+    flips: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
@@ -116,6 +122,30 @@ def _pad_to(tensor: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     for current, wanted in zip(reversed(tensor.shape[2:]), reversed(size)):
         pad += [0, max(0, wanted - current)]
     return F.pad(tensor, pad) if any(pad) else tensor
+
+
+def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a (N, C, *spatial) batch, the empty one first."""
+    axes = range(2, 2 + spatial_dims)
+    return [s for r in range(spatial_dims + 1) for s in itertools.combinations(axes, r)]
+
+
+def _predict(
+    network: torch.nn.Module, batch: torch.Tensor, flips: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anomaly and confidence maps of a batch of tiles, optionally flip-averaged."""
+    if not flips:
+        return network.split(network(batch).float())
+    anomaly = confidence = None
+    flip_sets = _flip_sets(batch.ndim - 2)
+    for axes in flip_sets:
+        flipped = torch.flip(batch, axes) if axes else batch
+        a, c = network.split(network(flipped).float())
+        if axes:
+            a, c = torch.flip(a, axes), torch.flip(c, axes)
+        anomaly = a if anomaly is None else anomaly + a
+        confidence = c if confidence is None else confidence + c
+    return anomaly / len(flip_sets), confidence / len(flip_sets)
 
 
 def localise(
@@ -196,7 +226,7 @@ def localise(
         # Grad mode is thread-local state: never hold no_grad() across a yield,
         # or a cancelled job would leave the worker thread without autograd.
         with torch.no_grad():
-            anomaly, confidence = network.split(network(batch).float())
+            anomaly, confidence = _predict(network, batch, config.flips)
         anomaly = (anomaly[:, 0] * window_device).cpu().numpy()
         confidence = (confidence[:, 0] * window_device).cpu().numpy()
         for k, (plane, region) in enumerate(regions):

@@ -183,6 +183,19 @@ def test_model_card_and_device_are_shown(widget):
     assert "Model" in widget.model_card() and "recommended threshold" in widget.model_card()
 
 
+def test_flip_averaging_checkbox_changes_the_heatmap(widget):
+    widget.viewer.add_image(_scan((40, 48)), name="scan")
+    widget.image_layer.value = "scan"
+    widget.localise(wait=True)
+    plain = np.asarray(widget.viewer.layers["scan anomaly"].data).copy()
+    widget.flips.value = True
+    assert widget.session.inference.flips
+    widget.localise(wait=True)
+    assert widget.last_error is None
+    averaged = np.asarray(widget.viewer.layers["scan anomaly"].data)
+    assert averaged.shape == plain.shape and not np.allclose(averaged, plain)
+
+
 def test_a_pickled_model_file_is_refused_in_the_widget(widget, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)

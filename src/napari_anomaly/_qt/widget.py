@@ -96,6 +96,7 @@ class AnomalyReviewWidget(Container):
         self.device_in_use = Label(value="")
         # --- localise
         self.image_layer = ComboBox(label="Image", choices=self._image_layer_names)
+        self.flips = CheckBox(text="Average over mirrored views (steadier, 4x slower)", value=False)
         self.localise_button = PushButton(text="Localise")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=100, label="Progress")
@@ -130,6 +131,7 @@ class AnomalyReviewWidget(Container):
                 self.device,
                 self.device_in_use,
                 self.image_layer,
+                self.flips,
                 self.localise_button,
                 self.cancel_button,
                 self.progress,
@@ -171,6 +173,7 @@ class AnomalyReviewWidget(Container):
         self.model_file.changed.connect(self._on_model_file)
         self.card_button.changed.connect(self._show_card)
         self.device.changed.connect(self._on_device_changed)
+        self.flips.changed.connect(self._on_flips_changed)
         self.regions.native.itemSelectionChanged.connect(self._on_region_selected)
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
         self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
@@ -211,7 +214,7 @@ class AnomalyReviewWidget(Container):
         """The review session (created with the bundled default model on first use)."""
         if self._session is None:
             localiser = self._initial_localiser or Localiser.load(default_model_path())
-            inference = InferenceConfig(device=self.device.value)
+            inference = InferenceConfig(device=self.device.value, flips=self.flips.value)
             self._session = ReviewSession(localiser, ReviewConfig(), inference)
             self._refresh_models()
             with self.threshold.changed.blocked():
@@ -631,6 +634,10 @@ class AnomalyReviewWidget(Container):
         self.device_in_use.value = f"in use: {device}"
         if self._session is not None:
             self._session.inference = replace(self._session.inference, device=self.device.value)
+
+    def _on_flips_changed(self, *_: Any) -> None:
+        if self._session is not None:
+            self._session.inference = replace(self._session.inference, flips=self.flips.value)
 
     # ------------------------------------------------------------------ export
     def export(
