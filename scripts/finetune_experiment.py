@@ -36,6 +36,12 @@ from napari_anomaly.inference import InferenceConfig  # noqa: E402
 from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
 from napari_anomaly.metrics import average_precision  # noqa: E402
 from napari_anomaly.progress import run_to_end  # noqa: E402
+from napari_anomaly.review import (  # noqa: E402
+    MaskEdits,
+    ReviewConfig,
+    finetune_targets,
+    threshold_map,
+)
 from napari_anomaly.training import FinetuneConfig, finetune  # noqa: E402
 
 
@@ -62,6 +68,18 @@ def pooled_ap(localiser, cases, anomalous, indices, config) -> float:
     )
 
 
+def reviewed_weights(localiser, case, image, truth, config) -> np.ndarray:
+    """Loss weights as the review widget sets them for a reviewer who turned the model's
+    mask (at its calibrated threshold) into the truth: the voxels added or erased weigh
+    ``ReviewConfig.edit_weight``, the rest 1."""
+    anomaly_map = run_model(image, case["foreground"], localiser, config)
+    proposed = threshold_map(
+        anomaly_map, localiser.recommended_threshold, ReviewConfig.min_region_size
+    )
+    edits = MaskEdits(added=truth & ~proposed, erased=proposed & ~truth)
+    return finetune_targets(truth, edits, ReviewConfig.edit_weight)[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -71,6 +89,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=FinetuneConfig.learning_rate)
     parser.add_argument("--replay-fraction", type=float, default=FinetuneConfig.replay_fraction)
+    parser.add_argument(
+        "--as-reviewed",
+        action="store_true",
+        help="weight the voxels a reviewer would have added or erased as the widget does",
+    )
     parser.add_argument(
         "--flips", action="store_true", help="average over mirrored tiles (InferenceConfig.flips)"
     )
@@ -93,6 +116,11 @@ def main() -> None:
     results = []
     for target in args.families:
         image, truth = anomalous[target][0]
+        weights = (
+            [reviewed_weights(localiser, cases[0], image, truth, config)]
+            if args.as_reviewed
+            else None
+        )
         started = time.perf_counter()
         tuned = run_to_end(
             finetune(
@@ -106,6 +134,7 @@ def main() -> None:
                     learning_rate=args.learning_rate,
                     replay_fraction=args.replay_fraction,
                 ),
+                voxel_weights=weights,
             )
         )
         seconds = time.perf_counter() - started
@@ -150,6 +179,7 @@ def main() -> None:
         "learning_rate": args.learning_rate,
         "replay_fraction": args.replay_fraction,
         "flips": args.flips,
+        "as_reviewed": args.as_reviewed,
         "cases": [c["name"] for c in cases],
         "results": results,
     }
