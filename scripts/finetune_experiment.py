@@ -68,16 +68,16 @@ def pooled_ap(localiser, cases, anomalous, indices, config) -> float:
     )
 
 
-def reviewed_weights(localiser, case, image, truth, config) -> np.ndarray:
+def reviewed_weights(localiser, case, image, truth, config, edit_weight) -> np.ndarray:
     """Loss weights as the review widget sets them for a reviewer who turned the model's
     mask (at its calibrated threshold) into the truth: the voxels added or erased weigh
-    ``ReviewConfig.edit_weight``, the rest 1."""
+    ``edit_weight`` (the widget's default: ``ReviewConfig.edit_weight``), the rest 1."""
     anomaly_map = run_model(image, case["foreground"], localiser, config)
     proposed = threshold_map(
         anomaly_map, localiser.recommended_threshold, ReviewConfig.min_region_size
     )
     edits = MaskEdits(added=truth & ~proposed, erased=proposed & ~truth)
-    return finetune_targets(truth, edits, ReviewConfig.edit_weight)[1]
+    return finetune_targets(truth, edits, edit_weight)[1]
 
 
 def main() -> None:
@@ -93,6 +93,12 @@ def main() -> None:
         "--as-reviewed",
         action="store_true",
         help="weight the voxels a reviewer would have added or erased as the widget does",
+    )
+    parser.add_argument(
+        "--edit-weight",
+        type=float,
+        default=ReviewConfig.edit_weight,
+        help="with --as-reviewed: weight of the added and erased voxels",
     )
     parser.add_argument(
         "--flips", action="store_true", help="average over mirrored tiles (InferenceConfig.flips)"
@@ -117,7 +123,7 @@ def main() -> None:
     for target in args.families:
         image, truth = anomalous[target][0]
         weights = (
-            [reviewed_weights(localiser, cases[0], image, truth, config)]
+            [reviewed_weights(localiser, cases[0], image, truth, config, args.edit_weight)]
             if args.as_reviewed
             else None
         )
@@ -180,6 +186,7 @@ def main() -> None:
         "replay_fraction": args.replay_fraction,
         "flips": args.flips,
         "as_reviewed": args.as_reviewed,
+        "edit_weight": args.edit_weight if args.as_reviewed else None,
         "cases": [c["name"] for c in cases],
         "results": results,
     }
