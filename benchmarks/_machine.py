@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from pathlib import Path
@@ -35,3 +36,22 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch intra-op threads, 1 by default (0 keeps torch's default)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: reproducible on a shared machine; "
+        "0 keeps torch's default)",
+    )
+
+
+def apply_threads(threads: int) -> None:
+    """Set torch's intra-op threads as ``--threads`` asked (0: leave torch's default)."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)

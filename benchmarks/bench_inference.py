@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import environment
+from _machine import add_threads_option, apply_threads, environment
 
 from napari_anomaly.inference import InferenceConfig, localise, tile_starts
 from napari_anomaly.localiser import Localiser, default_model_path
@@ -589,20 +589,13 @@ def main(argv: list[str] | None = None) -> int:
         "its estimated time is under --max-2d-seconds (else tiny3d), 512^3 likewise",
     )
     parser.add_argument("--max-2d-seconds", type=float, default=150.0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: reproducible on a shared machine; "
-        "0 keeps torch's default)",
-    )
+    add_threads_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-model", default="default2d", help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.child:
         child_memory(args)
         return 0

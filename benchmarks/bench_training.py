@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import environment
+from _machine import add_threads_option, apply_threads, environment
 from scipy import ndimage
 
 from napari_anomaly.augment import AugmentConfig, augment_batch
@@ -257,17 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shape", type=int, nargs=3, default=(64, 160, 160), metavar=("Z", "Y", "X")
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: reproducible on a shared machine; "
-        "0 keeps torch's default)",
-    )
+    add_threads_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     shape = tuple(args.shape)
