@@ -55,3 +55,14 @@ def apply_threads(threads: int) -> None:
 
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def write_report(path: Path, report: object) -> None:
+    """Write a benchmark's JSON report atomically (replacing the previous report)."""
+    import json
+
+    from napari_anomaly.io import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report, indent=1) + "\n", overwrite=True)
+    print(f"wrote {path}")

@@ -15,7 +15,6 @@ Writes ``benchmarks/results/flips.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _machine import environment  # noqa: E402
+from _machine import environment, write_report  # noqa: E402
 
 from napari_anomaly.inference import InferenceConfig, localise  # noqa: E402
 from napari_anomaly.io import read_image  # noqa: E402
@@ -66,9 +65,7 @@ def main() -> None:
         f"median: plain {medians['plain']:.2f} s, flips {medians['flips']:.2f} s, "
         f"ratio {report['flips_over_plain']:.2f}"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import add_threads_option, apply_threads, environment
+from _machine import add_threads_option, apply_threads, environment, write_report
 
 from napari_anomaly.inference import InferenceConfig, localise, tile_starts
 from napari_anomaly.localiser import Localiser, default_model_path
@@ -668,9 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                 (Path(tmp) / f"phantom_{size}.npy").unlink(missing_ok=True)
 
     results["environment"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, results)
     return 0
 
 

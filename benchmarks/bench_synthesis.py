@@ -88,7 +88,7 @@ import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 import scipy.fft  # noqa: E402
 import torch  # noqa: E402
-from _machine import cpu_model  # noqa: E402
+from _machine import cpu_model, write_report  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from napari_anomaly.synthesis import (  # noqa: E402
@@ -606,9 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             "not measured: no CUDA GPU on this machine; run "
             "`.venv/bin/python benchmarks/bench_synthesis.py --devices cpu,cuda`"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {out}")
+    print()
+    write_report(out, result)
     return 0
 
 

@@ -31,7 +31,6 @@ Writes ``benchmarks/results/training.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import add_threads_option, apply_threads, environment
+from _machine import add_threads_option, apply_threads, environment, write_report
 from scipy import ndimage
 
 from napari_anomaly.augment import AugmentConfig, augment_batch
@@ -318,9 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "not measured: no CUDA GPU on this machine; run "
             "`.venv/bin/python benchmarks/bench_training.py --device cpu --device cuda`"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, results)
     return 0
 
 
