@@ -14,6 +14,9 @@ MRICRON = "usr/share/mricron/templates"
 # Training: the MNI152 template (a 3D volume; the 2D model sees its slices along
 # all three axes) and two 2D T1 slices of the ITK examples.
 TRAIN_ITK_SLICES = ["BrainT1Slice.png", "BrainMidSagittalSlice.png"]
+# Optional extra training volume (``--extra-volume``): a real single-subject T1 head
+# (62x128x128 at 3x2x2 mm) of the ITK examples; another subject than everything above.
+TRAIN_ITK_EXTRA_VOLUMES = ["KmeansTest_T1UCharRaw.nii.gz"]
 # Held out (never trained on): Colin27, another subject, scanner and averaging,
 # and a proton-density slice, another contrast.
 HELD_OUT_VOLUME = "ch2.nii.gz"
@@ -35,8 +38,11 @@ def mni152_t1() -> Path:
     return path
 
 
-def training_files(data_dir: Path) -> list[Path]:
-    return [mni152_t1()] + [data_dir / ITK_DATA / name for name in TRAIN_ITK_SLICES]
+def training_files(data_dir: Path, extra_volume: bool = False) -> list[Path]:
+    files = [mni152_t1()] + [data_dir / ITK_DATA / name for name in TRAIN_ITK_SLICES]
+    if extra_volume:
+        files += [data_dir / ITK_DATA / name for name in TRAIN_ITK_EXTRA_VOLUMES]
+    return files
 
 
 def held_out_files(data_dir: Path) -> list[Path]:

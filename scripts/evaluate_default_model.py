@@ -19,8 +19,12 @@ seeded with ``(--seed, family index, case index)``; inference runs on the CPU).
    are placed inside ``foreground & normalised > 0.3`` (the brighter,
    brain-ish part of the head; the whole foreground if that is tiny).
 2. For each synthetic family (``blobs``, ``deformation``, ``texture``,
-   ``noise``; none is the P-PII training task) and each case, 2 or 3 anomalies
-   of radius 4-10 px are inserted with ``add_anomalies``. The model
+   ``noise``, and ``deformation_subtle``, a weaker swelling kept to show the
+   limit of detection; none is the P-PII training task) and each case, 2 or 3
+   anomalies of radius 4-10 px are inserted with ``add_anomalies``. The two
+   deformation families swell the same balls (same random stream). Each
+   family's prevalence (the AP of a random score) and the mean intensity
+   change inside its masks (how visible it is) are reported with it. The model
    (``localise`` on the anomalous preprocessed image, with the case's
    foreground) and a trivial baseline, ``|x - median_filter(x, 7)|`` scaled per
    case by its 99.9th percentile and clipped to [0, 1], are scored with
@@ -80,7 +84,11 @@ from napari_anomaly.metrics import (  # noqa: E402
 from napari_anomaly.preprocess import preprocess  # noqa: E402
 from napari_anomaly.progress import run_to_end  # noqa: E402
 
-FAMILY_ORDER = ("blobs", "deformation", "texture", "noise")
+FAMILY_ORDER = ("blobs", "deformation", "texture", "noise", "deformation_subtle")
+# Key of each family's random stream (with the seed and the case index). The two
+# deformation families share one, so they swell the same balls at the same places.
+FAMILY_SEED_KEY = {"blobs": 0, "deformation": 1, "texture": 2, "noise": 3, "deformation_subtle": 1}
+VOLUME_SEED_KEY = 4
 THRESHOLD = 0.5
 PLACEMENT_LEVEL = 0.3  # anomalies go where foreground & normalised > this
 MIN_PLACEMENT_PIXELS = 500
@@ -172,6 +180,14 @@ def _quantiles(values: np.ndarray) -> dict:
     }
 
 
+def _visibility(changes: np.ndarray) -> dict:
+    """Mean ``|anomalous - clean|`` inside the masks and the share of voxels above 0.1."""
+    return {
+        "mean": round(float(changes.mean()), 5),
+        "fraction_above_0.1": round(float(np.mean(changes > 0.1)), 5),
+    }
+
+
 def best_dice(maps, truths) -> dict:
     """Pooled Dice at the best threshold of a 0.05 grid: optimistic (chosen on the test set)."""
     scores = np.concatenate([m.ravel() for m in maps])
@@ -188,11 +204,12 @@ def best_dice(maps, truths) -> dict:
 
 def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
     results = {}
-    for family_index, family in enumerate(FAMILY_ORDER):
+    for family in FAMILY_ORDER:
         started = time.perf_counter()
         model_maps, base_maps, truths, counts, changes = [], [], [], [], []
+        inside_changes = []
         for case_index, case in enumerate(cases):
-            rng = np.random.default_rng([seed, family_index, case_index])
+            rng = np.random.default_rng([seed, FAMILY_SEED_KEY[family], case_index])
             count = int(rng.integers(COUNT_2D[0], COUNT_2D[1] + 1))
             image, truth = add_anomalies(
                 case["image"], case["placement"], family, rng, count, RADIUS_2D
@@ -202,6 +219,7 @@ def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
             truths.append(truth)
             counts.append(count)
             changes.append(float(np.abs(image - case["image"]).max()))
+            inside_changes.append(np.abs(image - case["image"])[truth])
         if not any(t.any() for t in truths):
             # The family changed the image but marked nothing (see the report).
             results[family] = {
@@ -225,7 +243,13 @@ def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
         results[family] = {
             "anomalies_per_case": counts,
             "anomalous_pixels": int(sum(np.count_nonzero(t) for t in truths)),
+            "prevalence": round(
+                sum(np.count_nonzero(t) for t in truths) / sum(t.size for t in truths), 5
+            ),
             "evaluable": True,
+            # How visible the family is: |anomalous - clean| inside the mask, in
+            # preprocessed intensity units ([0, 1]).
+            "intensity_change_in_mask": _visibility(np.concatenate(inside_changes)),
             "model": _rounded(model.to_dict()),
             "baseline": _rounded(base.to_dict()),
             "model_with_clean_cases": _rounded(with_normals.to_dict()),
@@ -295,7 +319,7 @@ def evaluate_volume(volume, localiser, config, seed, quick, recommended) -> dict
         volume = volume[middle - QUICK_SLAB // 2 : middle + QUICK_SLAB // 2]
     started = time.perf_counter()
     normalised, foreground = preprocess(volume)
-    rng = np.random.default_rng([seed, len(FAMILY_ORDER), 0])
+    rng = np.random.default_rng([seed, VOLUME_SEED_KEY, 0])
     image, truth = add_anomalies(
         normalised, _placement(normalised, foreground), "blobs", rng, COUNT_3D, RADIUS_3D
     )
@@ -311,6 +335,7 @@ def evaluate_volume(volume, localiser, config, seed, quick, recommended) -> dict
         "anomalies": COUNT_3D,
         "radius_range": list(RADIUS_3D),
         "anomalous_voxels": int(np.count_nonzero(truth)),
+        "prevalence": round(np.count_nonzero(truth) / truth.size, 6),
         "model": _rounded(report.to_dict()),
         "model_at_recommended_threshold": _at_threshold(
             evaluate_cases([model], [truth], recommended)
@@ -334,6 +359,7 @@ def _row(name: str, r: dict, recommended: float | None) -> str:
         name,
         f"{m['pixel_ap']:.3f}",
         f"{b['pixel_ap']:.3f}",
+        f"{r['prevalence']:.3f}" if "prevalence" in r else "-",
         f"{m['pixel_auroc']:.3f}",
         f"{b['pixel_auroc']:.3f}",
         f"{m['dice']:.3f}",
@@ -354,6 +380,7 @@ def markdown_table(families: dict, volume: dict | None, recommended: float) -> s
         "family",
         "model AP",
         "baseline AP",
+        "chance AP",
         "model AUROC",
         "baseline AUROC",
         f"Dice@{THRESHOLD}",

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from evaluate_default_model import (  # noqa: E402
     COUNT_2D,
     FAMILY_ORDER,
+    FAMILY_SEED_KEY,
     RADIUS_2D,
     load_cases,
     run_model,
@@ -48,10 +49,10 @@ from napari_anomaly.training import FinetuneConfig, finetune  # noqa: E402
 def family_cases(cases: list[dict], seed: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """The same anomalous cases as the held-out evaluation (same seeds)."""
     out = {}
-    for family_index, family in enumerate(FAMILY_ORDER):
+    for family in FAMILY_ORDER:
         out[family] = []
         for case_index, case in enumerate(cases):
-            rng = np.random.default_rng([seed, family_index, case_index])
+            rng = np.random.default_rng([seed, FAMILY_SEED_KEY[family], case_index])
             count = int(rng.integers(COUNT_2D[0], COUNT_2D[1] + 1))
             image, truth = add_anomalies(
                 case["image"], case["placement"], family, rng, count, RADIUS_2D

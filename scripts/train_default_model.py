@@ -18,12 +18,27 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from scipy import ndimage
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from anatomy import held_out_files, training_files  # noqa: E402
 
 from napari_anomaly.io import read_image  # noqa: E402
 from napari_anomaly.training import TrainConfig, train  # noqa: E402
+
+
+def isotropic(image) -> np.ndarray:
+    """The array resampled (linear) to the finest spacing of its axes.
+
+    The 2D model learns from slices along every axis of a volume; anisotropic
+    voxels would show it squashed anatomy as normal.
+    """
+    spacing = np.asarray(image.geometry.spacing, dtype=float)
+    if image.array.ndim < 3 or np.allclose(spacing, spacing.min()):
+        return image.array
+    return ndimage.zoom(image.array, spacing / spacing.min(), order=1).astype(np.float32)
 
 
 def main() -> None:
@@ -41,14 +56,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--extra-volume",
+        action="store_true",
+        help="also train on the ITK examples' single-subject T1 head (anatomy.py)",
+    )
     args = parser.parse_args()
 
-    train_paths = training_files(args.data)
+    train_paths = training_files(args.data, extra_volume=args.extra_volume)
     validation_paths = held_out_files(args.data)[1:]  # the PD slice; Colin27 stays for evaluation
     if args.dims == 3:
         # Only volumes can train a 3D model, and the held-out volume is kept for evaluation.
         train_paths, validation_paths = train_paths[:1], []
-    images = [read_image(p).array for p in train_paths]
+    images = [isotropic(read_image(p)) for p in train_paths]
     validation = [read_image(p).array for p in validation_paths]
     if args.dims == 3:
         config = TrainConfig(

@@ -28,3 +28,32 @@ def test_family_changes_the_image_where_its_mask_says(family, shape):
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="unknown anomaly family"):
         add_anomalies(np.zeros((8, 8)), np.ones((8, 8), bool), "tumour", np.random.default_rng())
+
+
+def _displacement_of_a_marker(family: str) -> float:
+    """How far outward a bright dot half-way from the centre of one swelling moves (voxels)."""
+    shape = (81, 81)
+    radius = 10.0
+    image = np.zeros(shape, dtype=np.float32)
+    image[40, 45] = 1.0  # 5 voxels right of the centre (40, 40)
+    image = ndimage.gaussian_filter(image, 1.0)
+    image /= image.max()
+    foreground = np.zeros(shape, dtype=bool)
+    foreground[40, 40] = True  # forces the centre; the erosion falls back to it
+    out, _ = add_anomalies(
+        image, foreground, family, np.random.default_rng(3), count=1, radius_range=(radius, radius)
+    )
+    before = ndimage.center_of_mass(image)
+    after = ndimage.center_of_mass(out)
+    assert abs(after[0] - before[0]) < 0.1  # radial: the dot stays on its row
+    return float(after[1] - before[1])  # > 0: away from the centre
+
+
+def test_deformation_pushes_content_outward_and_further_than_the_subtle_one():
+    strong = _displacement_of_a_marker("deformation")
+    subtle = _displacement_of_a_marker("deformation_subtle")
+    # deformation: at most 0.47 r (here 4.7 voxels) and at least 0.25 r at its peak;
+    # the subtle one: at most r / 4 * 0.95 = 2.4 voxels.
+    assert 1.5 < strong < 4.8
+    assert 0.3 < subtle < 2.5
+    assert strong > subtle

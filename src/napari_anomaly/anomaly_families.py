@@ -8,9 +8,18 @@ it never saw, each with a ground-truth mask:
     Smooth bright or dark intensity blobs (Gaussian profile), like
     enhancing or hypo-intense lesions.
 ``deformation``
-    A ball whose content is pushed outward by up to a quarter of its radius
-    (a swelling, mass effect); the mask is where content moved by more than
-    half a voxel.
+    A local swelling (mass effect): inside a ball of radius ``r`` the content
+    at distance ``d`` from the centre is taken from distance
+    ``r * (d / r) ** g`` with ``g ~ U(2, 4)``, so the centre is magnified and
+    the rim compressed, and content moves outward by up to 0.25 ``r``
+    (``g = 2``) to 0.47 ``r`` (``g = 4``). The mask is where content moved by
+    more than half a voxel.
+``deformation_subtle``
+    The same kind of swelling, weaker: content at distance ``d`` moves
+    outward by ``s * d * (1 - d / r)`` with ``s ~ U(0.6, 0.95)``, at most
+    ``s * r / 4`` (0.6 to 2.4 voxels for radii of 4 to 10). Kept to show the
+    limit of what is detectable: the mean intensity change inside its mask
+    is about a third of that of the other families (docs/evaluation.md).
 ``texture``
     A ball filled with a foreign texture (band-passed noise at another
     contrast), with soft edges.
@@ -63,23 +72,46 @@ def _blobs(image, foreground, centres, radii, rng):
     return out, mask
 
 
-def _deformation(image, foreground, centres, radii, rng):
+def _warp(image, centres, radii, source_scale):
+    """Radial warp of balls; ``source_scale(distance, radius)`` is in (0, 1].
+
+    Content at distance ``d < r`` from a centre is sampled from distance
+    ``d * source_scale(d, r)``; the mask is where it moved by more than half
+    a voxel.
+    """
     coords = _coordinates(image.shape)
     grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in image.shape], indexing="ij")
     displaced = [g.copy() for g in grids]
     mask = np.zeros(image.shape, dtype=bool)
     for centre, radius in zip(centres, radii):
         distance = _distance(coords, centre)
-        # Sample closer to the centre: content at distance d moves outward by
-        # s * d * (1 - d / r), at most s * r / 4 at d = r / 2 (s < 1 keeps the
-        # mapping one-to-one, so nothing folds).
-        strength = rng.uniform(0.6, 0.95)
-        factor = np.where(distance < radius, strength * (1 - distance / radius), 0.0)
+        shrink = np.where(distance < radius, 1.0 - source_scale(distance, radius), 0.0)
         for axis, c in enumerate(centre):
-            displaced[axis] = displaced[axis] - factor * (grids[axis] - c)
-        mask |= (factor * distance) > 0.5
+            displaced[axis] = displaced[axis] - shrink * (grids[axis] - c)
+        mask |= (shrink * distance) > 0.5
     out = ndimage.map_coordinates(image, displaced, order=1, mode="nearest")
     return out.astype(np.float32), mask
+
+
+def _deformation(image, foreground, centres, radii, rng):
+    # r * (d / r) ** g = d * (d / r) ** (g - 1): monotonic in d for g > 0, so
+    # nothing folds; the largest displacement is r * (g - 1) * g ** (-g / (g - 1)).
+    powers = iter(rng.uniform(2.0, 4.0, size=len(radii)))
+
+    def scale(distance, radius):
+        return np.clip(distance / radius, 0.0, 1.0) ** (next(powers) - 1.0)
+
+    return _warp(image, centres, radii, scale)
+
+
+def _deformation_subtle(image, foreground, centres, radii, rng):
+    # d * (1 - s * (1 - d / r)) has slope 1 - s + 2 s d / r > 0 for s < 1.
+    strengths = iter(rng.uniform(0.6, 0.95, size=len(radii)))
+
+    def scale(distance, radius):
+        return 1.0 - next(strengths) * np.clip(1.0 - distance / radius, 0.0, 1.0)
+
+    return _warp(image, centres, radii, scale)
 
 
 def _texture(image, foreground, centres, radii, rng):
@@ -113,6 +145,7 @@ def _noise(image, foreground, centres, radii, rng):
 FAMILIES: dict[str, Callable] = {
     "blobs": _blobs,
     "deformation": _deformation,
+    "deformation_subtle": _deformation_subtle,
     "texture": _texture,
     "noise": _noise,
 }
