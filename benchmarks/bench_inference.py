@@ -248,7 +248,10 @@ def time_overhead(args: argparse.Namespace, device: str) -> dict:
             "first_step_s_incl_preprocessing": round(steps[0], 3),
             "first_bare_batch_s": round(forwards[0], 3),
             "final_normalisation_s": round(tail, 3),
-            "median_overhead_per_batch_after_the_first": round(statistics.median(loop), 4),
+            # None when every tile fits in one batch (no batch after the first).
+            "median_overhead_per_batch_after_the_first": (
+                round(statistics.median(loop), 4) if loop else None
+            ),
         }
 
     with torch.no_grad():  # warm-up: first calls allocate and pick kernels
