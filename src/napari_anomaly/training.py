@@ -120,7 +120,7 @@ class FinetuneConfig:
 
     steps: int = 100
     batch_size: int = 8
-    learning_rate: float = 5e-6
+    learning_rate: float = 3e-6
     weight_decay: float = 1e-4
     replay_fraction: float = 0.5
     focus_probability: float = 0.6
