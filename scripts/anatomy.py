@@ -14,7 +14,7 @@ MRICRON = "usr/share/mricron/templates"
 # Training: the MNI152 template (a 3D volume; the 2D model sees its slices along
 # all three axes) and two 2D T1 slices of the ITK examples.
 TRAIN_ITK_SLICES = ["BrainT1Slice.png", "BrainMidSagittalSlice.png"]
-# Optional extra training volume (``--extra-volume``): a real single-subject T1 head
+# Extra training volume (on by default; ``--no-extra-volume``): a real single-subject T1 head
 # (62x128x128 at 3x2x2 mm) of the ITK examples; another subject than everything above.
 TRAIN_ITK_EXTRA_VOLUMES = ["KmeansTest_T1UCharRaw.nii.gz"]
 # Held out (never trained on): Colin27, another subject, scanner and averaging,

@@ -58,15 +58,18 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument(
         "--extra-volume",
-        action="store_true",
-        help="also train on the ITK examples' single-subject T1 head (anatomy.py)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train on the ITK examples' single-subject T1 head (anatomy.py); "
+        "--no-extra-volume gives the data of default_2d_v3 and earlier",
     )
     args = parser.parse_args()
 
     train_paths = training_files(args.data, extra_volume=args.extra_volume)
     validation_paths = held_out_files(args.data)[1:]  # the PD slice; Colin27 stays for evaluation
     if args.dims == 3:
-        # Only volumes can train a 3D model, and the held-out volume is kept for evaluation.
+        # Only volumes can train a 3D model, and the held-out volume is kept for evaluation;
+        # the documented 3D run used the MNI152 volume alone.
         train_paths, validation_paths = train_paths[:1], []
     images = [isotropic(read_image(p)) for p in train_paths]
     validation = [read_image(p).array for p in validation_paths]
