@@ -72,20 +72,21 @@ def _blobs(image, foreground, centres, radii, rng):
     return out, mask
 
 
-def _warp(image, centres, radii, source_scale):
-    """Radial warp of balls; ``source_scale(distance, radius)`` is in (0, 1].
+def _warp(image, centres, radii, parameters, source_scale):
+    """Radial warp of balls.
 
-    Content at distance ``d < r`` from a centre is sampled from distance
-    ``d * source_scale(d, r)``; the mask is where it moved by more than half
-    a voxel.
+    Content at distance ``d < r`` from a ball's centre is sampled from
+    distance ``d * source_scale(d, r, p)`` (a value in (0, 1]; ``p`` is the
+    ball's entry of ``parameters``); the mask is where content moved by more
+    than half a voxel.
     """
     coords = _coordinates(image.shape)
     grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in image.shape], indexing="ij")
     displaced = [g.copy() for g in grids]
     mask = np.zeros(image.shape, dtype=bool)
-    for centre, radius in zip(centres, radii):
+    for centre, radius, parameter in zip(centres, radii, parameters):
         distance = _distance(coords, centre)
-        shrink = np.where(distance < radius, 1.0 - source_scale(distance, radius), 0.0)
+        shrink = np.where(distance < radius, 1.0 - source_scale(distance, radius, parameter), 0.0)
         for axis, c in enumerate(centre):
             displaced[axis] = displaced[axis] - shrink * (grids[axis] - c)
         mask |= (shrink * distance) > 0.5
@@ -93,25 +94,25 @@ def _warp(image, centres, radii, source_scale):
     return out.astype(np.float32), mask
 
 
-def _deformation(image, foreground, centres, radii, rng):
-    # r * (d / r) ** g = d * (d / r) ** (g - 1): monotonic in d for g > 0, so
+def _fisheye(distance, radius, power):
+    # d -> r * (d / r) ** g = d * (d / r) ** (g - 1): monotonic in d for g > 0, so
     # nothing folds; the largest displacement is r * (g - 1) * g ** (-g / (g - 1)).
-    powers = iter(rng.uniform(2.0, 4.0, size=len(radii)))
+    return np.clip(distance / radius, 0.0, 1.0) ** (power - 1.0)
 
-    def scale(distance, radius):
-        return np.clip(distance / radius, 0.0, 1.0) ** (next(powers) - 1.0)
 
-    return _warp(image, centres, radii, scale)
+def _gentle(distance, radius, strength):
+    # d -> d * (1 - s * (1 - d / r)) has slope 1 - s + 2 s d / r > 0 for s < 1.
+    return 1.0 - strength * np.clip(1.0 - distance / radius, 0.0, 1.0)
+
+
+def _deformation(image, foreground, centres, radii, rng):
+    powers = rng.uniform(2.0, 4.0, size=len(radii))
+    return _warp(image, centres, radii, powers, _fisheye)
 
 
 def _deformation_subtle(image, foreground, centres, radii, rng):
-    # d * (1 - s * (1 - d / r)) has slope 1 - s + 2 s d / r > 0 for s < 1.
-    strengths = iter(rng.uniform(0.6, 0.95, size=len(radii)))
-
-    def scale(distance, radius):
-        return 1.0 - next(strengths) * np.clip(1.0 - distance / radius, 0.0, 1.0)
-
-    return _warp(image, centres, radii, scale)
+    strengths = rng.uniform(0.6, 0.95, size=len(radii))
+    return _warp(image, centres, radii, strengths, _gentle)
 
 
 def _texture(image, foreground, centres, radii, rng):
