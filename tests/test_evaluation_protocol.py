@@ -1,0 +1,55 @@
+"""The held-out evaluation's own measures (scripts/evaluate_default_model.py)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+
+import evaluate_default_model as evaluate  # noqa: E402
+
+
+def _case(shape=(40, 40)):
+    foreground = np.zeros(shape, dtype=bool)
+    foreground[5:35, 5:35] = True
+    truth = np.zeros(shape, dtype=bool)
+    truth[15:20, 15:20] = True
+    return {"foreground": foreground}, truth
+
+
+def test_foreground_only_gives_no_credit_for_finding_the_head():
+    case, truth = _case()
+    # Scores 1 everywhere inside the head, 0 outside: it "finds" the anomaly
+    # only because the anomaly lies inside the head.
+    head_detector = case["foreground"].astype(np.float32)
+    # Scores the anomaly highest, also inside the head.
+    real_detector = head_detector * 0.5 + truth * 0.5
+    report = evaluate.foreground_only([head_detector], [real_detector], [truth], [case])
+    assert report["prevalence"] == pytest.approx(25 / 900, abs=1e-5)
+    assert report["model"]["pixel_auroc"] == pytest.approx(0.5)
+    assert report["model"]["pixel_ap"] == pytest.approx(report["prevalence"], abs=1e-3)
+    assert report["baseline"]["pixel_auroc"] == pytest.approx(1.0)
+    assert report["baseline"]["pixel_ap"] == pytest.approx(1.0)
+
+
+def test_foreground_table_lists_every_evaluable_family():
+    case, truth = _case()
+    scores = case["foreground"] * 0.5 + truth * 0.5
+    report = evaluate.foreground_only([scores], [scores], [truth], [case])
+    families = {
+        "blobs": {"evaluable": True, "foreground_only": report},
+        "noise": {"evaluable": False},
+    }
+    table = evaluate.foreground_table(families).splitlines()
+    assert len(table) == 3  # header, rule, one family
+    assert table[2].startswith("| blobs | 1.000 | 1.000 | 0.028 | 1.000 | 1.000 |")
+
+
+def test_baseline_is_scaled_to_unit_range_and_marks_a_spike():
+    image = np.full((32, 32), 0.5, dtype=np.float32)
+    image[16, 16] = 1.0
+    residual = evaluate.baseline_map(image)
+    assert residual.min() >= 0 and residual.max() <= 1
+    assert residual[16, 16] == residual.max() > 0
