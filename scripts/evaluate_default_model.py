@@ -76,7 +76,7 @@ from anatomy import HELD_OUT_ITK_SLICES, HELD_OUT_VOLUME, held_out_files  # noqa
 from napari_anomaly import __version__  # noqa: E402
 from napari_anomaly.anomaly_families import FAMILIES, add_anomalies  # noqa: E402
 from napari_anomaly.inference import InferenceConfig, localise  # noqa: E402
-from napari_anomaly.io import read_image  # noqa: E402
+from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
 from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
 from napari_anomaly.metrics import (  # noqa: E402
     average_precision,
@@ -87,10 +87,11 @@ from napari_anomaly.metrics import (  # noqa: E402
 from napari_anomaly.preprocess import preprocess  # noqa: E402
 from napari_anomaly.progress import run_to_end  # noqa: E402
 
-FAMILY_ORDER = ("blobs", "deformation", "texture", "noise", "deformation_subtle")
-# Key of each family's random stream (with the seed and the case index). The two
-# deformation families share one, so they swell the same balls at the same places.
+# The families in report order, each with the key of its random stream (with the seed
+# and the case index). The two deformation families share one, so they swell the same
+# balls at the same places.
 FAMILY_SEED_KEY = {"blobs": 0, "deformation": 1, "texture": 2, "noise": 3, "deformation_subtle": 1}
+FAMILY_ORDER = tuple(FAMILY_SEED_KEY)
 VOLUME_SEED_KEY = 4
 THRESHOLD = 0.5
 PLACEMENT_LEVEL = 0.3  # anomalies go where foreground & normalised > this
@@ -260,8 +261,9 @@ def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
             base_maps.append(baseline_map(image))
             truths.append(truth)
             counts.append(count)
-            changes.append(float(np.abs(image - case["image"]).max()))
-            inside_changes.append(np.abs(image - case["image"])[truth])
+            change = np.abs(image - case["image"])
+            changes.append(float(change.max()))
+            inside_changes.append(change[truth])
         if not any(t.any() for t in truths):
             # The family changed the image but marked nothing (see the report).
             results[family] = {
@@ -282,12 +284,11 @@ def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
             [m[c["foreground"] & ~t] for m, c, t in zip(model_maps, cases, truths)]
         )
         inside = np.concatenate([m[t] for m, t in zip(model_maps, truths)])
+        anomalous_pixels = int(sum(np.count_nonzero(t) for t in truths))
         results[family] = {
             "anomalies_per_case": counts,
-            "anomalous_pixels": int(sum(np.count_nonzero(t) for t in truths)),
-            "prevalence": round(
-                sum(np.count_nonzero(t) for t in truths) / sum(t.size for t in truths), 5
-            ),
+            "anomalous_pixels": anomalous_pixels,
+            "prevalence": round(anomalous_pixels / sum(t.size for t in truths), 5),
             "evaluable": True,
             # How visible the family is: |anomalous - clean| inside the mask, in
             # preprocessed intensity units ([0, 1]).
@@ -402,7 +403,7 @@ def _row(name: str, r: dict, recommended: float | None) -> str:
         name,
         f"{m['pixel_ap']:.3f}",
         f"{b['pixel_ap']:.3f}",
-        f"{r['prevalence']:.3f}" if "prevalence" in r else "-",
+        f"{r['prevalence']:.3f}",
         f"{m['pixel_auroc']:.3f}",
         f"{b['pixel_auroc']:.3f}",
         f"{m['dice']:.3f}",
@@ -565,7 +566,7 @@ def main() -> None:
         "markdown_table_foreground_only": table_foreground,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(output, indent=1) + "\n")
+    atomic_write_text(args.json, json.dumps(output, indent=1) + "\n", overwrite=True)
     print(f"wrote {args.json}")
 
 

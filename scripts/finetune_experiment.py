@@ -34,6 +34,7 @@ from evaluate_default_model import (  # noqa: E402
 
 from napari_anomaly.anomaly_families import add_anomalies  # noqa: E402
 from napari_anomaly.inference import InferenceConfig  # noqa: E402
+from napari_anomaly.io import atomic_write_text  # noqa: E402
 from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
 from napari_anomaly.metrics import average_precision  # noqa: E402
 from napari_anomaly.progress import run_to_end  # noqa: E402
@@ -191,7 +192,7 @@ def main() -> None:
         "cases": [c["name"] for c in cases],
         "results": results,
     }
-    args.json.write_text(json.dumps(report, indent=2))
+    atomic_write_text(args.json, json.dumps(report, indent=2) + "\n", overwrite=True)
     print(f"wrote {args.json}")
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from anatomy import held_out_files, training_files  # noqa: E402
 
-from napari_anomaly.io import read_image  # noqa: E402
+from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
 from napari_anomaly.training import TrainConfig, train  # noqa: E402
 
 
@@ -100,7 +100,8 @@ def main() -> None:
     localiser.metadata["training"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     localiser.metadata["name"] = args.out.stem
     sha = localiser.save(args.out, overwrite=args.overwrite)
-    args.out.with_suffix(".training.json").write_text(json.dumps(log, indent=1))
+    # The log belongs to the model file just written (with --overwrite if it existed).
+    atomic_write_text(args.out.with_suffix(".training.json"), json.dumps(log, indent=1), True)
     print(f"wrote {args.out} sha256={sha}")
 
 

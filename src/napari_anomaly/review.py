@@ -48,8 +48,9 @@ __all__ = [
 #: to 1 for every other voxel: they are the model's known mistakes (hard
 #: positives and hard negatives), the most informative supervision there is.
 #: 2 rather than more: in ``scripts/finetune_experiment.py --as-reviewed``,
-#: weights 3 and 5 made other anomaly families forget more than 0.02 AP for
-#: little extra gain on the corrected one (docs/evaluation.md).
+#: heavier weights gained little on the corrected family and cost more on the
+#: others (with ``default_2d_v3``, 3 and 5 lost more than 0.02 AP on another
+#: family; docs/evaluation.md).
 DEFAULT_EDIT_WEIGHT = 2.0
 
 
