@@ -203,9 +203,36 @@ def foreground_only(model_maps, base_maps, truths, cases) -> dict:
     return out
 
 
+def paired_rise(anomalous_maps, clean_maps, truths) -> dict:
+    """Does an anomaly raise the score *where it is*? Same pixels, with and without it.
+
+    AUROC of the scores at the anomalous pixels of the anomalous images against
+    the scores at the *same* pixels of the clean images. 0.5: the anomaly leaves
+    the score there unchanged (on average); above 0.5: it raises it; below: it
+    lowers it. Unlike the pooled and foreground-only figures, the comparison is
+    between identical locations, so it is not swayed by where anomalies are
+    placed (bright, calm tissue) relative to the rest of the image.
+    """
+    with_anomaly = np.concatenate([m[t] for m, t in zip(anomalous_maps, truths)])
+    without = np.concatenate([m[t] for m, t in zip(clean_maps, truths)])
+    labels = np.concatenate([np.ones(with_anomaly.size, bool), np.zeros(without.size, bool)])
+    return {
+        "auroc": round(roc_auc(np.concatenate([with_anomaly, without]), labels), 5),
+        "mean_score_with_anomaly": round(float(with_anomaly.mean()), 5),
+        "mean_score_clean": round(float(without.mean()), 5),
+    }
+
+
 def foreground_table(families: dict) -> str:
-    """AP and AUROC over foreground pixels only, beside the AP of a random score."""
+    """AP and AUROC over foreground pixels only, beside the AP of a random score.
+
+    The last two columns are the paired AUROCs of :func:`paired_rise` when the
+    report has them.
+    """
     header = ["family", "model AP", "baseline AP", "chance AP", "model AUROC", "baseline AUROC"]
+    paired = any("paired" in r for r in families.values() if r.get("evaluable"))
+    if paired:
+        header += ["model paired AUROC", "baseline paired AUROC"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for family, r in families.items():
         if not r["evaluable"]:
@@ -219,6 +246,11 @@ def foreground_table(families: dict) -> str:
             f"{f['model']['pixel_auroc']:.3f}",
             f"{f['baseline']['pixel_auroc']:.3f}",
         ]
+        if paired:
+            cells += [
+                f"{r['paired']['model']['auroc']:.3f}",
+                f"{r['paired']['baseline']['auroc']:.3f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -247,6 +279,7 @@ def best_dice(maps, truths) -> dict:
 
 def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
     results = {}
+    clean_base_maps = [baseline_map(c["image"]) for c in cases]
     for family in FAMILY_ORDER:
         started = time.perf_counter()
         model_maps, base_maps, truths, counts, changes = [], [], [], [], []
@@ -309,6 +342,10 @@ def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
             "model_best_dice_oracle": best_dice(model_maps, truths),
             "baseline_best_dice_oracle": best_dice(base_maps, truths),
             "foreground_only": foreground_only(model_maps, base_maps, truths, cases),
+            "paired": {
+                "model": paired_rise(model_maps, clean_maps, truths),
+                "baseline": paired_rise(base_maps, clean_base_maps, truths),
+            },
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(f"  {family}: {results[family]['seconds']} s", file=sys.stderr, flush=True)
@@ -494,7 +531,10 @@ def main() -> None:
     table = markdown_table(families, volume_result, recommended)
     print(table)
     print()
-    print("foreground pixels only (normal tissue vs anomalies; no credit for the background):")
+    print(
+        "foreground pixels only (normal tissue vs anomalies; no credit for the background), "
+        "and paired (the same pixels with and without the anomaly):"
+    )
     table_foreground = foreground_table(families)
     print(table_foreground)
     print()

@@ -53,3 +53,30 @@ def test_baseline_is_scaled_to_unit_range_and_marks_a_spike():
     residual = evaluate.baseline_map(image)
     assert residual.min() >= 0 and residual.max() <= 1
     assert residual[16, 16] == residual.max() > 0
+
+
+def test_paired_rise_compares_the_same_pixels_with_and_without_the_anomaly():
+    case, truth = _case()
+    clean = np.where(case["foreground"], 0.3, 0.0).astype(np.float32)
+    raised = clean + 0.4 * truth
+    lowered = clean - 0.2 * truth
+    assert evaluate.paired_rise([raised], [clean], [truth])["auroc"] == pytest.approx(1.0)
+    assert evaluate.paired_rise([lowered], [clean], [truth])["auroc"] == pytest.approx(0.0)
+    unchanged = evaluate.paired_rise([clean], [clean], [truth])
+    assert unchanged["auroc"] == pytest.approx(0.5)
+    assert unchanged["mean_score_with_anomaly"] == unchanged["mean_score_clean"] == pytest.approx(0.3)
+
+
+def test_foreground_table_adds_paired_columns_when_measured():
+    case, truth = _case()
+    scores = case["foreground"] * 0.5 + truth * 0.5
+    clean = case["foreground"] * 0.5
+    report = evaluate.foreground_only([scores], [scores], [truth], [case])
+    paired = {
+        "model": evaluate.paired_rise([scores], [clean], [truth]),
+        "baseline": evaluate.paired_rise([clean], [clean], [truth]),
+    }
+    families = {"blobs": {"evaluable": True, "foreground_only": report, "paired": paired}}
+    header, _, row = evaluate.foreground_table(families).splitlines()
+    assert header.endswith("| model paired AUROC | baseline paired AUROC |")
+    assert row.endswith("| 1.000 | 0.500 |")
