@@ -71,7 +71,12 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from anatomy import HELD_OUT_ITK_SLICES, HELD_OUT_VOLUME, held_out_files  # noqa: E402
+from anatomy import (  # noqa: E402
+    HELD_OUT_ITK_SLICES,
+    HELD_OUT_VOLUME,
+    held_out_brain_only_volume,
+    held_out_files,
+)
 
 from napari_anomaly import __version__  # noqa: E402
 from napari_anomaly.anomaly_families import FAMILIES, add_anomalies  # noqa: E402
@@ -93,6 +98,8 @@ from napari_anomaly.progress import run_to_end  # noqa: E402
 FAMILY_SEED_KEY = {"blobs": 0, "deformation": 1, "texture": 2, "noise": 3, "deformation_subtle": 1}
 FAMILY_ORDER = tuple(FAMILY_SEED_KEY)
 VOLUME_SEED_KEY = 4
+# The families averaged into the headline "mean AP" (deformation_subtle is reported, not averaged).
+MEAN_AP_FAMILIES = ("blobs", "deformation", "texture", "noise")
 THRESHOLD = 0.5
 PLACEMENT_LEVEL = 0.3  # anomalies go where foreground & normalised > this
 MIN_PLACEMENT_PIXELS = 500
@@ -131,8 +138,9 @@ def central_slices(volume_foreground: np.ndarray, count: int) -> list[int]:
     return [int(round(z)) for z in np.linspace(first + margin, last - margin, count)]
 
 
-def load_cases(data: Path, quick: bool) -> tuple[list[dict], np.ndarray]:
-    """The held-out 2D cases (preprocessed) and the raw Colin27 volume."""
+def load_cases(data: Path, quick: bool) -> tuple[list[dict], np.ndarray, list[dict]]:
+    """The held-out 2D cases (preprocessed), the raw Colin27 volume, and the
+    brain-only cases: the same Colin27 slices of the brain-extracted volume."""
     volume_path, *slice_paths = held_out_files(data)
     assert volume_path.name == HELD_OUT_VOLUME
     assert [p.name for p in slice_paths] == HELD_OUT_ITK_SLICES
@@ -143,6 +151,15 @@ def load_cases(data: Path, quick: bool) -> tuple[list[dict], np.ndarray]:
         indices = [indices[i] for i in np.linspace(0, len(indices) - 1, QUICK_SLICES).astype(int)]
     raw = [(f"colin27_z{z:03d}", volume_path, z, volume[z]) for z in indices]
     raw += [(p.stem, p, None, read_image(p).array) for p in slice_paths]
+    brain_path = held_out_brain_only_volume(data)
+    brain = read_image(brain_path).array
+    if brain.shape != volume.shape:
+        raise ValueError(f"{brain_path.name} {brain.shape} is not on the grid of {volume.shape}")
+    raw_brain = [(f"colin27_brain_z{z:03d}", brain_path, z, brain[z]) for z in indices]
+    return _prepare(raw, data), volume, _prepare(raw_brain, data)
+
+
+def _prepare(raw: list[tuple], data: Path) -> list[dict]:
     cases = []
     for name, path, index, image in raw:
         normalised, foreground = preprocess(image)
@@ -157,7 +174,7 @@ def load_cases(data: Path, quick: bool) -> tuple[list[dict], np.ndarray]:
                 "placement": _placement(normalised, foreground),
             }
         )
-    return cases, volume
+    return cases
 
 
 def run_model(image: np.ndarray, foreground: np.ndarray, localiser: Localiser, config):
@@ -434,6 +451,29 @@ def evaluate_volume(volume, localiser, config, seed, quick, recommended) -> dict
     }
 
 
+def mean_ap(families: dict) -> float:
+    """Model pixel AP averaged over ``MEAN_AP_FAMILIES``."""
+    return float(np.mean([families[f]["model"]["pixel_ap"] for f in MEAN_AP_FAMILIES]))
+
+
+def evaluate_case_set(cases, localiser, config, seed, recommended) -> dict:
+    """Families and false positives on a further set of cases (the brain-only slices)."""
+    clean_maps = [run_model(c["image"], c["foreground"], localiser, config) for c in cases]
+    families = evaluate_families(cases, localiser, config, seed, clean_maps, recommended)
+    return {
+        "cases": [
+            {k: c[k] for k in ("name", "file", "axis0_index", "shape")}
+            | {"foreground_pixels": int(np.count_nonzero(c["foreground"]))}
+            for c in cases
+        ],
+        "families": families,
+        "false_positives_on_clean_cases": false_positives(cases, clean_maps, recommended),
+        "mean_pixel_ap": round(mean_ap(families), 5),
+        "markdown_table": markdown_table(families, None, recommended),
+        "markdown_table_foreground_only": foreground_table(families),
+    }
+
+
 def _row(name: str, r: dict, recommended: float | None) -> str:
     m, b = r["model"], r["baseline"]
     cells = [
@@ -493,6 +533,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--skip-3d", action="store_true")
     parser.add_argument(
+        "--skip-brain-only", action="store_true", help="skip the skull-stripped Colin27 cases"
+    )
+    parser.add_argument(
         "--flips", action="store_true", help="average over mirrored tiles (InferenceConfig.flips)"
     )
     args = parser.parse_args()
@@ -504,7 +547,7 @@ def main() -> None:
     localiser = Localiser.load(model_path)
     config = InferenceConfig(device=args.device, flips=args.flips)
     recommended = float(getattr(localiser, "recommended_threshold", THRESHOLD))
-    cases, volume = load_cases(args.data, args.quick)
+    cases, volume, brain_cases = load_cases(args.data, args.quick)
     print(f"{len(cases)} held-out cases: {[c['name'] for c in cases]}", file=sys.stderr)
 
     clean_started = time.perf_counter()
@@ -521,6 +564,9 @@ def main() -> None:
         for family, r in families.items()
         if r["evaluable"]
     }
+    brain_only = None
+    if not args.skip_brain_only:
+        brain_only = evaluate_case_set(brain_cases, localiser, config, args.seed, recommended)
     volume_result = None
     if not args.skip_3d:
         volume_result = evaluate_volume(
@@ -550,6 +596,18 @@ def main() -> None:
         "sample-level AUROC (top-1 % score, anomalous vs clean): "
         + ", ".join(f"{f} {v['auroc']:.3f}" for f, v in fp["sample_level"].items())
     )
+    print(f"mean pixel AP of {', '.join(MEAN_AP_FAMILIES)}: {mean_ap(families):.3f}")
+    if brain_only is not None:
+        print()
+        print(f"brain-only cases ({len(brain_cases)} skull-stripped Colin27 slices):")
+        print(brain_only["markdown_table"])
+        print()
+        print(brain_only["markdown_table_foreground_only"])
+        bfp = brain_only["false_positives_on_clean_cases"]
+        print(
+            f"  {100 * bfp['fraction_foreground_above_recommended_threshold']:.2f} % of the "
+            f"clean foreground >= {recommended:g}; mean pixel AP {brain_only['mean_pixel_ap']:.3f}"
+        )
     if volume_result is not None:
         print(
             f"3D {tuple(volume_result['shape'])}: model localise "
@@ -591,6 +649,8 @@ def main() -> None:
         ],
         "families": families,
         "false_positives_on_clean_cases": fp,
+        "mean_pixel_ap": round(mean_ap(families), 5),
+        "brain_only": brain_only,
         "volume_3d": volume_result,
         "seconds_total": round(total, 1),
         "environment": {

@@ -112,7 +112,7 @@ def main() -> None:
 
     localiser = Localiser.load(args.model or default_model_path())
     config = InferenceConfig(device="cpu", flips=args.flips)
-    cases, _ = load_cases(args.data, quick=False)
+    cases, _, _ = load_cases(args.data, quick=False)
     anomalous = family_cases(cases, args.seed)
     everyone = list(range(len(cases)))
     before = {

@@ -23,22 +23,48 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from anatomy import held_out_files, training_files  # noqa: E402
+from anatomy import brain_labels, held_out_files, training_files  # noqa: E402
 
 from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
 from napari_anomaly.training import TrainConfig, train  # noqa: E402
 
 
-def isotropic(image) -> np.ndarray:
-    """The array resampled (linear) to the finest spacing of its axes.
+def isotropic(array: np.ndarray, spacing) -> np.ndarray:
+    """``array`` resampled (linear) to the finest spacing of its axes.
 
     The 2D model learns from slices along every axis of a volume; anisotropic
     voxels would show it squashed anatomy as normal.
     """
-    spacing = np.asarray(image.geometry.spacing, dtype=float)
-    if image.array.ndim < 3 or np.allclose(spacing, spacing.min()):
-        return image.array
-    return ndimage.zoom(image.array, spacing / spacing.min(), order=1).astype(np.float32)
+    spacing = np.asarray(spacing, dtype=float)
+    if array.ndim < 3 or np.allclose(spacing, spacing.min()):
+        return array
+    return ndimage.zoom(array, spacing / spacing.min(), order=1).astype(np.float32)
+
+
+def brain_mask(labels: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The nonzero voxels of a brain label map, closed and with holes filled."""
+    array = read_image(labels).array
+    if array.shape != shape:
+        raise ValueError(f"{labels.name} {array.shape} is not on the image grid {shape}")
+    return ndimage.binary_fill_holes(ndimage.binary_closing(array > 0, iterations=2))
+
+
+def training_arrays(data: Path, paths: list[Path], skull_stripped: bool) -> list[np.ndarray]:
+    """The training images (isotropic); with ``skull_stripped``, also a brain-only copy
+    of every volume that has a brain mask (zero outside the brain)."""
+    arrays = []
+    for path in paths:
+        image = read_image(path)
+        arrays.append(isotropic(image.array, image.geometry.spacing))
+    if skull_stripped:
+        for path in paths:
+            labels = brain_labels(data, path)
+            if labels is None:
+                continue
+            image = read_image(path)
+            stripped = np.where(brain_mask(labels, image.array.shape), image.array, 0)
+            arrays.append(isotropic(stripped.astype(np.float32), image.geometry.spacing))
+    return arrays
 
 
 def main() -> None:
@@ -63,6 +89,13 @@ def main() -> None:
         help="also train on the ITK examples' single-subject T1 head (anatomy.py); "
         "--no-extra-volume gives the data of default_2d_v3 and earlier",
     )
+    parser.add_argument(
+        "--skull-stripped",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also train on brain-only copies of the training volumes (anatomy.py names "
+        "their brain masks), so that skull-stripped scans look normal to the model",
+    )
     args = parser.parse_args()
 
     train_paths = training_files(args.data, extra_volume=args.extra_volume)
@@ -71,7 +104,7 @@ def main() -> None:
         # Only volumes can train a 3D model, and the held-out volume is kept for evaluation;
         # the documented 3D run used the MNI152 volume alone.
         train_paths, validation_paths = train_paths[:1], []
-    images = [isotropic(read_image(p)) for p in train_paths]
+    images = training_arrays(args.data, train_paths, args.skull_stripped and args.dims == 2)
     validation = [read_image(p).array for p in validation_paths]
     if args.dims == 3:
         config = TrainConfig(
@@ -85,6 +118,9 @@ def main() -> None:
     else:
         config = TrainConfig(steps=args.steps, seed=args.seed, device=args.device)
     description = ", ".join(p.name for p in train_paths)
+    if args.skull_stripped and args.dims == 2:
+        stripped = [p.name for p in train_paths if brain_labels(args.data, p)]
+        description += "; brain-only copies of " + ", ".join(stripped)
     log = []
     started = time.perf_counter()
     job = train(images, config, validation_images=validation, data_description=description)
