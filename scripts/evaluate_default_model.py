@@ -36,7 +36,9 @@ seeded with ``(--seed, family index, case index)``; inference runs on the CPU).
    0.05 threshold grid (an optimistic, test-set-chosen figure, labelled so).
    The same AP/AUROC restricted to foreground pixels are reported too
    (``foreground_only``): the pooled figures also reward ranking anything
-   inside the head above the empty background.
+   inside the head above the empty background. ``paired``: the AUROC of the
+   scores at the anomalous pixels against the scores at the same pixels of
+   the clean image (does the anomaly itself raise the score where it is?).
 3. False positives: the model on the clean cases. Reported: the fraction of
    foreground pixels scoring >= 0.5 (and >= the model's recommended threshold
    and every threshold of a 0.05 grid), the mean score in the foreground, and the
@@ -44,7 +46,10 @@ seeded with ``(--seed, family index, case index)``; inference runs on the CPU).
    scores, ``metrics.sample_score``) of the anomalous cases of each family
    against the clean ones. The pixel AP with the clean cases' pixels added as
    negatives is in the JSON as well.
-4. 3D check: the whole Colin27 volume, preprocessed as one volume, with 3
+4. Brain-only cases: the same Colin27 slices of the brain-extracted volume
+   (``ch2bet.nii.gz``, same grid), as a skull-stripped scan looks; steps 2
+   and 3 are repeated on them (JSON ``brain_only``; ``--skip-brain-only``).
+5. 3D check: the whole Colin27 volume, preprocessed as one volume, with 3
    ``blobs`` of radius 5-9 voxels; the 2D model runs slice by slice along
    axis 0; the baseline uses a 3D 7x7x7 median filter. Pixel AP/AUROC and
    the wall time of ``localise``.

@@ -42,7 +42,12 @@ def isotropic(array: np.ndarray, spacing) -> np.ndarray:
 
 
 def brain_mask(labels: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """The nonzero voxels of a brain label map, closed and with holes filled."""
+    """The nonzero voxels of a brain label map, closed and with holes filled.
+
+    The closing treats the outside of the array as background, so brain within
+    two voxels of the array's end is trimmed (48 voxels of the ITK head's
+    128,831, at its last slices).
+    """
     array = read_image(labels).array
     if array.shape != shape:
         raise ValueError(f"{labels.name} {array.shape} is not on the image grid {shape}")
@@ -50,21 +55,17 @@ def brain_mask(labels: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def training_arrays(data: Path, paths: list[Path], skull_stripped: bool) -> list[np.ndarray]:
-    """The training images (isotropic); with ``skull_stripped``, also a brain-only copy
-    of every volume that has a brain mask (zero outside the brain)."""
-    arrays = []
+    """The training images (isotropic), followed, with ``skull_stripped``, by a
+    brain-only copy (zero outside the brain) of every volume that has a brain mask."""
+    arrays, brain_only = [], []
     for path in paths:
         image = read_image(path)
         arrays.append(isotropic(image.array, image.geometry.spacing))
-    if skull_stripped:
-        for path in paths:
-            labels = brain_labels(data, path)
-            if labels is None:
-                continue
-            image = read_image(path)
+        labels = brain_labels(data, path) if skull_stripped else None
+        if labels is not None:
             stripped = np.where(brain_mask(labels, image.array.shape), image.array, 0)
-            arrays.append(isotropic(stripped.astype(np.float32), image.geometry.spacing))
-    return arrays
+            brain_only.append(isotropic(stripped.astype(np.float32), image.geometry.spacing))
+    return arrays + brain_only
 
 
 def main() -> None:

@@ -1,0 +1,50 @@
+"""The default model's training data preparation (scripts/train_default_model.py)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+
+import anatomy  # noqa: E402
+import train_default_model as script  # noqa: E402
+
+from napari_anomaly.io import write_image  # noqa: E402
+from napari_anomaly.io.images import Geometry  # noqa: E402
+
+
+def _head_with_brain_labels(data: Path) -> tuple[Path, np.ndarray]:
+    """A small anisotropic 'head' (3 mm slices) and its brain label map (4, 5, 6 inside)."""
+    folder = data / anatomy.ITK_DATA
+    folder.mkdir(parents=True)
+    head = np.full((8, 20, 20), 0.2, dtype=np.float32)  # "skull" everywhere
+    head[2:6, 5:15, 5:15] = 0.8
+    labels = np.zeros(head.shape, dtype=np.uint8)
+    labels[2:6, 5:15, 5:15] = 5
+    labels[3:5, 9, 9] = 0  # a hole, as ventricles are in a tissue map
+    geometry = Geometry(spacing=(3.0, 1.0, 1.0), origin=(0, 0, 0), direction=np.eye(3).ravel())
+    ((name, labels_name),) = anatomy.ITK_BRAIN_LABELS.items()
+    path = write_image(folder / name, head, geometry)
+    write_image(folder / labels_name, labels, geometry)
+    return path, head
+
+
+def test_brain_only_copy_is_zero_outside_the_brain_and_resampled(tmp_path):
+    path, head = _head_with_brain_labels(tmp_path)
+    plain, brain_only = script.training_arrays(tmp_path, [path], skull_stripped=True)
+    # Both resampled from 3 mm slices to 1 mm: 8 slices become 24.
+    assert plain.shape == brain_only.shape == (24, 20, 20)
+    assert np.allclose(plain[:, 0, 0], 0.2)  # the skull stays in the plain copy
+    assert np.all(brain_only[:, :5, :] == 0) and np.all(brain_only[:, 15:, :] == 0)
+    assert np.all(brain_only[:3] == 0) and np.all(brain_only[-3:] == 0)
+    # Inside the brain (the hole filled) the intensities are those of the head.
+    middle = brain_only[9:15, 5:15, 5:15]
+    assert np.allclose(middle, 0.8)
+
+
+def test_without_the_option_or_a_label_map_no_copy_is_made(tmp_path):
+    path, _ = _head_with_brain_labels(tmp_path)
+    assert len(script.training_arrays(tmp_path, [path], skull_stripped=False)) == 1
+    other = write_image(tmp_path / "other.nii.gz", np.ones((8, 8), np.float32))
+    assert len(script.training_arrays(tmp_path, [other], skull_stripped=True)) == 1
