@@ -118,6 +118,7 @@ CENTRAL_FRACTION = 0.6
 VOLUME_SLICES = 12
 QUICK_SLICES = 3
 QUICK_SLAB = 32
+EDGE_RIM = 5
 ORACLE_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
 
@@ -377,11 +378,16 @@ def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
 def false_positives(cases, clean_maps, recommended) -> dict:
     per_case = []
     above = above_recommended = total = 0
+    # Where the flagged pixels lie: within EDGE_RIM px of the foreground's edge or deeper.
+    near_edge = rim_pixels = 0
     score_sum = 0.0
     pooled = []
     for case, score in zip(cases, clean_maps):
         values = score[case["foreground"]]
         pooled.append(values)
+        rim = case["foreground"] & ~ndi.binary_erosion(case["foreground"], iterations=EDGE_RIM)
+        near_edge += int(np.count_nonzero(score[rim] >= recommended))
+        rim_pixels += int(np.count_nonzero(rim))
         above += int(np.count_nonzero(values >= THRESHOLD))
         above_recommended += int(np.count_nonzero(values >= recommended))
         total += values.size
@@ -405,6 +411,11 @@ def false_positives(cases, clean_maps, recommended) -> dict:
         "fraction_foreground_above_threshold": round(above / total, 5),
         "recommended_threshold": recommended,
         "fraction_foreground_above_recommended_threshold": round(above_recommended / total, 5),
+        # Share of the pixels flagged at the recommended threshold that lie in the edge rim,
+        # beside the rim's share of the foreground (equal: the edge draws no more than its share).
+        "edge_rim_px": EDGE_RIM,
+        "flagged_share_in_edge_rim": round(near_edge / max(above_recommended, 1), 5),
+        "edge_rim_share_of_foreground": round(rim_pixels / total, 5),
         "mean_foreground_score": round(score_sum / total, 5),
         "mean_image_score": round(float(np.mean([m.mean() for m in clean_maps])), 5),
         "fraction_foreground_above": {
