@@ -7,8 +7,10 @@ proton-density slice, with the same seeded anomalies per family). For each targe
 reviewer "corrects" the first case: its ground-truth mask becomes the corrected mask, and the
 default model is fine-tuned on that one case (``FinetuneConfig`` defaults: 100 steps, half of
 every batch replayed synthetic P-PII). Reported: pixel AP on the *other* cases of the target
-family, and on all cases of the other families, before and after. Writes
-``benchmarks/results/finetune_experiment.json``.
+family, and on all cases of the other families, before and after, and the share of normal
+foreground the model flags (at the parent's calibrated threshold) on the other clean cases.
+Writes ``benchmarks/results/finetune_experiment.json``. ``--brain-only`` runs the same on the
+skull-stripped Colin27 slices of the evaluation instead.
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ def pooled_ap(localiser, cases, anomalous, indices, config) -> float:
     )
 
 
+def flagged_fraction(localiser, cases, indices, threshold, config) -> float:
+    """Share of the foreground of the *clean* cases scoring at or above ``threshold``."""
+    flagged = total = 0
+    for i in indices:
+        score = run_model(cases[i]["image"], cases[i]["foreground"], localiser, config)
+        values = score[cases[i]["foreground"]]
+        flagged += int(np.count_nonzero(values >= threshold))
+        total += values.size
+    return flagged / total
+
+
 def reviewed_weights(localiser, case, image, truth, config, edit_weight) -> np.ndarray:
     """Loss weights as the review widget sets them for a reviewer who turned the model's
     mask (at its calibrated threshold) into the truth: the voxels added or erased weigh
@@ -106,15 +119,23 @@ def main() -> None:
         "--flips", action="store_true", help="average over mirrored tiles (InferenceConfig.flips)"
     )
     parser.add_argument(
+        "--brain-only",
+        action="store_true",
+        help="use the skull-stripped Colin27 slices of the evaluation instead of the whole heads",
+    )
+    parser.add_argument(
         "--json", type=Path, default=Path("benchmarks/results/finetune_experiment.json")
     )
     args = parser.parse_args()
 
     localiser = Localiser.load(args.model or default_model_path())
     config = InferenceConfig(device="cpu", flips=args.flips)
-    cases, _, _ = load_cases(args.data, quick=False)
+    whole_heads, _, brain_only = load_cases(args.data, quick=False)
+    cases = brain_only if args.brain_only else whole_heads
     anomalous = family_cases(cases, args.seed)
     everyone = list(range(len(cases)))
+    threshold = localiser.recommended_threshold
+    flagged_before = flagged_fraction(localiser, cases, everyone[1:], threshold, config)
     before = {
         f: pooled_ap(localiser, cases, anomalous[f], everyone[1:], config) for f in FAMILY_ORDER
     }
@@ -155,6 +176,11 @@ def main() -> None:
                 pooled_ap(tuned, cases, anomalous[target], everyone[1:], config), 4
             ),
             "other_families": {},
+            "threshold": threshold,
+            "other_clean_cases_foreground_flagged_before": round(flagged_before, 5),
+            "other_clean_cases_foreground_flagged_after": round(
+                flagged_fraction(tuned, cases, everyone[1:], threshold, config), 5
+            ),
         }
         for family in FAMILY_ORDER:
             if family == target:
@@ -170,14 +196,16 @@ def main() -> None:
 
     print(
         "\n| fine-tuned on | AP other cases of the family: before -> after "
-        "| AP change on the other families |"
+        "| AP change on the other families | normal foreground flagged, other cases |"
     )
-    print("|---|---|---|")
+    print("|---|---|---|---|")
     for row in results:
         others = ", ".join(f"{f} {v['change']:+.3f}" for f, v in row["other_families"].items())
         print(
             f"| {row['target_family']} (1 case) | {row['target_other_cases_ap_before']:.3f} -> "
-            f"{row['target_other_cases_ap_after']:.3f} | {others} |"
+            f"{row['target_other_cases_ap_after']:.3f} | {others} | "
+            f"{100 * row['other_clean_cases_foreground_flagged_before']:.2f} % -> "
+            f"{100 * row['other_clean_cases_foreground_flagged_after']:.2f} % |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -187,6 +215,7 @@ def main() -> None:
         "learning_rate": args.learning_rate,
         "replay_fraction": args.replay_fraction,
         "flips": args.flips,
+        "brain_only": args.brain_only,
         "as_reviewed": args.as_reviewed,
         "edit_weight": args.edit_weight if args.as_reviewed else None,
         "cases": [c["name"] for c in cases],
