@@ -68,6 +68,39 @@ def test_localise_writes_three_maps_in_the_input_format_and_geometry(model, norm
     )
 
 
+def test_refused_input_leaves_no_output_folder(model, tmp_path, capsys):
+    bad = tmp_path / "constant.npy"
+    np.save(bad, np.ones((40, 40), np.float32))
+    out = tmp_path / "never"
+    code = main(["localise", str(bad), "--out", str(out), "--model", str(model), "--device", "cpu"])
+    assert code == 2
+    assert "constant" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_localise_checks_every_output_before_writing_any(model, normals, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    # The *second* input's mask is already there: nothing may be written for the first.
+    (out / "normal1_mask.nii.gz").write_bytes(b"a reviewer's edit")
+    common = ["--out", str(out), "--model", str(model), "--device", "cpu"]
+    assert main(["localise", normals[0], normals[1], *common]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["normal1_mask.nii.gz"]
+    assert (out / "normal1_mask.nii.gz").read_bytes() == b"a reviewer's edit"
+
+
+def test_two_inputs_that_would_write_the_same_file_are_refused(model, normals, tmp_path, capsys):
+    twin = tmp_path / "other" / "normal0.nii.gz"
+    twin.parent.mkdir()
+    twin.write_bytes((tmp_path / "normal0.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--model", str(model), "--device", "cpu"]
+    assert main(["localise", normals[0], str(twin), *common]) == 2
+    assert "would both write" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_localise_with_flips_records_them_and_changes_the_map(model, normals, tmp_path):
     common = [normals[0], "--model", str(model), "--device", "cpu"]
     assert main(["localise", *common, "--out", str(tmp_path / "plain")]) == 0

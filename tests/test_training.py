@@ -47,6 +47,14 @@ def test_a_3d_model_refuses_2d_images(images_2d):
         run_to_end(train(images_2d, config, network=TINY_NETWORK_3D))
 
 
+def test_a_bad_training_image_is_named_in_the_error(images_2d):
+    constant = np.full_like(images_2d[0], 0.5)
+    job = train([*images_2d, constant], TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D)
+    count = len(images_2d) + 1
+    with pytest.raises(ValueError, match=f"training image {count} of {count}: .* is constant"):
+        run_to_end(job)
+
+
 def test_resume_continues_from_the_checkpoint(images_2d, tmp_path):
     checkpoint = tmp_path / "run.safetensors"
     config = TrainConfig(steps=4, checkpoint_every=2, **TINY)

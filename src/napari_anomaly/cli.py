@@ -128,34 +128,52 @@ def _localise_one(localiser, path: str, args: argparse.Namespace):
     return loaded, result
 
 
+def _localise_targets(paths: Sequence[str], out_dir: Path, overwrite: bool) -> list[dict]:
+    """The files each input will produce, checked before anything runs: none may exist
+    (unless ``overwrite``) and no two inputs may produce the same file."""
+    from napari_anomaly.io import output_path_like
+
+    plans, owner, existing = [], {}, []
+    for path in paths:
+        targets = {
+            kind: out_dir / output_path_like(path, f"_{kind}").name
+            for kind in ("anomaly", "confidence", "mask")
+        }
+        targets["sidecar"] = targets["mask"].with_name(targets["mask"].name.split(".")[0] + ".json")
+        for target in targets.values():
+            if target in owner:
+                raise CommandError(
+                    f"{owner[target]} and {path} would both write {target}; "
+                    "localise them into different --out folders"
+                )
+            owner[target] = path
+            if target.exists():
+                existing.append(str(target))
+        plans.append({"path": path, **targets})
+    if existing and not overwrite:
+        raise CommandError(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
+    return plans
+
+
 def _cmd_localise(args: argparse.Namespace) -> int:
-    from napari_anomaly.io import atomic_write_text, output_path_like, write_image
+    from napari_anomaly.io import atomic_write_text, write_image
     from napari_anomaly.review import threshold_map
 
     localiser = _load_model(args.model, args.device)
     threshold = _threshold(args, localiser)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
-        targets = {
-            kind: out_dir / output_path_like(path, f"_{kind}").name
-            for kind in ("anomaly", "confidence", "mask")
-        }
-        sidecar = targets["mask"].with_name(targets["mask"].name.split(".")[0] + ".json")
-        existing = [str(p) for p in [*targets.values(), sidecar] if p.exists()]
-        if existing and not args.overwrite:
-            raise CommandError(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
+    plans = _localise_targets(args.images, out_dir, args.overwrite)
+    for plan in plans:
+        path = plan["path"]
         loaded, result = _localise_one(localiser, path, args)
         mask = threshold_map(result.anomaly_map, threshold, args.min_region_size)
+        # The folder is made only once there is something to put in it.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_image(plan["anomaly"], result.anomaly_map, loaded.geometry, overwrite=args.overwrite)
         write_image(
-            targets["anomaly"], result.anomaly_map, loaded.geometry, overwrite=args.overwrite
+            plan["confidence"], result.confidence_map, loaded.geometry, overwrite=args.overwrite
         )
-        write_image(
-            targets["confidence"], result.confidence_map, loaded.geometry, overwrite=args.overwrite
-        )
-        write_image(
-            targets["mask"], mask.astype(np.uint8), loaded.geometry, overwrite=args.overwrite
-        )
+        write_image(plan["mask"], mask.astype(np.uint8), loaded.geometry, overwrite=args.overwrite)
         provenance = {
             "image": str(Path(path).resolve()),
             "model": localiser.name,
@@ -167,10 +185,12 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "geometry": loaded.geometry.to_dict(),
         }
-        atomic_write_text(sidecar, json.dumps(provenance, indent=2), overwrite=args.overwrite)
+        atomic_write_text(
+            plan["sidecar"], json.dumps(provenance, indent=2), overwrite=args.overwrite
+        )
         print(
             f"{Path(path).name}: max score {result.anomaly_map.max():.3f}, "
-            f"{int(mask.sum())} voxels marked -> {targets['mask']}"
+            f"{int(mask.sum())} voxels marked -> {plan['mask']}"
         )
     return 0
 

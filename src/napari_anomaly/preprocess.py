@@ -155,7 +155,7 @@ def validate_image(image: Any, *, name: str = "image") -> np.ndarray:
     if np.float32(lo) == np.float32(hi):
         raise ValueError(
             f"{name} is constant (all values = {float(np.float32(lo)):g}); "
-            "there is nothing to localise"
+            "there is nothing in it to analyse"
         )
 
     out = arr.astype(np.float32, copy=False)

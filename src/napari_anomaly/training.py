@@ -148,7 +148,10 @@ def _preprocess_all(
     prepared, foregrounds = [], []
     for index, image in enumerate(images):
         yield Progress(index, len(images), f"preprocessing {label} {index + 1}/{len(images)}")
-        normalised, foreground = preprocess(np.asarray(image), config)
+        try:
+            normalised, foreground = preprocess(np.asarray(image), config)
+        except ValueError as error:
+            raise ValueError(f"{label} {index + 1} of {len(images)}: {error}") from error
         prepared.append(normalised)
         foregrounds.append(foreground)
     return prepared, foregrounds
