@@ -48,10 +48,11 @@ def test_a_3d_model_refuses_2d_images(images_2d):
 
 
 def test_a_bad_training_image_is_named_in_the_error(images_2d):
-    constant = np.full_like(images_2d[0], 0.5)
-    job = train([*images_2d, constant], TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D)
-    count = len(images_2d) + 1
-    with pytest.raises(ValueError, match=f"training image {count} of {count}: .* is constant"):
+    constant = np.full(images_2d[0].shape, 0.5, dtype=np.float32)
+    # With three or more images and no validation images, the last is held out for validation.
+    job = train([constant, *images_2d], TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D)
+    count = len(images_2d)
+    with pytest.raises(ValueError, match=f"training image 1 of {count}: .* is constant"):
         run_to_end(job)
 
 
