@@ -300,6 +300,18 @@ def best_dice(maps, truths) -> dict:
     return {"dice": round(best[0], 5), "threshold": best[1]}
 
 
+def anomalous_case(case: dict, case_index: int, family: str, seed: int):
+    """``(image, truth, count)``: the case with the seeded anomalies of ``family``.
+
+    The draw depends only on ``(seed, FAMILY_SEED_KEY[family], case_index)``, so every
+    script that asks for the same case gets the same anomalies.
+    """
+    rng = np.random.default_rng([seed, FAMILY_SEED_KEY[family], case_index])
+    count = int(rng.integers(COUNT_2D[0], COUNT_2D[1] + 1))
+    image, truth = add_anomalies(case["image"], case["placement"], family, rng, count, RADIUS_2D)
+    return image, truth, count
+
+
 def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
     results = {}
     clean_base_maps = [baseline_map(c["image"]) for c in cases]
@@ -308,11 +320,7 @@ def evaluate_families(cases, localiser, config, seed, clean_maps, recommended):
         model_maps, base_maps, truths, counts, changes = [], [], [], [], []
         inside_changes = []
         for case_index, case in enumerate(cases):
-            rng = np.random.default_rng([seed, FAMILY_SEED_KEY[family], case_index])
-            count = int(rng.integers(COUNT_2D[0], COUNT_2D[1] + 1))
-            image, truth = add_anomalies(
-                case["image"], case["placement"], family, rng, count, RADIUS_2D
-            )
+            image, truth, count = anomalous_case(case, case_index, family, seed)
             model_maps.append(run_model(image, case["foreground"], localiser, config))
             base_maps.append(baseline_map(image))
             truths.append(truth)
@@ -473,20 +481,34 @@ def mean_ap(families: dict) -> float:
 
 
 def evaluate_case_set(cases, localiser, config, seed, recommended) -> dict:
-    """Families and false positives on a further set of cases (the brain-only slices)."""
+    """Steps 2 and 3 of the protocol on one set of cases: the families, and the
+    false positives on the clean cases (with the time the clean maps took)."""
+    clean_started = time.perf_counter()
     clean_maps = [run_model(c["image"], c["foreground"], localiser, config) for c in cases]
+    clean_seconds = time.perf_counter() - clean_started
     families = evaluate_families(cases, localiser, config, seed, clean_maps, recommended)
+    fp = false_positives(cases, clean_maps, recommended)
+    fp["seconds"] = round(clean_seconds, 1)
+    fp["sample_level"] = {
+        family: {
+            "auroc": r["model_with_clean_cases"]["sample_auroc"],
+            "ap": r["model_with_clean_cases"]["sample_ap"],
+        }
+        for family, r in families.items()
+        if r["evaluable"]
+    }
     return {
         "cases": [
             {k: c[k] for k in ("name", "file", "axis0_index", "shape")}
-            | {"foreground_pixels": int(np.count_nonzero(c["foreground"]))}
+            | {
+                "foreground_pixels": int(np.count_nonzero(c["foreground"])),
+                "placement_pixels": int(np.count_nonzero(c["placement"])),
+            }
             for c in cases
         ],
         "families": families,
-        "false_positives_on_clean_cases": false_positives(cases, clean_maps, recommended),
+        "false_positives_on_clean_cases": fp,
         "mean_pixel_ap": round(mean_ap(families), 5),
-        "markdown_table": markdown_table(families, None, recommended),
-        "markdown_table_foreground_only": foreground_table(families),
     }
 
 
@@ -566,23 +588,13 @@ def main() -> None:
     cases, volume, brain_cases = load_cases(args.data, args.quick)
     print(f"{len(cases)} held-out cases: {[c['name'] for c in cases]}", file=sys.stderr)
 
-    clean_started = time.perf_counter()
-    clean_maps = [run_model(c["image"], c["foreground"], localiser, config) for c in cases]
-    clean_seconds = time.perf_counter() - clean_started
-    families = evaluate_families(cases, localiser, config, args.seed, clean_maps, recommended)
-    fp = false_positives(cases, clean_maps, recommended)
-    fp["seconds"] = round(clean_seconds, 1)
-    fp["sample_level"] = {
-        family: {
-            "auroc": r["model_with_clean_cases"]["sample_auroc"],
-            "ap": r["model_with_clean_cases"]["sample_ap"],
-        }
-        for family, r in families.items()
-        if r["evaluable"]
-    }
+    primary = evaluate_case_set(cases, localiser, config, args.seed, recommended)
+    families, fp = primary["families"], primary["false_positives_on_clean_cases"]
     brain_only = None
     if not args.skip_brain_only:
         brain_only = evaluate_case_set(brain_cases, localiser, config, args.seed, recommended)
+        brain_only["markdown_table"] = markdown_table(brain_only["families"], None, recommended)
+        brain_only["markdown_table_foreground_only"] = foreground_table(brain_only["families"])
     volume_result = None
     if not args.skip_3d:
         volume_result = evaluate_volume(
@@ -655,17 +667,7 @@ def main() -> None:
             "pixel_metrics": "all pixels of all cases of a family flattened together",
             "sample_score": "mean of the top 1 % of pixel scores (metrics.sample_score)",
         },
-        "cases": [
-            {k: c[k] for k in ("name", "file", "axis0_index", "shape")}
-            | {
-                "foreground_pixels": int(np.count_nonzero(c["foreground"])),
-                "placement_pixels": int(np.count_nonzero(c["placement"])),
-            }
-            for c in cases
-        ],
-        "families": families,
-        "false_positives_on_clean_cases": fp,
-        "mean_pixel_ap": round(mean_ap(families), 5),
+        **primary,
         "brain_only": brain_only,
         "volume_3d": volume_result,
         "seconds_total": round(total, 1),

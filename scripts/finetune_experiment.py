@@ -26,15 +26,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from evaluate_default_model import (  # noqa: E402
-    COUNT_2D,
     FAMILY_ORDER,
-    FAMILY_SEED_KEY,
-    RADIUS_2D,
+    anomalous_case,
     load_cases,
     run_model,
 )
 
-from napari_anomaly.anomaly_families import add_anomalies  # noqa: E402
 from napari_anomaly.inference import InferenceConfig  # noqa: E402
 from napari_anomaly.io import atomic_write_text  # noqa: E402
 from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
@@ -51,17 +48,10 @@ from napari_anomaly.training import FinetuneConfig, finetune  # noqa: E402
 
 def family_cases(cases: list[dict], seed: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """The same anomalous cases as the held-out evaluation (same seeds)."""
-    out = {}
-    for family in FAMILY_ORDER:
-        out[family] = []
-        for case_index, case in enumerate(cases):
-            rng = np.random.default_rng([seed, FAMILY_SEED_KEY[family], case_index])
-            count = int(rng.integers(COUNT_2D[0], COUNT_2D[1] + 1))
-            image, truth = add_anomalies(
-                case["image"], case["placement"], family, rng, count, RADIUS_2D
-            )
-            out[family].append((image, truth))
-    return out
+    return {
+        family: [anomalous_case(case, i, family, seed)[:2] for i, case in enumerate(cases)]
+        for family in FAMILY_ORDER
+    }
 
 
 def pooled_ap(localiser, cases, anomalous, indices, config) -> float:

@@ -81,3 +81,21 @@ def test_foreground_table_adds_paired_columns_when_measured():
     header, _, row = evaluate.foreground_table(families).splitlines()
     assert header.endswith("| model paired AUROC | baseline paired AUROC |")
     assert row.endswith("| 1.000 | 0.500 |")
+
+
+def test_anomalous_cases_are_the_same_for_every_caller_and_deformations_share_balls():
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64)).astype(np.float32)
+    placement = np.zeros((64, 64), dtype=bool)
+    placement[16:48, 16:48] = True
+    case = {"image": image, "placement": placement}
+    first = evaluate.anomalous_case(case, 3, "blobs", seed=1)
+    again = evaluate.anomalous_case(case, 3, "blobs", seed=1)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert first[2] == again[2] in (2, 3)
+    swollen = evaluate.anomalous_case(case, 3, "deformation", seed=1)
+    subtle = evaluate.anomalous_case(case, 3, "deformation_subtle", seed=1)
+    assert swollen[2] == subtle[2]
+    # Same balls: the subtle swelling's mask lies inside the stronger one's.
+    assert subtle[1].any() and not (subtle[1] & ~swollen[1]).any()
