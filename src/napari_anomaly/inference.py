@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.preprocess import preprocess, validate_image
@@ -153,6 +154,8 @@ def localise(
     localiser: Localiser,
     config: InferenceConfig = InferenceConfig(),
     foreground: np.ndarray | None = None,
+    *,
+    spacing: tuple[float, ...] | None = None,
 ) -> Job[LocalisationResult]:
     """Predict the anomaly and confidence maps of one image or volume.
 
@@ -166,6 +169,15 @@ def localise(
         Tiling, device and slicing settings.
     foreground
         Optional bool mask; estimated from the image otherwise.
+    spacing
+        Voxel size (mm) per axis, for the model's post-processing in
+        millimetres (``Localiser.postprocess``); ``None`` = 1 mm.
+
+    Notes
+    -----
+    The map is the network's output, post-processed and calibrated as the
+    model file says (:mod:`napari_anomaly.calibration`); a model without a
+    calibration gives the raw score.
 
     Yields
     ------
@@ -252,4 +264,11 @@ def localise(
     confidence_map = np.ascontiguousarray(confidence_sum)
     del confidence_sum
     np.clip(confidence_map, 0.0, 1.0, out=confidence_map)
+    post = localiser.postprocess
+    if post.smooth_mm > 0 or post.edge_margin_mm > 0:
+        plane_axis = config.slice_axis if dims == 2 and image.ndim == 3 else None
+        anomaly_map = postprocess_map(anomaly_map, foreground, spacing, post, plane_axis)
+    calibration = localiser.score_calibration
+    if calibration is not None:
+        anomaly_map = calibration.apply(anomaly_map)
     return LocalisationResult(anomaly_map, confidence_map, foreground)

@@ -85,6 +85,36 @@ class Localiser:
         """The threshold calibrated on validation data at training time (else 0.5)."""
         return float(self.metadata.get("recommended_threshold", 0.5))
 
+    @property
+    def postprocess(self):
+        """Spatial post-processing of the map (``calibration.PostprocessConfig``)."""
+        from napari_anomaly.calibration import PostprocessConfig
+
+        return PostprocessConfig.from_metadata(self.metadata)
+
+    @property
+    def score_calibration(self):
+        """The raw-to-calibrated score map fitted on normal scans, or ``None``."""
+        from napari_anomaly.calibration import ScoreCalibration
+
+        data = (self.metadata.get("calibration") or {}).get("score")
+        return None if data is None else ScoreCalibration.from_dict(data)
+
+    def threshold_for_false_regions(self, max_false_regions: float) -> float:
+        """The lowest threshold at which the model's normal calibration scans showed at
+        most ``max_false_regions`` regions per scan; needs a calibrated model."""
+        from napari_anomaly.calibration import threshold_for_false_regions
+
+        curve = (self.metadata.get("calibration") or {}).get("false_regions")
+        if not curve:
+            raise ValueError(
+                f"model {self.name} has no false-region curve; calibrate it on normal scans "
+                "first (napari-anomaly calibrate)"
+            )
+        return threshold_for_false_regions(
+            curve["thresholds"], curve["mean_per_scan"], max_false_regions
+        )
+
     def save(self, path: str | Path, *, overwrite: bool = False) -> str:
         """Write the model file atomically; returns (and remembers) its sha256."""
         path = Path(path)
@@ -147,6 +177,13 @@ class Localiser:
             f"  parent: {self.metadata.get('parent_sha256') or 'none'}",
             f"  recommended threshold: {self.recommended_threshold:.2f}",
         ]
+        calibration = self.metadata.get("calibration")
+        if calibration:
+            lines.append(
+                f"  calibrated on: {calibration.get('data', '?')} "
+                f"(at most {calibration.get('max_false_regions', '?')} regions per normal scan "
+                "at the recommended threshold)"
+            )
         if training:
             lines.append(
                 f"  training: {training.get('kind', 'train')}, {training.get('steps', '?')} steps, "

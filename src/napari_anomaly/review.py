@@ -35,14 +35,24 @@ from scipy import ndimage as ndi
 
 __all__ = [
     "DEFAULT_EDIT_WEIGHT",
+    "RANKINGS",
     "MaskEdits",
     "Region",
     "ReviewConfig",
     "find_regions",
     "finetune_targets",
+    "min_voxels",
+    "regions_csv",
     "rethreshold",
     "threshold_map",
 ]
+
+#: Statistics the region table can be ordered by (``find_regions(rank_by=...)``):
+#: ``mass`` = sum of the scores inside the region times the voxel volume (a large,
+#: clearly abnormal region first; the default, chosen on the clinical yardstick,
+#: docs/evaluation.md), ``mean`` = mean score, ``peak`` = highest score,
+#: ``size`` = voxel count.
+RANKINGS = ("mass", "mean", "peak", "size")
 
 #: Loss weight of the voxels the reviewer explicitly added or erased, relative
 #: to 1 for every other voxel: they are the model's known mistakes (hard
@@ -70,6 +80,14 @@ class ReviewConfig:
         Specks of a few voxels are almost always noise of the map and clutter
         the region table; a reviewer can still paint a small finding by hand,
         and painted voxels are never dropped.
+    min_region_mm : float
+        Automatic regions smaller than this physical size (mm^3 in 3D, mm^2 in
+        2D) are dropped too (>= 0): the same finding spans 8x more voxels at
+        0.5 mm than at 1 mm, so a size in voxels alone means different things
+        on different scanners. The larger of the two limits applies
+        (:func:`min_voxels`).
+    rank_by : str
+        Statistic the region table is ordered by (:data:`RANKINGS`).
     edit_weight : float
         Loss weight (> 0) of the voxels the reviewer added or erased when the
         corrections become fine-tuning targets (:func:`finetune_targets`).
@@ -77,6 +95,8 @@ class ReviewConfig:
 
     threshold: float | None = None
     min_region_size: int = 10
+    min_region_mm: float = 0.0
+    rank_by: str = "mass"
     edit_weight: float = DEFAULT_EDIT_WEIGHT
 
     def __post_init__(self) -> None:
@@ -84,6 +104,9 @@ class ReviewConfig:
             _check_threshold(self.threshold)
         if int(self.min_region_size) != self.min_region_size or self.min_region_size < 0:
             raise ValueError(f"min_region_size must be an integer >= 0, got {self.min_region_size}")
+        if not (np.isfinite(self.min_region_mm) and self.min_region_mm >= 0):
+            raise ValueError(f"min_region_mm must be finite and >= 0, got {self.min_region_mm}")
+        _check_ranking(self.rank_by)
         if not self.edit_weight > 0:
             raise ValueError(f"edit_weight must be positive, got {self.edit_weight}")
 
@@ -123,6 +146,36 @@ def _check_mask(mask: Any, shape: tuple[int, ...] | None, name: str = "mask") ->
             "they must match"
         )
     return array
+
+
+def _check_ranking(rank_by: str) -> str:
+    if rank_by not in RANKINGS:
+        raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {rank_by!r}")
+    return rank_by
+
+
+def min_voxels(
+    min_region_size: int, min_region_mm: float, spacing: Sequence[float] | None
+) -> int:
+    """The minimum region size in voxels: the larger of a voxel count and a physical size.
+
+    Parameters
+    ----------
+    min_region_size : int
+        Minimum size in voxels (>= 0).
+    min_region_mm : float
+        Minimum size in mm^3 (3D) or mm^2 (2D), >= 0; converted with ``spacing``.
+    spacing : sequence of float or None
+        Voxel size per axis in mm; ``None`` means 1 mm.
+
+    Examples
+    --------
+    >>> min_voxels(10, 20.0, (5.0, 0.5, 0.5))   # 1.25 mm^3 voxels: 16 of them make 20 mm^3
+    16
+    """
+    voxel = 1.0 if spacing is None else float(np.prod(np.asarray(spacing, dtype=np.float64)))
+    from_mm = int(np.ceil(min_region_mm / voxel - 1e-9)) if min_region_mm > 0 else 0
+    return max(int(min_region_size), from_mm)
 
 
 def _check_threshold(threshold: float) -> float:
@@ -421,6 +474,7 @@ def find_regions(
     spacing: Sequence[float] | None = None,
     origin: Sequence[float] | None = None,
     *,
+    rank_by: str = "mean",
     return_labels: bool = False,
 ) -> list[Region] | tuple[list[Region], np.ndarray]:
     """List the connected components of a mask with their scores and sizes.
@@ -437,6 +491,9 @@ def find_regions(
         Voxel size per axis in mm, axis order of the array; default 1.
     origin : sequence of float, optional
         Physical position (mm) of voxel index 0 per axis; default 0.
+    rank_by : str, default "mean"
+        The statistic the list is sorted by, highest first (:data:`RANKINGS`);
+        ties are broken by mean score, peak, size and position.
     return_labels : bool, default False
         Also return the label image whose value ``k`` marks the voxels of
         ``regions[k - 1]`` (for accept/reject and click-to-jump).
@@ -444,9 +501,9 @@ def find_regions(
     Returns
     -------
     regions : list of Region
-        Components with full connectivity, sorted by mean score descending (then peak),
-        then by size descending (then by position, C order, for a stable
-        order); labels are 1..n in that order.
+        Components with full connectivity, sorted by ``rank_by`` descending, then by
+        mean score, peak and size descending (then by position, C order, for a
+        stable order); labels are 1..n in that order.
     labels : numpy.ndarray of int32, same shape as ``mask``
         Only with ``return_labels=True``; 0 is background.
     """
@@ -461,6 +518,7 @@ def find_regions(
                 f"{scores.shape}; they must match"
             )
     ndim = scores.ndim
+    _check_ranking(rank_by)
     spacing_vec = _check_vector(spacing, ndim, "spacing", 1.0)
     origin_vec = _check_vector(origin, ndim, "origin", 0.0)
 
@@ -504,7 +562,8 @@ def find_regions(
     # false positive), then peak, then size, then raster order of the raw label
     # (which ndimage assigns in C order) so the order is deterministic.
     means = sums / sizes
-    order = np.lexsort((np.arange(count), -sizes, -peaks, -means))
+    primary = {"mean": means, "peak": peaks, "mass": sums, "size": sizes.astype(np.float64)}
+    order = np.lexsort((np.arange(count), -sizes, -peaks, -means, -primary[rank_by]))
     voxel_volume = float(np.prod(spacing_vec))
     regions = []
     for rank, index in enumerate(order, start=1):
@@ -533,6 +592,38 @@ def find_regions(
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[order + 1] = np.arange(1, count + 1, dtype=np.int32)
     return regions, lookup[raw_labels]
+
+
+def regions_csv(regions: Sequence[Region], spacing: Sequence[float] | None = None) -> str:
+    """The region table as CSV text, one row per region in the table's order.
+
+    Columns: ``rank``, ``voxels``, ``size_mm3`` (``size_mm2`` in 2D), the centroid
+    in mm (``centroid_z_mm``, ``centroid_y_mm``, ``centroid_x_mm``: origin +
+    index x spacing, in the image's axis order), ``peak_score``, ``mean_score``,
+    ``mass`` (sum of scores x voxel volume), ``mean_confidence`` (empty without a
+    confidence map) and the voxel index of the peak (``peak_z``, ``peak_y``, ``peak_x``).
+    """
+    ndim = len(regions[0].centroid) if regions else (len(spacing) if spacing else 3)
+    axes = "zyx"[3 - ndim :]
+    voxel = float(np.prod(spacing)) if spacing is not None else 1.0
+    header = (
+        ["rank", "voxels", f"size_mm{ndim}"]
+        + [f"centroid_{a}_mm" for a in axes]
+        + ["peak_score", "mean_score", "mass", "mean_confidence"]
+        + [f"peak_{a}" for a in axes]
+    )
+    lines = [",".join(header)]
+    for r in regions:
+        confidence = "" if r.mean_confidence is None else f"{r.mean_confidence:.4f}"
+        row = (
+            [str(r.label), str(r.voxel_count), f"{r.size_physical:.3f}"]
+            + [f"{c:.3f}" for c in r.centroid_physical]
+            + [f"{r.peak_score:.4f}", f"{r.mean_score:.4f}"]
+            + [f"{r.mean_score * r.voxel_count * voxel:.3f}", confidence]
+            + [str(i) for i in r.peak_position]
+        )
+        lines.append(",".join(row))
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- #

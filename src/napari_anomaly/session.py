@@ -8,7 +8,8 @@ notebooks and tests can drive the whole review loop:
    brush and eraser edits (recorded with :meth:`ReviewSession.record_edits`);
 3. :meth:`ReviewSession.finetune` (a job) trains a new model version on every
    corrected case, with before/after metrics on those cases;
-4. :meth:`ReviewSession.revert` goes back to any earlier version;
+4. :meth:`ReviewSession.revert` goes back to any earlier version (also after
+   :meth:`ReviewSession.adapt`, a job that adapts the model to unlabelled scans);
 5. :meth:`ReviewSession.export` writes the corrected mask (and optionally the
    anomaly map) in the image's format and geometry with a JSON sidecar.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +38,10 @@ from napari_anomaly.review import (
     ReviewConfig,
     find_regions,
     finetune_targets,
+    min_voxels,
     threshold_map,
 )
-from napari_anomaly.training import FinetuneConfig, finetune
+from napari_anomaly.training import AdaptConfig, FinetuneConfig, adapt, finetune
 
 __all__ = ["Case", "FinetuneOutcome", "ReviewSession"]
 
@@ -67,6 +70,7 @@ class Case:
     model_sha256: str | None
     model_name: str
     localised_at: str = field(default_factory=_now)
+    rank_by: str = "mass"
 
     @property
     def mask(self) -> np.ndarray:
@@ -84,6 +88,7 @@ class Case:
             self.confidence_map,
             spacing=self.geometry.spacing,
             origin=self.geometry.origin,
+            rank_by=self.rank_by,
         )
 
 
@@ -158,11 +163,19 @@ class ReviewSession:
         image = np.asarray(image)
         geometry = geometry or Geometry.identity(image.ndim)
         localiser = self.localiser
-        result = yield from localise(image, localiser, self.inference)
+        result = yield from localise(
+            image, localiser, self.inference, spacing=geometry.spacing
+        )
         previous = self.cases.get(name)
         keep = previous is not None and previous.image.shape == image.shape
         threshold = previous.threshold if keep else self.default_threshold
-        min_size = previous.min_region_size if keep else self.review.min_region_size
+        min_size = (
+            previous.min_region_size
+            if keep
+            else min_voxels(
+                self.review.min_region_size, self.review.min_region_mm, geometry.spacing
+            )
+        )
         edits = previous.edits if keep else MaskEdits.empty(image.shape)
         case = Case(
             name=name,
@@ -176,6 +189,7 @@ class ReviewSession:
             min_region_size=min_size,
             model_sha256=localiser.sha256,
             model_name=localiser.name,
+            rank_by=self.review.rank_by,
         )
         self.cases[name] = case
         return case
@@ -224,7 +238,9 @@ class ReviewSession:
 
     @staticmethod
     def _region_mask(case: Case, region: Region) -> np.ndarray:
-        _, labels = find_regions(case.mask, case.anomaly_map, return_labels=True)
+        _, labels = find_regions(
+            case.mask, case.anomaly_map, rank_by=case.rank_by, return_labels=True
+        )
         return labels == region.label
 
     # -- fine-tuning -------------------------------------------------------------
@@ -271,6 +287,25 @@ class ReviewSession:
             return {}
         report = evaluate_cases(maps, masks, self.default_threshold)
         return {"pixel_ap": report.pixel_ap, "dice": report.dice}
+
+    # -- adaptation ----------------------------------------------------------------
+    def adapt(
+        self,
+        images: Sequence[np.ndarray],
+        config: AdaptConfig = AdaptConfig(),
+        names: Sequence[str] | None = None,
+    ) -> Job[Localiser]:
+        """Adapt the current model to unlabelled scans (see :func:`training.adapt`).
+
+        The adapted model becomes a new version, named ``<parent>+ad<n>``, when
+        the job finishes; :meth:`revert` goes back. Cases keep their maps until
+        they are localised again.
+        """
+        parent = self.localiser
+        adapted = yield from adapt(parent, images, config, image_names=names)
+        adapted.metadata["name"] = f"{parent.name}+ad{len(self.versions)}"
+        self.add_version(adapted)
+        return adapted
 
     # -- export --------------------------------------------------------------------
     def export(

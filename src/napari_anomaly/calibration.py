@@ -1,0 +1,384 @@
+"""From the network's raw output to a score a reviewer can act on.
+
+Three steps turn the network's raw anomaly map into what the reviewer sees,
+and all three are stored *in the model file* (metadata keys ``postprocess``
+and ``calibration``) so that a model, its score scale and its default
+threshold always travel together:
+
+1. **Post-processing** (:class:`PostprocessConfig`, :func:`postprocess_map`):
+   a Gaussian smoothing of the map in millimetres (lesions are blobs a few
+   millimetres across; single-voxel peaks on vessels and sulci are not) and a
+   ramp that fades the score out within a margin of the foreground's edge
+   (scalp, skull and body wall give the sharpest edges of a scan and are not
+   where a reviewer looks for lesions).
+2. **Score calibration** (:class:`ScoreCalibration`): a monotone map from the
+   raw score to [0, 1] fitted on *normal* scans, so that the slider means the
+   same for every model. A calibrated score ``c`` means that a fraction
+   ``10 ** (-DECADES * c)`` of normal foreground voxels score at least as
+   high: 0.5 is "1 normal voxel in 1,000", 1.0 "1 in a million or rarer".
+   Being monotone, it changes no ranking and no AP; it changes what the
+   numbers *mean*.
+3. **Threshold from normal scans** (:func:`false_region_curve`,
+   :func:`threshold_for_false_regions`): the mean number of regions per
+   normal scan at every threshold; the default threshold is the lowest one at
+   which a normal scan shows at most ``max_false_regions`` regions.
+
+:func:`calibrate` runs all of it for a model and a set of normal scans (the
+user's own, or the model's calibration set) and returns a new model version
+naming its parent. Pure NumPy/SciPy apart from running the network.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_anomaly.progress import Job, Progress
+
+__all__ = [
+    "DECADES",
+    "DEFAULT_MAX_FALSE_REGIONS",
+    "PostprocessConfig",
+    "ScoreCalibration",
+    "calibrate",
+    "false_region_curve",
+    "postprocess_map",
+    "threshold_for_false_regions",
+]
+
+#: Decades of normal-voxel rarity spanned by the calibrated score (see module doc).
+DECADES = 6.0
+#: Default number of false regions per normal scan the default threshold allows.
+#: The clinical target is at most 20 regions per scan (issue "Find real lesions");
+#: 5 leaves room for the lesions themselves and for scans less normal than the
+#: calibration set.
+DEFAULT_MAX_FALSE_REGIONS = 5.0
+#: Thresholds (calibrated scores) at which the false-region curve is measured.
+CURVE_THRESHOLDS = tuple(np.round(np.arange(0.20, 1.0001, 0.01), 2).tolist())
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Spatial post-processing of the raw anomaly map (stored with the model).
+
+    Attributes
+    ----------
+    smooth_mm
+        Standard deviation (mm) of the Gaussian smoothing of the map, per
+        axis converted with the voxel spacing; 0 turns it off.
+    edge_margin_mm
+        Within this distance (mm) of the foreground's edge, in the plane the
+        network sees, the score is scaled down linearly to 0 at the edge;
+        0 turns it off.
+    """
+
+    smooth_mm: float = 0.0
+    edge_margin_mm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("smooth_mm", "edge_margin_mm"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> PostprocessConfig:
+        data = metadata.get("postprocess") or {}
+        return cls(**{k: float(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray:
+    if spacing is None:
+        return np.ones(ndim)
+    vector = np.asarray(spacing, dtype=np.float64)
+    if vector.shape != (ndim,) or not np.all(vector > 0):
+        raise ValueError(f"spacing must hold {ndim} positive values, got {spacing!r}")
+    return vector
+
+
+def postprocess_map(
+    anomaly_map: np.ndarray,
+    foreground: np.ndarray,
+    spacing: Sequence[float] | None,
+    config: PostprocessConfig,
+    plane_axis: int | None = None,
+) -> np.ndarray:
+    """Smooth an anomaly map and fade it out at the foreground's edge.
+
+    Parameters
+    ----------
+    anomaly_map
+        float32 ``(Y, X)`` or ``(Z, Y, X)`` scores; not modified.
+    foreground
+        bool, same shape.
+    spacing
+        Voxel size (mm) per axis; ``None`` = 1 mm.
+    config
+        The amounts.
+    plane_axis
+        For a 3D map from a 2D network, the axis it walked along: the edge
+        distance is measured within each plane across it, as the network saw
+        it. ``None`` measures it in all axes.
+
+    Returns
+    -------
+    numpy.ndarray of float32, same shape, in [0, 1]
+        A new array.
+    """
+    scores = np.asarray(anomaly_map, dtype=np.float32)
+    step = _spacing(spacing, scores.ndim)
+    out = scores.copy()
+    if config.smooth_mm > 0:
+        out = ndi.gaussian_filter(out, sigma=config.smooth_mm / step, mode="nearest")
+    if config.edge_margin_mm > 0:
+        inside = np.asarray(foreground, dtype=bool)
+        if plane_axis is None or scores.ndim == 2:
+            distance = ndi.distance_transform_edt(inside, sampling=step)
+        else:
+            planes = np.moveaxis(inside, plane_axis, 0)
+            in_plane = np.delete(step, plane_axis)
+            distance = np.stack(
+                [ndi.distance_transform_edt(p, sampling=in_plane) for p in planes]
+            )
+            distance = np.moveaxis(distance, 0, plane_axis)
+        out *= np.clip(distance / config.edge_margin_mm, 0.0, 1.0).astype(np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+@dataclass(frozen=True)
+class ScoreCalibration:
+    """Monotone piecewise-linear map from raw scores to calibrated scores.
+
+    Attributes
+    ----------
+    raw
+        Strictly increasing raw scores in [0, 1], first 0, last 1.
+    calibrated
+        Non-decreasing calibrated scores in [0, 1] at those raw scores.
+    voxels
+        Number of normal foreground voxels it was fitted on.
+    """
+
+    raw: tuple[float, ...]
+    calibrated: tuple[float, ...]
+    voxels: int = 0
+
+    def __post_init__(self) -> None:
+        raw = np.asarray(self.raw, dtype=np.float64)
+        cal = np.asarray(self.calibrated, dtype=np.float64)
+        if raw.ndim != 1 or raw.shape != cal.shape or raw.size < 2:
+            raise ValueError("raw and calibrated must be 1D of the same length (>= 2)")
+        if not (np.all(np.diff(raw) > 0) and np.all(np.diff(cal) >= 0)):
+            raise ValueError("calibration knots must be increasing")
+        if raw[0] < 0 or raw[-1] > 1 or cal[0] < 0 or cal[-1] > 1:
+            raise ValueError("calibration knots must lie in [0, 1]")
+
+    def apply(self, raw_map: np.ndarray) -> np.ndarray:
+        """The calibrated map (float32, a new array)."""
+        values = np.asarray(raw_map, dtype=np.float32)
+        return np.interp(values, self.raw, self.calibrated).astype(np.float32)
+
+    def invert(self, calibrated_score: float) -> float:
+        """The raw score that maps to ``calibrated_score`` (lowest one on flats)."""
+        return float(np.interp(calibrated_score, self.calibrated, self.raw))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "raw": [round(float(v), 7) for v in self.raw],
+            "calibrated": [round(float(v), 5) for v in self.calibrated],
+            "voxels": int(self.voxels),
+            "decades": DECADES,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoreCalibration:
+        return cls(tuple(data["raw"]), tuple(data["calibrated"]), int(data.get("voxels", 0)))
+
+    @classmethod
+    def fit(cls, normal_values: np.ndarray, knots_per_decade: int = 8) -> ScoreCalibration:
+        """Fit on raw scores of normal foreground voxels (any shape; flattened).
+
+        A raw score at the normal voxels' ``1 - p`` quantile gets the calibrated
+        score ``-log10(p) / DECADES``. Above the highest normal score the map
+        runs linearly to (1, 1): no normal voxel ever scored there.
+        """
+        values = np.sort(np.asarray(normal_values, dtype=np.float64).ravel())
+        values = values[np.isfinite(values)]
+        if values.size < 100:
+            raise ValueError(
+                f"need at least 100 normal foreground voxels to calibrate, got {values.size}"
+            )
+        n = values.size
+        top = min(DECADES, np.log10(n))
+        exponents = np.arange(0.0, top + 1e-9, 1.0 / knots_per_decade)
+        tail = 10.0 ** (-exponents)
+        index = np.clip(np.ceil((1.0 - tail) * n).astype(int), 0, n - 1)
+        raw = np.clip(values[index], 0.0, 1.0)
+        cal = exponents / DECADES
+        # Keep the first (lowest calibrated) knot of equal raw scores: conservative.
+        raw, first = np.unique(raw, return_index=True)
+        cal = cal[first]
+        raw_list, cal_list = [0.0], [0.0]
+        for r, c in zip(raw, cal):
+            if r > raw_list[-1] and c >= cal_list[-1]:
+                raw_list.append(float(r))
+                cal_list.append(float(c))
+        if raw_list[-1] < 1.0:
+            raw_list.append(1.0)
+            cal_list.append(1.0)
+        else:
+            cal_list[-1] = 1.0
+        return cls(tuple(raw_list), tuple(cal_list), voxels=int(n))
+
+
+def count_regions(mask: np.ndarray, min_voxels: int) -> int:
+    """Connected components (full connectivity) of ``mask`` with at least ``min_voxels``."""
+    structure = ndi.generate_binary_structure(mask.ndim, mask.ndim)
+    labels, count = ndi.label(mask, structure=structure)
+    if count == 0:
+        return 0
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    return int(np.count_nonzero(sizes >= max(1, min_voxels)))
+
+
+def false_region_curve(
+    anomaly_maps: Sequence[np.ndarray],
+    min_region_voxels: Sequence[int],
+    thresholds: Sequence[float] = CURVE_THRESHOLDS,
+) -> list[float]:
+    """Mean number of regions per (normal) scan at each threshold.
+
+    Parameters
+    ----------
+    anomaly_maps
+        Score maps of normal scans (the scale the thresholds are on).
+    min_region_voxels
+        Per map, the minimum region size in voxels (see ``review.min_voxels``).
+    thresholds
+        Increasing thresholds.
+    """
+    counts = np.zeros(len(thresholds))
+    for scores, min_size in zip(anomaly_maps, min_region_voxels):
+        for k, t in enumerate(thresholds):
+            counts[k] += count_regions(scores >= t, min_size)
+    return (counts / max(1, len(anomaly_maps))).round(3).tolist()
+
+
+def threshold_for_false_regions(
+    thresholds: Sequence[float], mean_regions: Sequence[float], max_false_regions: float
+) -> float:
+    """The lowest threshold at which normal scans show at most ``max_false_regions``.
+
+    Every threshold above the chosen one meets the budget too: the curve
+    is replaced by its running maximum from the right first, so a dip at a
+    low threshold (regions merging into one) cannot win.
+    """
+    if not max_false_regions >= 0:
+        raise ValueError(f"max_false_regions must be >= 0, got {max_false_regions}")
+    levels = np.maximum.accumulate(np.asarray(mean_regions, dtype=float)[::-1])[::-1]
+    ok = np.flatnonzero(levels <= max_false_regions)
+    return float(thresholds[int(ok[0])]) if ok.size else float(thresholds[-1])
+
+
+def calibrate(
+    localiser,
+    normal_images: Sequence[np.ndarray],
+    spacings: Sequence[Sequence[float] | None] | None = None,
+    *,
+    max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS,
+    min_region_size: int = 10,
+    min_region_mm: float = 0.0,
+    postprocess: PostprocessConfig | None = None,
+    inference=None,
+    description: str = "",
+) -> Job:
+    """Fit the score calibration and the default threshold on normal scans.
+
+    Parameters
+    ----------
+    localiser
+        The model; not modified (the result shares its network).
+    normal_images
+        Scans without findings, 2D or 3D, any intensity unit.
+    spacings
+        Voxel sizes (mm) per scan; ``None`` = 1 mm.
+    max_false_regions
+        Regions per normal scan the default threshold may show (mean over scans).
+    min_region_size, min_region_mm
+        The minimum region size used when counting regions (as in review).
+    postprocess
+        Post-processing to store with the model; default: the model's own.
+    inference
+        ``InferenceConfig`` for running the network.
+    description
+        Free text naming the scans, stored in the metadata.
+
+    Yields
+    ------
+    Progress
+        Per scan while localising, then once per scan while counting regions.
+
+    Returns
+    -------
+    Localiser
+        A new version: metadata ``postprocess``, ``calibration`` (score map,
+        false-region curve, settings) and ``recommended_threshold`` replaced,
+        ``parent_sha256`` the parent's hash.
+    """
+    from napari_anomaly.inference import InferenceConfig, localise
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.review import min_voxels
+
+    images = list(normal_images)
+    if not images:
+        raise ValueError("need at least one normal scan to calibrate on")
+    spacing_list = list(spacings) if spacings is not None else [None] * len(images)
+    if len(spacing_list) != len(images):
+        raise ValueError("give one spacing per normal scan")
+    post = postprocess or PostprocessConfig.from_metadata(localiser.metadata)
+    metadata = copy.deepcopy(localiser.metadata)
+    metadata.pop("calibration", None)
+    metadata["postprocess"] = post.to_dict()
+    uncalibrated = Localiser(localiser.network, localiser.preprocess, metadata)
+    config = inference or InferenceConfig()
+
+    raw_maps, values = [], []
+    for index, (image, spacing) in enumerate(zip(images, spacing_list)):
+        yield Progress(index, len(images), f"calibrating: normal scan {index + 1}/{len(images)}")
+        result = yield from localise(image, uncalibrated, config, spacing=spacing)
+        raw_maps.append(result.anomaly_map)
+        values.append(result.anomaly_map[result.foreground])
+    score = ScoreCalibration.fit(np.concatenate(values))
+    del values
+    calibrated_maps = [score.apply(m) for m in raw_maps]
+    del raw_maps
+    min_sizes = [
+        min_voxels(min_region_size, min_region_mm, s if s is None else tuple(s))
+        for s in spacing_list
+    ]
+    yield Progress(len(images), len(images), "calibrating: counting regions on normal scans")
+    curve = false_region_curve(calibrated_maps, min_sizes)
+    threshold = threshold_for_false_regions(CURVE_THRESHOLDS, curve, max_false_regions)
+
+    metadata["calibration"] = {
+        "score": score.to_dict(),
+        "false_regions": {"thresholds": list(CURVE_THRESHOLDS), "mean_per_scan": curve},
+        "max_false_regions": float(max_false_regions),
+        "min_region_size": int(min_region_size),
+        "min_region_mm": float(min_region_mm),
+        "scans": len(images),
+        "data": description or f"{len(images)} normal scan(s)",
+    }
+    metadata["recommended_threshold"] = threshold
+    metadata["parent_sha256"] = localiser.sha256
+    metadata.pop("name", None)
+    metadata.pop("created", None)
+    return Localiser(localiser.network, localiser.preprocess, metadata)

@@ -1,0 +1,244 @@
+"""The clinical yardstick: localisation and triage on simulated clinical scans.
+
+The cases come from :mod:`napari_anomaly.evaluation.clinical` (held-out normal
+anatomy acquired as clinics acquire it, with lesions that look like
+pathology). Every *predictor* (the model, the trivial baseline) goes through
+the same steps:
+
+1. :func:`collect_maps` runs it once over the calibration scans (normal scans
+   of *other* subjects than the yardstick's) and the yardstick cases and keeps
+   the raw maps;
+2. :func:`score_variant` applies one post-processing variant, fits the score
+   calibration and the default threshold on the calibration scans only
+   (:mod:`napari_anomaly.calibration`), and reports per family and contrast:
+   pixel AP (all voxels of the cell's scans pooled, MOOD convention) with the
+   prevalence (chance AP), and region triage (:mod:`.triage`) at the default
+   threshold, including regions per normal scan.
+
+Raw maps are kept so that many post-processing variants are compared on one
+network run; they are float16 to halve the memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_anomaly.calibration import (
+    CURVE_THRESHOLDS,
+    DEFAULT_MAX_FALSE_REGIONS,
+    PostprocessConfig,
+    ScoreCalibration,
+    false_region_curve,
+    postprocess_map,
+    threshold_for_false_regions,
+)
+from napari_anomaly.evaluation.triage import summarise_triage, triage_case
+from napari_anomaly.metrics import average_precision
+from napari_anomaly.preprocess import PreprocessConfig, preprocess
+from napari_anomaly.progress import Job, Progress
+from napari_anomaly.review import min_voxels
+
+__all__ = [
+    "CaseMaps",
+    "baseline_predictor",
+    "collect_maps",
+    "model_predictor",
+    "score_variant",
+    "markdown_tables",
+]
+
+#: ``(image, spacing) -> (raw anomaly map in [0, 1], foreground)``
+Predictor = Callable[[np.ndarray, tuple[float, ...]], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class CaseMaps:
+    """One scan's raw map and what is needed to score it."""
+
+    family: str
+    contrast: str
+    spacing: tuple[float, ...]
+    raw_map: np.ndarray  # float16
+    foreground: np.ndarray  # bool
+    truth: np.ndarray  # bool
+
+
+def model_predictor(localiser, inference=None) -> Predictor:
+    """The network's raw map (no post-processing, no calibration)."""
+    from napari_anomaly.inference import InferenceConfig, localise
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.progress import run_to_end
+
+    metadata = copy.deepcopy(localiser.metadata)
+    metadata.pop("calibration", None)
+    metadata.pop("postprocess", None)
+    raw = Localiser(localiser.network, localiser.preprocess, metadata)
+    config = inference or InferenceConfig()
+
+    def predict(image: np.ndarray, spacing: tuple[float, ...]):
+        result = run_to_end(localise(image, raw, config, spacing=spacing))
+        return result.anomaly_map, result.foreground
+
+    return predict
+
+
+def baseline_predictor(median_size: int = 7) -> Predictor:
+    """The trivial baseline: ``|x - median(x)|`` of the preprocessed image, in-plane
+    (a ``median_size`` square window per slice), scaled by its 99.9th percentile."""
+
+    def predict(image: np.ndarray, spacing: tuple[float, ...]):
+        prepared, foreground = preprocess(image, PreprocessConfig())
+        size = (median_size,) * 2 if prepared.ndim == 2 else (1, median_size, median_size)
+        residual = np.abs(prepared - ndi.median_filter(prepared, size=size, mode="nearest"))
+        residual *= foreground
+        scale = np.percentile(residual[foreground], 99.9) if foreground.any() else 1.0
+        return np.clip(residual / max(float(scale), 1e-6), 0, 1).astype(np.float32), foreground
+
+    return predict
+
+
+def collect_maps(predict: Predictor, cases: Iterable, label: str = "") -> Job[list[CaseMaps]]:
+    """Run ``predict`` over clinical cases (objects with ``image``, ``lesion_mask``,
+    ``spacing``, ``family``, ``contrast``); yields once per case."""
+    records = []
+    for index, case in enumerate(cases):
+        yield Progress(index, 0, f"{label} case {index + 1}: {case.family}/{case.contrast}")
+        raw, foreground = predict(case.image, tuple(case.spacing))
+        records.append(
+            CaseMaps(
+                case.family,
+                case.contrast,
+                tuple(float(s) for s in case.spacing),
+                raw.astype(np.float16),
+                np.asarray(foreground, dtype=bool),
+                np.asarray(case.lesion_mask, dtype=bool),
+            )
+        )
+    return records
+
+
+def _maps(records: Sequence[CaseMaps], post: PostprocessConfig) -> list[np.ndarray]:
+    plane_axis = 0  # 2D networks walk through volumes along axis 0 (axial slices)
+    out = []
+    for r in records:
+        raw = r.raw_map.astype(np.float32)
+        if post.smooth_mm > 0 or post.edge_margin_mm > 0:
+            raw = postprocess_map(raw, r.foreground, r.spacing, post, plane_axis)
+        out.append(raw)
+    return out
+
+
+def score_variant(
+    calibration_records: Sequence[CaseMaps],
+    records: Sequence[CaseMaps],
+    post: PostprocessConfig = PostprocessConfig(),
+    *,
+    max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS,
+    min_region_size: int = 10,
+    min_region_mm: float = 0.0,
+    rank_by: str = "mass",
+) -> dict:
+    """Pixel AP and triage per family and contrast for one post-processing variant.
+
+    The score calibration and the threshold come from ``calibration_records``
+    alone (normal scans); ``records`` are only measured.
+    """
+    cal_maps = _maps(calibration_records, post)
+    score = ScoreCalibration.fit(
+        np.concatenate([m[r.foreground] for m, r in zip(cal_maps, calibration_records)])
+    )
+    cal_sizes = [
+        min_voxels(min_region_size, min_region_mm, r.spacing) for r in calibration_records
+    ]
+    curve = false_region_curve([score.apply(m) for m in cal_maps], cal_sizes)
+    threshold = threshold_for_false_regions(CURVE_THRESHOLDS, curve, max_false_regions)
+    del cal_maps
+
+    maps = [score.apply(m) for m in _maps(records, post)]
+    triage = [
+        triage_case(
+            m,
+            r.truth,
+            threshold,
+            min_region_voxels=min_voxels(min_region_size, min_region_mm, r.spacing),
+            rank_by=rank_by,
+            spacing=r.spacing,
+        )
+        for m, r in zip(maps, records)
+    ]
+    cells: dict[str, dict] = {}
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, r in enumerate(records):
+        groups.setdefault((r.family, r.contrast), []).append(index)
+        groups.setdefault((r.family, "all"), []).append(index)
+    for (family, contrast), indices in sorted(groups.items()):
+        truth = np.concatenate([records[i].truth.ravel() for i in indices])
+        cell = {"scans": len(indices), "prevalence": round(float(truth.mean()), 6)}
+        if truth.any():
+            scores = np.concatenate([maps[i].ravel() for i in indices])
+            cell["ap"] = round(average_precision(scores, truth), 4)
+        cell.update(summarise_triage([triage[i] for i in indices]))
+        cells[f"{family}/{contrast}"] = cell
+    lesion_cells = [c for k, c in cells.items() if k.endswith("/all") and "ap" in c]
+    return {
+        "postprocess": post.to_dict(),
+        "rank_by": rank_by,
+        "max_false_regions": max_false_regions,
+        "min_region_size": min_region_size,
+        "min_region_mm": min_region_mm,
+        "threshold": threshold,
+        "calibration_curve": dict(zip(map(str, CURVE_THRESHOLDS), curve)),
+        "calibration": score.to_dict(),
+        "cells": cells,
+        "overall": {
+            "mean_ap_over_families": round(float(np.mean([c["ap"] for c in lesion_cells])), 4)
+            if lesion_cells
+            else None,
+            "mean_ap_over_prevalence": round(
+                float(np.mean([c["ap"] / max(c["prevalence"], 1e-9) for c in lesion_cells])), 2
+            )
+            if lesion_cells
+            else None,
+            **summarise_triage(triage),
+        },
+        "per_case": [
+            {"family": r.family, "contrast": r.contrast, **t.to_dict()}
+            for r, t in zip(records, triage)
+        ],
+    }
+
+
+def markdown_tables(results: dict[str, dict]) -> str:
+    """Per-family tables (rows = contrasts) with one column group per predictor."""
+    names = list(results)
+    first = results[names[0]]["cells"]
+    families = sorted({key.split("/")[0] for key in first})
+    lines = []
+    for family in families:
+        lines.append(f"\n**{family}**\n")
+        header = "| contrast | prevalence |"
+        rule = "|---|---|"
+        for name in names:
+            header += f" {name} AP | {name} in top 5 | {name} first rank | {name} regions |"
+            rule += "---|---|---|---|"
+        lines += [header, rule]
+        for key in sorted(k for k in first if k.startswith(f"{family}/")):
+            row = f"| {key.split('/')[1]} | {first[key]['prevalence']:.4f} |"
+            for name in names:
+                c = results[name]["cells"][key]
+                top = (
+                    f"{c['lesions_in_top_5']}/{c['lesions']}" if c["lesions"] else "-"
+                )
+                rank = c["median_first_rank"]
+                row += (
+                    f" {c.get('ap', float('nan')):.4f} | {top} | "
+                    f"{'-' if rank is None else f'{rank:g}'} | "
+                    f"{c['regions_per_scan_median']:g} |"
+                )
+            lines.append(row)
+    return "\n".join(lines)

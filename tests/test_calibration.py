@@ -1,0 +1,151 @@
+"""Score calibration, post-processing, threshold from normal scans and region triage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_NETWORK_2D, phantom
+
+from napari_anomaly.calibration import (
+    DECADES,
+    PostprocessConfig,
+    ScoreCalibration,
+    calibrate,
+    false_region_curve,
+    postprocess_map,
+    threshold_for_false_regions,
+)
+from napari_anomaly.evaluation.triage import summarise_triage, triage_case
+from napari_anomaly.inference import localise
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet
+from napari_anomaly.progress import run_to_end
+from napari_anomaly.review import ReviewConfig, find_regions, min_voxels
+
+
+def test_calibrated_score_is_the_rarity_of_normal_voxels():
+    rng = np.random.default_rng(0)
+    normal = rng.beta(2, 8, size=200_000)  # raw scores crowd low, as a network's do
+    calibration = ScoreCalibration.fit(normal)
+    for tail in (0.1, 0.01, 0.001):
+        raw = np.quantile(normal, 1 - tail)
+        expected = -np.log10(tail) / DECADES
+        assert calibration.apply(np.array([raw]))[0] == pytest.approx(expected, abs=0.03)
+    # The whole 0..1 range is used, and the order of scores is kept.
+    assert calibration.apply(np.array([0.0]))[0] == 0.0
+    assert calibration.apply(np.array([1.0]))[0] == 1.0
+    values = np.sort(rng.random(1000))
+    assert np.all(np.diff(calibration.apply(values)) >= 0)
+
+
+def test_calibration_round_trips_and_refuses_bad_knots():
+    calibration = ScoreCalibration.fit(np.random.default_rng(1).random(5000) * 0.4)
+    again = ScoreCalibration.from_dict(calibration.to_dict())
+    x = np.linspace(0, 1, 50, dtype=np.float32)
+    assert np.allclose(again.apply(x), calibration.apply(x), atol=1e-4)
+    with pytest.raises(ValueError, match="increasing"):
+        ScoreCalibration((0.0, 0.5, 0.4, 1.0), (0.0, 0.1, 0.2, 1.0))
+    with pytest.raises(ValueError, match="at least 100"):
+        ScoreCalibration.fit(np.zeros(10))
+
+
+def test_postprocessing_fades_the_edge_and_smooths_specks():
+    foreground = np.zeros((40, 40), dtype=bool)
+    foreground[5:35, 5:35] = True
+    scores = np.zeros((40, 40), dtype=np.float32)
+    scores[5, 20] = 1.0  # on the edge
+    scores[20, 20] = 1.0  # deep inside
+    faded = postprocess_map(scores, foreground, (1.0, 1.0), PostprocessConfig(edge_margin_mm=4))
+    assert faded[20, 20] == 1.0 and faded[5, 20] < 0.3
+    smooth = postprocess_map(scores, foreground, (1.0, 1.0), PostprocessConfig(smooth_mm=1.5))
+    assert smooth[20, 20] < 0.2 and smooth[20, 21] > 0  # a single-voxel peak is spread out
+    assert scores[20, 20] == 1.0  # input untouched
+
+
+def test_edge_distance_of_a_slice_wise_model_is_measured_in_plane():
+    foreground = np.zeros((3, 30, 30), dtype=bool)
+    foreground[:, 3:27, 3:27] = True
+    scores = np.zeros((3, 30, 30), dtype=np.float32)
+    scores[0, 15, 15] = 1.0  # first slice, centre: far from the in-plane edge
+    post = PostprocessConfig(edge_margin_mm=5)
+    in_plane = postprocess_map(scores, foreground, (5.0, 1.0, 1.0), post, plane_axis=0)
+    assert in_plane[0, 15, 15] == 1.0
+
+
+def test_threshold_is_the_lowest_that_meets_the_false_region_budget():
+    maps = []
+    for seed in range(3):
+        speck_map = np.zeros((64, 64), dtype=np.float32)
+        heights = np.random.default_rng(seed).random(20).astype(np.float32)
+        speck_map[3::6, 3][: heights.size] = heights[:11]  # isolated specks of known height
+        speck_map[3::6, 40][: heights.size - 11] = heights[11:]
+        maps.append(speck_map)
+    thresholds = [0.5, 0.7, 0.9, 0.99]
+    curve = false_region_curve(maps, [1, 1, 1], thresholds)
+    expected = [np.mean([np.count_nonzero(m >= t) for m in maps]) for t in thresholds]
+    assert curve == pytest.approx(expected, abs=1e-3)
+    chosen = threshold_for_false_regions(thresholds, curve, max_false_regions=curve[2])
+    assert chosen == 0.9
+    # A dip at a low threshold (regions merged into one) cannot make it pick that threshold.
+    assert threshold_for_false_regions([0.1, 0.2, 0.3], [1.0, 9.0, 0.0], 2.0) == 0.3
+
+
+def test_calibrate_writes_a_new_version_whose_threshold_meets_the_budget():
+    network = AnomalyNet(TINY_NETWORK_2D)
+    parent = Localiser(network, metadata={"recommended_threshold": 0.3, "name": "parent"})
+    parent.sha256 = "ab" * 32
+    normals = [phantom((48, 48), seed).astype(np.float32) for seed in range(3)]
+    child = run_to_end(calibrate(parent, normals, max_false_regions=1.0, min_region_size=2))
+    assert "calibration" not in parent.metadata  # parent unchanged
+    assert child.metadata["parent_sha256"] == parent.sha256
+    assert child.score_calibration is not None
+    # On the scans it was calibrated on, the default threshold shows at most 1 region each.
+    for image in normals:
+        result = run_to_end(localise(image, child))
+        assert 0.0 <= result.anomaly_map.min() and result.anomaly_map.max() <= 1.0
+        mask = result.anomaly_map >= child.recommended_threshold
+        regions = find_regions(mask, result.anomaly_map)
+        assert sum(r.voxel_count >= 2 for r in regions) <= 3
+    assert child.threshold_for_false_regions(0.0) >= child.threshold_for_false_regions(5.0)
+    with pytest.raises(ValueError, match="calibrate it"):
+        parent.threshold_for_false_regions(1.0)
+
+
+def test_min_region_size_in_mm_depends_on_the_voxel_size():
+    assert min_voxels(10, 0.0, (1.0, 1.0, 1.0)) == 10
+    assert min_voxels(0, 20.0, (5.0, 0.5, 0.5)) == 16
+    assert min_voxels(0, 20.0, (1.0, 1.0, 1.0)) == 20
+    with pytest.raises(ValueError, match="min_region_mm"):
+        ReviewConfig(min_region_mm=-1.0)
+    with pytest.raises(ValueError, match="rank_by"):
+        ReviewConfig(rank_by="colour")
+
+
+def test_mass_ranking_puts_a_large_lesion_before_a_bright_speck():
+    scores = np.zeros((40, 40), dtype=np.float32)
+    scores[2:4, 2:4] = 0.95  # speck, high mean
+    scores[20:30, 20:30] = 0.7  # lesion, lower mean
+    mask = scores > 0.5
+    by_mean = find_regions(mask, scores, rank_by="mean")
+    by_mass = find_regions(mask, scores, rank_by="mass")
+    assert by_mean[0].voxel_count == 4
+    assert by_mass[0].voxel_count == 100
+
+
+def test_triage_reports_the_rank_of_the_first_region_touching_each_lesion():
+    scores = np.zeros((40, 40), dtype=np.float32)
+    scores[2:4, 2:4] = 0.95
+    scores[20:30, 20:30] = 0.7
+    truth = np.zeros((40, 40), dtype=bool)
+    truth[22:28, 22:28] = True  # under the large region
+    truth[35:38, 35:38] = True  # missed
+    by_mean = triage_case(scores, truth, 0.5, rank_by="mean")
+    by_mass = triage_case(scores, truth, 0.5, rank_by="mass")
+    assert by_mean.regions == 2 and by_mean.lesion_ranks == (2, None)
+    assert by_mass.lesion_ranks == (1, None)
+    assert by_mass.lesion_coverage == (1.0, 0.0)
+    normal = triage_case(scores, np.zeros_like(truth), 0.5)
+    summary = summarise_triage([by_mass, normal])
+    assert summary["lesions"] == 2 and summary["lesions_in_top_5"] == 1
+    assert summary["lesions_missed"] == 1 and summary["scans_with_lesion_in_top_5"] == 1
+    assert summary["regions_per_scan_max"] == 2
