@@ -8,6 +8,7 @@ from conftest import phantom
 
 from napari_anomaly.cli import main
 from napari_anomaly.io import Geometry, read_image, write_image
+from napari_anomaly.localiser import Localiser
 
 GEOMETRY = Geometry(
     spacing=(2.0, 0.8, 0.7), origin=(-10.0, 5.0, 3.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
@@ -41,7 +42,9 @@ def test_train_writes_a_model_and_refuses_to_overwrite(model, normals, capsys):
     assert model.read_bytes() == before
 
 
-def test_localise_writes_three_maps_in_the_input_format_and_geometry(model, normals, tmp_path):
+def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geometry(
+    model, normals, tmp_path
+):
     out = tmp_path / "out"
     assert (
         main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"])
@@ -53,8 +56,23 @@ def test_localise_writes_three_maps_in_the_input_format_and_geometry(model, norm
         "normal0_confidence.nii.gz",
         "normal0_mask.json",
         "normal0_mask.nii.gz",
+        "normal0_regions.csv",
+        "normal0_regions.nii.gz",
     ]
-    for kind in ("anomaly", "confidence", "mask"):
+    # The rank image and the CSV describe the same regions, in the same order, and
+    # together they cover exactly the mask.
+    rows = (out / "normal0_regions.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,voxels,size_mm3,centroid_z_mm,centroid_y_mm,centroid_x_mm")
+    ranks = read_image(out / "normal0_regions.nii.gz").array.astype(int)
+    mask = read_image(out / "normal0_mask.nii.gz").array > 0
+    np.testing.assert_array_equal(ranks > 0, mask)
+    assert len(rows) - 1 == ranks.max()
+    for row in rows[1:]:
+        rank, voxels = (int(v) for v in row.split(",")[:2])
+        assert np.count_nonzero(ranks == rank) == voxels
+    masses = [float(row.split(",")[8]) for row in rows[1:]]
+    assert masses == sorted(masses, reverse=True)  # default order: largest mass first
+    for kind in ("anomaly", "confidence", "mask", "regions"):
         loaded = read_image(out / f"normal0_{kind}.nii.gz")
         assert loaded.array.shape == (12, 40, 40)
         np.testing.assert_allclose(loaded.geometry.spacing, GEOMETRY.spacing, rtol=1e-6)
@@ -175,3 +193,29 @@ def test_synthesise_writes_samples_and_an_overview(tmp_path):
     label = read_image(out / "slice0_ppii0_label.png").array
     assert label.max() > 0, "the label must mark the synthetic anomalies"
     assert main(["synthesise", *paths, "--out", str(out), "--n", "2"]) != 0  # no silent overwrite
+
+
+def test_calibrate_gives_a_child_model_whose_threshold_meets_the_budget(
+    model, normals, tmp_path, capsys
+):
+    child = tmp_path / "calibrated.safetensors"
+    args = ["calibrate", *normals, "--out", str(child), "--model", str(model)]
+    assert main([*args, "--max-false-regions", "2", "--device", "cpu"]) == 0
+    assert "regions per normal scan" in capsys.readouterr().out
+    loaded = Localiser.load(child)
+    parent = Localiser.load(model)
+    assert loaded.metadata["parent_sha256"] == parent.sha256
+    assert loaded.metadata["calibration"]["max_false_regions"] == 2.0
+    # localise --max-false-regions reads the threshold off the child's curve ...
+    out = tmp_path / "out"
+    localise = ["localise", normals[0], "--out", str(out), "--device", "cpu"]
+    assert main([*localise, "--model", str(child), "--max-false-regions", "0"]) == 0
+    sidecar = json.loads((out / "normal0_mask.json").read_text())
+    assert sidecar["threshold"] == loaded.threshold_for_false_regions(0)
+    # ... and the uncalibrated parent refuses it, writing nothing.
+    out2 = tmp_path / "out2"
+    assert main([*localise[:3], str(out2), "--model", str(model), "--max-false-regions", "1"]) == 2
+    assert "calibrate it on normal scans" in capsys.readouterr().err
+    assert not out2.exists()
+    # A child exists already: refused without --overwrite.
+    assert main([*args, "--device", "cpu"]) == 2

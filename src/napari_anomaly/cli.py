@@ -3,6 +3,7 @@
     napari-anomaly train NORMAL... --out MODEL [--dims 2|3] [--steps N] [--device D] [--seed S]
     napari-anomaly localise IMAGE... --out DIR [--model MODEL] [--threshold T] [--device D]
     napari-anomaly finetune --model MODEL --images I... --masks M... --out MODEL2
+    napari-anomaly adapt IMAGE... --out MODEL [--model M] [--steps N] [--device D] [--seed S]
     napari-anomaly evaluate --images I... --masks M... [--normals N...] [--model M] [--json F]
     napari-anomaly synthesise NORMAL... --out DIR [--n N] [--seed S]
     napari-anomaly demo [--screenshot PNG]
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -88,12 +90,28 @@ def _read(path: str):
     return read_image(path)
 
 
+def _model_out(path: str, overwrite: bool) -> Path:
+    """The model file a command will write, checked before any work: a ``.safetensors``
+    name, not there yet (unless ``--overwrite``), in an existing writable folder."""
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise CommandError(f"{out}: model files end in .safetensors")
+    if out.is_dir():
+        raise CommandError(f"{out} is a folder; give the model file to write")
+    if out.exists() and not overwrite:
+        raise CommandError(f"{out} exists; pass --overwrite to replace it")
+    folder = out.parent
+    if not folder.is_dir():
+        raise CommandError(f"cannot write {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(f"cannot write {out}: folder {folder} is not writable")
+    return out
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from napari_anomaly.training import TrainConfig, train
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CommandError(f"{out} exists; pass --overwrite to replace it")
+    out = _model_out(args.out, args.overwrite)
     images = [_read(p).array for p in args.normal]
     config = TrainConfig(
         spatial_dims=args.dims,
@@ -123,9 +141,23 @@ def _localise_one(localiser, path: str, args: argparse.Namespace):
     from napari_anomaly.inference import InferenceConfig, localise
 
     loaded = _read(path)
+    domain = _check_domain(localiser, path, loaded.array)
     config = InferenceConfig(device=args.device, slice_axis=args.slice_axis, flips=args.flips)
-    result = _run(localise(loaded.array, localiser, config), f"localise {Path(path).name}")
-    return loaded, result
+    result = _run(
+        localise(loaded.array, localiser, config, spacing=loaded.geometry.spacing),
+        f"localise {Path(path).name}",
+    )
+    return loaded, result, domain
+
+
+def _check_domain(localiser, path: str, image: np.ndarray) -> dict:
+    """Warn on stderr (before localising) when the scan is unlike the training data."""
+    from napari_anomaly.domain import check_domain
+
+    report = check_domain(image, localiser)
+    if not report.in_domain:
+        print(f"warning: {report.warning(Path(path).name)}", file=sys.stderr)
+    return report.to_dict()
 
 
 def _localise_targets(paths: Sequence[str], out_dir: Path, overwrite: bool) -> list[dict]:
@@ -137,9 +169,12 @@ def _localise_targets(paths: Sequence[str], out_dir: Path, overwrite: bool) -> l
     for path in paths:
         targets = {
             kind: out_dir / output_path_like(path, f"_{kind}").name
-            for kind in ("anomaly", "confidence", "mask")
+            for kind in ("anomaly", "confidence", "mask", "regions")
         }
         targets["sidecar"] = targets["mask"].with_name(targets["mask"].name.split(".")[0] + ".json")
+        targets["regions_csv"] = targets["regions"].with_name(
+            targets["regions"].name.split(".")[0] + ".csv"
+        )
         for target in targets.values():
             if target in owner:
                 raise CommandError(
@@ -157,7 +192,7 @@ def _localise_targets(paths: Sequence[str], out_dir: Path, overwrite: bool) -> l
 
 def _cmd_localise(args: argparse.Namespace) -> int:
     from napari_anomaly.io import atomic_write_text, write_image
-    from napari_anomaly.review import threshold_map
+    from napari_anomaly.review import find_regions, min_voxels, regions_csv, threshold_map
 
     localiser = _load_model(args.model, args.device)
     threshold = _threshold(args, localiser)
@@ -165,8 +200,19 @@ def _cmd_localise(args: argparse.Namespace) -> int:
     plans = _localise_targets(args.images, out_dir, args.overwrite)
     for plan in plans:
         path = plan["path"]
-        loaded, result = _localise_one(localiser, path, args)
-        mask = threshold_map(result.anomaly_map, threshold, args.min_region_size)
+        loaded, result, domain = _localise_one(localiser, path, args)
+        spacing = loaded.geometry.spacing
+        min_size = min_voxels(args.min_region_size, args.min_region_mm, spacing)
+        mask = threshold_map(result.anomaly_map, threshold, min_size)
+        regions, ranks = find_regions(
+            mask,
+            result.anomaly_map,
+            result.confidence_map,
+            spacing=spacing,
+            origin=loaded.geometry.origin,
+            rank_by=args.rank_by,
+            return_labels=True,
+        )
         # The folder is made only once there is something to put in it.
         out_dir.mkdir(parents=True, exist_ok=True)
         write_image(plan["anomaly"], result.anomaly_map, loaded.geometry, overwrite=args.overwrite)
@@ -174,16 +220,25 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             plan["confidence"], result.confidence_map, loaded.geometry, overwrite=args.overwrite
         )
         write_image(plan["mask"], mask.astype(np.uint8), loaded.geometry, overwrite=args.overwrite)
+        write_image(plan["regions"], _rank_image(ranks), loaded.geometry, overwrite=args.overwrite)
+        atomic_write_text(
+            plan["regions_csv"], regions_csv(regions, spacing), overwrite=args.overwrite
+        )
         provenance = {
             "image": str(Path(path).resolve()),
             "model": localiser.name,
             "model_sha256": localiser.sha256,
             "threshold": threshold,
             "min_region_size": args.min_region_size,
+            "min_region_mm": args.min_region_mm,
+            "min_region_voxels": min_size,
+            "rank_by": args.rank_by,
+            "regions": len(regions),
             "flips": args.flips,
             "marked_voxels": int(mask.sum()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "geometry": loaded.geometry.to_dict(),
+            "domain_check": domain,
         }
         atomic_write_text(
             plan["sidecar"], json.dumps(provenance, indent=2), overwrite=args.overwrite
@@ -195,9 +250,62 @@ def _cmd_localise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from napari_anomaly.calibration import calibrate
+    from napari_anomaly.inference import InferenceConfig
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CommandError(f"--out must end in .safetensors, got {out.name}")
+    if out.exists() and not args.overwrite:
+        raise CommandError(f"{out} exists; pass --overwrite to replace it")
+    if not args.max_false_regions >= 0:
+        raise CommandError(f"--max-false-regions must be >= 0, got {args.max_false_regions}")
+    localiser = _load_model(args.model, args.device)
+    loaded = [_read(p) for p in args.normals]
+    calibrated = _run(
+        calibrate(
+            localiser,
+            [image.array for image in loaded],
+            [image.geometry.spacing for image in loaded],
+            max_false_regions=args.max_false_regions,
+            min_region_size=args.min_region_size,
+            min_region_mm=args.min_region_mm,
+            inference=InferenceConfig(device=args.device),
+            description=", ".join(Path(p).name for p in args.normals),
+        ),
+        "calibrate",
+    )
+    sha = calibrated.save(out, overwrite=args.overwrite)
+    curve = calibrated.metadata["calibration"]["false_regions"]
+    at = curve["thresholds"].index(calibrated.recommended_threshold)
+    print(
+        f"wrote {out} (sha256 {sha[:12]}): threshold {calibrated.recommended_threshold:.2f}, "
+        f"{curve['mean_per_scan'][at]:.1f} regions per normal scan "
+        f"(at most {args.max_false_regions:g} asked)"
+    )
+    return 0
+
+
+def _rank_image(ranks: np.ndarray) -> np.ndarray:
+    """The rank label image in the smallest integer type that holds every rank."""
+    top = int(ranks.max()) if ranks.size else 0
+    return ranks.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
+
+
 def _threshold(args: argparse.Namespace, localiser) -> float:
-    """``--threshold`` if given, else the model's calibrated threshold."""
-    return localiser.recommended_threshold if args.threshold is None else args.threshold
+    """``--threshold`` if given, else ``--max-false-regions`` on the model's curve from
+    normal scans, else the model's recommended threshold."""
+    if args.threshold is not None and getattr(args, "max_false_regions", None) is not None:
+        raise CommandError("give --threshold or --max-false-regions, not both")
+    if args.threshold is not None:
+        return args.threshold
+    if getattr(args, "max_false_regions", None) is not None:
+        try:
+            return localiser.threshold_for_false_regions(args.max_false_regions)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+    return localiser.recommended_threshold
 
 
 def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
@@ -230,9 +338,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from napari_anomaly.metrics import evaluate_cases
     from napari_anomaly.training import FinetuneConfig, finetune
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CommandError(f"{out} exists; pass --overwrite to replace it")
+    out = _model_out(args.out, args.overwrite)
     localiser = _load_model(args.model, args.device)
     pairs = _read_case_pairs(args.images, args.masks)
     images = [p[0] for p in pairs]
@@ -252,6 +358,21 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         f"Dice {before.dice:.4f} -> {after.dice:.4f}"
     )
     print(f"wrote {out} (sha256 {sha[:12]}, parent {localiser.sha256[:12]})")
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from napari_anomaly.training import AdaptConfig, adapt
+
+    out = _model_out(args.out, args.overwrite)
+    config = AdaptConfig(steps=args.steps, device=args.device, seed=args.seed)
+    parent = _load_model(args.model, args.device)
+    # Every input is read here and checked by adapt() before the first step.
+    images = [_read(p).array for p in args.images]
+    names = [Path(p).name for p in args.images]
+    adapted = _run(adapt(parent, images, config, image_names=names), "adapt")
+    adapted.save(out, overwrite=args.overwrite)
+    print(adapted.card())
     return 0
 
 
@@ -293,9 +414,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
     from napari_anomaly.devices import DEVICE_CHOICES
-    from napari_anomaly.review import ReviewConfig
-    from napari_anomaly.training import FinetuneConfig, TrainConfig
+    from napari_anomaly.review import RANKINGS, ReviewConfig
+    from napari_anomaly.training import AdaptConfig, FinetuneConfig, TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="napari-anomaly",
@@ -333,11 +455,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
-    p.add_argument("--min-region-size", type=int, default=ReviewConfig.min_region_size)
+    p.add_argument(
+        "--max-false-regions",
+        type=float,
+        help="threshold at which the model's normal calibration scans showed at most this "
+        "many regions per scan (instead of --threshold)",
+    )
+    p.add_argument(
+        "--min-region-size",
+        type=int,
+        default=ReviewConfig.min_region_size,
+        help="drop regions with fewer voxels (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-region-mm",
+        type=float,
+        default=ReviewConfig.min_region_mm,
+        help="drop regions smaller than this many mm^3 (mm^2 in 2D); the larger limit applies",
+    )
+    p.add_argument(
+        "--rank-by",
+        choices=RANKINGS,
+        default=ReviewConfig.rank_by,
+        help="order of the region table (default %(default)s)",
+    )
     p.add_argument("--slice-axis", type=int, default=0, help="axis a 2D model walks along")
     flips(p)
     common(p)
     p.set_defaults(func=_cmd_localise)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the score scale and the default threshold on normal scans (a new model)",
+    )
+    p.add_argument("normals", nargs="+", help="scans without findings from your site")
+    p.add_argument("--out", required=True, help="new model file (.safetensors)")
+    p.add_argument(
+        "--max-false-regions",
+        type=float,
+        default=DEFAULT_MAX_FALSE_REGIONS,
+        help="regions per normal scan allowed at the default threshold (default %(default)s)",
+    )
+    p.add_argument("--min-region-size", type=int, default=ReviewConfig.min_region_size)
+    p.add_argument("--min-region-mm", type=float, default=ReviewConfig.min_region_mm)
+    common(p)
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("finetune", help="fine-tune a model on corrected masks")
     p.add_argument("--images", nargs="+", required=True)
@@ -349,6 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     flips(p)
     common(p)
     p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser(
+        "adapt", help="continue the self-supervised training on your own unlabelled scans"
+    )
+    p.add_argument("images", nargs="+", help="scans from your scanner (2D or 3D, unlabelled)")
+    p.add_argument("--out", required=True, help="new model file (.safetensors)")
+    p.add_argument("--steps", type=int, default=AdaptConfig.steps)
+    p.add_argument("--seed", type=int, default=AdaptConfig.seed)
+    common(p)
+    p.set_defaults(func=_cmd_adapt)
 
     p = sub.add_parser("evaluate", help="pixel AP/AUROC, sample scores, Dice, region recall")
     p.add_argument("--images", nargs="+", required=True)

@@ -1,6 +1,7 @@
-"""Self-supervised training on normal scans, and fine-tuning on reviewer corrections.
+"""Self-supervised training on normal scans, adaptation to a site's own scans, and
+fine-tuning on reviewer corrections.
 
-Both are generators: they yield :class:`~napari_anomaly.progress.Progress`
+All three are generators: they yield :class:`~napari_anomaly.progress.Progress`
 at least once per optimisation step and *return* a new
 :class:`~napari_anomaly.localiser.Localiser` at the end. Stopping the generator
 early (Cancel in the widget, Ctrl-C in the CLI) changes nothing: the model
@@ -11,6 +12,8 @@ Losses (see :func:`napari_anomaly.model.anomaly_loss`):
 
 * training: ``BCE(anomaly, label) + confidence_weight * BCE(disagreement, label_std)``
   on P-PII batches synthesised on the fly on the training device;
+* adaptation: the same loss and the same loop as training, started from the
+  parent model's weights, on the user's unlabelled scans;
 * fine-tuning: the anomaly BCE against the corrected masks (voxels the
   reviewer edited weigh more), plus the full training loss on replayed
   P-PII batches made from the same images so that the model does not forget
@@ -20,10 +23,11 @@ Losses (see :func:`napari_anomaly.model.anomaly_loss`):
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,8 +35,9 @@ import numpy as np
 import torch
 
 from napari_anomaly.augment import AugmentConfig, augment_batch
-from napari_anomaly.config import config_to_dict
+from napari_anomaly.config import config_from_dict, config_to_dict
 from napari_anomaly.devices import resolve_device
+from napari_anomaly.domain import domain_reference
 from napari_anomaly.io.model_file import ModelFileError, load_model_file, save_model_file
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import average_precision
@@ -42,7 +47,7 @@ from napari_anomaly.preprocess import PreprocessConfig, preprocess
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.synthesis import SynthesisConfig, synthesise
 
-__all__ = ["FinetuneConfig", "TrainConfig", "finetune", "train"]
+__all__ = ["AdaptConfig", "FinetuneConfig", "TrainConfig", "adapt", "finetune", "train"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,49 @@ class FinetuneConfig:
             raise ValueError("replay_fraction must lie in [0, 1)")
 
 
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Settings of adaptation: more self-supervised P-PII training on a site's own scans.
+
+    Everything not set here comes from the parent model: its patch size and
+    preprocessing, and the zoom range, batch size, confidence weight,
+    synthesis and domain-randomisation settings it was trained with (stored in
+    its metadata; the defaults of :class:`TrainConfig` where a parent has
+    none).
+
+    Attributes
+    ----------
+    steps
+        Optimisation steps; a few hundred move the model towards the new
+        scanner without forgetting the synthetic task.
+    learning_rate, warmup_steps, weight_decay
+        AdamW from the parent's weights: a lower rate than training, a short
+        linear warm-up (the optimiser starts without moment estimates), then
+        cosine decay.
+    batch_size
+        Patches per step; ``None``: the parent's training batch size.
+    device, amp, seed
+        As in :class:`TrainConfig`.
+    """
+
+    steps: int = 300
+    learning_rate: float = 2e-4
+    warmup_steps: int = 20
+    weight_decay: float = 1e-4
+    batch_size: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.learning_rate > 0 or self.warmup_steps < 0:
+            raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
+
+
 def _learning_rate(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
@@ -143,15 +191,22 @@ def _learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def _preprocess_all(
-    images: Sequence[np.ndarray], config: PreprocessConfig, label: str
+    images: Sequence[np.ndarray],
+    config: PreprocessConfig,
+    label: str,
+    names: Sequence[str] | None = None,
 ) -> Job[tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Preprocess every image; a refused one is named by position (and ``names``)."""
     prepared, foregrounds = [], []
     for index, image in enumerate(images):
         yield Progress(index, len(images), f"preprocessing {label} {index + 1}/{len(images)}")
         try:
             normalised, foreground = preprocess(np.asarray(image), config)
         except ValueError as error:
-            raise ValueError(f"{label} {index + 1} of {len(images)}: {error}") from error
+            where = f"{label} {index + 1} of {len(images)}"
+            if names is not None:
+                where += f" ({names[index]})"
+            raise ValueError(f"{where}: {error}") from error
         prepared.append(normalised)
         foregrounds.append(foreground)
     return prepared, foregrounds
@@ -269,6 +324,83 @@ def _load_checkpoint(
     return int(metadata["step"])
 
 
+def _ppii_steps(
+    model: AnomalyNet,
+    sampler: PatchSampler,
+    config: TrainConfig,
+    device: torch.device,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    *,
+    synthesis: SynthesisConfig,
+    augmentation: AugmentConfig,
+    validation: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    fingerprint: dict | None = None,
+    message: str = "training",
+) -> Job[dict[str, float]]:
+    """The P-PII optimisation loop of :func:`train` and :func:`adapt`.
+
+    Trains ``model`` (already on ``device``) in place from whatever weights it
+    holds: random ones for training, the parent's for adaptation. AdamW with
+    ``config``'s warm-up and cosine decay; every step samples patches, applies
+    the domain randomisation, synthesises P-PII anomalies and takes one
+    optimiser step. Yields one :class:`Progress` (``message``) per step and
+    returns the last ``loss`` (and ``val_ap`` when ``validation`` is given).
+    """
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    fingerprint = fingerprint or {}
+    start = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        start = _load_checkpoint(checkpoint, model, optimizer, rng, generator, fingerprint)
+        yield Progress(start, config.steps, f"resumed from step {start}")
+
+    model.train()
+    history: dict[str, float] = {}
+    for step in range(start, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, config)
+        t0 = time.perf_counter()
+        batch, foreground = sampler.sample(config.batch_size, rng)
+        batch, foreground = batch.to(device), foreground.to(device)
+        batch, foreground = augment_batch(batch, foreground, augmentation, generator)
+        anomalous, label, label_std = synthesise(batch, synthesis, rng, foreground)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            logits = model(anomalous)
+        loss, parts = anomaly_loss(logits.float(), label, label_std, config.confidence_weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        metrics = dict(parts)
+        metrics.update(
+            samples_per_s=config.batch_size / (t2 - t0),
+            synthesis_ms=1000 * (t1 - t0),
+            network_ms=1000 * (t2 - t1),
+            lr=optimizer.param_groups[0]["lr"],
+        )
+        done = step + 1
+        if validation and (done % config.validation_every == 0 or done == config.steps):
+            metrics["val_ap"] = _validate(model, validation)
+            history["val_ap"] = metrics["val_ap"]
+        if checkpoint is not None and (done % config.checkpoint_every == 0):
+            _save_checkpoint(checkpoint, model, optimizer, done, rng, generator, fingerprint)
+        history["loss"] = metrics["loss"]
+        yield Progress(done, config.steps, message, metrics)
+    return history
+
+
 def train(
     normal_images: Sequence[np.ndarray],
     config: TrainConfig = TrainConfig(),
@@ -348,61 +480,27 @@ def train(
         validation = _validation_batches(val_sampler, config, synthesis, device)
 
     model = AnomalyNet(network_config).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     fingerprint = {
         "config": config_to_dict(config),
         "shapes": [list(a.shape) for a in images],
         "network": network_config.to_dict(),
     }
-    start = 0
-    checkpoint = Path(checkpoint_path) if checkpoint_path else None
-    if resume and checkpoint is not None and checkpoint.exists():
-        start = _load_checkpoint(checkpoint, model, optimizer, rng, generator, fingerprint)
-        yield Progress(start, config.steps, f"resumed from step {start}")
-
-    model.train()
-    history: dict[str, float] = {}
     started = time.perf_counter()
-    for step in range(start, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, config)
-        t0 = time.perf_counter()
-        batch, foreground = sampler.sample(config.batch_size, rng)
-        batch, foreground = batch.to(device), foreground.to(device)
-        batch, foreground = augment_batch(batch, foreground, augmentation, generator)
-        anomalous, label, label_std = synthesise(batch, synthesis, rng, foreground)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        with torch.autocast(device_type=device.type, enabled=use_amp):
-            logits = model(anomalous)
-        loss, parts = anomaly_loss(logits.float(), label, label_std, config.confidence_weight)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        metrics = dict(parts)
-        metrics.update(
-            samples_per_s=config.batch_size / (t2 - t0),
-            synthesis_ms=1000 * (t1 - t0),
-            network_ms=1000 * (t2 - t1),
-            lr=optimizer.param_groups[0]["lr"],
-        )
-        done = step + 1
-        if validation and (done % config.validation_every == 0 or done == config.steps):
-            metrics["val_ap"] = _validate(model, validation)
-            history["val_ap"] = metrics["val_ap"]
-        if checkpoint is not None and (done % config.checkpoint_every == 0):
-            _save_checkpoint(checkpoint, model, optimizer, done, rng, generator, fingerprint)
-        history["loss"] = metrics["loss"]
-        yield Progress(done, config.steps, "training", metrics)
+    history = yield from _ppii_steps(
+        model,
+        sampler,
+        config,
+        device,
+        rng,
+        generator,
+        synthesis=synthesis,
+        augmentation=augmentation,
+        validation=validation,
+        checkpoint=Path(checkpoint_path) if checkpoint_path else None,
+        resume=resume,
+        fingerprint=fingerprint,
+        message="training",
+    )
 
     calibration = validation or _validation_batches(sampler, config, synthesis, device)
     recommended = calibrate_threshold(model, calibration)
@@ -425,8 +523,166 @@ def train(
         },
         "metrics": {k: float(v) for k, v in history.items()},
         "parent_sha256": None,
+        # What the training scans looked like, for the out-of-domain warning.
+        "domain": domain_reference(images, foregrounds),
     }
     return Localiser(model, preprocessing, metadata)
+
+
+def _parent_settings(
+    localiser: Localiser, config: AdaptConfig
+) -> tuple[TrainConfig, SynthesisConfig, AugmentConfig]:
+    """The training settings of an adaptation run: the parent's, with ``config``'s overrides."""
+    record = localiser.metadata.get("training") or {}
+    try:
+        base = config_from_dict(TrainConfig, record.get("config") or {})
+        synthesis = config_from_dict(SynthesisConfig, record.get("synthesis") or {})
+        augmentation = config_from_dict(AugmentConfig, record.get("augmentation") or {})
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"model {localiser.name}: its stored training settings cannot be read ({error})"
+        ) from error
+    settings = replace(
+        base,
+        spatial_dims=localiser.spatial_dims,
+        patch_size=localiser.patch_size,
+        steps=config.steps,
+        batch_size=config.batch_size or base.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        device=config.device,
+        amp=config.amp,
+        seed=config.seed,
+    )
+    return settings, synthesis, augmentation
+
+
+def _array_sha256(image: np.ndarray) -> str:
+    """sha256 of the voxel values as float32 (the same for any file format or integer type)."""
+    values = np.ascontiguousarray(image, dtype=np.float32)
+    return hashlib.sha256(values.tobytes()).hexdigest()
+
+
+def adapt(
+    localiser: Localiser,
+    images: Sequence[np.ndarray],
+    config: AdaptConfig = AdaptConfig(),
+    *,
+    image_names: Sequence[str] | None = None,
+    synthesis: SynthesisConfig | None = None,
+    augmentation: AugmentConfig | None = None,
+) -> Job[Localiser]:
+    """Adapt a localiser to a site's own unlabelled scans.
+
+    Continues the self-supervised P-PII training of :func:`train` (the same
+    loop) from the parent's weights, so that the model learns what normal
+    looks like on the user's scanner and protocol. No label is needed.
+
+    The scans may hold a few real lesions. The task only pastes synthetic
+    anomalies onto the scans and calls everything else normal, so a real
+    lesion is label noise: a handful of small lesions among mostly normal
+    tissue teaches little, but scans dominated by one kind of lesion would
+    teach the model that it is normal. Nothing is down-weighted.
+
+    Parameters
+    ----------
+    localiser
+        The parent model; never modified (a copy is trained).
+    images
+        2D images ``(Y, X)`` and/or 3D volumes ``(Z, Y, X)``, raw
+        intensities. A 2D model trains on slices of volumes along every axis;
+        a 3D model refuses 2D images. Every image is checked (and
+        preprocessed with the parent's preprocessing) before the first step.
+    config
+        Steps, learning rate, device, seed (:class:`AdaptConfig`).
+    image_names
+        One name per image (file or layer names): named in errors and stored
+        in the child's metadata.
+    synthesis, augmentation
+        Override the parent's synthesis and domain-randomisation settings.
+
+    Yields
+    ------
+    Progress
+        While preprocessing, then once per step (``"adapting"``) with
+        ``loss``, ``lr`` and timings.
+
+    Returns
+    -------
+    Localiser
+        A new model (not yet saved): ``parent_sha256`` names the parent,
+        ``training.kind`` is ``"adapt"`` with the images' names, shapes and
+        sha256 (of their voxel values as float32), the steps, seed and
+        settings; the parent's ``recommended_threshold`` and ``calibration``
+        are carried over unchanged.
+    """
+    images = list(images)
+    if not images:
+        raise ValueError("need at least one image to adapt to")
+    if image_names is not None and len(image_names) != len(images):
+        raise ValueError(f"{len(image_names)} image names for {len(images)} images")
+    names = list(image_names) if image_names is not None else None
+    settings, parent_synthesis, parent_augmentation = _parent_settings(localiser, config)
+    synthesis = parent_synthesis if synthesis is None else synthesis
+    augmentation = parent_augmentation if augmentation is None else augmentation
+    dims = localiser.spatial_dims
+    for index, image in enumerate(images):
+        if dims == 3 and np.ndim(image) == 2:
+            name = f" ({names[index]})" if names else ""
+            raise ValueError(
+                f"image {index + 1} of {len(images)}{name}: a 3D model cannot adapt to a 2D image"
+            )
+    prepared, foregrounds = yield from _preprocess_all(images, localiser.preprocess, "image", names)
+    sampler = PatchSampler(prepared, foregrounds, dims, settings.patch_size, settings.scale_range)
+    device = resolve_device(settings.device)
+    rng = np.random.default_rng(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = copy.deepcopy(localiser.network).to(device)
+
+    started = time.perf_counter()
+    history = yield from _ppii_steps(
+        model,
+        sampler,
+        settings,
+        device,
+        rng,
+        generator,
+        synthesis=synthesis,
+        augmentation=augmentation,
+        message="adapting",
+    )
+    model.eval()
+
+    # The copy carries the parent's ``recommended_threshold`` and ``calibration``
+    # over unchanged until thresholds are re-calibrated on the site's normal scans.
+    metadata = copy.deepcopy(localiser.metadata)
+    for key in ("created", "name", "software"):
+        metadata.pop(key, None)
+    labels = names or [f"image {i + 1}" for i in range(len(images))]
+    metadata.update(
+        parent_sha256=localiser.sha256,
+        parent_name=localiser.name,
+        metrics={k: float(v) for k, v in history.items()},
+        training={
+            "kind": "adapt",
+            "data": ", ".join(labels),
+            "images": [
+                {"name": label, "shape": list(np.shape(image)), "sha256": _array_sha256(image)}
+                for label, image in zip(labels, images)
+            ],
+            "steps": settings.steps,
+            "seed": settings.seed,
+            "device": str(device),
+            "seconds": round(time.perf_counter() - started, 1),
+            "config": config_to_dict(settings),
+            "adapt_config": config_to_dict(config),
+            "synthesis": config_to_dict(synthesis),
+            "augmentation": config_to_dict(augmentation),
+            "parent_training": localiser.metadata.get("training"),
+        },
+    )
+    return Localiser(model, localiser.preprocess, metadata)
 
 
 def finetune(

@@ -5,8 +5,8 @@ calls the same core functions as the CLI; long jobs run in a napari
 ``thread_worker`` with a progress bar and a Cancel button. The widget is a
 magicgui ``Container`` whose parts are attributes, and it offers documented
 methods (:meth:`localise`, :meth:`set_threshold`, :meth:`finetune`,
-:meth:`revert`, :meth:`export`, :meth:`wait`) so that notebooks and tests can
-drive it like a reviewer would.
+:meth:`adapt`, :meth:`revert`, :meth:`export`, :meth:`wait`) so that notebooks
+and tests can drive it like a reviewer would.
 
 Keyboard shortcuts (viewer-wide, while the widget is open):
 
@@ -38,16 +38,18 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_warning
 from qtpy.QtWidgets import QApplication
 
 from napari_anomaly._layers import geometry_from_layer, layer_kwargs_from_geometry
 from napari_anomaly.devices import DEVICE_CHOICES, resolve_device
+from napari_anomaly.domain import check_domain
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.review import Region, ReviewConfig
 from napari_anomaly.session import FinetuneOutcome, ReviewSession
-from napari_anomaly.training import FinetuneConfig
+from napari_anomaly.training import AdaptConfig, FinetuneConfig
 
 if TYPE_CHECKING:
     import napari
@@ -55,6 +57,10 @@ if TYPE_CHECKING:
 __all__ = ["AnomalyReviewWidget"]
 
 REGION_COLUMNS = ["#", "size", "mean", "peak", "conf."]
+
+#: Key in a layer's ``metadata`` naming what the widget made it from (``"anomaly_map"``...).
+ROLE_KEY = "napari_anomaly_role"
+OUTPUT_ROLES = ("anomaly_map", "confidence_map")
 
 
 def _run_job(job: Job) -> Any:
@@ -83,6 +89,8 @@ class AnomalyReviewWidget(Container):
         self._napari_progress = None
         self._regions: list[Region] = []
         self._shown_case: str | None = None
+        #: Out-of-domain warning per case name (shown again with the case's result).
+        self.domain_warnings: dict[str, str] = {}
         self.last_error: str | None = None
         self.last_finetune: FinetuneOutcome | None = None
 
@@ -94,6 +102,8 @@ class AnomalyReviewWidget(Container):
         self.card_button = PushButton(text="Model card")
         self.device = ComboBox(label="Device", choices=list(DEVICE_CHOICES), value="auto")
         self.device_in_use = Label(value="")
+        self.adapt_steps = SpinBox(label="Adapt steps", min=1, max=100_000, value=AdaptConfig.steps)
+        self.adapt_button = PushButton(text="Adapt to these scans")
         # --- localise
         self.image_layer = ComboBox(label="Image", choices=self._image_layer_names)
         self.flips = CheckBox(text="Average over mirrored views (steadier, 4x slower)", value=False)
@@ -130,6 +140,8 @@ class AnomalyReviewWidget(Container):
                 self.card_button,
                 self.device,
                 self.device_in_use,
+                self.adapt_steps,
+                self.adapt_button,
                 self.image_layer,
                 self.flips,
                 self.localise_button,
@@ -167,6 +179,7 @@ class AnomalyReviewWidget(Container):
         self.accept_button.changed.connect(lambda: self.accept_selected_region())
         self.reject_button.changed.connect(lambda: self.reject_selected_region())
         self.finetune_button.changed.connect(lambda: self.finetune())
+        self.adapt_button.changed.connect(lambda: self.adapt())
         self.revert_button.changed.connect(lambda: self.revert())
         self.export_button.changed.connect(self._on_export_clicked)
         self.model_choice.changed.connect(self._on_model_chosen)
@@ -185,12 +198,16 @@ class AnomalyReviewWidget(Container):
             self._say(f"Cannot load the model: {error}", error=True)
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _is_scan_layer(layer: Any) -> bool:
+        """An Image layer that is not one of the maps this widget adds."""
+        if not isinstance(layer, Image):
+            return False
+        role = (layer.metadata or {}).get(ROLE_KEY)
+        return role not in OUTPUT_ROLES and not layer.name.endswith((" anomaly", " confidence"))
+
     def _image_layer_names(self, *_: Any) -> list[str]:
-        names = []
-        for layer in self.viewer.layers:
-            if isinstance(layer, Image) and not layer.name.endswith((" anomaly", " confidence")):
-                names.append(layer.name)
-        return names
+        return [layer.name for layer in self.viewer.layers if self._is_scan_layer(layer)]
 
     def _refresh_layer_choices(self, *_: Any) -> None:
         self.image_layer.reset_choices()
@@ -267,6 +284,7 @@ class AnomalyReviewWidget(Container):
         for button in (
             self.localise_button,
             self.finetune_button,
+            self.adapt_button,
             self.revert_button,
             self.export_button,
             self.model_choice,
@@ -359,6 +377,7 @@ class AnomalyReviewWidget(Container):
         image = np.asarray(layer.data)
         job = session.localise(layer.name, image, geometry)
         self._start(job, f"Localising {layer.name}", self._on_localised)
+        self._check_domain(layer.name, image, session.localiser)
         if wait:
             self.wait()
 
@@ -379,6 +398,7 @@ class AnomalyReviewWidget(Container):
             contrast_limits=(0.0, 1.0),
             blending="additive",
             opacity=0.6,
+            role="anomaly_map",
             **common,
         )
         self._set_layer(
@@ -388,22 +408,44 @@ class AnomalyReviewWidget(Container):
             colormap="viridis",
             contrast_limits=(0.0, 1.0),
             visible=False,
+            role="confidence_map",
             **common,
         )
         self._set_layer(
-            Labels, f"{case.name} mask", case.mask.astype(np.uint8), opacity=0.5, **common
+            Labels,
+            f"{case.name} mask",
+            case.mask.astype(np.uint8),
+            opacity=0.5,
+            role="mask",
+            **common,
         )
         self._shown_case = case.name
         with self.threshold.changed.blocked():
             self.threshold.value = case.threshold
         self._refresh_regions()
+        warning = self.domain_warnings.get(case.name)
         self._say(
             f"{case.name}: peak score {case.anomaly_map.max():.2f}, "
             f"{len(self._regions)} region(s) at threshold {case.threshold:.2f} "
-            f"(model {case.model_name})."
+            f"(model {case.model_name})." + (f" Warning: {warning}" if warning else "")
         )
 
-    def _set_layer(self, kind, name: str, data: np.ndarray, **kwargs: Any) -> None:
+    def _check_domain(self, name: str, image: np.ndarray, localiser: Localiser) -> None:
+        """Warn (status line and a napari notification) when the scan is unlike the training
+        data; the warning stays with the case and is repeated with its result."""
+        try:
+            warning = check_domain(image, localiser).warning(name)
+        except ValueError:
+            return  # the localise job itself reports what is wrong with the image
+        if warning:
+            self.domain_warnings[name] = warning
+            self._say(f"Warning: {warning}")
+            show_warning(warning)
+        else:
+            self.domain_warnings.pop(name, None)
+
+    def _set_layer(self, kind, name: str, data: np.ndarray, role: str, **kwargs: Any) -> None:
+        kwargs["metadata"] = {**kwargs["metadata"], ROLE_KEY: role}
         if name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
             layer = self.viewer.layers[name]
             layer.data = data
@@ -581,6 +623,61 @@ class AnomalyReviewWidget(Container):
         name = self._current_case_name()
         if name is not None and name in self.viewer.layers:
             # Re-localise with the new version once this job has finished.
+            self._then = lambda: self.localise(name)
+
+    # ------------------------------------------------------------------ adapt
+    def _scans_to_adapt_on(self) -> tuple[list[np.ndarray], list[str], list[str]]:
+        """The open scans (2D/3D greyscale Image layers, not our maps), and what was skipped."""
+        images, names, skipped = [], [], []
+        for layer in self.viewer.layers:
+            if not self._is_scan_layer(layer):
+                continue
+            if layer.rgb or layer.multiscale or layer.ndim not in (2, 3):
+                skipped.append(layer.name)
+                continue
+            images.append(np.asarray(layer.data))
+            names.append(layer.name)
+        return images, names, skipped
+
+    def adapt(self, steps: int | None = None, wait: bool = False) -> None:
+        """Adapt the current model to the scans open in the viewer.
+
+        Continues the self-supervised training on every open 2D/3D image
+        layer (not the anomaly and confidence maps); the result becomes a new
+        model version, which :meth:`revert` undoes.
+        """
+        if self.busy:
+            self._say("A job is running; cancel it or wait.", error=True)
+            return
+        self.last_error = None
+        images, names, skipped = self._scans_to_adapt_on()
+        if not images:
+            self._say(
+                "No scans to adapt to: open some scans from your scanner (2D images or 3D "
+                "volumes) as image layers first.",
+                error=True,
+            )
+            return
+        try:
+            session = self.session
+        except (OSError, ValueError) as error:
+            self._say(f"Cannot load the model: {error}", error=True)
+            return
+        config = AdaptConfig(steps=steps or self.adapt_steps.value, device=self.device.value)
+        label = f"Adapting to {len(images)} scan(s)"
+        if skipped:
+            label += f" (skipped {', '.join(skipped)}: RGB, multiscale or not 2D/3D)"
+        self._start(session.adapt(images, config, names), label, self._on_adapted)
+        if wait:
+            self.wait()
+
+    def _on_adapted(self, localiser: Localiser) -> None:
+        self._refresh_models()
+        scans = localiser.metadata["training"]["data"]
+        self._say(f"New model version {localiser.name}, adapted to {scans}.")
+        name = self._current_case_name()
+        if name is not None and name in self.viewer.layers:
+            self._say(f"New model version {localiser.name}, adapted to {scans}; re-localising...")
             self._then = lambda: self.localise(name)
 
     def revert(self, index: int | None = None) -> None:

@@ -1,0 +1,159 @@
+"""A second self-supervised task: smooth, lesion-like intensity changes.
+
+P-PII anomalies are Poisson blends with up-scaled gradients: they always
+*add texture*. Many real findings do not: an oedema, an infarct or a
+white-matter hyperintensity is mostly a region of changed brightness with
+soft, irregular borders and the tissue's own texture inside. Training on
+several synthetic tasks rather than one teaches "not normal" rather than
+"looks like my one task" (Baugh et al. 2023, "Many tasks make light work",
+which uses smooth intensity changes beside Poisson blends and deformations).
+
+Each sample gets ``K`` blobs. A blob is an ellipsoid (random radii and
+orientation) whose boundary is perturbed by smooth noise, with a soft edge;
+inside it the intensity is shifted by ``delta`` (either sign) and optionally
+scaled towards a constant (flattening the texture, as fluid or necrosis
+does). Labels use the same map from deviation to label as P-PII
+(:func:`napari_anomaly.synthesis.ppii.label_from_deviation`), so the two
+tasks share one score scale; ``label_std`` is zero (there is one outline).
+Everything runs in torch on the images' device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from napari_anomaly.synthesis.ppii import SynthesisConfig, label_from_deviation
+
+__all__ = ["LesionTaskConfig", "synthesise_lesions"]
+
+
+@dataclass(frozen=True)
+class LesionTaskConfig:
+    """Ranges of the intensity-change task (voxel units; intensities in [0, 1]).
+
+    Attributes
+    ----------
+    probability
+        Share of the samples of a batch that get this task instead of P-PII
+        (0 turns it off).
+    blobs
+        Inclusive range of the number of blobs per sample.
+    radius
+        Range of the blob half-axes, as fractions of the patch side.
+    delta
+        Range of the absolute intensity shift; the sign is random.
+    flatten
+        Range of the share of the texture inside the blob that is replaced by
+        its mean (0 keeps the texture).
+    edge
+        Range of the width of the soft edge, as a fraction of the radius.
+    roughness
+        Amplitude of the smooth boundary perturbation (fraction of the radius).
+    """
+
+    probability: float = 0.0
+    blobs: tuple[int, int] = (1, 4)
+    radius: tuple[float, float] = (0.02, 0.15)
+    delta: tuple[float, float] = (0.08, 0.45)
+    flatten: tuple[float, float] = (0.0, 0.8)
+    edge: tuple[float, float] = (0.1, 0.5)
+    roughness: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability must lie in [0, 1], got {self.probability}")
+        if self.blobs[0] < 1 or self.blobs[1] < self.blobs[0]:
+            raise ValueError(f"blobs must be a range of at least 1, got {self.blobs}")
+
+
+def _uniform(low: float, high: float, shape, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator)
+
+
+def _random_rotation(dims: int, generator: torch.Generator) -> torch.Tensor:
+    """A random rotation matrix (dims x dims) from the QR of a Gaussian matrix."""
+    q, r = torch.linalg.qr(torch.randn(dims, dims, generator=generator))
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def synthesise_lesions(
+    images: torch.Tensor,
+    foreground: torch.Tensor,
+    config: LesionTaskConfig,
+    generator: torch.Generator,
+    synthesis: SynthesisConfig = SynthesisConfig(),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Add smooth intensity-change blobs to a batch of normal patches.
+
+    Parameters
+    ----------
+    images
+        ``(B, 1, *spatial)`` in [0, 1]; not modified.
+    foreground
+        ``(B, 1, *spatial)`` bool; blob centres fall inside it and changes
+        outside it are dropped.
+    config
+        Ranges of the task.
+    generator
+        CPU ``torch.Generator`` for every random draw.
+    synthesis
+        Only its label map (``label_scale``, ``label_mapping``) is used.
+
+    Returns
+    -------
+    anomalous, label, label_std
+        Same shape as ``images``: the changed images, the label in [0, 1]
+        and zeros.
+    """
+    batch, dims = images.shape[0], images.ndim - 2
+    spatial = images.shape[2:]
+    device, dtype = images.device, images.dtype
+    side = float(min(spatial))
+    axes = [torch.linspace(0, n - 1, n, device=device, dtype=dtype) for n in spatial]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (dims, *spatial)
+    anomalous = images.clone()
+    fg = foreground.to(dtype)
+    for b in range(batch):
+        inside = torch.nonzero(foreground[b, 0].cpu())
+        if inside.numel() == 0:
+            continue
+        count = int(torch.randint(config.blobs[0], config.blobs[1] + 1, (1,), generator=generator))
+        sample = anomalous[b, 0]
+        for _ in range(count):
+            centre = inside[int(torch.randint(0, inside.shape[0], (1,), generator=generator))]
+            radii = _uniform(*config.radius, (dims,), generator) * side
+            radii = radii.clamp_min(1.5)
+            rotation = _random_rotation(dims, generator).to(device=device, dtype=dtype)
+            offset = grid - centre.to(device=device, dtype=dtype).reshape(dims, *([1] * dims))
+            local = torch.einsum("ij,j...->i...", rotation, offset)
+            scaled = local / radii.to(device=device, dtype=dtype).reshape(dims, *([1] * dims))
+            distance = scaled.pow(2).sum(0).sqrt()
+            # Smooth boundary perturbation: coarse noise up-sampled over the patch.
+            coarse = torch.randn((1, 1, *([4] * dims)), generator=generator)
+            mode = "bilinear" if dims == 2 else "trilinear"
+            rough = F.interpolate(
+                coarse.to(device=device, dtype=dtype), size=spatial, mode=mode, align_corners=True
+            )[0, 0]
+            distance = distance * (1.0 + config.roughness * rough.clamp(-1.5, 1.5) / 1.5)
+            edge = float(_uniform(*config.edge, (1,), generator))
+            weight = torch.sigmoid((1.0 - distance) / max(edge / 4.0, 1e-3))
+            weight = weight * fg[b, 0]
+            if float(weight.sum()) < 1.0:
+                continue
+            delta = float(_uniform(*config.delta, (1,), generator))
+            if float(torch.rand(1, generator=generator)) < 0.5:
+                delta = -delta
+            flatten = float(_uniform(*config.flatten, (1,), generator))
+            mean = (sample * weight).sum() / weight.sum()
+            changed = (1.0 - flatten) * sample + flatten * mean + delta
+            sample = sample + weight * (changed.clamp(0.0, 1.0) - sample)
+        anomalous[b, 0] = sample
+    deviation = (anomalous - images).abs()
+    label = label_from_deviation(deviation, synthesis) * fg
+    return anomalous, label, torch.zeros_like(label)
