@@ -102,7 +102,7 @@ def test_calibrate_writes_a_new_version_whose_threshold_meets_the_budget():
     # On the scans it was calibrated on, the default threshold shows at most 1 region each.
     for image in normals:
         result = run_to_end(localise(image, child))
-        assert 0.0 <= result.anomaly_map.min() and result.anomaly_map.max() <= 1.0
+        assert result.anomaly_map.min() >= 0.0 and result.anomaly_map.max() <= 1.0
         mask = result.anomaly_map >= child.recommended_threshold
         regions = find_regions(mask, result.anomaly_map)
         assert sum(r.voxel_count >= 2 for r in regions) <= 3

@@ -22,7 +22,15 @@ __all__ = ["AugmentConfig", "augment_batch"]
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Ranges of the domain randomisation (probabilities per patch)."""
+    """Ranges of the domain randomisation (probabilities per patch).
+
+    ``remap_probability`` is the share of patches whose intensities go through
+    a random piecewise-linear curve with ``remap_knots`` knots, *not*
+    necessarily monotone: histogram equalisation at inference removes any
+    monotone change of contrast, but not the reordering of tissues between
+    T1, T2, FLAIR and PD weighting (CSF dark or bright, grey matter above or
+    below white matter). Off (0) in the default settings.
+    """
 
     gamma_log_range: float = 0.4
     bias_strength: float = 0.25
@@ -33,6 +41,8 @@ class AugmentConfig:
     noise_sd: tuple[float, float] = (0.005, 0.04)
     flip: bool = True
     enabled: bool = True
+    remap_probability: float = 0.0
+    remap_knots: int = 6
 
 
 def _gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -55,6 +65,24 @@ def _blur_along(image: torch.Tensor, axis: int, sigma: float) -> torch.Tensor:
     padded = F.pad(image, pad, mode="replicate")
     conv = F.conv2d if dims == 2 else F.conv3d
     return conv(padded, kernel.reshape(shape))
+
+
+def _remap(images: torch.Tensor, uniform, config: AugmentConfig) -> torch.Tensor:
+    """Random piecewise-linear intensity curves, one per patch (applied to a share)."""
+    batch, knots = images.shape[0], max(2, config.remap_knots)
+    values = uniform(batch, knots)  # curve values at evenly spaced knots
+    chosen = uniform(batch) < config.remap_probability
+    identity = torch.linspace(0, 1, knots, device=images.device, dtype=images.dtype)
+    values = torch.where(chosen[:, None], values, identity.expand(batch, knots))
+    position = images.clamp(0, 1) * (knots - 1)
+    low = position.floor().clamp(max=knots - 2)
+    frac = position - low
+    low = low.long()
+    flat = values.reshape(batch, knots)
+    shape = (batch, -1)
+    lo = torch.gather(flat, 1, low.reshape(shape)).reshape(images.shape)
+    hi = torch.gather(flat, 1, (low + 1).reshape(shape)).reshape(images.shape)
+    return lo + frac * (hi - lo)
 
 
 def augment_batch(
@@ -102,6 +130,9 @@ def augment_batch(
         mode = "bilinear" if dims == 2 else "trilinear"
         field = F.interpolate(coarse, size=images.shape[2:], mode=mode, align_corners=True)
         out = out * torch.exp(field)
+
+    if config.remap_probability > 0:
+        out = _remap(out, uniform, config)
 
     thick = (torch.rand(batch, generator=generator) < config.thick_slice_probability).tolist()
     axes = torch.randint(0, dims, (batch,), generator=generator).tolist()

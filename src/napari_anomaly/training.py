@@ -46,6 +46,7 @@ from napari_anomaly.patches import PatchSampler
 from napari_anomaly.preprocess import PreprocessConfig, preprocess
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.synthesis import SynthesisConfig, synthesise
+from napari_anomaly.synthesis.lesions import LesionTaskConfig, synthesise_lesions
 
 __all__ = ["AdaptConfig", "FinetuneConfig", "TrainConfig", "adapt", "finetune", "train"]
 
@@ -69,6 +70,10 @@ class TrainConfig:
         AdamW optimisation with a linear warm-up and cosine decay.
     confidence_weight
         Weight of the disagreement (confidence) loss term.
+    lesion_task_probability
+        Share of the training samples that get the lesion-like intensity-change
+        task (:mod:`napari_anomaly.synthesis.lesions`) instead of P-PII; 0
+        trains on P-PII alone.
     validation_every, validation_batches
         Validation on held-out normal images with synthetic anomalies.
     checkpoint_every
@@ -90,6 +95,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     confidence_weight: float = 0.5
+    lesion_task_probability: float = 0.0
     validation_every: int = 250
     validation_batches: int = 2
     checkpoint_every: int = 250
@@ -102,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be at least 1")
+        if not 0.0 <= self.lesion_task_probability <= 1.0:
+            raise ValueError(
+                f"lesion_task_probability must lie in [0, 1], got {self.lesion_task_probability}"
+            )
         if self.patch_size < 16 or self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 and >= 16, got {self.patch_size}")
 
@@ -324,6 +334,27 @@ def _load_checkpoint(
     return int(metadata["step"])
 
 
+def _mix_lesion_task(
+    batch: torch.Tensor,
+    foreground: torch.Tensor,
+    ppii: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    config: TrainConfig,
+    synthesis: SynthesisConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give a random share of the batch the lesion-like intensity task instead of P-PII."""
+    chosen = torch.rand(batch.shape[0], generator=generator) < config.lesion_task_probability
+    if not bool(chosen.any()):
+        return ppii
+    index = torch.nonzero(chosen).ravel().to(batch.device)
+    task = LesionTaskConfig(probability=config.lesion_task_probability)
+    changed = synthesise_lesions(batch[index], foreground[index], task, generator, synthesis)
+    out = [t.clone() for t in ppii]
+    for tensor, values in zip(out, changed):
+        tensor[index] = values.to(tensor.dtype)
+    return out[0], out[1], out[2]
+
+
 def _ppii_steps(
     model: AnomalyNet,
     sampler: PatchSampler,
@@ -370,6 +401,10 @@ def _ppii_steps(
         batch, foreground = batch.to(device), foreground.to(device)
         batch, foreground = augment_batch(batch, foreground, augmentation, generator)
         anomalous, label, label_std = synthesise(batch, synthesis, rng, foreground)
+        if config.lesion_task_probability > 0:
+            anomalous, label, label_std = _mix_lesion_task(
+                batch, foreground, (anomalous, label, label_std), config, synthesis, generator
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()

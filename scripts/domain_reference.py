@@ -1,0 +1,103 @@
+"""The out-of-domain reference of the default model's training data, and held-out distances.
+
+    python scripts/domain_reference.py --data /tmp/anatomy/extracted [--json reference.json]
+
+Prints the reference (``napari_anomaly.domain.domain_reference`` of the same arrays
+``train_default_model.py`` trains on) and, for every held-out image and a few
+synthetic variants (another scanner scale, bias field, noise, thick slices, a
+T2-like remapping, a CT-like volume), its distance and whether it is flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from anatomy import ITK_DATA, MRICRON, held_out_files, training_files  # noqa: E402
+from train_default_model import training_arrays  # noqa: E402
+
+from napari_anomaly.domain import check_domain, domain_reference  # noqa: E402
+from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
+from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
+from napari_anomaly.preprocess import estimate_foreground  # noqa: E402
+
+
+def variants(name: str, array: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Another scanner's look of the same scan, and a T2-like remapping of it."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in array.shape], indexing="ij")
+    bias = 1.0 + 0.3 * grids[-1] + 0.15 * grids[-2]
+    noisy = np.abs(array * bias + 0.03 * array.max() * rng.standard_normal(array.shape))
+    out = {
+        f"{name} x16 (0..4095) + bias + noise": (16 * noisy).astype(np.float32),
+        f"{name} /255 (0..1)": (array / 255.0).astype(np.float32),
+    }
+    if array.ndim == 3:
+        z = array.shape[0] // 4 * 4
+        out[f"{name} 4x thick slices"] = array[:z].reshape(z // 4, 4, *array.shape[1:]).mean(1)
+    foreground = estimate_foreground(array)
+    lo, hi = np.percentile(array[foreground], [1, 99])
+    scaled = np.clip((array - lo) / (hi - lo), 0, 1)
+    out[f"{name} T2-like (CSF brightest)"] = np.where(
+        foreground, (1.2 - scaled) * hi, array
+    ).astype(np.float32)
+    return out
+
+
+def ct_like(shape=(40, 128, 128), seed: int = 0) -> np.ndarray:
+    """A head-like CT volume in HU: air -1000, scalp and brain 20-60 HU, a skull of
+    700-1500 HU, HU noise."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radius = np.sqrt(sum(g**2 for g in grids))
+    volume = np.full(shape, -1000.0)
+    volume[radius < 0.92] = 30.0  # scalp
+    skull = (radius < 0.9) & (radius >= 0.84)
+    volume[skull] = rng.uniform(700, 1500, int(skull.sum()))
+    brain = radius < 0.84
+    volume[brain] = 40.0 + 20 * np.sign(grids[-1][brain])  # grey and white matter
+    return (volume + 8 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="extracted Debian packages")
+    parser.add_argument("--json", type=Path, help="also write the reference here")
+    args = parser.parse_args()
+
+    train_paths = training_files(args.data, extra_volume=True)
+    reference = domain_reference(training_arrays(args.data, train_paths, skull_stripped=False))
+    text = json.dumps(reference)
+    print(text)
+    print(f"# {len(text)} bytes; training: {', '.join(p.name for p in train_paths)}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(reference, indent=1), overwrite=True)
+
+    model = Localiser.load(default_model_path())
+    model.metadata["domain"] = reference
+    rng = np.random.default_rng(0)
+    itk, mricron = args.data / ITK_DATA, args.data / MRICRON
+    cases = {p.name: read_image(p).array for p in held_out_files(args.data)}
+    for name in ("ch2bet.nii.gz", "inia19-t1-brain.nii.gz"):
+        cases[name] = read_image(mricron / name).array
+    for name in ("BrainT1SliceBorder20.png", "FatMRISlice.png", "RatLungSlice1.mha"):
+        cases[name] = read_image(itk / name).array
+    for name in ("ch2.nii.gz", "BrainProtonDensitySlice.png"):
+        cases.update(variants(name, cases[name], rng))
+    cases.update(variants("BrainT1Slice.png", read_image(itk / "BrainT1Slice.png").array, rng))
+    cases["synthetic CT (HU)"] = ct_like()
+    cases["synthetic CT stored without offset (+1024)"] = ct_like() + 1024
+    print(f"# threshold {check_domain(cases['ch2.nii.gz'], model).threshold}")
+    for name, array in cases.items():
+        report = check_domain(array, model)
+        flag = "FLAGGED" if not report.in_domain else "ok"
+        print(f"{name:50s} distance {report.distance:.3f}  {flag}  {'; '.join(report.reasons)}")
+
+
+if __name__ == "__main__":
+    main()

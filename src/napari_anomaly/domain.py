@@ -1,0 +1,354 @@
+"""Out-of-domain check: is a scan like the ones the model was trained on?
+
+A localiser trained on brain MRI has never seen a CT volume; its map of such a
+scan means little, and the reviewer should be told so before trusting it. This
+module describes a raw scan (before preprocessing) by a small, JSON-serialisable
+*fingerprint* of its intensities, summarises the fingerprints of the training
+images as a *domain reference* (stored in the model metadata under
+``"domain"``), and checks a new scan against it:
+
+* **CT rule** (always): a scan whose values look like Hounsfield units (air
+  near -1000 HU, soft tissue near 0 HU) is flagged when the model was trained
+  on MR, and a scan that does not look like CT is flagged when the model was
+  trained on CT. The training modality is ``metadata["modality"]`` if set,
+  else the guess stored in the reference, else ``"MR"`` (the bundled model,
+  and models saved before the reference existed).
+* **Distribution rule** (only with a reference): the shape of the foreground
+  intensity histogram, after robust scaling to its 1st-99th percentile (so the
+  scanner's units do not matter), is compared with every stored training
+  histogram by the 1-Wasserstein (earth mover's) distance; a scan farther from
+  all of them than the training scans are from each other (times a margin) is
+  flagged. Measured on real T1 scans this rule is a *gross* outlier catch: it
+  does not separate proton-density or T2 contrast of the same anatomy from T1
+  reliably (see docs/user_guide.md), so its threshold is set for no false
+  alarms on T1 of other scanners.
+
+Everything here is Qt-free and never modifies its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from napari_anomaly.preprocess import _as_foreground, _subsample, estimate_foreground
+from napari_anomaly.preprocess import validate_image as _validate_image
+
+__all__ = [
+    "DomainReference",
+    "DomainReport",
+    "check_domain",
+    "domain_reference",
+    "intensity_fingerprint",
+]
+
+#: Bins of the robustly scaled foreground histogram (on [0, 1]).
+HISTOGRAM_BINS = 32
+#: Percentiles of the foreground intensities mapped to 0 and 1 before binning.
+SCALING_PERCENTILES = (1.0, 99.0)
+#: Quantiles (percent) of the scaled foreground intensities kept for people to read.
+QUANTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
+#: Values below this (HU) count as air (or CT padding outside the field of view).
+AIR_BELOW_HU = -500.0
+#: Share of all voxels that must be air for a scan to look like CT in HU.
+MIN_AIR_SHARE = 0.005
+#: Median of the non-air voxels of a CT scan (soft tissue, water ~ 0 HU) lies in here.
+TISSUE_MEDIAN_HU = (-200.0, 200.0)
+#: Foreground values above this (HU) count as bone (reported, not used by the rule).
+BONE_ABOVE_HU = 300.0
+#: The distribution rule flags distances above max(floor, margin * training spread).
+DISTANCE_FLOOR = 0.15
+DISTANCE_MARGIN = 1.5
+#: At most this many training fingerprints are stored (keeps metadata < 20 kB).
+MAX_STORED_FINGERPRINTS = 24
+REFERENCE_VERSION = 1
+
+
+def intensity_fingerprint(image: Any, foreground: Any | None = None) -> dict[str, Any]:
+    """A small, JSON-serialisable description of a raw scan's intensities.
+
+    Parameters
+    ----------
+    image : array_like, shape (Y, X) or (Z, Y, X)
+        The raw scan in its own units (HU for CT, arbitrary units for MR), any
+        real dtype; never modified.
+    foreground : array_like of bool, same shape, optional
+        Body/object mask; default :func:`~napari_anomaly.preprocess.estimate_foreground`.
+
+    Returns
+    -------
+    dict
+        ``looks_like_ct`` (bool): air below -500 in at least 0.5 % of the
+        voxels and the median of the other voxels within -200..200 (soft
+        tissue in HU); ``air_share``, ``tissue_median``, ``bone_share``
+        (foreground share above 300) behind that guess; ``foreground_share``;
+        ``histogram``: 32 bin probabilities (sum 1) of the foreground
+        intensities scaled so that their 1st/99th percentiles map to 0/1;
+        ``quantiles``: the 5/25/50/75/95th percentiles of those scaled values.
+
+    Raises
+    ------
+    ValueError
+        If the image is invalid (see :func:`~napari_anomaly.preprocess.validate_image`)
+        or the foreground has the wrong shape or is empty.
+    """
+    img = _validate_image(image)
+    mask = estimate_foreground(img) if foreground is None else _as_foreground(foreground, img.shape)
+    everywhere = _subsample(img).astype(np.float64)
+    inside = _subsample(img[mask]).astype(np.float64)
+
+    air = everywhere < AIR_BELOW_HU
+    air_share = float(np.mean(air))
+    tissue_median = float(np.median(everywhere[~air])) if not air.all() else AIR_BELOW_HU
+    looks_like_ct = (
+        air_share >= MIN_AIR_SHARE and TISSUE_MEDIAN_HU[0] <= tissue_median <= TISSUE_MEDIAN_HU[1]
+    )
+
+    lo, hi = (float(v) for v in np.percentile(inside, SCALING_PERCENTILES))
+    if not hi > lo:  # a dominant single value: fall back to the full range
+        lo, hi = float(inside.min()), float(inside.max())
+    scaled = (inside - lo) / (hi - lo) if hi > lo else np.zeros_like(inside)
+    counts, _ = np.histogram(scaled, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
+    histogram = counts / max(1, counts.sum())
+    quantiles = np.percentile(np.clip(scaled, 0.0, 1.0), QUANTILES)
+    return {
+        "looks_like_ct": bool(looks_like_ct),
+        "air_share": round(air_share, 4),
+        "tissue_median": round(tissue_median, 2),
+        "bone_share": round(float(np.mean(inside > BONE_ABOVE_HU)), 4),
+        "foreground_share": round(float(np.count_nonzero(mask)) / mask.size, 4),
+        "histogram": [round(float(p), 5) for p in histogram],
+        "quantiles": [round(float(q), 4) for q in quantiles],
+    }
+
+
+def histogram_distance(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    """1-Wasserstein distance of two fingerprints' scaled histograms, in [0, 1].
+
+    The mean absolute difference of their cumulative distributions: 0.1 means
+    the quantiles differ by a tenth of the 1st-99th percentile range on average.
+    """
+    cdf_a = np.cumsum(np.asarray(a["histogram"], dtype=np.float64))
+    cdf_b = np.cumsum(np.asarray(b["histogram"], dtype=np.float64))
+    return float(np.abs(cdf_a - cdf_b).mean())
+
+
+def _modality_guess(fingerprints: Sequence[Mapping[str, Any]]) -> str:
+    ct = sum(bool(f["looks_like_ct"]) for f in fingerprints)
+    if ct == len(fingerprints):
+        return "CT"
+    return "MR" if ct == 0 else "mixed"
+
+
+@dataclass(frozen=True)
+class DomainReference:
+    """What the training scans looked like (stored as ``metadata["domain"]``).
+
+    Attributes
+    ----------
+    modality
+        ``"CT"`` when every training scan looked like CT in HU, ``"MR"`` when
+        none did (any non-HU imaging is called MR here), else ``"mixed"``.
+    images
+        Number of training scans.
+    fingerprints
+        Up to 24 training fingerprints (farthest-point sample when there were more).
+    spread
+        The largest distance of a training scan to its nearest *other* stored
+        fingerprint (``None`` for a single scan): how far apart normal
+        training scans already are.
+    """
+
+    modality: str
+    images: int
+    fingerprints: tuple[dict[str, Any], ...]
+    spread: float | None = None
+
+    @classmethod
+    def from_fingerprints(cls, fingerprints: Sequence[Mapping[str, Any]]) -> DomainReference:
+        if not fingerprints:
+            raise ValueError("need at least one training fingerprint")
+        kept = _farthest_points(fingerprints, MAX_STORED_FINGERPRINTS)
+        stored = [fingerprints[i] for i in kept]
+        nearest = []
+        for index, fingerprint in enumerate(fingerprints):
+            others = [s for i, s in zip(kept, stored) if i != index]
+            if others:
+                nearest.append(min(histogram_distance(fingerprint, s) for s in others))
+        return cls(
+            modality=_modality_guess(fingerprints),
+            images=len(fingerprints),
+            fingerprints=tuple(dict(f) for f in stored),
+            spread=round(max(nearest), 4) if nearest else None,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DomainReference:
+        return cls(
+            modality=str(data.get("modality", "MR")),
+            images=int(data.get("images", len(data.get("fingerprints", ())))),
+            fingerprints=tuple(dict(f) for f in data.get("fingerprints", ())),
+            spread=None if data.get("spread") is None else float(data["spread"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": REFERENCE_VERSION,
+            "modality": self.modality,
+            "images": self.images,
+            "spread": self.spread,
+            "fingerprints": [dict(f) for f in self.fingerprints],
+        }
+
+    @property
+    def threshold(self) -> float:
+        """Distances above this are flagged."""
+        if self.spread is None:
+            return DISTANCE_FLOOR
+        return max(DISTANCE_FLOOR, DISTANCE_MARGIN * self.spread)
+
+    def distance(self, fingerprint: Mapping[str, Any]) -> float:
+        """Distance to the nearest stored training fingerprint."""
+        return min(histogram_distance(fingerprint, f) for f in self.fingerprints)
+
+
+def _farthest_points(fingerprints: Sequence[Mapping[str, Any]], limit: int) -> list[int]:
+    """Indices of a greedy farthest-point sample (all of them when there are few)."""
+    if len(fingerprints) <= limit:
+        return list(range(len(fingerprints)))
+    chosen = [0]
+    nearest = np.array([histogram_distance(fingerprints[0], f) for f in fingerprints])
+    while len(chosen) < limit:
+        index = int(np.argmax(nearest))
+        chosen.append(index)
+        distances = [histogram_distance(fingerprints[index], f) for f in fingerprints]
+        nearest = np.minimum(nearest, distances)
+    return sorted(chosen)
+
+
+def domain_reference(
+    images: Sequence[Any], foregrounds: Sequence[Any] | None = None
+) -> dict[str, Any]:
+    """The domain reference of training images, as the JSON dict stored in a model.
+
+    Parameters
+    ----------
+    images
+        The raw training scans (2D and/or 3D, any units), as given to training.
+    foregrounds
+        Their body masks, if already known (saves estimating them again).
+
+    Returns
+    -------
+    dict
+        ``DomainReference.to_dict()``: JSON-serialisable, a few kB.
+    """
+    masks = list(foregrounds) if foregrounds is not None else [None] * len(images)
+    if len(masks) != len(images):
+        raise ValueError(f"{len(images)} images but {len(masks)} foregrounds")
+    fingerprints = [intensity_fingerprint(i, m) for i, m in zip(images, masks)]
+    return DomainReference.from_fingerprints(fingerprints).to_dict()
+
+
+@dataclass(frozen=True)
+class DomainReport:
+    """The outcome of :func:`check_domain`.
+
+    Attributes
+    ----------
+    in_domain
+        False when any rule flagged the scan.
+    reasons
+        One short sentence per flag.
+    distance
+        Histogram distance to the nearest training scan (``None`` without a reference).
+    threshold
+        Distance above which the scan is flagged (``None`` without a reference).
+    model_modality
+        What the model was trained on (``"MR"``, ``"CT"`` or ``"mixed"``).
+    fingerprint
+        The scan's :func:`intensity_fingerprint`.
+    """
+
+    in_domain: bool
+    reasons: list[str] = field(default_factory=list)
+    distance: float | None = None
+    threshold: float | None = None
+    model_modality: str = "MR"
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def warning(self, name: str) -> str:
+        """One line for a reviewer (empty when in domain)."""
+        if self.in_domain:
+            return ""
+        return (
+            f"{name} may be outside the model's domain: {'; '.join(self.reasons)}. "
+            "Treat its map with caution."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "in_domain": self.in_domain,
+            "reasons": list(self.reasons),
+            "distance": self.distance,
+            "threshold": self.threshold,
+            "model_modality": self.model_modality,
+            "looks_like_ct": self.fingerprint.get("looks_like_ct"),
+        }
+
+
+def check_domain(image: Any, localiser: Any, foreground: Any | None = None) -> DomainReport:
+    """Check whether a raw scan is like the model's training scans.
+
+    Parameters
+    ----------
+    image : array_like, shape (Y, X) or (Z, Y, X)
+        The raw scan (before preprocessing); never modified.
+    localiser : Localiser
+        The model; only its ``metadata`` is read (``"modality"``, ``"domain"``).
+    foreground : array_like of bool, optional
+        Body mask, if known.
+
+    Returns
+    -------
+    DomainReport
+        ``in_domain`` is False with one reason per rule that fired (see the
+        module docstring for the rules).
+    """
+    metadata = getattr(localiser, "metadata", None) or {}
+    data = metadata.get("domain")
+    reference = DomainReference.from_dict(data) if isinstance(data, Mapping) else None
+    if reference is not None and not reference.fingerprints:
+        reference = None
+    modality = str(
+        metadata.get("modality") or (reference.modality if reference is not None else "MR")
+    )
+    fingerprint = intensity_fingerprint(image, foreground)
+    reasons = []
+    if fingerprint["looks_like_ct"] and modality not in ("CT", "mixed"):
+        reasons.append(f"looks like CT (Hounsfield units); the model was trained on {modality}")
+    elif not fingerprint["looks_like_ct"] and modality == "CT":
+        reasons.append("does not look like CT in Hounsfield units; the model was trained on CT")
+    distance = threshold = None
+    if reference is not None:
+        distance = round(reference.distance(fingerprint), 4)
+        threshold = round(reference.threshold, 4)
+        if distance > threshold:
+            spread = (
+                "" if reference.spread is None else f", training scans up to {reference.spread:.2f}"
+            )
+            reasons.append(
+                f"its intensity distribution is unlike any training scan "
+                f"(distance {distance:.2f}{spread})"
+            )
+    return DomainReport(
+        in_domain=not reasons,
+        reasons=reasons,
+        distance=distance,
+        threshold=threshold,
+        model_modality=modality,
+        fingerprint=fingerprint,
+    )

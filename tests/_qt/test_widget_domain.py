@@ -1,0 +1,58 @@
+"""The widget warns when a scan is unlike the model's training data (under Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from napari.utils.notifications import notification_manager
+
+from napari_anomaly._qt.widget import AnomalyReviewWidget
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet, NetworkConfig
+
+TINY = NetworkConfig(spatial_dims=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+
+
+def _ct_head(shape=(6, 32, 32)) -> np.ndarray:
+    """Air -1000 HU around soft tissue of 40 HU in a skull of 1000 HU."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape[-2:]], indexing="ij")
+    radius = np.sqrt(sum(g**2 for g in grids))
+    slice_ = np.where(radius < 0.9, 1000.0, -1000.0)
+    slice_[radius < 0.8] = 40.0
+    noise = np.random.default_rng(0).normal(0, 8, shape)
+    return (slice_ + noise).astype(np.float32)
+
+
+def _mr_head(shape=(6, 32, 32)) -> np.ndarray:
+    return np.clip(_ct_head(shape) / 10 + 100, 0, None).astype(np.float32)
+
+
+@pytest.fixture
+def widget(make_napari_viewer):
+    torch.manual_seed(0)
+    localiser = Localiser(  # no "modality" in its metadata: a model trained on MR
+        AnomalyNet(TINY).eval(), metadata={"patch_size": 32, "recommended_threshold": 0.5}
+    )
+    widget = AnomalyReviewWidget(make_napari_viewer(), localiser=localiser)
+    widget.device.value = "cpu"
+    return widget
+
+
+def test_a_ct_scan_gets_a_warning_that_stays_with_its_result(widget):
+    widget.viewer.add_image(_ct_head(), name="ct")
+    shown = []
+    notification_manager.notification_ready.connect(lambda event: shown.append(event.message))
+    widget.localise("ct", wait=True)
+    assert widget.last_error is None
+    assert "ct mask" in widget.viewer.layers, "a warning, not a refusal"
+    assert "looks like CT (Hounsfield units)" in widget.domain_warnings["ct"]
+    assert "Warning: ct may be outside the model's domain" in widget.status.value
+    assert any("looks like CT" in str(message) for message in shown)
+
+
+def test_an_mr_scan_gets_no_warning(widget):
+    widget.viewer.add_image(_mr_head(), name="mr")
+    widget.localise("mr", wait=True)
+    assert widget.last_error is None and "mr" not in widget.domain_warnings
+    assert "Warning" not in widget.status.value

@@ -1,0 +1,83 @@
+"""The lesion-like intensity-change task and the contrast remapping used in training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_NETWORK_2D, phantom
+
+from napari_anomaly.augment import AugmentConfig, augment_batch
+from napari_anomaly.progress import run_to_end
+from napari_anomaly.synthesis.lesions import LesionTaskConfig, synthesise_lesions
+from napari_anomaly.training import TrainConfig, train
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 48, 48), (1, 1, 16, 32, 32)])
+def test_lesions_change_intensity_inside_the_foreground_and_are_labelled_there(shape):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(shape, generator=generator) * 0.2 + 0.4
+    foreground = torch.zeros(shape, dtype=torch.bool)
+    foreground[..., 4:-4, 4:-4] = True
+    before = images.clone()
+    config = LesionTaskConfig(probability=1.0, blobs=(2, 3), radius=(0.1, 0.2))
+    anomalous, label, label_std = synthesise_lesions(images, foreground, config, generator)
+    assert torch.equal(images, before)  # input untouched
+    changed = (anomalous - images).abs() > 1e-4
+    assert changed.any() and not changed[~foreground].any()
+    assert label[changed].min() > 0 and label[~foreground].max() == 0
+    assert float(label.min()) >= 0 and float(label.max()) <= 1
+    assert float(label_std.abs().max()) == 0.0
+
+
+def test_lesions_are_reproducible_for_a_seed():
+    images = torch.rand((2, 1, 32, 32), generator=torch.Generator().manual_seed(1))
+    foreground = torch.ones_like(images, dtype=torch.bool)
+    config = LesionTaskConfig(probability=1.0)
+    a = synthesise_lesions(images, foreground, config, torch.Generator().manual_seed(5))
+    b = synthesise_lesions(images, foreground, config, torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_contrast_remapping_can_reorder_tissues():
+    # Two "tissues", dark and bright; a non-monotone curve can swap them.
+    images = torch.zeros((64, 1, 8, 8))
+    images[:, :, :, 4:] = 0.9
+    images[:, :, :, :4] = 0.1
+    foreground = torch.ones_like(images, dtype=torch.bool)
+    config = AugmentConfig(
+        gamma_log_range=0.0,
+        bias_probability=0.0,
+        thick_slice_probability=0.0,
+        noise_probability=0.0,
+        flip=False,
+        remap_probability=1.0,
+    )
+    out, _ = augment_batch(images, foreground, config, torch.Generator().manual_seed(0))
+    swapped = out[:, 0, 0, 0] > out[:, 0, 0, 7]
+    assert swapped.any() and (~swapped).any()
+    off, _ = augment_batch(
+        images,
+        foreground,
+        AugmentConfig(
+            remap_probability=0.0,
+            gamma_log_range=0.0,
+            bias_probability=0.0,
+            thick_slice_probability=0.0,
+            noise_probability=0.0,
+            flip=False,
+        ),
+        torch.Generator().manual_seed(0),
+    )
+    assert torch.allclose(off, images, atol=1e-5)
+
+
+def test_training_with_the_lesion_task_runs_and_records_it():
+    images = [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
+    config = TrainConfig(
+        steps=2, batch_size=4, patch_size=32, device="cpu", lesion_task_probability=0.5
+    )
+    model = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    assert model.metadata["training"]["config"]["lesion_task_probability"] == 0.5
+    with pytest.raises(ValueError, match="lesion_task_probability"):
+        TrainConfig(lesion_task_probability=1.5)
