@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,17 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from anatomy import brain_labels, held_out_files, training_files  # noqa: E402
+from anatomy import (  # noqa: E402
+    ITK_DATA,
+    TRAIN_ITK_EXTRA_VOLUMES,
+    brain_labels,
+    held_out_files,
+    training_files,
+)
 
+from napari_anomaly.augment import AugmentConfig  # noqa: E402
 from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
+from napari_anomaly.model import NetworkConfig  # noqa: E402
 from napari_anomaly.training import TrainConfig, train  # noqa: E402
 
 
@@ -68,10 +77,121 @@ def training_arrays(data: Path, paths: list[Path], skull_stripped: bool) -> list
     return arrays + brain_only
 
 
+def _brain_mask_1mm(volume: np.ndarray) -> np.ndarray:
+    """The nonzero part of a brain-only volume (closed, holes filled)."""
+    inside = volume > np.percentile(volume[volume > 0], 2) if (volume > 0).any() else volume > 0
+    return ndimage.binary_fill_holes(ndimage.binary_closing(inside, iterations=2))
+
+
+def clinical_heads(
+    data: Path | None, arrays: dict | None
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The training heads at 1 mm with their brain masks, for clinical-like normal scans.
+
+    The MNI template (brain only, 1 mm) and the ITK single-subject T1 head
+    (resampled from 3x2x2 mm to 1 mm, brain mask from its label map); never
+    Colin27, which the clinical yardstick uses.
+    """
+    if arrays is not None:
+        return [
+            (str(name), arrays[f"head_{name}"], arrays[f"brain_{name}"].astype(bool))
+            for name in arrays["head_names"]
+        ]
+    from anatomy import mni152_t1
+
+    mni = read_image(mni152_t1())
+    order = _axial_first(mni.geometry)
+    mni_array = np.transpose(mni.array, order)
+    heads = [("mni152", mni_array, _brain_mask_1mm(mni_array))]
+    itk = data / ITK_DATA / TRAIN_ITK_EXTRA_VOLUMES[0]
+    image = read_image(itk)
+    labels = brain_labels(data, itk)
+    mask = brain_mask(labels, image.array.shape)
+    # The ITK head is stored in coronal slices: put the superior-inferior axis first.
+    order = _axial_first(image.geometry)
+    zoom = np.asarray(image.geometry.spacing, dtype=float)[list(order)]
+    heads.append(
+        (
+            "itk_head",
+            ndimage.zoom(np.transpose(image.array, order), zoom, order=1).astype(np.float32),
+            ndimage.zoom(np.transpose(mask, order).astype(np.uint8), zoom, order=0).astype(bool),
+        )
+    )
+    return heads
+
+
+def _axial_first(geometry) -> tuple[int, int, int]:
+    """Axis order that puts the array axis running along the patient's
+    superior-inferior direction first (the axial slice axis), the others after it."""
+    # direction is row-major (x, y, z) x (index i, j, k); array axes are (k, j, i).
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    along_z = int(np.argmax(np.abs(direction[2])))  # index axis (i, j, k) that moves in z
+    first = 2 - along_z
+    return (first, *[a for a in range(3) if a != first])
+
+
+def clinical_normals(heads, cases_per_contrast: int, seed: int) -> list[np.ndarray]:
+    """Normal scans of the training heads as clinics acquire them (thick axial slices,
+    five contrasts, noise, bias field, field of view; ``evaluation.clinical``),
+    resampled to isotropic voxels like every other training volume."""
+    from napari_anomaly.evaluation.clinical import make_cohort
+
+    volumes = []
+    for index, (_, volume, brain) in enumerate(heads):
+        for case in make_cohort(
+            volume,
+            brain,
+            families=("normal",),
+            cases_per_cell=cases_per_contrast,
+            seed=seed + 1000 + index,
+        ):
+            volumes.append(isotropic(case.image, case.spacing))
+    return volumes
+
+
+def export_arrays(data: Path, path: Path, extra_volume: bool) -> None:
+    """Everything the training needs, as one ``.npz`` (for a machine without the
+    Debian data or SimpleITK): training and validation arrays and the clinical heads."""
+    train_paths = training_files(data, extra_volume=extra_volume)
+    arrays = {f"train_{k}": a for k, a in enumerate(training_arrays(data, train_paths, False))}
+    arrays["train_names"] = np.array([p.name for p in train_paths])
+    for k, p in enumerate(held_out_files(data)[1:]):
+        arrays[f"validation_{k}"] = read_image(p).array
+    heads = clinical_heads(data, None)
+    for name, volume, brain in heads:
+        arrays[f"head_{name}"] = volume.astype(np.float32)
+        arrays[f"brain_{name}"] = brain
+    arrays["head_names"] = np.array([name for name, _, _ in heads])
+    np.savez_compressed(path, **arrays)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _numbered(arrays: dict, prefix: str) -> list[np.ndarray]:
+    keys = [k for k in arrays if k.startswith(prefix) and k.split("_")[1].isdigit()]
+    keys.sort(key=lambda k: int(k.split("_")[1]))
+    return [np.asarray(arrays[k], dtype=np.float32) for k in keys]
+
+
+def _steps_for(minutes: float, images, config: TrainConfig, validation) -> int:
+    """Steps that fit in ``minutes`` of training, from the speed of a 60-step probe
+    (steps 20-60 timed; preprocessing, validation and the final calibration are extra)."""
+    probe = train(images, replace(config, steps=60, validation_every=10**9), validation_images=[])
+    times = {}
+    try:
+        while True:
+            report = next(probe)
+            if report.message == "training":
+                times[report.step] = time.perf_counter()
+    except StopIteration:
+        pass
+    seconds_per_step = (times[60] - times[20]) / 40
+    return max(100, int(minutes * 60 / seconds_per_step))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--data", type=Path, required=True, help="extracted Debian packages")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="extracted Debian packages")
+    parser.add_argument("--out", type=Path, help="model file to write (not with --export-arrays)")
     parser.add_argument("--steps", type=int, default=9000)
     parser.add_argument(
         "--dims",
@@ -97,16 +217,64 @@ def main() -> None:
         help="also train on brain-only copies of the training volumes (anatomy.py names "
         "their brain masks), so that skull-stripped scans look normal to the model",
     )
+    parser.add_argument(
+        "--clinical-normals",
+        type=int,
+        default=0,
+        help="also train on this many clinical-like normal scans per contrast of each "
+        "training head (thick slices, 5 contrasts; evaluation.clinical)",
+    )
+    parser.add_argument(
+        "--lesion-task", type=float, default=0.0, help="TrainConfig.lesion_task_probability"
+    )
+    parser.add_argument("--remap", type=float, default=0.0, help="AugmentConfig.remap_probability")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="instead of --steps: as many steps as fit in this many minutes (measured first)",
+    )
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument(
+        "--channels", type=int, nargs="+", help="NetworkConfig.channels (default: its own)"
+    )
+    parser.add_argument(
+        "--arrays", type=Path, help="read the data from an .npz written by --export-arrays"
+    )
+    parser.add_argument(
+        "--export-arrays", type=Path, help="write the training data to this .npz and stop"
+    )
     args = parser.parse_args()
+    if args.export_arrays:
+        export_arrays(args.data, args.export_arrays, args.extra_volume)
+        return
+    if args.out is None:
+        parser.error("--out is required")
+    if args.data is None and args.arrays is None:
+        parser.error("give --data (extracted Debian packages) or --arrays")
 
-    train_paths = training_files(args.data, extra_volume=args.extra_volume)
-    validation_paths = held_out_files(args.data)[1:]  # the PD slice; Colin27 stays for evaluation
-    if args.dims == 3:
-        # Only volumes can train a 3D model, and the held-out volume is kept for evaluation;
-        # the documented 3D run used the MNI152 volume alone.
-        train_paths, validation_paths = train_paths[:1], []
-    images = training_arrays(args.data, train_paths, args.skull_stripped and args.dims == 2)
-    validation = [read_image(p).array for p in validation_paths]
+    loaded = dict(np.load(args.arrays)) if args.arrays else None
+    if loaded is not None:
+        train_names = [str(n) for n in loaded["train_names"]]
+        images, validation = _numbered(loaded, "train_"), _numbered(loaded, "validation_")
+    else:
+        train_paths = training_files(args.data, extra_volume=args.extra_volume)
+        # the PD slice; Colin27 stays for evaluation
+        validation_paths = held_out_files(args.data)[1:]
+        if args.dims == 3:
+            # Only volumes can train a 3D model, and the held-out volume is kept for
+            # evaluation; the documented 3D run used the MNI152 volume alone.
+            train_paths, validation_paths = train_paths[:1], []
+        images = training_arrays(args.data, train_paths, args.skull_stripped and args.dims == 2)
+        validation = [read_image(p).array for p in validation_paths]
+        train_names = [p.name for p in train_paths]
+    if args.clinical_normals:
+        heads = clinical_heads(args.data, loaded)
+        images += clinical_normals(heads, args.clinical_normals, args.seed)
+        train_names.append(
+            f"{args.clinical_normals} clinical-like normal scan(s) per contrast of "
+            + ", ".join(name for name, _, _ in heads)
+        )
     if args.dims == 3:
         config = TrainConfig(
             spatial_dims=3,
@@ -117,14 +285,40 @@ def main() -> None:
             device=args.device,
         )
     else:
-        config = TrainConfig(steps=args.steps, seed=args.seed, device=args.device)
-    description = ", ".join(p.name for p in train_paths)
-    if args.skull_stripped and args.dims == 2:
+        config = TrainConfig(
+            steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            lesion_task_probability=args.lesion_task,
+        )
+    description = ", ".join(train_names)
+    if args.skull_stripped and args.dims == 2 and loaded is None:
         stripped = [p.name for p in train_paths if brain_labels(args.data, p)]
         description += "; brain-only copies of " + ", ".join(stripped)
     log = []
     started = time.perf_counter()
-    job = train(images, config, validation_images=validation, data_description=description)
+    if args.minutes:
+        config = replace(config, steps=_steps_for(args.minutes, images, config, validation))
+        print(json.dumps({"steps_for_minutes": config.steps}), flush=True)
+    network = (
+        NetworkConfig(
+            spatial_dims=args.dims,
+            channels=tuple(args.channels),
+            strides=(2,) * (len(args.channels) - 1),
+        )
+        if args.channels
+        else None
+    )
+    job = train(
+        images,
+        config,
+        validation_images=validation,
+        network=network,
+        augmentation=AugmentConfig(remap_probability=args.remap),
+        data_description=description,
+    )
     try:
         while True:
             report = next(job)

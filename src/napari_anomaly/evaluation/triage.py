@@ -128,9 +128,7 @@ def summarise_triage(cases: Sequence[CaseTriage], top_k: int = TOP_K) -> dict:
         f"lesions_in_top_{top_k}": len(found),
         f"lesion_share_in_top_{top_k}": round(len(found) / len(ranks), 4) if ranks else None,
         "lesions_missed": sum(r is None for r in ranks),
-        f"scans_with_lesion_in_top_{top_k}": sum(
-            f is not None and f <= top_k for f in first
-        ),
+        f"scans_with_lesion_in_top_{top_k}": sum(f is not None and f <= top_k for f in first),
         "scans_with_lesions": len(with_lesions),
         # Missed lesions count as rank infinity; a median that is infinite is reported as None.
         "median_first_rank": _finite_or_none(

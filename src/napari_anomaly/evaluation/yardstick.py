@@ -152,9 +152,7 @@ def score_variant(
     score = ScoreCalibration.fit(
         np.concatenate([m[r.foreground] for m, r in zip(cal_maps, calibration_records)])
     )
-    cal_sizes = [
-        min_voxels(min_region_size, min_region_mm, r.spacing) for r in calibration_records
-    ]
+    cal_sizes = [min_voxels(min_region_size, min_region_mm, r.spacing) for r in calibration_records]
     curve = false_region_curve([score.apply(m) for m in cal_maps], cal_sizes)
     threshold = threshold_for_false_regions(CURVE_THRESHOLDS, curve, max_false_regions)
     del cal_maps
@@ -231,9 +229,7 @@ def markdown_tables(results: dict[str, dict]) -> str:
             row = f"| {key.split('/')[1]} | {first[key]['prevalence']:.4f} |"
             for name in names:
                 c = results[name]["cells"][key]
-                top = (
-                    f"{c['lesions_in_top_5']}/{c['lesions']}" if c["lesions"] else "-"
-                )
+                top = f"{c['lesions_in_top_5']}/{c['lesions']}" if c["lesions"] else "-"
                 rank = c["median_first_rank"]
                 row += (
                     f" {c.get('ap', float('nan')):.4f} | {top} | "

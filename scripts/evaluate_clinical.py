@@ -1,0 +1,184 @@
+"""The clinical yardstick: models and the trivial baseline on simulated clinical brain MRI.
+
+    scripts/fetch_normal_anatomy.sh /tmp/anatomy
+    python scripts/evaluate_clinical.py --data /tmp/anatomy/extracted \
+        --models src/napari_anomaly/data/default_2d.safetensors other.safetensors \
+        --json benchmarks/results/clinical_yardstick.json
+
+Protocol (``napari_anomaly.evaluation``; deterministic for ``--seed``):
+
+1. **Yardstick cases** from the held-out Colin27 head (``ch2.nii.gz`` with its
+   brain mask from ``ch2bet.nii.gz``; never trained on): for every lesion family
+   (mass with oedema and mass effect, enhancing nodules, infarct, periventricular
+   spots) and ``normal``, and every contrast (T1, T1 with contrast, T2, FLAIR,
+   PD), ``--cases`` scans acquired as clinics do (thick axial slices of 3-7 mm,
+   0.5-1 mm in plane, Rician noise, bias field, field of view).
+2. **Calibration scans** (for the score scale and the default threshold; never
+   the yardstick's subject): normal scans of the two training heads (MNI152
+   and the ITK single-subject head) in the same five contrasts, acquired the
+   same way (``--calibration-cases`` per contrast and head).
+3. Every model (raw network output) and the baseline (``|x - median|`` in plane)
+   run once over both sets; then each post-processing variant
+   (``--smooth-mm`` x ``--edge-mm``) and ranking is scored: score calibration
+   and threshold for at most ``--max-false-regions`` regions per calibration
+   scan, then per family and contrast pixel AP (voxels of the cell's scans
+   pooled), prevalence, lesions found among the top 5 regions, the median rank
+   of the first region touching a lesion, and regions per scan.
+
+Writes everything to ``--json`` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from anatomy import held_out_brain_only_volume, held_out_files  # noqa: E402
+from train_default_model import clinical_heads  # noqa: E402
+
+from napari_anomaly.calibration import PostprocessConfig  # noqa: E402
+from napari_anomaly.evaluation.clinical import CONTRASTS, FAMILIES, make_cohort  # noqa: E402
+from napari_anomaly.evaluation.yardstick import (  # noqa: E402
+    baseline_predictor,
+    collect_maps,
+    markdown_tables,
+    model_predictor,
+    score_variant,
+)
+from napari_anomaly.inference import InferenceConfig  # noqa: E402
+from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
+from napari_anomaly.localiser import Localiser  # noqa: E402
+from napari_anomaly.progress import run_to_end  # noqa: E402
+
+
+def held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Colin27 T1 (1 mm) and its brain mask (the nonzero part of ch2bet, holes filled)."""
+    volume = read_image(held_out_files(data)[0]).array
+    brain = read_image(held_out_brain_only_volume(data)).array > 0
+    return volume, ndimage.binary_fill_holes(brain)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="extracted Debian packages")
+    parser.add_argument("--models", type=Path, nargs="+", required=True)
+    parser.add_argument("--cases", type=int, default=1, help="scans per family and contrast")
+    parser.add_argument("--calibration-cases", type=int, default=1)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--contrasts", nargs="+", default=list(CONTRASTS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--rank-by", nargs="+", default=["mass"])
+    parser.add_argument("--max-false-regions", type=float, default=5.0)
+    parser.add_argument("--min-region-mm", type=float, default=0.0)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    volume, brain = held_out_head(args.data)
+    cases = list(
+        make_cohort(
+            volume,
+            brain,
+            families=args.families,
+            contrasts=args.contrasts,
+            cases_per_cell=args.cases,
+            seed=args.seed,
+        )
+    )
+    calibration_cases = []
+    for index, (_, head, head_brain) in enumerate(clinical_heads(args.data, None)):
+        calibration_cases += make_cohort(
+            head,
+            head_brain,
+            families=("normal",),
+            contrasts=args.contrasts,
+            cases_per_cell=args.calibration_cases,
+            seed=args.seed + 500 + index,
+        )
+    made = time.perf_counter()
+    print(
+        f"{len(cases)} yardstick and {len(calibration_cases)} calibration scans "
+        f"({made - started:.0f} s)",
+        file=sys.stderr,
+    )
+
+    predictors = {}
+    for path in args.models:
+        localiser = Localiser.load(path)
+        predictors[path.stem] = (
+            model_predictor(localiser, InferenceConfig(device="cpu")),
+            {"model": str(path), "sha256": localiser.sha256},
+        )
+    if not args.no_baseline:
+        predictors["baseline"] = (baseline_predictor(), {"model": "|x - median7(x)| in plane"})
+
+    report = {
+        "command": "python scripts/evaluate_clinical.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "yardstick_scans": len(cases),
+        "calibration_scans": len(calibration_cases),
+        "cases": [
+            {
+                "family": c.family,
+                "contrast": c.contrast,
+                "shape": list(c.image.shape),
+                "spacing": list(c.spacing),
+                "lesion_voxels": int(c.lesion_mask.sum()),
+                "lesion_count": c.lesion_count,
+            }
+            for c in cases
+        ],
+        "predictors": {},
+    }
+    best_tables = {}
+    for name, (predict, info) in predictors.items():
+        t0 = time.perf_counter()
+        cal = run_to_end(collect_maps(predict, calibration_cases, f"{name} calibration"))
+        records = run_to_end(collect_maps(predict, cases, f"{name} yardstick"))
+        seconds = time.perf_counter() - t0
+        variants = {}
+        for smooth, edge, rank in itertools.product(args.smooth_mm, args.edge_mm, args.rank_by):
+            post = PostprocessConfig(smooth_mm=smooth, edge_margin_mm=edge)
+            result = score_variant(
+                cal,
+                records,
+                post,
+                max_false_regions=args.max_false_regions,
+                min_region_mm=args.min_region_mm,
+                rank_by=rank,
+            )
+            key = f"smooth{smooth:g}_edge{edge:g}_{rank}"
+            variants[key] = result
+            o = result["overall"]
+            print(
+                f"{name:>24} {key:>24}: mean AP {o['mean_ap_over_families']}, "
+                f"AP/prevalence {o['mean_ap_over_prevalence']}, lesions in top 5 "
+                f"{o['lesions_in_top_5']}/{o['lesions']}, scans with a lesion in top 5 "
+                f"{o['scans_with_lesion_in_top_5']}/{o['scans_with_lesions']}, "
+                f"regions/normal-ish scan median {o['regions_per_scan_median']}, "
+                f"threshold {result['threshold']:.2f}",
+                flush=True,
+            )
+        report["predictors"][name] = {**info, "seconds": round(seconds, 1), "variants": variants}
+        first = next(iter(variants))
+        best_tables[name] = variants[first]
+    print(markdown_tables(best_tables))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=1), overwrite=True)
+
+
+if __name__ == "__main__":
+    main()

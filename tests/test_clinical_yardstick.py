@@ -1,0 +1,290 @@
+"""Simulated clinical cases (napari_anomaly.evaluation.clinical) on a small synthetic head."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_anomaly.evaluation import (
+    FAMILIES,
+    AcquisitionConfig,
+    acquire,
+    apply_contrast,
+    insert_lesions,
+    make_case,
+    make_cohort,
+    prepare_anatomy,
+    tissue_classes,
+)
+
+LESION_FAMILIES = [f for f in FAMILIES if f != "normal"]
+AIR, SCALP, SKULL, CSF_T1, GM_T1, WM_T1 = 0.0, 200.0, 15.0, 35.0, 80.0, 110.0
+
+
+def synthetic_head(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 48x64x64 T1 'head': scalp, skull, CSF, grey-matter shell, white matter, ventricles.
+
+    Returns the T1 volume (float32), the brain mask and the true tissue labels
+    (0 outside the brain, 1 CSF, 2 GM, 3 WM), 1 mm voxels.
+    """
+    shape = (48, 64, 64)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    r = np.sqrt(((z - 24) / 22) ** 2 + ((y - 32) / 30) ** 2 + ((x - 32) / 29) ** 2)
+    truth = np.zeros(shape, dtype=np.uint8)
+    truth[r <= 0.85] = 1
+    truth[r <= 0.80] = 2
+    truth[r <= 0.62] = 3
+    for side in (-5, 5):
+        ventricle = ((z - 24) / 5) ** 2 + ((y - 32) / 9) ** 2 + ((x - 32 - side) / 2.5) ** 2 <= 1
+        truth[ventricle] = 1
+    t1 = np.choose(truth, [AIR, CSF_T1, GM_T1, WM_T1]).astype(np.float32)
+    t1[(r > 0.85) & (r <= 0.93)] = SKULL
+    t1[(r > 0.93) & (r <= 1.0)] = SCALP
+    rng = np.random.default_rng(seed)
+    texture = ndimage.gaussian_filter(rng.standard_normal(shape), 1.0)
+    t1 = ndimage.gaussian_filter(t1, 0.6) * (1 + 0.25 * texture)
+    return t1.astype(np.float32), r <= 0.85, truth
+
+
+@pytest.fixture(scope="module")
+def head():
+    return synthetic_head()
+
+
+@pytest.fixture(scope="module")
+def anatomy(head):
+    t1, brain, _ = head
+    return prepare_anatomy(t1, brain)
+
+
+def _white_matter_median(clean, anatomy):
+    """The white-matter level of the image before lesions were inserted."""
+    return float(np.median(clean[anatomy.classes == 3]))
+
+
+def test_tissue_classes_recover_the_phantom_and_its_ventricles(head, anatomy):
+    t1, brain, truth = head
+    classes = tissue_classes(t1, brain)
+    assert classes.dtype == np.uint8
+    assert np.all(classes[~brain] == 0)
+    agreement = np.mean(classes[brain] == truth[brain])
+    assert agreement > 0.85
+    # The ventricles are the deep CSF, not the CSF shell around the brain.
+    inner = (truth == 1) & (anatomy.depth_mm > 4)
+    assert anatomy.ventricles.sum() > 0.5 * inner.sum()
+    assert not np.any(anatomy.ventricles & (anatomy.depth_mm <= 2))
+
+
+@pytest.mark.parametrize(
+    ("contrast", "csf_brighter_than_wm"),
+    [("t1", False), ("t2", True), ("flair", False), ("pd", True)],
+)
+def test_contrast_orders_tissues_as_radiologists_expect(
+    head, anatomy, contrast, csf_brighter_than_wm
+):
+    t1, brain, truth = head
+    image = apply_contrast(t1, anatomy.classes, brain, contrast, 0, anatomy=anatomy)
+    csf = np.median(image[anatomy.ventricles])
+    grey = np.median(image[truth == 2])
+    white = np.median(image[truth == 3])
+    assert (csf > white) == csf_brighter_than_wm
+    if contrast in ("t2", "flair", "pd"):
+        assert grey > white  # grey/white contrast inverts relative to T1
+    # Texture survives: not a piecewise-constant image.
+    assert np.std(image[truth == 3]) > 0.02 * white
+
+
+def test_t1c_enhances_vessels_and_dura_but_leaves_white_matter(head, anatomy):
+    t1, brain, truth = head
+    plain = apply_contrast(t1, anatomy.classes, brain, "t1", 0, anatomy=anatomy)
+    enhanced = apply_contrast(t1, anatomy.classes, brain, "t1c", 0, anatomy=anatomy)
+    gain = enhanced - plain
+    assert gain.min() >= 0
+    shell = ndimage.binary_dilation(brain, iterations=2) & ~brain
+    assert gain[shell].max() > 0.2 * WM_T1
+    # Deep white matter away from the ventricles (whose choroid plexus enhances).
+    deep_white = (truth == 3) & (anatomy.depth_mm > 6) & (anatomy.ventricle_distance_mm > 3)
+    assert np.abs(gain[deep_white]).max() < 0.01 * WM_T1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lesions_lie_inside_the_brain_and_only_normal_is_empty(head, anatomy, family):
+    t1, brain, _ = head
+    volume, mask, params = insert_lesions(
+        t1, anatomy.classes, brain, family, "flair", 3, anatomy=anatomy
+    )
+    assert mask.dtype == bool and mask.shape == t1.shape
+    assert not np.any(mask & ~brain)
+    if family == "normal":
+        assert not mask.any() and params["lesions"] == []
+        np.testing.assert_array_equal(volume, t1)
+    else:
+        assert mask.sum() >= 10 and len(params["lesions"]) >= 1
+    json.dumps(params)
+
+
+@pytest.mark.parametrize("family", LESION_FAMILIES)
+def test_lesions_are_bright_on_flair(head, anatomy, family):
+    t1, brain, _ = head
+    flair = apply_contrast(t1, anatomy.classes, brain, "flair", 1, anatomy=anatomy)
+    volume, mask, _ = insert_lesions(
+        flair, anatomy.classes, brain, family, "flair", 4, anatomy=anatomy
+    )
+    assert volume[mask].mean() > 1.15 * _white_matter_median(flair, anatomy)
+
+
+def test_infarct_is_dark_on_t1_with_soft_edges(head, anatomy):
+    t1, brain, _ = head
+    volume, mask, _ = insert_lesions(
+        t1, anatomy.classes, brain, "infarct", "t1", 5, anatomy=anatomy
+    )
+    white = _white_matter_median(t1, anatomy)
+    assert volume[mask].mean() < 0.8 * white
+    # Edges are blurred, not a sharp cut-out: the rim just outside changed too.
+    rim = ndimage.binary_dilation(mask) & ~mask
+    assert np.mean(np.abs(volume[rim] - t1[rim]) > 1.0) > 0.5
+
+
+def test_nodules_enhance_on_t1c_and_are_subtle_on_t1(head, anatomy):
+    t1, brain, _ = head
+    means = {}
+    for contrast in ("t1", "t1c"):
+        image = apply_contrast(t1, anatomy.classes, brain, contrast, 0, anatomy=anatomy)
+        volume, mask, params = insert_lesions(
+            image, anatomy.classes, brain, "enhancing_nodule", contrast, 6, anatomy=anatomy
+        )
+        core = np.zeros(mask.shape, dtype=bool)
+        for lesion in params["lesions"]:
+            core[tuple(np.round(lesion["centre"]).astype(int))] = True
+        means[contrast] = volume[core].mean() / _white_matter_median(image, anatomy)
+    assert means["t1c"] > 1.3
+    assert 0.75 < means["t1"] < 1.0
+    assert means["t1c"] > means["t1"] + 0.3
+
+
+def test_mass_effect_pushes_tissue_around_the_mass(head, anatomy):
+    t1, brain, _ = head
+    volume, mask, params = insert_lesions(
+        t1, anatomy.classes, brain, "mass", "t1", 7, anatomy=anatomy
+    )
+    near = ndimage.binary_dilation(mask, iterations=6) & ~ndimage.binary_dilation(
+        mask, iterations=3
+    )
+    near &= brain
+    assert near.any()
+    # Beyond the blurred lesion edge, only the displacement can change the tissue.
+    assert np.mean(np.abs(volume[near] - t1[near])) > 2.0
+    assert 1.0 <= params["lesions"][0]["mass_effect_mm"] <= 3.0
+    # The skull does not move.
+    outside = ~ndimage.binary_dilation(brain, iterations=3)
+    np.testing.assert_allclose(volume[outside], t1[outside], atol=0.1)
+
+
+def test_make_case_is_deterministic_and_inputs_are_untouched(head, anatomy):
+    t1, brain, _ = head
+    before = t1.copy()
+    first = make_case(t1, brain, "mass", "t2", 11, anatomy=anatomy)
+    second = make_case(t1, brain, "mass", "t2", 11, anatomy=anatomy)
+    other = make_case(t1, brain, "mass", "t2", 12, anatomy=anatomy)
+    np.testing.assert_array_equal(first.image, second.image)
+    np.testing.assert_array_equal(first.lesion_mask, second.lesion_mask)
+    assert first.params == second.params
+    assert first.image.shape != other.image.shape or not np.array_equal(first.image, other.image)
+    np.testing.assert_array_equal(t1, before)
+    json.dumps(first.params)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_acquisition_is_a_thick_slice_scanner_image(head, anatomy, seed):
+    t1, brain, _ = head
+    case = make_case(t1, brain, "infarct", "flair", seed, anatomy=anatomy)
+    acquisition = case.params["acquisition"]
+    thickness = acquisition["slice_thickness_mm"]
+    assert 3.0 <= thickness <= 7.0
+    assert case.spacing[0] == pytest.approx(thickness + acquisition["slice_gap_mm"])
+    assert 0.5 <= case.spacing[1] == case.spacing[2] <= 1.0
+    # The grid covers the field of view: slices x spacing ~ extent in mm.
+    extent = [stop - start for start, stop in acquisition["field_of_view_voxels"]]
+    assert abs(case.image.shape[0] * case.spacing[0] - extent[0]) <= case.spacing[0]
+    for axis in (1, 2):
+        assert abs(case.image.shape[axis] * case.spacing[axis] - extent[axis]) <= 1.0
+    assert case.image.shape[0] < t1.shape[0] / 2.5
+    assert case.image.dtype == np.float32
+    np.testing.assert_array_equal(case.image, np.rint(case.image))
+    assert case.image.min() >= 0 and case.image.max() <= 4095
+    assert case.image.max() > 500
+    assert case.lesion_mask.shape == case.brain_mask.shape == case.image.shape
+    assert case.lesion_mask.any() and case.lesion_count >= 1
+    # Rician noise: the air around the head is not exactly dark.
+    assert case.image[0, :3, :3].std() > 0 or case.image[:, 0, :].max() > 0
+
+
+def test_thick_slices_average_the_lesion_mask_by_partial_volume():
+    volume = np.zeros((40, 16, 16), dtype=np.float32)
+    lesion = np.zeros(volume.shape, dtype=bool)
+    lesion[10:30, 4:12, 4:12] = True  # 20 mm tall
+    volume[lesion] = 100.0
+    config = AcquisitionConfig(
+        slice_thickness_mm=(5.0, 5.0),
+        gap_probability=0.0,
+        in_plane_mm=(1.0, 1.0),
+        fov_margin_mm=(0.0, 0.0),
+        z_cut_probability=0.0,
+        snr=(1e6, 1e6),
+        bias_strength=(0.0, 0.0),
+    )
+    image, mask, spacing, params = acquire(volume, lesion, 0, config, reference_level=100.0)
+    assert spacing == (5.0, 1.0, 1.0)
+    assert image.shape == (8, 16, 16)
+    assert params["slices"] == 8
+    # About 20 mm / 5 mm = 4 slices are mostly lesion; no slice far from it is.
+    assert 3 <= mask[:, 8, 8].sum() <= 5
+    assert not mask[0].any() and not mask[-1].any()
+
+
+def test_field_of_view_never_cuts_the_lesion_out(head, anatomy):
+    t1, brain, _ = head
+    tight = AcquisitionConfig(
+        fov_margin_mm=(-25.0, -25.0), z_cut_mm=(20.0, 25.0), z_cut_probability=1.0
+    )
+    case = make_case(t1, brain, "mass", "flair", 2, tight, anatomy=anatomy)
+    loose = make_case(t1, brain, "mass", "flair", 2, anatomy=anatomy)
+    assert case.lesion_mask.any()
+    assert case.image.shape[1] * case.spacing[1] < loose.image.shape[1] * loose.spacing[1]
+
+
+def test_cohort_is_keyed_by_name_so_adding_a_family_changes_nothing_else(head):
+    t1, brain, _ = head
+    alone = list(
+        make_cohort(t1, brain, families=("infarct",), contrasts=("flair",), cases_per_cell=1)
+    )
+    together = list(
+        make_cohort(
+            t1, brain, families=("mass", "infarct"), contrasts=("flair", "t1"), cases_per_cell=1
+        )
+    )
+    assert [(c.family, c.contrast) for c in together] == [
+        ("mass", "flair"),
+        ("mass", "t1"),
+        ("infarct", "flair"),
+        ("infarct", "t1"),
+    ]
+    np.testing.assert_array_equal(alone[0].image, together[2].image)
+    np.testing.assert_array_equal(alone[0].lesion_mask, together[2].lesion_mask)
+    again = list(
+        make_cohort(t1, brain, families=("infarct",), contrasts=("flair",), cases_per_cell=1)
+    )
+    np.testing.assert_array_equal(alone[0].image, again[0].image)
+
+
+def test_invalid_requests_are_refused(head):
+    t1, brain, _ = head
+    with pytest.raises(ValueError, match="family"):
+        make_case(t1, brain, "tumour", "t1", 0)
+    with pytest.raises(ValueError, match="contrast"):
+        next(make_cohort(t1, brain, contrasts=("dwi",)))
+    with pytest.raises(ValueError, match="slice_thickness_mm"):
+        AcquisitionConfig(slice_thickness_mm=(7.0, 3.0))
