@@ -79,6 +79,13 @@ def main() -> None:
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--rank-by", nargs="+", default=["mass"])
+    parser.add_argument(
+        "--in-plane-mm",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="run each model on planes resampled to these pixel sizes (0: native grid)",
+    )
     parser.add_argument("--max-false-regions", type=float, default=5.0)
     parser.add_argument("--min-region-mm", type=float, default=0.0)
     parser.add_argument("--no-baseline", action="store_true")
@@ -117,10 +124,12 @@ def main() -> None:
     predictors = {}
     for path in args.models:
         localiser = Localiser.load(path)
-        predictors[path.stem] = (
-            model_predictor(localiser, InferenceConfig(device="cpu")),
-            {"model": str(path), "sha256": localiser.sha256},
-        )
+        for in_plane in args.in_plane_mm:
+            name = path.stem + (f"@{in_plane:g}mm" if in_plane else "")
+            predictors[name] = (
+                model_predictor(localiser, InferenceConfig(device="cpu"), in_plane),
+                {"model": str(path), "sha256": localiser.sha256, "in_plane_mm": in_plane},
+            )
     if not args.no_baseline:
         predictors["baseline"] = (baseline_predictor(), {"model": "|x - median7(x)| in plane"})
 

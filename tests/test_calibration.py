@@ -149,3 +149,29 @@ def test_triage_reports_the_rank_of_the_first_region_touching_each_lesion():
     assert summary["lesions"] == 2 and summary["lesions_in_top_5"] == 1
     assert summary["lesions_missed"] == 1 and summary["scans_with_lesion_in_top_5"] == 1
     assert summary["regions_per_scan_max"] == 2
+
+
+def test_a_model_with_a_pixel_size_sees_fine_scans_resampled_and_answers_on_their_grid():
+    network = AnomalyNet(TINY_NETWORK_2D)
+    native = Localiser(network, metadata={"patch_size": 32})
+    resampling = Localiser(
+        network, metadata={"patch_size": 32, "postprocess": {"in_plane_mm": 1.0}}
+    )
+    image = phantom((6, 96, 96)).astype(np.float32)
+
+    def tiles(localiser, spacing):
+        reports = []
+        job = localise(image, localiser, spacing=spacing)
+        try:
+            while True:
+                reports.append(next(job))
+        except StopIteration as stop:
+            result = stop.value
+        assert result.anomaly_map.shape == image.shape
+        assert result.confidence_map.shape == image.shape
+        return reports[-1].total
+
+    # 0.5 mm pixels are halved to 1 mm: a quarter of the tiles per slice.
+    assert tiles(resampling, (5.0, 0.5, 0.5)) < tiles(native, (5.0, 0.5, 0.5))
+    # Near the model's pixel size nothing is resampled.
+    assert tiles(resampling, (5.0, 1.05, 1.0)) == tiles(native, (5.0, 1.05, 1.0))

@@ -75,13 +75,19 @@ class PostprocessConfig:
         Within this distance (mm) of the foreground's edge, in the plane the
         network sees, the score is scaled down linearly to 0 at the edge;
         0 turns it off.
+    in_plane_mm
+        Pixel size (mm) the network's planes are resampled to before it runs
+        (and the maps back after), so that a 0.5 mm scan shows the network
+        anatomy at the size it learnt; 0 runs on the native grid. Used by
+        :func:`napari_anomaly.inference.localise` when the spacing is known.
     """
 
     smooth_mm: float = 0.0
     edge_margin_mm: float = 0.0
+    in_plane_mm: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("smooth_mm", "edge_margin_mm"):
+        for name in ("smooth_mm", "edge_margin_mm", "in_plane_mm"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")

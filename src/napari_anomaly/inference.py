@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
@@ -149,6 +150,40 @@ def _predict(
     return anomaly / len(flip_sets), confidence / len(flip_sets)
 
 
+def _plane_zoom(
+    localiser: Localiser,
+    spacing: tuple[float, ...] | None,
+    ndim: int,
+    dims: int,
+    slice_axis: int,
+) -> tuple[float, ...] | None:
+    """Zoom of the network's planes to the model's pixel size (``None``: leave them).
+
+    Only when the model asks for it (``postprocess.in_plane_mm``) and the
+    spacing is known and differs by more than 10 %.
+    """
+    target = localiser.postprocess.in_plane_mm
+    if not target or spacing is None:
+        return None
+    step = np.asarray(spacing, dtype=np.float64)
+    if step.shape != (ndim,) or not np.all(step > 0):
+        raise ValueError(f"spacing must hold {ndim} positive values, got {spacing!r}")
+    in_plane = np.delete(step, slice_axis) if dims == 2 and ndim == 3 else step
+    factors = in_plane / target
+    if np.all(np.abs(factors - 1.0) < 0.1):
+        return None
+    return tuple(float(f) for f in factors)
+
+
+def _zoom_to(stack: np.ndarray, factors: list[float], shape: tuple[int, ...]) -> np.ndarray:
+    """``stack`` (planes first) zoomed back by ``factors`` to exactly ``shape`` per plane."""
+    zoomed = ndimage.zoom(stack, factors, order=1, mode="nearest", grid_mode=True)
+    out = np.zeros((stack.shape[0], *shape), dtype=np.float32)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(zoomed.shape[1:], shape))
+    out[(slice(None), *region)] = zoomed[(slice(None), *region)]
+    return out
+
+
 def localise(
     image: np.ndarray,
     localiser: Localiser,
@@ -207,6 +242,11 @@ def localise(
         planes = np.moveaxis(prepared, config.slice_axis, 0)
     else:
         planes = prepared[None]
+    native_plane_shape = planes.shape[1:]
+    zoom = _plane_zoom(localiser, spacing, prepared.ndim, dims, config.slice_axis)
+    if zoom is not None:
+        # The network sees anatomy at the pixel size it was trained at.
+        planes = ndimage.zoom(planes, (1.0, *zoom), order=1, mode="nearest", grid_mode=True)
     plane_shape = planes.shape[1:]
     tile = config.tile_size or localiser.patch_size
     multiple = localiser.network.config.size_multiple
@@ -252,6 +292,10 @@ def localise(
     np.divide(anomaly_sum, weight_sum, out=anomaly_sum)
     np.divide(confidence_sum, weight_sum, out=confidence_sum)
     del weight_sum, planes, prepared
+    if zoom is not None:
+        back = [1.0] + [n / m for n, m in zip(native_plane_shape, anomaly_sum.shape[1:])]
+        anomaly_sum = _zoom_to(anomaly_sum, back, native_plane_shape)
+        confidence_sum = _zoom_to(confidence_sum, back, native_plane_shape)
     if dims == 2 and image.ndim == 3:
         anomaly_sum = np.moveaxis(anomaly_sum, 0, config.slice_axis)
         confidence_sum = np.moveaxis(confidence_sum, 0, config.slice_axis)

@@ -68,15 +68,16 @@ class CaseMaps:
     truth: np.ndarray  # bool
 
 
-def model_predictor(localiser, inference=None) -> Predictor:
-    """The network's raw map (no post-processing, no calibration)."""
+def model_predictor(localiser, inference=None, in_plane_mm: float = 0.0) -> Predictor:
+    """The network's raw map (no post-processing, no calibration), run on planes
+    resampled to ``in_plane_mm`` (0: the native grid)."""
     from napari_anomaly.inference import InferenceConfig, localise
     from napari_anomaly.localiser import Localiser
     from napari_anomaly.progress import run_to_end
 
     metadata = copy.deepcopy(localiser.metadata)
     metadata.pop("calibration", None)
-    metadata.pop("postprocess", None)
+    metadata["postprocess"] = PostprocessConfig(in_plane_mm=in_plane_mm).to_dict()
     raw = Localiser(localiser.network, localiser.preprocess, metadata)
     config = inference or InferenceConfig()
 
@@ -128,7 +129,8 @@ def _maps(records: Sequence[CaseMaps], post: PostprocessConfig) -> list[np.ndarr
     for r in records:
         raw = r.raw_map.astype(np.float32)
         if post.smooth_mm > 0 or post.edge_margin_mm > 0:
-            raw = postprocess_map(raw, r.foreground, r.spacing, post, plane_axis)
+            spatial = PostprocessConfig(post.smooth_mm, post.edge_margin_mm)
+            raw = postprocess_map(raw, r.foreground, r.spacing, spatial, plane_axis)
         out.append(raw)
     return out
 
