@@ -18,9 +18,8 @@ ADAPT = AdaptConfig(steps=2, batch_size=2, device="cpu")
 
 @pytest.fixture
 def parent(images_2d, tmp_path) -> Localiser:
-    """A tiny trained 2D model, saved (so it has a sha256), with a calibration entry."""
+    """A tiny trained 2D model, saved (so it has a sha256), not calibrated."""
     model = run_to_end(train(images_2d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
-    model.metadata["calibration"] = {"normal_scans": 4, "false_positive_rate": 0.01}
     model.save(tmp_path / "parent.safetensors")
     return model
 
@@ -56,10 +55,10 @@ def test_adapt_trains_a_child_that_names_its_parent(parent, tmp_path):
     assert all(len(i["sha256"]) == 64 and i["shape"] == [32, 32] for i in training["images"])
     assert training["parent_training"]["kind"] == "train"
     assert training["config"]["learning_rate"] == ADAPT.learning_rate
-    # The parent's synthesis settings and calibration come along.
+    # The parent's synthesis settings and (uncalibrated) threshold come along.
     assert training["synthesis"] == parent.metadata["training"]["synthesis"]
     assert child.recommended_threshold == parent.recommended_threshold
-    assert child.metadata["calibration"] == parent.metadata["calibration"]
+    assert "calibration" not in child.metadata
     assert child.patch_size == parent.patch_size and child.preprocess == parent.preprocess
 
     # The parent is untouched, in memory and on disk.
@@ -178,3 +177,19 @@ def test_cli_adapt_names_a_bad_input_and_writes_nothing(parent, scan_files, tmp_
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "flat.npy" in errors[0] and "constant" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_calibrated_parent_gives_a_child_calibrated_on_the_site_scans(parent):
+    from napari_anomaly.calibration import calibrate
+
+    calibrated = run_to_end(calibrate(parent, _site_scans(), max_false_regions=2.0))
+    calibrated.sha256 = "cd" * 32
+    child = run_to_end(
+        adapt(calibrated, _site_scans(), AdaptConfig(steps=2, device="cpu"), spacings=None)
+    )
+    assert child.metadata["parent_sha256"] == calibrated.sha256
+    assert child.metadata["training"]["kind"] == "adapt"
+    fitted = child.metadata["calibration"]
+    assert fitted["max_false_regions"] == 2.0  # the parent's budget
+    assert fitted["data"].startswith("the adaptation scans")
+    assert fitted["score"] != calibrated.metadata["calibration"]["score"]  # re-fitted

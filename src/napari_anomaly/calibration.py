@@ -59,7 +59,7 @@ DECADES = 6.0
 #: calibration set.
 DEFAULT_MAX_FALSE_REGIONS = 5.0
 #: Thresholds (calibrated scores) at which the false-region curve is measured.
-CURVE_THRESHOLDS = tuple(np.round(np.arange(0.20, 1.0001, 0.01), 2).tolist())
+CURVE_THRESHOLDS = tuple(np.round(np.arange(0.20, 1.0001, 0.02), 2).tolist())
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,8 @@ def _cmd_localise(args: argparse.Namespace) -> int:
         )
         print(
             f"{Path(path).name}: max score {result.anomaly_map.max():.3f}, "
-            f"{int(mask.sum())} voxels marked -> {plan['mask']}"
+            f"{len(regions)} region(s), {int(mask.sum())} voxels marked at threshold "
+            f"{threshold:.2f} -> {plan['mask']}, table {plan['regions_csv'].name}"
         )
     return 0
 
@@ -368,9 +369,18 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     config = AdaptConfig(steps=args.steps, device=args.device, seed=args.seed)
     parent = _load_model(args.model, args.device)
     # Every input is read here and checked by adapt() before the first step.
-    images = [_read(p).array for p in args.images]
+    loaded = [_read(p) for p in args.images]
     names = [Path(p).name for p in args.images]
-    adapted = _run(adapt(parent, images, config, image_names=names), "adapt")
+    adapted = _run(
+        adapt(
+            parent,
+            [image.array for image in loaded],
+            config,
+            image_names=names,
+            spacings=[image.geometry.spacing for image in loaded],
+        ),
+        "adapt",
+    )
     adapted.save(out, overwrite=args.overwrite)
     print(adapted.card())
     return 0

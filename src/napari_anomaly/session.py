@@ -294,6 +294,7 @@ class ReviewSession:
         images: Sequence[np.ndarray],
         config: AdaptConfig = AdaptConfig(),
         names: Sequence[str] | None = None,
+        spacings: Sequence[Sequence[float]] | None = None,
     ) -> Job[Localiser]:
         """Adapt the current model to unlabelled scans (see :func:`training.adapt`).
 
@@ -302,7 +303,7 @@ class ReviewSession:
         they are localised again.
         """
         parent = self.localiser
-        adapted = yield from adapt(parent, images, config, image_names=names)
+        adapted = yield from adapt(parent, images, config, image_names=names, spacings=spacings)
         adapted.metadata["name"] = f"{parent.name}+ad{len(self.versions)}"
         self.add_version(adapted)
         return adapted

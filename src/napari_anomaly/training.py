@@ -605,6 +605,7 @@ def adapt(
     config: AdaptConfig = AdaptConfig(),
     *,
     image_names: Sequence[str] | None = None,
+    spacings: Sequence[Sequence[float] | None] | None = None,
     synthesis: SynthesisConfig | None = None,
     augmentation: AugmentConfig | None = None,
 ) -> Job[Localiser]:
@@ -634,6 +635,9 @@ def adapt(
     image_names
         One name per image (file or layer names): named in errors and stored
         in the child's metadata.
+    spacings
+        Voxel size (mm) per image, for re-calibration in millimetres; ``None``
+        means 1 mm.
     synthesis, augmentation
         Override the parent's synthesis and domain-randomisation settings.
 
@@ -649,8 +653,10 @@ def adapt(
         A new model (not yet saved): ``parent_sha256`` names the parent,
         ``training.kind`` is ``"adapt"`` with the images' names, shapes and
         sha256 (of their voxel values as float32), the steps, seed and
-        settings; the parent's ``recommended_threshold`` and ``calibration``
-        are carried over unchanged.
+        settings. A calibrated parent (``calibration`` in its metadata) gives a
+        child re-calibrated on the same scans with the parent's budget of false
+        regions per scan (:func:`napari_anomaly.calibration.calibrate`); an
+        uncalibrated parent's ``recommended_threshold`` is carried over.
     """
     images = list(images)
     if not images:
@@ -689,8 +695,6 @@ def adapt(
     )
     model.eval()
 
-    # The copy carries the parent's ``recommended_threshold`` and ``calibration``
-    # over unchanged until thresholds are re-calibrated on the site's normal scans.
     metadata = copy.deepcopy(localiser.metadata)
     for key in ("created", "name", "software"):
         metadata.pop(key, None)
@@ -717,7 +721,28 @@ def adapt(
             "parent_training": localiser.metadata.get("training"),
         },
     )
-    return Localiser(model, localiser.preprocess, metadata)
+    child = Localiser(model, localiser.preprocess, metadata)
+    parent_calibration = localiser.metadata.get("calibration")
+    if parent_calibration:
+        # The parent's score map was fitted on the parent's outputs; the child's
+        # differ. Re-fit it, and the threshold, on the same scans with the parent's
+        # false-region budget (scans with lesions make it a little conservative).
+        from napari_anomaly.calibration import calibrate
+        from napari_anomaly.inference import InferenceConfig
+
+        recalibrated = yield from calibrate(
+            child,
+            images,
+            spacings,
+            max_false_regions=parent_calibration.get("max_false_regions", 5.0),
+            min_region_size=parent_calibration.get("min_region_size", 10),
+            min_region_mm=parent_calibration.get("min_region_mm", 0.0),
+            inference=InferenceConfig(device=settings.device),
+            description="the adaptation scans: " + ", ".join(labels),
+        )
+        recalibrated.metadata["parent_sha256"] = localiser.sha256
+        child = recalibrated
+    return child
 
 
 def finetune(

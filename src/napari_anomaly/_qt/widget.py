@@ -626,9 +626,12 @@ class AnomalyReviewWidget(Container):
             self._then = lambda: self.localise(name)
 
     # ------------------------------------------------------------------ adapt
-    def _scans_to_adapt_on(self) -> tuple[list[np.ndarray], list[str], list[str]]:
-        """The open scans (2D/3D greyscale Image layers, not our maps), and what was skipped."""
-        images, names, skipped = [], [], []
+    def _scans_to_adapt_on(
+        self,
+    ) -> tuple[list[np.ndarray], list[str], list[str], list[tuple[float, ...]]]:
+        """The open scans (2D/3D greyscale Image layers, not our maps), what was skipped,
+        and the scans' voxel sizes (the layers' scale)."""
+        images, names, skipped, spacings = [], [], [], []
         for layer in self.viewer.layers:
             if not self._is_scan_layer(layer):
                 continue
@@ -637,7 +640,8 @@ class AnomalyReviewWidget(Container):
                 continue
             images.append(np.asarray(layer.data))
             names.append(layer.name)
-        return images, names, skipped
+            spacings.append(tuple(float(v) for v in layer.scale))
+        return images, names, skipped, spacings
 
     def adapt(self, steps: int | None = None, wait: bool = False) -> None:
         """Adapt the current model to the scans open in the viewer.
@@ -650,7 +654,7 @@ class AnomalyReviewWidget(Container):
             self._say("A job is running; cancel it or wait.", error=True)
             return
         self.last_error = None
-        images, names, skipped = self._scans_to_adapt_on()
+        images, names, skipped, spacings = self._scans_to_adapt_on()
         if not images:
             self._say(
                 "No scans to adapt to: open some scans from your scanner (2D images or 3D "
@@ -667,7 +671,7 @@ class AnomalyReviewWidget(Container):
         label = f"Adapting to {len(images)} scan(s)"
         if skipped:
             label += f" (skipped {', '.join(skipped)}: RGB, multiscale or not 2D/3D)"
-        self._start(session.adapt(images, config, names), label, self._on_adapted)
+        self._start(session.adapt(images, config, names, spacings), label, self._on_adapted)
         if wait:
             self.wait()
 
