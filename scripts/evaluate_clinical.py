@@ -86,7 +86,7 @@ def main() -> None:
         default=[0.0],
         help="run each model on planes resampled to these pixel sizes (0: native grid)",
     )
-    parser.add_argument("--max-false-regions", type=float, default=5.0)
+    parser.add_argument("--max-false-regions", type=float, nargs="+", default=[5.0])
     parser.add_argument("--min-region-mm", type=float, default=0.0)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -158,17 +158,19 @@ def main() -> None:
         records = run_to_end(collect_maps(predict, cases, f"{name} yardstick"))
         seconds = time.perf_counter() - t0
         variants = {}
-        for smooth, edge, rank in itertools.product(args.smooth_mm, args.edge_mm, args.rank_by):
+        for smooth, edge, rank, budget in itertools.product(
+            args.smooth_mm, args.edge_mm, args.rank_by, args.max_false_regions
+        ):
             post = PostprocessConfig(smooth_mm=smooth, edge_margin_mm=edge)
             result = score_variant(
                 cal,
                 records,
                 post,
-                max_false_regions=args.max_false_regions,
+                max_false_regions=budget,
                 min_region_mm=args.min_region_mm,
                 rank_by=rank,
             )
-            key = f"smooth{smooth:g}_edge{edge:g}_{rank}"
+            key = f"smooth{smooth:g}_edge{edge:g}_{rank}_k{budget:g}"
             variants[key] = result
             o = result["overall"]
             print(
