@@ -13,6 +13,7 @@ training log as JSON beside the model.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,9 +35,20 @@ from anatomy import (  # noqa: E402
 )
 
 from napari_anomaly.augment import AugmentConfig  # noqa: E402
+from napari_anomaly.devices import resolve_device  # noqa: E402
 from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
+from napari_anomaly.localiser import Localiser  # noqa: E402
 from napari_anomaly.model import NetworkConfig  # noqa: E402
-from napari_anomaly.training import TrainConfig, train  # noqa: E402
+from napari_anomaly.patches import PatchSampler  # noqa: E402
+from napari_anomaly.progress import run_to_end  # noqa: E402
+from napari_anomaly.training import (  # noqa: E402
+    AdaptConfig,
+    TrainConfig,
+    _parent_settings,
+    _ppii_steps,
+    _preprocess_all,
+    train,
+)
 
 
 def isotropic(array: np.ndarray, spacing) -> np.ndarray:
@@ -188,6 +201,72 @@ def _steps_for(minutes: float, images, config: TrainConfig, validation) -> int:
     return max(100, int(minutes * 60 / seconds_per_step))
 
 
+def continue_training(
+    parent_path: Path,
+    images: list[np.ndarray],
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    device: str,
+    minutes: float | None,
+) -> Localiser:
+    """More steps of the parent's own training (same task and settings, its weights as
+    the start), stopped early after ``minutes`` if given; the steps done are recorded
+    in ``training.continued``."""
+    parent = Localiser.load(parent_path)
+    settings, synthesis, augmentation = _parent_settings(
+        parent,
+        AdaptConfig(
+            steps=steps,
+            learning_rate=learning_rate,
+            warmup_steps=10,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+        ),
+    )
+    prepared, foregrounds = run_to_end(_preprocess_all(images, parent.preprocess, "image"))
+    sampler = PatchSampler(prepared, foregrounds, 2, settings.patch_size, settings.scale_range)
+    target = resolve_device(device)
+    model = copy.deepcopy(parent.network).to(target)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    done = 0
+    for report in _ppii_steps(
+        model,
+        sampler,
+        settings,
+        target,
+        rng,
+        generator,
+        synthesis=synthesis,
+        augmentation=augmentation,
+        message="continuing",
+    ):
+        done = report.step
+        if done % 100 == 0:
+            print(json.dumps({"continued_step": done, **report.metrics}), flush=True)
+        if minutes and time.perf_counter() - started > 60 * minutes:
+            break
+    model.eval()
+    metadata = copy.deepcopy(parent.metadata)
+    for key in ("created", "name", "software"):
+        metadata.pop(key, None)
+    metadata["parent_sha256"] = parent.sha256
+    metadata["training"]["continued"] = {
+        "steps": done,
+        "planned_steps": steps,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "seed": seed,
+        "device": str(target),
+        "data": "the same as the parent's",
+    }
+    return Localiser(model.cpu(), parent.preprocess, metadata)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--data", type=Path, help="extracted Debian packages")
@@ -240,6 +319,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--arrays", type=Path, help="read the data from an .npz written by --export-arrays"
+    )
+    parser.add_argument(
+        "--continue-from",
+        type=Path,
+        help="continue this model's training on the same data for --steps steps "
+        "(--learning-rate, --batch-size, --seed; --minutes stops early)",
     )
     parser.add_argument(
         "--export-arrays", type=Path, help="write the training data to this .npz and stop"
@@ -299,6 +384,20 @@ def main() -> None:
         description += "; brain-only copies of " + ", ".join(stripped)
     log = []
     started = time.perf_counter()
+    if args.continue_from:
+        localiser = continue_training(
+            args.continue_from,
+            images,
+            args.steps,
+            args.learning_rate,
+            args.batch_size,
+            args.seed,
+            args.device,
+            args.minutes,
+        )
+        localiser.metadata["name"] = args.out.stem
+        print(f"wrote {args.out} sha256={localiser.save(args.out, overwrite=args.overwrite)}")
+        return
     if args.minutes:
         config = replace(config, steps=_steps_for(args.minutes, images, config, validation))
         print(json.dumps({"steps_for_minutes": config.steps}), flush=True)
