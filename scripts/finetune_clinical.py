@@ -66,6 +66,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[FinetuneConfig.steps])
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="fine-tune on the scan's own grid and all slice axes (no spacing given)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -92,7 +97,15 @@ def main() -> None:
     runs = []
     for lr, steps in itertools.product(args.learning_rates, args.steps):
         config = replace(FinetuneConfig(), learning_rate=lr, steps=steps, device="cpu")
-        tuned = run_to_end(finetune(localiser, [corrected.image], [corrected.lesion_mask], config))
+        tuned = run_to_end(
+            finetune(
+                localiser,
+                [corrected.image],
+                [corrected.lesion_mask],
+                config,
+                spacings=None if args.native else [tuple(corrected.spacing)],
+            )
+        )
         after = measure(tuned, kind_others, corrected, others, args.in_plane_mm)
         run = {"learning_rate": lr, "steps": steps, "after": after}
         runs.append(run)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_NETWORK_2D, TINY_NETWORK_3D
+from conftest import TINY_NETWORK_2D, TINY_NETWORK_3D, phantom
 
 from napari_anomaly.progress import Progress, run_to_end
 from napari_anomaly.training import FinetuneConfig, TrainConfig, finetune, train
@@ -115,3 +115,34 @@ def test_finetune_refuses_a_mask_of_the_wrong_shape(images_2d):
     parent = run_to_end(train(images_2d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
     with pytest.raises(ValueError, match="does not match"):
         run_to_end(finetune(parent, [images_2d[0]], [np.zeros((10, 10), bool)]))
+
+
+def test_finetune_learns_from_cases_as_the_model_sees_them():
+    """A model that works at 1 mm learns from a 0.5 mm thick-slice case resampled to 1 mm,
+    from its axial slices only, and still returns a model that runs on the case."""
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.model import AnomalyNet
+    from napari_anomaly.training import _as_the_model_sees_them
+
+    parent = Localiser(
+        AnomalyNet(TINY_NETWORK_2D), metadata={"patch_size": 32, "postprocess": {"in_plane_mm": 1}}
+    )
+    volume = phantom((6, 64, 64)).astype(np.float32)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:4, 30:36, 30:36] = True
+    weight = np.ones(volume.shape, dtype=np.float32)
+    foreground = volume > -500
+    arrays = _as_the_model_sees_them(
+        parent, [volume], [foreground], [mask], [weight], [(5.0, 0.5, 0.5)]
+    )
+    prepared, foregrounds, masks, weights, axes = arrays
+    assert prepared[0].shape == (6, 32, 32) and masks[0].shape == (6, 32, 32)
+    assert masks[0].dtype == bool and masks[0].any() and foregrounds[0].dtype == bool
+    assert axes == (0,)  # 5 mm slices of 0.5 mm pixels: axial slices only
+    # Isotropic 1 mm voxels: nothing resampled, every slice axis used.
+    same = _as_the_model_sees_them(parent, [volume], [foreground], [mask], [weight], [(1, 1, 1)])
+    assert same[0][0] is volume and same[4] == (0, 1, 2)
+
+    config = FinetuneConfig(steps=2, batch_size=2, device="cpu")
+    tuned = run_to_end(finetune(parent, [volume], [mask], config, spacings=[(5.0, 0.5, 0.5)]))
+    assert tuned.metadata["postprocess"] == parent.metadata["postprocess"]

@@ -330,7 +330,10 @@ def _predict_all(localiser, images, args) -> list[np.ndarray]:
 
     config = InferenceConfig(device=args.device, flips=args.flips)
     return [
-        _run(localise(image.array, localiser, config), f"localise {image.path.name}").anomaly_map
+        _run(
+            localise(image.array, localiser, config, spacing=image.geometry.spacing),
+            f"localise {image.path.name}",
+        ).anomaly_map
         for image in images
     ]
 
@@ -347,7 +350,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     threshold = _threshold(args, localiser)
     before = evaluate_cases(_predict_all(localiser, images, args), masks, threshold)
     config = FinetuneConfig(steps=args.steps, device=args.device, seed=args.seed)
-    tuned = _run(finetune(localiser, [i.array for i in images], masks, config), "finetune")
+    tuned = _run(
+        finetune(
+            localiser,
+            [i.array for i in images],
+            masks,
+            config,
+            spacings=[i.geometry.spacing for i in images],
+        ),
+        "finetune",
+    )
     after = evaluate_cases(_predict_all(tuned, images, args), masks, threshold)
     tuned.metadata["metrics"] = {
         "corrected_cases_ap_before": before.pixel_ap,

@@ -65,6 +65,9 @@ class PatchSampler:
     focus
         Optional bool arrays per image (e.g. reviewer-marked anomalies) that
         :meth:`sample` can centre patches on.
+    plane_axes
+        For 2D patches from volumes: the axes the slices are taken across
+        (``(0,)``: axial slices only, as a thick-slice scan is read).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class PatchSampler:
         min_foreground_fraction: float = 0.15,
         extras: Sequence[Sequence[np.ndarray]] = (),
         focus: Sequence[np.ndarray] | None = None,
+        plane_axes: Sequence[int] = (0, 1, 2),
     ) -> None:
         if not images:
             raise ValueError("need at least one image")
@@ -98,7 +102,7 @@ class PatchSampler:
                 self.planes.append(_Plane(index, None, np.zeros(1, dtype=int)))
                 self._foreground_points[index] = np.flatnonzero(foreground)
                 continue
-            for axis in range(3):
+            for axis in plane_axes:
                 other = tuple(a for a in range(3) if a != axis)
                 fraction = foreground.mean(axis=other)
                 usable = np.flatnonzero(fraction >= min_foreground_fraction)

@@ -266,12 +266,19 @@ class ReviewSession:
         before = self._metrics([c.anomaly_map for c in cases], masks)
         parent = self.localiser
         tuned = yield from finetune(
-            parent, [c.image for c in cases], masks, config, voxel_weights=weights
+            parent,
+            [c.image for c in cases],
+            masks,
+            config,
+            voxel_weights=weights,
+            spacings=[c.geometry.spacing for c in cases],
         )
         after_maps = []
         for index, case in enumerate(cases):
             yield Progress(index, len(cases), f"measuring the new version on {case.name}")
-            result = yield from localise(case.image, tuned, self.inference)
+            result = yield from localise(
+                case.image, tuned, self.inference, spacing=case.geometry.spacing
+            )
             after_maps.append(result.anomaly_map)
         after = self._metrics(after_maps, masks)
         tuned.metadata["metrics"] = {

@@ -338,16 +338,16 @@ def _mix_lesion_task(
     batch: torch.Tensor,
     foreground: torch.Tensor,
     ppii: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    config: TrainConfig,
+    probability: float,
     synthesis: SynthesisConfig,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give a random share of the batch the lesion-like intensity task instead of P-PII."""
-    chosen = torch.rand(batch.shape[0], generator=generator) < config.lesion_task_probability
+    chosen = torch.rand(batch.shape[0], generator=generator) < probability
     if not bool(chosen.any()):
         return ppii
     index = torch.nonzero(chosen).ravel().to(batch.device)
-    task = LesionTaskConfig(probability=config.lesion_task_probability)
+    task = LesionTaskConfig(probability=probability)
     changed = synthesise_lesions(batch[index], foreground[index], task, generator, synthesis)
     out = [t.clone() for t in ppii]
     for tensor, values in zip(out, changed):
@@ -403,7 +403,12 @@ def _ppii_steps(
         anomalous, label, label_std = synthesise(batch, synthesis, rng, foreground)
         if config.lesion_task_probability > 0:
             anomalous, label, label_std = _mix_lesion_task(
-                batch, foreground, (anomalous, label, label_std), config, synthesis, generator
+                batch,
+                foreground,
+                (anomalous, label, label_std),
+                config.lesion_task_probability,
+                synthesis,
+                generator,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -745,6 +750,40 @@ def adapt(
     return child
 
 
+def _as_the_model_sees_them(localiser, prepared, foregrounds, masks, weights, spacings):
+    """Corrected cases resampled in plane to the model's pixel size (if it has one), and
+    the slice axes to train on: axial only when a volume has thick slices."""
+    from scipy import ndimage
+
+    target = localiser.postprocess.in_plane_mm
+    if len(spacings) != len(prepared):
+        raise ValueError(f"{len(spacings)} spacings for {len(prepared)} cases")
+    out = ([], [], [], [])
+    thick = False
+    for arrays, spacing in zip(zip(prepared, foregrounds, masks, weights), spacings):
+        if spacing is None:
+            for store, array in zip(out, arrays):
+                store.append(array)
+            continue
+        step = np.asarray(spacing, dtype=float)
+        in_plane = step[1:] if step.size == 3 else step
+        if step.size == 3 and step[0] > 1.5 * in_plane.max():
+            thick = True
+        factors = in_plane / target if target else np.ones_like(in_plane)
+        if np.all(np.abs(factors - 1.0) < 0.1):
+            for store, array in zip(out, arrays):
+                store.append(array)
+            continue
+        zoom = (1.0, *factors) if step.size == 3 else tuple(factors)
+        for k, (store, array) in enumerate(zip(out, arrays)):
+            order = 1 if k == 0 else 0  # intensities linear, masks and weights nearest
+            zoomed = ndimage.zoom(
+                array.astype(np.float32), zoom, order=order, grid_mode=True, mode="nearest"
+            )
+            store.append(zoomed if k in (0, 3) else zoomed > 0.5)
+    return (*out, (0,) if thick else (0, 1, 2))
+
+
 def finetune(
     localiser: Localiser,
     images: Sequence[np.ndarray],
@@ -753,6 +792,7 @@ def finetune(
     *,
     voxel_weights: Sequence[np.ndarray] | None = None,
     synthesis: SynthesisConfig = SynthesisConfig(),
+    spacings: Sequence[Sequence[float] | None] | None = None,
 ) -> Job[Localiser]:
     """Fine-tune a localiser on reviewer-corrected masks.
 
@@ -771,7 +811,15 @@ def finetune(
         Optional per-voxel loss weights per case (e.g. larger on voxels the
         reviewer edited, see :func:`napari_anomaly.review.finetune_targets`).
     synthesis
-        Settings of the replayed P-PII batches.
+        Settings of the replayed P-PII batches. Where the parent was trained with
+        the lesion-like task too (``lesion_task_probability``), the replay mixes
+        it in the same way.
+    spacings
+        Voxel size (mm) per case. With them, a 2D model whose maps are made at
+        a pixel size (``postprocess.in_plane_mm``) learns from the cases
+        resampled to that size, as it will see them; and a thick-slice volume
+        (slices over 1.5 times thicker than its pixels) gives only its axial
+        slices, not squashed reformats.
 
     Returns
     -------
@@ -793,9 +841,18 @@ def finetune(
     )
     device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     prepared, foregrounds = yield from _preprocess_all(images, localiser.preprocess, "case")
     masks = [np.asarray(m).astype(bool) for m in corrected_masks]
+    weights = [np.asarray(w, np.float32) for w in weights]
     dims = localiser.spatial_dims
+    plane_axes: tuple[int, ...] = (0, 1, 2)
+    if spacings is not None and dims == 2:
+        prepared, foregrounds, masks, weights, plane_axes = _as_the_model_sees_them(
+            localiser, prepared, foregrounds, masks, weights, spacings
+        )
+    parent_config = (localiser.metadata.get("training") or {}).get("config") or {}
+    lesion_task = float(parent_config.get("lesion_task_probability", 0.0))
     sampler = PatchSampler(
         prepared,
         foregrounds,
@@ -805,9 +862,10 @@ def finetune(
         min_foreground_fraction=0.05,
         extras=[
             [m.astype(np.float32) for m in masks],
-            [np.asarray(w, np.float32) for w in weights],
+            weights,
         ],
         focus=masks,
+        plane_axes=plane_axes,
     )
 
     model = copy.deepcopy(localiser.network).to(device)
@@ -833,9 +891,17 @@ def finetune(
             # The corrected images hold real anomalies: no synthetic anomaly is
             # placed on them, and they stay positives in the replayed labels
             # (otherwise replay would teach that the marked lesions are normal).
-            anomalous, label, label_std = synthesise(
-                normal.to(device), synthesis, rng, foreground.to(device) & (marked < 0.5)
-            )
+            free = foreground.to(device) & (marked < 0.5)
+            anomalous, label, label_std = synthesise(normal.to(device), synthesis, rng, free)
+            if lesion_task > 0:
+                anomalous, label, label_std = _mix_lesion_task(
+                    normal.to(device),
+                    free,
+                    (anomalous, label, label_std),
+                    lesion_task,
+                    synthesis,
+                    generator,
+                )
             replay_loss, replay_parts = anomaly_loss(
                 model(anomalous), torch.maximum(label, marked), label_std, config.confidence_weight
             )
