@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[FinetuneConfig.steps])
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--positive-balance", type=float, default=FinetuneConfig.positive_balance)
     parser.add_argument(
         "--native",
         action="store_true",
@@ -96,7 +97,13 @@ def main() -> None:
     print(json.dumps({"before": before}), flush=True)
     runs = []
     for lr, steps in itertools.product(args.learning_rates, args.steps):
-        config = replace(FinetuneConfig(), learning_rate=lr, steps=steps, device="cpu")
+        config = replace(
+            FinetuneConfig(),
+            learning_rate=lr,
+            steps=steps,
+            device="cpu",
+            positive_balance=args.positive_balance,
+        )
         tuned = run_to_end(
             finetune(
                 localiser,

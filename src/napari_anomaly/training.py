@@ -129,16 +129,21 @@ class FinetuneConfig:
         forgetting).
     focus_probability
         Probability that a correction patch is centred on a marked anomaly.
+    positive_balance
+        When > 0, the marked voxels of each batch weigh as much together as the
+        unmarked ones (up to this factor each), so that a small lesion is not
+        drowned by the normal tissue around it; 0 weighs every voxel alike.
     device, seed
         As in :class:`TrainConfig`.
     """
 
     steps: int = 100
     batch_size: int = 8
-    learning_rate: float = 3e-6
+    learning_rate: float = 1e-4
     weight_decay: float = 1e-4
     replay_fraction: float = 0.5
     focus_probability: float = 0.6
+    positive_balance: float = 0.0
     confidence_weight: float = 0.5
     device: str = "auto"
     seed: int = 0
@@ -750,6 +755,17 @@ def adapt(
     return child
 
 
+def _balance_positives(weight: torch.Tensor, target: torch.Tensor, cap: float) -> torch.Tensor:
+    """Weights that give the marked voxels of a batch as much say as the rest (the
+    ratio of unmarked to marked voxels, at most ``cap``, on the marked ones)."""
+    positive = target > 0.5
+    count = int(positive.sum())
+    if count == 0:
+        return weight
+    ratio = min(cap, max(1.0, (target.numel() - count) / count))
+    return torch.where(positive, weight * ratio, weight)
+
+
 def _as_the_model_sees_them(localiser, prepared, foregrounds, masks, weights, spacings):
     """Corrected cases resampled in plane to the model's pixel size (if it has one), and
     the slice axes to train on: axial only when a volume has thick slices."""
@@ -880,6 +896,8 @@ def finetune(
         images_c, _, target, weight = sampler.sample(
             corrections, rng, focus_probability=config.focus_probability
         )
+        if config.positive_balance > 0:
+            weight = _balance_positives(weight, target, config.positive_balance)
         logits = model(images_c.to(device))
         loss, parts = anomaly_loss(
             logits, target.to(device), None, 0.0, voxel_weight=weight.to(device)

@@ -43,6 +43,7 @@ import torch
 __all__ = [
     "blend_boxes",
     "box_flat_index",
+    "guidance_divergence",
     "poisson_blend",
     "solve_dirichlet_poisson",
 ]
@@ -112,7 +113,7 @@ def solve_dirichlet_poisson(rhs: torch.Tensor, spatial_dims: int | None = None) 
         normalisation *= 2.0 / (m + 1)
     # The inverse DST-I is the forward one times 2/(m+1) per axis; folding that
     # factor into the eigenvalue division saves one pass over the data.
-    spectrum = spectrum * (normalisation / denominator)
+    spectrum = spectrum.mul_(normalisation / denominator)  # a fresh tensor: in place
     for axis_from_end, m in zip(range(-dims, 0), sizes):
         basis, _ = _dst_basis(int(m), rhs.dtype, device)
         spectrum = _dst_along(spectrum, axis_from_end, basis)
@@ -161,30 +162,80 @@ def blend_boxes(
         )
     if source.shape != target.shape:
         raise ValueError(f"source shape {tuple(source.shape)} != target {tuple(target.shape)}")
-    weight = mask.to(target.dtype)
-    rhs = None
-    for axis in range(dims):
-        dim = 2 + axis
-        n = target.shape[dim]
-        if n < 3:
-            # No interior along this axis: nothing can change.
-            return torch.zeros_like(target)
-        grad_target = target.diff(dim=dim)
-        grad_source = source.diff(dim=dim)
-        if mix_gradients:
-            grad_guide = torch.where(
-                grad_source.abs() > grad_target.abs(), grad_source, grad_target
-            )
-        else:
-            grad_guide = grad_source
-        edge_weight = 0.5 * (weight.narrow(dim, 0, n - 1) + weight.narrow(dim, 1, n - 1))
-        excess = edge_weight * (grad_guide - grad_target)
-        divergence = excess.narrow(dim, 1, n - 2) - excess.narrow(dim, 0, n - 2)
-        divergence = _interior(divergence, dims, skip_axis=axis)
-        rhs = divergence if rhs is None else rhs + divergence
+    if min(target.shape[2:]) < 3:
+        # No interior along some axis: nothing can change.
+        return torch.zeros_like(target)
+    rhs = guidance_divergence(target, source, mask.to(target.dtype), dims, mix_gradients)
     interior_change = solve_dirichlet_poisson(rhs, dims)
     pad = [1, 1] * dims
     return torch.nn.functional.pad(interior_change, pad)
+
+
+def guidance_divergence(
+    target: torch.Tensor,
+    source: torch.Tensor,
+    weight: torch.Tensor,
+    spatial_dims: int,
+    mix_gradients: bool = True,
+    target_of_source: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Right-hand side ``div(weight * (guide - grad target))`` on the boxes' interiors.
+
+    Parameters
+    ----------
+    target
+        ``(..., *box)``, floating point; every box side at least 3.
+    source
+        Same box shape. Without ``target_of_source`` it has ``target``'s shape;
+        with it, ``(n, ..., *box)``, source ``i`` being blended into target
+        ``target_of_source[i]``. Many sources (raters) share one target in
+        P-PII, so the target's gradients are taken once per target.
+    weight
+        Voxel weights in [0, 1] (the mask as floats), broadcastable to
+        ``source``.
+    spatial_dims
+        2 or 3, the number of trailing box axes.
+    mix_gradients
+        Keep, per edge, the source gradient only where its magnitude exceeds
+        the target's.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., *interior)``: the box shape less its one-voxel ring, contiguous.
+    """
+    rhs = None
+    first = source.ndim - spatial_dims
+    for axis in range(spatial_dims):
+        dim = first + axis
+        n = source.shape[dim]
+        grad_target = target.diff(dim=dim)
+        abs_grad_target = grad_target.abs() if mix_gradients else None
+        if target_of_source is not None:
+            grad_target = grad_target.index_select(0, target_of_source)
+            if mix_gradients:
+                abs_grad_target = abs_grad_target.index_select(0, target_of_source)
+        grad_source = source.diff(dim=dim)
+        edge_weight = weight.narrow(dim, 0, n - 1) + weight.narrow(dim, 1, n - 1)
+        edge_weight.mul_(0.5)
+        if mix_gradients:
+            # guide - grad_target is grad_source - grad_target where the source
+            # wins and 0 elsewhere, so the guide is never formed: the edge
+            # weight is zeroed where the target wins. (That zero may come out
+            # as -0 where the plain formula gives +0; sums and the solve treat
+            # both alike.) The comparison writes 0/1 floats straight away:
+            # on CPUs, making and consuming a bool tensor costs several times
+            # as much as the arithmetic.
+            source_wins = torch.empty_like(grad_source)
+            torch.gt(grad_source.abs(), abs_grad_target, out=source_wins)
+            edge_weight = source_wins.mul_(edge_weight)
+        excess = grad_source.sub_(grad_target).mul_(edge_weight)
+        # Cut the ring of the other axes before differencing, so that the
+        # divergence comes out contiguous and the size of the interior.
+        excess = _interior(excess, spatial_dims, skip_axis=axis)
+        divergence = torch.sub(excess.narrow(dim, 1, n - 2), excess.narrow(dim, 0, n - 2))
+        rhs = divergence if rhs is None else rhs.add_(divergence)
+    return rhs
 
 
 def box_flat_index(

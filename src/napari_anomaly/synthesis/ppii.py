@@ -53,11 +53,10 @@ import numpy as np
 import torch
 
 from napari_anomaly.synthesis.poisson import (
-    _gather_boxes,
-    _scatter_add_boxes,
-    blend_boxes,
     box_flat_index,
+    guidance_divergence,
     solve_box_shape,
+    solve_dirichlet_poisson,
 )
 
 __all__ = [
@@ -201,17 +200,21 @@ def _random_rotations(rng: np.random.Generator, count: int, dims: int) -> np.nda
 
 
 def _choose_voxels(
-    rng: np.random.Generator, allowed: np.ndarray, count: int, fallback: np.ndarray
+    rng: np.random.Generator,
+    allowed: np.ndarray,
+    count: int,
+    fallback: np.ndarray,
+    shape: tuple[int, ...],
 ) -> np.ndarray:
     """Pick ``count`` voxel coordinates ``(count, D)`` uniformly from ``allowed``.
 
-    ``allowed`` is a boolean grid; when it is empty the ``fallback`` grid is used.
+    ``allowed`` and ``fallback`` are flat indices into a grid of ``shape``
+    (``numpy.flatnonzero`` of boolean grids); ``fallback`` is used when
+    ``allowed`` is empty.
     """
-    flat = np.flatnonzero(allowed)
-    if flat.size == 0:
-        flat = np.flatnonzero(fallback)
+    flat = allowed if allowed.size else fallback
     picks = flat[rng.integers(0, flat.size, size=count)]
-    return np.stack(np.unravel_index(picks, allowed.shape), axis=-1)
+    return np.stack(np.unravel_index(picks, shape), axis=-1)
 
 
 def sample_synthesis(
@@ -275,16 +278,20 @@ def sample_synthesis(
 
     centres = np.empty((anomalies, dims), dtype=int)
     source_centres = np.empty((anomalies, dims), dtype=int)
-    everywhere = np.ones(spatial_shape, dtype=bool)
+    # Flat voxel lists, made once per batch rather than once per image.
+    core_flat = np.flatnonzero(core)
+    everywhere = np.arange(core.size)
     for b in range(batch_size):
         rows = np.flatnonzero(anomaly_image == b)
         if rows.size:
-            allowed = core if foreground is None else foreground[b] & core
-            centres[rows] = _choose_voxels(rng, allowed, rows.size, core)
+            allowed = core_flat if foreground is None else np.flatnonzero(foreground[b] & core)
+            centres[rows] = _choose_voxels(rng, allowed, rows.size, core_flat, spatial_shape)
         rows = np.flatnonzero(anomaly_source == b)
         if rows.size:
-            allowed = everywhere if foreground is None else foreground[b]
-            source_centres[rows] = _choose_voxels(rng, allowed, rows.size, everywhere)
+            allowed = everywhere if foreground is None else np.flatnonzero(foreground[b])
+            source_centres[rows] = _choose_voxels(
+                rng, allowed, rows.size, everywhere, spatial_shape
+            )
 
     # Keep a one-voxel ring between patch and image edge where the image allows
     # it, so the Dirichlet boundary lies outside the patch.
@@ -339,10 +346,20 @@ def sample_synthesis(
 
 def label_from_deviation(deviation: torch.Tensor, config: SynthesisConfig) -> torch.Tensor:
     """Map a non-negative intensity deviation to a label in [0, 1]."""
-    scaled = config.label_scale * deviation
+    return _label_in_place(deviation.clone(), config)
+
+
+def _label_in_place(deviation: torch.Tensor, config: SynthesisConfig) -> torch.Tensor:
+    """:func:`label_from_deviation`, overwriting ``deviation`` (a scratch tensor).
+
+    The batch-sized passes dominate the cost of a large batch, so they run in
+    place: no fresh (page-faulting) allocation per step. ``(-s) * d`` equals
+    ``-(s * d)`` and ``(-e) + 1`` equals ``1 - e`` exactly in IEEE arithmetic,
+    so this gives the same bits as the plain formula.
+    """
     if config.label_mapping == "clip":
-        return scaled.clamp(0.0, 1.0)
-    return 1.0 - torch.exp(-scaled)
+        return deviation.mul_(config.label_scale).clamp_(0.0, 1.0)
+    return deviation.mul_(-config.label_scale).exp_().neg_().add_(1.0)
 
 
 def _solve_boxes_for_params(
@@ -366,23 +383,32 @@ def apply_synthesis(
     Returns ``(anomalous, label, label_std)``; see :func:`synthesise`.
     """
     spatial_shape = tuple(int(s) for s in images.shape[2:])
+    if images.ndim < 2 or images.shape[1] != 1:
+        raise ValueError(f"images must have one channel, got shape {tuple(images.shape)}")
     if (images.shape[0], spatial_shape) != (params.batch_size, params.spatial_shape):
         raise ValueError(
             f"params were drawn for batch {params.batch_size} of {params.spatial_shape}, "
             f"got images of shape {tuple(images.shape)}"
         )
     device, dtype = images.device, images.dtype
-    change = torch.zeros_like(images)
-    variance = torch.zeros_like(images)
+    images = images.contiguous()
+    change = torch.zeros_like(images, memory_format=torch.contiguous_format)
+    variance = torch.zeros_like(change)
+    index = None  # flat indices of every box interior, once all groups are done
     if params.anomaly_count:
         box_start, box_size = _solve_boxes_for_params(params, config)
         offset = params.patch_start - box_start  # patch start inside its box
         blends_per_image = np.maximum(params.blends_per_image, 1)
+        # Groups in order of first appearance: the scatter-add below sums
+        # overlapping anomalies in this order, as one add per group did.
         groups: dict[tuple[int, ...], list[int]] = {}
         for anomaly, size in enumerate(box_size.tolist()):
             groups.setdefault(tuple(size), []).append(anomaly)
+        indices, changes, variances = [], [], []
         for box_shape, anomaly_rows in groups.items():
-            _blend_group(
+            if min(box_shape) < 3:
+                continue  # no interior along some axis: nothing can change
+            group_index, group_change, group_variance = _blend_group(
                 images,
                 params,
                 config,
@@ -391,18 +417,35 @@ def apply_synthesis(
                 box_start,
                 offset,
                 blends_per_image,
-                change,
-                variance,
             )
+            indices.append(group_index.reshape(-1))
+            changes.append(group_change.reshape(-1))
+            variances.append(group_variance.reshape(-1))
+        if indices:
+            # One scatter for the whole batch instead of one per group; the
+            # index order (group by group) keeps the summation order.
+            index = torch.cat(indices)
+            change.view(-1).index_add_(0, index, torch.cat(changes))
+            variance.view(-1).index_add_(0, index, torch.cat(variances))
     if foreground is not None:
         inside = foreground.reshape(images.shape).to(device=device, dtype=dtype)
-        change = change * inside
-        variance = variance * inside
-    anomalous = images + change
+        change.mul_(inside)
+        variance.mul_(inside)
+    # The rater variance is 0 outside the solve boxes, and so is its label
+    # (1 - exp(-0) = 0), so the label is computed on the box voxels only
+    # (overlaps just repeat a voxel). Besides being a fraction of the batch,
+    # this avoids sqrt over millions of zeros, which is slow on some CPUs.
+    label_std = variance
+    if index is not None:
+        box_std = variance.view(-1).index_select(0, index).clamp_min_(0.0).sqrt_()
+        label_std = variance.zero_()
+        label_std.view(-1)[index] = _label_in_place(box_std, config)
+    # From here on every step is a pass over the whole batch, done in place on
+    # ``change``, which becomes ``anomalous``.
+    anomalous = change.add_(images)
     if config.clip_output:
-        anomalous = anomalous.clamp(0.0, 1.0)
-    label = label_from_deviation((anomalous - images).abs(), config)
-    label_std = label_from_deviation(variance.clamp_min(0.0).sqrt(), config)
+        anomalous.clamp_(0.0, 1.0)
+    label = _label_in_place(torch.sub(anomalous, images).abs_(), config)
     return anomalous, label, label_std
 
 
@@ -415,13 +458,17 @@ def _blend_group(
     box_start: np.ndarray,
     offset: np.ndarray,
     blends_per_image: np.ndarray,
-    change: torch.Tensor,
-    variance: torch.Tensor,
-) -> None:
-    """Blend all raters of the anomalies sharing one solve-box size."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blend all raters of the anomalies sharing one solve-box size.
+
+    Returns the flat indices of the boxes' interiors in ``images.reshape(-1)``
+    and what each anomaly adds there to the change and to the rater variance,
+    all ``(a, *interior)``. The ring of a box never changes, so it is left out.
+    """
     device, dtype = images.device, images.dtype
     dims = len(box_shape)
     spatial_shape = params.spatial_shape
+    voxels = int(np.prod(spatial_shape))
     # Blends of these anomalies, and each blend's position among the anomalies.
     local = np.full(params.anomaly_count, -1)
     local[anomaly_rows] = np.arange(anomaly_rows.size)
@@ -431,60 +478,99 @@ def _blend_group(
     def tensor(array: np.ndarray, kind: torch.dtype = torch.long) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), device=device, dtype=kind)
 
-    image_index = tensor(params.anomaly_image[anomaly_rows])
-    target_index = box_flat_index(spatial_shape, tensor(box_start[anomaly_rows]), box_shape)
-    target_boxes = _gather_boxes(images, image_index, target_index)
-    # The source box maps patch voxels onto patch voxels; outside the patch it
+    # Target and source boxes in one gather from the flattened batch. The
+    # source box maps patch voxels onto patch voxels; outside the patch it
     # replicates the source image's edge where the box leaves the image.
+    image_index = params.anomaly_image[anomaly_rows]
+    target_index = box_flat_index(spatial_shape, tensor(box_start[anomaly_rows]), box_shape)
     source_origin = params.source_start[anomaly_rows] - offset[anomaly_rows]
     source_index = box_flat_index(spatial_shape, tensor(source_origin), box_shape, clamp=True)
-    source_boxes = _gather_boxes(images, tensor(params.anomaly_source[anomaly_rows]), source_index)
+    batch_offset = tensor(
+        np.concatenate([image_index, params.anomaly_source[anomaly_rows]]) * voxels
+    ).reshape(-1, *([1] * dims))
+    box_index = torch.cat([target_index, source_index]) + batch_offset
+    # index_select on the flat view is a plain gather, quicker than indexing.
+    boxes = images.reshape(-1).index_select(0, box_index.reshape(-1)).reshape(box_index.shape)
+    target_boxes, source_boxes = boxes.split(anomaly_rows.size)
 
-    # Rater masks: ellipsoids inside the patch, in box coordinates. Box
-    # coordinates are separable, so the quadratic form is assembled from
-    # per-axis broadcasts instead of a dense (N, *box, D) grid.
-    patch_offset = tensor(offset[anomaly_rows], dtype)[blend_local]
-    patch_size = tensor(params.patch_size[anomaly_rows], dtype)[blend_local]
-    centre = tensor(params.blend_centre[blend_rows], dtype)
-    form = tensor(params.blend_inverse_shape[blend_rows], dtype)
+    masks = _rater_masks(params, box_shape, blend_rows, offset, device, dtype)
+    strength = tensor(params.blend_strength[blend_rows], dtype).reshape(-1, *([1] * dims))
+    rhs = guidance_divergence(
+        target_boxes,
+        source_boxes.index_select(0, blend_local).mul_(strength),
+        masks,
+        dims,
+        config.mix_gradients,
+        target_of_source=blend_local,
+    )
+    blend_change = solve_dirichlet_poisson(rhs, dims)  # (n, *interior)
+
+    # Per anomaly: sum and sum of squares over its raters (in blend order).
+    per_anomaly = blend_change.new_zeros((anomaly_rows.size, *blend_change.shape[1:]))
+    per_anomaly_sq = torch.zeros_like(per_anomaly)
+    per_anomaly.index_add_(0, blend_local, blend_change)
+    per_anomaly_sq.index_add_(0, blend_local, blend_change.square_())
+    raters = tensor(params.rater_count[anomaly_rows], dtype).reshape(-1, *([1] * dims))
+    total = tensor(blends_per_image[image_index], dtype).reshape(raters.shape)
+    rater_mean = per_anomaly / raters
+    rater_variance = (per_anomaly_sq.div_(raters) - rater_mean.square_()).clamp_min_(0.0)
+    interior = tuple(slice(1, -1) for _ in range(dims))
+    index = target_index[(slice(None), *interior)] + tensor(image_index * voxels).reshape(
+        raters.shape
+    )
+    return index, per_anomaly.div_(total), rater_variance.mul_((raters / total).square_())
+
+
+def _rater_masks(
+    params: SynthesisParams,
+    box_shape: tuple[int, ...],
+    blend_rows: np.ndarray,
+    offset: np.ndarray,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rater masks ``(n, *box)`` as 0/1 floats: ellipsoids inside the patch, in box coordinates.
+
+    Box coordinates are separable, so the quadratic form is assembled from
+    per-axis broadcasts instead of a dense ``(n, *box, D)`` grid.
+    """
+    dims = len(box_shape)
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), device=device, dtype=dtype)
+
+    # Per-blend patch geometry, indexed in NumPy (cheaper than in torch).
+    blend_anomaly = params.blend_anomaly[blend_rows]
+    patch_offset = tensor(offset[blend_anomaly])
+    patch_size = tensor(params.patch_size[blend_anomaly])
+    centre = tensor(params.blend_centre[blend_rows])
+    form = params.blend_inverse_shape[blend_rows]
+    # Outside the patch a coordinate is set to +inf: every term that holds it
+    # is then +inf or NaN (never -inf, as the diagonal of the form is
+    # positive), so the test below fails there without a separate full-size
+    # "inside the patch" mask; inside the patch nothing changes.
     centred = []
-    masks = None
     for axis, n in enumerate(box_shape):
         view = [-1] + [1] * dims
         view[1 + axis] = n
         relative = torch.arange(n, device=device, dtype=dtype) - patch_offset[:, axis : axis + 1]
         inside = (relative >= 0) & (relative < patch_size[:, axis : axis + 1])
-        masks = inside.reshape(view) if masks is None else masks & inside.reshape(view)
-        centred.append((relative - centre[:, axis : axis + 1]).reshape(view))
+        coordinate = (relative - centre[:, axis : axis + 1]).masked_fill_(~inside, float("inf"))
+        centred.append(coordinate.reshape(view))
     quadratic = None
     form_view = (-1, *([1] * dims))
     for i in range(dims):
         for j in range(i, dims):
-            weight = form[:, i, j].reshape(form_view) * (1.0 if i == j else 2.0)
+            if i != j and not form[:, i, j].any():
+                # Axis-aligned masks (discs, balls): the cross term is +-0 and
+                # adding it changes no bit, so it is skipped (two full passes).
+                continue
+            weight = tensor(form[:, i, j]).reshape(form_view) * (1.0 if i == j else 2.0)
             term = weight * centred[i] * centred[j]
             quadratic = term if quadratic is None else quadratic + term
-    masks = (masks & (quadratic <= 1.0)).unsqueeze(1)
-
-    strength = tensor(params.blend_strength[blend_rows], dtype).reshape(-1, 1, *([1] * dims))
-    blend_change = blend_boxes(
-        target_boxes[blend_local], strength * source_boxes[blend_local], masks, config.mix_gradients
-    )
-
-    # Per anomaly: sum and sum of squares over its raters.
-    per_anomaly = torch.zeros_like(target_boxes)
-    per_anomaly_sq = torch.zeros_like(target_boxes)
-    per_anomaly.index_add_(0, blend_local, blend_change)
-    per_anomaly_sq.index_add_(0, blend_local, blend_change.square())
-    raters = tensor(params.rater_count[anomaly_rows], dtype).reshape(-1, 1, *([1] * dims))
-    total = tensor(blends_per_image[params.anomaly_image[anomaly_rows]], dtype).reshape(
-        raters.shape
-    )
-    rater_mean = per_anomaly / raters
-    rater_variance = (per_anomaly_sq / raters - rater_mean.square()).clamp_min(0.0)
-    _scatter_add_boxes(change, image_index, target_index, per_anomaly / total)
-    _scatter_add_boxes(
-        variance, image_index, target_index, (raters / total).square() * rater_variance
-    )
+    # Written as 0/1 floats directly: a bool mask and its conversion cost
+    # several times as much on CPUs.
+    return torch.le(quadratic, 1.0, out=torch.empty_like(quadratic))
 
 
 def _validate_images(images: torch.Tensor) -> None:
@@ -497,9 +583,10 @@ def _validate_images(images: torch.Tensor) -> None:
         )
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
-    if not torch.isfinite(images).all():
+    # One pass for both bounds; NaN propagates into them and Inf is a bound.
+    low, high = (float(bound) for bound in torch.aminmax(images))
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError("images contain NaN or Inf")
-    low, high = float(images.min()), float(images.max())
     if low < -1e-6 or high > 1 + 1e-6:
         raise ValueError(
             f"images must be normalised to [0, 1] (see napari_anomaly.preprocess), "
