@@ -143,7 +143,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     replay_fraction: float = 0.5
     focus_probability: float = 0.6
-    positive_balance: float = 0.0
+    positive_balance: float = 20.0
     confidence_weight: float = 0.5
     device: str = "auto"
     seed: int = 0
