@@ -219,3 +219,19 @@ def test_calibrate_gives_a_child_model_whose_threshold_meets_the_budget(
     assert not out2.exists()
     # A child exists already: refused without --overwrite.
     assert main([*args, "--device", "cpu"]) == 2
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--min-region-mm", "-1"], ["--min-region-size", "-2"], ["--max-false-regions", "-1"]],
+)
+def test_localise_refuses_negative_region_limits_before_any_work(
+    model, normals, tmp_path, option, capsys
+):
+    out = tmp_path / "never"
+    code = main(["localise", normals[0], "--out", str(out), "--model", str(model), *option])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert option[0] in err or "max_false_regions" in err or "calibrate" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -194,6 +194,7 @@ def _cmd_localise(args: argparse.Namespace) -> int:
     from napari_anomaly.io import atomic_write_text, write_image
     from napari_anomaly.review import find_regions, min_voxels, regions_csv, threshold_map
 
+    _check_region_limits(args)
     localiser = _load_model(args.model, args.device)
     threshold = _threshold(args, localiser)
     out_dir = Path(args.out)
@@ -262,6 +263,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise CommandError(f"{out} exists; pass --overwrite to replace it")
     if not args.max_false_regions >= 0:
         raise CommandError(f"--max-false-regions must be >= 0, got {args.max_false_regions}")
+    _check_region_limits(args)
     localiser = _load_model(args.model, args.device)
     loaded = [_read(p) for p in args.normals]
     calibrated = _run(
@@ -286,6 +288,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"(at most {args.max_false_regions:g} asked)"
     )
     return 0
+
+
+def _check_region_limits(args: argparse.Namespace) -> None:
+    """Refuse negative minimum region sizes before anything runs."""
+    if args.min_region_size < 0:
+        raise CommandError(f"--min-region-size must be >= 0, got {args.min_region_size}")
+    if not (np.isfinite(args.min_region_mm) and args.min_region_mm >= 0):
+        raise CommandError(f"--min-region-mm must be >= 0, got {args.min_region_mm}")
 
 
 def _rank_image(ranks: np.ndarray) -> np.ndarray:
