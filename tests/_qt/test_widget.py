@@ -214,3 +214,26 @@ def test_demo_renders_the_sample_with_the_default_model(tmp_path):
     picture = iio.imread(screenshot)
     assert picture.shape[0] >= 600 and picture.shape[1] >= 1000
     assert picture[..., :3].std() > 10, "the window must show something, not a blank frame"
+
+
+def test_min_region_size_in_mm_drops_small_regions_on_the_scans_grid(widget):
+    viewer = widget.viewer
+    viewer.add_image(_scan((6, 32, 40)), name="vol", scale=(2.5, 0.8, 0.8))
+    widget.image_layer.value = "vol"
+    widget.localise(wait=True)
+    # The threshold at which the tiny random model's map breaks into the most regions.
+    counts = {}
+    for threshold in np.arange(0.3, 0.99, 0.05):
+        widget.set_threshold(float(threshold), min_region_size=0)
+        counts[float(threshold)] = len(widget._regions)
+    widget.set_threshold(max(counts, key=counts.get), min_region_size=0)
+    regions = list(widget._regions)
+    assert len(regions) >= 2, counts
+    smallest = min(r.size_physical for r in regions)
+    largest = max(r.size_physical for r in regions)
+    # A physical limit between the smallest and the largest region drops the small ones.
+    widget.min_region_mm.value = (smallest + largest) / 2
+    kept = list(widget._regions)
+    assert kept and all(r.size_physical >= (smallest + largest) / 2 for r in kept)
+    assert len(kept) < len(regions)
+    assert widget.min_region_size.value == 0  # the voxel limit is unchanged

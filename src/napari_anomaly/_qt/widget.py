@@ -29,6 +29,7 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSlider,
+    FloatSpinBox,
     Label,
     ProgressBar,
     PushButton,
@@ -47,7 +48,7 @@ from napari_anomaly.domain import check_domain
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress
-from napari_anomaly.review import Region, ReviewConfig
+from napari_anomaly.review import Region, ReviewConfig, min_voxels
 from napari_anomaly.session import FinetuneOutcome, ReviewSession
 from napari_anomaly.training import AdaptConfig, FinetuneConfig
 
@@ -118,6 +119,15 @@ class AnomalyReviewWidget(Container):
         self.min_region_size = SpinBox(
             label="Min region (voxels)", min=0, max=10_000_000, value=review.min_region_size
         )
+        # The same finding spans 8x more voxels at 0.5 mm than at 1 mm: a size in mm
+        # means the same on every scanner. The larger of the two limits applies.
+        self.min_region_mm = FloatSpinBox(
+            label="Min region (mm³, mm² in 2D)",
+            min=0.0,
+            max=1e7,
+            step=1.0,
+            value=review.min_region_mm,
+        )
         self.regions = Table(value={c: [] for c in REGION_COLUMNS})
         self.accept_button = PushButton(text="Accept region (Shift-A)")
         self.reject_button = PushButton(text="Reject region (Shift-R)")
@@ -150,6 +160,7 @@ class AnomalyReviewWidget(Container):
                 self.status,
                 self.threshold,
                 self.min_region_size,
+                self.min_region_mm,
                 self.regions,
                 self.accept_button,
                 self.reject_button,
@@ -176,6 +187,7 @@ class AnomalyReviewWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.threshold.changed.connect(self._on_threshold_changed)
         self.min_region_size.changed.connect(self._on_threshold_changed)
+        self.min_region_mm.changed.connect(self._on_threshold_changed)
         self.accept_button.changed.connect(lambda: self.accept_selected_region())
         self.reject_button.changed.connect(lambda: self.reject_selected_region())
         self.finetune_button.changed.connect(lambda: self.finetune())
@@ -507,7 +519,9 @@ class AnomalyReviewWidget(Container):
         if name is None or self._session is None or name not in self._session.cases:
             return
         self._sync_edits(name)
-        mask = self.session.threshold(name, self.threshold.value, self.min_region_size.value)
+        spacing = self.session.cases[name].geometry.spacing
+        size = min_voxels(self.min_region_size.value, self.min_region_mm.value, spacing)
+        mask = self.session.threshold(name, self.threshold.value, size)
         self._show_mask(name, mask)
 
     def _refresh_regions(self) -> None:
