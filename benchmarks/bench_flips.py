@@ -20,14 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+from _machine import environment, write_report
 
-from _machine import environment, write_report  # noqa: E402
-
-from napari_anomaly.inference import InferenceConfig, localise  # noqa: E402
-from napari_anomaly.io import read_image  # noqa: E402
-from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
-from napari_anomaly.progress import run_to_end  # noqa: E402
+from napari_anomaly.inference import InferenceConfig, localise
+from napari_anomaly.io import read_image
+from napari_anomaly.localiser import Localiser, default_model_path
+from napari_anomaly.progress import run_to_end
 
 
 def main() -> None:

@@ -16,32 +16,14 @@ per normal scan) and the result is written as a new version naming its parent.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from train_default_model import clinical_heads  # noqa: E402
-
-from napari_anomaly.calibration import PostprocessConfig, calibrate  # noqa: E402
-from napari_anomaly.evaluation.clinical import CONTRASTS, make_cohort  # noqa: E402
-from napari_anomaly.inference import InferenceConfig  # noqa: E402
-from napari_anomaly.localiser import Localiser  # noqa: E402
-from napari_anomaly.progress import run_to_end  # noqa: E402
-
-
-def calibration_scans(data: Path, cases_per_contrast: int, seed: int) -> list:
-    scans = []
-    for index, (_, head, brain) in enumerate(clinical_heads(data, None)):
-        scans += make_cohort(
-            head,
-            brain,
-            families=("normal",),
-            contrasts=CONTRASTS,
-            cases_per_cell=cases_per_contrast,
-            seed=seed + 500 + index,
-        )
-    return scans
+from napari_anomaly.calibration import PostprocessConfig, calibrate
+from napari_anomaly.evaluation.anatomy import calibration_scans
+from napari_anomaly.evaluation.clinical import CONTRASTS
+from napari_anomaly.inference import InferenceConfig
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.progress import run_to_end
 
 
 def main() -> None:

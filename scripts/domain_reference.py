@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from anatomy import ITK_DATA, MRICRON, held_out_files, training_files  # noqa: E402
-from train_default_model import training_arrays  # noqa: E402
-
-from napari_anomaly.domain import check_domain, domain_reference  # noqa: E402
-from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
-from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
-from napari_anomaly.preprocess import estimate_foreground  # noqa: E402
+from napari_anomaly.domain import check_domain, domain_reference
+from napari_anomaly.evaluation.anatomy import (
+    ITK_DATA,
+    MRICRON,
+    held_out_files,
+    training_arrays,
+    training_files,
+)
+from napari_anomaly.io import atomic_write_text, read_image
+from napari_anomaly.localiser import Localiser, default_model_path
+from napari_anomaly.preprocess import estimate_foreground
 
 
 def variants(name: str, array: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:

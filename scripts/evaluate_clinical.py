@@ -37,34 +37,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from scipy import ndimage
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from anatomy import held_out_brain_only_volume, held_out_files  # noqa: E402
-from train_default_model import clinical_heads  # noqa: E402
-
-from napari_anomaly.calibration import PostprocessConfig  # noqa: E402
-from napari_anomaly.evaluation.clinical import CONTRASTS, FAMILIES, make_cohort  # noqa: E402
-from napari_anomaly.evaluation.yardstick import (  # noqa: E402
+from napari_anomaly.calibration import PostprocessConfig
+from napari_anomaly.evaluation.anatomy import calibration_scans, held_out_head
+from napari_anomaly.evaluation.clinical import CONTRASTS, FAMILIES, make_cohort
+from napari_anomaly.evaluation.yardstick import (
     baseline_predictor,
     collect_maps,
     markdown_tables,
     model_predictor,
     score_variant,
 )
-from napari_anomaly.inference import InferenceConfig  # noqa: E402
-from napari_anomaly.io import atomic_write_text, read_image  # noqa: E402
-from napari_anomaly.localiser import Localiser  # noqa: E402
-from napari_anomaly.progress import run_to_end  # noqa: E402
-
-
-def held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Colin27 T1 (1 mm) and its brain mask (the nonzero part of ch2bet, holes filled)."""
-    volume = read_image(held_out_files(data)[0]).array
-    brain = read_image(held_out_brain_only_volume(data)).array > 0
-    return volume, ndimage.binary_fill_holes(brain)
+from napari_anomaly.inference import InferenceConfig
+from napari_anomaly.io import atomic_write_text
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.progress import run_to_end
 
 
 def main() -> None:
@@ -104,16 +90,9 @@ def main() -> None:
             seed=args.seed,
         )
     )
-    calibration_cases = []
-    for index, (_, head, head_brain) in enumerate(clinical_heads(args.data, None)):
-        calibration_cases += make_cohort(
-            head,
-            head_brain,
-            families=("normal",),
-            contrasts=args.contrasts,
-            cases_per_cell=args.calibration_cases,
-            seed=args.seed + 500 + index,
-        )
+    calibration_cases = calibration_scans(
+        args.data, args.calibration_cases, args.seed, contrasts=args.contrasts
+    )
     made = time.perf_counter()
     print(
         f"{len(cases)} yardstick and {len(calibration_cases)} calibration scans "

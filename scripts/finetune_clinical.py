@@ -26,18 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from evaluate_clinical import held_out_head  # noqa: E402
-
-from napari_anomaly.evaluation.clinical import FAMILIES, make_case, prepare_anatomy  # noqa: E402
-from napari_anomaly.evaluation.yardstick import model_predictor  # noqa: E402
-from napari_anomaly.inference import InferenceConfig  # noqa: E402
-from napari_anomaly.io import atomic_write_text  # noqa: E402
-from napari_anomaly.localiser import Localiser  # noqa: E402
-from napari_anomaly.metrics import average_precision  # noqa: E402
-from napari_anomaly.progress import run_to_end  # noqa: E402
-from napari_anomaly.training import FinetuneConfig, finetune  # noqa: E402
+from napari_anomaly.evaluation.anatomy import held_out_head
+from napari_anomaly.evaluation.clinical import FAMILIES, make_case, prepare_anatomy
+from napari_anomaly.evaluation.yardstick import model_predictor
+from napari_anomaly.inference import InferenceConfig
+from napari_anomaly.io import atomic_write_text
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.metrics import average_precision
+from napari_anomaly.progress import run_to_end
+from napari_anomaly.training import FinetuneConfig, finetune
 
 
 def pooled_ap(localiser, cases, in_plane_mm: float) -> float:

@@ -17,33 +17,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from evaluate_default_model import (  # noqa: E402
+from napari_anomaly.evaluation.synthetic import (
     FAMILY_ORDER,
     anomalous_case,
     load_cases,
     run_model,
 )
-
-from napari_anomaly.inference import InferenceConfig  # noqa: E402
-from napari_anomaly.io import atomic_write_text  # noqa: E402
-from napari_anomaly.localiser import Localiser, default_model_path  # noqa: E402
-from napari_anomaly.metrics import average_precision  # noqa: E402
-from napari_anomaly.progress import run_to_end  # noqa: E402
-from napari_anomaly.review import (  # noqa: E402
+from napari_anomaly.inference import InferenceConfig
+from napari_anomaly.io import atomic_write_text
+from napari_anomaly.localiser import Localiser, default_model_path
+from napari_anomaly.metrics import average_precision
+from napari_anomaly.progress import run_to_end
+from napari_anomaly.review import (
     MaskEdits,
     ReviewConfig,
     finetune_targets,
     threshold_map,
 )
-from napari_anomaly.training import FinetuneConfig, finetune  # noqa: E402
+from napari_anomaly.training import FinetuneConfig, finetune
 
 
 def family_cases(cases: list[dict], seed: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:

@@ -14,18 +14,14 @@ ground-truth ``sample_scan_mask.nii.gz``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from anatomy import HELD_OUT_VOLUME, MRICRON  # noqa: E402
-
-from napari_anomaly.anomaly_families import add_anomalies  # noqa: E402
-from napari_anomaly.io import read_image, write_image  # noqa: E402
-from napari_anomaly.preprocess import estimate_foreground, normalise_intensity  # noqa: E402
+from napari_anomaly.anomaly_families import add_anomalies
+from napari_anomaly.evaluation.anatomy import HELD_OUT_VOLUME, MRICRON
+from napari_anomaly.io import read_image, write_image
+from napari_anomaly.preprocess import estimate_foreground, normalise_intensity
 
 
 def main() -> None:

@@ -10,14 +10,13 @@ at its physical aspect ratio with the ground-truth outline in red (``--zoom-mm``
 shows only that many mm around the lesion); the printed table gives each case's
 shape, spacing and lesion count. Tiles are flipped vertically so that anterior
 is at the top (Colin27's rows run posterior to anterior). The held-out head is
-Colin27 (``anatomy.held_out_files``) with the brain mask of its
-brain-extracted twin (``anatomy.held_out_brain_only_volume``).
+Colin27 with the brain mask of its brain-extracted twin (``anatomy.held_out_head``, the
+yardstick's subject).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -26,17 +25,13 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import resize
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from anatomy import held_out_brain_only_volume, held_out_files  # noqa: E402
-
-from napari_anomaly.evaluation import (  # noqa: E402
+from napari_anomaly.evaluation.anatomy import held_out_head
+from napari_anomaly.evaluation.clinical import (
     CONTRASTS,
     FAMILIES,
     make_case,
     prepare_anatomy,
 )
-from napari_anomaly.io import read_image  # noqa: E402
 
 TILE_MM = 240.0
 
@@ -86,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    head = read_image(held_out_files(args.data)[0]).array
-    brain = read_image(held_out_brain_only_volume(args.data)).array > 0
+    head, brain = held_out_head(args.data)
     start = time.perf_counter()
     anatomy = prepare_anatomy(head, brain)
     print(f"anatomy prepared in {time.perf_counter() - start:.1f} s")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_anomaly.evaluation import (
+from napari_anomaly.evaluation.clinical import (
     FAMILIES,
     AcquisitionConfig,
     acquire,

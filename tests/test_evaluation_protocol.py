@@ -1,14 +1,9 @@
-"""The held-out evaluation's own measures (scripts/evaluate_default_model.py)."""
-
-import sys
-from pathlib import Path
+"""The synthetic-family evaluation's own measures (napari_anomaly.evaluation.synthetic)."""
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-
-import evaluate_default_model as evaluate  # noqa: E402
+from napari_anomaly.evaluation import synthetic as evaluate
 
 
 def _case(shape=(40, 40)):

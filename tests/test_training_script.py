@@ -1,17 +1,12 @@
-"""The default model's training data preparation (scripts/train_default_model.py)."""
+"""The default model's training data preparation (napari_anomaly.evaluation.anatomy)."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-
-import anatomy  # noqa: E402
-import train_default_model as script  # noqa: E402
-
-from napari_anomaly.io import write_image  # noqa: E402
-from napari_anomaly.io.images import Geometry  # noqa: E402
+from napari_anomaly.evaluation import anatomy
+from napari_anomaly.io import write_image
+from napari_anomaly.io.images import Geometry
 
 
 def _head_with_brain_labels(data: Path) -> tuple[Path, np.ndarray]:
@@ -32,7 +27,7 @@ def _head_with_brain_labels(data: Path) -> tuple[Path, np.ndarray]:
 
 def test_brain_only_copy_is_zero_outside_the_brain_and_resampled(tmp_path):
     path, head = _head_with_brain_labels(tmp_path)
-    plain, brain_only = script.training_arrays(tmp_path, [path], skull_stripped=True)
+    plain, brain_only = anatomy.training_arrays(tmp_path, [path], skull_stripped=True)
     # Both resampled from 3 mm slices to 1 mm: 8 slices become 24.
     assert plain.shape == brain_only.shape == (24, 20, 20)
     assert np.allclose(plain[:, 0, 0], 0.2)  # the skull stays in the plain copy
@@ -45,6 +40,6 @@ def test_brain_only_copy_is_zero_outside_the_brain_and_resampled(tmp_path):
 
 def test_without_the_option_or_a_label_map_no_copy_is_made(tmp_path):
     path, _ = _head_with_brain_labels(tmp_path)
-    assert len(script.training_arrays(tmp_path, [path], skull_stripped=False)) == 1
+    assert len(anatomy.training_arrays(tmp_path, [path], skull_stripped=False)) == 1
     other = write_image(tmp_path / "other.nii.gz", np.ones((8, 8), np.float32))
-    assert len(script.training_arrays(tmp_path, [other], skull_stripped=True)) == 1
+    assert len(anatomy.training_arrays(tmp_path, [other], skull_stripped=True)) == 1

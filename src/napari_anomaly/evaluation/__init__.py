@@ -1,38 +1,8 @@
-"""Evaluation protocols: clinical-like test cases, triage and yardsticks.
+"""Evaluation protocols, part of the product (Qt-free; ``scripts/`` only call these).
 
-Qt-free; ``scripts/`` only call these.
+* :mod:`.clinical` - simulated clinical brain MRI with realistic lesions (the yardstick's cases);
+* :mod:`.triage` - region-table measures: rank of the first region on each lesion, top 5;
+* :mod:`.yardstick` - running predictors over cases and scoring post-processing variants;
+* :mod:`.synthetic` - the earlier synthetic-family protocol;
+* :mod:`.anatomy` - the normal anatomy of the default model: files, split, preparation.
 """
-
-from .clinical import (
-    CONTRASTS,
-    DEFAULT_ACQUISITION,
-    FAMILIES,
-    AcquisitionConfig,
-    Anatomy,
-    ClinicalCase,
-    acquire,
-    apply_contrast,
-    insert_lesions,
-    make_case,
-    make_cohort,
-    prepare_anatomy,
-    tissue_classes,
-    ventricle_mask,
-)
-
-__all__ = [
-    "CONTRASTS",
-    "DEFAULT_ACQUISITION",
-    "FAMILIES",
-    "AcquisitionConfig",
-    "Anatomy",
-    "ClinicalCase",
-    "acquire",
-    "apply_contrast",
-    "insert_lesions",
-    "make_case",
-    "make_cohort",
-    "prepare_anatomy",
-    "tissue_classes",
-    "ventricle_mask",
-]

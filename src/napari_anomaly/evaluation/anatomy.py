@@ -1,0 +1,239 @@
+"""The normal anatomy of the default model: files, training/held-out split, preparation.
+
+Defined once here for the training script, the evaluation scripts and the
+calibration of the default model (``scripts/``), so that the split between
+training data (the MNI152 template, ITK example slices and the ITK
+single-subject head) and held-out data (Colin27, the ITK proton-density slice)
+cannot drift apart. The files come from the package registries
+(``scripts/fetch_normal_anatomy.sh``); nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from napari_anomaly.io import read_image
+
+ITK_DATA = "usr/share/doc/insighttoolkit5-examples/examples/Data"
+MRICRON = "usr/share/mricron/templates"
+
+# Training: the MNI152 template (a 3D volume; the 2D model sees its slices along
+# all three axes) and two 2D T1 slices of the ITK examples.
+TRAIN_ITK_SLICES = ["BrainT1Slice.png", "BrainMidSagittalSlice.png"]
+# Extra training volume (on by default; ``--no-extra-volume``): a real single-subject T1 head
+# (62x128x128 at 3x2x2 mm) of the ITK examples; another subject than everything above.
+TRAIN_ITK_EXTRA_VOLUMES = ["KmeansTest_T1UCharRaw.nii.gz"]
+# Brain masks for brain-only training copies (``--skull-stripped``): the ITK head has a
+# tissue label map of its skull-stripped brain on the same grid (labels 4, 5, 6; 0 outside).
+# The MNI template in the nilearn wheel is brain-only already.
+ITK_BRAIN_LABELS = {"KmeansTest_T1UCharRaw.nii.gz": "KmeansTest_T1RawSkullStrip.nii.gz"}
+# Held out (never trained on): Colin27, another subject, scanner and averaging,
+# and a proton-density slice, another contrast.
+HELD_OUT_VOLUME = "ch2.nii.gz"
+HELD_OUT_ITK_SLICES = ["BrainProtonDensitySlice.png"]
+# Colin27 again, brain-extracted (same grid as ch2.nii.gz; mricron-data): the held-out
+# subject as a skull-stripped scan.
+HELD_OUT_BRAIN_ONLY_VOLUME = "ch2bet.nii.gz"
+
+
+def mni152_t1() -> Path:
+    """The MNI ICBM152 2009a T1 template (brain only) inside the installed nilearn package."""
+    import nilearn
+
+    path = (
+        Path(nilearn.__file__).parent
+        / "datasets"
+        / "data"
+        / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    )
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run scripts/fetch_normal_anatomy.sh")
+    return path
+
+
+def brain_labels(data_dir: Path, image: Path) -> Path | None:
+    """The brain label map on the grid of a training volume (0 outside the brain), if any."""
+    name = ITK_BRAIN_LABELS.get(image.name)
+    return None if name is None else data_dir / ITK_DATA / name
+
+
+def training_files(data_dir: Path, extra_volume: bool = False) -> list[Path]:
+    files = [mni152_t1()] + [data_dir / ITK_DATA / name for name in TRAIN_ITK_SLICES]
+    if extra_volume:
+        files += [data_dir / ITK_DATA / name for name in TRAIN_ITK_EXTRA_VOLUMES]
+    return files
+
+
+def held_out_brain_only_volume(data_dir: Path) -> Path:
+    return data_dir / MRICRON / HELD_OUT_BRAIN_ONLY_VOLUME
+
+
+def held_out_files(data_dir: Path) -> list[Path]:
+    return [data_dir / MRICRON / HELD_OUT_VOLUME] + [
+        data_dir / ITK_DATA / name for name in HELD_OUT_ITK_SLICES
+    ]
+
+
+def isotropic(array: np.ndarray, spacing) -> np.ndarray:
+    """``array`` resampled (linear) to the finest spacing of its axes.
+
+    The 2D model learns from slices along every axis of a volume; anisotropic
+    voxels would show it squashed anatomy as normal.
+    """
+    spacing = np.asarray(spacing, dtype=float)
+    if array.ndim < 3 or np.allclose(spacing, spacing.min()):
+        return array
+    return ndimage.zoom(array, spacing / spacing.min(), order=1).astype(np.float32)
+
+
+def brain_mask(labels: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The nonzero voxels of a brain label map, closed and with holes filled.
+
+    The closing treats the outside of the array as background, so brain within
+    two voxels of the array's end is trimmed (48 voxels of the ITK head's
+    128,831, at its last slices).
+    """
+    array = read_image(labels).array
+    if array.shape != shape:
+        raise ValueError(f"{labels.name} {array.shape} is not on the image grid {shape}")
+    return ndimage.binary_fill_holes(ndimage.binary_closing(array > 0, iterations=2))
+
+
+def training_arrays(data: Path, paths: list[Path], skull_stripped: bool) -> list[np.ndarray]:
+    """The training images (isotropic), followed, with ``skull_stripped``, by a
+    brain-only copy (zero outside the brain) of every volume that has a brain mask."""
+    arrays, brain_only = [], []
+    for path in paths:
+        image = read_image(path)
+        arrays.append(isotropic(image.array, image.geometry.spacing))
+        labels = brain_labels(data, path) if skull_stripped else None
+        if labels is not None:
+            stripped = np.where(brain_mask(labels, image.array.shape), image.array, 0)
+            brain_only.append(isotropic(stripped.astype(np.float32), image.geometry.spacing))
+    return arrays + brain_only
+
+
+def brain_mask_of_volume(volume: np.ndarray) -> np.ndarray:
+    """The nonzero part of a brain-only volume (closed, holes filled)."""
+    inside = volume > np.percentile(volume[volume > 0], 2) if (volume > 0).any() else volume > 0
+    return ndimage.binary_fill_holes(ndimage.binary_closing(inside, iterations=2))
+
+
+def clinical_heads(
+    data: Path | None, arrays: dict | None
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The training heads at 1 mm with their brain masks, for clinical-like normal scans.
+
+    The MNI template (brain only, 1 mm) and the ITK single-subject T1 head
+    (resampled from 3x2x2 mm to 1 mm, brain mask from its label map); never
+    Colin27, which the clinical yardstick uses.
+    """
+    if arrays is not None:
+        return [
+            (str(name), arrays[f"head_{name}"], arrays[f"brain_{name}"].astype(bool))
+            for name in arrays["head_names"]
+        ]
+    mni = read_image(mni152_t1())
+    order = axial_first(mni.geometry)
+    mni_array = np.transpose(mni.array, order)
+    heads = [("mni152", mni_array, brain_mask_of_volume(mni_array))]
+    itk = data / ITK_DATA / TRAIN_ITK_EXTRA_VOLUMES[0]
+    image = read_image(itk)
+    labels = brain_labels(data, itk)
+    mask = brain_mask(labels, image.array.shape)
+    # The ITK head is stored in coronal slices: put the superior-inferior axis first.
+    order = axial_first(image.geometry)
+    zoom = np.asarray(image.geometry.spacing, dtype=float)[list(order)]
+    heads.append(
+        (
+            "itk_head",
+            ndimage.zoom(np.transpose(image.array, order), zoom, order=1).astype(np.float32),
+            ndimage.zoom(np.transpose(mask, order).astype(np.uint8), zoom, order=0).astype(bool),
+        )
+    )
+    return heads
+
+
+def axial_first(geometry) -> tuple[int, int, int]:
+    """Axis order that puts the array axis running along the patient's
+    superior-inferior direction first (the axial slice axis), the others after it."""
+    # direction is row-major (x, y, z) x (index i, j, k); array axes are (k, j, i).
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    along_z = int(np.argmax(np.abs(direction[2])))  # index axis (i, j, k) that moves in z
+    first = 2 - along_z
+    return (first, *[a for a in range(3) if a != first])
+
+
+def clinical_normals(heads, cases_per_contrast: int, seed: int) -> list[np.ndarray]:
+    """Normal scans of the training heads as clinics acquire them (thick axial slices,
+    five contrasts, noise, bias field, field of view; ``evaluation.clinical``),
+    resampled to isotropic voxels like every other training volume."""
+    from napari_anomaly.evaluation.clinical import make_cohort
+
+    volumes = []
+    for index, (_, volume, brain) in enumerate(heads):
+        for case in make_cohort(
+            volume,
+            brain,
+            families=("normal",),
+            cases_per_cell=cases_per_contrast,
+            seed=seed + 1000 + index,
+        ):
+            volumes.append(isotropic(case.image, case.spacing))
+    return volumes
+
+
+def export_arrays(data: Path, path: Path, extra_volume: bool) -> None:
+    """Everything the training needs, as one ``.npz`` (for a machine without the
+    Debian data or SimpleITK): training and validation arrays and the clinical heads."""
+    train_paths = training_files(data, extra_volume=extra_volume)
+    arrays = {f"train_{k}": a for k, a in enumerate(training_arrays(data, train_paths, False))}
+    arrays["train_names"] = np.array([p.name for p in train_paths])
+    for k, p in enumerate(held_out_files(data)[1:]):
+        arrays[f"validation_{k}"] = read_image(p).array
+    heads = clinical_heads(data, None)
+    for name, volume, brain in heads:
+        arrays[f"head_{name}"] = volume.astype(np.float32)
+        arrays[f"brain_{name}"] = brain
+    arrays["head_names"] = np.array([name for name, _, _ in heads])
+    np.savez_compressed(path, **arrays)
+
+
+def numbered_arrays(arrays: dict, prefix: str) -> list[np.ndarray]:
+    """The arrays ``prefix0, prefix1, ...`` of an ``export_arrays`` file, in order, float32."""
+    keys = [k for k in arrays if k.startswith(prefix) and k.split("_")[1].isdigit()]
+    keys.sort(key=lambda k: int(k.split("_")[1]))
+    return [np.asarray(arrays[k], dtype=np.float32) for k in keys]
+
+
+def held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Colin27 T1 (1 mm, axial first) and its brain mask (the nonzero part of the
+    brain-extracted Colin27, holes filled): the clinical yardstick's subject."""
+    volume = read_image(held_out_files(data)[0]).array
+    brain = read_image(held_out_brain_only_volume(data)).array > 0
+    return volume, ndimage.binary_fill_holes(brain)
+
+
+def calibration_scans(
+    data: Path, cases_per_contrast: int = 1, seed: int = 0, contrasts: Sequence[str] | None = None
+) -> list:
+    """Normal clinical-like scans of the *training* heads in every contrast: the set the
+    default model's score and threshold are calibrated on, and the yardstick's
+    calibration set (``evaluation.clinical``; seeds ``seed + 500 + head index``)."""
+    from napari_anomaly.evaluation.clinical import CONTRASTS, make_cohort
+
+    scans = []
+    for index, (_, head, brain) in enumerate(clinical_heads(data, None)):
+        scans += make_cohort(
+            head,
+            brain,
+            families=("normal",),
+            contrasts=CONTRASTS if contrasts is None else contrasts,
+            cases_per_cell=cases_per_contrast,
+            seed=seed + 500 + index,
+        )
+    return scans
