@@ -73,14 +73,14 @@ def main() -> None:
         "--extra-volume",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also train on the ITK examples' single-subject T1 head (anatomy.py); "
+        help="also train on the ITK examples' single-subject T1 head (evaluation.anatomy); "
         "--no-extra-volume gives the data of default_2d_v3 and earlier",
     )
     parser.add_argument(
         "--skull-stripped",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="also train on brain-only copies of the training volumes (anatomy.py names "
+        help="also train on brain-only copies of the training volumes (evaluation.anatomy names "
         "their brain masks), so that skull-stripped scans look normal to the model",
     )
     parser.add_argument(
