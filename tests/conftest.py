@@ -42,3 +42,32 @@ def images_2d() -> list[np.ndarray]:
 @pytest.fixture
 def volumes_3d() -> list[np.ndarray]:
     return [phantom((16, 32, 32), seed) for seed in range(3)]
+
+
+def body_scan(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A noisy ellipsoid 'body' at about 100 in a zero background (float32), for the widget."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    body = sum(g**2 for g in grids) < 0.7
+    return (body * (100 + 20 * rng.standard_normal(shape))).astype(np.float32)
+
+
+@pytest.fixture
+def make_review_widget(make_napari_viewer):
+    """``make(**metadata)``: the dock widget in a new viewer, with a tiny untrained 2D model
+    (seeded) carrying ``metadata`` (patch size 32 unless given), on the CPU."""
+    import torch
+
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.model import AnomalyNet
+
+    def make(**metadata):
+        torch.manual_seed(0)
+        network = AnomalyNet(TINY_NETWORK_2D).eval()
+        localiser = Localiser(network, metadata={"patch_size": 32, **metadata})
+        widget = AnomalyReviewWidget(make_napari_viewer(), localiser=localiser)
+        widget.device.value = "cpu"
+        return widget
+
+    return make

@@ -5,32 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from napari_anomaly._qt.widget import AnomalyReviewWidget
-from napari_anomaly.localiser import Localiser
-from napari_anomaly.model import AnomalyNet, NetworkConfig
-
-TINY = NetworkConfig(spatial_dims=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
-
-
-def _scan(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    body = sum(g**2 for g in grids) < 0.7
-    return (body * (100 + 20 * rng.standard_normal(shape))).astype(np.float32)
+from conftest import body_scan
 
 
 @pytest.fixture
-def widget(make_napari_viewer):
-    torch.manual_seed(0)
-    localiser = Localiser(
-        AnomalyNet(TINY).eval(),
-        metadata={"name": "base", "patch_size": 32, "recommended_threshold": 0.4},
-    )
-    viewer = make_napari_viewer()
-    widget = AnomalyReviewWidget(viewer, localiser=localiser)
-    widget.device.value = "cpu"
-    return widget
+def widget(make_review_widget):
+    return make_review_widget(name="base", recommended_threshold=0.4)
 
 
 def _weights(widget):
@@ -39,8 +19,8 @@ def _weights(widget):
 
 def test_adapt_to_the_open_scans_makes_a_version_that_can_be_reverted(widget):
     viewer = widget.viewer
-    viewer.add_image(_scan((32, 40)), name="scan", scale=(0.5, 0.7))
-    viewer.add_image(_scan((6, 32, 32), seed=1), name="volume")
+    viewer.add_image(body_scan((32, 40)), name="scan", scale=(0.5, 0.7))
+    viewer.add_image(body_scan((6, 32, 32), seed=1), name="volume")
     widget.image_layer.value = "scan"
     widget.localise(wait=True)
     # A renamed map is still ours: the layer's metadata says so.
@@ -79,7 +59,7 @@ def test_no_scans_open_gives_a_message(widget):
 
 
 def test_a_bad_scan_is_named_and_nothing_changes(widget):
-    widget.viewer.add_image(_scan((32, 32)), name="good")
+    widget.viewer.add_image(body_scan((32, 32)), name="good")
     widget.viewer.add_image(np.zeros((32, 32), np.float32), name="blank")
     widget.adapt(steps=2, wait=True)
     assert widget.last_error is not None
@@ -88,7 +68,7 @@ def test_a_bad_scan_is_named_and_nothing_changes(widget):
 
 
 def test_cancel_during_adapt_keeps_the_model(widget):
-    widget.viewer.add_image(_scan((40, 40)), name="scan")
+    widget.viewer.add_image(body_scan((40, 40)), name="scan")
     weights = _weights(widget)
     widget.adapt(steps=10_000)
     assert not widget.adapt_button.enabled and widget.cancel_button.enabled

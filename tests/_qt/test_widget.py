@@ -5,32 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import body_scan
 
-from napari_anomaly._qt.widget import AnomalyReviewWidget
 from napari_anomaly.io import read_image
-from napari_anomaly.localiser import Localiser
-from napari_anomaly.model import AnomalyNet, NetworkConfig
-
-TINY = NetworkConfig(spatial_dims=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
-
-
-def _scan(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    body = sum(g**2 for g in grids) < 0.7
-    return (body * (100 + 20 * rng.standard_normal(shape))).astype(np.float32)
 
 
 @pytest.fixture
-def widget(make_napari_viewer):
-    torch.manual_seed(0)
-    localiser = Localiser(
-        AnomalyNet(TINY).eval(), metadata={"patch_size": 32, "recommended_threshold": 0.5}
-    )
-    viewer = make_napari_viewer()
-    widget = AnomalyReviewWidget(viewer, localiser=localiser)
-    widget.device.value = "cpu"
-    return widget
+def widget(make_review_widget):
+    return make_review_widget(recommended_threshold=0.5)
 
 
 CASES = [
@@ -42,7 +24,7 @@ CASES = [
 @pytest.mark.parametrize(("name", "shape", "spacing"), CASES)
 def test_the_whole_review_loop(widget, tmp_path, name, shape, spacing):
     viewer = widget.viewer
-    viewer.add_image(_scan(shape), name=name, scale=spacing, translate=(3.0,) * len(shape))
+    viewer.add_image(body_scan(shape), name=name, scale=spacing, translate=(3.0,) * len(shape))
     widget.image_layer.value = name
 
     # Localise: three layers with the scan's geometry.
@@ -125,7 +107,7 @@ def test_the_whole_review_loop(widget, tmp_path, name, shape, spacing):
 
 def test_cancel_during_localise_changes_nothing(widget):
     viewer = widget.viewer
-    viewer.add_image(_scan((24, 64, 64)), name="big")
+    viewer.add_image(body_scan((24, 64, 64)), name="big")
     widget.image_layer.value = "big"
     widget.localise()
     widget.cancel()
@@ -137,7 +119,7 @@ def test_cancel_during_localise_changes_nothing(widget):
 
 def test_cancel_during_finetune_keeps_the_model(widget):
     viewer = widget.viewer
-    viewer.add_image(_scan((40, 40)), name="scan")
+    viewer.add_image(body_scan((40, 40)), name="scan")
     widget.image_layer.value = "scan"
     widget.localise(wait=True)
     mask = viewer.layers["scan mask"]
@@ -177,14 +159,14 @@ def test_model_card_and_device_are_shown(widget):
     assert "in use: cpu" in widget.device_in_use.value
     # napari re-evaluates a dock widget's choices when layers change: the list of
     # model versions must survive that.
-    widget.viewer.add_image(_scan((32, 32)), name="another")
+    widget.viewer.add_image(body_scan((32, 32)), name="another")
     widget.model_choice.reset_choices()
     assert widget.model_choice.choices == ("v0: unsaved model",)
     assert "Model" in widget.model_card() and "recommended threshold" in widget.model_card()
 
 
 def test_flip_averaging_checkbox_changes_the_heatmap(widget):
-    widget.viewer.add_image(_scan((40, 48)), name="scan")
+    widget.viewer.add_image(body_scan((40, 48)), name="scan")
     widget.image_layer.value = "scan"
     widget.localise(wait=True)
     plain = np.asarray(widget.viewer.layers["scan anomaly"].data).copy()
@@ -218,7 +200,7 @@ def test_demo_renders_the_sample_with_the_default_model(tmp_path):
 
 def test_min_region_size_in_mm_drops_small_regions_on_the_scans_grid(widget):
     viewer = widget.viewer
-    viewer.add_image(_scan((6, 32, 40)), name="vol", scale=(2.5, 0.8, 0.8))
+    viewer.add_image(body_scan((6, 32, 40)), name="vol", scale=(2.5, 0.8, 0.8))
     widget.image_layer.value = "vol"
     widget.localise(wait=True)
     # The threshold at which the tiny random model's map breaks into the most regions.

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from napari.utils.notifications import notification_manager
-
-from napari_anomaly._qt.widget import AnomalyReviewWidget
-from napari_anomaly.localiser import Localiser
-from napari_anomaly.model import AnomalyNet, NetworkConfig
-
-TINY = NetworkConfig(spatial_dims=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
 
 
 def _ct_head(shape=(6, 32, 32)) -> np.ndarray:
@@ -29,14 +22,8 @@ def _mr_head(shape=(6, 32, 32)) -> np.ndarray:
 
 
 @pytest.fixture
-def widget(make_napari_viewer):
-    torch.manual_seed(0)
-    localiser = Localiser(  # no "modality" in its metadata: a model trained on MR
-        AnomalyNet(TINY).eval(), metadata={"patch_size": 32, "recommended_threshold": 0.5}
-    )
-    widget = AnomalyReviewWidget(make_napari_viewer(), localiser=localiser)
-    widget.device.value = "cpu"
-    return widget
+def widget(make_review_widget):
+    return make_review_widget(recommended_threshold=0.5)
 
 
 def test_a_ct_scan_gets_a_warning_that_stays_with_its_result(widget):
