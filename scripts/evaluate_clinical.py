@@ -75,6 +75,11 @@ def main() -> None:
     parser.add_argument("--max-false-regions", type=float, nargs="+", default=[5.0])
     parser.add_argument("--min-region-mm", type=float, default=0.0)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--flips",
+        action="store_true",
+        help="also score every model with flip-averaged inference (InferenceConfig.flips)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -103,11 +108,22 @@ def main() -> None:
     predictors = {}
     for path in args.models:
         localiser = Localiser.load(path)
-        for in_plane in args.in_plane_mm:
-            name = path.stem + (f"@{in_plane:g}mm" if in_plane else "")
+        for in_plane, flips in itertools.product(
+            args.in_plane_mm, (False, True) if args.flips else (False,)
+        ):
+            name = (
+                path.stem
+                + (f"@{in_plane:g}mm" if in_plane else "")
+                + ("+flips" if flips else "")
+            )
             predictors[name] = (
-                model_predictor(localiser, InferenceConfig(device="cpu"), in_plane),
-                {"model": str(path), "sha256": localiser.sha256, "in_plane_mm": in_plane},
+                model_predictor(localiser, InferenceConfig(device="cpu", flips=flips), in_plane),
+                {
+                    "model": str(path),
+                    "sha256": localiser.sha256,
+                    "in_plane_mm": in_plane,
+                    "flips": flips,
+                },
             )
     if not args.no_baseline:
         predictors["baseline"] = (baseline_predictor(), {"model": "|x - median7(x)| in plane"})

@@ -10,8 +10,14 @@ contrast (the "kind") and one scan of every other family in the same contrast.
 The model is fine-tuned on the first scan of the kind with its true lesion mask
 (as if the reviewer had corrected it perfectly), once per setting in
 ``--learning-rates`` x ``--steps`` (the other settings: ``FinetuneConfig``
-defaults). Reported, before and after: pixel AP on the *other* scans of the
-kind (pooled), on the corrected scan itself, and on each other family.
+defaults, or ``--anchor-weights`` and ``--replay-fractions``). Reported,
+before and after: pixel AP on the *other* scans of the kind (pooled), on the
+corrected scan itself, and on each other family; and, through the whole
+pipeline at the model's default threshold (post-processing and calibration
+included), the rank of the first region on each lesion of the other scans of
+the kind and the regions on ``--normals`` normal scans of the contrast, with
+the parent's score calibration as it was and carried over to the new network
+(``calibration.carry_calibration``, what ``finetune`` does by default).
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_anomaly.calibration import carry_calibration
 from napari_anomaly.evaluation.anatomy import held_out_head
 from napari_anomaly.evaluation.clinical import FAMILIES, make_case, prepare_anatomy
+from napari_anomaly.evaluation.triage import triage_case
 from napari_anomaly.evaluation.yardstick import model_predictor
-from napari_anomaly.inference import InferenceConfig
+from napari_anomaly.inference import InferenceConfig, localise
 from napari_anomaly.io import atomic_write_text
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import average_precision
 from napari_anomaly.progress import run_to_end
+from napari_anomaly.review import min_voxels
 from napari_anomaly.training import FinetuneConfig, finetune
 
 
@@ -44,11 +53,47 @@ def pooled_ap(localiser, cases, in_plane_mm: float) -> float:
     return round(average_precision(np.concatenate([m.ravel() for m in maps]), truth), 4)
 
 
-def measure(localiser, kind_others, corrected, others, in_plane_mm) -> dict:
+def weight_drift(parent, child) -> float:
+    """Sum of squared differences of the two networks' weights."""
+    return float(
+        sum(
+            ((a.detach() - b.detach()) ** 2).sum()
+            for a, b in zip(parent.network.parameters(), child.network.parameters())
+        )
+    )
+
+
+def pipeline_triage(localiser, kind_others, normals) -> dict:
+    """First-lesion ranks and normal-scan regions at the model's default threshold."""
+    config = InferenceConfig(device="cpu")
+    threshold = localiser.recommended_threshold
+
+    def triage(case):
+        spacing = tuple(case.spacing)
+        result = run_to_end(localise(case.image, localiser, config, spacing=spacing))
+        return triage_case(
+            result.anomaly_map,
+            case.lesion_mask,
+            threshold,
+            min_region_voxels=min_voxels(10, 0.0, spacing),
+            spacing=spacing,
+        )
+
+    ranks = [rank for case in kind_others for rank in triage(case).lesion_ranks]
+    return {
+        "threshold": threshold,
+        "first_ranks_kind_other_scans": ranks,
+        "lesions_in_top5": sum(r is not None and r <= 5 for r in ranks),
+        "regions_per_normal_scan": [triage(case).regions for case in normals],
+    }
+
+
+def measure(localiser, kind_others, corrected, others, normals, in_plane_mm) -> dict:
     return {
         "kind_other_scans": pooled_ap(localiser, kind_others, in_plane_mm),
         "corrected_scan": pooled_ap(localiser, [corrected], in_plane_mm),
         **{c.family: pooled_ap(localiser, [c], in_plane_mm) for c in others},
+        "pipeline": pipeline_triage(localiser, kind_others, normals),
     }
 
 
@@ -64,6 +109,13 @@ def main() -> None:
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--positive-balance", type=float, default=FinetuneConfig.positive_balance)
+    parser.add_argument(
+        "--anchor-weights", type=float, nargs="+", default=[FinetuneConfig.anchor_weight]
+    )
+    parser.add_argument(
+        "--replay-fractions", type=float, nargs="+", default=[FinetuneConfig.replay_fraction]
+    )
+    parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--native",
         action="store_true",
@@ -88,18 +140,29 @@ def main() -> None:
         for k, family in enumerate(FAMILIES)
         if family not in (args.family, "normal")
     ]
+    normals = [
+        make_case(volume, brain, "normal", args.contrast, rng=args.seed * 100 + 80 + k,
+                  anatomy=anatomy)
+        for k in range(args.normals)
+    ]
     corrected, kind_others = kind[0], kind[1:]
     localiser = Localiser.load(args.model)
-    before = measure(localiser, kind_others, corrected, others, args.in_plane_mm)
+    before = measure(localiser, kind_others, corrected, others, normals, args.in_plane_mm)
     print(json.dumps({"before": before}), flush=True)
     runs = []
-    for lr, steps in itertools.product(args.learning_rates, args.steps):
+    grid = itertools.product(
+        args.learning_rates, args.steps, args.anchor_weights, args.replay_fractions
+    )
+    for lr, steps, anchor, replay in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
             steps=steps,
             device="cpu",
             positive_balance=args.positive_balance,
+            anchor_weight=anchor,
+            replay_fraction=replay,
+            carry_calibration=False,
         )
         tuned = run_to_end(
             finetune(
@@ -110,8 +173,22 @@ def main() -> None:
                 spacings=None if args.native else [tuple(corrected.spacing)],
             )
         )
-        after = measure(tuned, kind_others, corrected, others, args.in_plane_mm)
-        run = {"learning_rate": lr, "steps": steps, "after": after}
+        after = measure(tuned, kind_others, corrected, others, normals, args.in_plane_mm)
+        carried = run_to_end(
+            carry_calibration(
+                localiser, tuned, [corrected.image], [corrected.lesion_mask],
+                [tuple(corrected.spacing)],
+            )
+        )
+        after["pipeline_carried_calibration"] = pipeline_triage(carried, kind_others, normals)
+        run = {
+            "learning_rate": lr,
+            "steps": steps,
+            "anchor_weight": anchor,
+            "replay_fraction": replay,
+            "weight_drift": round(weight_drift(localiser, tuned), 6),
+            "after": after,
+        }
         runs.append(run)
         print(json.dumps(run), flush=True)
     report = {

@@ -11,9 +11,11 @@ from napari_anomaly.calibration import (
     PostprocessConfig,
     ScoreCalibration,
     calibrate,
+    carry_calibration,
     false_region_curve,
     postprocess_map,
     threshold_for_false_regions,
+    transfer_score_calibration,
 )
 from napari_anomaly.evaluation.triage import summarise_triage, triage_case
 from napari_anomaly.inference import localise
@@ -21,6 +23,7 @@ from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import AnomalyNet
 from napari_anomaly.progress import run_to_end
 from napari_anomaly.review import ReviewConfig, find_regions, min_voxels
+from napari_anomaly.training import FinetuneConfig, finetune
 
 
 def test_calibrated_score_is_the_rarity_of_normal_voxels():
@@ -175,3 +178,52 @@ def test_a_model_with_a_pixel_size_sees_fine_scans_resampled_and_answers_on_thei
     assert tiles(resampling, (5.0, 0.5, 0.5)) < tiles(native, (5.0, 0.5, 0.5))
     # Near the model's pixel size nothing is resampled.
     assert tiles(resampling, (5.0, 1.05, 1.0)) == tiles(native, (5.0, 1.05, 1.0))
+
+
+def test_a_transferred_calibration_gives_a_shifted_network_the_parents_scale():
+    rng = np.random.default_rng(3)
+    parent_raw = rng.beta(2, 8, size=100_000)
+    score = ScoreCalibration.fit(parent_raw)
+    # Fine-tuning made every normal voxel score higher (a monotone shift).
+    child_raw = np.sqrt(parent_raw)
+    stale = score.apply(child_raw.astype(np.float32))
+    carried = transfer_score_calibration(score, parent_raw, child_raw)
+    as_parent = score.apply(parent_raw.astype(np.float32))
+    fresh = carried.apply(child_raw.astype(np.float32))
+    # The same voxels get (nearly) the same calibrated scores as under the parent...
+    assert np.quantile(np.abs(fresh - as_parent), 0.99) < 0.02
+    # ...while the parent's map, left as it was, would call far more of them rare.
+    threshold = 0.5
+    assert np.mean(stale >= threshold) > 10 * np.mean(as_parent >= threshold)
+    assert np.mean(fresh >= threshold) == pytest.approx(np.mean(as_parent >= threshold), rel=0.2)
+    with pytest.raises(ValueError, match="same voxels"):
+        transfer_score_calibration(score, parent_raw, child_raw[:-1])
+
+
+def test_finetuning_a_calibrated_model_carries_its_score_scale_over():
+    network = AnomalyNet(TINY_NETWORK_2D)
+    parent = Localiser(network, metadata={"recommended_threshold": 0.3, "name": "parent"})
+    parent.sha256 = "cd" * 32
+    normals = [phantom((48, 48), seed).astype(np.float32) for seed in range(3)]
+    calibrated = run_to_end(calibrate(parent, normals, max_false_regions=1.0, min_region_size=2))
+    image = phantom((48, 48), 7).astype(np.float32)
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[20:26, 20:26] = True
+    config = FinetuneConfig(steps=3, batch_size=2, device="cpu")
+    tuned = run_to_end(finetune(calibrated, [image], [mask], config))
+    carried = tuned.metadata["calibration"]
+    assert carried["transferred"]["from_sha256"] == calibrated.sha256
+    assert carried["transferred"]["reference_voxels"] > 100
+    assert carried["score"] != calibrated.metadata["calibration"]["score"]
+    assert tuned.recommended_threshold == calibrated.recommended_threshold
+    # Without the option the parent's scale stays, unchanged; an uncalibrated
+    # parent gives an uncalibrated child.
+    kept = run_to_end(
+        finetune(calibrated, [image], [mask], FinetuneConfig(**{**config.__dict__,
+                                                               "carry_calibration": False}))
+    )
+    assert kept.metadata["calibration"] == calibrated.metadata["calibration"]
+    plain = run_to_end(finetune(parent, [image], [mask], config))
+    assert "calibration" not in plain.metadata
+    # carry_calibration itself leaves an uncalibrated parent's child alone.
+    assert run_to_end(carry_calibration(parent, plain, [image], [mask])) is plain

@@ -162,6 +162,29 @@ def test_finetune_and_evaluate(model, normals, tmp_path):
     assert 0 <= report["pixel_ap"] <= 1
 
 
+def test_finetuning_a_calibrated_model_keeps_its_score_scale(model, normals, tmp_path, capsys):
+    from napari_anomaly.localiser import Localiser
+
+    calibrated = tmp_path / "calibrated.safetensors"
+    cal_args = ["calibrate", normals[1], normals[2], "--model", str(model), "--out"]
+    assert main([*cal_args, str(calibrated), "--device", "cpu"]) == 0
+    mask = np.zeros((12, 40, 40), dtype=np.uint8)
+    mask[5:8, 15:22, 15:22] = 1
+    mask_path = tmp_path / "normal0_mask.nii.gz"
+    write_image(mask_path, mask, GEOMETRY)
+    child = tmp_path / "child.safetensors"
+    args = ["finetune", "--model", str(calibrated), "--images", normals[0]]
+    args += ["--masks", str(mask_path), "--out", str(child), "--steps", "2", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "score scale carried over from the parent" in capsys.readouterr().out
+    parent, tuned = Localiser.load(calibrated), Localiser.load(child)
+    carried = tuned.metadata["calibration"]["transferred"]
+    assert carried["from_sha256"] == parent.sha256
+    assert tuned.metadata["calibration"]["score"] != parent.metadata["calibration"]["score"]
+    assert tuned.recommended_threshold == parent.recommended_threshold
+
+
 def test_a_mask_of_the_wrong_shape_is_refused(model, normals, tmp_path, capsys):
     wrong = tmp_path / "wrong.nii.gz"
     write_image(wrong, np.zeros((12, 20, 20), np.uint8), GEOMETRY)

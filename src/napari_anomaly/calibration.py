@@ -46,9 +46,11 @@ __all__ = [
     "PostprocessConfig",
     "ScoreCalibration",
     "calibrate",
+    "carry_calibration",
     "false_region_curve",
     "postprocess_map",
     "threshold_for_false_regions",
+    "transfer_score_calibration",
 ]
 
 #: Decades of normal-voxel rarity spanned by the calibrated score (see module doc).
@@ -388,3 +390,135 @@ def calibrate(
     metadata.pop("name", None)
     metadata.pop("created", None)
     return Localiser(localiser.network, localiser.preprocess, metadata)
+
+
+def transfer_score_calibration(
+    score: ScoreCalibration,
+    parent_values: np.ndarray,
+    child_values: np.ndarray,
+    min_tail_voxels: int = 20,
+) -> ScoreCalibration:
+    """Carry a score calibration over to a changed network by matching quantiles.
+
+    Fine-tuning shifts the network's raw scores, so the parent's calibration
+    no longer means what it says. Given the raw scores of the parent and of the
+    new network at the *same* normal voxels (the parts of the corrected cases
+    that the reviewer left unmarked), each knot of the parent's map moves to
+    the raw score that cuts the same share of those voxels under the new
+    network: a calibrated score keeps meaning "as rare as this among normal
+    voxels". Knots whose tail holds fewer than ``min_tail_voxels`` of the
+    reference voxels cannot be matched; above the last matched knot the map
+    runs linearly to (1, 1), as in :meth:`ScoreCalibration.fit`.
+
+    Parameters
+    ----------
+    score
+        The parent's calibration.
+    parent_values, child_values
+        Raw scores (post-processed, uncalibrated) of the two networks at the
+        same voxels, in the same order.
+    min_tail_voxels
+        Fewest reference voxels a matched knot's tail may hold.
+    """
+    parent = np.asarray(parent_values, dtype=np.float64).ravel()
+    child = np.asarray(child_values, dtype=np.float64).ravel()
+    if parent.shape != child.shape:
+        raise ValueError("parent and child scores must be taken at the same voxels")
+    keep = np.isfinite(parent) & np.isfinite(child)
+    parent, child = np.sort(parent[keep]), np.sort(child[keep])
+    n = parent.size
+    if n < 100:
+        raise ValueError(f"need at least 100 reference voxels, got {n}")
+    raw_list, cal_list = [0.0], [0.0]
+    for r, c in zip(score.raw[1:], score.calibrated[1:]):
+        tail = n - np.searchsorted(parent, r, side="left")  # voxels with parent >= r
+        if tail < min_tail_voxels or r >= 1.0:
+            break
+        matched = float(np.clip(child[n - tail], 0.0, 1.0))
+        if matched > raw_list[-1] and c >= cal_list[-1]:
+            raw_list.append(matched)
+            cal_list.append(float(c))
+    if raw_list[-1] < 1.0:
+        raw_list.append(1.0)
+        cal_list.append(1.0)
+    else:
+        cal_list[-1] = 1.0
+    return ScoreCalibration(tuple(raw_list), tuple(cal_list), voxels=score.voxels)
+
+
+def _uncalibrated(localiser):
+    """The same network and post-processing, without the score calibration."""
+    from napari_anomaly.localiser import Localiser
+
+    metadata = copy.deepcopy(localiser.metadata)
+    metadata.pop("calibration", None)
+    return Localiser(localiser.network, localiser.preprocess, metadata)
+
+
+def carry_calibration(
+    parent,
+    child,
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    spacings: Sequence[Sequence[float] | None] | None = None,
+    *,
+    margin_mm: float = 5.0,
+    inference=None,
+) -> Job:
+    """Give a fine-tuned model its parent's score scale (see :func:`transfer_score_calibration`).
+
+    Both networks run on the corrected cases; the reference voxels are their
+    foreground outside the marked voxels and a ``margin_mm`` band around them
+    (a lesion's rim scores high under any network). The parent's default
+    threshold is kept: on the transferred scale it cuts the same share of
+    normal voxels, so it keeps its meaning of "about K false regions per
+    normal scan" as well as the corrected cases can tell. A parent without a
+    calibration gives the child back unchanged.
+
+    Returns
+    -------
+    Localiser
+        ``child`` with metadata ``calibration.score`` replaced and
+        ``calibration.transferred`` describing the reference voxels.
+    """
+    from napari_anomaly.inference import InferenceConfig, localise
+    from napari_anomaly.localiser import Localiser
+
+    if "calibration" not in parent.metadata:
+        return child
+    score = ScoreCalibration.from_dict(parent.metadata["calibration"]["score"])
+    spacing_list = list(spacings) if spacings is not None else [None] * len(images)
+    config = inference or InferenceConfig()
+    networks = (_uncalibrated(parent), _uncalibrated(child))
+    parent_values, child_values = [], []
+    for index, (image, mask, spacing) in enumerate(zip(images, masks, spacing_list)):
+        yield Progress(index, len(images), f"carrying the score scale over: case {index + 1}")
+        maps = []
+        for network in networks:
+            result = yield from localise(image, network, config, spacing=spacing)
+            maps.append(result)
+        marked = np.asarray(mask, dtype=bool)
+        if marked.any() and margin_mm > 0:
+            distance = ndi.distance_transform_edt(
+                ~marked, sampling=_spacing(spacing, marked.ndim)
+            )
+            marked = distance <= margin_mm
+        reference = maps[0].foreground & ~marked
+        parent_values.append(maps[0].anomaly_map[reference])
+        child_values.append(maps[1].anomaly_map[reference])
+    parent_all, child_all = np.concatenate(parent_values), np.concatenate(child_values)
+    if parent_all.size < 100:
+        return child
+    carried = transfer_score_calibration(score, parent_all, child_all)
+    metadata = copy.deepcopy(child.metadata)
+    calibration = copy.deepcopy(parent.metadata["calibration"])
+    calibration["score"] = carried.to_dict()
+    calibration["transferred"] = {
+        "from_sha256": parent.sha256,
+        "reference_voxels": int(parent_all.size),
+        "cases": len(images),
+        "margin_mm": float(margin_mm),
+    }
+    metadata["calibration"] = calibration
+    metadata["recommended_threshold"] = parent.recommended_threshold
+    return Localiser(child.network, child.preprocess, metadata)

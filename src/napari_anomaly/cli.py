@@ -380,6 +380,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         f"on the corrected cases: pixel AP {before.pixel_ap:.4f} -> {after.pixel_ap:.4f}, "
         f"Dice {before.dice:.4f} -> {after.dice:.4f}"
     )
+    carried = (tuned.metadata.get("calibration") or {}).get("transferred")
+    if carried:
+        print(
+            f"score scale carried over from the parent on {carried['reference_voxels']} "
+            f"unmarked voxels; default threshold {tuned.recommended_threshold:.2f}"
+        )
     print(f"wrote {out} (sha256 {sha[:12]}, parent {localiser.sha256[:12]})")
     return 0
 

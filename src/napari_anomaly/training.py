@@ -17,7 +17,8 @@ Losses (see :func:`napari_anomaly.model.anomaly_loss`):
 * fine-tuning: the anomaly BCE against the corrected masks (voxels the
   reviewer edited weigh more), plus the full training loss on replayed
   P-PII batches made from the same images so that the model does not forget
-  the synthetic task.
+  the synthetic task. A calibrated parent's score scale is carried over to
+  the new network (:func:`napari_anomaly.calibration.carry_calibration`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from napari_anomaly.augment import AugmentConfig, augment_batch
+from napari_anomaly.calibration import carry_calibration
 from napari_anomaly.config import config_from_dict, config_to_dict
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.domain import domain_reference
@@ -133,6 +135,19 @@ class FinetuneConfig:
         When > 0, the marked voxels of each batch weigh as much together as the
         unmarked ones (up to this factor each), so that a small lesion is not
         drowned by the normal tissue around it; 0 weighs every voxel alike.
+    anchor_weight
+        Weight of a penalty on the squared distance of the weights from the
+        parent's (the "L2-SP" regulariser of Li et al., 2018, "Explicit
+        inductive bias for transfer learning with convolutional networks"):
+        the model moves only as far as the corrections need, which limits
+        what it forgets about the kinds of lesion that were not corrected;
+        0 turns it off.
+    carry_calibration
+        When the parent has a score calibration, carry it over to the new
+        network by matching score quantiles on the unmarked parts of the
+        corrected cases (:func:`napari_anomaly.calibration.carry_calibration`),
+        so that the slider and the default threshold keep their meaning.
+        Costs one localisation of each corrected case per network.
     device, seed
         As in :class:`TrainConfig`.
     """
@@ -144,6 +159,8 @@ class FinetuneConfig:
     replay_fraction: float = 0.5
     focus_probability: float = 0.6
     positive_balance: float = 20.0
+    anchor_weight: float = 0.0
+    carry_calibration: bool = True
     confidence_weight: float = 0.5
     device: str = "auto"
     seed: int = 0
@@ -151,6 +168,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("need steps >= 1 and batch_size >= 2")
+        if not (np.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
+            raise ValueError(f"anchor_weight must be finite and >= 0, got {self.anchor_weight}")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError("replay_fraction must lie in [0, 1)")
 
@@ -886,6 +905,9 @@ def finetune(
 
     model = copy.deepcopy(localiser.network).to(device)
     model.train()
+    anchors = (
+        [p.detach().clone() for p in model.parameters()] if config.anchor_weight > 0 else []
+    )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -925,6 +947,10 @@ def finetune(
             )
             loss = loss + replay_loss
             metrics["loss_replay"] = replay_parts["loss"]
+        if anchors:
+            drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors))
+            loss = loss + config.anchor_weight * drift
+            metrics["weight_drift"] = float(drift.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -947,4 +973,10 @@ def finetune(
             "config": config_to_dict(config),
         }
     ]
-    return Localiser(model, localiser.preprocess, metadata)
+    tuned = Localiser(model, localiser.preprocess, metadata)
+    if config.carry_calibration and "calibration" in localiser.metadata:
+        tuned = yield from carry_calibration(
+            localiser, tuned, images, [np.asarray(m).astype(bool) for m in corrected_masks],
+            spacings,
+        )
+    return tuned
