@@ -8,7 +8,12 @@ all agree:
   order, mm), so napari's world coordinates are millimetres and layers derived
   from the same scan line up;
 * ``metadata["geometry"]`` holds :meth:`Geometry.to_dict`, the exact record
-  (spacing, origin and the direction matrix) that export writes back.
+  (spacing, origin and the direction matrix) that export writes back;
+* ``metadata["napari_anomaly_case_id"]`` (:data:`CASE_ID_KEY`) ties a scan
+  layer, and the maps and mask made from it, to its case in the review
+  session, so a case survives renaming its layers;
+  ``metadata["napari_anomaly_role"]`` (:data:`ROLE_KEY`) says what a derived
+  layer is (``"anomaly_map"``, ``"confidence_map"`` or ``"mask"``).
 
 Orientation: napari would need an ``affine`` to show an oblique or flipped
 direction matrix, and an affine would change world coordinates, measurements
@@ -34,7 +39,9 @@ import numpy as np
 from .io import Geometry, LoadedImage
 
 __all__ = [
+    "CASE_ID_KEY",
     "GEOMETRY_KEY",
+    "ROLE_KEY",
     "contrast_limits_for",
     "geometry_from_layer",
     "is_label_image",
@@ -47,6 +54,12 @@ logger = logging.getLogger(__name__)
 
 #: Key of the exact geometry record in a layer's ``metadata``.
 GEOMETRY_KEY = "geometry"
+
+#: Key of the review case id in a layer's ``metadata`` (the scan and its derived layers).
+CASE_ID_KEY = "napari_anomaly_case_id"
+
+#: Key in a derived layer's ``metadata`` naming what it shows (``"anomaly_map"``...).
+ROLE_KEY = "napari_anomaly_role"
 
 # Layer keyword arguments that the geometry alone decides.
 _GEOMETRY_KWARGS = ("scale", "translate", "affine", "rotate", "shear")

@@ -12,9 +12,12 @@ from the automatic mask, as two boolean arrays (:class:`MaskEdits`):
 * ``erased`` - voxels the reviewer erased (or regions rejected), which stay
   unset whatever the threshold.
 
-The mask shown is ``(threshold_map(...) | added) & ~erased``, so moving the
-threshold slider re-thresholds live (no network run) without destroying the
-edits: :func:`rethreshold`. After each brush stroke the widget calls
+The mask shown is the thresholded map without the erased voxels, without the
+regions this leaves smaller than the minimum region size, plus the added
+voxels: :func:`rethreshold`. So moving the threshold slider re-thresholds live
+(no network run) without destroying the edits, and never shows a speck below
+the minimum size (also not the fragments a lower threshold leaves around
+erased voxels). After each brush stroke the session calls
 :meth:`MaskEdits.record` with the mask as it now is.
 
 Arrays: anomaly and confidence maps are float arrays of shape ``(Y, X)`` or
@@ -378,15 +381,34 @@ def rethreshold(
     edits : MaskEdits
         The reviewer's edits, of the map's shape.
     min_region_size : int, default 0
-        See :func:`threshold_map`; applies to the automatic part only, so a
-        small painted blob is never removed.
+        Automatic regions smaller than this are dropped (see Returns); it
+        applies to the automatic part only, so a small painted blob is never
+        removed.
 
     Returns
     -------
     numpy.ndarray of bool, same shape as ``anomaly_map``
-        ``edits.apply(threshold_map(anomaly_map, threshold, min_region_size))``.
+        ``(automatic | edits.added)`` where ``automatic`` is
+        ``anomaly_map >= threshold`` without ``edits.erased`` and without the
+        connected components (full connectivity) of fewer than
+        ``min_region_size`` voxels that this leaves. Applying the minimum
+        size *after* the erasures means a lower threshold never shows the
+        specks that grow around erased voxels; the reviewer's added voxels
+        are never dropped.
     """
-    return edits.apply(threshold_map(anomaly_map, threshold, min_region_size))
+    array = _check_map(anomaly_map)
+    value = _check_threshold(threshold)
+    if min_region_size < 0:
+        raise ValueError(f"min_region_size must be >= 0, got {min_region_size}")
+    _check_mask(edits.added, array.shape, "edits")
+    automatic = (array >= value) & ~edits.erased
+    if min_region_size > 1 and automatic.any():
+        labels, count = ndi.label(automatic, structure=_full_connectivity(array.ndim))
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        keep = sizes >= min_region_size
+        keep[0] = False
+        automatic = keep[labels]
+    return automatic | edits.added
 
 
 # --------------------------------------------------------------------------- #

@@ -1,33 +1,51 @@
-"""A review session: cases, their maps and edits, and the model versions.
+"""A review session: cases, their maps, edits, review state and undo history, and
+the model versions.
 
 This is the state behind the napari widget, kept free of Qt and napari so that
-notebooks and tests can drive the whole review loop:
+notebooks and tests can drive the whole review loop. :class:`ReviewSession` is
+the one owner of a review; the widget and scripts are its clients.
 
-1. :meth:`ReviewSession.localise` (a job) predicts the maps of a case;
+1. :meth:`ReviewSession.localise` (a job) predicts the maps of a case, or
+   :meth:`ReviewSession.add_case` takes maps computed elsewhere;
 2. :meth:`ReviewSession.threshold` re-thresholds live, keeping the reviewer's
-   brush and eraser edits (recorded with :meth:`ReviewSession.record_edits`);
-3. :meth:`ReviewSession.finetune` (a job) trains a new model version on every
-   corrected case, with before/after metrics on those cases;
-4. :meth:`ReviewSession.revert` goes back to any earlier version (also after
+   brush and eraser edits (recorded with :meth:`ReviewSession.record_edits`)
+   and accepted or rejected regions;
+3. :meth:`ReviewSession.mark_reviewed` makes a case's mask final: nothing
+   changes it afterwards (no threshold, re-localisation or fine-tuning) until
+   :meth:`ReviewSession.reopen`;
+4. :meth:`ReviewSession.undo` / :meth:`ReviewSession.redo` walk a case's own
+   history (edits, accept/reject, threshold and minimum size, mark reviewed);
+5. :meth:`ReviewSession.finetune` (a job) trains a new model version on every
+   corrected or reviewed case, with before/after metrics on those cases, and
+   :meth:`ReviewSession.relocalise` (a job) brings the cases not yet reviewed
+   to the new version, keeping every edit;
+6. :meth:`ReviewSession.revert` goes back to any earlier version (also after
    :meth:`ReviewSession.adapt`, a job that adapts the model to unlabelled scans);
-5. :meth:`ReviewSession.export` writes the corrected mask (and optionally the
-   anomaly map) in the image's format and geometry with a JSON sidecar.
+7. :meth:`ReviewSession.export` writes the mask (the approved one for a
+   reviewed case; optionally the anomaly map) in the image's format and
+   geometry with a JSON sidecar.
 
-Jobs only change the session when they *finish*; a cancelled job leaves the
-cases and the model versions as they were.
+Cases are keyed by a *case id* the client chooses and keeps (the widget stores
+one in the image layer's metadata), never by a display name: renaming a scan
+does not start a new case. Jobs only change the session when they *finish*; a
+cancelled job leaves the cases and the model versions as they were.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from napari_anomaly.inference import InferenceConfig, localise
+from napari_anomaly.inference import InferenceConfig, LocalisationResult, localise
 from napari_anomaly.io import Geometry, atomic_write_text, write_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import evaluate_cases
@@ -39,47 +57,171 @@ from napari_anomaly.review import (
     find_regions,
     finetune_targets,
     min_voxels,
-    threshold_map,
+    rethreshold,
 )
 from napari_anomaly.training import AdaptConfig, FinetuneConfig, adapt, finetune
 
-__all__ = ["Case", "FinetuneOutcome", "ReviewSession"]
+__all__ = ["Case", "CaseReviewedError", "FinetuneOutcome", "HistoryStep", "ReviewSession"]
+
+#: Consecutive setting changes marked ``merge=True`` (a slider drag, typing a
+#: number) within this many seconds are one undo step.
+MERGE_SECONDS = 1.5
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclass
+class CaseReviewedError(ValueError):
+    """The case is marked reviewed: its mask is final until it is reopened."""
+
+
+def _holding_case_lock(method):
+    """Run a session method (first argument: a case id) holding that case's lock."""
+
+    @functools.wraps(method)
+    def locked(self, case_id, *args, **kwargs):
+        case = self.cases.get(case_id)
+        if case is None:
+            return method(self, case_id, *args, **kwargs)
+        with case._lock:
+            return method(self, case_id, *args, **kwargs)
+
+    return locked
+
+
+def _set_voxels(mask: np.ndarray) -> np.ndarray:
+    """Flat indices of the set voxels of a boolean array (int32 when they fit)."""
+    return np.flatnonzero(mask).astype(np.int32 if mask.size < 2**31 else np.int64)
+
+
+def _flips(before: np.ndarray, after: np.ndarray) -> np.ndarray | None:
+    """Flat indices where two boolean arrays differ (None when they are equal)."""
+    changed = _set_voxels(before != after)
+    return changed if changed.size else None
+
+
+def _flipped(array: np.ndarray, indices: np.ndarray | None) -> np.ndarray:
+    """A copy of a boolean array with the values at ``indices`` (flat) inverted."""
+    if indices is None:
+        return array
+    out = array.copy()
+    out.flat[indices] = ~out.flat[indices]
+    return out
+
+
+@dataclass(frozen=True)
+class HistoryStep:
+    """One undoable action on a case, stored as a difference, not a snapshot.
+
+    Voxel changes are flat indices whose flag flips (a stroke of a few hundred
+    voxels costs a few kB on any volume); settings are (before, after) pairs.
+    Undo applies the "before" side, redo the "after" side.
+
+    Attributes
+    ----------
+    action : str
+        What the reviewer did, as shown after an undo ("paint", "reject region 2").
+    threshold : (float, float) or None
+        Threshold before and after.
+    min_region : ((int, float), (int, float)) or None
+        Minimum region size (voxels, mm^3 or mm^2) before and after.
+    added, erased : numpy.ndarray of int or None
+        Flat indices of the voxels whose ``added`` / ``erased`` flag flips.
+    reviewed_at : (str or None, str or None) or None
+        Review time stamp before and after (None = not reviewed).
+    approved : numpy.ndarray of int or None
+        Flat indices of the set voxels of the approved mask (for Mark
+        reviewed and Reopen), so undo and redo restore it exactly.
+    """
+
+    action: str
+    threshold: tuple[float, float] | None = None
+    min_region: tuple[tuple[int, float], tuple[int, float]] | None = None
+    added: np.ndarray | None = field(default=None, repr=False)
+    erased: np.ndarray | None = field(default=None, repr=False)
+    reviewed_at: tuple[str | None, str | None] | None = None
+    approved: np.ndarray | None = field(default=None, repr=False)
+    merge: bool = False
+    made_at: float = field(default_factory=time.monotonic, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the step's voxel indices."""
+        arrays = (self.added, self.erased, self.approved)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+@dataclass(eq=False)
 class Case:
     """One reviewed image and everything known about it.
 
-    ``auto_mask`` is the mask the threshold produced; the reviewer's mask is
-    ``edits.apply(auto_mask)``.
+    Change a case through its :class:`ReviewSession` (which records every
+    change in the case's history); read it freely.
+
+    ``mask`` is the approved mask once the case is reviewed, otherwise
+    :func:`~napari_anomaly.review.rethreshold` of the anomaly map with the
+    reviewer's edits at the case's threshold and minimum region size.
     """
 
+    case_id: str
     name: str
     image: np.ndarray
     geometry: Geometry
     anomaly_map: np.ndarray
     confidence_map: np.ndarray
-    auto_mask: np.ndarray
     edits: MaskEdits
     threshold: float
-    min_region_size: int
+    min_region_voxels: int
     model_sha256: str | None
     model_name: str
+    min_region_mm: float = 0.0
     localised_at: str = field(default_factory=_now)
     rank_by: str = "mass"
+    reviewed_at: str | None = None
+    approved_mask: np.ndarray | None = field(default=None, repr=False)
+    undo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
+    redo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
+    _composed: np.ndarray | None = field(default=None, init=False, repr=False)
+    # A job finishing in a worker thread may store new maps while the GUI
+    # thread records a stroke: every change and the mask cache take this lock.
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.anomaly_map.shape)
+
+    @property
+    def min_region_size(self) -> int:
+        """The minimum region size in voxels that applies: the larger of the two limits."""
+        return min_voxels(self.min_region_voxels, self.min_region_mm, self.geometry.spacing)
+
+    @property
+    def reviewed(self) -> bool:
+        return self.reviewed_at is not None
 
     @property
     def mask(self) -> np.ndarray:
-        """The corrected mask (bool)."""
-        return self.edits.apply(self.auto_mask)
+        """The case's mask (bool): the approved one once reviewed. Do not modify it."""
+        with self._lock:
+            if self.approved_mask is not None:
+                return self.approved_mask
+            if self._composed is None:
+                composed = rethreshold(
+                    self.anomaly_map, self.threshold, self.edits, self.min_region_size
+                )
+                composed.setflags(write=False)
+                self._composed = composed
+            return self._composed
 
     @property
     def corrected(self) -> bool:
         return self.edits.edit_count > 0
+
+    @property
+    def history_nbytes(self) -> int:
+        """Memory held by the undo and redo history."""
+        return sum(step.nbytes for step in self.undo_steps + self.redo_steps)
 
     def regions(self) -> list[Region]:
         return find_regions(
@@ -90,6 +232,9 @@ class Case:
             origin=self.geometry.origin,
             rank_by=self.rank_by,
         )
+
+    def _changed(self) -> None:
+        self._composed = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +258,12 @@ class ReviewSession:
         Default threshold and minimum region size.
     inference
         Inference settings (device, tiling).
+
+    Attributes
+    ----------
+    cases : dict of str to Case
+        The cases by case id (:meth:`new_case_id`, or any string the client
+        keeps with its image).
     """
 
     def __init__(
@@ -153,107 +304,434 @@ class ReviewSession:
             return self.review.threshold
         return self.localiser.recommended_threshold
 
+    # -- cases ------------------------------------------------------------------
+    @staticmethod
+    def new_case_id() -> str:
+        """A fresh, unique case id."""
+        return uuid.uuid4().hex[:12]
+
+    def case(self, case_id: str) -> Case:
+        """The case with this id (KeyError with a message if there is none)."""
+        if case_id not in self.cases:
+            raise KeyError(f"no localised case {case_id!r}; localise it first")
+        return self.cases[case_id]
+
+    def _open_case(self, case_id: str, doing: str) -> Case:
+        case = self.case(case_id)
+        if case.reviewed:
+            raise CaseReviewedError(
+                f"{case.name} is marked reviewed, its mask is final; reopen it to {doing}"
+            )
+        return case
+
+    @_holding_case_lock
+    def rename(self, case_id: str, name: str) -> Case:
+        """Change the display name of a case (its id, edits and history stay)."""
+        case = self.case(case_id)
+        case.name = str(name)
+        return case
+
+    @_holding_case_lock
+    def add_case(
+        self,
+        case_id: str,
+        image: np.ndarray,
+        anomaly_map: np.ndarray,
+        confidence_map: np.ndarray | None = None,
+        geometry: Geometry | None = None,
+        *,
+        name: str | None = None,
+        model_name: str = "",
+        model_sha256: str | None = None,
+    ) -> Case:
+        """Store maps of ``image`` as case ``case_id`` (new maps for an existing case).
+
+        A case already in the session keeps its edits, threshold, minimum
+        size and undo history when the image has the same shape (its redo
+        steps are dropped: they were made on other maps); a new shape starts
+        afresh. A reviewed case is final: it is returned unchanged.
+        """
+        image = np.asarray(image)
+        anomaly_map = np.asarray(anomaly_map)
+        if anomaly_map.shape != image.shape:
+            raise ValueError(f"anomaly map has shape {anomaly_map.shape}, the image {image.shape}")
+        if confidence_map is None:
+            confidence_map = np.ones(image.shape, dtype=np.float32)
+        geometry = geometry or Geometry.identity(image.ndim)
+        previous = self.cases.get(case_id)
+        if previous is not None and previous.reviewed:
+            return previous
+        keep = previous is not None and previous.shape == image.shape
+        if keep:
+            case = previous
+            case.name = name or case.name
+            case.image = image
+            case.geometry = geometry
+            case.anomaly_map = anomaly_map
+            case.confidence_map = np.asarray(confidence_map)
+            case.model_sha256 = model_sha256
+            case.model_name = model_name
+            case.localised_at = _now()
+            case.redo_steps.clear()  # they were made on the previous maps
+            case._changed()
+        else:
+            case = Case(
+                case_id=case_id,
+                name=name or (previous.name if previous else case_id),
+                image=image,
+                geometry=geometry,
+                anomaly_map=anomaly_map,
+                confidence_map=np.asarray(confidence_map),
+                edits=MaskEdits.empty(image.shape),
+                threshold=self.default_threshold,
+                min_region_voxels=self.review.min_region_size,
+                min_region_mm=self.review.min_region_mm,
+                model_sha256=model_sha256,
+                model_name=model_name,
+                rank_by=self.review.rank_by,
+            )
+        self.cases[case_id] = case
+        return case
+
+    def _store(
+        self,
+        case_id: str,
+        name: str | None,
+        image: np.ndarray,
+        geometry: Geometry,
+        result: LocalisationResult,
+        localiser: Localiser,
+    ) -> Case:
+        return self.add_case(
+            case_id,
+            image,
+            result.anomaly_map,
+            result.confidence_map,
+            geometry,
+            name=name,
+            model_name=localiser.name,
+            model_sha256=localiser.sha256,
+        )
+
     # -- localisation -----------------------------------------------------------
-    def localise(self, name: str, image: np.ndarray, geometry: Geometry | None = None) -> Job[Case]:
-        """Predict maps for ``image`` and store them as case ``name`` when done.
+    def localise(
+        self,
+        case_id: str,
+        image: np.ndarray,
+        geometry: Geometry | None = None,
+        name: str | None = None,
+    ) -> Job[Case]:
+        """Predict maps for ``image`` and store them as case ``case_id`` when done.
 
         Re-localising an existing case keeps its edits (when the shape is
-        unchanged) and its threshold.
+        unchanged), threshold and history. A reviewed case is refused (raises
+        :class:`CaseReviewedError` before the network runs); one marked
+        reviewed while the job ran stays as approved.
         """
+        if case_id in self.cases:
+            self._open_case(case_id, "localise it again")
         image = np.asarray(image)
         geometry = geometry or Geometry.identity(image.ndim)
         localiser = self.localiser
-        result = yield from localise(
-            image, localiser, self.inference, spacing=geometry.spacing
-        )
-        previous = self.cases.get(name)
-        keep = previous is not None and previous.image.shape == image.shape
-        threshold = previous.threshold if keep else self.default_threshold
-        min_size = (
-            previous.min_region_size
-            if keep
-            else min_voxels(
-                self.review.min_region_size, self.review.min_region_mm, geometry.spacing
+        result = yield from localise(image, localiser, self.inference, spacing=geometry.spacing)
+        return self._store(case_id, name, image, geometry, result, localiser)
+
+    def relocalise(self, case_ids: Iterable[str] | None = None) -> Job[list[Case]]:
+        """Localise cases again with the current model (default: every case not reviewed).
+
+        Reviewed cases are skipped, also when marked reviewed while the job
+        runs; the others keep their edits, threshold and history. Returns the
+        re-localised cases.
+        """
+        ids = list(self.cases) if case_ids is None else list(case_ids)
+        pending = [i for i in ids if i in self.cases and not self.cases[i].reviewed]
+        localiser = self.localiser
+        results = []
+        for index, case_id in enumerate(pending):
+            case = self.cases[case_id]
+            yield Progress(index, len(pending), f"re-localising {case.name}")
+            result = yield from localise(
+                case.image, localiser, self.inference, spacing=case.geometry.spacing
             )
-        )
-        edits = previous.edits if keep else MaskEdits.empty(image.shape)
-        case = Case(
-            name=name,
-            image=image,
-            geometry=geometry,
-            anomaly_map=result.anomaly_map,
-            confidence_map=result.confidence_map,
-            auto_mask=threshold_map(result.anomaly_map, threshold, min_size),
-            edits=edits,
-            threshold=threshold,
-            min_region_size=min_size,
-            model_sha256=localiser.sha256,
-            model_name=localiser.name,
-            rank_by=self.review.rank_by,
-        )
-        self.cases[name] = case
-        return case
+            results.append((case_id, case.image, case.geometry, result))
+        done = []
+        for case_id, image, geometry, result in results:
+            if case_id in self.cases and not self.cases[case_id].reviewed:
+                done.append(self._store(case_id, None, image, geometry, result, localiser))
+        return done
 
     # -- review -----------------------------------------------------------------
-    def _case(self, name: str) -> Case:
-        if name not in self.cases:
-            raise KeyError(f"no localised case {name!r}; localise it first")
-        return self.cases[name]
+    def _push(self, case: Case, step: HistoryStep) -> None:
+        """Record a step (merging a run of setting changes into one) and forget redo."""
+        case.redo_steps.clear()
+        last = case.undo_steps[-1] if case.undo_steps else None
+        if not (
+            step.merge
+            and last is not None
+            and last.merge
+            and step.made_at - last.made_at < MERGE_SECONDS
+        ):
+            case.undo_steps.append(step)
+            return
 
-    def record_edits(self, name: str, edited_mask: np.ndarray) -> Case:
-        """Remember how the reviewer's mask differs from the automatic one."""
-        case = self._case(name)
-        edited = np.asarray(edited_mask)
-        if edited.shape != case.auto_mask.shape:
-            raise ValueError(
-                f"edited mask has shape {edited.shape}, "
-                f"the case {name!r} has {case.auto_mask.shape}"
+        def span(first, then):
+            pair = then if first is None else first if then is None else (first[0], then[1])
+            return None if pair is None or pair[0] == pair[1] else pair
+
+        merged = replace(
+            step,
+            threshold=span(last.threshold, step.threshold),
+            min_region=span(last.min_region, step.min_region),
+        )
+        case.undo_steps.pop()
+        if merged.threshold is not None or merged.min_region is not None:
+            case.undo_steps.append(merged)
+
+    def _apply(self, case: Case, step: HistoryStep, side: int) -> None:
+        """Put a case in the state before (``side=0``) or after (``side=1``) a step."""
+        if step.threshold is not None:
+            case.threshold = step.threshold[side]
+        if step.min_region is not None:
+            case.min_region_voxels, case.min_region_mm = step.min_region[side]
+        if step.added is not None or step.erased is not None:
+            case.edits = MaskEdits(
+                _flipped(case.edits.added, step.added), _flipped(case.edits.erased, step.erased)
             )
-        case.edits.record(case.auto_mask, edited != 0)
+        if step.reviewed_at is not None:
+            case.reviewed_at = step.reviewed_at[side]
+            case.approved_mask = None
+            if case.reviewed_at is not None:
+                approved = np.zeros(case.shape, dtype=bool)
+                approved.flat[step.approved] = True
+                approved.setflags(write=False)
+                case.approved_mask = approved
+        case._changed()
+
+    def _edit(self, case: Case, edits: MaskEdits, action: str) -> Case:
+        step = HistoryStep(
+            action,
+            added=_flips(case.edits.added, edits.added),
+            erased=_flips(case.edits.erased, edits.erased),
+        )
+        if step.added is None and step.erased is None:
+            return case
+        case.edits = edits
+        case._changed()
+        self._push(case, step)
         return case
 
-    def threshold(
-        self, name: str, threshold: float, min_region_size: int | None = None
-    ) -> np.ndarray:
-        """Re-threshold a case without running the network; edits are kept.
+    @_holding_case_lock
+    def record_edits(
+        self,
+        case_id: str,
+        edited_mask: np.ndarray,
+        shown_mask: np.ndarray | None = None,
+        action: str = "paint",
+    ) -> Case:
+        """Record brush and eraser strokes as one undo step.
 
-        Returns the corrected mask.
+        Parameters
+        ----------
+        case_id
+            The case.
+        edited_mask : array of bool or int, the case's shape
+            The mask as the reviewer left it (non-zero = set).
+        shown_mask : array of bool or int, optional
+            The mask the reviewer edited, by default the case's mask. A client
+            that shows the mask passes what it showed: if the case changed
+            meanwhile (a re-localisation finishing), only the strokes are
+            recorded, never the difference between old and new maps.
+
+        Notes
+        -----
+        Voxels set in ``edited_mask`` and not in ``shown_mask`` are painted
+        (they stay at any threshold), voxels cleared are erased. When the
+        reviewer edited the case's current mask, whatever they left standing
+        stays: a piece below the minimum region size that a stroke cut off is
+        kept as theirs (and specks that painting joins up, never seen, stay
+        out), so that afterwards the case's mask equals ``edited_mask`` exactly.
         """
-        case = self._case(name)
-        min_size = case.min_region_size if min_region_size is None else int(min_region_size)
-        case.auto_mask = threshold_map(case.anomaly_map, threshold, min_size)
-        case.threshold = float(threshold)
-        case.min_region_size = min_size
+        case = self._open_case(case_id, "edit it")
+        edited = np.asarray(edited_mask)
+        if edited.shape != case.shape:
+            raise ValueError(
+                f"edited mask has shape {edited.shape}, the case {case.name!r} has {case.shape}"
+            )
+        edited = edited != 0
+        current = case.mask
+        shown = current if shown_mask is None else np.asarray(shown_mask) != 0
+        if shown.shape != case.shape:
+            raise ValueError(f"shown mask has shape {shown.shape}, the case {case.shape}")
+        edits = MaskEdits(case.edits.added, case.edits.erased)
+        edits.record(shown, edited)
+        if not np.array_equal(shown, current):
+            return self._edit(case, edits, action)
+
+        def composed() -> np.ndarray:
+            return rethreshold(case.anomaly_map, case.threshold, edits, case.min_region_size)
+
+        # Painting back an erased voxel can rejoin automatic specks into a region
+        # the reviewer never saw: they stay erased. Erasing can cut off a piece
+        # below the minimum size: the reviewer left it standing, so it stays.
+        unseen = composed() & ~edited
+        if unseen.any():
+            edits.reject_region(unseen)
+        left_standing = edited & ~composed()
+        if left_standing.any():
+            edits.accept_region(left_standing)
+        return self._edit(case, edits, action)
+
+    @_holding_case_lock
+    def threshold(
+        self,
+        case_id: str,
+        threshold: float | None = None,
+        min_region_size: int | None = None,
+        min_region_mm: float | None = None,
+        *,
+        merge: bool = False,
+    ) -> np.ndarray:
+        """Re-threshold a case without running the network; edits are kept (one undo step).
+
+        ``min_region_size`` (voxels) and ``min_region_mm`` (mm^3, mm^2 in 2D)
+        are the two limits on automatic regions; the larger applies. ``None``
+        keeps a setting. ``merge=True`` (for a slider being dragged) makes
+        this and the previous merging change within :data:`MERGE_SECONDS` one
+        undo step. Returns the mask.
+        """
+        case = self._open_case(case_id, "change its threshold")
+        new_threshold = case.threshold if threshold is None else float(threshold)
+        voxels = case.min_region_voxels if min_region_size is None else int(min_region_size)
+        mm = case.min_region_mm if min_region_mm is None else float(min_region_mm)
+        if not 0.0 <= new_threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {new_threshold}")
+        if voxels < 0 or mm < 0:
+            raise ValueError("minimum region sizes must be >= 0")
+        step = HistoryStep(
+            f"threshold {new_threshold:.2f}",
+            threshold=(case.threshold, new_threshold) if new_threshold != case.threshold else None,
+            min_region=(
+                ((case.min_region_voxels, case.min_region_mm), (voxels, mm))
+                if (voxels, mm) != (case.min_region_voxels, case.min_region_mm)
+                else None
+            ),
+            merge=merge,
+        )
+        if step.threshold is None and step.min_region is None:
+            return case.mask
+        self._apply(case, step, 1)
+        self._push(case, step)
         return case.mask
 
-    def accept_region(self, name: str, region: Region) -> np.ndarray:
-        case = self._case(name)
-        case.edits.accept_region(self._region_mask(case, region))
+    @_holding_case_lock
+    def accept_region(self, case_id: str, region: Region) -> np.ndarray:
+        """Keep a region of the case's mask at any threshold (one undo step)."""
+        case = self._open_case(case_id, "accept regions")
+        edits = MaskEdits(case.edits.added, case.edits.erased)
+        edits.accept_region(self._region_mask(case, region))
+        self._edit(case, edits, f"accept region {region.label}")
         return case.mask
 
-    def reject_region(self, name: str, region: Region) -> np.ndarray:
-        case = self._case(name)
-        case.edits.reject_region(self._region_mask(case, region))
+    @_holding_case_lock
+    def reject_region(self, case_id: str, region: Region) -> np.ndarray:
+        """Erase a region of the case's mask at any threshold (one undo step)."""
+        case = self._open_case(case_id, "reject regions")
+        edits = MaskEdits(case.edits.added, case.edits.erased)
+        edits.reject_region(self._region_mask(case, region))
+        self._edit(case, edits, f"reject region {region.label}")
         return case.mask
 
     @staticmethod
     def _region_mask(case: Case, region: Region) -> np.ndarray:
+        """The voxels of ``region`` in the case's mask; refuses a region of another mask."""
         _, labels = find_regions(
             case.mask, case.anomaly_map, rank_by=case.rank_by, return_labels=True
         )
-        return labels == region.label
+        if len(region.peak_position) != labels.ndim:
+            raise ValueError(f"region {region.label} is not a region of {case.name}")
+        label = labels[tuple(region.peak_position)]
+        voxels = labels == label
+        if label == 0 or int(voxels.sum()) != region.voxel_count:
+            raise ValueError(
+                f"region {region.label} is not in the current mask of {case.name}; "
+                "list its regions again"
+            )
+        return voxels
+
+    @_holding_case_lock
+    def mark_reviewed(self, case_id: str) -> np.ndarray:
+        """Make the case's mask final (one undo step); returns the approved mask.
+
+        Until :meth:`reopen` (or undo), no threshold, edit, re-localisation or
+        fine-tuning changes it, and export writes exactly this mask.
+        """
+        case = self.case(case_id)
+        if case.reviewed:
+            return case.mask
+        approved = case.mask
+        step = HistoryStep(
+            "mark reviewed",
+            reviewed_at=(None, _now()),
+            approved=_set_voxels(approved),
+        )
+        self._apply(case, step, 1)
+        self._push(case, step)
+        return case.mask
+
+    @_holding_case_lock
+    def reopen(self, case_id: str) -> Case:
+        """Open a reviewed case for changes again (one undo step).
+
+        The mask stays as approved until the reviewer changes something: while
+        a case is reviewed nothing can change its threshold, edits or maps, so
+        they still give the approved mask.
+        """
+        case = self.case(case_id)
+        if not case.reviewed:
+            return case
+        step = HistoryStep(
+            "reopen", reviewed_at=(case.reviewed_at, None), approved=_set_voxels(case.mask)
+        )
+        self._apply(case, step, 1)
+        self._push(case, step)
+        return case
+
+    @_holding_case_lock
+    def undo(self, case_id: str) -> HistoryStep | None:
+        """Undo the case's last action (None when there is nothing to undo)."""
+        case = self.case(case_id)
+        if not case.undo_steps:
+            return None
+        step = case.undo_steps.pop()
+        self._apply(case, step, 0)
+        case.redo_steps.append(step)
+        return step
+
+    @_holding_case_lock
+    def redo(self, case_id: str) -> HistoryStep | None:
+        """Redo the case's last undone action (None when there is nothing to redo)."""
+        case = self.case(case_id)
+        if not case.redo_steps:
+            return None
+        step = case.redo_steps.pop()
+        self._apply(case, step, 1)
+        case.undo_steps.append(step)
+        return step
 
     # -- fine-tuning -------------------------------------------------------------
     def corrected_cases(self) -> list[Case]:
-        return [case for case in self.cases.values() if case.corrected]
+        """The cases with edits, and the reviewed ones (an approved mask is supervision)."""
+        return [case for case in self.cases.values() if case.corrected or case.reviewed]
 
     def finetune(self, config: FinetuneConfig = FinetuneConfig()) -> Job[FinetuneOutcome]:
-        """Fine-tune the current model on every corrected case of the session.
+        """Fine-tune the current model on every corrected or reviewed case of the session.
 
         Added voxels are positives, erased voxels hard negatives (both weigh
-        ``review.edit_weight``), the rest of each corrected mask is the
-        supervision too. Before/after metrics are measured on the corrected
-        cases. The new version becomes current only when the job finishes.
+        ``review.edit_weight``), the rest of each case's mask (the approved
+        one for a reviewed case) is the supervision too. Before/after metrics
+        are measured on those cases. The new version becomes current only
+        when the job finishes; no case changes (:meth:`relocalise` brings the
+        cases not yet reviewed to it).
         """
         cases = self.corrected_cases()
         if not cases:
@@ -316,21 +794,23 @@ class ReviewSession:
         return adapted
 
     # -- export --------------------------------------------------------------------
+    @_holding_case_lock
     def export(
         self,
-        name: str,
+        case_id: str,
         path: str | Path,
         include_anomaly_map: bool = False,
         overwrite: bool = False,
     ) -> list[Path]:
-        """Write the corrected mask of a case, its JSON sidecar, and optionally the map.
+        """Write the mask of a case, its JSON sidecar, and optionally the map.
 
-        ``path`` is the mask file; its suffix chooses the format (e.g.
+        The mask is the case's mask: for a reviewed case exactly the approved
+        one. ``path`` is the mask file; its suffix chooses the format (e.g.
         ``.nii.gz``). The sidecar is ``<stem>.json`` beside it and the map
         ``<stem>_anomaly<suffix>``. Refuses (before writing anything) if any of
         them exists and ``overwrite`` is False. Writes are atomic.
         """
-        case = self._case(name)
+        case = self.case(case_id)
         path = Path(path)
         suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
         stem = path.name[: -len(suffix)] if suffix else path.name
@@ -349,12 +829,16 @@ class ReviewSession:
             )
         provenance = {
             "case": case.name,
+            "case_id": case.case_id,
+            "reviewed": case.reviewed,
+            "reviewed_at": case.reviewed_at,
             "mask": path.name,
             "anomaly_map": anomaly_path.name if include_anomaly_map else None,
             "model_name": case.model_name,
             "model_sha256": case.model_sha256,
             "threshold": case.threshold,
             "min_region_size": case.min_region_size,
+            "min_region_mm": case.min_region_mm,
             "edited_voxels": case.edits.edit_count,
             "added_voxels": int(case.edits.added.sum()),
             "erased_voxels": int(case.edits.erased.sum()),

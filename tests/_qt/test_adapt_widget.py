@@ -46,7 +46,7 @@ def test_adapt_to_the_open_scans_makes_a_version_that_can_be_reverted(widget):
     for key, value in parent.network.state_dict().items():
         assert torch.equal(value, before[key]), "the parent model must stay as it was"
     assert widget.model_choice.value == "v1: base+ad1"
-    assert session.cases["scan"].model_name == "base+ad1", "the shown case is re-localised"
+    assert widget.case("scan").model_name == "base+ad1", "the open cases are re-localised"
 
     widget.revert()
     assert session.current == 0 and session.localiser is parent

@@ -81,7 +81,7 @@ def test_the_whole_review_loop(widget, tmp_path, name, shape, spacing):
     assert len(widget.session.versions) == 2 and widget.session.current == 1
     assert widget.session.localiser.metadata["parent_sha256"] is None  # parent was never saved
     assert "before" in widget.metrics.value and "after" in widget.metrics.value
-    assert widget.session.cases[name].model_name.endswith("+ft1")
+    assert widget.case(name).model_name.endswith("+ft1")
 
     # Revert goes back to the first version.
     widget.revert()

@@ -33,7 +33,7 @@ def test_a_ct_scan_gets_a_warning_that_stays_with_its_result(widget):
     widget.localise("ct", wait=True)
     assert widget.last_error is None
     assert "ct mask" in widget.viewer.layers, "a warning, not a refusal"
-    assert "looks like CT (Hounsfield units)" in widget.domain_warnings["ct"]
+    assert "looks like CT (Hounsfield units)" in widget.domain_warnings[widget.case("ct").case_id]
     assert "Warning: ct may be outside the model's domain" in widget.status.value
     assert any("looks like CT" in str(message) for message in shown)
 
@@ -41,5 +41,5 @@ def test_a_ct_scan_gets_a_warning_that_stays_with_its_result(widget):
 def test_an_mr_scan_gets_no_warning(widget):
     widget.viewer.add_image(_mr_head(), name="mr")
     widget.localise("mr", wait=True)
-    assert widget.last_error is None and "mr" not in widget.domain_warnings
+    assert widget.last_error is None and widget.case("mr").case_id not in widget.domain_warnings
     assert "Warning" not in widget.status.value

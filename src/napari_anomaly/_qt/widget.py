@@ -4,25 +4,43 @@ A thin layer over :class:`napari_anomaly.session.ReviewSession`: every button
 calls the same core functions as the CLI; long jobs run in a napari
 ``thread_worker`` with a progress bar and a Cancel button. The widget is a
 magicgui ``Container`` whose parts are attributes, and it offers documented
-methods (:meth:`localise`, :meth:`set_threshold`, :meth:`finetune`,
+methods (:meth:`localise`, :meth:`set_threshold`, :meth:`select_region`,
+:meth:`accept_selected_region`, :meth:`reject_selected_region`,
+:meth:`mark_reviewed`, :meth:`undo`, :meth:`redo`, :meth:`finetune`,
 :meth:`adapt`, :meth:`revert`, :meth:`export`, :meth:`wait`) so that notebooks
 and tests can drive it like a reviewer would.
+
+One case is shown at a time: the case of the image layer chosen in **Image**.
+The region table, the status line, the threshold and minimum sizes, Accept,
+Reject, Mark reviewed, Undo, Redo and Export all act on that case, and
+choosing another image switches all of them. A scan layer carries its case id
+in ``metadata`` (:data:`~napari_anomaly._layers.CASE_ID_KEY`), and so do the
+maps and the mask made from it: renaming a layer keeps its case.
 
 Keyboard shortcuts (viewer-wide, while the widget is open):
 
 ``Shift-N``  select the next region in the table and centre on it
 ``Shift-A``  accept the selected region (it stays whatever the threshold)
 ``Shift-R``  reject the selected region (erased whatever the threshold)
+``Shift-M``  mark the case reviewed (its mask is final)
+
+While the widget has focus, ``Ctrl-Z`` / ``Ctrl-Shift-Z`` undo / redo the
+shown case's last action, whichever kind it was; on a mask layer in the
+canvas they do the same for that mask's case (instead of napari's own undo of
+brush strokes only).
 """
 
 from __future__ import annotations
 
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from app_model.types import KeyCode, KeyMod
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -40,16 +58,23 @@ from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_warning
+from qtpy.QtCore import QItemSelectionModel, Qt, QTimer
+from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import QApplication
 
-from napari_anomaly._layers import geometry_from_layer, layer_kwargs_from_geometry
+from napari_anomaly._layers import (
+    CASE_ID_KEY,
+    ROLE_KEY,
+    geometry_from_layer,
+    layer_kwargs_from_geometry,
+)
 from napari_anomaly.devices import DEVICE_CHOICES, resolve_device
 from napari_anomaly.domain import check_domain
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress
-from napari_anomaly.review import Region, ReviewConfig, min_voxels
-from napari_anomaly.session import FinetuneOutcome, ReviewSession
+from napari_anomaly.review import Region, ReviewConfig
+from napari_anomaly.session import Case, FinetuneOutcome, ReviewSession
 from napari_anomaly.training import AdaptConfig, FinetuneConfig
 
 if TYPE_CHECKING:
@@ -59,14 +84,23 @@ __all__ = ["AnomalyReviewWidget"]
 
 REGION_COLUMNS = ["#", "size", "mean", "peak", "conf."]
 
-#: Key in a layer's ``metadata`` naming what the widget made it from (``"anomaly_map"``...).
-ROLE_KEY = "napari_anomaly_role"
 OUTPUT_ROLES = ("anomaly_map", "confidence_map")
+#: The layers made for a case: role -> name suffix (``"<image> anomaly"``...).
+DERIVED_SUFFIXES = {"anomaly_map": "anomaly", "confidence_map": "confidence", "mask": "mask"}
+
+UNDO_KEYS = "Ctrl+Z"
+REDO_KEYS = "Ctrl+Shift+Z"
 
 
 def _run_job(job: Job) -> Any:
     """Generator function wrapper so napari makes a cancellable GeneratorWorker."""
     return (yield from job)
+
+
+def _row(*widgets) -> Container:
+    row = Container(widgets=widgets, layout="horizontal", labels=False)
+    row.margins = (0, 0, 0, 0)
+    return row
 
 
 class AnomalyReviewWidget(Container):
@@ -89,8 +123,15 @@ class AnomalyReviewWidget(Container):
         self._then = None  # follow-up action once the running job has finished
         self._napari_progress = None
         self._regions: list[Region] = []
-        self._shown_case: str | None = None
-        #: Out-of-domain warning per case name (shown again with the case's result).
+        self._table_case: str | None = None  # case id of the regions listed
+        self._shown_ref: weakref.ref | None = None  # the image layer shown
+        self._case_layers: dict[str, weakref.ref] = {}  # case id -> its scan layer
+        self._rendered: dict[str, np.ndarray] = {}  # case id -> mask last put in its layer
+        self._watched: weakref.WeakSet = weakref.WeakSet()  # mask layers we listen to
+        self._pending_sync: set[str] = set()
+        self._rendering = False
+        self._rendered_name: str | None = None  # name of the image whose case is shown
+        #: Out-of-domain warning per case id (shown again with the case's result).
         self.domain_warnings: dict[str, str] = {}
         self.last_error: str | None = None
         self.last_finetune: FinetuneOutcome | None = None
@@ -131,6 +172,9 @@ class AnomalyReviewWidget(Container):
         self.regions = Table(value={c: [] for c in REGION_COLUMNS})
         self.accept_button = PushButton(text="Accept region (Shift-A)")
         self.reject_button = PushButton(text="Reject region (Shift-R)")
+        self.undo_button = PushButton(text="Undo (Ctrl-Z)")
+        self.redo_button = PushButton(text="Redo (Ctrl-Shift-Z)")
+        self.review_button = PushButton(text="Mark reviewed (Shift-M)")
         # --- fine-tune
         self.finetune_steps = SpinBox(
             label="Fine-tune steps", min=1, max=100_000, value=FinetuneConfig.steps
@@ -162,8 +206,9 @@ class AnomalyReviewWidget(Container):
                 self.min_region_size,
                 self.min_region_mm,
                 self.regions,
-                self.accept_button,
-                self.reject_button,
+                _row(self.accept_button, self.reject_button),
+                _row(self.undo_button, self.redo_button),
+                self.review_button,
                 self.finetune_steps,
                 self.finetune_button,
                 self.revert_button,
@@ -185,11 +230,15 @@ class AnomalyReviewWidget(Container):
 
         self.localise_button.changed.connect(lambda: self.localise())
         self.cancel_button.changed.connect(self.cancel)
-        self.threshold.changed.connect(self._on_threshold_changed)
-        self.min_region_size.changed.connect(self._on_threshold_changed)
-        self.min_region_mm.changed.connect(self._on_threshold_changed)
+        self.image_layer.changed.connect(self._on_image_switched)
+        self.threshold.changed.connect(self._on_settings_changed)
+        self.min_region_size.changed.connect(self._on_settings_changed)
+        self.min_region_mm.changed.connect(self._on_settings_changed)
         self.accept_button.changed.connect(lambda: self.accept_selected_region())
         self.reject_button.changed.connect(lambda: self.reject_selected_region())
+        self.undo_button.changed.connect(lambda: self.undo())
+        self.redo_button.changed.connect(lambda: self.redo())
+        self.review_button.changed.connect(self._on_review_clicked)
         self.finetune_button.changed.connect(lambda: self.finetune())
         self.adapt_button.changed.connect(lambda: self.adapt())
         self.revert_button.changed.connect(lambda: self.revert())
@@ -200,14 +249,17 @@ class AnomalyReviewWidget(Container):
         self.device.changed.connect(self._on_device_changed)
         self.flips.changed.connect(self._on_flips_changed)
         self.regions.native.itemSelectionChanged.connect(self._on_region_selected)
-        self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._on_layer_renamed)
         self._bind_keys()
         self._on_device_changed()
         try:
             _ = self.session  # load the model now, so its name and threshold show at once
         except (OSError, ValueError) as error:
             self._say(f"Cannot load the model: {error}", error=True)
+        self._on_image_chosen()
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -221,17 +273,77 @@ class AnomalyReviewWidget(Container):
     def _image_layer_names(self, *_: Any) -> list[str]:
         return [layer.name for layer in self.viewer.layers if self._is_scan_layer(layer)]
 
+    def reset_choices(self, *args: Any) -> None:
+        """Re-read the layer and model lists (napari calls this when layers change).
+
+        The image shown stays chosen, also when it was renamed.
+        """
+        # The layer last chosen, found by identity: its name may just have changed.
+        shown = self._shown_ref() if self._shown_ref is not None else None
+        if shown is not None and shown not in self.viewer.layers:
+            shown = None
+        with self.image_layer.changed.blocked():
+            super().reset_choices(*args)
+            if shown is not None and shown.name in self.image_layer.choices:
+                self.image_layer.value = shown.name
+        layer = self._shown_layer()
+        if layer is not shown or (layer is not None and layer.name != self._rendered_name):
+            self._on_image_chosen()
+
     def _refresh_layer_choices(self, *_: Any) -> None:
-        self.image_layer.reset_choices()
+        self.reset_choices()
+
+    def _on_layer_inserted(self, event: Any) -> None:
+        layer = event.value
+        metadata = layer.metadata
+        case_id, role = metadata.get(CASE_ID_KEY), metadata.get(ROLE_KEY)
+        if case_id is not None:
+            # napari's *Duplicate layer* copies the metadata: a copy is not the case's layer.
+            twins = [
+                other
+                for other in self.viewer.layers
+                if other is not layer
+                and other.metadata.get(CASE_ID_KEY) == case_id
+                and other.metadata.get(ROLE_KEY) == role
+            ]
+            if twins:
+                metadata.pop(CASE_ID_KEY)
+        layer.events.name.connect(self._on_layer_renamed)
+        self._refresh_layer_choices()
+
+    def _on_layer_renamed(self, event: Any) -> None:
+        layer = event.source
+        case_id = self._case_id_of(layer) if self._is_scan_layer(layer) else None
+        session = self._session
+        if case_id is not None and session is not None and case_id in session.cases:
+            old_name = session.cases[case_id].name
+            if old_name != layer.name:
+                session.rename(case_id, layer.name)
+                # The maps and the mask follow the scan's name unless the user named them.
+                for role, suffix in DERIVED_SUFFIXES.items():
+                    derived = self._derived_layer(case_id, role)
+                    if derived is not None and derived.name == f"{old_name} {suffix}":
+                        derived.name = f"{layer.name} {suffix}"
+        self._refresh_layer_choices()
 
     def _bind_keys(self) -> None:
         bindings = {
             "Shift-N": lambda viewer: self.select_next_region(),
             "Shift-A": lambda viewer: self.accept_selected_region(),
             "Shift-R": lambda viewer: self.reject_selected_region(),
+            "Shift-M": lambda viewer: self.mark_reviewed(),
         }
         for key, action in bindings.items():
             self.viewer.bind_key(key, action, overwrite=True)
+        # Within the widget (and its children): one history per case, whatever the action.
+        self._undo_shortcut = QShortcut(QKeySequence(UNDO_KEYS), self.native)
+        self._redo_shortcut = QShortcut(QKeySequence(REDO_KEYS), self.native)
+        for shortcut, action in (
+            (self._undo_shortcut, self.undo),
+            (self._redo_shortcut, self.redo),
+        ):
+            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(action)
 
     def _say(self, message: str, error: bool = False) -> None:
         self.status.value = message
@@ -275,6 +387,147 @@ class AnomalyReviewWidget(Container):
             QApplication.processEvents()
             time.sleep(0.01)
         QApplication.processEvents()
+
+    # ------------------------------------------------------------------ cases
+    def _case_id_of(self, layer: Any, create: bool = False) -> str | None:
+        """The case id a scan layer carries; with ``create``, give it one if it has none.
+
+        A layer carrying the id of another open layer's case (a copy made
+        before the widget was opened) gets a case of its own.
+        """
+        metadata = layer.metadata
+        case_id = metadata.get(CASE_ID_KEY)
+        if case_id is not None:
+            owner = self._case_layers.get(case_id)
+            owner_layer = owner() if owner is not None else None
+            if owner_layer is None or owner_layer is layer or owner_layer not in self.viewer.layers:
+                self._case_layers[case_id] = weakref.ref(layer)
+                return case_id
+        if not create:
+            return None
+        case_id = self.session.new_case_id()
+        metadata[CASE_ID_KEY] = case_id
+        self._case_layers[case_id] = weakref.ref(layer)
+        return case_id
+
+    def _scan_layer_of(self, case_id: str) -> Image | None:
+        ref = self._case_layers.get(case_id)
+        layer = ref() if ref is not None else None
+        return layer if layer is not None and layer in self.viewer.layers else None
+
+    def _derived_layer(self, case_id: str, role: str) -> Any:
+        for layer in self.viewer.layers:
+            metadata = layer.metadata or {}
+            if metadata.get(CASE_ID_KEY) == case_id and metadata.get(ROLE_KEY) == role:
+                return layer
+        return None
+
+    def _shown_layer(self) -> Image | None:
+        name = self.image_layer.value
+        if not name or name not in self.viewer.layers:
+            return None
+        return self.viewer.layers[name]
+
+    def _shown_case(self) -> Case | None:
+        layer = self._shown_layer()
+        if layer is None or self._session is None:
+            return None
+        return self._session.cases.get(self._case_id_of(layer))
+
+    def case(self, layer_name: str | None = None) -> Case | None:
+        """The review case of an image layer (default: the one chosen in **Image**).
+
+        ``None`` when the layer has not been localised.
+        """
+        if layer_name is None:
+            return self._shown_case()
+        if layer_name not in self.viewer.layers or self._session is None:
+            return None
+        return self._session.cases.get(self._case_id_of(self.viewer.layers[layer_name]))
+
+    def _on_image_switched(self, *_: Any) -> None:
+        """Another image was chosen: show its case, and make its mask the layer to paint on."""
+        self._on_image_chosen()
+        case = self._shown_case()
+        mask = self._derived_layer(case.case_id, "mask") if case is not None else None
+        if mask is not None:
+            self.viewer.layers.selection.active = mask
+
+    def _on_image_chosen(self, *_: Any) -> None:
+        layer = self._shown_layer()
+        self._shown_ref = weakref.ref(layer) if layer is not None else None
+        self._render_shown_case()
+
+    def _case_summary(self, case: Case) -> str:
+        warning = self.domain_warnings.get(case.case_id)
+        regions = len(self._regions) if self._table_case == case.case_id else len(case.regions())
+        if case.reviewed:
+            text = (
+                f"{case.name}: reviewed, the mask is final ({int(case.mask.sum())} voxels, "
+                f"{regions} region(s); model {case.model_name}). Reopen it to change it."
+            )
+        else:
+            text = (
+                f"{case.name}: {regions} region(s) at threshold {case.threshold:.2f}, "
+                f"peak score {case.anomaly_map.max():.2f} (model {case.model_name})."
+            )
+        return text + (f" Warning: {warning}" if warning else "")
+
+    def _render_shown_case(self, note: str = "", error: bool = False) -> None:
+        """Show the chosen case everywhere: settings, table, buttons and status line."""
+        layer = self._shown_layer()
+        case = self._shown_case()
+        editable = case is not None and not case.reviewed
+        with (
+            self.threshold.changed.blocked(),
+            self.min_region_size.changed.blocked(),
+            self.min_region_mm.changed.blocked(),
+        ):
+            if case is not None:
+                self.threshold.value = case.threshold
+                self.min_region_size.value = case.min_region_voxels
+                self.min_region_mm.value = case.min_region_mm
+            elif self._session is not None:
+                self.threshold.value = self._session.default_threshold
+        for control in (
+            self.threshold,
+            self.min_region_size,
+            self.min_region_mm,
+            self.accept_button,
+            self.reject_button,
+        ):
+            control.enabled = editable
+        self.review_button.enabled = case is not None
+        self.review_button.text = (
+            "Reopen for editing"
+            if case is not None and case.reviewed
+            else "Mark reviewed (Shift-M)"
+        )
+        self.undo_button.enabled = case is not None and bool(case.undo_steps)
+        self.redo_button.enabled = case is not None and bool(case.redo_steps)
+        self.undo_button.tooltip = (
+            f"Undo {case.undo_steps[-1].action}" if self.undo_button.enabled else None
+        )
+        self.redo_button.tooltip = (
+            f"Redo {case.redo_steps[-1].action}" if self.redo_button.enabled else None
+        )
+        self._refresh_regions(case)
+        self._rendered_name = layer.name if layer is not None else None
+        if layer is None:
+            summary = "Choose an image layer and press Localise."
+        elif case is None:
+            summary = f"{layer.name}: not localised yet; press Localise."
+        else:
+            summary = self._case_summary(case)
+        self._say(summary + (f" {note}" if note else ""), error=error)
+
+    def _after_change(self, case_id: str, note: str = "") -> None:
+        """Re-render after a case changed: all of it when shown, else a note naming it."""
+        shown = self._shown_case()
+        if shown is not None and shown.case_id == case_id:
+            self._render_shown_case(note)
+        elif note and self._session is not None and case_id in self._session.cases:
+            self._say(f"{self._session.cases[case_id].name}: {note}")
 
     # ------------------------------------------------------------------ jobs
     def _start(self, job: Job, label: str, on_done) -> None:
@@ -370,8 +623,11 @@ class AnomalyReviewWidget(Container):
     def localise(self, layer_name: str | None = None, wait: bool = False) -> None:
         """Localise anomalies in an image layer (default: the chosen one).
 
-        Adds or updates ``<image> anomaly``, ``<image> confidence`` and
-        ``<image> mask``. With ``wait=True`` returns when the job has ended.
+        Chooses that layer in **Image** (its case is shown), and adds or
+        updates ``<image> anomaly``, ``<image> confidence`` and ``<image>
+        mask``. A case already localised keeps its edits, threshold and
+        history; a reviewed case is refused (reopen it first). With
+        ``wait=True`` returns when the job has ended.
         """
         if self.busy:
             self._say("A job is running; cancel it or wait.", error=True)
@@ -385,64 +641,34 @@ class AnomalyReviewWidget(Container):
         except (OSError, ValueError) as error:
             self._say(f"Cannot load the model: {error}", error=True)
             return
+        if layer.name != self.image_layer.value and layer.name in self.image_layer.choices:
+            self.image_layer.value = layer.name
+        case_id = self._case_id_of(layer, create=True)
+        case = session.cases.get(case_id)
+        if case is not None and case.reviewed:
+            self._render_shown_case("Not localised again: reopen it first.", error=True)
+            return
+        if case is not None:
+            self._sync_edits(case_id)
         geometry = geometry_from_layer(layer)
         image = np.asarray(layer.data)
-        job = session.localise(layer.name, image, geometry)
+        job = session.localise(case_id, image, geometry, name=layer.name)
         self._start(job, f"Localising {layer.name}", self._on_localised)
-        self._check_domain(layer.name, image, session.localiser)
+        self._check_domain(case_id, layer.name, image, session.localiser)
         if wait:
             self.wait()
 
-    def _on_localised(self, case) -> None:
-        # The geometry (direction included) goes into each layer's metadata, so
-        # napari's own "Save layer" with our writer restores it too.
-        common = layer_kwargs_from_geometry(case.geometry, case.name)
-        del common["name"]
-        if case.name in self.viewer.layers:
-            # Follow the scan layer exactly, whatever its geometry metadata says.
-            scan = self.viewer.layers[case.name]
-            common.update(scale=scan.scale, translate=scan.translate)
-        self._set_layer(
-            Image,
-            f"{case.name} anomaly",
-            case.anomaly_map,
-            colormap="inferno",
-            contrast_limits=(0.0, 1.0),
-            blending="additive",
-            opacity=0.6,
-            role="anomaly_map",
-            **common,
-        )
-        self._set_layer(
-            Image,
-            f"{case.name} confidence",
-            case.confidence_map,
-            colormap="viridis",
-            contrast_limits=(0.0, 1.0),
-            visible=False,
-            role="confidence_map",
-            **common,
-        )
-        self._set_layer(
-            Labels,
-            f"{case.name} mask",
-            case.mask.astype(np.uint8),
-            opacity=0.5,
-            role="mask",
-            **common,
-        )
-        self._shown_case = case.name
-        with self.threshold.changed.blocked():
-            self.threshold.value = case.threshold
-        self._refresh_regions()
-        warning = self.domain_warnings.get(case.name)
-        self._say(
-            f"{case.name}: peak score {case.anomaly_map.max():.2f}, "
-            f"{len(self._regions)} region(s) at threshold {case.threshold:.2f} "
-            f"(model {case.model_name})." + (f" Warning: {warning}" if warning else "")
-        )
+    def _on_localised(self, case: Case) -> None:
+        self._show_layers(case)
+        shown = self._shown_case()
+        if shown is not None and shown.case_id == case.case_id:
+            self._render_shown_case()
+        else:
+            self._render_shown_case(f"({case.name} localised.)")
 
-    def _check_domain(self, name: str, image: np.ndarray, localiser: Localiser) -> None:
+    def _check_domain(
+        self, case_id: str, name: str, image: np.ndarray, localiser: Localiser
+    ) -> None:
         """Warn (status line and a napari notification) when the scan is unlike the training
         data; the warning stays with the case and is repeated with its result."""
         try:
@@ -450,87 +676,197 @@ class AnomalyReviewWidget(Container):
         except ValueError:
             return  # the localise job itself reports what is wrong with the image
         if warning:
-            self.domain_warnings[name] = warning
+            self.domain_warnings[case_id] = warning
             self._say(f"Warning: {warning}")
             show_warning(warning)
         else:
-            self.domain_warnings.pop(name, None)
+            self.domain_warnings.pop(case_id, None)
 
-    def _set_layer(self, kind, name: str, data: np.ndarray, role: str, **kwargs: Any) -> None:
-        kwargs["metadata"] = {**kwargs["metadata"], ROLE_KEY: role}
-        if name in self.viewer.layers and isinstance(self.viewer.layers[name], kind):
-            layer = self.viewer.layers[name]
-            layer.data = data
+    def _show_layers(self, case: Case) -> None:
+        """Add or update the anomaly, confidence and mask layers of a case."""
+        # The geometry (direction included) goes into each layer's metadata, so
+        # napari's own "Save layer" with our writer restores it too.
+        common = layer_kwargs_from_geometry(case.geometry, case.name)
+        del common["name"]
+        scan = self._scan_layer_of(case.case_id)
+        if scan is not None:
+            # Follow the scan layer exactly, whatever its geometry metadata says.
+            common.update(scale=scan.scale, translate=scan.translate)
+        self._set_layer(
+            Image,
+            case,
+            "anomaly_map",
+            case.anomaly_map,
+            colormap="inferno",
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+            opacity=0.6,
+            **common,
+        )
+        self._set_layer(
+            Image,
+            case,
+            "confidence_map",
+            case.confidence_map,
+            colormap="viridis",
+            contrast_limits=(0.0, 1.0),
+            visible=False,
+            **common,
+        )
+        # Strokes made on the old mask while the job ran are the reviewer's: keep them.
+        mask_layer = self._derived_layer(case.case_id, "mask")
+        if mask_layer is not None and mask_layer.data.shape == case.shape:
+            self._sync_edits(case.case_id)
+        self._set_layer(Labels, case, "mask", case.mask.astype(np.uint8), opacity=0.5, **common)
+
+    def _set_layer(self, kind, case: Case, role: str, data: np.ndarray, **kwargs: Any) -> None:
+        kwargs["metadata"] = {**kwargs["metadata"], ROLE_KEY: role, CASE_ID_KEY: case.case_id}
+        layer = self._derived_layer(case.case_id, role)
+        if layer is not None and not isinstance(layer, kind):
+            self.viewer.layers.remove(layer)
+            layer = None
+        if layer is None:
+            adder = self.viewer.add_image if kind is Image else self.viewer.add_labels
+            layer = adder(data, name=f"{case.name} {DERIVED_SUFFIXES[role]}", **kwargs)
+        else:
+            with self._rendering_guard():
+                layer.data = data
             layer.scale = kwargs["scale"]
             layer.translate = kwargs["translate"]
             layer.metadata.update(kwargs["metadata"])
-        else:
-            if name in self.viewer.layers:
-                self.viewer.layers.remove(name)
-            adder = self.viewer.add_image if kind is Image else self.viewer.add_labels
-            adder(data, name=name, **kwargs)
+        if role == "mask":
+            self._rendered[case.case_id] = np.asarray(layer.data) != 0
+            self._watch_mask(layer, case.case_id)
 
     # ------------------------------------------------------------------ review
-    def _current_case_name(self) -> str | None:
-        name = self.image_layer.value
-        if self._session is not None and name in self._session.cases:
-            return name
-        return self._shown_case
+    @contextmanager
+    def _rendering_guard(self):
+        """While the widget itself writes a mask layer, its data events are not edits."""
+        previous, self._rendering = self._rendering, True
+        try:
+            yield
+        finally:
+            self._rendering = previous
 
-    def _sync_edits(self, name: str) -> None:
-        """Fold brush/eraser strokes on the mask layer into the session's edits.
-
-        An edit is a voxel whose value the reviewer changed: painted where the
-        automatic mask was empty, or erased where it was marked (napari itself
-        reports only such changes). Those voxels keep their state at any
-        threshold; untouched voxels follow the threshold.
-        """
-        layer_name = f"{name} mask"
-        if layer_name not in self.viewer.layers:
+    def _watch_mask(self, layer: Labels, case_id: str) -> None:
+        """Record the reviewer's strokes on a case's mask layer as they happen."""
+        if layer in self._watched:
             return
-        data = np.asarray(self.viewer.layers[layer_name].data)
-        case = self.session.cases[name]
-        if data.shape != case.auto_mask.shape:
+        self._watched.add(layer)
+        # napari reports a scripted paint() before it writes the voxels: read them after.
+        layer.events.paint.connect(lambda event: self._queue_sync(case_id))
+        layer.events.data.connect(lambda event: self._on_mask_data(case_id))
+        # Ctrl-Z on the canvas undoes the case's last action of any kind, not only
+        # napari's record of brush strokes (the layer's own binding wins over the class's).
+        layer.bind_key(
+            KeyMod.CtrlCmd | KeyCode.KeyZ,
+            lambda layer: self._step_history(True, case_id),
+            overwrite=True,
+        )
+        layer.bind_key(
+            KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ,
+            lambda layer: self._step_history(False, case_id),
+            overwrite=True,
+        )
+
+    def _on_mask_data(self, case_id: str) -> None:
+        if not self._rendering:
+            self._sync_edits(case_id)
+
+    def _queue_sync(self, case_id: str) -> None:
+        self._pending_sync.add(case_id)
+        QTimer.singleShot(0, self._flush_syncs)
+
+    def _flush_syncs(self) -> None:
+        pending, self._pending_sync = self._pending_sync, set()
+        for case_id in pending:
+            self._sync_edits(case_id)
+
+    def _sync_edits(self, case_id: str) -> None:
+        """Fold brush/eraser strokes on a case's mask layer into the session.
+
+        A stroke is what differs from the mask the widget last put in the
+        layer: painted voxels stay marked and erased voxels stay empty at any
+        threshold. A reviewed case keeps its approved mask: the stroke is
+        undone and the status line says why.
+        """
+        session = self._session
+        layer = self._derived_layer(case_id, "mask")
+        if session is None or layer is None or case_id not in session.cases:
+            return
+        case = session.cases[case_id]
+        data = np.asarray(layer.data)
+        if data.shape != case.shape:
             self._say(
-                f"The mask layer has shape {data.shape} but the case has {case.auto_mask.shape}; "
-                "edits ignored.",
+                f"The mask layer {layer.name!r} has shape {data.shape} but the case has "
+                f"{case.shape}; edits ignored.",
                 error=True,
             )
             return
-        if not np.array_equal(data != 0, case.mask):
-            self.session.record_edits(name, data)
+        edited = data != 0
+        shown = self._rendered.get(case_id)
+        if shown is None or shown.shape != edited.shape:
+            shown = case.mask
+        if np.array_equal(edited, shown):
+            return
+        if case.reviewed:
+            self._render_mask(case, force=True)
+            self._after_change(case_id, "The stroke was undone: reopen the case to edit it.")
+            return
+        session.record_edits(case_id, edited, shown_mask=shown)
+        self._render_mask(case)
+        self._after_change(case_id)
 
-    def _show_mask(self, name: str, mask: np.ndarray) -> None:
-        layer_name = f"{name} mask"
-        if layer_name in self.viewer.layers:
-            self.viewer.layers[layer_name].data = mask.astype(np.uint8)
-        self._refresh_regions()
+    def _render_mask(self, case: Case, force: bool = False) -> None:
+        """Put the case's mask into its layer (when it differs from what the layer holds)."""
+        layer = self._derived_layer(case.case_id, "mask")
+        if layer is None:
+            return
+        mask = case.mask
+        if force or not np.array_equal(np.asarray(layer.data) != 0, mask):
+            with self._rendering_guard():
+                layer.data = mask.astype(np.uint8)
+        self._rendered[case.case_id] = np.array(mask, dtype=bool)
 
     def set_threshold(self, threshold: float, min_region_size: int | None = None) -> None:
-        """Re-threshold the current case (no network run), keeping the reviewer's edits."""
+        """Re-threshold the shown case (no network run), keeping the reviewer's edits.
+
+        One undo step. A reviewed case is left as approved (the status line says so).
+        """
         with self.threshold.changed.blocked(), self.min_region_size.changed.blocked():
             self.threshold.value = threshold
             if min_region_size is not None:
                 self.min_region_size.value = min_region_size
-        self._on_threshold_changed()
+        self._apply_settings(merge=False)
 
-    def _on_threshold_changed(self, *_: Any) -> None:
-        name = self._current_case_name()
-        if name is None or self._session is None or name not in self._session.cases:
-            return
-        self._sync_edits(name)
-        spacing = self.session.cases[name].geometry.spacing
-        size = min_voxels(self.min_region_size.value, self.min_region_mm.value, spacing)
-        mask = self.session.threshold(name, self.threshold.value, size)
-        self._show_mask(name, mask)
+    def _on_settings_changed(self, *_: Any) -> None:
+        # A slider drag or a number being typed is one undo step.
+        self._apply_settings(merge=True)
 
-    def _refresh_regions(self) -> None:
-        name = self._current_case_name()
-        if name is None:
+    def _apply_settings(self, merge: bool) -> None:
+        case = self._shown_case()
+        if case is None:
             return
-        case = self.session.cases[name]
-        self._regions = case.regions()
-        unit = "mm³" if case.image.ndim == 3 else "mm²"
+        if case.reviewed:
+            self._render_shown_case(
+                f"{case.name} is marked reviewed; reopen it to change the threshold."
+            )
+            return
+        self._sync_edits(case.case_id)
+        self.session.threshold(
+            case.case_id,
+            self.threshold.value,
+            self.min_region_size.value,
+            self.min_region_mm.value,
+            merge=merge,
+        )
+        self._render_mask(case)
+        self._render_shown_case()
+
+    def _refresh_regions(self, case: Case | None) -> None:
+        self._regions = case.regions() if case is not None else []
+        self._table_case = case.case_id if case is not None else None
+        unit = "mm³" if case is not None and case.image.ndim == 3 else "mm²"
         rows = {
             "#": [r.label for r in self._regions],
             "size": [f"{r.size_physical:.0f} {unit}" for r in self._regions],
@@ -544,6 +880,7 @@ class AnomalyReviewWidget(Container):
         self.regions.value = rows
 
     def selected_region(self) -> Region | None:
+        """The region selected in the table (of the shown case), if any."""
         rows = sorted({index.row() for index in self.regions.native.selectedIndexes()})
         if not rows or rows[0] >= len(self._regions):
             return None
@@ -553,7 +890,13 @@ class AnomalyReviewWidget(Container):
         """Select a row of the region table and centre the view on that region."""
         if not 0 <= row < len(self._regions):
             return
-        self.regions.native.selectRow(row)
+        # Through the selection model: QTableWidget.selectRow would toggle the row
+        # while a modifier key is down.
+        table = self.regions.native
+        flags = QItemSelectionModel.SelectionFlag
+        table.selectionModel().select(
+            table.model().index(row, 0), flags.ClearAndSelect | flags.Rows
+        )
         self._centre_on(self._regions[row])
 
     def select_next_region(self) -> None:
@@ -583,28 +926,99 @@ class AnomalyReviewWidget(Container):
         )
 
     def accept_selected_region(self) -> None:
+        """Keep the selected region of the shown case at any threshold (one undo step)."""
         self._edit_selected_region(accept=True)
 
     def reject_selected_region(self) -> None:
+        """Erase the selected region of the shown case at any threshold (one undo step)."""
         self._edit_selected_region(accept=False)
 
     def _edit_selected_region(self, accept: bool) -> None:
-        name = self._current_case_name()
+        case = self._shown_case()
         region = self.selected_region()
-        if name is None or region is None:
+        if case is None or region is None or self._table_case != case.case_id:
             self._say("Select a region in the table first.")
             return
-        self._sync_edits(name)
-        if accept:
-            mask = self.session.accept_region(name, region)
+        if case.reviewed:
+            self._render_shown_case(f"{case.name} is marked reviewed; reopen it to change it.")
+            return
+        self._sync_edits(case.case_id)
+        try:
+            if accept:
+                self.session.accept_region(case.case_id, region)
+            else:
+                self.session.reject_region(case.case_id, region)
+        except ValueError as error:  # the mask changed under the selection
+            self._render_shown_case(str(error), error=True)
+            return
+        self._render_mask(case)
+        self._render_shown_case(f"Region {region.label} {'accepted' if accept else 'rejected'}.")
+
+    def mark_reviewed(self) -> None:
+        """Mark the shown case reviewed: its mask is final (one undo step).
+
+        No threshold, edit, re-localisation or fine-tuning changes it
+        afterwards, and :meth:`export` writes exactly this mask. Undo, or
+        *Reopen for editing*, opens it again.
+        """
+        case = self._shown_case()
+        if case is None:
+            self._say("Localise the image first.")
+            return
+        if case.reviewed:
+            self._render_shown_case()
+            return
+        self._sync_edits(case.case_id)
+        self.session.mark_reviewed(case.case_id)
+        self._render_mask(case)
+        self._render_shown_case()
+
+    def reopen(self) -> None:
+        """Open the shown (reviewed) case for changes again (one undo step)."""
+        case = self._shown_case()
+        if case is None or not case.reviewed:
+            return
+        self.session.reopen(case.case_id)
+        self._render_shown_case("Reopened for editing.")
+
+    def _on_review_clicked(self) -> None:
+        case = self._shown_case()
+        if case is not None and case.reviewed:
+            self.reopen()
         else:
-            mask = self.session.reject_region(name, region)
-        self._show_mask(name, mask)
-        self._say(f"Region {region.label} {'accepted' if accept else 'rejected'}.")
+            self.mark_reviewed()
+
+    def undo(self) -> None:
+        """Undo the shown case's last action: a stroke, accept/reject, a threshold or
+        minimum-size change, or Mark reviewed."""
+        self._step_history(True)
+
+    def redo(self) -> None:
+        """Redo the shown case's last undone action."""
+        self._step_history(False)
+
+    def _step_history(self, undo: bool, case_id: str | None = None) -> None:
+        if case_id is None:
+            case = self._shown_case()
+            case_id = case.case_id if case is not None else None
+        if case_id is None or self._session is None or case_id not in self._session.cases:
+            self._say(f"Nothing to {'undo' if undo else 'redo'}.")
+            return
+        self._sync_edits(case_id)  # a stroke not recorded yet is the last action
+        session = self._session
+        step = session.undo(case_id) if undo else session.redo(case_id)
+        self._render_mask(session.cases[case_id])
+        verb = "Undid" if undo else "Redid"
+        note = f"{verb} {step.action}." if step else f"Nothing to {'undo' if undo else 'redo'}."
+        self._after_change(case_id, note)
 
     # ------------------------------------------------------------------ fine-tune
     def finetune(self, steps: int | None = None, wait: bool = False) -> None:
-        """Fine-tune the current model on every corrected case of the session."""
+        """Fine-tune the current model on every corrected or reviewed case of the session.
+
+        When it ends, the open cases not yet reviewed are localised again with
+        the new version (keeping every edit); reviewed cases stay as approved.
+        """
         if self.busy:
             self._say("A job is running; cancel it or wait.", error=True)
             return
@@ -612,8 +1026,8 @@ class AnomalyReviewWidget(Container):
         if self._session is None or not self._session.cases:
             self._say("Localise and correct a case first.", error=True)
             return
-        for name in self.session.cases:
-            self._sync_edits(name)
+        for case_id in list(self.session.cases):
+            self._sync_edits(case_id)
         if not self.session.corrected_cases():
             self._say("No corrections yet: paint or erase on a mask layer first.", error=True)
             return
@@ -633,11 +1047,38 @@ class AnomalyReviewWidget(Container):
             f"On {len(outcome.cases)} corrected case(s): before {fmt(outcome.before)}; "
             f"after {fmt(outcome.after)}"
         )
-        self._say(f"New model version {outcome.localiser.name}; re-localising...")
-        name = self._current_case_name()
-        if name is not None and name in self.viewer.layers:
-            # Re-localise with the new version once this job has finished.
-            self._then = lambda: self.localise(name)
+        self._say(f"New model version {outcome.localiser.name}.")
+        self._then = self._relocalise_open_cases
+
+    def _relocalise_open_cases(self) -> None:
+        """Localise the open cases not yet reviewed again with the current model version."""
+        session = self.session
+        pending = [
+            case_id
+            for case_id, case in session.cases.items()
+            if not case.reviewed and self._scan_layer_of(case_id) is not None
+        ]
+        if not pending:
+            self._render_shown_case(f"Model {session.localiser.name}; no open case to update.")
+            return
+        for case_id in pending:
+            self._sync_edits(case_id)
+        names = ", ".join(session.cases[c].name for c in pending)
+        self._start(
+            session.relocalise(pending),
+            f"Re-localising {names} with {session.localiser.name} (reviewed cases stay)",
+            self._on_relocalised,
+        )
+
+    def _on_relocalised(self, cases: list[Case]) -> None:
+        for case in cases:
+            self._show_layers(case)
+        reviewed = [c.name for c in self.session.cases.values() if c.reviewed]
+        self._render_shown_case(
+            f"Re-localised {', '.join(c.name for c in cases) or 'nothing'} with "
+            f"{self.session.localiser.name}"
+            + (f"; {', '.join(reviewed)} stay as approved." if reviewed else ".")
+        )
 
     # ------------------------------------------------------------------ adapt
     def _scans_to_adapt_on(
@@ -693,10 +1134,7 @@ class AnomalyReviewWidget(Container):
         self._refresh_models()
         scans = localiser.metadata["training"]["data"]
         self._say(f"New model version {localiser.name}, adapted to {scans}.")
-        name = self._current_case_name()
-        if name is not None and name in self.viewer.layers:
-            self._say(f"New model version {localiser.name}, adapted to {scans}; re-localising...")
-            self._then = lambda: self.localise(name)
+        self._then = self._relocalise_open_cases
 
     def revert(self, index: int | None = None) -> None:
         """Make an earlier model version current (default: the previous one)."""
@@ -762,17 +1200,22 @@ class AnomalyReviewWidget(Container):
         overwrite: bool = False,
         case: str | None = None,
     ) -> list[Path]:
-        """Export the corrected mask (and optionally the anomaly map) with a JSON sidecar.
+        """Export the mask of the shown case (or of the image layer named ``case``).
 
+        Writes the mask (for a reviewed case exactly the approved one; optionally
+        the anomaly map) in the scan's format and geometry with a JSON sidecar.
         Raises ``FileExistsError`` rather than overwrite without ``overwrite``.
         """
-        name = case or self._current_case_name()
-        if name is None or self._session is None or name not in self._session.cases:
-            raise ValueError("nothing to export: localise an image first")
-        self._sync_edits(name)
+        target = self.case(case)
+        if target is None:
+            raise ValueError("nothing to export: localise the image first")
+        self._sync_edits(target.case_id)
         include = self.export_anomaly.value if include_anomaly_map is None else include_anomaly_map
-        written = self.session.export(name, path, include, overwrite=overwrite)
-        self._say(f"Exported {', '.join(p.name for p in written)}.")
+        written = self.session.export(target.case_id, path, include, overwrite=overwrite)
+        state = "approved mask" if target.reviewed else "not marked reviewed"
+        self._after_change(
+            target.case_id, f"Exported {', '.join(p.name for p in written)} ({state})."
+        )
         return written
 
     def _on_export_clicked(self) -> None:

@@ -1,0 +1,254 @@
+"""Several cases in one review: the case shown is the case acted on; reviewed means final;
+every action can be undone (issue 11). Driven like a reviewer would, under Xvfb."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import body_scan
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QApplication
+from scipy import ndimage as ndi
+
+from napari_anomaly.io import read_image
+from napari_anomaly.review import find_regions
+
+
+@pytest.fixture
+def widget(make_review_widget):
+    return make_review_widget(recommended_threshold=0.5)
+
+
+def _open(widget, name, shape=(40, 48), seed=0):
+    """Add a scan layer, choose it in **Image** and press Localise, as a reviewer does
+    (the tiny model's map is fixed by its seed)."""
+    widget.viewer.add_image(body_scan(shape, seed), name=name)
+    widget.image_layer.value = name
+    widget.localise_button.clicked.emit()
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    return widget.viewer.layers[f"{name} mask"]
+
+
+def _table(widget):
+    """The region table as the reviewer reads it: (rank, size) per row."""
+    return [(int(row[0]), row[1]) for row in widget.regions.value["data"]]
+
+
+def _expected_table(viewer, name):
+    """The table a case should show, worked out from its mask and anomaly layers."""
+    mask = np.asarray(viewer.layers[f"{name} mask"].data)
+    regions = find_regions(mask, viewer.layers[f"{name} anomaly"].data, rank_by="mass")
+    return regions, [(r.label, f"{r.size_physical:.0f} mm²") for r in regions]
+
+
+def _component_sizes(mask):
+    labels, count = ndi.label(np.asarray(mask) != 0, structure=np.ones((3,) * mask.ndim))
+    return np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
+def test_the_case_in_the_dropdown_owns_table_status_and_reject(widget):
+    viewer = widget.viewer
+    a_mask = _open(widget, "A", (40, 48))
+    b_mask = _open(widget, "B", (32, 32), seed=3)
+    a_before = np.asarray(a_mask.data).copy()
+    b_before = np.asarray(b_mask.data).copy()
+    a_regions, a_table = _expected_table(viewer, "A")
+    _, b_table = _expected_table(viewer, "B")
+    assert a_regions and a_table != b_table, "the two cases must look different"
+    assert _table(widget) == b_table, "the case just localised is shown"
+
+    widget.image_layer.value = "A"
+    assert _table(widget) == a_table, "the table must list the regions of the case chosen"
+    assert widget.status.value.startswith("A:"), widget.status.value
+    assert viewer.layers.selection.active is a_mask, "the brush paints on the case shown"
+
+    widget.select_region(0)
+    widget.reject_selected_region()
+    a_after = np.asarray(a_mask.data) != 0
+    removed = (a_before != 0) & ~a_after
+    assert int(removed.sum()) == a_regions[0].voxel_count, "exactly the region in row 1"
+    assert not (a_after & (a_before == 0)).any()
+    np.testing.assert_array_equal(b_mask.data, b_before)
+
+    # Back to B: its own table, untouched; a scan not localised yet shows nothing to act on.
+    widget.image_layer.value = "B"
+    assert _table(widget) == b_table and widget.status.value.startswith("B:")
+    viewer.add_image(body_scan((32, 32), seed=5), name="C")
+    widget.image_layer.value = "C"
+    assert _table(widget) == [] and "C" in widget.status.value
+    widget.reject_selected_region()
+    np.testing.assert_array_equal(b_mask.data, b_before)
+    np.testing.assert_array_equal(np.asarray(a_mask.data) != 0, a_after)
+
+
+def test_renaming_the_image_keeps_its_case_and_edits(widget):
+    viewer = widget.viewer
+    mask = _open(widget, "scan")
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1  # paint in the empty background
+    edited[edited.shape[0] // 2, :] = 0  # erase a line through the middle
+    mask.data = edited
+
+    viewer.layers["scan"].name = "scan 2"
+    assert widget.image_layer.value == "scan 2"
+    assert widget.status.value.startswith("scan 2:"), widget.status.value
+    assert _table(widget), "the renamed scan still shows its regions"
+
+    widget.localise(wait=True)
+    assert widget.last_error is None, widget.last_error
+    assert len(widget.session.cases) == 1, "a rename is not a new case"
+    assert sorted(layer.name for layer in viewer.layers) == [
+        "scan 2",
+        "scan 2 anomaly",
+        "scan 2 confidence",
+        "scan 2 mask",
+    ]
+    np.testing.assert_array_equal(viewer.layers["scan 2 mask"].data != 0, edited != 0)
+
+    # A copy (napari's *Duplicate layer* copies the metadata too) is a scan of its own.
+    original = viewer.layers["scan 2"]
+    viewer.add_image(original.data.copy(), name="scan 2 copy", metadata=dict(original.metadata))
+    widget.image_layer.value = "scan 2 copy"
+    assert widget.case() is None and _table(widget) == []
+    widget.image_layer.value = "scan 2"
+    assert widget.case().corrected and _table(widget)
+
+
+def test_undo_brings_a_rejected_region_back_and_redo_rejects_it_again(widget):
+    mask = _open(widget, "scan")
+    before = np.asarray(mask.data).copy()
+    table = _table(widget)
+    widget.select_region(0)
+    widget.reject_selected_region()
+    rejected = np.asarray(mask.data).copy()
+    assert (rejected != before).any() and len(_table(widget)) == len(table) - 1
+
+    widget.undo()
+    np.testing.assert_array_equal(mask.data, before)
+    assert _table(widget) == table
+    widget.redo()
+    np.testing.assert_array_equal(mask.data, rejected)
+
+
+def test_one_history_per_case_covers_brush_accept_threshold_and_min_size(widget, qtbot):
+    viewer = widget.viewer
+    other = _open(widget, "other", (32, 32), seed=3)
+    other_before = np.asarray(other.data).copy()
+    mask = _open(widget, "scan")
+    states = [(np.asarray(mask.data).copy(), 0.5, widget.min_region_size.value)]
+
+    def remember():
+        states.append(
+            (np.asarray(mask.data).copy(), widget.threshold.value, widget.min_region_size.value)
+        )
+
+    widget.set_threshold(0.6)
+    remember()
+    widget.min_region_size.value = 30  # typed into the spin box
+    remember()
+    mask.brush_size = 3
+    mask.paint((2, 2), 1)  # a brush stroke, recorded through napari's paint event
+    remember()
+    widget.select_region(0)
+    accepted = widget.selected_region()
+    widget.accept_selected_region()  # the mask looks the same until the threshold moves
+    remember()
+    widget.set_threshold(0.55)
+    remember()
+    labels, _ = ndi.label(states[-2][0] != 0, structure=np.ones((3, 3)))
+    region = labels == labels[accepted.peak_position]
+    assert (states[-1][0][region] != 0).all(), "the accepted region stays"
+    assert len({s[0].tobytes() for s in states}) == len(states) - 1, "each step shows"
+
+    for data, threshold, min_size in reversed(states[:-1]):
+        widget.undo()
+        np.testing.assert_array_equal(mask.data, data)
+        assert widget.threshold.value == pytest.approx(threshold)
+        assert widget.min_region_size.value == min_size
+    widget.undo()  # nothing left: no change
+    np.testing.assert_array_equal(mask.data, states[0][0])
+    np.testing.assert_array_equal(other.data, other_before), "another case's history"
+
+    for data, threshold, _ in states[1:]:
+        widget.redo()
+        np.testing.assert_array_equal(mask.data, data)
+        assert widget.threshold.value == pytest.approx(threshold)
+
+    # The shortcuts do the same while the widget has focus.
+    viewer.window.add_dock_widget(widget)
+    viewer.window._qt_window.show()
+    widget.native.setFocus()
+    qtbot.keyClick(widget.native, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    np.testing.assert_array_equal(mask.data, states[-2][0])
+    qtbot.keyClick(
+        widget.native,
+        Qt.Key.Key_Z,
+        Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier,
+    )
+    np.testing.assert_array_equal(mask.data, states[-1][0])
+
+
+def test_threshold_changes_after_mark_reviewed_leave_the_mask_unchanged(widget):
+    mask = _open(widget, "scan")
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited
+    widget.mark_reviewed()
+    approved = np.asarray(mask.data).copy()
+    assert "reviewed" in widget.status.value
+    assert not widget.threshold.enabled and not widget.reject_button.enabled
+
+    widget.set_threshold(0.2)
+    widget.set_threshold(0.9, min_region_size=200)
+    widget.threshold.value = 0.3  # the slider itself
+    mask.paint((20, 20), 0)  # a stray eraser stroke
+    QApplication.processEvents()  # the stroke ends
+    np.testing.assert_array_equal(mask.data, approved)
+    assert widget.threshold.value == pytest.approx(0.5)
+
+    widget.undo()  # undoes Mark reviewed: the case is open again
+    widget.set_threshold(0.9)
+    assert (np.asarray(mask.data) != approved).any()
+
+
+def test_fine_tuning_keeps_a_reviewed_mask_exactly_and_the_edits_of_open_cases(widget, tmp_path):
+    viewer = widget.viewer
+    other = _open(widget, "other", (32, 32), seed=3)
+    painted = np.asarray(other.data).copy()
+    painted[1:3, 1:3] = 1
+    other.data = painted
+    mask = _open(widget, "scan")
+    grids = np.meshgrid(np.arange(40), np.arange(48), indexing="ij")
+    truth = ((grids[0] - 25) ** 2 + (grids[1] - 20) ** 2 < 30).astype(np.uint8)
+    truth[5, 5] = 1  # a one-voxel finding, below the minimum region size
+    mask.data = truth  # the reviewer sets the mask exactly to the truth
+    widget.mark_reviewed()
+
+    widget.finetune(steps=2, wait=True)
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    assert widget.session.current == 1
+    assert widget.case("scan").model_name == "unsaved model", "a reviewed case is final"
+    assert widget.case("other").model_name.endswith("+ft1"), "open cases are re-localised"
+    assert np.asarray(viewer.layers["other mask"].data)[1:3, 1:3].all(), "edits are kept"
+    np.testing.assert_array_equal(mask.data, truth)
+
+    widget.set_threshold(0.1)
+    written = widget.export(tmp_path / "scan_mask.nii.gz")
+    np.testing.assert_array_equal(read_image(written[0]).array, truth)
+    sidecar = json.loads((tmp_path / "scan_mask.json").read_text())
+    assert sidecar["reviewed"] is True and sidecar["marked_voxels"] == int(truth.sum())
+
+
+def test_regions_below_the_minimum_size_never_appear_after_lowering_the_threshold(widget):
+    mask = _open(widget, "scan")
+    widget.set_threshold(0.5, min_region_size=8)
+    mask.data = np.zeros_like(mask.data)  # the reviewer erases everything the model marked
+    widget.set_threshold(0.35)
+    sizes = _component_sizes(mask.data)
+    assert sizes.size, "a lower threshold marks new regions"
+    assert sizes.min() >= 8, f"regions of {sorted(sizes)[:5]} voxels in the mask"
+    assert all(float(size.split()[0]) >= 8 for _, size in _table(widget))

@@ -1,0 +1,255 @@
+"""ReviewSession: cases by id, reviewed means final, one undo history per case (no Qt)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_NETWORK_2D
+from scipy import ndimage as ndi
+
+from napari_anomaly.io import read_image
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet
+from napari_anomaly.progress import run_to_end
+from napari_anomaly.review import ReviewConfig
+from napari_anomaly.session import CaseReviewedError, ReviewSession
+
+
+@pytest.fixture
+def session() -> ReviewSession:
+    torch.manual_seed(0)
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    localiser = Localiser(network, metadata={"patch_size": 32, "recommended_threshold": 0.5})
+    return ReviewSession(localiser, ReviewConfig(min_region_size=5))
+
+
+def _bumps(shape=(32, 32)) -> np.ndarray:
+    """Two smooth bumps (peaks 0.9 and 0.7) on a 0.1 floor: regions grow as the threshold
+    falls."""
+    y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    first = 0.8 * np.exp(-((y - 10) ** 2 + (x - 10) ** 2) / (2 * 4.0**2))
+    second = 0.6 * np.exp(-((y - 22) ** 2 + (x - 24) ** 2) / (2 * 3.0**2))
+    return (0.1 + first + second).astype(np.float32)
+
+
+def _add(session, case_id="a", anomaly_map=None):
+    anomaly_map = _bumps() if anomaly_map is None else anomaly_map
+    return session.add_case(
+        case_id, np.zeros_like(anomaly_map), anomaly_map, name=f"scan {case_id}"
+    )
+
+
+def _state(case):
+    return (
+        case.mask.copy(),
+        case.threshold,
+        case.min_region_voxels,
+        case.reviewed,
+        case.edits.added.copy(),
+        case.edits.erased.copy(),
+    )
+
+
+def _assert_state(case, state):
+    mask, threshold, min_voxels, reviewed, added, erased = state
+    np.testing.assert_array_equal(case.mask, mask)
+    assert (case.threshold, case.min_region_voxels, case.reviewed) == (
+        threshold,
+        min_voxels,
+        reviewed,
+    )
+    np.testing.assert_array_equal(case.edits.added, added)
+    np.testing.assert_array_equal(case.edits.erased, erased)
+
+
+def _component_sizes(mask):
+    labels, count = ndi.label(mask, structure=np.ones((3,) * mask.ndim))
+    return np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
+def test_undo_and_redo_walk_every_kind_of_action_exactly(session):
+    case = _add(session)
+    states = [_state(case)]
+    edited = case.mask.copy()
+    edited[0:3, 28:31] = True  # paint
+    edited[10, :] = False  # erase a line through the first bump
+    session.record_edits("a", edited)
+    np.testing.assert_array_equal(case.mask, edited)
+    states.append(_state(case))
+    session.threshold("a", 0.3)
+    states.append(_state(case))
+    session.threshold("a", min_region_size=40)
+    states.append(_state(case))
+    region = case.regions()[0]
+    session.reject_region("a", region)
+    states.append(_state(case))
+    session.accept_region("a", case.regions()[0])
+    states.append(_state(case))
+    session.mark_reviewed("a")
+    states.append(_state(case))
+    assert [step.action for step in case.undo_steps] == [
+        "paint",
+        "threshold 0.30",
+        "threshold 0.30",
+        f"reject region {region.label}",
+        "accept region 1",
+        "mark reviewed",
+    ]
+
+    for state in reversed(states[:-1]):
+        assert session.undo("a") is not None
+        _assert_state(case, state)
+    assert session.undo("a") is None
+    for state in states[1:]:
+        assert session.redo("a") is not None
+        _assert_state(case, state)
+    assert session.redo("a") is None
+
+    # A new action after an undo drops what could have been redone.
+    session.undo("a")
+    session.undo("a")
+    session.threshold("a", 0.6)
+    assert session.redo("a") is None and not case.redo_steps
+
+
+def test_a_slider_drag_is_one_undo_step(session):
+    case = _add(session)
+    for value in (0.45, 0.4, 0.35, 0.3):
+        session.threshold("a", value, merge=True)
+    session.threshold("a", min_region_size=8, merge=True)
+    assert len(case.undo_steps) == 1
+    session.undo("a")
+    assert case.threshold == 0.5 and case.min_region_voxels == 5
+    session.threshold("a", 0.4)  # a scripted change is a step of its own
+    session.threshold("a", 0.3)
+    assert len(case.undo_steps) == 2
+
+
+def test_the_history_stores_differences_not_snapshots(session):
+    shape = (32, 256, 256)
+    anomaly_map = np.full(shape, 0.1, dtype=np.float32)
+    anomaly_map[10:20, 100:150, 100:150] = 0.9
+    case = session.add_case("vol", np.zeros(shape, np.float32), anomaly_map)
+    edited = case.mask.copy()
+    edited[2:5, 2:5, 2:5] = True  # a 27-voxel stroke on a 2-million-voxel volume
+    session.record_edits("vol", edited)
+    session.threshold("vol", 0.3)
+    session.undo("vol")
+    assert case.history_nbytes <= 27 * 8, case.history_nbytes
+
+
+def test_a_reviewed_case_is_final_until_reopened(session, tmp_path):
+    case = _add(session)
+    truth = np.zeros(case.shape, dtype=bool)
+    truth[8:13, 8:13] = True  # the reviewer trims the first bump to a 5x5 square
+    truth[30, 1] = True  # and adds a one-voxel finding
+    session.record_edits("a", truth)
+    approved = session.mark_reviewed("a")
+    np.testing.assert_array_equal(approved, truth)
+
+    for change in (
+        lambda: session.threshold("a", 0.2),
+        lambda: session.threshold("a", min_region_size=100),
+        lambda: session.record_edits("a", np.zeros(case.shape, bool)),
+        lambda: session.reject_region("a", case.regions()[0]),
+        lambda: session.accept_region("a", case.regions()[0]),
+        lambda: run_to_end(session.localise("a", np.zeros(case.shape, np.float32))),
+    ):
+        with pytest.raises(CaseReviewedError, match="reopen"):
+            change()
+    # New maps (a re-localisation) leave a reviewed case alone.
+    _add(session, "a", np.full(case.shape, 0.95, dtype=np.float32))
+    assert run_to_end(session.relocalise()) == []
+    np.testing.assert_array_equal(case.mask, truth)
+
+    written = session.export("a", tmp_path / "a_mask.nii.gz")
+    np.testing.assert_array_equal(read_image(written[0]).array > 0, truth)
+    sidecar = json.loads((tmp_path / "a_mask.json").read_text())
+    assert sidecar["reviewed"] is True and sidecar["reviewed_at"] == case.reviewed_at
+
+    session.reopen("a")
+    np.testing.assert_array_equal(case.mask, truth)
+    session.threshold("a", 0.2)
+    assert (case.mask != truth).any()
+
+
+def test_regions_below_the_minimum_size_never_appear(session):
+    case = _add(session)  # minimum region size 5
+    session.threshold("a", 0.5)
+    # The reviewer erases everything the model marked, then lowers the threshold:
+    # the voxels around the erased ones form thin rims.
+    session.record_edits("a", np.zeros(case.shape, bool))
+    for threshold in (0.45, 0.4, 0.3, 0.2):
+        session.threshold("a", threshold)
+        sizes = _component_sizes(case.mask)
+        assert sizes.size == 0 or sizes.min() >= 5, (threshold, sorted(sizes))
+        assert all(region.voxel_count >= 5 for region in case.regions())
+    assert case.mask.any(), "a lower threshold still marks new regions"
+
+
+def test_what_the_reviewer_paints_or_leaves_standing_stays_at_any_size(session):
+    case = _add(session)  # minimum region size 5
+    edited = case.mask.copy()
+    edited[0, 0] = True  # a one-voxel finding, painted
+    trimmed = np.zeros(case.shape, bool)
+    trimmed[9:11, 9:11] = True
+    first_bump = ndi.label(edited)[0] == ndi.label(edited)[0][10, 10]
+    edited[first_bump & ~trimmed] = False  # the first bump cut down to 4 voxels
+    session.record_edits("a", edited)
+    np.testing.assert_array_equal(case.mask, edited)
+    for threshold in (0.3, 0.8):
+        session.threshold("a", threshold)
+        assert case.mask[0, 0] and case.mask[trimmed].all()
+
+
+def test_cases_are_keyed_by_id_and_a_region_of_another_case_is_refused(session):
+    a = _add(session, "a")
+    b = _add(session, "b", np.flip(_bumps(), axis=1).copy())
+    region_of_b = b.regions()[0]
+    before = a.mask.copy()
+    with pytest.raises(ValueError, match="not in the current mask of scan a"):
+        session.reject_region("a", region_of_b)
+    np.testing.assert_array_equal(a.mask, before)
+    assert not a.undo_steps
+
+    edited = a.mask.copy()
+    edited[0:2, 0:2] = True
+    session.record_edits("a", edited)
+    session.rename("a", "renamed scan")
+    assert session.case("a").name == "renamed scan" and session.case("a").corrected
+    with pytest.raises(KeyError, match="localise it first"):
+        session.case("scan a")
+
+
+def test_relocalise_keeps_edits_and_records_only_strokes(session):
+    image = np.zeros((32, 32), np.float32)
+    image[8:24, 8:24] = 100
+    case = run_to_end(session.localise("a", image, name="scan"))
+    shown = case.mask.copy()
+    edited = shown.copy()
+    edited[0:2, 0:2] = True
+    # New maps arrive (as when a re-localisation finishes) before the stroke is recorded.
+    session.add_case("a", image, np.clip(case.anomaly_map + 0.05, 0, 1), case.confidence_map)
+    session.record_edits("a", edited, shown_mask=shown)
+    np.testing.assert_array_equal(case.edits.added, edited & ~shown)
+    assert not case.edits.erased.any(), "the new maps' changes are not the reviewer's"
+
+    run_to_end(session.relocalise())
+    assert session.case("a").mask[0:2, 0:2].all(), "re-localising keeps the reviewer's edits"
+    assert [step.action for step in session.case("a").undo_steps] == ["paint"]
+
+
+def test_the_session_imports_neither_qt_nor_napari():
+    code = (
+        "import sys, napari_anomaly.session\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'magicgui'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
