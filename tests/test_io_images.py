@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
 import os
+import struct
+import subprocess
+import sys
+import tempfile
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -12,16 +20,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from napari_anomaly.io import (
     SUPPORTED_SUFFIXES,
     Geometry,
+    ImageFileError,
     atomic_write,
     detect_format,
     output_path_like,
     read_image,
     write_image,
 )
+from napari_anomaly.io import images as images_module
 
 
 def _oblique_direction(ndim: int) -> tuple[float, ...]:
@@ -481,3 +493,479 @@ def test_output_path_like_other_directory_and_errors(tmp_path):
         output_path_like("scan.nii.gz", "_mask", "dicom")
     with pytest.raises(ValueError, match="pass fmt"):
         output_path_like("scan.xyz", "_mask")
+
+
+# --------------------------------------------------------------------------
+# Damaged and hostile files: refused from the header, before any pixel is read
+# --------------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def nifti_header(shape_xyz, datatype: int = 2, bitpix: int = 8) -> bytes:
+    """A 352-byte single-file NIfTI-1 header (no data) claiming ``shape_xyz`` voxels."""
+    header = bytearray(348)
+    struct.pack_into("<i", header, 0, 348)
+    dims = [len(shape_xyz), *shape_xyz] + [1] * (7 - len(shape_xyz))
+    struct.pack_into("<8h", header, 40, *dims)
+    struct.pack_into("<hh", header, 70, datatype, bitpix)
+    struct.pack_into("<8f", header, 76, 1, *([1.0] * 7))
+    struct.pack_into("<f", header, 108, 352.0)  # vox_offset
+    header[344:348] = b"n+1\0"
+    return bytes(header) + b"\0" * 4
+
+
+def tiff_header(width: int, height: int) -> bytes:
+    """A one-page uint8 TIFF whose header claims ``width x height`` pixels (no data)."""
+    entries = [  # tag, type (3 SHORT, 4 LONG), value
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 8 + 2 + 9 * 12 + 4),  # strip offset: right after the IFD
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, width * height),
+    ]
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        ifd += struct.pack("<HHI", tag, kind, 1)
+        ifd += struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose valid IHDR chunk claims ``width x height``, with (almost) no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0")  # one filter byte: enough for a decoder to recognise it
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def npy_header(shape, descr: str = "<f8") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
+    )
+    return buffer.getvalue()
+
+
+# A header (the file holds nothing else) claiming 1025 x 1024 x 1024 voxels, one
+# slice more than MAX_VOXELS, per format.
+HUGE_HEADERS = {
+    "nifti.nii": nifti_header((1024, 1024, 1025)),
+    "float.nii": nifti_header((1024, 1024, 1025), datatype=16, bitpix=32),
+    "mha.mha": (
+        b"ObjectType = Image\nNDims = 3\nDimSize = 1024 1024 1025\n"
+        b"ElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+    ),
+    "nrrd.nrrd": (
+        b"NRRD0004\ntype: short\ndimension: 3\nsizes: 1024 1024 1025\nencoding: raw\n"
+        b"endian: little\n\n"
+    ),
+    "npy.npy": npy_header((100_000, 100_000)),
+    "tiff.tif": tiff_header(40_000, 40_000),
+    "png.png": png_header(40_000, 40_000),
+}
+
+
+def read_with_memory_cap(path: Path, cap: int = 2 * GIB) -> tuple[str, str]:
+    """``read_image(path)`` in a child process that cannot allocate more than ``cap``.
+
+    Returns the exception's type name and message (``("ok", shape)`` on success),
+    so a reader that allocates what a header claims fails the test instead of
+    exhausting the machine.
+    """
+    code = (
+        "import json, resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))\n"
+        "from napari_anomaly.io import read_image\n"
+        "try:\n"
+        "    out = ['ok', str(read_image(sys.argv[1]).array.shape)]\n"
+        "except BaseException as exc:\n"
+        "    out = [type(exc).__name__, str(exc)]\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    kind, message = json.loads(done.stdout.strip().splitlines()[-1])
+    return kind, message
+
+
+@pytest.mark.parametrize("name", list(HUGE_HEADERS))
+def test_header_claiming_too_many_voxels_is_refused_before_any_allocation(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(HUGE_HEADERS[name])
+    kind, message = read_with_memory_cap(path)
+    assert kind == "ImageFileError", (kind, message)
+    assert str(path) in message
+    assert "voxels" in message or "pixels" in message
+
+
+def test_sparse_file_of_a_huge_size_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "sparse.nii"
+    with open(path, "wb") as fh:
+        fh.write(nifti_header((1024, 1024, 1025)))
+        fh.truncate(352 + 1024 * 1024 * 1025)  # sparse: nothing really on disk
+    kind, message = read_with_memory_cap(path)
+    assert kind == "ImageFileError" and "1,074,790,400 voxels" in message, message
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("small.nii", nifti_header((512, 512, 200), datatype=4, bitpix=16)),
+        ("small.npy", npy_header((200, 512, 512), "<i2") + b"\0" * 1000),
+        ("small.mha", HUGE_HEADERS["mha.mha"].replace(b"1025", b"20")),
+        ("small.nrrd", HUGE_HEADERS["nrrd.nrrd"].replace(b"1025", b"20")),
+    ],
+)
+def test_file_too_small_for_its_claimed_voxels_is_refused_unread(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageFileError, match="truncated") as info:
+        read_image(path)
+    assert str(path) in str(info.value)
+
+
+def _cut(path: Path, fraction: float) -> Path:
+    data = path.read_bytes()
+    cut = path.with_name("cut_" + path.name)
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    return cut
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mha", ".nrrd", ".npy", ".tif"])
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_truncated_file_is_refused_not_zero_filled(tmp_path, suffix, fraction):
+    volume = np.random.default_rng(0).integers(1, 200, (20, 32, 32)).astype(np.int16)
+    if suffix in (".mha", ".nrrd"):
+        sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / f"v{suffix}"), False)
+        full = tmp_path / f"v{suffix}"
+    else:
+        full = write_image(tmp_path / f"v{suffix}", volume)
+    cut = _cut(full, fraction)
+    with pytest.raises(ImageFileError, match="truncated") as info:
+        read_image(cut)
+    assert str(cut) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd", ".nii.gz"])
+def test_truncated_compressed_file_is_refused(tmp_path, suffix):
+    volume = np.random.default_rng(0).integers(1, 200, (20, 32, 32)).astype(np.int16)
+    cut = _cut(write_image(tmp_path / f"v{suffix}", volume), 0.6)
+    with pytest.raises(ImageFileError, match="truncated|damaged") as info:
+        read_image(cut)
+    assert str(cut) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])  # the ImageJ and the plain route
+def test_truncated_multipage_tiff_is_refused_not_read_as_2d(tmp_path, dtype):
+    volume = np.random.default_rng(0).integers(1, 200, (10, 32, 32)).astype(dtype)
+    cut = _cut(write_image(tmp_path / "stack.tif", volume), 0.6)
+    with pytest.raises(ImageFileError, match="truncated") as info:
+        read_image(cut)
+    assert str(cut) in str(info.value)
+
+
+def test_files_that_are_complete_still_read(tmp_path):
+    """The truncation checks look at the header: padding after the data is harmless."""
+    volume = np.random.default_rng(0).integers(1, 200, (6, 16, 16)).astype(np.int16)
+    path = write_image(tmp_path / "v.nii", volume)
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 100)
+    np.testing.assert_array_equal(read_image(path).array, volume)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".jpeg", ".tif", ".nii.gz", ".nrrd", ".npy"])
+@pytest.mark.parametrize("content", [b"", b"hello, I am text\n"])
+def test_empty_or_text_file_is_a_clear_error(tmp_path, suffix, content):
+    path = tmp_path / f"scan{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(ImageFileError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+
+
+def test_boolean_npy_is_refused_as_a_scan_but_reads_as_a_mask(tmp_path):
+    mask = np.zeros((16, 16), bool)
+    mask[4:9, 4:9] = True
+    path = tmp_path / "segmentation.npy"
+    np.save(path, mask)
+    with pytest.raises(ImageFileError, match="boolean") as info:
+        read_image(path, scan=True)
+    assert str(path) in str(info.value)
+    loaded = read_image(path)  # masks are read as 0/1
+    assert loaded.source_dtype == "bool"
+    np.testing.assert_array_equal(loaded.array, mask)
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        (np.full((16, 16), np.nan, np.float32), "NaN"),
+        (np.full((16, 16), 7, np.int16), "constant"),
+        (np.arange(12, dtype=np.float32).reshape(3, 4), "too small"),
+        (np.where(np.eye(16) > 0, np.inf, 1.0), "infinite"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".npy", ".nrrd", ".tif"])  # ITK's NIfTI reader zeroes NaN
+def test_scan_refusals_name_the_file(tmp_path, values, match, suffix):
+    path = write_image(tmp_path / f"patient_042{suffix}", values.astype(np.float32))
+    with pytest.raises(ImageFileError, match=match) as info:
+        read_image(path, scan=True)
+    assert str(path) in str(info.value)
+
+
+def test_a_valid_scan_passes_the_scan_checks(tmp_path):
+    scan = np.random.default_rng(1).normal(100, 20, (16, 16)).astype(np.float32)
+    loaded = read_image(write_image(tmp_path / "ok.nii.gz", scan), scan=True)
+    np.testing.assert_allclose(loaded.array, scan)
+
+
+def _write_slices(folder: Path, positions, orientations=None, shape=(6, 7)) -> None:
+    """One DICOM file per slice at the given positions (mm, x/y/z), like a scanner does."""
+    folder.mkdir()
+    uid = "1.2.826.0.1.3680043.2.1125.9.4343"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, position in enumerate(positions):
+        pixels = np.full(shape, 10 * k, np.int16)
+        pixels[0, 0] = 1000
+        sl = sitk.GetImageFromArray(pixels)
+        orientation = orientations[k] if orientations else (1, 0, 0, 0, 1, 0)
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": uid + ".1",
+            "0020|000e": uid + ".2",
+            "0008|0018": f"{uid}.3.{k}",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in orientation),
+            "0028|0030": "0.8\\0.7",
+        }
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"im{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    # 2.5 mm slices, the one at z = 37.5 missing: a uniform grid would be 3.44 mm.
+    z = [30.0, 32.5, 35.0, 40.0, 42.5, 45.0, 47.5, 50.0, 52.5]
+    folder = tmp_path / "gap"
+    _write_slices(folder, [(10.0, -20.0, v) for v in z])
+    with pytest.raises(ImageFileError, match="2.5 mm.*5 mm") as info:
+        read_image(folder)
+    message = str(info.value)
+    assert str(folder) in message and "missing" in message and "\n" not in message
+
+
+def test_dicom_series_with_duplicated_positions_is_refused(tmp_path):
+    z = [0.0, 2.0, 4.0, 4.0, 6.0, 8.0]
+    folder = tmp_path / "dup"
+    _write_slices(folder, [(0.0, 0.0, v) for v in z])
+    with pytest.raises(ImageFileError, match="same position") as info:
+        read_image(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_dicom_series_with_mixed_orientations_is_refused(tmp_path):
+    folder = tmp_path / "mixed"
+    orientations = [(1, 0, 0, 0, 1, 0)] * 4 + [(1, 0, 0, 0, 0, -1)] * 2
+    _write_slices(folder, [(0.0, 0.0, 2.0 * k) for k in range(6)], orientations)
+    with pytest.raises(ImageFileError, match="orientation") as info:
+        read_image(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_oblique_uniform_dicom_series_reads_with_its_spacing(tmp_path):
+    # Slices along the normal of an oblique plane, 3 mm apart, stored out of order.
+    row = np.array([math.cos(0.3), math.sin(0.3), 0.0])
+    col = np.array([0.0, 0.0, -1.0])
+    normal = np.cross(row, col)
+    positions = [tuple(np.array([5.0, 6.0, 7.0]) + 3.0 * k * normal) for k in (3, 0, 4, 1, 2)]
+    folder = tmp_path / "oblique"
+    _write_slices(folder, positions, [(*row, *col)] * 5)
+    loaded = read_image(folder)
+    assert loaded.array.shape == (5, 6, 7)
+    assert loaded.geometry.spacing[0] == pytest.approx(3.0, abs=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Property: whatever the bytes, a valid image or ImageFileError
+# --------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=25, deadline=None, derandomize=True)
+#: The voxel limit while fuzzing: headers claiming more must be refused unread.
+FUZZ_MAX_VOXELS = 4096
+
+
+def _read_fuzzed(name: str, content: bytes) -> None:
+    """Read ``content`` saved as ``name``: a valid small image, or ImageFileError.
+
+    While reading, MAX_VOXELS is 4096 and numpy allocations are traced: a
+    reader that trusted a header's size would fail here.
+    """
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(images_module, "MAX_VOXELS", FUZZ_MAX_VOXELS)
+        path = Path(folder) / name
+        path.write_bytes(content)
+        tracemalloc.start()
+        try:
+            loaded = read_image(path)
+        except ImageFileError as exc:
+            message = str(exc)
+            assert str(path) in message or str(Path(folder)) in message, message
+            return
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            assert peak < 32 * 2**20, f"{peak:,} bytes allocated reading {name}"
+        assert loaded.array.dtype == np.float32 and loaded.array.ndim in (2, 3)
+        assert loaded.array.size <= FUZZ_MAX_VOXELS
+
+
+_FUZZ_SUFFIXES = [s for s in SUPPORTED_SUFFIXES if s not in (".mhd", ".nhdr")]
+
+
+@pytest.mark.parametrize("suffix", _FUZZ_SUFFIXES)
+@FUZZ
+@given(content=st.binary(max_size=1024))
+def test_random_bytes_give_an_image_or_a_clear_error(suffix, content):
+    _read_fuzzed(f"random{suffix}", content)
+
+
+def _valid_file(suffix: str) -> bytes:
+    """Bytes of a small valid image in the format of ``suffix``."""
+    volume = np.random.default_rng(3).integers(0, 200, (4, 6, 8)).astype(np.uint8)
+    with tempfile.TemporaryDirectory() as folder:
+        if suffix in (".png", ".jpg"):
+            path = Path(folder) / f"v{suffix}"
+            iio.imwrite(path, volume[0])
+        elif suffix in (".mha", ".nrrd"):  # uncompressed: header and raw voxels
+            path = Path(folder) / f"v{suffix}"
+            sitk.WriteImage(sitk.GetImageFromArray(volume), str(path), False)
+        else:
+            path = write_image(Path(folder) / f"v{suffix}", volume)
+        return path.read_bytes()
+
+
+_VALID = {
+    suffix: _valid_file(suffix)
+    for suffix in (".nii", ".nii.gz", ".mha", ".nrrd", ".tif", ".png", ".jpg", ".npy")
+}
+
+
+@pytest.mark.parametrize("suffix", list(_VALID))
+@FUZZ
+@given(data=st.data())
+def test_damaged_valid_files_give_an_image_or_a_clear_error(suffix, data):
+    content = bytearray(_VALID[suffix])
+    # Damage the header region most (that is where sizes and offsets live).
+    for _ in range(data.draw(st.integers(0, 6), label="changes")):
+        where = data.draw(st.integers(0, min(len(content), 400) - 1), label="where")
+        content[where] = data.draw(st.integers(0, 255), label="byte")
+    cut = data.draw(st.integers(0, len(content)), label="cut")
+    _read_fuzzed(f"damaged{suffix}", bytes(content[:cut]))
+
+
+_DIMS = st.integers(-3, 2**40)
+
+
+@FUZZ
+@given(
+    dims=st.lists(st.integers(-3, 32767), min_size=1, max_size=7),
+    datatype=st.sampled_from([(2, 8), (4, 16), (16, 32), (64, 64), (512, 16), (0, 0), (2, 7)]),
+    vox_offset=st.one_of(st.just(352.0), st.floats(width=32)),
+    payload=st.integers(0, 4096),
+    gzipped=st.booleans(),
+)
+def test_random_nifti_headers(dims, datatype, vox_offset, payload, gzipped):
+    header = bytearray(nifti_header(dims, *datatype))
+    struct.pack_into("<f", header, 108, vox_offset)
+    content = bytes(header) + bytes(payload)
+    _read_fuzzed(
+        "random.nii.gz" if gzipped else "random.nii",
+        gzip.compress(content) if gzipped else content,
+    )
+
+
+@FUZZ
+@given(
+    shape=st.lists(_DIMS, max_size=5),
+    descr=st.sampled_from(["<f8", "|b1", "<i2", ">f4", "<c8", "|V4", "<U3"]),
+    payload=st.integers(0, 4096),
+)
+def test_random_npy_headers(shape, descr, payload):
+    header = {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
+    buffer = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buffer, header)
+    except ValueError:  # numpy refuses to even write some of these
+        return
+    _read_fuzzed("random.npy", buffer.getvalue() + bytes(payload))
+
+
+_TEXT_VALUE = st.one_of(
+    st.lists(_DIMS, min_size=1, max_size=5).map(lambda v: " ".join(map(str, v))),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz_ 0123456789-.%", max_size=12),
+)
+
+
+@FUZZ
+@given(
+    dims=_TEXT_VALUE,
+    element=st.sampled_from(["MET_UCHAR", "MET_SHORT", "MET_DOUBLE", "MET_FLOAT_ARRAY", "X"]),
+    channels=st.sampled_from(["1", "3", "-1", "1000000000", "x"]),
+    compressed=st.sampled_from(["False", "True"]),
+    data_file=st.sampled_from(["LOCAL", "missing.raw", "LIST", "img%03d.raw"]),
+    payload=st.integers(0, 4096),
+)
+def test_random_metaimage_headers(dims, element, channels, compressed, data_file, payload):
+    header = (
+        f"ObjectType = Image\nNDims = 3\nDimSize = {dims}\nElementType = {element}\n"
+        f"ElementNumberOfChannels = {channels}\nCompressedData = {compressed}\n"
+        f"ElementDataFile = {data_file}\n"
+    )
+    _read_fuzzed("random.mha", header.encode() + bytes(payload))
+
+
+@FUZZ
+@given(
+    sizes=_TEXT_VALUE,
+    kind=st.sampled_from(["uchar", "short", "double", "block", "nonsense"]),
+    encoding=st.sampled_from(["raw", "gzip", "ascii", "bzip2", "hex", "??"]),
+    extra=st.sampled_from(["", "byte skip: -1\n", "byte skip: 99999\n", "data file: x.raw\n"]),
+    payload=st.integers(0, 4096),
+)
+def test_random_nrrd_headers(sizes, kind, encoding, extra, payload):
+    header = (
+        f"NRRD0004\ntype: {kind}\ndimension: 3\nsizes: {sizes}\nencoding: {encoding}\n"
+        f"endian: little\n{extra}\n"
+    )
+    _read_fuzzed("random.nrrd", header.encode() + bytes(payload))
+
+
+@FUZZ
+@given(
+    width=st.integers(0, 2**32 - 1), height=st.integers(0, 2**32 - 1), payload=st.integers(0, 4096)
+)
+def test_random_tiff_and_png_headers(width, height, payload):
+    tiff = bytearray(tiff_header(1, 1))
+    struct.pack_into("<I", tiff, 10 + 8, width)  # ImageWidth value
+    struct.pack_into("<I", tiff, 10 + 12 + 8, height)  # ImageLength value
+    _read_fuzzed("random.tif", bytes(tiff) + bytes(payload))
+    _read_fuzzed(
+        "random.png",
+        png_header(min(width, 2**31 - 1), min(height, 2**31 - 1))[:33] + bytes(payload),
+    )

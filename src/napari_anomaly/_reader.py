@@ -5,8 +5,8 @@ one of the manifest's filename patterns, or a folder; it returns ``None`` to
 decline, else a function that returns layer data tuples. Each scan becomes an
 Image layer placed in millimetres (see :mod:`napari_anomaly._layers`); a file
 named like a mask (``*_mask.*``, ``*_label*``) that holds only non-negative
-integers becomes a Labels layer, so a mask exported by napari-anomaly opens
-as an editable mask again.
+integers, or any boolean file, becomes a Labels layer, so a mask exported by
+napari-anomaly opens as an editable mask again.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ def _named_like_labels(image: LoadedImage) -> bool:
 
 def _layer_data(path: str | os.PathLike[str]) -> LayerData:
     image = read_image(path)
-    if _named_like_labels(image) and is_label_image(image.array):
+    # A boolean file is a mask whatever its name: it opens as editable Labels,
+    # not as an Image layer that could be taken for a scan and localised.
+    is_mask = image.source_dtype == "bool" or _named_like_labels(image)
+    if is_mask and is_label_image(image.array):
         return layer_data_from_image(image, layer_type="labels")
     return layer_data_from_image(image, layer_type="image")
 
@@ -90,9 +93,11 @@ def read_paths(path: PathOrPaths) -> list[LayerData]:
 
     Raises
     ------
-    FileNotFoundError, ValueError
-        From :func:`napari_anomaly.io.read_image`, with a message that names
-        the file (napari shows it to the user).
+    FileNotFoundError, napari_anomaly.io.ImageFileError
+        From :func:`napari_anomaly.io.read_image`, with a one-line message that
+        names the file (napari shows it to the user): damaged, truncated or
+        oversized files and irregular DICOM series are refused, never shown
+        with made-up voxels.
     """
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     return [_layer_data(p) for p in paths]

@@ -84,10 +84,12 @@ def _load_model(path: str | None, device: str):
     return Localiser.load(model_path, device="cpu")
 
 
-def _read(path: str):
+def _read(path: str, scan: bool = True):
+    """Read an input; a scan (not a mask) is also checked as a scan (finite, not
+    constant, not boolean, large enough), with the file named in any refusal."""
     from napari_anomaly.io import read_image
 
-    return read_image(path)
+    return read_image(path, scan=scan)
 
 
 def _model_out(path: str, overwrite: bool) -> Path:
@@ -325,7 +327,7 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
     pairs = []
     for image_path, mask_path in zip(images, masks):
         image = _read(image_path)
-        mask = _read(mask_path)
+        mask = _read(mask_path, scan=False)
         if mask.array.shape != image.array.shape:
             raise CommandError(
                 f"mask {mask_path} has shape {mask.array.shape}, "

@@ -15,7 +15,10 @@ channels per voxel:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Literal
 
 import torch
@@ -24,7 +27,21 @@ from torch import nn
 
 from napari_anomaly.config import config_from_dict, config_to_dict
 
-__all__ = ["AnomalyNet", "NetworkConfig", "anomaly_loss"]
+__all__ = ["MAX_PARAMETERS", "AnomalyNet", "NetworkConfig", "anomaly_loss"]
+
+# Bounds of every architecture field. A model file's metadata is untrusted
+# input: without them a few edited numbers make building the network allocate
+# tens of gigabytes (or take hours) before anything is checked.
+MAX_LEVELS = 8
+MAX_CHANNELS = 1024
+MAX_STRIDE = 4
+#: Largest product of the strides: inputs are padded to a multiple of it.
+MAX_SIZE_MULTIPLE = 64
+MAX_RES_UNITS = 8
+#: Largest network accepted, in weights (400 MB as float32); counted on
+#: PyTorch's "meta" device, which allocates nothing.
+MAX_PARAMETERS = 100_000_000
+NORMS = ("instance", "batch")
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,16 @@ class NetworkConfig:
         Normalisation layer name understood by MONAI.
     dropout
         Dropout probability.
+
+    Raises
+    ------
+    ValueError
+        For a field of the wrong type or out of bounds: 2 to ``MAX_LEVELS``
+        levels of 1 to ``MAX_CHANNELS`` channels, strides 1 to ``MAX_STRIDE``
+        (product at most ``MAX_SIZE_MULTIPLE``), 0 to ``MAX_RES_UNITS``
+        residual units, a norm in ``NORMS``, dropout in [0, 1), and at most
+        :data:`MAX_PARAMETERS` weights in all. Checked before anything is
+        built, because the values may come from an untrusted model file.
     """
 
     spatial_dims: Literal[2, 3] = 2
@@ -57,10 +84,54 @@ class NetworkConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
-        if len(self.strides) != len(self.channels) - 1:
+        # Every field is checked (types included: the values may come from a
+        # JSON file) before anything is built; the size last, on the meta device.
+        if not _is_int(self.spatial_dims) or self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        channels = _int_tuple(self.channels)
+        if channels is None or not (
+            2 <= len(channels) <= MAX_LEVELS and all(1 <= c <= MAX_CHANNELS for c in channels)
+        ):
+            raise ValueError(
+                f"channels must be 2 to {MAX_LEVELS} whole numbers from 1 to {MAX_CHANNELS}, "
+                f"got {_short(self.channels)}"
+            )
+        strides = _int_tuple(self.strides)
+        if strides is None or not all(1 <= s <= MAX_STRIDE for s in strides):
+            raise ValueError(
+                f"strides must be whole numbers from 1 to {MAX_STRIDE}, got {_short(self.strides)}"
+            )
+        if len(strides) != len(channels) - 1:
             raise ValueError("need exactly one stride fewer than channel levels")
+        object.__setattr__(self, "spatial_dims", int(self.spatial_dims))
+        object.__setattr__(self, "channels", channels)
+        object.__setattr__(self, "strides", strides)
+        if self.size_multiple > MAX_SIZE_MULTIPLE:
+            raise ValueError(
+                f"strides {strides} down-sample by {self.size_multiple}; at most "
+                f"{MAX_SIZE_MULTIPLE} is supported"
+            )
+        if not _is_int(self.num_res_units) or not 0 <= self.num_res_units <= MAX_RES_UNITS:
+            raise ValueError(
+                f"num_res_units must be a whole number from 0 to {MAX_RES_UNITS}, "
+                f"got {_short(self.num_res_units)}"
+            )
+        object.__setattr__(self, "num_res_units", int(self.num_res_units))
+        if not isinstance(self.norm, str) or self.norm.lower() not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {_short(self.norm)}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, Real)
+            or not 0 <= self.dropout < 1
+        ):
+            raise ValueError(f"dropout must be a number in [0, 1), got {_short(self.dropout)}")
+        parameters = _parameter_count(self)
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"this architecture has {parameters:,} parameters, more than the "
+                f"{MAX_PARAMETERS:,} supported (channels {channels}, "
+                f"num_res_units {self.num_res_units}, {self.spatial_dims}D)"
+            )
 
     @property
     def size_multiple(self) -> int:
@@ -76,6 +147,42 @@ class NetworkConfig:
     @classmethod
     def from_dict(cls, data: dict) -> NetworkConfig:
         return config_from_dict(cls, data)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _int_tuple(values: object) -> tuple[int, ...] | None:
+    """``values`` as a tuple of ints, or None if it is not a short sequence of ints."""
+    if not isinstance(values, Sequence) or isinstance(values, str) or len(values) > 64:
+        return None
+    return tuple(int(v) for v in values) if all(_is_int(v) for v in values) else None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unet(config: NetworkConfig) -> UNet:
+    return UNet(
+        spatial_dims=config.spatial_dims,
+        in_channels=1,
+        out_channels=2,
+        channels=config.channels,
+        strides=config.strides,
+        num_res_units=config.num_res_units,
+        norm=config.norm,
+        dropout=config.dropout,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_count(config: NetworkConfig) -> int:
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        network = _unet(config)
+    return sum(p.numel() for p in network.parameters())
 
 
 class AnomalyNet(nn.Module):
@@ -95,16 +202,7 @@ class AnomalyNet(nn.Module):
     def __init__(self, config: NetworkConfig = NetworkConfig()) -> None:
         super().__init__()
         self.config = config
-        self.unet = UNet(
-            spatial_dims=config.spatial_dims,
-            in_channels=1,
-            out_channels=2,
-            channels=config.channels,
-            strides=config.strides,
-            num_res_units=config.num_res_units,
-            norm=config.norm,
-            dropout=config.dropout,
-        )
+        self.unet = _unet(config)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.unet(image)

@@ -27,6 +27,13 @@ npy       ``.npy``                            yes     none (identity)
 Physical units are millimetres throughout (``Geometry.voxel_volume`` is in
 mm^2 for 2D, mm^3 for 3D); TIFF calibrations in other units (micron, cm, inch)
 are converted to mm when read.
+
+Reading trusts no header: the size a file claims is checked against
+:data:`MAX_VOXELS` before any buffer is allocated, a file holding fewer bytes
+than its header describes (cut short, TIFF pages missing) is refused rather
+than zero-filled, and a DICOM series must form one regular volume. Every
+refusal is an :class:`ImageFileError` whose one-line message names the file
+(see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import json
 import logging
 import math
 import os
+import struct
 import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +57,9 @@ from .atomic import atomic_write, atomic_write_with_companions, full_suffix
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "WRITABLE_SUFFIXES",
+    "MAX_VOXELS",
     "Geometry",
+    "ImageFileError",
     "LoadedImage",
     "detect_format",
     "output_path_like",
@@ -130,6 +141,35 @@ _RESUNIT_TO_MM: dict[int, float] = {2: 25.4, 3: 10.0, 4: 1.0, 5: 1e-3}
 # Colour channels of a JPEG that was saved from a grey picture may differ by a
 # level or two after lossy compression; PNG is lossless, so it must match.
 _GREY_TOLERANCE = {"png": 0, "tiff": 0, "jpeg": 3}
+
+
+#: Largest image read, in voxels (all channels counted): 1024^3, 4 GiB as
+#: float32. It is checked against the size the file's header claims, before
+#: any pixel data is read or any buffer is allocated.
+MAX_VOXELS = 1024**3
+
+#: Most pages (IFDs) a TIFF may chain; a longer or looping chain is damage.
+_MAX_TIFF_PAGES = 100_000
+
+# Slices of a DICOM series whose spacing differs from the median spacing by
+# more than this fraction, or whose orientation cosines differ by more than
+# _DICOM_ORIENTATION_TOLERANCE, do not form one regular volume.
+_DICOM_SPACING_TOLERANCE = 0.1
+_DICOM_ORIENTATION_TOLERANCE = 1e-3
+# Slices closer than this (mm) along the normal are at the same position.
+_DICOM_SAME_POSITION_MM = 1e-3
+
+
+class ImageFileError(ValueError):
+    """An image file or DICOM folder was refused; the message names it.
+
+    Raised for anything :func:`read_image` cannot turn into a trustworthy
+    image: an unknown or unreadable format, a truncated or damaged file, a
+    header claiming more than :data:`MAX_VOXELS`, a DICOM series whose slices
+    do not form one regular volume, a colour or multi-channel image, and (with
+    ``scan=True``) content that cannot be localised. A ``ValueError``, so
+    callers that catch ``ValueError`` keep working.
+    """
 
 
 # --------------------------------------------------------------------------
@@ -318,7 +358,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
     Raises
     ------
-    ValueError
+    ImageFileError
         If the suffix is not one of :data:`SUPPORTED_SUFFIXES`.
     """
     p = Path(path)
@@ -326,7 +366,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "dicom"
     fmt = _SUFFIX_FORMATS.get(full_suffix(p).lower())
     if fmt is None:
-        raise ValueError(
+        raise ImageFileError(
             f"{p}: unsupported file type {full_suffix(p) or '(no suffix)'!r}. "
             f"Supported: {', '.join(SUPPORTED_SUFFIXES)}, or a folder holding a DICOM series."
         )
@@ -334,7 +374,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def _shape_error(path: Path, shape: Sequence[int], extra: str = "") -> ValueError:
-    return ValueError(
+    return ImageFileError(
         f"{path}: image has shape {tuple(shape)}{extra}; only single-channel 2D images "
         "(Y, X) and 3D volumes (Z, Y, X) are supported."
     )
@@ -368,7 +408,7 @@ def _collapse_grey(arr: np.ndarray, path: Path, fmt: str) -> np.ndarray:
     if n in (2, 4):
         alpha = arr[..., -1]
         if alpha.size and alpha.min() != alpha.max():
-            raise ValueError(
+            raise ImageFileError(
                 f"{path}: the image has a transparency (alpha) channel that varies; "
                 "the model takes single-channel greyscale images. Flatten it first."
             )
@@ -378,7 +418,7 @@ def _collapse_grey(arr: np.ndarray, path: Path, fmt: str) -> np.ndarray:
     ref = colour[..., :1].astype(np.float64)
     spread = float(np.abs(colour.astype(np.float64) - ref).max()) if colour.size else 0.0
     if spread > tolerance:
-        raise ValueError(
+        raise ImageFileError(
             f"{path} is a colour image (shape {arr.shape}); the model takes single-channel "
             "greyscale images. Convert it to greyscale first."
         )
@@ -390,7 +430,7 @@ def _collapse_grey(arr: np.ndarray, path: Path, fmt: str) -> np.ndarray:
 
 def _to_float32(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
-        raise ValueError(
+        raise ImageFileError(
             f"{path}: unsupported pixel type {arr.dtype} (need integer, boolean or real float)"
         )
     # astype always copies here, so the result never aliases a reader's buffer
@@ -417,11 +457,6 @@ def _finish(
     )
 
 
-# --------------------------------------------------------------------------
-# Readers
-# --------------------------------------------------------------------------
-
-
 def _sitk() -> Any:
     # Imported lazily: napari imports the reader plugin at start-up, and the
     # heavy imaging libraries should only load when a file is actually read.
@@ -430,19 +465,302 @@ def _sitk() -> Any:
     return SimpleITK
 
 
-def _geometry_from_sitk(img: Any) -> Geometry:
-    return Geometry(
-        spacing=tuple(reversed(img.GetSpacing())),
-        origin=tuple(reversed(img.GetOrigin())),
-        direction=img.GetDirection(),
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # ITK messages start with a long source-file location; the useful part is
+    # usually the last non-empty line.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+# --------------------------------------------------------------------------
+# What a header claims, checked before any pixel is read
+# --------------------------------------------------------------------------
+
+
+def _check_claimed_size(path: Path, shape: Sequence[int]) -> int:
+    """Refuse a header whose shape is negative or holds more than MAX_VOXELS.
+
+    Returns the number of voxels (channels included).
+    """
+    dims = tuple(int(n) for n in shape)
+    if any(n < 0 for n in dims):
+        raise ImageFileError(f"{path} is damaged: its header claims a negative size {dims}.")
+    count = math.prod(dims)
+    if count > MAX_VOXELS:
+        raise ImageFileError(
+            f"{path}: its header claims {' x '.join(map(str, dims))} = {count:,} voxels, "
+            f"more than the {MAX_VOXELS:,} napari-anomaly reads (nothing was read); "
+            "crop or down-sample it first."
+        )
+    return count
+
+
+def _truncated(path: Path, needed: int, available: int, what: str = "pixel data") -> ImageFileError:
+    return ImageFileError(
+        f"{path} is truncated: its header describes {needed:,} bytes of {what}, "
+        f"but only {available:,} are there."
     )
+
+
+def _inflated_size(fh: Any, needed: int) -> int:
+    """Inflate the zlib/gzip stream at ``fh``'s position; return its size, counting
+    at most ``needed`` bytes (memory stays at a few MB whatever the stream holds).
+
+    Concatenated gzip members are followed. Raises ``zlib.error`` for corrupt data.
+    """
+    total = 0
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header
+    pending = b""
+    while total < needed:
+        if not pending:
+            pending = fh.read(1 << 16)
+            if not pending:
+                break
+        total += len(inflater.decompress(pending, 1 << 22))
+        pending = inflater.unconsumed_tail
+        if inflater.eof:
+            pending = inflater.unused_data + pending
+            if not pending.startswith(b"\x1f\x8b"):
+                break
+            inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)
+    return total
+
+
+def _check_data_extent(
+    path: Path,
+    data_path: Path,
+    offset: int,
+    needed: int,
+    compressed: bool,
+    what: str = "pixel data",
+) -> None:
+    """Refuse a file that holds fewer pixel bytes than its header describes.
+
+    ``data_path`` holds the pixel data from ``offset`` on (the file itself, or
+    a detached data file); ``needed`` is the byte count the header describes,
+    after decompression when ``compressed``.
+    """
+    if not data_path.is_file():
+        raise ImageFileError(f"{path}: its pixel data file {data_path} does not exist.")
+    if not compressed:
+        available = max(data_path.stat().st_size - offset, 0)
+        if available < needed:
+            raise _truncated(path, needed, available, what)
+        return
+    with open(data_path, "rb") as fh:
+        fh.seek(offset)
+        try:
+            available = _inflated_size(fh, needed)
+        except zlib.error as exc:
+            raise ImageFileError(
+                f"{path} is damaged: its compressed pixel data cannot be decoded ({exc})."
+            ) from None
+    if available < needed:
+        raise _truncated(path, needed, available, f"{what} once decompressed")
+
+
+def _read_head(path: Path, n: int) -> tuple[bytes, bool]:
+    """The first ``n`` bytes of a file, decompressed if it is gzip; and whether it is."""
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+        fh.seek(0)
+        if not gzipped:
+            return fh.read(n), False
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        head = b""
+        try:
+            while len(head) < n and not inflater.eof:
+                chunk = inflater.unconsumed_tail or fh.read(1 << 16)
+                if not chunk:
+                    break
+                head += inflater.decompress(chunk, n - len(head))
+        except zlib.error as exc:
+            raise ImageFileError(f"{path} is damaged: it cannot be decompressed ({exc}).") from None
+        return head, True
+
+
+def _nifti_layout(path: Path) -> None:
+    """Check a NIfTI-1/2 header's claimed size and that the file holds its voxels."""
+    head, gzipped = _read_head(path, 540)
+    for endian in "<>":
+        if len(head) >= 4 and struct.unpack(endian + "i", head[:4])[0] in (348, 540):
+            break
+    else:
+        raise ImageFileError(f"{path} is not a NIfTI file (no valid NIfTI header).")
+    version = 1 if struct.unpack(endian + "i", head[:4])[0] == 348 else 2
+    if len(head) < (348 if version == 1 else 540):
+        raise _truncated(path, 348 if version == 1 else 540, len(head), "header")
+    if version == 1:
+        dims = struct.unpack(endian + "8h", head[40:56])
+        bitpix = struct.unpack(endian + "h", head[72:74])[0]
+        vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+        single_file = head[344:348] == b"n+1\0"
+    else:
+        bitpix = struct.unpack(endian + "h", head[14:16])[0]
+        dims = struct.unpack(endian + "8q", head[16:80])
+        vox_offset = struct.unpack(endian + "q", head[168:176])[0]
+        single_file = head[4:8] == b"n+2\0"
+    if not 1 <= dims[0] <= 7:
+        raise ImageFileError(f"{path} is damaged: its header gives {dims[0]} dimensions.")
+    count = _check_claimed_size(path, dims[1 : dims[0] + 1])
+    if not single_file or bitpix <= 0 or bitpix % 8 or not math.isfinite(vox_offset):
+        return  # a header/image pair or an exotic type: left to the reader
+    needed = int(vox_offset) + count * (bitpix // 8)
+    _check_data_extent(path, path, 0, needed, gzipped, "header and pixel data")
+
+
+def _text_header(path: Path, is_end: Callable[[bytes], bool]) -> tuple[list[str], int] | None:
+    """Lines of a text header up to the line ``is_end`` accepts, and the byte
+    offset after it; ``None`` when there is no such line in the first MB."""
+    with open(path, "rb") as fh:
+        block = fh.read(1 << 20)
+    lines, offset = [], 0
+    while offset < len(block):
+        end = block.find(b"\n", offset)
+        if end < 0:
+            return None
+        line = block[offset:end]
+        offset = end + 1
+        if is_end(line):
+            lines.append(line.decode("latin-1").rstrip("\r"))
+            return lines, offset
+        lines.append(line.decode("latin-1").rstrip("\r"))
+    return None
+
+
+# NRRD / MetaIO type names -> bytes per value.
+_NRRD_TYPE_BYTES = {
+    name: size
+    for size, names in (
+        (1, "signed char|int8|int8_t|uchar|unsigned char|uint8|uint8_t"),
+        (
+            2,
+            "short|short int|signed short|signed short int|int16|int16_t|ushort|unsigned short|"
+            "unsigned short int|uint16|uint16_t",
+        ),
+        (4, "int|signed int|int32|int32_t|uint|unsigned int|uint32|uint32_t|float"),
+        (
+            8,
+            "longlong|long long|long long int|signed long long|signed long long int|int64|"
+            "int64_t|ulonglong|unsigned long long|unsigned long long int|uint64|uint64_t|double",
+        ),
+    )
+    for name in names.split("|")
+}
+_MET_TYPE_BYTES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
+
+
+def _nrrd_layout(path: Path) -> None:
+    """Check that a raw or gzip NRRD (attached or detached) holds its voxels."""
+    parsed = _text_header(path, lambda line: not line.strip())
+    if parsed is None or not parsed[0][0].startswith("NRRD"):
+        return  # ITK reports what is wrong with it
+    lines, offset = parsed
+    fields = {}
+    for line in lines[1:]:
+        if line.startswith("#") or ":" not in line or ":=" in line:
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip().lower()] = value.strip()
+    try:
+        sizes = [int(v) for v in fields["sizes"].split()]
+        itemsize = _NRRD_TYPE_BYTES[fields["type"].lower()]
+        byte_skip = int(fields.get("byte skip", fields.get("byteskip", 0)))
+    except (KeyError, ValueError):
+        return
+    count = _check_claimed_size(path, sizes)
+    encoding = fields.get("encoding", "").lower()
+    if encoding not in ("raw", "gzip", "gz") or "line skip" in fields or "lineskip" in fields:
+        return
+    data_file = fields.get("data file", fields.get("datafile"))
+    if data_file is not None:
+        if " " in data_file or "%" in data_file or data_file.upper().startswith("LIST"):
+            return  # a list of files or a file pattern
+        data_path, offset = path.parent / data_file, 0
+    else:
+        data_path = path
+    needed = count * itemsize
+    if encoding == "raw":
+        if byte_skip < 0:  # -1: the data are the last bytes of the file
+            offset, byte_skip = max(data_path.stat().st_size - needed, offset), 0
+        _check_data_extent(path, data_path, offset + byte_skip, needed, compressed=False)
+    else:
+        _check_data_extent(path, data_path, offset, needed + max(byte_skip, 0), compressed=True)
+
+
+def _metaio_layout(path: Path) -> None:
+    """Check that a MetaImage (.mha/.mhd, raw or compressed) holds its voxels."""
+    parsed = _text_header(path, lambda line: line.split(b"=")[0].strip() == b"ElementDataFile")
+    if parsed is None:
+        return
+    lines, offset = parsed
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition("=")
+        fields[key.strip().lower()] = value.strip()
+    try:
+        sizes = [int(v) for v in fields["dimsize"].split()]
+        channels = int(fields.get("elementnumberofchannels", 1))
+        element_type = fields["elementtype"].upper().removesuffix("_ARRAY")
+        header_size = int(fields.get("headersize", 0))
+    except (KeyError, ValueError):
+        return
+    count = _check_claimed_size(path, [*sizes, channels] if channels > 1 else sizes)
+    itemsize = _MET_TYPE_BYTES.get(element_type)
+    data_file = fields.get("elementdatafile", "")
+    if itemsize is None or data_file.upper().startswith("LIST") or "%" in data_file:
+        return
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    needed = count * itemsize
+    if data_file.upper() == "LOCAL":
+        data_path = path
+    else:
+        data_path, offset = path.parent / data_file, max(header_size, 0)
+        if header_size < 0 and not compressed:  # -1: the data are the last bytes
+            offset = max(data_path.stat().st_size - needed, 0) if data_path.is_file() else 0
+    _check_data_extent(path, data_path, offset, needed, compressed=compressed)
+
+
+_LAYOUT_CHECKS: dict[str, Callable[[Path], None]] = {
+    "nifti": _nifti_layout,
+    "nrrd": _nrrd_layout,
+    "mha": _metaio_layout,
+}
+
+
+# --------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------
+
+
+def _geometry_from_sitk(img: Any, path: Path) -> Geometry:
+    try:
+        return Geometry(
+            spacing=tuple(reversed(img.GetSpacing())),
+            origin=tuple(reversed(img.GetOrigin())),
+            direction=img.GetDirection(),
+        )
+    except ValueError as exc:
+        raise ImageFileError(f"{path} has an unusable geometry: {exc}") from None
 
 
 def _from_sitk_image(img: Any, path: Path, fmt: str, collapse_single_slice: bool) -> LoadedImage:
     sitk = _sitk()
     n_comp = img.GetNumberOfComponentsPerPixel()
     if n_comp > 1:
-        raise ValueError(
+        raise ImageFileError(
             f"{path}: each voxel has {n_comp} components (a colour or vector image); "
             "the model takes single-channel greyscale images."
         )
@@ -460,34 +778,128 @@ def _from_sitk_image(img: Any, path: Path, fmt: str, collapse_single_slice: bool
     view = sitk.GetArrayViewFromImage(img)
     if view.ndim == img.GetDimension() + 1 and view.shape[-1] == 1:
         view = view[..., 0]  # a vector image with a single component
-    return _finish(view, _geometry_from_sitk(img), view.dtype.name, fmt, path)
+    return _finish(view, _geometry_from_sitk(img, path), view.dtype.name, fmt, path)
 
 
 def _read_sitk_file(path: Path, fmt: str) -> LoadedImage:
     sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise ValueError(f"could not read {path} as {fmt}: {_first_line(exc)}") from exc
+        reader.ReadImageInformation()  # the header only
+    except Exception as exc:  # SimpleITK raises RuntimeError; be sure nothing else escapes
+        raise ImageFileError(f"could not read {path} as {fmt}: {_first_line(exc)}") from None
+    _check_claimed_size(path, (*reader.GetSize(), max(int(reader.GetNumberOfComponents()), 1)))
+    layout_check = _LAYOUT_CHECKS.get(fmt)
+    if layout_check is not None:
+        layout_check(path)
+    try:
+        img = reader.Execute()
+    except Exception as exc:
+        raise ImageFileError(f"could not read {path} as {fmt}: {_first_line(exc)}") from None
     return _from_sitk_image(img, path, fmt, collapse_single_slice=(fmt == "dicom"))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    # ITK messages start with a long source-file location; the useful part is
-    # usually the last non-empty line.
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+def _dicom_numbers(reader: Any, tag: str, n: int) -> tuple[float, ...] | None:
+    if not reader.HasMetaDataKey(tag):
+        return None
+    try:
+        values = tuple(float(v) for v in reader.GetMetaData(tag).strip().split("\\"))
+    except ValueError:
+        return None
+    return values if len(values) == n and all(math.isfinite(v) for v in values) else None
+
+
+def _check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
+    """Refuse a series whose slices do not form one regular volume, before reading it.
+
+    Reading the pixels stacks the slices at one uniform spacing, so a missing
+    slice, a repeated position or a change of orientation would silently
+    misplace anatomy. Only the headers are read here.
+    """
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    sizes, positions, orientations = [], [], []
+    for name in files:
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except Exception as exc:
+            raise ImageFileError(
+                f"could not read {name} of the DICOM series in {folder}: {_first_line(exc)}"
+            ) from None
+        sizes.append(tuple(reader.GetSize()))
+        positions.append(_dicom_numbers(reader, "0020|0032", 3))
+        orientations.append(_dicom_numbers(reader, "0020|0037", 6))
+    if len(set(sizes)) > 1:
+        shapes = ", ".join(map(str, sorted(set(sizes))))
+        raise ImageFileError(
+            f"{folder}: the DICOM slices differ in size ({shapes}); they are not one volume."
+        )
+    _check_claimed_size(folder, (len(files), *sizes[0]))
+    if len(files) < 2 or all(p is None and o is None for p, o in zip(positions, orientations)):
+        return  # no geometry to check (e.g. secondary captures): stacked in file order
+    missing = [
+        Path(f).name for f, p, o in zip(files, positions, orientations) if p is None or o is None
+    ]
+    if missing:
+        raise ImageFileError(
+            f"{folder}: {len(missing)} DICOM slice(s) (e.g. {missing[0]}) have no image "
+            "position or orientation; the slices cannot be placed in one volume."
+        )
+    names = [Path(f).name for f in files]
+    cosines = np.asarray(orientations, dtype=np.float64)
+    differs = np.abs(cosines - cosines[0]).max(axis=1) > _DICOM_ORIENTATION_TOLERANCE
+    if differs.any():
+        other = int(np.argmax(differs))
+        raise ImageFileError(
+            f"{folder}: the DICOM slices do not share one orientation ({names[0]} and "
+            f"{names[other]} differ); a series with mixed orientations is not one volume."
+        )
+    normal = np.cross(cosines[0, :3], cosines[0, 3:])
+    if not np.linalg.norm(normal) > 0.5:
+        raise ImageFileError(f"{folder}: the DICOM image orientation {orientations[0]} is invalid.")
+    along = np.asarray(positions, dtype=np.float64) @ (normal / np.linalg.norm(normal))
+    order = np.argsort(along, kind="stable")
+    steps = np.diff(along[order])
+    same = np.flatnonzero(steps < _DICOM_SAME_POSITION_MM)
+    if same.size:
+        a, b = order[same[0]], order[same[0] + 1]
+        raise ImageFileError(
+            f"{folder}: {same.size + 1} DICOM slices lie at the same position (e.g. {names[a]} "
+            f"and {names[b]}, {along[a]:.4g} mm along the slice normal); the folder may hold "
+            "repeated or several acquisitions. Keep one of each."
+        )
+    spacing = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - spacing) > _DICOM_SPACING_TOLERANCE * spacing)
+    if uneven.size:
+        k = int(uneven[0])
+        a, b = order[k], order[k + 1]
+        hint = " (a missing slice?)" if steps[k] > spacing else ""
+        more = f"; {uneven.size - 1} more such gap(s)" if uneven.size > 1 else ""
+        raise ImageFileError(
+            f"{folder}: the DICOM slices are not evenly spaced: most are {spacing:.4g} mm "
+            f"apart, but {names[a]} and {names[b]} are {steps[k]:.4g} mm apart{hint}{more}. "
+            "Read as one volume they would be misplaced; complete the series or split it."
+        )
 
 
 def _read_dicom(path: Path) -> LoadedImage:
     sitk = _sitk()
     folder = path if path.is_dir() else path.parent
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
+    try:
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        series = [
+            sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids
+        ]
+    except Exception as exc:
+        raise ImageFileError(
+            f"could not list the DICOM files in {folder}: {_first_line(exc)}"
+        ) from None
     if path.is_dir():
         if not series:
-            raise ValueError(
+            raise ImageFileError(
                 f"no DICOM series found in {folder}; the folder must hold the DICOM files of "
                 "a series directly (sub-folders are not searched)."
             )
@@ -505,14 +917,15 @@ def _read_dicom(path: Path) -> LoadedImage:
         if not mine:
             return _read_sitk_file(path, "dicom")
         files = mine[0]
+    _check_dicom_slices(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(files))
     try:
         img = reader.Execute()
-    except RuntimeError as exc:
-        raise ValueError(
+    except Exception as exc:
+        raise ImageFileError(
             f"could not read the DICOM series in {folder}: {_first_line(exc)}"
-        ) from exc
+        ) from None
     return _from_sitk_image(img, path, "dicom", collapse_single_slice=True)
 
 
@@ -561,12 +974,76 @@ def _tiff_geometry(tif: Any, ndim: int) -> Geometry:
     return Geometry((sz, sy, sx), (oz, oy, ox), direction)
 
 
+def _check_tiff_pages(path: Path) -> None:
+    """Walk the chain of TIFF pages (IFDs) and refuse one that leaves the file.
+
+    A TIFF cut short loses its last pages; a reader that stops at the first
+    page it cannot find would return the rest as a smaller (even 2D) image.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        version = struct.unpack(order + "H", head[2:4])[0] if order and len(head) >= 8 else 0
+        if version == 42:
+            offset = struct.unpack(order + "I", head[4:8])[0]
+            count_fmt, entry_size, next_fmt = "H", 12, "I"
+        elif version == 43 and len(head) >= 16:
+            offset = struct.unpack(order + "Q", head[8:16])[0]
+            count_fmt, entry_size, next_fmt = "Q", 20, "Q"
+        else:
+            raise ImageFileError(f"{path} is not a TIFF file (no TIFF signature).")
+        count_size, next_size = struct.calcsize(count_fmt), struct.calcsize(next_fmt)
+        seen: set[int] = set()
+        while offset:
+            if offset in seen or len(seen) >= _MAX_TIFF_PAGES:
+                raise ImageFileError(f"{path} is damaged: its chain of pages does not end.")
+            seen.add(offset)
+            if offset + count_size > size:
+                raise ImageFileError(
+                    f"{path} is truncated: page {len(seen)} starts at byte {offset:,}, "
+                    f"past the end of the {size:,}-byte file."
+                )
+            fh.seek(offset)
+            n_entries = struct.unpack(order + count_fmt, fh.read(count_size))[0]
+            end = offset + count_size + n_entries * entry_size + next_size
+            if end > size:
+                raise ImageFileError(
+                    f"{path} is truncated: page {len(seen)} ends at byte {end:,}, "
+                    f"past the end of the {size:,}-byte file."
+                )
+            fh.seek(end - next_size)
+            offset = struct.unpack(order + next_fmt, fh.read(next_size))[0]
+
+
+def _check_tiff_data(path: Path, tif: Any, series: Any) -> None:
+    """Refuse a TIFF whose pixel data (strips/tiles) reach past the end of the file."""
+    size = path.stat().st_size
+    end = 0
+    for page in tif.pages:
+        for offset, count in zip(page.dataoffsets, page.databytecounts):
+            end = max(end, int(offset) + int(count))
+    contiguous = series.dataoffset
+    if contiguous is not None:  # e.g. ImageJ stacks: one block for all pages
+        end = max(end, int(contiguous) + int(series.nbytes))
+    if end > size:
+        raise ImageFileError(
+            f"{path} is truncated: its pixel data reach byte {end:,}, "
+            f"but the file has only {size:,} bytes."
+        )
+
+
 def _read_tiff(path: Path) -> LoadedImage:
     import tifffile
 
+    _check_tiff_pages(path)
     try:
         with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ImageFileError(f"{path}: the TIFF file holds no image.")
             series = tif.series[0]
+            _check_claimed_size(path, series.shape)
+            _check_tiff_data(path, tif, series)
             arr = series.asarray()
             axes = series.axes
             source_dtype = arr.dtype.name
@@ -581,21 +1058,46 @@ def _read_tiff(path: Path) -> LoadedImage:
             arr = _drop_channel_axis(arr)
             if arr.ndim not in (2, 3):
                 raise _shape_error(path, arr.shape, f" (axes {axes!r})")
-            geometry = _tiff_geometry(tif, arr.ndim)
-    except tifffile.TiffFileError as exc:
-        raise ValueError(f"could not read {path} as TIFF: {exc}") from exc
+            try:
+                geometry = _tiff_geometry(tif, arr.ndim)
+            except (ValueError, TypeError, ZeroDivisionError, OverflowError) as exc:
+                raise ImageFileError(f"{path} has an unusable calibration: {exc}") from None
+    except ImageFileError:
+        raise
+    except Exception as exc:  # tifffile and its codecs raise many types for damaged files
+        raise ImageFileError(f"could not read {path} as TIFF: {_first_line(exc)}") from None
     return _finish(arr, geometry, source_dtype, "tiff", path)
 
 
 def _read_picture(path: Path, fmt: str) -> LoadedImage:
     import imageio.v3 as iio
+    from PIL import Image
 
+    # The size is checked from the header first. Pillow's own guard against
+    # "decompression bombs" refuses far smaller pictures than MAX_VOXELS; its
+    # warning (for large but accepted sizes) is not for the user.
     try:
-        with iio.imopen(path, "r") as fh:
-            arr = np.asarray(fh.read())
-            meta = fh.metadata()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not read {path} as {fmt.upper()}: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                width, height = picture.size
+    except Image.DecompressionBombError as exc:
+        raise ImageFileError(f"{path} is refused before decoding: {_first_line(exc)}") from None
+    except Exception as exc:
+        raise ImageFileError(
+            f"could not read {path} as {fmt.upper()}: not a readable picture ({_first_line(exc)})"
+        ) from None
+    _check_claimed_size(path, (height, width))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with iio.imopen(path, "r") as fh:
+                arr = np.asarray(fh.read())
+                meta = fh.metadata()
+    except Exception as exc:
+        raise ImageFileError(
+            f"could not read {path} as {fmt.upper()}: {_first_line(exc)}"
+        ) from None
     source_dtype = arr.dtype.name
     if arr.ndim == 3 and arr.shape[-1] in (2, 3, 4):
         arr = _collapse_grey(arr, path, fmt)
@@ -609,8 +1111,8 @@ def _read_picture(path: Path, fmt: str) -> LoadedImage:
         # usually screen DPI, not a physical pixel size.
         try:
             geometry = Geometry.from_dict(json.loads(record))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: unreadable {_GEOMETRY_KEY} text chunk: {exc}") from exc
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise ImageFileError(f"{path}: unreadable {_GEOMETRY_KEY} text chunk: {exc}") from None
     return _finish(arr, geometry, source_dtype, fmt, path)
 
 
@@ -620,31 +1122,56 @@ def _read_npy(path: Path) -> LoadedImage:
         try:
             version = fmt_mod.read_magic(fh)
         except ValueError:
-            raise ValueError(f"{path} is not a NumPy .npy file (bad magic string)") from None
+            raise ImageFileError(f"{path} is not a NumPy .npy file (bad magic string)") from None
         # Look at the header first: an object dtype means pickled Python
-        # objects, which are refused before a single data byte is read.
+        # objects, which are refused before a single data byte is read, and
+        # the shape is checked before anything is allocated.
         try:
             if version == (1, 0):
-                _shape, _order, dtype = fmt_mod.read_array_header_1_0(fh)
+                shape, _order, dtype = fmt_mod.read_array_header_1_0(fh)
             else:
-                _shape, _order, dtype = fmt_mod.read_array_header_2_0(fh)
-        except ValueError as exc:
-            raise ValueError(f"{path}: corrupt .npy header: {exc}") from exc
-        if dtype.hasobject:
-            raise ValueError(
-                f"{path} holds pickled Python objects (dtype {dtype}); refused because "
-                "unpickling can run arbitrary code. Save a plain numeric array with np.save."
-            )
+                shape, _order, dtype = fmt_mod.read_array_header_2_0(fh)
+        except Exception as exc:
+            raise ImageFileError(f"{path}: corrupt .npy header: {_first_line(exc)}") from None
+        data_offset = fh.tell()
+    if dtype.hasobject:
+        raise ImageFileError(
+            f"{path} holds pickled Python objects (dtype {dtype}); refused because "
+            "unpickling can run arbitrary code. Save a plain numeric array with np.save."
+        )
+    if dtype.kind not in "biuf" or dtype.shape:
+        raise ImageFileError(
+            f"{path}: unsupported pixel type {dtype} (need integer, boolean or real float)"
+        )
+    needed = _check_claimed_size(path, shape) * dtype.itemsize
+    _check_data_extent(path, path, data_offset, needed, compressed=False)
     try:
         arr = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"could not read {path} as .npy: {exc}") from exc
+    except Exception as exc:
+        raise ImageFileError(f"could not read {path} as .npy: {_first_line(exc)}") from None
     source_dtype = arr.dtype.name
     arr = _drop_channel_axis(arr)
     return _finish(arr, Geometry.identity(max(arr.ndim, 1)), source_dtype, "npy", path)
 
 
-def read_image(path: str | os.PathLike[str]) -> LoadedImage:
+def _check_scan(image: LoadedImage) -> None:
+    """Refuse an image that cannot be localised or trained on, naming its file."""
+    if image.source_dtype == "bool":
+        raise ImageFileError(
+            f"{image.path} holds a boolean (true/false) image, which looks like a mask; "
+            "a scan with intensities is needed."
+        )
+    # One owner for what can be localised: preprocess.validate_image (imported
+    # here, not at the top, so that reading files stays light).
+    from napari_anomaly.preprocess import validate_image
+
+    try:
+        validate_image(image.array, name=str(image.path))
+    except ValueError as exc:
+        raise ImageFileError(str(exc)) from None
+
+
+def read_image(path: str | os.PathLike[str], *, scan: bool = False) -> LoadedImage:
     """Read a 2D image or 3D volume with its geometry.
 
     Parameters
@@ -653,6 +1180,12 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
         A file with one of :data:`SUPPORTED_SUFFIXES`, or a folder holding a
         DICOM series (the series with the most files is read; a single
         ``.dcm`` file reads the series it belongs to).
+    scan
+        The file must hold a scan to localise or train on: a boolean file (a
+        mask) is refused, and so is anything
+        :func:`napari_anomaly.preprocess.validate_image` refuses (NaN or
+        infinite values, a constant image, an axis too short), with the file
+        named in the message. Leave it False to read masks and label images.
 
     Returns
     -------
@@ -663,15 +1196,23 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
     ------
     FileNotFoundError
         If ``path`` does not exist.
-    ValueError
-        For an unknown suffix, a folder without DICOM files, a file the reader
-        cannot decode, a colour or multi-channel image, a pickled ``.npy``, or
-        anything that is not 2D/3D. Only one leading or trailing channel axis
-        of size 1 is dropped silently; a single-file DICOM (one slice) becomes
-        2D.
+    ImageFileError
+        A ``ValueError`` whose one-line message names the file: an unknown
+        suffix, a folder without DICOM files, a file the reader cannot decode
+        (empty, text, damaged), a truncated file (fewer bytes than its header
+        describes, TIFF pages missing), a header claiming more than
+        :data:`MAX_VOXELS` voxels, a DICOM series with missing, repeated or
+        differently oriented slices, a colour or multi-channel image, a
+        pickled ``.npy``, or anything that is not 2D/3D. Only one leading or
+        trailing channel axis of size 1 is dropped silently; a single-file
+        DICOM (one slice) becomes 2D.
 
     Notes
     -----
+    * Sizes are checked from the header (NIfTI, NRRD, MHA, TIFF pages, PNG/JPEG
+      header, ``.npy`` header, DICOM rows x columns x files) before any pixel
+      buffer is allocated, and uncompressed files must be long enough for the
+      voxels they claim.
     * RGB/RGBA pictures whose colour channels are equal (and whose alpha is
       constant) are read as greyscale; JPEG allows a difference of a few grey
       levels from lossy compression.
@@ -684,15 +1225,29 @@ def read_image(path: str | os.PathLike[str]) -> LoadedImage:
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     fmt = detect_format(p)
-    if fmt == "dicom":
-        return _read_dicom(p)
-    if fmt in ("nifti", "nrrd", "mha"):
-        return _read_sitk_file(p, fmt)
-    if fmt == "tiff":
-        return _read_tiff(p)
-    if fmt in ("png", "jpeg"):
-        return _read_picture(p, fmt)
-    return _read_npy(p)
+    try:
+        if fmt == "dicom":
+            image = _read_dicom(p)
+        elif fmt in ("nifti", "nrrd", "mha"):
+            image = _read_sitk_file(p, fmt)
+        elif fmt == "tiff":
+            image = _read_tiff(p)
+        elif fmt in ("png", "jpeg"):
+            image = _read_picture(p, fmt)
+        else:
+            image = _read_npy(p)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # unreadable (permissions, I/O error), not damaged
+        raise ImageFileError(f"could not read {p}: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise ImageFileError(
+            f"not enough memory to read {p} (at most {MAX_VOXELS:,} voxels are accepted; "
+            "this machine has less memory than that needs)"
+        ) from None
+    if scan:
+        _check_scan(image)
+    return image
 
 
 # --------------------------------------------------------------------------

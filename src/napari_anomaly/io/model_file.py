@@ -10,7 +10,10 @@ Why not ``torch.save``: a ``.pt``/``.pth`` file is a pickle, and unpickling
 runs whatever code the file's author put in it. Loading here never unpickles;
 the file's structure is checked byte by byte *before* any parser sees it, and
 anything that is not a well-formed napari-anomaly safetensors file is refused
-with :class:`ModelFileError`.
+with :class:`ModelFileError`. The metadata fields that size later work
+(``spatial_dims``, ``patch_size``) and ``recommended_threshold`` are checked
+for type and bounds here; the network's own fields are bounded by
+``napari_anomaly.model.NetworkConfig`` before a network is built.
 
 The safetensors layout checked here::
 
@@ -50,6 +53,13 @@ METADATA_KEY = "napari_anomaly"
 # safetensors itself refuses headers above 100 MB; checking first means a
 # corrupt length field never makes us allocate gigabytes.
 _MAX_HEADER_BYTES = 100_000_000
+
+# Bounds of the metadata fields that size what is allocated when a model is
+# used: the training patch is the default inference tile. (The network's own
+# fields are bounded by napari_anomaly.model.NetworkConfig.)
+MIN_PATCH_SIZE = 8
+#: Largest training patch, in voxels: 4096^2 in 2D, 256^3 in 3D.
+MAX_PATCH_VOXELS = 2**24
 
 # Bytes per element of the safetensors dtypes, to check that each tensor's
 # byte range matches its shape before handing the file over.
@@ -130,8 +140,10 @@ def _parse_header(
     """Parse and validate the JSON header; return (header, our metadata)."""
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: the safetensors header is not valid JSON ({exc}).") from exc
+    except (ValueError, RecursionError) as exc:  # also bad UTF-8, absurd nesting or numbers
+        raise ModelFileError(
+            f"{path}: the safetensors header is not valid JSON ({_short(exc)})."
+        ) from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: the safetensors header is not a JSON object.")
 
@@ -145,10 +157,10 @@ def _parse_header(
         )
     try:
         metadata = json.loads(raw) if isinstance(raw, str) else None
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ModelFileError(
-            f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({exc})."
-        ) from exc
+            f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({_short(exc)})."
+        ) from None
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{path}: the {METADATA_KEY!r} metadata is not a JSON object.")
 
@@ -160,6 +172,8 @@ def _parse_header(
             f"{path} was written in model format version {version}, newer than this "
             f"napari-anomaly supports (up to {MODEL_FORMAT_VERSION}); upgrade napari-anomaly."
         )
+
+    _check_metadata_fields(path, metadata)
 
     data_size = file_size - 8 - header_len
     needed = 0
@@ -173,6 +187,48 @@ def _parse_header(
             f"the file holds {data_size}."
         )
     return header, metadata
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata_fields(path: Path, metadata: dict[str, Any]) -> None:
+    """Refuse known metadata fields of the wrong type or out of bounds.
+
+    Only the fields that decide how much is allocated or how results are
+    thresholded are checked here; the network's architecture is checked by
+    ``NetworkConfig`` before anything is built. Absent fields take defaults.
+    """
+    dims = metadata.get("spatial_dims", 2)
+    if not _is_int(dims) or dims not in (2, 3):
+        raise ModelFileError(f"{path}: spatial_dims must be 2 or 3, got {_short(repr(dims))}.")
+    if "network" in metadata and not isinstance(metadata["network"], dict):
+        raise ModelFileError(f"{path}: the network settings are not a JSON object.")
+    if "patch_size" in metadata:
+        patch = metadata["patch_size"]
+        if not _is_int(patch) or patch < MIN_PATCH_SIZE or patch**dims > MAX_PATCH_VOXELS:
+            largest = round(MAX_PATCH_VOXELS ** (1 / dims))
+            raise ModelFileError(
+                f"{path}: patch_size must be a whole number from {MIN_PATCH_SIZE} to "
+                f"{largest} for a {dims}D model, got {_short(repr(patch))}."
+            )
+    if "recommended_threshold" in metadata:
+        threshold = metadata["recommended_threshold"]
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not (0.0 <= threshold <= 1.0)
+        ):
+            raise ModelFileError(
+                f"{path}: recommended_threshold must be a number in [0, 1], "
+                f"got {_short(repr(threshold))}."
+            )
 
 
 def _check_tensor_entry(path: Path, name: str, info: Any) -> int:
