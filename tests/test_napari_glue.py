@@ -1,21 +1,36 @@
 """napari glue: manifest, reader, writers and sample data keep the scan's geometry.
 
-Most tests call the plugin functions directly (no Qt); the one viewer test
-needs a display (run under ``xvfb-run``).
+Most tests call the plugin functions directly (no Qt); the viewer tests need
+a display (run under ``xvfb-run``), except the one that opens scans the way
+napari's File > Open and drag-and-drop do, which runs napari's ViewerModel in a
+subprocess with its own settings file.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+from conftest import body_scan, phantom
 
 from napari_anomaly._layers import geometry_from_layer, layer_kwargs_from_geometry
-from napari_anomaly._reader import get_reader
+from napari_anomaly._reader import get_reader, scan_reader_preferences
 from napari_anomaly._sample_data import sample_scan
 from napari_anomaly._writer import write_image_layer, write_labels
+from napari_anomaly.display import (
+    MODALITY_KEY,
+    PERCENTILE_WINDOW,
+    WINDOW_KEY,
+    WINDOWS_KEY,
+    window_presets,
+)
 from napari_anomaly.io import Geometry, read_image, write_image
 
 MANIFEST = Path(__file__).parents[1] / "src" / "napari_anomaly" / "napari.yaml"
@@ -40,6 +55,40 @@ def _mask(shape=(6, 16, 20)) -> np.ndarray:
     mask[2:4, 3:9, 5:12] = 1
     mask[4, 10:12, 14:17] = 2
     return mask
+
+
+def _write_dicom_series(folder: Path, volume: np.ndarray, modality: str) -> Path:
+    """One DICOM file per slice (no suffix, as scanners write them), tagged ``modality``.
+
+    Spacing (z, y, x) = (2.5, 0.8, 0.7) mm, origin (z, y, x) = (30, -20, 10) mm.
+    """
+    folder.mkdir()
+    img = sitk.GetImageFromArray(volume)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    uid = "1.2.826.0.1.3680043.2.1125.9.4343"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume.shape[0]):
+        sl = img[:, :, k]
+        position = img.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": modality,
+            "0020|000d": uid + ".1",
+            "0020|000e": uid + ".2",
+            "0008|0018": f"{uid}.3.{k}",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": "0.8\\0.7",
+            "0018|0050": "2.5",
+        }
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"IM{k + 1:04d}"))
+        writer.SetImageIO("GDCMImageIO")
+        writer.Execute(sl)
+    return folder
 
 
 def _read(path: Path) -> list[tuple]:
@@ -87,6 +136,51 @@ def test_reader_contrast_ignores_a_few_bright_outliers(tmp_path):
     [(_, kwargs, _)] = _read(path)
 
     assert kwargs["contrast_limits"][1] <= 300
+
+
+def test_reader_opens_ct_at_the_soft_tissue_window_and_offers_the_presets(tmp_path):
+    path = write_image(tmp_path / "ct.nii.gz", phantom((8, 32, 32)), GEOMETRY)
+
+    [(_, kwargs, layer_type)] = _read(path)
+
+    assert layer_type == "image"
+    # L40/W400, not the data's percentiles (about -1000..300 for this phantom).
+    assert kwargs["contrast_limits"] == (-160.0, 240.0)
+    meta = kwargs["metadata"]
+    assert meta[MODALITY_KEY] == "CT"
+    assert meta[WINDOWS_KEY] == window_presets("CT")
+    assert set(meta[WINDOWS_KEY]) == {"soft tissue", "lung", "bone", "brain"}
+    assert meta[WINDOW_KEY] == "soft tissue"
+    json.dumps(meta)  # plain data: a session can save it
+
+
+def test_reader_windows_an_mri_scan_by_the_percentiles_of_the_body(tmp_path):
+    mri = body_scan((8, 32, 32))
+    path = write_image(tmp_path / "t1.nrrd", mri, GEOMETRY)
+
+    [(_, kwargs, _)] = _read(path)
+
+    meta = kwargs["metadata"]
+    assert meta[MODALITY_KEY] is None
+    assert list(meta[WINDOWS_KEY]) == [PERCENTILE_WINDOW]
+    lo, hi = kwargs["contrast_limits"]
+    assert (lo, hi) == meta[WINDOWS_KEY][PERCENTILE_WINDOW]
+    assert hi == pytest.approx(np.percentile(mri[mri > 0], 99.5), rel=0.02)
+
+
+@pytest.mark.parametrize(("modality", "window"), [("CT", "soft tissue"), ("MR", PERCENTILE_WINDOW)])
+def test_dicom_modality_tag_decides_the_windows(tmp_path, modality, window):
+    # The same HU-like values: the header's Modality, not the values, decides.
+    folder = _write_dicom_series(tmp_path / "series", phantom((6, 24, 28)), modality)
+
+    [(data, kwargs, layer_type)] = _read(folder)
+
+    assert layer_type == "image" and data.shape == (6, 24, 28)
+    np.testing.assert_allclose(kwargs["scale"], (2.5, 0.8, 0.7), rtol=1e-6)
+    np.testing.assert_allclose(kwargs["translate"], (30.0, -20.0, 10.0), atol=1e-5)
+    assert kwargs["metadata"][MODALITY_KEY] == modality
+    assert kwargs["metadata"][WINDOW_KEY] == window
+    assert kwargs["contrast_limits"] == kwargs["metadata"][WINDOWS_KEY][window]
 
 
 @pytest.mark.parametrize("name", ["notes.txt", "scan.nii.gz.bak", "no_suffix"])
@@ -143,6 +237,7 @@ def test_mask_file_opens_as_labels(tmp_path):
     np.testing.assert_array_equal(data, _mask())
     assert kwargs["name"] == "scan_mask"
     assert "contrast_limits" not in kwargs
+    assert WINDOWS_KEY not in kwargs["metadata"]
     np.testing.assert_allclose(kwargs["scale"], GEOMETRY.spacing, rtol=1e-6)
 
 
@@ -313,6 +408,7 @@ def test_manifest_declares_every_contribution_and_its_code_imports():
     [reader] = contrib.readers
     assert reader.accepts_directories
     assert {"*.nii", "*.nii.gz", "*.nrrd", "*.mha", "*.dcm"} <= set(reader.filename_patterns)
+    assert scan_reader_preferences() == dict.fromkeys(reader.filename_patterns, "napari-anomaly")
     assert commands[reader.command] == "napari_anomaly._reader:get_reader"
     writers = {commands[w.command]: w for w in contrib.writers}
     assert writers["napari_anomaly._writer:write_labels"].layer_types == ["labels"]
@@ -360,3 +456,91 @@ def test_viewer_opens_a_nifti_scan_in_millimetres(make_napari_viewer, tmp_path):
     np.testing.assert_allclose(layer.scale, (2.5, 0.8, 0.8), rtol=1e-6)
     np.testing.assert_allclose(layer.translate, (-40.0, 12.5, 7.25), rtol=1e-6)
     _assert_same_geometry(geometry_from_layer(layer), GEOMETRY)
+
+
+@pytest.mark.filterwarnings("ignore:System theme detection requires a Qt6 backend:UserWarning")
+def test_viewer_shows_ct_at_soft_tissue_and_switches_to_the_lung_window(
+    make_napari_viewer, tmp_path
+):
+    folder = _write_dicom_series(tmp_path / "chest", phantom((6, 24, 28)), "CT")
+    viewer = make_napari_viewer()
+
+    [layer] = viewer.open(str(folder), plugin="napari-anomaly")
+
+    np.testing.assert_allclose(layer.contrast_limits, (-160.0, 240.0))
+    windows = layer.metadata[WINDOWS_KEY]
+    # What a widget does to offer a preset: napari widens the slider's range
+    # when a window reaches beyond the data (-1350 < the phantom's -1000).
+    layer.contrast_limits = windows["lung"]
+    np.testing.assert_allclose(layer.contrast_limits, (-1350.0, 150.0))
+    assert layer.contrast_limits_range[0] <= -1350.0
+
+
+_OPEN_WITHOUT_PLUGIN = """
+import json, sys
+from napari.components import ViewerModel
+from napari.plugins import _initialize_plugins
+
+_initialize_plugins()  # what napari does when it starts
+viewer = ViewerModel()
+opened = []
+for path in sys.argv[1:]:
+    [layer] = viewer.open(path, plugin=None)  # no plugin named: napari decides
+    opened.append({
+        "reader": layer.source.reader_plugin,
+        "type": layer._type_string,
+        "scale": [float(v) for v in layer.scale],
+        "translate": [float(v) for v in layer.translate],
+        "contrast_limits": [float(v) for v in layer.contrast_limits],
+        "window": layer.metadata.get("napari_anomaly_window"),
+    })
+print(json.dumps(opened))
+"""
+
+
+def test_scans_open_without_naming_the_plugin_given_the_reader_preference(tmp_path):
+    # napari's own reader claims the same suffixes and every folder, so napari
+    # opens a scan without plugin= only where a reader preference names ours
+    # (else it asks, or raises MultipleReaderError). scan_reader_preferences()
+    # in the environment covers the files for this process only; a pattern
+    # covers the folders holding DICOM series. napari's settings file is
+    # this test's own, and must not keep the preference.
+    ct = phantom((6, 24, 28))
+    paths = [
+        write_image(tmp_path / f"ct{suffix}", ct, GEOMETRY)
+        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha")
+    ]
+    dicom_root = tmp_path / "dicom"
+    dicom_root.mkdir()
+    series = _write_dicom_series(dicom_root / "series 1", ct, "CT")
+    folder_pattern = os.path.join(os.path.realpath(dicom_root), "*", "")
+    settings_file = tmp_path / "napari settings.yaml"
+    env = {
+        **os.environ,
+        "NAPARI_CONFIG": str(settings_file),
+        "NAPARI_PLUGINS_EXTENSION2READER": json.dumps(
+            {**scan_reader_preferences(), folder_pattern: "napari-anomaly"}
+        ),
+    }
+
+    result = subprocess.run(
+        [sys.executable, "-c", _OPEN_WITHOUT_PLUGIN, *map(str, [*paths, series])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    opened = json.loads(result.stdout.strip().splitlines()[-1])
+    for path, layer in zip([*paths, series], opened, strict=True):
+        assert layer["reader"] == "napari-anomaly", path
+        assert layer["type"] == "image", path
+        assert layer["window"] == "soft tissue", path
+        assert layer["contrast_limits"] == [-160.0, 240.0], path
+    for layer in opened[:4]:
+        np.testing.assert_allclose(layer["scale"], GEOMETRY.spacing, rtol=1e-6)
+        np.testing.assert_allclose(layer["translate"], GEOMETRY.origin, rtol=1e-6)
+    np.testing.assert_allclose(opened[4]["scale"], (2.5, 0.8, 0.7), rtol=1e-6)
+    np.testing.assert_allclose(opened[4]["translate"], (30.0, -20.0, 10.0), atol=1e-5)
+    assert not settings_file.exists() or "napari-anomaly" not in settings_file.read_text()

@@ -7,6 +7,22 @@ Image layer placed in millimetres (see :mod:`napari_anomaly._layers`); a file
 named like a mask (``*_mask.*``, ``*_label*``) that holds only non-negative
 integers, or any boolean file, becomes a Labels layer, so a mask exported by
 napari-anomaly opens as an editable mask again.
+
+An Image layer opens at the window :mod:`napari_anomaly.display` chooses: CT
+(declared by the DICOM Modality tag, or recognised by its Hounsfield units) at
+the soft-tissue window, with the lung, bone and brain windows offered in
+``metadata["napari_anomaly_windows"]``; anything else at the 0.5-99.5
+percentiles of the body.
+
+Which reader opens a file is napari's choice, not ours. napari's own reader
+also claims ``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.mha``, ``*.dcm`` and every
+folder, so napari asks the user to choose (drag-and-drop, *File > Open*) or
+raises ``MultipleReaderError`` (``viewer.open(path, plugin=None)``) until a
+reader preference says which; and ``viewer.open(path)`` without ``plugin``
+means ``plugin="napari"`` since napari 0.5 (that reader drops the geometry and
+cannot read ``.nii.gz``). :func:`scan_reader_preferences` gives the preference
+that sends the scan formats here; docs/user_guide.md ("Opening scans and
+display windows") shows how to use it without changing napari's saved settings.
 """
 
 from __future__ import annotations
@@ -17,10 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from ._layers import is_label_image, layer_data_from_image
+from .display import WINDOW_KEY, WINDOWS_KEY, display_windows
 from .io import SUPPORTED_SUFFIXES, LoadedImage, read_image
 from .io.atomic import full_suffix
 
-__all__ = ["get_reader", "read_paths"]
+__all__ = ["PLUGIN_NAME", "get_reader", "read_paths", "scan_reader_preferences"]
+
+#: The npe2 plugin name (``name:`` in napari.yaml), as napari's ``plugin=`` takes it.
+PLUGIN_NAME = "napari-anomaly"
+
+_MANIFEST = Path(__file__).with_name("napari.yaml")
 
 PathOrPaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 LayerData = tuple[Any, dict[str, Any], str]
@@ -57,6 +79,38 @@ def _can_read(path: str | os.PathLike[str]) -> bool:
     return full_suffix(p).lower() in SUPPORTED_SUFFIXES
 
 
+def _declared_modality(image: LoadedImage) -> str | None:
+    """The DICOM Modality tag (0008,0060) of a DICOM scan, else ``None``.
+
+    Read from the header of one file (the one given, or the first DICOM file
+    of the folder by name): a folder read by napari-anomaly holds one series.
+    Any failure gives ``None`` and the windows are chosen from the values.
+    """
+    if image.format != "dicom":
+        return None
+    path = image.path
+    if path.is_dir():
+        try:
+            files = sorted(p for p in path.iterdir() if p.is_file() and _is_dicom_file(p))
+        except OSError:
+            return None
+        if not files:
+            return None
+        path = files[0]
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        if reader.HasMetaDataKey("0008|0060"):
+            return reader.GetMetaData("0008|0060").strip() or None
+    except Exception:  # an unreadable header only costs the hint
+        return None
+    return None
+
+
 def _named_like_labels(image: LoadedImage) -> bool:
     stem = image.name.lower()
     return stem.endswith("_mask") or "_mask." in image.path.name.lower() or "_label" in stem
@@ -69,7 +123,13 @@ def _layer_data(path: str | os.PathLike[str]) -> LayerData:
     is_mask = image.source_dtype == "bool" or _named_like_labels(image)
     if is_mask and is_label_image(image.array):
         return layer_data_from_image(image, layer_type="labels")
-    return layer_data_from_image(image, layer_type="image")
+    display = display_windows(image.array, hint=_declared_modality(image))
+    return layer_data_from_image(
+        image,
+        layer_type="image",
+        contrast_limits=display[WINDOWS_KEY][display[WINDOW_KEY]],
+        metadata=display,
+    )
 
 
 def read_paths(path: PathOrPaths) -> list[LayerData]:
@@ -89,7 +149,12 @@ def read_paths(path: PathOrPaths) -> list[LayerData]:
         image, an unsigned integer type for labels; ``kwargs`` has ``name``
         (the file stem), ``scale``/``translate`` (spacing/origin in mm),
         ``metadata`` (``geometry``, ``source_path``, ``source_dtype``) and,
-        for images, ``contrast_limits``.
+        for images, ``contrast_limits`` (the default window) with
+        ``metadata["napari_anomaly_modality"]`` (``"CT"``, ``"MR"``... or
+        ``None``), ``metadata["napari_anomaly_windows"]`` (``{name: (lo, hi)}``:
+        soft tissue, lung, bone and brain for CT, the percentile window
+        otherwise) and ``metadata["napari_anomaly_window"]`` (the name of the
+        window in use); see :func:`napari_anomaly.display.display_windows`.
 
     Raises
     ------
@@ -114,3 +179,31 @@ def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | 
     if not paths or not all(_can_read(p) for p in paths):
         return None
     return read_paths
+
+
+def scan_reader_preferences() -> dict[str, str]:
+    """napari reader preferences that open the scan formats with this reader.
+
+    Returns
+    -------
+    dict
+        ``{filename pattern: "napari-anomaly"}`` for every pattern of the
+        manifest's reader (``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.nhdr``,
+        ``*.mha``, ``*.mhd``, ``*.dcm``): the format of napari's
+        ``settings.plugins.extension2reader``.
+
+    Notes
+    -----
+    napari's own reader claims the same files, so napari needs a preference
+    to open them here without ``plugin="napari-anomaly"``. Setting it in the
+    environment, ``NAPARI_PLUGINS_EXTENSION2READER='<this dict as JSON>'``,
+    applies to that napari process only and is never written to napari's
+    settings file. DICOM *folders* have no pattern here: a preference for
+    folders (``*/``) would also send zarr and image-stack folders to this
+    reader, which declines them.
+    """
+    import yaml  # npe2 depends on PyYAML
+
+    manifest = yaml.safe_load(_MANIFEST.read_text(encoding="utf-8"))
+    [reader] = manifest["contributions"]["readers"]
+    return dict.fromkeys(reader["filename_patterns"], PLUGIN_NAME)
