@@ -4,12 +4,17 @@
 
 Drives the *Anomaly review* widget like a reviewer on the bundled sample scan: localise,
 select the top region, correct the mask (erase a false positive, paint a missed anomaly from
-the ground truth), fine-tune, and writes one PNG per step.
+the ground truth), fine-tune (with a second, uncorrected case: the sample mirrored left to
+right, to show the before/after figures of a case fine-tuning did not learn from), mark the
+case reviewed, close the widget and open it again (the resume prompt), and writes one PNG per
+step. Autosaves go to a temporary folder, not the user's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 import napari
@@ -31,12 +36,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    os.environ["NAPARI_ANOMALY_SESSIONS"] = tempfile.mkdtemp(prefix="napari-anomaly-shots-")
 
     viewer = napari.Viewer(title="napari-anomaly")
     viewer.window._qt_window.resize(1500, 950)
     viewer.open_sample("napari-anomaly", "sample_scan")
     widget = AnomalyReviewWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Anomaly review", area="right")
+    dock = viewer.window.add_dock_widget(widget, name="Anomaly review", area="right")
     widget.device.value = args.device
     widget.image_layer.value = "sample_scan"
 
@@ -66,12 +72,43 @@ def main() -> None:
     widget.set_threshold(widget.threshold.value)
     _shoot(viewer, widget, args.out / "3_corrected.png")
 
-    # 4. Fine-tune on the correction (before/after metrics), re-localised with the new version.
+    # 4. Fine-tune on the correction, with a second case that is not corrected (the sample
+    # mirrored): before/after on both, re-localised with the new version.
+    scan = viewer.layers["sample_scan"]
+    viewer.add_image(
+        np.asarray(scan.data)[..., ::-1].copy(),
+        name="mirrored",
+        scale=scan.scale,
+        translate=scan.translate,
+        contrast_limits=scan.contrast_limits,
+        visible=False,
+    )
+    widget.localise("mirrored", wait=True)
+    for name in ("mirrored", "mirrored anomaly", "mirrored mask"):
+        viewer.layers[name].visible = False
+    widget.image_layer.value = "sample_scan"
     widget.finetune(steps=args.finetune_steps, wait=True)
     widget.wait()
+    if widget.last_error:
+        raise SystemExit(widget.last_error)
     widget.select_region(0)
     _shoot(viewer, widget, args.out / "4_finetuned.png")
     print(widget.metrics.value)
+    for row in widget.comparison.value["data"]:
+        print("not corrected:", " | ".join(row))
+
+    # 5. Mark reviewed, close the widget, open it again: it offers the autosaved review.
+    widget.mark_reviewed()
+    dock.destroyOnClose()
+    widget = AnomalyReviewWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Anomaly review", area="right")
+    widget.device.value = args.device
+    _shoot(viewer, widget, args.out / "5_resume.png")
+    print(widget.resume_text.value)
+    widget.resume()
+    if widget.last_error:
+        raise SystemExit(widget.last_error)
+    print(widget.status.value)
     viewer.close()
 
 

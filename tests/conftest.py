@@ -34,6 +34,12 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"rep_{report.when}", report)
 
 
+@pytest.fixture(autouse=True)
+def _sessions_in_tmp(tmp_path, monkeypatch):
+    """Review sessions autosave into the test's own folder, never the user's data folder."""
+    monkeypatch.setenv("NAPARI_ANOMALY_SESSIONS", str(tmp_path / "autosaved sessions"))
+
+
 @pytest.fixture
 def images_2d() -> list[np.ndarray]:
     return [phantom((48, 48), seed) for seed in range(3)]

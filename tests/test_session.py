@@ -253,3 +253,29 @@ def test_the_session_imports_neither_qt_nor_napari():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_calibrating_on_normal_scans_sets_the_threshold_of_the_open_cases_only(session):
+    normals = [np.pad(np.full((24, 24), 100.0, np.float32), 12) for _ in range(2)]
+    for index, normal in enumerate(normals):
+        normal += np.random.default_rng(index).normal(0, 5, normal.shape).astype(np.float32)
+    image = normals[0] + 1
+    run_to_end(session.localise("open", image, name="open"))
+    run_to_end(session.localise("done", image.copy(), name="done"))
+    session.mark_reviewed("done")
+    approved = session.case("done").mask.copy()
+
+    outcome = run_to_end(session.calibrate(normals, max_false_regions=2, names=["n1", "n2"]))
+    calibrated = session.localiser
+    assert outcome.localiser is calibrated and len(session.versions) == 2
+    assert calibrated.metadata["parent_sha256"] == session.versions[0].sha256
+    assert outcome.threshold == calibrated.recommended_threshold
+    assert session.case("open").threshold == outcome.threshold
+    assert session.case("open").model_sha256 == calibrated.sha256
+    assert outcome.cases == ("open",)
+    np.testing.assert_array_equal(session.case("done").mask, approved)
+    assert session.case("done").model_sha256 == session.versions[0].sha256
+    # Read off the stored curve, without normal scans: the same threshold for the same K.
+    assert session.threshold_for_false_regions(2) == outcome.threshold
+    session.undo("open")  # one undo step: back to the threshold it had
+    assert session.case("open").threshold == 0.5

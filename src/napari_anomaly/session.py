@@ -16,14 +16,27 @@ the one owner of a review; the widget and scripts are its clients.
 4. :meth:`ReviewSession.undo` / :meth:`ReviewSession.redo` walk a case's own
    history (edits, accept/reject, threshold and minimum size, mark reviewed);
 5. :meth:`ReviewSession.finetune` (a job) trains a new model version on every
-   corrected or reviewed case, with before/after metrics on those cases, and
+   corrected or reviewed case, with before/after metrics on those cases and
+   before/after figures (:class:`CaseFigures`) on the others, and
    :meth:`ReviewSession.relocalise` (a job) brings the cases not yet reviewed
    to the new version, keeping every edit;
-6. :meth:`ReviewSession.revert` goes back to any earlier version (also after
+6. :meth:`ReviewSession.calibrate` (a job, *threshold from normal scans*) makes
+   a version whose threshold shows at most K regions per normal scan and sets
+   the open cases to it; :meth:`ReviewSession.threshold_for_false_regions`
+   reads that threshold off a calibrated model's stored curve;
+7. :meth:`ReviewSession.revert` goes back to any earlier version (also after
    :meth:`ReviewSession.adapt`, a job that adapts the model to unlabelled scans);
-7. :meth:`ReviewSession.export` writes the mask (the approved one for a
+   :meth:`ReviewSession.save_model` writes the current one with its lineage;
+8. :meth:`ReviewSession.export` writes the mask (the approved one for a
    reviewed case; optionally the anomaly map) in the image's format and
-   geometry with a JSON sidecar.
+   geometry with a JSON sidecar naming the model's and the source file's sha256;
+9. :meth:`ReviewSession.save` / :meth:`ReviewSession.load` keep a session in a
+   folder (:mod:`napari_anomaly.session_store`); :attr:`ReviewSession.revision`
+   counts changes, so a client knows when to save.
+
+Every model version has a sha256, also one made in memory (the hash of the
+file :meth:`ReviewSession.save_model` writes for it), so that cases, sidecars
+and saved sessions name models exactly.
 
 Cases are keyed by a *case id* the client chooses and keeps (the widget stores
 one in the image layer's metadata), never by a display name: renaming a scan
@@ -33,9 +46,12 @@ cancelled job leaves the cases and the model versions as they were.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import functools
+import getpass
 import json
+import tempfile
 import threading
 import time
 import uuid
@@ -45,10 +61,11 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS, calibrate
 from napari_anomaly.inference import InferenceConfig, LocalisationResult, localise
 from napari_anomaly.io import Geometry, atomic_write_text, write_image
 from napari_anomaly.localiser import Localiser
-from napari_anomaly.metrics import evaluate_cases
+from napari_anomaly.metrics import evaluate_cases, sample_score
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.review import (
     MaskEdits,
@@ -61,7 +78,17 @@ from napari_anomaly.review import (
 )
 from napari_anomaly.training import AdaptConfig, FinetuneConfig, adapt, finetune
 
-__all__ = ["Case", "CaseReviewedError", "FinetuneOutcome", "HistoryStep", "ReviewSession"]
+__all__ = [
+    "CalibrationOutcome",
+    "Case",
+    "CaseComparison",
+    "CaseFigures",
+    "CaseReviewedError",
+    "FinetuneOutcome",
+    "HistoryStep",
+    "ReviewSession",
+    "case_figures",
+]
 
 #: Consecutive setting changes marked ``merge=True`` (a slider drag, typing a
 #: number) within this many seconds are one undo step.
@@ -180,6 +207,12 @@ class Case:
     rank_by: str = "mass"
     reviewed_at: str | None = None
     approved_mask: np.ndarray | None = field(default=None, repr=False)
+    #: The file (or DICOM folder) the scan was read from, and its sha256; ``None``
+    #: for a scan made in memory.
+    source_path: str | None = None
+    source_sha256: str | None = None
+    #: Changes whenever the maps change (a saved session rewrites them only then).
+    maps_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     undo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
     redo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
     _composed: np.ndarray | None = field(default=None, init=False, repr=False)
@@ -238,12 +271,97 @@ class Case:
 
 
 @dataclass(frozen=True)
+class CaseFigures:
+    """What a reviewer can read off a case's map without ground truth.
+
+    Attributes
+    ----------
+    regions : int
+        Regions in the case's mask at its threshold and minimum region size
+        (with its edits).
+    top_region_score : float or None
+        Peak score of the first region of the table (``None``: no region).
+    sample_score : float
+        The case-level score of the map (:func:`napari_anomaly.metrics.sample_score`,
+        the one ``napari-anomaly evaluate`` ranks cases by).
+    """
+
+    regions: int
+    top_region_score: float | None
+    sample_score: float
+
+
+def case_figures(case: Case, anomaly_map: np.ndarray | None = None) -> CaseFigures:
+    """:class:`CaseFigures` of a case, on its own map or on ``anomaly_map`` (new maps of it)."""
+    scores = case.anomaly_map if anomaly_map is None else np.asarray(anomaly_map)
+    mask = rethreshold(scores, case.threshold, case.edits, case.min_region_size)
+    regions = find_regions(mask, scores, spacing=case.geometry.spacing, rank_by=case.rank_by)
+    return CaseFigures(
+        regions=len(regions),
+        top_region_score=float(regions[0].peak_score) if regions else None,
+        sample_score=sample_score(scores),
+    )
+
+
+@dataclass(frozen=True)
+class CaseComparison:
+    """Before/after figures of a case that fine-tuning did not learn from."""
+
+    case_id: str
+    name: str
+    before: CaseFigures
+    after: CaseFigures
+
+
+@dataclass(frozen=True)
 class FinetuneOutcome:
-    """Result of a fine-tuning job: the new version and metrics on the corrected cases."""
+    """Result of a fine-tuning job.
+
+    Attributes
+    ----------
+    localiser
+        The new version (current in the session once the job has finished).
+    before, after
+        Pixel AP and Dice on the corrected cases (their masks are the truth).
+    cases
+        Names of the corrected cases.
+    uncorrected
+        Before/after figures of the cases not used as corrections (not
+        reviewed, not edited): nothing to score them against, so they show
+        what a reviewer would see change.
+    """
 
     localiser: Localiser
     before: dict[str, float]
     after: dict[str, float]
+    cases: tuple[str, ...]
+    uncorrected: tuple[CaseComparison, ...] = ()
+
+
+@dataclass(frozen=True)
+class CalibrationOutcome:
+    """Result of *threshold from normal scans* (:meth:`ReviewSession.calibrate`).
+
+    Attributes
+    ----------
+    localiser
+        The calibrated version (``None`` when the threshold was read off the
+        current model's stored curve).
+    threshold
+        The threshold at which the normal scans showed at most
+        ``max_false_regions`` regions per scan.
+    max_false_regions
+        The budget K.
+    normals
+        Names of the normal scans (empty when read off the curve).
+    cases
+        Names of the cases whose threshold was set (the reviewed ones never are).
+    """
+
+    localiser: Localiser | None
+    threshold: float
+    max_false_regions: float
+    normals: tuple[str, ...]
     cases: tuple[str, ...]
 
 
@@ -272,11 +390,23 @@ class ReviewSession:
         review: ReviewConfig = ReviewConfig(),
         inference: InferenceConfig = InferenceConfig(),
     ) -> None:
-        self.versions: list[Localiser] = [localiser]
+        self.versions: list[Localiser] = []
         self.current = 0
         self.review = review
         self.inference = inference
         self.cases: dict[str, Case] = {}
+        #: Budget of false regions per normal scan chosen by the reviewer (*threshold
+        #: from normal scans*); ``None``: the model's own recommended threshold.
+        self.max_false_regions: float | None = None
+        #: Counts every change (a client saves the session when it moves).
+        self.revision = 0
+        # Maps a finished job already made with a version (case id -> (version,
+        # image, result)), so that relocalise() does not run the network again.
+        self._predictions: dict[str, tuple[Localiser, np.ndarray, LocalisationResult]] = {}
+        self.add_version(localiser)
+
+    def _touch(self) -> None:
+        self.revision += 1
 
     # -- models ---------------------------------------------------------------
     @property
@@ -284,10 +414,41 @@ class ReviewSession:
         return self.versions[self.current]
 
     def add_version(self, localiser: Localiser) -> int:
-        """Add a model version and make it current; returns its index."""
-        self.versions.append(localiser)
+        """Add a model version and make it current; returns its index.
+
+        A version that was never saved (fine-tuned, adapted or calibrated in
+        memory) is added as a copy that knows its sha256 (of the file
+        :meth:`save_model` would write; the metadata gains ``lineage``, the
+        chain of its ancestors' hashes), so every case and sidecar names the
+        exact model. A version read from a file is added as it is.
+        """
+        self.versions.append(self._adopt(localiser))
         self.current = len(self.versions) - 1
+        self._predictions = {}
+        self._touch()
         return self.current
+
+    def _adopt(self, localiser: Localiser) -> Localiser:
+        if localiser.sha256 is not None:
+            return localiser
+        metadata = copy.deepcopy(localiser.metadata)
+        metadata["name"] = localiser.name
+        metadata.setdefault("created", _now())
+        parent_sha = metadata.get("parent_sha256")
+        if parent_sha:
+            parent = next((v for v in self.versions if v.sha256 == parent_sha), None)
+            ancestors = parent.metadata.get("lineage", []) if parent is not None else None
+            if ancestors is None:  # a parent from outside: trust what the metadata carries
+                ancestors = metadata.get("lineage", [])
+            name = parent.name if parent is not None else metadata.get("parent_name", "")
+            metadata["lineage"] = [*ancestors, {"sha256": parent_sha, "name": name}]
+        adopted = Localiser(localiser.network, localiser.preprocess, metadata)
+        # The hash of the file is the hash of the bytes save() writes, and those
+        # depend on the metadata alone (fixed now): write once, remember the hash.
+        with tempfile.TemporaryDirectory(prefix="napari-anomaly-") as folder:
+            adopted.save(Path(folder) / "model.safetensors")
+        adopted.path = None  # it lives in memory (and in the session folder once saved)
+        return adopted
 
     def revert(self, index: int | None = None) -> Localiser:
         """Make an earlier version current (by default the one before the current)."""
@@ -295,14 +456,58 @@ class ReviewSession:
         if not 0 <= target < len(self.versions):
             raise ValueError(f"no model version {target}; versions are 0..{len(self.versions) - 1}")
         self.current = target
+        self._touch()
         return self.localiser
+
+    def save_model(self, path: str | Path, overwrite: bool = False) -> str:
+        """Write the current model version to ``path`` (``.safetensors``) with its lineage.
+
+        Returns the file's sha256: the one the cases localised with this
+        version (and their sidecars) name. The metadata holds
+        ``parent_sha256`` and ``lineage`` (every ancestor's sha256 and name,
+        oldest first).
+        """
+        from napari_anomaly.session_store import write_model_file
+
+        target = Path(path)
+        if target.suffix != ".safetensors":
+            raise ValueError(f"model files end in .safetensors, got {target.name!r}")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; choose overwrite to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return write_model_file(self.localiser, target, overwrite=overwrite)
 
     @property
     def default_threshold(self) -> float:
-        """The configured threshold, else the current model's calibrated one."""
+        """The threshold a new case starts at.
+
+        The configured one (``review.threshold``) if set; else, once the
+        reviewer chose a budget of false regions per normal scan, the current
+        model's threshold for it (from its stored curve); else the model's
+        recommended threshold.
+        """
         if self.review.threshold is not None:
             return self.review.threshold
+        if self.max_false_regions is not None:
+            try:
+                return self.localiser.threshold_for_false_regions(self.max_false_regions)
+            except ValueError:
+                pass
         return self.localiser.recommended_threshold
+
+    # -- persistence --------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Save the session to a folder (see :mod:`napari_anomaly.session_store`)."""
+        from napari_anomaly.session_store import save_session
+
+        return save_session(self, folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, **kwargs) -> ReviewSession:
+        """Resume a session saved with :meth:`save` (see :func:`session_store.load_session`)."""
+        from napari_anomaly.session_store import load_session
+
+        return load_session(folder, **kwargs)
 
     # -- cases ------------------------------------------------------------------
     @staticmethod
@@ -328,7 +533,9 @@ class ReviewSession:
     def rename(self, case_id: str, name: str) -> Case:
         """Change the display name of a case (its id, edits and history stay)."""
         case = self.case(case_id)
-        case.name = str(name)
+        if case.name != str(name):
+            case.name = str(name)
+            self._touch()
         return case
 
     @_holding_case_lock
@@ -343,6 +550,8 @@ class ReviewSession:
         name: str | None = None,
         model_name: str = "",
         model_sha256: str | None = None,
+        source_path: str | Path | None = None,
+        source_sha256: str | None = None,
     ) -> Case:
         """Store maps of ``image`` as case ``case_id`` (new maps for an existing case).
 
@@ -350,7 +559,17 @@ class ReviewSession:
         size and undo history when the image has the same shape (its redo
         steps are dropped: they were made on other maps); a new shape starts
         afresh. A reviewed case is final: it is returned unchanged.
+
+        ``source_path`` is the file (or DICOM folder) the image was read from;
+        its sha256 is computed when not given. Sidecars name both, and a saved
+        session reads the scan from there on resuming (checking the hash).
+        Without it (and for a case that had none) the image is kept in memory
+        and in a saved session.
         """
+        if source_path is not None and source_sha256 is None:
+            from napari_anomaly.session_store import source_sha256 as hash_source
+
+            source_sha256 = hash_source(source_path)
         image = np.asarray(image)
         anomaly_map = np.asarray(anomaly_map)
         if anomaly_map.shape != image.shape:
@@ -361,6 +580,8 @@ class ReviewSession:
         previous = self.cases.get(case_id)
         if previous is not None and previous.reviewed:
             return previous
+        if source_path is None and previous is not None:
+            source_path, source_sha256 = previous.source_path, previous.source_sha256
         keep = previous is not None and previous.shape == image.shape
         if keep:
             case = previous
@@ -372,6 +593,9 @@ class ReviewSession:
             case.model_sha256 = model_sha256
             case.model_name = model_name
             case.localised_at = _now()
+            case.source_path = None if source_path is None else str(source_path)
+            case.source_sha256 = source_sha256
+            case.maps_id = uuid.uuid4().hex[:12]
             case.redo_steps.clear()  # they were made on the previous maps
             case._changed()
         else:
@@ -389,8 +613,11 @@ class ReviewSession:
                 model_sha256=model_sha256,
                 model_name=model_name,
                 rank_by=self.review.rank_by,
+                source_path=None if source_path is None else str(source_path),
+                source_sha256=source_sha256,
             )
         self.cases[case_id] = case
+        self._touch()
         return case
 
     def _store(
@@ -401,6 +628,7 @@ class ReviewSession:
         geometry: Geometry,
         result: LocalisationResult,
         localiser: Localiser,
+        source: tuple[str, str] | None = None,
     ) -> Case:
         return self.add_case(
             case_id,
@@ -411,6 +639,8 @@ class ReviewSession:
             name=name,
             model_name=localiser.name,
             model_sha256=localiser.sha256,
+            source_path=source[0] if source else None,
+            source_sha256=source[1] if source else None,
         )
 
     # -- localisation -----------------------------------------------------------
@@ -420,49 +650,72 @@ class ReviewSession:
         image: np.ndarray,
         geometry: Geometry | None = None,
         name: str | None = None,
+        source_path: str | Path | None = None,
     ) -> Job[Case]:
         """Predict maps for ``image`` and store them as case ``case_id`` when done.
 
         Re-localising an existing case keeps its edits (when the shape is
         unchanged), threshold and history. A reviewed case is refused (raises
         :class:`CaseReviewedError` before the network runs); one marked
-        reviewed while the job ran stays as approved.
+        reviewed while the job ran stays as approved. ``source_path``: the
+        file the image was read from (see :meth:`add_case`); its hash is
+        taken in the job.
         """
         if case_id in self.cases:
             self._open_case(case_id, "localise it again")
         image = np.asarray(image)
         geometry = geometry or Geometry.identity(image.ndim)
+        source = None
+        if source_path is not None:
+            from napari_anomaly.session_store import source_sha256
+
+            source = (str(source_path), source_sha256(source_path))
         localiser = self.localiser
         result = yield from localise(image, localiser, self.inference, spacing=geometry.spacing)
-        return self._store(case_id, name, image, geometry, result, localiser)
+        return self._store(case_id, name, image, geometry, result, localiser, source)
+
+    def _predict(self, case_ids: Sequence[str], localiser: Localiser) -> Job[list[tuple]]:
+        """New maps of cases with ``localiser`` (reusing those a finished job made)."""
+        results = []
+        for index, case_id in enumerate(case_ids):
+            case = self.cases[case_id]
+            yield Progress(index, len(case_ids), f"re-localising {case.name}")
+            made = self._predictions.get(case_id)
+            if made is not None and made[0] is localiser and made[1] is case.image:
+                result = made[2]
+            else:
+                result = yield from localise(
+                    case.image, localiser, self.inference, spacing=case.geometry.spacing
+                )
+            results.append((case_id, case.image, case.geometry, result))
+        return results
+
+    def _store_results(self, results: list[tuple], localiser: Localiser) -> list[Case]:
+        done = []
+        for case_id, image, geometry, result in results:
+            self._predictions.pop(case_id, None)
+            if case_id in self.cases and not self.cases[case_id].reviewed:
+                done.append(self._store(case_id, None, image, geometry, result, localiser))
+        return done
 
     def relocalise(self, case_ids: Iterable[str] | None = None) -> Job[list[Case]]:
         """Localise cases again with the current model (default: every case not reviewed).
 
         Reviewed cases are skipped, also when marked reviewed while the job
         runs; the others keep their edits, threshold and history. Returns the
-        re-localised cases.
+        re-localised cases. Maps that :meth:`finetune` already made with the
+        current version are used, not made again.
         """
         ids = list(self.cases) if case_ids is None else list(case_ids)
         pending = [i for i in ids if i in self.cases and not self.cases[i].reviewed]
         localiser = self.localiser
-        results = []
-        for index, case_id in enumerate(pending):
-            case = self.cases[case_id]
-            yield Progress(index, len(pending), f"re-localising {case.name}")
-            result = yield from localise(
-                case.image, localiser, self.inference, spacing=case.geometry.spacing
-            )
-            results.append((case_id, case.image, case.geometry, result))
-        done = []
-        for case_id, image, geometry, result in results:
-            if case_id in self.cases and not self.cases[case_id].reviewed:
-                done.append(self._store(case_id, None, image, geometry, result, localiser))
-        return done
+        results = yield from self._predict(pending, localiser)
+        return self._store_results(results, localiser)
 
     # -- review -----------------------------------------------------------------
     def _push(self, case: Case, step: HistoryStep) -> None:
         """Record a step (merging a run of setting changes into one) and forget redo."""
+        self._touch()
         case.redo_steps.clear()
         last = case.undo_steps[-1] if case.undo_steps else None
         if not (
@@ -590,6 +843,7 @@ class ReviewSession:
         min_region_mm: float | None = None,
         *,
         merge: bool = False,
+        action: str | None = None,
     ) -> np.ndarray:
         """Re-threshold a case without running the network; edits are kept (one undo step).
 
@@ -597,7 +851,8 @@ class ReviewSession:
         are the two limits on automatic regions; the larger applies. ``None``
         keeps a setting. ``merge=True`` (for a slider being dragged) makes
         this and the previous merging change within :data:`MERGE_SECONDS` one
-        undo step. Returns the mask.
+        undo step. ``action`` names the step (shown after an undo). Returns
+        the mask.
         """
         case = self._open_case(case_id, "change its threshold")
         new_threshold = case.threshold if threshold is None else float(threshold)
@@ -608,7 +863,7 @@ class ReviewSession:
         if voxels < 0 or mm < 0:
             raise ValueError("minimum region sizes must be >= 0")
         step = HistoryStep(
-            f"threshold {new_threshold:.2f}",
+            action or f"threshold {new_threshold:.2f}",
             threshold=(case.threshold, new_threshold) if new_threshold != case.threshold else None,
             min_region=(
                 ((case.min_region_voxels, case.min_region_mm), (voxels, mm))
@@ -705,6 +960,7 @@ class ReviewSession:
         step = case.undo_steps.pop()
         self._apply(case, step, 0)
         case.redo_steps.append(step)
+        self._touch()
         return step
 
     @_holding_case_lock
@@ -716,6 +972,7 @@ class ReviewSession:
         step = case.redo_steps.pop()
         self._apply(case, step, 1)
         case.undo_steps.append(step)
+        self._touch()
         return step
 
     # -- fine-tuning -------------------------------------------------------------
@@ -723,25 +980,39 @@ class ReviewSession:
         """The cases with edits, and the reviewed ones (an approved mask is supervision)."""
         return [case for case in self.cases.values() if case.corrected or case.reviewed]
 
-    def finetune(self, config: FinetuneConfig = FinetuneConfig()) -> Job[FinetuneOutcome]:
+    def finetune(
+        self,
+        config: FinetuneConfig = FinetuneConfig(),
+        compare: Iterable[str] | None = None,
+    ) -> Job[FinetuneOutcome]:
         """Fine-tune the current model on every corrected or reviewed case of the session.
 
         Added voxels are positives, erased voxels hard negatives (both weigh
         ``review.edit_weight``), the rest of each case's mask (the approved
         one for a reviewed case) is the supervision too. Before/after metrics
-        are measured on those cases. The new version becomes current only
-        when the job finishes; no case changes (:meth:`relocalise` brings the
-        cases not yet reviewed to it).
+        are measured on those cases, and before/after figures
+        (:class:`CaseFigures`) on the cases not used as corrections (neither
+        edited nor reviewed; only those in ``compare`` when given). The new
+        version becomes current only when the job finishes; no case changes
+        (:meth:`relocalise` brings the cases not yet reviewed to it, with the
+        maps this job already made).
         """
         cases = self.corrected_cases()
         if not cases:
             raise ValueError("no corrected case yet: edit a mask (paint or erase) first")
+        chosen = None if compare is None else set(compare)
+        others = [
+            case
+            for case in self.cases.values()
+            if not (case.reviewed or case.corrected) and (chosen is None or case.case_id in chosen)
+        ]
         masks, weights = [], []
         for case in cases:
             target, weight = finetune_targets(case.mask, case.edits, self.review.edit_weight)
             masks.append(target > 0.5)
             weights.append(weight)
         before = self._metrics([c.anomaly_map for c in cases], masks)
+        before_figures = {case.case_id: case_figures(case) for case in others}
         parent = self.localiser
         tuned = yield from finetune(
             parent,
@@ -751,13 +1022,19 @@ class ReviewSession:
             voxel_weights=weights,
             spacings=[c.geometry.spacing for c in cases],
         )
-        after_maps = []
-        for index, case in enumerate(cases):
-            yield Progress(index, len(cases), f"measuring the new version on {case.name}")
+        after_maps, made, new_maps = [], {}, {}
+        for index, case in enumerate([*cases, *others]):
+            yield Progress(
+                index, len(cases) + len(others), f"measuring the new version on {case.name}"
+            )
             result = yield from localise(
                 case.image, tuned, self.inference, spacing=case.geometry.spacing
             )
-            after_maps.append(result.anomaly_map)
+            new_maps[case.case_id] = result.anomaly_map
+            if index < len(cases):
+                after_maps.append(result.anomaly_map)
+            if not case.reviewed:
+                made[case.case_id] = (case.image, result)
         after = self._metrics(after_maps, masks)
         tuned.metadata["metrics"] = {
             **{f"corrected_{k}_before": v for k, v in before.items()},
@@ -765,13 +1042,125 @@ class ReviewSession:
         }
         tuned.metadata["name"] = f"{parent.name}+ft{len(self.versions)}"
         self.add_version(tuned)
-        return FinetuneOutcome(tuned, before, after, tuple(c.name for c in cases))
+        tuned = self.localiser
+        self._predictions = {
+            case_id: (tuned, image, result) for case_id, (image, result) in made.items()
+        }
+        comparisons = tuple(
+            CaseComparison(
+                case.case_id,
+                case.name,
+                before_figures[case.case_id],
+                case_figures(case, new_maps[case.case_id]),
+            )
+            for case in others
+        )
+        return FinetuneOutcome(tuned, before, after, tuple(c.name for c in cases), comparisons)
 
     def _metrics(self, maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
         if not any(m.any() for m in masks):
             return {}
         report = evaluate_cases(maps, masks, self.default_threshold)
         return {"pixel_ap": report.pixel_ap, "dice": report.dice}
+
+    # -- threshold from normal scans -------------------------------------------------
+    def threshold_for_false_regions(self, max_false_regions: float) -> float:
+        """The current model's threshold for at most ``max_false_regions`` regions per
+        normal scan, read off the curve measured when it was calibrated.
+
+        Raises ``ValueError`` (saying that normal scans are needed) for a model
+        that was never calibrated.
+        """
+        try:
+            return self.localiser.threshold_for_false_regions(max_false_regions)
+        except ValueError:
+            raise ValueError(
+                f"model {self.localiser.name} is not calibrated: choose a few normal scans to "
+                f"measure its threshold for at most {max_false_regions:g} false regions per scan"
+            ) from None
+
+    def use_false_region_budget(self, max_false_regions: float) -> float:
+        """New cases start at the current model's threshold for at most
+        ``max_false_regions`` regions per normal scan (read off its curve); returns it."""
+        threshold = self.threshold_for_false_regions(max_false_regions)
+        self.max_false_regions = float(max_false_regions)
+        self._touch()
+        return threshold
+
+    def apply_threshold(
+        self,
+        threshold: float,
+        case_ids: Iterable[str] | None = None,
+        action: str = "threshold from normal scans",
+    ) -> list[Case]:
+        """Set the threshold of cases not yet reviewed (one undo step each).
+
+        Only cases whose maps the current version made are changed (a
+        threshold means the same only on its model's score scale); reviewed
+        cases never are. Returns the cases changed.
+        """
+        ids = list(self.cases) if case_ids is None else list(case_ids)
+        changed = []
+        for case_id in ids:
+            case = self.cases.get(case_id)
+            if case is None or case.reviewed or case.model_sha256 != self.localiser.sha256:
+                continue
+            self.threshold(case_id, threshold, action=f"{action} ({threshold:.2f})")
+            changed.append(case)
+        return changed
+
+    def calibrate(
+        self,
+        normal_images: Sequence[np.ndarray],
+        spacings: Sequence[Sequence[float] | None] | None = None,
+        *,
+        max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS,
+        names: Sequence[str] | None = None,
+        case_ids: Iterable[str] | None = None,
+    ) -> Job[CalibrationOutcome]:
+        """*Threshold from normal scans*: calibrate the current model on normal scans.
+
+        Runs :func:`napari_anomaly.calibration.calibrate` (score scale and the
+        lowest threshold at which the normal scans show at most
+        ``max_false_regions`` regions per scan, counted with the session's
+        minimum region sizes). When the job finishes, the result is a new
+        version (``<parent>+cal<n>``, :meth:`revert` goes back), the cases not
+        yet reviewed (those in ``case_ids`` when given) get new maps on its
+        score scale and its threshold (one undo step each), and new cases
+        start at it. Reviewed cases are not changed. Cancelling changes nothing.
+        """
+        images = [np.asarray(image) for image in normal_images]
+        if not images:
+            raise ValueError("choose at least one normal scan")
+        parent = self.localiser
+        calibrated = yield from calibrate(
+            parent,
+            images,
+            spacings,
+            max_false_regions=max_false_regions,
+            min_region_size=self.review.min_region_size,
+            min_region_mm=self.review.min_region_mm,
+            inference=self.inference,
+            # Counts only: layer names may identify patients, and model files travel.
+            description=f"{len(images)} normal scan(s) chosen in a review session",
+        )
+        calibrated.metadata["name"] = f"{parent.name}+cal{len(self.versions)}"
+        ids = list(self.cases) if case_ids is None else list(case_ids)
+        pending = [i for i in ids if i in self.cases and not self.cases[i].reviewed]
+        results = yield from self._predict(pending, calibrated)
+        self.add_version(calibrated)
+        calibrated = self.localiser
+        self.max_false_regions = float(max_false_regions)
+        stored = self._store_results(results, calibrated)
+        threshold = calibrated.recommended_threshold
+        changed = self.apply_threshold(threshold, [case.case_id for case in stored])
+        return CalibrationOutcome(
+            calibrated,
+            threshold,
+            float(max_false_regions),
+            tuple(names or ()),
+            tuple(case.name for case in changed),
+        )
 
     # -- adaptation ----------------------------------------------------------------
     def adapt(
@@ -791,7 +1180,7 @@ class ReviewSession:
         adapted = yield from adapt(parent, images, config, image_names=names, spacings=spacings)
         adapted.metadata["name"] = f"{parent.name}+ad{len(self.versions)}"
         self.add_version(adapted)
-        return adapted
+        return self.localiser
 
     # -- export --------------------------------------------------------------------
     @_holding_case_lock
@@ -834,6 +1223,8 @@ class ReviewSession:
             "reviewed_at": case.reviewed_at,
             "mask": path.name,
             "anomaly_map": anomaly_path.name if include_anomaly_map else None,
+            "source_path": case.source_path,
+            "source_sha256": case.source_sha256,
             "model_name": case.model_name,
             "model_sha256": case.model_sha256,
             "threshold": case.threshold,
@@ -847,6 +1238,7 @@ class ReviewSession:
             "geometry": case.geometry.to_dict(),
             "localised_at": case.localised_at,
             "exported_at": _now(),
+            "exported_by": getpass.getuser(),
         }
         written.append(
             atomic_write_text(sidecar, json.dumps(provenance, indent=2), overwrite=overwrite)

@@ -79,7 +79,10 @@ def test_the_whole_review_loop(widget, tmp_path, name, shape, spacing):
     widget.wait()
     assert widget.last_error is None, widget.last_error
     assert len(widget.session.versions) == 2 and widget.session.current == 1
-    assert widget.session.localiser.metadata["parent_sha256"] is None  # parent was never saved
+    # The parent was never saved, yet its hash is known: the hash of the file Save model writes.
+    parent_sha256 = widget.session.versions[0].sha256
+    assert parent_sha256 is not None
+    assert widget.session.localiser.metadata["parent_sha256"] == parent_sha256
     assert "before" in widget.metrics.value and "after" in widget.metrics.value
     assert widget.case(name).model_name.endswith("+ft1")
 

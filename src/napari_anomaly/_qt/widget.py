@@ -7,8 +7,15 @@ magicgui ``Container`` whose parts are attributes, and it offers documented
 methods (:meth:`localise`, :meth:`set_threshold`, :meth:`select_region`,
 :meth:`accept_selected_region`, :meth:`reject_selected_region`,
 :meth:`mark_reviewed`, :meth:`undo`, :meth:`redo`, :meth:`finetune`,
-:meth:`adapt`, :meth:`revert`, :meth:`export`, :meth:`wait`) so that notebooks
-and tests can drive it like a reviewer would.
+:meth:`adapt`, :meth:`threshold_from_normals`, :meth:`revert`, :meth:`export`,
+:meth:`save_session`, :meth:`load_session`, :meth:`resume`, :meth:`save_model`,
+:meth:`wait`) so that notebooks and tests can drive it like a reviewer would.
+
+The review is saved by itself: after every change (debounced, in a background
+thread) into an autosave folder (:func:`napari_anomaly.session_store.autosave_root`),
+and once more when the dock widget is closed. A new widget offers to resume
+the latest autosaved review that no open widget uses (:attr:`resume_offer`,
+:meth:`resume`, :meth:`discard_autosave`).
 
 One case is shown at a time: the case of the image layer chosen in **Image**.
 The region table, the status line, the threshold and minimum sizes, Accept,
@@ -32,9 +39,10 @@ brush strokes only).
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +59,7 @@ from magicgui.widgets import (
     Label,
     ProgressBar,
     PushButton,
+    Select,
     SpinBox,
     Table,
 )
@@ -58,23 +67,42 @@ from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_warning
-from qtpy.QtCore import QItemSelectionModel, Qt, QTimer
+from qtpy.QtCore import QEvent, QItemSelectionModel, QObject, Qt, QTimer
 from qtpy.QtGui import QKeySequence, QShortcut
-from qtpy.QtWidgets import QApplication
+from qtpy.QtWidgets import QApplication, QFrame, QScrollArea, QSizePolicy, QStyle
 
 from napari_anomaly._layers import (
     CASE_ID_KEY,
     ROLE_KEY,
+    contrast_limits_for,
     geometry_from_layer,
     layer_kwargs_from_geometry,
 )
+from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
 from napari_anomaly.devices import DEVICE_CHOICES, resolve_device
 from napari_anomaly.domain import check_domain
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.review import Region, ReviewConfig
-from napari_anomaly.session import Case, FinetuneOutcome, ReviewSession
+from napari_anomaly.session import (
+    CalibrationOutcome,
+    Case,
+    CaseFigures,
+    FinetuneOutcome,
+    ReviewSession,
+)
+from napari_anomaly.session_store import (
+    AutosaveInfo,
+    autosave_root,
+    claim,
+    discard,
+    find_autosaves,
+    load_session,
+    new_autosave_folder,
+    release,
+    save_session,
+)
 from napari_anomaly.training import AdaptConfig, FinetuneConfig
 
 if TYPE_CHECKING:
@@ -83,6 +111,10 @@ if TYPE_CHECKING:
 __all__ = ["AnomalyReviewWidget"]
 
 REGION_COLUMNS = ["#", "size", "mean", "peak", "conf."]
+#: Before -> after on the cases fine-tuning did not learn from (no ground truth).
+COMPARISON_COLUMNS = ["case", "regions", "top region", "case score"]
+#: The review is saved this long after the last change (and when the widget closes).
+AUTOSAVE_DELAY_MS = 500
 
 OUTPUT_ROLES = ("anomaly_map", "confidence_map")
 #: The layers made for a case: role -> name suffix (``"<image> anomaly"``...).
@@ -103,6 +135,33 @@ def _row(*widgets) -> Container:
     return row
 
 
+def _change(before: float | None, after: float | None, digits: int = 2) -> str:
+    """``"0.81 → 0.64"`` (``-`` for a missing value)."""
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    return f"{fmt(before)} → {fmt(after)}"
+
+
+class _CloseWatcher(QObject):
+    """Tells the widget when its dock is hidden or closed (napari's close button
+    takes the widget out of the window: its parent becomes None)."""
+
+    def __init__(self, widget: AnomalyReviewWidget) -> None:
+        super().__init__()
+        self._widget = weakref.ref(widget)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        widget = self._widget()
+        if widget is not None:
+            if event.type() == QEvent.Type.Hide:
+                widget._on_hidden()
+            elif event.type() == QEvent.Type.ParentChange:
+                widget._on_parent_changed()
+        return False
+
+
 class AnomalyReviewWidget(Container):
     """Localise, review, correct, fine-tune and export, for the layers of a viewer.
 
@@ -115,7 +174,7 @@ class AnomalyReviewWidget(Container):
     """
 
     def __init__(self, napari_viewer: napari.Viewer, localiser: Localiser | None = None) -> None:
-        super().__init__(scrollable=False)
+        super().__init__(scrollable=False, labels=False)
         self.viewer = napari_viewer
         self._session: ReviewSession | None = None
         self._initial_localiser = localiser
@@ -135,8 +194,33 @@ class AnomalyReviewWidget(Container):
         self.domain_warnings: dict[str, str] = {}
         self.last_error: str | None = None
         self.last_finetune: FinetuneOutcome | None = None
+        self.last_calibration: CalibrationOutcome | None = None
+        #: The autosaved review offered for resuming (its folder), if any.
+        self.resume_offer: Path | None = None
+        self._autosave_folder: Path | None = None
+        # Where this widget autosaves, fixed when it opens (also for a save made later).
+        self._autosave_root = autosave_root()
+        self._autosave_thread: threading.Thread | None = None
+        self._autosave_error: str | None = None
+        self._saved: tuple[int, int] | None = None  # (id(session), revision) on disk
+        self._docked = False
+        self._closed = False
+        self._key_bindings: dict[str, Any] = {}
+        self._mask_handlers: dict[int, tuple[Any, Any, Any]] = {}  # id(layer) -> handlers
 
         review = ReviewConfig()
+        # --- resume an autosaved review (shown only when there is one)
+        self.resume_text = Label(value="")
+        self.resume_button = PushButton(text="Resume")
+        self.discard_button = PushButton(text="Discard")
+        self.discard_button.tooltip = (
+            "Start afresh: the autosaved review is set aside (kept in the autosave folder's "
+            ".discarded folder) and not offered again."
+        )
+        self.resume_banner = Container(
+            widgets=[self.resume_text, _row(self.resume_button, self.discard_button)],
+            labels=False,
+        )
         # --- model and device
         # Choices are computed (napari re-evaluates them when layers change).
         self.model_choice = ComboBox(label="Model", choices=self._model_names)
@@ -146,6 +230,16 @@ class AnomalyReviewWidget(Container):
         self.device_in_use = Label(value="")
         self.adapt_steps = SpinBox(label="Adapt steps", min=1, max=100_000, value=AdaptConfig.steps)
         self.adapt_button = PushButton(text="Adapt to these scans")
+        # --- threshold from normal scans
+        self.normal_scans = Select(label="Normal scans", choices=self._image_layer_names)
+        self.max_false_regions = FloatSpinBox(
+            label="Max false regions / scan",
+            min=0.0,
+            max=1000.0,
+            step=1.0,
+            value=DEFAULT_MAX_FALSE_REGIONS,
+        )
+        self.calibrate_button = PushButton(text="Threshold from normal scans")
         # --- localise
         self.image_layer = ComboBox(label="Image", choices=self._image_layer_names)
         self.flips = CheckBox(text="Average over mirrored views (steadier, 4x slower)", value=False)
@@ -181,27 +275,39 @@ class AnomalyReviewWidget(Container):
         )
         self.finetune_button = PushButton(text="Fine-tune on corrections")
         self.revert_button = PushButton(text="Revert to previous model")
+        self.save_model_button = PushButton(text="Save model…")
         self.metrics = Label(value="")
+        self.comparison_caption = Label(
+            value="Cases not corrected, before → after (no ground truth): regions at the "
+            "case's threshold, peak score of the top region, case score."
+        )
+        self.comparison = Table(value={c: [] for c in COMPARISON_COLUMNS})
         # --- export
         self.export_path = FileEdit(label="Export mask to", mode="w")
         self.export_anomaly = CheckBox(text="Also export the anomaly map", value=False)
         self.export_button = PushButton(text="Export")
+        # --- the session on disk
+        self.session_folder = FileEdit(label="Session folder", mode="d")
+        self.save_session_button = PushButton(text="Save session")
+        self.load_session_button = PushButton(text="Load session")
 
-        self.extend(
-            [
+        # The controls scroll (the dock may be shorter than they are); the resume
+        # prompt, the progress bar and the status line stay in view, full width.
+        self._form = Container(
+            widgets=[
                 self.model_choice,
                 self.model_file,
-                self.card_button,
+                _row(self.card_button, self.revert_button, self.save_model_button),
                 self.device,
                 self.device_in_use,
                 self.adapt_steps,
                 self.adapt_button,
+                self.normal_scans,
+                self.max_false_regions,
+                self.calibrate_button,
                 self.image_layer,
                 self.flips,
-                self.localise_button,
-                self.cancel_button,
-                self.progress,
-                self.status,
+                _row(self.localise_button, self.cancel_button),
                 self.threshold,
                 self.min_region_size,
                 self.min_region_mm,
@@ -211,22 +317,53 @@ class AnomalyReviewWidget(Container):
                 self.review_button,
                 self.finetune_steps,
                 self.finetune_button,
-                self.revert_button,
                 self.metrics,
+                self.comparison_caption,
+                self.comparison,
                 self.export_path,
-                self.export_anomaly,
-                self.export_button,
+                _row(self.export_anomaly, self.export_button),
+                self.session_folder,
+                _row(self.save_session_button, self.load_session_button),
             ]
         )
-        self.native.setMinimumWidth(380)
+        self.extend([self.resume_banner, self._form, self.progress, self.status])
+        self.margins = (0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        layout = self.native.layout()
+        index = layout.indexOf(self._form.native)
+        layout.removeWidget(self._form.native)
+        scroll.setWidget(self._form.native)
+        layout.insertWidget(index, scroll, 1)
+        self._scroll = scroll
         self.regions.native.setMinimumHeight(180)
         header = self.regions.native.horizontalHeader()
         header.setSectionResizeMode(header.ResizeMode.ResizeToContents)
         header.setStretchLastSection(True)
         self.regions.native.verticalHeader().setVisible(False)
-        for label in (self.status, self.metrics):
+        compared = self.comparison.native
+        compared.horizontalHeader().setSectionResizeMode(header.ResizeMode.ResizeToContents)
+        compared.horizontalHeader().setStretchLastSection(True)
+        compared.verticalHeader().setVisible(False)
+        compared.setEditTriggers(compared.EditTrigger.NoEditTriggers)
+        self.regions.native.setEditTriggers(compared.EditTrigger.NoEditTriggers)
+        self.normal_scans.native.setMaximumHeight(64)
+        self.normal_scans.tooltip = (
+            "Scans without findings: the threshold is chosen so that they show at most "
+            "'Max false regions / scan' regions each (Ctrl-click to choose several)."
+        )
+        for label in (self.status, self.metrics, self.resume_text, self.comparison_caption):
             label.native.setWordWrap(True)
+            # The full width, and as many lines as the text needs: nothing is cut off.
+            label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+        for hidden in (self.resume_banner, self.comparison_caption, self.comparison):
+            hidden.visible = False
         self.regions.native.setSelectionBehavior(self.regions.native.SelectionBehavior.SelectRows)
+        # Wide enough for every control (with the labels wrapping): only vertical scrolling.
+        bar = scroll.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
+        scroll.setMinimumWidth(self._form.native.minimumSizeHint().width() + bar + 4)
 
         self.localise_button.changed.connect(lambda: self.localise())
         self.cancel_button.changed.connect(self.cancel)
@@ -242,6 +379,12 @@ class AnomalyReviewWidget(Container):
         self.finetune_button.changed.connect(lambda: self.finetune())
         self.adapt_button.changed.connect(lambda: self.adapt())
         self.revert_button.changed.connect(lambda: self.revert())
+        self.calibrate_button.changed.connect(lambda: self.threshold_from_normals())
+        self.resume_button.changed.connect(lambda: self.resume())
+        self.discard_button.changed.connect(lambda: self.discard_autosave())
+        self.save_session_button.changed.connect(self._on_save_session_clicked)
+        self.load_session_button.changed.connect(self._on_load_session_clicked)
+        self.save_model_button.changed.connect(self._on_save_model_clicked)
         self.export_button.changed.connect(self._on_export_clicked)
         self.model_choice.changed.connect(self._on_model_chosen)
         self.model_file.changed.connect(self._on_model_file)
@@ -260,6 +403,16 @@ class AnomalyReviewWidget(Container):
         except (OSError, ValueError) as error:
             self._say(f"Cannot load the model: {error}", error=True)
         self._on_image_chosen()
+        # Autosave: a change is written AUTOSAVE_DELAY_MS later, in a background thread.
+        self._autosave_timer = QTimer(self.native)
+        self._autosave_timer.setInterval(AUTOSAVE_DELAY_MS)
+        self._autosave_timer.timeout.connect(self._autosave_tick)
+        self._autosave_timer.start()
+        self._close_watcher = _CloseWatcher(self)
+        self.native.installEventFilter(self._close_watcher)
+        me = weakref.ref(self)
+        self.native.destroyed.connect(lambda *_: (w := me()) is not None and w._on_closed())
+        self._offer_resume()
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -335,6 +488,7 @@ class AnomalyReviewWidget(Container):
         }
         for key, action in bindings.items():
             self.viewer.bind_key(key, action, overwrite=True)
+        self._key_bindings = bindings
         # Within the widget (and its children): one history per case, whatever the action.
         self._undo_shortcut = QShortcut(QKeySequence(UNDO_KEYS), self.native)
         self._redo_shortcut = QShortcut(QKeySequence(REDO_KEYS), self.native)
@@ -409,6 +563,19 @@ class AnomalyReviewWidget(Container):
         metadata[CASE_ID_KEY] = case_id
         self._case_layers[case_id] = weakref.ref(layer)
         return case_id
+
+    @staticmethod
+    def _source_of(layer: Any) -> str | None:
+        """The file (or DICOM folder) a scan layer was read from, if it is still there."""
+        source = getattr(getattr(layer, "source", None), "path", None)
+        path = source or (layer.metadata or {}).get("source_path")
+        return str(path) if path and Path(path).exists() else None
+
+    def _open_case_ids(self) -> list[str]:
+        """Cases whose scan layer is open in the viewer."""
+        if self._session is None:
+            return []
+        return [c for c in self._session.cases if self._scan_layer_of(c) is not None]
 
     def _scan_layer_of(self, case_id: str) -> Image | None:
         ref = self._case_layers.get(case_id)
@@ -516,7 +683,10 @@ class AnomalyReviewWidget(Container):
         if layer is None:
             summary = "Choose an image layer and press Localise."
         elif case is None:
-            summary = f"{layer.name}: not localised yet; press Localise."
+            if self.resume_offer is not None and layer.metadata.get(CASE_ID_KEY):
+                summary = f"{layer.name}: its review is in the autosaved session; press Resume."
+            else:
+                summary = f"{layer.name}: not localised yet; press Localise."
         else:
             summary = self._case_summary(case)
         self._say(summary + (f" {note}" if note else ""), error=error)
@@ -538,6 +708,7 @@ class AnomalyReviewWidget(Container):
         # Errors are shown in the widget (status line), not re-raised in the event loop.
         worker = create_worker(_run_job, job, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
         worker.returned.connect(on_done)
         worker.errored.connect(self._on_error)
         worker.aborted.connect(lambda: self._say(f"{label} cancelled; nothing changed."))
@@ -571,6 +742,9 @@ class AnomalyReviewWidget(Container):
                 bar.n = report.step
             bar.set_description(report.message[:60])
             bar.refresh()
+
+    def _on_returned(self, *_: Any) -> None:
+        self.progress.value = 100
 
     def _on_error(self, error: Exception) -> None:
         self._say(f"Error: {error}", error=True)
@@ -652,7 +826,9 @@ class AnomalyReviewWidget(Container):
             self._sync_edits(case_id)
         geometry = geometry_from_layer(layer)
         image = np.asarray(layer.data)
-        job = session.localise(case_id, image, geometry, name=layer.name)
+        job = session.localise(
+            case_id, image, geometry, name=layer.name, source_path=self._source_of(layer)
+        )
         self._start(job, f"Localising {layer.name}", self._on_localised)
         self._check_domain(case_id, layer.name, image, session.localiser)
         if wait:
@@ -753,21 +929,27 @@ class AnomalyReviewWidget(Container):
         if layer in self._watched:
             return
         self._watched.add(layer)
+
+        def on_paint(event: Any) -> None:
+            self._queue_sync(case_id)
+
+        def on_data(event: Any) -> None:
+            self._on_mask_data(case_id)
+
         # napari reports a scripted paint() before it writes the voxels: read them after.
-        layer.events.paint.connect(lambda event: self._queue_sync(case_id))
-        layer.events.data.connect(lambda event: self._on_mask_data(case_id))
+        layer.events.paint.connect(on_paint)
+        layer.events.data.connect(on_data)
         # Ctrl-Z on the canvas undoes the case's last action of any kind, not only
         # napari's record of brush strokes (the layer's own binding wins over the class's).
-        layer.bind_key(
-            KeyMod.CtrlCmd | KeyCode.KeyZ,
-            lambda layer: self._step_history(True, case_id),
-            overwrite=True,
-        )
-        layer.bind_key(
-            KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ,
-            lambda layer: self._step_history(False, case_id),
-            overwrite=True,
-        )
+        keys = {
+            KeyMod.CtrlCmd | KeyCode.KeyZ: lambda layer: self._step_history(True, case_id),
+            KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ: (
+                lambda layer: self._step_history(False, case_id)
+            ),
+        }
+        for key, action in keys.items():
+            layer.bind_key(key, action, overwrite=True)
+        self._mask_handlers[id(layer)] = (weakref.ref(layer), (on_paint, on_data), keys)
 
     def _on_mask_data(self, case_id: str) -> None:
         if not self._rendering:
@@ -1032,23 +1214,48 @@ class AnomalyReviewWidget(Container):
             self._say("No corrections yet: paint or erase on a mask layer first.", error=True)
             return
         config = FinetuneConfig(steps=steps or self.finetune_steps.value, device=self.device.value)
-        self._start(self.session.finetune(config), "Fine-tuning", self._on_finetuned)
+        # Before/after figures on the open cases that were not corrected.
+        job = self.session.finetune(config, compare=self._open_case_ids())
+        self._start(job, "Fine-tuning", self._on_finetuned)
         if wait:
             self.wait()
 
     def _on_finetuned(self, outcome: FinetuneOutcome) -> None:
         self.last_finetune = outcome
         self._refresh_models()
-
-        def fmt(metrics: dict[str, float]) -> str:
-            return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or "-"
-
-        self.metrics.value = (
-            f"On {len(outcome.cases)} corrected case(s): before {fmt(outcome.before)}; "
-            f"after {fmt(outcome.after)}"
+        names = {"pixel_ap": "pixel AP", "dice": "Dice"}
+        figures = ", ".join(
+            f"{names.get(key, key)} {_change(outcome.before[key], outcome.after.get(key), 3)}"
+            for key in outcome.before
         )
+        self.metrics.value = (
+            f"Corrected case(s) {', '.join(outcome.cases)}, before → after: {figures or '-'}."
+        )
+        self._show_comparison(outcome)
         self._say(f"New model version {outcome.localiser.name}.")
         self._then = self._relocalise_open_cases
+
+    def _show_comparison(self, outcome: FinetuneOutcome | None) -> None:
+        """The before → after table of the cases fine-tuning did not learn from."""
+        rows = outcome.uncorrected if outcome is not None else ()
+
+        def top(figures: CaseFigures) -> float | None:
+            return figures.top_region_score
+
+        self.comparison.value = {
+            "case": [c.name for c in rows],
+            "regions": [f"{c.before.regions} → {c.after.regions}" for c in rows],
+            "top region": [_change(top(c.before), top(c.after)) for c in rows],
+            "case score": [_change(c.before.sample_score, c.after.sample_score) for c in rows],
+        }
+        table = self.comparison.native
+        table.resizeColumnsToContents()
+        rows_height = sum(table.rowHeight(r) for r in range(table.rowCount()))
+        table.setFixedHeight(min(6 * 24, rows_height) + table.horizontalHeader().height() + 4)
+        for part in (self.comparison_caption, self.comparison):
+            part.visible = bool(rows)
+        if rows:  # bring the figures into view once the layout has made room for them
+            QTimer.singleShot(0, lambda: self._scroll.ensureWidgetVisible(self.comparison.native))
 
     def _relocalise_open_cases(self) -> None:
         """Localise the open cases not yet reviewed again with the current model version."""
@@ -1077,7 +1284,7 @@ class AnomalyReviewWidget(Container):
         self._render_shown_case(
             f"Re-localised {', '.join(c.name for c in cases) or 'nothing'} with "
             f"{self.session.localiser.name}"
-            + (f"; {', '.join(reviewed)} stay as approved." if reviewed else ".")
+            + (f"; reviewed, unchanged: {', '.join(reviewed)}." if reviewed else ".")
         )
 
     # ------------------------------------------------------------------ adapt
@@ -1129,6 +1336,99 @@ class AnomalyReviewWidget(Container):
         self._start(session.adapt(images, config, names, spacings), label, self._on_adapted)
         if wait:
             self.wait()
+
+    # ------------------------------------------------------------------ threshold
+    def threshold_from_normals(
+        self,
+        layer_names: list[str] | None = None,
+        max_false_regions: float | None = None,
+        wait: bool = False,
+    ) -> None:
+        """Choose the threshold that shows at most K false regions per normal scan.
+
+        With normal scans (image layers named in ``layer_names``; default: those
+        chosen in **Normal scans**), the current model is calibrated on them in
+        a background job: its score scale and its threshold for at most
+        ``max_false_regions`` (K; default: **Max false regions / scan**) regions
+        per scan. The result is a new model version (revertable); the open
+        cases not yet reviewed get new maps on its scale and its threshold.
+        Without normal scans, the threshold for K is read off the curve the
+        model stored when it was calibrated (its own calibration scans); an
+        uncalibrated model needs normal scans. Reviewed cases never change.
+        """
+        if self.busy:
+            self._say("A job is running; cancel it or wait.", error=True)
+            return
+        self.last_error = None
+        k = float(self.max_false_regions.value if max_false_regions is None else max_false_regions)
+        names = list(self.normal_scans.value if layer_names is None else layer_names)
+        try:
+            session = self.session
+        except (OSError, ValueError) as error:
+            self._say(f"Cannot load the model: {error}", error=True)
+            return
+        open_ids = self._open_case_ids()
+        for case_id in open_ids:
+            self._sync_edits(case_id)
+        if not names:
+            try:
+                threshold = session.use_false_region_budget(k)
+            except ValueError as error:
+                reason = str(error)
+                self._say(
+                    f"{reason[:1].upper()}{reason[1:]}. Choose them in Normal scans (scans "
+                    "without findings, from your scanner) and press Threshold from normal scans.",
+                    error=True,
+                )
+                return
+            changed = session.apply_threshold(threshold, open_ids)
+            for case in changed:
+                self._render_mask(case)
+            self._render_shown_case(
+                f"Threshold {threshold:.2f}: at most {k:g} false region(s) per normal scan on "
+                f"the model's calibration scans; set on "
+                f"{', '.join(c.name for c in changed) or 'no open case'}"
+                + (
+                    "; reviewed cases stay."
+                    if any(c.reviewed for c in session.cases.values())
+                    else "."
+                )
+            )
+            return
+        images, spacings = [], []
+        for name in names:
+            layer = self._selected_image(name)
+            if layer is None:
+                return  # _selected_image said what is wrong with it
+            images.append(np.asarray(layer.data))
+            spacings.append(geometry_from_layer(layer).spacing)
+        job = session.calibrate(
+            images, spacings, max_false_regions=k, names=names, case_ids=open_ids
+        )
+        self._start(
+            job,
+            f"Threshold from {len(images)} normal scan(s), at most {k:g} per scan",
+            self._on_calibrated,
+        )
+        if wait:
+            self.wait()
+
+    def _on_calibrated(self, outcome: CalibrationOutcome) -> None:
+        self.last_calibration = outcome
+        self._refresh_models()
+        version = outcome.localiser
+        for case_id in self._open_case_ids():
+            case = self.session.cases[case_id]
+            if version is not None and case.model_sha256 == version.sha256:
+                self._show_layers(case)
+        reviewed = [c.name for c in self.session.cases.values() if c.reviewed]
+        self._render_shown_case(
+            f"Threshold {outcome.threshold:.2f} from {len(outcome.normals)} normal scan(s): at "
+            f"most {outcome.max_false_regions:g} false region(s) per scan. New model version "
+            f"{version.name if version else '-'} (score scale fitted on them); "
+            f"{', '.join(outcome.cases) or 'no open case'} re-scored at {outcome.threshold:.2f}"
+            + (f"; reviewed, unchanged: {', '.join(reviewed)}." if reviewed else ".")
+        )
 
     def _on_adapted(self, localiser: Localiser) -> None:
         self._refresh_models()
@@ -1241,3 +1541,340 @@ class AnomalyReviewWidget(Container):
                 self._say("Export cancelled; nothing was written.")
         except (OSError, ValueError) as error:
             self._say(f"Export failed: {error}", error=True)
+
+    # ------------------------------------------------------------------ sessions on disk
+    def save_model(self, path: str | Path, overwrite: bool = False) -> str | None:
+        """Write the current model version to ``path`` (``.safetensors``) with its lineage.
+
+        Returns the file's sha256: the one the sidecars of the cases it
+        localised name (``None`` when it could not be written; the status line
+        says why).
+        """
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        session = self.session
+        try:
+            sha = session.save_model(path, overwrite=overwrite)
+        except FileExistsError:
+            raise
+        except (OSError, ValueError, RuntimeError) as error:
+            self._say(f"Model not saved: {error}", error=True)
+            return None
+        localiser = session.localiser
+        parent = localiser.metadata.get("parent_sha256")
+        self._say(
+            f"Saved model {localiser.name} to {path.name} (sha256 {sha[:12]}…"
+            + (f", parent {parent[:12]}…)." if parent else ").")
+        )
+        return sha
+
+    def _on_save_model_clicked(self) -> None:
+        from qtpy.QtWidgets import QFileDialog, QMessageBox
+
+        suggested = f"{self.session.localiser.name}.safetensors".replace("+", "_")
+        chosen, _ = QFileDialog.getSaveFileName(
+            self.native, "Save model", suggested, "napari-anomaly models (*.safetensors)"
+        )
+        if not chosen:
+            return
+        try:
+            self.save_model(chosen)
+        except FileExistsError as error:
+            answer = QMessageBox.question(
+                self.native,
+                "Overwrite?",
+                f"{error}\n\nOverwrite?",
+                QMessageBox.Yes | QMessageBox.No,
+                QMessageBox.No,
+            )
+            if answer == QMessageBox.StandardButton.Yes:
+                self.save_model(chosen, overwrite=True)
+
+    def save_session(self, path: str | Path) -> Path | None:
+        """Save the review (cases, edits, review state, model versions) to a folder.
+
+        Returns the manifest's path (``None`` when it could not be written;
+        the status line says why). :meth:`load_session` reads it back.
+        """
+        session = self.session
+        for case_id in list(session.cases):
+            self._sync_edits(case_id)
+        try:
+            manifest = save_session(session, path)
+        except (OSError, ValueError) as error:
+            self._say(f"Session not saved: {error}", error=True)
+            return None
+        self._say(
+            f"Saved the review ({len(session.cases)} case(s), {len(session.versions)} model "
+            f"version(s)) in {Path(path)}."
+        )
+        return manifest
+
+    def load_session(self, path: str | Path) -> bool:
+        """Open a review saved with :meth:`save_session` (replaces the current review,
+        which stays in its autosave folder). Returns whether it was loaded."""
+        return self._load(Path(path), continue_autosave=False)
+
+    def _folder_chosen(self) -> Path | None:
+        value = self.session_folder.value
+        if value is None or str(value) in ("", "."):
+            self._say("Choose a session folder first.", error=True)
+            return None
+        return Path(value)
+
+    def _on_save_session_clicked(self) -> None:
+        folder = self._folder_chosen()
+        if folder is not None:
+            self.save_session(folder)
+
+    def _on_load_session_clicked(self) -> None:
+        folder = self._folder_chosen()
+        if folder is not None:
+            self.load_session(folder)
+
+    def resume(self) -> bool:
+        """Resume the autosaved review offered when the widget opened (:attr:`resume_offer`).
+
+        Its cases come back with their edits, review state and model
+        versions; scans still open in the viewer are used as they are, the
+        others are read from their source files (refused, with the file
+        named, when a file changed) or from the session folder. The review
+        goes on autosaving into the same folder.
+        """
+        if self.resume_offer is None:
+            self._say("There is no autosaved review to resume.")
+            return False
+        done = self._load(self.resume_offer, continue_autosave=True)
+        if done:
+            self.resume_offer = None
+            self.resume_banner.visible = False
+        return done
+
+    def discard_autosave(self) -> None:
+        """Do not resume the offered autosaved review: it is set aside, not deleted
+        (``<autosave folder>/.discarded/``), and not offered again."""
+        if self.resume_offer is None:
+            return
+        try:
+            aside = discard(self.resume_offer)
+        except OSError as error:
+            self._say(f"Could not set the autosaved review aside: {error}", error=True)
+            return
+        self._offer_resume()
+        self._say(f"The autosaved review was set aside in {aside}.")
+
+    def _offer_resume(self) -> None:
+        own = [self._autosave_folder] if self._autosave_folder is not None else []
+        try:
+            offers: list[AutosaveInfo] = find_autosaves(self._autosave_root, exclude=own)
+        except OSError:
+            offers = []
+        self.resume_offer = offers[0].folder if offers else None
+        if offers:
+            more = f" ({len(offers) - 1} older one(s) too.)" if len(offers) > 1 else ""
+            self.resume_text.value = f"<b>Resume your review?</b> {offers[0].describe()}{more}"
+        self.resume_banner.visible = bool(offers)
+        self._render_shown_case()
+
+    def _load(self, folder: Path, continue_autosave: bool) -> bool:
+        if self.busy:
+            self._say("A job is running; cancel it or wait.", error=True)
+            return False
+        self.last_error = None
+        # Scans still open in the viewer (the widget was closed, napari was not).
+        images = {}
+        for layer in self.viewer.layers:
+            case_id = layer.metadata.get(CASE_ID_KEY)
+            if self._is_scan_layer(layer) and case_id and not layer.multiscale:
+                images[case_id] = np.asarray(layer.data)
+        inference = InferenceConfig(device=self.device.value, flips=self.flips.value)
+        try:
+            session = load_session(folder, images=images, inference=inference)
+        except (OSError, ValueError) as error:
+            verb = "resume" if continue_autosave else "load"
+            self._say(f"Cannot {verb} the review in {folder}: {error}", error=True)
+            return False
+        self.flush_autosave()  # the review being replaced stays in its own folder
+        if self._autosave_folder is not None:
+            release(self._autosave_folder)
+            self._autosave_folder = None
+        if continue_autosave:
+            claim(folder)
+            self._autosave_folder = folder
+        self._install(session)
+        self._saved = (id(session), session.revision) if continue_autosave else None
+        return True
+
+    def _install(self, session: ReviewSession) -> None:
+        """Make a loaded session the widget's: layers for its cases, its models, its settings."""
+        self._session = session
+        self._case_layers.clear()
+        self._rendered.clear()
+        self.domain_warnings.clear()
+        self.last_finetune = None
+        self._show_comparison(None)
+        self.metrics.value = ""
+        for case in list(session.cases.values()):
+            layer = next(
+                (
+                    other
+                    for other in self.viewer.layers
+                    if self._is_scan_layer(other)
+                    and other.metadata.get(CASE_ID_KEY) == case.case_id
+                    and tuple(other.data.shape) == case.shape
+                ),
+                None,
+            )
+            if layer is None:
+                metadata = {CASE_ID_KEY: case.case_id}
+                if case.source_path:
+                    metadata["source_path"] = case.source_path
+                kwargs = layer_kwargs_from_geometry(case.geometry, case.name, metadata=metadata)
+                layer = self.viewer.add_image(
+                    case.image, contrast_limits=contrast_limits_for(case.image), **kwargs
+                )
+            self._case_layers[case.case_id] = weakref.ref(layer)
+            if layer.name != case.name:  # renamed while the widget was closed
+                session.rename(case.case_id, layer.name)
+            self._show_layers(case)
+        self._refresh_models()
+        self._on_device_changed()
+        self._on_flips_changed()
+        self.reset_choices()
+        shown = self._shown_case()
+        if shown is None and session.cases:
+            first = self._scan_layer_of(next(iter(session.cases)))
+            if first is not None:
+                self.image_layer.value = first.name
+        reviewed = sum(1 for c in session.cases.values() if c.reviewed)
+        self._render_shown_case(
+            f"(Review resumed: {len(session.cases)} case(s), {reviewed} reviewed; model "
+            f"{session.localiser.name}.)"
+        )
+
+    # ------------------------------------------------------------------ autosave
+    @property
+    def autosave_folder(self) -> Path | None:
+        """The folder this widget autosaves into (``None`` until there is something to save)."""
+        return self._autosave_folder
+
+    def _worth_saving(self, session: ReviewSession) -> bool:
+        return bool(session.cases) or len(session.versions) > 1
+
+    def _autosave_tick(self) -> None:
+        """Start a background save when the review changed since the last one."""
+        if self._closed or self._session is None:
+            return
+        if self._autosave_thread is not None and self._autosave_thread.is_alive():
+            return
+        if self._autosave_error is not None:
+            error, self._autosave_error = self._autosave_error, None
+            self._say(
+                f"Autosave failed ({error}); use Save session to save the review elsewhere.",
+                error=True,
+            )
+        session = self._session
+        state = (id(session), session.revision)
+        if state == self._saved or not self._worth_saving(session):
+            return
+        folder = self._claim_autosave_folder()
+        self._saved = state
+        self._autosave_thread = threading.Thread(
+            target=self._autosave_into,
+            args=(session, folder),
+            name="napari-anomaly autosave",
+            daemon=True,
+        )
+        self._autosave_thread.start()
+
+    def _claim_autosave_folder(self) -> Path:
+        if self._autosave_folder is None:
+            self._autosave_folder = new_autosave_folder(self._autosave_root)
+            claim(self._autosave_folder)
+        return self._autosave_folder
+
+    def _autosave_into(self, session: ReviewSession, folder: Path) -> None:
+        # In a background thread: no Qt here; the next tick reports an error.
+        try:
+            save_session(session, folder)
+        except Exception as error:  # noqa: BLE001 - any failure is reported, none is fatal
+            self._autosave_error = str(error)
+            self._saved = None
+
+    def flush_autosave(self) -> Path | None:
+        """Write any change not autosaved yet, now; returns the autosave folder."""
+        thread = self._autosave_thread
+        if thread is not None:
+            thread.join()
+        session = self._session
+        if session is None or not self._worth_saving(session):
+            return self._autosave_folder
+        state = (id(session), session.revision)
+        if state != self._saved:
+            folder = self._claim_autosave_folder()
+            try:
+                save_session(session, folder)
+                self._saved = state
+            except (OSError, ValueError) as error:
+                self._autosave_error = str(error)
+        return self._autosave_folder
+
+    def _on_hidden(self) -> None:
+        if not self._closed:
+            self.flush_autosave()
+
+    def _on_parent_changed(self) -> None:
+        try:
+            parent = self.native.parent()
+        except RuntimeError:  # the Qt widget is gone
+            return
+        if parent is not None:
+            self._docked = True
+        elif self._docked:
+            self._on_closed()
+
+    def _on_closed(self) -> None:
+        """The dock widget was closed (or napari quit): save, let go of the folder, detach.
+
+        A job still running is cancelled (it changes nothing); everything else
+        is on disk and offered for resuming when the widget opens again.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with suppress(RuntimeError):  # the Qt timer went with the widget
+            self._autosave_timer.stop()
+        if self._worker is not None:
+            self._worker.quit()
+        self.flush_autosave()
+        if self._autosave_folder is not None:
+            release(self._autosave_folder)
+        self._detach()
+
+    def _detach(self) -> None:
+        """Stop listening to the viewer: a closed widget must not record or undo anything."""
+        viewer = self.viewer
+        for emitter, handler in (
+            (viewer.layers.events.inserted, self._on_layer_inserted),
+            (viewer.layers.events.removed, self._refresh_layer_choices),
+        ):
+            emitter.disconnect(handler)
+        for layer in viewer.layers:
+            layer.events.name.disconnect(self._on_layer_renamed)
+        for key, action in self._key_bindings.items():
+            current = viewer.bind_key(key, None)
+            if current is not None and current is not action:
+                viewer.bind_key(key, current, overwrite=True)  # another widget's: keep it
+        for layer_ref, (on_paint, on_data), keys in self._mask_handlers.values():
+            layer = layer_ref()
+            if layer is None:
+                continue
+            layer.events.paint.disconnect(on_paint)
+            layer.events.data.disconnect(on_data)
+            for key, action in keys.items():
+                current = layer.bind_key(key, None)
+                if current is not None and current is not action:
+                    layer.bind_key(key, current, overwrite=True)
+        self._mask_handlers.clear()
+        self._watched = weakref.WeakSet()

@@ -1,0 +1,720 @@
+"""A review session on disk: save, resume, autosave folders.
+
+A session folder holds everything needed to go on with a review where it was
+left, and nothing that runs code when it is read (no pickle):
+
+.. code-block:: text
+
+    <folder>/
+      session.json                        the manifest (below)
+      models/<sha256>.safetensors         every model version (Localiser.save format)
+      cases/<case>/maps-<id>.npz          anomaly_map, confidence_map (float32)
+      cases/<case>/image-<id>.npz         image: only for a scan that has no source file
+      cases/<case>/edits-<digest>.npz     added, erased, approved, mask (flat voxel indices)
+
+``session.json`` holds the format version, the time and the user, the review
+settings, the model versions (name, sha256, file; which one is current) and per
+case: its id, display name, source file and the file's sha256 (when the scan
+was read from one), shape and geometry, threshold and minimum region sizes,
+review state and time, and the names of its array files. The undo history is
+not saved; the edits (painted and erased voxels, accepted and rejected
+regions) and an approved mask are.
+
+Every file is written atomically (a temporary file renamed into place), array
+files get new names when their content changes, and the manifest is written
+last: a crash at any moment leaves the previous complete session readable.
+Files no longer named by the manifest are removed after it is written.
+
+Resuming reads a case's scan from its source file after checking the file's
+sha256; a changed or missing file stops the whole load with a message naming
+it (the edits were made on the old scan). A scan still open in the viewer can
+stand in for the file (``images=``).
+
+Nothing here imports Qt or napari. No patient identifier (case name, path) is
+ever written to a log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_anomaly import __version__
+from napari_anomaly.io import Geometry, atomic_write, atomic_write_bytes, atomic_write_text
+from napari_anomaly.io.model_file import file_sha256
+
+if TYPE_CHECKING:
+    from napari_anomaly.inference import InferenceConfig
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.session import ReviewSession
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SESSION_FORMAT_VERSION",
+    "AutosaveInfo",
+    "SessionFileError",
+    "autosave_root",
+    "claim",
+    "discard",
+    "find_autosaves",
+    "is_claimed",
+    "load_session",
+    "new_autosave_folder",
+    "read_manifest",
+    "release",
+    "save_session",
+    "source_sha256",
+    "write_model_file",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the folder layout this code writes and the newest it reads.
+SESSION_FORMAT_VERSION = 1
+#: The manifest's file name inside a session folder.
+MANIFEST_NAME = "session.json"
+_FORMAT_NAME = "napari-anomaly review session"
+_LOCK_NAME = ".in-use"
+_DISCARDED = ".discarded"
+#: Environment variable that moves the autosave folders (tests, shared machines).
+SESSIONS_ENV = "NAPARI_ANOMALY_SESSIONS"
+
+
+class SessionFileError(ValueError):
+    """A folder is not a readable review session, or its scans changed since it was saved."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- sources
+def source_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a scan's source: a file's bytes, or a folder's files (a DICOM series).
+
+    For a folder, the hash covers every file below it: its relative path and
+    its content, in sorted order.
+    """
+    source = Path(path)
+    if source.is_file():
+        return file_sha256(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} not found")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(source).as_posix().encode() + b"\0")
+        digest.update(file_sha256(file).encode() + b"\0")
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- models
+def write_model_file(
+    localiser: Localiser, path: str | os.PathLike[str], overwrite: bool = False
+) -> str:
+    """Write a model version to ``path`` (``.safetensors``) and return the file's sha256.
+
+    A version read from a file that is still there is copied byte for byte;
+    an in-memory version (fine-tuned, adapted, calibrated in the session) is
+    written with :meth:`Localiser.save` from a copy, so the version itself is
+    not changed. The session gives every in-memory version its sha256 when it
+    is added (:meth:`ReviewSession.add_version`): the file written here has
+    exactly that hash, the one the sidecars of its cases name.
+    """
+    from napari_anomaly.localiser import Localiser
+
+    target = Path(path)
+    origin = localiser.path
+    if (
+        origin is not None
+        and localiser.sha256 is not None
+        and Path(origin).is_file()
+        and file_sha256(origin) == localiser.sha256
+    ):
+        atomic_write_bytes(target, Path(origin).read_bytes(), overwrite=overwrite)
+        return localiser.sha256
+    twin = Localiser(localiser.network, localiser.preprocess, copy.deepcopy(localiser.metadata))
+    sha = twin.save(target, overwrite=overwrite)
+    if localiser.sha256 is not None and sha != localiser.sha256:
+        raise RuntimeError(
+            f"model version {localiser.name} was written with sha256 {sha[:12]}..., "
+            f"but it is known as {localiser.sha256[:12]}...; the file was kept"
+        )
+    return sha
+
+
+# ----------------------------------------------------------------------------- arrays
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write(path, write, overwrite=True)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise SessionFileError(f"{path.name} is missing from the session folder") from None
+    except (OSError, ValueError) as error:
+        raise SessionFileError(f"{path.name} in the session folder is damaged ({error})") from None
+
+
+def _indices(mask: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(mask).astype(np.int32 if mask.size < 2**31 else np.int64)
+
+
+def _from_indices(indices: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    size = int(np.prod(shape))
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or indices.dtype.kind not in "iu":
+        raise SessionFileError(f"{name}: voxel indices must be a 1D integer array")
+    if indices.size and (indices.min() < 0 or indices.max() >= size):
+        raise SessionFileError(f"{name}: voxel indices outside a case of shape {shape}")
+    mask = np.zeros(size, dtype=bool)
+    mask[indices] = True
+    return mask.reshape(shape)
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _case_folder_name(case_id: str) -> str:
+    """A folder name for a case id (the id itself when it is a plain word)."""
+    if _SAFE_NAME.match(case_id):
+        return case_id
+    return "case-" + hashlib.sha256(case_id.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- locking
+_FOLDER_LOCKS: dict[str, threading.Lock] = {}
+_FOLDER_LOCKS_GUARD = threading.Lock()
+_CLAIMED: set[str] = set()
+
+
+def _key(folder: str | os.PathLike[str]) -> str:
+    return str(Path(folder).expanduser().resolve())
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Saves to the same folder from this process run one after the other."""
+    with _FOLDER_LOCKS_GUARD:
+        lock = _FOLDER_LOCKS.setdefault(_key(folder), threading.Lock())
+    with lock:
+        yield
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def claim(folder: str | os.PathLike[str]) -> None:
+    """Mark an autosave folder as in use by this process (not offered for resuming)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _CLAIMED.add(_key(folder))
+    owner = {"pid": os.getpid(), "host": socket.gethostname()}
+    atomic_write_text(folder / _LOCK_NAME, json.dumps(owner), overwrite=True)
+
+
+def release(folder: str | os.PathLike[str]) -> None:
+    """Give up an autosave folder claimed with :func:`claim`."""
+    _CLAIMED.discard(_key(folder))
+    with contextlib.suppress(OSError):
+        (Path(folder) / _LOCK_NAME).unlink()
+
+
+def is_claimed(folder: str | os.PathLike[str]) -> bool:
+    """Whether a live widget (of this process or another on this machine) uses the folder."""
+    if _key(folder) in _CLAIMED:
+        return True
+    try:
+        owner = json.loads((Path(folder) / _LOCK_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False  # another machine's lock cannot be checked; its work is offered
+    pid = owner.get("pid")
+    return isinstance(pid, int) and pid != os.getpid() and _alive(pid)
+
+
+# ----------------------------------------------------------------------------- autosave
+def autosave_root() -> Path:
+    """Folder of the autosaved sessions.
+
+    ``$NAPARI_ANOMALY_SESSIONS`` when set; else ``sessions`` in the user's data
+    folder (``platformdirs``), else ``~/.napari-anomaly/sessions``.
+    """
+    if os.environ.get(SESSIONS_ENV):
+        return Path(os.environ[SESSIONS_ENV]).expanduser()
+    try:
+        import platformdirs
+    except ImportError:
+        return Path.home() / ".napari-anomaly" / "sessions"
+    return Path(platformdirs.user_data_dir("napari-anomaly", appauthor=False)) / "sessions"
+
+
+def new_autosave_folder(root: str | os.PathLike[str] | None = None) -> Path:
+    """A new, unused autosave folder name under ``root`` (not created)."""
+    base = Path(root) if root is not None else autosave_root()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return base / f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class AutosaveInfo:
+    """An autosaved session that can be resumed (no case names: they may identify patients)."""
+
+    folder: Path
+    saved_at: str
+    cases: int
+    reviewed: int
+    model_name: str
+
+    def describe(self) -> str:
+        """One line for the resume prompt."""
+        try:
+            when = _dt.datetime.fromisoformat(self.saved_at).astimezone()
+            saved = when.strftime("%d %b %Y, %H:%M")
+        except ValueError:
+            saved = self.saved_at
+        return (
+            f"Autosaved {saved}: {self.cases} case(s), {self.reviewed} reviewed, "
+            f"model {self.model_name}."
+        )
+
+
+def find_autosaves(
+    root: str | os.PathLike[str] | None = None,
+    exclude: Iterable[str | os.PathLike[str]] = (),
+) -> list[AutosaveInfo]:
+    """Autosaved sessions under ``root`` that hold cases and no live widget uses, newest first."""
+    base = Path(root) if root is not None else autosave_root()
+    if not base.is_dir():
+        return []
+    skip = {_key(p) for p in exclude}
+    found = []
+    for folder in base.iterdir():
+        if folder.name.startswith(".") or not (folder / MANIFEST_NAME).is_file():
+            continue
+        if _key(folder) in skip or is_claimed(folder):
+            continue
+        try:
+            manifest = read_manifest(folder)
+        except SessionFileError:
+            continue
+        cases = manifest.get("cases") or []
+        if not cases:
+            continue
+        models = manifest["models"]
+        current = models["versions"][models["current"]]
+        found.append(
+            AutosaveInfo(
+                folder=folder,
+                saved_at=str(manifest.get("saved_at", "")),
+                cases=len(cases),
+                reviewed=sum(1 for c in cases if c.get("reviewed_at")),
+                model_name=str(current.get("name", "?")),
+            )
+        )
+    return sorted(found, key=lambda info: info.saved_at, reverse=True)
+
+
+def discard(folder: str | os.PathLike[str]) -> Path:
+    """Set an autosaved session aside: it is kept (``<root>/.discarded/``) but not offered again."""
+    folder = Path(folder)
+    aside = folder.parent / _DISCARDED
+    aside.mkdir(parents=True, exist_ok=True)
+    target = aside / folder.name
+    if target.exists():
+        target = aside / f"{folder.name}-{uuid.uuid4().hex[:6]}"
+    release(folder)
+    shutil.move(str(folder), str(target))
+    return target
+
+
+# ----------------------------------------------------------------------------- save
+def _looks_like_session(folder: Path) -> bool:
+    return (folder / MANIFEST_NAME).is_file()
+
+
+def save_session(session: ReviewSession, folder: str | os.PathLike[str]) -> Path:
+    """Write a review session to a folder (created if needed); returns the manifest's path.
+
+    Saving into a folder that already holds this or another session updates
+    it: unchanged arrays and model files are not written again. A non-empty
+    folder that is not a session is refused (nothing is written into it).
+
+    Thread-safe with respect to the session: each case is read under its
+    lock, so a background thread can save while the reviewer works.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SessionFileError(f"{folder} is a file; choose a folder to save the session in")
+    if folder.is_dir() and any(folder.iterdir()) and not _looks_like_session(folder):
+        only_lock = {p.name for p in folder.iterdir()} <= {_LOCK_NAME}
+        if not only_lock:
+            raise SessionFileError(
+                f"{folder} holds other files and no review session; choose an empty folder"
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(folder):
+        return _save(session, folder)
+
+
+def _save(session: ReviewSession, folder: Path) -> Path:
+    referenced: set[Path] = set()
+    models_dir = folder / "models"
+    models_dir.mkdir(exist_ok=True)
+    # Read the index first: a version added meanwhile only makes the list longer.
+    current = session.current
+    versions = list(session.versions)
+    current = min(current, len(versions) - 1)
+    model_entries = []
+    for localiser in versions:
+        if localiser.sha256 is None:
+            raise ValueError(f"model version {localiser.name} has no sha256")
+        target = models_dir / f"{localiser.sha256}.safetensors"
+        if not target.is_file():
+            write_model_file(localiser, target, overwrite=True)
+        referenced.add(target)
+        model_entries.append(
+            {
+                "name": localiser.name,
+                "sha256": localiser.sha256,
+                "parent_sha256": localiser.metadata.get("parent_sha256"),
+                "file": target.relative_to(folder).as_posix(),
+            }
+        )
+
+    cases_dir = folder / "cases"
+    cases_dir.mkdir(exist_ok=True)
+    case_entries = []
+    for case_id, case in list(session.cases.items()):
+        with case._lock:
+            snapshot = {
+                "name": case.name,
+                "shape": list(case.shape),
+                "image": case.image,
+                "anomaly_map": case.anomaly_map,
+                "confidence_map": case.confidence_map,
+                "maps_id": case.maps_id,
+                "edits": {
+                    "added": _indices(case.edits.added),
+                    "erased": _indices(case.edits.erased),
+                    "approved": _indices(case.approved_mask)
+                    if case.approved_mask is not None
+                    else np.zeros(0, np.int32),
+                    "mask": _indices(case.mask),
+                },
+                "fields": {
+                    "geometry": case.geometry.to_dict(),
+                    "threshold": case.threshold,
+                    "min_region_voxels": case.min_region_voxels,
+                    "min_region_mm": case.min_region_mm,
+                    "rank_by": case.rank_by,
+                    "model_name": case.model_name,
+                    "model_sha256": case.model_sha256,
+                    "localised_at": case.localised_at,
+                    "reviewed_at": case.reviewed_at,
+                    "edited_voxels": case.edits.edit_count,
+                },
+                "source": (
+                    {"path": case.source_path, "sha256": case.source_sha256}
+                    if case.source_path is not None and case.source_sha256 is not None
+                    else None
+                ),
+            }
+        case_dir = cases_dir / _case_folder_name(case_id)
+        case_dir.mkdir(exist_ok=True)
+        maps_file = case_dir / f"maps-{snapshot['maps_id']}.npz"
+        if not maps_file.is_file():
+            _write_npz(
+                maps_file,
+                {
+                    "anomaly_map": np.asarray(snapshot["anomaly_map"], np.float32),
+                    "confidence_map": np.asarray(snapshot["confidence_map"], np.float32),
+                },
+            )
+        referenced.add(maps_file)
+        image_file = None
+        if snapshot["source"] is None:
+            image_file = case_dir / f"image-{snapshot['maps_id']}.npz"
+            if not image_file.is_file():
+                _write_npz(image_file, {"image": np.asarray(snapshot["image"])})
+            referenced.add(image_file)
+        edits = snapshot["edits"]
+        digest = hashlib.blake2b(digest_size=8)
+        for key in ("added", "erased", "approved", "mask"):
+            digest.update(key.encode() + edits[key].tobytes())
+        edits_file = case_dir / f"edits-{digest.hexdigest()}.npz"
+        if not edits_file.is_file():
+            _write_npz(edits_file, edits)
+        referenced.add(edits_file)
+        case_entries.append(
+            {
+                "case_id": case_id,
+                "name": snapshot["name"],
+                "shape": snapshot["shape"],
+                "source": snapshot["source"],
+                **snapshot["fields"],
+                "maps_id": snapshot["maps_id"],
+                "maps_file": maps_file.relative_to(folder).as_posix(),
+                "image_file": image_file.relative_to(folder).as_posix() if image_file else None,
+                "edits_file": edits_file.relative_to(folder).as_posix(),
+            }
+        )
+
+    from napari_anomaly.config import config_to_dict
+
+    manifest = {
+        "format": _FORMAT_NAME,
+        "format_version": SESSION_FORMAT_VERSION,
+        "software": f"napari-anomaly {__version__}",
+        "saved_at": _now(),
+        "saved_by": getpass.getuser(),
+        "review": config_to_dict(session.review),
+        "max_false_regions": session.max_false_regions,
+        "models": {"current": current, "versions": model_entries},
+        "cases": case_entries,
+    }
+    manifest_path = atomic_write_text(
+        folder / MANIFEST_NAME, json.dumps(manifest, indent=1), overwrite=True
+    )
+    _remove_unreferenced(folder, referenced)
+    logger.debug(
+        "saved a review session: %d case(s), %d model version(s)",
+        len(case_entries),
+        len(model_entries),
+    )
+    return manifest_path
+
+
+def _remove_unreferenced(folder: Path, referenced: set[Path]) -> None:
+    """Remove array and model files (and stray temporary files) the manifest no longer names."""
+    keep = {p.resolve() for p in referenced}
+    for stray in folder.glob(".*.tmp-*"):  # a manifest write that was interrupted
+        with contextlib.suppress(OSError):
+            stray.unlink()
+    for sub in ("models", "cases"):
+        base = folder / sub
+        for path in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                if path.is_file() and path.resolve() not in keep:
+                    path.unlink()
+                elif path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+
+
+# ----------------------------------------------------------------------------- load
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a session folder (``SessionFileError`` if there is none or it is damaged)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise SessionFileError(f"{folder} holds no review session ({MANIFEST_NAME} not found)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SessionFileError(f"{path} is damaged ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT_NAME:
+        raise SessionFileError(f"{path} is damaged or not a napari-anomaly review session")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > SESSION_FORMAT_VERSION:
+        raise SessionFileError(
+            f"{path} has format version {version!r}; this napari-anomaly reads up to "
+            f"{SESSION_FORMAT_VERSION} (update napari-anomaly to resume it)"
+        )
+    try:
+        models = manifest["models"]
+        if not 0 <= int(models["current"]) < len(models["versions"]):
+            raise ValueError("no current model version")
+        for entry in manifest["cases"]:
+            entry["case_id"], entry["shape"], entry["maps_file"], entry["edits_file"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise SessionFileError(f"{path} is damaged ({error!r} missing or invalid)") from None
+    return manifest
+
+
+def _case_image(
+    folder: Path, entry: dict[str, Any], images: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray | None, str | None]:
+    """The scan of a case and, when it cannot be had, why."""
+    shape = tuple(entry["shape"])
+    given = images.get(entry["case_id"])
+    if given is not None:
+        given = np.asarray(given)
+        if given.shape == shape:
+            return given, None
+    source = entry.get("source")
+    if source:
+        from napari_anomaly.io import read_image
+
+        path = Path(source["path"])
+        if not path.exists():
+            return None, f"{path} (the scan of {entry['name']}) is missing"
+        if source_sha256(path) != source["sha256"]:
+            return None, (
+                f"{path} (the scan of {entry['name']}) changed since the session was saved "
+                "(its sha256 differs); the edits were made on the old scan"
+            )
+        image = read_image(path).array
+        if image.shape != shape:
+            return None, f"{path} now has shape {image.shape}, the case {shape}"
+        return image, None
+    if entry.get("image_file"):
+        image = _read_npz(folder / entry["image_file"])["image"]
+        if image.shape != shape:
+            raise SessionFileError(f"{entry['image_file']} does not have the case's shape")
+        return image, None
+    return None, f"the scan of {entry['name']} is neither open nor saved"
+
+
+def load_session(
+    folder: str | os.PathLike[str],
+    *,
+    images: Mapping[str, np.ndarray] | None = None,
+    inference: InferenceConfig | None = None,
+    device: str = "cpu",
+) -> ReviewSession:
+    """Resume a review session saved with :func:`save_session`.
+
+    Parameters
+    ----------
+    folder
+        The session folder.
+    images
+        Scans already at hand by case id (the layers still open in a viewer):
+        used instead of reading the source file when the shape matches.
+    inference
+        Inference settings of the resumed session (the device is the machine's
+        business, not the session's).
+    device
+        Where the model versions are loaded.
+
+    Raises
+    ------
+    SessionFileError
+        If the folder is not a session, a file is damaged, or a scan's source
+        file is missing or changed (named in the message; nothing is loaded).
+    """
+    from napari_anomaly.config import config_from_dict
+    from napari_anomaly.inference import InferenceConfig
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.review import MaskEdits, ReviewConfig
+    from napari_anomaly.session import Case, ReviewSession
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    images = images or {}
+    scans, problems = {}, []
+    for entry in manifest["cases"]:
+        image, problem = _case_image(folder, entry, images)
+        if problem:
+            problems.append(problem)
+        scans[entry["case_id"]] = image
+    if problems:
+        raise SessionFileError("; ".join(problems) + ". Nothing was resumed.")
+
+    versions = []
+    for entry in manifest["models"]["versions"]:
+        path = folder / entry["file"]
+        try:
+            localiser = Localiser.load(path, device=device)
+        except (OSError, ValueError) as error:
+            raise SessionFileError(f"model version {entry.get('name')}: {error}") from None
+        if localiser.sha256 != entry["sha256"]:
+            raise SessionFileError(f"{entry['file']} is damaged (its sha256 differs)")
+        versions.append(localiser)
+
+    try:
+        review = config_from_dict(ReviewConfig, manifest.get("review") or {})
+    except (TypeError, ValueError) as error:
+        raise SessionFileError(f"{MANIFEST_NAME}: invalid review settings ({error})") from None
+    session = ReviewSession(versions[0], review, inference or InferenceConfig())
+    session.versions = versions
+    session.current = int(manifest["models"]["current"])
+    session.max_false_regions = manifest.get("max_false_regions")
+
+    for entry in manifest["cases"]:
+        case_id = entry["case_id"]
+        shape = tuple(int(n) for n in entry["shape"])
+        maps = _read_npz(folder / entry["maps_file"])
+        edits = _read_npz(folder / entry["edits_file"])
+        for key in ("anomaly_map", "confidence_map"):
+            if maps.get(key) is None or maps[key].shape != shape:
+                raise SessionFileError(f"{entry['maps_file']}: {key} missing or of another shape")
+        try:
+            geometry = Geometry.from_dict(entry["geometry"])
+            added = _from_indices(edits["added"], shape, entry["edits_file"])
+            erased = _from_indices(edits["erased"], shape, entry["edits_file"])
+            saved_mask = _from_indices(edits["mask"], shape, entry["edits_file"])
+            approved = None
+            if entry.get("reviewed_at"):
+                approved = _from_indices(edits["approved"], shape, entry["edits_file"])
+                approved.setflags(write=False)
+            source = entry.get("source") or {}
+            case = Case(
+                case_id=case_id,
+                name=str(entry["name"]),
+                image=scans[case_id],
+                geometry=geometry,
+                anomaly_map=maps["anomaly_map"],
+                confidence_map=maps["confidence_map"],
+                edits=MaskEdits(added, erased),
+                threshold=float(entry["threshold"]),
+                min_region_voxels=int(entry["min_region_voxels"]),
+                model_sha256=entry.get("model_sha256"),
+                model_name=str(entry.get("model_name", "")),
+                min_region_mm=float(entry.get("min_region_mm", 0.0)),
+                localised_at=str(entry.get("localised_at", "")),
+                rank_by=str(entry.get("rank_by", review.rank_by)),
+                reviewed_at=entry.get("reviewed_at"),
+                approved_mask=approved,
+                source_path=source.get("path"),
+                source_sha256=source.get("sha256"),
+                maps_id=str(entry.get("maps_id") or uuid.uuid4().hex[:12]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, SessionFileError):
+                raise
+            raise SessionFileError(
+                f"{MANIFEST_NAME}: a case entry is damaged ({error!r})"
+            ) from None
+        if not case.reviewed and not np.array_equal(case.mask, saved_mask):
+            # The mask the reviewer saw is what counts: keep it exactly (a newer
+            # version may threshold a voxel on the edge differently).
+            keep = MaskEdits(added, erased)
+            keep.record(case.mask, saved_mask)
+            case.edits = keep
+            case._changed()
+            logger.warning("a resumed mask differed from its saved copy; the saved one was kept")
+        session.cases[case_id] = case
+    session.revision = 0
+    return session

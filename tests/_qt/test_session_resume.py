@@ -1,0 +1,289 @@
+"""A review that never loses a reviewer's work: autosave, resume after closing the widget or
+restarting napari, Save model, and sidecars that name the model and the source file
+(issue "A review that never loses a reviewer's work"). Driven like a reviewer, under Xvfb."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_NETWORK_2D, body_scan
+from qtpy.QtWidgets import QApplication
+
+from napari_anomaly.io import Geometry, read_image, write_image
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet
+
+
+def _tiny_model() -> Localiser:
+    """The same tiny model the widget fixture makes (a new widget starts from it)."""
+    torch.manual_seed(0)
+    return Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(),
+        metadata={"patch_size": 32, "recommended_threshold": 0.5},
+    )
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _scan_file(tmp_path, name="a", shape=(40, 48), seed=0):
+    path = tmp_path / f"{name}.nii.gz"
+    geometry = Geometry(spacing=(0.8, 0.7), origin=(1.0, 2.0), direction=(1.0, 0.0, 0.0, 1.0))
+    write_image(path, body_scan(shape, seed), geometry)
+    return path
+
+
+def _localise(widget, name):
+    widget.image_layer.value = name
+    widget.localise_button.clicked.emit()
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    return widget.viewer.layers[f"{name} mask"]
+
+
+def _close(viewer, widget):
+    """What the dock widget's close button does."""
+    for dock in list(viewer.window._wrapped_dock_widgets.values()):
+        if dock.widget() is widget.native:
+            dock.destroyOnClose()
+    QApplication.processEvents()
+
+
+def _reopen(viewer, widget_class):
+    """Plugins > Anomaly review again: a new widget instance."""
+    again = widget_class(viewer, localiser=_tiny_model())
+    again.device.value = "cpu"
+    viewer.window.add_dock_widget(again, name="Anomaly review")
+    return again
+
+
+def _review_state(widget):
+    """Everything a reviewer would not want to lose, per case name."""
+    state = {}
+    for case in widget.session.cases.values():
+        state[case.name] = {
+            "mask": np.asarray(case.mask).copy(),
+            "added": case.edits.added.copy(),
+            "erased": case.edits.erased.copy(),
+            "threshold": case.threshold,
+            "reviewed_at": case.reviewed_at,
+            "model_sha256": case.model_sha256,
+        }
+    return state
+
+
+def _assert_same_review(widget, expected):
+    got = _review_state(widget)
+    assert sorted(got) == sorted(expected)
+    for name, fields in expected.items():
+        for key, value in fields.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(got[name][key], value, err_msg=f"{name} {key}")
+            else:
+                assert got[name][key] == value, (name, key)
+        # The mask layer shows the case's mask.
+        layer = widget.viewer.layers[f"{name} mask"]
+        np.testing.assert_array_equal(np.asarray(layer.data) != 0, fields["mask"])
+
+
+def test_a_scripted_review_loses_nothing_when_the_widget_is_closed_and_reopened(
+    make_review_widget, tmp_path
+):
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    scan_path = _scan_file(tmp_path)
+    viewer.open(str(scan_path), plugin="napari-anomaly")  # layer "a", from a file
+    viewer.add_image(body_scan((32, 32), seed=3), name="b")  # made in memory, no file
+
+    # Localise two cases, correct one, mark the other reviewed, fine-tune.
+    a_mask = _localise(widget, "a")
+    b_mask = _localise(widget, "b")
+    edited = np.asarray(a_mask.data).copy()
+    edited[1:4, 1:4] = 1  # paint
+    edited[edited.shape[0] // 2, :] = 0  # erase a line
+    a_mask.data = edited
+    approved = np.asarray(b_mask.data).copy()
+    approved[2:5, 2:5] = 1
+    b_mask.data = approved
+    widget.image_layer.value = "b"
+    widget.mark_reviewed()
+    widget.finetune(steps=2, wait=True)
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    state = _review_state(widget)
+    versions = [v.sha256 for v in widget.session.versions]
+    assert len(versions) == 2 and None not in versions
+    assert state["a"]["model_sha256"] == versions[1], "the open case was re-localised"
+    assert state["b"]["reviewed_at"] is not None
+
+    # Close the dock widget (its close button) and open it again: a new widget.
+    _close(viewer, widget)
+    again = _reopen(viewer, type(widget))
+    assert again.resume_offer is not None, "an autosaved review must be offered"
+    assert not again.resume_banner.native.isHidden()
+    assert "2 case" in again.resume_text.value
+    again.resume()
+    assert again.last_error is None, again.last_error
+    assert again.resume_banner.native.isHidden()
+
+    _assert_same_review(again, state)
+    assert [v.sha256 for v in again.session.versions] == versions
+    assert again.session.current == 1 and again.session.localiser.name.endswith("+ft1")
+    again.image_layer.value = "b"
+    assert "reviewed" in again.status.value and not again.threshold.enabled
+    # The resumed review goes on: edits are recorded in the resumed case.
+    again.image_layer.value = "a"
+    mask = viewer.layers["a mask"]
+    added_before = int(again.case("a").edits.added.sum())
+    more = np.asarray(mask.data).copy()
+    more[30:33, 40:43] = 1
+    mask.data = more
+    assert again.case("a").mask[30:33, 40:43].all()
+    assert int(again.case("a").edits.added.sum()) > added_before
+
+    # Export: the sidecar names the model version that made the maps, and the source file.
+    written = again.export(tmp_path / "a_mask.nii.gz")
+    np.testing.assert_array_equal(read_image(written[0]).array != 0, again.case("a").mask)
+    sidecar = json.loads((tmp_path / "a_mask.json").read_text())
+    assert sidecar["model_sha256"] == versions[1]
+    assert sidecar["source_path"] == str(scan_path)
+    assert sidecar["source_sha256"] == _sha256(scan_path)
+    assert sidecar["exported_by"] == getpass.getuser()
+    assert sidecar["threshold"] == state["a"]["threshold"]
+    assert sidecar["added_voxels"] == int(again.case("a").edits.added.sum())
+
+
+def test_restarting_napari_offers_to_resume_and_refuses_a_changed_scan(
+    make_review_widget, make_napari_viewer, tmp_path
+):
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    scan_path = _scan_file(tmp_path)
+    viewer.open(str(scan_path), plugin="napari-anomaly")
+    viewer.add_image(body_scan((32, 32), seed=3), name="b", scale=(0.5, 0.6))
+    a_mask = _localise(widget, "a")
+    _localise(widget, "b")
+    edited = np.asarray(a_mask.data).copy()
+    edited[1:4, 1:4] = 1
+    a_mask.data = edited
+    widget.image_layer.value = "b"
+    widget.mark_reviewed()
+    state = _review_state(widget)
+    _close(viewer, widget)
+
+    # napari restarts: a new viewer without layers.
+    fresh = make_napari_viewer()
+    original = scan_path.read_bytes()
+    write_image(scan_path, body_scan((40, 48), seed=9), overwrite=True)  # the file changed
+    again = _reopen(fresh, type(widget))
+    assert again.resume_offer is not None
+    again.resume()
+    assert again.last_error is not None and "changed" in again.last_error
+    assert str(scan_path.name) in again.last_error
+    assert not again.session.cases and len(fresh.layers) == 0, "nothing half-resumed"
+
+    scan_path.write_bytes(original)
+    again.resume()
+    assert again.last_error is None, again.last_error
+    assert sorted(layer.name for layer in fresh.layers) == [
+        "a",
+        "a anomaly",
+        "a confidence",
+        "a mask",
+        "b",
+        "b anomaly",
+        "b confidence",
+        "b mask",
+    ]
+    _assert_same_review(again, state)
+    np.testing.assert_allclose(fresh.layers["b"].scale, (0.5, 0.6))
+    np.testing.assert_allclose(fresh.layers["a"].scale, (0.8, 0.7))
+    np.testing.assert_array_equal(fresh.layers["a"].data, read_image(scan_path).array)
+
+
+def test_discard_starts_afresh_and_is_not_offered_again(make_review_widget):
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    viewer.add_image(body_scan((32, 32)), name="scan")
+    _localise(widget, "scan")
+    _close(viewer, widget)
+
+    again = _reopen(viewer, type(widget))
+    assert again.resume_offer is not None
+    again.discard_autosave()
+    assert again.resume_offer is None and again.resume_banner.native.isHidden()
+    assert not again.session.cases
+    third = _reopen(viewer, type(widget))
+    assert third.resume_offer is None
+
+
+def test_after_fine_tuning_the_sidecar_names_the_model_hash_and_the_source_file(
+    make_review_widget, tmp_path
+):
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    scan_path = _scan_file(tmp_path)
+    viewer.open(str(scan_path), plugin="napari-anomaly")
+    mask = _localise(widget, "a")
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited
+    widget.finetune(steps=2, wait=True)
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+
+    widget.export(tmp_path / "out" / "a_mask.nii.gz")
+    sidecar = json.loads((tmp_path / "out" / "a_mask.json").read_text())
+    assert sidecar["model_sha256"] is not None
+    assert sidecar["model_sha256"] == widget.session.localiser.sha256
+    assert sidecar["model_name"].endswith("+ft1")
+    assert sidecar["source_path"] == str(scan_path)
+    assert sidecar["source_sha256"] == _sha256(scan_path)
+    assert sidecar["exported_by"] == getpass.getuser() and sidecar["exported_at"]
+
+    # Save model writes that version, with its lineage: the file has that very hash.
+    model_path = tmp_path / "a_ft.safetensors"
+    widget.save_model(model_path)
+    assert widget.last_error is None, widget.last_error
+    saved = Localiser.load(model_path)
+    assert saved.sha256 == sidecar["model_sha256"] == _sha256(model_path)
+    parent = widget.session.versions[0]
+    assert saved.metadata["parent_sha256"] == parent.sha256 is not None
+    assert [step["sha256"] for step in saved.metadata["lineage"]] == [parent.sha256]
+
+
+def test_save_session_and_load_session_through_a_folder(make_review_widget, tmp_path):
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.add_image(body_scan((32, 40)), name="scan")
+    mask = _localise(widget, "scan")
+    edited = np.asarray(mask.data).copy()
+    edited[0:3, 0:3] = 1
+    mask.data = edited
+    widget.set_threshold(0.6)
+    state = _review_state(widget)
+
+    folder = tmp_path / "my review"
+    widget.session_folder.value = folder
+    widget.save_session_button.clicked.emit()
+    assert widget.last_error is None, widget.last_error
+    assert (folder / "session.json").is_file()
+    assert not list(folder.rglob("*.tmp-*")), "no temporary file is left"
+    assert {p.suffix for p in folder.rglob("*") if p.is_file()} <= {".json", ".npz", ".safetensors"}
+
+    viewer.layers.clear()
+    other = _reopen(viewer, type(widget))
+    other.session_folder.value = folder
+    other.load_session_button.clicked.emit()
+    assert other.last_error is None, other.last_error
+    _assert_same_review(other, state)
+    assert other.threshold.value == pytest.approx(0.6)
