@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument(
         "--replay-fractions", type=float, nargs="+", default=[FinetuneConfig.replay_fraction]
     )
+    parser.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
+    parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[FinetuneConfig.seed])
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--native",
@@ -151,9 +153,13 @@ def main() -> None:
     print(json.dumps({"before": before}), flush=True)
     runs = []
     grid = itertools.product(
-        args.learning_rates, args.steps, args.anchor_weights, args.replay_fractions
+        args.learning_rates,
+        args.steps,
+        args.anchor_weights,
+        args.replay_fractions,
+        args.finetune_seeds,
     )
-    for lr, steps, anchor, replay in grid:
+    for lr, steps, anchor, replay, finetune_seed in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -162,6 +168,8 @@ def main() -> None:
             positive_balance=args.positive_balance,
             anchor_weight=anchor,
             replay_fraction=replay,
+            batch_size=args.batch_size,
+            seed=finetune_seed,
             carry_calibration=False,
         )
         tuned = run_to_end(
@@ -186,6 +194,8 @@ def main() -> None:
             "steps": steps,
             "anchor_weight": anchor,
             "replay_fraction": replay,
+            "batch_size": args.batch_size,
+            "finetune_seed": finetune_seed,
             "weight_drift": round(weight_drift(localiser, tuned), 6),
             "after": after,
         }
