@@ -6,7 +6,12 @@ import torch
 from scipy import ndimage
 
 from napari_anomaly.config import config_from_dict, config_to_dict
-from napari_anomaly.synthesis import SynthesisConfig, sample_synthesis, synthesise
+from napari_anomaly.synthesis import (
+    SynthesisConfig,
+    apply_synthesis,
+    sample_synthesis,
+    synthesise,
+)
 
 SHAPES = [(64, 64), (16, 48, 48)]
 
@@ -148,3 +153,83 @@ def test_config_round_trips_and_validates():
         SynthesisConfig(raters_per_anomaly=(5, 2))
     with pytest.raises(ValueError, match="mask_shape"):
         SynthesisConfig(mask_shape="square")
+
+
+def _one_blend_at_a_time(images, params, config):
+    """P-PII as the method describes it, in float64: every blend on its whole solve box.
+
+    Each rater's mask is tested on every voxel of the box, its strength-scaled
+    source box (patch voxels onto patch voxels, the source edge replicated) is
+    blended into the target box with ``blend_boxes``, and the mean and the
+    rater spread of the blends make the outputs.
+    """
+    from napari_anomaly.synthesis import blend_boxes, label_from_deviation
+    from napari_anomaly.synthesis.poisson import solve_box_shape
+
+    images = images.double()
+    shape = params.spatial_shape
+    change, variance = torch.zeros_like(images), torch.zeros_like(images)
+    low = torch.as_tensor(params.patch_start)
+    starts, sizes = solve_box_shape(
+        low, low + torch.as_tensor(params.patch_size) - 1, shape, config.size_multiple
+    )
+    first_blend = np.concatenate([[0], np.cumsum(params.rater_count)])
+    for a in range(params.anomaly_count):
+        start, size = starts[a].tolist(), sizes[a].tolist()
+        if min(size) < 3:
+            continue
+        image = params.anomaly_image[a]
+        box = tuple(slice(s, s + n) for s, n in zip(start, size))
+        offset = params.patch_start[a] - np.asarray(start)
+        coords = [
+            np.clip(np.arange(n) - o + s, 0, side - 1)
+            for n, o, s, side in zip(size, offset, params.source_start[a], shape)
+        ]
+        target = images[image, 0][box]
+        source = images[params.anomaly_source[a], 0][np.ix_(*coords)]
+        grids = np.meshgrid(*[np.arange(n) - o for n, o in zip(size, offset)], indexing="ij")
+        in_patch = np.logical_and.reduce(
+            [(g >= 0) & (g < p) for g, p in zip(grids, params.patch_size[a])]
+        )
+        blends = []
+        for n in range(first_blend[a], first_blend[a + 1]):
+            d = np.stack([g - c for g, c in zip(grids, params.blend_centre[n])], axis=-1)
+            q = np.einsum("...i,ij,...j->...", d, params.blend_inverse_shape[n], d)
+            mask = torch.from_numpy(in_patch & (q <= 1)).double()[None, None]
+            strong = params.blend_strength[n] * source
+            delta = blend_boxes(target[None, None], strong[None, None], mask, config.mix_gradients)
+            blends.append(delta[0, 0])
+        stack = torch.stack(blends)
+        share = len(blends) / max(params.blends_per_image[image], 1)
+        change[image, 0][box] += stack.mean(dim=0) * share
+        variance[image, 0][box] += stack.var(dim=0, unbiased=False) * share**2
+    anomalous = images + change
+    if config.clip_output:
+        anomalous = anomalous.clamp(0.0, 1.0)
+    label = label_from_deviation((anomalous - images).abs(), config)
+    return anomalous, label, label_from_deviation(variance.sqrt(), config)
+
+
+# Windows smaller than the boxes, source windows past the source image's edge
+# (large patches), thin rotated ellipses (masks near the limits of their
+# bounding boxes), plain cloning (where the replicated edge enters the result).
+FEW = {"anomalies_per_image": (3, 6)}
+REFERENCE_CASES = [
+    ((40, 40), SynthesisConfig(**FEW)),
+    ((40, 40), SynthesisConfig(**FEW, mask_shape="disc", size_multiple=1)),
+    (
+        (40, 40),
+        SynthesisConfig(**FEW, patch_fraction=(0.3, 0.6), radius_sd=4.0, centre_sd_fraction=0.5),
+    ),
+    ((32, 32), SynthesisConfig(**FEW, patch_fraction=(0.4, 0.9), mix_gradients=False)),
+    ((8, 20, 20), SynthesisConfig(**FEW, patch_fraction=(0.2, 0.5), radius_sd=2.0)),
+]
+
+
+@pytest.mark.parametrize(("shape", "config"), REFERENCE_CASES)
+def test_batch_equals_one_blend_at_a_time(shape, config):
+    images = _textured_images(3, shape, seed=5).double()
+    params = sample_synthesis(3, shape, config, rng=11)
+    expected = _one_blend_at_a_time(images, params, config)
+    for output, reference in zip(apply_synthesis(images, params, config), expected):
+        torch.testing.assert_close(output, reference, atol=1e-9, rtol=0)

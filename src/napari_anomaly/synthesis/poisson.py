@@ -46,6 +46,7 @@ __all__ = [
     "guidance_divergence",
     "poisson_blend",
     "solve_dirichlet_poisson",
+    "window_view",
 ]
 
 
@@ -98,34 +99,36 @@ def solve_dirichlet_poisson(rhs: torch.Tensor, spatial_dims: int | None = None) 
         raise ValueError(f"spatial_dims must be 2 or 3, got {dims}")
     if not rhs.is_floating_point():
         raise TypeError(f"rhs must be a floating-point tensor, got {rhs.dtype}")
-    sizes = rhs.shape[-dims:]
+    sizes = tuple(int(m) for m in rhs.shape[-dims:])
     device = str(rhs.device)
     spectrum = rhs
-    denominator = None
-    normalisation = 1.0
     for axis_from_end, m in zip(range(-dims, 0), sizes):
-        basis, eigenvalues = _dst_basis(int(m), rhs.dtype, device)
-        spectrum = _dst_along(spectrum, axis_from_end, basis)
-        view = [1] * dims
-        view[dims + axis_from_end] = int(m)
-        term = eigenvalues.reshape(view)
-        denominator = term if denominator is None else denominator + term
-        normalisation *= 2.0 / (m + 1)
-    # The inverse DST-I is the forward one times 2/(m+1) per axis; folding that
-    # factor into the eigenvalue division saves one pass over the data.
-    spectrum = spectrum.mul_(normalisation / denominator)  # a fresh tensor: in place
+        spectrum = _dst_along(spectrum, axis_from_end, _dst_basis(m, rhs.dtype, device)[0])
+    spectrum = spectrum.mul_(_spectral_factor(sizes, rhs.dtype, device))  # a fresh tensor
     for axis_from_end, m in zip(range(-dims, 0), sizes):
-        basis, _ = _dst_basis(int(m), rhs.dtype, device)
-        spectrum = _dst_along(spectrum, axis_from_end, basis)
+        spectrum = _dst_along(spectrum, axis_from_end, _dst_basis(m, rhs.dtype, device)[0])
     return spectrum
 
 
-def _interior(x: torch.Tensor, dims: int, skip_axis: int | None = None) -> torch.Tensor:
-    """Drop the one-voxel ring on every spatial axis except ``skip_axis``."""
-    index = [slice(None)] * (x.ndim - dims)
-    for axis in range(dims):
-        index.append(slice(None) if axis == skip_axis else slice(1, -1))
-    return x[tuple(index)]
+@lru_cache(maxsize=256)
+def _spectral_factor(sizes: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """What the spectrum of the right-hand side is multiplied by: ``sizes``-shaped.
+
+    One over the eigenvalues of the Dirichlet Laplacian (the sums of the
+    per-axis ones), times the normalisation of the inverse transform: the
+    inverse DST-I is the forward one times 2/(m+1) per axis, and folding that
+    factor into the eigenvalue division saves one pass over the data.
+    """
+    dims = len(sizes)
+    denominator = None
+    normalisation = 1.0
+    for axis, m in enumerate(sizes):
+        view = [1] * dims
+        view[axis] = m
+        term = _dst_basis(m, dtype, device)[1].reshape(view)
+        denominator = term if denominator is None else denominator + term
+        normalisation *= 2.0 / (m + 1)
+    return normalisation / denominator
 
 
 def blend_boxes(
@@ -177,19 +180,19 @@ def guidance_divergence(
     weight: torch.Tensor,
     spatial_dims: int,
     mix_gradients: bool = True,
-    target_of_source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Right-hand side ``div(weight * (guide - grad target))`` on the boxes' interiors.
+
+    Every value depends only on the voxels and edges next to it, so the
+    right-hand side of a window of a box, computed on that window alone, is
+    bit for bit the right-hand side of the box on the window's interior.
 
     Parameters
     ----------
     target
         ``(..., *box)``, floating point; every box side at least 3.
     source
-        Same box shape. Without ``target_of_source`` it has ``target``'s shape;
-        with it, ``(n, ..., *box)``, source ``i`` being blended into target
-        ``target_of_source[i]``. Many sources (raters) share one target in
-        P-PII, so the target's gradients are taken once per target.
+        Same shape as ``target``.
     weight
         Voxel weights in [0, 1] (the mask as floats), broadcastable to
         ``source``.
@@ -202,22 +205,41 @@ def guidance_divergence(
     Returns
     -------
     torch.Tensor
-        ``(..., *interior)``: the box shape less its one-voxel ring, contiguous.
+        ``(..., *interior)``: the box shape less its one-voxel ring; a strided
+        view into a buffer of the boxes' size.
+
+    Notes
+    -----
+    All boxes are processed as one flat, contiguous vector: along an axis with
+    stride ``step`` (1 for the last axis, the row length for the one before,
+    ...) the neighbour of voxel ``v`` is ``v + step``, so every gradient and
+    difference is one shifted subtraction over the whole vector. Pairs that
+    straddle a row, plane or box end produce junk values, but only on the
+    boxes' rings, which are dropped; every interior voxel is computed from its
+    own neighbours with exactly the operations of the per-box formula. This
+    matters on CPUs: small boxes have short rows, and per-row loops would cost
+    more than the arithmetic.
     """
-    rhs = None
-    first = source.ndim - spatial_dims
-    for axis in range(spatial_dims):
-        dim = first + axis
-        n = source.shape[dim]
-        grad_target = target.diff(dim=dim)
-        abs_grad_target = grad_target.abs() if mix_gradients else None
-        if target_of_source is not None:
-            grad_target = grad_target.index_select(0, target_of_source)
-            if mix_gradients:
-                abs_grad_target = abs_grad_target.index_select(0, target_of_source)
-        grad_source = source.diff(dim=dim)
-        edge_weight = weight.narrow(dim, 0, n - 1) + weight.narrow(dim, 1, n - 1)
-        edge_weight.mul_(0.5)
+    box = tuple(source.shape[-spatial_dims:])
+    flat_target = target.reshape(-1)
+    flat_source = source.reshape(-1)
+    # Edge weights are (w[v] + w[v + step]) / 2; halving the voxel weights
+    # once gives the same floats (halving is exact above 1e-38) for one pass
+    # instead of one per axis.
+    half_weight = weight.expand(source.shape).reshape(-1) * 0.5
+    total = flat_source.numel()
+    steps = [math.prod(box[axis + 1 :]) for axis in range(spatial_dims)]
+    # Voxels [steps[0], total - steps[0]) have both neighbours along every
+    # axis inside the vector; the interiors of all boxes lie among them.
+    first, last = steps[0], total - steps[0]
+    rhs = flat_source.new_empty(total)
+    # Scratch vectors shared by the axes: fewer and warmer allocations.
+    scratch = [flat_source.new_empty(total) for _ in range(4)]
+    for axis, step in enumerate(steps):
+        edges = total - step  # edge e joins voxels e and e + step
+        grad_target = torch.sub(flat_target[step:], flat_target[:-step], out=scratch[0][:edges])
+        grad_source = torch.sub(flat_source[step:], flat_source[:-step], out=scratch[1][:edges])
+        edge_weight = torch.add(half_weight[:-step], half_weight[step:], out=scratch[2][:edges])
         if mix_gradients:
             # guide - grad_target is grad_source - grad_target where the source
             # wins and 0 elsewhere, so the guide is never formed: the edge
@@ -226,16 +248,18 @@ def guidance_divergence(
             # both alike.) The comparison writes 0/1 floats straight away:
             # on CPUs, making and consuming a bool tensor costs several times
             # as much as the arithmetic.
-            source_wins = torch.empty_like(grad_source)
-            torch.gt(grad_source.abs(), abs_grad_target, out=source_wins)
+            source_wins = torch.abs(grad_source, out=scratch[3][:edges])
+            torch.gt(source_wins, grad_target.abs(), out=source_wins)
             edge_weight = source_wins.mul_(edge_weight)
         excess = grad_source.sub_(grad_target).mul_(edge_weight)
-        # Cut the ring of the other axes before differencing, so that the
-        # divergence comes out contiguous and the size of the interior.
-        excess = _interior(excess, spatial_dims, skip_axis=axis)
-        divergence = torch.sub(excess.narrow(dim, 1, n - 2), excess.narrow(dim, 0, n - 2))
-        rhs = divergence if rhs is None else rhs.add_(divergence)
-    return rhs
+        # Divergence at voxel v: excess[v] - excess[v - step].
+        ahead, behind = excess[first:last], excess[first - step : last - step]
+        if axis == 0:
+            torch.sub(ahead, behind, out=rhs[first:last])
+        else:
+            rhs[first:last].add_(torch.sub(ahead, behind, out=scratch[0][: last - first]))
+    inner = (slice(None),) * (source.ndim - spatial_dims) + (slice(1, -1),) * spatial_dims
+    return rhs.view(source.shape)[inner]
 
 
 def box_flat_index(
@@ -278,6 +302,39 @@ def box_flat_index(
         term = (coords * strides[axis]).reshape(view)
         flat = term if flat is None else flat + term
     return flat.expand(starts.shape[0], *box_shape)
+
+
+def window_view(
+    flat: torch.Tensor, grid_shape: tuple[int, ...], window_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Every window of ``window_shape`` in a stack of grids, as one view.
+
+    Parameters
+    ----------
+    flat
+        The 1-D view of a contiguous ``(..., *grid_shape)`` tensor.
+    grid_shape
+        Shape of one grid, e.g. ``(Y, X)`` or ``(Z, Y, X)``.
+    window_shape
+        Window size, one entry per grid axis, each at most the grid's.
+
+    Returns
+    -------
+    torch.Tensor
+        A ``(L, *window_shape)`` view of ``flat``'s memory: entry ``s`` is the
+        window whose first voxel is ``flat[s]`` (meaningful when that window
+        lies inside one grid). ``index_select(0, starts)`` cuts windows out
+        with one index per window, instead of one per voxel as a flat-index
+        gather needs. The windows overlap in memory, so write through the view
+        only into windows that do not overlap one another (each element is
+        then written once).
+    """
+    dims = len(grid_shape)
+    strides = [1] * dims
+    for axis in range(dims - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * grid_shape[axis + 1]
+    last = sum((w - 1) * s for w, s in zip(window_shape, strides))
+    return flat.as_strided((flat.numel() - last, *window_shape), (1, *strides))
 
 
 def _global_index(

@@ -19,9 +19,12 @@ Each blend differs from ``T`` only inside its solve box, so with ``N`` blends
 
     mean = T + (1 / N) * sum_i (blend_i - T).
 
-All blends of a batch are solved together (grouped by box size) with
-:func:`~napari_anomaly.synthesis.poisson.blend_boxes`, and their changes are
-scatter-added into the batch.
+All blends of a batch are solved together, grouped by box size, with the
+solver of :mod:`~napari_anomaly.synthesis.poisson`, and their changes are
+scatter-added into the batch. A blend's right-hand side is zero away from its
+mask, so it is computed on a window around the mask (about a third of the
+box for discs) and only the solve sees the whole box; the results are bit for
+bit those of computing everything on whole boxes (see ``_BlendPlan``).
 
 Labels
 ------
@@ -46,7 +49,9 @@ rims; it is the target of the network's confidence output.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -57,6 +62,7 @@ from napari_anomaly.synthesis.poisson import (
     guidance_divergence,
     solve_box_shape,
     solve_dirichlet_poisson,
+    window_view,
 )
 
 __all__ = [
@@ -354,12 +360,14 @@ def _label_in_place(deviation: torch.Tensor, config: SynthesisConfig) -> torch.T
 
     The batch-sized passes dominate the cost of a large batch, so they run in
     place: no fresh (page-faulting) allocation per step. ``(-s) * d`` equals
-    ``-(s * d)`` and ``(-e) + 1`` equals ``1 - e`` exactly in IEEE arithmetic,
-    so this gives the same bits as the plain formula.
+    ``-(s * d)`` exactly in IEEE arithmetic, and ``1 - e`` is written over
+    ``e`` in one pass, so this gives the same bits as the plain formula.
     """
     if config.label_mapping == "clip":
         return deviation.mul_(config.label_scale).clamp_(0.0, 1.0)
-    return deviation.mul_(-config.label_scale).exp_().neg_().add_(1.0)
+    exponential = deviation.mul_(-config.label_scale).exp_()
+    one = torch.ones((), dtype=exponential.dtype, device=exponential.device)
+    return torch.sub(one, exponential, out=exponential)
 
 
 def _solve_boxes_for_params(
@@ -370,6 +378,178 @@ def _solve_boxes_for_params(
     high = low + torch.as_tensor(params.patch_size) - 1
     starts, sizes = solve_box_shape(low, high, params.spatial_shape, config.size_multiple)
     return starts.numpy(), sizes.numpy()
+
+
+def _inverse_diagonal(form: np.ndarray) -> np.ndarray:
+    """Diagonal of the inverses of symmetric ``(N, D, D)`` matrices, D in (2, 3), in closed form."""
+    if form.shape[-1] == 2:
+        a, b, d = form[:, 0, 0], form[:, 0, 1], form[:, 1, 1]
+        return np.stack([d, a], axis=1) / (a * d - b * b)[:, None]
+    cofactor = np.stack(
+        [
+            form[:, 1, 1] * form[:, 2, 2] - form[:, 1, 2] ** 2,
+            form[:, 0, 0] * form[:, 2, 2] - form[:, 0, 2] ** 2,
+            form[:, 0, 0] * form[:, 1, 1] - form[:, 0, 1] ** 2,
+        ],
+        axis=1,
+    )
+    determinant = (
+        form[:, 0, 0] * cofactor[:, 0]
+        - form[:, 0, 1] * (form[:, 0, 1] * form[:, 2, 2] - form[:, 1, 2] * form[:, 0, 2])
+        + form[:, 0, 2] * (form[:, 0, 1] * form[:, 1, 2] - form[:, 1, 1] * form[:, 0, 2])
+    )
+    return cofactor / determinant[:, None]
+
+
+def _mask_bounds(params: SynthesisParams) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel range ``[low, high]`` (inclusive, ``(N, D)``, patch coordinates) of each rater mask.
+
+    The ellipsoid ``(x - c)^T Q (x - c) <= 1`` reaches ``e_i = sqrt((Q^-1)_ii)``
+    from its centre along axis ``i``. The masks are evaluated in floating
+    point, so a voxel just outside the exact ellipsoid can pass the test; the
+    reach is widened by far more than rounding can move the boundary: the
+    computed ``q`` is off by a few ulps of ``kappa = sum |Q_ij| e_i e_j`` near
+    the boundary (``kappa = D`` for a disc or ball), so ``1e-3 * kappa`` of the
+    reach, plus 0.01 voxel for the rounding of the centre, covers float32 by
+    over a hundredfold. The range is clipped to the patch (the masks are cut
+    to it) and is never empty; for a mask without voxels any range will do.
+    A degenerate form (not positive definite) gets the whole patch.
+    """
+    form = params.blend_inverse_shape
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reach = np.sqrt(_inverse_diagonal(form))
+        kappa = np.einsum("nij,ni,nj->n", np.abs(form), reach, reach)[:, None]
+        reach = reach * (1.0 + 1e-3 * kappa) + 0.01
+    reach = np.where(reach >= 0, reach, np.inf)  # NaN, from a degenerate form, too
+    last = params.patch_size[params.blend_anomaly] - 1
+    low = np.clip(np.ceil(params.blend_centre - reach), 0, last).astype(np.int64)
+    high = np.clip(np.floor(params.blend_centre + reach), 0, last).astype(np.int64)
+    return low, np.maximum(high, low)
+
+
+@dataclass(frozen=True)
+class _BlendGroup:
+    """The anomalies that share one solve-box size, as slices of a :class:`_BlendPlan`."""
+
+    box_shape: tuple[int, ...]
+    window_shape: tuple[int, ...]
+    anomalies: slice  # into _BlendPlan.anomaly_order
+    blends: slice  # into _BlendPlan.blend_order
+
+    @property
+    def interior_shape(self) -> tuple[int, ...]:
+        return tuple(side - 2 for side in self.box_shape)
+
+
+@dataclass(frozen=True)
+class _BlendPlan:
+    """How the blends of a batch are grouped and where each one is solved.
+
+    Anomalies are grouped by solve-box size, groups in order of first
+    appearance (the scatter-add into the batch sums overlapping anomalies in
+    this order) and anomalies and raters in ascending order within a group.
+    Boxes without an interior along some axis cannot change anything and are
+    left out.
+
+    A rater's right-hand side is zero except next to its mask, so it is
+    computed on a *window* of the box: the mask's bounding box plus two voxels
+    (one for the edges that touch the mask, one for the ring that the
+    divergence cuts off), shifted into the box where it would leave it. The
+    raters of a group share the window size (the largest they need), about a
+    third of the box's voxels for discs.
+    """
+
+    groups: list[_BlendGroup]
+    box_start: np.ndarray  # (A, D) solve box of every anomaly
+    patch_offset: np.ndarray  # (A, D) patch start inside its box
+    anomaly_order: np.ndarray  # (a,) anomalies of the groups, group by group
+    blend_order: np.ndarray  # (n,) their raters, group by group
+    blend_local: np.ndarray  # (n,) position of each rater's anomaly within its group
+    blend_position: np.ndarray  # (n,) position of each rater within its group
+    window_start: np.ndarray  # (n, D) first voxel of each rater's window, box coordinates
+
+
+def _order_by_group(group: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with ``group >= 0`` sorted by group, ascending within one, and the group bounds."""
+    rows = np.flatnonzero(group >= 0)
+    rows = rows[np.argsort(group[rows], kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(group[rows], minlength=count))])
+    return rows, bounds
+
+
+def _plan_blends(params: SynthesisParams, config: SynthesisConfig) -> _BlendPlan:
+    """Solve boxes, groups and rater windows of a batch (NumPy, no image data)."""
+    box_start, box_size = _solve_boxes_for_params(params, config)
+    patch_offset = params.patch_start - box_start
+    sizes, first_row, inverse = np.unique(box_size, axis=0, return_index=True, return_inverse=True)
+    # Groups numbered in order of first appearance; boxes without an interior
+    # (a side < 3) cannot change anything and get the number -1.
+    appearance = np.argsort(first_row)
+    appearance = appearance[sizes[appearance].min(axis=1) >= 3]
+    number = np.full(len(sizes), -1)
+    number[appearance] = np.arange(appearance.size)
+    group_of_anomaly = number[inverse.reshape(-1)]
+    group_count = appearance.size
+    anomaly_order, anomaly_bounds = _order_by_group(group_of_anomaly, group_count)
+    local = np.empty(params.anomaly_count, dtype=np.int64)
+    local[anomaly_order] = (
+        np.arange(anomaly_order.size) - anomaly_bounds[group_of_anomaly[anomaly_order]]
+    )
+    # Raters are stored anomaly by anomaly, so within a group they come in
+    # the order of their anomalies.
+    blend_order, blend_bounds = _order_by_group(group_of_anomaly[params.blend_anomaly], group_count)
+    anomaly = params.blend_anomaly[blend_order]
+    group_of_blend = group_of_anomaly[anomaly]
+
+    mask_low, mask_high = _mask_bounds(params)
+    low = mask_low[blend_order] + patch_offset[anomaly]  # box coordinates
+    high = mask_high[blend_order] + patch_offset[anomaly]
+    box = sizes[appearance]
+    groups, window_start = [], low
+    if group_count:
+        window = np.minimum(np.maximum.reduceat(high - low + 5, blend_bounds[:-1], axis=0), box)
+        # Two voxels below the mask where the box allows, else shifted
+        # inwards; either way the window covers the mask plus two voxels
+        # within the box.
+        window_start = np.clip(low - 2, 0, (box - window)[group_of_blend])
+        for group in range(group_count):
+            groups.append(
+                _BlendGroup(
+                    box_shape=tuple(int(s) for s in box[group]),
+                    window_shape=tuple(int(w) for w in window[group]),
+                    anomalies=slice(anomaly_bounds[group], anomaly_bounds[group + 1]),
+                    blends=slice(blend_bounds[group], blend_bounds[group + 1]),
+                )
+            )
+    return _BlendPlan(
+        groups=groups,
+        box_start=box_start,
+        patch_offset=patch_offset,
+        anomaly_order=anomaly_order,
+        blend_order=blend_order,
+        blend_local=local[anomaly],
+        blend_position=np.arange(blend_order.size) - blend_bounds[group_of_blend],
+        window_start=window_start,
+    )
+
+
+def _flat_start(
+    grid_shape: tuple[int, ...], grid_index: np.ndarray, coords: np.ndarray
+) -> np.ndarray:
+    """Flat index of voxel ``coords`` ``(n, D)`` of grid ``grid_index`` ``(n,)`` in a stack."""
+    index = grid_index.astype(np.int64)
+    for axis, size in enumerate(grid_shape):
+        index = index * size + coords[:, axis]
+    return index
+
+
+@lru_cache(maxsize=256)
+def _box_pattern(
+    spatial_shape: tuple[int, ...], box_shape: tuple[int, ...], device: str
+) -> torch.Tensor:
+    """``(1, *box)`` flat offsets of a box's voxels from its first voxel in a grid."""
+    origin = torch.zeros((1, len(spatial_shape)), dtype=torch.long, device=device)
+    return box_flat_index(spatial_shape, origin, box_shape)
 
 
 def apply_synthesis(
@@ -394,52 +574,27 @@ def apply_synthesis(
     images = images.contiguous()
     change = torch.zeros_like(images, memory_format=torch.contiguous_format)
     variance = torch.zeros_like(change)
+    plan = _plan_blends(params, config) if params.anomaly_count else None
     index = None  # flat indices of every box interior, once all groups are done
-    if params.anomaly_count:
-        box_start, box_size = _solve_boxes_for_params(params, config)
-        offset = params.patch_start - box_start  # patch start inside its box
-        blends_per_image = np.maximum(params.blends_per_image, 1)
-        # Groups in order of first appearance: the scatter-add below sums
-        # overlapping anomalies in this order, as one add per group did.
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for anomaly, size in enumerate(box_size.tolist()):
-            groups.setdefault(tuple(size), []).append(anomaly)
-        indices, changes, variances = [], [], []
-        for box_shape, anomaly_rows in groups.items():
-            if min(box_shape) < 3:
-                continue  # no interior along some axis: nothing can change
-            group_index, group_change, group_variance = _blend_group(
-                images,
-                params,
-                config,
-                box_shape,
-                np.asarray(anomaly_rows),
-                box_start,
-                offset,
-                blends_per_image,
-            )
-            indices.append(group_index.reshape(-1))
-            changes.append(group_change.reshape(-1))
-            variances.append(group_variance.reshape(-1))
-        if indices:
-            # One scatter for the whole batch instead of one per group; the
-            # index order (group by group) keeps the summation order.
-            index = torch.cat(indices)
-            change.view(-1).index_add_(0, index, torch.cat(changes))
-            variance.view(-1).index_add_(0, index, torch.cat(variances))
+    if plan is not None and plan.groups:
+        index, box_change, box_variance = _blend_all(images, params, config, plan)
+        # One scatter for the whole batch; the index order (group by group,
+        # anomaly by anomaly) is the summation order of overlapping anomalies.
+        change.view(-1).index_add_(0, index, box_change)
+        variance.view(-1).index_add_(0, index, box_variance)
     if foreground is not None:
         inside = foreground.reshape(images.shape).to(device=device, dtype=dtype)
         change.mul_(inside)
         variance.mul_(inside)
     # The rater variance is 0 outside the solve boxes, and so is its label
     # (1 - exp(-0) = 0), so the label is computed on the box voxels only
-    # (overlaps just repeat a voxel). Besides being a fraction of the batch,
-    # this avoids sqrt over millions of zeros, which is slow on some CPUs.
+    # (overlaps just repeat a voxel) and written over their variance; the
+    # zeros elsewhere stay. Besides being a fraction of the batch, this avoids
+    # sqrt over millions of zeros, which is slow on some CPUs.
     label_std = variance
     if index is not None:
         box_std = variance.view(-1).index_select(0, index).clamp_min_(0.0).sqrt_()
-        label_std = variance.zero_()
-        label_std.view(-1)[index] = _label_in_place(box_std, config)
+        label_std.view(-1).index_copy_(0, index, _label_in_place(box_std, config))
     # From here on every step is a pass over the whole batch, done in place on
     # ``change``, which becomes ``anomalous``.
     anomalous = change.add_(images)
@@ -449,128 +604,207 @@ def apply_synthesis(
     return anomalous, label, label_std
 
 
-def _blend_group(
-    images: torch.Tensor,
-    params: SynthesisParams,
-    config: SynthesisConfig,
-    box_shape: tuple[int, ...],
-    anomaly_rows: np.ndarray,
-    box_start: np.ndarray,
-    offset: np.ndarray,
-    blends_per_image: np.ndarray,
+def _blend_all(
+    images: torch.Tensor, params: SynthesisParams, config: SynthesisConfig, plan: _BlendPlan
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blend all raters of the anomalies sharing one solve-box size.
+    """Blend every rater of the plan, group by group.
 
-    Returns the flat indices of the boxes' interiors in ``images.reshape(-1)``
-    and what each anomaly adds there to the change and to the rater variance,
-    all ``(a, *interior)``. The ring of a box never changes, so it is left out.
+    Returns the flat indices of all box interiors in ``images.reshape(-1)``
+    (group by group, anomaly by anomaly) and what the anomalies add there to
+    the change and to the rater variance. The ring of a box never changes, so
+    it is left out.
     """
     device, dtype = images.device, images.dtype
-    dims = len(box_shape)
     spatial_shape = params.spatial_shape
-    voxels = int(np.prod(spatial_shape))
-    # Blends of these anomalies, and each blend's position among the anomalies.
-    local = np.full(params.anomaly_count, -1)
-    local[anomaly_rows] = np.arange(anomaly_rows.size)
-    blend_rows = np.flatnonzero(local[params.blend_anomaly] >= 0)
-    blend_local = torch.as_tensor(local[params.blend_anomaly[blend_rows]], device=device)
+    dims = len(spatial_shape)
 
     def tensor(array: np.ndarray, kind: torch.dtype = torch.long) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), device=device, dtype=kind)
 
-    # Target and source boxes in one gather from the flattened batch. The
-    # source box maps patch voxels onto patch voxels; outside the patch it
-    # replicates the source image's edge where the box leaves the image.
-    image_index = params.anomaly_image[anomaly_rows]
-    target_index = box_flat_index(spatial_shape, tensor(box_start[anomaly_rows]), box_shape)
-    source_origin = params.source_start[anomaly_rows] - offset[anomaly_rows]
-    source_index = box_flat_index(spatial_shape, tensor(source_origin), box_shape, clamp=True)
-    batch_offset = tensor(
-        np.concatenate([image_index, params.anomaly_source[anomaly_rows]]) * voxels
-    ).reshape(-1, *([1] * dims))
-    box_index = torch.cat([target_index, source_index]) + batch_offset
-    # index_select on the flat view is a plain gather, quicker than indexing.
-    boxes = images.reshape(-1).index_select(0, box_index.reshape(-1)).reshape(box_index.shape)
-    target_boxes, source_boxes = boxes.split(anomaly_rows.size)
-
-    masks = _rater_masks(params, box_shape, blend_rows, offset, device, dtype)
-    strength = tensor(params.blend_strength[blend_rows], dtype).reshape(-1, *([1] * dims))
-    rhs = guidance_divergence(
-        target_boxes,
-        source_boxes.index_select(0, blend_local).mul_(strength),
-        masks,
-        dims,
-        config.mix_gradients,
-        target_of_source=blend_local,
+    view = (-1, *([1] * dims))  # one value per rater or anomaly, broadcast over a box
+    # Per rater (in plan order): the first voxel of its target window and of
+    # its source window, placed like the target's box (patch voxels onto
+    # patch voxels).
+    anomaly = params.blend_anomaly[plan.blend_order]
+    counts = [g.blends.stop - g.blends.start for g in plan.groups]
+    window = np.repeat([g.window_shape for g in plan.groups], counts, axis=0)
+    blend_interior = np.repeat([g.interior_shape for g in plan.groups], counts, axis=0)
+    target_first = plan.box_start[anomaly] + plan.window_start
+    target_start = tensor(_flat_start(spatial_shape, params.anomaly_image[anomaly], target_first))
+    # A source window may reach past the source image's edge, where the edge
+    # is replicated (as clamped indices do). The few such windows (a few per
+    # cent) are cut here, all at once and as wide as the widest window, with
+    # clamped voxel indices, and replace their rows below; padding the whole
+    # batch instead would copy it into fresh memory on every call.
+    source_first = params.source_start[anomaly] - plan.patch_offset[anomaly] + plan.window_start
+    shape = np.asarray(spatial_shape)
+    source_image = params.anomaly_source[anomaly]
+    source_start = tensor(
+        _flat_start(spatial_shape, source_image, np.clip(source_first, 0, shape - window))
     )
-    blend_change = solve_dirichlet_poisson(rhs, dims)  # (n, *interior)
-
-    # Per anomaly: sum and sum of squares over its raters (in blend order).
-    per_anomaly = blend_change.new_zeros((anomaly_rows.size, *blend_change.shape[1:]))
-    per_anomaly_sq = torch.zeros_like(per_anomaly)
-    per_anomaly.index_add_(0, blend_local, blend_change)
-    per_anomaly_sq.index_add_(0, blend_local, blend_change.square_())
-    raters = tensor(params.rater_count[anomaly_rows], dtype).reshape(-1, *([1] * dims))
-    total = tensor(blends_per_image[image_index], dtype).reshape(raters.shape)
-    rater_mean = per_anomaly / raters
-    rater_variance = (per_anomaly_sq.div_(raters) - rater_mean.square_()).clamp_min_(0.0)
-    interior = tuple(slice(1, -1) for _ in range(dims))
-    index = target_index[(slice(None), *interior)] + tensor(image_index * voxels).reshape(
-        raters.shape
+    outside = np.flatnonzero(((source_first < 0) | (source_first + window > shape)).any(axis=1))
+    if outside.size:
+        widest = tuple(int(w) for w in window.max(axis=0))
+        edge_index = box_flat_index(
+            spatial_shape, tensor(source_first[outside]), widest, clamp=True
+        ) + tensor(source_image[outside] * math.prod(spatial_shape)).view(view)
+        edge_windows = images.reshape(-1).take(edge_index)
+    strength = tensor(params.blend_strength[plan.blend_order], dtype)
+    # Where each rater's window interior starts in its group's stack of box
+    # interiors (a window's interior starts at window_start there).
+    rhs_start = plan.blend_position
+    for axis in range(dims):
+        rhs_start = rhs_start * blend_interior[:, axis] + plan.window_start[:, axis]
+    rhs_start = tensor(rhs_start)
+    blend_local = tensor(plan.blend_local)
+    # Per anomaly (in plan order): raters, all blends of its image, first
+    # voxel of its box interior.
+    anomalies = plan.anomaly_order
+    raters = tensor(params.rater_count[anomalies], dtype)
+    blends_per_image = np.maximum(params.blends_per_image, 1)
+    total = tensor(blends_per_image[params.anomaly_image[anomalies]], dtype)
+    interior_first = tensor(
+        _flat_start(spatial_shape, params.anomaly_image[anomalies], plan.box_start[anomalies] + 1)
     )
-    return index, per_anomaly.div_(total), rater_variance.mul_((raters / total).square_())
+
+    rater_masks = _RaterMasks(params, plan, device, dtype)
+
+    sizes = [
+        (g.anomalies.stop - g.anomalies.start) * math.prod(g.interior_shape) for g in plan.groups
+    ]
+    index = torch.empty(sum(sizes), dtype=torch.long, device=device)
+    box_change = images.new_zeros(sum(sizes))
+    box_variance = images.new_empty(sum(sizes))
+    position = 0
+    for group, size in zip(plan.groups, sizes):
+        a, blends = group.anomalies, group.blends
+        interior = group.interior_shape
+        per_anomaly = box_change[position : position + size].view(-1, *interior)
+        masks = rater_masks(group)
+        # Each rater's window of its target and of its strength-scaled source.
+        # One index per window: see window_view.
+        targets = window_view(images.reshape(-1), spatial_shape, group.window_shape)
+        targets = targets.index_select(0, target_start[blends])
+        scaled = window_view(images.reshape(-1), spatial_shape, group.window_shape)
+        scaled = scaled.index_select(0, source_start[blends])
+        first, last = np.searchsorted(outside, [blends.start, blends.stop])
+        if last > first:
+            cut = (slice(first, last), *(slice(0, w) for w in group.window_shape))
+            scaled.index_copy_(0, tensor(outside[first:last] - blends.start), edge_windows[cut])
+        scaled.mul_(strength[blends].view(view))
+        # On a window's interior this is, bit for bit, the right-hand side of
+        # the whole box (see guidance_divergence); outside the window that is
+        # +-0, as no edge there touches the mask.
+        rhs = guidance_divergence(targets, scaled, masks, dims, config.mix_gradients)
+        if rhs.shape[1:] != interior:
+            # Back into whole box interiors, zero outside the windows. Adding
+            # +0 instead of -0 changes no sum in the solve (at most the sign of
+            # a zero result), so the solution is the whole box's.
+            window_rhs = rhs
+            rhs = window_rhs.new_zeros((window_rhs.shape[0], *interior))
+            window_view(rhs.view(-1), interior, tuple(window_rhs.shape[1:])).index_copy_(
+                0, rhs_start[blends], window_rhs
+            )
+        blend_change = solve_dirichlet_poisson(rhs, dims)  # (n, *interior)
+        # Per anomaly: sum and sum of squares over its raters (in blend order).
+        per_anomaly.index_add_(0, blend_local[blends], blend_change)
+        per_anomaly_sq = torch.zeros_like(per_anomaly)
+        per_anomaly_sq.index_add_(0, blend_local[blends], blend_change.mul_(blend_change))
+        group_raters, group_total = raters[a].view(view), total[a].view(view)
+        rater_mean = per_anomaly / group_raters
+        rater_variance = per_anomaly_sq.div_(group_raters).sub_(rater_mean.square_())
+        torch.mul(
+            rater_variance.clamp_min_(0.0),
+            (group_raters / group_total).square_(),
+            out=box_variance[position : position + size].view(-1, *interior),
+        )
+        per_anomaly.div_(group_total)
+        torch.add(
+            interior_first[a].view(view),
+            _box_pattern(spatial_shape, interior, str(device)),
+            out=index[position : position + size].view(-1, *interior),
+        )
+        position += size
+    return index, box_change, box_variance
 
 
-def _rater_masks(
-    params: SynthesisParams,
-    box_shape: tuple[int, ...],
-    blend_rows: np.ndarray,
-    offset: np.ndarray,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Rater masks ``(n, *box)`` as 0/1 floats: ellipsoids inside the patch, in box coordinates.
+class _RaterMasks:
+    """Rater masks of a batch as 0/1 floats: ellipsoids inside the patch, per window.
 
-    Box coordinates are separable, so the quadratic form is assembled from
-    per-axis broadcasts instead of a dense ``(n, *box, D)`` grid.
+    ``masks(group)`` gives ``(n, *window)`` for the raters of a group. Window
+    coordinates are separable, so the quadratic form is a sum of per-axis
+    factors (``Q_ii c_i^2`` of shape ``(n, K_i)``) and, for rotated
+    ellipsoids, products ``(2 Q_ij c_i) * c_j``; only these sums and the test
+    are window-sized. The factors of all raters are made at once in NumPy
+    (one array per term, as wide as the widest window), where the small
+    operations cost a fraction of a torch call each; NumPy and torch round
+    the same IEEE operations alike. The form is evaluated in float64 for
+    float64 images and in float32 otherwise (the precision that
+    :func:`_mask_bounds` allows for). A voxel's coordinates relative to the
+    patch are the same small integers in any window, so it gets the value it
+    has in a mask over the whole box.
     """
-    dims = len(box_shape)
 
-    def tensor(array: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(array), device=device, dtype=dtype)
+    def __init__(
+        self, params: SynthesisParams, plan: _BlendPlan, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.dtype, self.device = dtype, device
+        np_precision = np.float64 if dtype == torch.float64 else np.float32
+        rows = plan.blend_order
+        anomaly = params.blend_anomaly[rows]
+        patch_size = params.patch_size[anomaly]
+        patch_offset = plan.patch_offset[anomaly] - plan.window_start  # patch start in window
+        centre = params.blend_centre[rows].astype(np_precision)
+        form = params.blend_inverse_shape[rows]
+        widest = np.max([group.window_shape for group in plan.groups], axis=0)
+        # Outside the patch a coordinate is +inf: every term that holds it is
+        # then +inf or NaN (never -inf, as the diagonal of the form is
+        # positive), so the test fails there without a separate "inside the
+        # patch" mask; inside the patch nothing changes.
+        centred = []
+        for axis, size in enumerate(widest):
+            relative = np.arange(size) - patch_offset[:, axis : axis + 1]  # exact integers
+            inside = (relative >= 0) & (relative < patch_size[:, axis : axis + 1])
+            coordinate = relative.astype(np_precision) - centre[:, axis : axis + 1]
+            centred.append(np.where(inside, coordinate, np.inf).astype(np_precision))
 
-    # Per-blend patch geometry, indexed in NumPy (cheaper than in torch).
-    blend_anomaly = params.blend_anomaly[blend_rows]
-    patch_offset = tensor(offset[blend_anomaly])
-    patch_size = tensor(params.patch_size[blend_anomaly])
-    centre = tensor(params.blend_centre[blend_rows])
-    form = params.blend_inverse_shape[blend_rows]
-    # Outside the patch a coordinate is set to +inf: every term that holds it
-    # is then +inf or NaN (never -inf, as the diagonal of the form is
-    # positive), so the test below fails there without a separate full-size
-    # "inside the patch" mask; inside the patch nothing changes.
-    centred = []
-    for axis, n in enumerate(box_shape):
-        view = [-1] + [1] * dims
-        view[1 + axis] = n
-        relative = torch.arange(n, device=device, dtype=dtype) - patch_offset[:, axis : axis + 1]
-        inside = (relative >= 0) & (relative < patch_size[:, axis : axis + 1])
-        coordinate = (relative - centre[:, axis : axis + 1]).masked_fill_(~inside, float("inf"))
-        centred.append(coordinate.reshape(view))
-    quadratic = None
-    form_view = (-1, *([1] * dims))
-    for i in range(dims):
-        for j in range(i, dims):
-            if i != j and not form[:, i, j].any():
-                # Axis-aligned masks (discs, balls): the cross term is +-0 and
-                # adding it changes no bit, so it is skipped (two full passes).
-                continue
-            weight = tensor(form[:, i, j]).reshape(form_view) * (1.0 if i == j else 2.0)
-            term = weight * centred[i] * centred[j]
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(array, device=device)
+
+        # (i, j, factor of axis i, factor of axis j or None), in the order in
+        # which the terms of the form are summed.
+        self.terms = []
+        dims = len(widest)
+        with np.errstate(invalid="ignore"):  # 0 * inf is NaN, which fails the test as well
+            for i in range(dims):
+                for j in range(i, dims):
+                    if i != j and not form[:, i, j].any():
+                        # Axis-aligned masks (discs, balls): the cross term is
+                        # +-0 and adding it changes no bit, so it is skipped.
+                        continue
+                    weight = form[:, i, j, None].astype(np_precision) * (1.0 if i == j else 2.0)
+                    if i == j:
+                        self.terms.append((i, j, tensor(weight * centred[i] * centred[i]), None))
+                    else:
+                        self.terms.append((i, j, tensor(weight * centred[i]), tensor(centred[j])))
+
+    def __call__(self, group: _BlendGroup) -> torch.Tensor:
+        window = group.window_shape
+        dims = len(window)
+
+        def factor(values: torch.Tensor, axis: int) -> torch.Tensor:
+            view = [-1] + [1] * dims
+            view[1 + axis] = window[axis]
+            return values[group.blends, : window[axis]].reshape(view)
+
+        quadratic = None
+        for i, j, first, second in self.terms:
+            term = factor(first, i) if second is None else factor(first, i) * factor(second, j)
             quadratic = term if quadratic is None else quadratic + term
-    # Written as 0/1 floats directly: a bool mask and its conversion cost
-    # several times as much on CPUs.
-    return torch.le(quadratic, 1.0, out=torch.empty_like(quadratic))
+        # Written as 0/1 floats directly: a bool mask and its conversion cost
+        # several times as much on CPUs.
+        out = torch.empty(quadratic.shape, dtype=self.dtype, device=self.device)
+        return torch.le(quadratic, 1.0, out=out)
 
 
 def _validate_images(images: torch.Tensor) -> None:
