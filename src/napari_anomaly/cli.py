@@ -325,15 +325,12 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
     if len(images) != len(masks):
         raise CommandError(f"{len(images)} images but {len(masks)} masks; give one mask per image")
     pairs = []
+    from napari_anomaly.io.masks import read_mask_for
+
     for image_path, mask_path in zip(images, masks):
         image = _read(image_path)
-        mask = _read(mask_path, scan=False)
-        if mask.array.shape != image.array.shape:
-            raise CommandError(
-                f"mask {mask_path} has shape {mask.array.shape}, "
-                f"image {image_path} has {image.array.shape}"
-            )
-        pairs.append((image, mask.array > 0.5))
+        # Same shape and grid, finite, non-zero = marked (io.masks).
+        pairs.append((image, read_mask_for(image, mask_path, image_path)))
     return pairs
 
 
