@@ -341,3 +341,23 @@ def test_review_config_defaults_round_trip_and_validation():
         ReviewConfig(min_region_size=-1)
     with pytest.raises(ValueError, match="edit_weight"):
         ReviewConfig(edit_weight=0.0)
+
+
+@pytest.mark.parametrize("shape", [(37, 41), (9, 23, 19), (1, 30, 30), (30, 1)])
+@pytest.mark.parametrize("density", [0.01, 0.04, 0.3])
+def test_region_labels_match_ndimage_label_for_sparse_and_dense_masks(shape, density):
+    from scipy import ndimage as ndi
+
+    from napari_anomaly.review import _components
+
+    rng = np.random.default_rng(int(density * 1000) + len(shape))
+    for _ in range(5):
+        mask = rng.random(shape) < density
+        flat, labels, count = _components(mask)
+        expected, expected_count = ndi.label(
+            mask, structure=ndi.generate_binary_structure(mask.ndim, mask.ndim)
+        )
+        assert count == expected_count
+        assert np.array_equal(flat, np.flatnonzero(mask))
+        # Same components and the same numbering (raster order of first voxels).
+        assert np.array_equal(labels, expected.reshape(-1)[flat])

@@ -27,6 +27,7 @@ maps and the mask made from it: renaming a layer keeps its case.
 Keyboard shortcuts (viewer-wide, while the widget is open):
 
 ``Shift-N``  select the next region in the table and centre on it
+``Shift-P``  select the previous region in the table and centre on it
 ``Shift-A``  accept the selected region (it stays whatever the threshold)
 ``Shift-R``  reject the selected region (erased whatever the threshold)
 ``Shift-M``  mark the case reviewed (its mask is final)
@@ -69,17 +70,24 @@ from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_warning
 from qtpy.QtCore import QEvent, QItemSelectionModel, QObject, Qt, QTimer
 from qtpy.QtGui import QKeySequence, QShortcut
-from qtpy.QtWidgets import QApplication, QFrame, QScrollArea, QSizePolicy, QStyle
+from qtpy.QtWidgets import (
+    QApplication,
+    QFrame,
+    QScrollArea,
+    QSizePolicy,
+    QStyle,
+    QStyledItemDelegate,
+)
 
 from napari_anomaly._layers import (
     CASE_ID_KEY,
     ROLE_KEY,
-    contrast_limits_for,
     geometry_from_layer,
     layer_kwargs_from_geometry,
 )
 from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
 from napari_anomaly.devices import DEVICE_CHOICES, resolve_device
+from napari_anomaly.display import WINDOW_KEY, WINDOWS_KEY, display_windows
 from napari_anomaly.domain import check_domain
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser, default_model_path
@@ -119,6 +127,12 @@ AUTOSAVE_DELAY_MS = 500
 OUTPUT_ROLES = ("anomaly_map", "confidence_map")
 #: The layers made for a case: role -> name suffix (``"<image> anomaly"``...).
 DERIVED_SUFFIXES = {"anomaly_map": "anomaly", "confidence_map": "confidence", "mask": "mask"}
+
+#: The threshold slider re-thresholds this long after it last moved: a drag runs one
+#: re-threshold when it settles instead of queueing one per step.
+THRESHOLD_SETTLE_MS = 150
+#: Rows the region table shows without scrolling.
+REGION_TABLE_ROWS = 12
 
 UNDO_KEYS = "Ctrl+Z"
 REDO_KEYS = "Ctrl+Shift+Z"
@@ -207,6 +221,7 @@ class AnomalyReviewWidget(Container):
         self._closed = False
         self._key_bindings: dict[str, Any] = {}
         self._mask_handlers: dict[int, tuple[Any, Any, Any]] = {}  # id(layer) -> handlers
+        self._pending_threshold: str | None = None  # case id the slider moved for
 
         review = ReviewConfig()
         # --- resume an autosaved review (shown only when there is one)
@@ -242,6 +257,10 @@ class AnomalyReviewWidget(Container):
         self.calibrate_button = PushButton(text="Threshold from normal scans")
         # --- localise
         self.image_layer = ComboBox(label="Image", choices=self._image_layer_names)
+        # The display windows the reader stored with the scan (CT: soft tissue, lung...).
+        # Computed choices: napari's reset_choices (layers added...) re-reads them.
+        self.display_window = ComboBox(label="Window", choices=self._window_names)
+        self.display_window.tooltip = "Display window (contrast limits) of the scan shown."
         self.flips = CheckBox(text="Average over mirrored views (steadier, 4x slower)", value=False)
         self.localise_button = PushButton(text="Localise")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -306,6 +325,7 @@ class AnomalyReviewWidget(Container):
                 self.max_false_regions,
                 self.calibrate_button,
                 self.image_layer,
+                self.display_window,
                 self.flips,
                 _row(self.localise_button, self.cancel_button),
                 self.threshold,
@@ -338,7 +358,7 @@ class AnomalyReviewWidget(Container):
         scroll.setWidget(self._form.native)
         layout.insertWidget(index, scroll, 1)
         self._scroll = scroll
-        self.regions.native.setMinimumHeight(180)
+        self._size_region_table()
         header = self.regions.native.horizontalHeader()
         header.setSectionResizeMode(header.ResizeMode.ResizeToContents)
         header.setStretchLastSection(True)
@@ -349,6 +369,10 @@ class AnomalyReviewWidget(Container):
         compared.verticalHeader().setVisible(False)
         compared.setEditTriggers(compared.EditTrigger.NoEditTriggers)
         self.regions.native.setEditTriggers(compared.EditTrigger.NoEditTriggers)
+        # magicgui's delegate re-formats every number it draws (4 decimals, 5.000e-02
+        # below 0.1): show the cells exactly as formatted here (scores with 2 decimals).
+        for table in (self.regions.native, compared):
+            table.setItemDelegate(QStyledItemDelegate(table))
         self.normal_scans.native.setMaximumHeight(64)
         self.normal_scans.tooltip = (
             "Scans without findings: the threshold is chosen so that they show at most "
@@ -358,7 +382,12 @@ class AnomalyReviewWidget(Container):
             label.native.setWordWrap(True)
             # The full width, and as many lines as the text needs: nothing is cut off.
             label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
-        for hidden in (self.resume_banner, self.comparison_caption, self.comparison):
+        for hidden in (
+            self.resume_banner,
+            self.comparison_caption,
+            self.comparison,
+            self.display_window,
+        ):
             hidden.visible = False
         self.regions.native.setSelectionBehavior(self.regions.native.SelectionBehavior.SelectRows)
         # Wide enough for every control (with the labels wrapping): only vertical scrolling.
@@ -368,7 +397,12 @@ class AnomalyReviewWidget(Container):
         self.localise_button.changed.connect(lambda: self.localise())
         self.cancel_button.changed.connect(self.cancel)
         self.image_layer.changed.connect(self._on_image_switched)
-        self.threshold.changed.connect(self._on_settings_changed)
+        self.threshold.changed.connect(self._on_threshold_moved)
+        self._threshold_timer = QTimer(self.native)
+        self._threshold_timer.setSingleShot(True)
+        self._threshold_timer.setInterval(THRESHOLD_SETTLE_MS)
+        self._threshold_timer.timeout.connect(self._apply_pending_threshold)
+        self.display_window.changed.connect(self._on_window_chosen)
         self.min_region_size.changed.connect(self._on_settings_changed)
         self.min_region_mm.changed.connect(self._on_settings_changed)
         self.accept_button.changed.connect(lambda: self.accept_selected_region())
@@ -482,6 +516,7 @@ class AnomalyReviewWidget(Container):
     def _bind_keys(self) -> None:
         bindings = {
             "Shift-N": lambda viewer: self.select_next_region(),
+            "Shift-P": lambda viewer: self.select_previous_region(),
             "Shift-A": lambda viewer: self.accept_selected_region(),
             "Shift-R": lambda viewer: self.reject_selected_region(),
             "Shift-M": lambda viewer: self.mark_reviewed(),
@@ -498,6 +533,13 @@ class AnomalyReviewWidget(Container):
         ):
             shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
             shortcut.activated.connect(action)
+
+    def _size_region_table(self) -> None:
+        """Tall enough for REGION_TABLE_ROWS rows, header and frame included."""
+        table = self.regions.native
+        rows = table.verticalHeader().defaultSectionSize() * REGION_TABLE_ROWS
+        header = table.horizontalHeader().sizeHint().height()
+        table.setMinimumHeight(rows + header + 2 * table.frameWidth())
 
     def _say(self, message: str, error: bool = False) -> None:
         self.status.value = message
@@ -621,9 +663,45 @@ class AnomalyReviewWidget(Container):
             self.viewer.layers.selection.active = mask
 
     def _on_image_chosen(self, *_: Any) -> None:
+        # A slider move not applied yet belongs to the case shown until now.
+        self._flush_threshold()
         layer = self._shown_layer()
         self._shown_ref = weakref.ref(layer) if layer is not None else None
+        self._refresh_window()
         self._render_shown_case()
+
+    def _shown_windows(self) -> dict[str, Any]:
+        layer = self._shown_layer()
+        return dict((layer.metadata or {}).get(WINDOWS_KEY) or {}) if layer is not None else {}
+
+    def _window_names(self, *_: Any) -> list[str]:
+        return list(self._shown_windows())
+
+    def _refresh_window(self) -> None:
+        """Offer the display windows the reader stored with the shown scan (none: hidden)."""
+        layer = self._shown_layer()
+        metadata = (layer.metadata or {}) if layer is not None else {}
+        windows = self._shown_windows()
+        with self.display_window.changed.blocked():
+            self.display_window.reset_choices()
+            if windows:
+                limits = tuple(float(v) for v in layer.contrast_limits)
+                shown = [n for n, w in windows.items() if np.allclose(limits, w)]
+                opened = metadata.get(WINDOW_KEY)
+                fallback = opened if opened in windows else next(iter(windows))
+                self.display_window.value = shown[0] if shown else fallback
+        self.display_window.visible = bool(windows)
+        self.display_window.enabled = bool(windows)
+
+    def _on_window_chosen(self, name: str | None) -> None:
+        layer = self._shown_layer()
+        windows = (layer.metadata or {}).get(WINDOWS_KEY) or {} if layer is not None else {}
+        if name in windows:
+            lo, hi = (float(v) for v in windows[name])
+            # The range first: a CT window (lung) may reach beyond the values in the scan.
+            low, high = layer.contrast_limits_range
+            layer.contrast_limits_range = (min(low, lo), max(high, hi))
+            layer.contrast_limits = (lo, hi)
 
     def _case_summary(self, case: Case) -> str:
         warning = self.domain_warnings.get(case.case_id)
@@ -700,6 +778,10 @@ class AnomalyReviewWidget(Container):
             self._say(f"{self._session.cases[case_id].name}: {note}")
 
     # ------------------------------------------------------------------ jobs
+    def _on_aborted(self, label: str) -> None:
+        self.progress.value = 0
+        self._say(f"{label} cancelled; nothing changed.")
+
     def _start(self, job: Job, label: str, on_done) -> None:
         self._set_running(True)
         self.progress.value = 0
@@ -711,7 +793,7 @@ class AnomalyReviewWidget(Container):
         worker.returned.connect(self._on_returned)
         worker.returned.connect(on_done)
         worker.errored.connect(self._on_error)
-        worker.aborted.connect(lambda: self._say(f"{label} cancelled; nothing changed."))
+        worker.aborted.connect(lambda: self._on_aborted(label))
         worker.finished.connect(self._on_finished)
         self._worker = worker
         worker.start()
@@ -747,6 +829,7 @@ class AnomalyReviewWidget(Container):
         self.progress.value = 100
 
     def _on_error(self, error: Exception) -> None:
+        self.progress.value = 0
         self._say(f"Error: {error}", error=True)
 
     def _on_finished(self) -> None:
@@ -803,6 +886,7 @@ class AnomalyReviewWidget(Container):
         history; a reviewed case is refused (reopen it first). With
         ``wait=True`` returns when the job has ended.
         """
+        self._flush_threshold()
         if self.busy:
             self._say("A job is running; cancel it or wait.", error=True)
             return
@@ -839,6 +923,7 @@ class AnomalyReviewWidget(Container):
         shown = self._shown_case()
         if shown is not None and shown.case_id == case.case_id:
             self._render_shown_case()
+            self.select_region(0)  # the view jumps to the top-ranked region
         else:
             self._render_shown_case(f"({case.name} localised.)")
 
@@ -1015,6 +1100,7 @@ class AnomalyReviewWidget(Container):
 
         One undo step. A reviewed case is left as approved (the status line says so).
         """
+        self._flush_threshold()
         with self.threshold.changed.blocked(), self.min_region_size.changed.blocked():
             self.threshold.value = threshold
             if min_region_size is not None:
@@ -1025,7 +1111,37 @@ class AnomalyReviewWidget(Container):
         # A slider drag or a number being typed is one undo step.
         self._apply_settings(merge=True)
 
+    def _on_threshold_moved(self, *_: Any) -> None:
+        """The slider moved: re-threshold once it has settled (a drag queues no work)."""
+        case = self._shown_case()
+        if case is None or case.reviewed:
+            self._apply_settings(merge=True)  # nothing to compute: say so at once
+            return
+        self._pending_threshold = case.case_id
+        self._threshold_timer.start()  # restarts while the drag goes on
+
+    @property
+    def threshold_pending(self) -> bool:
+        """Whether a slider move waits for the slider to settle before it is applied."""
+        return self._pending_threshold is not None
+
+    def _flush_threshold(self) -> None:
+        """Apply a slider move still waiting for the slider to settle, now."""
+        if self._pending_threshold is not None:
+            self._apply_pending_threshold()
+
+    def _apply_pending_threshold(self) -> None:
+        case_id = self._pending_threshold
+        shown = self._shown_case()
+        if case_id is not None and shown is not None and shown.case_id == case_id:
+            self._apply_settings(merge=True)
+        self._pending_threshold = None
+
     def _apply_settings(self, merge: bool) -> None:
+        # The slider's value is read here: a move waiting to settle is applied with it.
+        self._pending_threshold = None
+        with suppress(RuntimeError):  # the Qt timer went with the widget
+            self._threshold_timer.stop()
         case = self._shown_case()
         if case is None:
             return
@@ -1059,7 +1175,16 @@ class AnomalyReviewWidget(Container):
                 for r in self._regions
             ],
         }
-        self.regions.value = rows
+        # Hundreds of rows, one cell at a time: without repaints and without magicgui's
+        # per-cell change signal this takes milliseconds instead of a tenth of a second.
+        table = self.regions.native
+        table.setUpdatesEnabled(False)
+        blocked = table.blockSignals(True)
+        try:
+            self.regions.value = rows
+        finally:
+            table.blockSignals(blocked)
+            table.setUpdatesEnabled(True)
 
     def selected_region(self) -> Region | None:
         """The region selected in the table (of the shown case), if any."""
@@ -1082,12 +1207,21 @@ class AnomalyReviewWidget(Container):
         self._centre_on(self._regions[row])
 
     def select_next_region(self) -> None:
+        """Select the next row of the region table (after the last: the first)."""
+        self._step_region(1)
+
+    def select_previous_region(self) -> None:
+        """Select the previous row of the region table (before the first: the last)."""
+        self._step_region(-1)
+
+    def _step_region(self, step: int) -> None:
+        if not self._regions:
+            return
         current = self.selected_region()
-        row = (
-            0
-            if current is None
-            else (self._regions.index(current) + 1) % max(1, len(self._regions))
-        )
+        if current is None:
+            row = 0 if step > 0 else len(self._regions) - 1
+        else:
+            row = (self._regions.index(current) + step) % len(self._regions)
         self.select_region(row)
 
     def _on_region_selected(self) -> None:
@@ -1116,6 +1250,7 @@ class AnomalyReviewWidget(Container):
         self._edit_selected_region(accept=False)
 
     def _edit_selected_region(self, accept: bool) -> None:
+        self._flush_threshold()
         case = self._shown_case()
         region = self.selected_region()
         if case is None or region is None or self._table_case != case.case_id:
@@ -1143,6 +1278,7 @@ class AnomalyReviewWidget(Container):
         afterwards, and :meth:`export` writes exactly this mask. Undo, or
         *Reopen for editing*, opens it again.
         """
+        self._flush_threshold()
         case = self._shown_case()
         if case is None:
             self._say("Localise the image first.")
@@ -1180,6 +1316,7 @@ class AnomalyReviewWidget(Container):
         self._step_history(False)
 
     def _step_history(self, undo: bool, case_id: str | None = None) -> None:
+        self._flush_threshold()  # a drag just made is the last action
         if case_id is None:
             case = self._shown_case()
             case_id = case.case_id if case is not None else None
@@ -1201,6 +1338,7 @@ class AnomalyReviewWidget(Container):
         When it ends, the open cases not yet reviewed are localised again with
         the new version (keeping every edit); reviewed cases stay as approved.
         """
+        self._flush_threshold()
         if self.busy:
             self._say("A job is running; cancel it or wait.", error=True)
             return
@@ -1312,6 +1450,7 @@ class AnomalyReviewWidget(Container):
         layer (not the anomaly and confidence maps); the result becomes a new
         model version, which :meth:`revert` undoes.
         """
+        self._flush_threshold()
         if self.busy:
             self._say("A job is running; cancel it or wait.", error=True)
             return
@@ -1356,6 +1495,7 @@ class AnomalyReviewWidget(Container):
         model stored when it was calibrated (its own calibration scans); an
         uncalibrated model needs normal scans. Reviewed cases never change.
         """
+        self._flush_threshold()
         if self.busy:
             self._say("A job is running; cancel it or wait.", error=True)
             return
@@ -1506,6 +1646,7 @@ class AnomalyReviewWidget(Container):
         the anomaly map) in the scan's format and geometry with a JSON sidecar.
         Raises ``FileExistsError`` rather than overwrite without ``overwrite``.
         """
+        self._flush_threshold()
         target = self.case(case)
         if target is None:
             raise ValueError("nothing to export: localise the image first")
@@ -1597,6 +1738,7 @@ class AnomalyReviewWidget(Container):
         Returns the manifest's path (``None`` when it could not be written;
         the status line says why). :meth:`load_session` reads it back.
         """
+        self._flush_threshold()
         session = self.session
         for case_id in list(session.cases):
             self._sync_edits(case_id)
@@ -1727,12 +1869,16 @@ class AnomalyReviewWidget(Container):
                 None,
             )
             if layer is None:
-                metadata = {CASE_ID_KEY: case.case_id}
+                # The reader's windows (CT keeps its HU windows, soft tissue first).
+                windows = display_windows(case.image)
+                metadata = {CASE_ID_KEY: case.case_id, **windows}
                 if case.source_path:
                     metadata["source_path"] = case.source_path
                 kwargs = layer_kwargs_from_geometry(case.geometry, case.name, metadata=metadata)
                 layer = self.viewer.add_image(
-                    case.image, contrast_limits=contrast_limits_for(case.image), **kwargs
+                    case.image,
+                    contrast_limits=windows[WINDOWS_KEY][windows[WINDOW_KEY]],
+                    **kwargs,
                 )
             self._case_layers[case.case_id] = weakref.ref(layer)
             if layer.name != case.name:  # renamed while the widget was closed
@@ -1748,6 +1894,7 @@ class AnomalyReviewWidget(Container):
             if first is not None:
                 self.image_layer.value = first.name
         reviewed = sum(1 for c in session.cases.values() if c.reviewed)
+        self._refresh_window()
         self._render_shown_case(
             f"(Review resumed: {len(session.cases)} case(s), {reviewed} reviewed; model "
             f"{session.localiser.name}.)"
@@ -1822,6 +1969,8 @@ class AnomalyReviewWidget(Container):
 
     def _on_hidden(self) -> None:
         if not self._closed:
+            with suppress(RuntimeError):  # the Qt widgets may be going
+                self._flush_threshold()
             self.flush_autosave()
 
     def _on_parent_changed(self) -> None:
@@ -1842,9 +1991,13 @@ class AnomalyReviewWidget(Container):
         """
         if self._closed:
             return
+        with suppress(RuntimeError):  # the Qt widgets may be gone already
+            self._flush_threshold()
+        self._pending_threshold = None
         self._closed = True
         with suppress(RuntimeError):  # the Qt timer went with the widget
             self._autosave_timer.stop()
+            self._threshold_timer.stop()
         if self._worker is not None:
             self._worker.quit()
         self.flush_autosave()

@@ -1,0 +1,206 @@
+"""Benchmark: what one threshold change costs in the review (``ReviewSession.threshold``).
+
+A move of the threshold slider re-thresholds the shown case (the anomaly map with the
+reviewer's edits and the minimum region size, :func:`napari_anomaly.review.rethreshold`)
+and lists its regions for the table (:func:`napari_anomaly.review.find_regions`). This
+times both on a 256^3 float32 anomaly map, for a drag of the slider over a range of
+thresholds, with the current code ("after") and with a copy of the code before the
+speed-up ("before": ``review.py`` at commit 6821235, read with ``git show``, which labels
+the whole volume twice and filters sizes on the whole label image; "after" labels the box
+around the thresholded voxels), interleaved so that both see the same machine load. The
+widget runs this once the slider settles (150 ms after the last move), so the figure to
+compare with the 200 ms a reviewer accepts is the median per threshold change.
+
+The map: smooth background scores (0.05-0.35) with a few hundred specks of a few voxels
+near the threshold range (the noise a min region size drops) and 12 lesion-like blobs of
+1 000 - 30 000 voxels peaking at 0.6-0.95; a few voxels painted and a region erased.
+
+With ``--widget`` (needs a display: ``xvfb-run -a``) it also times the whole threshold
+change in the dock widget, as the slider's settle timer runs it: re-threshold, regions,
+the mask layer, the region table and the status line updated, and the canvas repainted
+(``AnomalyReviewWidget.set_threshold`` + processing the Qt events), on the same map.
+
+    python benchmarks/bench_rethreshold.py [--size 256] [--repeats 3] [--widget]
+
+Writes ``benchmarks/results/rethreshold.json`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+from _machine import environment, write_report
+from scipy import ndimage as ndi
+
+from napari_anomaly.review import MaskEdits, find_regions, rethreshold
+
+BEFORE: types.ModuleType
+
+
+def anomaly_map(size: int, seed: int = 0) -> np.ndarray:
+    """A 256^3-like float32 map in [0, 1]: smooth background, specks and blobs."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((size // 8,) * 3).astype(np.float32)
+    background = ndi.zoom(ndi.gaussian_filter(coarse, 1.0), 8, order=1)
+    background = 0.05 + 0.3 * (background - background.min()) / np.ptp(background)
+    scores = background.astype(np.float32)
+    # Specks: a few voxels near the threshold range, scattered.
+    for _ in range(400):
+        z, y, x = rng.integers(2, size - 2, 3)
+        scores[z - 1 : z + 1, y - 1 : y + 2, x : x + 2] = rng.uniform(0.35, 0.7)
+    # Blobs: lesion-like, a peak fading to the rim.
+    grid = np.arange(-20, 21, dtype=np.float32)
+    for _ in range(12):
+        radius = rng.uniform(6, 19)
+        peak = rng.uniform(0.6, 0.95)
+        centre = rng.integers(24, size - 24, 3)
+        zz, yy, xx = np.meshgrid(grid, grid, grid, indexing="ij", sparse=True)
+        blob = peak * np.exp(-(zz**2 + yy**2 + xx**2) / (2 * (radius / 2) ** 2))
+        box = tuple(slice(c - 20, c + 21) for c in centre)
+        scores[box] = np.maximum(scores[box], blob.astype(np.float32))
+    return np.clip(scores, 0.0, 1.0)
+
+
+#: The commit whose ``review.py`` is "before" (it labelled the whole volume, twice).
+BEFORE_COMMIT = "6821235ed90f84d1cb9cf0ec6061b74e876a85f0"
+
+
+def review_before() -> types.ModuleType:
+    """``napari_anomaly.review`` as it was at :data:`BEFORE_COMMIT` (read with ``git show``)."""
+    source = subprocess.run(
+        ["git", "show", f"{BEFORE_COMMIT}:src/napari_anomaly/review.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    module = types.ModuleType("review_before")
+    module.__dict__["__name__"] = "review_before"
+    sys.modules["review_before"] = module  # dataclasses look their module up
+    exec(compile(source, "review_before.py", "exec"), module.__dict__)
+    return module
+
+
+def _change_before(scores, threshold, edits, min_size):
+    old = BEFORE
+    old_edits = old.MaskEdits(edits.added, edits.erased)
+    mask = old.rethreshold(scores, threshold, old_edits, min_size)
+    return mask, old.find_regions(mask, scores, scores, rank_by="mass")
+
+
+def _change_after(scores, threshold, edits, min_size):
+    mask = rethreshold(scores, threshold, edits, min_size)
+    return mask, find_regions(mask, scores, scores, rank_by="mass")
+
+
+def widget_ms(scores: np.ndarray, thresholds: list[float], repeats: int) -> list[float]:
+    """Milliseconds per threshold change in the dock widget (see the module docstring)."""
+    import os
+    import tempfile
+
+    import napari
+    import torch
+    from qtpy.QtWidgets import QApplication
+
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.model import AnomalyNet, NetworkConfig
+
+    os.environ["NAPARI_ANOMALY_SESSIONS"] = tempfile.mkdtemp(prefix="bench_rethreshold_")
+    torch.manual_seed(0)  # the network is never run: the maps are given
+    network = AnomalyNet(NetworkConfig(spatial_dims=2, channels=(8, 16), strides=(2,)))
+    localiser = Localiser(network.eval(), metadata={"recommended_threshold": 0.5})
+    viewer = napari.Viewer(show=True)
+    widget = AnomalyReviewWidget(viewer, localiser=localiser)
+    viewer.window.add_dock_widget(widget)
+    layer = viewer.add_image(scores, name="volume")
+    widget.image_layer.value = "volume"
+    case_id = widget._case_id_of(layer, create=True)
+    widget._on_localised(widget.session.add_case(case_id, scores, scores, scores, name="volume"))
+    QApplication.processEvents()
+    times = []
+    for _ in range(repeats):
+        for threshold in thresholds:
+            started = time.perf_counter()
+            widget.set_threshold(threshold)
+            QApplication.processEvents()
+            times.append(1000 * (time.perf_counter() - started))
+    widget._on_closed()
+    viewer.close()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-region-size", type=int, default=10)
+    parser.add_argument("--widget", action="store_true", help="also time the dock widget")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/rethreshold.json"))
+    args = parser.parse_args()
+
+    global BEFORE
+    BEFORE = review_before()
+    scores = anomaly_map(args.size)
+    edits = MaskEdits.empty(scores.shape)
+    added = np.zeros(scores.shape, dtype=bool)
+    added[10:13, 10:13, 10:13] = True  # a small painted finding
+    erased = np.zeros(scores.shape, dtype=bool)
+    first_blob = rethreshold(scores, 0.5, edits, args.min_region_size)
+    labels, _ = ndi.label(first_blob)
+    erased[labels == 1] = True  # a rejected region
+    edits = MaskEdits(added & ~erased, erased)
+    thresholds = [round(t, 2) for t in np.arange(0.30, 0.71, 0.05)]
+    variants = {"before": _change_before, "after": _change_after}
+
+    # Same answer from both.
+    for t in thresholds:
+        a_mask, a_regions = _change_before(scores, t, edits, args.min_region_size)
+        b_mask, b_regions = _change_after(scores, t, edits, args.min_region_size)
+        assert np.array_equal(a_mask, b_mask), t
+        assert [r.to_dict() for r in a_regions] == [r.to_dict() for r in b_regions], t
+
+    ms: dict[str, list[float]] = {name: [] for name in variants}
+    regions_at: dict[float, int] = {}
+    for _ in range(args.repeats):
+        for t in thresholds:
+            for name, change in variants.items():
+                started = time.perf_counter()
+                _, regions = change(scores, t, edits, args.min_region_size)
+                ms[name].append(1000 * (time.perf_counter() - started))
+                regions_at[t] = len(regions)
+    medians = {name: statistics.median(values) for name, values in ms.items()}
+    report = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "map": f"float32 {scores.shape}, synthetic (see the script's docstring)",
+        "what": "rethreshold + find_regions (with a confidence map) per threshold change",
+        "thresholds": thresholds,
+        "regions_at_threshold": {str(t): n for t, n in regions_at.items()},
+        "min_region_size": args.min_region_size,
+        "median_ms_per_threshold_change": {k: round(v, 1) for k, v in medians.items()},
+        "max_ms": {k: round(max(v), 1) for k, v in ms.items()},
+        "speed_up": round(medians["before"] / medians["after"], 2),
+    }
+    if args.widget:
+        shown = widget_ms(scores, thresholds, args.repeats)
+        report["widget_median_ms_per_threshold_change"] = round(statistics.median(shown), 1)
+        report["widget_max_ms"] = round(max(shown), 1)
+        print(f"widget: median {statistics.median(shown):.0f} ms per threshold change")
+    report |= {
+        "environment": environment("cpu"),
+    }
+    print(
+        f"median per threshold change: before {medians['before']:.0f} ms, "
+        f"after {medians['after']:.0f} ms ({report['speed_up']:.1f}x)"
+    )
+    write_report(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
