@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from napari_anomaly.calibration import postprocess_map
-from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
 from napari_anomaly.devices import resolve_device
+from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.preprocess import preprocess, validate_image
 from napari_anomaly.progress import Job, Progress
