@@ -77,8 +77,19 @@ def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geome
         assert loaded.array.shape == (12, 40, 40)
         np.testing.assert_allclose(loaded.geometry.spacing, GEOMETRY.spacing, rtol=1e-6)
         np.testing.assert_allclose(loaded.geometry.origin, GEOMETRY.origin, rtol=1e-6)
+    # The sidecar records what the mask is: the model's own threshold (none was given)
+    # applied to the written map, small regions dropped, and the model it came from.
+    from napari_anomaly.review import threshold_map
+
     sidecar = json.loads((out / "normal0_mask.json").read_text())
-    assert len(sidecar["model_sha256"]) == 64 and 0 <= sidecar["threshold"] <= 1
+    trained = Localiser.load(model)
+    assert sidecar["model_sha256"] == trained.sha256
+    assert sidecar["threshold"] == trained.recommended_threshold
+    anomaly = read_image(out / "normal0_anomaly.nii.gz").array
+    np.testing.assert_array_equal(
+        threshold_map(anomaly, sidecar["threshold"], sidecar["min_region_voxels"]), mask
+    )
+    assert sidecar["marked_voxels"] == mask.sum() and sidecar["regions"] == len(rows) - 1
     # Running again must not overwrite silently.
     assert (
         main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"])
@@ -130,7 +141,7 @@ def test_localise_with_flips_records_them_and_changes_the_map(model, normals, tm
     assert json.loads((tmp_path / "plain" / "normal0_mask.json").read_text())["flips"] is False
 
 
-def test_finetune_and_evaluate(model, normals, tmp_path):
+def test_finetune_and_evaluate(model, normals, tmp_path, capsys):
     mask = np.zeros((12, 40, 40), dtype=np.uint8)
     mask[5:8, 15:22, 15:22] = 1
     mask_path = tmp_path / "normal0_mask.nii.gz"
@@ -143,6 +154,7 @@ def test_finetune_and_evaluate(model, normals, tmp_path):
     parent, tuned = Localiser.load(model), Localiser.load(child)
     assert tuned.metadata["parent_sha256"] == parent.sha256
     report_path = tmp_path / "report.json"
+    capsys.readouterr()
     eval_args = [
         "evaluate",
         "--images",
@@ -156,10 +168,28 @@ def test_finetune_and_evaluate(model, normals, tmp_path):
         main([*eval_args, "--model", str(child), "--json", str(report_path), "--device", "cpu"])
         == 0
     )
+    table = capsys.readouterr().out
     report = json.loads(report_path.read_text())
+    # The report is the evaluation of the very maps `localise` writes with that model, at
+    # the model's own threshold, and the table printed says the same.
+    from napari_anomaly.metrics import evaluate_cases
+
+    maps = tmp_path / "maps"
+    localise = ["localise", normals[0], normals[1], "--out", str(maps), "--model", str(child)]
+    assert main([*localise, "--device", "cpu"]) == 0
+    expected = evaluate_cases(
+        [read_image(maps / "normal0_anomaly.nii.gz").array],
+        [mask > 0],
+        tuned.recommended_threshold,
+        normal_maps=[read_image(maps / "normal1_anomaly.nii.gz").array],
+    )
+    assert report["threshold"] == tuned.recommended_threshold
+    assert report["model_sha256"] == tuned.sha256
     for key in ("pixel_ap", "pixel_auroc", "dice", "region_recall", "sample_auroc"):
-        assert key in report
-    assert 0 <= report["pixel_ap"] <= 1
+        assert report[key] == pytest.approx(getattr(expected, key), abs=1e-6), key
+    assert report["regions_total"] == 1 and report["normal_case_count"] == 1
+    printed = {line[:20].strip(): line.split()[-1] for line in table.splitlines()}
+    assert printed["pixel AP"] == f"{report['pixel_ap']:.4f}"
 
 
 def test_finetuning_a_calibrated_model_keeps_its_score_scale(model, normals, tmp_path, capsys):
@@ -255,6 +285,34 @@ def test_localise_refuses_negative_region_limits_before_any_work(
     code = main(["localise", normals[0], "--out", str(out), "--model", str(model), *option])
     assert code == 2
     err = capsys.readouterr().err
-    assert option[0] in err or "max_false_regions" in err or "calibrate" in err
+    assert err.startswith(f"error: {option[0]} must be >= 0")  # names what to change
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resume"], "--resume continues from a checkpoint"),
+        (["--checkpoint", "{out}"], "--checkpoint and --out are the same file"),
+        (["--checkpoint", "{previous}"], "pass --resume to continue from it"),
+        (["--checkpoint", "{previous}", "--resume"], "previous_run.safetensors"),
+        (["--out", "{folder}/model.pt"], "model files end in .safetensors"),
+        (["--checkpoint", "{folder}/run.ckpt"], "checkpoint files end in .safetensors"),
+    ],
+)
+def test_train_refuses_arguments_it_cannot_honour_before_the_first_step(
+    normals, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "model.safetensors"
+    previous = tmp_path / "previous_run.safetensors"
+    previous.write_bytes(b"a checkpoint of another run, or anything else")
+    names = {"out": out, "previous": previous, "folder": tmp_path}
+    extra = [arg.format(**names) for arg in extra]
+    args = ["train", *normals, "--out", str(out), "--steps", "2", "--batch-size", "2"]
+    code = main([*args, "--patch-size", "32", "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1  # no progress line: no step ran
+    assert not out.exists() and not (tmp_path / "model.pt").exists()
+    assert previous.read_bytes() == b"a checkpoint of another run, or anything else"

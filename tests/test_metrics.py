@@ -163,7 +163,7 @@ def test_region_recall_by_hand(shape):
     prediction[lead + (slice(4, 5), slice(4, 5))] = True  # one voxel of region 1
     prediction[lead + (slice(22, 30), slice(22, 30))] = True  # overlaps region 3
     prediction[lead + (slice(14, 16), slice(2, 4))] = True  # a false positive only
-    recall, detected, total = region_recall(prediction, truth, spacing=(1.0,) * len(shape))
+    recall, detected, total = region_recall(prediction, truth)
     assert (detected, total) == (2, 3)
     assert recall == pytest.approx(2 / 3)
 

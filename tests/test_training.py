@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import TINY_NETWORK_2D, TINY_NETWORK_3D, phantom
 
+from napari_anomaly.io import read_model_metadata
 from napari_anomaly.progress import Progress, run_to_end
 from napari_anomaly.training import FinetuneConfig, TrainConfig, finetune, train
 
@@ -80,11 +81,35 @@ def test_resume_continues_from_the_checkpoint(images_2d, tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_cancelled_training_writes_no_model(images_2d, tmp_path):
-    job = train(images_2d, TrainConfig(steps=50, **TINY), network=TINY_NETWORK_2D)
-    next(job)
+@pytest.mark.parametrize(("cancel_after", "left"), [(1, []), (3, ["run.safetensors"])])
+def test_cancelled_training_leaves_only_its_last_complete_checkpoint(
+    images_2d, tmp_path, monkeypatch, cancel_after, left
+):
+    """Cancel in the middle of training: no model and no temporary file anywhere; the
+    checkpoint written every 2 steps is there (complete, at step 2) once one was due."""
+    monkeypatch.chdir(tmp_path)  # a stray file in the working folder would show here too
+    checkpoint = tmp_path / "run.safetensors"
+    config = TrainConfig(steps=50, checkpoint_every=2, **TINY)
+    job = train(images_2d, config, network=TINY_NETWORK_2D, checkpoint_path=checkpoint)
+    steps = 0
+    for report in job:
+        steps += report.message == "training"
+        if steps == cancel_after:
+            break
     job.close()  # what Cancel does
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    if left:
+        metadata = read_model_metadata(checkpoint)
+        assert (metadata["kind"], metadata["step"]) == ("training-checkpoint", 2)
+
+
+@pytest.mark.parametrize(("dims", "largest"), [(2, 4096), (3, 256)])
+def test_a_patch_too_large_for_a_model_file_is_refused_before_training(dims, largest):
+    """The model file's reader refuses patches over 2^24 voxels: training must not spend
+    hours on a model that could then not be loaded."""
+    TrainConfig(spatial_dims=dims, patch_size=largest)
+    with pytest.raises(ValueError, match=f"patch_size must be at most {largest}"):
+        TrainConfig(spatial_dims=dims, patch_size=largest + 8)
 
 
 def test_finetune_makes_a_child_and_leaves_the_parent_untouched(images_2d, tmp_path):

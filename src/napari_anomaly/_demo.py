@@ -33,7 +33,7 @@ def run_demo(screenshot: str | None = None, device: str = "auto") -> int:
     widget.select_region(0)
     path = Path(screenshot)
     path.parent.mkdir(parents=True, exist_ok=True)
-    viewer.window._qt_window.resize(1400, 900)
+    viewer.window.resize(1400, 900)
     widget.wait(1)
     viewer.screenshot(str(path), canvas_only=False)
     print(f"wrote {path}")

@@ -118,13 +118,15 @@ def postprocess_map(
     spacing: Sequence[float] | None,
     config: PostprocessConfig,
     plane_axis: int | None = None,
+    *,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Smooth an anomaly map and fade it out at the foreground's edge.
 
     Parameters
     ----------
     anomaly_map
-        float32 ``(Y, X)`` or ``(Z, Y, X)`` scores; not modified.
+        float32 ``(Y, X)`` or ``(Z, Y, X)`` scores; not modified (unless it is ``out``).
     foreground
         bool, same shape.
     spacing
@@ -135,30 +137,75 @@ def postprocess_map(
         For a 3D map from a 2D network, the axis it walked along: the edge
         distance is measured within each plane across it, as the network saw
         it. ``None`` measures it in all axes.
+    out
+        C-contiguous float32 array of the same shape to write into; it may be
+        ``anomaly_map`` itself, which then needs no second map's worth of memory.
 
     Returns
     -------
     numpy.ndarray of float32, same shape, in [0, 1]
-        A new array.
+        ``out``, or a new array.
+
+    Notes
+    -----
+    Memory: besides the map, a plane (or a slab of at most 2^23 voxels) of the
+    edge distances at a time, never a float64 volume.
     """
     scores = np.asarray(anomaly_map, dtype=np.float32)
     step = _spacing(spacing, scores.ndim)
-    out = scores.copy()
+    if out is None:
+        out = scores.copy()
+    elif out is not scores:
+        np.copyto(out, scores)
     if config.smooth_mm > 0:
-        out = ndi.gaussian_filter(out, sigma=config.smooth_mm / step, mode="nearest")
+        # In place: the 1D passes work line by line through a buffer.
+        ndi.gaussian_filter(out, sigma=config.smooth_mm / step, mode="nearest", output=out)
     if config.edge_margin_mm > 0:
-        inside = np.asarray(foreground, dtype=bool)
-        if plane_axis is None or scores.ndim == 2:
-            distance = ndi.distance_transform_edt(inside, sampling=step)
-        else:
-            planes = np.moveaxis(inside, plane_axis, 0)
-            in_plane = np.delete(step, plane_axis)
-            distance = np.stack(
-                [ndi.distance_transform_edt(p, sampling=in_plane) for p in planes]
-            )
-            distance = np.moveaxis(distance, 0, plane_axis)
-        out *= np.clip(distance / config.edge_margin_mm, 0.0, 1.0).astype(np.float32)
+        _fade_at_edges(out, np.asarray(foreground, dtype=bool), step, config, plane_axis)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+# Voxels per slab of a volume's edge distances (float64 plus SciPy's index arrays).
+_EDGE_SLAB_VOXELS = 1 << 23
+
+
+def _edge_ramp(distance: np.ndarray, margin_mm: float) -> np.ndarray:
+    return np.clip(distance / margin_mm, 0.0, 1.0).astype(np.float32)
+
+
+def _fade_at_edges(
+    out: np.ndarray,
+    inside: np.ndarray,
+    step: np.ndarray,
+    config: PostprocessConfig,
+    plane_axis: int | None,
+) -> None:
+    """``out *= clip(distance to the background / margin, 0, 1)``, a plane or a slab at a
+    time (SciPy's distance transform needs float64 and index arrays of its input's size)."""
+    margin = config.edge_margin_mm
+    if out.ndim == 3 and plane_axis is not None:
+        in_plane = np.delete(step, plane_axis)
+        planes = zip(np.moveaxis(out, plane_axis, 0), np.moveaxis(inside, plane_axis, 0))
+        for plane, region in planes:
+            plane *= _edge_ramp(ndi.distance_transform_edt(region, sampling=in_plane), margin)
+        return
+    if out.ndim == 2 or not (~inside).any():
+        # Small, or no background at all (then SciPy measures from outside the first
+        # row, which a slab would see differently): the whole at once, as ever.
+        out *= _edge_ramp(ndi.distance_transform_edt(inside, sampling=step), margin)
+        return
+    # Slabs along axis 0 with a halo of the margin: a voxel's nearest background
+    # within the margin lies inside its slab's halo, and a farther one gives 1 anyway.
+    halo = int(np.ceil(margin / step[0])) + 1
+    depth = max(1, _EDGE_SLAB_VOXELS // max(1, out[0].size))
+    for start in range(0, out.shape[0], depth):
+        stop = min(out.shape[0], start + depth)
+        low, high = max(0, start - halo), min(out.shape[0], stop + halo)
+        region = inside[low:high]
+        if region.all():
+            continue  # no background within the margin: the ramp is 1
+        distance = ndi.distance_transform_edt(region, sampling=step)
+        out[start:stop] *= _edge_ramp(distance[start - low : stop - low], margin)
 
 
 @dataclass(frozen=True)
@@ -189,10 +236,18 @@ class ScoreCalibration:
         if raw[0] < 0 or raw[-1] > 1 or cal[0] < 0 or cal[-1] > 1:
             raise ValueError("calibration knots must lie in [0, 1]")
 
-    def apply(self, raw_map: np.ndarray) -> np.ndarray:
-        """The calibrated map (float32, a new array)."""
+    def apply(self, raw_map: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The calibrated map (float32): a new array, or ``out`` (C-contiguous float32 of
+        the same shape, which may be ``raw_map`` itself). Works in chunks, so no float64
+        copy of the map is made."""
         values = np.asarray(raw_map, dtype=np.float32)
-        return np.interp(values, self.raw, self.calibrated).astype(np.float32)
+        out = np.empty(values.shape, dtype=np.float32) if out is None else out
+        flat_in, flat_out = values.reshape(-1), out.reshape(-1)
+        chunk = 1 << 18  # np.interp works in float64: 4 MB at a time
+        for start in range(0, flat_in.size, chunk):
+            part = slice(start, start + chunk)
+            flat_out[part] = np.interp(flat_in[part], self.raw, self.calibrated)
+        return out
 
     def invert(self, calibrated_score: float) -> float:
         """The raw score that maps to ``calibrated_score`` (lowest one on flats)."""

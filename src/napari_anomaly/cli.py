@@ -10,20 +10,27 @@
 
 Without ``--model`` the bundled default model is used. Nothing is ever
 overwritten unless ``--overwrite`` is given; every file is written atomically.
+
+Outputs are checked before any work: none may exist (also not as a dangling
+link), the folder must be writable and hold the estimated size. One scan's
+outputs are a set that is written completely or not at all; after an error or
+Ctrl-C the message says which complete sets were written, and a later run
+clears what a killed run left behind (see docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
+# Only the standard library at import time: Ctrl-C during start-up lands in main(),
+# which reports it in one line, and ``--help`` answers at once.
 from napari_anomaly.progress import Job, Progress, run_to_end
 
 __all__ = ["main"]
@@ -33,6 +40,36 @@ THRESHOLD_HELP = "anomaly-score threshold in [0, 1]; default: the model's calibr
 
 class CommandError(Exception):
     """A refusal the user can act on (printed without a traceback, exit code 2)."""
+
+
+class _Written:
+    """What this run has put on disk, so that the message after an error or Ctrl-C is true.
+
+    Every entry is complete (a model file, one scan's whole set of outputs): a set
+    that was being written when the run stopped is never on disk.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, list[Path]]] = []
+        self.started = time.time()
+
+    def add(self, label: str, files: Sequence[Path]) -> None:
+        self.entries.append((label, list(files)))
+
+    def summary(self) -> str:
+        if not self.entries:
+            return "nothing was written"
+        files = [f for _, group in self.entries for f in group]
+        folders = sorted({str(f.parent) for f in files})
+        if len(files) <= 8:
+            listed = ", ".join(f.name for f in files)
+        else:
+            listed = "; ".join(f"{label} ({len(group)} files)" for label, group in self.entries)
+        sets = ", ".join(label for label, _ in self.entries)
+        return (
+            f"complete results were written for {sets} ({listed} in {', '.join(folders)}); "
+            "nothing else was written"
+        )
 
 
 class _ProgressPrinter:
@@ -75,7 +112,8 @@ def _run(job: Job, label: str):
     return run_to_end(job, _ProgressPrinter(label))
 
 
-def _load_model(path: str | None, device: str):
+def _load_model(path: str | None):
+    """The model file (on the CPU; inference moves a copy to ``--device``)."""
     from napari_anomaly.localiser import Localiser, default_model_path
 
     model_path = Path(path) if path else default_model_path()
@@ -92,29 +130,125 @@ def _read(path: str, scan: bool = True):
     return read_image(path, scan=scan)
 
 
-def _model_out(path: str, overwrite: bool) -> Path:
+def _prepare_folder(
+    folder: Path,
+    targets: Sequence[Path],
+    args: argparse.Namespace,
+    needed_bytes: int = 0,
+) -> None:
+    """Before any work: clear what killed runs left in ``folder``, then check that the
+    targets can be written there (none exists, no dangling link in the way, the folder
+    is writable and has room for ``needed_bytes``)."""
+    from napari_anomaly.io import check_output_folder, clear_leftovers
+
+    cleared = clear_leftovers(folder, started=args.written.started)
+    if cleared:
+        names = ", ".join(p.name for p in cleared[:4]) + (" ..." if len(cleared) > 4 else "")
+        print(
+            f"note: cleared {len(cleared)} leftover(s) of an interrupted earlier run "
+            f"from {folder}: {names}",
+            file=sys.stderr,
+        )
+    check_output_folder(folder, targets, overwrite=args.overwrite, needed_bytes=needed_bytes)
+
+
+def _model_bytes(localiser=None, spatial_dims: int = 2) -> int:
+    """Size of a model file: its weights as float32 (plus the JSON header's worth)."""
+    if localiser is not None:
+        weights = sum(p.numel() for p in localiser.network.parameters())
+    else:
+        import torch
+
+        from napari_anomaly.model import AnomalyNet, NetworkConfig
+
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            network = AnomalyNet(NetworkConfig(spatial_dims=spatial_dims))
+        weights = sum(p.numel() for p in network.parameters())
+    return 4 * weights + 1024 * 1024
+
+
+def _model_out(args: argparse.Namespace, needed_bytes: int = 0) -> Path:
     """The model file a command will write, checked before any work: a ``.safetensors``
-    name, not there yet (unless ``--overwrite``), in an existing writable folder."""
-    out = Path(path)
+    name, not there yet (unless ``--overwrite``), in an existing writable folder with
+    room for it."""
+    out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CommandError(f"{out}: model files end in .safetensors")
     if out.is_dir():
         raise CommandError(f"{out} is a folder; give the model file to write")
-    if out.exists() and not overwrite:
-        raise CommandError(f"{out} exists; pass --overwrite to replace it")
     folder = out.parent
     if not folder.is_dir():
         raise CommandError(f"cannot write {out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CommandError(f"cannot write {out}: folder {folder} is not writable")
+    _prepare_folder(folder, [out], args, needed_bytes)
     return out
+
+
+def _save_model(localiser, out: Path, args: argparse.Namespace) -> str:
+    sha = localiser.save(out, overwrite=args.overwrite)
+    args.written.add(out.name, [out])
+    return sha
+
+
+def _checkpoint(args: argparse.Namespace, out: Path, model_bytes: int) -> Path | None:
+    """The ``--checkpoint`` file, checked with ``--resume`` before the first step."""
+    from napari_anomaly.io import read_model_metadata
+
+    if args.checkpoint is None:
+        if args.resume:
+            raise CommandError(
+                "--resume continues from a checkpoint: give it with --checkpoint RUN.safetensors"
+            )
+        return None
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.suffix != ".safetensors":
+        raise CommandError(f"{checkpoint}: checkpoint files end in .safetensors")
+    if checkpoint.absolute() == out.absolute() or (
+        checkpoint.exists() and out.exists() and os.path.samefile(checkpoint, out)
+    ):
+        raise CommandError(
+            f"--checkpoint and --out are the same file ({out}); the checkpoint is the state "
+            "of a run, the model its result: give two names"
+        )
+    if checkpoint.is_dir():
+        raise CommandError(f"{checkpoint} is a folder; give the checkpoint file")
+    if args.resume:
+        if not checkpoint.exists():
+            raise CommandError(
+                f"--resume: {checkpoint} does not exist; leave out --resume to start a new run"
+            )
+        if read_model_metadata(checkpoint).get("kind") != "training-checkpoint":
+            raise CommandError(f"--resume: {checkpoint} is not a training checkpoint")
+    elif os.path.lexists(checkpoint) and not args.overwrite:
+        raise CommandError(
+            f"{checkpoint} exists; pass --resume to continue from it, or --overwrite to start "
+            "a new run that replaces it"
+        )
+    folder = checkpoint.parent
+    if not folder.is_dir():
+        raise CommandError(f"cannot write {checkpoint}: folder {folder} does not exist")
+    # The weights and the optimiser's two moments.
+    _prepare_folder(folder, [], args, needed_bytes=3 * model_bytes)
+    return checkpoint
+
+
+def _note_checkpoint(checkpoint: Path | None, args: argparse.Namespace) -> None:
+    """After an error or Ctrl-C: say that the checkpoint is there to resume from."""
+    from napari_anomaly.io import read_model_metadata
+
+    if checkpoint is None or not checkpoint.exists():
+        return
+    try:
+        step = read_model_metadata(checkpoint).get("step", "?")
+    except (OSError, ValueError):
+        return
+    if checkpoint.stat().st_mtime >= args.written.started:
+        args.written.add(f"the checkpoint at step {step} (continue with --resume)", [checkpoint])
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from napari_anomaly.training import TrainConfig, train
 
-    out = _model_out(args.out, args.overwrite)
-    images = [_read(p).array for p in args.normal]
+    # Every argument is checked before anything is read or trained.
     config = TrainConfig(
         spatial_dims=args.dims,
         steps=args.steps,
@@ -123,26 +257,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
     )
+    model_bytes = _model_bytes(spatial_dims=args.dims)
+    out = _model_out(args, model_bytes)
+    checkpoint = _checkpoint(args, out, model_bytes)
+    images = [_read(p).array for p in args.normal]
     description = ", ".join(Path(p).name for p in args.normal)
-    localiser = _run(
-        train(
-            images,
-            config,
-            checkpoint_path=args.checkpoint,
-            resume=args.resume,
-            data_description=description,
-        ),
-        "train",
-    )
-    sha = localiser.save(out, overwrite=args.overwrite)
+    try:
+        localiser = _run(
+            train(
+                images,
+                config,
+                checkpoint_path=checkpoint,
+                resume=args.resume,
+                data_description=description,
+            ),
+            "train",
+        )
+    except BaseException:
+        _note_checkpoint(checkpoint, args)
+        raise
+    sha = _save_model(localiser, out, args)
     print(f"wrote {out} (sha256 {sha[:12]})")
     return 0
 
 
-def _localise_one(localiser, path: str, args: argparse.Namespace):
+def _localise_one(localiser, path: str, args: argparse.Namespace, loaded=None):
     from napari_anomaly.inference import InferenceConfig, localise
 
-    loaded = _read(path)
+    loaded = _read(path) if loaded is None else loaded
     domain = _check_domain(localiser, path, loaded.array)
     config = InferenceConfig(device=args.device, slice_axis=args.slice_axis, flips=args.flips)
     result = _run(
@@ -152,7 +294,7 @@ def _localise_one(localiser, path: str, args: argparse.Namespace):
     return loaded, result, domain
 
 
-def _check_domain(localiser, path: str, image: np.ndarray) -> dict:
+def _check_domain(localiser, path: str, image) -> dict:
     """Warn on stderr (before localising) when the scan is unlike the training data."""
     from napari_anomaly.domain import check_domain
 
@@ -162,73 +304,70 @@ def _check_domain(localiser, path: str, image: np.ndarray) -> dict:
     return report.to_dict()
 
 
-def _localise_targets(paths: Sequence[str], out_dir: Path, overwrite: bool) -> list[dict]:
-    """The files each input will produce, checked before anything runs: none may exist
-    (unless ``overwrite``) and no two inputs may produce the same file."""
-    from napari_anomaly.io import output_path_like
+_MAP_KINDS = ("anomaly", "confidence", "mask", "regions")
+# Bytes per voxel of one scan's outputs, uncompressed: two float32 maps, the uint8 mask
+# and the rank image (up to uint32).
+_LOCALISE_BYTES_PER_VOXEL = 4 + 4 + 1 + 4
 
-    plans, owner, existing = [], {}, []
+
+def _localise_targets(paths: Sequence[str], out_dir: Path) -> list[dict]:
+    """The files each input will produce (named by :mod:`napari_anomaly.io.names`); no two
+    inputs may produce the same file, and no output may replace an input."""
+    from napari_anomaly.io import companion_path, data_files, sidecar_path
+
+    inputs = {Path(p).absolute(): p for p in paths}
+    plans, owner = [], {}
     for path in paths:
-        targets = {
-            kind: out_dir / output_path_like(path, f"_{kind}").name
-            for kind in ("anomaly", "confidence", "mask", "regions")
-        }
-        targets["sidecar"] = targets["mask"].with_name(targets["mask"].name.split(".")[0] + ".json")
-        targets["regions_csv"] = targets["regions"].with_name(
-            targets["regions"].name.split(".")[0] + ".csv"
-        )
-        for target in targets.values():
+        targets = {kind: companion_path(path, f"_{kind}", out_dir=out_dir) for kind in _MAP_KINDS}
+        targets["regions_csv"] = companion_path(path, "_regions", ".csv", out_dir=out_dir)
+        targets["sidecar"] = sidecar_path(targets["mask"])  # written last: the set is complete
+        files = list(targets.values())
+        files += [extra for kind in _MAP_KINDS for extra in data_files(targets[kind])]
+        for target in files:
             if target in owner:
                 raise CommandError(
                     f"{owner[target]} and {path} would both write {target}; "
                     "localise them into different --out folders"
                 )
+            if target.absolute() in inputs:
+                raise CommandError(f"{path} would overwrite the input {target}; choose --out")
             owner[target] = path
-            if target.exists():
-                existing.append(str(target))
-        plans.append({"path": path, **targets})
-    if existing and not overwrite:
-        raise CommandError(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
+        plans.append({"path": path, "files": files, **targets})
     return plans
 
 
-def _cmd_localise(args: argparse.Namespace) -> int:
-    from napari_anomaly.io import atomic_write_text, write_image
+def _write_localisation(plan: dict, out_dir: Path, args, loaded, result, localiser, threshold):
+    """Write one scan's outputs as one set (all or none); returns the files and a summary."""
+    import numpy as np
+
+    from napari_anomaly import io
     from napari_anomaly.review import find_regions, min_voxels, regions_csv, threshold_map
 
-    _check_region_limits(args)
-    localiser = _load_model(args.model, args.device)
-    threshold = _threshold(args, localiser)
-    out_dir = Path(args.out)
-    plans = _localise_targets(args.images, out_dir, args.overwrite)
-    for plan in plans:
-        path = plan["path"]
-        loaded, result, domain = _localise_one(localiser, path, args)
-        spacing = loaded.geometry.spacing
-        min_size = min_voxels(args.min_region_size, args.min_region_mm, spacing)
-        mask = threshold_map(result.anomaly_map, threshold, min_size)
-        regions, ranks = find_regions(
-            mask,
-            result.anomaly_map,
-            result.confidence_map,
-            spacing=spacing,
-            origin=loaded.geometry.origin,
-            rank_by=args.rank_by,
-            return_labels=True,
-        )
-        # The folder is made only once there is something to put in it.
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_image(plan["anomaly"], result.anomaly_map, loaded.geometry, overwrite=args.overwrite)
-        write_image(
-            plan["confidence"], result.confidence_map, loaded.geometry, overwrite=args.overwrite
-        )
-        write_image(plan["mask"], mask.astype(np.uint8), loaded.geometry, overwrite=args.overwrite)
-        write_image(plan["regions"], _rank_image(ranks), loaded.geometry, overwrite=args.overwrite)
-        atomic_write_text(
-            plan["regions_csv"], regions_csv(regions, spacing), overwrite=args.overwrite
-        )
+    path = plan["path"]
+    spacing = loaded.geometry.spacing
+    min_size = min_voxels(args.min_region_size, args.min_region_mm, spacing)
+    mask = threshold_map(result.anomaly_map, threshold, min_size)
+    regions, ranks = find_regions(
+        mask,
+        result.anomaly_map,
+        result.confidence_map,
+        spacing=spacing,
+        origin=loaded.geometry.origin,
+        rank_by=args.rank_by,
+        return_labels=True,
+    )
+    marked = int(np.count_nonzero(mask))
+    with io.OutputSet(out_dir, overwrite=args.overwrite) as outputs:
+        io.write_image(outputs.stage(plan["anomaly"]), result.anomaly_map, loaded.geometry)
+        io.write_image(outputs.stage(plan["confidence"]), result.confidence_map, loaded.geometry)
+        io.write_image(outputs.stage(plan["mask"]), mask.view(np.uint8), loaded.geometry)
+        del mask
+        io.write_image(outputs.stage(plan["regions"]), _rank_image(ranks), loaded.geometry)
+        del ranks
+        io.atomic_write_text(outputs.stage(plan["regions_csv"]), regions_csv(regions, spacing))
         provenance = {
             "image": str(Path(path).resolve()),
+            "outputs": [p.name for p in plan["files"]],
             "model": localiser.name,
             "model_sha256": localiser.sha256,
             "threshold": threshold,
@@ -238,19 +377,42 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             "rank_by": args.rank_by,
             "regions": len(regions),
             "flips": args.flips,
-            "marked_voxels": int(mask.sum()),
+            "marked_voxels": marked,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "geometry": loaded.geometry.to_dict(),
-            "domain_check": domain,
+            "domain_check": plan["domain"],
         }
-        atomic_write_text(
-            plan["sidecar"], json.dumps(provenance, indent=2), overwrite=args.overwrite
+        io.atomic_write_text(outputs.stage(plan["sidecar"]), json.dumps(provenance, indent=2))
+        written = outputs.commit(last=plan["sidecar"])
+    return written, len(regions), marked
+
+
+def _cmd_localise(args: argparse.Namespace) -> int:
+    from napari_anomaly.io import check_output_folder
+
+    _check_region_limits(args)
+    out_dir = Path(args.out)
+    plans = _localise_targets(args.images, out_dir)
+    _prepare_folder(out_dir, [f for plan in plans for f in plan["files"]], args)
+    localiser = _load_model(args.model)
+    threshold = _threshold(args, localiser)
+    for plan in plans:
+        path = plan["path"]
+        loaded = _read(path)
+        # Room for this scan's outputs, before its work (a full disk refuses it here).
+        needed = loaded.array.size * _LOCALISE_BYTES_PER_VOXEL + 1024 * 1024
+        check_output_folder(out_dir, overwrite=args.overwrite, needed_bytes=needed)
+        loaded, result, plan["domain"] = _localise_one(localiser, path, args, loaded)
+        written, regions, marked = _write_localisation(
+            plan, out_dir, args, loaded, result, localiser, threshold
         )
+        args.written.add(Path(path).name, written)
         print(
             f"{Path(path).name}: max score {result.anomaly_map.max():.3f}, "
-            f"{len(regions)} region(s), {int(mask.sum())} voxels marked at threshold "
+            f"{regions} region(s), {marked} voxels marked at threshold "
             f"{threshold:.2f} -> {plan['mask']}, table {plan['regions_csv'].name}"
         )
+        del loaded, result
     return 0
 
 
@@ -258,15 +420,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from napari_anomaly.calibration import calibrate
     from napari_anomaly.inference import InferenceConfig
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise CommandError(f"--out must end in .safetensors, got {out.name}")
-    if out.exists() and not args.overwrite:
-        raise CommandError(f"{out} exists; pass --overwrite to replace it")
     if not args.max_false_regions >= 0:
         raise CommandError(f"--max-false-regions must be >= 0, got {args.max_false_regions}")
     _check_region_limits(args)
-    localiser = _load_model(args.model, args.device)
+    localiser = _load_model(args.model)
+    out = _model_out(args, _model_bytes(localiser))
     loaded = [_read(p) for p in args.normals]
     calibrated = _run(
         calibrate(
@@ -281,7 +439,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         ),
         "calibrate",
     )
-    sha = calibrated.save(out, overwrite=args.overwrite)
+    sha = _save_model(calibrated, out, args)
     curve = calibrated.metadata["calibration"]["false_regions"]
     at = curve["thresholds"].index(calibrated.recommended_threshold)
     print(
@@ -293,15 +451,20 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _check_region_limits(args: argparse.Namespace) -> None:
-    """Refuse negative minimum region sizes before anything runs."""
+    """Refuse negative minimum region sizes and false-region budgets before anything runs."""
+    budget = getattr(args, "max_false_regions", None)
+    if budget is not None and not budget >= 0:
+        raise CommandError(f"--max-false-regions must be >= 0, got {budget}")
     if args.min_region_size < 0:
         raise CommandError(f"--min-region-size must be >= 0, got {args.min_region_size}")
-    if not (np.isfinite(args.min_region_mm) and args.min_region_mm >= 0):
+    if not (math.isfinite(args.min_region_mm) and args.min_region_mm >= 0):
         raise CommandError(f"--min-region-mm must be >= 0, got {args.min_region_mm}")
 
 
-def _rank_image(ranks: np.ndarray) -> np.ndarray:
+def _rank_image(ranks):
     """The rank label image in the smallest integer type that holds every rank."""
+    import numpy as np
+
     top = int(ranks.max()) if ranks.size else 0
     return ranks.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
 
@@ -334,7 +497,7 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
     return pairs
 
 
-def _predict_all(localiser, images, args) -> list[np.ndarray]:
+def _predict_all(localiser, images, args) -> list:
     from napari_anomaly.inference import InferenceConfig, localise
 
     config = InferenceConfig(device=args.device, flips=args.flips)
@@ -351,8 +514,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from napari_anomaly.metrics import evaluate_cases
     from napari_anomaly.training import FinetuneConfig, finetune
 
-    out = _model_out(args.out, args.overwrite)
-    localiser = _load_model(args.model, args.device)
+    localiser = _load_model(args.model)
+    out = _model_out(args, _model_bytes(localiser))
     pairs = _read_case_pairs(args.images, args.masks)
     images = [p[0] for p in pairs]
     masks = [p[1] for p in pairs]
@@ -374,7 +537,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         "corrected_cases_ap_before": before.pixel_ap,
         "corrected_cases_ap_after": after.pixel_ap,
     }
-    sha = tuned.save(out, overwrite=args.overwrite)
+    sha = _save_model(tuned, out, args)
     print(
         f"on the corrected cases: pixel AP {before.pixel_ap:.4f} -> {after.pixel_ap:.4f}, "
         f"Dice {before.dice:.4f} -> {after.dice:.4f}"
@@ -392,9 +555,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from napari_anomaly.training import AdaptConfig, adapt
 
-    out = _model_out(args.out, args.overwrite)
     config = AdaptConfig(steps=args.steps, device=args.device, seed=args.seed)
-    parent = _load_model(args.model, args.device)
+    parent = _load_model(args.model)
+    out = _model_out(args, _model_bytes(parent))
     # Every input is read here and checked by adapt() before the first step.
     loaded = [_read(p) for p in args.images]
     names = [Path(p).name for p in args.images]
@@ -408,7 +571,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         ),
         "adapt",
     )
-    adapted.save(out, overwrite=args.overwrite)
+    _save_model(adapted, out, args)
     print(adapted.card())
     return 0
 
@@ -417,7 +580,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from napari_anomaly.io import atomic_write_text
     from napari_anomaly.metrics import evaluate_cases
 
-    localiser = _load_model(args.model, args.device)
+    report_path = Path(args.json) if args.json else None
+    if report_path is not None:  # checked before the evaluation, not after it
+        _prepare_folder(report_path.parent, [report_path], args, needed_bytes=1024 * 1024)
+    localiser = _load_model(args.model)
     pairs = _read_case_pairs(args.images, args.masks)
     maps = _predict_all(localiser, [p[0] for p in pairs], args)
     normal_maps = None
@@ -426,18 +592,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     threshold = _threshold(args, localiser)
     report = evaluate_cases(maps, [p[1] for p in pairs], threshold, normal_maps=normal_maps)
     print(report.format_table())
-    if args.json:
+    if report_path is not None:
         data = report.to_dict()
         data.update(model=localiser.name, model_sha256=localiser.sha256, threshold=threshold)
-        atomic_write_text(args.json, json.dumps(data, indent=2), overwrite=args.overwrite)
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(report_path, json.dumps(data, indent=2), overwrite=args.overwrite)
+        args.written.add(report_path.name, [report_path])
     return 0
 
 
 def _cmd_synthesise(args: argparse.Namespace) -> int:
     from napari_anomaly.synthesis_files import synthesise_files
 
+    _prepare_folder(Path(args.out), [], args)  # leftovers; the job checks its own files
     written = _run(
-        synthesise_files(args.normal, args.out, n=args.n, seed=args.seed, overwrite=args.overwrite),
+        synthesise_files(
+            args.normal,
+            args.out,
+            n=args.n,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            on_written=lambda label, files: args.written.add(label, files),
+        ),
         "synthesise",
     )
     print(f"wrote {len(written)} files to {args.out}")
@@ -584,17 +760,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that refuse a command before it writes anything: one line says it all.
+_REFUSALS = (
+    CommandError,
+    ValueError,
+    FileExistsError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def _is_refusal(error: BaseException) -> bool:
+    if isinstance(error, _REFUSALS):
+        return True
+    # An output folder refused by the checks before any work (not writable, too full).
+    atomic = sys.modules.get("napari_anomaly.io.atomic")
+    return atomic is not None and isinstance(error, atomic.OutputCheckError)
+
+
+def _message(error: BaseException) -> str:
+    """One line for the user: an OS error as its reason and the file, not ``[Errno 28]``."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    if isinstance(error, MemoryError):
+        return f"not enough memory ({error or 'the data did not fit'})"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    written = _Written()
     try:
+        parser = build_parser()  # imports torch: Ctrl-C may come here already
+        args = parser.parse_args(argv)
+        args.written = written
         return int(args.func(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("\ncancelled; nothing was written", file=sys.stderr)
+        print(f"\ncancelled; {written.summary()}", file=sys.stderr)
         return 130
+    except (CommandError, ValueError, OSError, MemoryError) as error:
+        print(f"error: {_message(error)}", file=sys.stderr)
+        if written.entries or not _is_refusal(error):
+            # It failed part-way (a full disk, a device error): say what is on disk.
+            print(written.summary(), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

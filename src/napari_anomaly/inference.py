@@ -6,15 +6,27 @@ with a Gaussian weight window (cached) so that tile borders leave no seams. A
 2D model serves a 3D volume slice by slice along ``slice_axis``; a 3D model
 tiles the volume natively.
 
-Memory is bounded: besides the input, the result holds two float32 maps and
-one float32 weight map of the image's size, and one batch of tiles at a time
-lives on the device. :func:`localise` is a generator that yields once per
-batch of tiles, so it can be cancelled at any time with nothing changed.
+Memory is bounded: besides the caller's image, :func:`localise` holds the two
+float32 result maps and the bool foreground, plus, for a moment, one float32
+copy of the foreground's values while the preprocessing statistics are
+measured. Preprocessing is applied a plane (2D model) or a tile (3D model) at
+a time, tile sums are written into the result maps, the blending weights are
+computed a plane or a slab at a time, and post-processing and calibration
+work in place. Peak: about 2.3 float32 copies of the image on top of it, the
+results being 2.25 of them (``benchmarks/bench_memory.py``); :func:`localise_memory`
+estimates it, and a job that would not fit in the available memory is refused
+before any work.
+One batch of tiles at a time lives on the device. :func:`localise` is a
+generator that yields once per batch of tiles, so it can be cancelled at any
+time with nothing changed; it never changes its arguments (the network is used
+through a copy in eval mode on the chosen device).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,11 +39,23 @@ from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
 from napari_anomaly.localiser import Localiser
-from napari_anomaly.preprocess import preprocess, validate_image
+from napari_anomaly.preprocess import IntensityMapping, check_image, fit_preprocess
 from napari_anomaly.progress import Job, Progress
 
-__all__ = ["InferenceConfig", "LocalisationResult", "localise", "tile_starts"]
+__all__ = [
+    "InferenceConfig",
+    "LocalisationResult",
+    "NotEnoughMemoryError",
+    "available_memory",
+    "localise",
+    "localise_memory",
+    "tile_starts",
+]
 
+
+class NotEnoughMemoryError(MemoryError, ValueError):
+    """A localisation refused before any work: it would not fit in the memory
+    available (a ``ValueError`` too, so callers that show refusals show it)."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +208,83 @@ def _zoom_to(stack: np.ndarray, factors: list[float], shape: tuple[int, ...]) ->
     return out
 
 
+def _zoom_planes(planes: np.ndarray, zoom: tuple[float, ...]) -> np.ndarray:
+    """A stack of planes zoomed in-plane to the model's pixel size (linear)."""
+    return ndimage.zoom(planes, (1.0, *zoom), order=1, mode="nearest", grid_mode=True)
+
+
+def _zoomed_shape(shape: tuple[int, ...], zoom: tuple[float, ...] | None) -> tuple[int, ...]:
+    # The shape ndimage.zoom gives.
+    if zoom is None:
+        return tuple(shape)
+    return tuple(int(round(n * z)) for n, z in zip(shape, zoom))
+
+
+def _regions(origins, tile_shape, plane_shape):
+    """Each tile's region of its plane, and the valid part of the tile."""
+    for origin in origins:
+        region = tuple(slice(o, min(o + t, n)) for o, t, n in zip(origin, tile_shape, plane_shape))
+        yield region, tuple(slice(0, r.stop - r.start) for r in region)
+
+
+def _blend_weights(origins, tile_shape, plane_shape, window: np.ndarray, rows=None) -> np.ndarray:
+    """Sum of the tiles' Gaussian windows over a plane (or over ``rows`` of its first
+    axis), accumulated in tile order: the divisor of the blended sums."""
+    rows = slice(0, plane_shape[0]) if rows is None else rows
+    weight = np.zeros((rows.stop - rows.start, *plane_shape[1:]), dtype=np.float32)
+    for region, valid in _regions(origins, tile_shape, plane_shape):
+        low, high = max(region[0].start, rows.start), min(region[0].stop, rows.stop)
+        if low >= high:
+            continue
+        offset = low - region[0].start
+        target = (slice(low - rows.start, high - rows.start), *region[1:])
+        weight[target] += window[(slice(offset, offset + high - low), *valid[1:])]
+    return weight
+
+
+# Voxels of the first-axis slabs in which a volume's blending weights are computed.
+_SLAB_VOXELS = 1 << 23
+
+
+class _Plane:
+    """One plane the network tiles (a 2D slice, or a whole volume for a 3D model): where
+    its tiles come from and where their weighted predictions are summed.
+
+    ``source`` is the preprocessed plane, or (with ``mapping``) the raw input whose
+    tiles are preprocessed one at a time with the ``foreground`` beside it.
+    """
+
+    def __init__(
+        self,
+        source: np.ndarray,
+        anomaly: np.ndarray,
+        confidence: np.ndarray,
+        mapping: IntensityMapping | None = None,
+        foreground: np.ndarray | None = None,
+    ) -> None:
+        self.source = source
+        self.anomaly = anomaly
+        self.confidence = confidence
+        self.mapping = mapping
+        self.foreground = foreground
+
+    def crop(self, region: tuple[slice, ...]) -> np.ndarray:
+        if self.mapping is not None:
+            return self.mapping.apply(self.source[region], self.foreground[region])
+        return np.ascontiguousarray(self.source[region])
+
+
+def _network_for_inference(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``network`` in eval mode on ``device``, without changing the caller's network: the
+    network itself when it already is, else a copy (a network being fine-tuned stays in
+    train mode, on its device)."""
+    ready = not any(module.training for module in network.modules()) and all(
+        tensor.device == device
+        for tensor in itertools.chain(network.parameters(), network.buffers())
+    )
+    return network if ready else copy.deepcopy(network).to(device).eval()
+
+
 def localise(
     image: np.ndarray,
     localiser: Localiser,
@@ -223,96 +324,220 @@ def localise(
     -------
     LocalisationResult
     """
-    image = validate_image(image)
-    if image.size > MAX_VOXELS:
+    arr = check_image(image)
+    if arr.size > MAX_VOXELS:
         raise ValueError(
-            f"image has {image.size:,} voxels; more than {MAX_VOXELS:,} is not supported in "
+            f"image has {arr.size:,} voxels; more than {MAX_VOXELS:,} is not supported in "
             "memory. Crop or down-sample it first."
         )
     dims = localiser.spatial_dims
-    if dims == 3 and image.ndim == 2:
+    if dims == 3 and arr.ndim == 2:
         raise ValueError("this is a 3D model; it cannot localise in a 2D image")
-    device = resolve_device(config.device)
-    network = localiser.network.to(device).eval()
-    yield Progress(0, 0, "preprocessing")
-    prepared, foreground = preprocess(image, localiser.preprocess, foreground=foreground)
-
-    # View the input as a stack of model-dimensional planes.
-    if dims == 2 and prepared.ndim == 3:
-        planes = np.moveaxis(prepared, config.slice_axis, 0)
-    else:
-        planes = prepared[None]
-    native_plane_shape = planes.shape[1:]
-    zoom = _plane_zoom(localiser, spacing, prepared.ndim, dims, config.slice_axis)
-    if zoom is not None:
-        # The network sees anatomy at the pixel size it was trained at.
-        planes = ndimage.zoom(planes, (1.0, *zoom), order=1, mode="nearest", grid_mode=True)
-    plane_shape = planes.shape[1:]
+    zoom = _plane_zoom(localiser, spacing, arr.ndim, dims, config.slice_axis)
     tile = config.tile_size or localiser.patch_size
+    _refuse_what_will_not_fit(arr, dims, zoom, tile, config)
+    device = resolve_device(config.device)
+    network = _network_for_inference(localiser.network, device)
+    yield Progress(0, 0, "preprocessing")
+    mapping, foreground = fit_preprocess(arr, localiser.preprocess, foreground=foreground)
+
+    # The results, written plane by plane (or tile by tile) as the network goes.
+    anomaly_map = np.zeros(arr.shape, dtype=np.float32)
+    confidence_map = np.zeros(arr.shape, dtype=np.float32)
+    by_plane = dims == 2 and arr.ndim == 3
+    axis = config.slice_axis if by_plane else None
+
+    def planes_of(a: np.ndarray) -> np.ndarray:
+        # The input as a stack of model-dimensional planes (views, no copies).
+        return np.moveaxis(a, config.slice_axis, 0) if by_plane else a[None]
+
+    raw_planes, foreground_planes = planes_of(arr), planes_of(foreground)
+    anomaly_planes, confidence_planes = planes_of(anomaly_map), planes_of(confidence_map)
+    native_plane_shape = raw_planes.shape[1:]
+    plane_shape = _zoomed_shape(native_plane_shape, zoom)
     multiple = localiser.network.config.size_multiple
     tile_shape = tuple(
         min(tile, -(-n // multiple) * multiple) for n in plane_shape
     )  # small images: one tile rounded up to the network's multiple
     starts = [tile_starts(n, t, config.overlap) for n, t in zip(plane_shape, tile_shape)]
-    tiles = [(p, origin) for p in range(planes.shape[0]) for origin in itertools.product(*starts)]
+    origins = list(itertools.product(*starts))
+    tiles = [(p, origin) for p in range(raw_planes.shape[0]) for origin in origins]
     window = _gaussian_window(tile_shape, config.sigma_scale)
     window_np = window.numpy()
-
-    anomaly_sum = np.zeros(planes.shape, dtype=np.float32)
-    confidence_sum = np.zeros(planes.shape, dtype=np.float32)
-    weight_sum = np.zeros(planes.shape, dtype=np.float32)
     window_device = window.to(device)
+    # A 3D model without resampling reads its tiles straight from the input and sums
+    # into the results; otherwise a plane is preprocessed (and resampled) whole.
+    streamed = dims == 3 and zoom is None
+    plane_weight = (
+        None if dims == 3 else _blend_weights(origins, tile_shape, plane_shape, window_np)
+    )
+
+    def open_plane(p: int) -> _Plane:
+        if streamed:
+            return _Plane(arr, anomaly_map, confidence_map, mapping, foreground)
+        prepared = mapping.apply(raw_planes[p], foreground_planes[p])
+        if zoom is not None:
+            # The network sees anatomy at the pixel size it was trained at.
+            prepared = _zoom_planes(prepared[None], zoom)[0]
+        return _Plane(
+            prepared, np.zeros(plane_shape, np.float32), np.zeros(plane_shape, np.float32)
+        )
+
+    def finish_plane(p: int, plane: _Plane) -> None:
+        """Divide the plane's sums by the blending weights; resample back into the results."""
+        pairs = ((plane.anomaly, anomaly_planes), (plane.confidence, confidence_planes))
+        for sums, results in pairs:
+            if plane_weight is not None:
+                np.divide(sums, plane_weight, out=sums)
+            else:
+                depth = max(1, _SLAB_VOXELS // max(1, math.prod(plane_shape[1:])))
+                for low in range(0, plane_shape[0], depth):
+                    rows = slice(low, min(plane_shape[0], low + depth))
+                    weight = _blend_weights(origins, tile_shape, plane_shape, window_np, rows)
+                    np.divide(sums[rows], weight, out=sums[rows])
+            if zoom is not None:
+                back = [1.0] + [n / m for n, m in zip(native_plane_shape, plane_shape)]
+                results[p] = _zoom_to(sums[None], back, native_plane_shape)[0]
+            elif not streamed:  # streamed sums are the results already
+                results[p] = sums
+
+    open_planes: dict[int, _Plane] = {}
+    per_plane = len(origins)
     total = len(tiles)
     for first in range(0, total, config.batch_size):
         chunk = tiles[first : first + config.batch_size]
         crops = []
         regions = []
         for plane, origin in chunk:
+            if plane not in open_planes:
+                open_planes[plane] = open_plane(plane)
             region = tuple(
                 slice(o, min(o + t, n)) for o, t, n in zip(origin, tile_shape, plane_shape)
             )
-            crop = torch.from_numpy(np.ascontiguousarray(planes[(plane, *region)]))[None, None]
+            crop = torch.from_numpy(open_planes[plane].crop(region))[None, None]
             crops.append(_pad_to(crop, tile_shape))
             regions.append((plane, region))
         batch = torch.cat(crops).to(device)
+        del crops
         # Grad mode is thread-local state: never hold no_grad() across a yield,
         # or a cancelled job would leave the worker thread without autograd.
         with torch.no_grad():
             anomaly, confidence = _predict(network, batch, config.flips)
+        del batch
         anomaly = (anomaly[:, 0] * window_device).cpu().numpy()
         confidence = (confidence[:, 0] * window_device).cpu().numpy()
         for k, (plane, region) in enumerate(regions):
             valid = tuple(slice(0, r.stop - r.start) for r in region)
-            anomaly_sum[(plane, *region)] += anomaly[(k, *valid)]
-            confidence_sum[(plane, *region)] += confidence[(k, *valid)]
-            weight_sum[(plane, *region)] += window_np[valid]
+            target = open_planes[plane]
+            target.anomaly[region] += anomaly[(k, *valid)]
+            target.confidence[region] += confidence[(k, *valid)]
         done = min(first + config.batch_size, total)
+        for plane in [p for p in open_planes if (p + 1) * per_plane <= done]:
+            finish_plane(plane, open_planes.pop(plane))
         yield Progress(done, total, f"localising: tile {done}/{total}")
 
-    np.divide(anomaly_sum, weight_sum, out=anomaly_sum)
-    np.divide(confidence_sum, weight_sum, out=confidence_sum)
-    del weight_sum, planes, prepared
-    if zoom is not None:
-        back = [1.0] + [n / m for n, m in zip(native_plane_shape, anomaly_sum.shape[1:])]
-        anomaly_sum = _zoom_to(anomaly_sum, back, native_plane_shape)
-        confidence_sum = _zoom_to(confidence_sum, back, native_plane_shape)
-    if dims == 2 and image.ndim == 3:
-        anomaly_sum = np.moveaxis(anomaly_sum, 0, config.slice_axis)
-        confidence_sum = np.moveaxis(confidence_sum, 0, config.slice_axis)
-    else:
-        anomaly_sum, confidence_sum = anomaly_sum[0], confidence_sum[0]
-    # In place where possible: a copy is made only when the slice axis was not 0.
-    anomaly_map = np.ascontiguousarray(anomaly_sum)
-    del anomaly_sum
     np.clip(anomaly_map, 0.0, 1.0, out=anomaly_map)
-    confidence_map = np.ascontiguousarray(confidence_sum)
-    del confidence_sum
     np.clip(confidence_map, 0.0, 1.0, out=confidence_map)
     post = localiser.postprocess
     if post.smooth_mm > 0 or post.edge_margin_mm > 0:
-        plane_axis = config.slice_axis if dims == 2 and image.ndim == 3 else None
-        anomaly_map = postprocess_map(anomaly_map, foreground, spacing, post, plane_axis)
+        postprocess_map(anomaly_map, foreground, spacing, post, axis, out=anomaly_map)
     calibration = localiser.score_calibration
     if calibration is not None:
-        anomaly_map = calibration.apply(anomaly_map)
+        calibration.apply(anomaly_map, out=anomaly_map)
     return LocalisationResult(anomaly_map, confidence_map, foreground)
+
+
+# -- memory ----------------------------------------------------------------------------
+
+# Bytes per voxel that localise() adds to the image: the two float32 maps and the bool
+# foreground (the results); before them, while the statistics are measured, the bool
+# foreground, the foreground's values as float32 and the foreground estimate's work.
+_RESULT_BYTES = 4 + 4 + 1
+_FIT_BYTES = 1 + 4 + 2
+# The network and one batch of tiles and activations, a plane or slab of blending
+# weights and edge distances, chunks of the calibration, the allocator's slack.
+_FIXED_BYTES = 256 * 1024 * 1024
+
+
+def localise_memory(
+    shape: tuple[int, ...],
+    dtype: np.dtype | type = np.float32,
+    spatial_dims: int = 2,
+    *,
+    zoom: tuple[float, ...] | None = None,
+    slice_axis: int = 0,
+) -> int:
+    """Estimated peak of the memory :func:`localise` adds to the caller's image, in bytes.
+
+    Parameters
+    ----------
+    shape, dtype
+        The image.
+    spatial_dims
+        The model's (2: a volume's planes are processed one at a time; 3: at once).
+    zoom
+        In-plane resampling factors to the model's pixel size, if any.
+    slice_axis
+        The axis a 2D model walks along a volume.
+
+    Returns
+    -------
+    int
+        Bytes: the larger of the preprocessing statistics' working set and the
+        results (two float32 maps, the bool foreground) with the tiling's, plus a
+        fixed allowance for the network and one batch of tiles. Measured peaks
+        (``benchmarks/bench_memory.py``) lie below it.
+    """
+    voxels = math.prod(shape)
+    dtype = np.dtype(dtype)
+    fit = voxels * (_FIT_BYTES + (dtype.itemsize if dtype != np.float32 else 0))
+    tiling = voxels * _RESULT_BYTES
+    if zoom is not None:
+        scale = math.prod(zoom)
+        if spatial_dims == 3 or len(shape) == 2:
+            # The whole image preprocessed and resampled, its sums on the resampled grid.
+            tiling += int(voxels * (4 + 12 * scale))
+        else:
+            plane = voxels // shape[slice_axis]
+            tiling += int(plane * (8 + 12 * scale))
+    return int(max(fit, tiling) + _FIXED_BYTES)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now, or ``None`` where it is unknown:
+    the system's ``MemAvailable``, or less under a container's (cgroup v2) limit."""
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit_file:
+            limit = limit_file.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as used_file:
+            used = int(used_file.read().strip())
+        if limit != "max" and available is not None:
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _gigabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _refuse_what_will_not_fit(arr: np.ndarray, dims: int, zoom, tile: int, config) -> None:
+    needed = localise_memory(arr.shape, arr.dtype, dims, zoom=zoom, slice_axis=config.slice_axis)
+    available = available_memory()
+    if available is not None and needed > available:
+        size = "x".join(str(n) for n in arr.shape)
+        raise NotEnoughMemoryError(
+            f"localising this {size} image needs about {_gigabytes(needed)} of memory "
+            f"beyond the image itself; {_gigabytes(available)} are available. Crop or "
+            "down-sample it, or close other programs, and try again."
+        )

@@ -238,9 +238,7 @@ def _full_connectivity(ndim: int) -> np.ndarray:
     return ndi.generate_binary_structure(ndim, ndim)
 
 
-def region_recall(
-    prediction: Any, truth: Any, spacing: Sequence[float] | None = None
-) -> tuple[float, int, int]:
+def region_recall(prediction: Any, truth: Any) -> tuple[float, int, int]:
     """Fraction of ground-truth regions touched by the prediction.
 
     A region is a connected component of ``truth`` with full connectivity
@@ -250,11 +248,8 @@ def region_recall(
     Parameters
     ----------
     prediction, truth : array_like of bool, same shape, 2D or 3D
-        Binary masks; any non-zero value counts as True.
-    spacing : sequence of float, optional
-        Voxel size along each axis (mm). Connectivity is topological, so the
-        spacing does not change the result; it is accepted (and checked) so
-        that callers can pass an image's geometry uniformly.
+        Binary masks; any non-zero value counts as True. Connectivity is
+        topological: the voxel spacing does not change the result.
 
     Returns
     -------
@@ -271,10 +266,6 @@ def region_recall(
     _check_same_shape(pred, true, "prediction", "truth")
     if true.ndim not in (2, 3):
         raise ValueError(f"region_recall needs 2D or 3D masks, got {true.ndim}D")
-    if spacing is not None:
-        spacing_array = np.asarray(spacing, dtype=float)
-        if spacing_array.shape != (true.ndim,) or not np.all(spacing_array > 0):
-            raise ValueError(f"spacing must hold {true.ndim} positive values, got {tuple(spacing)}")
     labels, total = ndi.label(true, structure=_full_connectivity(true.ndim))
     if total == 0:
         return 1.0, 0, 0

@@ -17,6 +17,12 @@ The steps are:
 All functions accept 2D images ``(Y, X)`` and 3D volumes ``(Z, Y, X)`` of any
 real numeric dtype, return new arrays (inputs are never modified in place) and
 are deterministic.
+
+Steps 3 and 4 are a voxel-wise mapping once their statistics are known:
+:func:`fit_preprocess` measures them on the whole image and returns an
+:class:`IntensityMapping` that preprocesses any block of it (a slice, a tile)
+exactly as :func:`preprocess` would the whole, so that inference never needs
+a preprocessed float32 copy of a large volume.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 __all__ = [
+    "IntensityMapping",
     "PreprocessConfig",
+    "check_image",
     "equalise_histogram",
     "estimate_foreground",
+    "fit_preprocess",
     "normalise_intensity",
     "preprocess",
     "validate_image",
@@ -59,6 +68,8 @@ _SUPPORTED_DIMS_MESSAGE = (
 def validate_image(image: Any, *, name: str = "image") -> np.ndarray:
     """Check that ``image`` can be localised and return it as float32.
 
+    The checks are :func:`check_image`'s; this adds the conversion.
+
     Parameters
     ----------
     image : array_like, shape (Y, X) or (Z, Y, X)
@@ -84,6 +95,21 @@ def validate_image(image: Any, *, name: str = "image") -> np.ndarray:
         dimensionality other than 2 or 3 (including RGB/RGBA images); an axis
         shorter than 8 voxels; NaN or +/-Inf values; values outside the float32
         range; a constant image.
+    """
+    arr = check_image(image, name=name)
+    out = arr.astype(np.float32, copy=False)
+    if out is arr or np.shares_memory(out, arr):
+        out = out.view()
+        out.flags.writeable = False
+    return out
+
+
+def check_image(image: Any, *, name: str = "image") -> np.ndarray:
+    """Check that ``image`` can be localised; return it as an array, *not* converted.
+
+    The same checks as :func:`validate_image` (dtype, shape, NaN/Inf, float32
+    range, constant), without the float32 copy: for code that converts a block
+    at a time. The array returned is ``np.asarray(image)``, never written to.
     """
     arr = np.asarray(image)
     dtype = arr.dtype
@@ -157,12 +183,7 @@ def validate_image(image: Any, *, name: str = "image") -> np.ndarray:
             f"{name} is constant (all values = {float(np.float32(lo)):g}); "
             "there is nothing in it to analyse"
         )
-
-    out = arr.astype(np.float32, copy=False)
-    if out is arr or np.shares_memory(out, arr):
-        out = out.view()
-        out.flags.writeable = False
-    return out
+    return arr
 
 
 def _as_foreground(foreground: Any, shape: tuple[int, ...], name: str = "foreground") -> np.ndarray:
@@ -308,10 +329,11 @@ def estimate_foreground(
     and this keeps the foreground from dominating inference time and memory
     on large volumes.
     """
-    img = validate_image(image)
-    if img.size > FOREGROUND_FULL_RESOLUTION_VOXELS:
+    checked = check_image(image)
+    if checked.size > FOREGROUND_FULL_RESOLUTION_VOXELS:
+        # Sub-sampled before any float32 conversion: no full-size copy is made.
         coarse = estimate_foreground(
-            img[(slice(None, None, 2),) * img.ndim],
+            checked[(slice(None, None, 2),) * checked.ndim],
             sigma=sigma,
             closing_radius=closing_radius,
             min_component_fraction=min_component_fraction,
@@ -322,7 +344,8 @@ def estimate_foreground(
         )
         for axis in range(coarse.ndim):
             coarse = np.repeat(coarse, 2, axis=axis)
-        return np.ascontiguousarray(coarse[tuple(slice(0, n) for n in img.shape)])
+        return np.ascontiguousarray(coarse[tuple(slice(0, n) for n in checked.shape)])
+    img = validate_image(checked)
     smooth = ndi.gaussian_filter(img, sigma=sigma, mode="nearest") if sigma > 0 else img
     sample = _subsample(smooth)
     p_lo, p_hi = np.percentile(sample, [0.5, 99.5])
@@ -395,6 +418,25 @@ def _background_contrast(smooth: np.ndarray, mask: np.ndarray) -> float:
 # --------------------------------------------------------------------------- #
 # Intensities
 # --------------------------------------------------------------------------- #
+
+def _intensity_range(
+    values: np.ndarray, lower: float, upper: float, *, overwrite: bool = False
+) -> tuple[float, float]:
+    """The values' ``lower``/``upper`` percentiles (their min/max where those tie).
+
+    ``overwrite`` lets NumPy reorder ``values`` in place (saves a copy).
+    Raises ValueError for values that are all the same.
+    """
+    lo, hi = (float(v) for v in np.percentile(values, [lower, upper], overwrite_input=overwrite))
+    if not hi > lo:
+        lo, hi = float(values.min()), float(values.max())
+    if not hi > lo:
+        raise ValueError(
+            f"image is constant inside the foreground (all values = {lo:g}); "
+            "cannot normalise its intensities"
+        )
+    return lo, hi
+
 def normalise_intensity(
     image: Any,
     foreground: Any | None = None,
@@ -434,14 +476,7 @@ def normalise_intensity(
     _check_percentiles(lower_percentile, upper_percentile)
     img = validate_image(image)
     values = img if foreground is None else img[_as_foreground(foreground, img.shape)]
-    lo, hi = (float(v) for v in np.percentile(values, [lower_percentile, upper_percentile]))
-    if not hi > lo:
-        lo, hi = float(values.min()), float(values.max())
-    if not hi > lo:
-        raise ValueError(
-            f"image is constant inside the foreground (all values = {lo:g}); "
-            "cannot normalise its intensities"
-        )
+    lo, hi = _intensity_range(values, lower_percentile, upper_percentile)
     out = img - np.float32(lo)  # new array: the input is never written
     out *= np.float32(1.0 / (hi - lo))
     np.clip(out, 0.0, 1.0, out=out)
@@ -499,17 +534,20 @@ def equalise_histogram(image: Any, foreground: Any | None = None, nbins: int = 2
     return out
 
 
-def _interpolate_cdf(img: np.ndarray, lo: float, hi: float, cdf: np.ndarray) -> np.ndarray:
+def _interpolate_cdf(
+    img: np.ndarray, lo: float, hi: float, cdf: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """Evaluate the piecewise-linear CDF on equal bins of [lo, hi] at every voxel.
 
     Works in float32 chunks (``np.interp`` would make float64 copies of the
     whole volume); values outside [lo, hi] clamp to 0 / 1, which is what
     background voxels brighter or darker than the foreground need anyway.
+    ``out`` (contiguous float32 of the same size) may be ``img`` itself.
     """
     nbins = cdf.size - 1
     scale = np.float32(nbins / (hi - lo))
     flat_in = img.reshape(-1)
-    out = np.empty(flat_in.size, dtype=np.float32)
+    out = np.empty(flat_in.size, dtype=np.float32) if out is None else out.reshape(-1)
     chunk = 1 << 22
     for start in range(0, flat_in.size, chunk):
         position = (flat_in[start : start + chunk] - np.float32(lo)) * scale
@@ -593,20 +631,97 @@ def preprocess(
         has the wrong shape or is empty, or the image is constant inside the
         foreground.
     """
-    config = PreprocessConfig() if config is None else config
-    img = validate_image(image)
-    if foreground is not None:
-        mask = _as_foreground(foreground, img.shape)
-    elif config.use_foreground:
-        mask = estimate_foreground(img)
-    else:
-        mask = np.ones(img.shape, dtype=bool)
+    mapping, mask = fit_preprocess(image, config, foreground)
+    return mapping.apply(np.asarray(image), mask), mask
 
-    out = normalise_intensity(img, mask, config.lower_percentile, config.upper_percentile)
-    if config.equalise:
-        out = equalise_histogram(out, mask, config.nbins)
+
+@dataclass(frozen=True)
+class IntensityMapping:
+    """The voxel-wise part of :func:`preprocess`, fitted on one image.
+
+    :func:`normalise_intensity` (the window ``lo``..``hi``) then, with
+    ``equalise``, :func:`equalise_histogram` (the foreground's cumulative
+    histogram ``cdf`` on equal bins of ``cdf_lo``..``cdf_hi``), and 0 outside the
+    foreground. :meth:`apply` on any block of the image gives exactly the
+    values :func:`preprocess` gives that block of the whole image.
+    """
+
+    lo: float
+    hi: float
+    cdf: np.ndarray | None = None
+    cdf_lo: float = 0.0
+    cdf_hi: float = 1.0
+
+    def apply(self, block: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+        """Preprocess ``block`` (any shape and real dtype) with its foreground
+        (bool, same shape); returns a new float32 array in [0, 1]."""
+        out = np.asarray(block).astype(np.float32)  # always a copy: the input is never written
+        out -= np.float32(self.lo)
+        out *= np.float32(1.0 / (self.hi - self.lo))
+        np.clip(out, 0.0, 1.0, out=out)
+        if self.cdf is not None:
+            _interpolate_cdf(out, self.cdf_lo, self.cdf_hi, self.cdf, out=out)
+        # Also without equalisation: a model's input never depends on what lies
+        # outside the body.
+        out[~np.asarray(foreground, dtype=bool)] = 0.0
+        return out
+
+
+def fit_preprocess(
+    image: Any,
+    config: PreprocessConfig | None = None,
+    foreground: Any | None = None,
+) -> tuple[IntensityMapping, np.ndarray]:
+    """The statistics of :func:`preprocess` (foreground, window, histogram), without
+    preprocessing the image: ``mapping.apply(image, mask)`` is ``preprocess(...)[0]``.
+
+    Memory: besides the bool mask, one float32 copy of the foreground voxels
+    (and, for an integer image, its values in their own dtype while they are
+    converted); no float32 copy of the whole image.
+
+    Returns
+    -------
+    mapping : IntensityMapping
+    foreground : numpy.ndarray, bool, same shape as ``image``
+        The mask that was used (a new array).
+
+    Raises
+    ------
+    ValueError
+        As :func:`preprocess`.
+    """
+    config = PreprocessConfig() if config is None else config
+    arr = check_image(image)
+    if foreground is not None:
+        mask = _as_foreground(foreground, arr.shape)
+    elif config.use_foreground:
+        mask = estimate_foreground(arr)
     else:
-        # Same background convention as the equalised path, so that a model's
-        # input never depends on what lies outside the body.
-        out[~mask] = 0.0
-    return out, mask
+        mask = np.ones(arr.shape, dtype=bool)
+
+    # The foreground's values, once, as float32 (what normalise_intensity ranks).
+    values = arr[mask]
+    if values.dtype != np.float32:
+        values = values.astype(np.float32)
+    # Percentiles as normalise_intensity computes them; the copy may be reordered.
+    lo, hi = _intensity_range(
+        values, config.lower_percentile, config.upper_percentile, overwrite=True
+    )
+    if not config.equalise:
+        return IntensityMapping(lo, hi), mask
+    # The normalised foreground values, in place: equalise_histogram's input.
+    values -= np.float32(lo)
+    values *= np.float32(1.0 / (hi - lo))
+    np.clip(values, 0.0, 1.0, out=values)
+    cdf_lo, cdf_hi = float(values.min()), float(values.max())
+    if not cdf_hi > cdf_lo:
+        raise ValueError(
+            f"image is constant inside the foreground (all values = {cdf_lo:g}); "
+            "cannot equalise its histogram"
+        )
+    edges = np.linspace(cdf_lo, cdf_hi, int(config.nbins) + 1)
+    counts, _ = np.histogram(values, bins=edges)
+    del values
+    cdf = np.concatenate(([0.0], np.cumsum(counts, dtype=np.float64)))
+    cdf /= cdf[-1]
+    return IntensityMapping(lo, hi, cdf.astype(np.float32), cdf_lo, cdf_hi), mask

@@ -5,20 +5,29 @@ writes, in the input's format and geometry, ``<stem>_ppii<k>`` (the image with
 synthetic anomalies), ``<stem>_ppii<k>_label`` and ``<stem>_ppii<k>_label_std``,
 plus ``<stem>_ppii<k>_overview.png``: input, anomalous image, the label in red
 over the anomalous image, and the rater disagreement, side by side (the middle
-slice along axis 0 for volumes).
+slice along axis 0 for volumes). ``<stem>`` is the input's name without its image
+suffix (:mod:`napari_anomaly.io.names`): ``slice.v1.png`` gives ``slice.v1_ppii0.png``.
+
+The four files of a sample are one set, written completely or not at all; every
+output is checked (not there yet, folder writable, room for the estimated size)
+before any sample is made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from napari_anomaly.io import (
+    OutputSet,
     atomic_write,
-    output_path_like,
+    check_output_folder,
+    companion_path,
+    data_files,
     read_image,
     write_image,
 )
@@ -62,39 +71,45 @@ def synthesise_files(
     config: SynthesisConfig = SynthesisConfig(),
     preprocessing: PreprocessConfig = PreprocessConfig(),
     overwrite: bool = False,
+    on_written: Callable[[str, list[Path]], object] | None = None,
 ) -> Job[list[Path]]:
     """Synthesise ``n`` P-PII samples per normal image file.
 
     Images of the same shape form the pool that source patches come from; an
     image with no same-shaped partner takes its patches from elsewhere in
     itself. Refuses (before writing anything) when an output exists and
-    ``overwrite`` is False. Returns the written paths.
+    ``overwrite`` is False, when ``out_dir`` cannot be written, or when it lacks
+    room for the outputs. Each sample's four files are written as one set;
+    ``on_written(label, files)`` is called after each complete set. Returns the
+    written paths.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     out_dir = Path(out_dir)
     loaded = [read_image(p) for p in paths]
     planned: list[tuple[int, int, dict[str, Path]]] = []
+    needed = 0
     for index, image in enumerate(loaded):
         for k in range(n):
-            stem = f"_ppii{k}"
+            tag = f"_ppii{k}"
             targets = {
-                kind: out_dir / output_path_like(image.path, stem + suffix).name
-                for kind, suffix in (
-                    ("anomalous", ""),
-                    ("label", "_label"),
-                    ("label_std", "_label_std"),
+                kind: companion_path(image.path, tag + ending, suffix, out_dir=out_dir)
+                for kind, ending, suffix in (
+                    ("anomalous", "", None),
+                    ("label", "_label", None),
+                    ("label_std", "_label_std", None),
+                    ("overview", "_overview", ".png"),
                 )
             }
-            base = targets["anomalous"].name.split(".")[0]
-            targets["overview"] = out_dir / f"{base}_overview.png"
             planned.append((index, k, targets))
-    existing = [str(p) for _, _, t in planned for p in t.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{len(existing)} output file(s) exist, e.g. {existing[0]}; pass overwrite to replace"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+            # Three float32 images and the RGB overview (a middle slice, 4 panels wide).
+            plane = image.array.shape[-2] * image.array.shape[-1]
+            needed += 3 * 4 * image.array.size + 3 * 4 * plane + 3 * 64 * 1024
+    files = [f for _, _, t in planned for p in t.values() for f in (p, *data_files(p))]
+    duplicates = sorted(str(f) for f, count in Counter(files).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"two inputs would both write {duplicates[0]}; rename one of them")
+    check_output_folder(out_dir, files, overwrite=overwrite, needed_bytes=needed)
 
     prepared = []
     for index, image in enumerate(loaded):
@@ -116,15 +131,20 @@ def synthesise_files(
             "label_std": label_std[0, 0].numpy(),
         }
         geometry = loaded[index].geometry
-        for kind, array in arrays.items():
-            written.append(write_image(targets[kind], array, geometry, overwrite=overwrite))
         panel = overview_image(
             _middle(prepared[index][0]),
             _middle(arrays["anomalous"]),
             _middle(arrays["label"]),
             _middle(arrays["label_std"]),
         )
-        written.append(_write_png(targets["overview"], panel, overwrite))
+        with OutputSet(out_dir, overwrite=overwrite) as outputs:
+            for kind, array in arrays.items():
+                write_image(outputs.stage(targets[kind]), array, geometry)
+            _write_png(outputs.stage(targets["overview"]), panel, overwrite=False)
+            finals = outputs.commit(last=targets["overview"])
+        written.extend(finals)
+        if on_written is not None:
+            on_written(targets["anomalous"].name, finals)
         yield Progress(step + 1, len(planned), f"sample {step + 1}/{len(planned)}")
     return written
 

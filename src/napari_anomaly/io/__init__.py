@@ -1,10 +1,20 @@
-"""Input/output: images with their geometry, model files, atomic writes.
+"""Input/output: images with their geometry, model files, atomic writes, and the
+names of the files that belong to an image (:mod:`.names`).
 
 Nothing here imports Qt or napari; SimpleITK, tifffile, imageio, torch and
 safetensors are imported only when a function that needs them is called.
 """
 
-from .atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from .atomic import (
+    OutputCheckError,
+    OutputSet,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_folder,
+    clear_leftovers,
+    estimated_image_bytes,
+)
 from .images import (
     SUPPORTED_SUFFIXES,
     WRITABLE_SUFFIXES,
@@ -25,6 +35,7 @@ from .model_file import (
     read_model_metadata,
     save_model_file,
 )
+from .names import companion_path, data_files, image_stem, output_suffix, sidecar_path
 
 __all__ = [
     "METADATA_KEY",
@@ -35,15 +46,25 @@ __all__ = [
     "ImageFileError",
     "LoadedImage",
     "ModelFileError",
+    "OutputCheckError",
+    "OutputSet",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_folder",
+    "clear_leftovers",
+    "companion_path",
+    "data_files",
     "detect_format",
+    "estimated_image_bytes",
     "file_sha256",
+    "image_stem",
     "load_model_file",
     "output_path_like",
+    "output_suffix",
     "read_image",
     "read_model_metadata",
     "save_model_file",
+    "sidecar_path",
     "write_image",
 ]

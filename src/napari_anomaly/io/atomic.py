@@ -6,25 +6,61 @@ through :func:`atomic_write`: the content is written to a temporary file in the
 a full disk or a cancelled job therefore never leaves a half-written file under
 the final name, and an existing file is either replaced completely or left
 exactly as it was.
+
+Results made of several files (the maps, mask, region table and sidecar of one
+scan) are written as an :class:`OutputSet`: every file goes to a staging folder
+inside the output folder first, and only when all of them are complete are
+they moved into place, the sidecar last. A set is therefore there completely
+or not at all, whether the run fails, is cancelled with Ctrl-C, or is killed.
+
+Temporary names carry the writing process's id (``.scan.tmp-<pid>-<hex>.nii.gz``,
+staging folders ``.napari-anomaly.tmp-<pid>-<hex>``), so a later run recognises
+what a killed run left behind and :func:`clear_leftovers` removes it. Before any
+work, :func:`check_output_folder` refuses outputs that already exist (also as a
+dangling symbolic link), a folder that cannot be written, and a disk without
+room for the estimated size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "OutputSet",
+    "OutputCheckError",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_with_companions",
+    "check_output_folder",
+    "clear_leftovers",
+    "estimated_image_bytes",
     "full_suffix",
+    "interrupts_deferred",
 ]
+
+# Temporary names: ".<stem>.tmp-<pid>-<8 hex><suffix>" (files and folders). Files of
+# older versions had no pid: ".<stem>.tmp-<8 hex><suffix>".
+_TEMP_MARK = ".tmp-"
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(?:(?P<pid>\d+)-)?[0-9a-f]{8}(?:\..*)?$")
+# Leftovers without a process id are removed only once this old (seconds).
+_UNOWNED_LEFTOVER_AGE = 3600.0
+# A staging folder of an OutputSet, and the manifest it holds while it commits.
+_STAGING_STEM = "napari-anomaly"
+_MANIFEST = "commit.json"
+_REPLACED = "replaced"
 
 # Suffixes made of two parts that must stay together: SimpleITK picks the
 # writer from the whole suffix (".nii.gz" is gzip-compressed NIfTI, ".gz"
@@ -63,6 +99,12 @@ def _refuse_existing(path: Path) -> None:
     )
 
 
+def _temp_tag() -> str:
+    """``.tmp-<pid>-<8 hex>``: unique, and names the process that owns the file, so a
+    later run can tell a killed run's leftovers from a running one's files."""
+    return f"{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _create_temp_file(target: Path) -> Path:
     """Create an empty, uniquely named file next to ``target``.
 
@@ -73,7 +115,7 @@ def _create_temp_file(target: Path) -> Path:
     suffix = full_suffix(target)
     stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
     for _ in range(100):
-        candidate = target.with_name(f".{stem}.tmp-{secrets.token_hex(4)}{suffix}")
+        candidate = target.with_name(f".{stem}{_temp_tag()}{suffix}")
         try:
             fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -231,7 +273,7 @@ def atomic_write_with_companions(
         _refuse_existing(target)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"cannot write {target}: directory {target.parent} does not exist")
-    tmp_dir = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    tmp_dir = target.with_name(f".{target.name}{_temp_tag()}")
     tmp_dir.mkdir()
     try:
         write_fn(tmp_dir / target.name)
@@ -249,3 +291,340 @@ def atomic_write_with_companions(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return finals
+
+
+# --------------------------------------------------------------------------
+# Checks before any work, sets of files, and what killed runs leave behind
+# --------------------------------------------------------------------------
+
+
+class OutputCheckError(OSError):
+    """An output was refused before anything was written: its folder cannot be
+    written, or holds too little free space for the estimated size."""
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{max(n, 0) / 1e6:.1f} MB"
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    """``folder`` or its nearest ancestor that exists (what a new folder is made in)."""
+    candidate = folder.absolute()
+    while not os.path.lexists(candidate) and candidate != candidate.parent:
+        candidate = candidate.parent
+    return candidate
+
+
+def check_output_folder(
+    folder: str | os.PathLike[str],
+    targets: Iterable[str | os.PathLike[str]] = (),
+    *,
+    overwrite: bool = False,
+    needed_bytes: int = 0,
+) -> None:
+    """Refuse, before any work, outputs that could not be written.
+
+    Parameters
+    ----------
+    folder
+        Where the outputs go; it may not exist yet (it is then made in its
+        nearest existing ancestor, which is what is checked).
+    targets
+        The files that will be written. Without ``overwrite`` none may exist,
+        and a dangling symbolic link counts as existing (writing there would
+        fail, or write wherever the link points). A folder is never replaced.
+    overwrite
+        Existing files may be replaced.
+    needed_bytes
+        Estimated size of everything written to ``folder``; the file system
+        must have this much free space plus a small margin.
+
+    Raises
+    ------
+    FileExistsError
+        A target exists and ``overwrite`` is False.
+    IsADirectoryError
+        A target is a folder.
+    OutputCheckError
+        The folder (or the ancestor it would be made in) is not a folder, is
+        not writable (permissions, a read-only file system), or lacks space.
+    """
+    folder = Path(folder)
+    existing, links = [], []
+    for target in map(Path, targets):
+        if target.is_dir():
+            raise IsADirectoryError(f"{target} is a folder; it is never replaced by an output")
+        if os.path.lexists(target):
+            if target.is_symlink() and not target.exists():
+                links.append(f"{target} (a link to the missing {os.readlink(target)})")
+            elif not overwrite:
+                existing.append(str(target))
+    if links and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(links)}: a dangling symbolic link is in the way; remove it, or pass "
+            "overwrite=True to replace it (the CLI flag is --overwrite)"
+        )
+    if existing:
+        raise FileExistsError(
+            f"{', '.join(existing)} exist(s); pass overwrite=True to replace "
+            "(the CLI flag is --overwrite)"
+        )
+    base = _existing_ancestor(folder)
+    if not base.is_dir():
+        raise OutputCheckError(errno.ENOTDIR, f"cannot write into {folder}: {base} is not a folder")
+    # Try it: permissions, read-only mounts and ACLs all show up here, even for root.
+    probe = base / f".{_STAGING_STEM}-probe{_temp_tag()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OutputCheckError(
+            error.errno or errno.EACCES, f"cannot write into {base}: {reason}"
+        ) from error
+    os.close(fd)
+    _remove_quietly(probe)
+    if needed_bytes > 0:
+        free = shutil.disk_usage(base).free
+        margin = 16 * 1024 * 1024
+        if free < needed_bytes + margin:
+            raise OutputCheckError(
+                errno.ENOSPC,
+                f"not enough free space in {base}: the outputs need about "
+                f"{_megabytes(needed_bytes)}, {_megabytes(free)} are free",
+            )
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back while a few renames complete, then raise it.
+
+    Only in the main thread (where Python delivers signals); elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+class OutputSet:
+    """Files that appear together or not at all (one scan's result).
+
+    Each file is written with its final name into a staging folder inside the
+    output folder (the same file system, so moving is a rename); :meth:`commit`
+    then moves them into place, ``last`` (the sidecar) at the very end, with
+    Ctrl-C held back for those few renames. Until then nothing is visible under
+    a final name; on any failure or interrupt the staging folder is removed.
+    If the process is killed during the commit, the staging folder's manifest
+    lets :func:`clear_leftovers` take the moved files back out (and put
+    replaced ones back).
+
+    Examples
+    --------
+    >>> with OutputSet("out", overwrite=False) as outputs:  # doctest: +SKIP
+    ...     write_image(outputs.stage("out/scan_mask.nii.gz"), mask)
+    ...     atomic_write_text(outputs.stage("out/scan_mask.json"), "{}")
+    ...     written = outputs.commit(last="out/scan_mask.json")
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        self.folder = Path(folder)
+        self.overwrite = overwrite
+        self.staging: Path | None = None
+        self.written: list[Path] = []
+        self._made_folder = False
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        self.discard()
+
+    def stage(self, target: str | os.PathLike[str]) -> Path:
+        """The path to write ``target`` to (same name, in the staging folder)."""
+        target = Path(target)
+        if target.parent.absolute() != self.folder.absolute():
+            raise ValueError(f"{target} is not in the set's folder {self.folder}")
+        if self.staging is None:
+            self._made_folder = self._made_folder or not self.folder.exists()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.staging = self.folder / f".{_STAGING_STEM}{_temp_tag()}"
+            self.staging.mkdir()
+        return self.staging / target.name
+
+    def discard(self) -> None:
+        """Remove the staging folder and what is in it (nothing final is touched)."""
+        if self.staging is not None:
+            with interrupts_deferred():
+                shutil.rmtree(self.staging, ignore_errors=True)
+                if self._made_folder and not self.written:
+                    with contextlib.suppress(OSError):  # only if it is still empty
+                        self.folder.rmdir()
+            self.staging = None
+
+    def commit(self, last: str | os.PathLike[str] | None = None) -> list[Path]:
+        """Move every staged file into place, ``last`` at the end; returns the final paths.
+
+        Without ``overwrite`` a file that appeared meanwhile under a final name
+        is not replaced (FileExistsError, nothing moved). If a move fails, the
+        files already moved are taken out again and replaced files put back.
+        """
+        if self.staging is None:
+            return []
+        staged = sorted(p for p in self.staging.iterdir() if p.name != _MANIFEST)
+        if last is not None:
+            staged.sort(key=lambda p: p.name == Path(last).name)
+        finals = [self.folder / p.name for p in staged]
+        if not self.overwrite:
+            taken = [str(f) for f in finals if os.path.lexists(f)]
+            if taken:
+                raise FileExistsError(
+                    f"{', '.join(taken)} appeared while this run was writing; nothing was "
+                    "replaced (pass overwrite=True to replace; the CLI flag is --overwrite)"
+                )
+        manifest = {
+            "pid": os.getpid(),
+            "files": [
+                {"name": p.name, "dev": p.stat().st_dev, "ino": p.stat().st_ino} for p in staged
+            ],
+        }
+        replaced_dir = self.staging / _REPLACED
+        moved: list[tuple[Path, Path]] = []
+        with interrupts_deferred():
+            (self.staging / _MANIFEST).write_text(json.dumps(manifest))
+            try:
+                for src, final in zip(staged, finals):
+                    if os.path.lexists(final) and not final.is_dir():
+                        replaced_dir.mkdir(exist_ok=True)
+                        os.replace(final, replaced_dir / final.name)
+                    os.replace(src, final)
+                    moved.append((src, final))
+            except BaseException:
+                for _src, final in moved:
+                    _remove_quietly(final)
+                if replaced_dir.is_dir():
+                    for old in replaced_dir.iterdir():
+                        with contextlib.suppress(OSError):
+                            os.replace(old, self.folder / old.name)
+                    if any(replaced_dir.iterdir()):
+                        # A replaced file could not be put back: keep the staging folder,
+                        # whose manifest lets clear_leftovers (of any later run) do it.
+                        self.staging = None
+                raise
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+        self.written.extend(finals)
+        return finals
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # cannot tell safely: only the age decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def _undo_commit(staging: Path, folder: Path) -> list[Path]:
+    """Take out the files a killed commit moved into place, and put back what they replaced."""
+    undone: list[Path] = []
+    try:
+        manifest = json.loads((staging / _MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return undone
+    in_place = []
+    for entry in files:
+        try:
+            final = folder / Path(str(entry["name"])).name
+            st = final.lstat()
+        except (OSError, KeyError, TypeError):
+            continue
+        # Only a file this very run moved (same inode) is taken out.
+        if (st.st_dev, st.st_ino) == (entry.get("dev"), entry.get("ino")):
+            in_place.append(final)
+    if len(in_place) == len(files):
+        return undone  # killed after the last rename: the set is complete, keep it
+    for final in in_place:
+        _remove_quietly(final)
+        undone.append(final)
+    replaced = staging / _REPLACED
+    if replaced.is_dir():
+        for old in replaced.iterdir():
+            target = folder / old.name
+            if not os.path.lexists(target):
+                with contextlib.suppress(OSError):
+                    os.replace(old, target)
+    return undone
+
+
+def clear_leftovers(folder: str | os.PathLike[str], *, started: float | None = None) -> list[Path]:
+    """Remove what killed runs of napari-anomaly left in ``folder``.
+
+    A leftover is a temporary file or staging folder with our name pattern
+    (``.<name>.tmp-<pid>-<hex>...``) whose process no longer runs and which is
+    older than ``started`` (default: now); files of older versions, without a
+    process id, once they are an hour old. A staging folder whose commit was
+    cut short also takes the files it had moved into place back out (only
+    those exact files, by inode), so a half-written set never blocks a rerun,
+    and puts back the files it had replaced. Nothing else is touched.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The leftovers removed and the partial outputs taken out.
+    """
+    folder = Path(folder)
+    started = time.time() if started is None else started
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None:
+            continue
+        try:
+            age_reference = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        pid = match.group("pid")
+        if pid is None:
+            if age_reference > started - _UNOWNED_LEFTOVER_AGE:
+                continue
+        elif age_reference >= started or _process_alive(int(pid)):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            if entry.name.startswith(f".{_STAGING_STEM}{_TEMP_MARK}"):
+                removed.extend(_undo_commit(path, folder))
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _remove_quietly(path)
+        removed.append(path)
+    return removed
+
+
+def estimated_image_bytes(shape: Sequence[int], bytes_per_voxel: float) -> int:
+    """Upper bound of an image file's size: the raw voxels plus a header's worth."""
+    voxels = 1
+    for n in shape:
+        voxels *= int(n)
+    return int(voxels * bytes_per_voxel) + 64 * 1024
