@@ -115,9 +115,13 @@ def test_cancel_during_localise_changes_nothing(widget):
     widget.localise()
     widget.cancel()
     widget.wait()
-    assert "cancel" in widget.status.value
+    # What the job reports once it has really stopped, not cancel()'s own "cancelling...".
+    assert "cancelled; nothing changed" in widget.status.value
     assert [layer.name for layer in viewer.layers] == ["big"]
     assert widget.session.cases == {}
+    # The reviewer can start again: Localise on, Cancel off, the bar back at 0.
+    assert widget.localise_button.enabled and not widget.cancel_button.enabled
+    assert widget.progress.value == 0
 
 
 def test_cancel_during_finetune_keeps_the_model(widget):
