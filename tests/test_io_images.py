@@ -969,3 +969,22 @@ def test_random_tiff_and_png_headers(width, height, payload):
         "random.png",
         png_header(min(width, 2**31 - 1), min(height, 2**31 - 1))[:33] + bytes(payload),
     )
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nifti_holding_nan_or_inf_is_refused_not_read_as_zeros(tmp_path, suffix, dtype, bad):
+    import SimpleITK as sitk
+
+    values = np.ones((6, 7, 8), dtype=dtype)
+    values[3, 2, 5] = bad
+    path = tmp_path / f"scan{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    with pytest.raises(ImageFileError, match="NaN or infinite") as info:
+        read_image(path)
+    assert str(path) in str(info.value)
+    # The same values, finite, still read as they are.
+    values[3, 2, 5] = 2.0
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    assert np.array_equal(read_image(path).array, values)

@@ -38,6 +38,7 @@ refusal is an :class:`ImageFileError` whose one-line message names the file
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -608,6 +609,37 @@ def _nifti_layout(path: Path) -> None:
         return  # a header/image pair or an exotic type: left to the reader
     needed = int(vox_offset) + count * (bitpix // 8)
     _check_data_extent(path, path, 0, needed, gzipped, "header and pixel data")
+    datatype = struct.unpack(endian + "h", head[70:72] if version == 1 else head[12:14])[0]
+    float_type = {16: "f4", 64: "f8"}.get(datatype)
+    if float_type is not None:
+        _refuse_nonfinite_nifti(path, np.dtype(endian + float_type), int(vox_offset), count)
+
+
+def _refuse_nonfinite_nifti(path: Path, dtype: np.dtype, offset: int, count: int) -> None:
+    """Refuse a float NIfTI file holding NaN or infinite voxels.
+
+    ITK's NIfTI reader turns such voxels into 0, so after reading they could no
+    longer be told from real zeros; the raw values are checked here instead, a
+    few MB at a time.
+    """
+    opener = gzip.open if _read_head(path, 2)[1] else open
+    remaining = count * dtype.itemsize
+    with opener(path, "rb") as fh:
+        fh.seek(offset)
+        carry = b""
+        while remaining > 0:
+            block = fh.read(min(remaining, 1 << 22))
+            if not block:
+                break
+            remaining -= len(block)
+            block = carry + block
+            usable = len(block) - len(block) % dtype.itemsize
+            carry = block[usable:]
+            if not np.isfinite(np.frombuffer(block[:usable], dtype=dtype)).all():
+                raise ImageFileError(
+                    f"{path} holds NaN or infinite values; replace them (e.g. by 0) "
+                    "before using it"
+                )
 
 
 def _text_header(path: Path, is_end: Callable[[bytes], bool]) -> tuple[list[str], int] | None:
