@@ -288,18 +288,25 @@ class ScoreCalibration:
         cal = exponents / DECADES
         # Keep the first (lowest calibrated) knot of equal raw scores: conservative.
         raw, first = np.unique(raw, return_index=True)
-        cal = cal[first]
-        raw_list, cal_list = [0.0], [0.0]
-        for r, c in zip(raw, cal):
-            if r > raw_list[-1] and c >= cal_list[-1]:
-                raw_list.append(float(r))
-                cal_list.append(float(c))
-        if raw_list[-1] < 1.0:
-            raw_list.append(1.0)
-            cal_list.append(1.0)
-        else:
-            cal_list[-1] = 1.0
-        return cls(tuple(raw_list), tuple(cal_list), voxels=int(n))
+        return cls(*_knots(zip(raw, cal[first])), voxels=int(n))
+
+
+
+def _knots(pairs) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Knots of a monotone map from (raw, calibrated) candidates in rising order:
+    starts at (0, 0), keeps each pair that rises in raw and does not fall in
+    calibrated, and ends at (1, 1)."""
+    raw_list, cal_list = [0.0], [0.0]
+    for r, c in pairs:
+        if r > raw_list[-1] and c >= cal_list[-1]:
+            raw_list.append(float(r))
+            cal_list.append(float(c))
+    if raw_list[-1] < 1.0:
+        raw_list.append(1.0)
+        cal_list.append(1.0)
+    else:
+        cal_list[-1] = 1.0
+    return tuple(raw_list), tuple(cal_list)
 
 
 def count_regions(mask: np.ndarray, min_voxels: int) -> int:
@@ -484,21 +491,13 @@ def transfer_score_calibration(
     n = parent.size
     if n < 100:
         raise ValueError(f"need at least 100 reference voxels, got {n}")
-    raw_list, cal_list = [0.0], [0.0]
+    matched = []
     for r, c in zip(score.raw[1:], score.calibrated[1:]):
         tail = n - np.searchsorted(parent, r, side="left")  # voxels with parent >= r
         if tail < min_tail_voxels or r >= 1.0:
             break
-        matched = float(np.clip(child[n - tail], 0.0, 1.0))
-        if matched > raw_list[-1] and c >= cal_list[-1]:
-            raw_list.append(matched)
-            cal_list.append(float(c))
-    if raw_list[-1] < 1.0:
-        raw_list.append(1.0)
-        cal_list.append(1.0)
-    else:
-        cal_list[-1] = 1.0
-    return ScoreCalibration(tuple(raw_list), tuple(cal_list), voxels=score.voxels)
+        matched.append((float(np.clip(child[n - tail], 0.0, 1.0)), c))
+    return ScoreCalibration(*_knots(matched), voxels=score.voxels)
 
 
 def _uncalibrated(localiser):

@@ -1659,9 +1659,20 @@ class AnomalyReviewWidget(Container):
         )
         return written
 
-    def _on_export_clicked(self) -> None:
+    def _confirm_overwrite(self, error: Exception) -> bool:
+        """Ask the reviewer whether to replace the file ``error`` names."""
         from qtpy.QtWidgets import QMessageBox
 
+        answer = QMessageBox.question(
+            self.native,
+            "Overwrite?",
+            f"{error}\n\nOverwrite?",
+            QMessageBox.Yes | QMessageBox.No,
+            QMessageBox.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _on_export_clicked(self) -> None:
         path = Path(self.export_path.value)
         if not path.name or path.is_dir():
             self._say("Choose a file to export the mask to (e.g. case_mask.nii.gz).", error=True)
@@ -1669,14 +1680,7 @@ class AnomalyReviewWidget(Container):
         try:
             self.export(path)
         except FileExistsError as error:
-            answer = QMessageBox.question(
-                self.native,
-                "Overwrite?",
-                f"{error}\n\nOverwrite?",
-                QMessageBox.Yes | QMessageBox.No,
-                QMessageBox.No,
-            )
-            if answer == QMessageBox.StandardButton.Yes:
+            if self._confirm_overwrite(error):
                 self.export(path, overwrite=True)
             else:
                 self._say("Export cancelled; nothing was written.")
@@ -1711,7 +1715,7 @@ class AnomalyReviewWidget(Container):
         return sha
 
     def _on_save_model_clicked(self) -> None:
-        from qtpy.QtWidgets import QFileDialog, QMessageBox
+        from qtpy.QtWidgets import QFileDialog
 
         suggested = f"{self.session.localiser.name}.safetensors".replace("+", "_")
         chosen, _ = QFileDialog.getSaveFileName(
@@ -1722,14 +1726,7 @@ class AnomalyReviewWidget(Container):
         try:
             self.save_model(chosen)
         except FileExistsError as error:
-            answer = QMessageBox.question(
-                self.native,
-                "Overwrite?",
-                f"{error}\n\nOverwrite?",
-                QMessageBox.Yes | QMessageBox.No,
-                QMessageBox.No,
-            )
-            if answer == QMessageBox.StandardButton.Yes:
+            if self._confirm_overwrite(error):
                 self.save_model(chosen, overwrite=True)
 
     def save_session(self, path: str | Path) -> Path | None:
