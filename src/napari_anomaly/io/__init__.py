@@ -2,7 +2,7 @@
 names of the files that belong to an image (:mod:`.names`).
 
 Nothing here imports Qt or napari; SimpleITK, tifffile, imageio, torch and
-safetensors are imported only when a function that needs them is called.
+safetensors (and pydicom, highdicom) are imported only when a function that needs them is called.
 """
 
 from .atomic import (
@@ -15,6 +15,7 @@ from .atomic import (
     clear_leftovers,
     estimated_image_bytes,
 )
+from .dicom import SeriesInfo, list_dicom_series, write_dicom_series
 from .images import (
     SUPPORTED_SUFFIXES,
     WRITABLE_SUFFIXES,
@@ -48,6 +49,7 @@ __all__ = [
     "ModelFileError",
     "OutputCheckError",
     "OutputSet",
+    "SeriesInfo",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -59,6 +61,7 @@ __all__ = [
     "estimated_image_bytes",
     "file_sha256",
     "image_stem",
+    "list_dicom_series",
     "load_model_file",
     "output_path_like",
     "output_suffix",
@@ -66,5 +69,6 @@ __all__ = [
     "read_model_metadata",
     "save_model_file",
     "sidecar_path",
+    "write_dicom_series",
     "write_image",
 ]
