@@ -316,3 +316,39 @@ def test_train_refuses_arguments_it_cannot_honour_before_the_first_step(
     assert len(err.strip().splitlines()) == 1  # no progress line: no step ran
     assert not out.exists() and not (tmp_path / "model.pt").exists()
     assert previous.read_bytes() == b"a checkpoint of another run, or anything else"
+
+
+def test_localise_and_the_review_export_write_one_sidecar_format(model, normals, tmp_path):
+    """``localise`` is a client of the review session: its mask is the session's mask at
+    the same settings, and its sidecar names the source file and its sha256 and who wrote
+    it, with the same keys as the sidecar the widget's *Export* writes."""
+    import getpass
+    import hashlib
+
+    from napari_anomaly.progress import run_to_end
+    from napari_anomaly.review import ReviewConfig
+    from napari_anomaly.session import ReviewSession
+
+    out = tmp_path / "out"
+    args = ["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"]
+    assert main([*args, "--threshold", "0.3", "--min-region-size", "4"]) == 0
+    cli_sidecar = json.loads((out / "normal0_mask.json").read_text())
+    assert cli_sidecar["source_path"] == str(tmp_path / "normal0.nii.gz")
+    digest = hashlib.sha256((tmp_path / "normal0.nii.gz").read_bytes()).hexdigest()
+    assert cli_sidecar["source_sha256"] == digest
+    assert cli_sidecar["exported_by"] == getpass.getuser()
+    assert cli_sidecar["reviewed"] is False and cli_sidecar["edited_voxels"] == 0
+
+    scan = read_image(normals[0])
+    session = ReviewSession(Localiser.load(model), ReviewConfig(threshold=0.3, min_region_size=4))
+    job = session.localise("a", scan.array, scan.geometry, source_path=normals[0])
+    run_to_end(job)
+    exported = session.export("a", tmp_path / "review" / "a_mask.nii.gz")
+    export_sidecar = json.loads(exported[-1].read_text())
+    assert set(cli_sidecar) - set(export_sidecar) == {"domain_check", "flips"}
+    assert set(export_sidecar) <= set(cli_sidecar)
+    np.testing.assert_array_equal(
+        read_image(out / "normal0_mask.nii.gz").array, read_image(exported[0]).array
+    )
+    for key in ("threshold", "min_region_voxels", "marked_voxels", "regions", "model_sha256"):
+        assert cli_sidecar[key] == export_sidecar[key], key

@@ -409,7 +409,7 @@ def test_scans_whose_names_differ_after_the_first_dot_get_their_own_outputs(mode
     assert _localise(versions, out, model) == 0
     assert _names(out) == _set_of("scan.v1") + _set_of("scan.v2")
     sidecar = json.loads((out / "scan.v2_mask.json").read_text())
-    assert sidecar["image"].endswith("scan.v2.nii.gz")
+    assert sidecar["source_path"].endswith("scan.v2.nii.gz")
 
 
 def test_synthesise_names_every_sample_after_the_whole_stem(tmp_path):

@@ -281,49 +281,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _localise_one(localiser, path: str, args: argparse.Namespace, loaded=None):
-    from napari_anomaly.inference import InferenceConfig, localise
-
-    loaded = _read(path) if loaded is None else loaded
-    domain = _check_domain(localiser, path, loaded.array)
-    config = InferenceConfig(device=args.device, slice_axis=args.slice_axis, flips=args.flips)
-    result = _run(
-        localise(loaded.array, localiser, config, spacing=loaded.geometry.spacing),
-        f"localise {Path(path).name}",
-    )
-    return loaded, result, domain
-
-
-def _check_domain(localiser, path: str, image) -> dict:
-    """Warn on stderr (before localising) when the scan is unlike the training data."""
-    from napari_anomaly.domain import check_domain
-
-    report = check_domain(image, localiser)
-    if not report.in_domain:
-        print(f"warning: {report.warning(Path(path).name)}", file=sys.stderr)
-    return report.to_dict()
-
-
-_MAP_KINDS = ("anomaly", "confidence", "mask", "regions")
-# Bytes per voxel of one scan's outputs, uncompressed: two float32 maps, the uint8 mask
-# and the rank image (up to uint32).
-_LOCALISE_BYTES_PER_VOXEL = 4 + 4 + 1 + 4
-
-
-def _localise_targets(paths: Sequence[str], out_dir: Path) -> list[dict]:
-    """The files each input will produce (named by :mod:`napari_anomaly.io.names`); no two
-    inputs may produce the same file, and no output may replace an input."""
-    from napari_anomaly.io import companion_path, data_files, sidecar_path
+def _localise_targets(paths: Sequence[str], out_dir: Path) -> list:
+    """The output plan of each input (:func:`napari_anomaly.case_outputs.localise_plan`);
+    no two inputs may produce the same file, and no output may replace an input."""
+    from napari_anomaly.case_outputs import localise_plan
 
     inputs = {Path(p).absolute(): p for p in paths}
     plans, owner = [], {}
     for path in paths:
-        targets = {kind: companion_path(path, f"_{kind}", out_dir=out_dir) for kind in _MAP_KINDS}
-        targets["regions_csv"] = companion_path(path, "_regions", ".csv", out_dir=out_dir)
-        targets["sidecar"] = sidecar_path(targets["mask"])  # written last: the set is complete
-        files = list(targets.values())
-        files += [extra for kind in _MAP_KINDS for extra in data_files(targets[kind])]
-        for target in files:
+        plan = localise_plan(path, out_dir)
+        for target in plan.all_files:
             if target in owner:
                 raise CommandError(
                     f"{owner[target]} and {path} would both write {target}; "
@@ -332,87 +299,69 @@ def _localise_targets(paths: Sequence[str], out_dir: Path) -> list[dict]:
             if target.absolute() in inputs:
                 raise CommandError(f"{path} would overwrite the input {target}; choose --out")
             owner[target] = path
-        plans.append({"path": path, "files": files, **targets})
+        plans.append(plan)
     return plans
 
 
-def _write_localisation(plan: dict, out_dir: Path, args, loaded, result, localiser, threshold):
-    """Write one scan's outputs as one set (all or none); returns the files and a summary."""
-    import numpy as np
+def _localise_settings(args: argparse.Namespace):
+    """The ``localise``/``batch`` flags as :class:`LocaliseSettings` (checked, flags named)."""
+    from napari_anomaly.localise_files import LocaliseSettings
 
-    from napari_anomaly import io
-    from napari_anomaly.review import find_regions, min_voxels, regions_csv, threshold_map
-
-    path = plan["path"]
-    spacing = loaded.geometry.spacing
-    min_size = min_voxels(args.min_region_size, args.min_region_mm, spacing)
-    mask = threshold_map(result.anomaly_map, threshold, min_size)
-    regions, ranks = find_regions(
-        mask,
-        result.anomaly_map,
-        result.confidence_map,
-        spacing=spacing,
-        origin=loaded.geometry.origin,
+    _check_region_limits(args)
+    if args.threshold is not None and args.max_false_regions is not None:
+        raise CommandError("give --threshold or --max-false-regions, not both")
+    return LocaliseSettings(
+        threshold=args.threshold,
+        max_false_regions=args.max_false_regions,
+        min_region_size=args.min_region_size,
+        min_region_mm=args.min_region_mm,
         rank_by=args.rank_by,
-        return_labels=True,
+        device=args.device,
+        slice_axis=args.slice_axis,
+        flips=args.flips,
     )
-    marked = int(np.count_nonzero(mask))
-    with io.OutputSet(out_dir, overwrite=args.overwrite) as outputs:
-        io.write_image(outputs.stage(plan["anomaly"]), result.anomaly_map, loaded.geometry)
-        io.write_image(outputs.stage(plan["confidence"]), result.confidence_map, loaded.geometry)
-        io.write_image(outputs.stage(plan["mask"]), mask.view(np.uint8), loaded.geometry)
-        del mask
-        io.write_image(outputs.stage(plan["regions"]), _rank_image(ranks), loaded.geometry)
-        del ranks
-        io.atomic_write_text(outputs.stage(plan["regions_csv"]), regions_csv(regions, spacing))
-        provenance = {
-            "image": str(Path(path).resolve()),
-            "outputs": [p.name for p in plan["files"]],
-            "model": localiser.name,
-            "model_sha256": localiser.sha256,
-            "threshold": threshold,
-            "min_region_size": args.min_region_size,
-            "min_region_mm": args.min_region_mm,
-            "min_region_voxels": min_size,
-            "rank_by": args.rank_by,
-            "regions": len(regions),
-            "flips": args.flips,
-            "marked_voxels": marked,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "geometry": loaded.geometry.to_dict(),
-            "domain_check": plan["domain"],
-        }
-        io.atomic_write_text(outputs.stage(plan["sidecar"]), json.dumps(provenance, indent=2))
-        written = outputs.commit(last=plan["sidecar"])
-    return written, len(regions), marked
+
+
+def _file_session(localiser, settings):
+    from napari_anomaly.localise_files import file_session
+
+    try:
+        return file_session(localiser, settings)
+    except ValueError as error:  # a budget of false regions on a model without a curve
+        raise CommandError(str(error)) from error
 
 
 def _cmd_localise(args: argparse.Namespace) -> int:
-    from napari_anomaly.io import check_output_folder
+    from napari_anomaly.localise_files import localise_file
 
-    _check_region_limits(args)
+    settings = _localise_settings(args)
     out_dir = Path(args.out)
     plans = _localise_targets(args.images, out_dir)
-    _prepare_folder(out_dir, [f for plan in plans for f in plan["files"]], args)
-    localiser = _load_model(args.model)
-    threshold = _threshold(args, localiser)
-    for plan in plans:
-        path = plan["path"]
+    _prepare_folder(out_dir, [f for plan in plans for f in plan.all_files], args)
+    session = _file_session(_load_model(args.model), settings)
+    for path, plan in zip(args.images, plans):
+        # Read (and refuse) before the progress line starts.
         loaded = _read(path)
-        # Room for this scan's outputs, before its work (a full disk refuses it here).
-        needed = loaded.array.size * _LOCALISE_BYTES_PER_VOXEL + 1024 * 1024
-        check_output_folder(out_dir, overwrite=args.overwrite, needed_bytes=needed)
-        loaded, result, plan["domain"] = _localise_one(localiser, path, args, loaded)
-        written, regions, marked = _write_localisation(
-            plan, out_dir, args, loaded, result, localiser, threshold
+        outcome = _run(
+            localise_file(
+                session,
+                path,
+                out_dir,
+                plan=plan,
+                loaded=loaded,
+                overwrite=args.overwrite,
+                warn=lambda line: print(f"warning: {line}", file=sys.stderr),
+            ),
+            f"localise {Path(path).name}",
         )
-        args.written.add(Path(path).name, written)
+        args.written.add(Path(path).name, outcome.files)
         print(
-            f"{Path(path).name}: max score {result.anomaly_map.max():.3f}, "
-            f"{regions} region(s), {marked} voxels marked at threshold "
-            f"{threshold:.2f} -> {plan['mask']}, table {plan['regions_csv'].name}"
+            f"{Path(path).name}: max score {outcome.max_score:.3f}, "
+            f"{outcome.regions} region(s), {outcome.marked_voxels} voxels marked at threshold "
+            f"{outcome.threshold:.2f} -> {plan.files['mask']}, "
+            f"table {plan.files['regions_csv'].name}"
         )
-        del loaded, result
+        del loaded
     return 0
 
 
@@ -459,14 +408,6 @@ def _check_region_limits(args: argparse.Namespace) -> None:
         raise CommandError(f"--min-region-size must be >= 0, got {args.min_region_size}")
     if not (math.isfinite(args.min_region_mm) and args.min_region_mm >= 0):
         raise CommandError(f"--min-region-mm must be >= 0, got {args.min_region_mm}")
-
-
-def _rank_image(ranks):
-    """The rank label image in the smallest integer type that holds every rank."""
-    import numpy as np
-
-    top = int(ranks.max()) if ranks.size else 0
-    return ranks.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
 
 
 def _threshold(args: argparse.Namespace, localiser) -> float:

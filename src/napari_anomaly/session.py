@@ -47,10 +47,7 @@ cancelled job leaves the cases and the model versions as they were.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import functools
-import getpass
-import json
 import tempfile
 import threading
 import time
@@ -62,8 +59,9 @@ from pathlib import Path
 import numpy as np
 
 from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS, calibrate
+from napari_anomaly.case_outputs import OutputPlan, export_plan, timestamp, write_case
 from napari_anomaly.inference import InferenceConfig, LocalisationResult, localise
-from napari_anomaly.io import Geometry, atomic_write_text, write_image
+from napari_anomaly.io import Geometry
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import evaluate_cases, sample_score
 from napari_anomaly.progress import Job, Progress
@@ -95,8 +93,7 @@ __all__ = [
 MERGE_SECONDS = 1.5
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+_now = timestamp
 
 
 class CaseReviewedError(ValueError):
@@ -1196,51 +1193,21 @@ class ReviewSession:
         The mask is the case's mask: for a reviewed case exactly the approved
         one. ``path`` is the mask file; its suffix chooses the format (e.g.
         ``.nii.gz``). The sidecar is ``<stem>.json`` beside it and the map
-        ``<stem>_anomaly<suffix>``. Refuses (before writing anything) if any of
-        them exists and ``overwrite`` is False. Writes are atomic.
+        ``<stem>_anomaly<suffix>`` (:func:`napari_anomaly.case_outputs.export_plan`).
+        Refuses (before writing anything) if any of them exists and ``overwrite``
+        is False. The files appear together or not at all.
         """
-        case = self.case(case_id)
-        path = Path(path)
-        suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-        stem = path.name[: -len(suffix)] if suffix else path.name
-        sidecar = path.with_name(stem + ".json")
-        anomaly_path = path.with_name(stem + "_anomaly" + suffix)
-        targets = [path, sidecar] + ([anomaly_path] if include_anomaly_map else [])
-        existing = [str(t) for t in targets if t.exists()]
-        if existing and not overwrite:
-            raise FileExistsError(f"{', '.join(existing)} exist(s); choose overwrite to replace")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mask = case.mask
-        written = [write_image(path, mask.astype(np.uint8), case.geometry, overwrite=overwrite)]
-        if include_anomaly_map:
-            written.append(
-                write_image(anomaly_path, case.anomaly_map, case.geometry, overwrite=overwrite)
-            )
-        provenance = {
-            "case": case.name,
-            "case_id": case.case_id,
-            "reviewed": case.reviewed,
-            "reviewed_at": case.reviewed_at,
-            "mask": path.name,
-            "anomaly_map": anomaly_path.name if include_anomaly_map else None,
-            "source_path": case.source_path,
-            "source_sha256": case.source_sha256,
-            "model_name": case.model_name,
-            "model_sha256": case.model_sha256,
-            "threshold": case.threshold,
-            "min_region_size": case.min_region_size,
-            "min_region_mm": case.min_region_mm,
-            "edited_voxels": case.edits.edit_count,
-            "added_voxels": int(case.edits.added.sum()),
-            "erased_voxels": int(case.edits.erased.sum()),
-            "marked_voxels": int(mask.sum()),
-            "regions": len(case.regions()),
-            "geometry": case.geometry.to_dict(),
-            "localised_at": case.localised_at,
-            "exported_at": _now(),
-            "exported_by": getpass.getuser(),
-        }
-        written.append(
-            atomic_write_text(sidecar, json.dumps(provenance, indent=2), overwrite=overwrite)
-        )
-        return written
+        return self.write_outputs(case_id, export_plan(path, include_anomaly_map), overwrite)
+
+    @_holding_case_lock
+    def write_outputs(
+        self,
+        case_id: str,
+        plan: OutputPlan,
+        overwrite: bool = False,
+        extra: dict | None = None,
+    ) -> list[Path]:
+        """Write the files of ``plan`` for a case as one set, with the one sidecar
+        format (:func:`napari_anomaly.case_outputs.write_case`); ``extra`` adds
+        sidecar keys."""
+        return write_case(self.case(case_id), plan, overwrite=overwrite, extra=extra)

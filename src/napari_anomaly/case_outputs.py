@@ -1,0 +1,217 @@
+"""What a case writes: the one owner of a case's output files and of the sidecar format.
+
+Three clients write a case's results, and they all go through here:
+
+- ``napari-anomaly localise`` (and ``batch``) writes the full set beside each input
+  (:func:`localise_plan`): ``<stem>_anomaly``, ``<stem>_confidence``, ``<stem>_mask``,
+  ``<stem>_regions`` (a label image whose values are the ranks in the region table),
+  ``<stem>_regions.csv`` and the sidecar ``<stem>_mask.json``;
+- :meth:`napari_anomaly.session.ReviewSession.export` (the widget's *Export*) writes
+  the mask to a path the reviewer chose, its sidecar and optionally the anomaly map
+  (:func:`export_plan`).
+
+Either way the files appear together or not at all (:class:`napari_anomaly.io.OutputSet`,
+the sidecar moved into place last, so a sidecar means its set is complete), nothing
+existing is replaced without ``overwrite``, and the sidecar has one format
+(:func:`case_sidecar`): the source file and its sha256, the model and its sha256, the
+threshold and minimum region size that made the mask, the reviewer's edit counts, the
+review state, who wrote it and when.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_anomaly import io
+from napari_anomaly.io import (
+    OutputSet,
+    atomic_write_text,
+    check_output_folder,
+    companion_path,
+    data_files,
+    sidecar_path,
+)
+from napari_anomaly.review import find_regions, regions_csv
+
+if TYPE_CHECKING:
+    from napari_anomaly.session import Case
+
+__all__ = [
+    "LOCALISE_KINDS",
+    "OutputPlan",
+    "case_sidecar",
+    "export_plan",
+    "localise_plan",
+    "rank_image",
+    "timestamp",
+    "write_case",
+]
+
+#: The images ``localise`` writes for each input, in this order.
+LOCALISE_KINDS = ("anomaly", "confidence", "mask", "regions")
+
+#: Bytes per voxel of a full ``localise`` set, uncompressed: two float32 maps, the
+#: uint8 mask and the rank image (up to uint32).
+LOCALISE_BYTES_PER_VOXEL = 4 + 4 + 1 + 4
+
+#: Version of the sidecar format written by :func:`case_sidecar`.
+SIDECAR_VERSION = 2
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """The files one case will write, by kind, all in one folder.
+
+    Attributes
+    ----------
+    folder : Path
+        Where every file goes.
+    files : dict of str to Path
+        ``"mask"`` and ``"sidecar"`` always; ``"anomaly"``, ``"confidence"``,
+        ``"regions"`` (rank image) and ``"regions_csv"`` when they are written.
+    """
+
+    folder: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def all_files(self) -> list[Path]:
+        """Every file written, with the data files of detached headers (``.mhd``)."""
+        paths = list(self.files.values())
+        return paths + [extra for p in paths for extra in data_files(p)]
+
+    def check(self, *, overwrite: bool = False, needed_bytes: int = 0) -> None:
+        """Refuse (before any work) a set that could not be written: see
+        :func:`napari_anomaly.io.check_output_folder`."""
+        check_output_folder(
+            self.folder, self.all_files, overwrite=overwrite, needed_bytes=needed_bytes
+        )
+
+
+def localise_plan(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> OutputPlan:
+    """The full set ``localise`` writes for the input ``source`` into ``out_dir``
+    (names from :mod:`napari_anomaly.io.names`)."""
+    files = {kind: companion_path(source, f"_{kind}", out_dir=out_dir) for kind in LOCALISE_KINDS}
+    files["regions_csv"] = companion_path(source, "_regions", ".csv", out_dir=out_dir)
+    files["sidecar"] = sidecar_path(files["mask"])
+    return OutputPlan(Path(out_dir), files)
+
+
+def export_plan(mask_path: str | os.PathLike[str], include_anomaly_map: bool = False) -> OutputPlan:
+    """What *Export* writes: the mask at ``mask_path`` (its suffix chooses the format),
+    the sidecar ``<stem>.json`` beside it and, if asked, ``<stem>_anomaly<suffix>``."""
+    mask_path = Path(mask_path)
+    files = {"mask": mask_path, "sidecar": sidecar_path(mask_path)}
+    if include_anomaly_map:
+        files["anomaly"] = companion_path(mask_path, "_anomaly", out_dir=mask_path.parent)
+    return OutputPlan(mask_path.parent, files)
+
+
+def rank_image(ranks: np.ndarray) -> np.ndarray:
+    """The rank label image in the smallest unsigned type that holds every rank."""
+    top = int(ranks.max()) if ranks.size else 0
+    return ranks.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
+
+
+def timestamp() -> str:
+    """Now, in UTC, as ISO 8601 to the second (every time stamp a case carries)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def case_sidecar(
+    case: Case,
+    plan: OutputPlan,
+    mask: np.ndarray,
+    regions: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The sidecar of a case's outputs (one format for ``localise``, ``batch`` and
+    *Export*).
+
+    ``min_region_size`` and ``min_region_mm`` are the two limits as set;
+    ``min_region_voxels`` is the one that applied on this scan's grid. ``extra``
+    adds keys (``localise`` adds its domain check and inference settings).
+    """
+    names = {kind: path.name for kind, path in plan.files.items() if kind != "sidecar"}
+    sidecar = {
+        "sidecar_version": SIDECAR_VERSION,
+        "case": case.name,
+        "case_id": case.case_id,
+        "source_path": case.source_path,
+        "source_sha256": case.source_sha256,
+        "outputs": [p.name for p in plan.all_files if p != plan.files["sidecar"]],
+        "mask": names["mask"],
+        "anomaly_map": names.get("anomaly"),
+        "model_name": case.model_name,
+        "model_sha256": case.model_sha256,
+        "threshold": case.threshold,
+        "min_region_size": case.min_region_voxels,
+        "min_region_mm": case.min_region_mm,
+        "min_region_voxels": case.min_region_size,
+        "rank_by": case.rank_by,
+        "regions": regions,
+        "marked_voxels": int(np.count_nonzero(mask)),
+        "edited_voxels": case.edits.edit_count,
+        "added_voxels": int(np.count_nonzero(case.edits.added)),
+        "erased_voxels": int(np.count_nonzero(case.edits.erased)),
+        "reviewed": case.reviewed,
+        "reviewed_at": case.reviewed_at,
+        "geometry": case.geometry.to_dict(),
+        "localised_at": case.localised_at,
+        "exported_at": timestamp(),
+        "exported_by": getpass.getuser(),
+    }
+    sidecar.update(extra or {})
+    return sidecar
+
+
+def write_case(
+    case: Case,
+    plan: OutputPlan,
+    *,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Write the files of ``plan`` for ``case`` as one set (all or none); returns them.
+
+    The mask is the case's mask: for a reviewed case exactly the approved one. The
+    region table and rank image are those of that mask, ranked as the review table
+    ranks them. Refuses (before writing) a file that exists unless ``overwrite``.
+    """
+    plan.check(overwrite=overwrite)
+    mask = case.mask
+    files = plan.files
+    geometry = case.geometry
+    regions, ranks = find_regions(
+        mask,
+        case.anomaly_map,
+        case.confidence_map,
+        spacing=geometry.spacing,
+        origin=geometry.origin,
+        rank_by=case.rank_by,
+        return_labels=True,
+    )
+    with OutputSet(plan.folder, overwrite=overwrite) as outputs:
+        if "anomaly" in files:
+            io.write_image(outputs.stage(files["anomaly"]), case.anomaly_map, geometry)
+        if "confidence" in files:
+            io.write_image(outputs.stage(files["confidence"]), case.confidence_map, geometry)
+        io.write_image(outputs.stage(files["mask"]), mask.view(np.uint8), geometry)
+        if "regions" in files:
+            io.write_image(outputs.stage(files["regions"]), rank_image(ranks), geometry)
+        del ranks
+        if "regions_csv" in files:
+            atomic_write_text(
+                outputs.stage(files["regions_csv"]), regions_csv(regions, geometry.spacing)
+            )
+        sidecar = case_sidecar(case, plan, mask, len(regions), extra)
+        atomic_write_text(outputs.stage(files["sidecar"]), json.dumps(sidecar, indent=2))
+        return outputs.commit(last=files["sidecar"])
