@@ -63,6 +63,8 @@ __all__ = [
     "ImageFileError",
     "LoadedImage",
     "detect_format",
+    "dicom_plane_geometry",
+    "dicom_series_files",
     "output_path_like",
     "read_image",
     "write_image",
@@ -355,23 +357,37 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """Return the format name for ``path`` from its suffix.
 
     A directory is reported as ``'dicom'`` without looking inside (that
-    happens in :func:`read_image`).
+    happens in :func:`read_image`). A file whose suffix is not known (DICOM
+    files are often named ``IM0001`` or by their UID) is ``'dicom'`` when it
+    starts with the DICOM preamble (``DICM`` at byte 128).
 
     Raises
     ------
     ImageFileError
-        If the suffix is not one of :data:`SUPPORTED_SUFFIXES`.
+        If the suffix is not one of :data:`SUPPORTED_SUFFIXES` and the file is
+        not DICOM.
     """
     p = Path(path)
     if p.is_dir():
         return "dicom"
     fmt = _SUFFIX_FORMATS.get(full_suffix(p).lower())
+    if fmt is None and _has_dicom_preamble(p):
+        return "dicom"
     if fmt is None:
         raise ImageFileError(
             f"{p}: unsupported file type {full_suffix(p) or '(no suffix)'!r}. "
             f"Supported: {', '.join(SUPPORTED_SUFFIXES)}, or a folder holding a DICOM series."
         )
     return fmt
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _shape_error(path: Path, shape: Sequence[int], extra: str = "") -> ValueError:
@@ -842,19 +858,81 @@ def _dicom_numbers(reader: Any, tag: str, n: int) -> tuple[float, ...] | None:
     return values if len(values) == n and all(math.isfinite(v) for v in values) else None
 
 
-def _check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
+def _check_slice_geometry(
+    where: Path,
+    names: Sequence[str],
+    positions: Sequence[tuple[float, ...] | None],
+    orientations: Sequence[tuple[float, ...] | None],
+    what: str = "slice",
+) -> tuple[np.ndarray, float] | None:
+    """Refuse slices (files or frames) that do not form one regular volume.
+
+    Returns the order that sorts them along the slice normal (ascending, as
+    GDCM and every viewer stack them) and the slice spacing in mm; ``None``
+    when no slice has a position or orientation (nothing to check: stacked as
+    given). Reading the pixels stacks the slices at one uniform spacing, so a
+    missing slice, a repeated position or a change of orientation would
+    silently misplace anatomy.
+    """
+    if len(names) < 2 or all(p is None and o is None for p, o in zip(positions, orientations)):
+        return None
+    missing = [n for n, p, o in zip(names, positions, orientations) if p is None or o is None]
+    if missing:
+        raise ImageFileError(
+            f"{where}: {len(missing)} DICOM {what}(s) (e.g. {missing[0]}) have no image "
+            f"position or orientation; the {what}s cannot be placed in one volume."
+        )
+    cosines = np.asarray(orientations, dtype=np.float64)
+    differs = np.abs(cosines - cosines[0]).max(axis=1) > _DICOM_ORIENTATION_TOLERANCE
+    if differs.any():
+        other = int(np.argmax(differs))
+        raise ImageFileError(
+            f"{where}: the DICOM {what}s do not share one orientation ({names[0]} and "
+            f"{names[other]} differ); a series with mixed orientations is not one volume."
+        )
+    normal = np.cross(cosines[0, :3], cosines[0, 3:])
+    if not np.linalg.norm(normal) > 0.5:
+        raise ImageFileError(f"{where}: the DICOM image orientation {orientations[0]} is invalid.")
+    along = np.asarray(positions, dtype=np.float64) @ (normal / np.linalg.norm(normal))
+    order = np.argsort(along, kind="stable")
+    steps = np.diff(along[order])
+    same = np.flatnonzero(steps < _DICOM_SAME_POSITION_MM)
+    if same.size:
+        a, b = order[same[0]], order[same[0] + 1]
+        raise ImageFileError(
+            f"{where}: {same.size + 1} DICOM {what}s lie at the same position (e.g. {names[a]} "
+            f"and {names[b]}, {along[a]:.4g} mm along the slice normal); the "
+            f"{'folder' if what == 'slice' else 'file'} may hold repeated or several "
+            "acquisitions (echoes, time points). Keep one of each."
+        )
+    spacing = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - spacing) > _DICOM_SPACING_TOLERANCE * spacing)
+    if uneven.size:
+        k = int(uneven[0])
+        a, b = order[k], order[k + 1]
+        hint = f" (a missing {what}?)" if steps[k] > spacing else ""
+        more = f"; {uneven.size - 1} more such gap(s)" if uneven.size > 1 else ""
+        raise ImageFileError(
+            f"{where}: the DICOM {what}s are not evenly spaced: most are {spacing:.4g} mm "
+            f"apart, but {names[a]} and {names[b]} are {steps[k]:.4g} mm apart{hint}{more}. "
+            "Read as one volume they would be misplaced; complete the series or split it."
+        )
+    return order, spacing
+
+
+def _check_dicom_slices(folder: Path, files: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Refuse a series whose slices do not form one regular volume, before reading it.
 
-    Reading the pixels stacks the slices at one uniform spacing, so a missing
-    slice, a repeated position or a change of orientation would silently
-    misplace anatomy. Only the headers are read here.
+    Only the headers are read. Returns the files in the order they are
+    stacked: ascending along the slice normal, or by instance number when the
+    slices carry no position (e.g. secondary captures).
     """
     sitk = _sitk()
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
-    sizes, positions, orientations = [], [], []
+    sizes, positions, orientations, numbers = [], [], [], []
     for name in files:
-        reader.SetFileName(name)
+        reader.SetFileName(str(name))
         try:
             reader.ReadImageInformation()
         except Exception as exc:
@@ -864,94 +942,149 @@ def _check_dicom_slices(folder: Path, files: Sequence[str]) -> None:
         sizes.append(tuple(reader.GetSize()))
         positions.append(_dicom_numbers(reader, "0020|0032", 3))
         orientations.append(_dicom_numbers(reader, "0020|0037", 6))
+        number = _dicom_numbers(reader, "0020|0013", 1)
+        numbers.append(number[0] if number is not None else math.inf)
     if len(set(sizes)) > 1:
         shapes = ", ".join(map(str, sorted(set(sizes))))
         raise ImageFileError(
             f"{folder}: the DICOM slices differ in size ({shapes}); they are not one volume."
         )
     _check_claimed_size(folder, (len(files), *sizes[0]))
-    if len(files) < 2 or all(p is None and o is None for p, o in zip(positions, orientations)):
-        return  # no geometry to check (e.g. secondary captures): stacked in file order
-    missing = [
-        Path(f).name for f, p, o in zip(files, positions, orientations) if p is None or o is None
-    ]
-    if missing:
-        raise ImageFileError(
-            f"{folder}: {len(missing)} DICOM slice(s) (e.g. {missing[0]}) have no image "
-            "position or orientation; the slices cannot be placed in one volume."
-        )
-    names = [Path(f).name for f in files]
-    cosines = np.asarray(orientations, dtype=np.float64)
-    differs = np.abs(cosines - cosines[0]).max(axis=1) > _DICOM_ORIENTATION_TOLERANCE
-    if differs.any():
-        other = int(np.argmax(differs))
-        raise ImageFileError(
-            f"{folder}: the DICOM slices do not share one orientation ({names[0]} and "
-            f"{names[other]} differ); a series with mixed orientations is not one volume."
-        )
-    normal = np.cross(cosines[0, :3], cosines[0, 3:])
-    if not np.linalg.norm(normal) > 0.5:
-        raise ImageFileError(f"{folder}: the DICOM image orientation {orientations[0]} is invalid.")
-    along = np.asarray(positions, dtype=np.float64) @ (normal / np.linalg.norm(normal))
-    order = np.argsort(along, kind="stable")
-    steps = np.diff(along[order])
-    same = np.flatnonzero(steps < _DICOM_SAME_POSITION_MM)
-    if same.size:
-        a, b = order[same[0]], order[same[0] + 1]
-        raise ImageFileError(
-            f"{folder}: {same.size + 1} DICOM slices lie at the same position (e.g. {names[a]} "
-            f"and {names[b]}, {along[a]:.4g} mm along the slice normal); the folder may hold "
-            "repeated or several acquisitions. Keep one of each."
-        )
-    spacing = float(np.median(steps))
-    uneven = np.flatnonzero(np.abs(steps - spacing) > _DICOM_SPACING_TOLERANCE * spacing)
-    if uneven.size:
-        k = int(uneven[0])
-        a, b = order[k], order[k + 1]
-        hint = " (a missing slice?)" if steps[k] > spacing else ""
-        more = f"; {uneven.size - 1} more such gap(s)" if uneven.size > 1 else ""
-        raise ImageFileError(
-            f"{folder}: the DICOM slices are not evenly spaced: most are {spacing:.4g} mm "
-            f"apart, but {names[a]} and {names[b]} are {steps[k]:.4g} mm apart{hint}{more}. "
-            "Read as one volume they would be misplaced; complete the series or split it."
-        )
+    paths = [Path(f) for f in files]
+    placed = _check_slice_geometry(folder, [p.name for p in paths], positions, orientations)
+    if placed is None:
+        order = sorted(range(len(paths)), key=lambda k: (numbers[k], paths[k].name))
+    else:
+        order = [int(k) for k in placed[0]]
+    return [paths[k] for k in order]
 
 
-def _read_dicom(path: Path) -> LoadedImage:
-    sitk = _sitk()
+def _series_listing(infos: Sequence[Any]) -> str:
+    return "; ".join(info.summary() for info in infos)
+
+
+def _select_dicom_series(path: Path, series: str | None) -> Any:
+    """The :class:`~.dicom.SeriesInfo` to read for ``path`` (a folder or one file).
+
+    ``None`` when ``path`` is a file that belongs to no series (it is read alone).
+    """
+    from .dicom import list_dicom_series
+
     folder = path if path.is_dir() else path.parent
     try:
-        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-        series = [
-            sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids
-        ]
-    except Exception as exc:
+        infos = list_dicom_series(folder)
+    except OSError as exc:
         raise ImageFileError(
-            f"could not list the DICOM files in {folder}: {_first_line(exc)}"
+            f"could not list the DICOM files in {folder}: {exc.strerror or exc}"
         ) from None
-    if path.is_dir():
-        if not series:
-            raise ImageFileError(
-                f"no DICOM series found in {folder}; the folder must hold the DICOM files of "
-                "a series directly (sub-folders are not searched)."
-            )
-        files = max(series, key=len)
-        if len(series) > 1:
-            logger.info(
-                "%s holds %d DICOM series; reading the largest (%d files)",
-                folder,
-                len(series),
-                len(files),
-            )
-    else:
-        # One file given: read the series it belongs to, or the file alone.
-        mine = [s for s in series if any(Path(f).resolve() == path.resolve() for f in s)]
+    if not path.is_dir():
+        resolved = path.resolve()
+        mine = [i for i in infos if any(f.resolve() == resolved for f in i.files)]
         if not mine:
-            return _read_sitk_file(path, "dicom")
-        files = mine[0]
-    _check_dicom_slices(folder, files)
+            if series is not None:
+                raise ImageFileError(
+                    f"{path} belongs to no DICOM series, so series={series!r} cannot be read "
+                    "from it."
+                )
+            return None
+        if series is not None and mine[0].series_instance_uid != series:
+            raise ImageFileError(
+                f"{path} belongs to DICOM series {mine[0].series_instance_uid}, not {series}; "
+                "give the folder to choose another series."
+            )
+        return mine[0]
+    if not infos:
+        raise ImageFileError(
+            f"no DICOM series found in {folder}; the folder must hold the DICOM files of "
+            "a series directly (sub-folders are not searched)."
+        )
+    if series is not None:
+        match = [i for i in infos if i.series_instance_uid == series.strip()]
+        if not match:
+            raise ImageFileError(
+                f"{folder} holds no DICOM series with the UID {series}; it holds "
+                f"{len(infos)}: {_series_listing(infos)}."
+            )
+        return match[0]
+    images = [i for i in infos if i.is_image]
+    if len(images) == 1:
+        if len(infos) > 1:
+            logger.info(
+                "%s: reading the only image series %s (%d other series hold no image)",
+                folder,
+                images[0].series_instance_uid,
+                len(infos) - 1,
+            )
+        return images[0]
+    if not images and len(infos) == 1:
+        return infos[0]  # e.g. a folder holding one segmentation
+    raise ImageFileError(
+        f"{folder} holds {len(infos)} DICOM series: {_series_listing(infos)}. Pass the "
+        "SeriesInstanceUID of the one to read (series=... in Python, --series on the command "
+        "line)."
+    )
+
+
+def dicom_series_files(path: str | os.PathLike[str], series: str | None = None) -> list[Path]:
+    """The files :func:`read_image` reads for a DICOM ``path``, in the order it stacks them.
+
+    For a classic series, one file per slice, sorted along the slice normal
+    (index 0 of the array read is the first file); for an enhanced multi-frame
+    image or a segmentation, the one file. The same selection and checks as
+    :func:`read_image` (``series`` chooses among several series in a folder),
+    headers only: it is how a DICOM-SEG names exactly the slices a mask was
+    computed on.
+
+    Raises
+    ------
+    ImageFileError
+        As :func:`read_image` for the same ``path`` and ``series``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    info = _select_dicom_series(p, series)
+    if info is None:
+        return [p]
+    folder = p if p.is_dir() else p.parent
+    if info.is_segmentation or info.n_frames > 1:
+        return _one_multiframe_file(folder, info)
+    return _check_dicom_slices(folder, info.files)
+
+
+def _one_multiframe_file(folder: Path, info: Any) -> list[Path]:
+    if info.n_files > 1:
+        kind = "segmentation" if info.is_segmentation else "multi-frame"
+        raise ImageFileError(
+            f"{folder}: DICOM series {info.series_instance_uid} has {info.n_files} "
+            f"{kind} files ({info.files[0].name}, ...); give one of them."
+        )
+    return [info.files[0]]
+
+
+def _read_dicom(path: Path, series: str | None = None, scan: bool = False) -> LoadedImage:
+    info = _select_dicom_series(path, series)
+    if info is None:
+        return _read_sitk_file(path, "dicom")
+    folder = path if path.is_dir() else path.parent
+    if info.is_segmentation:
+        (file,) = _one_multiframe_file(folder, info)
+        if scan:
+            raise ImageFileError(
+                f"{file} is a DICOM segmentation (DICOM-SEG), not a scan; give the scan's "
+                "DICOM folder (or pass the scan's series UID)."
+            )
+        from .dicom_seg import read_seg
+
+        mask, geometry = read_seg(file)
+        return _finish(mask, geometry, "uint8", "dicom", path)
+    if info.n_frames > 1:
+        (file,) = _one_multiframe_file(folder, info)
+        return _read_dicom_multiframe(path, file)
+    files = _check_dicom_slices(folder, info.files)
+    sitk = _sitk()
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(files))
+    reader.SetFileNames([str(f) for f in files])
     try:
         img = reader.Execute()
     except Exception as exc:
@@ -959,6 +1092,150 @@ def _read_dicom(path: Path) -> LoadedImage:
             f"could not read the DICOM series in {folder}: {_first_line(exc)}"
         ) from None
     return _from_sitk_image(img, path, "dicom", collapse_single_slice=True)
+
+
+def _dicom_item(per_frame: Any, shared: Any, sequence: str) -> Any:
+    """The first item of a functional-group ``sequence``, per frame first, then shared."""
+    for group in (per_frame, shared):
+        if group is not None and sequence in group and len(group[sequence].value):
+            return group[sequence].value[0]
+    return None
+
+
+def _dicom_floats(item: Any, keyword: str, n: int) -> tuple[float, ...] | None:
+    if item is None or keyword not in item or item[keyword].value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in np.atleast_1d(item[keyword].value))
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == n and all(math.isfinite(v) for v in values) else None
+
+
+def dicom_plane_geometry(
+    positions: np.ndarray, orientation: Sequence[float], pixel_spacing: Sequence[float]
+) -> Geometry:
+    """The :class:`Geometry` of slices at ``positions`` (sorted along the normal).
+
+    ``positions`` is ``(n, 3)`` ImagePositionPatient values (mm, patient x/y/z),
+    ``orientation`` the six ImageOrientationPatient cosines, ``pixel_spacing``
+    the PixelSpacing (row spacing, column spacing). One slice gives a 2D
+    geometry, as a single DICOM file reads (the in-plane part of the
+    direction, or the identity when the slice is not in the x/y plane).
+    Matches what SimpleITK gives for a classic series on the same planes.
+    """
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:6], dtype=np.float64)
+    normal = np.cross(row, col)
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    dy, dx = float(pixel_spacing[0]), float(pixel_spacing[1])
+    if len(positions) == 1:
+        sub = np.array([[row[0], col[0]], [row[1], col[1]]])
+        direction = sub if abs(np.linalg.det(sub)) > 1e-3 else np.eye(2)
+        return Geometry(
+            spacing=(dy, dx), origin=(positions[0, 1], positions[0, 0]), direction=direction.ravel()
+        )
+    along = positions @ normal
+    dz = float((along[-1] - along[0]) / (len(positions) - 1))
+    direction = np.stack([row, col, normal], axis=1)
+    return Geometry(
+        spacing=(dz, dy, dx), origin=tuple(reversed(positions[0])), direction=direction.ravel()
+    )
+
+
+@dataclass(frozen=True)
+class _FramePlanes:
+    """Where the frames of one multi-frame DICOM file lie."""
+
+    order: list[int]  # frame indices (0-based, file order) sorted along the slice normal
+    rescale: list[tuple[float, float]]  # (slope, intercept) of each frame, file order
+    positions: np.ndarray  # (n, 3) ImagePositionPatient of the frames in ``order``
+    geometry: Geometry  # of the frames stacked in ``order``; 2D for one frame
+
+
+def _multiframe_planes(file: Path, header: Any) -> _FramePlanes:
+    """Read and check the per-frame positions of an enhanced multi-frame image
+    (headers only): the frames must form one regular volume, like the slices
+    of a classic series."""
+    n = int(getattr(header, "NumberOfFrames", 1) or 1)
+    shared_seq = header.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per_frame_seq = header.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame_seq) != n:
+        raise ImageFileError(
+            f"{file}: a multi-frame DICOM image with {n} frames but "
+            f"{len(per_frame_seq)} per-frame descriptions; its frames cannot be placed in one "
+            "volume (a cine or multi-frame secondary capture is not a volume)."
+        )
+    positions, orientations, spacings, rescale = [], [], [], []
+    for frame in per_frame_seq:
+        plane = _dicom_item(frame, shared, "PlanePositionSequence")
+        orient = _dicom_item(frame, shared, "PlaneOrientationSequence")
+        measures = _dicom_item(frame, shared, "PixelMeasuresSequence")
+        transform = _dicom_item(frame, shared, "PixelValueTransformationSequence")
+        positions.append(_dicom_floats(plane, "ImagePositionPatient", 3))
+        orientations.append(_dicom_floats(orient, "ImageOrientationPatient", 6))
+        spacings.append(_dicom_floats(measures, "PixelSpacing", 2))
+        slope = _dicom_floats(transform, "RescaleSlope", 1) or _dicom_floats(
+            header, "RescaleSlope", 1
+        )
+        intercept = _dicom_floats(transform, "RescaleIntercept", 1) or _dicom_floats(
+            header, "RescaleIntercept", 1
+        )
+        rescale.append(((slope or (1.0,))[0], (intercept or (0.0,))[0]))
+    names = [f"frame {k + 1}" for k in range(n)]
+    placed = _check_slice_geometry(file, names, positions, orientations, what="frame")
+    if placed is None and (positions[0] is None or orientations[0] is None):
+        raise ImageFileError(
+            f"{file}: the frames of this multi-frame DICOM image have no position or "
+            "orientation; they cannot be placed in one volume."
+        )
+    if any(s is None for s in spacings) or len(set(spacings)) > 1:
+        raise ImageFileError(
+            f"{file}: the frames have no pixel spacing or different ones; they are not one volume."
+        )
+    order = [0] if placed is None else [int(k) for k in placed[0]]
+    sorted_positions = np.asarray([positions[k] for k in order], dtype=np.float64)
+    geometry = dicom_plane_geometry(sorted_positions, orientations[0], spacings[0])
+    return _FramePlanes(order=order, rescale=rescale, positions=sorted_positions, geometry=geometry)
+
+
+def _read_dicom_multiframe(path: Path, file: Path) -> LoadedImage:
+    """An enhanced (or legacy converted enhanced) multi-frame MR/CT image: one file,
+    many frames, each placed by its own PlanePositionSequence."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(file, stop_before_pixels=True)
+    except Exception as exc:
+        raise ImageFileError(f"could not read {file} as DICOM: {_first_line(exc)}") from None
+    n = int(getattr(header, "NumberOfFrames", 1) or 1)
+    rows, columns = int(getattr(header, "Rows", 0)), int(getattr(header, "Columns", 0))
+    samples = int(getattr(header, "SamplesPerPixel", 1) or 1)
+    _check_claimed_size(file, (n, rows, columns, samples))
+    if samples != 1:
+        raise ImageFileError(
+            f"{file}: each pixel has {samples} samples (a colour image); "
+            "the model takes single-channel greyscale images."
+        )
+    planes = _multiframe_planes(file, header)
+    try:
+        stored = pydicom.dcmread(file).pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "?")
+        raise ImageFileError(
+            f"could not decode the pixel data of {file} (transfer syntax {syntax}): "
+            f"{_first_line(exc)}"
+        ) from None
+    stored = np.asarray(stored).reshape(n, rows, columns)
+    if all(r == (1.0, 0.0) for r in planes.rescale):
+        values, source_dtype = stored, stored.dtype.name
+    else:
+        values, source_dtype = np.empty(stored.shape, dtype=np.float64), "float64"
+        for k, (slope, intercept) in enumerate(planes.rescale):
+            values[k] = stored[k] * slope + intercept
+    values = values[planes.order]
+    return _finish(values if n > 1 else values[0], planes.geometry, source_dtype, "dicom", path)
 
 
 def _tiff_geometry(tif: Any, ndim: int) -> Geometry:
@@ -1203,21 +1480,31 @@ def _check_scan(image: LoadedImage) -> None:
         raise ImageFileError(str(exc)) from None
 
 
-def read_image(path: str | os.PathLike[str], *, scan: bool = False) -> LoadedImage:
+def read_image(
+    path: str | os.PathLike[str], *, scan: bool = False, series: str | None = None
+) -> LoadedImage:
     """Read a 2D image or 3D volume with its geometry.
 
     Parameters
     ----------
     path
         A file with one of :data:`SUPPORTED_SUFFIXES`, or a folder holding a
-        DICOM series (the series with the most files is read; a single
-        ``.dcm`` file reads the series it belongs to).
+        DICOM series (a single ``.dcm`` file reads the series it belongs to;
+        an enhanced multi-frame file reads as a volume; a DICOM-SEG file reads
+        as its mask, see :func:`napari_anomaly.io.dicom_seg.read_seg`).
     scan
         The file must hold a scan to localise or train on: a boolean file (a
         mask) is refused, and so is anything
         :func:`napari_anomaly.preprocess.validate_image` refuses (NaN or
         infinite values, a constant image, an axis too short), with the file
-        named in the message. Leave it False to read masks and label images.
+        named in the message; so is a DICOM segmentation. Leave it False to
+        read masks and label images.
+    series
+        DICOM only: the SeriesInstanceUID of the series to read from a folder
+        that holds several. A folder with more than one image series is
+        refused without it (the message lists the series); a folder with one
+        image series reads it, whatever else (a segmentation, a report) lies
+        beside it.
 
     Returns
     -------
@@ -1230,7 +1517,8 @@ def read_image(path: str | os.PathLike[str], *, scan: bool = False) -> LoadedIma
         If ``path`` does not exist.
     ImageFileError
         A ``ValueError`` whose one-line message names the file: an unknown
-        suffix, a folder without DICOM files, a file the reader cannot decode
+        suffix, a folder without DICOM files, a folder with several DICOM
+        series and no ``series`` (or an unknown one), a file the reader cannot decode
         (empty, text, damaged), a truncated file (fewer bytes than its header
         describes, TIFF pages missing), a header claiming more than
         :data:`MAX_VOXELS` voxels, a DICOM series with missing, repeated or
@@ -1257,9 +1545,11 @@ def read_image(path: str | os.PathLike[str], *, scan: bool = False) -> LoadedIma
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     fmt = detect_format(p)
+    if series is not None and fmt != "dicom":
+        raise ImageFileError(f"{p} is not DICOM; series={series!r} applies to DICOM folders only.")
     try:
         if fmt == "dicom":
-            image = _read_dicom(p)
+            image = _read_dicom(p, series, scan)
         elif fmt in ("nifti", "nrrd", "mha"):
             image = _read_sitk_file(p, fmt)
         elif fmt == "tiff":
