@@ -75,6 +75,7 @@ from napari_anomaly.review import (
     rethreshold,
 )
 from napari_anomaly.training import AdaptConfig, FinetuneConfig, adapt, finetune
+from napari_anomaly.worklist import Worklist
 
 __all__ = [
     "CalibrationOutcome",
@@ -400,10 +401,22 @@ class ReviewSession:
         # Maps a finished job already made with a version (case id -> (version,
         # image, result)), so that relocalise() does not run the network again.
         self._predictions: dict[str, tuple[Localiser, np.ndarray, LocalisationResult]] = {}
+        #: The cohort under review (:class:`napari_anomaly.worklist.Worklist`), if any;
+        #: saved and resumed with the session.
+        self.worklist: Worklist | None = None
         self.add_version(localiser)
 
     def _touch(self) -> None:
         self.revision += 1
+
+    def set_worklist(self, worklist: Worklist | None) -> None:
+        """Review a cohort: the worklist is kept (and saved) with the session."""
+        self.worklist = worklist
+        self._touch()
+
+    def worklist_changed(self) -> None:
+        """Record that the worklist changed (a case opened or exported), so it is saved."""
+        self._touch()
 
     # -- models ---------------------------------------------------------------
     @property

@@ -504,6 +504,7 @@ def _save(session: ReviewSession, folder: Path) -> Path:
         "max_false_regions": session.max_false_regions,
         "models": {"current": current, "versions": model_entries},
         "cases": case_entries,
+        "worklist": session.worklist.to_dict() if session.worklist is not None else None,
     }
     manifest_path = atomic_write_text(
         folder / MANIFEST_NAME, json.dumps(manifest, indent=1), overwrite=True
@@ -716,5 +717,13 @@ def load_session(
             case._changed()
             logger.warning("a resumed mask differed from its saved copy; the saved one was kept")
         session.cases[case_id] = case
+    if manifest.get("worklist"):
+        from napari_anomaly.worklist import Worklist, WorklistError
+
+        try:
+            session.worklist = Worklist.from_dict(manifest["worklist"])
+        except (KeyError, TypeError, WorklistError) as error:
+            message = f"{MANIFEST_NAME}: the worklist is damaged ({error!r})"
+            raise SessionFileError(message) from None
     session.revision = 0
     return session

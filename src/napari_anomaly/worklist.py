@@ -1,0 +1,319 @@
+"""A cohort's worklist: the scans to review, in order, and where each one stands.
+
+A worklist is opened from a folder of scans (image files and DICOM series folders),
+from a CSV manifest (a ``path`` column and optionally ``case``), or from the
+``results.csv`` of ``napari-anomaly batch`` (most suspicious case first, by its
+``sample_score``). Each item is *to do*, *localised*, *reviewed*, *exported* or
+*failed*; the state of a case is read from the :class:`~napari_anomaly.session.ReviewSession`
+(the one owner of a review), so the worklist only adds what the session does not know:
+the file list, the order and what was exported where. The session keeps its worklist
+(``session.worklist``) and a saved session restores it.
+
+Examples
+--------
+>>> worklist = Worklist.open("cohort/")  # doctest: +SKIP
+>>> index = worklist.next_index(session)  # doctest: +SKIP
+>>> worklist.export_reviewed(session, "reviewed/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari_anomaly.case_outputs import export_plan
+from napari_anomaly.io.names import IMAGE_SUFFIXES, image_stem, output_suffix
+
+if TYPE_CHECKING:
+    from napari_anomaly.session import ReviewSession
+
+__all__ = ["STATUSES", "WorkItem", "Worklist", "WorklistError"]
+
+#: What an item can be, in the order a case goes through them.
+STATUSES = ("to do", "localised", "reviewed", "exported", "failed")
+
+#: Columns of a manifest that name the scan (the first one present is used).
+PATH_COLUMNS = ("path", "source_path", "source", "image")
+#: Columns that name the case (optional).
+CASE_COLUMNS = ("case", "case_id", "name")
+#: The case-level score column of ``napari-anomaly batch``'s results.csv.
+SCORE_COLUMN = "sample_score"
+
+# Outputs napari-anomaly writes beside a scan: not scans to review themselves.
+_OUTPUT_TAGS = ("_anomaly", "_confidence", "_mask", "_regions")
+
+
+class WorklistError(ValueError):
+    """A worklist source was refused; the message names it (and the line)."""
+
+
+@dataclass
+class WorkItem:
+    """One scan of the worklist.
+
+    Attributes
+    ----------
+    path : str
+        The scan (file or DICOM series folder).
+    name : str
+        Shown in the worklist and used for exported file names: the manifest's
+        case name, else the scan's name without its suffix.
+    case_id : str or None
+        The review case, once the scan was opened.
+    score : float or None
+        Case-level anomaly score from a batch run, if the worklist came from one.
+    exported : str or None
+        The mask file written for the case by :meth:`Worklist.export_reviewed`.
+    error : str or None
+        Why the scan could not be opened or localised (the item is *failed*).
+    """
+
+    path: str
+    name: str
+    case_id: str | None = None
+    score: float | None = None
+    exported: str | None = None
+    error: str | None = None
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    """A folder holding DICOM files (by suffix or by the DICM preamble of the first few)."""
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+    except OSError:
+        return False
+    if any(p.suffix.lower() == ".dcm" for p in files):
+        return True
+    return any(_is_dicom_file(p) for p in files[:5])
+
+
+def _is_scan_file(path: Path) -> bool:
+    name = path.name.lower()
+    suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
+    if suffix is None or name.startswith("."):
+        return False
+    return not image_stem(path).endswith(_OUTPUT_TAGS)
+
+
+class Worklist:
+    """The scans of a cohort in review order (see the module docstring).
+
+    Parameters
+    ----------
+    items
+        The scans, in order.
+    source
+        Where the list came from (a folder or a CSV), for display.
+    """
+
+    def __init__(self, items: Iterable[WorkItem], source: str = "") -> None:
+        self.items = list(items)
+        self.source = source
+        if not self.items:
+            raise WorklistError(f"{source or 'the worklist'}: no scans to review")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # -- opening -------------------------------------------------------------------
+    @classmethod
+    def open(cls, source: str | os.PathLike[str]) -> Worklist:
+        """A worklist from a folder of scans or from a CSV file.
+
+        Raises
+        ------
+        WorklistError
+            The folder holds no scans; the CSV lacks a path column, names a scan
+            that does not exist, or names one twice.
+        """
+        source = Path(source)
+        if source.is_dir():
+            return cls.from_folder(source)
+        if source.suffix.lower() == ".csv" and source.is_file():
+            return cls.from_csv(source)
+        if not source.exists():
+            raise WorklistError(f"{source}: no such folder or CSV file")
+        raise WorklistError(f"{source}: a worklist is a folder of scans or a .csv file")
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike[str]) -> Worklist:
+        """Every scan in ``folder``, by name: image files (not napari-anomaly's own
+        outputs such as ``*_mask.nii.gz``) and sub-folders holding a DICOM series."""
+        folder = Path(folder)
+        try:
+            entries = sorted(folder.iterdir(), key=lambda p: p.name.lower())
+        except OSError as error:
+            raise WorklistError(f"{folder}: cannot list the folder ({error.strerror})") from None
+        items = []
+        for path in entries:
+            if (path.is_file() and _is_scan_file(path)) or (
+                path.is_dir() and _is_dicom_folder(path)
+            ):
+                items.append(WorkItem(str(path.resolve()), image_stem(path)))
+        if not items:
+            raise WorklistError(
+                f"{folder}: no scans found (image files such as .nii.gz, .nrrd, .mha, or "
+                "folders holding a DICOM series)"
+            )
+        return cls(items, str(folder))
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike[str]) -> Worklist:
+        """A manifest: a header row, a path column (``path``, ``source_path``,
+        ``source`` or ``image``; relative paths are relative to the CSV's folder)
+        and optionally ``case``. With a ``sample_score`` column (``batch``'s
+        results.csv) the cases are ordered most suspicious first, cases without
+        a score (failed in the batch) last."""
+        path = Path(path)
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                rows = list(csv.DictReader(fh))
+                header = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise WorklistError(f"{path}: cannot read the CSV ({error})") from None
+        if not rows:
+            raise WorklistError(f"{path}: the CSV holds no rows")
+        column = next((c for c in PATH_COLUMNS if c in header), None)
+        if column is None:
+            raise WorklistError(
+                f"{path}: no path column (expected a header with one of {', '.join(PATH_COLUMNS)})"
+            )
+        case_column = next((c for c in CASE_COLUMNS if c in header), None)
+        items, seen = [], {}
+        for line, row in enumerate(rows, start=2):
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            if not row.get(column):
+                raise WorklistError(f"{path} line {line}: the {column} is empty")
+            scan = Path(row[column])
+            scan = scan if scan.is_absolute() else path.parent / scan
+            if not scan.exists():
+                raise WorklistError(f"{path} line {line}: {scan} does not exist")
+            scan = scan.resolve()
+            if scan in seen:
+                raise WorklistError(
+                    f"{path} line {line}: {scan.name} is already on line {seen[scan]}"
+                )
+            seen[scan] = line
+            name = (row.get(case_column) if case_column else "") or image_stem(scan)
+            items.append(WorkItem(str(scan), name, score=_score(row.get(SCORE_COLUMN))))
+        if SCORE_COLUMN in header:
+            items.sort(key=lambda item: (item.score is None, -(item.score or 0.0)))
+        return cls(items, str(path))
+
+    # -- where each item stands ------------------------------------------------------
+    def status(self, index: int, session: ReviewSession) -> str:
+        """One of :data:`STATUSES` for item ``index``, read from ``session``."""
+        item = self.items[index]
+        if item.error:
+            return "failed"
+        if item.exported:
+            return "exported"
+        case = session.cases.get(item.case_id) if item.case_id else None
+        if case is None:
+            return "to do"
+        return "reviewed" if case.reviewed else "localised"
+
+    def counts(self, session: ReviewSession) -> dict[str, int]:
+        """How many items are in each status."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for index in range(len(self.items)):
+            counts[self.status(index, session)] += 1
+        return counts
+
+    def index_of_case(self, case_id: str) -> int | None:
+        return next((i for i, item in enumerate(self.items) if item.case_id == case_id), None)
+
+    def next_index(self, session: ReviewSession, after: int | None = None) -> int | None:
+        """The first item after ``after`` (wrapping round) still to review (*to do*
+        or *localised*); ``None`` when every item is reviewed, exported or failed."""
+        n = len(self.items)
+        start = -1 if after is None else after
+        for step in range(1, n + 1):
+            index = (start + step) % n
+            if self.status(index, session) in ("to do", "localised"):
+                return index
+        return None
+
+    # -- export ----------------------------------------------------------------------
+    def export_names(self, folder: str | os.PathLike[str]) -> dict[int, Path]:
+        """The mask file of every item in ``folder``: ``<name>_mask<suffix>``, the
+        suffix of the scan's own format (``.nii.gz`` for DICOM); names that two
+        items would share get the item's position appended."""
+        folder = Path(folder)
+        names: dict[int, Path] = {}
+        for index, item in enumerate(self.items):
+            suffix = output_suffix(item.path)
+            names[index] = folder / f"{item.name}_mask{suffix}"
+        taken: dict[Path, list[int]] = {}
+        for index, target in names.items():
+            taken.setdefault(target, []).append(index)
+        for target, owners in taken.items():
+            if len(owners) > 1:
+                for index in owners:
+                    stem = target.name[: -len(output_suffix(self.items[index].path))]
+                    names[index] = target.with_name(
+                        f"{stem}{index + 1}{output_suffix(self.items[index].path)}"
+                    )
+        return names
+
+    def export_reviewed(
+        self,
+        session: ReviewSession,
+        folder: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        include_anomaly_map: bool = False,
+    ) -> list[Path]:
+        """Export every reviewed case not exported yet to ``folder`` with automatic
+        names (:meth:`export_names`); returns the files written.
+
+        Every target is checked before anything is written: an existing file
+        (without ``overwrite``) refuses the whole export. Each case's files
+        appear together or not at all; an item is marked *exported* once its
+        files are in place.
+        """
+        names = self.export_names(folder)
+        todo = [i for i in range(len(self.items)) if self.status(i, session) == "reviewed"]
+        plans = {i: export_plan(names[i], include_anomaly_map) for i in todo}
+        for plan in plans.values():
+            plan.check(overwrite=overwrite)
+        written: list[Path] = []
+        for index, plan in plans.items():
+            item = self.items[index]
+            written += session.write_outputs(item.case_id, plan, overwrite=overwrite)
+            item.exported = str(plan.files["mask"])
+        return written
+
+    # -- persistence -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "items": [asdict(item) for item in self.items]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Worklist:
+        fields = WorkItem.__dataclass_fields__
+        items = [
+            WorkItem(**{k: v for k, v in entry.items() if k in fields}) for entry in data["items"]
+        ]
+        return cls(items, str(data.get("source", "")))
+
+
+def _score(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
