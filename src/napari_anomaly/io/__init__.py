@@ -16,6 +16,7 @@ from .atomic import (
     estimated_image_bytes,
 )
 from .dicom import SeriesInfo, list_dicom_series, write_dicom_series
+from .dicom_seg import read_seg, read_seg_info, write_seg
 from .images import (
     SUPPORTED_SUFFIXES,
     WRITABLE_SUFFIXES,
@@ -23,6 +24,7 @@ from .images import (
     ImageFileError,
     LoadedImage,
     detect_format,
+    dicom_series_files,
     output_path_like,
     read_image,
     write_image,
@@ -58,6 +60,7 @@ __all__ = [
     "companion_path",
     "data_files",
     "detect_format",
+    "dicom_series_files",
     "estimated_image_bytes",
     "file_sha256",
     "image_stem",
@@ -67,8 +70,11 @@ __all__ = [
     "output_suffix",
     "read_image",
     "read_model_metadata",
+    "read_seg",
+    "read_seg_info",
     "save_model_file",
     "sidecar_path",
     "write_dicom_series",
     "write_image",
+    "write_seg",
 ]

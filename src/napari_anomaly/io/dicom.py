@@ -325,7 +325,7 @@ def write_dicom_series(
     series_description: str = "napari-anomaly synthetic series",
     series_number: int = 1,
     patient_id: str = "ANON",
-    patient_name: str = "ANON",
+    patient_name: str = "Anonymous^Synthetic",
     study_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
     frame_of_reference_uid: str | None = None,
@@ -361,8 +361,9 @@ def write_dicom_series(
     series_description, series_number, study_description
         Shown by viewers and PACS.
     patient_id, patient_name
-        Default ``'ANON'``: the series is synthetic or a copy of anonymised
-        data; no other patient attribute is written.
+        Default ``'ANON'`` and ``'Anonymous^Synthetic'``: the series is
+        synthetic or a copy of anonymised data; no other patient attribute is
+        written.
     study_instance_uid, series_instance_uid, frame_of_reference_uid
         Default: new UIDs (``pydicom.uid.generate_uid``). Pass a study UID to
         put several series in one study.
