@@ -72,7 +72,7 @@ def _holds_dicom(folder: Path) -> bool:
         return False
 
 
-def _can_read(path: str | os.PathLike[str]) -> bool:
+def can_read(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     if p.is_dir():
         return _holds_dicom(p)
@@ -176,7 +176,7 @@ def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | 
     from names and DICOM magic bytes alone; the data are read later.
     """
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths or not all(_can_read(p) for p in paths):
+    if not paths or not all(can_read(p) for p in paths):
         return None
     return read_paths
 

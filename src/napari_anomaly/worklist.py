@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from napari_anomaly._reader import can_read
 from napari_anomaly.case_outputs import export_plan
-from napari_anomaly.io.names import IMAGE_SUFFIXES, image_stem, output_suffix
+from napari_anomaly.io.names import image_stem, output_suffix
 
 if TYPE_CHECKING:
     from napari_anomaly.session import ReviewSession
@@ -81,32 +82,11 @@ class WorkItem:
     error: str | None = None
 
 
-def _is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
+def _is_scan(path: Path) -> bool:
+    """A file or DICOM series folder the reader takes, not hidden, not one of our outputs."""
+    if path.name.startswith(".") or not can_read(path):
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _is_dicom_folder(folder: Path) -> bool:
-    """A folder holding DICOM files (by suffix or by the DICM preamble of the first few)."""
-    try:
-        files = sorted(p for p in folder.iterdir() if p.is_file())
-    except OSError:
-        return False
-    if any(p.suffix.lower() == ".dcm" for p in files):
-        return True
-    return any(_is_dicom_file(p) for p in files[:5])
-
-
-def _is_scan_file(path: Path) -> bool:
-    name = path.name.lower()
-    suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
-    if suffix is None or name.startswith("."):
-        return False
-    return not image_stem(path).endswith(_OUTPUT_TAGS)
+    return path.is_dir() or not image_stem(path).endswith(_OUTPUT_TAGS)
 
 
 class Worklist:
@@ -160,9 +140,7 @@ class Worklist:
             raise WorklistError(f"{folder}: cannot list the folder ({error.strerror})") from None
         items = []
         for path in entries:
-            if (path.is_file() and _is_scan_file(path)) or (
-                path.is_dir() and _is_dicom_folder(path)
-            ):
+            if _is_scan(path):
                 items.append(WorkItem(str(path.resolve()), image_stem(path)))
         if not items:
             raise WorklistError(
