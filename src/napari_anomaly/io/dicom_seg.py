@@ -194,6 +194,8 @@ def write_seg(
             f"{target} already exists; pass overwrite=True to replace it (the CLI flag is "
             "--overwrite)."
         )
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {target}: folder {target.parent} does not exist")
     sha = str(model_sha256).strip().lower()
     if len(sha) < SHA256_VERSION_CHARS or any(c not in "0123456789abcdef" for c in sha):
         raise ValueError(f"model_sha256 must be a hexadecimal SHA-256, got {model_sha256!r}")
