@@ -117,7 +117,12 @@ def _named_like_labels(image: LoadedImage) -> bool:
 
 
 def _layer_data(path: str | os.PathLike[str]) -> LayerData:
-    image = read_image(path)
+    return layer_data_of(read_image(path))
+
+
+def layer_data_of(image: LoadedImage) -> LayerData:
+    """The napari layer data of an image read from a file: a scan as an Image layer
+    with its display windows, a mask as editable Labels; geometry in both."""
     # A boolean file is a mask whatever its name: it opens as editable Labels,
     # not as an Image layer that could be taken for a scan and localised.
     is_mask = image.source_dtype == "bool" or _named_like_labels(image)

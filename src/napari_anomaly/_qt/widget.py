@@ -85,6 +85,8 @@ from napari_anomaly._layers import (
     geometry_from_layer,
     layer_kwargs_from_geometry,
 )
+from napari_anomaly._qt._worklist import NEXT_CASE_KEY, WorklistControls
+from napari_anomaly._qt._worklist import row as _row
 from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
 from napari_anomaly.devices import DEVICE_CHOICES, resolve_device
 from napari_anomaly.display import WINDOW_KEY, WINDOWS_KEY, display_windows
@@ -143,12 +145,6 @@ def _run_job(job: Job) -> Any:
     return (yield from job)
 
 
-def _row(*widgets) -> Container:
-    row = Container(widgets=widgets, layout="horizontal", labels=False)
-    row.margins = (0, 0, 0, 0)
-    return row
-
-
 def _change(before: float | None, after: float | None, digits: int = 2) -> str:
     """``"0.81 → 0.64"`` (``-`` for a missing value)."""
 
@@ -176,7 +172,7 @@ class _CloseWatcher(QObject):
         return False
 
 
-class AnomalyReviewWidget(Container):
+class AnomalyReviewWidget(WorklistControls, Container):
     """Localise, review, correct, fine-tune and export, for the layers of a viewer.
 
     Parameters
@@ -310,6 +306,9 @@ class AnomalyReviewWidget(Container):
         self.save_session_button = PushButton(text="Save session")
         self.load_session_button = PushButton(text="Load session")
 
+        # --- a cohort: worklist, next case, export of reviewed cases
+        self._worklist_panel = self._build_worklist()
+
         # The controls scroll (the dock may be shorter than they are); the resume
         # prompt, the progress bar and the status line stay in view, full width.
         self._form = Container(
@@ -324,6 +323,7 @@ class AnomalyReviewWidget(Container):
                 self.normal_scans,
                 self.max_false_regions,
                 self.calibrate_button,
+                self._worklist_panel,
                 self.image_layer,
                 self.display_window,
                 self.flips,
@@ -520,6 +520,7 @@ class AnomalyReviewWidget(Container):
             "Shift-A": lambda viewer: self.accept_selected_region(),
             "Shift-R": lambda viewer: self.reject_selected_region(),
             "Shift-M": lambda viewer: self.mark_reviewed(),
+            NEXT_CASE_KEY: lambda viewer: self.next_case(),
         }
         for key, action in bindings.items():
             self.viewer.bind_key(key, action, overwrite=True)
@@ -768,6 +769,7 @@ class AnomalyReviewWidget(Container):
         else:
             summary = self._case_summary(case)
         self._say(summary + (f" {note}" if note else ""), error=error)
+        self._refresh_worklist()
 
     def _after_change(self, case_id: str, note: str = "") -> None:
         """Re-render after a case changed: all of it when shown, else a note naming it."""
@@ -1891,6 +1893,14 @@ class AnomalyReviewWidget(Container):
             if first is not None:
                 self.image_layer.value = first.name
         reviewed = sum(1 for c in session.cases.values() if c.reviewed)
+        shown = self._shown_case()
+        self._prefetched.clear()
+        self._worklist_index = (
+            session.worklist.index_of_case(shown.case_id)
+            if session.worklist is not None and shown is not None
+            else None
+        )
+        self._refresh_worklist()
         self._refresh_window()
         self._render_shown_case(
             f"(Review resumed: {len(session.cases)} case(s), {reviewed} reviewed; model "
@@ -1904,7 +1914,7 @@ class AnomalyReviewWidget(Container):
         return self._autosave_folder
 
     def _worth_saving(self, session: ReviewSession) -> bool:
-        return bool(session.cases) or len(session.versions) > 1
+        return bool(session.cases) or len(session.versions) > 1 or session.worklist is not None
 
     def _autosave_tick(self) -> None:
         """Start a background save when the review changed since the last one."""
@@ -1997,6 +2007,7 @@ class AnomalyReviewWidget(Container):
             self._threshold_timer.stop()
         if self._worker is not None:
             self._worker.quit()
+        self._cancel_prefetch()
         self.flush_autosave()
         if self._autosave_folder is not None:
             release(self._autosave_folder)

@@ -1,0 +1,391 @@
+"""The worklist part of the review widget: a cohort reviewed case after case.
+
+*Open worklist* takes a folder of scans, a CSV manifest or ``batch``'s results.csv
+(:class:`napari_anomaly.worklist.Worklist`). *Next case* (Shift-C) opens the next scan
+still to review, replacing the previous case's layers (its review stays in the
+session), and localises the scan after it in the background while the reviewer works,
+so that the next *Next case* shows its maps at once. *Export reviewed cases* writes
+every reviewed case to a folder with automatic names. The worklist lives in the review
+session, so it is autosaved and resumed with it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import Container, FileEdit, PushButton, Table
+from napari.qt.threading import create_worker
+from qtpy.QtWidgets import QApplication, QFileDialog, QStyledItemDelegate
+
+from napari_anomaly._layers import CASE_ID_KEY
+from napari_anomaly._reader import layer_data_of
+from napari_anomaly.inference import InferenceConfig, localise
+from napari_anomaly.io import read_image
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.worklist import Worklist, WorklistError
+
+#: Columns of the worklist table.
+WORKLIST_COLUMNS = ["#", "case", "status", "score"]
+#: Rows the worklist table shows without scrolling.
+WORKLIST_TABLE_ROWS = 6
+NEXT_CASE_KEY = "Shift-C"
+
+
+def _read_and_localise(path: str, localiser: Localiser, inference: InferenceConfig):
+    """Read a scan and localise it (a job: the prefetch worker runs it, Cancel stops it)."""
+    loaded = read_image(path, scan=True)
+    result = yield from localise(
+        loaded.array, localiser, inference, spacing=loaded.geometry.spacing
+    )
+    return loaded, result
+
+
+class WorklistControls:
+    """Mixed into :class:`~napari_anomaly._qt.widget.AnomalyReviewWidget`."""
+
+    def _build_worklist(self) -> Container:
+        self.worklist_source = FileEdit(label="Worklist", mode="d")
+        self.worklist_source.tooltip = (
+            "A folder of scans (image files and DICOM series folders), or type the path of a "
+            "CSV with a 'path' column (and optionally 'case'), such as batch's results.csv."
+        )
+        self.open_worklist_button = PushButton(text="Open worklist")
+        self.open_csv_button = PushButton(text="Open CSV…")
+        self.worklist_table = Table(value={c: [] for c in WORKLIST_COLUMNS})
+        self.next_case_button = PushButton(text=f"Next case ({NEXT_CASE_KEY})")
+        self.export_folder = FileEdit(label="Export reviewed to", mode="d")
+        self.export_reviewed_button = PushButton(text="Export reviewed cases")
+        self._worklist_index: int | None = None
+        self._prefetch_worker = None
+        self._prefetching: int | None = None  # item index being localised in the background
+        self._prefetched: dict[int, tuple[Localiser, Any, Any]] = {}
+        self._open_when_ready: int | None = None
+        self._worklist_shown: tuple | None = None  # what the table shows now
+        table = self.worklist_table.native
+        table.setEditTriggers(table.EditTrigger.NoEditTriggers)
+        table.setSelectionBehavior(table.SelectionBehavior.SelectRows)
+        table.verticalHeader().setVisible(False)
+        table.setItemDelegate(QStyledItemDelegate(table))
+        header = table.horizontalHeader()
+        header.setSectionResizeMode(header.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
+        table.setFixedHeight(
+            table.verticalHeader().defaultSectionSize() * WORKLIST_TABLE_ROWS
+            + header.sizeHint().height()
+            + 2 * table.frameWidth()
+        )
+        table.cellDoubleClicked.connect(lambda row, _column: self.open_worklist_item(row))
+        self.open_worklist_button.changed.connect(
+            lambda: self.open_worklist(self.worklist_source.value)
+        )
+        self.open_csv_button.changed.connect(self._on_open_csv_clicked)
+        self.next_case_button.changed.connect(lambda: self.next_case())
+        self.export_reviewed_button.changed.connect(self._on_export_reviewed_clicked)
+        self.next_case_button.enabled = False
+        self.export_reviewed_button.enabled = False
+        return Container(
+            widgets=[
+                self.worklist_source,
+                row(self.open_worklist_button, self.open_csv_button),
+                self.worklist_table,
+                self.next_case_button,
+                self.export_folder,
+                self.export_reviewed_button,
+            ],
+            labels=True,
+        )
+
+    # ---------------------------------------------------------------- opening
+    @property
+    def worklist(self) -> Worklist | None:
+        """The cohort under review (kept in the session), if one is open."""
+        return self._session.worklist if self._session is not None else None
+
+    def open_worklist(self, source: str | Path) -> bool:
+        """Review a cohort: a folder of scans, a CSV manifest or ``batch``'s results.csv.
+
+        Replaces the worklist (the cases already reviewed stay in the session).
+        Returns False (saying why in the status line) when the source is refused.
+        """
+        try:
+            worklist = Worklist.open(source)
+            session = self.session
+        except (WorklistError, OSError, ValueError) as error:
+            self._say(f"{error}", error=True)
+            return False
+        self._cancel_prefetch()
+        self._prefetched.clear()
+        session.set_worklist(worklist)
+        self._worklist_index = None
+        self._refresh_worklist()
+        self._say(
+            f"Worklist: {len(worklist)} scan(s) from {Path(source).name}. "
+            f"Press Next case ({NEXT_CASE_KEY})."
+        )
+        return True
+
+    def _on_open_csv_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self.native, "Open a worklist CSV", "", "CSV files (*.csv)"
+        )
+        if path:
+            self.worklist_source.value = path
+            self.open_worklist(path)
+
+    # ---------------------------------------------------------------- moving on
+    def next_case(self, wait: bool = False) -> bool:
+        """Open the next case still to review (*to do* or *localised*) and localise it.
+
+        Returns False when there is no worklist or nothing left to review. With
+        ``wait=True`` returns once the case is shown with its maps.
+        """
+        worklist = self.worklist
+        if worklist is None:
+            self._say("Open a worklist first (a folder of scans or a CSV).", error=True)
+            return False
+        index = worklist.next_index(self._session, after=self._worklist_index)
+        if index is None:
+            counts = worklist.counts(self._session)
+            self._say(
+                f"Worklist done: {counts['reviewed']} reviewed, {counts['exported']} exported, "
+                f"{counts['failed']} failed of {len(worklist)}."
+            )
+            return False
+        self.open_worklist_item(index, wait=wait)
+        return True
+
+    def open_worklist_item(self, index: int, wait: bool = False) -> None:
+        """Open item ``index`` of the worklist: its scan, and its maps (made now, made in
+        the background already, or kept in the session from earlier)."""
+        worklist = self.worklist
+        if worklist is None or not 0 <= index < len(worklist):
+            return
+        if self.busy:
+            self._say("A job is running; cancel it or wait.", error=True)
+            return
+        self._flush_threshold()
+        item = worklist.items[index]
+        if self._prefetching == index:
+            # Its maps are being made: show it when they are ready.
+            self._open_when_ready = index
+            self._say(f"{item.name}: localising in the background...")
+            if wait:
+                self._wait_prefetch()
+            return
+        layer = self._scan_layer_of(item.case_id) if item.case_id else None
+        if layer is None:
+            try:
+                loaded = read_image(item.path, scan=True)
+            except (OSError, ValueError, MemoryError) as error:
+                item.error = str(error).splitlines()[0]
+                self._session.worklist_changed()
+                self._refresh_worklist()
+                self._say(f"{item.name}: cannot be opened: {item.error}", error=True)
+                return
+            self._close_worklist_case(self._worklist_index)
+            layer = self._add_scan_layer(item, loaded)
+        else:
+            self._close_worklist_case(self._worklist_index)
+        self._worklist_index = index
+        self._show_scan(layer)
+        case_id = self._case_id_of(layer, create=True)
+        if item.case_id != case_id:
+            item.case_id = case_id
+            self._session.worklist_changed()
+        session = self._session
+        case = session.cases.get(case_id)
+        made = self._prefetched.pop(index, None)
+        if case is not None:
+            self._show_layers(case)
+            self._render_shown_case()
+        elif made is not None and made[0] is session.localiser:
+            _, loaded, result = made
+            case = session.add_case(
+                case_id,
+                np.asarray(layer.data),
+                result.anomaly_map,
+                result.confidence_map,
+                loaded.geometry,
+                name=layer.name,
+                model_name=made[0].name,
+                model_sha256=made[0].sha256,
+                source_path=item.path,
+            )
+            self._check_domain(case_id, layer.name, case.image, session.localiser)
+            self._on_localised(case)
+        else:
+            self.localise(layer.name, wait=wait)
+        self._refresh_worklist()
+        self._prefetch_after(index)
+
+    def _add_scan_layer(self, item, loaded) -> Any:
+        data, kwargs, _ = layer_data_of(loaded)
+        kwargs = dict(kwargs)
+        kwargs["name"] = item.name
+        kwargs["metadata"] = {**kwargs.get("metadata", {}), "source_path": item.path}
+        if item.case_id:
+            kwargs["metadata"][CASE_ID_KEY] = item.case_id
+        return self.viewer.add_image(data, **kwargs)
+
+    def _show_scan(self, layer) -> None:
+        self.reset_choices()
+        if layer.name in self.image_layer.choices:
+            self.image_layer.value = layer.name
+        self._on_image_switched()
+
+    def _close_worklist_case(self, index: int | None) -> None:
+        """Take the layers of the worklist case shown until now out of the viewer; its
+        review (edits, threshold, state) stays in the session."""
+        worklist = self.worklist
+        if index is None or worklist is None or not 0 <= index < len(worklist):
+            return
+        case_id = worklist.items[index].case_id
+        if case_id is None:
+            return
+        if self._session is not None and case_id in self._session.cases:
+            self._sync_edits(case_id)
+        doomed = [
+            layer
+            for layer in self.viewer.layers
+            if (layer.metadata or {}).get(CASE_ID_KEY) == case_id
+        ]
+        for layer in doomed:
+            self.viewer.layers.remove(layer)
+        self._rendered.pop(case_id, None)
+
+    # ---------------------------------------------------------------- background
+    def _prefetch_after(self, index: int) -> None:
+        """Localise the next scan to review in the background (one at a time)."""
+        worklist = self.worklist
+        if worklist is None or self._prefetch_worker is not None or self._closed:
+            return
+        target = worklist.next_index(self._session, after=index)
+        if target is None or target == index or target in self._prefetched:
+            return
+        if worklist.status(target, self._session) != "to do":
+            return
+        localiser = self._session.localiser
+        worker = create_worker(
+            _read_and_localise,
+            worklist.items[target].path,
+            localiser,
+            self._session.inference,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.returned.connect(lambda made: self._on_prefetched(target, localiser, made))
+        worker.errored.connect(lambda error: self._on_prefetch_failed(target, error))
+        worker.finished.connect(self._on_prefetch_finished)
+        self._prefetch_worker = worker
+        self._prefetching = target
+        worker.start()
+        self._refresh_worklist()
+
+    def _on_prefetched(self, index: int, localiser: Localiser, made: tuple) -> None:
+        self._prefetched[index] = (localiser, *made)
+        self._refresh_worklist()
+
+    def _on_prefetch_failed(self, index: int, error: Exception) -> None:
+        worklist = self.worklist
+        if worklist is not None and 0 <= index < len(worklist):
+            worklist.items[index].error = str(error).splitlines()[0] if str(error) else repr(error)
+            self._session.worklist_changed()
+            self._refresh_worklist()
+
+    def _on_prefetch_finished(self) -> None:
+        self._prefetch_worker = None
+        self._prefetching = None
+        self._refresh_worklist()
+        waiting, self._open_when_ready = self._open_when_ready, None
+        if waiting is not None and not self._closed:
+            self.open_worklist_item(waiting)
+
+    def _cancel_prefetch(self) -> None:
+        self._open_when_ready = None
+        if self._prefetch_worker is not None:
+            self._prefetch_worker.quit()
+
+    def _wait_prefetch(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._prefetch_worker is not None or self._open_when_ready is not None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"background localisation still running after {timeout} s")
+            QApplication.processEvents()
+            time.sleep(0.01)
+        self.wait(timeout)
+
+    @property
+    def prefetching(self) -> bool:
+        """Whether the next case is being localised in the background."""
+        return self._prefetch_worker is not None
+
+    # ---------------------------------------------------------------- export
+    def export_reviewed(self, folder: str | Path, overwrite: bool = False) -> list[Path]:
+        """Export every reviewed worklist case not exported yet into ``folder``
+        (``<case>_mask<suffix>`` and its sidecar); returns the files written."""
+        worklist = self.worklist
+        if worklist is None:
+            raise ValueError("no worklist is open")
+        for case_id in list(self._session.cases):
+            if self._scan_layer_of(case_id) is not None:
+                self._sync_edits(case_id)
+        try:
+            written = worklist.export_reviewed(self._session, folder, overwrite=overwrite)
+        finally:
+            self._session.worklist_changed()
+            self._refresh_worklist()
+        masks = [p for p in written if p.suffix != ".json"]
+        self._say(f"Exported {len(masks)} reviewed case(s) to {folder}.")
+        return written
+
+    def _on_export_reviewed_clicked(self) -> None:
+        folder = self.export_folder.value
+        if not folder or str(folder) in ("", "."):
+            self._say("Choose a folder to export the reviewed cases to.", error=True)
+            return
+        try:
+            self.export_reviewed(folder)
+        except FileExistsError as error:
+            if self._confirm_overwrite(error):
+                self.export_reviewed(folder, overwrite=True)
+        except (OSError, ValueError) as error:
+            self._say(f"Export failed: {error}", error=True)
+
+    # ---------------------------------------------------------------- table
+    def _refresh_worklist(self) -> None:
+        worklist = self.worklist
+        session = self._session
+        self.next_case_button.enabled = worklist is not None
+        self.export_reviewed_button.enabled = worklist is not None
+        if worklist is None or session is None:
+            self._worklist_shown = None
+            self.worklist_table.value = {c: [] for c in WORKLIST_COLUMNS}
+            return
+        rows = {c: [] for c in WORKLIST_COLUMNS}
+        for index, item in enumerate(worklist.items):
+            rows["#"].append(str(index + 1))
+            rows["case"].append(item.name)
+            status = worklist.status(index, session)
+            if index in self._prefetched and status == "to do":
+                status = "ready"
+            elif index == self._prefetching and status == "to do":
+                status = "localising…"
+            rows["status"].append(status)
+            rows["score"].append("" if item.score is None else f"{item.score:.2f}")
+        shown = (tuple(tuple(v) for v in rows.values()), self._worklist_index)
+        if shown == self._worklist_shown:
+            return
+        self._worklist_shown = shown
+        self.worklist_table.value = rows
+        if self._worklist_index is not None:
+            self.worklist_table.native.selectRow(self._worklist_index)
+
+
+def row(*widgets) -> Container:
+    """Widgets side by side, without margins (the review widget's rows)."""
+    row = Container(widgets=widgets, layout="horizontal", labels=False)
+    row.margins = (0, 0, 0, 0)
+    return row

@@ -1,0 +1,124 @@
+"""A cohort reviewed case after case in the widget: open a worklist, Next case (the one
+after it localised in the background), review, export the reviewed cases with automatic
+names, close the widget and resume the worklist where it was (issue 11, deliverable 5)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import body_scan
+
+from napari_anomaly.io import Geometry, read_image, write_image
+
+GEOMETRY = Geometry(spacing=(0.7, 0.9), origin=(5.0, -3.0), direction=(1, 0, 0, 1))
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for index, shape in enumerate([(40, 48), (32, 32), (36, 40)]):
+        write_image(folder / f"p{index + 1}.nrrd", body_scan(shape, index), GEOMETRY)
+    return folder
+
+
+@pytest.fixture
+def widget(make_review_widget):
+    return make_review_widget(recommended_threshold=0.5)
+
+
+def _statuses(widget):
+    return [row[2] for row in widget.worklist_table.value["data"]]
+
+
+def _scan_layers(widget):
+    return sorted(layer.name for layer in widget.viewer.layers if widget._is_scan_layer(layer))
+
+
+def test_next_case_reviews_a_cohort_and_exports_the_reviewed_cases(widget, cohort, tmp_path):
+    widget.worklist_source.value = cohort
+    widget.open_worklist_button.clicked.emit()
+    assert [row[1] for row in widget.worklist_table.value["data"]] == ["p1", "p2", "p3"]
+    assert _statuses(widget) == ["to do"] * 3
+
+    # Next case opens p1 with its geometry and localises it; p2 is localised meanwhile.
+    assert widget.next_case(wait=True)
+    assert widget.image_layer.value == "p1" and widget.case() is not None
+    assert widget.viewer.layers["p1"].scale == pytest.approx(GEOMETRY.spacing)
+    widget._wait_prefetch()
+    assert _statuses(widget) == ["localised", "ready", "to do"]
+    widget.reject_selected_region() if widget.case().regions() else None
+    widget.mark_reviewed()
+    approved_p1 = widget.case().mask.copy()
+    assert _statuses(widget)[0] == "reviewed"
+
+    # p2's maps were made in the background: it opens localised, without a new job, and
+    # p1's layers leave the viewer (its review stays in the session).
+    widget.next_case(wait=True)
+    assert widget.image_layer.value == "p2" and not widget.busy
+    assert widget.case() is not None and widget.case().source_path.endswith("p2.nrrd")
+    assert _scan_layers(widget) == ["p2"]
+    assert "p1 mask" not in widget.viewer.layers
+    widget.mark_reviewed()
+
+    out = tmp_path / "reviewed"
+    written = widget.export_reviewed(out)
+    assert sorted(p.name for p in written) == [
+        "p1_mask.json",
+        "p1_mask.nrrd",
+        "p2_mask.json",
+        "p2_mask.nrrd",
+    ]
+    exported = read_image(out / "p1_mask.nrrd")
+    np.testing.assert_array_equal(exported.array > 0, approved_p1)
+    assert exported.geometry.allclose(GEOMETRY)
+    assert json.loads((out / "p2_mask.json").read_text())["reviewed"] is True
+    assert _statuses(widget)[:2] == ["exported", "exported"]
+
+    # The last case, then the end of the list.
+    widget.next_case(wait=True)
+    assert widget.image_layer.value == "p3"
+    widget.mark_reviewed()
+    assert not widget.next_case()
+    assert "Worklist done: 1 reviewed, 2 exported, 0 failed of 3" in widget.status.value
+
+
+def test_a_scan_that_cannot_be_read_is_marked_failed_and_skipped(widget, cohort):
+    (cohort / "p2.nrrd").write_bytes(b"NRRD0004\nbroken header\n")
+    assert widget.open_worklist(cohort)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    assert _statuses(widget)[1] == "failed"
+    widget.mark_reviewed()
+    widget.next_case(wait=True)
+    assert widget.image_layer.value == "p3"
+
+
+def test_a_refused_worklist_says_why_and_changes_nothing(widget, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not widget.open_worklist(empty)
+    assert "no scans found" in widget.status.value
+    assert widget.worklist is None and not widget.next_case_button.enabled
+
+
+def test_the_worklist_survives_closing_and_reopening_the_widget(make_review_widget, cohort, qtbot):
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    widget.open_worklist(cohort)
+    widget.next_case(wait=True)
+    widget.mark_reviewed()
+    widget._wait_prefetch()
+    widget.flush_autosave()
+    widget._on_closed()
+
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+
+    again = AnomalyReviewWidget(viewer, localiser=widget.session.localiser)
+    assert again.resume_offer is not None
+    assert again.resume()
+    assert _statuses(again)[0] == "reviewed"
+    again.next_case(wait=True)
+    assert again.image_layer.value == "p2"
