@@ -6,8 +6,8 @@ Drives the *Anomaly review* widget like a reviewer on the bundled sample scan: l
 select the top region, correct the mask (erase a false positive, paint a missed anomaly from
 the ground truth), fine-tune (with a second, uncorrected case: the sample mirrored left to
 right, to show the before/after figures of a case fine-tuning did not learn from), mark the
-case reviewed, close the widget and open it again (the resume prompt), and writes one PNG per
-step. Autosaves go to a temporary folder, not the user's.
+case reviewed, close the widget and open it again (the resume prompt), review a cohort from a
+worklist, and writes one PNG per step. Autosaves go to a temporary folder, not the user's.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import napari
 import numpy as np
 
 from napari_anomaly._qt.widget import AnomalyReviewWidget
+from napari_anomaly._sample_data import SAMPLE_SCAN, _read_resource
+from napari_anomaly.io import write_image
 
 
 def _shoot(viewer: napari.Viewer, widget: AnomalyReviewWidget, path: Path) -> None:
@@ -97,17 +99,35 @@ def main() -> None:
     for row in widget.comparison.value["data"]:
         print("not corrected:", " | ".join(row))
 
-    # 5. Mark reviewed, close the widget, open it again: it offers the autosaved review.
+    # 5. Mark reviewed (the mask is final), close the widget, open it again: it offers
+    # the autosaved review.
     widget.mark_reviewed()
+    _shoot(viewer, widget, args.out / "5_reviewed.png")
     dock.destroyOnClose()
     widget = AnomalyReviewWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Anomaly review", area="right")
     widget.device.value = args.device
-    _shoot(viewer, widget, args.out / "5_resume.png")
+    _shoot(viewer, widget, args.out / "6_resume.png")
     print(widget.resume_text.value)
     widget.resume()
     if widget.last_error:
         raise SystemExit(widget.last_error)
+    print(widget.status.value)
+
+    # 7. A cohort: a folder of three scans (the sample and two mirrored copies) as a
+    # worklist; Next case opens the first, the second is localised in the background.
+    cohort = Path(tempfile.mkdtemp(prefix="napari-anomaly-cohort-"))
+    sample = _read_resource(SAMPLE_SCAN)
+    for name, flip in (("case_a", ()), ("case_b", (-1,)), ("case_c", (-2,))):
+        write_image(cohort / f"{name}.nii.gz", np.flip(sample.array, flip), sample.geometry)
+    for layer in list(viewer.layers):
+        layer.visible = False
+    widget.worklist_source.value = cohort
+    widget.open_worklist(cohort)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    widget.select_region(0)
+    _shoot(viewer, widget, args.out / "7_worklist.png")
     print(widget.status.value)
     viewer.close()
 
