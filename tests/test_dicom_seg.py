@@ -21,6 +21,7 @@ from napari_anomaly.io import (
     read_seg,
     read_seg_info,
     write_dicom_series,
+    write_fractional_seg,
     write_image,
     write_seg,
 )
@@ -157,6 +158,8 @@ def test_seg_round_trip_is_voxel_exact_on_the_source_grid(case: SegCase, tmp_pat
     # read_image reads the SEG as a mask on the scan's grid.
     as_image = read_image(path)
     np.testing.assert_array_equal(as_image.array, mask)
+    assert as_image.source_dtype == "bool"  # napari opens it as Labels
+    assert as_image.geometry.allclose(scan.geometry, atol=1e-5)
     np.testing.assert_array_equal(read_mask_for(scan, path), mask)
 
     # highdicom's reader: every frame references its source slice...
@@ -233,6 +236,37 @@ def test_an_empty_mask_round_trips(tmp_path):
     )
     mask, geometry = read_seg(path)
     assert mask.shape == empty.shape and not mask.any()
+
+
+@pytest.mark.parametrize("case", [SEG_CASES[0], SEG_CASES[3]], ids=lambda c: c.name)
+def test_anomaly_map_round_trips_as_a_fractional_seg(case, tmp_path):
+    folder, datasets = _source(case, tmp_path)
+    scan = read_image(folder)
+    anomaly_map = np.random.default_rng(3).random(case.shape).astype(np.float32)
+    anomaly_map.reshape(-1)[:2] = (0.0, 1.0)
+    path = write_fractional_seg(
+        anomaly_map, scan, tmp_path / "scan_map_seg.dcm", model_name="ppii", model_sha256=SHA
+    )
+    values, geometry = read_seg(path)
+    assert values.dtype == np.float32 and geometry.allclose(scan.geometry, atol=1e-5)
+    np.testing.assert_allclose(values, anomaly_map, atol=0.5 / 255 + 1e-6)
+    info = read_seg_info(path)
+    assert info["segmentation_type"] == "FRACTIONAL" and info["algorithm_types"] == ["AUTOMATIC"]
+    as_image = read_image(path)
+    assert as_image.source_dtype == "float32"
+    np.testing.assert_array_equal(as_image.array, values)
+    uids = [ds.SOPInstanceUID for ds in datasets]
+    theirs = hd.seg.segread(path).get_pixels_by_source_instance(uids, segment_numbers=[1])
+    np.testing.assert_allclose(theirs[..., 0].reshape(values.shape), values, atol=1e-6)
+
+
+def test_an_anomaly_map_outside_0_1_is_refused(tmp_path):
+    folder, _ = _source(SEG_CASES[0], tmp_path)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        write_fractional_seg(
+            np.full((32, 32), 1.5), folder, tmp_path / "m.dcm", model_name="m", model_sha256=SHA
+        )
+    assert not (tmp_path / "m.dcm").exists()
 
 
 # --------------------------------------------------------------------------

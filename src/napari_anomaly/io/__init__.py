@@ -16,7 +16,7 @@ from .atomic import (
     estimated_image_bytes,
 )
 from .dicom import SeriesInfo, list_dicom_series, write_dicom_series
-from .dicom_seg import read_seg, read_seg_info, write_seg
+from .dicom_seg import read_seg, read_seg_info, write_fractional_seg, write_seg
 from .images import (
     SUPPORTED_SUFFIXES,
     WRITABLE_SUFFIXES,
@@ -75,6 +75,7 @@ __all__ = [
     "save_model_file",
     "sidecar_path",
     "write_dicom_series",
+    "write_fractional_seg",
     "write_image",
     "write_seg",
 ]

@@ -41,7 +41,13 @@ from .images import (
     dicom_series_files,
 )
 
-__all__ = ["SegmentationInfo", "read_seg", "read_seg_info", "write_seg"]
+__all__ = [
+    "SegmentationInfo",
+    "read_seg",
+    "read_seg_info",
+    "write_fractional_seg",
+    "write_seg",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +187,97 @@ def write_seg(
     so :func:`read_seg` restores the full grid from the SEG alone. Its frames
     are placed by the source's planes and each references its source slice.
     """
+    return _write_segmentation(
+        _binary_mask(mask),
+        source,
+        path,
+        fractional=False,
+        model_name=model_name,
+        model_sha256=model_sha256,
+        algorithm_type="SEMIAUTOMATIC" if reviewer_edited else "AUTOMATIC",
+        segment_label=segment_label,
+        series=series,
+        overwrite=overwrite,
+        series_description=series_description,
+        series_number=series_number,
+        content_creator_name=content_creator_name,
+        seed=seed,
+    )
+
+
+def write_fractional_seg(
+    anomaly_map: Any,
+    source: str | os.PathLike[str] | LoadedImage,
+    path: str | os.PathLike[str],
+    *,
+    model_name: str,
+    model_sha256: str,
+    segment_label: str = "Anomaly score",
+    series: str | None = None,
+    overwrite: bool = False,
+    series_description: str = "napari-anomaly anomaly map",
+    series_number: int = 902,
+    seed: int | None = None,
+) -> Path:
+    """Write an anomaly map (values in [0, 1]) as a FRACTIONAL (PROBABILITY) DICOM-SEG.
+
+    The same as :func:`write_seg` (source, references, algorithm identification,
+    refusals), except that each voxel keeps its score, quantised to 1/255 (the
+    DICOM maximum fractional value is 255), and the algorithm type is always
+    AUTOMATIC (a map is not edited by a reviewer). :func:`read_seg` reads it back
+    as float32 in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        Also for a map with values outside [0, 1] or not finite: a score that is
+        not a probability-like value cannot be stored as a fraction.
+    """
+    values = np.asarray(anomaly_map)
+    if values.dtype.kind not in "biuf":
+        raise ValueError(f"the anomaly map has pixel type {values.dtype}; need numbers")
+    values = values.astype(np.float32)
+    if values.size and (not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0):
+        raise ValueError(
+            "the anomaly map must hold finite values in [0, 1] to be stored as a fractional "
+            "segmentation"
+        )
+    return _write_segmentation(
+        values,
+        source,
+        path,
+        fractional=True,
+        model_name=model_name,
+        model_sha256=model_sha256,
+        algorithm_type="AUTOMATIC",
+        segment_label=segment_label,
+        series=series,
+        overwrite=overwrite,
+        series_description=series_description,
+        series_number=series_number,
+        content_creator_name=None,
+        seed=seed,
+    )
+
+
+def _write_segmentation(
+    voxels: np.ndarray,
+    source: str | os.PathLike[str] | LoadedImage,
+    path: str | os.PathLike[str],
+    *,
+    fractional: bool,
+    model_name: str,
+    model_sha256: str,
+    algorithm_type: str,
+    segment_label: str,
+    series: str | None,
+    overwrite: bool,
+    series_description: str,
+    series_number: int,
+    content_creator_name: str | None,
+    seed: int | None,
+) -> Path:
+
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -203,12 +300,11 @@ def write_seg(
         raise ValueError("model_name must not be empty")
     src = _source_datasets(source, series)
     datasets, geometry, shape, frame_order = src.datasets, src.geometry, src.shape, src.frame_order
-    voxels = _binary_mask(mask)
     source_name = source.path if isinstance(source, LoadedImage) else Path(source)
     if voxels.shape != shape:
         raise ValueError(
-            f"the mask has shape {voxels.shape} but the DICOM series in {source_name} has "
-            f"{shape}; the mask must lie on the scan's grid"
+            f"the {'map' if fractional else 'mask'} has shape {voxels.shape} but the DICOM "
+            f"series in {source_name} has {shape}; it must lie on the scan's grid"
         )
     if isinstance(source, LoadedImage) and (
         source.array.shape != shape or not source.geometry.allclose(geometry, atol=1e-4)
@@ -237,11 +333,7 @@ def write_seg(
         segment_label=segment_label[:64],
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion,
-        algorithm_type=(
-            hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC
-            if reviewer_edited
-            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
-        ),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues[algorithm_type],
         algorithm_identification=algorithm,
     )
     source_uid = str(datasets[0].SeriesInstanceUID)
@@ -251,8 +343,12 @@ def write_seg(
         warnings.simplefilter("ignore", UserWarning)
         seg = hd.seg.Segmentation(
             source_images=datasets,
-            pixel_array=frames.astype(np.uint8),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            pixel_array=frames if fractional else frames.astype(np.uint8),
+            segmentation_type=(
+                hd.seg.SegmentationTypeValues.FRACTIONAL
+                if fractional
+                else hd.seg.SegmentationTypeValues.BINARY
+            ),
             segment_descriptions=[segment],
             series_instance_uid=_uid(seed, "seg-series", source_uid),
             series_number=int(series_number),
@@ -264,15 +360,18 @@ def write_seg(
             device_serial_number=sha[:SHA256_VERSION_CHARS],
             series_description=series_description[:64],
             content_label="ANOMALY",
-            content_description=f"{segment_label} mask by {model_name}"[:64],
+            content_description=(
+                f"{segment_label} {'map' if fractional else 'mask'} by {model_name}"[:64]
+            ),
             content_creator_name=content_creator_name,
             omit_empty_frames=False,
         )
     atomic_write(target, lambda tmp: seg.save_as(tmp), overwrite=overwrite)
     logger.info(
-        "wrote a DICOM-SEG of %d frame(s) (%s) to %s",
+        "wrote a %s DICOM-SEG of %d frame(s) (%s) to %s",
+        "fractional" if fractional else "binary",
         frames.shape[0],
-        "semi-automatic" if reviewer_edited else "automatic",
+        algorithm_type.lower(),
         target,
     )
     return target

@@ -1074,10 +1074,17 @@ def _read_dicom(path: Path, series: str | None = None, scan: bool = False) -> Lo
                 f"{file} is a DICOM segmentation (DICOM-SEG), not a scan; give the scan's "
                 "DICOM folder (or pass the scan's series UID)."
             )
-        from .dicom_seg import read_seg
+        from .dicom_seg import read_seg, read_seg_info
 
         mask, geometry = read_seg(file)
-        return _finish(mask, geometry, "uint8", "dicom", path)
+        # One binary segment is a mask (napari opens it as Labels, scan=True refuses
+        # it as one); several segments a label image; a fractional one a map.
+        segments = read_seg_info(file)
+        if segments["segmentation_type"] == "FRACTIONAL":
+            kind = "float32"
+        else:
+            kind = "bool" if len(segments["segment_labels"]) == 1 else "uint8"
+        return _finish(mask, geometry, kind, "dicom", path)
     if info.n_frames > 1:
         (file,) = _one_multiframe_file(folder, info)
         return _read_dicom_multiframe(path, file)
@@ -1225,7 +1232,8 @@ def _read_dicom_multiframe(path: Path, file: Path) -> LoadedImage:
         syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "?")
         raise ImageFileError(
             f"could not decode the pixel data of {file} (transfer syntax {syntax}): "
-            f"{_first_line(exc)}"
+            f"{_first_line(exc)}; decompress it first (e.g. gdcmconv --raw) or install a "
+            "pydicom decoder plugin (pylibjpeg)"
         ) from None
     stored = np.asarray(stored).reshape(n, rows, columns)
     if all(r == (1.0, 0.0) for r in planes.rescale):
