@@ -337,3 +337,24 @@ def test_enhanced_multiframe_with_repeated_positions_is_refused(tmp_path):
     with pytest.raises(ImageFileError, match="same position") as info:
         read_image(enhanced)
     assert str(enhanced) in str(info.value) and "frame 4" in str(info.value)
+
+
+def test_files_without_the_dicom_preamble_are_read(tmp_path):
+    # Old exports (ACR-NEMA style) start with the first element, no "DICM" marker.
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    array, geometry = GRID_CASES[3].image()
+    files = write_dicom_series(array, tmp_path / "s", geometry=geometry, seed=1)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        del ds.file_meta
+        with open(f, "wb") as fh:
+            out = DicomFileLike(fh)
+            out.is_little_endian, out.is_implicit_VR = True, True
+            write_dataset(out, ds)
+    assert files[0].read_bytes()[128:132] != b"DICM"
+    assert list_dicom_series(tmp_path / "s")[0].n_files == len(files)
+    loaded = read_image(tmp_path / "s")
+    np.testing.assert_array_equal(loaded.array, array)
+    assert loaded.geometry.allclose(geometry, atol=1e-5)

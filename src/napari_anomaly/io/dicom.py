@@ -153,16 +153,13 @@ def list_dicom_series(
         Most files first, then by UID (a stable order).
     """
     pydicom = _pydicom()
-    from pydicom.errors import InvalidDicomError
-
     root = Path(folder)
     if root.is_file():
         root = root.parent
     groups: dict[str, dict[str, Any]] = {}
     for path in sorted(p for p in root.iterdir() if p.is_file() and not _is_hidden_or_temp(p)):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_LIST_TAGS)
-        except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, AttributeError):
+        ds = _read_header(pydicom, path)
+        if ds is None:
             continue
         uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
         if not uid or "SOPClassUID" not in ds and "Modality" not in ds:
@@ -202,6 +199,32 @@ def list_dicom_series(
     if images_only:
         infos = [info for info in infos if info.is_image]
     return sorted(infos, key=lambda info: (-info.n_files, info.series_instance_uid))
+
+
+def _read_header(pydicom: Any, path: Path) -> Any:
+    """The listing tags of a DICOM file, or None when it is not DICOM.
+
+    Files without the 128-byte preamble and ``DICM`` marker (old exports) are
+    still read when they start with a group 0002 or 0008 element, as GDCM does.
+    """
+    from pydicom.errors import InvalidDicomError
+
+    failures = (InvalidDicomError, OSError, ValueError, EOFError, TypeError, AttributeError)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_LIST_TAGS)
+    except failures:
+        pass
+    try:
+        with open(path, "rb") as fh:
+            start = fh.read(2)
+    except OSError:
+        return None
+    if start not in (b"\x02\x00", b"\x08\x00"):
+        return None
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_LIST_TAGS, force=True)
+    except failures:
+        return None
 
 
 _LIST_TAGS = [
