@@ -198,12 +198,12 @@ def test_seg_names_the_model_and_whether_a_reviewer_edited_it(edited, algorithm_
         segment_label="Anomaly",
     )
     info = read_seg_info(path)
-    assert info["segment_labels"] == ["Anomaly"]
-    assert info["algorithm_types"] == [algorithm_type]
-    assert info["algorithm_names"] == ["ppii-brain"]
-    assert info["algorithm_versions"] == [SHA[:16]]
-    assert info["segmentation_type"] == "BINARY"
-    assert info["source_series_uid"] == datasets[0].SeriesInstanceUID
+    assert info.segment_labels == ("Anomaly",)
+    assert info.algorithm_types == (algorithm_type,)
+    assert info.algorithm_names == ("ppii-brain",)
+    assert info.algorithm_versions == (SHA[:16],)
+    assert info.segmentation_type == "BINARY"
+    assert info.source_series_uid == datasets[0].SeriesInstanceUID
 
     seg = hd.seg.segread(path)
     (segment,) = seg.SegmentSequence
@@ -251,7 +251,7 @@ def test_anomaly_map_round_trips_as_a_fractional_seg(case, tmp_path):
     assert values.dtype == np.float32 and geometry.allclose(scan.geometry, atol=1e-5)
     np.testing.assert_allclose(values, anomaly_map, atol=0.5 / 255 + 1e-6)
     info = read_seg_info(path)
-    assert info["segmentation_type"] == "FRACTIONAL" and info["algorithm_types"] == ["AUTOMATIC"]
+    assert info.segmentation_type == "FRACTIONAL" and info.algorithm_types == ("AUTOMATIC",)
     as_image = read_image(path)
     assert as_image.source_dtype == "float32"
     np.testing.assert_array_equal(as_image.array, values)

@@ -377,10 +377,27 @@ def _write_segmentation(
     return target
 
 
-class SegmentationInfo(dict):
-    """What a DICOM-SEG says about itself (no patient attributes): a dict with
-    ``segment_labels``, ``algorithm_types``, ``algorithm_names``,
-    ``algorithm_versions``, ``source_series_uid``, ``segmentation_type``."""
+@dataclass(frozen=True)
+class SegmentationInfo:
+    """What a DICOM-SEG says about itself (no patient attributes).
+
+    Attributes
+    ----------
+    segment_labels, algorithm_types, algorithm_names, algorithm_versions : tuple of str
+        One entry per segment: its label, ``'AUTOMATIC'``/``'SEMIAUTOMATIC'``/
+        ``'MANUAL'``, and the model name and version (hash prefix) that made it.
+    source_series_uid : str
+        The SeriesInstanceUID of the series it segments.
+    segmentation_type : str
+        ``'BINARY'`` or ``'FRACTIONAL'``.
+    """
+
+    segment_labels: tuple[str, ...]
+    algorithm_types: tuple[str, ...]
+    algorithm_names: tuple[str, ...]
+    algorithm_versions: tuple[str, ...]
+    source_series_uid: str
+    segmentation_type: str
 
 
 def read_seg_info(path: str | os.PathLike[str]) -> SegmentationInfo:
@@ -396,10 +413,10 @@ def read_seg_info(path: str | os.PathLike[str]) -> SegmentationInfo:
 
     referenced = ds.get("ReferencedSeriesSequence") or []
     return SegmentationInfo(
-        segment_labels=[str(s.SegmentLabel) for s in segments],
-        algorithm_types=[str(s.SegmentAlgorithmType) for s in segments],
-        algorithm_names=[algorithm(s, "AlgorithmName") for s in segments],
-        algorithm_versions=[algorithm(s, "AlgorithmVersion") for s in segments],
+        segment_labels=tuple(str(s.SegmentLabel) for s in segments),
+        algorithm_types=tuple(str(s.SegmentAlgorithmType) for s in segments),
+        algorithm_names=tuple(algorithm(s, "AlgorithmName") for s in segments),
+        algorithm_versions=tuple(algorithm(s, "AlgorithmVersion") for s in segments),
         source_series_uid=str(referenced[0].SeriesInstanceUID) if referenced else "",
         segmentation_type=str(getattr(ds, "SegmentationType", "")),
     )

@@ -1080,10 +1080,10 @@ def _read_dicom(path: Path, series: str | None = None, scan: bool = False) -> Lo
         # One binary segment is a mask (napari opens it as Labels, scan=True refuses
         # it as one); several segments a label image; a fractional one a map.
         segments = read_seg_info(file)
-        if segments["segmentation_type"] == "FRACTIONAL":
+        if segments.segmentation_type == "FRACTIONAL":
             kind = "float32"
         else:
-            kind = "bool" if len(segments["segment_labels"]) == 1 else "uint8"
+            kind = "bool" if len(segments.segment_labels) == 1 else "uint8"
         return _finish(mask, geometry, kind, "dicom", path)
     if info.n_frames > 1:
         (file,) = _one_multiframe_file(folder, info)
