@@ -33,6 +33,7 @@ from .images import (
     Geometry,
     ImageFileError,
     LoadedImage,
+    _check_claimed_size,
     _check_slice_geometry,
     _dicom_floats,
     _dicom_item,
@@ -499,10 +500,13 @@ def read_seg(
     if source is not None:
         src = _source_datasets(source, series)
         geometry, plane_positions = src.geometry, src.positions
-        if (int(seg.Rows), int(seg.Columns)) != src.shape[-2:]:
+        if (int(seg.Rows), int(seg.Columns)) != src.shape[-2:] or not np.allclose(
+            orientation, _source_orientation(src.datasets[0]), atol=1e-4
+        ):
             raise ImageFileError(
-                f"{p}: its frames are {seg.Rows} x {seg.Columns}, the source's slices "
-                f"{src.shape[-2]} x {src.shape[-1]}; it was not drawn on that series"
+                f"{p}: its frames ({seg.Rows} x {seg.Columns}) do not lie on the source's "
+                f"slices ({src.shape[-2]} x {src.shape[-1]}, in another orientation or size); "
+                "it was not drawn on that series"
             )
     else:
         plane_positions = _unique_planes(np.asarray(positions, dtype=np.float64), along)
@@ -519,6 +523,7 @@ def read_seg(
         geometry = dicom_plane_geometry(plane_positions, orientation, pixel_spacing)
     plane_along = plane_positions @ normal
     rows, columns = int(seg.Rows), int(seg.Columns)
+    _check_claimed_size(p, (n, rows, columns))
     fractional = str(getattr(seg, "SegmentationType", "BINARY")) == "FRACTIONAL"
     pixels = np.asarray(seg.pixel_array).reshape(n, rows, columns)
     if fractional:
@@ -555,3 +560,16 @@ def _unique_planes(positions: np.ndarray, along: np.ndarray) -> np.ndarray:
         if along[k] - along[keep[-1]] > _SAME_PLANE_MM:
             keep.append(k)
     return positions[keep]
+
+
+def _source_orientation(first: Any) -> tuple[float, ...]:
+    """The ImageOrientationPatient of a source (classic slice or enhanced image)."""
+    direct = _dicom_floats(first, "ImageOrientationPatient", 6)
+    if direct is not None:
+        return direct
+    shared_seq = first.get("SharedFunctionalGroupsSequence")
+    per_frame = first.get("PerFrameFunctionalGroupsSequence") or [None]
+    item = _dicom_item(
+        per_frame[0], shared_seq[0] if shared_seq else None, "PlaneOrientationSequence"
+    )
+    return _dicom_floats(item, "ImageOrientationPatient", 6) or (np.nan,) * 6
