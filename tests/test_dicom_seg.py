@@ -339,3 +339,16 @@ def test_a_seg_beside_its_series_does_not_stop_the_folder_reading(tmp_path):
     _write(_anomaly_mask(scan.array.shape), folder, folder / "scan_seg.dcm")
     again = read_image(folder, scan=True)
     np.testing.assert_array_equal(again.array, scan.array)
+
+
+def test_a_seg_placed_on_another_series_is_refused(tmp_path):
+    (tmp_path / "axial").mkdir()
+    (tmp_path / "coronal").mkdir()
+    folder, _ = _source(SEG_CASES[2], tmp_path / "axial")  # axial 6 x 32 x 32
+    path = _write(_anomaly_mask(SEG_CASES[2].shape), folder, tmp_path / "seg.dcm")
+    coronal = SegCase(
+        "c", (6, 32, 32), (3.0, 0.8, 0.7), (30.0, -20.0, 10.0), SEG_CASES[4].direction
+    )
+    other, _ = _source(coronal, tmp_path / "coronal")
+    with pytest.raises(ImageFileError, match="not drawn on that series"):
+        read_seg(path, source=other)
