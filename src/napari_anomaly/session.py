@@ -214,6 +214,7 @@ class Case:
     undo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
     redo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
     _composed: np.ndarray | None = field(default=None, init=False, repr=False)
+    _found_regions: tuple | None = field(default=None, init=False, repr=False)
     # A job finishing in a worker thread may store new maps while the GUI
     # thread records a stroke: every change and the mask cache take this lock.
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
@@ -255,14 +256,24 @@ class Case:
         return sum(step.nbytes for step in self.undo_steps + self.redo_steps)
 
     def regions(self) -> list[Region]:
-        return find_regions(
-            self.mask,
-            self.anomaly_map,
-            self.confidence_map,
-            spacing=self.geometry.spacing,
-            origin=self.geometry.origin,
-            rank_by=self.rank_by,
-        )
+        """The regions of the mask, in the table's order (computed once per mask)."""
+        with self._lock:
+            mask = self.mask
+            # The inputs themselves (not their ids) are kept and compared, so that a new
+            # array can never be mistaken for the one the regions were found in.
+            inputs = (mask, self.anomaly_map, self.confidence_map, self.geometry, self.rank_by)
+            cached = self._found_regions
+            if cached is None or any(a is not b for a, b in zip(cached[0], inputs)):
+                regions = find_regions(
+                    mask,
+                    self.anomaly_map,
+                    self.confidence_map,
+                    spacing=self.geometry.spacing,
+                    origin=self.geometry.origin,
+                    rank_by=self.rank_by,
+                )
+                cached = self._found_regions = (inputs, regions)
+            return list(cached[1])
 
     def _changed(self) -> None:
         self._composed = None
