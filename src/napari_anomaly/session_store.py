@@ -160,10 +160,14 @@ def write_model_file(
 
 
 # ----------------------------------------------------------------------------- arrays
-def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray], compress: bool = False) -> None:
+    """Write ``arrays`` atomically. Scans and float maps are stored uncompressed: zlib
+    shrinks them by a sixth at 30x the time (a 512^3 case took over a minute to
+    autosave); the edits, voxel indices, are compressed."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
+            (np.savez_compressed if compress else np.savez)(handle, **arrays)
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -476,7 +480,7 @@ def _save(session: ReviewSession, folder: Path) -> Path:
             digest.update(key.encode() + edits[key].tobytes())
         edits_file = case_dir / f"edits-{digest.hexdigest()}.npz"
         if not edits_file.is_file():
-            _write_npz(edits_file, edits)
+            _write_npz(edits_file, edits, compress=True)
         referenced.add(edits_file)
         case_entries.append(
             {
