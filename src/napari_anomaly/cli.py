@@ -7,6 +7,7 @@
     napari-anomaly evaluate --images I... --masks M... [--normals N...] [--model M] [--json F]
     napari-anomaly synthesise NORMAL... --out DIR [--n N] [--seed S]
     napari-anomaly demo [--screenshot PNG]
+    napari-anomaly pacs search|get|put --url URL [--user NAME]  (docs/pacs.md)
 
 Without ``--model`` the bundled default model is used. Nothing is ever
 overwritten unless ``--overwrite`` is given; every file is written atomically.
@@ -698,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screenshot", help="render the window to this PNG and exit")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.set_defaults(func=_cmd_demo)
+    from napari_anomaly._cli_pacs import add_pacs_parser
+
+    add_pacs_parser(sub, common)
     return parser
 
 
@@ -749,4 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m napari_anomaly.cli`` (torchrun runs it so): run the package's module,
+    # not this __main__ copy, so that one CommandError class is raised and caught.
+    from napari_anomaly.cli import main as package_main
+
+    sys.exit(package_main())

@@ -252,6 +252,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
         )
         self.calibrate_button = PushButton(text="Threshold from normal scans")
         # --- localise
+        self.pacs_button = PushButton(text="Open from PACS…")
+        self.pacs_button.tooltip = (
+            "Search a PACS over DICOMweb, retrieve a series and open it (docs/pacs.md)."
+        )
         self.image_layer = ComboBox(label="Image", choices=self._image_layer_names)
         # The display windows the reader stored with the scan (CT: soft tissue, lung...).
         # Computed choices: napari's reset_choices (layers added...) re-reads them.
@@ -324,6 +328,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 self.max_false_regions,
                 self.calibrate_button,
                 self._worklist_panel,
+                self.pacs_button,
                 self.image_layer,
                 self.display_window,
                 self.flips,
@@ -420,6 +425,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.load_session_button.changed.connect(self._on_load_session_clicked)
         self.save_model_button.changed.connect(self._on_save_model_clicked)
         self.export_button.changed.connect(self._on_export_clicked)
+        self.pacs_button.changed.connect(lambda: self.open_from_pacs())
         self.model_choice.changed.connect(self._on_model_chosen)
         self.model_file.changed.connect(self._on_model_file)
         self.card_button.changed.connect(self._show_card)
@@ -1633,6 +1639,25 @@ class AnomalyReviewWidget(WorklistControls, Container):
     def _on_flips_changed(self, *_: Any) -> None:
         if self._session is not None:
             self._session.inference = replace(self._session.inference, flips=self.flips.value)
+
+    # ------------------------------------------------------------------ PACS
+    def open_from_pacs(self) -> list[Any]:
+        """Run the *Open from PACS* dialog and open the retrieved series (chosen in
+        **Image**); returns the layers added (none when the dialog was closed)."""
+        from napari_anomaly._qt.pacs_dialog import open_from_pacs
+
+        folder = open_from_pacs(parent=self.native)
+        if folder is None:
+            return []
+        try:
+            layers = self.viewer.open(str(folder), plugin="napari-anomaly")
+        except (OSError, ValueError) as error:
+            self._say(f"Cannot open the retrieved series {folder}: {error}", error=True)
+            return []
+        scans = [layer for layer in layers if self._is_scan_layer(layer)]
+        if scans and scans[0].name in self.image_layer.choices:
+            self.image_layer.value = scans[0].name
+        return layers
 
     # ------------------------------------------------------------------ export
     def export(

@@ -1,0 +1,1045 @@
+"""A small DICOMweb client: find a series on the hospital's PACS, fetch it, send results back.
+
+Three calls cover the round trip, over ``dicomweb-client``:
+
+- :func:`search_studies` and :func:`search_series` (QIDO-RS) list what the PACS
+  holds, filtered by patient id, date, modality and description;
+- :func:`retrieve_series` (WADO-RS) is a cancellable job (a generator of
+  :class:`~napari_anomaly.progress.Progress`) that fetches every instance of a
+  series into a staging folder next to the destination and, once all are there,
+  renames the staging folder into place: the series folder is complete or absent.
+  A retrieve that was cancelled or killed resumes where it stopped;
+- :func:`store_instances` (STOW-RS) sends DICOM files (a DICOM-SEG of the
+  reviewed mask, or anything else) to the PACS.
+
+Credentials: :class:`PacsSettings` takes the password from
+``$NAPARI_ANOMALY_PACS_PASSWORD`` or from the configuration file
+(``~/.config/napari-anomaly/pacs.json`` or ``$NAPARI_ANOMALY_PACS_CONFIG``),
+which must not be readable by other users. The password never appears in a
+``repr``, a message or a log line, and patient identifiers (the ones a search
+sends, the ones a PACS answers) are kept out of our messages and out of the log
+lines of the HTTP libraries (their query strings are hidden).
+
+Every failure to talk to the PACS is a :class:`PacsError` with one line that
+says what happened: the server is down or unreachable, it refused the
+credentials, it does not know the series, it is not a DICOMweb server, it did
+not answer in time, or its HTTPS certificate could not be checked.
+
+Nothing here imports Qt or napari; ``requests``, ``dicomweb-client`` and
+``pydicom`` are imported when a call needs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from napari_anomaly.progress import Job, Progress
+
+if TYPE_CHECKING:
+    from dicomweb_client import DICOMwebClient
+
+__all__ = [
+    "CACHE_ENV",
+    "CONFIG_ENV",
+    "DEFAULT_MAX_BYTES",
+    "PASSWORD_ENV",
+    "PacsError",
+    "PacsSettings",
+    "SeriesRecord",
+    "StudyRecord",
+    "cache_folder",
+    "config_path",
+    "retrieve_series",
+    "search_series",
+    "search_studies",
+    "store_instances",
+    "stored_url_and_user",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The password of the PACS user (preferred over the configuration file).
+PASSWORD_ENV = "NAPARI_ANOMALY_PACS_PASSWORD"
+#: Another configuration file than ``~/.config/napari-anomaly/pacs.json``.
+CONFIG_ENV = "NAPARI_ANOMALY_PACS_CONFIG"
+#: Another cache folder than the user's cache folder (``~/.cache/napari-anomaly/pacs``).
+CACHE_ENV = "NAPARI_ANOMALY_PACS_CACHE"
+#: A series larger than this is not retrieved unless a larger limit is given (2 GiB).
+DEFAULT_MAX_BYTES = 2 * 1024**3
+#: At most this many records per search unless asked for more.
+DEFAULT_LIMIT = 200
+
+# DICOM tags (group+element) read from QIDO-RS answers.
+_TAGS = {
+    "patient_id": "00100020",
+    "study_uid": "0020000D",
+    "study_date": "00080020",
+    "study_description": "00081030",
+    "modalities_in_study": "00080061",
+    "series_uid": "0020000E",
+    "series_date": "00080021",
+    "modality": "00080060",
+    "series_description": "0008103E",
+    "series_number": "00200011",
+    "sop_uid": "00080018",
+    "rows": "00280010",
+    "columns": "00280011",
+    "bits_allocated": "00280100",
+    "samples_per_pixel": "00280002",
+    "frames": "00280008",
+    "study_series": "00201206",
+    "study_instances": "00201208",
+    "series_instances": "00201209",
+}
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DATE = re.compile(r"^(\d{8})?(-)?(\d{8})?$")
+_ISO_DATE = re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)")
+# The staging folder of a retrieve: ".<series folder name>.partial" beside it. Not the
+# temporary-name pattern of napari_anomaly.io.atomic: a later run resumes it, nobody clears it.
+_PARTIAL_SUFFIX = ".partial"
+
+
+class PacsError(Exception):
+    """Talking to the PACS failed; the message is one line the user can act on."""
+
+
+# ----------------------------------------------------------------------------- settings
+def config_path() -> Path:
+    """The configuration file: ``$NAPARI_ANOMALY_PACS_CONFIG``, else ``pacs.json`` in the
+    user's configuration folder (``~/.config/napari-anomaly/pacs.json`` on Linux)."""
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]).expanduser()
+    try:
+        import platformdirs
+    except ImportError:
+        return Path.home() / ".config" / "napari-anomaly" / "pacs.json"
+    return Path(platformdirs.user_config_dir("napari-anomaly", appauthor=False)) / "pacs.json"
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The configuration file's settings ({} when there is none); a file holding a
+    password must be private to its owner."""
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PacsError(f"cannot read the PACS configuration {path}: {error}") from None
+    if not isinstance(config, dict):
+        raise PacsError(f"the PACS configuration {path} is not a JSON object")
+    known = {"url", "user", "password", "ca_bundle", "verify", "timeout"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise PacsError(
+            f"the PACS configuration {path} has unknown keys {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    if config.get("password") and os.name == "posix":
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise PacsError(
+                f"the PACS configuration {path} holds a password but other users may read it "
+                f"(mode {stat.filemode(mode)}); make it private with: chmod 600 {path}"
+            )
+    return config
+
+
+def stored_url_and_user(config: str | os.PathLike[str] | None = None) -> tuple[str, str]:
+    """The URL and user name in the configuration file (``""`` where it has none), to
+    pre-fill a form; never its password.
+
+    Raises
+    ------
+    PacsError
+        The file is unreadable, malformed, or holds a password other users may read.
+    """
+    stored = _read_config(Path(config) if config is not None else config_path())
+    return str(stored.get("url") or ""), str(stored.get("user") or "")
+
+
+@dataclass(frozen=True)
+class PacsSettings:
+    """Where the PACS is and how to log in.
+
+    Attributes
+    ----------
+    url
+        The DICOMweb root, e.g. ``http://localhost:8042/dicom-web`` (Orthanc) or
+        ``https://pacs.example.org/dicomweb``. No user or password in it.
+    user
+        The user name for HTTP basic authentication (None: no authentication).
+    password
+        The user's password. Not shown by ``repr``/``str`` and never put in a
+        message; use :meth:`from_environment` to take it from the environment or the
+        configuration file.
+    ca_bundle
+        A PEM file of the certificate authorities to trust for HTTPS (a hospital's
+        own CA); None: the system's.
+    verify
+        Check the server's HTTPS certificate (turn off only for a test server).
+    timeout
+        Seconds to wait for the PACS to answer one request.
+    """
+
+    url: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False, compare=False)
+    ca_bundle: str | None = None
+    verify: bool = True
+    timeout: float = 20.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"PACS URL {self.url!r} is not an http:// or https:// address "
+                "(e.g. http://localhost:8042/dicom-web)"
+            )
+        if parts.username or parts.password:
+            raise ValueError(
+                "the PACS URL must not hold a user name or password; give the user with "
+                f"--user and the password in ${PASSWORD_ENV}"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"PACS URL {self.url!r} must not have a query (?...) or fragment")
+        if self.password is not None and not self.user:
+            raise ValueError("a PACS password was given without a user name; give the user too")
+        if self.user is not None and self.password is None:
+            raise ValueError(
+                f"no password for PACS user {self.user!r}: set ${PASSWORD_ENV} or put it in "
+                f"{config_path()} (readable only by you)"
+            )
+        if self.ca_bundle is not None and not Path(self.ca_bundle).is_file():
+            raise FileNotFoundError(f"CA bundle {self.ca_bundle} not found")
+        if not self.timeout > 0:
+            raise ValueError(f"PACS timeout must be > 0 seconds, got {self.timeout}")
+
+    def __str__(self) -> str:
+        who = f"{self.user}@" if self.user else ""
+        return f"PACS {who}{self.url}"
+
+    @classmethod
+    def from_environment(
+        cls,
+        url: str | None = None,
+        user: str | None = None,
+        *,
+        password: str | None = None,
+        ca_bundle: str | None = None,
+        verify: bool | None = None,
+        timeout: float | None = None,
+        config: str | os.PathLike[str] | None = None,
+    ) -> PacsSettings:
+        """Settings from the arguments, then the environment, then the configuration file.
+
+        Parameters
+        ----------
+        url, user, ca_bundle, verify, timeout
+            Given values win over the configuration file's.
+        password
+            Given (typed into a dialog) it wins; else ``$NAPARI_ANOMALY_PACS_PASSWORD``;
+            else the configuration file's (only for the user named there).
+        config
+            The configuration file (default :func:`config_path`), a JSON object with
+            any of ``url``, ``user``, ``password``, ``ca_bundle``, ``verify``,
+            ``timeout``. It must be readable only by its owner when it holds a password.
+
+        Raises
+        ------
+        PacsError
+            The configuration file is unreadable, malformed or not private.
+        ValueError
+            No URL anywhere, a bad URL, or a user without a password.
+        """
+        stored = _read_config(Path(config) if config is not None else config_path())
+        url = url or stored.get("url")
+        if not url:
+            raise ValueError(
+                f"no PACS address: give --url (e.g. http://localhost:8042/dicom-web) or put "
+                f'"url" in {config_path() if config is None else config}'
+            )
+        if user is None:
+            user = stored.get("user")
+        if password is None:
+            password = os.environ.get(PASSWORD_ENV) or None
+        if password is None and user is not None and user == stored.get("user"):
+            password = stored.get("password")
+        return cls(
+            url=str(url).rstrip("/"),
+            user=user or None,
+            password=password if user else None,
+            ca_bundle=ca_bundle if ca_bundle is not None else stored.get("ca_bundle"),
+            verify=verify if verify is not None else bool(stored.get("verify", True)),
+            timeout=float(timeout if timeout is not None else stored.get("timeout", 20.0)),
+        )
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class StudyRecord:
+    """One study the PACS answered a search with.
+
+    ``patient_id`` is there so a user can tell studies apart on screen; it is left
+    out of ``repr`` (and so out of log lines and tracebacks).
+    """
+
+    study_uid: str
+    date: str = ""
+    description: str = ""
+    modalities: tuple[str, ...] = ()
+    series: int | None = None
+    instances: int | None = None
+    patient_id: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """One series the PACS answered a search with.
+
+    Attributes
+    ----------
+    series_uid, study_uid
+        The UIDs to retrieve it with.
+    modality, description, date, series_number
+        What a user picks a series by (``date``: the series date, else the study
+        date, as ``YYYYMMDD``).
+    instances
+        Number of instances (slices), when the PACS says.
+    patient_id
+        Shown so that the user can pick; left out of ``repr``, log lines and the
+        command line's output.
+    """
+
+    series_uid: str
+    study_uid: str
+    modality: str = ""
+    description: str = ""
+    date: str = ""
+    series_number: int | None = None
+    instances: int | None = None
+    patient_id: str = field(default="", repr=False)
+
+    def line(self) -> str:
+        """One line for a listing (no patient identifier): UID, modality, date, size,
+        description."""
+        count = "?" if self.instances is None else str(self.instances)
+        return (
+            f"{self.series_uid}  {self.modality or '-':<4} {self.date or '-':<8}  "
+            f"{count:>5} instances  {self.description}"
+        ).rstrip()
+
+
+def _value(item: dict, key: str, default: Any = "") -> Any:
+    element = item.get(_TAGS[key]) or {}
+    values = element.get("Value") or []
+    if not values:
+        return default
+    value = values[0]
+    if isinstance(value, dict):  # a person name
+        value = value.get("Alphabetic", "")
+    return value
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- transport
+class _HideQueries(logging.Filter):
+    """Hide the query strings of URLs in a library's log lines: they carry search
+    filters such as a patient id."""
+
+    _QUERY = re.compile(r"\?[^\s\"']*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg = self._QUERY.sub("?<query hidden>", message)
+            record.args = None
+        return True
+
+
+_HIDE_QUERIES = _HideQueries()
+_LIBRARY_LOGGERS = ("dicomweb_client.web", "dicomweb_client.api", "urllib3.connectionpool")
+
+
+def _hide_queries_in_library_logs() -> None:
+    for name in _LIBRARY_LOGGERS:
+        library_logger = logging.getLogger(name)
+        if _HIDE_QUERIES not in library_logger.filters:
+            library_logger.addFilter(_HIDE_QUERIES)
+
+
+def _transport(settings: PacsSettings) -> Any:
+    """A ``requests`` transport for the PACS.
+
+    It sends the DICOM wildcards ``*`` and ``?`` of a query as they are:
+    ``dicomweb-client`` percent-encodes them, and servers (Orthanc among them) then
+    match them as literal characters (RFC 3986: an encoded reserved character is not
+    the character). And it applies the certificate check the settings ask for
+    (``ca_bundle``, ``verify=False``) to every request: ``requests`` would otherwise
+    let ``$REQUESTS_CA_BUNDLE`` win over a session's own setting. Without either, the
+    environment's CA bundle (or the system's) is used, as by every other tool.
+    """
+    from requests.adapters import HTTPAdapter
+
+    verify = settings.ca_bundle if settings.ca_bundle else (None if settings.verify else False)
+
+    class PacsTransport(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            path, mark, query = (request.url or "").partition("?")
+            if mark:
+                query = query.replace("%2A", "*").replace("%3F", "?")
+                request.url = f"{path}?{query}"
+            if verify is not None:
+                kwargs["verify"] = verify
+            return super().send(request, **kwargs)
+
+    return PacsTransport()
+
+
+def _client(settings: PacsSettings) -> DICOMwebClient:
+    import requests
+    from dicomweb_client import DICOMwebClient
+
+    _hide_queries_in_library_logs()
+    session = requests.Session()
+    transport = _transport(settings)
+    session.mount("http://", transport)
+    session.mount("https://", transport)
+    if settings.user:
+        session.auth = (settings.user, settings.password or "")
+    session.verify = settings.ca_bundle if settings.ca_bundle else settings.verify
+    client = DICOMwebClient(settings.url, session=session, timeout=settings.timeout)
+    # Three tries within a second (a busy server's 429/503, a dropped connection): a
+    # dead server is reported at once, not after dicomweb-client's default back-off.
+    client.set_http_retry_params(
+        retry=True,
+        max_attempts=3,
+        wait_exponential_multiplier=200,
+        retriable_error_codes=(429, 503),
+    )
+    return client
+
+
+@contextlib.contextmanager
+def _talking_to(settings: PacsSettings, action: str, not_found: str | None = None) -> Iterator:
+    """Turn what ``requests`` and the server say into one :class:`PacsError` line.
+
+    The original exception is not chained: its text holds the request's URL with
+    its query (patient ids), which must not reach a traceback or a log.
+    """
+    import requests
+    from urllib3.exceptions import InsecureRequestWarning
+
+    where = f"the PACS at {settings.url}"
+    message = None
+    try:
+        with warnings.catch_warnings():
+            if not settings.verify:  # asked for explicitly; said once by the caller
+                warnings.simplefilter("ignore", InsecureRequestWarning)
+            yield
+    except requests.exceptions.SSLError:
+        message = (
+            f"cannot {action}: the HTTPS certificate of {where} could not be verified "
+            "(give the hospital's CA bundle with --ca-bundle; --insecure skips the check)"
+        )
+    except requests.exceptions.Timeout:
+        message = f"cannot {action}: {where} did not answer within {settings.timeout:g} s"
+    except requests.exceptions.ConnectionError:
+        message = (
+            f"cannot {action}: no server answers at {settings.url} "
+            "(is the PACS running, and are the address and port right?)"
+        )
+    except requests.exceptions.HTTPError as error:
+        status = error.response.status_code if error.response is not None else 0
+        reason = error.response.reason if error.response is not None else ""
+        if status == 401:
+            message = (
+                f"{where} refused the credentials for user {settings.user!r}"
+                if settings.user
+                else f"{where} asks for a user name and password: give --user NAME and "
+                f"set ${PASSWORD_ENV}"
+            )
+        elif status == 403:
+            message = (
+                f"{where} refused the credentials for user {settings.user!r} "
+                f"(forbidden: the user may not {action})"
+            )
+        elif status == 404:
+            message = not_found or (
+                f"cannot {action}: {settings.url} is not a DICOMweb service (HTTP 404); give "
+                "the DICOMweb root, e.g. http://localhost:8042/dicom-web"
+            )
+        elif status in (400, 405, 406, 415):
+            message = (
+                f"cannot {action}: {where} answered HTTP {status} {reason}; is "
+                f"{settings.url} the DICOMweb root (e.g. http://localhost:8042/dicom-web)?"
+            )
+        else:
+            message = f"cannot {action}: {where} answered HTTP {status} {reason}".rstrip()
+    except (requests.exceptions.RequestException, ValueError, KeyError, TypeError):
+        # A JSON body that does not decode, a multipart body that does not split into
+        # DICOM parts: whatever answered is not a DICOMweb server.
+        message = (
+            f"cannot {action}: {settings.url} does not answer as a DICOMweb server; give the "
+            "DICOMweb root, e.g. http://localhost:8042/dicom-web"
+        )
+    if message is not None:
+        raise PacsError(message) from None
+
+
+def _check_dicom_json(settings: PacsSettings, answer: Any, action: str) -> list[dict]:
+    """A QIDO-RS answer is a list of DICOM JSON objects; anything else is not DICOMweb."""
+    if not isinstance(answer, list) or not all(
+        isinstance(item, dict) and all(re.fullmatch(r"[0-9A-Fa-f]{8}", k) for k in item)
+        for item in answer
+    ):
+        raise PacsError(
+            f"cannot {action}: {settings.url} does not answer as a DICOMweb server; give the "
+            "DICOMweb root, e.g. http://localhost:8042/dicom-web"
+        )
+    return answer
+
+
+# ----------------------------------------------------------------------------- search
+def _check_uid(uid: str, what: str) -> str:
+    uid = str(uid).strip()
+    if not _UID.match(uid) or len(uid) > 64:
+        raise ValueError(f"{what} {uid!r} is not a DICOM UID (digits and dots, at most 64)")
+    return uid
+
+
+def _date_filter(date: str) -> str:
+    """A DICOM date or range (``20240131``, ``20240101-20240131``, ``20240101-``,
+    ``-20240131``), also written with ISO dates (``2024-01-31``,
+    ``2024-01-01-2024-01-31``)."""
+    given = date
+    date = _ISO_DATE.sub(r"\1\2\3", date.strip())
+    match = _DATE.match(date)
+    if (
+        match is None
+        or (match.group(1) is None and match.group(3) is None)
+        or (match.group(2) is None and match.group(3) is not None)
+    ):
+        raise ValueError(
+            f"study date {given!r} is not a date (YYYYMMDD or YYYY-MM-DD) or a range "
+            "(YYYYMMDD-YYYYMMDD, open ends allowed)"
+        )
+    return date
+
+
+def _filters(
+    patient_id: str | None,
+    study_date: str | None,
+    modality: str | None,
+    description: str | None,
+    description_tag: str,
+) -> dict[str, str]:
+    filters: dict[str, str] = {}
+    if patient_id:
+        filters["PatientID"] = patient_id.strip()
+    if study_date:
+        filters["StudyDate"] = _date_filter(study_date)
+    if modality:
+        if not re.fullmatch(r"[A-Za-z0-9]{1,16}", modality.strip()):
+            raise ValueError(f"modality {modality!r} is not a DICOM modality code (e.g. CT, MR)")
+        filters["Modality" if description_tag == "SeriesDescription" else "ModalitiesInStudy"] = (
+            modality.strip().upper()
+        )
+    words = (description or "").replace("*", " ").split()
+    if words:
+        # The description holds the words in this order (a user's "t1 axial" finds
+        # "T1 AXIAL post"); wildcards stand for the spaces, which not every server
+        # matches in a query (Orthanc does not).
+        filters[description_tag] = "*" + "*".join(words) + "*"
+    return filters
+
+
+def _check_limit(limit: int) -> int:
+    if int(limit) < 1:
+        raise ValueError(f"search limit must be >= 1, got {limit}")
+    return int(limit)
+
+
+def search_studies(
+    settings: PacsSettings,
+    *,
+    patient_id: str | None = None,
+    study_date: str | None = None,
+    modality: str | None = None,
+    description: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> list[StudyRecord]:
+    """The studies on the PACS that match every filter given (QIDO-RS).
+
+    Parameters
+    ----------
+    settings
+        The PACS.
+    patient_id
+        Exact patient id (DICOM wildcards ``*`` and ``?`` allowed).
+    study_date
+        ``YYYYMMDD``, ``YYYY-MM-DD`` or a range ``YYYYMMDD-YYYYMMDD`` (open ends allowed).
+    modality
+        A modality code in the study (``CT``, ``MR``...).
+    description
+        Text the study description contains.
+    limit
+        At most this many studies.
+
+    Returns
+    -------
+    list of StudyRecord
+        Newest first.
+
+    Raises
+    ------
+    ValueError
+        A malformed filter (nothing is sent).
+    PacsError
+        The PACS could not be asked (the message says why).
+    """
+    filters = _filters(patient_id, study_date, modality, description, "StudyDescription")
+    fields = [
+        _TAGS[k]
+        for k in (
+            "study_description",
+            "modalities_in_study",
+            "study_series",
+            "study_instances",
+            "patient_id",
+        )
+    ]
+    client = _client(settings)
+    with _talking_to(settings, "search the PACS"):
+        answer = client.search_for_studies(
+            search_filters=filters, fields=fields, limit=_check_limit(limit)
+        )
+    records = [
+        StudyRecord(
+            study_uid=_value(item, "study_uid"),
+            date=_value(item, "study_date"),
+            description=_value(item, "study_description"),
+            modalities=tuple((item.get(_TAGS["modalities_in_study"]) or {}).get("Value") or ()),
+            series=_int_or_none(_value(item, "study_series", None)),
+            instances=_int_or_none(_value(item, "study_instances", None)),
+            patient_id=str(_value(item, "patient_id")),
+        )
+        for item in _check_dicom_json(settings, answer, "search the PACS")
+    ]
+    logger.info("PACS search: %d studies", len(records))
+    return sorted(records, key=lambda r: r.date, reverse=True)
+
+
+def search_series(
+    settings: PacsSettings,
+    *,
+    patient_id: str | None = None,
+    study_date: str | None = None,
+    modality: str | None = None,
+    description: str | None = None,
+    study_uid: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> list[SeriesRecord]:
+    """The series on the PACS that match every filter given (QIDO-RS).
+
+    Parameters
+    ----------
+    settings
+        The PACS.
+    patient_id
+        Exact patient id (DICOM wildcards ``*`` and ``?`` allowed).
+    study_date
+        ``YYYYMMDD``, ``YYYY-MM-DD`` or a range ``YYYYMMDD-YYYYMMDD`` (open ends allowed).
+    modality
+        The series' modality (``CT``, ``MR``, ``SEG``...).
+    description
+        Text the series description contains.
+    study_uid
+        Only the series of this study.
+    limit
+        At most this many series.
+
+    Returns
+    -------
+    list of SeriesRecord
+        Newest first, then by series number.
+
+    Raises
+    ------
+    ValueError
+        A malformed filter (nothing is sent).
+    PacsError
+        The PACS could not be asked (the message says why).
+    """
+    filters = _filters(patient_id, study_date, modality, description, "SeriesDescription")
+    if study_uid:
+        filters["StudyInstanceUID"] = _check_uid(study_uid, "study UID")
+    fields = [
+        _TAGS[k]
+        for k in (
+            "series_description",
+            "series_date",
+            "study_date",
+            "patient_id",
+            "series_number",
+            "series_instances",
+            "study_uid",
+        )
+    ]
+    client = _client(settings)
+    with _talking_to(settings, "search the PACS"):
+        answer = client.search_for_series(
+            search_filters=filters, fields=fields, limit=_check_limit(limit)
+        )
+    records = [
+        SeriesRecord(
+            series_uid=_value(item, "series_uid"),
+            study_uid=_value(item, "study_uid"),
+            modality=_value(item, "modality"),
+            description=_value(item, "series_description"),
+            date=_value(item, "series_date") or _value(item, "study_date"),
+            series_number=_int_or_none(_value(item, "series_number", None)),
+            instances=_int_or_none(_value(item, "series_instances", None)),
+            patient_id=str(_value(item, "patient_id")),
+        )
+        for item in _check_dicom_json(settings, answer, "search the PACS")
+    ]
+    logger.info("PACS search: %d series", len(records))
+    records.sort(key=lambda r: (r.series_number is None, r.series_number or 0))
+    return sorted(records, key=lambda r: r.date, reverse=True)
+
+
+# ----------------------------------------------------------------------------- retrieve
+def cache_folder(series_uid: str | None = None) -> Path:
+    """Where retrieved series go by default: ``$NAPARI_ANOMALY_PACS_CACHE``, else ``pacs``
+    in the user's cache folder (``~/.cache/napari-anomaly/pacs`` on Linux); with a
+    series UID, that series' folder in it."""
+    if os.environ.get(CACHE_ENV):
+        root = Path(os.environ[CACHE_ENV]).expanduser()
+    else:
+        try:
+            import platformdirs
+        except ImportError:
+            root = Path.home() / ".cache" / "napari-anomaly" / "pacs"
+        else:
+            root = Path(platformdirs.user_cache_dir("napari-anomaly", appauthor=False)) / "pacs"
+    return root if series_uid is None else root / _check_uid(series_uid, "series UID")
+
+
+def _protected_folders() -> list[Path]:
+    """The installed package and, when it runs from a source checkout, the checkout."""
+    package = Path(__file__).resolve().parent
+    folders = [package]
+    checkout = package.parent.parent if package.parent.name == "src" else package.parent
+    if (checkout / "pyproject.toml").is_file():
+        folders.append(checkout)
+    return folders
+
+
+def _refuse_source_tree(folder: Path) -> None:
+    target = folder.expanduser().resolve()
+    for protected in _protected_folders():
+        if target == protected or protected in target.parents:
+            raise ValueError(
+                f"{folder} is inside napari-anomaly's own source tree ({protected}); "
+                "retrieve series into a data folder (default: the cache)"
+            )
+
+
+def _instance_bytes(item: dict) -> int | None:
+    """The pixel data size an instance announces (None when the PACS does not say)."""
+    rows, columns, bits = (
+        _int_or_none(_value(item, k, None)) for k in ("rows", "columns", "bits_allocated")
+    )
+    if not (rows and columns and bits):
+        return None
+    samples = _int_or_none(_value(item, "samples_per_pixel", 1)) or 1
+    frames = _int_or_none(_value(item, "frames", 1)) or 1
+    return rows * columns * samples * frames * max(bits // 8, 1)
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1024**2:.0f} MB" if n >= 1024**2 else f"{n / 1024:.0f} kB"
+
+
+def _staging_folder(final: Path) -> Path:
+    return final.parent / f".{final.name}{_PARTIAL_SUFFIX}"
+
+
+def retrieve_series(
+    settings: PacsSettings,
+    series_uid: str,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    study_uid: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    overwrite: bool = False,
+) -> Job[Path]:
+    """Fetch every instance of a series into a folder (WADO-RS), as a cancellable job.
+
+    The arguments are checked when this is called, before anything is fetched. The
+    job yields a :class:`~napari_anomaly.progress.Progress` after each instance and
+    returns the folder. Instances go to ``.<folder name>.partial`` beside the folder,
+    one file ``<SOP Instance UID>.dcm`` each, written atomically; when all are there
+    the staging folder is renamed into place. A cancelled, failed or killed retrieve
+    leaves the staging folder: the next retrieve of the series into the same folder
+    fetches only what is missing. A folder that already holds exactly the series is
+    returned at once.
+
+    Parameters
+    ----------
+    settings
+        The PACS.
+    series_uid
+        The Series Instance UID (from :func:`search_series`).
+    out_dir
+        The series' folder; default ``cache_folder(series_uid)``. Never inside
+        napari-anomaly's own source tree.
+    study_uid
+        The series' Study Instance UID, when known (saves a query).
+    max_bytes
+        Refuse a series whose instances add up to more bytes than this (checked
+        before fetching when the PACS announces the image sizes, and as they come).
+    overwrite
+        Replace a folder that holds other files.
+
+    Returns
+    -------
+    Generator yielding Progress, returning pathlib.Path
+        The folder holding the complete series, readable with
+        :func:`napari_anomaly.io.read_image`.
+
+    Raises
+    ------
+    ValueError
+        A malformed UID, a folder in the source tree, a limit below 1.
+    FileExistsError
+        The folder holds other files and ``overwrite`` is False.
+    PacsError
+        The PACS could not be asked, does not know the series, or the series is
+        larger than ``max_bytes``.
+    """
+    series_uid = _check_uid(series_uid, "series UID")
+    if study_uid is not None:
+        study_uid = _check_uid(study_uid, "study UID")
+    if int(max_bytes) < 1:
+        raise ValueError(f"the size limit must be at least 1 byte, got {max_bytes}")
+    final = Path(out_dir).expanduser() if out_dir is not None else cache_folder(series_uid)
+    _refuse_source_tree(final)
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"{final} is a file; give a folder for the series")
+    return _retrieve(settings, series_uid, final, study_uid, int(max_bytes), overwrite)
+
+
+def _list_instances(
+    settings: PacsSettings, client: DICOMwebClient, series_uid: str, study_uid: str | None
+) -> list[dict]:
+    fields = [
+        _TAGS[k]
+        for k in ("study_uid", "rows", "columns", "bits_allocated", "samples_per_pixel", "frames")
+    ]
+    not_found = f"series {series_uid} is not on the PACS at {settings.url}"
+    with _talking_to(settings, "list the series", not_found=not_found):
+        answer = client.search_for_instances(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid if study_uid else None,
+            search_filters=None if study_uid else {"SeriesInstanceUID": series_uid},
+            fields=fields,
+            get_remaining=True,
+        )
+    instances = _check_dicom_json(settings, answer, "list the series")
+    if not instances:
+        raise PacsError(not_found)
+    return instances
+
+
+def _encode(dataset: Any) -> bytes:
+    """A DICOM file (preamble, file meta information) from a retrieved dataset."""
+    import pydicom
+
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _retrieve(
+    settings: PacsSettings,
+    series_uid: str,
+    final: Path,
+    study_uid: str | None,
+    max_bytes: int,
+    overwrite: bool,
+) -> Job[Path]:
+    from napari_anomaly.io import atomic_write_bytes, check_output_folder, clear_leftovers
+    from napari_anomaly.io.atomic import interrupts_deferred
+
+    yield Progress(0, 0, "asking the PACS for the series' instances")
+    client = _client(settings)
+    instances = _list_instances(settings, client, series_uid, study_uid)
+    names = {f"{_check_uid(_value(i, 'sop_uid'), 'SOP instance UID')}.dcm": i for i in instances}
+    total = len(names)
+
+    existing = {p.name for p in final.iterdir()} if final.is_dir() else set()
+    if existing and existing == set(names):
+        logger.info("series %s is already in %s", series_uid, final)
+        yield Progress(total, total, f"all {total} instances were already retrieved")
+        return final
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{final} already holds other files; give an empty or new folder, or pass "
+            "overwrite=True (the CLI flag is --overwrite)"
+        )
+
+    sizes = [_instance_bytes(item) for item in names.values()]
+    announced = sum(sizes) if None not in sizes else None
+    if announced is not None and announced > max_bytes:
+        raise PacsError(
+            f"series {series_uid} holds about {_megabytes(announced)} of images, more than "
+            f"the limit of {_megabytes(max_bytes)}; raise the limit to retrieve it"
+        )
+
+    staging = _staging_folder(final)
+    check_output_folder(final.parent, needed_bytes=announced or 0)
+    staging.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(staging)  # half-written files of a killed run
+    for stray in staging.iterdir():
+        if stray.name not in names:  # no longer in the series on the PACS
+            shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
+    have = {p.name for p in staging.iterdir()}
+    received = sum((staging / name).stat().st_size for name in have)
+    done = len(have)
+    if done:
+        yield Progress(done, total, f"resuming: {done} of {total} instances already here")
+
+    not_found = f"series {series_uid} changed on the PACS during the retrieve; try again"
+    for name, item in names.items():
+        if name in have:
+            continue
+        with _talking_to(settings, "retrieve the series", not_found=not_found):
+            dataset = client.retrieve_instance(
+                study_instance_uid=study_uid or _value(item, "study_uid"),
+                series_instance_uid=series_uid,
+                sop_instance_uid=name[: -len(".dcm")],
+            )
+        data = _encode(dataset)
+        received += len(data)
+        if received > max_bytes:
+            raise PacsError(
+                f"series {series_uid} is larger than the limit of {_megabytes(max_bytes)}; "
+                f"the {done} instances fetched so far wait in {staging} for a retrieve "
+                "with a larger limit"
+            )
+        atomic_write_bytes(staging / name, data, overwrite=True)
+        done += 1
+        yield Progress(done, total, f"retrieved {done} of {total} instances")
+
+    with interrupts_deferred():
+        if final.is_dir():
+            aside = final.parent / f".{final.name}.replaced"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
+            try:
+                os.replace(staging, final)
+            except BaseException:
+                os.replace(aside, final)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    logger.info("retrieved series %s (%d instances) into %s", series_uid, total, final)
+    return final
+
+
+# ----------------------------------------------------------------------------- store
+def _dicom_files(files: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files to send: folders stand for the files in them (not hidden, not nested)."""
+    paths: list[Path] = []
+    for entry in map(Path, files):
+        if entry.is_dir():
+            inside = sorted(
+                p for p in entry.iterdir() if p.is_file() and not p.name.startswith(".")
+            )
+            if not inside:
+                raise FileNotFoundError(f"{entry} holds no files to send")
+            paths.extend(inside)
+        elif entry.is_file():
+            paths.append(entry)
+        else:
+            raise FileNotFoundError(f"{entry} not found")
+    if not paths:
+        raise ValueError("no DICOM files given to send to the PACS")
+    return paths
+
+
+def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Send DICOM files to the PACS (STOW-RS): a DICOM-SEG, a series, any instance.
+
+    Every file is read and checked first; if one is not a DICOM file nothing is sent.
+
+    Parameters
+    ----------
+    settings
+        The PACS.
+    files
+        DICOM files, or folders whose files are all DICOM.
+
+    Returns
+    -------
+    list of str
+        The SOP Instance UIDs the PACS stored, in the order of the files.
+
+    Raises
+    ------
+    ValueError
+        A file is not DICOM or lacks its UIDs (nothing was sent).
+    PacsError
+        The PACS could not be reached or refused an instance (the ones before it
+        are stored).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    paths = _dicom_files(files)
+    for path in paths:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as error:
+            raise ValueError(f"{path} is not a DICOM file ({error})") from None
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SOPClassUID"):
+            if not getattr(header, keyword, None):
+                raise ValueError(f"{path} has no {keyword}; a PACS cannot store it")
+    client = _client(settings)
+    stored: list[str] = []
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        with _talking_to(settings, f"store {path.name}"):
+            answer = client.store_instances(datasets=[dataset])
+        failed = getattr(answer, "FailedSOPSequence", None)
+        if failed:
+            reason = getattr(failed[0], "FailureReason", "?")
+            raise PacsError(
+                f"{settings.url} refused to store {path} (failure reason {reason}); "
+                f"{len(stored)} file(s) before it were stored"
+            )
+        stored.append(str(dataset.SOPInstanceUID))
+    logger.info("stored %d instance(s) on the PACS", len(stored))
+    return stored

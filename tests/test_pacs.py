@@ -1,0 +1,484 @@
+"""The hospital round trip against a real PACS (Orthanc + DICOMweb on localhost):
+search, retrieve (complete, resumable, bounded), store, and the failures a user meets."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import ssl
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from orthanc import (  # noqa: F401
+    TEST_PASSWORD,
+    TEST_USER,
+    free_port,
+    orthanc,
+    self_signed_certificate,
+    write_series,
+)
+
+from napari_anomaly import pacs
+from napari_anomaly.io import read_image
+from napari_anomaly.pacs import PacsError, PacsSettings
+from napari_anomaly.progress import run_to_end
+
+MR_PATIENT = "PAT-PACS-0001"
+CT_PATIENT = "PAT-PACS-0002"
+
+
+@pytest.fixture(scope="module")
+def uploaded(orthanc, tmp_path_factory):  # noqa: F811
+    """Two synthetic series of two patients on the PACS: an MR and a CT."""
+    root = tmp_path_factory.mktemp("uploaded")
+    mr = write_series(
+        root / "mr", patient_id=MR_PATIENT, modality="MR", description="T1 axial synthetic", seed=1
+    )
+    ct = write_series(
+        root / "ct", patient_id=CT_PATIENT, modality="CT", description="Chest CT", seed=2
+    )
+    orthanc.upload(mr.files + ct.files)
+    return {"mr": mr, "ct": ct}
+
+
+@pytest.fixture(autouse=True)
+def _no_user_configuration(tmp_path, monkeypatch):
+    """The user's own PACS configuration, password and cache are never used by a test."""
+    monkeypatch.setenv(pacs.CONFIG_ENV, str(tmp_path / "no-pacs-config.json"))
+    monkeypatch.setenv(pacs.CACHE_ENV, str(tmp_path / "pacs cache"))
+    monkeypatch.delenv(pacs.PASSWORD_ENV, raising=False)
+
+
+@pytest.fixture
+def settings(orthanc):  # noqa: F811
+    return orthanc.settings()
+
+
+def _uids(records) -> set[str]:
+    return {r.series_uid for r in records}
+
+
+def _cli(argv: list[str]) -> int:
+    """``napari-anomaly pacs ...`` as main() runs it: a refusal is one ``error:`` line."""
+    from napari_anomaly._cli_pacs import add_pacs_parser
+    from napari_anomaly.cli import CommandError
+
+    parser = argparse.ArgumentParser(prog="napari-anomaly")
+    add_pacs_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["pacs", *argv])
+    try:
+        return args.func(args)
+    except (CommandError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+class _Fetches:
+    """Counts the instances fetched from the PACS (WADO-RS calls)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from dicomweb_client import DICOMwebClient
+
+        self.count = 0
+        original = DICOMwebClient.retrieve_instance
+
+        def counting(client, *args, **kwargs):
+            self.count += 1
+            return original(client, *args, **kwargs)
+
+        monkeypatch.setattr(DICOMwebClient, "retrieve_instance", counting)
+
+
+# ----------------------------------------------------------------------------- search
+def test_search_finds_series_by_patient_modality_and_description(settings, uploaded):
+    mr, ct = uploaded["mr"], uploaded["ct"]
+    assert _uids(pacs.search_series(settings)) >= {mr.series_uid, ct.series_uid}
+    assert _uids(pacs.search_series(settings, patient_id=MR_PATIENT)) == {mr.series_uid}
+    assert _uids(pacs.search_series(settings, modality="ct")) == {ct.series_uid}
+    # Words of the description, in any case.
+    assert _uids(pacs.search_series(settings, description="t1 AXIAL")) == {mr.series_uid}
+    assert pacs.search_series(settings, description="sagittal") == []
+    assert pacs.search_series(settings, patient_id=CT_PATIENT, modality="MR") == []
+    assert _uids(pacs.search_series(settings, study_uid=mr.study_uid)) == {mr.series_uid}
+    day = mr.study_date  # YYYYMMDD
+    iso_day = f"{day[:4]}-{day[4:6]}-{day[6:]}"
+    assert mr.series_uid in _uids(pacs.search_series(settings, study_date=iso_day))
+    assert mr.series_uid in _uids(pacs.search_series(settings, study_date=f"{day}-{day}"))
+    day_before = (datetime.date.fromisoformat(iso_day) - datetime.timedelta(days=1)).isoformat()
+    assert mr.series_uid not in _uids(pacs.search_series(settings, study_date=f"-{day_before}"))
+
+    (record,) = pacs.search_series(settings, patient_id=MR_PATIENT)
+    assert (record.modality, record.description, record.instances) == ("MR", mr.description, 6)
+    assert record.study_uid == mr.study_uid
+    assert record.patient_id == MR_PATIENT  # on screen, to pick by
+    assert MR_PATIENT not in repr(record) and MR_PATIENT not in record.line()
+
+
+def test_search_studies_by_patient(settings, uploaded):
+    (study,) = pacs.search_studies(settings, patient_id=CT_PATIENT)
+    assert study.study_uid == uploaded["ct"].study_uid
+    assert study.modalities == ("CT",)
+    assert CT_PATIENT not in repr(study)
+
+
+def test_malformed_filters_are_refused_before_asking(settings):
+    with pytest.raises(ValueError, match="study date '31/01/2024'"):
+        pacs.search_series(settings, study_date="31/01/2024")
+    with pytest.raises(ValueError, match="study date '-'"):
+        pacs.search_series(settings, study_date="-")
+    with pytest.raises(ValueError, match="modality"):
+        pacs.search_series(settings, modality="C T")
+    with pytest.raises(ValueError, match="study UID 'abc'"):
+        pacs.search_series(settings, study_uid="abc")
+
+
+def test_cli_search_prints_one_series_a_line_without_patient_ids(
+    orthanc,  # noqa: F811
+    uploaded,
+    monkeypatch,
+    capsys,
+):
+    monkeypatch.setenv(pacs.PASSWORD_ENV, TEST_PASSWORD)
+    code = _cli(["search", "--url", orthanc.dicomweb_url, "--user", TEST_USER, "--modality", "MR"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(uploaded["mr"].series_uid)
+    assert "T1 axial synthetic" in lines[0] and "6 instances" in lines[0]
+    assert MR_PATIENT not in out
+
+
+# ----------------------------------------------------------------------------- retrieve
+def test_retrieve_gets_every_instance_and_reads_like_the_upload(settings, uploaded, tmp_path):
+    mr = uploaded["mr"]
+    folder = run_to_end(pacs.retrieve_series(settings, mr.series_uid, tmp_path / "mr"))
+    assert folder == tmp_path / "mr"
+    assert len(list(folder.iterdir())) == len(mr.files) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mr"], "no staging folder is left"
+
+    sent, got = read_image(mr.folder), read_image(folder)
+    np.testing.assert_array_equal(got.array, sent.array)
+    assert got.geometry == sent.geometry
+    np.testing.assert_allclose(got.geometry.spacing, (2.5, 0.8, 0.7))
+    np.testing.assert_allclose(got.geometry.origin, (-10.0, 4.0, -3.5))
+
+
+def test_a_series_already_retrieved_is_not_fetched_again(settings, uploaded, tmp_path, monkeypatch):
+    uid = uploaded["ct"].series_uid
+    run_to_end(pacs.retrieve_series(settings, uid, tmp_path / "ct"))
+    fetches = _Fetches(monkeypatch)
+    reports = []
+    assert run_to_end(pacs.retrieve_series(settings, uid, tmp_path / "ct"), reports.append)
+    assert fetches.count == 0
+    assert "already retrieved" in reports[-1].message
+
+
+def test_default_folder_is_the_cache(settings, uploaded, tmp_path, monkeypatch):
+    monkeypatch.setenv(pacs.CACHE_ENV, str(tmp_path / "cache"))
+    uid = uploaded["ct"].series_uid
+    folder = run_to_end(pacs.retrieve_series(settings, uid))
+    assert folder == tmp_path / "cache" / uid
+    assert read_image(folder).array.shape == (6, 32, 32)
+
+
+def test_an_interrupted_retrieve_resumes_without_fetching_again(
+    settings, uploaded, tmp_path, monkeypatch
+):
+    uid = uploaded["mr"].series_uid
+    target = tmp_path / "series"
+    fetches = _Fetches(monkeypatch)
+    job = pacs.retrieve_series(settings, uid, target)
+    for report in job:
+        if report.step == 2:
+            break
+    job.close()  # Cancel (the widget) or Ctrl-C (the CLI) at a progress report
+    assert fetches.count == 2
+    assert not target.exists(), "an incomplete series is never under the final name"
+
+    reports = []
+    folder = run_to_end(pacs.retrieve_series(settings, uid, target), reports.append)
+    assert fetches.count == 6, "only the 4 missing instances were fetched"
+    assert any("2 of 6 instances already here" in r.message for r in reports)
+    assert len(list(folder.iterdir())) == 6
+    np.testing.assert_array_equal(read_image(folder).array, read_image(uploaded["mr"].folder).array)
+
+
+def test_a_series_over_the_size_limit_is_refused(settings, uploaded, tmp_path):
+    job = pacs.retrieve_series(
+        settings, uploaded["mr"].series_uid, tmp_path / "big", max_bytes=4000
+    )
+    with pytest.raises(PacsError, match="limit of 4 kB"):
+        run_to_end(job)
+    assert not (tmp_path / "big").exists()
+
+
+def test_retrieve_refuses_the_source_tree_and_bad_uids_before_any_request(tmp_path):
+    nowhere = PacsSettings(f"http://127.0.0.1:{free_port()}/dicom-web")
+    inside = Path(pacs.__file__).parent / "pacs-test-never-written"
+    with pytest.raises(ValueError, match="own source tree"):
+        pacs.retrieve_series(nowhere, "1.2.3", inside)
+    assert not inside.exists()
+    with pytest.raises(ValueError, match="series UID 'not-a-uid'"):
+        pacs.retrieve_series(nowhere, "not-a-uid", tmp_path / "x")
+
+
+def test_a_folder_holding_other_files_is_not_replaced(settings, uploaded, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already holds other files"):
+        run_to_end(pacs.retrieve_series(settings, uploaded["ct"].series_uid, tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_an_unknown_series_is_a_clear_error(settings, uploaded, tmp_path):
+    with pytest.raises(PacsError, match=r"series 1\.2\.3\.4 is not on the PACS"):
+        run_to_end(pacs.retrieve_series(settings, "1.2.3.4", tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_get_retrieves_into_the_folder(orthanc, uploaded, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv(pacs.PASSWORD_ENV, TEST_PASSWORD)
+    out_dir = tmp_path / "ct"
+    code = _cli(
+        ["get", "--url", orthanc.dicomweb_url, "--user", TEST_USER,
+         "--series", uploaded["ct"].series_uid, "--out", str(out_dir)]
+    )  # fmt: skip
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(out_dir)
+    assert read_image(out_dir).array.shape == (6, 32, 32)
+
+
+# ----------------------------------------------------------------------------- store
+def test_put_stores_a_series_that_search_then_finds(orthanc, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv(pacs.PASSWORD_ENV, TEST_PASSWORD)
+    new = write_series(
+        tmp_path / "new", patient_id="PAT-PACS-0003", modality="CT", description="Put test",
+        seed=3,
+    )  # fmt: skip
+    code = _cli(["put", "--url", orthanc.dicomweb_url, "--user", TEST_USER, *map(str, new.files)])
+    assert code == 0
+    assert "stored 6 instance(s)" in capsys.readouterr().out
+    (found,) = pacs.search_series(orthanc.settings(), description="put test")
+    assert found.series_uid == new.series_uid and found.instances == 6
+
+
+def test_put_refuses_a_file_that_is_not_dicom_before_sending_anything(
+    orthanc,  # noqa: F811
+    tmp_path,
+):
+    new = write_series(
+        tmp_path / "s", patient_id="PAT-PACS-0004", modality="MR", description="Never sent",
+        seed=4,
+    )  # fmt: skip
+    text = tmp_path / "notes.dcm"
+    text.write_text("not DICOM")
+    with pytest.raises(ValueError, match="notes.dcm is not a DICOM file"):
+        pacs.store_instances(orthanc.settings(), [*new.files, text])
+    assert pacs.search_series(orthanc.settings(), description="never sent") == []
+
+
+# ----------------------------------------------------------------------------- failures
+def test_a_wrong_password_is_named_without_the_password(orthanc, uploaded):  # noqa: F811
+    wrong = "Wrong-pw-4f2a"
+    with pytest.raises(PacsError) as caught:
+        pacs.search_series(orthanc.settings(password=wrong))
+    message = str(caught.value)
+    assert (
+        message == f"the PACS at {orthanc.dicomweb_url} refused the credentials for user 'reviewer'"
+    )
+    assert wrong not in message and caught.value.__cause__ is None
+
+
+def test_no_credentials_says_how_to_give_them(orthanc):  # noqa: F811
+    with pytest.raises(PacsError, match="asks for a user name and password"):
+        pacs.search_series(PacsSettings(orthanc.dicomweb_url))
+
+
+def test_a_server_that_is_down_is_a_clear_error():
+    down = PacsSettings(f"http://127.0.0.1:{free_port()}/dicom-web")
+    with pytest.raises(
+        PacsError, match="no server answers at http://127.0.0.1:.*is the PACS running"
+    ):
+        pacs.search_series(down)
+
+
+def test_a_server_that_is_not_dicomweb_is_named(orthanc, uploaded):  # noqa: F811
+    # Orthanc's own REST API and an unknown path instead of its DICOMweb root.
+    with pytest.raises(PacsError, match=r"is http://127.0.0.1:\d+ the DICOMweb root"):
+        pacs.search_series(orthanc.settings(url=orthanc.root))
+    with pytest.raises(PacsError, match="/nowhere is not a DICOMweb service"):
+        pacs.search_series(orthanc.settings(url=f"{orthanc.root}/nowhere"))
+
+
+@contextlib.contextmanager
+def _web_server(body: bytes, content_type: str, certificate=None):
+    """A local web server answering every GET with ``body``; over HTTPS with a
+    ``(certificate, key)`` pair. Yields its address."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the standard library's name)
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    scheme = "http"
+    if certificate is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*map(str, certificate))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_web_page_is_not_taken_for_a_pacs():
+    page = b"<html><body>Intranet</body></html>"
+    with _web_server(page, "text/html") as address:
+        settings = PacsSettings(f"{address}/intranet")
+        with pytest.raises(PacsError, match="/intranet does not answer as a DICOMweb server"):
+            pacs.search_series(settings)
+
+
+def test_https_checks_the_certificate_against_the_given_ca_bundle(tmp_path):
+    # Orthanc's own HTTPS is not used: hospitals put a TLS proxy in front of it (and
+    # Debian's Orthanc 1.10 crashes on its first HTTPS request). A local HTTPS server
+    # answering an empty QIDO-RS search stands in for that proxy.
+    certificate, key = self_signed_certificate(tmp_path)
+    with _web_server(b"[]", "application/dicom+json", (certificate, key)) as address:
+        url = f"{address}/dicom-web"
+        with pytest.raises(PacsError, match=r"HTTPS certificate .* could not be verified"):
+            pacs.search_series(PacsSettings(url))
+        assert pacs.search_series(PacsSettings(url, ca_bundle=str(certificate))) == []
+        # --insecure: no certificate check, and no warning on every request either.
+        assert pacs.search_series(PacsSettings(url, verify=False)) == []
+
+
+def test_a_server_that_does_not_answer_times_out():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        settings = PacsSettings(f"http://127.0.0.1:{port}/dicom-web", timeout=0.3)
+        with pytest.raises(PacsError, match="did not answer within 0.3 s"):
+            pacs.search_series(settings)
+
+
+def test_the_password_never_reaches_logs_or_output(
+    orthanc,  # noqa: F811
+    uploaded,
+    tmp_path,
+    monkeypatch,
+    caplog,
+    capfd,
+):
+    monkeypatch.setenv(pacs.PASSWORD_ENV, TEST_PASSWORD)
+    caplog.set_level(logging.DEBUG)
+    url = ["--url", orthanc.dicomweb_url, "--user", TEST_USER]
+    assert _cli(["search", *url, "--patient-id", MR_PATIENT]) == 0
+    assert _cli(["get", *url, "--series", uploaded["mr"].series_uid,
+                 "--out", str(tmp_path / "s")]) == 0  # fmt: skip
+    assert _cli(["put", *url, str(uploaded["ct"].files[0])]) == 0
+    monkeypatch.setenv(pacs.PASSWORD_ENV, "Wrong-" + TEST_PASSWORD)
+    assert _cli(["search", *url]) == 2
+    captured = capfd.readouterr()
+    assert "refused the credentials for user 'reviewer'" in captured.err
+    seen = captured.out + captured.err + caplog.text
+    assert caplog.records, "the HTTP libraries did log (at DEBUG)"
+    assert TEST_PASSWORD not in seen
+    # The patient id a search sends is hidden in the libraries' log lines too.
+    assert MR_PATIENT not in caplog.text
+    assert "<query hidden>" in caplog.text
+
+
+# ----------------------------------------------------------------------------- settings
+def test_settings_never_show_the_password():
+    settings = PacsSettings("https://pacs.example.org/dicomweb", user="dr", password="hunter2!")
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings)
+    with pytest.raises(ValueError, match="must not hold a user name or password"):
+        PacsSettings("https://dr:hunter2!@pacs.example.org/dicomweb")
+    with pytest.raises(ValueError, match="no password for PACS user 'dr'"):
+        PacsSettings("https://pacs.example.org/dicomweb", user="dr")
+
+
+def test_password_from_the_environment_or_a_private_config_file(tmp_path, monkeypatch):
+    config = tmp_path / "pacs.json"
+    config.write_text(
+        '{"url": "http://localhost:8042/dicom-web", "user": "dr", "password": "from-file"}'
+    )
+    config.chmod(0o600)
+    monkeypatch.delenv(pacs.PASSWORD_ENV, raising=False)
+    settings = PacsSettings.from_environment(config=config)
+    assert (settings.url, settings.user, settings.password) == (
+        "http://localhost:8042/dicom-web", "dr", "from-file",
+    )  # fmt: skip
+    monkeypatch.setenv(pacs.PASSWORD_ENV, "from-env")
+    assert PacsSettings.from_environment(config=config).password == "from-env"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_a_config_file_other_users_can_read_is_refused(tmp_path):
+    config = tmp_path / "pacs.json"
+    config.write_text('{"url": "http://localhost:8042/dicom-web", "user": "dr", "password": "pw"}')
+    config.chmod(0o644)
+    with pytest.raises(PacsError, match=r"other users may read it .*chmod 600") as caught:
+        PacsSettings.from_environment(config=config)
+    assert 'pw"' not in str(caught.value)
+
+
+def test_the_round_trip_retrieve_segment_store_and_find_the_seg(settings, uploaded, tmp_path):
+    """Fetch a scan, send back a DICOM-SEG of a mask on it; the PACS files it in the
+    scan's study, and fetching it back gives the same mask on the same grid."""
+    from napari_anomaly.io.dicom_seg import read_seg, write_seg
+
+    mr = uploaded["mr"]
+    scan_folder = run_to_end(pacs.retrieve_series(settings, mr.series_uid, tmp_path / "scan"))
+    scan = read_image(scan_folder)
+    mask = scan.array > np.percentile(scan.array, 90)
+    seg = write_seg(
+        mask, scan_folder, tmp_path / "scan_seg.dcm",
+        model_name="test model", model_sha256="0" * 64, reviewer_edited=True, seed=7,
+    )  # fmt: skip
+    assert pacs.store_instances(settings, [seg])
+
+    (found,) = pacs.search_series(settings, study_uid=mr.study_uid, modality="SEG")
+    assert found.description == "napari-anomaly anomaly mask" and found.instances == 1
+    back = run_to_end(pacs.retrieve_series(settings, found.series_uid, tmp_path / "seg"))
+    (seg_back,) = back.iterdir()
+    seg_mask, seg_geometry = read_seg(seg_back, source=scan_folder)
+    np.testing.assert_array_equal(seg_mask.astype(bool), mask)
+    assert seg_geometry == scan.geometry
+
+
+def test_cli_refusals_come_before_any_request(monkeypatch, capsys):
+    assert _cli(["search"]) == 2
+    assert "error: no PACS address: give --url" in capsys.readouterr().err
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"
+    assert _cli(["search", "--url", down, "--user", "dr"]) == 2
+    assert "no password for PACS user 'dr': set $NAPARI_ANOMALY_PACS_PASSWORD" in (
+        capsys.readouterr().err
+    )
+    assert _cli(["search", "--url", down, "--insecure", "--ca-bundle", "ca.pem"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert _cli(["get", "--url", down, "--series", "1.2.3", "--max-mb", "0"]) == 2
+    assert "--max-mb must be > 0" in capsys.readouterr().err
+    assert _cli(["search", "--url", down]) == 2, "and then the server is down"
+    assert "no server answers at" in capsys.readouterr().err
