@@ -5,6 +5,8 @@ model made it and whether a reviewer edited it."""
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 import warnings
 from dataclasses import dataclass
 
@@ -352,3 +354,29 @@ def test_a_seg_placed_on_another_series_is_refused(tmp_path):
     other, _ = _source(coronal, tmp_path / "coronal")
     with pytest.raises(ImageFileError, match="not drawn on that series"):
         read_seg(path, source=other)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+def test_series_and_segs_pass_the_dicom3tools_iod_check(tmp_path):
+    """dciodvfy (dicom3tools) finds no error in what we write; warnings are allowed."""
+    folder, _ = _source(SEG_CASES[3], tmp_path)
+    scan = read_image(folder)
+    mask = _anomaly_mask(scan.array.shape)
+    written = [
+        *sorted(folder.iterdir())[:1],
+        _write(mask, scan, tmp_path / "seg.dcm", reviewer_edited=True),
+        write_fractional_seg(
+            mask * 0.5, scan, tmp_path / "map.dcm", model_name="m", model_sha256=SHA
+        ),
+    ]
+    for modality in ("CT", "OT"):
+        files = write_dicom_series(scan, tmp_path / modality, modality=modality, seed=1)
+        written.append(files[0])
+    for path in written:
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error")
+        ]
+        assert not errors, (path.name, errors)

@@ -54,6 +54,9 @@ _SOP_CLASSES = {
 _SEG_MODALITIES = frozenset({"SEG"})
 _NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "REG", "RAW", "RTSTRUCT", "RTPLAN", "DOC"})
 
+# ImageType value 3 by modality.
+_IMAGE_FLAVOUR = {"CT": ("AXIAL",), "MR": ("OTHER",)}
+
 # Tolerance on the direction matrix when checking it is a rotation (orthonormal).
 _ORTHONORMAL_TOLERANCE = 1e-4
 
@@ -468,14 +471,8 @@ def write_dicom_series(
             ds.SpecificCharacterSet = "ISO_IR 192"
             ds.SOPClassUID = sop_class_uid
             ds.SOPInstanceUID = sop_uid
-            ds.ImageType = (
-                ["DERIVED", "SECONDARY", "AXIAL"]
-                if modality == "CT"
-                else [
-                    "DERIVED",
-                    "SECONDARY",
-                ]
-            )
+            # Value 3 is required for CT and MR (the image's flavour).
+            ds.ImageType = ["DERIVED", "SECONDARY", *_IMAGE_FLAVOUR.get(modality, ())]
             ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = date
             ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = time
             ds.AccessionNumber = ""
@@ -496,6 +493,7 @@ def write_dicom_series(
             ds.FrameOfReferenceUID = frame_uid
             ds.PositionReferenceIndicator = ""
             ds.PatientOrientation = ""
+            ds.Laterality = ""  # type 2C: unknown for a synthetic or anonymised image
             position = origin + k * step
             ds.ImagePositionPatient = [_ds_number(v) for v in position]
             ds.ImageOrientationPatient = [_ds_number(v) for v in orientation.ravel()]
@@ -506,8 +504,11 @@ def write_dicom_series(
             ds.SliceThickness = _ds_number(thickness)
             if array.ndim == 3:
                 ds.SpacingBetweenSlices = _ds_number(geometry.spacing[0])
+            if modality in ("CT", "MR"):
+                ds.PatientPosition = ""
             if modality == "CT":
                 ds.KVP = ""
+                ds.AcquisitionNumber = ""
             elif modality == "MR":
                 ds.ScanningSequence = "RM"  # research mode: a synthetic image
                 ds.SequenceVariant = "NONE"
@@ -528,9 +529,13 @@ def write_dicom_series(
             ds.PixelRepresentation = 1 if signed else 0
             ds.SmallestImagePixelValue = smallest
             ds.LargestImagePixelValue = largest
-            ds.RescaleIntercept = _ds_number(intercept)
-            ds.RescaleSlope = _ds_number(slope)
-            ds.RescaleType = "US"
+            # CT requires the rescale (to Hounsfield units); other IODs only
+            # need it when the stored values are scaled.
+            if modality == "CT" or (slope, intercept) != (1.0, 0.0):
+                ds.RescaleIntercept = _ds_number(intercept)
+                ds.RescaleSlope = _ds_number(slope)
+                if modality != "CT":
+                    ds.RescaleType = "US"  # unspecified units
             real_lo, real_hi = smallest * slope + intercept, largest * slope + intercept
             ds.WindowCenter = _ds_number((real_lo + real_hi) / 2)
             ds.WindowWidth = _ds_number(max(real_hi - real_lo, 1.0))
