@@ -62,3 +62,10 @@ def run_to_end(job: Job[T], on_progress: Callable[[Progress], Any] | None = None
             return stop.value
         if on_progress is not None:
             on_progress(report)
+
+
+def relay(job: Job[T]) -> Job[T]:
+    """``job`` behind a generator function of its own: what a GUI's worker needs to
+    run a job cancellably (napari's ``create_worker(relay, job)`` makes a
+    ``GeneratorWorker``, whose ``quit()`` stops the job at its next report)."""
+    return (yield from job)

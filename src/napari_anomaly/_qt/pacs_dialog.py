@@ -37,7 +37,7 @@ from napari_anomaly.pacs import (
     search_series,
     stored_url_and_user,
 )
-from napari_anomaly.progress import Job, Progress
+from napari_anomaly.progress import Progress, relay
 
 __all__ = ["SERIES_COLUMNS", "PacsBrowser", "PacsDialog", "open_from_pacs"]
 
@@ -50,11 +50,6 @@ def _readable_date(date: str) -> str:
     """``2024-01-31`` from DICOM's ``20240131`` (the table would show a bare number as
     2.024e+07)."""
     return f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 and date.isdigit() else date
-
-
-def _run_job(job: Job) -> Any:
-    """Generator function wrapper so napari makes a cancellable GeneratorWorker."""
-    return (yield from job)
 
 
 class PacsBrowser(Container):
@@ -278,7 +273,7 @@ class PacsBrowser(Container):
         except (ValueError, PacsError, OSError) as error:
             self._say(f"Error: {error}", error=True)
             return
-        worker = create_worker(_run_job, job, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(relay, job, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_retrieved)
         worker.aborted.connect(self._on_aborted)

@@ -93,7 +93,7 @@ from napari_anomaly.display import WINDOW_KEY, WINDOWS_KEY, display_windows
 from napari_anomaly.domain import check_domain
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser, default_model_path
-from napari_anomaly.progress import Job, Progress
+from napari_anomaly.progress import Job, Progress, relay
 from napari_anomaly.review import Region, ReviewConfig
 from napari_anomaly.session import (
     CalibrationOutcome,
@@ -138,11 +138,6 @@ REGION_TABLE_ROWS = 12
 
 UNDO_KEYS = "Ctrl+Z"
 REDO_KEYS = "Ctrl+Shift+Z"
-
-
-def _run_job(job: Job) -> Any:
-    """Generator function wrapper so napari makes a cancellable GeneratorWorker."""
-    return (yield from job)
 
 
 def _change(before: float | None, after: float | None, digits: int = 2) -> str:
@@ -796,7 +791,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._say(f"{label}...")
         self._napari_progress = napari_progress(total=0, desc=label)
         # Errors are shown in the widget (status line), not re-raised in the event loop.
-        worker = create_worker(_run_job, job, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(relay, job, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.returned.connect(on_done)
