@@ -14,6 +14,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from orthanc import orthanc  # noqa: F401  (the test PACS fixture)
 
 from napari_anomaly.io import (
     Geometry,
@@ -380,3 +381,44 @@ def test_series_and_segs_pass_the_dicom3tools_iod_check(tmp_path):
             if line.startswith("Error")
         ]
         assert not errors, (path.name, errors)
+
+
+# --------------------------------------------------------------------------
+# The hospital round trip through a real test PACS (Orthanc, where installed)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pacs_settings(orthanc, tmp_path, monkeypatch):  # noqa: F811
+    from napari_anomaly import pacs
+
+    # The user's own PACS configuration, password and cache are never used.
+    monkeypatch.setenv(pacs.CONFIG_ENV, str(tmp_path / "no-pacs-config.json"))
+    monkeypatch.setenv(pacs.CACHE_ENV, str(tmp_path / "pacs cache"))
+    monkeypatch.delenv(pacs.PASSWORD_ENV, raising=False)
+    return orthanc.settings()
+
+
+def test_a_seg_sent_to_the_pacs_comes_back_on_the_retrieved_scan(pacs_settings, tmp_path):
+    from napari_anomaly import pacs
+    from napari_anomaly.progress import run_to_end
+
+    case = SEG_CASES[3]  # oblique, anisotropic
+    folder, datasets = _source(case, tmp_path)
+    pacs.store_instances(pacs_settings, sorted(folder.iterdir()))
+    series_uid = datasets[0].SeriesInstanceUID
+    scan_folder = run_to_end(pacs.retrieve_series(pacs_settings, series_uid, tmp_path / "got"))
+    scan = read_image(scan_folder, scan=True)
+    assert scan.geometry.allclose(read_image(folder).geometry, atol=1e-5)
+
+    mask = _anomaly_mask(scan.array.shape)
+    seg_path = _write(mask, scan, tmp_path / "scan_seg.dcm", reviewer_edited=True)
+    (seg_uid,) = pacs.store_instances(pacs_settings, [seg_path])
+    seg_series = str(pydicom.dcmread(seg_path, stop_before_pixels=True).SeriesInstanceUID)
+    seg_folder = run_to_end(pacs.retrieve_series(pacs_settings, seg_series, tmp_path / "seg"))
+    (returned,) = sorted(seg_folder.iterdir())
+    returned_mask, geometry = read_seg(returned, source=scan_folder)
+    np.testing.assert_array_equal(returned_mask, mask)
+    assert geometry.allclose(scan.geometry, atol=1e-5)
+    assert pydicom.dcmread(returned, stop_before_pixels=True).SOPInstanceUID == seg_uid
+    assert read_seg_info(returned).algorithm_types == ("SEMIAUTOMATIC",)
