@@ -916,6 +916,13 @@ def test_random_npy_headers(shape, descr, payload):
     _read_fuzzed("random.npy", buffer.getvalue() + bytes(payload))
 
 
+@pytest.mark.parametrize("version", [b"\x00\x00", b"\x02\x00", b"\x03\x00"])
+def test_npy_header_length_beyond_the_file_is_refused_unread(version):
+    # The header length of a version 2/3 file (and of a damaged version byte) is a
+    # 4-byte number; trusted, reading the header would allocate that many bytes.
+    _read_fuzzed("damaged.npy", b"\x93NUMPY" + version + b"v\x00{'")
+
+
 _TEXT_VALUE = st.one_of(
     st.lists(_DIMS, min_size=1, max_size=5).map(lambda v: " ".join(map(str, v))),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz_ 0123456789-.%", max_size=12),

@@ -1046,13 +1046,17 @@ def dicom_series_files(path: str | os.PathLike[str], series: str | None = None) 
     info = _select_dicom_series(p, series)
     if info is None:
         return [p]
-    folder = p if p.is_dir() else p.parent
     if info.is_segmentation or info.n_frames > 1:
-        return _one_multiframe_file(folder, info)
-    return _check_dicom_slices(folder, info.files)
+        return _one_multiframe_file(p, info)
+    return _check_dicom_slices(p if p.is_dir() else p.parent, info.files)
 
 
-def _one_multiframe_file(folder: Path, info: Any) -> list[Path]:
+def _one_multiframe_file(path: Path, info: Any) -> list[Path]:
+    """The one file of a segmentation or multi-frame series: the file given, or the
+    series' only file in the folder given."""
+    if not path.is_dir():
+        return [path]
+    folder = path
     if info.n_files > 1:
         kind = "segmentation" if info.is_segmentation else "multi-frame"
         raise ImageFileError(
@@ -1068,7 +1072,7 @@ def _read_dicom(path: Path, series: str | None = None, scan: bool = False) -> Lo
         return _read_sitk_file(path, "dicom")
     folder = path if path.is_dir() else path.parent
     if info.is_segmentation:
-        (file,) = _one_multiframe_file(folder, info)
+        (file,) = _one_multiframe_file(path, info)
         if scan:
             raise ImageFileError(
                 f"{file} is a DICOM segmentation (DICOM-SEG), not a scan; give the scan's "
@@ -1086,7 +1090,7 @@ def _read_dicom(path: Path, series: str | None = None, scan: bool = False) -> Lo
             kind = "bool" if len(segments.segment_labels) == 1 else "uint8"
         return _finish(mask, geometry, kind, "dicom", path)
     if info.n_frames > 1:
-        (file,) = _one_multiframe_file(folder, info)
+        (file,) = _one_multiframe_file(path, info)
         return _read_dicom_multiframe(path, file)
     files = _check_dicom_slices(folder, info.files)
     sitk = _sitk()
@@ -1440,6 +1444,18 @@ def _read_npy(path: Path) -> LoadedImage:
             version = fmt_mod.read_magic(fh)
         except ValueError:
             raise ImageFileError(f"{path} is not a NumPy .npy file (bad magic string)") from None
+        # The header's length is itself read from the file (4 bytes from version
+        # 2.0 on): one longer than the file is damage, refused before a buffer of
+        # that length is allocated.
+        start = fh.tell()
+        size_bytes = 2 if version == (1, 0) else 4
+        length_bytes = fh.read(size_bytes)
+        fh.seek(start)
+        if len(length_bytes) == size_bytes:
+            header_length = int.from_bytes(length_bytes, "little")
+            available = path.stat().st_size - start - size_bytes
+            if header_length > available:
+                raise _truncated(path, header_length, max(available, 0), "header")
         # Look at the header first: an object dtype means pickled Python
         # objects, which are refused before a single data byte is read, and
         # the shape is checked before anything is allocated.
