@@ -358,3 +358,29 @@ def test_files_without_the_dicom_preamble_are_read(tmp_path):
     loaded = read_image(tmp_path / "s")
     np.testing.assert_array_equal(loaded.array, array)
     assert loaded.geometry.allclose(geometry, atol=1e-5)
+
+
+def test_a_series_of_several_multiframe_files_needs_the_file(tmp_path):
+    import highdicom as hd
+
+    array, geometry = GRID_CASES[3].image()
+    files = write_dicom_series(array, tmp_path / "classic", geometry=geometry, seed=3)
+    datasets = [pydicom.dcmread(f) for f in files]
+    folder, uid = tmp_path / "stacks", hd.UID()
+    folder.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, part in enumerate((datasets[:3], datasets[3:])):
+            stack = hd.legacy.LegacyConvertedEnhancedMRImage(
+                part,
+                series_instance_uid=uid,
+                series_number=20,
+                sop_instance_uid=hd.UID(),
+                instance_number=k + 1,
+            )
+            stack.save_as(folder / f"stack{k + 1}.dcm")
+    with pytest.raises(ImageFileError, match="2 multi-frame files .*give one of them"):
+        read_image(folder)
+    second = read_image(folder / "stack2.dcm")
+    np.testing.assert_array_equal(second.array, array[3:])
+    assert dicom_series_files(folder / "stack2.dcm") == [folder / "stack2.dcm"]
