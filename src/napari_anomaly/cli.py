@@ -110,7 +110,10 @@ class _ProgressPrinter:
 
 
 def _run(job: Job, label: str):
-    return run_to_end(job, _ProgressPrinter(label))
+    from napari_anomaly.distributed import is_main_process
+
+    # Under torchrun only rank 0 reports progress; the other processes work quietly.
+    return run_to_end(job, _ProgressPrinter(label) if is_main_process() else None)
 
 
 def _load_model(path: str | None):
@@ -247,6 +250,7 @@ def _note_checkpoint(checkpoint: Path | None, args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from napari_anomaly.distributed import is_main_process
     from napari_anomaly.training import TrainConfig, train
 
     # Every argument is checked before anything is read or trained.
@@ -275,8 +279,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "train",
         )
     except BaseException:
-        _note_checkpoint(checkpoint, args)
+        if is_main_process():
+            _note_checkpoint(checkpoint, args)
         raise
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 alone writes the model
     sha = _save_model(localiser, out, args)
     print(f"wrote {out} (sha256 {sha[:12]})")
     return 0
@@ -495,6 +502,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
+    from napari_anomaly.distributed import is_main_process
     from napari_anomaly.training import AdaptConfig, adapt
 
     config = AdaptConfig(steps=args.steps, device=args.device, seed=args.seed)
@@ -513,6 +521,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         ),
         "adapt",
     )
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 alone writes the model
     _save_model(adapted, out, args)
     print(adapted.card())
     return 0

@@ -8,6 +8,11 @@ early (Cancel in the widget, Ctrl-C in the CLI) changes nothing: the model
 passed in is never modified and no model file is written by these functions.
 Training can write a resumable checkpoint (atomically) every few steps.
 
+Training and adaptation also run as several processes under ``torchrun``
+(:mod:`napari_anomaly.distributed`): DistributedDataParallel averages the
+gradients, every rank draws its own patches and anomalies, and rank 0 alone
+writes the checkpoint; every rank returns the same weights.
+
 Losses (see :func:`napari_anomaly.model.anomaly_loss`):
 
 * training: ``BCE(anomaly, label) + confidence_weight * BCE(disagreement, label_std)``
@@ -24,6 +29,7 @@ Losses (see :func:`napari_anomaly.model.anomaly_loss`):
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import time
@@ -39,6 +45,15 @@ from napari_anomaly.augment import AugmentConfig, augment_batch
 from napari_anomaly.calibration import carry_calibration
 from napari_anomaly.config import config_from_dict, config_to_dict
 from napari_anomaly.devices import resolve_device
+from napari_anomaly.distributed import (
+    DistributedError,
+    DistributedRun,
+    backend_for,
+    detect_launch,
+    local_device,
+    process_group,
+    rank_seed,
+)
 from napari_anomaly.domain import domain_reference
 from napari_anomaly.io.model_file import (
     MAX_PATCH_VOXELS,
@@ -326,7 +341,15 @@ def _save_checkpoint(
     rng: np.random.Generator,
     generator: torch.Generator,
     fingerprint: dict,
+    streams: Sequence[tuple[dict, torch.Tensor]] | None = None,
 ) -> None:
+    """Write a resumable checkpoint: weights, optimiser state, step and random streams.
+
+    ``streams`` holds every rank's ``(numpy state, torch generator state)`` in rank
+    order when several processes train (rank 0's equal ``rng`` and ``generator``);
+    rank 0's stream is kept where a single process keeps its own, the others beside
+    it, with the number of processes.
+    """
     tensors = {f"model.{k}": v for k, v in network.state_dict().items()}
     optimizer_state = optimizer.state_dict()
     for index, state in optimizer_state["state"].items():
@@ -340,6 +363,12 @@ def _save_checkpoint(
         "rng_numpy": rng.bit_generator.state,
         "fingerprint": fingerprint,
     }
+    if streams is not None and len(streams) > 1:
+        metadata["world_size"] = len(streams)
+        metadata["rng_numpy_ranks"] = {str(r): state for r, (state, _) in enumerate(streams) if r}
+        for rank, (_, torch_state) in enumerate(streams):
+            if rank:
+                tensors[f"rng.torch.rank{rank}"] = torch_state
     save_model_file(path, tensors, metadata, overwrite=True)
 
 
@@ -350,10 +379,26 @@ def _load_checkpoint(
     rng: np.random.Generator,
     generator: torch.Generator,
     fingerprint: dict,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> int:
+    """Restore a checkpoint into ``network``, ``optimizer`` and this rank's random
+    streams; returns the step it was written at."""
     tensors, metadata = load_model_file(path)
     if metadata.get("kind") != "training-checkpoint":
         raise ModelFileError(f"{path} is not a training checkpoint")
+    written_by = int(metadata.get("world_size", 1))
+    if written_by != world_size:
+        how = (
+            "in one process (without torchrun)"
+            if written_by == 1
+            else f"with {written_by} processes in all (torchrun --nproc-per-node ...)"
+        )
+        raise ModelFileError(
+            f"{path} was written by a run of {written_by} process(es) and this run has "
+            f"{world_size}: every process continues its own random stream, so resume it {how}, "
+            "or train without resuming"
+        )
     if metadata.get("fingerprint") != fingerprint:
         raise ModelFileError(
             f"{path} was written by a run with other settings or data; "
@@ -368,8 +413,12 @@ def _load_checkpoint(
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": metadata["param_groups"]})
-    rng.bit_generator.state = metadata["rng_numpy"]
-    generator.set_state(tensors["rng.torch"])
+    if rank == 0:
+        rng.bit_generator.state = metadata["rng_numpy"]
+        generator.set_state(tensors["rng.torch"])
+    else:
+        rng.bit_generator.state = metadata["rng_numpy_ranks"][str(rank)]
+        generator.set_state(tensors[f"rng.torch.rank{rank}"])
     return int(metadata["step"])
 
 
@@ -409,6 +458,7 @@ def _ppii_steps(
     resume: bool = False,
     fingerprint: dict | None = None,
     message: str = "training",
+    run: DistributedRun | None = None,
 ) -> Job[dict[str, float]]:
     """The P-PII optimisation loop of :func:`train` and :func:`adapt`.
 
@@ -418,6 +468,12 @@ def _ppii_steps(
     the domain randomisation, synthesises P-PII anomalies and takes one
     optimiser step. Yields one :class:`Progress` (``message``) per step and
     returns the last ``loss`` (and ``val_ap`` when ``validation`` is given).
+
+    With ``run`` (several processes), the model is wrapped in
+    DistributedDataParallel: ``rng`` and ``generator`` are this rank's own
+    streams, the gradients are averaged over the ranks, ``samples_per_s`` counts
+    the samples of all ranks, ``loss`` is this rank's, and rank 0 alone writes the
+    checkpoint (holding every rank's streams) while the others wait.
     """
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -425,11 +481,19 @@ def _ppii_steps(
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     fingerprint = fingerprint or {}
+    rank, processes = (0, 1) if run is None else (run.rank, run.world_size)
     start = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        start = _load_checkpoint(checkpoint, model, optimizer, rng, generator, fingerprint)
+    found = resume and checkpoint is not None and checkpoint.exists()
+    if run is not None and resume and checkpoint is not None:
+        found = run.all_agree(found, f"whether the checkpoint {checkpoint} exists")
+    if found:
+        start = _load_checkpoint(
+            checkpoint, model, optimizer, rng, generator, fingerprint, rank, processes
+        )
         yield Progress(start, config.steps, f"resumed from step {start}")
 
+    # DistributedDataParallel shares the parameters (and so the optimiser) with `model`.
+    trained = model if run is None else run.wrap(model)
     model.train()
     history: dict[str, float] = {}
     for step in range(start, config.steps):
@@ -453,7 +517,7 @@ def _ppii_steps(
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         with torch.autocast(device_type=device.type, enabled=use_amp):
-            logits = model(anomalous)
+            logits = trained(anomalous)
         loss, parts = anomaly_loss(logits.float(), label, label_std, config.confidence_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -464,7 +528,7 @@ def _ppii_steps(
         t2 = time.perf_counter()
         metrics = dict(parts)
         metrics.update(
-            samples_per_s=config.batch_size / (t2 - t0),
+            samples_per_s=config.batch_size * processes / (t2 - t0),
             synthesis_ms=1000 * (t1 - t0),
             network_ms=1000 * (t2 - t1),
             lr=optimizer.param_groups[0]["lr"],
@@ -474,7 +538,22 @@ def _ppii_steps(
             metrics["val_ap"] = _validate(model, validation)
             history["val_ap"] = metrics["val_ap"]
         if checkpoint is not None and (done % config.checkpoint_every == 0):
-            _save_checkpoint(checkpoint, model, optimizer, done, rng, generator, fingerprint)
+            if run is None:
+                _save_checkpoint(checkpoint, model, optimizer, done, rng, generator, fingerprint)
+            else:
+                streams = run.gather((rng.bit_generator.state, generator.get_state()))
+                write = functools.partial(
+                    _save_checkpoint,
+                    checkpoint,
+                    model,
+                    optimizer,
+                    done,
+                    rng,
+                    generator,
+                    fingerprint,
+                    streams,
+                )
+                run.on_main(write, f"writing the checkpoint {checkpoint}")
         history["loss"] = metrics["loss"]
         yield Progress(done, config.steps, message, metrics)
     return history
@@ -529,16 +608,31 @@ def train(
     -------
     Localiser
         The trained model (not yet saved).
+
+    Notes
+    -----
+    Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) every process
+    runs this function on the same images: ``config.batch_size`` patches per
+    process and step (N times as many per step in all), each rank's own stream of
+    patches and anomalies (:func:`napari_anomaly.distributed.rank_seed`; rank 0's is
+    the single-process stream), gradients averaged by DistributedDataParallel
+    (gloo on the CPU, nccl on CUDA, one GPU per process). Rank 0 alone writes
+    the checkpoint, which can only be resumed by as many processes; every rank
+    returns the same weights, and the caller saves the model from rank 0
+    (:func:`napari_anomaly.distributed.is_main_process`). The model's
+    ``training.distributed`` records the processes and the backend.
     """
     network_config = network or NetworkConfig(spatial_dims=config.spatial_dims)
     if network_config.spatial_dims != config.spatial_dims:
         raise ValueError("network.spatial_dims differs from config.spatial_dims")
     if not normal_images:
         raise ValueError("need at least one normal image to train on")
-    device = resolve_device(config.device)
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)  # network initialisation only
-    generator = torch.Generator().manual_seed(config.seed)
+    launch = detect_launch()
+    device = local_device(config.device, launch)
+    stream_seed = config.seed if launch is None else rank_seed(config.seed, launch.rank)
+    rng = np.random.default_rng(stream_seed)
+    torch.manual_seed(config.seed)  # network initialisation only (the same on every rank)
+    generator = torch.Generator().manual_seed(stream_seed)
 
     images = list(normal_images)
     held_out = list(validation_images) if validation_images is not None else []
@@ -565,21 +659,23 @@ def train(
         "network": network_config.to_dict(),
     }
     started = time.perf_counter()
-    history = yield from _ppii_steps(
-        model,
-        sampler,
-        config,
-        device,
-        rng,
-        generator,
-        synthesis=synthesis,
-        augmentation=augmentation,
-        validation=validation,
-        checkpoint=Path(checkpoint_path) if checkpoint_path else None,
-        resume=resume,
-        fingerprint=fingerprint,
-        message="training",
-    )
+    with process_group(launch, device) as run:
+        history = yield from _ppii_steps(
+            model,
+            sampler,
+            config,
+            device,
+            rng,
+            generator,
+            synthesis=synthesis,
+            augmentation=augmentation,
+            validation=validation,
+            checkpoint=Path(checkpoint_path) if checkpoint_path else None,
+            resume=resume,
+            fingerprint=fingerprint,
+            message="training",
+            run=run,
+        )
 
     calibration = validation or _validation_batches(sampler, config, synthesis, device)
     recommended = calibrate_threshold(model, calibration)
@@ -605,7 +701,20 @@ def train(
         # What the training scans looked like, for the out-of-domain warning.
         "domain": domain_reference(images, foregrounds),
     }
+    if launch is not None:
+        metadata["training"]["distributed"] = _distributed_record(launch.world_size, device, config)
     return Localiser(model, preprocessing, metadata)
+
+
+def _distributed_record(processes: int, device: torch.device, config: TrainConfig) -> dict:
+    """What a model's metadata says about a multi-process run."""
+    return {
+        "processes": processes,
+        "backend": backend_for(device),
+        "batch_size_per_process": config.batch_size,
+        "samples_per_step": processes * config.batch_size,
+        "stream_seeds": "rank 0: seed; rank r: numpy SeedSequence([seed, r])",
+    }
 
 
 def _parent_settings(
@@ -701,6 +810,12 @@ def adapt(
         child re-calibrated on the same scans with the parent's budget of false
         regions per scan (:func:`napari_anomaly.calibration.calibrate`); an
         uncalibrated parent's ``recommended_threshold`` is carried over.
+
+    Notes
+    -----
+    Runs under ``torchrun`` as :func:`train` does (each process adapts on the
+    same scans with its own stream; every rank returns the same weights); the
+    re-calibration after the last step runs in every process.
     """
     images = list(images)
     if not images:
@@ -720,23 +835,27 @@ def adapt(
             )
     prepared, foregrounds = yield from _preprocess_all(images, localiser.preprocess, "image", names)
     sampler = PatchSampler(prepared, foregrounds, dims, settings.patch_size, settings.scale_range)
-    device = resolve_device(settings.device)
-    rng = np.random.default_rng(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
+    launch = detect_launch()
+    device = local_device(settings.device, launch)
+    stream_seed = settings.seed if launch is None else rank_seed(settings.seed, launch.rank)
+    rng = np.random.default_rng(stream_seed)
+    generator = torch.Generator().manual_seed(stream_seed)
     model = copy.deepcopy(localiser.network).to(device)
 
     started = time.perf_counter()
-    history = yield from _ppii_steps(
-        model,
-        sampler,
-        settings,
-        device,
-        rng,
-        generator,
-        synthesis=synthesis,
-        augmentation=augmentation,
-        message="adapting",
-    )
+    with process_group(launch, device) as run:
+        history = yield from _ppii_steps(
+            model,
+            sampler,
+            settings,
+            device,
+            rng,
+            generator,
+            synthesis=synthesis,
+            augmentation=augmentation,
+            message="adapting",
+            run=run,
+        )
     model.eval()
 
     metadata = copy.deepcopy(localiser.metadata)
@@ -765,6 +884,10 @@ def adapt(
             "parent_training": localiser.metadata.get("training"),
         },
     )
+    if launch is not None:
+        metadata["training"]["distributed"] = _distributed_record(
+            launch.world_size, device, settings
+        )
     child = Localiser(model, localiser.preprocess, metadata)
     parent_calibration = localiser.metadata.get("calibration")
     if parent_calibration:
@@ -875,7 +998,18 @@ def finetune(
     -------
     Localiser
         A new model whose metadata names the parent's sha256.
+
+    Raises
+    ------
+    DistributedError
+        When started as one of several processes (``torchrun``): fine-tuning
+        is a short run in one process.
     """
+    if detect_launch() is not None:
+        raise DistributedError(
+            "fine-tuning runs in one process (a short run on a few corrected cases); "
+            "start it without torchrun"
+        )
     if len(images) != len(corrected_masks) or not images:
         raise ValueError("need one corrected mask per image, and at least one image")
     for index, (image, mask) in enumerate(zip(images, corrected_masks)):
