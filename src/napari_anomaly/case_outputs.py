@@ -5,10 +5,12 @@ Three clients write a case's results, and they all go through here:
 - ``napari-anomaly localise`` (and ``batch``) writes the full set beside each input
   (:func:`localise_plan`): ``<stem>_anomaly``, ``<stem>_confidence``, ``<stem>_mask``,
   ``<stem>_regions`` (a label image whose values are the ranks in the region table),
-  ``<stem>_regions.csv`` and the sidecar ``<stem>_mask.json``;
+  ``<stem>_regions.csv``, for a DICOM input ``<stem>_seg.dcm`` (the mask as DICOM-SEG,
+  referencing the source series), and the sidecar ``<stem>_mask.json``;
 - :meth:`napari_anomaly.session.ReviewSession.export` (the widget's *Export*) writes
   the mask to a path the reviewer chose, its sidecar and optionally the anomaly map
-  (:func:`export_plan`).
+  (:func:`export_plan`); a path ending in ``.dcm`` writes the mask as DICOM-SEG (the
+  case's scan must come from a DICOM series).
 
 Either way the files appear together or not at all (:class:`napari_anomaly.io.OutputSet`,
 the sidecar moved into place last, so a sidecar means its set is complete), nothing
@@ -49,6 +51,7 @@ __all__ = [
     "OutputPlan",
     "case_sidecar",
     "export_plan",
+    "is_dicom_source",
     "localise_plan",
     "rank_image",
     "timestamp",
@@ -75,8 +78,9 @@ class OutputPlan:
     folder : Path
         Where every file goes.
     files : dict of str to Path
-        ``"mask"`` and ``"sidecar"`` always; ``"anomaly"``, ``"confidence"``,
-        ``"regions"`` (rank image) and ``"regions_csv"`` when they are written.
+        ``"sidecar"`` always; ``"mask"`` (an image) and/or ``"seg"`` (DICOM-SEG);
+        ``"anomaly"``, ``"confidence"``, ``"regions"`` (rank image) and
+        ``"regions_csv"`` when they are written.
     """
 
     folder: Path
@@ -96,20 +100,32 @@ class OutputPlan:
         )
 
 
+def is_dicom_source(path: str | os.PathLike[str] | None) -> bool:
+    """Whether a scan was read from DICOM (a series folder or a ``.dcm`` file)."""
+    if path is None:
+        return False
+    path = Path(path)
+    return path.is_dir() or path.suffix.lower() == ".dcm"
+
+
 def localise_plan(source: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> OutputPlan:
     """The full set ``localise`` writes for the input ``source`` into ``out_dir``
-    (names from :mod:`napari_anomaly.io.names`)."""
+    (names from :mod:`napari_anomaly.io.names`); a DICOM input also gets its SEG."""
     files = {kind: companion_path(source, f"_{kind}", out_dir=out_dir) for kind in LOCALISE_KINDS}
     files["regions_csv"] = companion_path(source, "_regions", ".csv", out_dir=out_dir)
+    if is_dicom_source(source):
+        files["seg"] = companion_path(source, "_seg", ".dcm", out_dir=out_dir)
     files["sidecar"] = sidecar_path(files["mask"])
     return OutputPlan(Path(out_dir), files)
 
 
 def export_plan(mask_path: str | os.PathLike[str], include_anomaly_map: bool = False) -> OutputPlan:
-    """What *Export* writes: the mask at ``mask_path`` (its suffix chooses the format),
-    the sidecar ``<stem>.json`` beside it and, if asked, ``<stem>_anomaly<suffix>``."""
+    """What *Export* writes: the mask at ``mask_path`` (its suffix chooses the format;
+    ``.dcm``: DICOM-SEG), the sidecar ``<stem>.json`` beside it and, if asked,
+    ``<stem>_anomaly<suffix>`` (``.nii.gz`` beside a SEG)."""
     mask_path = Path(mask_path)
-    files = {"mask": mask_path, "sidecar": sidecar_path(mask_path)}
+    kind = "seg" if mask_path.suffix.lower() == ".dcm" else "mask"
+    files = {kind: mask_path, "sidecar": sidecar_path(mask_path)}
     if include_anomaly_map:
         files["anomaly"] = companion_path(mask_path, "_anomaly", out_dir=mask_path.parent)
     return OutputPlan(mask_path.parent, files)
@@ -148,7 +164,8 @@ def case_sidecar(
         "source_path": case.source_path,
         "source_sha256": case.source_sha256,
         "outputs": [p.name for p in plan.all_files if p != plan.files["sidecar"]],
-        "mask": names["mask"],
+        "mask": names.get("mask") or names.get("seg"),
+        "dicom_seg": names.get("seg"),
         "anomaly_map": names.get("anomaly"),
         "model_name": case.model_name,
         "model_sha256": case.model_sha256,
@@ -186,6 +203,12 @@ def write_case(
     region table and rank image are those of that mask, ranked as the review table
     ranks them. Refuses (before writing) a file that exists unless ``overwrite``.
     """
+    if "seg" in plan.files and not is_dicom_source(case.source_path):
+        where = f"read from {case.source_path}" if case.source_path else "not read from a file"
+        raise ValueError(
+            f"{plan.files['seg'].name}: a DICOM-SEG references the DICOM series its mask was "
+            f"made on, but {case.name} was {where}; export it as .nii.gz instead"
+        )
     plan.check(overwrite=overwrite)
     mask = case.mask
     files = plan.files
@@ -204,7 +227,20 @@ def write_case(
             io.write_image(outputs.stage(files["anomaly"]), case.anomaly_map, geometry)
         if "confidence" in files:
             io.write_image(outputs.stage(files["confidence"]), case.confidence_map, geometry)
-        io.write_image(outputs.stage(files["mask"]), mask.view(np.uint8), geometry)
+        if "mask" in files:
+            io.write_image(outputs.stage(files["mask"]), mask.view(np.uint8), geometry)
+        if "seg" in files:
+            from napari_anomaly.io.dicom_seg import write_seg
+
+            write_seg(
+                mask,
+                case.source_path,
+                outputs.stage(files["seg"]),
+                model_name=case.model_name or "unknown",
+                model_sha256=case.model_sha256 or "unknown",
+                reviewer_edited=case.corrected,
+                series=case.source_series,
+            )
         if "regions" in files:
             io.write_image(outputs.stage(files["regions"]), rank_image(ranks), geometry)
         del ranks

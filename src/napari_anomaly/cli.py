@@ -340,6 +340,8 @@ def _file_session(localiser, settings):
 
 
 def _cmd_localise(args: argparse.Namespace) -> int:
+    from napari_anomaly.case_outputs import is_dicom_source
+    from napari_anomaly.io import read_image
     from napari_anomaly.localise_files import localise_file
 
     settings = _localise_settings(args)
@@ -347,9 +349,11 @@ def _cmd_localise(args: argparse.Namespace) -> int:
     plans = _localise_targets(args.images, out_dir)
     _prepare_folder(out_dir, [f for plan in plans for f in plan.all_files], args)
     session = _file_session(_load_model(args.model), settings)
+    if args.series and not all(is_dicom_source(p) for p in args.images):
+        raise CommandError("--series applies to DICOM inputs (series folders) only")
     for path, plan in zip(args.images, plans):
         # Read (and refuse) before the progress line starts.
-        loaded = _read(path)
+        loaded = read_image(path, scan=True, series=args.series)
         outcome = _run(
             localise_file(
                 session,
@@ -359,6 +363,7 @@ def _cmd_localise(args: argparse.Namespace) -> int:
                 loaded=loaded,
                 overwrite=args.overwrite,
                 warn=lambda line: print(f"warning: {line}", file=sys.stderr),
+                series=args.series,
             ),
             f"localise {Path(path).name}",
         )
@@ -368,6 +373,7 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             f"{outcome.regions} region(s), {outcome.marked_voxels} voxels marked at threshold "
             f"{outcome.threshold:.2f} -> {plan.files['mask']}, "
             f"table {plan.files['regions_csv'].name}"
+            + (f", DICOM-SEG {plan.files['seg'].name}" if "seg" in plan.files else "")
         )
         del loaded
     return 0
@@ -645,6 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="order of the region table (default %(default)s)",
     )
     p.add_argument("--slice-axis", type=int, default=0, help="axis a 2D model walks along")
+    p.add_argument(
+        "--series",
+        metavar="UID",
+        help="the SeriesInstanceUID to read from a DICOM folder that holds several",
+    )
     flips(p)
     common(p)
     p.set_defaults(func=_cmd_localise)

@@ -141,6 +141,7 @@ def localise_file(
     overwrite: bool = False,
     warn: Callable[[str], None] | None = None,
     case_id: str | None = None,
+    series: str | None = None,
 ) -> Job[FileOutcome]:
     """Read a scan, localise it and write its outputs as one set (a job).
 
@@ -160,13 +161,15 @@ def localise_file(
     warn
         Called with a one-line warning when the scan is unlike the model's
         training data (the map is still made).
+    series
+        The SeriesInstanceUID to read from a DICOM folder holding several.
     """
     from napari_anomaly.domain import check_domain
 
     source = Path(source)
     plan = plan or localise_plan(source, out_dir)
     plan.check(overwrite=overwrite)
-    loaded = read_image(source, scan=True) if loaded is None else loaded
+    loaded = read_image(source, scan=True, series=series) if loaded is None else loaded
     # Room for this scan's outputs, before its work (a full disk refuses it here).
     needed = loaded.array.size * LOCALISE_BYTES_PER_VOXEL + 1024 * 1024
     check_output_folder(plan.folder, overwrite=overwrite, needed_bytes=needed)
@@ -175,7 +178,12 @@ def localise_file(
         warn(report.warning(source.name))
     case_id = case_id or session.new_case_id()
     case = yield from session.localise(
-        case_id, loaded.array, loaded.geometry, name=source.name, source_path=source.resolve()
+        case_id,
+        loaded.array,
+        loaded.geometry,
+        name=source.name,
+        source_path=source.resolve(),
+        source_series=series,
     )
     try:
         extra = {"domain_check": report.to_dict(), "flips": session.inference.flips}

@@ -209,6 +209,9 @@ class Case:
     #: for a scan made in memory.
     source_path: str | None = None
     source_sha256: str | None = None
+    #: The SeriesInstanceUID read from ``source_path`` when that folder holds several
+    #: DICOM series (``None``: the only one, or not DICOM).
+    source_series: str | None = None
     #: Changes whenever the maps change (a saved session rewrites them only then).
     maps_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     undo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
@@ -573,6 +576,7 @@ class ReviewSession:
         model_sha256: str | None = None,
         source_path: str | Path | None = None,
         source_sha256: str | None = None,
+        source_series: str | None = None,
     ) -> Case:
         """Store maps of ``image`` as case ``case_id`` (new maps for an existing case).
 
@@ -603,6 +607,7 @@ class ReviewSession:
             return previous
         if source_path is None and previous is not None:
             source_path, source_sha256 = previous.source_path, previous.source_sha256
+            source_series = previous.source_series
         keep = previous is not None and previous.shape == image.shape
         if keep:
             case = previous
@@ -616,6 +621,7 @@ class ReviewSession:
             case.localised_at = _now()
             case.source_path = None if source_path is None else str(source_path)
             case.source_sha256 = source_sha256
+            case.source_series = source_series
             case.maps_id = uuid.uuid4().hex[:12]
             case.redo_steps.clear()  # they were made on the previous maps
             case._changed()
@@ -636,6 +642,7 @@ class ReviewSession:
                 rank_by=self.review.rank_by,
                 source_path=None if source_path is None else str(source_path),
                 source_sha256=source_sha256,
+                source_series=source_series,
             )
         self.cases[case_id] = case
         self._touch()
@@ -649,7 +656,7 @@ class ReviewSession:
         geometry: Geometry,
         result: LocalisationResult,
         localiser: Localiser,
-        source: tuple[str, str] | None = None,
+        source: tuple[str, str, str | None] | None = None,
     ) -> Case:
         return self.add_case(
             case_id,
@@ -662,6 +669,7 @@ class ReviewSession:
             model_sha256=localiser.sha256,
             source_path=source[0] if source else None,
             source_sha256=source[1] if source else None,
+            source_series=source[2] if source else None,
         )
 
     # -- localisation -----------------------------------------------------------
@@ -672,6 +680,7 @@ class ReviewSession:
         geometry: Geometry | None = None,
         name: str | None = None,
         source_path: str | Path | None = None,
+        source_series: str | None = None,
     ) -> Job[Case]:
         """Predict maps for ``image`` and store them as case ``case_id`` when done.
 
@@ -680,7 +689,8 @@ class ReviewSession:
         :class:`CaseReviewedError` before the network runs); one marked
         reviewed while the job ran stays as approved. ``source_path``: the
         file the image was read from (see :meth:`add_case`); its hash is
-        taken in the job.
+        taken in the job. ``source_series``: the DICOM series read from a
+        folder that holds several.
         """
         if case_id in self.cases:
             self._open_case(case_id, "localise it again")
@@ -690,7 +700,7 @@ class ReviewSession:
         if source_path is not None:
             from napari_anomaly.session_store import source_sha256
 
-            source = (str(source_path), source_sha256(source_path))
+            source = (str(source_path), source_sha256(source_path), source_series)
         localiser = self.localiser
         result = yield from localise(image, localiser, self.inference, spacing=geometry.spacing)
         return self._store(case_id, name, image, geometry, result, localiser, source)

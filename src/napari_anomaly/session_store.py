@@ -451,7 +451,11 @@ def _save(session: ReviewSession, folder: Path) -> Path:
                     "edited_voxels": case.edits.edit_count,
                 },
                 "source": (
-                    {"path": case.source_path, "sha256": case.source_sha256}
+                    {
+                        "path": case.source_path,
+                        "sha256": case.source_sha256,
+                        "series": case.source_series,
+                    }
                     if case.source_path is not None and case.source_sha256 is not None
                     else None
                 ),
@@ -589,7 +593,7 @@ def _case_image(
                 f"{path} (the scan of {entry['name']}) changed since the session was saved "
                 "(its sha256 differs); the edits were made on the old scan"
             )
-        image = read_image(path).array
+        image = read_image(path, series=source.get("series")).array
         if image.shape != shape:
             return None, f"{path} now has shape {image.shape}, the case {shape}"
         return image, None
@@ -704,6 +708,7 @@ def load_session(
                 approved_mask=approved,
                 source_path=source.get("path"),
                 source_sha256=source.get("sha256"),
+                source_series=source.get("series"),
                 maps_id=str(entry.get("maps_id") or uuid.uuid4().hex[:12]),
             )
         except (KeyError, TypeError, ValueError) as error:

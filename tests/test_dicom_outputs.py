@@ -1,0 +1,138 @@
+"""DICOM in, DICOM-SEG out: ``localise`` on a series writes ``<stem>_seg.dcm`` beside its
+NIfTI outputs, ``--series`` picks one of several series, *Export* to ``.dcm`` writes the
+reviewed mask as DICOM-SEG, and a saved session remembers which series it read."""
+
+from __future__ import annotations
+
+import json
+
+import highdicom
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_NETWORK_2D, phantom
+
+from napari_anomaly.cli import main
+from napari_anomaly.io import Geometry, read_image
+from napari_anomaly.io.dicom import write_dicom_series
+from napari_anomaly.io.dicom_seg import read_seg
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet
+from napari_anomaly.progress import run_to_end
+from napari_anomaly.review import ReviewConfig
+from napari_anomaly.session import ReviewSession
+from napari_anomaly.session_store import load_session, save_session
+
+GEOMETRY = Geometry(
+    spacing=(3.0, 0.9, 0.9), origin=(-30.0, 12.0, -8.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
+)
+
+
+@pytest.fixture
+def model(tmp_path):
+    torch.manual_seed(0)
+    localiser = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(),
+        metadata={"patch_size": 32, "recommended_threshold": 0.5},
+    )
+    path = tmp_path / "tiny.safetensors"
+    localiser.save(path)
+    return path
+
+
+@pytest.fixture
+def two_series(tmp_path):
+    """A study folder with two series of the same patient: T1 (6 slices) and T2 (5)."""
+    folder = tmp_path / "study"
+    t1 = write_dicom_series(
+        phantom((6, 40, 40), 1), folder, geometry=GEOMETRY, series_description="T1",
+        file_prefix="t1_", seed=1,
+    )  # fmt: skip
+    write_dicom_series(
+        phantom((5, 40, 40), 2), folder, geometry=GEOMETRY, series_description="T2",
+        file_prefix="t2_", seed=2,
+    )  # fmt: skip
+    import pydicom
+
+    return folder, pydicom.dcmread(t1[0], stop_before_pixels=True).SeriesInstanceUID
+
+
+def test_localise_writes_a_dicom_seg_of_the_mask_for_the_series_asked(
+    model, two_series, tmp_path, capsys
+):
+    folder, t1_uid = two_series
+    out = tmp_path / "out"
+    args = ["localise", str(folder), "--out", str(out), "--model", str(model)]
+    # Two series and no --series: refused before any work, naming the folder.
+    assert main([*args, "--device", "cpu", "--threshold", "0.4"]) == 2
+    assert "study" in capsys.readouterr().err and not out.exists()
+
+    assert main([*args, "--device", "cpu", "--threshold", "0.4", "--series", t1_uid]) == 0
+    assert "DICOM-SEG study_seg.dcm" in capsys.readouterr().out
+    mask = read_image(out / "study_mask.nii.gz")
+    assert mask.array.shape == (6, 40, 40)
+    seg_mask, seg_geometry = read_seg(out / "study_seg.dcm")
+    np.testing.assert_array_equal(seg_mask, mask.array > 0)
+    assert seg_geometry.allclose(GEOMETRY, atol=1e-4)
+    seg = highdicom.seg.segread(out / "study_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == t1_uid
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentAlgorithmType == "AUTOMATIC"
+    assert segment.SegmentAlgorithmName == Localiser.load(model).name
+    sidecar = json.loads((out / "study_mask.json").read_text())
+    assert sidecar["dicom_seg"] == "study_seg.dcm" and "study_seg.dcm" in sidecar["outputs"]
+
+
+def test_series_is_refused_for_a_file_input(model, tmp_path, capsys):
+    from napari_anomaly.io import write_image
+
+    scan = tmp_path / "scan.nii.gz"
+    write_image(scan, phantom((6, 40, 40)), GEOMETRY)
+    args = ["localise", str(scan), "--out", str(tmp_path / "out"), "--model", str(model)]
+    assert main([*args, "--series", "1.2.3"]) == 2
+    assert "--series applies to DICOM inputs" in capsys.readouterr().err
+
+
+def _session_with(model_path, source, series=None) -> ReviewSession:
+    session = ReviewSession(Localiser.load(model_path), ReviewConfig(threshold=0.4))
+    scan = read_image(source, series=series)
+    job = session.localise(
+        "a", scan.array, scan.geometry, source_path=source, source_series=series
+    )
+    run_to_end(job)
+    return session
+
+
+def test_export_to_dcm_writes_the_reviewed_mask_as_a_semiautomatic_seg(
+    model, two_series, tmp_path
+):
+    folder, t1_uid = two_series
+    session = _session_with(model, folder, t1_uid)
+    edited = session.case("a").mask.copy()
+    edited[2, 10:14, 10:14] = True
+    session.record_edits("a", edited)
+    session.mark_reviewed("a")
+    written = session.export("a", tmp_path / "reviewed" / "a_seg.dcm")
+    assert [p.name for p in written] == ["a_seg.dcm", "a_seg.json"]
+    seg_mask, _ = read_seg(written[0])
+    np.testing.assert_array_equal(seg_mask, edited)
+    seg = highdicom.seg.segread(written[0])
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    assert json.loads(written[1].read_text())["reviewed"] is True
+
+    # The series read is part of the saved session: resuming reads the same one.
+    save_session(session, tmp_path / "saved")
+    again = load_session(tmp_path / "saved")
+    assert again.case("a").source_series == t1_uid
+    assert again.case("a").image.shape == (6, 40, 40)
+
+
+def test_a_seg_of_a_scan_not_read_from_dicom_is_refused_and_nothing_written(model, tmp_path):
+    from napari_anomaly.io import write_image
+
+    scan = tmp_path / "scan.nii.gz"
+    write_image(scan, phantom((6, 40, 40)), GEOMETRY)
+    session = _session_with(model, scan)
+    with pytest.raises(ValueError, match="a DICOM-SEG references the DICOM series"):
+        session.export("a", tmp_path / "out" / "a_seg.dcm")
+    assert not (tmp_path / "out").exists()
