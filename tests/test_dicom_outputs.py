@@ -96,16 +96,12 @@ def test_series_is_refused_for_a_file_input(model, tmp_path, capsys):
 def _session_with(model_path, source, series=None) -> ReviewSession:
     session = ReviewSession(Localiser.load(model_path), ReviewConfig(threshold=0.4))
     scan = read_image(source, series=series)
-    job = session.localise(
-        "a", scan.array, scan.geometry, source_path=source, source_series=series
-    )
+    job = session.localise("a", scan.array, scan.geometry, source_path=source, source_series=series)
     run_to_end(job)
     return session
 
 
-def test_export_to_dcm_writes_the_reviewed_mask_as_a_semiautomatic_seg(
-    model, two_series, tmp_path
-):
+def test_export_to_dcm_writes_the_reviewed_mask_as_a_semiautomatic_seg(model, two_series, tmp_path):
     folder, t1_uid = two_series
     session = _session_with(model, folder, t1_uid)
     edited = session.case("a").mask.copy()
@@ -136,3 +132,39 @@ def test_a_seg_of_a_scan_not_read_from_dicom_is_refused_and_nothing_written(mode
     with pytest.raises(ValueError, match="a DICOM-SEG references the DICOM series"):
         session.export("a", tmp_path / "out" / "a_seg.dcm")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_export_command_puts_a_reviewed_mask_on_its_series(model, two_series, tmp_path, capsys):
+    folder, t1_uid = two_series
+    session = _session_with(model, folder, t1_uid)
+    edited = session.case("a").mask.copy()
+    edited[3, 20:25, 20:25] = True
+    session.record_edits("a", edited)
+    session.mark_reviewed("a")
+    reviewed = tmp_path / "reviewed" / "a_mask.nii.gz"
+    session.export("a", reviewed)  # what the widget's Export writes, with its sidecar
+
+    out = tmp_path / "seg" / "a_seg.dcm"
+    out.parent.mkdir()
+    args = ["export", str(reviewed), "--source", str(folder), "--out", str(out)]
+    assert main([*args, "--series", t1_uid]) == 0
+    assert "SEMIAUTOMATIC" in capsys.readouterr().out
+    seg_mask, _ = read_seg(out)
+    np.testing.assert_array_equal(seg_mask, edited)
+    seg = highdicom.seg.segread(out)
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == session.localiser.name
+    # Never overwritten silently; the T2 series (another grid) refuses the mask by name.
+    before = out.read_bytes()
+    assert main([*args, "--series", t1_uid]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    t2_uid = next(uid for uid in _series_uids(folder) if uid != t1_uid)
+    other = tmp_path / "seg" / "t2_seg.dcm"
+    argv = ["export", str(reviewed), "--source", str(folder), "--out", str(other)]
+    assert main([*argv, "--series", t2_uid]) == 2
+    assert "a_mask.nii.gz" in capsys.readouterr().err and not other.exists()
+
+
+def _series_uids(folder) -> set[str]:
+    import pydicom
+
+    return {pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in folder.iterdir()}

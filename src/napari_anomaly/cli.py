@@ -6,6 +6,7 @@
     napari-anomaly adapt IMAGE... --out MODEL [--model M] [--steps N] [--device D] [--seed S]
     napari-anomaly evaluate --images I... --masks M... [--normals N...] [--model M] [--json F]
     napari-anomaly synthesise NORMAL... --out DIR [--n N] [--seed S]
+    napari-anomaly export MASK --source DICOM_FOLDER --out SEG.dcm [--series UID]
     napari-anomaly demo [--screenshot PNG]
     napari-anomaly pacs search|get|put --url URL [--user NAME]  (docs/pacs.md)
 
@@ -559,6 +560,56 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A reviewed mask (from *Export* or ``localise``) as DICOM-SEG on its DICOM series."""
+    from napari_anomaly.case_outputs import is_dicom_source
+    from napari_anomaly.io import check_output_folder, read_image, sidecar_path
+    from napari_anomaly.io.dicom_seg import write_seg
+    from napari_anomaly.io.masks import read_mask_for
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".dcm":
+        raise CommandError(f"--out {out}: a DICOM-SEG file name ends in .dcm")
+    if not is_dicom_source(args.source):
+        raise CommandError(f"--source {args.source}: not a DICOM series folder or .dcm file")
+    _prepare_folder(out.parent, [out], args)
+    sidecar_file = sidecar_path(args.mask)
+    sidecar = {}
+    if sidecar_file.is_file():
+        try:
+            sidecar = json.loads(sidecar_file.read_text())
+        except (OSError, ValueError) as error:
+            raise CommandError(f"{sidecar_file}: not a readable sidecar ({error})") from None
+    if args.model:
+        model = _load_model(args.model)
+        model_name, model_sha256 = model.name, model.sha256
+    elif sidecar.get("model_sha256"):
+        model_name, model_sha256 = sidecar.get("model_name") or "unknown", sidecar["model_sha256"]
+    else:
+        raise CommandError(
+            f"{args.mask}: no sidecar names the model that made it ({sidecar_file.name}); "
+            "give --model"
+        )
+    source = read_image(args.source, series=args.series)
+    mask = read_mask_for(source, args.mask, args.source)
+    check_output_folder(out.parent, [out], overwrite=args.overwrite)
+    edited = bool(sidecar.get("edited_voxels")) or args.edited
+    write_seg(
+        mask,
+        source,
+        out,
+        model_name=model_name,
+        model_sha256=model_sha256,
+        reviewer_edited=edited,
+        series=args.series,
+        overwrite=args.overwrite,
+    )
+    args.written.add(Path(args.mask).name, [out])
+    kind = "SEMIAUTOMATIC (edited by a reviewer)" if edited else "AUTOMATIC"
+    print(f"wrote {out}: {int(mask.sum())} voxels, {kind}, model {model_name}")
+    return 0
+
+
 def _cmd_synthesise(args: argparse.Namespace) -> int:
     from napari_anomaly.synthesis_files import synthesise_files
 
@@ -715,6 +766,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_synthesise)
+
+    p = sub.add_parser(
+        "export", help="write a reviewed mask as DICOM-SEG on the DICOM series it was made on"
+    )
+    p.add_argument("mask", help="the mask (e.g. from Export: case_mask.nii.gz, with its sidecar)")
+    p.add_argument("--source", required=True, help="the DICOM series folder of the scan")
+    p.add_argument("--series", metavar="UID", help="the series, when the folder holds several")
+    p.add_argument("--out", required=True, help="the DICOM-SEG file to write (.dcm)")
+    p.add_argument(
+        "--model",
+        help="the model that made the mask (default: the one its sidecar names)",
+    )
+    p.add_argument(
+        "--edited",
+        action="store_true",
+        help="the mask was edited by a reviewer (SEMIAUTOMATIC); read from the sidecar if there",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="open napari with the sample scan and the review widget")
     p.add_argument("--screenshot", help="render the window to this PNG and exit")
