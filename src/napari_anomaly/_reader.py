@@ -145,7 +145,10 @@ def read_paths(path: PathOrPaths) -> list[LayerData]:
     path
         A file, a DICOM folder, or a list of them. A list gives one layer per
         path (scans of different shapes and geometries cannot be stacked
-        into one layer without resampling).
+        into one layer without resampling). A DICOM folder holding several
+        image series (a whole study) gives one layer per series, named
+        ``<folder> <series description>``, with the series' UID in
+        ``metadata["source_series"]``: choose the one to review in **Image**.
 
     Returns
     -------
@@ -170,7 +173,36 @@ def read_paths(path: PathOrPaths) -> list[LayerData]:
         with made-up voxels.
     """
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [_layer_data(p) for p in paths]
+    layers = []
+    for p in paths:
+        series = _image_series(p)
+        if len(series) > 1:
+            layers += [_series_layer_data(p, info) for info in series]
+        else:
+            layers.append(_layer_data(p))
+    return layers
+
+
+def _image_series(path: str | os.PathLike[str]) -> list:
+    """The image series of a DICOM folder (empty for anything else)."""
+    if not Path(path).is_dir():
+        return []
+    from .io.dicom import list_dicom_series
+
+    return list_dicom_series(path, images_only=True)
+
+
+def _series_layer_data(folder: str | os.PathLike[str], info) -> LayerData:
+    """One series of a folder that holds several: a layer of its own, named by the folder
+    and the series' description, remembering which series it is (``source_series``)."""
+    data, kwargs, layer_type = layer_data_of(read_image(folder, series=info.series_instance_uid))
+    label = info.description or f"{info.modality or 'series'} {info.series_instance_uid[-6:]}"
+    kwargs = {**kwargs, "name": f"{Path(folder).name} {label}"}
+    kwargs["metadata"] = {
+        **kwargs.get("metadata", {}),
+        "source_series": info.series_instance_uid,
+    }
+    return data, kwargs, layer_type
 
 
 def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:

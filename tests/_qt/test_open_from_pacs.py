@@ -38,3 +38,30 @@ def test_closing_the_dialog_opens_nothing(make_review_widget, monkeypatch):
     monkeypatch.setattr(pacs_dialog, "open_from_pacs", lambda parent=None: None)
     assert widget.open_from_pacs() == []
     assert len(widget.viewer.layers) == before
+
+
+def test_a_study_folder_opens_one_layer_per_series_and_exports_a_seg_on_the_right_one(
+    make_review_widget, tmp_path
+):
+    """A folder holding two series (a whole study) opens as two layers; the one localised
+    exports as a DICOM-SEG that references its own series."""
+    import highdicom
+    import pydicom
+
+    widget = make_review_widget(recommended_threshold=0.3)
+    study = tmp_path / "study"
+    t1 = write_dicom_series(
+        body_scan((6, 32, 32), 1), study, geometry=GEOMETRY, series_description="T1",
+        file_prefix="t1_", seed=1,
+    )  # fmt: skip
+    write_dicom_series(
+        body_scan((5, 32, 32), 2), study, geometry=GEOMETRY, series_description="T2",
+        file_prefix="t2_", seed=2,
+    )  # fmt: skip
+    layers = widget.viewer.open(str(study), plugin="napari-anomaly")
+    assert sorted(layer.name for layer in layers) == ["study T1", "study T2"]
+    widget.localise("study T1", wait=True)
+    written = widget.export(tmp_path / "out" / "t1_seg.dcm")
+    seg = highdicom.seg.segread(written[0])
+    t1_uid = pydicom.dcmread(t1[0], stop_before_pixels=True).SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == t1_uid

@@ -914,7 +914,12 @@ class AnomalyReviewWidget(WorklistControls, Container):
         geometry = geometry_from_layer(layer)
         image = np.asarray(layer.data)
         job = session.localise(
-            case_id, image, geometry, name=layer.name, source_path=self._source_of(layer)
+            case_id,
+            image,
+            geometry,
+            name=layer.name,
+            source_path=self._source_of(layer),
+            source_series=(layer.metadata or {}).get("source_series"),
         )
         self._start(job, f"Localising {layer.name}", self._on_localised)
         self._check_domain(case_id, layer.name, image, session.localiser)
@@ -1893,6 +1898,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 metadata = {CASE_ID_KEY: case.case_id, **windows}
                 if case.source_path:
                     metadata["source_path"] = case.source_path
+                if case.source_series:
+                    metadata["source_series"] = case.source_series
                 kwargs = layer_kwargs_from_geometry(case.geometry, case.name, metadata=metadata)
                 layer = self.viewer.add_image(
                     case.image,
