@@ -323,7 +323,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 self.max_false_regions,
                 self.calibrate_button,
                 self._worklist_panel,
-                self.pacs_button,
+                _row(self.pacs_button),
                 self.image_layer,
                 self.display_window,
                 self.flips,
@@ -1965,7 +1965,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
             target=self._autosave_into,
             args=(session, folder),
             name="napari-anomaly autosave",
-            daemon=True,
+            # Not a daemon: a save under way when napari quits is finished (atomically)
+            # before the interpreter shuts down, never cut off half-way through.
+            daemon=False,
         )
         self._autosave_thread.start()
 
