@@ -6,6 +6,7 @@
     napari-anomaly adapt IMAGE... --out MODEL [--model M] [--steps N] [--device D] [--seed S]
     napari-anomaly evaluate --images I... --masks M... [--normals N...] [--model M] [--json F]
     napari-anomaly synthesise NORMAL... --out DIR [--n N] [--seed S]
+    napari-anomaly batch INPUTS... --out DIR [--model M] [--workers N | --scheduler ADDRESS]
     napari-anomaly export MASK --source DICOM_FOLDER --out SEG.dcm [--series UID]
     napari-anomaly demo [--screenshot PNG]
     napari-anomaly pacs search|get|put --url URL [--user NAME]  (docs/pacs.md)
@@ -635,47 +636,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(screenshot=args.screenshot, device=args.device)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
-    from napari_anomaly.devices import DEVICE_CHOICES
-    from napari_anomaly.review import RANKINGS, ReviewConfig
-    from napari_anomaly.training import AdaptConfig, FinetuneConfig, TrainConfig
-
-    parser = argparse.ArgumentParser(
-        prog="napari-anomaly",
-        description="Self-supervised anomaly localisation (P-PII) for anomaly review.",
+def flips(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--flips",
+        action="store_true",
+        help="average over mirrored tiles (steadier maps; 4x slower in 2D, 8x in 3D)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
-        p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-        if model:
-            p.add_argument("--model", help="model file (.safetensors); default: the bundled model")
 
-    def flips(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--flips",
-            action="store_true",
-            help="average over mirrored tiles (steadier maps; 4x slower in 2D, 8x in 3D)",
-        )
+def add_localise_options(p: argparse.ArgumentParser) -> None:
+    """The flags of ``localise`` that ``batch`` shares: threshold, minimum region size,
+    ranking, slice axis, flips (read back by :func:`_localise_settings`)."""
+    from napari_anomaly.review import RANKINGS, ReviewConfig
 
-    p = sub.add_parser("train", help="train a localiser on normal images")
-    p.add_argument("normal", nargs="+", help="normal images/volumes")
-    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=TrainConfig.spatial_dims)
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--patch-size", type=int, default=TrainConfig.patch_size)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--checkpoint", help="resumable checkpoint file, written every few steps")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    common(p, model=False)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("localise", help="localise anomalies; writes anomaly, confidence and mask")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     p.add_argument(
         "--max-false-regions",
@@ -702,12 +675,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="order of the region table (default %(default)s)",
     )
     p.add_argument("--slice-axis", type=int, default=0, help="axis a 2D model walks along")
+    flips(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
+    from napari_anomaly.devices import DEVICE_CHOICES
+    from napari_anomaly.review import ReviewConfig
+    from napari_anomaly.training import AdaptConfig, FinetuneConfig, TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="napari-anomaly",
+        description="Self-supervised anomaly localisation (P-PII) for anomaly review.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
+        p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        if model:
+            p.add_argument("--model", help="model file (.safetensors); default: the bundled model")
+
+    p = sub.add_parser("train", help="train a localiser on normal images")
+    p.add_argument("normal", nargs="+", help="normal images/volumes")
+    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=TrainConfig.spatial_dims)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--patch-size", type=int, default=TrainConfig.patch_size)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--checkpoint", help="resumable checkpoint file, written every few steps")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    common(p, model=False)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("localise", help="localise anomalies; writes anomaly, confidence and mask")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True, help="output folder")
+    add_localise_options(p)
     p.add_argument(
         "--series",
         metavar="UID",
         help="the SeriesInstanceUID to read from a DICOM folder that holds several",
     )
-    flips(p)
     common(p)
     p.set_defaults(func=_cmd_localise)
 
@@ -785,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(func=_cmd_export)
+
+    from napari_anomaly._cli_batch import add_batch_parser
+
+    add_batch_parser(sub, common)
 
     p = sub.add_parser("demo", help="open napari with the sample scan and the review widget")
     p.add_argument("--screenshot", help="render the window to this PNG and exit")

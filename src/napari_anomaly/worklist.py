@@ -72,6 +72,13 @@ class WorkItem:
         The mask file written for the case by :meth:`Worklist.export_reviewed`.
     error : str or None
         Why the scan could not be opened or localised (the item is *failed*).
+    maps : str or None
+        The mask file a batch run wrote for the scan; its anomaly and confidence
+        maps lie beside it (``<stem>_anomaly``, ``<stem>_confidence``), made by
+        the model ``maps_model_sha256``. The review uses them instead of
+        localising again when the session's model is that one.
+    maps_model_sha256 : str or None
+        The sha256 of the model that made ``maps``.
     """
 
     path: str
@@ -80,6 +87,24 @@ class WorkItem:
     score: float | None = None
     exported: str | None = None
     error: str | None = None
+    maps: str | None = None
+    maps_model_sha256: str | None = None
+
+    def map_files(self) -> dict[str, Path] | None:
+        """The anomaly and confidence map files beside :attr:`maps` (``None`` if there
+        are none, or one is missing)."""
+        if not self.maps:
+            return None
+        mask = Path(self.maps)
+        stem = image_stem(mask)
+        if not stem.endswith("_mask"):
+            return None
+        suffix = mask.name[len(stem) :]
+        files = {
+            kind: mask.with_name(f"{stem[: -len('_mask')]}_{kind}{suffix}")
+            for kind in ("anomaly", "confidence")
+        }
+        return files if all(p.is_file() for p in files.values()) else None
 
 
 def _is_scan(path: Path) -> bool:
@@ -155,7 +180,9 @@ class Worklist:
         ``source`` or ``image``; relative paths are relative to the CSV's folder)
         and optionally ``case``. With a ``sample_score`` column (``batch``'s
         results.csv) the cases are ordered most suspicious first, cases without
-        a score (failed in the batch) last."""
+        a score (failed in the batch) last; cases the batch could not process
+        are *failed* with its message, and the maps it made are kept
+        (:attr:`WorkItem.maps`) for the review to use."""
         path = Path(path)
         try:
             with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -187,7 +214,14 @@ class Worklist:
                 )
             seen[scan] = line
             name = (row.get(case_column) if case_column else "") or image_stem(scan)
-            items.append(WorkItem(str(scan), name, score=_score(row.get(SCORE_COLUMN))))
+            item = WorkItem(str(scan), name, score=_score(row.get(SCORE_COLUMN)))
+            # A batch's results: its failures stay failed, its maps are reused.
+            if row.get("status") == "failed":
+                item.error = row.get("error") or "failed in the batch run"
+            if row.get("mask") and row.get("status", "done") == "done":
+                item.maps = str(path.parent / row["mask"])
+                item.maps_model_sha256 = row.get("model_sha256") or None
+            items.append(item)
         if SCORE_COLUMN in header:
             items.sort(key=lambda item: (item.score is None, -(item.score or 0.0)))
         return cls(items, str(path))

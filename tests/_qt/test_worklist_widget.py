@@ -122,3 +122,38 @@ def test_the_worklist_survives_closing_and_reopening_the_widget(make_review_widg
     assert _statuses(again)[0] == "reviewed"
     again.next_case(wait=True)
     assert again.image_layer.value == "p2"
+
+
+def test_a_batch_table_opens_its_cases_with_the_batch_maps_most_suspicious_first(
+    widget, cohort, tmp_path
+):
+    """A batch's results.csv as the worklist: highest sample score first, the failed case
+    failed with its message, and a case's maps read from the batch outputs (no new job)
+    when they were made by the session's model."""
+    from napari_anomaly.io import write_image
+
+    batch = tmp_path / "batch"
+    case = batch / "p2"
+    case.mkdir(parents=True)
+    anomaly = np.zeros((32, 32), np.float32)
+    anomaly[8:14, 8:14] = 0.9
+    write_image(case / "p2_anomaly.nrrd", anomaly, GEOMETRY)
+    write_image(case / "p2_confidence.nrrd", np.full((32, 32), 0.8, np.float32), GEOMETRY)
+    write_image(case / "p2_mask.nrrd", (anomaly > 0.5).astype(np.uint8), GEOMETRY)
+    sha = widget.session.localiser.sha256
+    (batch / "results.csv").write_text(
+        "case,source,model_sha256,sample_score,status,error,mask\n"
+        f"p1,{cohort / 'p1.nrrd'},{sha},0.2,done,,\n"
+        f"p2,{cohort / 'p2.nrrd'},{sha},0.9,done,,p2/p2_mask.nrrd\n"
+        f"p3,{cohort / 'p3.nrrd'},,,failed,cannot read p3.nrrd,\n"
+    )
+    assert widget.open_worklist(batch / "results.csv")
+    assert [row[1] for row in widget.worklist_table.value["data"]] == ["p2", "p1", "p3"]
+    assert _statuses(widget)[2] == "failed"
+    widget.next_case()
+    assert not widget.busy  # the batch's maps were used: nothing to localise
+    case = widget.case()
+    np.testing.assert_array_equal(case.anomaly_map, anomaly)
+    assert case.source_path == str(cohort / "p2.nrrd")
+    widget._wait_prefetch()  # p1, localised in the background meanwhile
+    assert _statuses(widget)[:2] == ["localised", "ready"]

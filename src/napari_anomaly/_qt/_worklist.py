@@ -61,7 +61,8 @@ class WorklistControls:
         self._worklist_index: int | None = None
         self._prefetch_worker = None
         self._prefetching: int | None = None  # item index being localised in the background
-        self._prefetched: dict[int, tuple[Localiser, Any, Any]] = {}
+        # item index -> (model, geometry, anomaly map, confidence map) made ahead
+        self._prefetched: dict[int, tuple[Localiser, Any, Any, Any]] = {}
         self._open_when_ready: int | None = None
         self._worklist_shown: tuple | None = None  # what the table shows now
         table = self.worklist_table.native
@@ -198,17 +199,19 @@ class WorklistControls:
         session = self._session
         case = session.cases.get(case_id)
         made = self._prefetched.pop(index, None)
+        if case is None and made is None:
+            made = self._batch_maps(item, layer)
         if case is not None:
             self._show_layers(case)
             self._render_shown_case()
         elif made is not None and made[0] is session.localiser:
-            _, loaded, result = made
+            _, geometry, anomaly_map, confidence_map = made
             case = session.add_case(
                 case_id,
                 np.asarray(layer.data),
-                result.anomaly_map,
-                result.confidence_map,
-                loaded.geometry,
+                anomaly_map,
+                confidence_map,
+                geometry,
                 name=layer.name,
                 model_name=made[0].name,
                 model_sha256=made[0].sha256,
@@ -220,6 +223,26 @@ class WorklistControls:
             self.localise(layer.name, wait=wait)
         self._refresh_worklist()
         self._prefetch_after(index)
+
+    def _batch_maps(self, item, layer) -> tuple | None:
+        """The maps a batch run made for ``item`` with the session's current model, as
+        ``(localiser, geometry, anomaly_map, confidence_map)``; ``None`` when there are
+        none to use."""
+        localiser = self._session.localiser
+        files = item.map_files()
+        if files is None or item.maps_model_sha256 != localiser.sha256:
+            return None
+        try:
+            anomaly = read_image(files["anomaly"])
+            confidence = read_image(files["confidence"]).array
+        except (OSError, ValueError):
+            return None  # localised again instead
+        if (
+            anomaly.array.shape != tuple(layer.data.shape)
+            or confidence.shape != anomaly.array.shape
+        ):
+            return None
+        return localiser, anomaly.geometry, anomaly.array, confidence
 
     def _add_scan_layer(self, item, loaded) -> Any:
         data, kwargs, _ = layer_data_of(loaded)
@@ -285,7 +308,13 @@ class WorklistControls:
         self._refresh_worklist()
 
     def _on_prefetched(self, index: int, localiser: Localiser, made: tuple) -> None:
-        self._prefetched[index] = (localiser, *made)
+        loaded, result = made
+        self._prefetched[index] = (
+            localiser,
+            loaded.geometry,
+            result.anomaly_map,
+            result.confidence_map,
+        )
         self._refresh_worklist()
 
     def _on_prefetch_failed(self, index: int, error: Exception) -> None:

@@ -1,0 +1,918 @@
+"""Localising a cohort on Dask distributed: one task per case, resumable, one results table.
+
+``napari-anomaly batch INPUTS... --out DIR`` runs here. The inputs (image files, folders,
+CSV manifests) become :class:`Case` records (:func:`read_inputs`); :func:`prepare_batch`
+checks everything that can be checked before any work (inputs, case names, the model
+file, the threshold, the output folder) and :func:`localise_cohort` submits one task per
+case to a ``distributed.Client`` and yields :class:`~napari_anomaly.progress.Progress`
+as cases finish. The client may be a ``LocalCluster`` (:func:`dask_client` starts one) or
+any running scheduler: Slurm through dask-jobqueue, Kubernetes through dask-kubernetes
+(docs/cohorts.md).
+
+Layout of the output folder::
+
+    DIR/results.csv                 one row per case (RESULT_COLUMNS), input order
+    DIR/results.parquet             the same table, when pyarrow is installed
+    DIR/<case>/<stem>_anomaly...    exactly what ``napari-anomaly localise`` writes
+    DIR/<case>/case.json            the case's record (CASE_RECORD), written last
+
+Each task hashes its source, and returns at once when ``case.json`` says the case was
+done with the same source, model and settings and its outputs are all there; otherwise
+it localises the case exactly as ``localise`` does
+(:func:`napari_anomaly.localise_files.localise_file`, in a review session made once per
+worker thread from the model's *path*: a model is never pickled), writes the outputs as
+one set (all or none) and then the record. A failed case
+(unreadable, NaN voxels, 4D, out of memory) gets a record with its message and never stops
+the batch; a rerun tries it again. A worker killed mid-case loses that case only: Dask
+runs it again elsewhere, and the half-written set of the killed process is cleared first.
+The table is rebuilt from the records, so it is complete after any rerun.
+
+Task keys carry case numbers, never names, and nothing here logs paths or case names:
+file names may hold patient identifiers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io as _io
+import json
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_anomaly.localise_files import LocaliseSettings
+from napari_anomaly.progress import Job, Progress
+
+__all__ = [
+    "CASE_RECORD",
+    "RESULTS_CSV",
+    "RESULTS_PARQUET",
+    "RESULT_COLUMNS",
+    "BatchConfig",
+    "BatchPlan",
+    "BatchResult",
+    "Case",
+    "dask_client",
+    "localise_case",
+    "localise_cohort",
+    "prepare_batch",
+    "read_inputs",
+    "read_manifest",
+    "read_results",
+    "run_batch_to_end",
+    "write_results",
+]
+
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+#: Name of the per-case record inside ``DIR/<case>/``.
+CASE_RECORD = "case.json"
+RECORD_KIND = "napari-anomaly batch case"
+RECORD_VERSION = 1
+
+#: Columns of ``results.csv``, in order. ``status`` is ``done``, ``failed`` or ``pending``
+#: (not run yet: the batch was cancelled); scores are empty for a case that is not done.
+RESULT_COLUMNS = (
+    "case",
+    "source",
+    "source_sha256",
+    "model_sha256",
+    "threshold",
+    "regions",
+    "top_region_score",
+    "sample_score",
+    "seconds",
+    "status",
+    "error",
+    "mask",
+    "domain_warning",
+)
+_FLOAT_COLUMNS = ("threshold", "top_region_score", "sample_score", "seconds")
+_INT_COLUMNS = ("regions",)
+
+# Case names become folder names: letters, digits and ``._- +()`` only, no leading dot.
+_CASE_NAME = re.compile(r"[\w][\w.\- +()]{0,199}")
+_MANIFEST_SUFFIX = ".csv"
+# A table is rewritten at most this often while a batch runs (and always at its end).
+_TABLE_EVERY_S = 10.0
+
+
+# --------------------------------------------------------------------------- #
+# Settings and inputs
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class BatchConfig:
+    """Settings of a batch.
+
+    Attributes
+    ----------
+    localise : LocaliseSettings
+        How each case is localised and thresholded: those of ``napari-anomaly localise``
+        (:class:`napari_anomaly.localise_files.LocaliseSettings`; ``device`` applies on
+        each worker).
+    torch_threads : int or None
+        Torch intra-op threads in each worker process; ``None`` leaves the worker's setting
+        (Dask's worker processes start with ``OMP_NUM_THREADS=1``, so one thread).
+    redo : bool
+        Localise every case again, even those done with the same source, model and
+        settings (``--overwrite``); their outputs are replaced.
+    """
+
+    localise: LocaliseSettings = field(default_factory=LocaliseSettings)
+    torch_threads: int | None = None
+    redo: bool = False
+
+    def __post_init__(self) -> None:
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of a cohort: its name (the folder of its outputs) and its source.
+
+    Attributes
+    ----------
+    name
+        Unique within the batch; letters, digits and ``._- +()``; the output folder.
+    source
+        An image file or a folder holding one DICOM series (absolute path).
+    """
+
+    name: str
+    source: str
+
+
+def _check_case_name(name: str, where: str) -> str:
+    if not _CASE_NAME.fullmatch(name):
+        raise ValueError(
+            f"{where}: case name {name!r} cannot name a folder (letters, digits and "
+            "'._- +()' only, not starting with a dot, at most 200 characters)"
+        )
+    if name.lower() in (RESULTS_CSV, RESULTS_PARQUET):
+        raise ValueError(f"{where}: {name!r} names the results table; choose another case name")
+    return name
+
+
+def _case_for(path: Path, where: str, name: str | None = None) -> Case:
+    """A case for one image file or DICOM folder, checked to exist and be readable in kind."""
+    from napari_anomaly.io import detect_format, image_stem
+
+    if not path.exists():
+        raise ValueError(f"{where}: {path} does not exist")
+    detect_format(path)  # an unknown suffix is refused here, naming the file
+    if name is None:
+        name = image_stem(path)
+    return Case(_check_case_name(name, where), str(path.absolute()))
+
+
+def _cases_in_folder(folder: Path) -> list[Case]:
+    """A folder holding DICOM files is one series; otherwise each scan in it is a case:
+    image files (not napari-anomaly's own outputs such as ``*_mask.nii.gz``) and
+    sub-folders holding a DICOM series, by name."""
+    from napari_anomaly._reader import can_read
+    from napari_anomaly.case_outputs import LOCALISE_KINDS
+    from napari_anomaly.io import image_stem
+
+    if can_read(folder):  # DICOM files right inside it
+        return [_case_for(folder, str(folder))]
+    output_tags = tuple(f"_{kind}" for kind in LOCALISE_KINDS)
+    scans = [
+        p
+        for p in sorted(folder.iterdir(), key=lambda p: p.name.lower())
+        if not p.name.startswith(".")
+        and can_read(p)
+        and (p.is_dir() or not image_stem(p).endswith(output_tags))
+    ]
+    if not scans:
+        raise ValueError(
+            f"{folder} holds no scans (image files such as .nii.gz, .nrrd, .mha, or folders "
+            "holding a DICOM series)"
+        )
+    return [_case_for(p, str(folder)) for p in scans]
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[Case]:
+    """Read a CSV manifest: a header naming ``path`` and optionally ``case``, one row a case.
+
+    Relative paths are relative to the manifest's folder; a row without a case name is
+    named after its file (``scan.nii.gz`` -> ``scan``). Empty rows are skipped.
+
+    Raises
+    ------
+    ValueError
+        One line naming the manifest and the row: no ``path`` column, an empty path, a
+        missing or unsupported file, a case name that cannot name a folder.
+    """
+    manifest = Path(path)
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{manifest}: not a UTF-8 text CSV manifest") from None
+    rows = list(csv.reader(_io.StringIO(text)))
+    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    if "path" not in header:
+        raise ValueError(
+            f"{manifest}: the first row must name the columns, e.g. 'path,case' "
+            "(a 'path' column is required)"
+        )
+    at_path = header.index("path")
+    at_case = header.index("case") if "case" in header else None
+    cases = []
+    for number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{manifest} row {number}"
+        cell = row[at_path].strip() if at_path < len(row) else ""
+        if not cell:
+            raise ValueError(f"{where}: the path is empty")
+        source = Path(cell)
+        if not source.is_absolute():
+            source = manifest.parent / source
+        name = row[at_case].strip() if at_case is not None and at_case < len(row) else ""
+        cases.append(_case_for(source, where, name or None))
+    if not cases:
+        raise ValueError(f"{manifest}: the manifest lists no cases")
+    return cases
+
+
+def read_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Case]:
+    """The cases of a batch, in order, from image files, folders and CSV manifests.
+
+    * an image file (any suffix :func:`napari_anomaly.io.read_image` reads) is one case,
+      named after its file;
+    * a ``.csv`` file is a manifest (:func:`read_manifest`);
+    * a folder holding DICOM files is one series, named after the folder; any other
+      folder gives one case per scan in it (image files and DICOM series sub-folders,
+      by name; not napari-anomaly's own outputs).
+
+    Raises
+    ------
+    ValueError
+        One line naming the input: missing, unsupported, empty, or two cases with the
+        same name (give them names in a manifest).
+    """
+    if not inputs:
+        raise ValueError("no inputs given")
+    cases: list[Case] = []
+    for given in inputs:
+        path = Path(given)
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        if path.is_dir():
+            cases.extend(_cases_in_folder(path))
+        elif path.suffix.lower() == _MANIFEST_SUFFIX:
+            cases.extend(read_manifest(path))
+        else:
+            cases.append(_case_for(path, str(path)))
+    seen: dict[str, str] = {}
+    for case in cases:
+        if case.name in seen:
+            raise ValueError(
+                f"two cases are named {case.name!r} ({seen[case.name]} and {case.source}); "
+                "name them in a CSV manifest (path,case)"
+            )
+        seen[case.name] = case.source
+    return cases
+
+
+# --------------------------------------------------------------------------- #
+# One case, as ``napari-anomaly localise`` does it (the only call into that logic)
+# --------------------------------------------------------------------------- #
+def _localise_case(session, path: str, out_dir: Path) -> dict:
+    """Localise one case exactly as ``napari-anomaly localise PATH --out OUT_DIR`` does
+    (:func:`napari_anomaly.localise_files.localise_file`) and write its outputs as one set
+    (all or none, replacing an earlier set of this case).
+
+    Returns what the record and the table need: ``outputs`` (file names), ``mask`` (file
+    name), ``threshold``, ``regions``, ``top_region_score`` (peak score of the region the
+    table ranks first; None without regions), ``sample_score``
+    (:func:`napari_anomaly.metrics.sample_score`), ``marked_voxels`` and ``domain`` (the
+    domain check; its warning is not printed: it names the file).
+    """
+    from napari_anomaly.case_outputs import localise_plan
+    from napari_anomaly.localise_files import localise_file
+    from napari_anomaly.progress import run_to_end
+
+    plan = localise_plan(path, out_dir)
+    if Path(path).absolute() in {f.absolute() for f in plan.all_files}:
+        raise ValueError(
+            f"{path} would be overwritten by its own outputs; move it out of {out_dir}"
+        )
+    outcome = run_to_end(localise_file(session, path, out_dir, plan=plan, overwrite=True))
+    top = outcome.top_region_score
+    return {
+        "outputs": sorted(p.name for p in outcome.files),
+        "mask": plan.files["mask"].name,
+        "threshold": float(outcome.threshold),
+        "regions": int(outcome.regions),
+        "top_region_score": None if math.isnan(top) else float(top),
+        "sample_score": float(outcome.sample_score),
+        "marked_voxels": int(outcome.marked_voxels),
+        "domain": outcome.domain,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# The task: one case on a worker
+# --------------------------------------------------------------------------- #
+_sessions = threading.local()
+
+
+def _worker_session(model_path: str, model_sha256: str, settings: LocaliseSettings):
+    """A review session of the model with the batch's settings, made once per worker
+    thread: the model is loaded from its path (never unpickled) and checked by its hash."""
+    from napari_anomaly.localise_files import file_session
+    from napari_anomaly.localiser import Localiser
+
+    key = (model_path, model_sha256, settings)
+    cached = getattr(_sessions, "cached", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    localiser = Localiser.load(model_path, device="cpu")
+    if localiser.sha256 != model_sha256:
+        raise ValueError(
+            f"the model file {model_path} changed after the batch started "
+            f"(sha256 {localiser.sha256[:12]}, expected {model_sha256[:12]})"
+        )
+    session = file_session(localiser, settings)
+    _sessions.cached = (key, session)
+    return session
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    if isinstance(error, MemoryError):
+        return f"not enough memory ({error or 'the case did not fit'})"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_record(case_dir: Path) -> dict | None:
+    try:
+        record = json.loads((case_dir / CASE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("kind") == RECORD_KIND else None
+
+
+# ".<name>.tmp-<pid>-<8 hex>...": a temporary file or staging folder of an atomic write.
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}")
+
+
+def _is_zombie(pid: int) -> bool:
+    """The process has exited but was not reaped yet (Linux; elsewhere always False)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    fields = stat.rsplit(")", 1)[-1].split()
+    return bool(fields) and fields[0] == "Z"
+
+
+def _await_killed_writers(folder: Path, timeout: float = 10.0) -> None:
+    """Wait (at most ``timeout`` seconds) until the killed processes whose temporary files
+    are in ``folder`` are reaped. A process killed with its client stays a zombie until
+    init reaps it, and a zombie still looks alive to
+    :func:`napari_anomaly.io.clear_leftovers`, which would then leave its files."""
+    try:
+        pids = {int(m.group(1)) for e in os.scandir(folder) if (m := _TEMPORARY.match(e.name))}
+    except OSError:
+        return
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while _is_zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _fingerprint(settings: LocaliseSettings, threshold: float) -> dict[str, Any]:
+    """What decides a case's outputs besides its source and the model (kept in its
+    record). Not the device: a rerun on other hardware reuses what is done."""
+    fingerprint = asdict(settings)
+    del fingerprint["device"]
+    fingerprint["threshold"] = threshold
+    return fingerprint
+
+
+def _is_reusable(record: dict | None, case_dir: Path, expected: dict) -> bool:
+    """Done with the same source, model and settings, and every output still there."""
+    if record is None or record.get("status") != "done":
+        return False
+    if any(record.get(key) != value for key, value in expected.items()):
+        return False
+    outputs = record.get("outputs") or []
+    return bool(outputs) and all((case_dir / name).is_file() for name in outputs)
+
+
+def _write_record(case_dir: Path, record: dict) -> None:
+    from napari_anomaly.io import atomic_write_text
+
+    atomic_write_text(case_dir / CASE_RECORD, json.dumps(record, indent=2), overwrite=True)
+
+
+def _base_record(case: Case, plan_fields: dict) -> dict:
+    return {
+        "kind": RECORD_KIND,
+        "version": RECORD_VERSION,
+        "case": case.name,
+        "source": case.source,
+        **plan_fields,
+    }
+
+
+def localise_case(
+    case: Case,
+    out_dir: str,
+    model_path: str,
+    model_sha256: str,
+    settings: LocaliseSettings,
+    threshold: float,
+    torch_threads: int | None = None,
+    redo: bool = False,
+) -> dict:
+    """Localise one case into ``out_dir/<case.name>/`` (the task each worker runs).
+
+    ``threshold`` is the one ``settings`` gives with this model (resolved once by
+    :func:`prepare_batch`). Never raises for a bad case: the returned record has
+    ``status`` ``done`` or ``failed`` (with ``error``, one line) and is also written to
+    ``out_dir/<case>/case.json``. A case done earlier with the same source hash, model
+    hash and settings is not localised again (``reused`` is then True in the returned
+    record only).
+    """
+    started = time.perf_counter()
+    case_dir = Path(out_dir) / case.name
+    expected = {"model_sha256": model_sha256, "settings": _fingerprint(settings, threshold)}
+    record = _base_record(case, {**expected, "threshold": threshold})
+    try:
+        from napari_anomaly.io import clear_leftovers
+        from napari_anomaly.session_store import source_sha256
+
+        case_dir.mkdir(parents=True, exist_ok=True)
+        # A worker killed while writing this case left a staging folder: take it out.
+        _await_killed_writers(case_dir)
+        clear_leftovers(case_dir)
+        record["source_sha256"] = source_sha256(case.source)
+        earlier = _read_record(case_dir)
+        if not redo and _is_reusable(
+            earlier, case_dir, {**expected, "source_sha256": record["source_sha256"]}
+        ):
+            return {**earlier, "reused": True}
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        session = _worker_session(model_path, model_sha256, settings)
+        summary = _localise_case(session, case.source, case_dir)
+        record.update(status="done", error="", **summary)
+    except Exception as error:  # a bad case is a row of the table, never a stopped batch
+        record.update(status="failed", error=_one_line(error))
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    try:
+        _write_record(case_dir, record)
+    except OSError as error:
+        record.update(status="failed", error=f"could not write its record: {_one_line(error)}")
+    return {**record, "reused": False}
+
+
+# --------------------------------------------------------------------------- #
+# The results table
+# --------------------------------------------------------------------------- #
+def _row(case: Case, record: dict | None) -> dict[str, Any]:
+    record = record or {}
+    status = record.get("status", "pending")
+    domain = record.get("domain") or {}
+    mask = record.get("mask")
+    return {
+        "case": case.name,
+        "source": case.source,
+        "source_sha256": record.get("source_sha256", ""),
+        "model_sha256": record.get("model_sha256", ""),
+        "threshold": record.get("threshold"),
+        "regions": record.get("regions") if status == "done" else None,
+        "top_region_score": record.get("top_region_score") if status == "done" else None,
+        "sample_score": record.get("sample_score") if status == "done" else None,
+        "seconds": record.get("seconds"),
+        "status": status,
+        "error": record.get("error", "") if status == "failed" else "",
+        "mask": f"{case.name}/{mask}" if mask and status == "done" else "",
+        "domain_warning": "; ".join(domain.get("reasons") or []) if status == "done" else "",
+    }
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column in ("top_region_score", "sample_score"):
+        return f"{value:.6f}"
+    if column == "seconds":
+        return f"{value:.3f}"
+    if column == "threshold":
+        return repr(float(value))
+    return str(value)
+
+
+def write_results(out_dir: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> list[Path]:
+    """Write ``results.csv`` (and ``results.parquet`` when pyarrow is installed) atomically.
+
+    ``rows`` hold :data:`RESULT_COLUMNS`. Returns the files written.
+    """
+    from napari_anomaly.io import atomic_write, atomic_write_text
+
+    folder = Path(out_dir)
+    text = _io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(column, row.get(column)) for column in RESULT_COLUMNS])
+    written = [atomic_write_text(folder / RESULTS_CSV, text.getvalue(), overwrite=True)]
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        types = {column: pa.string() for column in RESULT_COLUMNS}
+        types.update({column: pa.float64() for column in _FLOAT_COLUMNS})
+        types.update({column: pa.int64() for column in _INT_COLUMNS})
+        schema = pa.schema([(column, types[column]) for column in RESULT_COLUMNS])
+        table = pa.Table.from_pylist(
+            [{column: row.get(column) for column in RESULT_COLUMNS} for row in rows],
+            schema=schema,
+        )
+        written.append(
+            atomic_write(
+                folder / RESULTS_PARQUET,
+                lambda tmp: pq.write_table(table, str(tmp)),
+                overwrite=True,
+            )
+        )
+    return written
+
+
+def read_results(
+    path: str | os.PathLike[str], *, most_suspicious_first: bool = False
+) -> list[dict]:
+    """Read a batch's ``results.csv`` (or the batch's folder) into one dict per case.
+
+    Numbers are floats (``threshold``, ``top_region_score``, ``sample_score``,
+    ``seconds``) and ints (``regions``), ``None`` where empty; the rest are strings.
+
+    Parameters
+    ----------
+    path
+        ``results.csv`` or the folder that holds it.
+    most_suspicious_first
+        Order by ``sample_score``, highest first (the review worklist); cases without a
+        score (failed, pending) come last, in file order. Default: the file's order.
+
+    Raises
+    ------
+    ValueError
+        The file is not a batch's results table (its header differs), naming the file.
+    """
+    table = Path(path)
+    if table.is_dir():
+        table = table / RESULTS_CSV
+    with open(table, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
+            raise ValueError(
+                f"{table} is not a batch results table (columns {', '.join(RESULT_COLUMNS)})"
+            )
+        rows = []
+        for number, raw in enumerate(reader, start=2):
+            row: dict[str, Any] = dict(raw)
+            try:
+                for column in _FLOAT_COLUMNS:
+                    row[column] = float(raw[column]) if raw[column] else None
+                for column in _INT_COLUMNS:
+                    row[column] = int(raw[column]) if raw[column] else None
+            except (TypeError, ValueError):
+                raise ValueError(f"{table} row {number}: a number column is damaged") from None
+            rows.append(row)
+    if most_suspicious_first:
+        scored = [r for r in rows if r["sample_score"] is not None]
+        rest = [r for r in rows if r["sample_score"] is None]
+        rows = sorted(scored, key=lambda r: -r["sample_score"]) + rest
+    return rows
+
+
+# --------------------------------------------------------------------------- #
+# The driver
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class BatchPlan:
+    """A batch checked before any work (:func:`prepare_batch`)."""
+
+    cases: tuple[Case, ...]
+    out_dir: Path
+    model_path: str
+    model_sha256: str
+    threshold: float
+    config: BatchConfig
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The end of a batch: the table's rows (input order) and counts."""
+
+    rows: tuple[dict[str, Any], ...]
+    table: Path
+    done: int
+    failed: int
+    reused: int
+    pending: int
+    seconds: float
+    failures: tuple[str, ...] = field(default=())
+
+
+def prepare_batch(
+    cases: Sequence[Case],
+    out_dir: str | os.PathLike[str],
+    model: str | os.PathLike[str] | None = None,
+    config: BatchConfig = BatchConfig(),
+) -> BatchPlan:
+    """Check a batch before any work; nothing is written.
+
+    Refused with one line (``ValueError``, ``FileNotFoundError``, ``FileExistsError`` or
+    :class:`napari_anomaly.io.OutputCheckError`): no cases or two with one name, a model
+    file that is missing or not a model, a threshold the model cannot give, an output
+    folder that cannot be written, or a ``results.csv`` there that is not a batch's.
+    """
+    from napari_anomaly.io import check_output_folder
+    from napari_anomaly.localise_files import file_session
+    from napari_anomaly.localiser import Localiser, default_model_path
+
+    cases = tuple(cases)
+    if not cases:
+        raise ValueError("the batch has no cases")
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"case names must be unique; given twice: {', '.join(twice[:5])}")
+    folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file; give the batch's output folder")
+    table = folder / RESULTS_CSV
+    if table.exists():
+        try:
+            read_results(table)
+        except (OSError, ValueError):
+            raise FileExistsError(
+                f"{table} exists and is not a batch results table; choose another --out"
+            ) from None
+    check_output_folder(folder, [])
+    model_path = Path(model) if model is not None else default_model_path()
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file {model_path} not found")
+    localiser = Localiser.load(model_path, device="cpu")
+    # The threshold the session gives a new case (one owner: the review session).
+    threshold = float(file_session(localiser, config.localise).default_threshold)
+    return BatchPlan(
+        cases=cases,
+        out_dir=folder,
+        model_path=str(model_path.absolute()),
+        model_sha256=localiser.sha256,
+        threshold=threshold,
+        config=config,
+    )
+
+
+def _killed_record(plan: BatchPlan, case: Case, error: BaseException) -> dict:
+    """The record of a case whose task never returned. When its workers died each time
+    it ran, the client writes it to the case's folder; after other errors (the scheduler
+    went away) the case's folder is left as it is, for a rerun to judge."""
+    from distributed import KilledWorker
+
+    killed = isinstance(error, KilledWorker)
+    if killed:
+        message = (
+            "the worker running this case died each time it was tried (out of memory? "
+            "see the worker logs)"
+        )
+    else:
+        message = f"the task did not run: {_one_line(error)}"
+    record = _base_record(
+        case,
+        {
+            "model_sha256": plan.model_sha256,
+            "settings": _fingerprint(plan.config.localise, plan.threshold),
+            "threshold": plan.threshold,
+        },
+    )
+    record.update(status="failed", error=message, seconds=None)
+    if killed:
+        case_dir = plan.out_dir / case.name
+        with contextlib.suppress(OSError):
+            case_dir.mkdir(parents=True, exist_ok=True)
+            _write_record(case_dir, record)
+    return {**record, "reused": False}
+
+
+def localise_cohort(plan: BatchPlan, client) -> Job[BatchResult]:
+    """Localise every case of ``plan`` on ``client``'s workers; yields one
+    :class:`~napari_anomaly.progress.Progress` per finished case.
+
+    ``results.csv`` is rewritten every few seconds while it runs and at its end, also
+    when the generator is closed (cancelled): cases not finished are ``pending`` and a
+    rerun of the same batch does them. Closing cancels the tasks not yet finished.
+
+    Parameters
+    ----------
+    plan
+        From :func:`prepare_batch`.
+    client
+        A ``distributed.Client`` (a ``LocalCluster``'s or a remote scheduler's).
+
+    Returns
+    -------
+    BatchResult
+    """
+    from distributed import as_completed
+
+    from napari_anomaly.io import clear_leftovers
+
+    started = time.perf_counter()
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    _await_killed_writers(plan.out_dir)
+    clear_leftovers(plan.out_dir)  # a table half-written by a killed client
+    records: list[dict | None] = [None] * len(plan.cases)
+    token = uuid.uuid4().hex[:8]
+    futures = {}
+    for index, case in enumerate(plan.cases):
+        future = client.submit(
+            localise_case,
+            case,
+            str(plan.out_dir.absolute()),
+            plan.model_path,
+            plan.model_sha256,
+            plan.config.localise,
+            plan.threshold,
+            plan.config.torch_threads,
+            plan.config.redo,
+            key=f"napari-anomaly-case-{index}-{token}",  # a number: names may identify
+            pure=False,
+        )
+        futures[future] = index
+    total = len(plan.cases)
+    counts = {"done": 0, "failed": 0, "reused": 0}
+    last_table = time.perf_counter()
+
+    def rows() -> list[dict[str, Any]]:
+        return [_row(c, r) for c, r in zip(plan.cases, records)]
+
+    yield Progress(0, total, f"0/{total} cases")
+    try:
+        for future in as_completed(list(futures)):
+            index = futures[future]
+            try:
+                record = future.result()
+            except Exception as error:
+                record = _killed_record(plan, plan.cases[index], error)
+            records[index] = record
+            counts["failed" if record.get("status") == "failed" else "done"] += 1
+            counts["reused"] += bool(record.get("reused"))
+            finished = counts["done"] + counts["failed"]
+            if time.perf_counter() - last_table >= _TABLE_EVERY_S:
+                write_results(plan.out_dir, rows())
+                last_table = time.perf_counter()
+            elapsed = time.perf_counter() - started
+            yield Progress(
+                finished,
+                total,
+                f"{finished}/{total} cases ({counts['failed']} failed, "
+                f"{counts['reused']} done earlier)",
+                {
+                    "failed": float(counts["failed"]),
+                    "reused": float(counts["reused"]),
+                    "cases_per_min": 60.0 * finished / max(elapsed, 1e-9),
+                },
+            )
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            with contextlib.suppress(Exception):
+                client.cancel(pending)
+        table = write_results(plan.out_dir, rows())[0]
+    final = rows()
+    return BatchResult(
+        rows=tuple(final),
+        table=table,
+        done=counts["done"],
+        failed=counts["failed"],
+        reused=counts["reused"],
+        pending=sum(r["status"] == "pending" for r in final),
+        seconds=time.perf_counter() - started,
+        failures=tuple(r["case"] for r in final if r["status"] == "failed"),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Clusters
+# --------------------------------------------------------------------------- #
+def _dashboard_note(client, local: bool) -> str:
+    """Where the Dask dashboard is, or why there is none (it needs bokeh)."""
+    try:
+        port = client.scheduler_info().get("services", {}).get("dashboard")
+    except Exception:
+        port = None
+    if local:
+        has_bokeh = importlib.util.find_spec("bokeh") is not None
+    else:
+        try:
+            has_bokeh = bool(
+                client.run_on_scheduler(lambda: importlib.util.find_spec("bokeh") is not None)
+            )
+        except Exception:
+            has_bokeh = False
+    if port is None or not has_bokeh:
+        return "Dask dashboard: off (it needs bokeh on the scheduler: pip install bokeh)"
+    return f"Dask dashboard: {client.dashboard_link}"
+
+
+@contextlib.contextmanager
+def dask_client(
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    scheduler: str | None = None,
+    *,
+    timeout: float = 30.0,
+) -> Iterator[tuple[Any, str]]:
+    """A ``distributed.Client`` and a line saying where its dashboard is.
+
+    Without ``scheduler``, a ``LocalCluster`` of ``workers`` processes (default: the
+    number of CPU cores divided by ``threads_per_worker``) with ``threads_per_worker``
+    threads each, closed on exit. With ``scheduler`` (``tcp://host:8786``, or a scheduler
+    file ``*.json`` as ``dask scheduler --scheduler-file`` writes), a client of that
+    running cluster; the cluster stays up.
+
+    Raises
+    ------
+    ValueError
+        ``workers``/``threads_per_worker`` below 1, or both ``workers`` and ``scheduler``.
+    OSError
+        The scheduler cannot be reached within ``timeout`` seconds.
+    """
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    if threads_per_worker < 1:
+        raise ValueError(f"--threads-per-worker must be >= 1, got {threads_per_worker}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if scheduler is not None:
+        if workers is not None:
+            raise ValueError("give --workers or --scheduler, not both")
+        try:
+            if scheduler.endswith(".json") and Path(scheduler).is_file():
+                client = Client(scheduler_file=scheduler, timeout=timeout)
+            else:
+                client = Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as error:
+            raise OSError(
+                f"cannot reach the Dask scheduler at {scheduler}: {_one_line(error)}"
+            ) from None
+        try:
+            yield client, _dashboard_note(client, local=False)
+        finally:
+            client.close()
+        return
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        workers = max(1, (cores or os.cpu_count() or 1) // threads_per_worker)
+    # ':0': any free port, so two batches on one machine never fight over 8787.
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    try:
+        client = Client(cluster)
+        try:
+            yield client, _dashboard_note(client, local=True)
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def run_batch_to_end(
+    plan: BatchPlan, client, on_progress: Callable[[Progress], Any] | None = None
+) -> BatchResult:
+    """:func:`localise_cohort` driven to its end (scripts and tests)."""
+    from napari_anomaly.progress import run_to_end
+
+    return run_to_end(localise_cohort(plan, client), on_progress)
