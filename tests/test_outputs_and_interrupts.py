@@ -482,3 +482,56 @@ def test_a_set_that_fails_while_moving_into_place_puts_the_old_set_back(tmp_path
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         name: f"old {name}" for name in ("a.txt", "b.txt", "c.json")
     }
+
+
+def _killed_staging(folder: Path, entries: list[dict]) -> Path:
+    """A staging folder as a killed commit leaves it, owned by a process that is gone."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    staging = folder / f".napari-anomaly.tmp-{int(done.stdout)}-0123abcd"
+    staging.mkdir()
+    (staging / "commit.json").write_text(json.dumps({"pid": int(done.stdout), "files": entries}))
+    old = time.time() - 60
+    os.utime(staging, (old, old))
+    return staging
+
+
+def test_a_killed_commit_is_undone_but_a_newer_file_with_a_reused_inode_is_kept(tmp_path):
+    """Clearing a killed commit takes out only the files it moved: a file now under that
+    name with the same inode number but another size or time (a newer complete set) stays."""
+    from napari_anomaly.io import clear_leftovers
+
+    def _identity(path):
+        st = path.lstat()
+        keys = ("dev", "ino", "size", "mtime_ns")
+        values = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return {"name": path.name, **dict(zip(keys, values))}
+
+    moved = tmp_path / "scan_mask.nii.gz"
+    moved.write_bytes(b"half of a set")
+    newer = tmp_path / "scan_anomaly.nii.gz"
+    newer.write_bytes(b"a newer, complete set")
+    stale = {**_identity(newer), "size": 7, "mtime_ns": 1}  # same inode, other file
+    _killed_staging(tmp_path, [_identity(moved), stale, {"name": "scan_mask.json"}])
+    removed = clear_leftovers(tmp_path)
+    assert moved in removed and not moved.exists()
+    assert newer.read_bytes() == b"a newer, complete set"
+
+
+def test_a_killed_process_not_reaped_yet_counts_as_gone():
+    """A killed worker stays a zombie until its parent reaps it; its leftovers are
+    cleared at once all the same."""
+    from napari_anomaly.io.atomic import _process_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _process_alive(child.pid)
+        child.kill()
+        deadline = time.time() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert not _process_alive(child.pid)
+    finally:
+        child.wait()

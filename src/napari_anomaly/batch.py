@@ -367,35 +367,6 @@ def _read_record(case_dir: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("kind") == RECORD_KIND else None
 
 
-# ".<name>.tmp-<pid>-<8 hex>...": a temporary file or staging folder of an atomic write.
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}")
-
-
-def _is_zombie(pid: int) -> bool:
-    """The process has exited but was not reaped yet (Linux; elsewhere always False)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return False
-    fields = stat.rsplit(")", 1)[-1].split()
-    return bool(fields) and fields[0] == "Z"
-
-
-def _await_killed_writers(folder: Path, timeout: float = 10.0) -> None:
-    """Wait (at most ``timeout`` seconds) until the killed processes whose temporary files
-    are in ``folder`` are reaped. A process killed with its client stays a zombie until
-    init reaps it, and a zombie still looks alive to
-    :func:`napari_anomaly.io.clear_leftovers`, which would then leave its files."""
-    try:
-        pids = {int(m.group(1)) for e in os.scandir(folder) if (m := _TEMPORARY.match(e.name))}
-    except OSError:
-        return
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while _is_zombie(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
 def _fingerprint(settings: LocaliseSettings, threshold: float) -> dict[str, Any]:
     """What decides a case's outputs besides its source and the model (kept in its
     record). Not the device: a rerun on other hardware reuses what is done."""
@@ -460,7 +431,6 @@ def localise_case(
 
         case_dir.mkdir(parents=True, exist_ok=True)
         # A worker killed while writing this case left a staging folder: take it out.
-        _await_killed_writers(case_dir)
         clear_leftovers(case_dir)
         record["source_sha256"] = source_sha256(case.source)
         earlier = _read_record(case_dir)
@@ -744,7 +714,6 @@ def localise_cohort(plan: BatchPlan, client) -> Job[BatchResult]:
 
     started = time.perf_counter()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    _await_killed_writers(plan.out_dir)
     clear_leftovers(plan.out_dir)  # a table half-written by a killed client
     records: list[dict | None] = [None] * len(plan.cases)
     token = uuid.uuid4().hex[:8]

@@ -495,7 +495,7 @@ class OutputSet:
         manifest = {
             "pid": os.getpid(),
             "files": [
-                {"name": p.name, "dev": p.stat().st_dev, "ino": p.stat().st_ino} for p in staged
+                _identity(p) for p in staged
             ],
         }
         replaced_dir = self.staging / _REPLACED
@@ -538,7 +538,24 @@ def _process_alive(pid: int) -> bool:
         return False
     except OSError:  # EPERM: someone else's live process
         return True
-    return True
+    # A killed process stays a zombie until its parent reaps it: it runs no more.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): it answered the signal, so it exists
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def _identity(path: Path, st: os.stat_result | None = None) -> dict[str, Any]:
+    """What tells a moved file apart from any other under its name (a commit's manifest)."""
+    st = path.lstat() if st is None else st
+    return {
+        "name": path.name,
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+    }
 
 
 def _undo_commit(staging: Path, folder: Path) -> list[Path]:
@@ -556,8 +573,9 @@ def _undo_commit(staging: Path, folder: Path) -> list[Path]:
             st = final.lstat()
         except (OSError, KeyError, TypeError):
             continue
-        # Only a file this very run moved (same inode) is taken out.
-        if (st.st_dev, st.st_ino) == (entry.get("dev"), entry.get("ino")):
+        # Only a file this very run moved is taken out: same inode, and the same size and
+        # modification time (an inode number alone may have been reused by a newer set).
+        if _identity(final, st) == {**entry, "name": final.name}:
             in_place.append(final)
     if len(in_place) == len(files):
         return undone  # killed after the last rename: the set is complete, keep it
