@@ -168,3 +168,18 @@ def _series_uids(folder) -> set[str]:
     import pydicom
 
     return {pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in folder.iterdir()}
+
+
+def test_a_seg_of_maps_made_without_a_known_model_is_refused(model, two_series, tmp_path):
+    folder, t1_uid = two_series
+    session = ReviewSession(Localiser.load(model), ReviewConfig(threshold=0.4))
+    scan = read_image(folder, series=t1_uid)
+    anomaly = np.zeros(scan.array.shape, np.float32)
+    anomaly[2, 5:9, 5:9] = 0.9
+    session.add_case(
+        "a", scan.array, anomaly, geometry=scan.geometry, source_path=folder,
+        source_series=t1_uid,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="names the model that made the mask"):
+        session.export("a", tmp_path / "out" / "a_seg.dcm")
+    assert not (tmp_path / "out").exists()

@@ -209,6 +209,11 @@ def write_case(
             f"{plan.files['seg'].name}: a DICOM-SEG references the DICOM series its mask was "
             f"made on, but {case.name} was {where}; export it as .nii.gz instead"
         )
+    if "seg" in plan.files and not case.model_sha256:
+        raise ValueError(
+            f"{plan.files['seg'].name}: a DICOM-SEG names the model that made the mask, but the "
+            f"maps of {case.name} came without one; export it as .nii.gz instead"
+        )
     plan.check(overwrite=overwrite)
     mask = case.mask
     files = plan.files
@@ -236,8 +241,8 @@ def write_case(
                 mask,
                 case.source_path,
                 outputs.stage(files["seg"]),
-                model_name=case.model_name or "unknown",
-                model_sha256=case.model_sha256 or "unknown",
+                model_name=case.model_name or "unnamed model",
+                model_sha256=case.model_sha256,
                 reviewer_edited=case.corrected,
                 series=case.source_series,
             )
