@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -21,7 +20,6 @@ import torch
 from conftest import TINY_NETWORK_2D, phantom
 
 from napari_anomaly import batch, cli
-from napari_anomaly._cli_batch import add_batch_parser
 from napari_anomaly.io import Geometry, read_image, write_image
 from napari_anomaly.localise_files import LocaliseSettings
 from napari_anomaly.localiser import Localiser
@@ -82,25 +80,8 @@ def cohort(tmp_path_factory):
 
 
 @pytest.fixture
-def napari_anomaly(monkeypatch):
-    """``cli.main`` with the ``batch`` subcommand (added here while ``cli.build_parser``
-    does not add it itself)."""
-    build = cli.build_parser
-
-    def with_batch() -> argparse.ArgumentParser:
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "batch" not in sub.choices:
-
-            def common(p: argparse.ArgumentParser) -> None:
-                p.add_argument("--device", default="auto")
-                p.add_argument("--overwrite", action="store_true")
-                p.add_argument("--model")
-
-            add_batch_parser(sub, common)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", with_batch)
+def napari_anomaly():
+    """The command line, as ``napari-anomaly`` runs it."""
     return cli.main
 
 
@@ -131,11 +112,18 @@ def test_batch_matches_localise_and_reports_the_broken_case(
     assert len({r["model_sha256"] for r in rows}) == 1
     assert json.loads((out / "broken" / "case.json").read_text())["status"] == "failed"
 
-    # Every case: the same files and the same voxels as `localise` on the same input.
+    # Every case: the same files and the same voxels as `localise` on the same input, run
+    # with one torch thread like the workers (other thread counts sum in another order).
     reference = tmp_path / "localise"
     sources = [*cohort["scans"], cohort["renamed"]]
     localise = ["localise", *map(str, sources), "--out", str(reference)]
-    assert napari_anomaly([*localise, "--model", str(cohort["model"]), "--device", "cpu"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = napari_anomaly([*localise, "--model", str(cohort["model"]), "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
     for row, source in zip(rows, sources):
         stem = source.name.removesuffix(".nii.gz")
         case_dir = out / row["case"]
