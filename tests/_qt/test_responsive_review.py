@@ -165,3 +165,31 @@ def test_a_resumed_ct_case_opens_in_its_ct_window(make_review_widget, tmp_path):
     assert tuple(layer.contrast_limits) == pytest.approx((-160.0, 240.0))
     assert "lung" in layer.metadata[WINDOWS_KEY]
     assert not again.display_window.native.isHidden()
+
+
+def test_a_case_with_hundreds_of_regions_lists_the_top_hundred_and_says_how_many(widget):
+    """At a low threshold a map falls apart into hundreds of specks: the table lists the top
+    100 (filling every row cost more than the rest of a threshold change), the status
+    line gives the total, and the region keys walk the rows listed."""
+    from napari_anomaly._qt.widget import REGION_TABLE_MAX_ROWS
+
+    image = body_scan((120, 120))
+    anomaly = np.zeros(image.shape, np.float32)
+    for i in range(15):
+        for j in range(10):
+            anomaly[8 * i + 2 : 8 * i + 6, 12 * j + 2 : 12 * j + 8] = 0.5 + 0.003 * (10 * i + j)
+    widget.viewer.add_image(image, name="scan")
+    widget.image_layer.value = "scan"
+    layer = widget.viewer.layers["scan"]
+    case = widget.session.add_case(
+        widget._case_id_of(layer, create=True), image, anomaly, name="scan"
+    )
+    widget._on_localised(case)
+    widget.set_threshold(0.4)
+    assert len(widget.case().regions()) == 150
+    assert widget.regions.native.rowCount() == REGION_TABLE_MAX_ROWS
+    assert "150 region(s)" in widget.status.value
+    assert f"the table lists the top {REGION_TABLE_MAX_ROWS}" in widget.status.value
+    widget.select_region(REGION_TABLE_MAX_ROWS - 1)
+    widget.select_next_region()
+    assert widget.selected_region() == widget.case().regions()[0]

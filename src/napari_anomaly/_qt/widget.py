@@ -135,6 +135,9 @@ DERIVED_SUFFIXES = {"anomaly_map": "anomaly", "confidence_map": "confidence", "m
 THRESHOLD_SETTLE_MS = 150
 #: Rows the region table shows without scrolling.
 REGION_TABLE_ROWS = 12
+#: The region table lists at most this many regions (the top-ranked; the status line
+#: gives the total).
+REGION_TABLE_MAX_ROWS = 100
 
 UNDO_KEYS = "Ctrl+Z"
 REDO_KEYS = "Ctrl+Shift+Z"
@@ -187,6 +190,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._then = None  # follow-up action once the running job has finished
         self._napari_progress = None
         self._regions: list[Region] = []
+        self._region_total = 0  # regions of the case in the table (it lists the top ones)
         self._table_case: str | None = None  # case id of the regions listed
         self._shown_ref: weakref.ref | None = None  # the image layer shown
         self._case_layers: dict[str, weakref.ref] = {}  # case id -> its scan layer
@@ -707,7 +711,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
 
     def _case_summary(self, case: Case) -> str:
         warning = self.domain_warnings.get(case.case_id)
-        regions = len(self._regions) if self._table_case == case.case_id else len(case.regions())
+        regions = self._region_total if self._table_case == case.case_id else len(case.regions())
         if case.reviewed:
             text = (
                 f"{case.name}: reviewed, the mask is final ({int(case.mask.sum())} voxels, "
@@ -715,7 +719,13 @@ class AnomalyReviewWidget(WorklistControls, Container):
             )
         else:
             text = (
-                f"{case.name}: {regions} region(s) at threshold {case.threshold:.2f}, "
+                f"{case.name}: {regions} region(s) at threshold {case.threshold:.2f}"
+                + (
+                    f" (the table lists the top {REGION_TABLE_MAX_ROWS})"
+                    if regions > REGION_TABLE_MAX_ROWS
+                    else ""
+                )
+                + ", "
                 f"peak score {case.anomaly_map.max():.2f} (model {case.model_name})."
             )
         return text + (f" Warning: {warning}" if warning else "")
@@ -1170,7 +1180,12 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._render_shown_case()
 
     def _refresh_regions(self, case: Case | None) -> None:
-        self._regions = case.regions() if case is not None else []
+        found = case.regions() if case is not None else []
+        self._region_total = len(found)
+        # The table lists the regions a reviewer works through; beyond a hundred they are
+        # noise of a low threshold, and filling the rows would cost more than the rest of
+        # a threshold change.
+        self._regions = found[:REGION_TABLE_MAX_ROWS]
         self._table_case = case.case_id if case is not None else None
         unit = "mm³" if case is not None and case.image.ndim == 3 else "mm²"
         rows = {
