@@ -283,7 +283,46 @@ def test_save_session_and_load_session_through_a_folder(make_review_widget, tmp_
     viewer.layers.clear()
     other = _reopen(viewer, type(widget))
     other.session_folder.value = folder
-    other.load_session_button.clicked.emit()
+    other.load_session_button.clicked.emit()  # read in the background
+    other.wait()
     assert other.last_error is None, other.last_error
     _assert_same_review(other, state)
     assert other.threshold.value == pytest.approx(0.6)
+
+
+def test_resume_reads_the_files_in_the_background(make_review_widget, tmp_path, monkeypatch):
+    """Resuming reads and hashes every source file: that happens off the GUI thread, with
+    the progress bar, while napari keeps drawing; the review comes back when it is done."""
+    import threading
+
+    from napari_anomaly._qt import widget as widget_module
+
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    scan_path = _scan_file(tmp_path)
+    viewer.open(str(scan_path), plugin="napari-anomaly")
+    _localise(widget, "a")
+    _close(viewer, widget)
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+
+    readers = []
+    release = threading.Event()
+    real = widget_module.load_session
+
+    def slow_load(*args, **kwargs):
+        readers.append(threading.current_thread() is threading.main_thread())
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(widget_module, "load_session", slow_load)
+    again = _reopen(viewer, type(widget))
+    assert again.resume(wait=False)
+    QApplication.processEvents()  # the GUI thread is free while the files are read
+    assert again.busy and not again.session.cases
+    release.set()
+    again.wait()
+    assert readers == [False], "read on a worker thread"
+    assert [case.name for case in again.session.cases.values()] == ["a"]
+    assert again.resume_offer is None and again.last_error is None

@@ -152,6 +152,16 @@ def _change(before: float | None, after: float | None, digits: int = 2) -> str:
     return f"{fmt(before)} → {fmt(after)}"
 
 
+def _read_session(folder: Path, images: dict, inference: InferenceConfig):
+    """Read a saved review (a job for a worker: source files are read and hashed); returns
+    the session, or the one-line reason it could not be read."""
+    yield Progress(0, 0, f"reading the review in {folder.name}")
+    try:
+        return load_session(folder, images=images, inference=inference)
+    except (OSError, ValueError) as error:
+        return str(error)
+
+
 class _CloseWatcher(QObject):
     """Tells the widget when its dock is hidden or closed (napari's close button
     takes the widget out of the window: its parent becomes None)."""
@@ -418,7 +428,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.adapt_button.changed.connect(lambda: self.adapt())
         self.revert_button.changed.connect(lambda: self.revert())
         self.calibrate_button.changed.connect(lambda: self.threshold_from_normals())
-        self.resume_button.changed.connect(lambda: self.resume())
+        self.resume_button.changed.connect(lambda: self.resume(wait=False))
         self.discard_button.changed.connect(lambda: self.discard_autosave())
         self.save_session_button.changed.connect(self._on_save_session_clicked)
         self.load_session_button.changed.connect(self._on_load_session_clicked)
@@ -1792,10 +1802,11 @@ class AnomalyReviewWidget(WorklistControls, Container):
         )
         return manifest
 
-    def load_session(self, path: str | Path) -> bool:
+    def load_session(self, path: str | Path, wait: bool = True) -> bool:
         """Open a review saved with :meth:`save_session` (replaces the current review,
-        which stays in its autosave folder). Returns whether it was loaded."""
-        return self._load(Path(path), continue_autosave=False)
+        which stays in its autosave folder), read in the background. Returns whether
+        it was loaded (``wait=False``: whether the reading started)."""
+        return self._load(Path(path), continue_autosave=False, wait=wait)
 
     def _folder_chosen(self) -> Path | None:
         value = self.session_folder.value
@@ -1812,25 +1823,24 @@ class AnomalyReviewWidget(WorklistControls, Container):
     def _on_load_session_clicked(self) -> None:
         folder = self._folder_chosen()
         if folder is not None:
-            self.load_session(folder)
+            self.load_session(folder, wait=False)
 
-    def resume(self) -> bool:
+    def resume(self, wait: bool = True) -> bool:
         """Resume the autosaved review offered when the widget opened (:attr:`resume_offer`).
 
         Its cases come back with their edits, review state and model
         versions; scans still open in the viewer are used as they are, the
         others are read from their source files (refused, with the file
         named, when a file changed) or from the session folder. The review
-        goes on autosaving into the same folder.
+        goes on autosaving into the same folder. The files are read (and
+        hashed) in the background, with the progress bar; ``wait=True``
+        returns once it is done, with whether the review was resumed
+        (``wait=False``: whether the reading started).
         """
         if self.resume_offer is None:
             self._say("There is no autosaved review to resume.")
             return False
-        done = self._load(self.resume_offer, continue_autosave=True)
-        if done:
-            self.resume_offer = None
-            self.resume_banner.visible = False
-        return done
+        return self._load(self.resume_offer, continue_autosave=True, wait=wait)
 
     def discard_autosave(self) -> None:
         """Do not resume the offered autosaved review: it is set aside, not deleted
@@ -1858,7 +1868,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.resume_banner.visible = bool(offers)
         self._render_shown_case()
 
-    def _load(self, folder: Path, continue_autosave: bool) -> bool:
+    def _load(self, folder: Path, continue_autosave: bool, wait: bool = True) -> bool:
         if self.busy:
             self._say("A job is running; cancel it or wait.", error=True)
             return False
@@ -1870,12 +1880,29 @@ class AnomalyReviewWidget(WorklistControls, Container):
             if self._is_scan_layer(layer) and case_id and not layer.multiscale:
                 images[case_id] = np.asarray(layer.data)
         inference = InferenceConfig(device=self.device.value, flips=self.flips.value)
-        try:
-            session = load_session(folder, images=images, inference=inference)
-        except (OSError, ValueError) as error:
-            verb = "resume" if continue_autosave else "load"
-            self._say(f"Cannot {verb} the review in {folder}: {error}", error=True)
-            return False
+        verb = "resume" if continue_autosave else "load"
+        outcome: dict[str, bool] = {}
+
+        def done(loaded: ReviewSession | str) -> None:
+            if isinstance(loaded, str):
+                self._say(f"Cannot {verb} the review in {folder}: {loaded}", error=True)
+                self.last_error = loaded
+                return
+            self._adopt_loaded(loaded, folder, continue_autosave)
+            outcome["loaded"] = True
+
+        self._start(
+            _read_session(folder, images, inference), f"Reading the review in {folder.name}", done
+        )
+        if not wait:
+            return True
+        self.wait()
+        return outcome.get("loaded", False)
+
+    def _adopt_loaded(self, session: ReviewSession, folder: Path, continue_autosave: bool) -> None:
+        if continue_autosave and self.resume_offer == folder:
+            self.resume_offer = None
+            self.resume_banner.visible = False
         self.flush_autosave()  # the review being replaced stays in its own folder
         if self._autosave_folder is not None:
             release(self._autosave_folder)
@@ -1885,7 +1912,6 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self._autosave_folder = folder
         self._install(session)
         self._saved = (id(session), session.revision) if continue_autosave else None
-        return True
 
     def _install(self, session: ReviewSession) -> None:
         """Make a loaded session the widget's: layers for its cases, its models, its settings."""
