@@ -87,6 +87,15 @@ class WorklistControls:
         self.export_reviewed_button.changed.connect(self._on_export_reviewed_clicked)
         self.next_case_button.enabled = False
         self.export_reviewed_button.enabled = False
+        # Shown once a worklist is open: a single scan's review does not need them.
+        self._worklist_parts = (
+            self.worklist_table,
+            self.next_case_button,
+            self.export_folder,
+            self.export_reviewed_button,
+        )
+        for part in self._worklist_parts:
+            part.visible = False
         return Container(
             widgets=[
                 self.worklist_source,
@@ -389,6 +398,8 @@ class WorklistControls:
         session = self._session
         self.next_case_button.enabled = worklist is not None
         self.export_reviewed_button.enabled = worklist is not None
+        for part in self._worklist_parts:
+            part.visible = worklist is not None
         if worklist is None or session is None:
             self._worklist_shown = None
             self.worklist_table.value = {c: [] for c in WORKLIST_COLUMNS}
