@@ -183,3 +183,17 @@ def test_a_seg_of_maps_made_without_a_known_model_is_refused(model, two_series, 
     with pytest.raises(ValueError, match="names the model that made the mask"):
         session.export("a", tmp_path / "out" / "a_seg.dcm")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_to_dcm_with_the_map_writes_it_as_a_fractional_seg(model, two_series, tmp_path):
+    folder, t1_uid = two_series
+    session = _session_with(model, folder, t1_uid)
+    written = session.export("a", tmp_path / "out" / "a_seg.dcm", include_anomaly_map=True)
+    assert sorted(p.name for p in written) == ["a_seg.dcm", "a_seg.json", "a_seg_anomaly.dcm"]
+    fractional = highdicom.seg.segread(tmp_path / "out" / "a_seg_anomaly.dcm")
+    assert fractional.SegmentationType == "FRACTIONAL"
+    values, _ = read_seg(tmp_path / "out" / "a_seg_anomaly.dcm")
+    # Stored in 8 bits (1/255 steps) on the series' grid.
+    np.testing.assert_allclose(values, session.case("a").anomaly_map, atol=1 / 255 + 1e-6)
+    sidecar = json.loads((tmp_path / "out" / "a_seg.json").read_text())
+    assert sidecar["anomaly_map"] == "a_seg_anomaly.dcm"

@@ -122,13 +122,18 @@ def localise_plan(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
 def export_plan(mask_path: str | os.PathLike[str], include_anomaly_map: bool = False) -> OutputPlan:
     """What *Export* writes: the mask at ``mask_path`` (its suffix chooses the format;
     ``.dcm``: DICOM-SEG), the sidecar ``<stem>.json`` beside it and, if asked,
-    ``<stem>_anomaly<suffix>`` (``.nii.gz`` beside a SEG)."""
+    ``<stem>_anomaly<suffix>`` (beside a SEG: ``<stem>_anomaly.dcm``, the map as a
+    FRACTIONAL DICOM-SEG)."""
     mask_path = Path(mask_path)
     kind = "seg" if mask_path.suffix.lower() == ".dcm" else "mask"
     files = {kind: mask_path, "sidecar": sidecar_path(mask_path)}
-    if include_anomaly_map:
-        files["anomaly"] = companion_path(mask_path, "_anomaly", out_dir=mask_path.parent)
-    return OutputPlan(mask_path.parent, files)
+    folder = mask_path.parent
+    if include_anomaly_map and kind == "seg":
+        # Beside a SEG, the map as a FRACTIONAL SEG on the same series.
+        files["anomaly_seg"] = companion_path(mask_path, "_anomaly", ".dcm", out_dir=folder)
+    elif include_anomaly_map:
+        files["anomaly"] = companion_path(mask_path, "_anomaly", out_dir=folder)
+    return OutputPlan(folder, files)
 
 
 def rank_image(ranks: np.ndarray) -> np.ndarray:
@@ -166,7 +171,7 @@ def case_sidecar(
         "outputs": [p.name for p in plan.all_files if p != plan.files["sidecar"]],
         "mask": names.get("mask") or names.get("seg"),
         "dicom_seg": names.get("seg"),
-        "anomaly_map": names.get("anomaly"),
+        "anomaly_map": names.get("anomaly") or names.get("anomaly_seg"),
         "model_name": case.model_name,
         "model_sha256": case.model_sha256,
         "threshold": case.threshold,
@@ -203,17 +208,20 @@ def write_case(
     region table and rank image are those of that mask, ranked as the review table
     ranks them. Refuses (before writing) a file that exists unless ``overwrite``.
     """
-    if "seg" in plan.files and not is_dicom_source(case.source_path):
-        where = f"read from {case.source_path}" if case.source_path else "not read from a file"
-        raise ValueError(
-            f"{plan.files['seg'].name}: a DICOM-SEG references the DICOM series its mask was "
-            f"made on, but {case.name} was {where}; export it as .nii.gz instead"
-        )
-    if "seg" in plan.files and not case.model_sha256:
-        raise ValueError(
-            f"{plan.files['seg'].name}: a DICOM-SEG names the model that made the mask, but the "
-            f"maps of {case.name} came without one; export it as .nii.gz instead"
-        )
+    dicom_outputs = [k for k in ("seg", "anomaly_seg") if k in plan.files]
+    if dicom_outputs:
+        name = plan.files[dicom_outputs[0]].name
+        if not is_dicom_source(case.source_path):
+            where = f"read from {case.source_path}" if case.source_path else "not read from a file"
+            raise ValueError(
+                f"{name}: a DICOM-SEG references the DICOM series its mask was made on, but "
+                f"{case.name} was {where}; export it as .nii.gz instead"
+            )
+        if not case.model_sha256:
+            raise ValueError(
+                f"{name}: a DICOM-SEG names the model that made the mask, but the maps of "
+                f"{case.name} came without one; export it as .nii.gz instead"
+            )
     plan.check(overwrite=overwrite)
     mask = case.mask
     files = plan.files
@@ -244,6 +252,17 @@ def write_case(
                 model_name=case.model_name or "unnamed model",
                 model_sha256=case.model_sha256,
                 reviewer_edited=case.corrected,
+                series=case.source_series,
+            )
+        if "anomaly_seg" in files:
+            from napari_anomaly.io.dicom_seg import write_fractional_seg
+
+            write_fractional_seg(
+                case.anomaly_map,
+                case.source_path,
+                outputs.stage(files["anomaly_seg"]),
+                model_name=case.model_name or "unnamed model",
+                model_sha256=case.model_sha256,
                 series=case.source_series,
             )
         if "regions" in files:
