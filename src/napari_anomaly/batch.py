@@ -288,10 +288,11 @@ def read_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Case]:
 # --------------------------------------------------------------------------- #
 # One case, as ``napari-anomaly localise`` does it (the only call into that logic)
 # --------------------------------------------------------------------------- #
-def _localise_case(session, path: str, out_dir: Path) -> dict:
+def _localise_case(session, path: str, out_dir: Path, source_sha256: str) -> dict:
     """Localise one case exactly as ``napari-anomaly localise PATH --out OUT_DIR`` does
     (:func:`napari_anomaly.localise_files.localise_file`) and write its outputs as one set
-    (all or none, replacing an earlier set of this case).
+    (all or none, replacing an earlier set of this case); ``source_sha256`` is the hash
+    the task took already (a scan is hashed once).
 
     Returns what the record and the table need: ``outputs`` (file names), ``mask`` (file
     name), ``threshold``, ``regions``, ``top_region_score`` (peak score of the region the
@@ -308,7 +309,11 @@ def _localise_case(session, path: str, out_dir: Path) -> dict:
         raise ValueError(
             f"{path} would be overwritten by its own outputs; move it out of {out_dir}"
         )
-    outcome = run_to_end(localise_file(session, path, out_dir, plan=plan, overwrite=True))
+    outcome = run_to_end(
+        localise_file(
+            session, path, out_dir, plan=plan, overwrite=True, source_sha256=source_sha256
+        )
+    )
     top = outcome.top_region_score
     return {
         "outputs": sorted(p.name for p in outcome.files),
@@ -350,13 +355,9 @@ def _worker_session(model_path: str, model_sha256: str, settings: LocaliseSettin
 
 
 def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}"
-    if isinstance(error, MemoryError):
-        return f"not enough memory ({error or 'the case did not fit'})"
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    from napari_anomaly.messages import error_line
+
+    return error_line(error, "the case")
 
 
 def _read_record(case_dir: Path) -> dict | None:
@@ -443,7 +444,7 @@ def localise_case(
 
             torch.set_num_threads(torch_threads)
         session = _worker_session(model_path, model_sha256, settings)
-        summary = _localise_case(session, case.source, case_dir)
+        summary = _localise_case(session, case.source, case_dir, record["source_sha256"])
         record.update(status="done", error="", **summary)
     except Exception as error:  # a bad case is a row of the table, never a stopped batch
         record.update(status="failed", error=_one_line(error))

@@ -41,7 +41,7 @@ from napari_anomaly.io import (
     data_files,
     sidecar_path,
 )
-from napari_anomaly.review import find_regions, regions_csv
+from napari_anomaly.review import regions_csv
 
 if TYPE_CHECKING:
     from napari_anomaly.session import Case
@@ -226,15 +226,7 @@ def write_case(
     mask = case.mask
     files = plan.files
     geometry = case.geometry
-    regions, ranks = find_regions(
-        mask,
-        case.anomaly_map,
-        case.confidence_map,
-        spacing=geometry.spacing,
-        origin=geometry.origin,
-        rank_by=case.rank_by,
-        return_labels=True,
-    )
+    regions, ranks = case.regions_and_ranks(ranks="regions" in files)
     with OutputSet(plan.folder, overwrite=overwrite) as outputs:
         if "anomaly" in files:
             io.write_image(outputs.stage(files["anomaly"]), case.anomaly_map, geometry)

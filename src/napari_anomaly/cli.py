@@ -830,13 +830,10 @@ def _is_refusal(error: BaseException) -> bool:
 
 
 def _message(error: BaseException) -> str:
-    """One line for the user: an OS error as its reason and the file, not ``[Errno 28]``."""
-    if isinstance(error, OSError) and error.strerror:
-        where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}"
-    if isinstance(error, MemoryError):
-        return f"not enough memory ({error or 'the data did not fit'})"
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """One line for the user (:func:`napari_anomaly.messages.error_line`)."""
+    from napari_anomaly.messages import error_line
+
+    return error_line(error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

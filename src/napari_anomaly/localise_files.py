@@ -142,6 +142,7 @@ def localise_file(
     warn: Callable[[str], None] | None = None,
     case_id: str | None = None,
     series: str | None = None,
+    source_sha256: str | None = None,
 ) -> Job[FileOutcome]:
     """Read a scan, localise it and write its outputs as one set (a job).
 
@@ -163,6 +164,8 @@ def localise_file(
         training data (the map is still made).
     series
         The SeriesInstanceUID to read from a DICOM folder holding several.
+    source_sha256
+        The source's sha256 when the caller has it already (else it is computed).
     """
     from napari_anomaly.domain import check_domain
 
@@ -184,6 +187,7 @@ def localise_file(
         name=source.name,
         source_path=source.resolve(),
         source_series=series,
+        source_sha256=source_sha256,
     )
     try:
         extra = {"domain_check": report.to_dict(), "flips": session.inference.flips}

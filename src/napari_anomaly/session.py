@@ -260,23 +260,33 @@ class Case:
 
     def regions(self) -> list[Region]:
         """The regions of the mask, in the table's order (computed once per mask)."""
+        return self.regions_and_ranks(ranks=False)[0]
+
+    def regions_and_ranks(self, ranks: bool = True) -> tuple[list[Region], np.ndarray | None]:
+        """The regions of the mask and, with ``ranks``, the label image whose values
+        are their ranks (:func:`~napari_anomaly.review.find_regions`). The regions are
+        found once per mask; the label image (as large as the scan) is not kept."""
         with self._lock:
             mask = self.mask
             # The inputs themselves (not their ids) are kept and compared, so that a new
             # array can never be mistaken for the one the regions were found in.
             inputs = (mask, self.anomaly_map, self.confidence_map, self.geometry, self.rank_by)
             cached = self._found_regions
-            if cached is None or any(a is not b for a, b in zip(cached[0], inputs)):
-                regions = find_regions(
-                    mask,
-                    self.anomaly_map,
-                    self.confidence_map,
-                    spacing=self.geometry.spacing,
-                    origin=self.geometry.origin,
-                    rank_by=self.rank_by,
-                )
-                cached = self._found_regions = (inputs, regions)
-            return list(cached[1])
+            stale = cached is None or any(a is not b for a, b in zip(cached[0], inputs))
+            if not stale and not ranks:
+                return list(cached[1]), None
+            found = find_regions(
+                mask,
+                self.anomaly_map,
+                self.confidence_map,
+                spacing=self.geometry.spacing,
+                origin=self.geometry.origin,
+                rank_by=self.rank_by,
+                return_labels=ranks,
+            )
+            regions, labels = found if ranks else (found, None)
+            self._found_regions = (inputs, regions)
+            return list(regions), labels
 
     def _changed(self) -> None:
         self._composed = None
@@ -681,6 +691,7 @@ class ReviewSession:
         name: str | None = None,
         source_path: str | Path | None = None,
         source_series: str | None = None,
+        source_sha256: str | None = None,
     ) -> Job[Case]:
         """Predict maps for ``image`` and store them as case ``case_id`` when done.
 
@@ -689,8 +700,8 @@ class ReviewSession:
         :class:`CaseReviewedError` before the network runs); one marked
         reviewed while the job ran stays as approved. ``source_path``: the
         file the image was read from (see :meth:`add_case`); its hash is
-        taken in the job. ``source_series``: the DICOM series read from a
-        folder that holds several.
+        taken in the job unless ``source_sha256`` gives it. ``source_series``:
+        the DICOM series read from a folder that holds several.
         """
         if case_id in self.cases:
             self._open_case(case_id, "localise it again")
@@ -698,9 +709,10 @@ class ReviewSession:
         geometry = geometry or Geometry.identity(image.ndim)
         source = None
         if source_path is not None:
-            from napari_anomaly.session_store import source_sha256
+            from napari_anomaly.session_store import source_sha256 as hash_source
 
-            source = (str(source_path), source_sha256(source_path), source_series)
+            digest = source_sha256 or hash_source(source_path)
+            source = (str(source_path), digest, source_series)
         localiser = self.localiser
         result = yield from localise(image, localiser, self.inference, spacing=geometry.spacing)
         return self._store(case_id, name, image, geometry, result, localiser, source)
