@@ -352,3 +352,25 @@ def test_localise_and_the_review_export_write_one_sidecar_format(model, normals,
     )
     for key in ("threshold", "min_region_voxels", "marked_voxels", "regions", "model_sha256"):
         assert cli_sidecar[key] == export_sidecar[key], key
+
+
+def test_python_m_reports_a_refusal_from_a_subcommand_module_in_one_line(tmp_path):
+    """``python -m napari_anomaly.cli`` (as torchrun runs it): a refusal raised by a
+    subcommand's own module (here ``pacs``: nobody answers) is one ``error:`` line and exit
+    code 2, not a traceback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "napari_anomaly.cli", "pacs", "search",
+         "--url", f"http://127.0.0.1:{port}/dicom-web"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "NAPARI_ANOMALY_PACS_CONFIG": str(tmp_path / "none.json")},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
