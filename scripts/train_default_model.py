@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_anomaly.augment import AugmentConfig
+from napari_anomaly.config import config_from_dict
 from napari_anomaly.evaluation.anatomy import (
     brain_labels,
     clinical_heads,
@@ -94,6 +95,12 @@ def main() -> None:
         "--lesion-task", type=float, default=0.0, help="TrainConfig.lesion_task_probability"
     )
     parser.add_argument("--remap", type=float, default=0.0, help="AugmentConfig.remap_probability")
+    parser.add_argument(
+        "--deform",
+        type=float,
+        help="AugmentConfig.deform_probability (rotation, scaling, elastic warp); "
+        "default 0, or the parent's with --continue-from",
+    )
     parser.add_argument(
         "--minutes",
         type=float,
@@ -187,7 +194,15 @@ def main() -> None:
             device=args.device,
             seed=args.seed,
         )
-        localiser = run_to_end(adapt(parent, images, config, image_names=None))
+        augmentation = None
+        if args.deform is not None:
+            parent_augmentation = config_from_dict(
+                AugmentConfig, parent.metadata["training"].get("augmentation") or {}
+            )
+            augmentation = replace(parent_augmentation, deform_probability=args.deform)
+        localiser = run_to_end(
+            adapt(parent, images, config, image_names=None, augmentation=augmentation)
+        )
         localiser.metadata["name"] = args.out.stem
         print(f"wrote {args.out} sha256={localiser.save(args.out, overwrite=args.overwrite)}")
         return
@@ -208,7 +223,9 @@ def main() -> None:
         config,
         validation_images=validation,
         network=network,
-        augmentation=AugmentConfig(remap_probability=args.remap),
+        augmentation=AugmentConfig(
+            remap_probability=args.remap, deform_probability=args.deform or 0.0
+        ),
         data_description=description,
     )
     try:

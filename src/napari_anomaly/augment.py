@@ -5,7 +5,11 @@ scanner's look as "normal" and fires on everything else (METHOD.md,
 "Generalising from few normal anatomies"). Each patch therefore gets a random
 contrast curve, a smooth multiplicative bias field, sometimes the blur of a
 thick-slice acquisition along one axis, noise, and random flips and
-quarter-turns, *before* anomalies are synthesised into it. The ranges are our
+quarter-turns, *before* anomalies are synthesised into it. Optionally a share
+of the patches is also deformed (rotation, anisotropic scaling and a smooth
+elastic warp), so that a few training heads stand for the anatomical variety
+of many: without it the network learns the training heads' own sulci and
+ventricles as "normal" and flags where another head differs. The ranges are our
 choice and are stored with every model.
 """
 
@@ -30,6 +34,13 @@ class AugmentConfig:
     monotone change of contrast, but not the reordering of tissues between
     T1, T2, FLAIR and PD weighting (CSF dark or bright, grey matter above or
     below white matter). Off (0) in the default settings.
+
+    ``deform_probability`` is the share of patches that are spatially
+    deformed before anything else: rotated by up to ``rotation_degrees``,
+    scaled by a factor from ``scale_range`` per axis, and warped by a smooth
+    displacement field (``elastic_points`` control points per axis, each
+    moved by up to ``elastic_amplitude`` of the patch side). The foreground
+    moves with the image. Off (0) in the default settings.
     """
 
     gamma_log_range: float = 0.4
@@ -43,6 +54,22 @@ class AugmentConfig:
     enabled: bool = True
     remap_probability: float = 0.0
     remap_knots: int = 6
+    deform_probability: float = 0.0
+    rotation_degrees: float = 15.0
+    scale_range: tuple[float, float] = (0.85, 1.15)
+    elastic_amplitude: float = 0.03
+    elastic_points: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.deform_probability <= 1.0:
+            raise ValueError(
+                f"deform_probability must lie in [0, 1], got {self.deform_probability}"
+            )
+        low, high = self.scale_range
+        if not 0.0 < low <= high:
+            raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
+        if self.elastic_points < 2:
+            raise ValueError(f"elastic_points must be at least 2, got {self.elastic_points}")
 
 
 def _gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -85,6 +112,70 @@ def _remap(images: torch.Tensor, uniform, config: AugmentConfig) -> torch.Tensor
     return lo + frac * (hi - lo)
 
 
+def _rotation(angles: list[float], dims: int) -> torch.Tensor:
+    """A rotation matrix from one angle (2D) or three angles about the axes (3D)."""
+    if dims == 2:
+        c, s = math.cos(angles[0]), math.sin(angles[0])
+        return torch.tensor([[c, -s], [s, c]])
+    matrix = torch.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        turn = torch.eye(3)
+        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+        matrix = turn @ matrix
+    return matrix
+
+
+def _deform(
+    images: torch.Tensor,
+    foreground: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate, scale and elastically warp a share of the patches (image and foreground)."""
+    batch, dims = images.shape[0], images.ndim - 2
+    chosen = torch.nonzero(torch.rand(batch, generator=generator) < config.deform_probability)
+    chosen = chosen.flatten().tolist()
+    if not chosen:
+        return images, foreground
+    count = len(chosen)
+    device, dtype = images.device, images.dtype
+    spatial = images.shape[2:]
+    limit = math.radians(config.rotation_degrees)
+    angles = ((torch.rand(count, 1 if dims == 2 else 3, generator=generator) * 2 - 1) * limit)
+    low, high = (math.log(v) for v in config.scale_range)
+    scales = torch.exp(low + (high - low) * torch.rand(count, dims, generator=generator))
+    theta = torch.zeros(count, dims, dims + 1)
+    for k in range(count):
+        # Output coordinates map to input coordinates: a scale > 1 enlarges the anatomy.
+        theta[k, :, :dims] = _rotation(angles[k].tolist(), dims) @ torch.diag(1.0 / scales[k])
+    size = (count, 1, *spatial)
+    grid = F.affine_grid(theta.to(device=device, dtype=dtype), list(size), align_corners=False)
+    if config.elastic_amplitude > 0:
+        points = config.elastic_points
+        # Normalised coordinates span 2 over the patch side: an amplitude a moves by 2a.
+        coarse = (torch.rand(count, dims, *([points] * dims), generator=generator) * 2 - 1)
+        coarse = coarse * (2.0 * config.elastic_amplitude)
+        mode = "bicubic" if dims == 2 else "trilinear"
+        field = F.interpolate(
+            coarse.to(device=device, dtype=dtype), size=spatial, mode=mode, align_corners=True
+        )
+        grid = grid + field.movedim(1, -1)
+    picked = torch.tensor(chosen, device=device)
+    warped = F.grid_sample(
+        images[picked], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    warped_mask = F.grid_sample(
+        foreground[picked].to(dtype), grid, mode="nearest", padding_mode="zeros",
+        align_corners=False,
+    ) > 0.5
+    images, foreground = images.clone(), foreground.clone()
+    images[picked] = warped
+    foreground[picked] = warped_mask
+    return images, foreground
+
+
 def augment_batch(
     images: torch.Tensor,
     foreground: torch.Tensor,
@@ -98,7 +189,8 @@ def augment_batch(
     images
         ``(B, 1, *spatial)`` in [0, 1]. Not modified.
     foreground
-        ``(B, 1, *spatial)`` bool, transformed with the same flips.
+        ``(B, 1, *spatial)`` bool, transformed with the same deformation and
+        flips.
     config
         Ranges.
     generator
@@ -120,6 +212,8 @@ def augment_batch(
         return torch.rand(*shape, generator=generator).to(device=device, dtype=dtype)
 
     out = images.clamp(0.0, 1.0)
+    if config.deform_probability > 0:
+        out, foreground = _deform(out, foreground, config, generator)
     gamma = torch.exp((uniform(batch) * 2 - 1) * config.gamma_log_range)
     out = out.clamp_min(1e-6) ** gamma.reshape(-1, *([1] * (dims + 1)))
 
