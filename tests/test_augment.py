@@ -6,13 +6,13 @@ import torch
 from napari_anomaly.augment import AugmentConfig, augment_batch
 
 # Only the deformation: every other randomisation off, so the effects are its own.
-ONLY_DEFORM = dict(
-    gamma_log_range=0.0,
-    bias_probability=0.0,
-    thick_slice_probability=0.0,
-    noise_probability=0.0,
-    flip=False,
-)
+ONLY_DEFORM = {
+    "gamma_log_range": 0.0,
+    "bias_probability": 0.0,
+    "thick_slice_probability": 0.0,
+    "noise_probability": 0.0,
+    "flip": False,
+}
 
 
 def _disc_batch(batch: int = 4, size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def test_deformation_is_reproducible_for_a_seed_and_works_in_3d():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(deform_probability=1.5), dict(scale_range=(1.2, 0.9)), dict(elastic_points=1)],
+    [{"deform_probability": 1.5}, {"scale_range": (1.2, 0.9)}, {"elastic_points": 1}],
 )
 def test_bad_deformation_settings_are_refused(bad):
     with pytest.raises(ValueError):

@@ -143,7 +143,7 @@ def _deform(
     device, dtype = images.device, images.dtype
     spatial = images.shape[2:]
     limit = math.radians(config.rotation_degrees)
-    angles = ((torch.rand(count, 1 if dims == 2 else 3, generator=generator) * 2 - 1) * limit)
+    angles = (torch.rand(count, 1 if dims == 2 else 3, generator=generator) * 2 - 1) * limit
     low, high = (math.log(v) for v in config.scale_range)
     scales = torch.exp(low + (high - low) * torch.rand(count, dims, generator=generator))
     theta = torch.zeros(count, dims, dims + 1)
@@ -155,7 +155,7 @@ def _deform(
     if config.elastic_amplitude > 0:
         points = config.elastic_points
         # Normalised coordinates span 2 over the patch side: an amplitude a moves by 2a.
-        coarse = (torch.rand(count, dims, *([points] * dims), generator=generator) * 2 - 1)
+        coarse = torch.rand(count, dims, *([points] * dims), generator=generator) * 2 - 1
         coarse = coarse * (2.0 * config.elastic_amplitude)
         mode = "bicubic" if dims == 2 else "trilinear"
         field = F.interpolate(
@@ -166,10 +166,16 @@ def _deform(
     warped = F.grid_sample(
         images[picked], grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )
-    warped_mask = F.grid_sample(
-        foreground[picked].to(dtype), grid, mode="nearest", padding_mode="zeros",
-        align_corners=False,
-    ) > 0.5
+    warped_mask = (
+        F.grid_sample(
+            foreground[picked].to(dtype),
+            grid,
+            mode="nearest",
+            padding_mode="zeros",
+            align_corners=False,
+        )
+        > 0.5
+    )
     images, foreground = images.clone(), foreground.clone()
     images[picked] = warped
     foreground[picked] = warped_mask
