@@ -94,6 +94,14 @@ def main() -> None:
     parser.add_argument(
         "--lesion-task", type=float, default=0.0, help="TrainConfig.lesion_task_probability"
     )
+    parser.add_argument(
+        "--lesion-delta",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="TrainConfig.lesion_task_delta (default 0.08 0.45, or the parent's with "
+        "--continue-from)",
+    )
     parser.add_argument("--remap", type=float, default=0.0, help="AugmentConfig.remap_probability")
     parser.add_argument(
         "--deform",
@@ -175,6 +183,7 @@ def main() -> None:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             lesion_task_probability=args.lesion_task,
+            **({"lesion_task_delta": tuple(args.lesion_delta)} if args.lesion_delta else {}),
         )
     description = ", ".join(train_names)
     if args.skull_stripped and args.dims == 2 and loaded is None:
@@ -186,6 +195,10 @@ def main() -> None:
         # More steps of the parent's own training (its task and settings, its weights
         # as the start) on the same data: what `adapt` does, on the training data.
         parent = Localiser.load(args.continue_from)
+        if args.lesion_delta:
+            # adapt() trains with the parent's stored task settings: change them on this
+            # in-memory copy only (the child's metadata records what it was trained with).
+            parent.metadata["training"]["config"]["lesion_task_delta"] = list(args.lesion_delta)
         config = AdaptConfig(
             steps=args.steps,
             learning_rate=args.learning_rate,

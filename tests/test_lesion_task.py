@@ -81,3 +81,44 @@ def test_training_with_the_lesion_task_runs_and_records_it():
     assert model.metadata["training"]["config"]["lesion_task_probability"] == 0.5
     with pytest.raises(ValueError, match="lesion_task_probability"):
         TrainConfig(lesion_task_probability=1.5)
+
+
+@pytest.mark.parametrize("delta", [(0.02, 0.02), (0.3, 0.3)])
+def test_the_training_config_sets_how_strong_the_lesion_task_changes_are(delta):
+    from napari_anomaly.synthesis.ppii import SynthesisConfig
+    from napari_anomaly.training import _mix_lesion_task
+
+    # A flat image: flattening its texture changes nothing, so every change is the shift.
+    images = torch.full((4, 1, 32, 32), 0.5)
+    foreground = torch.ones_like(images, dtype=torch.bool)
+    zeros = torch.zeros_like(images)
+    anomalous, label, _ = _mix_lesion_task(
+        images,
+        foreground,
+        (images.clone(), zeros, zeros),
+        1.0,
+        SynthesisConfig(),
+        torch.Generator().manual_seed(0),
+        delta,
+    )
+    change = (anomalous - images).abs()
+    # Overlapping soft edges may add a little; the size of the change is the setting.
+    assert float(change.max()) == pytest.approx(delta[0], rel=0.05)
+    assert float(label.max()) > 0
+
+
+def test_a_subtle_lesion_task_is_recorded_with_the_model_and_bad_ranges_refused():
+    images = [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
+    config = TrainConfig(
+        steps=2,
+        batch_size=4,
+        patch_size=32,
+        device="cpu",
+        lesion_task_probability=0.5,
+        lesion_task_delta=(0.03, 0.45),
+    )
+    model = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    assert model.metadata["training"]["config"]["lesion_task_delta"] == [0.03, 0.45]
+    for bad in [(0.2, 0.1), (0.0, 0.3), (0.1, 1.5)]:
+        with pytest.raises(ValueError, match="lesion_task_delta"):
+            TrainConfig(lesion_task_delta=bad)
