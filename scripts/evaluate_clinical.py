@@ -39,7 +39,12 @@ from pathlib import Path
 
 from napari_anomaly.calibration import PostprocessConfig
 from napari_anomaly.evaluation.anatomy import calibration_scans, held_out_head
-from napari_anomaly.evaluation.clinical import CONTRASTS, FAMILIES, make_cohort
+from napari_anomaly.evaluation.clinical import (
+    CONTRASTS,
+    FAMILIES,
+    lesion_contrast,
+    make_cohort,
+)
 from napari_anomaly.evaluation.yardstick import (
     baseline_predictor,
     collect_maps,
@@ -112,9 +117,7 @@ def main() -> None:
             args.in_plane_mm, (False, True) if args.flips else (False,)
         ):
             name = (
-                path.stem
-                + (f"@{in_plane:g}mm" if in_plane else "")
-                + ("+flips" if flips else "")
+                path.stem + (f"@{in_plane:g}mm" if in_plane else "") + ("+flips" if flips else "")
             )
             predictors[name] = (
                 model_predictor(localiser, InferenceConfig(device="cpu", flips=flips), in_plane),
@@ -141,6 +144,8 @@ def main() -> None:
                 "spacing": list(c.spacing),
                 "lesion_voxels": int(c.lesion_mask.sum()),
                 "lesion_count": c.lesion_count,
+                # lesion against surrounding tissue, as the network sees it
+                "lesion_contrast": lesion_contrast(c),
             }
             for c in cases
         ],

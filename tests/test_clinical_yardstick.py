@@ -14,6 +14,7 @@ from napari_anomaly.evaluation.clinical import (
     acquire,
     apply_contrast,
     insert_lesions,
+    lesion_contrast,
     make_case,
     make_cohort,
     prepare_anatomy,
@@ -288,3 +289,13 @@ def test_invalid_requests_are_refused(head):
         next(make_cohort(t1, brain, contrasts=("dwi",)))
     with pytest.raises(ValueError, match="slice_thickness_mm"):
         AcquisitionConfig(slice_thickness_mm=(7.0, 3.0))
+
+
+def test_lesion_contrast_says_flair_lesions_stand_out_more_than_t1_ones(head, anatomy):
+    t1, brain, _ = head
+    flair = lesion_contrast(make_case(t1, brain, "mass", "flair", 3, anatomy=anatomy))
+    plain = lesion_contrast(make_case(t1, brain, "mass", "t1", 3, anatomy=anatomy))
+    assert flair["delta"] > 0.05  # bright on FLAIR
+    assert flair["delta"] == pytest.approx(flair["lesion"] - flair["ring"], abs=1e-3)
+    assert abs(plain["delta"]) < flair["delta"]
+    assert lesion_contrast(make_case(t1, brain, "normal", "flair", 3, anatomy=anatomy)) is None
