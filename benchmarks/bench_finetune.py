@@ -1,0 +1,80 @@
+"""Benchmark: how long fine-tuning the bundled model on one corrected scan takes.
+
+The bundled default model is fine-tuned (``training.finetune``, default settings apart
+from the steps) on one clinical-like FLAIR scan with a mass and its true mask, as the
+widget's *Fine-tune on corrections* does after one corrected case. Each step count is run
+``--repeats`` times, the counts interleaved so that all see the same machine load. The
+time includes what a fine-tuning run always does besides its steps: preprocessing, the
+resampling to the model's pixel size, and carrying the score scale over (one localisation
+of the scan per network).
+
+    python benchmarks/bench_finetune.py --data /tmp/anatomy/extracted [--steps 100 300]
+
+Writes ``benchmarks/results/finetune.json`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from _machine import environment, write_report
+
+from napari_anomaly.evaluation.anatomy import held_out_head
+from napari_anomaly.evaluation.clinical import make_cohort
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.progress import run_to_end
+from napari_anomaly.training import FinetuneConfig, finetune
+
+DEFAULT_MODEL = (
+    Path(__file__).resolve().parents[1] / "src/napari_anomaly/data/default_2d.safetensors"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="extracted Debian packages")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--steps", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune.json"))
+    args = parser.parse_args()
+
+    volume, brain = held_out_head(args.data)
+    case = next(
+        make_cohort(volume, brain, families=["mass"], contrasts=["flair"], cases_per_cell=1)
+    )
+    localiser = Localiser.load(args.model)
+    base = FinetuneConfig(device="cpu")
+    runs: dict[int, list[float]] = {steps: [] for steps in args.steps}
+    for _ in range(args.repeats):
+        for steps in args.steps:
+            config = replace(base, steps=steps)
+            started = time.perf_counter()
+            run_to_end(
+                finetune(
+                    localiser, [case.image], [case.lesion_mask], config, spacings=[case.spacing]
+                )
+            )
+            runs[steps].append(round(time.perf_counter() - started, 1))
+            print(f"{steps} steps: {runs[steps][-1]} s", flush=True)
+    medians = {str(steps): statistics.median(times) for steps, times in runs.items()}
+    report = {
+        "command": "python benchmarks/bench_finetune.py --data DATA --steps "
+        + " ".join(str(s) for s in args.steps)
+        + f" --repeats {args.repeats}",
+        "case": f"one FLAIR scan with a mass, shape {list(case.image.shape)}, "
+        f"spacing {[round(s, 2) for s in case.spacing]} mm; model {localiser.name}",
+        "seconds": {str(steps): times for steps, times in runs.items()},
+        "median_seconds": medians,
+        "environment": environment("cpu"),
+    }
+    write_report(args.out, report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
