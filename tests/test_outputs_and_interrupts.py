@@ -535,3 +535,37 @@ def test_a_killed_process_not_reaped_yet_counts_as_gone():
         assert not _process_alive(child.pid)
     finally:
         child.wait()
+
+
+def test_an_exclusive_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    from napari_anomaly.io.atomic import LockHeld, exclusive_lock
+
+    lock = tmp_path / ".series.lock"
+    with exclusive_lock(lock), pytest.raises(LockHeld), exclusive_lock(lock):
+        pass
+    with exclusive_lock(lock):  # released on leaving the block
+        pass
+    # A process killed while holding it leaves no stale lock behind.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from napari_anomaly.io.atomic import exclusive_lock\n"
+            f"with exclusive_lock({str(lock)!r}):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld), exclusive_lock(lock):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with exclusive_lock(lock):
+        pass

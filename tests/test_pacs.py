@@ -211,6 +211,25 @@ def test_an_interrupted_retrieve_resumes_without_fetching_again(
     np.testing.assert_array_equal(read_image(folder).array, read_image(uploaded["mr"].folder).array)
 
 
+def test_a_second_retrieve_of_the_same_series_is_refused_while_the_first_runs(
+    settings, uploaded, tmp_path
+):
+    uid = uploaded["mr"].series_uid
+    target = tmp_path / "series"
+    first = pacs.retrieve_series(settings, uid, target)
+    for report in first:
+        if report.step == 2:
+            break  # the first retrieve is under way, its staging folder half full
+    with pytest.raises(PacsError, match="already being retrieved into"):
+        run_to_end(pacs.retrieve_series(settings, uid, target))
+    # The refused one touched nothing: the first goes on and completes the series.
+    folder = run_to_end(first)
+    assert folder == target and len(list(folder.iterdir())) == 6
+    np.testing.assert_array_equal(read_image(folder).array, read_image(uploaded["mr"].folder).array)
+    # Once the first is done, the series is there at once for anyone.
+    assert run_to_end(pacs.retrieve_series(settings, uid, target)) == target
+
+
 def test_a_series_over_the_size_limit_is_refused(settings, uploaded, tmp_path):
     job = pacs.retrieve_series(
         settings, uploaded["mr"].series_uid, tmp_path / "big", max_bytes=4000

@@ -888,8 +888,8 @@ def _retrieve(
     max_bytes: int,
     overwrite: bool,
 ) -> Job[Path]:
-    from napari_anomaly.io import atomic_write_bytes, check_output_folder, clear_leftovers
-    from napari_anomaly.io.atomic import interrupts_deferred
+    from napari_anomaly.io import check_output_folder
+    from napari_anomaly.io.atomic import LockHeld, exclusive_lock
 
     yield Progress(0, 0, "asking the PACS for the series' instances")
     client = _client(settings)
@@ -918,6 +918,49 @@ def _retrieve(
 
     staging = _staging_folder(final)
     check_output_folder(final.parent, needed_bytes=announced or 0)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # One retrieve per folder at a time: a second one (another window, another
+    # process) would share the staging folder and rename it away under the first.
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(final.parent / f".{final.name}.lock"))
+        except LockHeld:
+            raise PacsError(
+                f"series {series_uid} is already being retrieved into {final} (another "
+                "window or process); wait for it to finish, then open the folder"
+            ) from None
+        return (
+            yield from _fetch_into(
+                settings,
+                client,
+                series_uid,
+                study_uid,
+                names,
+                staging,
+                final,
+                max_bytes,
+                announced,
+                total,
+            )
+        )
+
+
+def _fetch_into(
+    settings: PacsSettings,
+    client: Any,
+    series_uid: str,
+    study_uid: str | None,
+    names: dict[str, dict],
+    staging: Path,
+    final: Path,
+    max_bytes: int,
+    announced: int | None,
+    total: int,
+) -> Job[Path]:
+    """The locked part of a retrieve: fetch the missing instances, rename into place."""
+    from napari_anomaly.io import atomic_write_bytes, clear_leftovers
+    from napari_anomaly.io.atomic import interrupts_deferred
+
     staging.mkdir(parents=True, exist_ok=True)
     clear_leftovers(staging)  # half-written files of a killed run
     for stray in staging.iterdir():
