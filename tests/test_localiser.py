@@ -73,3 +73,56 @@ def test_the_bundled_default_model_loads():
     model = Localiser.load(default_model_path())
     assert model.spatial_dims == 2
     assert model.metadata["training"]["steps"] >= 1000
+
+
+def _member(seed: int, name: str) -> Localiser:
+    torch.manual_seed(seed)
+    return Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(),
+        metadata={"patch_size": 32, "name": name, "recommended_threshold": 0.4},
+        sha256=f"{seed:064x}",
+    )
+
+
+def test_an_ensemble_averages_its_members_and_survives_a_round_trip(tmp_path):
+    from napari_anomaly.localiser import ensemble
+
+    a, b = _member(1, "a"), _member(2, "b")
+    both = ensemble([a, b], name="a+b")
+    image = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        anomaly, confidence = both.network.split(both.network(image))
+        parts = [m.network.split(m.network(image)) for m in (a, b)]
+    expected_anomaly = (parts[0][0] + parts[1][0]) / 2
+    expected_confidence = (parts[0][1] + parts[1][1]) / 2
+    assert torch.allclose(anomaly, expected_anomaly, atol=1e-5)
+    assert torch.allclose(confidence, expected_confidence, atol=1e-5)
+    assert not torch.allclose(parts[0][0], parts[1][0])  # the members differ
+    # The members' thresholds no longer fit: the ensemble must be calibrated anew.
+    assert "recommended_threshold" not in both.metadata
+    assert [m["name"] for m in both.metadata["ensemble_of"]] == ["a", "b"]
+    path = tmp_path / "ensemble.safetensors"
+    both.save(path)
+    loaded = Localiser.load(path)
+    assert loaded.network.config.members == 2 and loaded.name == "a+b"
+    with torch.no_grad():
+        again, _ = loaded.network.split(loaded.network(image))
+    assert torch.allclose(again, anomaly, atol=1e-6)
+
+
+def test_models_that_cannot_be_averaged_are_refused():
+    from napari_anomaly.localiser import ensemble
+
+    a = _member(1, "a")
+    other = Localiser(
+        AnomalyNet(NetworkConfig(spatial_dims=2, channels=(8, 16), strides=(2,))).eval(),
+        metadata={"patch_size": 32, "name": "other"},
+    )
+    with pytest.raises(ValueError, match="another architecture"):
+        ensemble([a, other])
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble([a])
+    with pytest.raises(ValueError, match="already an ensemble"):
+        ensemble([ensemble([a, _member(2, "b")]), a])
+    with pytest.raises(ValueError, match="members"):
+        NetworkConfig(members=0)

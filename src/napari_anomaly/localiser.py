@@ -28,7 +28,7 @@ from napari_anomaly.io.model_file import (
 from napari_anomaly.model import AnomalyNet, NetworkConfig
 from napari_anomaly.preprocess import PreprocessConfig
 
-__all__ = ["DEFAULT_MODEL_NAME", "Localiser", "default_model_path"]
+__all__ = ["DEFAULT_MODEL_NAME", "Localiser", "default_model_path", "ensemble"]
 
 DEFAULT_MODEL_NAME = "default_2d.safetensors"
 
@@ -194,3 +194,62 @@ class Localiser:
                 f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
             )
         return "\n".join(lines)
+
+
+def ensemble(members: list[Localiser], name: str | None = None) -> Localiser:
+    """One model that averages several networks of one architecture.
+
+    The members must share their architecture, preprocessing, patch size and
+    dimensionality; each must be a single network. Their anomaly and
+    disagreement probabilities are averaged per voxel
+    (:class:`~napari_anomaly.model.AnomalyNet` with ``members > 1``). The new
+    model takes the first member's metadata (training record, domain reference,
+    post-processing) without its score calibration or threshold, which no
+    longer fit: calibrate it on normal scans (``napari-anomaly calibrate``)
+    before use. ``metadata["ensemble_of"]`` names each member (name, sha256,
+    training record).
+
+    Raises
+    ------
+    ValueError
+        Fewer than two members, or members that cannot be averaged.
+    """
+    import copy
+    import dataclasses
+
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two models, got {len(members)}")
+    first = members[0]
+    for member in members:
+        config = member.network.config
+        if config.members != 1:
+            raise ValueError(f"model {member.name} is already an ensemble")
+        if config != first.network.config:
+            raise ValueError(
+                f"model {member.name} has another architecture than {first.name}; "
+                "only networks of one architecture can be averaged"
+            )
+        if member.preprocess != first.preprocess or member.patch_size != first.patch_size:
+            raise ValueError(
+                f"model {member.name} preprocesses its input otherwise than {first.name}"
+            )
+    config = dataclasses.replace(first.network.config, members=len(members))
+    network = AnomalyNet(config)
+    for target, member in zip(network.members, members):
+        target.load_state_dict(member.network.unet.state_dict())
+    network.eval()
+    metadata = copy.deepcopy(first.metadata)
+    for key in ("calibration", "recommended_threshold", "created", "name", "parent_sha256"):
+        metadata.pop(key, None)
+    if name:
+        metadata["name"] = name
+    metadata["ensemble_of"] = [
+        {
+            "name": m.name,
+            "sha256": m.sha256,
+            "training": copy.deepcopy(m.metadata.get("training")),
+            "metrics": copy.deepcopy(m.metadata.get("metrics")),
+        }
+        for m in members
+    ]
+    return Localiser(network, first.preprocess, metadata)

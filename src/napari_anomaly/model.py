@@ -41,6 +41,8 @@ MAX_RES_UNITS = 8
 #: Largest network accepted, in weights (400 MB as float32); counted on
 #: PyTorch's "meta" device, which allocates nothing.
 MAX_PARAMETERS = 100_000_000
+#: Most networks in one ensemble (``NetworkConfig.members``).
+MAX_MEMBERS = 8
 NORMS = ("instance", "batch")
 
 
@@ -64,6 +66,10 @@ class NetworkConfig:
         Normalisation layer name understood by MONAI.
     dropout
         Dropout probability.
+    members
+        Networks of this architecture in the model (an ensemble; 1 is a
+        single network). Their anomaly and disagreement probabilities are
+        averaged (:meth:`AnomalyNet.forward`).
 
     Raises
     ------
@@ -71,8 +77,9 @@ class NetworkConfig:
         For a field of the wrong type or out of bounds: 2 to ``MAX_LEVELS``
         levels of 1 to ``MAX_CHANNELS`` channels, strides 1 to ``MAX_STRIDE``
         (product at most ``MAX_SIZE_MULTIPLE``), 0 to ``MAX_RES_UNITS``
-        residual units, a norm in ``NORMS``, dropout in [0, 1), and at most
-        :data:`MAX_PARAMETERS` weights in all. Checked before anything is
+        residual units, a norm in ``NORMS``, dropout in [0, 1), 1 to
+        :data:`MAX_MEMBERS` members, and at most :data:`MAX_PARAMETERS` weights
+        in all. Checked before anything is
         built, because the values may come from an untrusted model file.
     """
 
@@ -82,6 +89,7 @@ class NetworkConfig:
     num_res_units: int = 2
     norm: str = "instance"
     dropout: float = 0.0
+    members: int = 1
 
     def __post_init__(self) -> None:
         # Every field is checked (types included: the values may come from a
@@ -125,7 +133,12 @@ class NetworkConfig:
             or not 0 <= self.dropout < 1
         ):
             raise ValueError(f"dropout must be a number in [0, 1), got {_short(self.dropout)}")
-        parameters = _parameter_count(self)
+        if not _is_int(self.members) or not 1 <= self.members <= MAX_MEMBERS:
+            raise ValueError(
+                f"members must be a whole number from 1 to {MAX_MEMBERS}, "
+                f"got {_short(self.members)}"
+            )
+        parameters = _parameter_count(self) * self.members
         if parameters > MAX_PARAMETERS:
             raise ValueError(
                 f"this architecture has {parameters:,} parameters, more than the "
@@ -185,6 +198,10 @@ def _parameter_count(config: NetworkConfig) -> int:
     return sum(p.numel() for p in network.parameters())
 
 
+#: Probabilities of an ensemble are clipped to [eps, 1 - eps] before the logit.
+_ENSEMBLE_EPS = 1e-6
+
+
 class AnomalyNet(nn.Module):
     """U-Net with an anomaly logit and a rater-disagreement logit per voxel.
 
@@ -202,10 +219,19 @@ class AnomalyNet(nn.Module):
     def __init__(self, config: NetworkConfig = NetworkConfig()) -> None:
         super().__init__()
         self.config = config
-        self.unet = _unet(config)
+        if config.members == 1:
+            self.unet = _unet(config)
+        else:
+            self.members = nn.ModuleList(_unet(config) for _ in range(config.members))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.unet(image)
+        if self.config.members == 1:
+            return self.unet(image)
+        # An ensemble: the members' probabilities (anomaly, disagreement) are
+        # averaged and returned as logits again, so that everything downstream
+        # (sigmoid in split, the losses of fine-tuning) treats it as one network.
+        mean = torch.stack([torch.sigmoid(m(image)) for m in self.members]).mean(0)
+        return torch.logit(mean, eps=_ENSEMBLE_EPS)
 
     @staticmethod
     def split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
