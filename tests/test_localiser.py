@@ -126,3 +126,25 @@ def test_models_that_cannot_be_averaged_are_refused():
         ensemble([ensemble([a, _member(2, "b")]), a])
     with pytest.raises(ValueError, match="members"):
         NetworkConfig(members=0)
+
+
+def test_an_ensemble_is_fine_tuned_as_one_model():
+    import numpy as np
+
+    from napari_anomaly.localiser import ensemble
+    from napari_anomaly.progress import run_to_end
+    from napari_anomaly.training import FinetuneConfig, finetune
+
+    both = ensemble([_member(1, "a"), _member(2, "b")], name="a+b")
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, (48, 48)).astype(np.float32)
+    mask = np.zeros((48, 48), bool)
+    mask[20:28, 20:28] = True
+    config = FinetuneConfig(steps=2, batch_size=4, device="cpu", carry_calibration=False)
+    tuned = run_to_end(finetune(both, [image], [mask], config))
+    assert tuned.network.config.members == 2
+    before = both.network.state_dict()
+    after = tuned.network.state_dict()
+    for i in range(2):  # every member learnt from the correction
+        key = next(k for k in after if k.startswith(f"members.{i}.") and k.endswith("weight"))
+        assert not torch.equal(before[key], after[key])
