@@ -162,7 +162,9 @@ def test_retrieve_gets_every_instance_and_reads_like_the_upload(settings, upload
     folder = run_to_end(pacs.retrieve_series(settings, mr.series_uid, tmp_path / "mr"))
     assert folder == tmp_path / "mr"
     assert len(list(folder.iterdir())) == len(mr.files) == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mr"], "no staging folder is left"
+    # No staging folder is left; only the (empty, unlocked) lock file of the retrieve.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mr.lock", "mr"]
+    assert (tmp_path / ".mr.lock").stat().st_size == 0
 
     sent, got = read_image(mr.folder), read_image(folder)
     np.testing.assert_array_equal(got.array, sent.array)
