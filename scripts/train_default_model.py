@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from napari_anomaly.augment import AugmentConfig
-from napari_anomaly.config import config_from_dict
 from napari_anomaly.evaluation.anatomy import (
     brain_labels,
     clinical_heads,
@@ -195,10 +194,13 @@ def main() -> None:
         # More steps of the parent's own training (its task and settings, its weights
         # as the start) on the same data: what `adapt` does, on the training data.
         parent = Localiser.load(args.continue_from)
+        # adapt() trains with the parent's stored settings: change them on this in-memory
+        # copy only (the child's metadata records what it was trained with).
+        stored = parent.metadata["training"]
         if args.lesion_delta:
-            # adapt() trains with the parent's stored task settings: change them on this
-            # in-memory copy only (the child's metadata records what it was trained with).
-            parent.metadata["training"]["config"]["lesion_task_delta"] = list(args.lesion_delta)
+            stored["config"]["lesion_task_delta"] = list(args.lesion_delta)
+        if args.deform is not None:
+            stored.setdefault("augmentation", {})["deform_probability"] = args.deform
         config = AdaptConfig(
             steps=args.steps,
             learning_rate=args.learning_rate,
@@ -207,15 +209,7 @@ def main() -> None:
             device=args.device,
             seed=args.seed,
         )
-        augmentation = None
-        if args.deform is not None:
-            parent_augmentation = config_from_dict(
-                AugmentConfig, parent.metadata["training"].get("augmentation") or {}
-            )
-            augmentation = replace(parent_augmentation, deform_probability=args.deform)
-        localiser = run_to_end(
-            adapt(parent, images, config, image_names=None, augmentation=augmentation)
-        )
+        localiser = run_to_end(adapt(parent, images, config, image_names=None))
         localiser.metadata["name"] = args.out.stem
         print(f"wrote {args.out} sha256={localiser.save(args.out, overwrite=args.overwrite)}")
         return

@@ -9,6 +9,8 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
 from importlib import resources
@@ -214,9 +216,6 @@ def ensemble(members: list[Localiser], name: str | None = None) -> Localiser:
     ValueError
         Fewer than two members, or members that cannot be averaged.
     """
-    import copy
-    import dataclasses
-
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two models, got {len(members)}")
     first = members[0]

@@ -880,6 +880,25 @@ def _encode(dataset: Any) -> bytes:
     return buffer.getvalue()
 
 
+@contextlib.contextmanager
+def _one_retrieve_at_a_time(final: Path, series_uid: str) -> Iterator[None]:
+    """Hold the lock of a series folder for a retrieve, or refuse at once.
+
+    A second retrieve into the same folder (another window, another process) would
+    share the staging folder and rename it away under the first.
+    """
+    from napari_anomaly.io.atomic import LockHeld, exclusive_lock
+
+    try:
+        with exclusive_lock(final.parent / f".{final.name}.lock"):
+            yield
+    except LockHeld:
+        raise PacsError(
+            f"series {series_uid} is already being retrieved into {final} (another "
+            "window or process); wait for it to finish, then open the folder"
+        ) from None
+
+
 def _retrieve(
     settings: PacsSettings,
     series_uid: str,
@@ -888,8 +907,8 @@ def _retrieve(
     max_bytes: int,
     overwrite: bool,
 ) -> Job[Path]:
-    from napari_anomaly.io import check_output_folder
-    from napari_anomaly.io.atomic import LockHeld, exclusive_lock
+    from napari_anomaly.io import atomic_write_bytes, check_output_folder, clear_leftovers
+    from napari_anomaly.io.atomic import interrupts_deferred
 
     yield Progress(0, 0, "asking the PACS for the series' instances")
     client = _client(settings)
@@ -919,97 +938,56 @@ def _retrieve(
     staging = _staging_folder(final)
     check_output_folder(final.parent, needed_bytes=announced or 0)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # One retrieve per folder at a time: a second one (another window, another
-    # process) would share the staging folder and rename it away under the first.
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(exclusive_lock(final.parent / f".{final.name}.lock"))
-        except LockHeld:
-            raise PacsError(
-                f"series {series_uid} is already being retrieved into {final} (another "
-                "window or process); wait for it to finish, then open the folder"
-            ) from None
-        return (
-            yield from _fetch_into(
-                settings,
-                client,
-                series_uid,
-                study_uid,
-                names,
-                staging,
-                final,
-                max_bytes,
-                announced,
-                total,
-            )
-        )
+    with _one_retrieve_at_a_time(final, series_uid):
+        staging.mkdir(parents=True, exist_ok=True)
+        clear_leftovers(staging)  # half-written files of a killed run
+        for stray in staging.iterdir():
+            if stray.name not in names:  # no longer in the series on the PACS
+                shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
+        have = {p.name for p in staging.iterdir()}
+        received = sum((staging / name).stat().st_size for name in have)
+        done = len(have)
+        if done:
+            yield Progress(done, total, f"resuming: {done} of {total} instances already here")
 
+        not_found = f"series {series_uid} changed on the PACS during the retrieve; try again"
+        for name, item in names.items():
+            if name in have:
+                continue
+            with _talking_to(settings, "retrieve the series", not_found=not_found):
+                dataset = client.retrieve_instance(
+                    study_instance_uid=study_uid or _value(item, "study_uid"),
+                    series_instance_uid=series_uid,
+                    sop_instance_uid=name[: -len(".dcm")],
+                )
+            data = _encode(dataset)
+            received += len(data)
+            if received > max_bytes:
+                raise PacsError(
+                    f"series {series_uid} is larger than the limit of {_megabytes(max_bytes)}; "
+                    f"the {done} instances fetched so far wait in {staging} for a retrieve "
+                    "with a larger limit"
+                )
+            atomic_write_bytes(staging / name, data, overwrite=True)
+            done += 1
+            yield Progress(done, total, f"retrieved {done} of {total} instances")
 
-def _fetch_into(
-    settings: PacsSettings,
-    client: Any,
-    series_uid: str,
-    study_uid: str | None,
-    names: dict[str, dict],
-    staging: Path,
-    final: Path,
-    max_bytes: int,
-    announced: int | None,
-    total: int,
-) -> Job[Path]:
-    """The locked part of a retrieve: fetch the missing instances, rename into place."""
-    from napari_anomaly.io import atomic_write_bytes, clear_leftovers
-    from napari_anomaly.io.atomic import interrupts_deferred
-
-    staging.mkdir(parents=True, exist_ok=True)
-    clear_leftovers(staging)  # half-written files of a killed run
-    for stray in staging.iterdir():
-        if stray.name not in names:  # no longer in the series on the PACS
-            shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
-    have = {p.name for p in staging.iterdir()}
-    received = sum((staging / name).stat().st_size for name in have)
-    done = len(have)
-    if done:
-        yield Progress(done, total, f"resuming: {done} of {total} instances already here")
-
-    not_found = f"series {series_uid} changed on the PACS during the retrieve; try again"
-    for name, item in names.items():
-        if name in have:
-            continue
-        with _talking_to(settings, "retrieve the series", not_found=not_found):
-            dataset = client.retrieve_instance(
-                study_instance_uid=study_uid or _value(item, "study_uid"),
-                series_instance_uid=series_uid,
-                sop_instance_uid=name[: -len(".dcm")],
-            )
-        data = _encode(dataset)
-        received += len(data)
-        if received > max_bytes:
-            raise PacsError(
-                f"series {series_uid} is larger than the limit of {_megabytes(max_bytes)}; "
-                f"the {done} instances fetched so far wait in {staging} for a retrieve "
-                "with a larger limit"
-            )
-        atomic_write_bytes(staging / name, data, overwrite=True)
-        done += 1
-        yield Progress(done, total, f"retrieved {done} of {total} instances")
-
-    with interrupts_deferred():
-        if final.is_dir():
-            aside = final.parent / f".{final.name}.replaced"
-            if aside.exists():
-                shutil.rmtree(aside)
-            os.replace(final, aside)
-            try:
+        with interrupts_deferred():
+            if final.is_dir():
+                aside = final.parent / f".{final.name}.replaced"
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(final, aside)
+                try:
+                    os.replace(staging, final)
+                except BaseException:
+                    os.replace(aside, final)
+                    raise
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
                 os.replace(staging, final)
-            except BaseException:
-                os.replace(aside, final)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    logger.info("retrieved series %s (%d instances) into %s", series_uid, total, final)
-    return final
+        logger.info("retrieved series %s (%d instances) into %s", series_uid, total, final)
+        return final
 
 
 # ----------------------------------------------------------------------------- store
