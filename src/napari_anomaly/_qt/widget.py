@@ -152,6 +152,15 @@ def _change(before: float | None, after: float | None, digits: int = 2) -> str:
     return f"{fmt(before)} → {fmt(after)}"
 
 
+def _heading(text: str) -> Label:
+    """A section title of the form."""
+    heading = Label(value=f"<b>{text}</b>")
+    heading.native.setTextFormat(Qt.TextFormat.RichText)
+    heading.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+    heading.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+    return heading
+
+
 def _read_session(folder: Path, images: dict, inference: InferenceConfig):
     """Read a saved review (a job for a worker: source files are read and hashed); returns
     the session, or the one-line reason it could not be read."""
@@ -324,24 +333,18 @@ class AnomalyReviewWidget(WorklistControls, Container):
 
         # The controls scroll (the dock may be shorter than they are); the resume
         # prompt, the progress bar and the status line stay in view, full width.
+        # What a reviewer uses on every case comes first (the case, its regions), so
+        # that the region table is in view after Localise also in a short window; the
+        # cohort, the model and the threshold from normal scans follow.
         self._form = Container(
             widgets=[
-                self.model_choice,
-                self.model_file,
-                _row(self.card_button, self.revert_button, self.save_model_button),
-                self.device,
-                self.device_in_use,
-                self.adapt_steps,
-                self.adapt_button,
-                self.normal_scans,
-                self.max_false_regions,
-                self.calibrate_button,
-                self._worklist_panel,
-                _row(self.pacs_button),
+                _heading("Case"),
                 self.image_layer,
                 self.display_window,
+                _row(self.pacs_button),
                 self.flips,
                 _row(self.localise_button, self.cancel_button),
+                _heading("Regions"),
                 self.threshold,
                 self.min_region_size,
                 self.min_region_mm,
@@ -349,15 +352,31 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 _row(self.accept_button, self.reject_button),
                 _row(self.undo_button, self.redo_button),
                 self.review_button,
+                _heading("Fine-tune"),
                 self.finetune_steps,
                 self.finetune_button,
                 self.metrics,
                 self.comparison_caption,
                 self.comparison,
+                _heading("Export and save"),
                 self.export_path,
                 _row(self.export_anomaly, self.export_button),
                 self.session_folder,
                 _row(self.save_session_button, self.load_session_button),
+                _heading("Cohort"),
+                self._worklist_panel,
+                _heading("Model"),
+                self.model_choice,
+                self.model_file,
+                _row(self.card_button, self.revert_button, self.save_model_button),
+                self.device,
+                self.device_in_use,
+                self.adapt_steps,
+                self.adapt_button,
+                _heading("Threshold from normal scans"),
+                self.normal_scans,
+                self.max_false_regions,
+                self.calibrate_button,
             ]
         )
         self.extend([self.resume_banner, self._form, self.progress, self.status])
