@@ -334,8 +334,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
         # The controls scroll (the dock may be shorter than they are); the resume
         # prompt, the progress bar and the status line stay in view, full width.
         # What a reviewer uses on every case comes first (the case, its regions), so
-        # that the region table is in view after Localise also in a short window; the
-        # cohort, the model and the threshold from normal scans follow.
+        # that the region table is in view after Localise also in a short window; then
+        # the cohort (Next case), fine-tuning, export, the model and the threshold.
         self._form = Container(
             widgets=[
                 _heading("Case"),
@@ -352,6 +352,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 _row(self.accept_button, self.reject_button),
                 _row(self.undo_button, self.redo_button),
                 self.review_button,
+                _heading("Cohort"),
+                self._worklist_panel,
                 _heading("Fine-tune"),
                 self.finetune_steps,
                 self.finetune_button,
@@ -363,8 +365,6 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 _row(self.export_anomaly, self.export_button),
                 self.session_folder,
                 _row(self.save_session_button, self.load_session_button),
-                _heading("Cohort"),
-                self._worklist_panel,
                 _heading("Model"),
                 self.model_choice,
                 self.model_file,
