@@ -104,7 +104,9 @@ def main() -> None:
     parser.add_argument("--family", default="mass")
     parser.add_argument("--contrast", default="flair")
     parser.add_argument("--cases", type=int, default=4)
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-6])
+    parser.add_argument(
+        "--learning-rates", type=float, nargs="+", default=[FinetuneConfig.learning_rate]
+    )
     parser.add_argument("--steps", type=int, nargs="+", default=[FinetuneConfig.steps])
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -116,6 +118,13 @@ def main() -> None:
         "--replay-fractions", type=float, nargs="+", default=[FinetuneConfig.replay_fraction]
     )
     parser.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
+    parser.add_argument(
+        "--member-losses",
+        nargs="+",
+        choices=["each", "average"],
+        default=[FinetuneConfig.member_loss],
+        help="an ensemble's loss: every member's own, or only their average's",
+    )
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[FinetuneConfig.seed])
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
@@ -143,8 +152,9 @@ def main() -> None:
         if family not in (args.family, "normal")
     ]
     normals = [
-        make_case(volume, brain, "normal", args.contrast, rng=args.seed * 100 + 80 + k,
-                  anatomy=anatomy)
+        make_case(
+            volume, brain, "normal", args.contrast, rng=args.seed * 100 + 80 + k, anatomy=anatomy
+        )
         for k in range(args.normals)
     ]
     corrected, kind_others = kind[0], kind[1:]
@@ -158,8 +168,9 @@ def main() -> None:
         args.anchor_weights,
         args.replay_fractions,
         args.finetune_seeds,
+        args.member_losses,
     )
-    for lr, steps, anchor, replay, finetune_seed in grid:
+    for lr, steps, anchor, replay, finetune_seed, member_loss in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -170,6 +181,7 @@ def main() -> None:
             replay_fraction=replay,
             batch_size=args.batch_size,
             seed=finetune_seed,
+            member_loss=member_loss,
             carry_calibration=False,
         )
         tuned = run_to_end(
@@ -184,7 +196,10 @@ def main() -> None:
         after = measure(tuned, kind_others, corrected, others, normals, args.in_plane_mm)
         carried = run_to_end(
             carry_calibration(
-                localiser, tuned, [corrected.image], [corrected.lesion_mask],
+                localiser,
+                tuned,
+                [corrected.image],
+                [corrected.lesion_mask],
                 [tuple(corrected.spacing)],
             )
         )
@@ -196,6 +211,7 @@ def main() -> None:
             "replay_fraction": replay,
             "batch_size": args.batch_size,
             "finetune_seed": finetune_seed,
+            "member_loss": member_loss,
             "weight_drift": round(weight_drift(localiser, tuned), 6),
             "after": after,
         }

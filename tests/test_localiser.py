@@ -1,6 +1,7 @@
 """Model files: round trip, provenance, and refusal of anything else."""
 
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -148,3 +149,40 @@ def test_an_ensemble_is_fine_tuned_as_one_model():
     for i in range(2):  # every member learnt from the correction
         key = next(k for k in after if k.startswith(f"members.{i}.") and k.endswith("weight"))
         assert not torch.equal(before[key], after[key])
+
+
+def test_every_member_of_an_ensemble_is_fine_tuned_as_if_alone():
+    import numpy as np
+
+    from napari_anomaly.localiser import ensemble
+    from napari_anomaly.progress import run_to_end
+    from napari_anomaly.training import FinetuneConfig, finetune
+
+    a, b = _member(1, "a"), _member(2, "b")
+    both = ensemble([a, b], name="a+b")
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 10, (48, 48)).astype(np.float32)
+    mask = np.zeros((48, 48), bool)
+    mask[20:28, 20:28] = True
+    config = FinetuneConfig(
+        steps=3, batch_size=4, replay_fraction=0.0, device="cpu", carry_calibration=False
+    )
+    assert config.member_loss == "each"  # the default
+    tuned = run_to_end(finetune(both, [image], [mask], config)).network.state_dict()
+    joint = replace(config, member_loss="average")
+    averaged = run_to_end(finetune(both, [image], [mask], joint)).network.state_dict()
+    for i, member in enumerate((a, b)):
+        alone = run_to_end(finetune(member, [image], [mask], config)).network.state_dict()
+        weights = [k for k in alone if k.endswith("weight")]
+
+        def in_ensemble(key: str, state: dict = tuned, i: int = i) -> torch.Tensor:
+            return state[f"members.{i}.{key.removeprefix('unet.')}"]
+
+        for key in weights:
+            assert torch.allclose(in_ensemble(key), alone[key], atol=1e-5)
+        # Trained only through their average, the members move otherwise.
+        assert any(
+            not torch.allclose(in_ensemble(key, averaged), alone[key], atol=1e-5) for key in weights
+        )
+    with pytest.raises(ValueError, match="member_loss"):
+        FinetuneConfig(member_loss="sum")

@@ -224,7 +224,13 @@ class AnomalyNet(nn.Module):
         else:
             self.members = nn.ModuleList(_unet(config) for _ in range(config.members))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, each_member: bool = False) -> torch.Tensor:
+        """Output logits; with ``each_member``, every member's own, stacked
+        ``(members, B, 2, *spatial)`` (one member for a single network), so
+        that each can be trained on its own loss (:func:`members_loss`)."""
+        if each_member:
+            nets = [self.unet] if self.config.members == 1 else list(self.members)
+            return torch.stack([net(image) for net in nets])
         if self.config.members == 1:
             return self.unet(image)
         # An ensemble: the members' probabilities (anomaly, disagreement) are
@@ -278,3 +284,26 @@ def anomaly_loss(
         parts["loss_confidence"] = float(confidence_term.detach())
     parts["loss"] = float(loss.detach())
     return loss, parts
+
+
+def members_loss(
+    member_logits: torch.Tensor,
+    label: torch.Tensor,
+    label_std: torch.Tensor | None,
+    confidence_weight: float = 0.5,
+    voxel_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`anomaly_loss` of every member of an ensemble on its own, averaged.
+
+    ``member_logits`` is ``AnomalyNet(..., each_member=True)``'s output. Each
+    member is pulled towards the labels by itself, as when the members were
+    trained, instead of only their average being pulled (where a member can
+    move far to make up for another).
+    """
+    losses, parts = [], []
+    for logits in member_logits:
+        loss, part = anomaly_loss(logits, label, label_std, confidence_weight, voxel_weight)
+        losses.append(loss)
+        parts.append(part)
+    mean_parts = {key: sum(p[key] for p in parts) / len(parts) for key in parts[0]}
+    return torch.stack(losses).mean(), mean_parts
