@@ -807,6 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     from napari_anomaly._cli_pacs import add_pacs_parser
 
     add_pacs_parser(sub, common)
+    from napari_anomaly._cli_sessions import add_sessions_parser
+
+    add_sessions_parser(sub, common)
     return parser
 
 

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from napari_anomaly.session import ReviewSession
 
 __all__ = [
+    "DISCARDED_FOLDER",
     "MANIFEST_NAME",
     "SESSION_FORMAT_VERSION",
     "AutosaveInfo",
@@ -92,7 +93,8 @@ SESSION_FORMAT_VERSION = 1
 MANIFEST_NAME = "session.json"
 _FORMAT_NAME = "napari-anomaly review session"
 _LOCK_NAME = ".in-use"
-_DISCARDED = ".discarded"
+#: Where discarded autosaves are set aside, under the autosave root.
+DISCARDED_FOLDER = ".discarded"
 #: Environment variable that moves the autosave folders (tests, shared machines).
 SESSIONS_ENV = "NAPARI_ANOMALY_SESSIONS"
 
@@ -354,7 +356,7 @@ def find_autosaves(
 def discard(folder: str | os.PathLike[str]) -> Path:
     """Set an autosaved session aside: it is kept (``<root>/.discarded/``) but not offered again."""
     folder = Path(folder)
-    aside = folder.parent / _DISCARDED
+    aside = folder.parent / DISCARDED_FOLDER
     aside.mkdir(parents=True, exist_ok=True)
     target = aside / folder.name
     if target.exists():
