@@ -226,3 +226,29 @@ def test_min_region_size_in_mm_drops_small_regions_on_the_scans_grid(widget):
     assert kept and all(r.size_physical >= (smallest + largest) / 2 for r in kept)
     assert len(kept) < len(regions)
     assert widget.min_region_size.value == 0  # the voxel limit is unchanged
+
+
+def test_the_region_table_is_in_view_after_localise_in_a_small_window(widget, qtbot):
+    from qtpy.QtCore import QPoint
+
+    viewer = widget.viewer
+    window = viewer.window._qt_window
+    viewer.window.add_dock_widget(widget, name="Anomaly review", area="right")
+    window.resize(1280, 720)
+    window.show()
+    viewer.add_image(body_scan((40, 48)), name="scan")
+    widget.image_layer.value = "scan"
+    widget.localise(wait=True)
+    assert widget.last_error is None
+    qtbot.wait(50)
+    scroll, table = widget._scroll, widget.regions.native
+    assert scroll.verticalScrollBar().value() == 0  # as the dock opens, not scrolled
+    top = table.mapTo(scroll.widget(), QPoint(0, 0)).y()
+    header = table.horizontalHeader().height()
+    rows = 3 * table.verticalHeader().defaultSectionSize()
+    # The table's header and its first three rows are visible without scrolling...
+    assert top + header + rows <= scroll.viewport().height()
+    # ...and so are Localise and the threshold slider above it.
+    for control in (widget.localise_button, widget.threshold):
+        y = control.native.mapTo(scroll.widget(), QPoint(0, 0)).y()
+        assert 0 <= y < top
