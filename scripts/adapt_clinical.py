@@ -65,6 +65,12 @@ def main() -> None:
     parser.add_argument("--scans", type=int, default=4)
     parser.add_argument("--steps", type=int, default=AdaptConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--member-loss",
+        choices=["each", "average"],
+        default=AdaptConfig.member_loss,
+        help="an ensemble's loss: every member's own, or only their average's",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -97,7 +103,9 @@ def main() -> None:
         adapt(
             parent,
             [c.image for c in site],
-            AdaptConfig(steps=args.steps, device="cpu", seed=args.seed),
+            AdaptConfig(
+                steps=args.steps, device="cpu", seed=args.seed, member_loss=args.member_loss
+            ),
             image_names=[f"site scan {k} ({c.family})" for k, c in enumerate(site)],
             spacings=[tuple(c.spacing) for c in site],
         )
@@ -110,6 +118,7 @@ def main() -> None:
         "contrast": args.contrast,
         "site_scans": [c.family for c in site],
         "steps": args.steps,
+        "member_loss": args.member_loss,
         "threshold_before": parent.recommended_threshold,
         "threshold_after": child.recommended_threshold,
         "before": before,

@@ -193,3 +193,30 @@ def test_a_calibrated_parent_gives_a_child_calibrated_on_the_site_scans(parent):
     assert fitted["max_false_regions"] == 2.0  # the parent's budget
     assert fitted["data"].startswith("the adaptation scans")
     assert fitted["score"] != calibrated.metadata["calibration"]["score"]  # re-fitted
+
+
+def test_every_member_of_an_ensemble_can_adapt_as_if_alone(parent, images_2d):
+    from dataclasses import replace
+
+    from napari_anomaly.localiser import ensemble
+
+    other = run_to_end(
+        train(images_2d, TrainConfig(steps=1, seed=1, **TINY), network=TINY_NETWORK_2D)
+    )
+    both = ensemble([parent, other], name="both")
+    each = run_to_end(adapt(both, _site_scans(), replace(ADAPT, member_loss="each")))
+    tuned = each.network.state_dict()
+    averaged = run_to_end(adapt(both, _site_scans(), ADAPT)).network.state_dict()
+    assert ADAPT.member_loss == "average"  # the default
+    for i, member in enumerate((parent, other)):
+        alone = run_to_end(adapt(member, _site_scans(), ADAPT)).network.state_dict()
+        weights = [k for k in alone if k.endswith("weight")]
+        for key in weights:
+            in_ensemble = f"members.{i}.{key.removeprefix('unet.')}"
+            assert torch.allclose(tuned[in_ensemble], alone[key], atol=1e-5), key
+        assert any(
+            not torch.allclose(averaged[f"members.{i}.{k.removeprefix('unet.')}"], alone[k])
+            for k in weights
+        )
+    with pytest.raises(ValueError, match="member_loss"):
+        AdaptConfig(member_loss="both")

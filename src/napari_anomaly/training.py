@@ -253,6 +253,9 @@ class AdaptConfig:
         cosine decay.
     batch_size
         Patches per step; ``None``: the parent's training batch size.
+    member_loss
+        For an ensemble: every member on its own loss (``"each"``), or only
+        their averaged output (``"average"``); as in :class:`FinetuneConfig`.
     device, amp, seed
         As in :class:`TrainConfig`.
     """
@@ -262,6 +265,7 @@ class AdaptConfig:
     warmup_steps: int = 20
     weight_decay: float = 1e-4
     batch_size: int | None = None
+    member_loss: Literal["each", "average"] = "average"
     device: str = "auto"
     amp: bool = True
     seed: int = 0
@@ -273,6 +277,8 @@ class AdaptConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not self.learning_rate > 0 or self.warmup_steps < 0:
             raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
+        if self.member_loss not in ("each", "average"):
+            raise ValueError(f"member_loss must be 'each' or 'average', got {self.member_loss!r}")
 
 
 def _learning_rate(step: int, config: TrainConfig) -> float:
@@ -488,6 +494,7 @@ def _ppii_steps(
     fingerprint: dict | None = None,
     message: str = "training",
     run: DistributedRun | None = None,
+    each_member: bool = False,
 ) -> Job[dict[str, float]]:
     """The P-PII optimisation loop of :func:`train` and :func:`adapt`.
 
@@ -503,6 +510,9 @@ def _ppii_steps(
     streams, the gradients are averaged over the ranks, ``samples_per_s`` counts
     the samples of all ranks, ``loss`` is this rank's, and rank 0 alone writes the
     checkpoint (holding every rank's streams) while the others wait.
+
+    With ``each_member``, every member of an ensemble is trained on its own loss
+    (:func:`napari_anomaly.model.members_loss`).
     """
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -547,8 +557,9 @@ def _ppii_steps(
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         with torch.autocast(device_type=device.type, enabled=use_amp):
-            logits = trained(anomalous)
-        loss, parts = anomaly_loss(logits.float(), label, label_std, config.confidence_weight)
+            logits = trained(anomalous, each_member=True) if each_member else trained(anomalous)
+        loss_of = members_loss if each_member else anomaly_loss
+        loss, parts = loss_of(logits.float(), label, label_std, config.confidence_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -885,6 +896,7 @@ def adapt(
             augmentation=augmentation,
             message="adapting",
             run=run,
+            each_member=config.member_loss == "each",
         )
     model.eval()
 
