@@ -127,6 +127,8 @@ def main() -> None:
     widget.next_case(wait=True)
     widget._wait_prefetch()
     widget.select_region(0)
+    # The cohort section lies below the regions: scroll the dock down to the worklist.
+    widget._scroll.ensureWidgetVisible(widget.export_reviewed_button.native)
     _shoot(viewer, widget, args.out / "7_worklist.png")
     print(widget.status.value)
     viewer.close()
