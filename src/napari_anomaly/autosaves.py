@@ -23,17 +23,17 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from napari_anomaly.session_store import (
     DISCARDED_FOLDER,
     MANIFEST_NAME,
+    AutosaveInfo,
     SessionFileError,
     autosave_root,
     is_claimed,
-    read_manifest,
 )
 
 __all__ = [
@@ -110,14 +110,13 @@ def _modified(folder: Path) -> _dt.datetime:
 
 def _entry(folder: Path, name: str, discarded: bool) -> AutosaveEntry:
     try:
-        manifest = read_manifest(folder)
+        info = AutosaveInfo.read(folder)
     except SessionFileError:
-        manifest = None
-    cases = (manifest or {}).get("cases") or []
+        info = None
     saved_at = _modified(folder)
-    if manifest is not None:
+    if info is not None:
         try:
-            stamp = _dt.datetime.fromisoformat(str(manifest.get("saved_at")))
+            stamp = _dt.datetime.fromisoformat(info.saved_at)
             saved_at = stamp if stamp.tzinfo else stamp.replace(tzinfo=_dt.timezone.utc)
         except ValueError:
             pass
@@ -125,17 +124,17 @@ def _entry(folder: Path, name: str, discarded: bool) -> AutosaveEntry:
         state = DISCARDED
     elif is_claimed(folder):
         state = IN_USE
-    elif manifest is None:
+    elif info is None:
         state = UNREADABLE
     else:
-        state = RESUMABLE if cases else EMPTY
+        state = RESUMABLE if info.cases else EMPTY
     return AutosaveEntry(
         folder=folder,
         name=name,
         state=state,
         saved_at=saved_at,
-        cases=len(cases),
-        reviewed=sum(1 for case in cases if case.get("reviewed_at")),
+        cases=info.cases if info else 0,
+        reviewed=info.reviewed if info else 0,
         size_bytes=_size(folder),
     )
 
@@ -170,8 +169,8 @@ def list_autosaves(root: str | os.PathLike[str] | None = None) -> list[AutosaveE
 
 
 def select_autosaves(
-    entries: list[AutosaveEntry],
-    names: list[str] = (),
+    entries: Sequence[AutosaveEntry],
+    names: Sequence[str] = (),
     older_than_days: float | None = None,
     discarded: bool = False,
     now: _dt.datetime | None = None,

@@ -304,6 +304,22 @@ class AutosaveInfo:
     reviewed: int
     model_name: str
 
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> AutosaveInfo:
+        """The summary of a session folder (``SessionFileError`` if it has no readable
+        manifest)."""
+        manifest = read_manifest(folder)
+        cases = manifest.get("cases") or []
+        models = manifest["models"]
+        current = models["versions"][models["current"]]
+        return cls(
+            folder=Path(folder),
+            saved_at=str(manifest.get("saved_at", "")),
+            cases=len(cases),
+            reviewed=sum(1 for c in cases if c.get("reviewed_at")),
+            model_name=str(current.get("name", "?")),
+        )
+
     def describe(self) -> str:
         """One line for the resume prompt."""
         try:
@@ -333,23 +349,11 @@ def find_autosaves(
         if _key(folder) in skip or is_claimed(folder):
             continue
         try:
-            manifest = read_manifest(folder)
+            info = AutosaveInfo.read(folder)
         except SessionFileError:
             continue
-        cases = manifest.get("cases") or []
-        if not cases:
-            continue
-        models = manifest["models"]
-        current = models["versions"][models["current"]]
-        found.append(
-            AutosaveInfo(
-                folder=folder,
-                saved_at=str(manifest.get("saved_at", "")),
-                cases=len(cases),
-                reviewed=sum(1 for c in cases if c.get("reviewed_at")),
-                model_name=str(current.get("name", "?")),
-            )
-        )
+        if info.cases:
+            found.append(info)
     return sorted(found, key=lambda info: info.saved_at, reverse=True)
 
 

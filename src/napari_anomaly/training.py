@@ -157,6 +157,15 @@ class TrainConfig:
             )
 
 
+#: How an ensemble's members learn (``FinetuneConfig.member_loss``, ``AdaptConfig.member_loss``).
+MEMBER_LOSSES = ("each", "average")
+
+
+def _check_member_loss(value: str) -> None:
+    if value not in MEMBER_LOSSES:
+        raise ValueError(f"member_loss must be one of {MEMBER_LOSSES}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Settings of fine-tuning on corrected masks.
@@ -228,8 +237,7 @@ class FinetuneConfig:
             raise ValueError(f"anchor_weight must be finite and >= 0, got {self.anchor_weight}")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError("replay_fraction must lie in [0, 1)")
-        if self.member_loss not in ("each", "average"):
-            raise ValueError(f"member_loss must be 'each' or 'average', got {self.member_loss!r}")
+        _check_member_loss(self.member_loss)
 
 
 @dataclass(frozen=True)
@@ -280,8 +288,7 @@ class AdaptConfig:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not self.learning_rate > 0 or self.warmup_steps < 0:
             raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
-        if self.member_loss not in ("each", "average"):
-            raise ValueError(f"member_loss must be 'each' or 'average', got {self.member_loss!r}")
+        _check_member_loss(self.member_loss)
 
 
 def _learning_rate(step: int, config: TrainConfig) -> float:
@@ -537,6 +544,8 @@ def _ppii_steps(
     # DistributedDataParallel shares the parameters (and so the optimiser) with `model`.
     trained = model if run is None else run.wrap(model)
     model.train()
+    forward = {"each_member": True} if each_member else {}
+    loss_of = members_loss if each_member else anomaly_loss
     history: dict[str, float] = {}
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
@@ -560,8 +569,7 @@ def _ppii_steps(
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         with torch.autocast(device_type=device.type, enabled=use_amp):
-            logits = trained(anomalous, each_member=True) if each_member else trained(anomalous)
-        loss_of = members_loss if each_member else anomaly_loss
+            logits = trained(anomalous, **forward)
         loss, parts = loss_of(logits.float(), label, label_std, config.confidence_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
