@@ -8,9 +8,10 @@ The calibration scans are the yardstick's (``scripts/evaluate_clinical.py``):
 normal scans of the MNI152 template and the ITK single-subject head in the
 five contrasts, acquired as clinics do (``evaluation.clinical``), seed
 ``--seed``. The model's post-processing (``--smooth-mm``, ``--edge-mm``,
-``--in-plane-mm``) is stored with it, then ``calibration.calibrate`` fits the
-score scale and the default threshold (at most ``--max-false-regions`` regions
-per normal scan) and the result is written as a new version naming its parent.
+``--in-plane-mm``, ``--asymmetry-weight``) is stored with it, then
+``calibration.calibrate`` fits the score scale and the default threshold (at most
+``--max-false-regions`` regions per normal scan) and the result is written as a
+new version naming its parent.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def main() -> None:
     parser.add_argument("--smooth-mm", type=float, default=0.0)
     parser.add_argument("--edge-mm", type=float, default=0.0)
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
+    parser.add_argument(
+        "--asymmetry-weight",
+        type=float,
+        default=0.0,
+        help="share of the left-right comparison in the map (napari_anomaly.asymmetry)",
+    )
     parser.add_argument("--max-false-regions", type=float, default=5.0)
     parser.add_argument("--cases", type=int, default=1, help="scans per contrast and head")
     parser.add_argument("--seed", type=int, default=0)
@@ -43,7 +50,9 @@ def main() -> None:
 
     parent = Localiser.load(args.model)
     scans = calibration_scans(args.data, args.cases, args.seed)
-    post = PostprocessConfig(args.smooth_mm, args.edge_mm, args.in_plane_mm)
+    post = PostprocessConfig(
+        args.smooth_mm, args.edge_mm, args.in_plane_mm, asymmetry_weight=args.asymmetry_weight
+    )
     calibrated = run_to_end(
         calibrate(
             parent,

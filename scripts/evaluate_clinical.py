@@ -42,6 +42,7 @@ from napari_anomaly.evaluation.anatomy import calibration_scans, held_out_head
 from napari_anomaly.evaluation.clinical import (
     CONTRASTS,
     FAMILIES,
+    AcquisitionConfig,
     lesion_contrast,
     make_cohort,
 )
@@ -51,10 +52,12 @@ from napari_anomaly.evaluation.yardstick import (
     markdown_tables,
     model_predictor,
     score_variant,
+    with_asymmetry,
 )
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.io import atomic_write_text
 from napari_anomaly.localiser import Localiser
+from napari_anomaly.preprocess import PreprocessConfig
 from napari_anomaly.progress import run_to_end
 
 
@@ -67,9 +70,24 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--contrasts", nargs="+", default=list(CONTRASTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--head-turn",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("YAW", "ROLL"),
+        help="turn the yardstick's heads by up to these degrees (the calibration scans stay)",
+    )
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--rank-by", nargs="+", default=["mass"])
+    parser.add_argument(
+        "--asymmetry-weight",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="blend in the left-right comparison with these weights (napari_anomaly.asymmetry)",
+    )
     parser.add_argument(
         "--in-plane-mm",
         type=float,
@@ -98,6 +116,7 @@ def main() -> None:
             contrasts=args.contrasts,
             cases_per_cell=args.cases,
             seed=args.seed,
+            config=AcquisitionConfig(head_turn_degrees=tuple(args.head_turn)),
         )
     )
     calibration_cases = calibration_scans(
@@ -121,6 +140,7 @@ def main() -> None:
             )
             predictors[name] = (
                 model_predictor(localiser, InferenceConfig(device="cpu", flips=flips), in_plane),
+                localiser.preprocess,
                 {
                     "model": str(path),
                     "sha256": localiser.sha256,
@@ -129,7 +149,11 @@ def main() -> None:
                 },
             )
     if not args.no_baseline:
-        predictors["baseline"] = (baseline_predictor(), {"model": "|x - median7(x)| in plane"})
+        predictors["baseline"] = (
+            baseline_predictor(),
+            PreprocessConfig(),
+            {"model": "|x - median7(x)| in plane"},
+        )
 
     report = {
         "command": "python scripts/evaluate_clinical.py " + " ".join(sys.argv[1:]),
@@ -152,16 +176,26 @@ def main() -> None:
         "predictors": {},
     }
     best_tables = {}
-    for name, (predict, info) in predictors.items():
+    for name, (predict, prepare, info) in predictors.items():
         t0 = time.perf_counter()
         cal = run_to_end(collect_maps(predict, calibration_cases, f"{name} calibration"))
         records = run_to_end(collect_maps(predict, cases, f"{name} yardstick"))
+        if any(w > 0 for w in args.asymmetry_weight):
+            post = PostprocessConfig()
+            cal = run_to_end(
+                with_asymmetry(cal, [c.image for c in calibration_cases], prepare, post)
+            )
+            records = run_to_end(with_asymmetry(records, [c.image for c in cases], prepare, post))
         seconds = time.perf_counter() - t0
         variants = {}
-        for smooth, edge, rank, budget in itertools.product(
-            args.smooth_mm, args.edge_mm, args.rank_by, args.max_false_regions
+        for smooth, edge, asym, rank, budget in itertools.product(
+            args.smooth_mm,
+            args.edge_mm,
+            args.asymmetry_weight,
+            args.rank_by,
+            args.max_false_regions,
         ):
-            post = PostprocessConfig(smooth_mm=smooth, edge_margin_mm=edge)
+            post = PostprocessConfig(smooth_mm=smooth, edge_margin_mm=edge, asymmetry_weight=asym)
             result = score_variant(
                 cal,
                 records,
@@ -170,7 +204,7 @@ def main() -> None:
                 min_region_mm=args.min_region_mm,
                 rank_by=rank,
             )
-            key = f"smooth{smooth:g}_edge{edge:g}_{rank}_k{budget:g}"
+            key = f"smooth{smooth:g}_edge{edge:g}_asym{asym:g}_{rank}_k{budget:g}"
             variants[key] = result
             o = result["overall"]
             print(

@@ -246,6 +246,35 @@ def test_thick_slices_average_the_lesion_mask_by_partial_volume():
     assert not mask[0].any() and not mask[-1].any()
 
 
+def test_a_turned_head_moves_its_lesion_with_it_and_no_turn_changes_nothing(head, anatomy):
+    t1, brain, _ = head
+    lesion = np.zeros(t1.shape, dtype=bool)
+    lesion[20:28, 10:18, 40:48] = True  # right of the midline, towards the front
+    still = AcquisitionConfig(snr=(1e6, 1e6), bias_strength=(0.0, 0.0))
+    turned = AcquisitionConfig(
+        snr=(1e6, 1e6), bias_strength=(0.0, 0.0), head_turn_degrees=(20.0, 10.0)
+    )
+    a, mask_a, _, params_a = acquire(t1, lesion, 3, still)
+    b, mask_b, _, params_b = acquire(t1, lesion, 3, turned)
+    c, mask_c, _, _ = acquire(
+        t1,
+        lesion,
+        3,
+        AcquisitionConfig(snr=(1e6, 1e6), bias_strength=(0.0, 0.0), head_turn_degrees=(0.0, 0.0)),
+    )
+    np.testing.assert_array_equal(a, c)
+    assert params_a["head_turn_degrees"] == [0.0, 0.0]
+    yaw, roll = params_b["head_turn_degrees"]
+    assert abs(yaw) <= 20 and abs(roll) <= 10 and abs(yaw) + abs(roll) > 0
+    # the truth turns with the head: it is still there, somewhere else in the plane
+    assert mask_b.any()
+    assert a.shape != b.shape or not np.array_equal(a, b)
+    moved = np.subtract(
+        ndimage.center_of_mass(mask_b.any(axis=0)), ndimage.center_of_mass(mask_a.any(axis=0))
+    )
+    assert np.hypot(*moved) > 1.0
+
+
 def test_field_of_view_never_cuts_the_lesion_out(head, anatomy):
     t1, brain, _ = head
     tight = AcquisitionConfig(

@@ -82,17 +82,42 @@ class PostprocessConfig:
         (and the maps back after), so that a 0.5 mm scan shows the network
         anatomy at the size it learnt; 0 runs on the native grid. Used by
         :func:`napari_anomaly.inference.localise` when the spacing is known.
+    asymmetry_weight
+        Share of the left-right comparison in the map (:mod:`napari_anomaly.asymmetry`):
+        the network's map becomes ``(1 - w) * map + w * asymmetry`` before the
+        smoothing and the calibration; 0 turns it off.
+    asymmetry_smooth_mm, asymmetry_tolerance_mm, asymmetry_full_scale
+        The comparison's in-plane smoothing (mm), the distance (mm) within which
+        a mirrored value may lie, and the difference (preprocessed intensity,
+        0..1) that scores 1.
     """
 
     smooth_mm: float = 0.0
     edge_margin_mm: float = 0.0
     in_plane_mm: float = 0.0
+    asymmetry_weight: float = 0.0
+    asymmetry_smooth_mm: float = 4.0
+    asymmetry_tolerance_mm: float = 3.0
+    asymmetry_full_scale: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("smooth_mm", "edge_margin_mm", "in_plane_mm"):
+        for name in (
+            "smooth_mm",
+            "edge_margin_mm",
+            "in_plane_mm",
+            "asymmetry_weight",
+            "asymmetry_smooth_mm",
+            "asymmetry_tolerance_mm",
+        ):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if self.asymmetry_weight > 1:
+            raise ValueError(f"asymmetry_weight must lie in [0, 1], got {self.asymmetry_weight}")
+        if not (np.isfinite(self.asymmetry_full_scale) and self.asymmetry_full_scale > 0):
+            raise ValueError(
+                f"asymmetry_full_scale must be finite and > 0, got {self.asymmetry_full_scale}"
+            )
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> PostprocessConfig:
@@ -289,7 +314,6 @@ class ScoreCalibration:
         # Keep the first (lowest calibrated) knot of equal raw scores: conservative.
         raw, first = np.unique(raw, return_index=True)
         return cls(*_knots(zip(raw, cal[first])), voxels=int(n))
-
 
 
 def _knots(pairs) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -553,9 +577,7 @@ def carry_calibration(
             maps.append(result)
         marked = np.asarray(mask, dtype=bool)
         if marked.any() and margin_mm > 0:
-            distance = ndi.distance_transform_edt(
-                ~marked, sampling=_spacing(spacing, marked.ndim)
-            )
+            distance = ndi.distance_transform_edt(~marked, sampling=_spacing(spacing, marked.ndim))
             marked = distance <= margin_mm
         reference = maps[0].foreground & ~marked
         parent_values.append(maps[0].anomaly_map[reference])

@@ -455,12 +455,17 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
 
 
 def _predict_all(localiser, images, args) -> list:
-    from napari_anomaly.inference import InferenceConfig, localise
+    from napari_anomaly.inference import InferenceConfig, localise, placement
 
     config = InferenceConfig(device=args.device, flips=args.flips)
     return [
         _run(
-            localise(image.array, localiser, config, spacing=image.geometry.spacing),
+            localise(
+                image.array,
+                localiser,
+                config,
+                **placement(image.geometry, image.array.ndim),
+            ),
             f"localise {image.path.name}",
         ).anomaly_map
         for image in images

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from napari_anomaly.asymmetry import blend_asymmetry, left_right_axis
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -49,6 +50,7 @@ __all__ = [
     "available_memory",
     "localise",
     "localise_memory",
+    "placement",
     "tile_starts",
 ]
 
@@ -285,6 +287,15 @@ def _network_for_inference(network: torch.nn.Module, device: torch.device) -> to
     return network if ready else copy.deepcopy(network).to(device).eval()
 
 
+def placement(geometry, ndim: int) -> dict:
+    """:func:`localise`'s keyword arguments that come from an image's
+    :class:`~napari_anomaly.io.images.Geometry`: its spacing and left-right axis."""
+    return {
+        "spacing": geometry.spacing,
+        "left_right_axis": left_right_axis(geometry.direction, ndim),
+    }
+
+
 def localise(
     image: np.ndarray,
     localiser: Localiser,
@@ -292,6 +303,7 @@ def localise(
     foreground: np.ndarray | None = None,
     *,
     spacing: tuple[float, ...] | None = None,
+    left_right_axis: int | None = -1,
 ) -> Job[LocalisationResult]:
     """Predict the anomaly and confidence maps of one image or volume.
 
@@ -308,6 +320,12 @@ def localise(
     spacing
         Voxel size (mm) per axis, for the model's post-processing in
         millimetres (``Localiser.postprocess``); ``None`` = 1 mm.
+    left_right_axis
+        The array axis along the patient's left-right axis, for a model that
+        compares each side with the other (``PostprocessConfig.asymmetry_weight``;
+        :func:`napari_anomaly.asymmetry.left_right_axis` reads it from a
+        geometry); negative counts from the end; ``None``, or the axis the
+        planes are taken across, turns the comparison off.
 
     Notes
     -----
@@ -439,6 +457,19 @@ def localise(
     np.clip(anomaly_map, 0.0, 1.0, out=anomaly_map)
     np.clip(confidence_map, 0.0, 1.0, out=confidence_map)
     post = localiser.postprocess
+    plane_axes = [a for a in range(arr.ndim) if a != axis]
+    lr = None if left_right_axis is None or dims == 3 else left_right_axis % arr.ndim
+    if post.asymmetry_weight > 0 and lr in plane_axes:
+        yield Progress(total, total, "comparing left and right")
+        step = (1.0,) * arr.ndim if spacing is None else tuple(spacing)
+        blend_asymmetry(
+            anomaly_planes,
+            lambda p: mapping.apply(raw_planes[p], foreground_planes[p]),
+            foreground_planes,
+            [step[a] for a in plane_axes],
+            plane_axes.index(lr),
+            post,
+        )
     if post.smooth_mm > 0 or post.edge_margin_mm > 0:
         postprocess_map(anomaly_map, foreground, spacing, post, axis, out=anomaly_map)
     calibration = localiser.score_calibration

@@ -60,7 +60,7 @@ import numpy as np
 
 from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS, calibrate
 from napari_anomaly.case_outputs import OutputPlan, export_plan, timestamp, write_case
-from napari_anomaly.inference import InferenceConfig, LocalisationResult, localise
+from napari_anomaly.inference import InferenceConfig, LocalisationResult, localise, placement
 from napari_anomaly.io import Geometry
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import evaluate_cases, sample_score
@@ -714,7 +714,9 @@ class ReviewSession:
             digest = source_sha256 or hash_source(source_path)
             source = (str(source_path), digest, source_series)
         localiser = self.localiser
-        result = yield from localise(image, localiser, self.inference, spacing=geometry.spacing)
+        result = yield from localise(
+            image, localiser, self.inference, **placement(geometry, image.ndim)
+        )
         return self._store(case_id, name, image, geometry, result, localiser, source)
 
     def _predict(self, case_ids: Sequence[str], localiser: Localiser) -> Job[list[tuple]]:
@@ -728,7 +730,10 @@ class ReviewSession:
                 result = made[2]
             else:
                 result = yield from localise(
-                    case.image, localiser, self.inference, spacing=case.geometry.spacing
+                    case.image,
+                    localiser,
+                    self.inference,
+                    **placement(case.geometry, case.image.ndim),
                 )
             results.append((case_id, case.image, case.geometry, result))
         return results
@@ -1071,7 +1076,7 @@ class ReviewSession:
                 index, len(cases) + len(others), f"measuring the new version on {case.name}"
             )
             result = yield from localise(
-                case.image, tuned, self.inference, spacing=case.geometry.spacing
+                case.image, tuned, self.inference, **placement(case.geometry, case.image.ndim)
             )
             new_maps[case.case_id] = result.anomaly_map
             if index < len(cases):

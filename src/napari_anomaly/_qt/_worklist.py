@@ -22,7 +22,7 @@ from qtpy.QtWidgets import QApplication, QFileDialog, QStyledItemDelegate
 
 from napari_anomaly._layers import CASE_ID_KEY
 from napari_anomaly._reader import layer_data_of
-from napari_anomaly.inference import InferenceConfig, localise
+from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.worklist import Worklist, WorklistError
@@ -38,7 +38,7 @@ def _read_and_localise(path: str, localiser: Localiser, inference: InferenceConf
     """Read a scan and localise it (a job: the prefetch worker runs it, Cancel stops it)."""
     loaded = read_image(path, scan=True)
     result = yield from localise(
-        loaded.array, localiser, inference, spacing=loaded.geometry.spacing
+        loaded.array, localiser, inference, **placement(loaded.geometry, loaded.array.ndim)
     )
     return loaded, result
 

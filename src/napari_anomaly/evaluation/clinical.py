@@ -165,6 +165,11 @@ class AcquisitionConfig:
         A lesion region whose largest partial volume is below 0.5 but at least
         this is outlined where it reaches half its peak (a small lesion in a
         thick slice that a reader still sees); below this it is not in the truth.
+    head_turn_degrees : (yaw, roll)
+        Largest turn of the head, degrees either way, drawn uniformly: yaw in the
+        axial plane, roll about the front-back axis (one side lower). Patients
+        lie a few degrees off the scanner's axes; 0 (the default) leaves the head
+        as the template holds it.
     """
 
     slice_thickness_mm: tuple[float, float] = (3.0, 7.0)
@@ -181,6 +186,7 @@ class AcquisitionConfig:
     intensity_max: tuple[float, float] = (1200.0, 3800.0)
     scanner_max: float = 4095.0
     faint_partial_volume: float = 0.25
+    head_turn_degrees: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         for name in (
@@ -1239,6 +1245,20 @@ def _truth_from_partial_volume(partial: np.ndarray, faint: float) -> np.ndarray:
     return partial >= lookup[labels]
 
 
+def _turn(volume: np.ndarray, degrees: tuple[float, float]) -> np.ndarray:
+    """``volume`` (Z, Y, X) turned about its centre by (yaw, roll) degrees (linear)."""
+    yaw, roll = np.deg2rad(degrees)
+    turn_yaw = np.array([[1, 0, 0], [0, np.cos(yaw), -np.sin(yaw)], [0, np.sin(yaw), np.cos(yaw)]])
+    turn_roll = np.array(
+        [[np.cos(roll), 0, -np.sin(roll)], [0, 1, 0], [np.sin(roll), 0, np.cos(roll)]]
+    )
+    matrix = turn_yaw @ turn_roll
+    centre = (np.asarray(volume.shape, dtype=np.float64) - 1) / 2
+    return ndimage.affine_transform(
+        np.asarray(volume, dtype=np.float32), matrix, offset=centre - matrix @ centre, order=1
+    )
+
+
 def _acquire(
     volume_1mm: np.ndarray,
     masks: Sequence[np.ndarray],
@@ -1263,6 +1283,12 @@ def _acquire(
     ]
     intensity_max = float(rng.uniform(*config.intensity_max))
     phase = float(rng.random())
+    turn = (0.0, 0.0)
+    if any(config.head_turn_degrees):  # drawn last: the other draws stay as they were
+        turn = tuple(float(rng.uniform(-t, t)) for t in config.head_turn_degrees)
+        volume = _turn(volume, turn)
+        masks = [_turn(np.asarray(m, dtype=np.float32), turn) for m in masks]
+        keep = None if keep is None else _turn(np.asarray(keep, dtype=np.float32), turn) > 0.5
 
     extent = None
     if keep is not None and keep.any():
@@ -1312,6 +1338,7 @@ def _acquire(
         "first_slice_mm": float(first),
         "slices": count,
         "intensity_scale": scale,
+        "head_turn_degrees": list(turn),
         "config": config_to_dict(config),
     }
     return image, partial, spacing, params

@@ -50,6 +50,7 @@ __all__ = [
     "model_predictor",
     "score_variant",
     "markdown_tables",
+    "with_asymmetry",
 ]
 
 #: ``(image, spacing) -> (raw anomaly map in [0, 1], foreground)``
@@ -66,6 +67,8 @@ class CaseMaps:
     raw_map: np.ndarray  # float16
     foreground: np.ndarray  # bool
     truth: np.ndarray  # bool
+    #: the left-right comparison alone (float16), for variants that blend it in
+    asymmetry: np.ndarray | None = None
 
 
 def model_predictor(localiser, inference=None, in_plane_mm: float = 0.0) -> Predictor:
@@ -123,13 +126,54 @@ def collect_maps(predict: Predictor, cases: Iterable, label: str = "") -> Job[li
     return records
 
 
+def with_asymmetry(
+    records: Sequence[CaseMaps],
+    images: Sequence[np.ndarray],
+    preprocess_config: PreprocessConfig,
+    post: PostprocessConfig,
+) -> Job[list[CaseMaps]]:
+    """The records of ``images`` with their left-right comparison (``asymmetry``) added, made
+    as :func:`napari_anomaly.inference.localise` makes it (weight 1, on an empty map;
+    the scans' last axis runs left-right, as the yardstick acquires them)."""
+    import dataclasses
+
+    from napari_anomaly.asymmetry import blend_asymmetry
+    from napari_anomaly.preprocess import fit_preprocess
+
+    whole = dataclasses.replace(post, asymmetry_weight=1.0)
+    out = []
+    for index, (r, image) in enumerate(zip(records, images, strict=True)):
+        yield Progress(index, len(records), f"left-right comparison {index + 1}")
+        mapping, foreground = fit_preprocess(image, preprocess_config, foreground=r.foreground)
+        planes = image if image.ndim == 3 else image[None]
+        fg_planes = foreground if image.ndim == 3 else foreground[None]
+        asym = np.zeros(planes.shape, dtype=np.float32)
+        blend_asymmetry(
+            asym,
+            lambda p, m=mapping, a=planes, f=fg_planes: m.apply(a[p], f[p]),
+            fg_planes,
+            r.spacing[-2:],
+            1,
+            whole,
+        )
+        out.append(dataclasses.replace(r, asymmetry=asym.reshape(image.shape).astype(np.float16)))
+    return out
+
+
 def _maps(records: Sequence[CaseMaps], post: PostprocessConfig) -> list[np.ndarray]:
     plane_axis = 0  # 2D networks walk through volumes along axis 0 (axial slices)
     out = []
     for r in records:
         raw = r.raw_map.astype(np.float32)
+        if post.asymmetry_weight > 0:
+            if r.asymmetry is None:
+                raise ValueError(
+                    "this variant blends in the left-right comparison: "
+                    "add it to the records first (with_asymmetry)"
+                )
+            raw = (1 - post.asymmetry_weight) * raw + post.asymmetry_weight * r.asymmetry
         if post.smooth_mm > 0 or post.edge_margin_mm > 0:
-            spatial = PostprocessConfig(post.smooth_mm, post.edge_margin_mm)
+            spatial = PostprocessConfig(post.smooth_mm, post.edge_margin_mm)  # no asymmetry
             raw = postprocess_map(raw, r.foreground, r.spacing, spatial, plane_axis)
         out.append(raw)
     return out

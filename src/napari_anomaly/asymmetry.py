@@ -1,0 +1,217 @@
+"""Left-right comparison: how unlike its mirror image each voxel of a scan is.
+
+Most lesions of the brain (and of other paired organs) sit on one side; most
+normal anatomy has a counterpart on the other. The network looks at a patch at a
+time and cannot see the other side, so a bright T2 mass among bright
+cerebrospinal fluid is no stranger to it than the fluid. This module measures
+what the network misses:
+
+1. :func:`find_mirror`: the patient's mid-sagittal line in the plane, as a
+   reflection of the in-plane grid. The mean of the preprocessed planes is
+   rotated through a range of in-plane angles (head yaw); for each angle the
+   correlation of the image with its flip is a convolution along the left-right
+   axis (one FFT), whose peak gives the line's position. The best angle and
+   position win.
+2. :func:`asymmetry_map`: each plane is smoothed in plane (fine anatomy is not
+   symmetric; only coarse structure is), reflected with that line, and compared
+   with itself: the score of a voxel is how far its value lies outside the range
+   of the mirrored values within ``tolerance_mm`` of it (so a line off by a few
+   millimetres, or a sulcus a little to the side, costs nothing), divided by
+   ``full_scale`` and clipped to [0, 1]. Voxels whose mirror falls outside the
+   foreground score 0.
+
+:func:`napari_anomaly.inference.localise` blends this map into the network's
+map (``PostprocessConfig.asymmetry_weight``) before smoothing and calibration.
+Planes whose grid does not include the left-right axis (sagittal slices) and
+3D networks get no comparison. A head rolled about its front-back axis is not
+corrected for: its left and right halves lie in different slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_anomaly.calibration import PostprocessConfig
+
+__all__ = [
+    "Mirror",
+    "find_mirror",
+    "asymmetry_plane",
+    "blend_asymmetry",
+    "left_right_axis",
+    "MAX_YAW_DEGREES",
+]
+
+#: In-plane head rotations searched, in degrees either way.
+MAX_YAW_DEGREES = 12.0
+_YAW_STEP_DEGREES = 1.0
+#: The mid-sagittal line is looked for within the middle half of the left-right axis.
+_CENTRAL_SHARE = 0.5
+#: Smallest |cosine| between an array axis and the patient's left-right axis to call
+#: that axis "left-right".
+_LEFT_RIGHT_COSINE = 0.7
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A reflection of a plane's ``(row, column)`` grid about the mid-sagittal line.
+
+    ``matrix`` and ``offset`` map an output pixel ``p`` to the pixel it mirrors,
+    ``matrix @ p + offset`` (the convention of ``scipy.ndimage.affine_transform``);
+    ``yaw_degrees`` is the line's angle from the grid's axis, ``axis`` the
+    plane's left-right axis (0 or 1).
+    """
+
+    matrix: np.ndarray
+    offset: np.ndarray
+    yaw_degrees: float
+    axis: int
+
+    def apply(self, plane: np.ndarray, order: int = 1) -> np.ndarray:
+        """The plane's mirror image (0 where the mirror falls outside the plane)."""
+        return ndi.affine_transform(
+            np.asarray(plane, dtype=np.float32),
+            self.matrix,
+            offset=self.offset,
+            order=order,
+            mode="constant",
+            cval=0.0,
+        )
+
+
+def left_right_axis(direction: Sequence[float] | None, ndim: int) -> int | None:
+    """The NumPy axis that runs along the patient's left-right axis, or ``None``.
+
+    ``direction`` is a :class:`~napari_anomaly.io.images.Geometry`'s flattened
+    direction cosines (SimpleITK ``(x, y, z)`` convention, LPS); ``None`` means
+    the identity, where the last axis runs left-right (a plain array, a
+    photograph of a scan). An oblique grid whose axes all lie far from left-right
+    gets ``None``.
+    """
+    if direction is None:
+        return ndim - 1
+    matrix = np.asarray(direction, dtype=np.float64).reshape(ndim, ndim)
+    # Column j is index axis j's direction; NumPy axis a is index axis ndim-1-a;
+    # row 0 is the patient's x (left-right).
+    cosines = np.abs(matrix[0, ::-1])
+    best = int(np.argmax(cosines))
+    return best if cosines[best] >= _LEFT_RIGHT_COSINE else None
+
+
+def _rotation(degrees: float) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+
+
+def _reflection(shape: tuple[int, int], axis: int, degrees: float, twice_centre: float) -> Mirror:
+    """The reflection about the line ``x = twice_centre / 2`` of the grid rotated by ``degrees``."""
+    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    rotate = _rotation(degrees)
+    flip = np.eye(2)
+    flip[axis, axis] = -1.0
+    shift = np.zeros(2)
+    shift[axis] = twice_centre
+    # p -> o = c + R^-1 (p - c); o -> F o + s; back: p' = c + R (o' - c).
+    matrix = rotate @ flip @ rotate.T
+    offset = centre + rotate @ (flip @ (centre - rotate.T @ centre) + shift - centre)
+    return Mirror(matrix, offset, float(degrees), axis)
+
+
+def find_mirror(mean_plane: np.ndarray, axis: int) -> Mirror:
+    """The reflection that best matches ``mean_plane`` with itself.
+
+    ``mean_plane``: a 2D image, e.g. the mean of a volume's preprocessed planes
+    with the background at 0; ``axis``: its left-right axis (0 or 1).
+    """
+    plane = np.nan_to_num(np.asarray(mean_plane, dtype=np.float64))
+    if plane.ndim != 2 or axis not in (0, 1):
+        raise ValueError("find_mirror needs a 2D plane and its left-right axis, 0 or 1")
+    n = plane.shape[axis]
+    low = int(round(2 * n * (0.5 - _CENTRAL_SHARE / 2)))
+    high = max(low + 1, int(round(2 * n * (0.5 + _CENTRAL_SHARE / 2))))
+    best = (-np.inf, 0.0, float(n - 1))
+    for degrees in np.arange(-MAX_YAW_DEGREES, MAX_YAW_DEGREES + 1e-9, _YAW_STEP_DEGREES):
+        turned = Mirror(_rotation(degrees), np.zeros(2), degrees, axis)
+        centre = (np.asarray(plane.shape, dtype=np.float64) - 1) / 2
+        turned = Mirror(turned.matrix, centre - turned.matrix @ centre, degrees, axis)
+        rotated = turned.apply(plane)
+        # sum over lines of the convolution along the axis: sum_x f(x) f(k - x)
+        spectrum = np.fft.rfft(rotated, 2 * n, axis=axis)
+        score = np.fft.irfft((spectrum * spectrum).sum(axis=1 - axis), 2 * n)
+        k = low + int(np.argmax(score[low:high]))
+        if score[k] > best[0]:
+            best = (float(score[k]), float(degrees), float(k))
+    return _reflection(plane.shape, axis, best[1], best[2])
+
+
+def asymmetry_plane(
+    plane: np.ndarray,
+    foreground: np.ndarray,
+    mirror: Mirror,
+    spacing: Sequence[float],
+    smooth_mm: float,
+    tolerance_mm: float,
+    full_scale: float,
+) -> np.ndarray:
+    """How unlike its mirror image each pixel of one preprocessed plane is, in [0, 1].
+
+    ``spacing``: the plane's pixel size (mm) per axis. See the module's notes.
+    """
+    step = np.asarray(spacing, dtype=np.float64)
+    inside = np.asarray(foreground, dtype=bool)
+    values = np.where(inside, np.asarray(plane, dtype=np.float32), np.float32(0))
+    if smooth_mm > 0:
+        values = ndi.gaussian_filter(values, smooth_mm / step, mode="nearest")
+    mirrored = mirror.apply(values)
+    mirrored_inside = mirror.apply(inside.astype(np.float32), order=0) > 0.5
+    size = tuple(int(2 * round(tolerance_mm / s) + 1) for s in step)
+    highest = ndi.maximum_filter(mirrored, size=size, mode="nearest")
+    lowest = ndi.minimum_filter(mirrored, size=size, mode="nearest")
+    outside = np.maximum(values - highest, lowest - values)
+    np.maximum(outside, 0, out=outside)
+    outside[~(inside & mirrored_inside)] = 0
+    return np.clip(outside / np.float32(full_scale), 0, 1).astype(np.float32)
+
+
+def blend_asymmetry(
+    anomaly_planes: np.ndarray,
+    prepared_plane: Callable[[int], np.ndarray],
+    foreground_planes: np.ndarray,
+    plane_spacing: Sequence[float],
+    lr_axis: int,
+    config: PostprocessConfig,
+) -> Mirror:
+    """Blend the asymmetry into a stack of anomaly planes, in place:
+    ``(1 - w) * map + w * asymmetry`` with ``w = config.asymmetry_weight``.
+
+    ``anomaly_planes``: ``(P, Y, X)`` view of the map; ``prepared_plane(p)``: plane
+    ``p`` of the preprocessed image; ``plane_spacing``: the planes' pixel size
+    (mm); ``lr_axis``: their left-right axis (0 or 1). Memory: a few planes at a
+    time. Returns the mirror used.
+    """
+    weight = config.asymmetry_weight
+    count = anomaly_planes.shape[0]
+    total = np.zeros(anomaly_planes.shape[1:], dtype=np.float64)
+    for p in range(count):
+        total += np.where(foreground_planes[p], prepared_plane(p), 0)
+    mirror = find_mirror(total / max(count, 1), lr_axis)
+    for p in range(count):
+        if not foreground_planes[p].any():
+            anomaly_planes[p] *= 1 - weight
+            continue
+        asym = asymmetry_plane(
+            prepared_plane(p),
+            foreground_planes[p],
+            mirror,
+            plane_spacing,
+            config.asymmetry_smooth_mm,
+            config.asymmetry_tolerance_mm,
+            config.asymmetry_full_scale,
+        )
+        anomaly_planes[p] *= 1 - weight
+        anomaly_planes[p] += weight * asym
+    return mirror

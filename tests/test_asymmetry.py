@@ -1,0 +1,132 @@
+"""The left-right comparison: finding the midline, scoring one-sided findings, blending."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_NETWORK_2D
+from scipy import ndimage as ndi
+
+from napari_anomaly.asymmetry import asymmetry_plane, find_mirror, left_right_axis
+from napari_anomaly.calibration import PostprocessConfig
+from napari_anomaly.evaluation.yardstick import CaseMaps, score_variant, with_asymmetry
+from napari_anomaly.inference import localise, placement
+from napari_anomaly.io import Geometry
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet
+from napari_anomaly.preprocess import PreprocessConfig
+from napari_anomaly.progress import run_to_end
+
+
+def _head(shape=(200, 180), yaw=0.0, shift=0.0, lesion=None):
+    """An axial 'head': an ellipse with two symmetric 'ventricles' and ridges, turned
+    by ``yaw`` degrees and moved ``shift`` pixels right; ``lesion``: (row, col) of a
+    bright one-sided spot, placed after the turn."""
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
+    cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    head = ((x - cx) / 70) ** 2 + ((y - cy) / 85) ** 2 < 1
+    image = 0.6 * head.astype(float)
+    image -= 0.4 * np.exp(-(((np.abs(x - cx) - 18) / 7) ** 2 + ((y - cy + 10) / 20) ** 2))
+    image += 0.2 * np.cos((np.abs(x - cx)) / 6.0) * head
+    image = ndi.rotate(image, yaw, reshape=False, order=1)
+    image = ndi.shift(image, (0, shift), order=1)
+    if lesion is not None:
+        image += 0.5 * np.exp(-(((x - lesion[1]) / 5) ** 2 + ((y - lesion[0]) / 5) ** 2))
+    return image.astype(np.float32), image > 0.1
+
+
+@pytest.mark.parametrize("yaw, shift", [(0.0, 0.0), (7.0, 12.0), (-9.0, -15.0)])
+def test_the_midline_is_found_in_a_turned_and_shifted_head(yaw, shift):
+    image, inside = _head(yaw=yaw, shift=shift)
+    mirror = find_mirror(image, axis=1)
+    matched = np.abs(mirror.apply(image) - image)[inside].mean()
+    naive = np.abs(image[:, ::-1] - image)[inside].mean()
+    assert matched < 0.02
+    if yaw or shift:  # flipping the grid itself would not do
+        assert naive > 0.05
+    assert abs(abs(mirror.yaw_degrees) - abs(yaw)) <= 1.5
+
+
+def test_a_one_sided_spot_stands_out_and_symmetric_anatomy_does_not():
+    image, inside = _head(yaw=5.0, shift=8.0, lesion=(80, 60))
+    mirror = find_mirror(image, axis=1)
+    score = asymmetry_plane(image, inside, mirror, (1.0, 1.0), 2.0, 3.0, 0.25)
+    assert score.min() >= 0 and score.max() <= 1
+    assert score[80, 60] > 0.5
+    # symmetric tissue far from the spot (and its mirror) and the background score ~0
+    far = inside.copy()
+    far[40:120, 20:160] = False
+    assert np.quantile(score[far], 0.99) < 0.1
+    assert np.all(score[~inside] == 0)
+
+
+def test_the_left_right_axis_comes_from_the_geometry():
+    assert left_right_axis(None, 3) == 2 and left_right_axis(None, 2) == 1
+    assert left_right_axis(Geometry.identity(3).direction, 3) == 2
+    # sagittal slices stacked along the first array axis
+    assert left_right_axis((0, 0, 1, 1, 0, 0, 0, 1, 0), 3) == 0
+    # an oblique grid: every axis at 55 degrees from left-right
+    oblique = np.array([[1, 1, 1] / np.sqrt(3), [1, -1, 0] / np.sqrt(2), [1, 1, -2] / np.sqrt(6)])
+    assert left_right_axis(oblique.ravel(), 3) is None
+
+
+def _localisers():
+    network = AnomalyNet(TINY_NETWORK_2D)
+    plain = Localiser(network, metadata={"patch_size": 32})
+    comparing = Localiser(
+        network, metadata={"patch_size": 32, "postprocess": {"asymmetry_weight": 0.5}}
+    )
+    return plain, comparing
+
+
+def test_localise_blends_the_comparison_in_only_where_the_planes_hold_left_and_right():
+    plain, comparing = _localisers()
+    planes = [_head(lesion=(80, 60))[0] for _ in range(5)]
+    volume = np.stack(planes) * 1000
+    base = run_to_end(localise(volume, plain, spacing=(5.0, 1.0, 1.0))).anomaly_map
+    blended = run_to_end(localise(volume, comparing, spacing=(5.0, 1.0, 1.0))).anomaly_map
+    # the one-sided spot gains against the rest of the head
+    assert blended[1, 80, 60] - np.median(blended[1]) > base[1, 80, 60] - np.median(base[1])
+    # no left-right axis, or planes across it (sagittal): the network's map alone
+    off = run_to_end(localise(volume, comparing, left_right_axis=None)).anomaly_map
+    plain_1mm = run_to_end(localise(volume, plain)).anomaly_map
+    np.testing.assert_allclose(off, plain_1mm)
+    sagittal = run_to_end(localise(volume, comparing, left_right_axis=0)).anomaly_map
+    np.testing.assert_allclose(sagittal, plain_1mm)
+    # a file's geometry says which axis runs left-right
+    geometry = Geometry((5.0, 1.0, 1.0), (0.0, 0.0, 0.0), Geometry.identity(3).direction)
+    placed = run_to_end(localise(volume, comparing, **placement(geometry, 3))).anomaly_map
+    np.testing.assert_allclose(placed, blended)
+
+
+def test_old_model_files_compare_nothing_and_bad_weights_are_refused():
+    assert PostprocessConfig.from_metadata({"postprocess": {"smooth_mm": 1}}).asymmetry_weight == 0
+    for bad in ({"asymmetry_weight": 1.5}, {"asymmetry_weight": -0.1}, {"asymmetry_full_scale": 0}):
+        with pytest.raises(ValueError, match="asymmetry"):
+            PostprocessConfig(**bad)
+
+
+def test_the_yardstick_scores_the_comparison_only_when_it_was_made():
+    image, inside = _head(lesion=(80, 60))
+    volume = np.stack([image] * 5) * 1000
+    truth = np.zeros(volume.shape, bool)
+    truth[:, 76:85, 56:65] = True
+    record = CaseMaps(
+        "mass",
+        "t2",
+        (5.0, 1.0, 1.0),
+        np.full(volume.shape, 0.1, np.float16),
+        np.stack([inside] * 5),
+        truth,
+    )
+    normal = CaseMaps(
+        "normal", "t2", record.spacing, record.raw_map, record.foreground, np.zeros_like(truth)
+    )
+    post = PostprocessConfig(asymmetry_weight=0.5)
+    with pytest.raises(ValueError, match="with_asymmetry"):
+        score_variant([normal], [record], post)
+    made = run_to_end(with_asymmetry([normal, record], [volume, volume], PreprocessConfig(), post))
+    assert made[1].asymmetry is not None and made[1].asymmetry[1, 80, 60] > 0.1
+    flat = score_variant(made[:1], made[1:], PostprocessConfig())
+    compared = score_variant(made[:1], made[1:], post)
+    assert flat["cells"]["mass/t2"]["ap"] < compared["cells"]["mass/t2"]["ap"]
