@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from _machine import environment, write_report
 
-from napari_anomaly.inference import InferenceConfig, localise
+from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.progress import run_to_end
@@ -38,14 +38,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     scan = read_image(SAMPLE)
-    spacing = tuple(scan.geometry.spacing)  # array order (Z, Y, X)
     localisers = [Localiser.load(p) for p in args.models]
     config = InferenceConfig(device="cpu")
     times: dict[str, list[float]] = {str(p): [] for p in args.models}
     for _ in range(args.repeats):
         for path, localiser in zip(args.models, localisers):
             started = time.perf_counter()
-            run_to_end(localise(scan.array, localiser, config, spacing=spacing))
+            run_to_end(localise(scan.array, localiser, config, **placement(scan.geometry, 3)))
             times[str(path)].append(round(time.perf_counter() - started, 2))
     medians = {name: statistics.median(t) for name, t in times.items()}
     first = medians[str(args.models[0])]

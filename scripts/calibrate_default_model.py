@@ -21,7 +21,7 @@ from pathlib import Path
 
 from napari_anomaly.calibration import PostprocessConfig, calibrate
 from napari_anomaly.evaluation.anatomy import calibration_scans
-from napari_anomaly.evaluation.clinical import CONTRASTS
+from napari_anomaly.evaluation.clinical import CONTRASTS, AcquisitionConfig
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.progress import run_to_end
@@ -43,13 +43,22 @@ def main() -> None:
         help="share of the left-right comparison in the map (napari_anomaly.asymmetry)",
     )
     parser.add_argument("--max-false-regions", type=float, default=5.0)
+    parser.add_argument(
+        "--head-turn",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("YAW", "ROLL"),
+        help="turn the calibration heads by up to these degrees (AcquisitionConfig)",
+    )
     parser.add_argument("--cases", type=int, default=1, help="scans per contrast and head")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
 
     parent = Localiser.load(args.model)
-    scans = calibration_scans(args.data, args.cases, args.seed)
+    turned = AcquisitionConfig(head_turn_degrees=tuple(args.head_turn))
+    scans = calibration_scans(args.data, args.cases, args.seed, acquisition=turned)
     post = PostprocessConfig(
         args.smooth_mm, args.edge_mm, args.in_plane_mm, asymmetry_weight=args.asymmetry_weight
     )
@@ -63,8 +72,9 @@ def main() -> None:
             inference=InferenceConfig(device="cpu"),
             description=(
                 f"{len(scans)} clinical-like normal scans of the training heads (MNI152, ITK "
-                f"head) in {', '.join(CONTRASTS)} (scripts/calibrate_default_model.py, "
-                f"seed {args.seed})"
+                f"head) in {', '.join(CONTRASTS)}, heads turned by up to {args.head_turn[0]:g} "
+                f"(yaw) and {args.head_turn[1]:g} (roll) degrees "
+                f"(scripts/calibrate_default_model.py, seed {args.seed})"
             ),
         )
     )

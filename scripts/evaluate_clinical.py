@@ -76,7 +76,7 @@ def main() -> None:
         nargs=2,
         default=(0.0, 0.0),
         metavar=("YAW", "ROLL"),
-        help="turn the yardstick's heads by up to these degrees (the calibration scans stay)",
+        help="turn the heads of the yardstick and calibration scans by up to these degrees",
     )
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
@@ -107,6 +107,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
+    acquisition = AcquisitionConfig(head_turn_degrees=tuple(args.head_turn))
     volume, brain = held_out_head(args.data)
     cases = list(
         make_cohort(
@@ -116,11 +117,11 @@ def main() -> None:
             contrasts=args.contrasts,
             cases_per_cell=args.cases,
             seed=args.seed,
-            config=AcquisitionConfig(head_turn_degrees=tuple(args.head_turn)),
+            config=acquisition,
         )
     )
     calibration_cases = calibration_scans(
-        args.data, args.calibration_cases, args.seed, contrasts=args.contrasts
+        args.data, args.calibration_cases, args.seed, args.contrasts, acquisition
     )
     made = time.perf_counter()
     print(

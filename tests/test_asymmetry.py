@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_NETWORK_2D
 from scipy import ndimage as ndi
 
-from napari_anomaly.asymmetry import asymmetry_plane, find_mirror, left_right_axis
+from napari_anomaly.asymmetry import (
+    asymmetry_plane,
+    find_mirror,
+    left_right_axis,
+    raise_by_asymmetry,
+)
 from napari_anomaly.calibration import PostprocessConfig
 from napari_anomaly.evaluation.yardstick import CaseMaps, score_variant, with_asymmetry
 from napari_anomaly.inference import localise, placement
@@ -71,7 +77,13 @@ def test_the_left_right_axis_comes_from_the_geometry():
 
 
 def _localisers():
+    # A network that calls everything rather normal (anomaly probability 0.1).
     network = AnomalyNet(TINY_NETWORK_2D)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.zero_()
+        *_, bias = (p for name, p in network.named_parameters() if "residual" not in name)
+        bias.copy_(torch.tensor([np.log(0.1 / 0.9), 0.0]))
     plain = Localiser(network, metadata={"patch_size": 32})
     comparing = Localiser(
         network, metadata={"patch_size": 32, "postprocess": {"asymmetry_weight": 0.5}}
@@ -79,14 +91,16 @@ def _localisers():
     return plain, comparing
 
 
-def test_localise_blends_the_comparison_in_only_where_the_planes_hold_left_and_right():
+def test_localise_raises_one_sided_findings_only_where_the_planes_hold_left_and_right():
     plain, comparing = _localisers()
     planes = [_head(lesion=(80, 60))[0] for _ in range(5)]
     volume = np.stack(planes) * 1000
     base = run_to_end(localise(volume, plain, spacing=(5.0, 1.0, 1.0))).anomaly_map
     blended = run_to_end(localise(volume, comparing, spacing=(5.0, 1.0, 1.0))).anomaly_map
-    # the one-sided spot gains against the rest of the head
-    assert blended[1, 80, 60] - np.median(blended[1]) > base[1, 80, 60] - np.median(base[1])
+    # the one-sided spot is raised above the rest of the head; nothing is lowered
+    np.testing.assert_allclose(base, 0.1, atol=1e-4)
+    assert blended[1, 80, 60] > 0.13 and np.median(blended[1]) < 0.11
+    assert np.all(blended >= base - 1e-6)
     # no left-right axis, or planes across it (sagittal): the network's map alone
     off = run_to_end(localise(volume, comparing, left_right_axis=None)).anomaly_map
     plain_1mm = run_to_end(localise(volume, plain)).anomaly_map
@@ -130,3 +144,10 @@ def test_the_yardstick_scores_the_comparison_only_when_it_was_made():
     flat = score_variant(made[:1], made[1:], PostprocessConfig())
     compared = score_variant(made[:1], made[1:], post)
     assert flat["cells"]["mass/t2"]["ap"] < compared["cells"]["mass/t2"]["ap"]
+
+
+def test_the_comparison_only_ever_raises_a_score():
+    scores = np.array([0.6, 0.1, 0.3], dtype=np.float32)
+    asymmetry = np.array([0.0, 0.9, 0.3], dtype=np.float32)
+    # a midline or two-sided finding (no asymmetry) keeps its score; a one-sided one rises
+    np.testing.assert_allclose(raise_by_asymmetry(scores, asymmetry, 0.3), [0.6, 0.34, 0.3])

@@ -20,8 +20,10 @@ what the network misses:
    ``full_scale`` and clipped to [0, 1]. Voxels whose mirror falls outside the
    foreground score 0.
 
-:func:`napari_anomaly.inference.localise` blends this map into the network's
-map (``PostprocessConfig.asymmetry_weight``) before smoothing and calibration.
+:func:`napari_anomaly.inference.localise` raises the network's map towards this
+one where it is higher (:func:`raise_by_asymmetry`, by
+``PostprocessConfig.asymmetry_weight``) before smoothing and calibration; the
+comparison never lowers what the networks see.
 Planes whose grid does not include the left-right axis (sagittal slices) and
 3D networks get no comparison. A head rolled about its front-back axis is not
 corrected for: its left and right halves lie in different slices.
@@ -42,6 +44,7 @@ __all__ = [
     "find_mirror",
     "asymmetry_plane",
     "blend_asymmetry",
+    "raise_by_asymmetry",
     "left_right_axis",
     "MAX_YAW_DEGREES",
 ]
@@ -177,6 +180,22 @@ def asymmetry_plane(
     return np.clip(outside / np.float32(full_scale), 0, 1).astype(np.float32)
 
 
+def raise_by_asymmetry(scores: np.ndarray, asymmetry: np.ndarray, weight: float) -> np.ndarray:
+    """``scores`` raised towards the asymmetry, in place:
+    ``scores + weight * max(asymmetry - scores, 0)``, i.e. ``max(scores, (1 - w) *
+    scores + w * asymmetry)``.
+
+    The comparison can only add suspicion, never take it away: a finding the
+    networks see on the midline (where the comparison is blind, a voxel being its
+    own mirror) or on both sides keeps its score.
+    """
+    gap = np.subtract(asymmetry, scores, dtype=np.float32)
+    np.maximum(gap, 0, out=gap)
+    gap *= np.float32(weight)
+    scores += gap
+    return scores
+
+
 def blend_asymmetry(
     anomaly_planes: np.ndarray,
     prepared_plane: Callable[[int], np.ndarray],
@@ -185,8 +204,8 @@ def blend_asymmetry(
     lr_axis: int,
     config: PostprocessConfig,
 ) -> Mirror:
-    """Blend the asymmetry into a stack of anomaly planes, in place:
-    ``(1 - w) * map + w * asymmetry`` with ``w = config.asymmetry_weight``.
+    """Raise a stack of anomaly planes by their asymmetry, in place
+    (:func:`raise_by_asymmetry` with ``config.asymmetry_weight``).
 
     ``anomaly_planes``: ``(P, Y, X)`` view of the map; ``prepared_plane(p)``: plane
     ``p`` of the preprocessed image; ``plane_spacing``: the planes' pixel size
@@ -201,7 +220,6 @@ def blend_asymmetry(
     mirror = find_mirror(total / max(count, 1), lr_axis)
     for p in range(count):
         if not foreground_planes[p].any():
-            anomaly_planes[p] *= 1 - weight
             continue
         asym = asymmetry_plane(
             prepared_plane(p),
@@ -212,6 +230,5 @@ def blend_asymmetry(
             config.asymmetry_tolerance_mm,
             config.asymmetry_full_scale,
         )
-        anomaly_planes[p] *= 1 - weight
-        anomaly_planes[p] += weight * asym
+        raise_by_asymmetry(anomaly_planes[p], asym, weight)
     return mirror

@@ -83,9 +83,10 @@ class PostprocessConfig:
         anatomy at the size it learnt; 0 runs on the native grid. Used by
         :func:`napari_anomaly.inference.localise` when the spacing is known.
     asymmetry_weight
-        Share of the left-right comparison in the map (:mod:`napari_anomaly.asymmetry`):
-        the network's map becomes ``(1 - w) * map + w * asymmetry`` before the
-        smoothing and the calibration; 0 turns it off.
+        Weight of the left-right comparison (:mod:`napari_anomaly.asymmetry`): where
+        the asymmetry ``a`` exceeds the network's score ``s``, the score becomes
+        ``s + w * (a - s)``, before the smoothing and the calibration; elsewhere it
+        stays. 0 turns it off.
     asymmetry_smooth_mm, asymmetry_tolerance_mm, asymmetry_full_scale
         The comparison's in-plane smoothing (mm), the distance (mm) within which
         a mirrored value may lie, and the difference (preprocessed intensity,

@@ -219,12 +219,17 @@ def held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibration_scans(
-    data: Path, cases_per_contrast: int = 1, seed: int = 0, contrasts: Sequence[str] | None = None
+    data: Path,
+    cases_per_contrast: int = 1,
+    seed: int = 0,
+    contrasts: Sequence[str] | None = None,
+    acquisition=None,
 ) -> list:
     """Normal clinical-like scans of the *training* heads in every contrast: the set the
     default model's score and threshold are calibrated on, and the yardstick's
-    calibration set (``evaluation.clinical``; seeds ``seed + 500 + head index``)."""
-    from napari_anomaly.evaluation.clinical import CONTRASTS, make_cohort
+    calibration set (``evaluation.clinical``; seeds ``seed + 500 + head index``;
+    ``acquisition``: an ``AcquisitionConfig``, default the module's)."""
+    from napari_anomaly.evaluation.clinical import CONTRASTS, DEFAULT_ACQUISITION, make_cohort
 
     scans = []
     for index, (_, head, brain) in enumerate(clinical_heads(data, None)):
@@ -235,5 +240,6 @@ def calibration_scans(
             contrasts=CONTRASTS if contrasts is None else contrasts,
             cases_per_cell=cases_per_contrast,
             seed=seed + 500 + index,
+            config=acquisition or DEFAULT_ACQUISITION,
         )
     return scans

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_anomaly.asymmetry import raise_by_asymmetry
 from napari_anomaly.calibration import (
     CURVE_THRESHOLDS,
     DEFAULT_MAX_FALSE_REGIONS,
@@ -171,7 +172,7 @@ def _maps(records: Sequence[CaseMaps], post: PostprocessConfig) -> list[np.ndarr
                     "this variant blends in the left-right comparison: "
                     "add it to the records first (with_asymmetry)"
                 )
-            raw = (1 - post.asymmetry_weight) * raw + post.asymmetry_weight * r.asymmetry
+            raise_by_asymmetry(raw, r.asymmetry, post.asymmetry_weight)
         if post.smooth_mm > 0 or post.edge_margin_mm > 0:
             spatial = PostprocessConfig(post.smooth_mm, post.edge_margin_mm)  # no asymmetry
             raw = postprocess_map(raw, r.foreground, r.spacing, spatial, plane_axis)
