@@ -40,7 +40,7 @@ def main() -> None:
         "--asymmetry-weight",
         type=float,
         default=0.0,
-        help="share of the left-right comparison in the map (napari_anomaly.asymmetry)",
+        help="weight of the left-right comparison (napari_anomaly.asymmetry)",
     )
     parser.add_argument("--max-false-regions", type=float, default=5.0)
     parser.add_argument(

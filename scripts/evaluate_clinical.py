@@ -86,7 +86,7 @@ def main() -> None:
         type=float,
         nargs="+",
         default=[0.0],
-        help="blend in the left-right comparison with these weights (napari_anomaly.asymmetry)",
+        help="weights of the left-right comparison (napari_anomaly.asymmetry)",
     )
     parser.add_argument(
         "--in-plane-mm",
