@@ -151,3 +151,17 @@ def test_the_comparison_only_ever_raises_a_score():
     asymmetry = np.array([0.0, 0.9, 0.3], dtype=np.float32)
     # a midline or two-sided finding (no asymmetry) keeps its score; a one-sided one rises
     np.testing.assert_allclose(raise_by_asymmetry(scores, asymmetry, 0.3), [0.6, 0.34, 0.3])
+
+
+def test_the_comparison_reports_progress_plane_by_plane():
+    _, comparing = _localisers()
+    volume = np.stack([_head(lesion=(80, 60))[0] for _ in range(6)]) * 1000
+    job = localise(volume, comparing, spacing=(5.0, 1.0, 1.0))
+    reports = []
+    try:
+        while True:
+            reports.append(next(job))
+    except StopIteration:
+        pass
+    steps = [r for r in reports if r.message == "comparing left and right"]
+    assert [r.step for r in steps] == list(range(6)) and all(r.total == 6 for r in steps)

@@ -38,6 +38,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_anomaly.calibration import PostprocessConfig
+from napari_anomaly.progress import Job, Progress
 
 __all__ = [
     "Mirror",
@@ -203,9 +204,11 @@ def blend_asymmetry(
     plane_spacing: Sequence[float],
     lr_axis: int,
     config: PostprocessConfig,
-) -> Mirror:
+) -> Job[Mirror]:
     """Raise a stack of anomaly planes by their asymmetry, in place
-    (:func:`raise_by_asymmetry` with ``config.asymmetry_weight``).
+    (:func:`raise_by_asymmetry` with ``config.asymmetry_weight``); a job that
+    yields one :class:`~napari_anomaly.progress.Progress` per plane, so that it
+    can be cancelled between planes (the planes done stay raised).
 
     ``anomaly_planes``: ``(P, Y, X)`` view of the map; ``prepared_plane(p)``: plane
     ``p`` of the preprocessed image; ``plane_spacing``: the planes' pixel size
@@ -219,6 +222,7 @@ def blend_asymmetry(
         total += np.where(foreground_planes[p], prepared_plane(p), 0)
     mirror = find_mirror(total / max(count, 1), lr_axis)
     for p in range(count):
+        yield Progress(p, count, "comparing left and right")
         if not foreground_planes[p].any():
             continue
         asym = asymmetry_plane(

@@ -460,9 +460,8 @@ def localise(
     plane_axes = [a for a in range(arr.ndim) if a != axis]
     lr = None if left_right_axis is None or dims == 3 else left_right_axis % arr.ndim
     if post.asymmetry_weight > 0 and lr in plane_axes:
-        yield Progress(total, total, "comparing left and right")
         step = (1.0,) * arr.ndim if spacing is None else tuple(spacing)
-        blend_asymmetry(
+        yield from blend_asymmetry(
             anomaly_planes,
             lambda p: mapping.apply(raw_planes[p], foreground_planes[p]),
             foreground_planes,

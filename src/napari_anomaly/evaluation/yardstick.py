@@ -149,7 +149,7 @@ def with_asymmetry(
         planes = image if image.ndim == 3 else image[None]
         fg_planes = foreground if image.ndim == 3 else foreground[None]
         asym = np.zeros(planes.shape, dtype=np.float32)
-        blend_asymmetry(
+        yield from blend_asymmetry(
             asym,
             lambda p, m=mapping, a=planes, f=fg_planes: m.apply(a[p], f[p]),
             fg_planes,
