@@ -137,12 +137,11 @@ def find_mirror(mean_plane: np.ndarray, axis: int) -> Mirror:
     n = plane.shape[axis]
     low = int(round(2 * n * (0.5 - _CENTRAL_SHARE / 2)))
     high = max(low + 1, int(round(2 * n * (0.5 + _CENTRAL_SHARE / 2))))
+    centre = (np.asarray(plane.shape, dtype=np.float64) - 1) / 2
     best = (-np.inf, 0.0, float(n - 1))
     for degrees in np.arange(-MAX_YAW_DEGREES, MAX_YAW_DEGREES + 1e-9, _YAW_STEP_DEGREES):
-        turned = Mirror(_rotation(degrees), np.zeros(2), degrees, axis)
-        centre = (np.asarray(plane.shape, dtype=np.float64) - 1) / 2
-        turned = Mirror(turned.matrix, centre - turned.matrix @ centre, degrees, axis)
-        rotated = turned.apply(plane)
+        rotate = _rotation(degrees)  # the plane turned about its centre
+        rotated = Mirror(rotate, centre - rotate @ centre, degrees, axis).apply(plane)
         # sum over lines of the convolution along the axis: sum_x f(x) f(k - x)
         spectrum = np.fft.rfft(rotated, 2 * n, axis=axis)
         score = np.fft.irfft((spectrum * spectrum).sum(axis=1 - axis), 2 * n)
@@ -213,7 +212,8 @@ def blend_asymmetry(
     ``anomaly_planes``: ``(P, Y, X)`` view of the map; ``prepared_plane(p)``: plane
     ``p`` of the preprocessed image; ``plane_spacing``: the planes' pixel size
     (mm); ``lr_axis``: their left-right axis (0 or 1). Memory: a few planes at a
-    time. Returns the mirror used.
+    time; each plane is prepared twice (for the midline, then for the comparison)
+    rather than kept. Returns the mirror used.
     """
     weight = config.asymmetry_weight
     count = anomaly_planes.shape[0]

@@ -22,13 +22,14 @@ network run; they are float16 to halve the memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_anomaly.asymmetry import raise_by_asymmetry
+from napari_anomaly.asymmetry import blend_asymmetry, raise_by_asymmetry
 from napari_anomaly.calibration import (
     CURVE_THRESHOLDS,
     DEFAULT_MAX_FALSE_REGIONS,
@@ -40,7 +41,7 @@ from napari_anomaly.calibration import (
 )
 from napari_anomaly.evaluation.triage import summarise_triage, triage_case
 from napari_anomaly.metrics import average_precision
-from napari_anomaly.preprocess import PreprocessConfig, preprocess
+from napari_anomaly.preprocess import PreprocessConfig, fit_preprocess, preprocess
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.review import min_voxels
 
@@ -136,11 +137,6 @@ def with_asymmetry(
     """The records of ``images`` with their left-right comparison (``asymmetry``) added, made
     as :func:`napari_anomaly.inference.localise` makes it (weight 1, on an empty map;
     the scans' last axis runs left-right, as the yardstick acquires them)."""
-    import dataclasses
-
-    from napari_anomaly.asymmetry import blend_asymmetry
-    from napari_anomaly.preprocess import fit_preprocess
-
     whole = dataclasses.replace(post, asymmetry_weight=1.0)
     out = []
     for index, (r, image) in enumerate(zip(records, images, strict=True)):
