@@ -10,7 +10,7 @@ contrast (the "kind") and one scan of every other family in the same contrast.
 The model is fine-tuned on the first scan of the kind with its true lesion mask
 (as if the reviewer had corrected it perfectly), once per setting in
 ``--learning-rates`` x ``--steps`` (the other settings: ``FinetuneConfig``
-defaults, or ``--anchor-weights`` and ``--replay-fractions``). Reported,
+defaults, or ``--anchor-weights``, ``--replay-fractions`` and ``--transplant-shares``). Reported,
 before and after: pixel AP on the *other* scans of the kind (pooled), on the
 corrected scan itself, and on each other family; and, through the whole
 pipeline at the model's default threshold (post-processing and calibration
@@ -117,6 +117,13 @@ def main() -> None:
     parser.add_argument(
         "--replay-fractions", type=float, nargs="+", default=[FinetuneConfig.replay_fraction]
     )
+    parser.add_argument(
+        "--transplant-shares",
+        type=float,
+        nargs="+",
+        default=[FinetuneConfig.transplant_share],
+        help="shares of the replayed patches that receive a marked lesion moved elsewhere",
+    )
     parser.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
     parser.add_argument(
         "--member-losses",
@@ -167,10 +174,11 @@ def main() -> None:
         args.steps,
         args.anchor_weights,
         args.replay_fractions,
+        args.transplant_shares,
         args.finetune_seeds,
         args.member_losses,
     )
-    for lr, steps, anchor, replay, finetune_seed, member_loss in grid:
+    for lr, steps, anchor, replay, share, finetune_seed, member_loss in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -179,6 +187,7 @@ def main() -> None:
             positive_balance=args.positive_balance,
             anchor_weight=anchor,
             replay_fraction=replay,
+            transplant_share=share,
             batch_size=args.batch_size,
             seed=finetune_seed,
             member_loss=member_loss,
@@ -209,6 +218,7 @@ def main() -> None:
             "steps": steps,
             "anchor_weight": anchor,
             "replay_fraction": replay,
+            "transplant_share": share,
             "batch_size": args.batch_size,
             "finetune_seed": finetune_seed,
             "member_loss": member_loss,

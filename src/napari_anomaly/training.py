@@ -69,6 +69,7 @@ from napari_anomaly.preprocess import PreprocessConfig, preprocess
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.synthesis import SynthesisConfig, synthesise
 from napari_anomaly.synthesis.lesions import LesionTaskConfig, synthesise_lesions
+from napari_anomaly.synthesis.transplant import collect_donors, transplant
 
 __all__ = ["AdaptConfig", "FinetuneConfig", "TrainConfig", "adapt", "finetune", "train"]
 
@@ -186,6 +187,12 @@ class FinetuneConfig:
         yardstick where 4 beside 4 cost masses up to 0.045 (docs/evaluation.md).
     focus_probability
         Probability that a correction patch is centred on a marked anomaly.
+    transplant_share
+        Share of the replayed patches that instead receive one of the marked
+        lesions, cut out, mirrored or turned, its contrast varied by up to
+        20 %, and blended into normal tissue elsewhere in the corrected cases
+        (:mod:`napari_anomaly.synthesis.transplant`): the network learns the
+        kind of finding rather than its one place. 0 turns it off.
     positive_balance
         When > 0, the marked voxels of each batch weigh as much together as the
         unmarked ones (up to this factor each), so that a small lesion is not
@@ -222,6 +229,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     replay_fraction: float = 2 / 3
     focus_probability: float = 0.6
+    transplant_share: float = 0.0
     positive_balance: float = 20.0
     anchor_weight: float = 0.0
     member_loss: Literal["each", "average"] = "each"
@@ -237,6 +245,8 @@ class FinetuneConfig:
             raise ValueError(f"anchor_weight must be finite and >= 0, got {self.anchor_weight}")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError("replay_fraction must lie in [0, 1)")
+        if not 0 <= self.transplant_share <= 1:
+            raise ValueError(f"transplant_share must lie in [0, 1], got {self.transplant_share}")
         _check_member_loss(self.member_loss)
 
 
@@ -1114,6 +1124,20 @@ def finetune(
     )
     replay = int(round(config.batch_size * config.replay_fraction))
     corrections = config.batch_size - replay
+    donors = (
+        collect_donors(
+            prepared,
+            masks,
+            dims,
+            localiser.patch_size,
+            plane_axes=plane_axes,
+            rng=np.random.default_rng([config.seed, 1]),
+        )
+        if config.transplant_share > 0
+        else []
+    )
+    transplants = int(round(replay * config.transplant_share)) if donors else 0
+    replay -= transplants
     each = config.member_loss == "each"
     forward = {"each_member": True} if each else {}
     loss_of = members_loss if each else anomaly_loss
@@ -1122,6 +1146,16 @@ def finetune(
         images_c, _, target, weight = sampler.sample(
             corrections, rng, focus_probability=config.focus_probability
         )
+        if transplants:
+            host, host_foreground, host_marked, host_weight = sampler.sample(transplants, rng)
+            pasted, pasted_label, _ = transplant(
+                host, host_foreground & (host_marked < 0.5), donors, rng
+            )
+            images_c = torch.cat([images_c, pasted])
+            target = torch.cat([target, torch.maximum(host_marked, pasted_label)])
+            weight = torch.cat(
+                [weight, torch.where(pasted_label > 0.5, host_weight.clamp_min(1.0), host_weight)]
+            )
         if config.positive_balance > 0:
             weight = _balance_positives(weight, target, config.positive_balance)
         loss, parts = loss_of(

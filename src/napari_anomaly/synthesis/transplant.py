@@ -1,0 +1,213 @@
+"""The reviewer's lesions, moved: marked findings pasted into normal tissue elsewhere.
+
+Fine-tuning on a corrected scan shows the network each marked lesion in one
+place only, so it can learn "this spot of this scan" rather than "this kind of
+finding". Pasting the marked lesions into other places of the normal tissue of
+the corrected scans, turned and mirrored and with their contrast varied, is
+copy-paste augmentation (Ghiasi et al. 2021, "Simple copy-paste is a strong
+data augmentation method for instance segmentation"; for lesions, Zhang et al.
+2021, "CarveMix"). The lesion is moved by seamless cloning (Pérez et al. 2003):
+its gradients replace the host's inside a ring around it, so it keeps its
+contrast against its surroundings and meets the new tissue without a seam.
+
+1. :func:`collect_donors` cuts every marked lesion (a connected component, in
+   the planes a 2D model sees, or in 3D) out of the preprocessed corrected
+   cases, with a few voxels of context.
+2. :func:`transplant` places donors in a batch of normal patches, where the
+   host is foreground and not itself marked, and returns the blended patches
+   and the pasted lesions' masks as labels.
+
+Everything random comes from one ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from napari_anomaly.synthesis.poisson import poisson_blend
+
+__all__ = ["Donor", "collect_donors", "transplant"]
+
+#: placements tried per sample before it is left without a lesion
+_PLACEMENT_TRIES = 12
+#: share of a donor's lesion that must land on free host tissue
+_ON_FREE_TISSUE = 0.9
+
+
+@dataclass(frozen=True)
+class Donor:
+    """One marked lesion with its context, cut from a preprocessed corrected case.
+
+    ``image`` is float32 in the preprocessed intensity scale; ``mask`` (same
+    shape, bool) is the lesion, at least ``margin`` voxels from the crop's
+    edge wherever the case allowed it.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+
+
+def _crop(
+    image: np.ndarray, mask: np.ndarray, where: tuple[slice, ...], margin: int, side: int
+) -> Donor:
+    """The component ``where`` with ``margin`` voxels of context, at most ``side`` per axis
+    (a larger lesion keeps a window of ``side`` voxels around its centre)."""
+    box = []
+    for s, n in zip(where, image.shape):
+        low, high = max(s.start - margin, 0), min(s.stop + margin, n)
+        if high - low > side:
+            centre = (s.start + s.stop) // 2
+            low = min(max(centre - side // 2, 0), n - side)
+            high = low + side
+        box.append(slice(low, high))
+    box = tuple(box)
+    return Donor(np.ascontiguousarray(image[box], np.float32), np.ascontiguousarray(mask[box]))
+
+
+def collect_donors(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    spatial_dims: int,
+    patch_size: int,
+    *,
+    plane_axes: Sequence[int] = (0, 1, 2),
+    margin: int = 3,
+    min_voxels: int = 4,
+    max_donors: int = 256,
+    rng: np.random.Generator | None = None,
+) -> list[Donor]:
+    """Every marked lesion of the cases, cut out for :func:`transplant`.
+
+    Parameters
+    ----------
+    images, masks
+        Preprocessed cases and their marked voxels (bool), 2D or 3D, as the
+        model's patch sampler sees them.
+    spatial_dims
+        The model's: 2 cuts lesions plane by plane (along each of
+        ``plane_axes`` of a volume), 3 cuts them in 3D.
+    patch_size
+        The model's patch side; a donor is at most ``patch_size - 2`` voxels
+        per axis so that it fits inside a patch with its blending ring.
+    margin
+        Voxels of context around a lesion (the ring the blend matches to the
+        host).
+    min_voxels
+        Smaller components (stray clicks of a brush) are not moved.
+    max_donors
+        At most this many donors, drawn at random when there are more.
+    rng
+        Source of that draw.
+    """
+    side = max(patch_size - 2, 3)
+    donors: list[Donor] = []
+    for image, mask in zip(images, masks):
+        image = np.asarray(image, np.float32)
+        mask = np.asarray(mask, bool)
+        if not mask.any():
+            continue
+        if spatial_dims == 3 or image.ndim == 2:
+            views = [(image, mask)]
+        else:
+            views = []
+            for axis in plane_axes:
+                moved_image, moved_mask = np.moveaxis(image, axis, 0), np.moveaxis(mask, axis, 0)
+                for index in np.flatnonzero(moved_mask.any(axis=(1, 2))):
+                    views.append((moved_image[index], moved_mask[index]))
+        for view_image, view_mask in views:
+            labels, _ = ndimage.label(view_mask)
+            for number, where in enumerate(ndimage.find_objects(labels), start=1):
+                if where is None:
+                    continue
+                component = labels[where] == number
+                if int(component.sum()) < min_voxels:
+                    continue
+                donors.append(_crop(view_image, view_mask, where, margin, side))
+    if len(donors) > max_donors:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        keep = rng.choice(len(donors), size=max_donors, replace=False)
+        donors = [donors[i] for i in sorted(keep)]
+    return donors
+
+
+def _turned(donor: Donor, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The donor mirrored along random axes and, in a plane, turned by a random
+    multiple of 90 degrees."""
+    image, mask = donor.image, donor.mask
+    for axis in range(image.ndim):
+        if rng.random() < 0.5:
+            image, mask = np.flip(image, axis), np.flip(mask, axis)
+    if image.ndim == 2 and rng.random() < 0.5:
+        image, mask = image.T, mask.T
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+def transplant(
+    normal: torch.Tensor,
+    free: torch.Tensor,
+    donors: Sequence[Donor],
+    rng: np.random.Generator,
+    contrast: tuple[float, float] = (0.8, 1.2),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste one random donor into each patch of ``normal`` where it finds room.
+
+    Parameters
+    ----------
+    normal
+        ``(B, 1, *patch)`` preprocessed patches; never modified.
+    free
+        ``(B, 1, *patch)`` bool: host tissue a lesion may cover (foreground, not
+        itself marked). At least 90 % of a pasted lesion lies on it.
+    donors
+        From :func:`collect_donors`.
+    rng
+        Source of every choice: donor, mirroring, place, contrast.
+    contrast
+        Range of the factor on the donor's gradients (its contrast against
+        its surroundings).
+
+    Returns
+    -------
+    anomalous, label, placed
+        The blended patches (clipped to [0, 1]), the pasted lesions' masks
+        (float, 0 where nothing was pasted) and a ``(B,)`` bool tensor of the
+        patches that received a lesion.
+    """
+    count = normal.shape[0]
+    shape = tuple(int(n) for n in normal.shape[2:])
+    source = normal.clone()
+    blend_mask = torch.zeros_like(normal, dtype=torch.bool)
+    label = torch.zeros_like(normal)
+    placed = torch.zeros(count, dtype=torch.bool)
+    if not donors:
+        return normal.clone(), label, placed
+    free_cpu = free.detach().to("cpu", torch.bool).numpy()
+    for b in range(count):
+        image, mask = _turned(donors[int(rng.integers(len(donors)))], rng)
+        if any(m > n for m, n in zip(mask.shape, shape)):
+            continue
+        lesion = int(mask.sum())
+        for _ in range(_PLACEMENT_TRIES):
+            start = [int(rng.integers(0, n - m + 1)) for m, n in zip(mask.shape, shape)]
+            box = tuple(slice(s, s + m) for s, m in zip(start, mask.shape))
+            if (free_cpu[b, 0][box] & mask).sum() >= _ON_FREE_TISSUE * lesion:
+                break
+        else:
+            continue
+        # Seamless cloning copies gradients, so scaling the donor scales its contrast.
+        factor = float(rng.uniform(*contrast))
+        region = (b, 0, *box)
+        source[region] = torch.from_numpy(image * factor).to(source)
+        ring = ndimage.binary_dilation(mask, iterations=1)
+        blend_mask[region] = torch.from_numpy(ring).to(blend_mask.device)
+        label[region] = torch.from_numpy(mask.astype(np.float32)).to(label)
+        placed[b] = True
+    if not bool(placed.any()):
+        return normal.clone(), label, placed
+    blended = poisson_blend(normal, source, blend_mask, mix_gradients=False)
+    return blended.clamp_(0.0, 1.0), label, placed
