@@ -165,3 +165,44 @@ def test_the_comparison_reports_progress_plane_by_plane():
         pass
     steps = [r for r in reports if r.message == "comparing left and right"]
     assert [r.step for r in steps] == list(range(6)) and all(r.total == 6 for r in steps)
+
+
+def test_threshold_from_normal_scans_compares_the_sides_each_scan_really_has(tmp_path):
+    """A symmetric normal head stored with left-right along its middle axis: calibrated
+    with the axis its geometry gives, its sides match and nothing is raised, as for the
+    same head stored with left-right last; comparing front with back (the last axis)
+    would raise scores all over it and calibrate the threshold on that."""
+    from napari_anomaly.calibration import calibrate
+    from napari_anomaly.cli import main
+    from napari_anomaly.io import write_image
+
+    _, comparing = _localisers()  # the network says 0.1 everywhere
+    axial = np.stack([_head()[0] for _ in range(5)]) * 1000  # (Z, front-back, left-right)
+    stored = np.ascontiguousarray(axial.transpose(0, 2, 1))  # (Z, left-right, front-back)
+
+    def highest_raw_score(calibration):
+        return max(calibration["score"]["raw"][:-1])  # the last knot is the top of the scale
+
+    def fitted(volume, axes):
+        child = run_to_end(calibrate(comparing, [volume], [(5.0, 1.0, 1.0)], left_right_axes=axes))
+        return child.metadata["calibration"]
+
+    assert highest_raw_score(fitted(axial, None)) < 0.102
+    assert highest_raw_score(fitted(stored, [1])) < 0.102
+    assert highest_raw_score(fitted(stored, None)) > 0.12  # front against back
+    with pytest.raises(ValueError, match="one left-right axis per normal scan"):
+        fitted(axial, [2, 2])
+
+    # The CLI reads each scan's axis from its file's geometry.
+    model = tmp_path / "comparing.safetensors"
+    comparing.save(model)
+    swapped = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # index axes x and y swapped
+    for name, volume, direction in (
+        ("axial", axial, Geometry.identity(3).direction),
+        ("stored", stored, swapped),
+    ):
+        path = tmp_path / f"{name}.nii.gz"
+        write_image(path, volume, Geometry((5.0, 1.0, 1.0), (0.0, 0.0, 0.0), direction))
+        out = tmp_path / f"{name}.calibrated.safetensors"
+        assert main(["calibrate", str(path), "--model", str(model), "--out", str(out)]) == 0
+        assert highest_raw_score(Localiser.load(out).metadata["calibration"]) < 0.102

@@ -383,6 +383,15 @@ def threshold_for_false_regions(
     return float(thresholds[int(ok[0])]) if ok.size else float(thresholds[-1])
 
 
+def _left_right_axes(axes: Sequence[int | None] | None, count: int, what: str) -> list[int | None]:
+    if axes is None:
+        return [-1] * count
+    axes = list(axes)
+    if len(axes) != count:
+        raise ValueError(f"give one left-right axis per {what}: {len(axes)} for {count}")
+    return axes
+
+
 def calibrate(
     localiser,
     normal_images: Sequence[np.ndarray],
@@ -394,6 +403,7 @@ def calibrate(
     postprocess: PostprocessConfig | None = None,
     inference=None,
     description: str = "",
+    left_right_axes: Sequence[int | None] | None = None,
 ) -> Job:
     """Fit the score calibration and the default threshold on normal scans.
 
@@ -415,6 +425,12 @@ def calibrate(
         ``InferenceConfig`` for running the network.
     description
         Free text naming the scans, stored in the metadata.
+    left_right_axes
+        Per scan, the array axis along the patient's left-right axis, for a
+        model that compares the two sides (``inference.placement`` reads it
+        from a geometry); ``None`` = the last axis of every scan. The scans must
+        be seen as :func:`~napari_anomaly.inference.localise` will see the
+        user's scans, or the threshold means something else.
 
     Yields
     ------
@@ -438,6 +454,7 @@ def calibrate(
     spacing_list = list(spacings) if spacings is not None else [None] * len(images)
     if len(spacing_list) != len(images):
         raise ValueError("give one spacing per normal scan")
+    axes = _left_right_axes(left_right_axes, len(images), "normal scan")
     post = postprocess or PostprocessConfig.from_metadata(localiser.metadata)
     metadata = copy.deepcopy(localiser.metadata)
     metadata.pop("calibration", None)
@@ -446,9 +463,11 @@ def calibrate(
     config = inference or InferenceConfig()
 
     raw_maps, values = [], []
-    for index, (image, spacing) in enumerate(zip(images, spacing_list)):
+    for index, (image, spacing, axis) in enumerate(zip(images, spacing_list, axes)):
         yield Progress(index, len(images), f"calibrating: normal scan {index + 1}/{len(images)}")
-        result = yield from localise(image, uncalibrated, config, spacing=spacing)
+        result = yield from localise(
+            image, uncalibrated, config, spacing=spacing, left_right_axis=axis
+        )
         raw_maps.append(result.anomaly_map)
         values.append(result.anomaly_map[result.foreground])
     score = ScoreCalibration.fit(np.concatenate(values))
@@ -543,6 +562,7 @@ def carry_calibration(
     *,
     margin_mm: float = 5.0,
     inference=None,
+    left_right_axes: Sequence[int | None] | None = None,
 ) -> Job:
     """Give a fine-tuned model its parent's score scale (see :func:`transfer_score_calibration`).
 
@@ -552,7 +572,8 @@ def carry_calibration(
     threshold is kept: on the transferred scale it cuts the same share of
     normal voxels, so it keeps its meaning of "about K false regions per
     normal scan" as well as the corrected cases can tell. A parent without a
-    calibration gives the child back unchanged.
+    calibration gives the child back unchanged. ``left_right_axes`` is as in
+    :func:`calibrate`.
 
     Returns
     -------
@@ -567,14 +588,17 @@ def carry_calibration(
         return child
     score = ScoreCalibration.from_dict(parent.metadata["calibration"]["score"])
     spacing_list = list(spacings) if spacings is not None else [None] * len(images)
+    axes = _left_right_axes(left_right_axes, len(images), "case")
     config = inference or InferenceConfig()
     networks = (_uncalibrated(parent), _uncalibrated(child))
     parent_values, child_values = [], []
-    for index, (image, mask, spacing) in enumerate(zip(images, masks, spacing_list)):
+    for index, (image, mask, spacing, axis) in enumerate(zip(images, masks, spacing_list, axes)):
         yield Progress(index, len(images), f"carrying the score scale over: case {index + 1}")
         maps = []
         for network in networks:
-            result = yield from localise(image, network, config, spacing=spacing)
+            result = yield from localise(
+                image, network, config, spacing=spacing, left_right_axis=axis
+            )
             maps.append(result)
         marked = np.asarray(mask, dtype=bool)
         if marked.any() and margin_mm > 0:

@@ -401,6 +401,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             min_region_mm=args.min_region_mm,
             inference=InferenceConfig(device=args.device),
             description=", ".join(Path(p).name for p in args.normals),
+            left_right_axes=_left_right_axes(loaded),
         ),
         "calibrate",
     )
@@ -413,6 +414,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"(at most {args.max_false_regions:g} asked)"
     )
     return 0
+
+
+def _left_right_axes(loaded) -> list[int | None]:
+    """Each read image's left-right array axis, from its geometry (as ``localise`` sees it)."""
+    from napari_anomaly.inference import placement
+
+    return [placement(i.geometry, i.array.ndim)["left_right_axis"] for i in loaded]
 
 
 def _check_region_limits(args: argparse.Namespace) -> None:
@@ -491,6 +499,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             masks,
             config,
             spacings=[i.geometry.spacing for i in images],
+            left_right_axes=_left_right_axes(images),
         ),
         "finetune",
     )
@@ -531,6 +540,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             config,
             image_names=names,
             spacings=[image.geometry.spacing for image in loaded],
+            left_right_axes=_left_right_axes(loaded),
         ),
         "adapt",
     )

@@ -1069,6 +1069,7 @@ class ReviewSession:
             config,
             voxel_weights=weights,
             spacings=[c.geometry.spacing for c in cases],
+            left_right_axes=[placement(c.geometry, c.image.ndim)["left_right_axis"] for c in cases],
         )
         after_maps, made, new_maps = [], {}, {}
         for index, case in enumerate([*cases, *others]):
@@ -1165,6 +1166,7 @@ class ReviewSession:
         max_false_regions: float = DEFAULT_MAX_FALSE_REGIONS,
         names: Sequence[str] | None = None,
         case_ids: Iterable[str] | None = None,
+        left_right_axes: Sequence[int | None] | None = None,
     ) -> Job[CalibrationOutcome]:
         """*Threshold from normal scans*: calibrate the current model on normal scans.
 
@@ -1176,6 +1178,8 @@ class ReviewSession:
         yet reviewed (those in ``case_ids`` when given) get new maps on its
         score scale and its threshold (one undo step each), and new cases
         start at it. Reviewed cases are not changed. Cancelling changes nothing.
+        ``left_right_axes`` gives each scan's left-right array axis (default: the
+        last), as :func:`napari_anomaly.inference.placement` reads it from a geometry.
         """
         images = [np.asarray(image) for image in normal_images]
         if not images:
@@ -1191,6 +1195,7 @@ class ReviewSession:
             inference=self.inference,
             # Counts only: layer names may identify patients, and model files travel.
             description=f"{len(images)} normal scan(s) chosen in a review session",
+            left_right_axes=left_right_axes,
         )
         calibrated.metadata["name"] = f"{parent.name}+cal{len(self.versions)}"
         ids = list(self.cases) if case_ids is None else list(case_ids)
@@ -1217,6 +1222,7 @@ class ReviewSession:
         config: AdaptConfig = AdaptConfig(),
         names: Sequence[str] | None = None,
         spacings: Sequence[Sequence[float]] | None = None,
+        left_right_axes: Sequence[int | None] | None = None,
     ) -> Job[Localiser]:
         """Adapt the current model to unlabelled scans (see :func:`training.adapt`).
 
@@ -1225,7 +1231,14 @@ class ReviewSession:
         they are localised again.
         """
         parent = self.localiser
-        adapted = yield from adapt(parent, images, config, image_names=names, spacings=spacings)
+        adapted = yield from adapt(
+            parent,
+            images,
+            config,
+            image_names=names,
+            spacings=spacings,
+            left_right_axes=left_right_axes,
+        )
         adapted.metadata["name"] = f"{parent.name}+ad{len(self.versions)}"
         self.add_version(adapted)
         return self.localiser

@@ -823,6 +823,7 @@ def adapt(
     spacings: Sequence[Sequence[float] | None] | None = None,
     synthesis: SynthesisConfig | None = None,
     augmentation: AugmentConfig | None = None,
+    left_right_axes: Sequence[int | None] | None = None,
 ) -> Job[Localiser]:
     """Adapt a localiser to a site's own unlabelled scans.
 
@@ -855,6 +856,10 @@ def adapt(
         means 1 mm.
     synthesis, augmentation
         Override the parent's synthesis and domain-randomisation settings.
+    left_right_axes
+        Per image, the array axis along the patient's left-right axis, for the
+        re-calibration (:func:`napari_anomaly.calibration.calibrate`); ``None``
+        = the last axis.
 
     Yields
     ------
@@ -969,6 +974,7 @@ def adapt(
             min_region_mm=parent_calibration.get("min_region_mm", 0.0),
             inference=InferenceConfig(device=settings.device),
             description="the adaptation scans: " + ", ".join(labels),
+            left_right_axes=left_right_axes,
         )
         recalibrated.metadata["parent_sha256"] = localiser.sha256
         child = recalibrated
@@ -1029,6 +1035,7 @@ def finetune(
     voxel_weights: Sequence[np.ndarray] | None = None,
     synthesis: SynthesisConfig = SynthesisConfig(),
     spacings: Sequence[Sequence[float] | None] | None = None,
+    left_right_axes: Sequence[int | None] | None = None,
 ) -> Job[Localiser]:
     """Fine-tune a localiser on reviewer-corrected masks.
 
@@ -1056,6 +1063,10 @@ def finetune(
         resampled to that size, as it will see them; and a thick-slice volume
         (slices over 1.5 times thicker than its pixels) gives only its axial
         slices, not squashed reformats.
+    left_right_axes
+        Per case, the array axis along the patient's left-right axis, for
+        carrying the score scale over (:func:`napari_anomaly.calibration.carry_calibration`);
+        ``None`` = the last axis.
 
     Returns
     -------
@@ -1222,5 +1233,6 @@ def finetune(
             images,
             [np.asarray(m).astype(bool) for m in corrected_masks],
             spacings,
+            left_right_axes=left_right_axes,
         )
     return tuned

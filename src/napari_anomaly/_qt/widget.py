@@ -91,7 +91,7 @@ from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
 from napari_anomaly.devices import DEVICE_CHOICES, resolve_device
 from napari_anomaly.display import WINDOW_KEY, WINDOWS_KEY, display_windows
 from napari_anomaly.domain import check_domain
-from napari_anomaly.inference import InferenceConfig
+from napari_anomaly.inference import InferenceConfig, placement
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress, relay
 from napari_anomaly.review import Region, ReviewConfig
@@ -150,6 +150,11 @@ def _change(before: float | None, after: float | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     return f"{fmt(before)} → {fmt(after)}"
+
+
+def _left_right_axis(layer) -> int | None:
+    """The layer's left-right array axis, from its geometry, as the session localises it."""
+    return placement(geometry_from_layer(layer), layer.ndim)["left_right_axis"]
 
 
 def _heading(text: str) -> Label:
@@ -1480,10 +1485,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
     # ------------------------------------------------------------------ adapt
     def _scans_to_adapt_on(
         self,
-    ) -> tuple[list[np.ndarray], list[str], list[str], list[tuple[float, ...]]]:
+    ) -> tuple[list[np.ndarray], list[str], list[str], list[tuple[float, ...]], list]:
         """The open scans (2D/3D greyscale Image layers, not our maps), what was skipped,
-        and the scans' voxel sizes (the layers' scale)."""
-        images, names, skipped, spacings = [], [], [], []
+        the scans' voxel sizes (the layers' scale) and their left-right axes."""
+        images, names, skipped, spacings, sides = [], [], [], [], []
         for layer in self.viewer.layers:
             if not self._is_scan_layer(layer):
                 continue
@@ -1493,7 +1498,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
             images.append(np.asarray(layer.data))
             names.append(layer.name)
             spacings.append(tuple(float(v) for v in layer.scale))
-        return images, names, skipped, spacings
+            sides.append(_left_right_axis(layer))
+        return images, names, skipped, spacings, sides
 
     def adapt(self, steps: int | None = None, wait: bool = False) -> None:
         """Adapt the current model to the scans open in the viewer.
@@ -1507,7 +1513,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self._say("A job is running; cancel it or wait.", error=True)
             return
         self.last_error = None
-        images, names, skipped, spacings = self._scans_to_adapt_on()
+        images, names, skipped, spacings, sides = self._scans_to_adapt_on()
         if not images:
             self._say(
                 "No scans to adapt to: open some scans from your scanner (2D images or 3D "
@@ -1524,7 +1530,11 @@ class AnomalyReviewWidget(WorklistControls, Container):
         label = f"Adapting to {len(images)} scan(s)"
         if skipped:
             label += f" (skipped {', '.join(skipped)}: RGB, multiscale or not 2D/3D)"
-        self._start(session.adapt(images, config, names, spacings), label, self._on_adapted)
+        self._start(
+            session.adapt(images, config, names, spacings, left_right_axes=sides),
+            label,
+            self._on_adapted,
+        )
         if wait:
             self.wait()
 
@@ -1587,15 +1597,21 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 )
             )
             return
-        images, spacings = [], []
+        images, spacings, sides = [], [], []
         for name in names:
             layer = self._selected_image(name)
             if layer is None:
                 return  # _selected_image said what is wrong with it
             images.append(np.asarray(layer.data))
             spacings.append(geometry_from_layer(layer).spacing)
+            sides.append(_left_right_axis(layer))
         job = session.calibrate(
-            images, spacings, max_false_regions=k, names=names, case_ids=open_ids
+            images,
+            spacings,
+            max_false_regions=k,
+            names=names,
+            case_ids=open_ids,
+            left_right_axes=sides,
         )
         self._start(
             job,
