@@ -1149,6 +1149,7 @@ def finetune(
     )
     transplants = int(round(replay * config.transplant_share)) if donors else 0
     replay -= transplants
+    moved = 0
     each = config.member_loss == "each"
     forward = {"each_member": True} if each else {}
     loss_of = members_loss if each else anomaly_loss
@@ -1159,9 +1160,10 @@ def finetune(
         )
         if transplants:
             host, host_foreground, host_marked, host_weight = sampler.sample(transplants, rng)
-            pasted, pasted_label, _ = transplant(
+            pasted, pasted_label, placed = transplant(
                 host, host_foreground & (host_marked < 0.5), donors, rng
             )
+            moved += int(placed.sum())
             images_c = torch.cat([images_c, pasted])
             target = torch.cat([target, torch.maximum(host_marked, pasted_label)])
             weight = torch.cat(
@@ -1219,6 +1221,8 @@ def finetune(
         {
             "cases": len(images),
             "marked_voxels": int(sum(m.sum() for m in masks)),
+            # marked lesions that could be moved, and patches that received one
+            "moved_lesions": {"lesions": len(donors), "patches": moved},
             "steps": config.steps,
             "seed": config.seed,
             "seconds": round(time.perf_counter() - started, 1),

@@ -14,8 +14,10 @@ contrast against its surroundings and meets the new tissue without a seam.
    the planes a 2D model sees, or in 3D) out of the preprocessed corrected
    cases, with a few voxels of context.
 2. :func:`transplant` places donors in a batch of normal patches, where the
-   host is foreground and not itself marked, and returns the blended patches
-   and the pasted lesions' masks as labels.
+   host is foreground, not itself marked, and about as bright as the lesion's
+   own surroundings (a white-matter lesion goes into white matter, not into
+   the ventricles or the scalp), and returns the blended patches and the
+   pasted lesions' masks as labels.
 
 Everything random comes from one ``numpy.random.Generator``.
 """
@@ -34,9 +36,12 @@ from napari_anomaly.synthesis.poisson import poisson_blend
 __all__ = ["Donor", "collect_donors", "transplant"]
 
 #: placements tried per sample before it is left without a lesion
-_PLACEMENT_TRIES = 12
+_PLACEMENT_TRIES = 24
 #: share of a donor's lesion that must land on free host tissue
 _ON_FREE_TISSUE = 0.9
+#: largest difference between the mean of the host around a placed lesion and the
+#: mean of the lesion's own surroundings, in preprocessed intensity ([0, 1])
+_CONTEXT_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,29 +49,46 @@ class Donor:
     """One marked lesion with its context, cut from a preprocessed corrected case.
 
     ``image`` is float32 in the preprocessed intensity scale; ``mask`` (same
-    shape, bool) is the lesion, at least ``margin`` voxels from the crop's
-    edge wherever the case allowed it.
+    shape, bool) is the lesion, ``margin`` voxels from the crop's edge wherever
+    the case allowed it; ``blend`` (bool) is the lesion with that context, the
+    region whose gradients are moved (so that the lesion's edge moves whole);
+    ``context`` is the median intensity of the tissue around the lesion
+    (``margin`` to twice ``margin`` voxels out, beyond its soft edge).
     """
 
     image: np.ndarray
     mask: np.ndarray
+    blend: np.ndarray
+    context: float
+
+
+def _box(where: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(
+        slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(where, shape)
+    )
 
 
 def _crop(
-    image: np.ndarray, mask: np.ndarray, where: tuple[slice, ...], margin: int, side: int
+    image: np.ndarray,
+    mask: np.ndarray,
+    component: np.ndarray,
+    where: tuple[slice, ...],
+    margin: int,
 ) -> Donor:
-    """The component ``where`` with ``margin`` voxels of context, at most ``side`` per axis
-    (a larger lesion keeps a window of ``side`` voxels around its centre)."""
-    box = []
-    for s, n in zip(where, image.shape):
-        low, high = max(s.start - margin, 0), min(s.stop + margin, n)
-        if high - low > side:
-            centre = (s.start + s.stop) // 2
-            low = min(max(centre - side // 2, 0), n - side)
-            high = low + side
-        box.append(slice(low, high))
-    box = tuple(box)
-    return Donor(np.ascontiguousarray(image[box], np.float32), np.ascontiguousarray(mask[box]))
+    """The component (bool over ``image``'s box ``where``) with ``margin`` voxels of context."""
+    box = _box(where, margin, image.shape)
+    crop, lesion = np.ascontiguousarray(image[box], np.float32), np.ascontiguousarray(mask[box])
+    blend = ndimage.binary_dilation(lesion, iterations=max(margin - 1, 1))
+    wide = _box(where, 2 * margin, image.shape)
+    alone = np.zeros([s.stop - s.start for s in wide], bool)
+    alone[tuple(slice(s.start - w.start, s.stop - w.start) for s, w in zip(where, wide))] = (
+        component
+    )
+    ring = ndimage.binary_dilation(alone, iterations=2 * margin) & ~ndimage.binary_dilation(
+        alone, iterations=margin
+    )
+    around = image[wide][ring] if ring.any() else crop
+    return Donor(crop, lesion, blend, float(np.median(around)))
 
 
 def collect_donors(
@@ -76,7 +98,7 @@ def collect_donors(
     patch_size: int,
     *,
     plane_axes: Sequence[int] = (0, 1, 2),
-    margin: int = 3,
+    margin: int = 6,
     min_voxels: int = 4,
     max_donors: int = 256,
     rng: np.random.Generator | None = None,
@@ -92,11 +114,14 @@ def collect_donors(
         The model's: 2 cuts lesions plane by plane (along each of
         ``plane_axes`` of a volume), 3 cuts them in 3D.
     patch_size
-        The model's patch side; a donor is at most ``patch_size - 2`` voxels
-        per axis so that it fits inside a patch with its blending ring.
+        The model's patch side. Lesions wider than half of it (with their
+        context) are not moved: they fill a patch, and a large finding needs no
+        help to be seen.
     margin
-        Voxels of context around a lesion (the ring the blend matches to the
-        host).
+        Voxels of context around a lesion. The blend moves the lesion and all
+        but the outermost voxel of this context, so that a soft edge (a
+        lesion's rim, its oedema, thick-slice partial volume) moves whole and
+        the lesion keeps its step against the tissue around it.
     min_voxels
         Smaller components (stray clicks of a brush) are not moved.
     max_donors
@@ -104,7 +129,7 @@ def collect_donors(
     rng
         Source of that draw.
     """
-    side = max(patch_size - 2, 3)
+    side = patch_size // 2
     donors: list[Donor] = []
     for image, mask in zip(images, masks):
         image = np.asarray(image, np.float32)
@@ -127,7 +152,9 @@ def collect_donors(
                 component = labels[where] == number
                 if int(component.sum()) < min_voxels:
                     continue
-                donors.append(_crop(view_image, view_mask, where, margin, side))
+                if any(s.stop - s.start + 2 * margin > side for s in where):
+                    continue
+                donors.append(_crop(view_image, view_mask, component, where, margin))
     if len(donors) > max_donors:
         rng = rng if rng is not None else np.random.default_rng(0)
         keep = rng.choice(len(donors), size=max_donors, replace=False)
@@ -135,16 +162,16 @@ def collect_donors(
     return donors
 
 
-def _turned(donor: Donor, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _turned(donor: Donor, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """The donor mirrored along random axes and, in a plane, turned by a random
     multiple of 90 degrees."""
-    image, mask = donor.image, donor.mask
-    for axis in range(image.ndim):
+    arrays = (donor.image, donor.mask, donor.blend)
+    for axis in range(donor.image.ndim):
         if rng.random() < 0.5:
-            image, mask = np.flip(image, axis), np.flip(mask, axis)
-    if image.ndim == 2 and rng.random() < 0.5:
-        image, mask = image.T, mask.T
-    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+            arrays = tuple(np.flip(a, axis) for a in arrays)
+    if donor.image.ndim == 2 and rng.random() < 0.5:
+        arrays = tuple(a.T for a in arrays)
+    return tuple(np.ascontiguousarray(a) for a in arrays)
 
 
 def transplant(
@@ -162,7 +189,8 @@ def transplant(
         ``(B, 1, *patch)`` preprocessed patches; never modified.
     free
         ``(B, 1, *patch)`` bool: host tissue a lesion may cover (foreground, not
-        itself marked). At least 90 % of a pasted lesion lies on it.
+        itself marked). At least 90 % of a pasted lesion lies on it, and the
+        host around it is within 0.1 of the mean of the lesion's own context.
     donors
         From :func:`collect_donors`.
     rng
@@ -187,15 +215,20 @@ def transplant(
     if not donors:
         return normal.clone(), label, placed
     free_cpu = free.detach().to("cpu", torch.bool).numpy()
+    host_cpu = normal.detach().to("cpu", torch.float32).numpy()
     for b in range(count):
-        image, mask = _turned(donors[int(rng.integers(len(donors)))], rng)
+        donor = donors[int(rng.integers(len(donors)))]
+        image, mask, blend = _turned(donor, rng)
         if any(m > n for m, n in zip(mask.shape, shape)):
             continue
-        lesion = int(mask.sum())
+        lesion, around = int(mask.sum()), blend & ~mask
         for _ in range(_PLACEMENT_TRIES):
             start = [int(rng.integers(0, n - m + 1)) for m, n in zip(mask.shape, shape)]
             box = tuple(slice(s, s + m) for s, m in zip(start, mask.shape))
-            if (free_cpu[b, 0][box] & mask).sum() >= _ON_FREE_TISSUE * lesion:
+            if (free_cpu[b, 0][box] & mask).sum() < _ON_FREE_TISSUE * lesion:
+                continue
+            host_context = host_cpu[b, 0][box][around] if around.any() else host_cpu[b, 0][box]
+            if abs(float(np.median(host_context)) - donor.context) <= _CONTEXT_TOLERANCE:
                 break
         else:
             continue
@@ -203,8 +236,7 @@ def transplant(
         factor = float(rng.uniform(*contrast))
         region = (b, 0, *box)
         source[region] = torch.from_numpy(image * factor).to(source)
-        ring = ndimage.binary_dilation(mask, iterations=1)
-        blend_mask[region] = torch.from_numpy(ring).to(blend_mask.device)
+        blend_mask[region] = torch.from_numpy(blend).to(blend_mask.device)
         label[region] = torch.from_numpy(mask.astype(np.float32)).to(label)
         placed[b] = True
     if not bool(placed.any()):
