@@ -215,6 +215,27 @@ def test_finetuning_a_calibrated_model_keeps_its_score_scale(model, normals, tmp
     assert tuned.recommended_threshold == parent.recommended_threshold
 
 
+def test_finetune_moves_the_marked_lesion_when_asked_and_refuses_a_bad_share(
+    model, normals, tmp_path, capsys
+):
+    mask = np.zeros((12, 40, 40), dtype=np.uint8)
+    mask[5:8, 15:18, 15:18] = 1  # small enough to move within a 32-voxel patch
+    mask_path = tmp_path / "normal0_mask.nii.gz"
+    write_image(mask_path, mask, GEOMETRY)
+    child = tmp_path / "child.safetensors"
+    args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
+    args += ["--out", str(child), "--steps", "2", "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*args, "--transplant-share", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "transplant_share must lie in [0, 1]" in err and len(err.strip().splitlines()) == 1
+    assert not child.exists()
+    assert main([*args, "--transplant-share", "0.5"]) == 0
+    history = Localiser.load(child).metadata["finetuning"][-1]
+    assert history["config"]["transplant_share"] == 0.5
+    assert history["moved_lesions"]["lesions"] > 0
+
+
 def test_a_mask_of_the_wrong_shape_is_refused(model, normals, tmp_path, capsys):
     wrong = tmp_path / "wrong.nii.gz"
     write_image(wrong, np.zeros((12, 20, 20), np.uint8), GEOMETRY)

@@ -484,6 +484,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from napari_anomaly.metrics import evaluate_cases
     from napari_anomaly.training import FinetuneConfig, finetune
 
+    try:
+        config = FinetuneConfig(
+            steps=args.steps,
+            device=args.device,
+            seed=args.seed,
+            transplant_share=args.transplant_share,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     localiser = _load_model(args.model)
     out = _model_out(args, _model_bytes(localiser))
     pairs = _read_case_pairs(args.images, args.masks)
@@ -491,7 +500,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     masks = [p[1] for p in pairs]
     threshold = _threshold(args, localiser)
     before = evaluate_cases(_predict_all(localiser, images, args), masks, threshold)
-    config = FinetuneConfig(steps=args.steps, device=args.device, seed=args.seed)
     tuned = _run(
         finetune(
             localiser,
@@ -759,6 +767,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new model file (.safetensors)")
     p.add_argument("--steps", type=int, default=FinetuneConfig.steps)
     p.add_argument("--seed", type=int, default=FinetuneConfig.seed)
+    p.add_argument(
+        "--transplant-share",
+        type=float,
+        default=FinetuneConfig.transplant_share,
+        help="share of the correction patches that show a marked lesion moved into normal "
+        "tissue elsewhere, so that the model learns the kind of finding rather than its "
+        "place (0 turns it off; default %(default)g)",
+    )
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     flips(p)
     common(p)

@@ -188,11 +188,12 @@ class FinetuneConfig:
     focus_probability
         Probability that a correction patch is centred on a marked anomaly.
     transplant_share
-        Share of the replayed patches that instead receive one of the marked
-        lesions, cut out, mirrored or turned, its contrast varied by up to
-        20 %, and blended into normal tissue elsewhere in the corrected cases
-        (:mod:`napari_anomaly.synthesis.transplant`): the network learns the
-        kind of finding rather than its one place. 0 turns it off.
+        Share of the correction patches that show a marked lesion moved
+        elsewhere instead of in its place: cut out, mirrored or turned, its
+        contrast varied by up to 20 %, and blended into normal tissue like its
+        own surroundings in the corrected cases
+        (:mod:`napari_anomaly.synthesis.transplant`), so that the network learns
+        the kind of finding rather than its one place. 0 turns it off.
     positive_balance
         When > 0, the marked voxels of each batch weigh as much together as the
         unmarked ones (up to this factor each), so that a small lesion is not
@@ -1147,28 +1148,34 @@ def finetune(
         if config.transplant_share > 0
         else []
     )
-    transplants = int(round(replay * config.transplant_share)) if donors else 0
-    replay -= transplants
+    transplants = int(round(corrections * config.transplant_share)) if donors else 0
+    corrections -= transplants
     moved = 0
     each = config.member_loss == "each"
     forward = {"each_member": True} if each else {}
     loss_of = members_loss if each else anomaly_loss
     started = time.perf_counter()
     for step in range(config.steps):
-        images_c, _, target, weight = sampler.sample(
-            corrections, rng, focus_probability=config.focus_probability
-        )
+        batches = []
+        if corrections:
+            images_c, _, target, weight = sampler.sample(
+                corrections, rng, focus_probability=config.focus_probability
+            )
+            batches.append((images_c, target, weight))
         if transplants:
             host, host_foreground, host_marked, host_weight = sampler.sample(transplants, rng)
             pasted, pasted_label, placed = transplant(
                 host, host_foreground & (host_marked < 0.5), donors, rng
             )
             moved += int(placed.sum())
-            images_c = torch.cat([images_c, pasted])
-            target = torch.cat([target, torch.maximum(host_marked, pasted_label)])
-            weight = torch.cat(
-                [weight, torch.where(pasted_label > 0.5, host_weight.clamp_min(1.0), host_weight)]
+            batches.append(
+                (
+                    pasted,
+                    torch.maximum(host_marked, pasted_label),
+                    torch.where(pasted_label > 0.5, host_weight.clamp_min(1.0), host_weight),
+                )
             )
+        images_c, target, weight = (torch.cat(list(parts)) for parts in zip(*batches))
         if config.positive_balance > 0:
             weight = _balance_positives(weight, target, config.positive_balance)
         loss, parts = loss_of(
