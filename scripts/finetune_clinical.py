@@ -122,7 +122,7 @@ def main() -> None:
         type=float,
         nargs="+",
         default=[FinetuneConfig.transplant_share],
-        help="shares of the correction patches that show a marked lesion moved elsewhere",
+        help="shares of the replayed patches that show a marked lesion moved elsewhere",
     )
     parser.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
     parser.add_argument(

@@ -121,8 +121,8 @@ def test_fine_tuning_moves_the_marked_lesions_and_says_how_often():
         child = run_to_end(finetune(parent, [case], [mask], config))
         record[share] = child.metadata["finetuning"][-1]["moved_lesions"]
     assert record[0.0] == {"lesions": 0, "patches": 0}
-    # 6 patches: 4 replayed, 2 corrections of which half show a moved lesion (1 per step)
-    assert record[0.5]["lesions"] == 2 and 0 < record[0.5]["patches"] <= 4 * 1
+    # 6 patches: 2 corrections, 4 replayed of which half show a moved lesion (2 per step)
+    assert record[0.5]["lesions"] == 2 and 0 < record[0.5]["patches"] <= 4 * 2
 
 
 def test_a_transplant_share_outside_zero_to_one_is_refused():

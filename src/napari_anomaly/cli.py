@@ -771,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transplant-share",
         type=float,
         default=FinetuneConfig.transplant_share,
-        help="share of the correction patches that show a marked lesion moved into normal "
+        help="share of the replayed patches that show a marked lesion moved into normal "
         "tissue elsewhere, so that the model learns the kind of finding rather than its "
         "place (0 turns it off; default %(default)g)",
     )

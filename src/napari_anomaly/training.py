@@ -188,8 +188,8 @@ class FinetuneConfig:
     focus_probability
         Probability that a correction patch is centred on a marked anomaly.
     transplant_share
-        Share of the correction patches that show a marked lesion moved
-        elsewhere instead of in its place: cut out, mirrored or turned, its
+        Share of the replayed patches that show a marked lesion moved elsewhere
+        instead of a synthetic anomaly: cut out, mirrored or turned, its
         contrast varied by up to 20 %, and blended into normal tissue like its
         own surroundings in the corrected cases
         (:mod:`napari_anomaly.synthesis.transplant`), so that the network learns
@@ -1148,8 +1148,8 @@ def finetune(
         if config.transplant_share > 0
         else []
     )
-    transplants = int(round(corrections * config.transplant_share)) if donors else 0
-    corrections -= transplants
+    transplants = int(round(replay * config.transplant_share)) if donors else 0
+    replay -= transplants
     moved = 0
     each = config.member_loss == "each"
     forward = {"each_member": True} if each else {}
