@@ -2,13 +2,15 @@
 
 The bundled default model is fine-tuned (``training.finetune``, default settings apart
 from the steps) on one clinical-like FLAIR scan with a mass and its true mask, as the
-widget's *Fine-tune on corrections* does after one corrected case. Each step count is run
-``--repeats`` times, the counts interleaved so that all see the same machine load. The
+widget's *Fine-tune on corrections* does after one corrected case. Each step count (and each
+share of moved lesions, ``--transplant-shares``) is run ``--repeats`` times, the settings
+interleaved so that all see the same machine load. The
 time includes what a fine-tuning run always does besides its steps: preprocessing, the
 resampling to the model's pixel size, and carrying the score scale over (one localisation
 of the scan per network).
 
     python benchmarks/bench_finetune.py --data /tmp/anatomy/extracted [--steps 100 300]
+        [--transplant-shares 0 0.5]
 
 Writes ``benchmarks/results/finetune.json`` (``--out`` to change).
 """
@@ -39,6 +41,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="extracted Debian packages")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 300])
+    parser.add_argument(
+        "--transplant-shares", type=float, nargs="+", default=[FinetuneConfig.transplant_share]
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune.json"))
     args = parser.parse_args()
@@ -49,26 +54,31 @@ def main() -> None:
     )
     localiser = Localiser.load(args.model)
     base = FinetuneConfig(device="cpu")
-    runs: dict[int, list[float]] = {steps: [] for steps in args.steps}
+    settings = [(steps, share) for steps in args.steps for share in args.transplant_shares]
+    runs: dict[str, list[float]] = {f"{steps}@{share:g}": [] for steps, share in settings}
     for _ in range(args.repeats):
-        for steps in args.steps:
-            config = replace(base, steps=steps)
+        for steps, share in settings:
+            key = f"{steps}@{share:g}"
+            config = replace(base, steps=steps, transplant_share=share)
             started = time.perf_counter()
             run_to_end(
                 finetune(
                     localiser, [case.image], [case.lesion_mask], config, spacings=[case.spacing]
                 )
             )
-            runs[steps].append(round(time.perf_counter() - started, 1))
-            print(f"{steps} steps: {runs[steps][-1]} s", flush=True)
-    medians = {str(steps): statistics.median(times) for steps, times in runs.items()}
+            runs[key].append(round(time.perf_counter() - started, 1))
+            print(f"{steps} steps, moved-lesion share {share:g}: {runs[key][-1]} s", flush=True)
+    medians = {key: statistics.median(times) for key, times in runs.items()}
     report = {
         "command": "python benchmarks/bench_finetune.py --data DATA --steps "
         + " ".join(str(s) for s in args.steps)
+        + " --transplant-shares "
+        + " ".join(f"{s:g}" for s in args.transplant_shares)
         + f" --repeats {args.repeats}",
+        "keys": "steps@share of the replayed patches showing a moved lesion",
         "case": f"one FLAIR scan with a mass, shape {list(case.image.shape)}, "
         f"spacing {[round(s, 2) for s in case.spacing]} mm; model {localiser.name}",
-        "seconds": {str(steps): times for steps, times in runs.items()},
+        "seconds": runs,
         "median_seconds": medians,
         "environment": environment("cpu"),
     }
