@@ -39,8 +39,9 @@ __all__ = ["Donor", "collect_donors", "transplant"]
 _PLACEMENT_TRIES = 24
 #: share of a donor's lesion that must land on free host tissue
 _ON_FREE_TISSUE = 0.9
-#: largest difference between the mean of the host around a placed lesion and the
-#: mean of the lesion's own surroundings, in preprocessed intensity ([0, 1])
+#: largest difference between the median of the host around a placed lesion (the ring
+#: its moved context covers) and the median of the lesion's own surroundings
+#: (``Donor.context``), in preprocessed intensity ([0, 1])
 _CONTEXT_TOLERANCE = 0.1
 
 
@@ -190,7 +191,7 @@ def transplant(
     free
         ``(B, 1, *patch)`` bool: host tissue a lesion may cover (foreground, not
         itself marked). At least 90 % of a pasted lesion lies on it, and the
-        host around it is within 0.1 of the mean of the lesion's own context.
+        median of the host around it is within 0.1 of ``Donor.context``.
     donors
         From :func:`collect_donors`.
     rng
