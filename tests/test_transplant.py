@@ -128,3 +128,8 @@ def test_fine_tuning_moves_the_marked_lesions_and_says_how_often():
 def test_a_transplant_share_outside_zero_to_one_is_refused():
     with pytest.raises(ValueError, match="transplant_share"):
         FinetuneConfig(transplant_share=1.5)
+
+
+def test_a_batch_without_a_single_correction_patch_is_refused():
+    with pytest.raises(ValueError, match="leaves no correction patch in a batch of 2"):
+        FinetuneConfig(batch_size=2, replay_fraction=0.75)

@@ -253,6 +253,11 @@ class FinetuneConfig:
             raise ValueError("replay_fraction must lie in [0, 1)")
         if not 0 <= self.transplant_share <= 1:
             raise ValueError(f"transplant_share must lie in [0, 1], got {self.transplant_share}")
+        if round(self.batch_size * self.replay_fraction) >= self.batch_size:
+            raise ValueError(
+                f"replay_fraction {self.replay_fraction:g} leaves no correction patch in a batch "
+                f"of {self.batch_size}; lower it or raise batch_size"
+            )
         _check_member_loss(self.member_loss)
 
 
