@@ -152,9 +152,10 @@ def _change(before: float | None, after: float | None, digits: int = 2) -> str:
     return f"{fmt(before)} → {fmt(after)}"
 
 
-def _left_right_axis(layer) -> int | None:
-    """The layer's left-right array axis, from its geometry, as the session localises it."""
-    return placement(geometry_from_layer(layer), layer.ndim)["left_right_axis"]
+def _placement(layer) -> dict:
+    """The layer's spacing and left-right array axis, from its geometry, as the session
+    localises it (:func:`napari_anomaly.inference.placement`)."""
+    return placement(geometry_from_layer(layer), layer.ndim)
 
 
 def _heading(text: str) -> Label:
@@ -1498,7 +1499,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             images.append(np.asarray(layer.data))
             names.append(layer.name)
             spacings.append(tuple(float(v) for v in layer.scale))
-            sides.append(_left_right_axis(layer))
+            sides.append(_placement(layer)["left_right_axis"])
         return images, names, skipped, spacings, sides
 
     def adapt(self, steps: int | None = None, wait: bool = False) -> None:
@@ -1603,8 +1604,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
             if layer is None:
                 return  # _selected_image said what is wrong with it
             images.append(np.asarray(layer.data))
-            spacings.append(geometry_from_layer(layer).spacing)
-            sides.append(_left_right_axis(layer))
+            placed = _placement(layer)
+            spacings.append(placed["spacing"])
+            sides.append(placed["left_right_axis"])
         job = session.calibrate(
             images,
             spacings,
