@@ -37,6 +37,13 @@ def main() -> None:
     parser.add_argument("--edge-mm", type=float, default=0.0)
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
     parser.add_argument(
+        "--extra-in-plane-mm",
+        type=float,
+        nargs="+",
+        default=[],
+        help="further pixel sizes the network also runs at (highest score kept)",
+    )
+    parser.add_argument(
         "--asymmetry-weight",
         type=float,
         default=0.0,
@@ -60,7 +67,11 @@ def main() -> None:
     turned = AcquisitionConfig(head_turn_degrees=tuple(args.head_turn))
     scans = calibration_scans(args.data, args.cases, args.seed, acquisition=turned)
     post = PostprocessConfig(
-        args.smooth_mm, args.edge_mm, args.in_plane_mm, asymmetry_weight=args.asymmetry_weight
+        args.smooth_mm,
+        args.edge_mm,
+        args.in_plane_mm,
+        asymmetry_weight=args.asymmetry_weight,
+        extra_in_plane_mm=tuple(args.extra_in_plane_mm),
     )
     calibrated = run_to_end(
         calibrate(

@@ -95,6 +95,14 @@ def main() -> None:
         default=[0.0],
         help="run each model on planes resampled to these pixel sizes (0: native grid)",
     )
+    parser.add_argument(
+        "--extra-in-plane-mm",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also run each model at these pixel sizes, keeping the highest score "
+        "(PostprocessConfig.extra_in_plane_mm)",
+    )
     parser.add_argument("--max-false-regions", type=float, nargs="+", default=[5.0])
     parser.add_argument("--min-region-mm", type=float, default=0.0)
     parser.add_argument("--no-baseline", action="store_true")
@@ -136,16 +144,23 @@ def main() -> None:
         for in_plane, flips in itertools.product(
             args.in_plane_mm, (False, True) if args.flips else (False,)
         ):
+            extra = tuple(args.extra_in_plane_mm)
             name = (
-                path.stem + (f"@{in_plane:g}mm" if in_plane else "") + ("+flips" if flips else "")
+                path.stem
+                + (f"@{in_plane:g}mm" if in_plane else "")
+                + "".join(f"+{e:g}mm" for e in extra)
+                + ("+flips" if flips else "")
             )
             predictors[name] = (
-                model_predictor(localiser, InferenceConfig(device="cpu", flips=flips), in_plane),
+                model_predictor(
+                    localiser, InferenceConfig(device="cpu", flips=flips), in_plane, extra
+                ),
                 localiser.preprocess,
                 {
                     "model": str(path),
                     "sha256": localiser.sha256,
                     "in_plane_mm": in_plane,
+                    "extra_in_plane_mm": list(extra),
                     "flips": flips,
                 },
             )

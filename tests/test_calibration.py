@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY_NETWORK_2D, phantom
+from conftest import TINY_NETWORK_2D, TINY_NETWORK_3D, phantom
 
 from napari_anomaly.calibration import (
     DECADES,
@@ -219,11 +219,79 @@ def test_finetuning_a_calibrated_model_carries_its_score_scale_over():
     # Without the option the parent's scale stays, unchanged; an uncalibrated
     # parent gives an uncalibrated child.
     kept = run_to_end(
-        finetune(calibrated, [image], [mask], FinetuneConfig(**{**config.__dict__,
-                                                               "carry_calibration": False}))
+        finetune(
+            calibrated,
+            [image],
+            [mask],
+            FinetuneConfig(**{**config.__dict__, "carry_calibration": False}),
+        )
     )
     assert kept.metadata["calibration"] == calibrated.metadata["calibration"]
     plain = run_to_end(finetune(parent, [image], [mask], config))
     assert "calibration" not in plain.metadata
     # carry_calibration itself leaves an uncalibrated parent's child alone.
     assert run_to_end(carry_calibration(parent, plain, [image], [mask])) is plain
+
+
+def _at(network, in_plane_mm, extra=()):
+    post = {"in_plane_mm": in_plane_mm, "extra_in_plane_mm": list(extra)}
+    return Localiser(network, metadata={"patch_size": 32, "postprocess": post})
+
+
+def test_a_model_with_further_pixel_sizes_keeps_each_voxels_highest_score():
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    image = phantom((5, 80, 72)).astype(np.float32)
+    spacing = (5.0, 0.5, 0.5)
+    coarse = run_to_end(localise(image, _at(network, 1.0), spacing=spacing))
+    fine = run_to_end(localise(image, _at(network, 0.7), spacing=spacing))
+    reports: list = []
+    both = run_to_end(localise(image, _at(network, 1.0, (0.7,)), spacing=spacing), reports.append)
+    # The two sizes disagree somewhere, so the combination is no copy of either.
+    assert not np.allclose(coarse.anomaly_map, fine.anomaly_map, atol=1e-3)
+    assert np.allclose(
+        both.anomaly_map, np.maximum(coarse.anomaly_map, fine.anomaly_map), atol=1e-6
+    )
+    assert np.allclose(
+        both.confidence_map, (coarse.confidence_map + fine.confidence_map) / 2, atol=1e-6
+    )
+    # Progress counts the tiles of both passes, to the end.
+    assert reports[-1].step == reports[-1].total
+    coarse_reports: list = []
+    run_to_end(localise(image, _at(network, 1.0), spacing=spacing), coarse_reports.append)
+    assert reports[-1].total > coarse_reports[-1].total
+    # Without a spacing every size is the native grid: one pass, as a single-size model.
+    plain = run_to_end(localise(image, _at(network, 0.0)))
+    unplaced = run_to_end(localise(image, _at(network, 0.0, (0.7,))))
+    assert np.array_equal(plain.anomaly_map, unplaced.anomaly_map)
+
+
+def test_further_pixel_sizes_travel_with_the_model_and_bad_ones_are_refused(tmp_path):
+    post = PostprocessConfig(in_plane_mm=1.0, extra_in_plane_mm=[0.7])
+    assert post.extra_in_plane_mm == (0.7,)
+    localiser = _at(AnomalyNet(TINY_NETWORK_2D), 1.0, (0.7,))
+    path = tmp_path / "m.safetensors"
+    localiser.save(path)
+    assert Localiser.load(path).postprocess.extra_in_plane_mm == (0.7,)
+    # Models written before the setting existed run one pass.
+    assert (
+        PostprocessConfig.from_metadata({"postprocess": {"in_plane_mm": 1}}).extra_in_plane_mm == ()
+    )
+    for bad in ([0.0], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="extra_in_plane_mm"):
+            PostprocessConfig(extra_in_plane_mm=bad)
+
+
+def test_a_3d_model_with_a_further_pixel_size_keeps_the_highest_score_too():
+    # The first pass streams tiles straight into the results, the second resamples.
+    network = AnomalyNet(TINY_NETWORK_3D).eval()
+    image = phantom((20, 40, 36)).astype(np.float32)
+    spacing = (1.0, 1.0, 1.0)
+    native = run_to_end(localise(image, _at(network, 1.0), spacing=spacing))
+    fine = run_to_end(localise(image, _at(network, 0.7), spacing=spacing))
+    both = run_to_end(localise(image, _at(network, 1.0, (0.7,)), spacing=spacing))
+    assert np.allclose(
+        both.anomaly_map, np.maximum(native.anomaly_map, fine.anomaly_map), atol=1e-6
+    )
+    assert np.allclose(
+        both.confidence_map, (native.confidence_map + fine.confidence_map) / 2, atol=1e-6
+    )

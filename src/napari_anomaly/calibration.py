@@ -82,6 +82,12 @@ class PostprocessConfig:
         (and the maps back after), so that a 0.5 mm scan shows the network
         anatomy at the size it learnt; 0 runs on the native grid. Used by
         :func:`napari_anomaly.inference.localise` when the spacing is known.
+    extra_in_plane_mm
+        Further pixel sizes (mm) the network also runs at, each a whole pass
+        over the planes: a voxel's anomaly score is the highest of all passes,
+        its confidence their mean. A small lesion that spans a few pixels at
+        ``in_plane_mm`` shows the network more of itself at a finer size.
+        Empty: one pass.
     asymmetry_weight
         Weight of the left-right comparison (:mod:`napari_anomaly.asymmetry`): where
         the asymmetry ``a`` exceeds the network's score ``s``, the score becomes
@@ -100,8 +106,13 @@ class PostprocessConfig:
     asymmetry_smooth_mm: float = 4.0
     asymmetry_tolerance_mm: float = 3.0
     asymmetry_full_scale: float = 0.5
+    extra_in_plane_mm: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        extra = tuple(float(v) for v in np.atleast_1d(self.extra_in_plane_mm))
+        if not all(np.isfinite(v) and v > 0 for v in extra):
+            raise ValueError(f"extra_in_plane_mm must hold finite sizes > 0, got {extra}")
+        object.__setattr__(self, "extra_in_plane_mm", extra)
         for name in (
             "smooth_mm",
             "edge_margin_mm",
@@ -123,10 +134,18 @@ class PostprocessConfig:
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> PostprocessConfig:
         data = metadata.get("postprocess") or {}
-        return cls(**{k: float(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+        return cls(
+            **{
+                k: tuple(float(x) for x in v) if k == "extra_in_plane_mm" else float(v)
+                for k, v in data.items()
+                if k in cls.__dataclass_fields__
+            }
+        )
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["extra_in_plane_mm"] = list(self.extra_in_plane_mm)
+        return data
 
 
 def _spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray:

@@ -177,18 +177,17 @@ def _predict(
 
 
 def _plane_zoom(
-    localiser: Localiser,
+    target: float,
     spacing: tuple[float, ...] | None,
     ndim: int,
     dims: int,
     slice_axis: int,
 ) -> tuple[float, ...] | None:
-    """Zoom of the network's planes to the model's pixel size (``None``: leave them).
+    """Zoom of the network's planes to the pixel size ``target`` (``None``: leave them).
 
-    Only when the model asks for it (``postprocess.in_plane_mm``) and the
-    spacing is known and differs by more than 10 %.
+    Only when a size is asked for and the spacing is known and differs from it
+    by more than 10 %.
     """
-    target = localiser.postprocess.in_plane_mm
     if not target or spacing is None:
         return None
     step = np.asarray(spacing, dtype=np.float64)
@@ -199,6 +198,24 @@ def _plane_zoom(
     if np.all(np.abs(factors - 1.0) < 0.1):
         return None
     return tuple(float(f) for f in factors)
+
+
+def _plane_zooms(
+    localiser: Localiser,
+    spacing: tuple[float, ...] | None,
+    ndim: int,
+    dims: int,
+    slice_axis: int,
+) -> list[tuple[float, ...] | None]:
+    """One zoom per pass of the network (``postprocess.in_plane_mm``, then each of
+    ``extra_in_plane_mm``); pixel sizes that come to the same zoom run once."""
+    post = localiser.postprocess
+    zooms: list[tuple[float, ...] | None] = []
+    for target in (post.in_plane_mm, *post.extra_in_plane_mm):
+        zoom = _plane_zoom(target, spacing, ndim, dims, slice_axis)
+        if zoom not in zooms:
+            zooms.append(zoom)
+    return zooms
 
 
 def _zoom_to(stack: np.ndarray, factors: list[float], shape: tuple[int, ...]) -> np.ndarray:
@@ -244,6 +261,29 @@ def _blend_weights(origins, tile_shape, plane_shape, window: np.ndarray, rows=No
     return weight
 
 
+class _Pass:
+    """One pass of the network over every plane at one zoom: the planes' shape after
+    zooming, the tiles that cover a plane and their blending window."""
+
+    def __init__(
+        self,
+        zoom: tuple[float, ...] | None,
+        native_plane_shape: tuple[int, ...],
+        tile: int,
+        multiple: int,
+        config: InferenceConfig,
+    ) -> None:
+        self.zoom = zoom
+        self.plane_shape = _zoomed_shape(native_plane_shape, zoom)
+        # Small images: one tile rounded up to the network's multiple.
+        self.tile_shape = tuple(min(tile, -(-n // multiple) * multiple) for n in self.plane_shape)
+        starts = [
+            tile_starts(n, t, config.overlap) for n, t in zip(self.plane_shape, self.tile_shape)
+        ]
+        self.origins = list(itertools.product(*starts))
+        self.window = _gaussian_window(self.tile_shape, config.sigma_scale)
+
+
 # Voxels of the first-axis slabs in which a volume's blending weights are computed.
 _SLAB_VOXELS = 1 << 23
 
@@ -274,6 +314,127 @@ class _Plane:
         if self.mapping is not None:
             return self.mapping.apply(self.source[region], self.foreground[region])
         return np.ascontiguousarray(self.source[region])
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """What every pass of :func:`localise` reads and writes: the input, its
+    preprocessing and foreground, the result maps, and each as a stack of planes."""
+
+    arr: np.ndarray
+    mapping: IntensityMapping
+    foreground: np.ndarray
+    raw_planes: np.ndarray
+    foreground_planes: np.ndarray
+    anomaly_map: np.ndarray
+    confidence_map: np.ndarray
+    anomaly_planes: np.ndarray
+    confidence_planes: np.ndarray
+
+
+def _run_pass(
+    frame: _Frame,
+    each: _Pass,
+    first: bool,
+    streamed: bool,
+    network: torch.nn.Module,
+    device: torch.device,
+    config: InferenceConfig,
+    done: int,
+    total: int,
+) -> Job[None]:
+    """One pass of the network over every plane at ``each.zoom``, blended into the
+    results: written by the first pass; later passes fold their planes in (the
+    highest anomaly score, the summed confidence). Yields once per batch of tiles."""
+    zoom, plane_shape, tile_shape, origins = (
+        each.zoom,
+        each.plane_shape,
+        each.tile_shape,
+        each.origins,
+    )
+    native_plane_shape = frame.raw_planes.shape[1:]
+    window_np = each.window.numpy()
+    window_device = each.window.to(device)
+    tiles = [(p, origin) for p in range(frame.raw_planes.shape[0]) for origin in origins]
+    # A volume's weights are computed a slab at a time (in finish_plane).
+    plane_weight = (
+        None
+        if len(plane_shape) == 3
+        else _blend_weights(origins, tile_shape, plane_shape, window_np)
+    )
+
+    def open_plane(p: int) -> _Plane:
+        if streamed:
+            return _Plane(
+                frame.arr, frame.anomaly_map, frame.confidence_map, frame.mapping, frame.foreground
+            )
+        prepared = frame.mapping.apply(frame.raw_planes[p], frame.foreground_planes[p])
+        if zoom is not None:
+            # The network sees anatomy at the pixel size asked for.
+            prepared = _zoom_planes(prepared[None], zoom)[0]
+        return _Plane(
+            prepared, np.zeros(plane_shape, np.float32), np.zeros(plane_shape, np.float32)
+        )
+
+    def finish_plane(p: int, plane: _Plane) -> None:
+        """Divide the plane's sums by the blending weights; resample back into the
+        results (or fold them in, after the first pass)."""
+        pairs = (
+            (plane.anomaly, frame.anomaly_planes, np.maximum),
+            (plane.confidence, frame.confidence_planes, np.add),
+        )
+        for sums, results, fold in pairs:
+            if plane_weight is not None:
+                np.divide(sums, plane_weight, out=sums)
+            else:
+                depth = max(1, _SLAB_VOXELS // max(1, math.prod(plane_shape[1:])))
+                for low in range(0, plane_shape[0], depth):
+                    rows = slice(low, min(plane_shape[0], low + depth))
+                    weight = _blend_weights(origins, tile_shape, plane_shape, window_np, rows)
+                    np.divide(sums[rows], weight, out=sums[rows])
+            if streamed:  # streamed sums are the results already
+                continue
+            if zoom is not None:
+                back = [1.0] + [n / m for n, m in zip(native_plane_shape, plane_shape)]
+                sums = _zoom_to(sums[None], back, native_plane_shape)[0]
+            if first:
+                results[p] = sums
+            else:
+                fold(results[p], sums, out=results[p])
+
+    open_planes: dict[int, _Plane] = {}
+    per_plane = len(origins)
+    for start in range(0, len(tiles), config.batch_size):
+        chunk = tiles[start : start + config.batch_size]
+        crops = []
+        regions = []
+        for plane, origin in chunk:
+            if plane not in open_planes:
+                open_planes[plane] = open_plane(plane)
+            region = tuple(
+                slice(o, min(o + t, n)) for o, t, n in zip(origin, tile_shape, plane_shape)
+            )
+            crop = torch.from_numpy(open_planes[plane].crop(region))[None, None]
+            crops.append(_pad_to(crop, tile_shape))
+            regions.append((plane, region))
+        batch = torch.cat(crops).to(device)
+        del crops
+        # Grad mode is thread-local state: never hold no_grad() across a yield,
+        # or a cancelled job would leave the worker thread without autograd.
+        with torch.no_grad():
+            anomaly, confidence = _predict(network, batch, config.flips)
+        del batch
+        anomaly = (anomaly[:, 0] * window_device).cpu().numpy()
+        confidence = (confidence[:, 0] * window_device).cpu().numpy()
+        for k, (plane, region) in enumerate(regions):
+            valid = tuple(slice(0, r.stop - r.start) for r in region)
+            target = open_planes[plane]
+            target.anomaly[region] += anomaly[(k, *valid)]
+            target.confidence[region] += confidence[(k, *valid)]
+        finished = min(start + config.batch_size, len(tiles))
+        for plane in [p for p in open_planes if (p + 1) * per_plane <= finished]:
+            finish_plane(plane, open_planes.pop(plane))
+        yield Progress(done + finished, total, f"localising: tile {done + finished}/{total}")
 
 
 def _network_for_inference(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -351,9 +512,9 @@ def localise(
     dims = localiser.spatial_dims
     if dims == 3 and arr.ndim == 2:
         raise ValueError("this is a 3D model; it cannot localise in a 2D image")
-    zoom = _plane_zoom(localiser, spacing, arr.ndim, dims, config.slice_axis)
+    zooms = _plane_zooms(localiser, spacing, arr.ndim, dims, config.slice_axis)
     tile = config.tile_size or localiser.patch_size
-    _refuse_what_will_not_fit(arr, dims, zoom, tile, config)
+    _refuse_what_will_not_fit(arr, dims, zooms, tile, config)
     device = resolve_device(config.device)
     network = _network_for_inference(localiser.network, device)
     yield Progress(0, 0, "preprocessing")
@@ -369,90 +530,33 @@ def localise(
         # The input as a stack of model-dimensional planes (views, no copies).
         return np.moveaxis(a, config.slice_axis, 0) if by_plane else a[None]
 
-    raw_planes, foreground_planes = planes_of(arr), planes_of(foreground)
-    anomaly_planes, confidence_planes = planes_of(anomaly_map), planes_of(confidence_map)
-    native_plane_shape = raw_planes.shape[1:]
-    plane_shape = _zoomed_shape(native_plane_shape, zoom)
-    multiple = localiser.network.config.size_multiple
-    tile_shape = tuple(
-        min(tile, -(-n // multiple) * multiple) for n in plane_shape
-    )  # small images: one tile rounded up to the network's multiple
-    starts = [tile_starts(n, t, config.overlap) for n, t in zip(plane_shape, tile_shape)]
-    origins = list(itertools.product(*starts))
-    tiles = [(p, origin) for p in range(raw_planes.shape[0]) for origin in origins]
-    window = _gaussian_window(tile_shape, config.sigma_scale)
-    window_np = window.numpy()
-    window_device = window.to(device)
-    # A 3D model without resampling reads its tiles straight from the input and sums
-    # into the results; otherwise a plane is preprocessed (and resampled) whole.
-    streamed = dims == 3 and zoom is None
-    plane_weight = (
-        None if dims == 3 else _blend_weights(origins, tile_shape, plane_shape, window_np)
+    frame = _Frame(
+        arr,
+        mapping,
+        foreground,
+        planes_of(arr),
+        planes_of(foreground),
+        anomaly_map,
+        confidence_map,
+        planes_of(anomaly_map),
+        planes_of(confidence_map),
     )
-
-    def open_plane(p: int) -> _Plane:
-        if streamed:
-            return _Plane(arr, anomaly_map, confidence_map, mapping, foreground)
-        prepared = mapping.apply(raw_planes[p], foreground_planes[p])
-        if zoom is not None:
-            # The network sees anatomy at the pixel size it was trained at.
-            prepared = _zoom_planes(prepared[None], zoom)[0]
-        return _Plane(
-            prepared, np.zeros(plane_shape, np.float32), np.zeros(plane_shape, np.float32)
+    multiple = localiser.network.config.size_multiple
+    native_plane_shape = frame.raw_planes.shape[1:]
+    passes = [_Pass(zoom, native_plane_shape, tile, multiple, config) for zoom in zooms]
+    total = frame.raw_planes.shape[0] * sum(len(each.origins) for each in passes)
+    done = 0
+    for index, each in enumerate(passes):
+        # A 3D model's first pass without resampling reads its tiles straight from the
+        # input and sums into the results; every other pass preprocesses (and resamples)
+        # a plane whole.
+        streamed = dims == 3 and each.zoom is None and index == 0
+        yield from _run_pass(
+            frame, each, index == 0, streamed, network, device, config, done, total
         )
-
-    def finish_plane(p: int, plane: _Plane) -> None:
-        """Divide the plane's sums by the blending weights; resample back into the results."""
-        pairs = ((plane.anomaly, anomaly_planes), (plane.confidence, confidence_planes))
-        for sums, results in pairs:
-            if plane_weight is not None:
-                np.divide(sums, plane_weight, out=sums)
-            else:
-                depth = max(1, _SLAB_VOXELS // max(1, math.prod(plane_shape[1:])))
-                for low in range(0, plane_shape[0], depth):
-                    rows = slice(low, min(plane_shape[0], low + depth))
-                    weight = _blend_weights(origins, tile_shape, plane_shape, window_np, rows)
-                    np.divide(sums[rows], weight, out=sums[rows])
-            if zoom is not None:
-                back = [1.0] + [n / m for n, m in zip(native_plane_shape, plane_shape)]
-                results[p] = _zoom_to(sums[None], back, native_plane_shape)[0]
-            elif not streamed:  # streamed sums are the results already
-                results[p] = sums
-
-    open_planes: dict[int, _Plane] = {}
-    per_plane = len(origins)
-    total = len(tiles)
-    for first in range(0, total, config.batch_size):
-        chunk = tiles[first : first + config.batch_size]
-        crops = []
-        regions = []
-        for plane, origin in chunk:
-            if plane not in open_planes:
-                open_planes[plane] = open_plane(plane)
-            region = tuple(
-                slice(o, min(o + t, n)) for o, t, n in zip(origin, tile_shape, plane_shape)
-            )
-            crop = torch.from_numpy(open_planes[plane].crop(region))[None, None]
-            crops.append(_pad_to(crop, tile_shape))
-            regions.append((plane, region))
-        batch = torch.cat(crops).to(device)
-        del crops
-        # Grad mode is thread-local state: never hold no_grad() across a yield,
-        # or a cancelled job would leave the worker thread without autograd.
-        with torch.no_grad():
-            anomaly, confidence = _predict(network, batch, config.flips)
-        del batch
-        anomaly = (anomaly[:, 0] * window_device).cpu().numpy()
-        confidence = (confidence[:, 0] * window_device).cpu().numpy()
-        for k, (plane, region) in enumerate(regions):
-            valid = tuple(slice(0, r.stop - r.start) for r in region)
-            target = open_planes[plane]
-            target.anomaly[region] += anomaly[(k, *valid)]
-            target.confidence[region] += confidence[(k, *valid)]
-        done = min(first + config.batch_size, total)
-        for plane in [p for p in open_planes if (p + 1) * per_plane <= done]:
-            finish_plane(plane, open_planes.pop(plane))
-        yield Progress(done, total, f"localising: tile {done}/{total}")
+        done += frame.raw_planes.shape[0] * len(each.origins)
+    if len(passes) > 1:
+        confidence_map /= len(passes)
 
     np.clip(anomaly_map, 0.0, 1.0, out=anomaly_map)
     np.clip(confidence_map, 0.0, 1.0, out=confidence_map)
@@ -462,9 +566,9 @@ def localise(
     if post.asymmetry_weight > 0 and lr in plane_axes:
         step = (1.0,) * arr.ndim if spacing is None else tuple(spacing)
         yield from blend_asymmetry(
-            anomaly_planes,
-            lambda p: mapping.apply(raw_planes[p], foreground_planes[p]),
-            foreground_planes,
+            frame.anomaly_planes,
+            lambda p: mapping.apply(frame.raw_planes[p], frame.foreground_planes[p]),
+            frame.foreground_planes,
             [step[a] for a in plane_axes],
             plane_axes.index(lr),
             post,
@@ -561,8 +665,12 @@ def _gigabytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def _refuse_what_will_not_fit(arr: np.ndarray, dims: int, zoom, tile: int, config) -> None:
-    needed = localise_memory(arr.shape, arr.dtype, dims, zoom=zoom, slice_axis=config.slice_axis)
+def _refuse_what_will_not_fit(arr: np.ndarray, dims: int, zooms, tile: int, config) -> None:
+    # Passes run one after the other and fold into the same results: the largest counts.
+    needed = max(
+        localise_memory(arr.shape, arr.dtype, dims, zoom=zoom, slice_axis=config.slice_axis)
+        for zoom in zooms
+    )
     available = available_memory()
     if available is not None and needed > available:
         size = "x".join(str(n) for n in arr.shape)

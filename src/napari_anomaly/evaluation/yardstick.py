@@ -73,16 +73,21 @@ class CaseMaps:
     asymmetry: np.ndarray | None = None
 
 
-def model_predictor(localiser, inference=None, in_plane_mm: float = 0.0) -> Predictor:
+def model_predictor(
+    localiser, inference=None, in_plane_mm: float = 0.0, extra_in_plane_mm: tuple = ()
+) -> Predictor:
     """The network's raw map (no post-processing, no calibration), run on planes
-    resampled to ``in_plane_mm`` (0: the native grid)."""
+    resampled to ``in_plane_mm`` (0: the native grid) and, when given, also to each of
+    ``extra_in_plane_mm`` (the highest score of all passes)."""
     from napari_anomaly.inference import InferenceConfig, localise
     from napari_anomaly.localiser import Localiser
     from napari_anomaly.progress import run_to_end
 
     metadata = copy.deepcopy(localiser.metadata)
     metadata.pop("calibration", None)
-    metadata["postprocess"] = PostprocessConfig(in_plane_mm=in_plane_mm).to_dict()
+    metadata["postprocess"] = PostprocessConfig(
+        in_plane_mm=in_plane_mm, extra_in_plane_mm=extra_in_plane_mm
+    ).to_dict()
     raw = Localiser(localiser.network, localiser.preprocess, metadata)
     config = inference or InferenceConfig()
 
