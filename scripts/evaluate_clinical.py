@@ -31,6 +31,7 @@ Writes everything to ``--json`` and prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -59,6 +60,14 @@ from napari_anomaly.io import atomic_write_text
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.preprocess import PreprocessConfig
 from napari_anomaly.progress import run_to_end
+
+
+def only_brain(records, cases):
+    """``records`` with every raw score outside its case's brain mask set to 0."""
+    return [
+        dataclasses.replace(r, raw_map=(r.raw_map * c.brain_mask).astype(r.raw_map.dtype))
+        for r, c in zip(records, cases, strict=True)
+    ]
 
 
 def main() -> None:
@@ -106,6 +115,12 @@ def main() -> None:
     parser.add_argument("--max-false-regions", type=float, nargs="+", default=[5.0])
     parser.add_argument("--min-region-mm", type=float, default=0.0)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--brain-only",
+        action="store_true",
+        help="set every raw score outside each scan's true brain to 0 (known only here, "
+        "not at run time): what the false regions outside the brain cost",
+    )
     parser.add_argument(
         "--flips",
         action="store_true",
@@ -196,6 +211,9 @@ def main() -> None:
         t0 = time.perf_counter()
         cal = run_to_end(collect_maps(predict, calibration_cases, f"{name} calibration"))
         records = run_to_end(collect_maps(predict, cases, f"{name} yardstick"))
+        if args.brain_only:
+            cal = only_brain(cal, calibration_cases)
+            records = only_brain(records, cases)
         if any(w > 0 for w in args.asymmetry_weight):
             post = PostprocessConfig()
             cal = run_to_end(
