@@ -238,14 +238,16 @@ def _at(network, in_plane_mm, extra=()):
     return Localiser(network, metadata={"patch_size": 32, "postprocess": post})
 
 
-def test_a_model_with_further_pixel_sizes_keeps_each_voxels_highest_score():
-    network = AnomalyNet(TINY_NETWORK_2D).eval()
-    image = phantom((5, 80, 72)).astype(np.float32)
-    spacing = (5.0, 0.5, 0.5)
-    coarse = run_to_end(localise(image, _at(network, 1.0), spacing=spacing))
+def _check_both_sizes_combine(network, image, spacing) -> tuple[list, list]:
+    """Localise at 1 mm, at 0.7 mm and at both: the last keeps each voxel's higher
+    score and the mean confidence. Returns the progress reports of 1 mm and of both."""
+    coarse_reports: list = []
+    both_reports: list = []
+    coarse = run_to_end(localise(image, _at(network, 1.0), spacing=spacing), coarse_reports.append)
     fine = run_to_end(localise(image, _at(network, 0.7), spacing=spacing))
-    reports: list = []
-    both = run_to_end(localise(image, _at(network, 1.0, (0.7,)), spacing=spacing), reports.append)
+    both = run_to_end(
+        localise(image, _at(network, 1.0, (0.7,)), spacing=spacing), both_reports.append
+    )
     # The two sizes disagree somewhere, so the combination is no copy of either.
     assert not np.allclose(coarse.anomaly_map, fine.anomaly_map, atol=1e-3)
     assert np.allclose(
@@ -254,11 +256,15 @@ def test_a_model_with_further_pixel_sizes_keeps_each_voxels_highest_score():
     assert np.allclose(
         both.confidence_map, (coarse.confidence_map + fine.confidence_map) / 2, atol=1e-6
     )
+    return coarse_reports, both_reports
+
+
+def test_a_model_with_further_pixel_sizes_keeps_each_voxels_highest_score():
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    image = phantom((5, 80, 72)).astype(np.float32)
+    coarse_reports, reports = _check_both_sizes_combine(network, image, (5.0, 0.5, 0.5))
     # Progress counts the tiles of both passes, to the end.
-    assert reports[-1].step == reports[-1].total
-    coarse_reports: list = []
-    run_to_end(localise(image, _at(network, 1.0), spacing=spacing), coarse_reports.append)
-    assert reports[-1].total > coarse_reports[-1].total
+    assert reports[-1].step == reports[-1].total > coarse_reports[-1].total
     # Without a spacing every size is the native grid: one pass, as a single-size model.
     plain = run_to_end(localise(image, _at(network, 0.0)))
     unplaced = run_to_end(localise(image, _at(network, 0.0, (0.7,))))
@@ -284,14 +290,4 @@ def test_further_pixel_sizes_travel_with_the_model_and_bad_ones_are_refused(tmp_
 def test_a_3d_model_with_a_further_pixel_size_keeps_the_highest_score_too():
     # The first pass streams tiles straight into the results, the second resamples.
     network = AnomalyNet(TINY_NETWORK_3D).eval()
-    image = phantom((20, 40, 36)).astype(np.float32)
-    spacing = (1.0, 1.0, 1.0)
-    native = run_to_end(localise(image, _at(network, 1.0), spacing=spacing))
-    fine = run_to_end(localise(image, _at(network, 0.7), spacing=spacing))
-    both = run_to_end(localise(image, _at(network, 1.0, (0.7,)), spacing=spacing))
-    assert np.allclose(
-        both.anomaly_map, np.maximum(native.anomaly_map, fine.anomaly_map), atol=1e-6
-    )
-    assert np.allclose(
-        both.confidence_map, (native.confidence_map + fine.confidence_map) / 2, atol=1e-6
-    )
+    _check_both_sizes_combine(network, phantom((20, 40, 36)).astype(np.float32), (1.0, 1.0, 1.0))
