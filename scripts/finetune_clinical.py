@@ -46,8 +46,10 @@ from napari_anomaly.review import min_voxels
 from napari_anomaly.training import FinetuneConfig, finetune
 
 
-def pooled_ap(localiser, cases, in_plane_mm: float) -> float:
-    predict = model_predictor(localiser, InferenceConfig(device="cpu"), in_plane_mm)
+def pooled_ap(localiser, cases, in_plane_mm: float, extra_in_plane_mm=()) -> float:
+    predict = model_predictor(
+        localiser, InferenceConfig(device="cpu"), in_plane_mm, tuple(extra_in_plane_mm)
+    )
     maps = [predict(c.image, tuple(c.spacing))[0] for c in cases]
     truth = np.concatenate([c.lesion_mask.ravel() for c in cases])
     return round(average_precision(np.concatenate([m.ravel() for m in maps]), truth), 4)
@@ -88,11 +90,11 @@ def pipeline_triage(localiser, kind_others, normals) -> dict:
     }
 
 
-def measure(localiser, kind_others, corrected, others, normals, in_plane_mm) -> dict:
+def measure(localiser, kind_others, corrected, others, normals, in_plane_mm, extra=()) -> dict:
     return {
-        "kind_other_scans": pooled_ap(localiser, kind_others, in_plane_mm),
-        "corrected_scan": pooled_ap(localiser, [corrected], in_plane_mm),
-        **{c.family: pooled_ap(localiser, [c], in_plane_mm) for c in others},
+        "kind_other_scans": pooled_ap(localiser, kind_others, in_plane_mm, extra),
+        "corrected_scan": pooled_ap(localiser, [corrected], in_plane_mm, extra),
+        **{c.family: pooled_ap(localiser, [c], in_plane_mm, extra) for c in others},
         "pipeline": pipeline_triage(localiser, kind_others, normals),
     }
 
@@ -109,6 +111,13 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, nargs="+", default=[FinetuneConfig.steps])
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
+    parser.add_argument(
+        "--extra-in-plane-mm",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also measure AP with the network run at these pixel sizes (the highest score)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--positive-balance", type=float, default=FinetuneConfig.positive_balance)
     parser.add_argument(
@@ -166,7 +175,9 @@ def main() -> None:
     ]
     corrected, kind_others = kind[0], kind[1:]
     localiser = Localiser.load(args.model)
-    before = measure(localiser, kind_others, corrected, others, normals, args.in_plane_mm)
+    before = measure(
+        localiser, kind_others, corrected, others, normals, args.in_plane_mm, args.extra_in_plane_mm
+    )
     print(json.dumps({"before": before}), flush=True)
     runs = []
     grid = itertools.product(
@@ -202,7 +213,15 @@ def main() -> None:
                 spacings=None if args.native else [tuple(corrected.spacing)],
             )
         )
-        after = measure(tuned, kind_others, corrected, others, normals, args.in_plane_mm)
+        after = measure(
+            tuned,
+            kind_others,
+            corrected,
+            others,
+            normals,
+            args.in_plane_mm,
+            args.extra_in_plane_mm,
+        )
         carried = run_to_end(
             carry_calibration(
                 localiser,
