@@ -346,12 +346,8 @@ def _run_pass(
     """One pass of the network over every plane at ``each.zoom``, blended into the
     results: written by the first pass; later passes fold their planes in (the
     highest anomaly score, the summed confidence). Yields once per batch of tiles."""
-    zoom, plane_shape, tile_shape, origins = (
-        each.zoom,
-        each.plane_shape,
-        each.tile_shape,
-        each.origins,
-    )
+    zoom, plane_shape, tile_shape = each.zoom, each.plane_shape, each.tile_shape
+    origins = each.origins
     native_plane_shape = frame.raw_planes.shape[1:]
     window_np = each.window.numpy()
     window_device = each.window.to(device)
