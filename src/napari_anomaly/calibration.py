@@ -134,9 +134,10 @@ class PostprocessConfig:
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> PostprocessConfig:
         data = metadata.get("postprocess") or {}
+        # __post_init__ makes the sizes' list a tuple of floats.
         return cls(
             **{
-                k: tuple(float(x) for x in v) if k == "extra_in_plane_mm" else float(v)
+                k: v if k == "extra_in_plane_mm" else float(v)
                 for k, v in data.items()
                 if k in cls.__dataclass_fields__
             }
