@@ -151,6 +151,26 @@ def test_a_sheared_grid_is_refused(tmp_path):
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
 
 
+def test_slightly_uneven_slices_read_without_the_toolkits_own_warning(tmp_path, capfd):
+    """Scanners round slice positions: a series whose gaps differ by a few percent (within
+    the reader's own check) reads as one volume, and the user sees no C++ warning text."""
+    array = np.arange(5 * 8 * 8, dtype=np.int16).reshape(5, 8, 8)
+    geometry = Geometry((5.0, 0.9, 0.9), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    files = write_dicom_series(array, tmp_path / "s", geometry=geometry, seed=3)
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        z = 5.0 * k + (0.07 if k == 2 else 0.0)  # one slice 0.07 mm off, as scanners store it
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.save_as(f)
+    capfd.readouterr()
+    loaded = read_image(tmp_path / "s", scan=True)
+    out, err = capfd.readouterr()
+    assert loaded.array.shape == (5, 8, 8)
+    np.testing.assert_array_equal(loaded.array, array)
+    assert loaded.geometry.spacing[0] == pytest.approx(5.0, abs=0.05)
+    assert "WARNING" not in err + out and "ImageSeriesReader" not in err + out
+
+
 # --------------------------------------------------------------------------
 # Folders holding several series
 # --------------------------------------------------------------------------

@@ -1096,12 +1096,18 @@ def _read_dicom(path: Path, series: str | None = None, scan: bool = False) -> Lo
     sitk = _sitk()
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
+    # _check_dicom_slices has judged the spacing already; the toolkit would print its own
+    # C++ warning for gaps that differ by hundredths of a millimetre, as scanners store them.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         img = reader.Execute()
     except Exception as exc:
         raise ImageFileError(
             f"could not read the DICOM series in {folder}: {_first_line(exc)}"
         ) from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     return _from_sitk_image(img, path, "dicom", collapse_single_slice=True)
 
 
