@@ -8,7 +8,7 @@ The calibration scans are the yardstick's (``scripts/evaluate_clinical.py``):
 normal scans of the MNI152 template and the ITK single-subject head in the
 five contrasts, acquired as clinics do (``evaluation.clinical``), seed
 ``--seed``. The model's post-processing (``--smooth-mm``, ``--edge-mm``,
-``--in-plane-mm``, ``--asymmetry-weight``) is stored with it, then
+``--in-plane-mm``, ``--asymmetry-weight``, ``--end-plane-weight``) is stored with it, then
 ``calibration.calibrate`` fits the score scale and the default threshold (at most
 ``--max-false-regions`` regions per normal scan) and the result is written as a
 new version naming its parent.
@@ -49,6 +49,12 @@ def main() -> None:
         default=0.0,
         help="weight of the left-right comparison (napari_anomaly.asymmetry)",
     )
+    parser.add_argument(
+        "--end-plane-weight",
+        type=float,
+        default=1.0,
+        help="factor on the scores of a stack's first and last plane (1: off)",
+    )
     parser.add_argument("--max-false-regions", type=float, default=5.0)
     parser.add_argument(
         "--head-turn",
@@ -72,6 +78,7 @@ def main() -> None:
         args.in_plane_mm,
         asymmetry_weight=args.asymmetry_weight,
         extra_in_plane_mm=tuple(args.extra_in_plane_mm),
+        end_plane_weight=args.end_plane_weight,
     )
     calibrated = run_to_end(
         calibrate(

@@ -109,6 +109,14 @@ def main() -> None:
         help="weights of the left-right comparison (napari_anomaly.asymmetry)",
     )
     parser.add_argument(
+        "--end-plane-weight",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="factors on the scores of each stack's first and last plane "
+        "(PostprocessConfig.end_plane_weight; 1: off)",
+    )
+    parser.add_argument(
         "--in-plane-mm",
         type=float,
         nargs="+",
@@ -234,14 +242,20 @@ def main() -> None:
             records = run_to_end(with_asymmetry(records, [c.image for c in cases], prepare, post))
         seconds = time.perf_counter() - t0
         variants = {}
-        for smooth, edge, asym, rank, budget in itertools.product(
+        for smooth, edge, asym, ends, rank, budget in itertools.product(
             args.smooth_mm,
             args.edge_mm,
             args.asymmetry_weight,
+            args.end_plane_weight,
             args.rank_by,
             args.max_false_regions,
         ):
-            post = PostprocessConfig(smooth_mm=smooth, edge_margin_mm=edge, asymmetry_weight=asym)
+            post = PostprocessConfig(
+                smooth_mm=smooth,
+                edge_margin_mm=edge,
+                asymmetry_weight=asym,
+                end_plane_weight=ends,
+            )
             result = score_variant(
                 cal,
                 records,
@@ -250,7 +264,9 @@ def main() -> None:
                 min_region_mm=args.min_region_mm,
                 rank_by=rank,
             )
-            key = f"smooth{smooth:g}_edge{edge:g}_asym{asym:g}_{rank}_k{budget:g}"
+            key = f"smooth{smooth:g}_edge{edge:g}_asym{asym:g}_{rank}_k{budget:g}" + (
+                f"_ends{ends:g}" if ends < 1 else ""
+            )
             variants[key] = result
             o = result["overall"]
             print(

@@ -75,6 +75,50 @@ def test_edge_distance_of_a_slice_wise_model_is_measured_in_plane():
     assert in_plane[0, 15, 15] == 1.0
 
 
+def test_end_planes_of_a_slice_wise_model_weigh_less_and_nothing_else_changes():
+    foreground = np.ones((5, 20, 20), dtype=bool)
+    scores = np.full((5, 20, 20), 0.8, dtype=np.float32)
+    post = PostprocessConfig(end_plane_weight=0.5)
+    weighed = postprocess_map(scores, foreground, (5.0, 1.0, 1.0), post, plane_axis=0)
+    np.testing.assert_allclose(weighed[[0, -1]], 0.4)
+    np.testing.assert_array_equal(weighed[1:-1], scores[1:-1])
+    # Planes along another axis: that axis's ends.
+    across = postprocess_map(scores, foreground, None, post, plane_axis=2)
+    np.testing.assert_allclose(across[:, :, [0, -1]], 0.4)
+    np.testing.assert_array_equal(across[:, :, 1:-1], scores[:, :, 1:-1])
+    # A 3D network (no plane axis), a 2D image and the default weight change nothing.
+    np.testing.assert_array_equal(postprocess_map(scores, foreground, None, post), scores)
+    np.testing.assert_array_equal(
+        postprocess_map(scores[0], foreground[0], None, post, plane_axis=0), scores[0]
+    )
+    np.testing.assert_array_equal(
+        postprocess_map(scores, foreground, None, PostprocessConfig(), plane_axis=0), scores
+    )
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="end_plane_weight"):
+            PostprocessConfig(end_plane_weight=bad)
+
+
+def test_a_model_weighs_its_end_planes_when_it_localises_and_keeps_the_weight(tmp_path):
+    network = AnomalyNet(TINY_NETWORK_2D)
+    image = phantom((5, 48, 48)).astype(np.float32)
+    plain = Localiser(network, metadata={"patch_size": 32})
+    weighing = Localiser(
+        network, metadata={"patch_size": 32, "postprocess": {"end_plane_weight": 0.25}}
+    )
+    path = tmp_path / "m.safetensors"
+    weighing.save(path)
+    loaded = Localiser.load(path)
+    assert loaded.postprocess.end_plane_weight == 0.25
+    a = run_to_end(localise(image, plain)).anomaly_map
+    b = run_to_end(localise(image, loaded)).anomaly_map
+    assert a[0].max() > 0 and a[-1].max() > 0
+    np.testing.assert_allclose(b[[0, -1]], 0.25 * a[[0, -1]], rtol=1e-6)
+    np.testing.assert_array_equal(b[1:-1], a[1:-1])
+    # Files written before the setting existed keep every plane as it was.
+    assert PostprocessConfig.from_metadata({"postprocess": {"smooth_mm": 1}}).end_plane_weight == 1
+
+
 def test_threshold_is_the_lowest_that_meets_the_false_region_budget():
     maps = []
     for seed in range(3):

@@ -97,6 +97,13 @@ class PostprocessConfig:
         The comparison's in-plane smoothing (mm), the distance (mm) within which
         a mirrored value may lie, and the difference (preprocessed intensity,
         0..1) that scores 1.
+    end_plane_weight
+        Factor on the scores of the first and the last plane a 2D network walks
+        through, after the smoothing. Where a thick-slice field of view cuts the
+        head, those planes hold tangential cuts of the cortex and skull base in
+        partial volume, unlike any plane the network learnt from; like the edge
+        margin, this keeps them from crowding the region table. 1 turns it off;
+        a 3D network and a 2D image are never affected.
     """
 
     smooth_mm: float = 0.0
@@ -107,6 +114,7 @@ class PostprocessConfig:
     asymmetry_tolerance_mm: float = 3.0
     asymmetry_full_scale: float = 0.5
     extra_in_plane_mm: tuple[float, ...] = ()
+    end_plane_weight: float = 1.0
 
     def __post_init__(self) -> None:
         extra = tuple(float(v) for v in np.atleast_1d(self.extra_in_plane_mm))
@@ -126,6 +134,8 @@ class PostprocessConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
         if self.asymmetry_weight > 1:
             raise ValueError(f"asymmetry_weight must lie in [0, 1], got {self.asymmetry_weight}")
+        if not 0.0 <= self.end_plane_weight <= 1.0:
+            raise ValueError(f"end_plane_weight must lie in [0, 1], got {self.end_plane_weight}")
         if not (np.isfinite(self.asymmetry_full_scale) and self.asymmetry_full_scale > 0):
             raise ValueError(
                 f"asymmetry_full_scale must be finite and > 0, got {self.asymmetry_full_scale}"
@@ -167,7 +177,7 @@ def postprocess_map(
     *,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Smooth an anomaly map and fade it out at the foreground's edge.
+    """Smooth an anomaly map, fade it out at the foreground's edge and weigh the end planes.
 
     Parameters
     ----------
@@ -182,7 +192,8 @@ def postprocess_map(
     plane_axis
         For a 3D map from a 2D network, the axis it walked along: the edge
         distance is measured within each plane across it, as the network saw
-        it. ``None`` measures it in all axes.
+        it, and ``config.end_plane_weight`` applies to its first and last
+        plane. ``None`` measures the distance in all axes and weighs no plane.
     out
         C-contiguous float32 array of the same shape to write into; it may be
         ``anomaly_map`` itself, which then needs no second map's worth of memory.
@@ -208,6 +219,11 @@ def postprocess_map(
         ndi.gaussian_filter(out, sigma=config.smooth_mm / step, mode="nearest", output=out)
     if config.edge_margin_mm > 0:
         _fade_at_edges(out, np.asarray(foreground, dtype=bool), step, config, plane_axis)
+    if config.end_plane_weight < 1 and out.ndim == 3 and plane_axis is not None:
+        planes = np.moveaxis(out, plane_axis, 0)  # a view: the weights land in ``out``
+        planes[0] *= config.end_plane_weight
+        if len(planes) > 1:
+            planes[-1] *= config.end_plane_weight
     return np.clip(out, 0.0, 1.0, out=out)
 
 
