@@ -78,6 +78,9 @@ def test_the_atlas_brain_is_carried_onto_another_head_with_its_neck():
     assert dice > 0.9, dice
     assert not mask[:25].any()  # nothing in the neck
     assert np.isfinite(metric) and metric < 0  # Mattes MI is reported negative
+    # The same mask on every run: the yardstick's lesions are placed in it.
+    again, _ = anatomy.register_brain_mask(atlas, atlas_brain, head)
+    np.testing.assert_array_equal(again, mask)
 
 
 def test_unknown_subjects_are_refused(tmp_path):
