@@ -158,6 +158,12 @@ class PostprocessConfig:
         data["extra_in_plane_mm"] = list(self.extra_in_plane_mm)
         return data
 
+    @property
+    def changes_the_map(self) -> bool:
+        """Whether :func:`postprocess_map` has anything to do (smoothing, edge margin or
+        end planes)."""
+        return self.smooth_mm > 0 or self.edge_margin_mm > 0 or self.end_plane_weight < 1
+
 
 def _spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray:
     if spacing is None:

@@ -569,7 +569,7 @@ def localise(
             plane_axes.index(lr),
             post,
         )
-    if post.smooth_mm > 0 or post.edge_margin_mm > 0 or post.end_plane_weight < 1:
+    if post.changes_the_map:
         postprocess_map(anomaly_map, foreground, spacing, post, axis, out=anomaly_map)
     calibration = localiser.score_calibration
     if calibration is not None:

@@ -174,11 +174,8 @@ def _maps(records: Sequence[CaseMaps], post: PostprocessConfig) -> list[np.ndarr
                     "add it to the records first (with_asymmetry)"
                 )
             raise_by_asymmetry(raw, r.asymmetry, post.asymmetry_weight)
-        if post.smooth_mm > 0 or post.edge_margin_mm > 0 or post.end_plane_weight < 1:
-            spatial = PostprocessConfig(
-                post.smooth_mm, post.edge_margin_mm, end_plane_weight=post.end_plane_weight
-            )  # no asymmetry
-            raw = postprocess_map(raw, r.foreground, r.spacing, spatial, plane_axis)
+        if post.changes_the_map:
+            raw = postprocess_map(raw, r.foreground, r.spacing, post, plane_axis)
         out.append(raw)
     return out
 
