@@ -1,4 +1,4 @@
-"""Calibrate a model on clinical-like normal scans of the training heads (never Colin27).
+"""Calibrate a model on clinical-like normal scans (training heads, held-out subjects).
 
     python scripts/calibrate_default_model.py --data /tmp/anatomy/extracted \
         --model trained.safetensors --out src/napari_anomaly/data/default_2d.safetensors \
@@ -7,8 +7,10 @@
 The calibration scans are the yardstick's (``scripts/evaluate_clinical.py``):
 normal scans of the MNI152 template and the ITK single-subject head in the
 five contrasts, acquired as clinics do (``evaluation.clinical``), seed
-``--seed``. The model's post-processing (``--smooth-mm``, ``--edge-mm``,
-``--in-plane-mm``, ``--asymmetry-weight``, ``--end-plane-weight``) is stored with it, then
+``--seed``, and with ``--calibration-subjects`` normal scans of held-out subjects
+(never trained on; ``evaluation.anatomy.calibration_scans``). The model's
+post-processing (``--smooth-mm``, ``--edge-mm``, ``--in-plane-mm``,
+``--asymmetry-weight``, ``--end-plane-weight``) is stored with it, then
 ``calibration.calibrate`` fits the score scale and the default threshold (at most
 ``--max-false-regions`` regions per normal scan) and the result is written as a
 new version naming its parent.
@@ -20,7 +22,7 @@ import argparse
 from pathlib import Path
 
 from napari_anomaly.calibration import PostprocessConfig, calibrate
-from napari_anomaly.evaluation.anatomy import calibration_scans
+from napari_anomaly.evaluation.anatomy import HELD_OUT_SUBJECTS, calibration_scans
 from napari_anomaly.evaluation.clinical import CONTRASTS, AcquisitionConfig
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser
@@ -65,13 +67,37 @@ def main() -> None:
         help="turn the calibration heads by up to these degrees (AcquisitionConfig)",
     )
     parser.add_argument("--cases", type=int, default=1, help="scans per contrast and head")
+    parser.add_argument(
+        "--calibration-subjects",
+        nargs="+",
+        choices=HELD_OUT_SUBJECTS,
+        default=[],
+        help="also calibrate on normal scans of these held-out subjects (never trained on)",
+    )
+    parser.add_argument(
+        "--calibration-subject-cases",
+        type=int,
+        default=2,
+        help="normal scans per contrast of each --calibration-subjects subject",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
 
     parent = Localiser.load(args.model)
     turned = AcquisitionConfig(head_turn_degrees=tuple(args.head_turn))
-    scans = calibration_scans(args.data, args.cases, args.seed, acquisition=turned)
+    scans = calibration_scans(
+        args.data,
+        args.cases,
+        args.seed,
+        acquisition=turned,
+        subjects=args.calibration_subjects,
+        subject_cases=args.calibration_subject_cases,
+    )
+    subjects = "".join(
+        f", {args.calibration_subject_cases} per contrast of held-out {name}"
+        for name in args.calibration_subjects
+    )
     post = PostprocessConfig(
         args.smooth_mm,
         args.edge_mm,
@@ -90,8 +116,8 @@ def main() -> None:
             inference=InferenceConfig(device="cpu"),
             description=(
                 f"{len(scans)} clinical-like normal scans of the training heads (MNI152, ITK "
-                f"head) in {', '.join(CONTRASTS)}, heads turned by up to {args.head_turn[0]:g} "
-                f"(yaw) and {args.head_turn[1]:g} (roll) degrees "
+                f"head){subjects} in {', '.join(CONTRASTS)}, heads turned by up to "
+                f"{args.head_turn[0]:g} (yaw) and {args.head_turn[1]:g} (roll) degrees "
                 f"(scripts/calibrate_default_model.py, seed {args.seed})"
             ),
         )

@@ -13,10 +13,12 @@ Protocol (``napari_anomaly.evaluation``; deterministic for ``--seed``):
    spots) and ``normal``, and every contrast (T1, T1 with contrast, T2, FLAIR,
    PD), ``--cases`` scans acquired as clinics do (thick axial slices of 3-7 mm,
    0.5-1 mm in plane, Rician noise, bias field, field of view).
-2. **Calibration scans** (for the score scale and the default threshold; never
-   the yardstick's subject): normal scans of the two training heads (MNI152
-   and the ITK single-subject head) in the same five contrasts, acquired the
-   same way (``--calibration-cases`` per contrast and head).
+2. **Calibration scans** (for the score scale and the default threshold): normal
+   scans of the two training heads (MNI152 and the ITK single-subject head) in
+   the same five contrasts, acquired the same way (``--calibration-cases`` per
+   contrast and head), and with ``--calibration-subjects`` normal scans of
+   held-out subjects (``--calibration-subject-cases`` per contrast, another seed;
+   the other subject than ``--subject`` for a held-out figure).
 3. Every model (raw network output) and the baseline (``|x - median|`` in plane)
    run once over both sets; then each post-processing variant
    (``--smooth-mm`` x ``--edge-mm``) and ranking is scored: score calibration
@@ -80,6 +82,21 @@ def main() -> None:
     parser.add_argument("--models", type=Path, nargs="+", required=True)
     parser.add_argument("--cases", type=int, default=1, help="scans per family and contrast")
     parser.add_argument("--calibration-cases", type=int, default=1)
+    parser.add_argument(
+        "--calibration-subjects",
+        nargs="+",
+        choices=HELD_OUT_SUBJECTS,
+        default=[],
+        help="also calibrate on normal scans of these held-out subjects (anatomy."
+        "calibration_scans; another seed than the yardstick's); naming --subject itself "
+        "makes the regions per normal scan a site's own-normals figure, not a held-out one",
+    )
+    parser.add_argument(
+        "--calibration-subject-cases",
+        type=int,
+        default=2,
+        help="normal scans per contrast of each --calibration-subjects subject",
+    )
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--contrasts", nargs="+", default=list(CONTRASTS))
     parser.add_argument("--seed", type=int, default=0)
@@ -163,8 +180,20 @@ def main() -> None:
         )
     )
     calibration_cases = calibration_scans(
-        args.data, args.calibration_cases, args.seed, args.contrasts, acquisition
+        args.data,
+        args.calibration_cases,
+        args.seed,
+        args.contrasts,
+        acquisition,
+        subjects=args.calibration_subjects,
+        subject_cases=args.calibration_subject_cases,
     )
+    if args.subject in args.calibration_subjects:
+        print(
+            f"note: the calibration scans include normal scans of {args.subject}, the "
+            "yardstick's subject: its regions per normal scan are not held out",
+            file=sys.stderr,
+        )
     made = time.perf_counter()
     print(
         f"{len(cases)} yardstick and {len(calibration_cases)} calibration scans "
@@ -211,6 +240,7 @@ def main() -> None:
         "subject": args.subject,
         "yardstick_scans": len(cases),
         "calibration_scans": len(calibration_cases),
+        "calibration_subjects": ["training heads", *args.calibration_subjects],
         "cases": [
             {
                 "family": c.family,

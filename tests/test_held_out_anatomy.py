@@ -86,3 +86,41 @@ def test_the_atlas_brain_is_carried_onto_another_head_with_its_neck():
 def test_unknown_subjects_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown subject 'bob'.*colin27"):
         anatomy.held_out_subject(tmp_path, "bob")
+
+
+def test_calibration_adds_held_out_normals_on_another_seed_than_the_yardstick(monkeypatch):
+    from napari_anomaly.evaluation.clinical import make_cohort
+
+    training = _phantom_head((40, 48, 44), (20, 24, 22), (17, 21, 19))
+    held_out = _phantom_head((44, 52, 48), (22, 26, 24), (19, 23, 21))
+    monkeypatch.setattr(anatomy, "clinical_heads", lambda data, arrays: [("t", *training)])
+    asked = []
+    monkeypatch.setattr(
+        anatomy, "held_out_subject", lambda data, name: asked.append(name) or held_out
+    )
+    contrasts = ("t1", "flair")
+    plain = anatomy.calibration_scans(Path("."), 1, 0, contrasts)
+    scans = anatomy.calibration_scans(
+        Path("."), 1, 0, contrasts, subjects=("brainbrowser",), subject_cases=2
+    )
+    assert asked == ["brainbrowser"]
+    assert len(plain) == 2 and len(scans) == 2 + 2 * 2
+    assert all(s.family == "normal" and not s.lesion_mask.any() for s in scans)
+    for a, b in zip(plain, scans[:2], strict=True):  # the training heads' scans as before
+        np.testing.assert_array_equal(a.image, b.image)
+    # None of the added scans is one of the yardstick's normal scans of that subject.
+    yardstick = list(make_cohort(*held_out, families=("normal",), contrasts=contrasts, seed=0))
+    for added in scans[2:]:
+        for case in yardstick:
+            assert added.image.shape != case.image.shape or not np.array_equal(
+                added.image, case.image
+            )
+
+
+def test_calibration_refuses_unknown_subjects_before_any_work(monkeypatch):
+    def no_work(*args):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(anatomy, "clinical_heads", no_work)
+    with pytest.raises(ValueError, match=r"unknown subject\(s\) \['bob'\].*colin27"):
+        anatomy.calibration_scans(Path("."), subjects=("colin27", "bob"))

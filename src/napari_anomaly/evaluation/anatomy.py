@@ -342,22 +342,49 @@ def calibration_scans(
     seed: int = 0,
     contrasts: Sequence[str] | None = None,
     acquisition=None,
+    subjects: Sequence[str] = (),
+    subject_cases: int = 2,
 ) -> list:
-    """Normal clinical-like scans of the *training* heads in every contrast: the set the
-    default model's score and threshold are calibrated on, and the yardstick's
-    calibration set (``evaluation.clinical``; seeds ``seed + 500 + head index``;
-    ``acquisition``: an ``AcquisitionConfig``, default the module's)."""
+    """Normal clinical-like scans to calibrate on, in every contrast: the set the default
+    model's score and threshold are calibrated on, and the yardstick's calibration set
+    (``evaluation.clinical``; ``acquisition``: an ``AcquisitionConfig``, default the
+    module's).
+
+    Always the *training* heads (``cases_per_contrast`` scans per contrast and head, seeds
+    ``seed + 500 + head index``). ``subjects`` adds normal scans of held-out subjects
+    (:data:`HELD_OUT_SUBJECTS`; ``subject_cases`` per contrast, seed ``seed + 700``): heads
+    the networks never saw, single acquisitions among them, whose scores run higher than
+    the training heads' do. Their seed differs from every yardstick seed below 700, so no
+    calibration scan is a yardstick scan, but a yardstick on the same subject then no
+    longer measures its regions per normal scan on a subject the threshold never saw.
+    """
     from napari_anomaly.evaluation.clinical import CONTRASTS, DEFAULT_ACQUISITION, make_cohort
 
+    unknown = [s for s in subjects if s not in HELD_OUT_SUBJECTS]
+    if unknown:
+        raise ValueError(f"unknown subject(s) {unknown}; expected some of {HELD_OUT_SUBJECTS}")
+    contrasts = CONTRASTS if contrasts is None else contrasts
+    config = acquisition or DEFAULT_ACQUISITION
     scans = []
     for index, (_, head, brain) in enumerate(clinical_heads(data, None)):
         scans += make_cohort(
             head,
             brain,
             families=("normal",),
-            contrasts=CONTRASTS if contrasts is None else contrasts,
+            contrasts=contrasts,
             cases_per_cell=cases_per_contrast,
             seed=seed + 500 + index,
-            config=acquisition or DEFAULT_ACQUISITION,
+            config=config,
+        )
+    for name in subjects:
+        head, brain = held_out_subject(data, name)
+        scans += make_cohort(
+            head,
+            brain,
+            families=("normal",),
+            contrasts=contrasts,
+            cases_per_cell=subject_cases,
+            seed=seed + 700,
+            config=config,
         )
     return scans
