@@ -115,6 +115,15 @@ def main() -> None:
         metavar=("YAW", "ROLL"),
         help="turn the heads of the yardstick and calibration scans by up to these degrees",
     )
+    parser.add_argument(
+        "--brain-margin-mm",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="plan each scan's Z coverage on the brain, reaching this far (mm, drawn per "
+        "end) beyond it, as a clinical axial series does (AcquisitionConfig.brain_margin_mm; "
+        "default: the head volume's whole Z extent, neck included)",
+    )
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--rank-by", nargs="+", default=["mass"])
@@ -166,7 +175,10 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    acquisition = AcquisitionConfig(head_turn_degrees=tuple(args.head_turn))
+    acquisition = AcquisitionConfig(
+        head_turn_degrees=tuple(args.head_turn),
+        brain_margin_mm=None if args.brain_margin_mm is None else tuple(args.brain_margin_mm),
+    )
     volume, brain = held_out_subject(args.data, args.subject)
     cases = list(
         make_cohort(

@@ -328,3 +328,34 @@ def test_lesion_contrast_says_flair_lesions_stand_out_more_than_t1_ones(head, an
     assert flair["delta"] == pytest.approx(flair["lesion"] - flair["ring"], abs=1e-3)
     assert abs(plain["delta"]) < flair["delta"]
     assert lesion_contrast(make_case(t1, brain, "normal", "flair", 3, anatomy=anatomy)) is None
+
+
+def test_a_series_planned_on_the_brain_leaves_out_the_neck(head):
+    t1, brain, _ = head
+    # The head volume holds 40 mm of neck below the brain (a soft-tissue column).
+    neck = np.zeros((40,) + t1.shape[1:], dtype=np.float32)
+    neck[:, 20:44, 22:42] = 90.0
+    volume = np.concatenate([neck, t1])
+    brain_mask = np.concatenate([np.zeros(neck.shape, dtype=bool), brain])
+    rows = np.flatnonzero(brain_mask.any(axis=(1, 2)))
+    brain_mm = rows[-1] + 1 - rows[0]
+    whole = AcquisitionConfig(z_cut_probability=0.0, gap_probability=0.0)
+    planned = AcquisitionConfig(
+        z_cut_probability=0.0, gap_probability=0.0, brain_margin_mm=(4.0, 6.0)
+    )
+    anatomy = prepare_anatomy(volume, brain_mask)
+    a = make_case(volume, brain_mask, "normal", "flair", 5, whole, anatomy=anatomy)
+    b = make_case(volume, brain_mask, "normal", "flair", 5, planned, anatomy=anatomy)
+    depth = lambda case: case.image.shape[0] * case.spacing[0]  # noqa: E731
+    assert depth(a) >= volume.shape[0] - a.spacing[0]  # the whole head, neck and all
+    # Planned on the brain: the brain and at most 6 mm beyond it at either end.
+    assert brain_mm <= depth(b) + b.spacing[0] and depth(b) <= brain_mm + 12 + b.spacing[0]
+    low, high = b.params["acquisition"]["brain_margin_mm"]
+    assert 4 <= low <= 6 and 4 <= high <= 6 and a.params["acquisition"]["brain_margin_mm"] is None
+    # The coverage is drawn last: every other draw is the same.
+    for key in ("slice_thickness_mm", "in_plane_mm", "snr", "bias_strength"):
+        assert a.params["acquisition"][key] == b.params["acquisition"][key]
+    with pytest.raises(ValueError, match="brain_margin_mm"):
+        AcquisitionConfig(brain_margin_mm=(10.0, 5.0))
+    with pytest.raises(ValueError, match="brain_margin_mm"):
+        AcquisitionConfig(brain_margin_mm=(-1.0, 5.0))

@@ -170,6 +170,13 @@ class AcquisitionConfig:
         axial plane, roll about the front-back axis (one side lower). Patients
         lie a few degrees off the scanner's axes; 0 (the default) leaves the head
         as the template holds it.
+    brain_margin_mm : (low, high) or None
+        How far the stack reaches beyond the brain at each end of Z, mm, drawn per
+        end. A clinical axial brain series is planned on the brain, from the vertex
+        to the foramen magnum, and does not cover a neck that the head volume
+        holds. ``None`` (the default) keeps the head volume's whole Z extent, as
+        every yardstick figure before this option did; needs the brain mask
+        (:func:`make_case`), and is drawn after every other draw.
     """
 
     slice_thickness_mm: tuple[float, float] = (3.0, 7.0)
@@ -187,6 +194,7 @@ class AcquisitionConfig:
     scanner_max: float = 4095.0
     faint_partial_volume: float = 0.25
     head_turn_degrees: tuple[float, float] = (0.0, 0.0)
+    brain_margin_mm: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -198,7 +206,10 @@ class AcquisitionConfig:
             "fov_margin_mm",
             "z_cut_mm",
             "intensity_max",
+            "brain_margin_mm",
         ):
+            if getattr(self, name) is None and name == "brain_margin_mm":
+                continue
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name}: lower bound {low} exceeds upper bound {high}")
@@ -206,6 +217,8 @@ class AcquisitionConfig:
             raise ValueError("slice thickness, in-plane size and SNR must be positive")
         if self.slice_gap_mm[0] < 0 or self.z_cut_mm[0] < 0 or self.bias_strength[0] < 0:
             raise ValueError("slice gap, z cut and bias strength must be >= 0")
+        if self.brain_margin_mm is not None and self.brain_margin_mm[0] < 0:
+            raise ValueError("brain_margin_mm must be >= 0")
         if self.bias_strength[1] >= 1:
             raise ValueError("bias_strength must stay below 1 (the field must stay positive)")
         for name in ("gap_probability", "z_cut_probability", "faint_partial_volume"):
@@ -1266,8 +1279,10 @@ def _acquire(
     config: AcquisitionConfig,
     reference_level: float | None,
     keep: np.ndarray | None,
+    brain: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], tuple[float, float, float], dict]:
-    """:func:`acquire` for several masks; returns their partial-volume maps."""
+    """:func:`acquire` for several masks; returns their partial-volume maps. ``brain``
+    (1 mm, like the volume) places the Z coverage when ``config.brain_margin_mm`` is set."""
     volume = np.asarray(volume_1mm, dtype=np.float32)
     if volume.ndim != 3:
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {volume.shape}")
@@ -1289,13 +1304,25 @@ def _acquire(
         volume = _turn(volume, turn)
         masks = [_turn(np.asarray(m, dtype=np.float32), turn) for m in masks]
         keep = None if keep is None else _turn(np.asarray(keep, dtype=np.float32), turn) > 0.5
+        brain = None if brain is None else _turn(np.asarray(brain, dtype=np.float32), turn) > 0.5
+    # The Z coverage planned on the brain (drawn after everything else, like the turn).
+    z_start, z_stop = 0, volume.shape[0]
+    brain_margins = [0.0, 0.0]
+    if config.brain_margin_mm is not None and brain is not None:
+        brain_margins = [float(m) for m in rng.uniform(*config.brain_margin_mm, size=2)]
+        rows = np.flatnonzero(np.asarray(brain, dtype=bool).any(axis=(1, 2)))
+        if rows.size:
+            z_start = max(0, int(rows[0] - round(brain_margins[0])))
+            z_stop = min(volume.shape[0], int(rows[-1] + 1 + round(brain_margins[1])))
 
     extent = None
     if keep is not None and keep.any():
         where = np.argwhere(keep)
         extent = list(zip(where.min(axis=0).tolist(), (where.max(axis=0) + 1).tolist()))
+    z_keep = None if extent is None else (extent[0][0] - z_start, extent[0][1] - z_start)
+    z_limits = _fov_limits(z_stop - z_start, z_keep, *z_cuts)
     limits = [
-        _fov_limits(volume.shape[0], extent[0] if extent else None, *z_cuts),
+        (z_limits[0] + z_start, z_limits[1] + z_start),
         _fov_limits(volume.shape[1], extent[1] if extent else None, *margins[0]),
         _fov_limits(volume.shape[2], extent[2] if extent else None, *margins[1]),
     ]
@@ -1339,6 +1366,7 @@ def _acquire(
         "slices": count,
         "intensity_scale": scale,
         "head_turn_degrees": list(turn),
+        "brain_margin_mm": brain_margins if config.brain_margin_mm is not None else None,
         "config": config_to_dict(config),
     }
     return image, partial, spacing, params
@@ -1458,7 +1486,7 @@ def make_case(
     )
     white = _tissue_levels(lesioned, anatomy.classes)["wm"]
     image, (partial, brain_partial), spacing, acquisition = _acquire(
-        lesioned, [lesion, brain_mask], acquisition_rng, config, white, lesion
+        lesioned, [lesion, brain_mask], acquisition_rng, config, white, lesion, brain_mask
     )
     truth = _truth_from_partial_volume(partial, config.faint_partial_volume)
     _, regions = ndimage.label(truth, structure=np.ones((3, 3, 3), bool))
