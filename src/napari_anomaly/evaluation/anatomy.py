@@ -353,10 +353,11 @@ def calibration_scans(
     Always the *training* heads (``cases_per_contrast`` scans per contrast and head, seeds
     ``seed + 500 + head index``). ``subjects`` adds normal scans of held-out subjects
     (:data:`HELD_OUT_SUBJECTS`; ``subject_cases`` per contrast, seed ``seed + 700``): heads
-    the networks never saw, single acquisitions among them, whose scores run higher than
-    the training heads' do. Their seed differs from every yardstick seed below 700, so no
-    calibration scan is a yardstick scan, but a yardstick on the same subject then no
-    longer measures its regions per normal scan on a subject the threshold never saw.
+    the networks never saw, a single real acquisition among them (``docs/evaluation.md``
+    measures them: another subject's normals did not transfer). Their seed differs from
+    every yardstick seed below 700, so no calibration scan is a yardstick scan, but a
+    yardstick on the same subject then no longer measures its regions per normal scan on
+    a subject the threshold never saw.
     """
     from napari_anomaly.evaluation.clinical import CONTRASTS, DEFAULT_ACQUISITION, make_cohort
 

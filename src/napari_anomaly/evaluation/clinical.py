@@ -206,10 +206,7 @@ class AcquisitionConfig:
             "fov_margin_mm",
             "z_cut_mm",
             "intensity_max",
-            "brain_margin_mm",
         ):
-            if getattr(self, name) is None and name == "brain_margin_mm":
-                continue
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name}: lower bound {low} exceeds upper bound {high}")
@@ -217,8 +214,10 @@ class AcquisitionConfig:
             raise ValueError("slice thickness, in-plane size and SNR must be positive")
         if self.slice_gap_mm[0] < 0 or self.z_cut_mm[0] < 0 or self.bias_strength[0] < 0:
             raise ValueError("slice gap, z cut and bias strength must be >= 0")
-        if self.brain_margin_mm is not None and self.brain_margin_mm[0] < 0:
-            raise ValueError("brain_margin_mm must be >= 0")
+        if self.brain_margin_mm is not None:
+            low, high = self.brain_margin_mm
+            if not 0 <= low <= high:
+                raise ValueError(f"brain_margin_mm must satisfy 0 <= low <= high: {low}, {high}")
         if self.bias_strength[1] >= 1:
             raise ValueError("bias_strength must stay below 1 (the field must stay positive)")
         for name in ("gap_probability", "z_cut_probability", "faint_partial_volume"):
