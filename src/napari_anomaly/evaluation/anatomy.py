@@ -366,26 +366,20 @@ def calibration_scans(
         raise ValueError(f"unknown subject(s) {unknown}; expected some of {HELD_OUT_SUBJECTS}")
     contrasts = CONTRASTS if contrasts is None else contrasts
     config = acquisition or DEFAULT_ACQUISITION
+    sources = [
+        (head, brain, cases_per_contrast, seed + 500 + index)
+        for index, (_, head, brain) in enumerate(clinical_heads(data, None))
+    ]
+    sources += [(*held_out_subject(data, name), subject_cases, seed + 700) for name in subjects]
     scans = []
-    for index, (_, head, brain) in enumerate(clinical_heads(data, None)):
+    for head, brain, cases, head_seed in sources:
         scans += make_cohort(
             head,
             brain,
             families=("normal",),
             contrasts=contrasts,
-            cases_per_cell=cases_per_contrast,
-            seed=seed + 500 + index,
-            config=config,
-        )
-    for name in subjects:
-        head, brain = held_out_subject(data, name)
-        scans += make_cohort(
-            head,
-            brain,
-            families=("normal",),
-            contrasts=contrasts,
-            cases_per_cell=subject_cases,
-            seed=seed + 700,
+            cases_per_cell=cases,
+            seed=head_seed,
             config=config,
         )
     return scans
