@@ -310,8 +310,11 @@ def _wait_until_python_catches_sigint(pid: int, timeout: float = 60.0) -> None:
     raise AssertionError(f"process {pid} did not start catching SIGINT within {timeout} s")
 
 
-def test_a_real_ctrl_c_soon_after_start_prints_one_line(scans, model, tmp_path):
-    """SIGINT as the terminal sends it, while the command is still starting up."""
+@pytest.mark.parametrize("delay", [0.05, 0.1, 0.2, 0.5])
+def test_a_real_ctrl_c_soon_after_start_prints_one_line(scans, model, tmp_path, delay):
+    """SIGINT as the terminal sends it, while the command is still starting up (importing
+    torch: a KeyboardInterrupt inside a compiled extension's import used to abort the
+    interpreter, or end it by the signal, instead of the one line and status 130)."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "napari_anomaly.cli", "localise", scans[0], "--out"]
     process = subprocess.Popen(
@@ -323,14 +326,17 @@ def test_a_real_ctrl_c_soon_after_start_prints_one_line(scans, model, tmp_path):
     # Until the interpreter has installed its SIGINT handler, Ctrl-C kills any Python
     # program outright; on a loaded machine that start-up can take over a second.
     _wait_until_python_catches_sigint(process.pid)
-    time.sleep(0.5)
+    time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=300)
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "terminate called" not in err, err
     if process.returncode == 0:  # a fast machine finished first: then the set is complete
         assert _names(out) == _set_of("normal0")
     else:
-        assert process.returncode == 130 and "nothing was written" in err
+        assert process.returncode == 130 and "nothing was written" in err, (
+            process.returncode,
+            err,
+        )
         assert _names(out) == []
 
 

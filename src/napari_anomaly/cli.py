@@ -871,9 +871,14 @@ def _message(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from napari_anomaly.interrupts import interrupts_deferred
+
     written = _Written()
     try:
-        parser = build_parser()  # imports torch: Ctrl-C may come here already
+        # build_parser imports torch: a Ctrl-C inside the import of a compiled extension
+        # can abort the interpreter, so it waits until the imports are done.
+        with interrupts_deferred():
+            parser = build_parser()
         args = parser.parse_args(argv)
         args.written = written
         return int(args.func(args) or 0)

@@ -30,12 +30,12 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from napari_anomaly.interrupts import interrupts_deferred
 
 __all__ = [
     "LockHeld",
@@ -394,29 +394,6 @@ def check_output_folder(
                 f"not enough free space in {base}: the outputs need about "
                 f"{_megabytes(needed_bytes)}, {_megabytes(free)} are free",
             )
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back while a few renames complete, then raise it.
-
-    Only in the main thread (where Python delivers signals); elsewhere a no-op.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
 
 
 class LockHeld(OSError):
