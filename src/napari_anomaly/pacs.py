@@ -907,8 +907,8 @@ def _retrieve(
     max_bytes: int,
     overwrite: bool,
 ) -> Job[Path]:
+    from napari_anomaly.interrupts import interrupts_deferred
     from napari_anomaly.io import atomic_write_bytes, check_output_folder, clear_leftovers
-    from napari_anomaly.io.atomic import interrupts_deferred
 
     yield Progress(0, 0, "asking the PACS for the series' instances")
     client = _client(settings)

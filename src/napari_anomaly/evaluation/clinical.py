@@ -1278,10 +1278,11 @@ def _acquire(
     config: AcquisitionConfig,
     reference_level: float | None,
     keep: np.ndarray | None,
-    brain: np.ndarray | None = None,
+    brain_index: int | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], tuple[float, float, float], dict]:
-    """:func:`acquire` for several masks; returns their partial-volume maps. ``brain``
-    (1 mm, like the volume) places the Z coverage when ``config.brain_margin_mm`` is set."""
+    """:func:`acquire` for several masks; returns their partial-volume maps.
+    ``masks[brain_index]``, the brain, places the Z coverage when
+    ``config.brain_margin_mm`` is set."""
     volume = np.asarray(volume_1mm, dtype=np.float32)
     if volume.ndim != 3:
         raise ValueError(f"expected a (Z, Y, X) volume, got shape {volume.shape}")
@@ -1303,13 +1304,12 @@ def _acquire(
         volume = _turn(volume, turn)
         masks = [_turn(np.asarray(m, dtype=np.float32), turn) for m in masks]
         keep = None if keep is None else _turn(np.asarray(keep, dtype=np.float32), turn) > 0.5
-        brain = None if brain is None else _turn(np.asarray(brain, dtype=np.float32), turn) > 0.5
     # The Z coverage planned on the brain (drawn after everything else, like the turn).
     z_start, z_stop = 0, volume.shape[0]
     brain_margins = [0.0, 0.0]
-    if config.brain_margin_mm is not None and brain is not None:
+    if config.brain_margin_mm is not None and brain_index is not None:
         brain_margins = [float(m) for m in rng.uniform(*config.brain_margin_mm, size=2)]
-        rows = np.flatnonzero(np.asarray(brain, dtype=bool).any(axis=(1, 2)))
+        rows = np.flatnonzero((np.asarray(masks[brain_index]) > 0.5).any(axis=(1, 2)))
         if rows.size:
             z_start = max(0, int(rows[0] - round(brain_margins[0])))
             z_stop = min(volume.shape[0], int(rows[-1] + 1 + round(brain_margins[1])))
@@ -1485,7 +1485,7 @@ def make_case(
     )
     white = _tissue_levels(lesioned, anatomy.classes)["wm"]
     image, (partial, brain_partial), spacing, acquisition = _acquire(
-        lesioned, [lesion, brain_mask], acquisition_rng, config, white, lesion, brain_mask
+        lesioned, [lesion, brain_mask], acquisition_rng, config, white, lesion, brain_index=1
     )
     truth = _truth_from_partial_volume(partial, config.faint_partial_volume)
     _, regions = ndimage.label(truth, structure=np.ones((3, 3, 3), bool))
