@@ -101,6 +101,12 @@ def main() -> None:
         help="TrainConfig.lesion_task_delta (default 0.08 0.45, or the parent's with "
         "--continue-from)",
     )
+    parser.add_argument(
+        "--lesion-level",
+        type=float,
+        help="TrainConfig.lesion_task_level: share of the lesion task's blobs that take "
+        "another tissue's level (default 0, or the parent's with --continue-from)",
+    )
     parser.add_argument("--remap", type=float, default=0.0, help="AugmentConfig.remap_probability")
     parser.add_argument(
         "--deform",
@@ -182,6 +188,7 @@ def main() -> None:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             lesion_task_probability=args.lesion_task,
+            lesion_task_level=args.lesion_level or 0.0,
             **({"lesion_task_delta": tuple(args.lesion_delta)} if args.lesion_delta else {}),
         )
     description = ", ".join(train_names)
@@ -199,6 +206,8 @@ def main() -> None:
         stored = parent.metadata["training"]
         if args.lesion_delta:
             stored["config"]["lesion_task_delta"] = list(args.lesion_delta)
+        if args.lesion_level is not None:
+            stored["config"]["lesion_task_level"] = args.lesion_level
         if args.deform is not None:
             stored.setdefault("augmentation", {})["deform_probability"] = args.deform
         config = AdaptConfig(

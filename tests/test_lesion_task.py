@@ -122,3 +122,81 @@ def test_a_subtle_lesion_task_is_recorded_with_the_model_and_bad_ranges_refused(
     for bad in [(0.2, 0.1), (0.0, 0.3), (0.1, 1.5)]:
         with pytest.raises(ValueError, match="lesion_task_delta"):
             TrainConfig(lesion_task_delta=bad)
+
+
+def _blob_jumps(config: LesionTaskConfig, images: torch.Tensor) -> list[float]:
+    """The change at the core of the single blob of each of 16 seeds."""
+    foreground = torch.ones_like(images, dtype=torch.bool)
+    jumps = []
+    for seed in range(16):
+        anomalous, _, _ = synthesise_lesions(
+            images, foreground, config, torch.Generator().manual_seed(seed)
+        )
+        change = anomalous - images
+        core = change.abs() > 0.9 * change.abs().max()
+        jumps.append(float(change[core].median().abs()))
+    return jumps
+
+
+def test_lesions_can_take_another_tissues_level():
+    # Two flat "tissues" with the same fine texture: dark on the left, bright on the right.
+    images = 0.02 * torch.rand((1, 1, 48, 48), generator=torch.Generator().manual_seed(2))
+    images[..., :24] += 0.2
+    images[..., 24:] += 0.8
+    blob = {"probability": 1.0, "blobs": (1, 1), "radius": (0.08, 0.08), "flatten": (0, 0)}
+    shifted = _blob_jumps(LesionTaskConfig(**blob), images)
+    levelled = _blob_jumps(LesionTaskConfig(**blob, level_probability=1.0), images)
+    # A shift is drawn from `delta` (0.08-0.45); another tissue's level is 0.6 away.
+    assert max(shifted) < 0.46
+    assert sum(abs(jump - 0.6) < 0.05 for jump in levelled) >= 10
+
+
+def test_without_the_level_share_a_seed_gives_the_lesions_it_gave_before():
+    images = torch.rand((2, 1, 32, 32), generator=torch.Generator().manual_seed(1))
+    foreground = torch.ones_like(images, dtype=torch.bool)
+    a = synthesise_lesions(
+        images, foreground, LesionTaskConfig(probability=1.0), torch.Generator().manual_seed(5)
+    )
+    b = synthesise_lesions(
+        images,
+        foreground,
+        LesionTaskConfig(probability=1.0, level_probability=0.0),
+        torch.Generator().manual_seed(5),
+    )
+    assert torch.equal(a[0], b[0])
+    with pytest.raises(ValueError, match="level_probability"):
+        LesionTaskConfig(level_probability=1.5)
+    with pytest.raises(ValueError, match="lesion_task_level"):
+        TrainConfig(lesion_task_level=-0.1)
+
+
+def test_the_level_share_is_recorded_with_the_model_and_replayed_by_fine_tuning(monkeypatch):
+    import napari_anomaly.training as training
+
+    images = [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
+    config = TrainConfig(
+        steps=2,
+        batch_size=4,
+        patch_size=32,
+        device="cpu",
+        lesion_task_probability=0.5,
+        lesion_task_level=0.5,
+    )
+    model = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    assert model.metadata["training"]["config"]["lesion_task_level"] == 0.5
+    levels = []
+    mix = training._mix_lesion_task
+
+    def recording(*args, **kwargs):
+        levels.append(args[7] if len(args) > 7 else kwargs.get("level"))
+        return mix(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_mix_lesion_task", recording)
+    mask = np.zeros((48, 48), bool)
+    mask[20:26, 20:26] = True
+    run_to_end(
+        training.finetune(
+            model, [images[0]], [mask], training.FinetuneConfig(steps=2, device="cpu")
+        )
+    )
+    assert levels and set(levels) == {0.5}

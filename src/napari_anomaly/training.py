@@ -102,6 +102,10 @@ class TrainConfig:
         on the preprocessed [0, 1] scale). Lesions on a T1-weighted scan differ
         from the tissue around them by only 0.03-0.07 after histogram
         equalisation (clinical yardstick, docs/evaluation.md).
+    lesion_task_level
+        Share of that task's blobs that take the local intensity of another
+        place of the same image (another tissue's level) instead of a shift
+        (``LesionTaskConfig.level_probability``); 0 keeps the shift alone.
     validation_every, validation_batches
         Validation on held-out normal images with synthetic anomalies.
     checkpoint_every
@@ -125,6 +129,7 @@ class TrainConfig:
     confidence_weight: float = 0.5
     lesion_task_probability: float = 0.0
     lesion_task_delta: tuple[float, float] = (0.08, 0.45)
+    lesion_task_level: float = 0.0
     validation_every: int = 250
     validation_batches: int = 2
     checkpoint_every: int = 250
@@ -140,6 +145,10 @@ class TrainConfig:
         if not 0.0 <= self.lesion_task_probability <= 1.0:
             raise ValueError(
                 f"lesion_task_probability must lie in [0, 1], got {self.lesion_task_probability}"
+            )
+        if not 0.0 <= self.lesion_task_level <= 1.0:
+            raise ValueError(
+                f"lesion_task_level must lie in [0, 1], got {self.lesion_task_level}"
             )
         low, high = self.lesion_task_delta
         if not 0.0 < low <= high <= 1.0:
@@ -495,13 +504,14 @@ def _mix_lesion_task(
     synthesis: SynthesisConfig,
     generator: torch.Generator,
     delta: tuple[float, float] = TrainConfig.lesion_task_delta,
+    level: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give a random share of the batch the lesion-like intensity task instead of P-PII."""
     chosen = torch.rand(batch.shape[0], generator=generator) < probability
     if not bool(chosen.any()):
         return ppii
     index = torch.nonzero(chosen).ravel().to(batch.device)
-    task = LesionTaskConfig(probability=probability, delta=tuple(delta))
+    task = LesionTaskConfig(probability=probability, delta=tuple(delta), level_probability=level)
     changed = synthesise_lesions(batch[index], foreground[index], task, generator, synthesis)
     out = [t.clone() for t in ppii]
     for tensor, values in zip(out, changed):
@@ -585,6 +595,7 @@ def _ppii_steps(
                 synthesis,
                 generator,
                 config.lesion_task_delta,
+                config.lesion_task_level,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -1123,6 +1134,7 @@ def finetune(
     parent_config = (localiser.metadata.get("training") or {}).get("config") or {}
     lesion_task = float(parent_config.get("lesion_task_probability", 0.0))
     lesion_delta = tuple(parent_config.get("lesion_task_delta", TrainConfig.lesion_task_delta))
+    lesion_level = float(parent_config.get("lesion_task_level", 0.0))
     sampler = PatchSampler(
         prepared,
         foregrounds,
@@ -1209,6 +1221,7 @@ def finetune(
                     synthesis,
                     generator,
                     lesion_delta,
+                    lesion_level,
                 )
             replay_loss, replay_parts = loss_of(
                 model(anomalous, **forward),

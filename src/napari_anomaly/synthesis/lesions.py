@@ -12,7 +12,12 @@ Each sample gets ``K`` blobs. A blob is an ellipsoid (random radii and
 orientation) whose boundary is perturbed by smooth noise, with a soft edge;
 inside it the intensity is shifted by ``delta`` (either sign) and optionally
 scaled towards a constant (flattening the texture, as fluid or necrosis
-does). Labels use the same map from deviation to label as P-PII
+does). With ``level_probability``, a share of the blobs instead takes the
+local mean intensity of another place of the same image, keeping its own
+texture: oedema, infarcts and white-matter hyperintensities take on the
+signal of another tissue (between grey matter and fluid on T1, T2 and PD), so
+a lesion is often an ordinary intensity in the wrong place rather than an
+unusual one. Labels use the same map from deviation to label as P-PII
 (:func:`napari_anomaly.synthesis.ppii.label_from_deviation`), so the two
 tasks share one score scale; ``label_std`` is zero (there is one outline).
 Everything runs in torch on the images' device.
@@ -52,6 +57,13 @@ class LesionTaskConfig:
         Range of the width of the soft edge, as a fraction of the radius.
     roughness
         Amplitude of the smooth boundary perturbation (fraction of the radius).
+    level_probability
+        Share of the blobs that move to the local mean intensity (5-voxel
+        window) of a random foreground place of the same image instead of
+        being shifted by ``delta``; a place whose level differs from the blob's
+        mean by less than ``delta[0]`` is redrawn (up to 4 times) and
+        otherwise the blob is shifted. 0 (the default) draws nothing extra, so
+        every seed gives what it gave before.
     """
 
     probability: float = 0.0
@@ -61,10 +73,15 @@ class LesionTaskConfig:
     flatten: tuple[float, float] = (0.0, 0.8)
     edge: tuple[float, float] = (0.1, 0.5)
     roughness: float = 0.3
+    level_probability: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(f"probability must lie in [0, 1], got {self.probability}")
+        if not 0.0 <= self.level_probability <= 1.0:
+            raise ValueError(
+                f"level_probability must lie in [0, 1], got {self.level_probability}"
+            )
         if self.blobs[0] < 1 or self.blobs[1] < self.blobs[0]:
             raise ValueError(f"blobs must be a range of at least 1, got {self.blobs}")
 
@@ -80,6 +97,34 @@ def _random_rotation(dims: int, generator: torch.Generator) -> torch.Tensor:
     if torch.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+_LEVEL_WINDOW = 5
+_LEVEL_TRIES = 4
+
+
+def _local_means(images: torch.Tensor) -> torch.Tensor:
+    """Mean of each voxel's ``_LEVEL_WINDOW`` neighbourhood (same shape as ``images``)."""
+    pool = F.avg_pool2d if images.ndim == 4 else F.avg_pool3d
+    return pool(
+        images, _LEVEL_WINDOW, stride=1, padding=_LEVEL_WINDOW // 2, count_include_pad=False
+    )
+
+
+def _other_level(
+    levels: torch.Tensor,
+    inside: torch.Tensor,
+    mean: torch.Tensor,
+    smallest: float,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
+    """The local mean at a random foreground place at least ``smallest`` from ``mean``."""
+    for _ in range(_LEVEL_TRIES):
+        place = inside[int(torch.randint(0, inside.shape[0], (1,), generator=generator))]
+        level = levels[tuple(int(i) for i in place)]
+        if float((level - mean).abs()) >= smallest:
+            return level
+    return None
 
 
 def synthesise_lesions(
@@ -119,6 +164,7 @@ def synthesise_lesions(
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (dims, *spatial)
     anomalous = images.clone()
     fg = foreground.to(dtype)
+    levels = _local_means(images) if config.level_probability > 0 else None
     for b in range(batch):
         inside = torch.nonzero(foreground[b, 0].cpu())
         if inside.numel() == 0:
@@ -152,6 +198,13 @@ def synthesise_lesions(
             flatten = float(_uniform(*config.flatten, (1,), generator))
             mean = (sample * weight).sum() / weight.sum()
             changed = (1.0 - flatten) * sample + flatten * mean + delta
+            if levels is not None and float(torch.rand(1, generator=generator)) < (
+                config.level_probability
+            ):
+                level = _other_level(levels[b, 0], inside, mean, config.delta[0], generator)
+                if level is not None:
+                    # Another tissue's level, with the blob's own texture around it.
+                    changed = level + (1.0 - flatten) * (sample - mean)
             sample = sample + weight * (changed.clamp(0.0, 1.0) - sample)
         anomalous[b, 0] = sample
     deviation = (anomalous - images).abs()
