@@ -107,17 +107,25 @@ def test_the_training_config_sets_how_strong_the_lesion_task_changes_are(delta):
     assert float(label.max()) > 0
 
 
-def test_a_subtle_lesion_task_is_recorded_with_the_model_and_bad_ranges_refused():
-    images = [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
+def _phantoms() -> list[np.ndarray]:
+    return [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
+
+
+def _tiny_model(**settings):
+    """Two steps of training with the lesion task on half the samples and ``settings``."""
     config = TrainConfig(
         steps=2,
         batch_size=4,
         patch_size=32,
         device="cpu",
         lesion_task_probability=0.5,
-        lesion_task_delta=(0.03, 0.45),
+        **settings,
     )
-    model = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    return run_to_end(train(_phantoms(), config, network=TINY_NETWORK_2D))
+
+
+def test_a_subtle_lesion_task_is_recorded_with_the_model_and_bad_ranges_refused():
+    model = _tiny_model(lesion_task_delta=(0.03, 0.45))
     assert model.metadata["training"]["config"]["lesion_task_delta"] == [0.03, 0.45]
     for bad in [(0.2, 0.1), (0.0, 0.3), (0.1, 1.5)]:
         with pytest.raises(ValueError, match="lesion_task_delta"):
@@ -173,16 +181,8 @@ def test_without_the_level_share_a_seed_gives_the_lesions_it_gave_before():
 def test_the_level_share_is_recorded_with_the_model_and_replayed_by_fine_tuning(monkeypatch):
     import napari_anomaly.training as training
 
-    images = [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
-    config = TrainConfig(
-        steps=2,
-        batch_size=4,
-        patch_size=32,
-        device="cpu",
-        lesion_task_probability=0.5,
-        lesion_task_level=0.5,
-    )
-    model = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    images = _phantoms()
+    model = _tiny_model(lesion_task_level=0.5)
     assert model.metadata["training"]["config"]["lesion_task_level"] == 0.5
     levels = []
     mix = training._mix_lesion_task
