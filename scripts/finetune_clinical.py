@@ -10,7 +10,8 @@ contrast (the "kind") and one scan of every other family in the same contrast.
 The model is fine-tuned on the first scan of the kind with its true lesion mask
 (as if the reviewer had corrected it perfectly), once per setting in
 ``--learning-rates`` x ``--steps`` (the other settings: ``FinetuneConfig``
-defaults, or ``--anchor-weights``, ``--replay-fractions`` and ``--transplant-shares``). Reported,
+defaults, or ``--anchor-weights``, ``--distill-weights``, ``--replay-fractions`` and
+``--transplant-shares``). Reported,
 before and after: pixel AP on the *other* scans of the kind (pooled), on the
 corrected scan itself, and on each other family; and, through the whole
 pipeline at the model's default threshold (post-processing and calibration
@@ -124,6 +125,13 @@ def main() -> None:
         "--anchor-weights", type=float, nargs="+", default=[FinetuneConfig.anchor_weight]
     )
     parser.add_argument(
+        "--distill-weights",
+        type=float,
+        nargs="+",
+        default=[FinetuneConfig.distill_weight],
+        help="weights of holding the replayed patches' maps to the parent's",
+    )
+    parser.add_argument(
         "--replay-fractions", type=float, nargs="+", default=[FinetuneConfig.replay_fraction]
     )
     parser.add_argument(
@@ -184,12 +192,13 @@ def main() -> None:
         args.learning_rates,
         args.steps,
         args.anchor_weights,
+        args.distill_weights,
         args.replay_fractions,
         args.transplant_shares,
         args.finetune_seeds,
         args.member_losses,
     )
-    for lr, steps, anchor, replay, share, finetune_seed, member_loss in grid:
+    for lr, steps, anchor, distill, replay, share, finetune_seed, member_loss in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -197,6 +206,7 @@ def main() -> None:
             device="cpu",
             positive_balance=args.positive_balance,
             anchor_weight=anchor,
+            distill_weight=distill,
             replay_fraction=replay,
             transplant_share=share,
             batch_size=args.batch_size,
@@ -236,6 +246,7 @@ def main() -> None:
             "learning_rate": lr,
             "steps": steps,
             "anchor_weight": anchor,
+            "distill_weight": distill,
             "replay_fraction": replay,
             "transplant_share": share,
             "batch_size": args.batch_size,

@@ -171,3 +171,62 @@ def test_finetune_learns_from_cases_as_the_model_sees_them():
     config = FinetuneConfig(steps=2, batch_size=2, device="cpu")
     tuned = run_to_end(finetune(parent, [volume], [mask], config, spacings=[(5.0, 0.5, 0.5)]))
     assert tuned.metadata["postprocess"] == parent.metadata["postprocess"]
+
+
+def test_distillation_loss_is_least_at_the_parents_map_and_counts_only_kept_voxels():
+    from napari_anomaly.model import distillation_loss
+
+    torch.manual_seed(0)
+    parent = torch.randn(2, 2, 8, 8)
+    keep = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    at_parent = distillation_loss(parent, parent, keep)
+    for _ in range(5):
+        assert distillation_loss(parent + torch.randn_like(parent), parent, keep) > at_parent
+    # Only the anomaly channel counts, and only where kept.
+    keep[:, :, :4] = False
+    moved = parent.clone()
+    moved[:, 1] += 5.0
+    moved[:, 0, :4] -= 5.0
+    assert torch.isclose(
+        distillation_loss(moved, parent, keep), distillation_loss(parent, parent, keep)
+    )
+    # Members stacked in front (each_member) against the parent's members.
+    members = torch.stack([parent, parent + 1.0])
+    assert distillation_loss(members, members, keep) < distillation_loss(
+        members.flip(0), members, keep
+    )
+
+
+def test_finetune_with_distillation_stays_closer_to_the_parents_map(images_2d):
+    from napari_anomaly.inference import InferenceConfig, localise
+
+    parent = run_to_end(train(images_2d, TrainConfig(steps=2, **TINY), network=TINY_NETWORK_2D))
+    image = images_2d[0]
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[20:28, 20:28] = True
+    settings = {"steps": 12, "batch_size": 6, "learning_rate": 1e-3, "device": "cpu"}
+
+    def drift(distill_weight: float) -> float:
+        reports: list[Progress] = []
+        config = FinetuneConfig(distill_weight=distill_weight, **settings)
+        child = run_to_end(finetune(parent, [image], [mask], config), reports.append)
+        last = [r for r in reports if r.message == "fine-tuning"][-1]
+        assert ("loss_distillation" in last.metrics) == (distill_weight > 0)
+        assert child.metadata["finetuning"][-1]["config"]["distill_weight"] == distill_weight
+        inference = InferenceConfig(device="cpu")
+        changes = [
+            np.abs(
+                run_to_end(localise(other, child, inference)).anomaly_map
+                - run_to_end(localise(other, parent, inference)).anomaly_map
+            ).mean()
+            for other in images_2d[1:]
+        ]
+        return float(np.mean(changes))
+
+    assert drift(20.0) < 0.7 * drift(0.0)  # about 0.5 on this data
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_finetune_refuses_a_bad_distillation_weight(value):
+    with pytest.raises(ValueError, match="distill_weight"):
+        FinetuneConfig(distill_weight=value)

@@ -307,3 +307,24 @@ def members_loss(
         parts.append(part)
     mean_parts = {key: sum(p[key] for p in parts) / len(parts) for key in parts[0]}
     return torch.stack(losses).mean(), mean_parts
+
+
+def distillation_loss(
+    logits: torch.Tensor, parent_logits: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """Binary cross-entropy of a network's anomaly map against its parent's.
+
+    ``logits`` and ``parent_logits`` are both ``(B, 2, *spatial)`` or both
+    ``(members, B, 2, *spatial)`` (``each_member``); ``keep`` is a
+    ``(B, 1, *spatial)`` boolean mask of the voxels that count. The parent's
+    probabilities are the soft targets, so the loss is smallest, not zero,
+    where the two maps agree.
+    """
+    anomaly = (slice(None),) * (logits.dim() - keep.dim() + 1) + (slice(0, 1),)
+    weight = keep.to(logits.dtype).expand_as(logits[anomaly])
+    return nn.functional.binary_cross_entropy_with_logits(
+        logits[anomaly],
+        torch.sigmoid(parent_logits[anomaly]),
+        weight=weight,
+        reduction="sum",
+    ) / weight.sum().clamp_min(1.0)

@@ -63,7 +63,13 @@ from napari_anomaly.io.model_file import (
 )
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import average_precision
-from napari_anomaly.model import AnomalyNet, NetworkConfig, anomaly_loss, members_loss
+from napari_anomaly.model import (
+    AnomalyNet,
+    NetworkConfig,
+    anomaly_loss,
+    distillation_loss,
+    members_loss,
+)
 from napari_anomaly.patches import PatchSampler
 from napari_anomaly.preprocess import PreprocessConfig, preprocess
 from napari_anomaly.progress import Job, Progress
@@ -219,6 +225,16 @@ class FinetuneConfig:
         the model moves only as far as the corrections need, which limits
         what it forgets about the kinds of lesion that were not corrected;
         0 turns it off.
+    distill_weight
+        Weight of a term that keeps the new network's anomaly map on the
+        replayed synthetic-task patches close to the parent's map there
+        ("learning without forgetting", Li and Hoiem 2017): binary
+        cross-entropy against the parent's probabilities as soft targets,
+        outside the marked voxels, each member against its own parent member
+        when ``member_loss`` is ``"each"``. Where ``anchor_weight`` holds the
+        weights, this holds what the network does with lesions that were not
+        corrected. Costs one forward pass of the parent on the replayed
+        patches per step; 0 turns it off.
     member_loss
         For an ensemble (``NetworkConfig.members`` > 1): ``"each"`` trains every
         member on its own loss, as the members were trained
@@ -247,6 +263,7 @@ class FinetuneConfig:
     transplant_share: float = 0.5
     positive_balance: float = 20.0
     anchor_weight: float = 0.0
+    distill_weight: float = 0.0
     member_loss: Literal["each", "average"] = "each"
     carry_calibration: bool = True
     confidence_weight: float = 0.5
@@ -258,6 +275,8 @@ class FinetuneConfig:
             raise ValueError("need steps >= 1 and batch_size >= 2")
         if not (np.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise ValueError(f"anchor_weight must be finite and >= 0, got {self.anchor_weight}")
+        if not (np.isfinite(self.distill_weight) and self.distill_weight >= 0):
+            raise ValueError(f"distill_weight must be finite and >= 0, got {self.distill_weight}")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError("replay_fraction must lie in [0, 1)")
         if not 0 <= self.transplant_share <= 1:
@@ -1172,6 +1191,10 @@ def finetune(
     )
     transplants = int(round(replay * config.transplant_share)) if donors else 0
     replay -= transplants
+    # The parent, frozen, whose maps the replayed patches are held to.
+    teacher = None
+    if config.distill_weight > 0 and replay:
+        teacher = copy.deepcopy(localiser.network).to(device).eval().requires_grad_(False)
     moved = 0
     each = config.member_loss == "each"
     forward = {"each_member": True} if each else {}
@@ -1223,14 +1246,18 @@ def finetune(
                     lesion_delta,
                     lesion_level,
                 )
+            logits = model(anomalous, **forward)
             replay_loss, replay_parts = loss_of(
-                model(anomalous, **forward),
-                torch.maximum(label, marked),
-                label_std,
-                config.confidence_weight,
+                logits, torch.maximum(label, marked), label_std, config.confidence_weight
             )
             loss = loss + replay_loss
             metrics["loss_replay"] = replay_parts["loss"]
+            if teacher is not None:
+                with torch.no_grad():
+                    parent_logits = teacher(anomalous, **forward)
+                held = distillation_loss(logits, parent_logits, keep=marked < 0.5)
+                loss = loss + config.distill_weight * held
+                metrics["loss_distillation"] = float(held.detach())
         if anchors:
             drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors))
             loss = loss + config.anchor_weight * drift
