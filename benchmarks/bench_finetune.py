@@ -3,14 +3,15 @@
 The bundled default model is fine-tuned (``training.finetune``, default settings apart
 from the steps) on one clinical-like FLAIR scan with a mass and its true mask, as the
 widget's *Fine-tune on corrections* does after one corrected case. Each step count (and each
-share of moved lesions, ``--transplant-shares``) is run ``--repeats`` times, the settings
+share of moved lesions, ``--transplant-shares``, and each weight of holding the replayed
+patches' maps to the parent's, ``--distill-weights``) is run ``--repeats`` times, the settings
 interleaved so that all see the same machine load. The
 time includes what a fine-tuning run always does besides its steps: preprocessing, the
 resampling to the model's pixel size, and carrying the score scale over (one localisation
 of the scan per network).
 
     python benchmarks/bench_finetune.py --data /tmp/anatomy/extracted [--steps 100 300]
-        [--transplant-shares 0 0.5]
+        [--transplant-shares 0 0.5] [--distill-weights 0 5]
 
 Writes ``benchmarks/results/finetune.json`` (``--out`` to change).
 """
@@ -18,6 +19,7 @@ Writes ``benchmarks/results/finetune.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from dataclasses import replace
@@ -44,6 +46,9 @@ def main() -> None:
     parser.add_argument(
         "--transplant-shares", type=float, nargs="+", default=[FinetuneConfig.transplant_share]
     )
+    parser.add_argument(
+        "--distill-weights", type=float, nargs="+", default=[FinetuneConfig.distill_weight]
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune.json"))
     args = parser.parse_args()
@@ -54,12 +59,12 @@ def main() -> None:
     )
     localiser = Localiser.load(args.model)
     base = FinetuneConfig(device="cpu")
-    settings = [(steps, share) for steps in args.steps for share in args.transplant_shares]
-    runs: dict[str, list[float]] = {f"{steps}@{share:g}": [] for steps, share in settings}
+    settings = list(itertools.product(args.steps, args.transplant_shares, args.distill_weights))
+    runs: dict[str, list[float]] = {"@".join(f"{v:g}" for v in s): [] for s in settings}
     for _ in range(args.repeats):
-        for steps, share in settings:
-            key = f"{steps}@{share:g}"
-            config = replace(base, steps=steps, transplant_share=share)
+        for steps, share, distill in settings:
+            key = f"{steps}@{share:g}@{distill:g}"
+            config = replace(base, steps=steps, transplant_share=share, distill_weight=distill)
             started = time.perf_counter()
             run_to_end(
                 finetune(
@@ -67,15 +72,21 @@ def main() -> None:
                 )
             )
             runs[key].append(round(time.perf_counter() - started, 1))
-            print(f"{steps} steps, moved-lesion share {share:g}: {runs[key][-1]} s", flush=True)
+            print(
+                f"{steps} steps, moved-lesion share {share:g}, distillation {distill:g}: "
+                f"{runs[key][-1]} s",
+                flush=True,
+            )
     medians = {key: statistics.median(times) for key, times in runs.items()}
     report = {
         "command": "python benchmarks/bench_finetune.py --data DATA --steps "
         + " ".join(str(s) for s in args.steps)
         + " --transplant-shares "
         + " ".join(f"{s:g}" for s in args.transplant_shares)
+        + " --distill-weights "
+        + " ".join(f"{w:g}" for w in args.distill_weights)
         + f" --repeats {args.repeats}",
-        "keys": "steps@share of the replayed patches showing a moved lesion",
+        "keys": "steps@share of the replayed patches showing a moved lesion@distillation weight",
         "case": f"one FLAIR scan with a mass, shape {list(case.image.shape)}, "
         f"spacing {[round(s, 2) for s in case.spacing]} mm; model {localiser.name}",
         "seconds": runs,

@@ -236,6 +236,25 @@ def test_finetune_moves_the_marked_lesion_when_asked_and_refuses_a_bad_share(
     assert history["moved_lesions"]["lesions"] > 0
 
 
+def test_finetune_takes_a_distillation_weight_and_refuses_a_bad_one(
+    model, normals, tmp_path, capsys
+):
+    mask = np.zeros((12, 40, 40), dtype=np.uint8)
+    mask[5:8, 15:18, 15:18] = 1
+    mask_path = tmp_path / "normal0_mask.nii.gz"
+    write_image(mask_path, mask, GEOMETRY)
+    child = tmp_path / "child.safetensors"
+    args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
+    args += ["--out", str(child), "--steps", "2", "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*args, "--distill-weight", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "distill_weight must be finite and >= 0" in err and len(err.strip().splitlines()) == 1
+    assert not child.exists()
+    assert main([*args, "--distill-weight", "3"]) == 0
+    assert Localiser.load(child).metadata["finetuning"][-1]["config"]["distill_weight"] == 3.0
+
+
 def test_a_mask_of_the_wrong_shape_is_refused(model, normals, tmp_path, capsys):
     wrong = tmp_path / "wrong.nii.gz"
     write_image(wrong, np.zeros((12, 20, 20), np.uint8), GEOMETRY)

@@ -490,6 +490,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             device=args.device,
             seed=args.seed,
             transplant_share=args.transplant_share,
+            distill_weight=args.distill_weight,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
@@ -774,6 +775,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the replayed patches that show a marked lesion moved into normal "
         "tissue elsewhere, so that the model learns the kind of finding rather than its "
         "place (0 turns it off; default %(default)g)",
+    )
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=FinetuneConfig.distill_weight,
+        help="weight of holding the model's maps on the replayed patches to the parent's, so "
+        "that it keeps finding the kinds of lesion that were not corrected (0 turns it off; "
+        "default %(default)g)",
     )
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     flips(p)
