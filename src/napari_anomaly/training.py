@@ -22,8 +22,10 @@ Losses (see :func:`napari_anomaly.model.anomaly_loss`):
 * fine-tuning: the anomaly BCE against the corrected masks (voxels the
   reviewer edited weigh more), plus the full training loss on replayed
   P-PII batches made from the same images so that the model does not forget
-  the synthetic task. A calibrated parent's score scale is carried over to
-  the new network (:func:`napari_anomaly.calibration.carry_calibration`).
+  the synthetic task, some of them showing a marked lesion moved elsewhere,
+  the others also held to the parent's maps (distillation). A calibrated
+  parent's score scale is carried over to the new network
+  (:func:`napari_anomaly.calibration.carry_calibration`).
 """
 
 from __future__ import annotations
@@ -213,7 +215,8 @@ class FinetuneConfig:
         kind in all three kinds tried (nodules on T1 with contrast 1.16x ->
         1.82x, masses on FLAIR 1.51x -> 1.97x, periventricular spots on PD
         0.70x -> 1.52x) but cost other families more after a FLAIR mass
-        correction (nodules -0.30 AP; docs/evaluation.md).
+        correction (nodules -0.30 AP), until ``distill_weight`` held them
+        (docs/evaluation.md).
     positive_balance
         When > 0, the marked voxels of each batch weigh as much together as the
         unmarked ones (up to this factor each), so that a small lesion is not
