@@ -10,8 +10,8 @@ contrast (the "kind") and one scan of every other family in the same contrast.
 The model is fine-tuned on the first scan of the kind with its true lesion mask
 (as if the reviewer had corrected it perfectly), once per setting in
 ``--learning-rates`` x ``--steps`` (the other settings: ``FinetuneConfig``
-defaults, or ``--anchor-weights``, ``--distill-weights``, ``--replay-fractions`` and
-``--transplant-shares``). Reported,
+defaults, or ``--anchor-weights``, ``--distill-weights``, ``--focus-probabilities``,
+``--replay-fractions`` and ``--transplant-shares``). Reported,
 before and after: pixel AP on the *other* scans of the kind (pooled), on the
 corrected scan itself, and on each other family; and, through the whole
 pipeline at the model's default threshold (post-processing and calibration
@@ -132,6 +132,13 @@ def main() -> None:
         help="weights of holding the replayed patches' maps to the parent's",
     )
     parser.add_argument(
+        "--focus-probabilities",
+        type=float,
+        nargs="+",
+        default=[FinetuneConfig.focus_probability],
+        help="probabilities that a correction patch is centred on a marked lesion",
+    )
+    parser.add_argument(
         "--replay-fractions", type=float, nargs="+", default=[FinetuneConfig.replay_fraction]
     )
     parser.add_argument(
@@ -193,12 +200,13 @@ def main() -> None:
         args.steps,
         args.anchor_weights,
         args.distill_weights,
+        args.focus_probabilities,
         args.replay_fractions,
         args.transplant_shares,
         args.finetune_seeds,
         args.member_losses,
     )
-    for lr, steps, anchor, distill, replay, share, finetune_seed, member_loss in grid:
+    for lr, steps, anchor, distill, focus, replay, share, finetune_seed, member_loss in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -207,6 +215,7 @@ def main() -> None:
             positive_balance=args.positive_balance,
             anchor_weight=anchor,
             distill_weight=distill,
+            focus_probability=focus,
             replay_fraction=replay,
             transplant_share=share,
             batch_size=args.batch_size,
@@ -247,6 +256,7 @@ def main() -> None:
             "steps": steps,
             "anchor_weight": anchor,
             "distill_weight": distill,
+            "focus_probability": focus,
             "replay_fraction": replay,
             "transplant_share": share,
             "batch_size": args.batch_size,
