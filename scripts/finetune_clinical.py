@@ -107,10 +107,15 @@ def main() -> None:
     parser.add_argument("--family", default="mass")
     parser.add_argument("--contrast", default="flair")
     parser.add_argument("--cases", type=int, default=4)
-    parser.add_argument(
-        "--learning-rates", type=float, nargs="+", default=[FinetuneConfig.learning_rate]
-    )
-    parser.add_argument("--steps", type=int, nargs="+", default=[FinetuneConfig.steps])
+
+    def grid(flag: str, setting: str, kind=float, help: str | None = None) -> None:
+        """An option of several values of one ``FinetuneConfig`` setting, its default the
+        setting's default."""
+        default = [getattr(FinetuneConfig, setting)]
+        parser.add_argument(flag, type=kind, nargs="+", default=default, help=help)
+
+    grid("--learning-rates", "learning_rate")
+    grid("--steps", "steps", int)
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
     parser.add_argument(
         "--extra-in-plane-mm",
@@ -121,31 +126,21 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--positive-balance", type=float, default=FinetuneConfig.positive_balance)
-    parser.add_argument(
-        "--anchor-weights", type=float, nargs="+", default=[FinetuneConfig.anchor_weight]
-    )
-    parser.add_argument(
+    grid("--anchor-weights", "anchor_weight")
+    grid(
         "--distill-weights",
-        type=float,
-        nargs="+",
-        default=[FinetuneConfig.distill_weight],
+        "distill_weight",
         help="weights of holding the replayed patches' maps to the parent's",
     )
-    parser.add_argument(
+    grid(
         "--focus-probabilities",
-        type=float,
-        nargs="+",
-        default=[FinetuneConfig.focus_probability],
+        "focus_probability",
         help="probabilities that a correction patch is centred on a marked lesion",
     )
-    parser.add_argument(
-        "--replay-fractions", type=float, nargs="+", default=[FinetuneConfig.replay_fraction]
-    )
-    parser.add_argument(
+    grid("--replay-fractions", "replay_fraction")
+    grid(
         "--transplant-shares",
-        type=float,
-        nargs="+",
-        default=[FinetuneConfig.transplant_share],
+        "transplant_share",
         help="shares of the replayed patches that show a marked lesion moved elsewhere",
     )
     parser.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
@@ -156,7 +151,7 @@ def main() -> None:
         default=[FinetuneConfig.member_loss],
         help="an ensemble's loss: every member's own, or only their average's",
     )
-    parser.add_argument("--finetune-seeds", type=int, nargs="+", default=[FinetuneConfig.seed])
+    grid("--finetune-seeds", "seed", int)
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--native",

@@ -215,8 +215,21 @@ def test_finetuning_a_calibrated_model_keeps_its_score_scale(model, normals, tmp
     assert tuned.recommended_threshold == parent.recommended_threshold
 
 
-def test_finetune_moves_the_marked_lesion_when_asked_and_refuses_a_bad_share(
-    model, normals, tmp_path, capsys
+@pytest.mark.parametrize(
+    "option, bad, message, good, setting",
+    [
+        (
+            "--transplant-share",
+            "1.5",
+            "transplant_share must lie in [0, 1]",
+            "0.5",
+            "transplant_share",
+        ),
+        ("--distill-weight", "-1", "distill_weight must be finite and >= 0", "3", "distill_weight"),
+    ],
+)
+def test_finetune_takes_its_options_and_refuses_a_bad_value(
+    model, normals, tmp_path, capsys, option, bad, message, good, setting
 ):
     mask = np.zeros((12, 40, 40), dtype=np.uint8)
     mask[5:8, 15:18, 15:18] = 1  # small enough to move within a 32-voxel patch
@@ -226,33 +239,14 @@ def test_finetune_moves_the_marked_lesion_when_asked_and_refuses_a_bad_share(
     args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
     args += ["--out", str(child), "--steps", "2", "--device", "cpu"]
     capsys.readouterr()
-    assert main([*args, "--transplant-share", "1.5"]) == 2
+    assert main([*args, option, bad]) == 2
     err = capsys.readouterr().err
-    assert "transplant_share must lie in [0, 1]" in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not child.exists()
-    assert main([*args, "--transplant-share", "0.5"]) == 0
+    assert main([*args, option, good]) == 0
     history = Localiser.load(child).metadata["finetuning"][-1]
-    assert history["config"]["transplant_share"] == 0.5
-    assert history["moved_lesions"]["lesions"] > 0
-
-
-def test_finetune_takes_a_distillation_weight_and_refuses_a_bad_one(
-    model, normals, tmp_path, capsys
-):
-    mask = np.zeros((12, 40, 40), dtype=np.uint8)
-    mask[5:8, 15:18, 15:18] = 1
-    mask_path = tmp_path / "normal0_mask.nii.gz"
-    write_image(mask_path, mask, GEOMETRY)
-    child = tmp_path / "child.safetensors"
-    args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
-    args += ["--out", str(child), "--steps", "2", "--device", "cpu"]
-    capsys.readouterr()
-    assert main([*args, "--distill-weight", "-1"]) == 2
-    err = capsys.readouterr().err
-    assert "distill_weight must be finite and >= 0" in err and len(err.strip().splitlines()) == 1
-    assert not child.exists()
-    assert main([*args, "--distill-weight", "3"]) == 0
-    assert Localiser.load(child).metadata["finetuning"][-1]["config"]["distill_weight"] == 3.0
+    assert history["config"][setting] == float(good)
+    assert history["moved_lesions"]["lesions"] > 0  # moved lesions are on by default
 
 
 def test_a_mask_of_the_wrong_shape_is_refused(model, normals, tmp_path, capsys):
