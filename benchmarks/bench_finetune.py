@@ -38,6 +38,11 @@ DEFAULT_MODEL = (
 )
 
 
+def _key(setting: tuple) -> str:
+    """``steps@share@weight``, the report's key of one setting."""
+    return "@".join(f"{value:g}" for value in setting)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="extracted Debian packages")
@@ -60,10 +65,10 @@ def main() -> None:
     localiser = Localiser.load(args.model)
     base = FinetuneConfig(device="cpu")
     settings = list(itertools.product(args.steps, args.transplant_shares, args.distill_weights))
-    runs: dict[str, list[float]] = {"@".join(f"{v:g}" for v in s): [] for s in settings}
+    runs: dict[str, list[float]] = {_key(s): [] for s in settings}
     for _ in range(args.repeats):
         for steps, share, distill in settings:
-            key = f"{steps}@{share:g}@{distill:g}"
+            key = _key((steps, share, distill))
             config = replace(base, steps=steps, transplant_share=share, distill_weight=distill)
             started = time.perf_counter()
             run_to_end(

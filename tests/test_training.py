@@ -205,6 +205,9 @@ def test_finetune_with_distillation_stays_closer_to_the_parents_map(images_2d):
     mask = np.zeros(image.shape, dtype=bool)
     mask[20:28, 20:28] = True
     settings = {"steps": 12, "batch_size": 6, "learning_rate": 1e-3, "device": "cpu"}
+    inference = InferenceConfig(device="cpu")
+    others = images_2d[1:]
+    parent_maps = [run_to_end(localise(o, parent, inference)).anomaly_map for o in others]
 
     def drift(distill_weight: float) -> float:
         reports: list[Progress] = []
@@ -213,13 +216,9 @@ def test_finetune_with_distillation_stays_closer_to_the_parents_map(images_2d):
         last = [r for r in reports if r.message == "fine-tuning"][-1]
         assert ("loss_distillation" in last.metrics) == (distill_weight > 0)
         assert child.metadata["finetuning"][-1]["config"]["distill_weight"] == distill_weight
-        inference = InferenceConfig(device="cpu")
         changes = [
-            np.abs(
-                run_to_end(localise(other, child, inference)).anomaly_map
-                - run_to_end(localise(other, parent, inference)).anomaly_map
-            ).mean()
-            for other in images_2d[1:]
+            np.abs(run_to_end(localise(other, child, inference)).anomaly_map - before).mean()
+            for other, before in zip(others, parent_maps)
         ]
         return float(np.mean(changes))
 
