@@ -17,7 +17,12 @@ from napari_anomaly.calibration import (
     threshold_for_false_regions,
     transfer_score_calibration,
 )
-from napari_anomaly.evaluation.triage import summarise_triage, triage_case
+from napari_anomaly.evaluation.triage import (
+    format_triage,
+    summarise_triage,
+    triage_case,
+    triage_scans,
+)
 from napari_anomaly.inference import localise
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import AnomalyNet
@@ -196,6 +201,39 @@ def test_triage_reports_the_rank_of_the_first_region_touching_each_lesion():
     assert summary["lesions"] == 2 and summary["lesions_in_top_5"] == 1
     assert summary["lesions_missed"] == 1 and summary["scans_with_lesion_in_top_5"] == 1
     assert summary["regions_per_scan_max"] == 2
+
+
+def test_triage_of_scans_applies_the_minimum_size_in_mm_on_each_scans_own_grid():
+    scores = np.zeros((40, 40), dtype=np.float32)
+    scores[2:4, 2:4] = 0.95  # 4 pixels: 4 mm^2 at 1 mm, 16 mm^2 at 2 mm
+    scores[20:30, 20:30] = 0.7
+    truth = np.zeros((40, 40), dtype=bool)
+    truth[22:28, 22:28] = True
+    report = triage_scans(
+        ["fine.nii.gz", "coarse.nii.gz", "normal.nii.gz"],
+        [scores, scores, scores],
+        [truth, truth, None],
+        [(1.0, 1.0), (2.0, 2.0), (1.0, 1.0)],
+        0.5,
+        min_region_size=0,
+        min_region_mm=10.0,
+        rank_by="mean",
+    )
+    fine, coarse, normal = report["cases"]
+    # At 1 mm the speck is under 10 mm^2 and dropped; at 2 mm it is kept and ranks first.
+    assert (fine["regions"], fine["lesion_ranks"]) == (1, [1])
+    assert (coarse["regions"], coarse["lesion_ranks"]) == (2, [2])
+    assert normal["normal"] and normal["regions"] == 1 and "pixel_ap" not in normal
+    assert fine["prevalence"] == pytest.approx(36 / 1600)
+    # The speck's 4 voxels rank above the 100 tied voxels that hold the 36 of the lesion.
+    assert fine["pixel_ap"] == pytest.approx(36 / 104, abs=1e-4)
+    assert fine["ap_over_prevalence"] == pytest.approx((36 / 104) / (36 / 1600), abs=0.1)
+    assert report["summary"]["scans_with_lesion_in_top_5"] == 2
+    lines = format_triage(report).splitlines()
+    assert lines[0].startswith("  fine.nii.gz: 1 region; lesions (largest first): rank 1;")
+    assert lines[1].startswith("  coarse.nii.gz: 2 regions; lesions (largest first): rank 2;")
+    assert lines[2] == "  normal.nii.gz (normal): 1 region"
+    assert "scans with a lesion among the top 5 regions: 2/2" in lines[3]
 
 
 def test_a_model_with_a_pixel_size_sees_fine_scans_resampled_and_answers_on_their_grid():

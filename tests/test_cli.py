@@ -192,6 +192,63 @@ def test_finetune_and_evaluate(model, normals, tmp_path, capsys):
     assert printed["pixel AP"] == f"{report['pixel_ap']:.4f}"
 
 
+def test_evaluate_ranks_each_lesion_as_the_region_table_of_localise_does(
+    model, normals, tmp_path, capsys
+):
+    # A threshold that leaves several regions on the tiny model's map, read off the map.
+    first = tmp_path / "first"
+    localise = ["localise", normals[0], normals[1], "--model", str(model), "--device", "cpu"]
+    assert main([*localise, "--out", str(first)]) == 0
+    scores = read_image(first / "normal0_anomaly.nii.gz").array
+    threshold = float(np.quantile(scores[scores > 0], 0.9))
+    maps = tmp_path / "maps"
+    assert main([*localise, "--out", str(maps), "--threshold", str(threshold)]) == 0
+    ranks = read_image(maps / "normal0_regions.nii.gz").array.astype(int)
+    assert ranks.max() >= 2, "the test needs a scan with several regions"
+    # The truth: a lesion under the region localise ranks second, and one no region touches.
+    truth = np.zeros(ranks.shape, dtype=np.uint8)
+    truth[ranks == 2] = 1
+    untouched = np.argwhere(ranks == 0)[0]
+    truth[tuple(untouched)] = 1
+    mask_path = tmp_path / "truth.nii.gz"
+    write_image(mask_path, truth, GEOMETRY)
+    report_path = tmp_path / "report.json"
+    capsys.readouterr()
+    code = main(
+        [
+            "evaluate",
+            "--images",
+            normals[0],
+            "--masks",
+            str(mask_path),
+            "--normals",
+            normals[1],
+            "--threshold",
+            str(threshold),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--json",
+            str(report_path),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    triage = json.loads(report_path.read_text())["triage"]
+    lesion, normal = triage["cases"]
+    assert lesion["regions"] == ranks.max()
+    assert lesion["lesion_ranks"] == [2, None]  # largest first
+    assert lesion["prevalence"] == pytest.approx(truth.mean(), abs=1e-6)
+    normal_ranks = read_image(maps / "normal1_regions.nii.gz").array
+    assert normal["normal"] and normal["regions"] == normal_ranks.max()
+    assert triage["summary"]["scans_with_lesion_in_top_5"] == 1
+    assert triage["rank_by"] == "mass"
+    assert f"normal0.nii.gz: {ranks.max()} regions; lesions (largest first): rank 2, missed" in (
+        printed
+    )
+
+
 def test_finetuning_a_calibrated_model_keeps_its_score_scale(model, normals, tmp_path, capsys):
     from napari_anomaly.localiser import Localiser
 

@@ -465,7 +465,9 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
 def _predict_all(localiser, images, args) -> list:
     from napari_anomaly.inference import InferenceConfig, localise, placement
 
-    config = InferenceConfig(device=args.device, flips=args.flips)
+    config = InferenceConfig(
+        device=args.device, flips=args.flips, slice_axis=getattr(args, "slice_axis", 0)
+    )
     return [
         _run(
             localise(
@@ -561,24 +563,44 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from napari_anomaly.evaluation.triage import format_triage, triage_scans
     from napari_anomaly.io import atomic_write_text
     from napari_anomaly.metrics import evaluate_cases
 
     report_path = Path(args.json) if args.json else None
     if report_path is not None:  # checked before the evaluation, not after it
         _prepare_folder(report_path.parent, [report_path], args, needed_bytes=1024 * 1024)
+    _check_region_limits(args)
     localiser = _load_model(args.model)
-    pairs = _read_case_pairs(args.images, args.masks)
-    maps = _predict_all(localiser, [p[0] for p in pairs], args)
-    normal_maps = None
-    if args.normals:
-        normal_maps = _predict_all(localiser, [_read(p) for p in args.normals], args)
     threshold = _threshold(args, localiser)
+    pairs = _read_case_pairs(args.images, args.masks)
+    normals = [_read(p) for p in args.normals or ()]
+    maps = _predict_all(localiser, [p[0] for p in pairs], args)
+    normal_maps = _predict_all(localiser, normals, args) if normals else None
     report = evaluate_cases(maps, [p[1] for p in pairs], threshold, normal_maps=normal_maps)
+    scans = [p[0] for p in pairs] + normals
+    triage = triage_scans(
+        [image.path.name for image in scans],
+        maps + (normal_maps or []),
+        [p[1] for p in pairs] + [None] * len(normals),
+        [image.geometry.spacing for image in scans],
+        threshold,
+        min_region_size=args.min_region_size,
+        min_region_mm=args.min_region_mm,
+        rank_by=args.rank_by,
+    )
     print(report.format_table())
+    print(f"region triage (the region table of localise, ranked by {args.rank_by}):")
+    print(format_triage(triage))
     if report_path is not None:
         data = report.to_dict()
         data.update(model=localiser.name, model_sha256=localiser.sha256, threshold=threshold)
+        data["triage"] = {
+            "min_region_size": args.min_region_size,
+            "min_region_mm": args.min_region_mm,
+            "rank_by": args.rank_by,
+            **triage,
+        }
         report_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(report_path, json.dumps(data, indent=2), overwrite=args.overwrite)
         args.written.add(report_path.name, [report_path])
@@ -799,13 +821,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_cmd_adapt)
 
-    p = sub.add_parser("evaluate", help="pixel AP/AUROC, sample scores, Dice, region recall")
+    p = sub.add_parser(
+        "evaluate",
+        help="pixel AP/AUROC, sample scores, Dice, region recall, and region triage: the "
+        "rank of each lesion in the region table",
+    )
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--masks", nargs="+", required=True)
-    p.add_argument("--normals", nargs="*", help="normal cases for sample-level AP/AUROC")
-    p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
+    p.add_argument(
+        "--normals", nargs="*", help="normal cases (sample-level AP/AUROC, false regions)"
+    )
     p.add_argument("--json", help="write the report as JSON")
-    flips(p)
+    add_localise_options(p)
     common(p)
     p.set_defaults(func=_cmd_evaluate)
 

@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_anomaly.review import find_regions, threshold_map
+from napari_anomaly.metrics import average_precision
+from napari_anomaly.review import find_regions, min_voxels, threshold_map
 
-__all__ = ["CaseTriage", "summarise_triage", "triage_case"]
+__all__ = ["CaseTriage", "format_triage", "summarise_triage", "triage_case", "triage_scans"]
 
 TOP_K = 5
 
@@ -144,3 +145,104 @@ def summarise_triage(cases: Sequence[CaseTriage], top_k: int = TOP_K) -> dict:
         ),
     }
     return summary
+
+
+def triage_scans(
+    names: Sequence[str],
+    anomaly_maps: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray | None],
+    spacings: Sequence[Sequence[float] | None],
+    threshold: float,
+    *,
+    min_region_size: int,
+    min_region_mm: float,
+    rank_by: str,
+    top_k: int = TOP_K,
+) -> dict:
+    """Region triage of scans read from files, as ``napari-anomaly evaluate`` reports it.
+
+    Each scan's regions are those of its ``_regions.csv`` from ``localise`` with the same
+    settings: the minimum region size is the larger of ``min_region_size`` voxels and
+    ``min_region_mm`` (:func:`napari_anomaly.review.min_voxels`, with the scan's spacing).
+
+    Parameters
+    ----------
+    names
+        A name per scan (its file name), for the report.
+    anomaly_maps
+        The maps ``localise`` makes (calibrated scores in [0, 1]).
+    truths
+        The lesion masks; ``None`` for a normal scan (every region a false one).
+    spacings
+        Voxel sizes in mm (``None``: 1 mm).
+    threshold, rank_by
+        As in the review step.
+
+    Returns
+    -------
+    dict
+        ``summary`` (:func:`summarise_triage`) and ``cases``: per scan its name, its
+        :class:`CaseTriage` figures and, for a scan with lesions, the lesion's share of
+        the voxels (``prevalence``, the AP of chance), the scan's own ``pixel_ap``, and
+        their ratio.
+    """
+    cases, figures = [], []
+    for name, anomaly_map, truth, spacing in zip(
+        names, anomaly_maps, truths, spacings, strict=True
+    ):
+        anomaly_map = np.asarray(anomaly_map)
+        lesions = (
+            np.zeros(anomaly_map.shape, dtype=bool)
+            if truth is None
+            else np.asarray(truth, dtype=bool)
+        )
+        triage = triage_case(
+            anomaly_map,
+            lesions,
+            threshold,
+            min_region_voxels=min_voxels(min_region_size, min_region_mm, spacing),
+            rank_by=rank_by,
+            spacing=spacing,
+        )
+        row = {"name": name, "normal": truth is None, **triage.to_dict()}
+        if lesions.any():
+            prevalence = float(lesions.mean())
+            ap = average_precision(anomaly_map, lesions)
+            row.update(
+                prevalence=float(f"{prevalence:.4g}"),
+                pixel_ap=round(ap, 4),
+                ap_over_prevalence=round(ap / prevalence, 1),
+            )
+        cases.append(row)
+        figures.append(triage)
+    return {"top_k": top_k, "summary": summarise_triage(figures, top_k), "cases": cases}
+
+
+def format_triage(report: dict) -> str:
+    """The report of :func:`triage_scans` as lines a reader can scan: one per scan, then
+    the pooled figures."""
+    k = report["top_k"]
+    lines = []
+    for case in report["cases"]:
+        regions = f"{case['regions']} region{'s' if case['regions'] != 1 else ''}"
+        if case["normal"]:
+            lines.append(f"  {case['name']} (normal): {regions}")
+            continue
+        ranks = case["lesion_ranks"]
+        if not ranks:
+            lines.append(f"  {case['name']}: no lesion in its mask; {regions}")
+            continue
+        found = ", ".join("missed" if r is None else f"rank {r}" for r in ranks)
+        lines.append(
+            f"  {case['name']}: {regions}; lesions (largest first): {found}; pixel AP "
+            f"{case['pixel_ap']:.4f}, {case['ap_over_prevalence']:g}x the lesion share "
+            f"{case['prevalence']:.2g}"
+        )
+    s = report["summary"]
+    lines.append(
+        f"  scans with a lesion among the top {k} regions: "
+        f"{s[f'scans_with_lesion_in_top_{k}']}/{s['scans_with_lesions']}; lesions among the "
+        f"top {k}: {s[f'lesions_in_top_{k}']}/{s['lesions']}; regions per scan: median "
+        f"{s['regions_per_scan_median']:g}, most {s['regions_per_scan_max']}"
+    )
+    return "\n".join(lines)
