@@ -369,11 +369,17 @@ def test_calibrate_gives_a_child_model_whose_threshold_meets_the_budget(
     "option",
     [["--min-region-mm", "-1"], ["--min-region-size", "-2"], ["--max-false-regions", "-1"]],
 )
-def test_localise_refuses_negative_region_limits_before_any_work(
-    model, normals, tmp_path, option, capsys
+@pytest.mark.parametrize("command", ["localise", "evaluate"])
+def test_localise_and_evaluate_refuse_negative_region_limits_before_any_work(
+    model, normals, tmp_path, option, command, capsys
 ):
     out = tmp_path / "never"
-    code = main(["localise", normals[0], "--out", str(out), "--model", str(model), *option])
+    if command == "localise":
+        args = ["localise", normals[0], "--out", str(out)]
+    else:
+        args = ["evaluate", "--images", normals[0], "--masks", normals[0]]
+        args += ["--json", str(out / "report.json")]
+    code = main([*args, "--model", str(model), *option])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {option[0]} must be >= 0")  # names what to change

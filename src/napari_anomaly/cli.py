@@ -567,10 +567,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from napari_anomaly.io import atomic_write_text
     from napari_anomaly.metrics import evaluate_cases
 
+    _check_region_limits(args)
     report_path = Path(args.json) if args.json else None
     if report_path is not None:  # checked before the evaluation, not after it
         _prepare_folder(report_path.parent, [report_path], args, needed_bytes=1024 * 1024)
-    _check_region_limits(args)
     localiser = _load_model(args.model)
     threshold = _threshold(args, localiser)
     pairs = _read_case_pairs(args.images, args.masks)
