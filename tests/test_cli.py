@@ -33,6 +33,12 @@ def model(tmp_path, normals):
     return out
 
 
+def evaluate_command(image, mask, *normals) -> list[str]:
+    """``evaluate``'s arguments for one scan and its mask, and normal scans if given."""
+    args = ["evaluate", "--images", image, "--masks", str(mask)]
+    return [*args, "--normals", *normals] if normals else args
+
+
 def test_train_writes_a_model_and_refuses_to_overwrite(model, normals, capsys):
     assert model.exists()
     before = model.read_bytes()
@@ -155,15 +161,7 @@ def test_finetune_and_evaluate(model, normals, tmp_path, capsys):
     assert tuned.metadata["parent_sha256"] == parent.sha256
     report_path = tmp_path / "report.json"
     capsys.readouterr()
-    eval_args = [
-        "evaluate",
-        "--images",
-        normals[0],
-        "--masks",
-        str(mask_path),
-        "--normals",
-        normals[1],
-    ]
+    eval_args = evaluate_command(normals[0], mask_path, normals[1])
     assert (
         main([*eval_args, "--model", str(child), "--json", str(report_path), "--device", "cpu"])
         == 0
@@ -214,24 +212,9 @@ def test_evaluate_ranks_each_lesion_as_the_region_table_of_localise_does(
     write_image(mask_path, truth, GEOMETRY)
     report_path = tmp_path / "report.json"
     capsys.readouterr()
+    options = ["--threshold", str(threshold), "--json", str(report_path), "--device", "cpu"]
     code = main(
-        [
-            "evaluate",
-            "--images",
-            normals[0],
-            "--masks",
-            str(mask_path),
-            "--normals",
-            normals[1],
-            "--threshold",
-            str(threshold),
-            "--model",
-            str(model),
-            "--device",
-            "cpu",
-            "--json",
-            str(report_path),
-        ]
+        [*evaluate_command(normals[0], mask_path, normals[1]), *options, "--model", str(model)]
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -377,8 +360,7 @@ def test_localise_and_evaluate_refuse_negative_region_limits_before_any_work(
     if command == "localise":
         args = ["localise", normals[0], "--out", str(out)]
     else:
-        args = ["evaluate", "--images", normals[0], "--masks", normals[0]]
-        args += ["--json", str(out / "report.json")]
+        args = [*evaluate_command(normals[0], normals[0]), "--json", str(out / "report.json")]
     code = main([*args, "--model", str(model), *option])
     assert code == 2
     err = capsys.readouterr().err
