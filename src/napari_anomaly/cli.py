@@ -931,7 +931,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # ``python -m napari_anomaly.cli`` (torchrun runs it so): run the package's module,
-    # not this __main__ copy, so that one CommandError class is raised and caught.
-    from napari_anomaly.cli import main as package_main
-
+    # not this __main__ copy, so that one CommandError class is raised and caught. A Ctrl-C
+    # while that copy is imported comes before main() can catch it: said here in one line.
+    try:
+        from napari_anomaly.cli import main as package_main
+    except KeyboardInterrupt:
+        print("\ncancelled; nothing was written", file=sys.stderr)
+        sys.exit(130)
     sys.exit(package_main())
