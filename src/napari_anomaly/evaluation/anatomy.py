@@ -270,10 +270,10 @@ def register_brain_mask(
     registration of the ``atlas`` head (1 mm, T1, same axis order) onto it.
 
     Mattes mutual information on a regular 10 % sample (its jitter seeded, and one
-    thread, so that the mask, and every lesion placed in it, is the same on every run),
-    three resolutions; started from the translation that lines up the top 150 mm of both
-    heads (a head with its neck and one without would otherwise be matched by their
-    centres of mass).
+    thread, so that the mask, and every lesion placed in it, stays put between runs; see
+    the comment below for how far), three resolutions; started from the translation that
+    lines up the top 150 mm of both heads (a head with its neck and one without would
+    otherwise be matched by their centres of mass).
     Returns the mask (closed, holes filled) and the final metric value.
     """
     import SimpleITK as sitk
