@@ -48,6 +48,7 @@ from napari_anomaly.evaluation.anatomy import (
 )
 from napari_anomaly.evaluation.clinical import (
     CONTRASTS,
+    EXTRA_FAMILIES,
     FAMILIES,
     AcquisitionConfig,
     lesion_contrast,
@@ -97,7 +98,12 @@ def main() -> None:
         default=2,
         help="normal scans per contrast of each --calibration-subjects subject",
     )
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=list(FAMILIES),
+        help=f"lesion families (default: {' '.join(FAMILIES)}; also: {' '.join(EXTRA_FAMILIES)})",
+    )
     parser.add_argument("--contrasts", nargs="+", default=list(CONTRASTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

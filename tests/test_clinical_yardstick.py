@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 
 from napari_anomaly.evaluation.clinical import (
+    EXTRA_FAMILIES,
     FAMILIES,
     AcquisitionConfig,
     acquire,
@@ -182,6 +183,42 @@ def test_mass_effect_pushes_tissue_around_the_mass(head, anatomy):
     # The skull does not move.
     outside = ~ndimage.binary_dilation(brain, iterations=3)
     np.testing.assert_allclose(volume[outside], t1[outside], atol=0.1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_meningioma_grows_from_the_dura_into_the_brain_and_enhances(head, anatomy, seed):
+    t1, brain, _ = head
+    white = _white_matter_median(t1, anatomy)
+    made = {}
+    for contrast in ("t1", "t1c"):
+        image = apply_contrast(t1, anatomy.classes, brain, contrast, 0, anatomy=anatomy)
+        made[contrast] = insert_lesions(
+            image, anatomy.classes, brain, "meningioma", contrast, seed, anatomy=anatomy
+        )
+    (plain, mask, params), (enhanced, mask_c, params_c) = made["t1"], made["t1c"]
+    np.testing.assert_array_equal(mask, mask_c)  # one geometry in every contrast
+    lesion = params["lesions"][0]
+    assert lesion["kind"] == "meningioma" and params_c["lesions"][0]["centre"] == lesion["centre"]
+    assert mask.sum() >= 50
+    # Extra-axial: part of it lies outside the brain mask, all of it within 3 mm of the brain,
+    # and it reaches no deeper into the brain than its height.
+    assert np.any(mask & ~brain)
+    assert not np.any(mask & ~ndimage.binary_dilation(brain, iterations=3))
+    assert anatomy.depth_mm[mask].max() <= 1.25 * lesion["height_mm"]
+    # Iso to cortex on T1, avidly enhancing on T1 with contrast.
+    assert 0.6 * white < np.median(plain[mask]) < 0.95 * white
+    assert np.median(enhanced[mask]) > 1.35 * white
+
+
+def test_the_default_cohort_leaves_the_extra_families_out(head):
+    t1, brain, _ = head
+    assert "meningioma" in EXTRA_FAMILIES and "meningioma" not in FAMILIES
+    asked = list(
+        make_cohort(t1, brain, families=("meningioma",), contrasts=("t1c",), cases_per_cell=1)
+    )
+    assert [c.family for c in asked] == ["meningioma"] and asked[0].lesion_mask.any()
+    default = make_cohort(t1, brain, contrasts=("t1c",), cases_per_cell=1)
+    assert {c.family for c in default} == set(FAMILIES)
 
 
 def test_make_case_is_deterministic_and_inputs_are_untouched(head, anatomy):

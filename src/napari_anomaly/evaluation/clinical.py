@@ -15,7 +15,8 @@ cases, each with a ground-truth lesion mask on the acquired grid:
 2. :func:`apply_contrast`: the T1 becomes a T1, contrast-enhanced T1 (``t1c``),
    T2, FLAIR or proton-density (``pd``) image, keeping its texture.
 3. :func:`insert_lesions`: one lesion family (``mass``, ``enhancing_nodule``,
-   ``infarct``, ``periventricular`` or ``normal``) at 1 mm, with intensities
+   ``infarct``, ``periventricular`` or ``normal``; and ``meningioma``, an
+   extra-axial mass, outside the default cohort) at 1 mm, with intensities
    set relative to the local white-matter level of that contrast.
 4. :func:`acquire`: thick axial slices (axis 0), in-plane resampling, a smooth
    bias field, Rician noise, a random field of view and a scanner intensity
@@ -40,6 +41,10 @@ turned into the ratios below by eye; they are not measurements):
 * [STRIVE] J. M. Wardlaw et al., "Neuroimaging standards for research into
   small vessel disease", Lancet Neurology 12 (2013) 822-838 (white-matter
   hyperintensities: hyperintense on T2/FLAIR/PD, iso- or hypointense on T1).
+* [CBTRUS] Q. T. Ostrom et al., "CBTRUS Statistical Report: Primary Brain and
+  Other Central Nervous System Tumors Diagnosed in the United States in
+  2015-2019", Neuro-Oncology 24 (Suppl. 5), 2022 (meningioma is the most
+  common primary intracranial tumour, about 40 % of them).
 * [Rician] H. Gudbjartsson, S. Patz, "The Rician distribution of noisy MRI
   data", Magnetic Resonance in Medicine 34 (1995) 910-914.
 * [N3] J. G. Sled, A. P. Zijdenbos, A. C. Evans, "A nonparametric method for
@@ -62,6 +67,8 @@ from napari_anomaly.config import config_to_dict
 __all__ = [
     "CONTRASTS",
     "DEFAULT_ACQUISITION",
+    "ALL_FAMILIES",
+    "EXTRA_FAMILIES",
     "FAMILIES",
     "AcquisitionConfig",
     "Anatomy",
@@ -78,7 +85,12 @@ __all__ = [
 ]
 
 CONTRASTS = ("t1", "t1c", "t2", "flair", "pd")
+#: The default cohort's families (every yardstick figure so far is on these).
 FAMILIES = ("mass", "enhancing_nodule", "infarct", "periventricular", "normal")
+#: Families a cohort takes only when asked for by name, so that the default cohort, and
+#: every figure made with it, stays as it was.
+EXTRA_FAMILIES = ("meningioma",)
+ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 
 BACKGROUND, CSF, GREY_MATTER, WHITE_MATTER = 0, 1, 2, 3
 
@@ -109,11 +121,19 @@ _LESION_LEVELS: dict[str, tuple[float, float, float, float, float]] = {
     "nodule": (0.90, 1.60, 1.40, 1.40, 1.22),
     "infarct": (0.55, 0.55, 2.00, 1.70, 1.45),
     "wmh": (0.88, 0.88, 1.75, 1.70, 1.35),
+    # Meningioma: iso to cortex on T1, T2, FLAIR and PD (grey matter is about 0.75-0.8
+    # of white matter on T1 and 1.15-1.3 on the others), with avid, homogeneous
+    # enhancement [Osborn].
+    "meningioma": (0.78, 1.75, 1.35, 1.2, 1.2),
 }
 _LEVEL_JITTER = (0.8, 1.2)
 # Multiplicative texture inside lesions (std of a 1 mm-smooth noise field), so
 # that they are not flat discs; tumours are heterogeneous on T2/FLAIR [Osborn].
 _LESION_TEXTURE = 0.05
+# Families whose lesions lie outside the brain mask, in the intracranial space: the
+# mask grown by this many 1 mm voxels (the subarachnoid space and the dura).
+_EXTRA_AXIAL = ("meningioma",)
+_INTRACRANIAL_MM = 3
 _TUMOUR_HETEROGENEITY = 0.12
 
 
@@ -247,7 +267,7 @@ class ClinicalCase:
         Voxel spacing in mm, ``(Z, Y, X)``; Z is the slice spacing (thickness
         plus gap).
     family, contrast : str
-        Entries of :data:`FAMILIES` and :data:`CONTRASTS`.
+        Entries of :data:`ALL_FAMILIES` and :data:`CONTRASTS`.
     lesion_count : int
         Separate lesion regions in ``lesion_mask`` (26-connected): lesions that
         merged count once, lesions lost to partial volume not at all. The
@@ -790,11 +810,23 @@ def insert_lesions(
         3-8 ovoid white-matter hyperintensities, radius 1.5-4, elongated 1.3-2x
         perpendicular to the ventricle wall, 1-10 mm from the lateral
         ventricles (the orientation of Dawson's fingers).
+    ``meningioma`` (only when asked for by name, see :data:`EXTRA_FAMILIES`)
+        An extra-axial mass on the dura of the convexity or the falx (above
+        the skull base): a dome of base radius 8-20 mm and height 0.6-1 of
+        it, growing from 2 mm outside the brain mask into the brain, which it
+        pushes away (the cortex is compressed around it, not destroyed). Iso
+        to cortex on T1, T2, FLAIR and PD; avid homogeneous enhancement on
+        t1c, often with an enhancing dural tail of 5-15 mm beyond the base
+        (t1c only; not part of the truth) and a thin CSF cleft between the
+        mass and the brain. The most common primary intracranial tumour
+        [CBTRUS], and one that a review must not fade out with the
+        foreground's edge.
     ``normal``
         Nothing.
 
     The ground truth is the whole abnormal region (lesion plus oedema), where
-    the blurred label is >= 0.5, inside the brain mask.
+    the blurred label is >= 0.5, inside the brain mask (for ``meningioma``,
+    inside the brain mask grown by 3 mm, the intracranial space it fills).
 
     Parameters
     ----------
@@ -804,7 +836,7 @@ def insert_lesions(
         From :func:`tissue_classes`.
     brain_mask : ndarray, bool, (Z, Y, X)
     family : str
-        One of :data:`FAMILIES`.
+        One of :data:`ALL_FAMILIES`.
     contrast : str
         One of :data:`CONTRASTS`.
     rng : numpy.random.Generator or int, optional
@@ -822,8 +854,8 @@ def insert_lesions(
         with each lesion's kind, centre (voxel coordinates), radius (mm) and
         drawn levels.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     if contrast not in CONTRASTS:
         raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
     rng = _as_generator(rng)
@@ -842,9 +874,13 @@ def insert_lesions(
         "enhancing_nodule": _insert_nodules,
         "infarct": _insert_infarct,
         "periventricular": _insert_periventricular,
+        "meningioma": _insert_meningioma,
     }[family]
     params["lesions"] = inserter(volume, mask, anatomy, contrast, white, rng)
-    mask &= brain_mask
+    if family in _EXTRA_AXIAL:
+        mask &= ndimage.binary_dilation(brain_mask, iterations=_INTRACRANIAL_MM)
+    else:
+        mask &= brain_mask
     return volume, mask, params
 
 
@@ -1114,6 +1150,100 @@ def _insert_periventricular(
             }
         )
     return lesions
+
+
+def _insert_meningioma(
+    volume: np.ndarray,
+    mask: np.ndarray,
+    anatomy: Anatomy,
+    contrast: str,
+    white: float,
+    rng: np.random.Generator,
+) -> list[dict]:
+    radius = rng.uniform(8.0, 20.0)
+    height = rng.uniform(0.6, 1.0) * radius
+    push = rng.uniform(0.2, 0.5) * height
+    jitter = rng.uniform(*_LEVEL_JITTER)
+    wobble = _Wobble(rng, rng.uniform(0.08, 0.18))
+    cleft = bool(rng.random() < 0.7)
+    # A dural tail in about 60 % of meningiomas [Osborn].
+    tail = float(rng.uniform(5.0, 15.0)) if rng.random() < 0.6 else 0.0
+    brain_mask = anatomy.brain_mask
+    surface = brain_mask & (anatomy.depth_mm <= 1.5)
+    # Convexity and falx, not the skull base: above a plane 10 mm below the brain's centre.
+    above = surface & (np.arange(surface.shape[0])[:, None, None] >= anatomy.centre[0] - 10)
+    point = _pick_voxel(
+        above if above.any() else surface, np.ones(surface.shape, np.float32), 0.0, rng
+    )
+    inward = _inward_normal(brain_mask, point)
+    # The base sits on the dura, 2 mm outside the brain mask; the dome grows inward.
+    base = point - 2.0 * inward
+    box, low = _box(base, max(radius + tail, height) + 4.0, volume.shape)
+    shape = tuple(s.stop - s.start for s in box)
+    texture = 1.0 + _LESION_TEXTURE * _smooth_noise(shape, rng, 1.0)
+    offsets = _offsets(box, low, base)
+    distance = _distance(offsets)
+    along = sum(float(n) * o for n, o in zip(inward, offsets))
+    across = np.sqrt(np.maximum(distance**2 - along**2, 0.0))
+    brain = brain_mask[box]
+    intracranial = ndimage.binary_dilation(brain, iterations=_INTRACRANIAL_MM)
+    dome = (along >= -1.0) & (
+        (along / height) ** 2 + (across / radius) ** 2 <= wobble(offsets, distance) ** 2
+    )
+    dome &= intracranial
+    # The brain gives way: tissue moves away from the base, so the cortex wraps the dome.
+    region, classes = _mass_effect(
+        volume[box], anatomy.classes[box], brain, offsets, distance, height, push
+    )
+    local_white = _local_white(region, classes, white)
+    csf_values = region[(classes == CSF) & ~dome]
+    if cleft and csf_values.size >= 20:
+        rim = ndimage.binary_dilation(dome) & ~dome & brain
+        _paint(region, 0.6 * _soft(rim, 0.5), float(np.median(csf_values)))
+    level = _level("meningioma", contrast, jitter)
+    if contrast == "t1c" and tail > 0:
+        dura = ndimage.binary_dilation(brain, iterations=2) & ~ndimage.binary_dilation(brain)
+        reach = np.clip(1.0 - (across - radius) / tail, 0.0, 1.0)
+        sheet = dura & (np.abs(along) <= 4.0) & (across > 0.8 * radius) & (reach > 0)
+        _paint(region, 0.8 * _soft(sheet, 0.6) * reach, 0.9 * level * local_white)
+    _paint(region, _soft(dome, 0.7), level * local_white * texture)
+    volume[box] = region
+    mask[box] |= _soft(dome, 0.7) >= 0.5
+    return [
+        {
+            "kind": "meningioma",
+            "centre": base.tolist(),
+            "inward": inward.tolist(),
+            "radius_mm": float(radius),
+            "height_mm": float(height),
+            "mass_effect_mm": float(push),
+            "dural_tail_mm": tail,
+            "csf_cleft": cleft,
+            "levels": {"meningioma": level},
+            "voxels": int(dome.sum()),
+        }
+    ]
+
+
+def _inward_normal(brain_mask: np.ndarray, point: np.ndarray, sigma: float = 3.0) -> np.ndarray:
+    """Unit normal of the brain's surface at ``point``, pointing into the brain: the
+    gradient of the mask smoothed by ``sigma`` mm (towards the brain's centre if flat)."""
+    box, low = _box(point, 3 * sigma + 2, brain_mask.shape)
+    smooth = ndimage.gaussian_filter(brain_mask[box].astype(np.float32), sigma)
+    index = tuple(np.clip(np.round(point - low).astype(int), 1, np.array(smooth.shape) - 2))
+    gradient = np.array(
+        [
+            smooth[tuple(i + (1 if a == k else 0) for k, i in enumerate(index))]
+            - smooth[tuple(i - (1 if a == k else 0) for k, i in enumerate(index))]
+            for a in range(3)
+        ],
+        dtype=np.float64,
+    )
+    norm = np.linalg.norm(gradient)
+    if norm < 1e-6:
+        centre = np.array(ndimage.center_of_mass(brain_mask))
+        gradient, norm = centre - point, np.linalg.norm(centre - point)
+    return gradient / max(norm, 1e-6)
 
 
 def _gradient_at(field_map: np.ndarray, point: np.ndarray) -> np.ndarray:
@@ -1452,7 +1582,7 @@ def make_case(
         Normal T1-weighted head, 1 mm isotropic, Z axial.
     brain_mask : ndarray, bool, (Z, Y, X)
     family : str
-        One of :data:`FAMILIES`.
+        One of :data:`ALL_FAMILIES`.
     contrast : str
         One of :data:`CONTRASTS`.
     rng : numpy.random.Generator or int, optional
@@ -1465,8 +1595,8 @@ def make_case(
     -------
     ClinicalCase
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     if contrast not in CONTRASTS:
         raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
     rng = _as_generator(rng)
@@ -1536,7 +1666,7 @@ def make_cohort(
         Normal T1-weighted head, 1 mm isotropic, Z axial.
     brain_mask : ndarray, bool, (Z, Y, X)
     families : sequence of str
-        Entries of :data:`FAMILIES`.
+        Entries of :data:`ALL_FAMILIES`.
     contrasts : sequence of str
         Entries of :data:`CONTRASTS`.
     cases_per_cell : int
@@ -1548,8 +1678,8 @@ def make_cohort(
     ClinicalCase
     """
     for family in families:
-        if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        if family not in ALL_FAMILIES:
+            raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     for contrast in contrasts:
         if contrast not in CONTRASTS:
             raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
