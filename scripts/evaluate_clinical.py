@@ -130,6 +130,14 @@ def main() -> None:
         "end) beyond it, as a clinical axial series does (AcquisitionConfig.brain_margin_mm; "
         "default: the head volume's whole Z extent, neck included)",
     )
+    parser.add_argument(
+        "--venous-sinuses",
+        choices=("none", "yardstick", "both"),
+        default="none",
+        help="T1 with contrast also shows the dural venous sinuses and their pulsation "
+        "ghosts (AcquisitionConfig.venous_sinuses) on the yardstick's scans, or on them and "
+        "on the calibration scans",
+    )
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--rank-by", nargs="+", default=["mass"])
@@ -194,7 +202,7 @@ def main() -> None:
             contrasts=args.contrasts,
             cases_per_cell=args.cases,
             seed=args.seed,
-            config=acquisition,
+            config=dataclasses.replace(acquisition, venous_sinuses=args.venous_sinuses != "none"),
         )
     )
     calibration_cases = calibration_scans(
@@ -202,7 +210,7 @@ def main() -> None:
         args.calibration_cases,
         args.seed,
         args.contrasts,
-        acquisition,
+        dataclasses.replace(acquisition, venous_sinuses=args.venous_sinuses == "both"),
         subjects=args.calibration_subjects,
         subject_cases=args.calibration_subject_cases,
     )

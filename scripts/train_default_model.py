@@ -31,6 +31,7 @@ from napari_anomaly.evaluation.anatomy import (
     training_arrays,
     training_files,
 )
+from napari_anomaly.evaluation.clinical import AcquisitionConfig
 from napari_anomaly.io import atomic_write_text, read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import NetworkConfig
@@ -89,6 +90,12 @@ def main() -> None:
         default=0,
         help="also train on this many clinical-like normal scans per contrast of each "
         "training head (thick slices, 5 contrasts; evaluation.clinical)",
+    )
+    parser.add_argument(
+        "--venous-sinuses",
+        action="store_true",
+        help="the clinical-like T1 with contrast scans also show the dural venous sinuses "
+        "and their pulsation ghosts (AcquisitionConfig.venous_sinuses)",
     )
     parser.add_argument(
         "--lesion-task", type=float, default=0.0, help="TrainConfig.lesion_task_probability"
@@ -166,10 +173,16 @@ def main() -> None:
         train_names = [p.name for p in train_paths]
     if args.clinical_normals:
         heads = clinical_heads(args.data, loaded)
-        images += clinical_normals(heads, args.clinical_normals, args.seed)
+        images += clinical_normals(
+            heads,
+            args.clinical_normals,
+            args.seed,
+            AcquisitionConfig(venous_sinuses=args.venous_sinuses),
+        )
         train_names.append(
             f"{args.clinical_normals} clinical-like normal scan(s) per contrast of "
             + ", ".join(name for name, _, _ in heads)
+            + (" (T1 with contrast showing the venous sinuses)" if args.venous_sinuses else "")
         )
     if args.dims == 3:
         config = TrainConfig(

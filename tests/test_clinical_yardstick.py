@@ -13,6 +13,7 @@ from napari_anomaly.evaluation.clinical import (
     FAMILIES,
     AcquisitionConfig,
     acquire,
+    add_venous_sinuses,
     apply_contrast,
     insert_lesions,
     lesion_contrast,
@@ -219,6 +220,50 @@ def test_the_default_cohort_leaves_the_extra_families_out(head):
     assert [c.family for c in asked] == ["meningioma"] and asked[0].lesion_mask.any()
     default = make_cohort(t1, brain, contrasts=("t1c",), cases_per_cell=1)
     assert {c.family for c in default} == set(FAMILIES)
+
+
+def test_venous_sinuses_enhance_over_the_midline_outside_the_brain_and_ghost(head, anatomy):
+    t1, brain, _ = head
+    t1c = apply_contrast(t1, anatomy.classes, brain, "t1c", 0, anatomy=anatomy)
+    volume, params = add_venous_sinuses(t1c, anatomy, 3)
+    gain = volume - t1c
+    white = _white_matter_median(t1, anatomy)
+    sinus = gain > 0.5 * white
+    assert sinus.sum() > 50
+    # Outside the brain (the dura), never in its depth.
+    assert not np.any(sinus & (anatomy.depth_mm > 1))
+    # Over the convexity, the sinus is the superior sagittal one: in the midline.
+    upper = sinus & (np.arange(t1.shape[0])[:, None, None] > anatomy.centre[0] + 8)
+    assert upper.any()
+    assert np.abs(np.nonzero(upper)[2] - anatomy.centre[2]).max() <= 7
+    # Its ghosts fall into the brain along the phase-encoding axis, faint.
+    deep = anatomy.depth_mm > 3
+    assert np.any(gain[deep] > 0.005 * white) and gain[deep].max() < 0.3 * white
+    assert params["ghost_axis"] in ("front-back", "left-right")
+    json.dumps(params)
+
+
+def test_venous_sinuses_touch_only_t1c_and_leave_every_other_draw_as_it_was(head, anatomy):
+    t1, brain, _ = head
+    on, off = AcquisitionConfig(venous_sinuses=True), AcquisitionConfig()
+    flair = [make_case(t1, brain, "mass", "flair", 5, c, anatomy=anatomy) for c in (on, off)]
+    np.testing.assert_array_equal(flair[0].image, flair[1].image)
+    with_sinuses, without = (
+        make_case(t1, brain, "mass", "t1c", 5, c, anatomy=anatomy) for c in (on, off)
+    )
+    np.testing.assert_array_equal(with_sinuses.lesion_mask, without.lesion_mask)
+    # The drawn acquisition is the same (the noise's level follows the image's signal).
+    derived = ("config", "noise_sigma", "intensity_scale")
+    for key, value in without.params["acquisition"].items():
+        if key not in derived:
+            assert with_sinuses.params["acquisition"][key] == value, key
+    assert with_sinuses.image.shape == without.image.shape
+    assert with_sinuses.params["lesions"] == without.params["lesions"]
+    assert "venous_sinuses" in with_sinuses.params["contrast"]
+    assert "venous_sinuses" not in without.params["contrast"]
+    assert with_sinuses.image.max() > without.image.max() or not np.array_equal(
+        with_sinuses.image, without.image
+    )
 
 
 def test_make_case_is_deterministic_and_inputs_are_untouched(head, anatomy):

@@ -180,11 +180,14 @@ def axial_first(geometry) -> tuple[int, int, int]:
     return (first, *[a for a in range(3) if a != first])
 
 
-def clinical_normals(heads, cases_per_contrast: int, seed: int) -> list[np.ndarray]:
+def clinical_normals(
+    heads, cases_per_contrast: int, seed: int, acquisition=None
+) -> list[np.ndarray]:
     """Normal scans of the training heads as clinics acquire them (thick axial slices,
     five contrasts, noise, bias field, field of view; ``evaluation.clinical``),
-    resampled to isotropic voxels like every other training volume."""
-    from napari_anomaly.evaluation.clinical import make_cohort
+    resampled to isotropic voxels like every other training volume.
+    ``acquisition``: an ``AcquisitionConfig`` (default: the module's)."""
+    from napari_anomaly.evaluation.clinical import DEFAULT_ACQUISITION, make_cohort
 
     volumes = []
     for index, (_, volume, brain) in enumerate(heads):
@@ -194,6 +197,7 @@ def clinical_normals(heads, cases_per_contrast: int, seed: int) -> list[np.ndarr
             families=("normal",),
             cases_per_cell=cases_per_contrast,
             seed=seed + 1000 + index,
+            config=acquisition or DEFAULT_ACQUISITION,
         ):
             volumes.append(isotropic(case.image, case.spacing))
     return volumes

@@ -74,6 +74,7 @@ __all__ = [
     "Anatomy",
     "ClinicalCase",
     "acquire",
+    "add_venous_sinuses",
     "apply_contrast",
     "insert_lesions",
     "lesion_contrast",
@@ -197,6 +198,14 @@ class AcquisitionConfig:
         holds. ``None`` (the default) keeps the head volume's whole Z extent, as
         every yardstick figure before this option did; needs the brain mask
         (:func:`make_case`), and is drawn after every other draw.
+    venous_sinuses : bool
+        T1 with contrast also shows the dural venous sinuses (the superior
+        sagittal sinus over the convexity and the transverse sinuses at the
+        tentorium) and their pulsation ghosts along the phase-encoding axis
+        (:func:`add_venous_sinuses`), as a real contrast-enhanced 2D series
+        does [Atlas]. Off by default, so that every earlier figure reproduces;
+        drawn from its own stream, after the contrast, so that the other draws
+        of a seed stay as they were.
     """
 
     slice_thickness_mm: tuple[float, float] = (3.0, 7.0)
@@ -215,6 +224,7 @@ class AcquisitionConfig:
     faint_partial_volume: float = 0.25
     head_turn_degrees: tuple[float, float] = (0.0, 0.0)
     brain_margin_mm: tuple[float, float] | None = None
+    venous_sinuses: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -712,6 +722,110 @@ def _enhancement(
     plexus = anatomy.ventricles[box] & (_smooth_noise(shape, rng, 2.0) > 1.2)
     enhancement[box] += rng.uniform(0.8, 1.2) * _soft(plexus, 0.8)
     return enhancement
+
+
+def _posterior_sign(brain_mask: np.ndarray) -> float:
+    """+1 if the back of the head lies towards higher Y indices, else -1: the lowest
+    part of the brain (cerebellum, occipital lobes) lies behind its centre."""
+    z = np.flatnonzero(brain_mask.any(axis=(1, 2)))
+    low = brain_mask[z[0] : z[0] + max(1, int(0.15 * (z[-1] - z[0] + 1)))]
+    low_y = np.nonzero(low)[1].mean()
+    return 1.0 if low_y > np.nonzero(brain_mask)[1].mean() else -1.0
+
+
+def add_venous_sinuses(
+    volume_t1c: np.ndarray, anatomy: Anatomy, rng: np.random.Generator | int | None = None
+) -> tuple[np.ndarray, dict]:
+    """Enhancing dural venous sinuses and their pulsation ghosts in a 1 mm T1c head.
+
+    * The **superior sagittal sinus** runs in the midline, 3 mm outside the brain, over
+      the upper part of the brain's midsagittal outline (from the frontal base over
+      the vertex to the occipital pole), widening from 2 mm to 4-6 mm in radius
+      towards the back; the **transverse sinuses** run from its back end along the
+      brain's posterior outline to either side, radius 2.5-4 mm [Atlas]. Both stay
+      outside the brain mask.
+    * With gadolinium, slow venous flow enhances: 1.3-1.8 times white matter.
+    * Pulsatile flow in a 2D spin-echo acquisition repeats the sinus as faint ghosts
+      along the phase-encoding axis (front-back or left-right, drawn): 1-3 copies on
+      each side, 15-50 mm apart, at 4-15 % of its signal, across the whole field of
+      view, brain included.
+
+    The head must be as :func:`make_case` takes it (Z axial, the midline near the
+    brain's centre in X); the back of the head is found from the brain's shape.
+
+    Returns
+    -------
+    volume : ndarray, float32
+        A new array.
+    params : dict
+        The draws (JSON-serialisable).
+    """
+    rng = _as_generator(rng)
+    volume = np.array(volume_t1c, dtype=np.float32, copy=True)
+    brain = anatomy.brain_mask
+    white = _tissue_levels(volume, anatomy.classes)["wm"]
+    z_brain = np.flatnonzero(brain.any(axis=(1, 2)))
+    height = z_brain[-1] - z_brain[0] + 1
+    z_low = anatomy.centre[0] - 0.12 * height
+    back = _posterior_sign(brain)
+    midline = int(round(anatomy.centre[2]))
+    # The midsagittal outline, 3 mm outside the brain (a slab of 5 planes fills the
+    # interhemispheric fissure).
+    slab = brain[:, :, max(midline - 2, 0) : midline + 3].any(axis=2)
+    disk = ndimage.generate_binary_structure(2, 1)
+    outline = ndimage.binary_dilation(slab, disk, iterations=3) & ~ndimage.binary_dilation(
+        slab, disk, iterations=2
+    )
+    outline[: int(np.ceil(z_low))] = False
+    seeds = np.zeros(brain.shape, dtype=bool)
+    radius = np.zeros(brain.shape, dtype=np.float32)
+    zs, ys = np.nonzero(outline)
+    if len(ys) == 0:
+        return volume, {"superior_sagittal": False}
+    front, rear = (ys.min(), ys.max()) if back > 0 else (ys.max(), ys.min())
+    towards_back = np.clip((ys - front) / (rear - front), 0.0, 1.0)
+    rear_radius = rng.uniform(4.0, 6.0)
+    seeds[zs, ys, midline] = True
+    radius[zs, ys, midline] = 2.0 + (rear_radius - 2.0) * towards_back
+    # Transverse sinuses: from the back end of the sagittal sinus, along the brain's
+    # posterior outline in the axial planes at its height, to either side.
+    z_torcula = int(zs[np.argmax(towards_back)])
+    transverse_radius = rng.uniform(2.5, 4.0)
+    centre_y = anatomy.centre[1]
+    for z in range(max(z_torcula - 2, 0), min(z_torcula + 3, brain.shape[0])):
+        ring = ndimage.binary_dilation(brain[z], disk, iterations=3) & ~ndimage.binary_dilation(
+            brain[z], disk, iterations=2
+        )
+        ry, rx = np.nonzero(ring)
+        behind = (ry - centre_y) * back > 0.3 * np.abs(rx - anatomy.centre[2])
+        seeds[z, ry[behind], rx[behind]] = True
+        radius[z, ry[behind], rx[behind]] = transverse_radius
+    distance, (iz, iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
+    # The sinuses lie in the dura, against the brain, never in it.
+    sinus = (distance <= radius[iz, iy, ix]) & ~brain
+    del distance, iz, iy, ix
+    level = float(rng.uniform(1.3, 1.8))
+    signal = _soft(sinus, 0.7)
+    _paint(volume, signal, level * white)
+    # Pulsation ghosts: faint copies of the sinus signal along the phase-encoding axis.
+    axis = int(rng.choice([1, 2]))
+    copies = int(rng.integers(1, 4))
+    spacing_mm = float(rng.uniform(15.0, 50.0))
+    strength = float(rng.uniform(0.04, 0.15))
+    ghost = np.zeros_like(volume)
+    for k in range(1, copies + 1):
+        for side in (-1, 1):
+            ghost += np.roll(signal, side * int(round(k * spacing_mm)), axis=axis) / k
+    volume += strength * level * white * ghost
+    return volume, {
+        "level": level,
+        "rear_radius_mm": float(rear_radius),
+        "transverse_radius_mm": float(transverse_radius),
+        "ghost_axis": "front-back" if axis == 1 else "left-right",
+        "ghost_copies": copies,
+        "ghost_spacing_mm": spacing_mm,
+        "ghost_strength": strength,
+    }
 
 
 # --------------------------------------------------------------------------- lesions
@@ -1610,6 +1724,10 @@ def make_case(
     contrasted = apply_contrast(
         volume, anatomy.classes, brain_mask, contrast, contrast_rng, anatomy=anatomy
     )
+    sinus_params = None
+    if config.venous_sinuses and contrast == "t1c":
+        sinus_rng = np.random.default_rng(int(contrast_rng.integers(0, 2**63 - 1)))
+        contrasted, sinus_params = add_venous_sinuses(contrasted, anatomy, sinus_rng)
     lesioned, lesion, lesion_params = insert_lesions(
         contrasted, anatomy.classes, brain_mask, family, contrast, lesion_rng, anatomy=anatomy
     )
@@ -1624,6 +1742,8 @@ def make_case(
         "lesions": lesion_params["lesions"],
         "acquisition": acquisition,
     }
+    if sinus_params is not None:
+        params["contrast"]["venous_sinuses"] = sinus_params
     return ClinicalCase(
         image=image,
         lesion_mask=truth,
