@@ -66,6 +66,12 @@ def main() -> None:
         metavar=("YAW", "ROLL"),
         help="turn the calibration heads by up to these degrees (AcquisitionConfig)",
     )
+    parser.add_argument(
+        "--venous-sinuses",
+        action="store_true",
+        help="the T1 with contrast scans also show the dural venous sinuses and their "
+        "pulsation ghosts (AcquisitionConfig.venous_sinuses)",
+    )
     parser.add_argument("--cases", type=int, default=1, help="scans per contrast and head")
     parser.add_argument(
         "--calibration-subjects",
@@ -85,7 +91,9 @@ def main() -> None:
     args = parser.parse_args()
 
     parent = Localiser.load(args.model)
-    turned = AcquisitionConfig(head_turn_degrees=tuple(args.head_turn))
+    turned = AcquisitionConfig(
+        head_turn_degrees=tuple(args.head_turn), venous_sinuses=args.venous_sinuses
+    )
     scans = calibration_scans(
         args.data,
         args.cases,
@@ -117,7 +125,8 @@ def main() -> None:
             description=(
                 f"{len(scans)} clinical-like normal scans of the training heads (MNI152, ITK "
                 f"head){subjects} in {', '.join(CONTRASTS)}, heads turned by up to "
-                f"{args.head_turn[0]:g} (yaw) and {args.head_turn[1]:g} (roll) degrees "
+                f"{args.head_turn[0]:g} (yaw) and {args.head_turn[1]:g} (roll) degrees"
+                f"{', T1 with contrast showing the venous sinuses' if args.venous_sinuses else ''} "
                 f"(scripts/calibrate_default_model.py, seed {args.seed})"
             ),
         )

@@ -35,7 +35,6 @@ from napari_anomaly.evaluation.clinical import AcquisitionConfig
 from napari_anomaly.io import atomic_write_text, read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import NetworkConfig
-from napari_anomaly.progress import run_to_end
 from napari_anomaly.training import AdaptConfig, TrainConfig, adapt, train
 
 
@@ -53,6 +52,20 @@ def _steps_for(minutes: float, images, config: TrainConfig, validation) -> int:
         pass
     seconds_per_step = (times[60] - times[20]) / 40
     return max(100, int(minutes * 60 / seconds_per_step))
+
+
+def _run_printing(job, log: list) -> Localiser:
+    """Run a training job to its end, printing (and appending to ``log``) every 50th step's
+    metrics and every validation; returns the job's localiser."""
+    try:
+        while True:
+            report = next(job)
+            if report.step % 50 == 0 or "val_ap" in report.metrics:
+                entry = {"step": report.step, **report.metrics}
+                log.append(entry)
+                print(json.dumps(entry), flush=True)
+    except StopIteration as stop:
+        return stop.value
 
 
 def main() -> None:
@@ -231,7 +244,7 @@ def main() -> None:
             device=args.device,
             seed=args.seed,
         )
-        localiser = run_to_end(adapt(parent, images, config, image_names=None))
+        localiser = _run_printing(adapt(parent, images, config, image_names=None), log)
         localiser.metadata["name"] = args.out.stem
         print(f"wrote {args.out} sha256={localiser.save(args.out, overwrite=args.overwrite)}")
         return
@@ -257,15 +270,7 @@ def main() -> None:
         ),
         data_description=description,
     )
-    try:
-        while True:
-            report = next(job)
-            if report.step % 50 == 0 or "val_ap" in report.metrics:
-                entry = {"step": report.step, **report.metrics}
-                log.append(entry)
-                print(json.dumps(entry), flush=True)
-    except StopIteration as stop:
-        localiser = stop.value
+    localiser = _run_printing(job, log)
     localiser.metadata["training"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     localiser.metadata["name"] = args.out.stem
     sha = localiser.save(args.out, overwrite=args.overwrite)
