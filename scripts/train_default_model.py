@@ -56,12 +56,14 @@ def _steps_for(minutes: float, images, config: TrainConfig, validation) -> int:
 
 def _run_printing(job, log: list) -> Localiser:
     """Run a training job to its end, printing (and appending to ``log``) every 50th step's
-    metrics and every validation; returns the job's localiser."""
+    metrics and every validation; returns the job's localiser. Reports without metrics
+    (preparing the images, re-fitting the score scale) carry their phase's message."""
     try:
         while True:
             report = next(job)
             if report.step % 50 == 0 or "val_ap" in report.metrics:
-                entry = {"step": report.step, **report.metrics}
+                phase = {} if report.metrics else {"phase": report.message}
+                entry = {"step": report.step, **phase, **report.metrics}
                 log.append(entry)
                 print(json.dumps(entry), flush=True)
     except StopIteration as stop:
