@@ -26,7 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from napari_anomaly.evaluation.anatomy import held_out_head
-from napari_anomaly.evaluation.clinical import FAMILIES, make_case, prepare_anatomy
+from napari_anomaly.evaluation.clinical import (
+    FAMILIES,
+    AcquisitionConfig,
+    make_case,
+    prepare_anatomy,
+)
 from napari_anomaly.evaluation.triage import triage_case
 from napari_anomaly.inference import InferenceConfig, localise
 from napari_anomaly.io import atomic_write_text
@@ -71,8 +76,25 @@ def main() -> None:
         default=AdaptConfig.member_loss,
         help="an ensemble's loss: every member's own, or only their average's",
     )
+    parser.add_argument(
+        "--venous-sinuses",
+        action="store_true",
+        help="T1 with contrast shows the dural venous sinuses and their pulsation ghosts "
+        "(AcquisitionConfig.venous_sinuses), on the site's scans and on the test scans",
+    )
+    parser.add_argument(
+        "--brain-margin-mm",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="plan each scan's Z coverage on the brain (AcquisitionConfig.brain_margin_mm)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    acquisition = AcquisitionConfig(
+        venous_sinuses=args.venous_sinuses,
+        brain_margin_mm=None if args.brain_margin_mm is None else tuple(args.brain_margin_mm),
+    )
 
     started = time.perf_counter()
     volume, brain = held_out_head(args.data)
@@ -86,13 +108,20 @@ def main() -> None:
             "normal" if k % 2 == 0 else str(rng.choice(lesion_families)),
             args.contrast,
             rng=1000 + args.seed * 100 + k,
+            config=acquisition,
             anatomy=anatomy,
         )
         for k in range(args.scans)
     ]
     test = [
         make_case(
-            volume, brain, family, args.contrast, rng=2000 + args.seed * 100 + k, anatomy=anatomy
+            volume,
+            brain,
+            family,
+            args.contrast,
+            rng=2000 + args.seed * 100 + k,
+            config=acquisition,
+            anatomy=anatomy,
         )
         for k, family in enumerate(lesion_families + ["normal", "normal"])
     ]
