@@ -435,6 +435,13 @@ def _keep_touching(region: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return np.isin(labels, keep[keep > 0])
 
 
+def _shell(mask: np.ndarray, inner: int, outer: int) -> np.ndarray:
+    """The voxels ``inner`` (exclusive) to ``outer`` (inclusive) dilation steps outside
+    ``mask`` (face-connected steps, 1 mm on a 1 mm grid): e.g. the dura, 1-2 mm out."""
+    grown = ndimage.binary_dilation(mask, iterations=outer)
+    return grown & ~(ndimage.binary_dilation(mask, iterations=inner) if inner else mask)
+
+
 # --------------------------------------------------------------------------- anatomy
 
 
@@ -690,7 +697,7 @@ def apply_contrast(
     inside += slope * np.clip(normalised - 1.0, 0.0, 0.3)
     outside = target["outside"] * jitter[2] * normalised
 
-    shell = ndimage.binary_dilation(brain_mask, iterations=4) & ~brain_mask
+    shell = _shell(brain_mask, 0, 4)
     extra_axial = shell & (normalised >= 0.6 * csf_anchor) & (normalised <= grey_anchor)
     weight = ndimage.gaussian_filter((brain_mask | extra_axial).astype(np.float32), 0.7)
     return (white * (weight * inside + (1.0 - weight) * outside)).astype(np.float32)
@@ -705,7 +712,7 @@ def _enhancement(
     shape = tuple(s.stop - s.start for s in box)
     mask = brain_mask[box]
     cls = classes[box]
-    near_outside = ndimage.binary_dilation(mask, iterations=3) & ~mask
+    near_outside = _shell(mask, 0, 3)
     # Cortical veins run in the sulci and over the surface, not through the parenchyma.
     sulcal = ((cls == CSF) & ~anatomy.ventricles[box]) | near_outside
     first = _smooth_noise(shape, rng, 4.0)
@@ -715,7 +722,7 @@ def _enhancement(
     vessel_strength = rng.uniform(0.6, 1.0)
     enhancement[box] += vessel_strength * tubes * _soft(sulcal, 0.7)
     # Normal dura enhances thinly and discontinuously [Atlas].
-    dura = ndimage.binary_dilation(mask, iterations=2) & ~ndimage.binary_dilation(mask)
+    dura = _shell(mask, 1, 2)
     patches = _smooth_noise(shape, rng, 6.0) > rng.uniform(-0.3, 0.5)
     enhancement[box] += rng.uniform(0.3, 0.6) * _soft(dura & patches, 0.6)
     # Choroid plexus: enhancing tufts inside the ventricles.
@@ -772,10 +779,7 @@ def add_venous_sinuses(
     # The midsagittal outline, 3 mm outside the brain (a slab of 5 planes fills the
     # interhemispheric fissure).
     slab = brain[:, :, max(midline - 2, 0) : midline + 3].any(axis=2)
-    disk = ndimage.generate_binary_structure(2, 1)
-    outline = ndimage.binary_dilation(slab, disk, iterations=3) & ~ndimage.binary_dilation(
-        slab, disk, iterations=2
-    )
+    outline = _shell(slab, 2, 3)
     outline[: int(np.ceil(z_low))] = False
     seeds = np.zeros(brain.shape, dtype=bool)
     radius = np.zeros(brain.shape, dtype=np.float32)
@@ -793,9 +797,7 @@ def add_venous_sinuses(
     transverse_radius = rng.uniform(2.5, 4.0)
     centre_y = anatomy.centre[1]
     for z in range(max(z_torcula - 2, 0), min(z_torcula + 3, brain.shape[0])):
-        ring = ndimage.binary_dilation(brain[z], disk, iterations=3) & ~ndimage.binary_dilation(
-            brain[z], disk, iterations=2
-        )
+        ring = _shell(brain[z], 2, 3)
         ry, rx = np.nonzero(ring)
         behind = (ry - centre_y) * back > 0.3 * np.abs(rx - anatomy.centre[2])
         seeds[z, ry[behind], rx[behind]] = True
@@ -1312,11 +1314,11 @@ def _insert_meningioma(
     local_white = _local_white(region, classes, white)
     csf_values = region[(classes == CSF) & ~dome]
     if cleft and csf_values.size >= 20:
-        rim = ndimage.binary_dilation(dome) & ~dome & brain
+        rim = _shell(dome, 0, 1) & brain
         _paint(region, 0.6 * _soft(rim, 0.5), float(np.median(csf_values)))
     level = _level("meningioma", contrast, jitter)
     if contrast == "t1c" and tail > 0:
-        dura = ndimage.binary_dilation(brain, iterations=2) & ~ndimage.binary_dilation(brain)
+        dura = _shell(brain, 1, 2)
         reach = np.clip(1.0 - (across - radius) / tail, 0.0, 1.0)
         sheet = dura & (np.abs(along) <= 4.0) & (across > 0.8 * radius) & (reach > 0)
         _paint(region, 0.8 * _soft(sheet, 0.6) * reach, 0.9 * level * local_white)
@@ -1345,16 +1347,9 @@ def _inward_normal(brain_mask: np.ndarray, point: np.ndarray, sigma: float = 3.0
     box, low = _box(point, 3 * sigma + 2, brain_mask.shape)
     smooth = ndimage.gaussian_filter(brain_mask[box].astype(np.float32), sigma)
     index = tuple(np.clip(np.round(point - low).astype(int), 1, np.array(smooth.shape) - 2))
-    gradient = np.array(
-        [
-            smooth[tuple(i + (1 if a == k else 0) for k, i in enumerate(index))]
-            - smooth[tuple(i - (1 if a == k else 0) for k, i in enumerate(index))]
-            for a in range(3)
-        ],
-        dtype=np.float64,
-    )
+    gradient = np.array([g[index] for g in np.gradient(smooth)], dtype=np.float64)
     norm = np.linalg.norm(gradient)
-    if norm < 1e-6:
+    if norm < 5e-7:
         centre = np.array(ndimage.center_of_mass(brain_mask))
         gradient, norm = centre - point, np.linalg.norm(centre - point)
     return gradient / max(norm, 1e-6)
