@@ -340,6 +340,52 @@ def test_a_real_ctrl_c_soon_after_start_prints_one_line(scans, model, tmp_path, 
         assert _names(out) == []
 
 
+_CTRL_C_AT_ARGPARSE = """
+import sys
+
+
+class CtrlCAtImport:
+    \"\"\"Ctrl-C, as if pressed while the command line imports its first module.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "argparse":
+            sys.meta_path.remove(self)
+            raise KeyboardInterrupt
+        return None
+
+
+sys.meta_path.insert(0, CtrlCAtImport())
+"""
+
+
+@pytest.mark.parametrize("how", ["python -m", "console script"])
+def test_ctrl_c_while_the_command_line_is_imported_prints_one_line(scans, tmp_path, how):
+    """A Ctrl-C that lands while the command line's own modules are imported (before
+    main() runs: a slow machine's first second) is said in one line with status 130,
+    not as a traceback, both through ``python -m napari_anomaly.cli`` and the
+    ``napari-anomaly`` script. Made deterministic by an import hook in sitecustomize."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_CTRL_C_AT_ARGPARSE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *sys.path])}
+    if how == "python -m":
+        command = [sys.executable, "-m", "napari_anomaly.cli"]
+    else:
+        command = [str(Path(sys.executable).parent / "napari-anomaly")]
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [*command, "localise", scans[0], "--out", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 130, (result.returncode, result.stderr)
+    assert result.stderr.strip() == "cancelled; nothing was written"
+    assert not out.exists()
+
+
 # -- 15: what a killed run left behind ----------------------------------------------------
 
 

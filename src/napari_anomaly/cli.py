@@ -23,11 +23,21 @@ clears what a killed run left behind (see docs/reliability.md).
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # ``python -m napari_anomaly.cli`` (torchrun runs it so), before anything else is
+    # imported: run the package's module through the entry point, which imports it inside
+    # a guard (a Ctrl-C while the imports run is said in one line), and so that one
+    # CommandError class is raised and caught, not this __main__ copy's.
+    from napari_anomaly._entry import main as _entry_main
+
+    sys.exit(_entry_main())
+
 import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -928,14 +938,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(written.summary(), file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    # ``python -m napari_anomaly.cli`` (torchrun runs it so): run the package's module,
-    # not this __main__ copy, so that one CommandError class is raised and caught. A Ctrl-C
-    # while that copy is imported comes before main() can catch it: said here in one line.
-    try:
-        from napari_anomaly.cli import main as package_main
-    except KeyboardInterrupt:
-        print("\ncancelled; nothing was written", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(package_main())
