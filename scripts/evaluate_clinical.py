@@ -131,6 +131,13 @@ def main() -> None:
         "default: the head volume's whole Z extent, neck included)",
     )
     parser.add_argument(
+        "--slice-orientation",
+        choices=("axial", "coronal", "sagittal"),
+        default="axial",
+        help="the plane of the yardstick scans' slices (AcquisitionConfig.slice_orientation); "
+        "the calibration scans stay axial, as the bundled model's own calibration is",
+    )
+    parser.add_argument(
         "--venous-sinuses",
         choices=("none", "yardstick", "both"),
         default="none",
@@ -202,7 +209,11 @@ def main() -> None:
             contrasts=args.contrasts,
             cases_per_cell=args.cases,
             seed=args.seed,
-            config=dataclasses.replace(acquisition, venous_sinuses=args.venous_sinuses != "none"),
+            config=dataclasses.replace(
+                acquisition,
+                venous_sinuses=args.venous_sinuses != "none",
+                slice_orientation=args.slice_orientation,
+            ),
         )
     )
     calibration_cases = calibration_scans(
@@ -295,7 +306,15 @@ def main() -> None:
             cal = run_to_end(
                 with_asymmetry(cal, [c.image for c in calibration_cases], prepare, post)
             )
-            records = run_to_end(with_asymmetry(records, [c.image for c in cases], prepare, post))
+            records = run_to_end(
+                with_asymmetry(
+                    records,
+                    [c.image for c in cases],
+                    prepare,
+                    post,
+                    [c.left_right_axis for c in cases],
+                )
+            )
         seconds = time.perf_counter() - t0
         variants = {}
         for smooth, edge, asym, ends, rank, budget in itertools.product(

@@ -144,6 +144,13 @@ def test_the_yardstick_scores_the_comparison_only_when_it_was_made():
     flat = score_variant(made[:1], made[1:], PostprocessConfig())
     compared = score_variant(made[:1], made[1:], post)
     assert flat["cells"]["mass/t2"]["ap"] < compared["cells"]["mass/t2"]["ap"]
+    # a sagittal stack (no plane holds both sides) gets an empty comparison, as in localise
+    none = run_to_end(
+        with_asymmetry([record], [volume], PreprocessConfig(), post, left_right_axes=[None])
+    )
+    assert not np.any(none[0].asymmetry)
+    with pytest.raises(ValueError, match="left-right axis"):
+        run_to_end(with_asymmetry([record], [volume], PreprocessConfig(), post, [1]))
 
 
 def test_the_comparison_only_ever_raises_a_score():

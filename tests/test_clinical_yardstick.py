@@ -441,3 +441,75 @@ def test_a_series_planned_on_the_brain_leaves_out_the_neck(head):
         AcquisitionConfig(brain_margin_mm=(10.0, 5.0))
     with pytest.raises(ValueError, match="brain_margin_mm"):
         AcquisitionConfig(brain_margin_mm=(-1.0, 5.0))
+
+
+@pytest.mark.parametrize(
+    "orientation, slices_along, rows, columns",
+    [("coronal", "y", "z", "x"), ("sagittal", "x", "z", "y")],
+)
+def test_coronal_and_sagittal_stacks_slice_the_head_along_their_own_axis(
+    orientation, slices_along, rows, columns
+):
+    """A coronal stack runs front to back and a sagittal one left to right, the top of
+    the head in the first row; the truth goes through the same acquisition."""
+    volume = np.full((48, 64, 56), 50.0, dtype=np.float32)
+    lesion = np.zeros(volume.shape, dtype=bool)
+    box = {"z": (10, 18), "y": (40, 50), "x": (20, 28)}
+    lesion[slice(*box["z"]), slice(*box["y"]), slice(*box["x"])] = True
+    volume[lesion] = 100.0
+    exact = {
+        "slice_thickness_mm": (5.0, 5.0),
+        "gap_probability": 0.0,
+        "in_plane_mm": (1.0, 1.0),
+        "fov_margin_mm": (0.0, 0.0),
+        "z_cut_probability": 0.0,
+        "snr": (1e6, 1e6),
+        "bias_strength": (0.0, 0.0),
+    }
+    config = AcquisitionConfig(slice_orientation=orientation, **exact)
+    image, mask, spacing, params = acquire(volume, lesion, 0, config, reference_level=100.0)
+    size = {"z": 48, "y": 64, "x": 56}
+    assert spacing == (5.0, 1.0, 1.0) and params["slice_orientation"] == orientation
+    # slices every 5 mm over the extent (acquire: floor((extent - 1) / 5) + 1)
+    assert image.shape == ((size[slices_along] - 1) // 5 + 1, size[rows], size[columns])
+    where = np.argwhere(mask)
+    low, high = box[slices_along]
+    assert low / 5 - 1 <= where[:, 0].min() and where[:, 0].max() <= high / 5
+    # rows run from the top of the head (the last Z index) down
+    assert where[:, 1].min() == size["z"] - box["z"][1] and where[:, 1].max() == size["z"] - 1 - 10
+    assert (where[:, 2].min(), where[:, 2].max() + 1) == box[columns]
+    axial, _, _, _ = acquire(volume, lesion, 0, AcquisitionConfig(**exact), reference_level=100.0)
+    assert axial.shape == (47 // 5 + 1, 64, 56)
+
+
+def test_a_coronal_case_keeps_every_draw_of_its_seed_and_names_its_left_right_axis(head, anatomy):
+    t1, brain, _ = head
+    axial = make_case(t1, brain, "mass", "t1c", 4, anatomy=anatomy)
+    coronal = make_case(
+        t1, brain, "mass", "t1c", 4, AcquisitionConfig(slice_orientation="coronal"), anatomy=anatomy
+    )
+    sagittal = make_case(
+        t1,
+        brain,
+        "mass",
+        "t1c",
+        4,
+        AcquisitionConfig(slice_orientation="sagittal"),
+        anatomy=anatomy,
+    )
+    assert coronal.params["lesions"] == axial.params["lesions"]
+    for key in ("slice_thickness_mm", "in_plane_mm", "snr", "bias_strength"):
+        assert coronal.params["acquisition"][key] == axial.params["acquisition"][key]
+    assert coronal.lesion_mask.any() and coronal.brain_mask.shape == coronal.image.shape
+    # the same head, sliced front to back: as many millimetres of it as the axial scan
+    assert (
+        coronal.image.shape[0] < coronal.image.shape[1]
+        and axial.image.shape[0] < axial.image.shape[1]
+    )
+    assert (axial.left_right_axis, coronal.left_right_axis, sagittal.left_right_axis) == (
+        2,
+        2,
+        None,
+    )
+    with pytest.raises(ValueError, match="slice_orientation"):
+        AcquisitionConfig(slice_orientation="oblique")

@@ -937,4 +937,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             # It failed part-way (a full disk, a device error): say what is on disk.
             print(written.summary(), file=sys.stderr)
         return 2
-

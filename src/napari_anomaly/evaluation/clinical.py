@@ -70,6 +70,7 @@ __all__ = [
     "ALL_FAMILIES",
     "EXTRA_FAMILIES",
     "FAMILIES",
+    "LEFT_RIGHT_AXIS",
     "AcquisitionConfig",
     "Anatomy",
     "ClinicalCase",
@@ -141,9 +142,26 @@ _TUMOUR_HETEROGENEITY = 0.12
 # --------------------------------------------------------------------------- settings
 
 
+#: Per slice orientation, the acquired array's left-right axis (``None``: the slicing
+#: axis itself, so no plane holds both sides). The head volumes are (Z, Y, X) with X
+#: left-right.
+LEFT_RIGHT_AXIS: dict[str, int | None] = {"axial": 2, "coronal": 2, "sagittal": None}
+
+
+def _orient(volume: np.ndarray, orientation: str) -> np.ndarray:
+    """A (Z, Y, X) volume with its slicing axis first: axial (Z, Y, X), coronal
+    (Y, Z, X), sagittal (X, Z, Y); in coronal and sagittal planes the top of the head
+    comes first (Z reversed)."""
+    if orientation == "axial":
+        return volume
+    order = (1, 0, 2) if orientation == "coronal" else (2, 0, 1)
+    return np.ascontiguousarray(np.flip(np.transpose(volume, order), axis=1))
+
+
 @dataclass(frozen=True)
 class AcquisitionConfig:
-    """Ranges of a clinical 2D axial brain acquisition; each case draws its own values.
+    """Ranges of a clinical 2D brain acquisition (axial unless ``slice_orientation`` says
+    otherwise); each case draws its own values.
 
     Routine clinical brain MRI is acquired as 2D axial stacks of 3-7 mm slices
     (commonly 5 mm, often with a 10-30 % gap; the ACR MRI accreditation phantom
@@ -206,6 +224,15 @@ class AcquisitionConfig:
         does [Atlas]. Off by default, so that every earlier figure reproduces;
         drawn from its own stream, after the contrast, so that the other draws
         of a seed stay as they were.
+    slice_orientation : {"axial", "coronal", "sagittal"}
+        The plane of the slices. Brain protocols with contrast often add coronal
+        or sagittal series to the axial one; the stack then runs front to back
+        (coronal, planes (Z, X): left-right stays the last axis) or left to right
+        (sagittal, planes (Z, Y)), with the head's top in the first row, as a
+        DICOM series shows it. Applied after the head turn and before the field
+        of view, so a seed's every draw stays as it was; the brain margin, the
+        end cuts and the slice spacing then apply along the new slicing axis.
+        See :data:`LEFT_RIGHT_AXIS`.
     """
 
     slice_thickness_mm: tuple[float, float] = (3.0, 7.0)
@@ -225,8 +252,14 @@ class AcquisitionConfig:
     head_turn_degrees: tuple[float, float] = (0.0, 0.0)
     brain_margin_mm: tuple[float, float] | None = None
     venous_sinuses: bool = False
+    slice_orientation: str = "axial"
 
     def __post_init__(self) -> None:
+        if self.slice_orientation not in LEFT_RIGHT_AXIS:
+            raise ValueError(
+                f"slice_orientation must be one of {tuple(LEFT_RIGHT_AXIS)}, "
+                f"got {self.slice_orientation!r}"
+            )
         for name in (
             "slice_thickness_mm",
             "slice_gap_mm",
@@ -268,7 +301,8 @@ class ClinicalCase:
     ----------
     image : ndarray, float32, (Z, Y, X)
         The acquired image on its own grid, integer-valued scanner intensities
-        in ``[0, config.scanner_max]``.
+        in ``[0, config.scanner_max]``. Axis 0 is the slicing axis: Z for an axial
+        stack (``AcquisitionConfig.slice_orientation``).
     lesion_mask : ndarray, bool, (Z, Y, X)
         Ground truth: lesion (with its oedema) where the slice partial volume is
         >= 0.5 (see ``AcquisitionConfig.faint_partial_volume``). Empty for
@@ -298,6 +332,12 @@ class ClinicalCase:
     lesion_count: int
     params: dict
     brain_mask: np.ndarray | None = None
+
+    @property
+    def left_right_axis(self) -> int | None:
+        """The image's left-right axis; ``None`` for a sagittal stack, whose planes
+        each hold one side only (:data:`LEFT_RIGHT_AXIS`)."""
+        return LEFT_RIGHT_AXIS[self.params["acquisition"].get("slice_orientation", "axial")]
 
 
 @dataclass(frozen=True, eq=False)
@@ -1543,6 +1583,10 @@ def _acquire(
         volume = _turn(volume, turn)
         masks = [_turn(np.asarray(m, dtype=np.float32), turn) for m in masks]
         keep = None if keep is None else _turn(np.asarray(keep, dtype=np.float32), turn) > 0.5
+    if config.slice_orientation != "axial":
+        volume = _orient(volume, config.slice_orientation)
+        masks = [_orient(np.asarray(m), config.slice_orientation) for m in masks]
+        keep = None if keep is None else _orient(np.asarray(keep), config.slice_orientation)
     # The Z coverage planned on the brain (drawn after everything else, like the turn).
     z_start, z_stop = 0, volume.shape[0]
     brain_margins = [0.0, 0.0]
@@ -1605,6 +1649,7 @@ def _acquire(
         "intensity_scale": scale,
         "head_turn_degrees": list(turn),
         "brain_margin_mm": brain_margins if config.brain_margin_mm is not None else None,
+        "slice_orientation": config.slice_orientation,
         "config": config_to_dict(config),
     }
     return image, partial, spacing, params

@@ -138,14 +138,26 @@ def with_asymmetry(
     images: Sequence[np.ndarray],
     preprocess_config: PreprocessConfig,
     post: PostprocessConfig,
+    left_right_axes: Sequence[int | None] | None = None,
 ) -> Job[list[CaseMaps]]:
     """The records of ``images`` with their left-right comparison (``asymmetry``) added, made
-    as :func:`napari_anomaly.inference.localise` makes it (weight 1, on an empty map;
-    the scans' last axis runs left-right, as the yardstick acquires them)."""
+    as :func:`napari_anomaly.inference.localise` makes it (weight 1, on an empty map).
+
+    ``left_right_axes``: per image, its left-right axis, which must be the last (axial and
+    coronal stacks), or ``None`` (a sagittal stack: no plane holds both sides, so the
+    comparison is empty, as ``localise`` leaves it); default: the last axis of every image."""
     whole = dataclasses.replace(post, asymmetry_weight=1.0)
+    if left_right_axes is None:
+        left_right_axes = [img.ndim - 1 for img in images]
     out = []
-    for index, (r, image) in enumerate(zip(records, images, strict=True)):
+    for index, (r, image, lr) in enumerate(zip(records, images, left_right_axes, strict=True)):
         yield Progress(index, len(records), f"left-right comparison {index + 1}")
+        if lr is None:
+            empty = np.zeros(image.shape, dtype=np.float16)
+            out.append(dataclasses.replace(r, asymmetry=empty))
+            continue
+        if lr % image.ndim != image.ndim - 1:
+            raise ValueError(f"the left-right axis must be the last or None, got {lr}")
         mapping, foreground = fit_preprocess(image, preprocess_config, foreground=r.foreground)
         planes = image if image.ndim == 3 else image[None]
         fg_planes = foreground if image.ndim == 3 else foreground[None]
