@@ -107,6 +107,14 @@ def main() -> None:
         "training head (thick slices, 5 contrasts; evaluation.clinical)",
     )
     parser.add_argument(
+        "--clinical-orientations",
+        nargs="+",
+        choices=("axial", "coronal", "sagittal"),
+        default=["axial"],
+        help="slice planes the clinical-like normal scans are shared out among, in turn "
+        "(AcquisitionConfig.slice_orientation; default: axial only)",
+    )
+    parser.add_argument(
         "--venous-sinuses",
         action="store_true",
         help="the clinical-like T1 with contrast scans also show the dural venous sinuses "
@@ -193,11 +201,17 @@ def main() -> None:
             args.clinical_normals,
             args.seed,
             AcquisitionConfig(venous_sinuses=args.venous_sinuses),
+            tuple(args.clinical_orientations),
         )
         train_names.append(
             f"{args.clinical_normals} clinical-like normal scan(s) per contrast of "
             + ", ".join(name for name, _, _ in heads)
             + (" (T1 with contrast showing the venous sinuses)" if args.venous_sinuses else "")
+            + (
+                f" in {', '.join(args.clinical_orientations)} slices"
+                if args.clinical_orientations != ["axial"]
+                else ""
+            )
         )
     if args.dims == 3:
         config = TrainConfig(

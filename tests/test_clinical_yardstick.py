@@ -513,3 +513,21 @@ def test_a_coronal_case_keeps_every_draw_of_its_seed_and_names_its_left_right_ax
     )
     with pytest.raises(ValueError, match="slice_orientation"):
         AcquisitionConfig(slice_orientation="oblique")
+
+
+def test_clinical_training_normals_are_shared_out_among_slice_planes(head):
+    from napari_anomaly.evaluation.anatomy import clinical_normals, isotropic
+
+    t1, brain, _ = head
+    heads = [("synthetic", t1, brain)]
+    axial = clinical_normals(heads, 2, 0)
+    direct = [
+        isotropic(c.image, c.spacing)
+        for c in make_cohort(t1, brain, families=("normal",), cases_per_cell=2, seed=1000)
+    ]
+    assert len(axial) == 10 and all(np.array_equal(a, b) for a, b in zip(axial, direct))
+    mixed = clinical_normals(heads, 3, 0, orientations=("axial", "coronal", "sagittal"))
+    assert len(mixed) == 15  # one scan per plane and contrast
+    # the axial share is what axial alone gives; the coronal and sagittal scans are new
+    assert np.array_equal(mixed[0], axial[0])
+    assert not any(m.shape == a.shape and np.array_equal(m, a) for m in mixed[5:] for a in axial)

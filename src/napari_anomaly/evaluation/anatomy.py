@@ -11,6 +11,7 @@ nothing here downloads anything.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from collections.abc import Sequence
@@ -181,25 +182,39 @@ def axial_first(geometry) -> tuple[int, int, int]:
 
 
 def clinical_normals(
-    heads, cases_per_contrast: int, seed: int, acquisition=None
+    heads, cases_per_contrast: int, seed: int, acquisition=None, orientations=("axial",)
 ) -> list[np.ndarray]:
-    """Normal scans of the training heads as clinics acquire them (thick axial slices,
-    five contrasts, noise, bias field, field of view; ``evaluation.clinical``),
-    resampled to isotropic voxels like every other training volume.
-    ``acquisition``: an ``AcquisitionConfig`` (default: the module's)."""
+    """Normal scans of the training heads as clinics acquire them (thick slices, five
+    contrasts, noise, bias field, field of view; ``evaluation.clinical``), resampled to
+    isotropic voxels like every other training volume.
+
+    ``acquisition``: an ``AcquisitionConfig`` (default: the module's).
+    ``orientations``: the slice planes (``AcquisitionConfig.slice_orientation``) the
+    ``cases_per_contrast`` scans are shared out among, in this order (3 scans over
+    axial, coronal, sagittal: one each). Axial alone gives the scans it always gave.
+    """
     from napari_anomaly.evaluation.clinical import DEFAULT_ACQUISITION, make_cohort
 
+    acquisition = acquisition or DEFAULT_ACQUISITION
+    shares = [
+        cases_per_contrast // len(orientations) + (k < cases_per_contrast % len(orientations))
+        for k in range(len(orientations))
+    ]
     volumes = []
     for index, (_, volume, brain) in enumerate(heads):
-        for case in make_cohort(
-            volume,
-            brain,
-            families=("normal",),
-            cases_per_cell=cases_per_contrast,
-            seed=seed + 1000 + index,
-            config=acquisition or DEFAULT_ACQUISITION,
-        ):
-            volumes.append(isotropic(case.image, case.spacing))
+        for position, (orientation, count) in enumerate(zip(orientations, shares)):
+            if not count:
+                continue
+            config = dataclasses.replace(acquisition, slice_orientation=orientation)
+            for case in make_cohort(
+                volume,
+                brain,
+                families=("normal",),
+                cases_per_cell=count,
+                seed=seed + 1000 + index + 100 * position,
+                config=config,
+            ):
+                volumes.append(isotropic(case.image, case.spacing))
     return volumes
 
 
