@@ -50,6 +50,7 @@ from napari_anomaly.evaluation.clinical import (
     CONTRASTS,
     EXTRA_FAMILIES,
     FAMILIES,
+    LEFT_RIGHT_AXIS,
     AcquisitionConfig,
     lesion_contrast,
     make_cohort,
@@ -132,7 +133,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--slice-orientation",
-        choices=("axial", "coronal", "sagittal"),
+        choices=tuple(LEFT_RIGHT_AXIS),
         default="axial",
         help="the plane of the yardstick scans' slices (AcquisitionConfig.slice_orientation); "
         "the calibration scans stay axial, as the bundled model's own calibration is",

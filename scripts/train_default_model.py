@@ -31,7 +31,7 @@ from napari_anomaly.evaluation.anatomy import (
     training_arrays,
     training_files,
 )
-from napari_anomaly.evaluation.clinical import AcquisitionConfig
+from napari_anomaly.evaluation.clinical import LEFT_RIGHT_AXIS, AcquisitionConfig
 from napari_anomaly.io import atomic_write_text, read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import NetworkConfig
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument(
         "--clinical-orientations",
         nargs="+",
-        choices=("axial", "coronal", "sagittal"),
+        choices=tuple(LEFT_RIGHT_AXIS),
         default=["axial"],
         help="slice planes the clinical-like normal scans are shared out among, in turn "
         "(AcquisitionConfig.slice_orientation; default: axial only)",
