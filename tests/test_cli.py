@@ -49,7 +49,7 @@ def test_train_writes_a_model_and_refuses_to_overwrite(model, normals, capsys):
 
 
 def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geometry(
-    model, normals, tmp_path
+    model, normals, tmp_path, capsys
 ):
     out = tmp_path / "out"
     assert (
@@ -83,14 +83,21 @@ def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geome
         assert loaded.array.shape == (12, 40, 40)
         np.testing.assert_allclose(loaded.geometry.spacing, GEOMETRY.spacing, rtol=1e-6)
         np.testing.assert_allclose(loaded.geometry.origin, GEOMETRY.origin, rtol=1e-6)
-    # The sidecar records what the mask is: the model's own threshold (none was given)
-    # applied to the written map, small regions dropped, and the model it came from.
-    from napari_anomaly.review import threshold_map
+    # The sidecar records what the mask is: the model's own threshold (none was given),
+    # raised where the mask held more than the default 20 regions there, applied to the
+    # written map, small regions dropped, and the model it came from.
+    from napari_anomaly.review import DEFAULT_MAX_REGIONS, threshold_map
 
     sidecar = json.loads((out / "normal0_mask.json").read_text())
     trained = Localiser.load(model)
     assert sidecar["model_sha256"] == trained.sha256
-    assert sidecar["threshold"] == trained.recommended_threshold
+    limit = sidecar["region_limit"]
+    assert limit["requested"] == trained.recommended_threshold
+    assert limit["max_regions"] == DEFAULT_MAX_REGIONS
+    assert sidecar["threshold"] == limit["threshold"] >= limit["requested"]
+    assert sidecar["regions"] == limit["regions"] <= DEFAULT_MAX_REGIONS
+    if limit["requested_regions"] <= DEFAULT_MAX_REGIONS:
+        assert limit["threshold"] == limit["requested"]
     anomaly = read_image(out / "normal0_anomaly.nii.gz").array
     np.testing.assert_array_equal(
         threshold_map(anomaly, sidecar["threshold"], sidecar["min_region_voxels"]), mask
@@ -101,6 +108,15 @@ def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geome
         main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"])
         != 0
     )
+    # --max-regions 0 keeps the model's threshold whatever the count.
+    unlimited = tmp_path / "unlimited"
+    localise = ["localise", normals[0], "--model", str(model), "--device", "cpu"]
+    assert main([*localise, "--out", str(unlimited), "--max-regions", "0"]) == 0
+    kept = json.loads((unlimited / "normal0_mask.json").read_text())
+    assert kept["threshold"] == trained.recommended_threshold and kept["region_limit"] is None
+    assert kept["regions"] == limit["requested_regions"]
+    printed = capsys.readouterr().out
+    assert ("threshold raised" in printed) == (limit["threshold"] > limit["requested"])
 
 
 def test_refused_input_leaves_no_output_folder(model, tmp_path, capsys):
@@ -227,9 +243,13 @@ def test_evaluate_ranks_each_lesion_as_the_region_table_of_localise_does(
     assert normal["normal"] and normal["regions"] == normal_ranks.max()
     assert triage["summary"]["scans_with_lesion_in_top_5"] == 1
     assert triage["rank_by"] == "mass"
-    assert f"normal0.nii.gz: {ranks.max()} regions; lesions (largest first): rank 2, missed" in (
-        printed
-    )
+    # Where localise raised the scan's threshold (more than 20 regions at the one given),
+    # evaluate triages at the raised one too, and says so.
+    raised = json.loads((maps / "normal0_mask.json").read_text())["threshold"]
+    at = f" at threshold {raised:.2f} (raised)" if raised > threshold else ""
+    assert lesion["threshold"] == raised
+    line = f"normal0.nii.gz: {ranks.max()} regions{at}; lesions (largest first): rank 2, missed"
+    assert line in printed
 
 
 def test_finetuning_a_calibrated_model_keeps_its_score_scale(model, normals, tmp_path, capsys):
@@ -350,7 +370,12 @@ def test_calibrate_gives_a_child_model_whose_threshold_meets_the_budget(
 
 @pytest.mark.parametrize(
     "option",
-    [["--min-region-mm", "-1"], ["--min-region-size", "-2"], ["--max-false-regions", "-1"]],
+    [
+        ["--min-region-mm", "-1"],
+        ["--min-region-size", "-2"],
+        ["--max-false-regions", "-1"],
+        ["--max-regions", "-1"],
+    ],
 )
 @pytest.mark.parametrize("command", ["localise", "evaluate"])
 def test_localise_and_evaluate_refuse_negative_region_limits_before_any_work(

@@ -10,9 +10,12 @@ from napari_anomaly.review import (
     DEFAULT_EDIT_WEIGHT,
     MaskEdits,
     Region,
+    RegionLimit,
     ReviewConfig,
+    count_regions,
     find_regions,
     finetune_targets,
+    limit_regions,
     rethreshold,
     threshold_map,
 )
@@ -361,3 +364,74 @@ def test_region_labels_match_ndimage_label_for_sparse_and_dense_masks(shape, den
         assert np.array_equal(flat, np.flatnonzero(mask))
         # Same components and the same numbering (raster order of first voxels).
         assert np.array_equal(labels, expected.reshape(-1)[flat])
+
+
+# --------------------------------------------------------------------------- #
+# A limit of regions for a new case
+# --------------------------------------------------------------------------- #
+def _graded_blobs(peaks, ndim=2):
+    """One 3x3(x3) blob per peak score, apart from each other, on a zero floor."""
+    side = 4 * len(peaks) + 4
+    shape = (5,) * (ndim - 2) + (8, side)
+    scores = np.zeros(shape, dtype=np.float64)
+    for index, peak in enumerate(peaks):
+        scores[..., 2:5, 4 * index + 2 : 4 * index + 5] = peak
+    return scores
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_map_with_too_many_regions_starts_at_the_lowest_threshold_holding_the_limit(ndim):
+    # 30 blobs scored 0.50, 0.51, ..., 0.79: at 0.50 all 30 show; at most 20 means
+    # dropping the ten weakest, which 0.60 does and 0.59 does not.
+    scores = _graded_blobs([0.5 + k / 100 for k in range(30)], ndim)
+    assert count_regions(scores, 0.5) == 30
+    limit = limit_regions(scores, 0.5, 20)
+    assert limit == RegionLimit(0.5, 30, 0.6, 20, 20)
+    assert limit.raised
+    assert count_regions(scores, 0.59) == 21
+    assert len(find_regions(threshold_map(scores, limit.threshold), scores)) == 20
+    assert limit.describe() == (
+        "threshold raised from 0.50 (30 regions) to 0.60 (20 regions): a new case starts "
+        "with at most 20"
+    )
+    # The strongest regions are the ones kept.
+    kept = find_regions(threshold_map(scores, limit.threshold), scores, rank_by="peak")
+    assert min(r.peak_score for r in kept) == pytest.approx(0.6)
+
+
+def test_a_map_within_the_limit_or_without_one_keeps_its_threshold():
+    scores = _graded_blobs([0.5 + k / 100 for k in range(30)])
+    assert limit_regions(scores, 0.5, 30) == RegionLimit(0.5, 30, 0.5, 30, 30)
+    unlimited = limit_regions(scores, 0.5, 0)
+    assert unlimited.threshold == 0.5 and not unlimited.raised
+    # Regions below the minimum size are not shown, so they are not counted either.
+    specks = scores.copy()
+    specks[0, ::2] = 0.9  # single pixels on the first row: 0.9 but one voxel each
+    assert count_regions(specks, 0.5) > 30
+    assert count_regions(specks, 0.5, min_region_size=2) == 30
+    assert limit_regions(specks, 0.5, 30, min_region_size=2).threshold == 0.5
+
+
+def test_a_limit_holds_where_raising_the_threshold_first_splits_regions():
+    # Uniform noise: at 0.5 the set pixels touch in few large clusters, which split into
+    # more regions as the threshold rises before they vanish.
+    scores = np.random.default_rng(0).random((64, 64))
+    counts = [count_regions(scores, t) for t in (0.5, 0.6, 0.7)]
+    assert counts[0] < counts[1] < counts[2], "the map must first gain regions"
+    limit = limit_regions(scores, 0.5, 20)
+    assert limit.regions <= 20 and count_regions(scores, limit.threshold) == limit.regions
+    assert count_regions(scores, round(limit.threshold - 0.01, 2)) > 20
+
+
+def test_scores_saturated_in_many_places_start_at_one():
+    scores = _graded_blobs([1.0] * 25)
+    limit = limit_regions(scores, 0.5, 20)
+    assert (limit.threshold, limit.regions) == (1.0, 25)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_a_bad_limit_of_regions_is_refused(bad):
+    with pytest.raises(ValueError, match="max_regions"):
+        ReviewConfig(max_regions=bad)
+    with pytest.raises(ValueError, match="max_regions"):
+        limit_regions(np.zeros((4, 4)), 0.5, bad)

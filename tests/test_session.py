@@ -279,3 +279,52 @@ def test_calibrating_on_normal_scans_sets_the_threshold_of_the_open_cases_only(s
     assert session.threshold_for_false_regions(2) == outcome.threshold
     session.undo("open")  # one undo step: back to the threshold it had
     assert session.case("open").threshold == 0.5
+
+
+def _many_blobs(count=30, shape=(48, 48)):
+    """``count`` small blobs scored 0.50, 0.51, ... on a 0.1 floor, apart from each other."""
+    scores = np.full(shape, 0.1, np.float32)
+    for index in range(count):
+        row, col = divmod(index, 8)
+        scores[6 * row + 1 : 6 * row + 4, 6 * col + 1 : 6 * col + 4] = 0.5 + index / 100
+    return scores
+
+
+def test_a_case_with_too_many_regions_starts_higher_and_the_slider_still_goes_lower(
+    session, tmp_path
+):
+    from napari_anomaly.review import DEFAULT_MAX_REGIONS, RegionLimit
+
+    assert session.review.max_regions == DEFAULT_MAX_REGIONS == 20
+    case = _add(session, "many", _many_blobs())
+    assert case.region_limit == RegionLimit(0.5, 30, 0.6, 20, 20)
+    assert case.threshold == 0.6 and len(case.regions()) == 20
+    # A case within the limit starts at the session's threshold.
+    within = _add(session, "few")
+    assert within.threshold == 0.5 and not within.region_limit.raised
+    # The reviewer can go back to the calibrated threshold, and undo that.
+    session.threshold("many", 0.5)
+    assert len(session.case("many").regions()) == 30
+    session.undo("many")
+    assert session.case("many").threshold == 0.6
+    # New maps of the same case keep the threshold the reviewer works at.
+    session.threshold("many", 0.55)
+    session.add_case("many", case.image, _many_blobs())
+    assert session.case("many").threshold == 0.55
+    # A saved session remembers how the case started.
+    session.save(tmp_path / "saved")
+    loaded = ReviewSession.load(
+        tmp_path / "saved", images={"many": case.image, "few": within.image}
+    )
+    assert loaded.case("many").region_limit == case.region_limit
+    assert loaded.case("many").threshold == 0.55
+
+
+def test_no_limit_of_regions_keeps_the_threshold_whatever_the_count():
+    torch.manual_seed(0)
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    localiser = Localiser(network, metadata={"patch_size": 32, "recommended_threshold": 0.5})
+    unlimited = ReviewSession(localiser, ReviewConfig(min_region_size=5, max_regions=0))
+    case = _add(unlimited, "many", _many_blobs())
+    assert case.threshold == 0.5 and case.region_limit is None
+    assert len(case.regions()) == 30

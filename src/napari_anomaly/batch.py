@@ -295,7 +295,8 @@ def _localise_case(session, path: str, out_dir: Path, source_sha256: str) -> dic
     the task took already (a scan is hashed once).
 
     Returns what the record and the table need: ``outputs`` (file names), ``mask`` (file
-    name), ``threshold``, ``regions``, ``top_region_score`` (peak score of the region the
+    name), ``threshold`` (the case's own, raised where ``max_regions`` asks:
+    ``region_limit``), ``regions``, ``top_region_score`` (peak score of the region the
     table ranks first; None without regions), ``sample_score``
     (:func:`napari_anomaly.metrics.sample_score`), ``marked_voxels`` and ``domain`` (the
     domain check; its warning is not printed: it names the file).
@@ -324,6 +325,7 @@ def _localise_case(session, path: str, out_dir: Path, source_sha256: str) -> dic
         "sample_score": float(outcome.sample_score),
         "marked_voxels": int(outcome.marked_voxels),
         "domain": outcome.domain,
+        "region_limit": None if outcome.region_limit is None else outcome.region_limit.to_dict(),
     }
 
 

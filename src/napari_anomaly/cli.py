@@ -336,6 +336,7 @@ def _localise_settings(args: argparse.Namespace):
         min_region_size=args.min_region_size,
         min_region_mm=args.min_region_mm,
         rank_by=args.rank_by,
+        max_regions=args.max_regions,
         device=args.device,
         slice_axis=args.slice_axis,
         flips=args.flips,
@@ -387,6 +388,11 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             f"table {plan.files['regions_csv'].name}"
             + (f", DICOM-SEG {plan.files['seg'].name}" if "seg" in plan.files else "")
         )
+        if outcome.region_limit is not None and outcome.region_limit.raised:
+            print(
+                f"{Path(path).name}: {outcome.region_limit.describe()} "
+                "(--max-regions 0 keeps the threshold)"
+            )
         del loaded
     return 0
 
@@ -442,6 +448,9 @@ def _check_region_limits(args: argparse.Namespace) -> None:
         raise CommandError(f"--min-region-size must be >= 0, got {args.min_region_size}")
     if not (math.isfinite(args.min_region_mm) and args.min_region_mm >= 0):
         raise CommandError(f"--min-region-mm must be >= 0, got {args.min_region_mm}")
+    max_regions = getattr(args, "max_regions", None)
+    if max_regions is not None and max_regions < 0:
+        raise CommandError(f"--max-regions must be >= 0 (0: no limit), got {max_regions}")
 
 
 def _threshold(args: argparse.Namespace, localiser) -> float:
@@ -598,6 +607,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         min_region_size=args.min_region_size,
         min_region_mm=args.min_region_mm,
         rank_by=args.rank_by,
+        max_regions=args.max_regions,
     )
     print(report.format_table())
     print(f"region triage (the region table of localise, ranked by {args.rank_by}):")
@@ -609,6 +619,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "min_region_size": args.min_region_size,
             "min_region_mm": args.min_region_mm,
             "rank_by": args.rank_by,
+            "max_regions": args.max_regions,
             **triage,
         }
         report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -702,7 +713,7 @@ def flips(p: argparse.ArgumentParser) -> None:
 
 def add_localise_options(p: argparse.ArgumentParser) -> None:
     """The flags of ``localise`` that ``batch`` shares: threshold, minimum region size,
-    ranking, slice axis, flips (read back by :func:`_localise_settings`)."""
+    ranking, most regions, slice axis, flips (read back by :func:`_localise_settings`)."""
     from napari_anomaly.review import RANKINGS, ReviewConfig
 
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
@@ -729,6 +740,13 @@ def add_localise_options(p: argparse.ArgumentParser) -> None:
         choices=RANKINGS,
         default=ReviewConfig.rank_by,
         help="order of the region table (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-regions",
+        type=int,
+        default=ReviewConfig.max_regions,
+        help="a scan whose mask holds more regions at the threshold gets a higher threshold, "
+        "the lowest that holds at most this many (default %(default)s; 0: no limit)",
     )
     p.add_argument("--slice-axis", type=int, default=0, help="axis a 2D model walks along")
     flips(p)

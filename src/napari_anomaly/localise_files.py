@@ -33,7 +33,7 @@ from napari_anomaly.io import LoadedImage, check_output_folder, read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import sample_score
 from napari_anomaly.progress import Job
-from napari_anomaly.review import RANKINGS, ReviewConfig
+from napari_anomaly.review import RANKINGS, RegionLimit, ReviewConfig, check_max_regions
 from napari_anomaly.session import ReviewSession
 
 __all__ = ["FileOutcome", "LocaliseSettings", "file_session", "localise_file"]
@@ -53,6 +53,7 @@ class LocaliseSettings:
     min_region_size: int = ReviewConfig.min_region_size
     min_region_mm: float = ReviewConfig.min_region_mm
     rank_by: str = ReviewConfig.rank_by
+    max_regions: int = ReviewConfig.max_regions
     device: str = InferenceConfig.device
     slice_axis: int = 0
     flips: bool = InferenceConfig.flips
@@ -68,6 +69,7 @@ class LocaliseSettings:
             raise ValueError(f"min_region_size must be >= 0, got {self.min_region_size}")
         if not (math.isfinite(self.min_region_mm) and self.min_region_mm >= 0):
             raise ValueError(f"min_region_mm must be >= 0, got {self.min_region_mm}")
+        check_max_regions(self.max_regions)
         if self.rank_by not in RANKINGS:
             raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {self.rank_by!r}")
 
@@ -87,6 +89,7 @@ def file_session(localiser: Localiser, settings: LocaliseSettings) -> ReviewSess
             min_region_size=settings.min_region_size,
             min_region_mm=settings.min_region_mm,
             rank_by=settings.rank_by,
+            max_regions=settings.max_regions,
         ),
         InferenceConfig(
             device=settings.device, slice_axis=settings.slice_axis, flips=settings.flips
@@ -119,6 +122,8 @@ class FileOutcome:
         (:func:`napari_anomaly.metrics.sample_score`) used to sort a cohort.
     domain : dict
         The domain check (:func:`napari_anomaly.domain.check_domain`).
+    region_limit : RegionLimit or None
+        How the threshold was chosen under ``max_regions`` (``None``: no limit).
     """
 
     files: list[Path]
@@ -129,6 +134,7 @@ class FileOutcome:
     top_region_score: float
     sample_score: float
     domain: dict[str, Any]
+    region_limit: RegionLimit | None = None
 
 
 def localise_file(
@@ -202,6 +208,7 @@ def localise_file(
             top_region_score=float(regions[0].peak_score) if regions else math.nan,
             sample_score=float(sample_score(case.anomaly_map)),
             domain=report.to_dict(),
+            region_limit=case.region_limit,
         )
     finally:
         session.cases.pop(case_id, None)

@@ -41,12 +41,17 @@ from scipy.sparse.csgraph import connected_components
 
 __all__ = [
     "DEFAULT_EDIT_WEIGHT",
+    "DEFAULT_MAX_REGIONS",
     "RANKINGS",
     "MaskEdits",
     "Region",
+    "RegionLimit",
     "ReviewConfig",
+    "check_max_regions",
+    "count_regions",
     "find_regions",
     "finetune_targets",
+    "limit_regions",
     "min_voxels",
     "regions_csv",
     "rethreshold",
@@ -68,6 +73,16 @@ RANKINGS = ("mass", "mean", "peak", "size")
 #: others (with ``default_2d_v3``, 3 and 5 lost more than 0.02 AP on another
 #: family; docs/evaluation.md).
 DEFAULT_EDIT_WEIGHT = 2.0
+
+#: Most regions a new case's table starts with (:func:`limit_regions`). At the
+#: calibrated threshold, normal scans like the model's calibration scans show
+#: about 5 regions; a scan unlike them (another scanner, another anatomy, a
+#: contrast the model never saw) can show hundreds, and a table of hundreds is
+#: one nobody reads. 20 rows is what a reviewer can work through per scan.
+DEFAULT_MAX_REGIONS = 20
+
+#: The grid a raised threshold lies on: the threshold slider's step.
+THRESHOLD_STEP = 0.01
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,12 @@ class ReviewConfig:
         (:func:`min_voxels`).
     rank_by : str
         Statistic the region table is ordered by (:data:`RANKINGS`).
+    max_regions : int
+        A new case whose mask would hold more regions than this at its
+        threshold starts at the lowest threshold (on the slider's 0.01 grid)
+        at which it holds at most this many (:func:`limit_regions`); 0 keeps
+        the threshold whatever the count. It applies when a case is first
+        localised, never afterwards: the reviewer's slider goes anywhere.
     edit_weight : float
         Loss weight (> 0) of the voxels the reviewer added or erased when the
         corrections become fine-tuning targets (:func:`finetune_targets`).
@@ -103,11 +124,13 @@ class ReviewConfig:
     min_region_size: int = 10
     min_region_mm: float = 0.0
     rank_by: str = "mass"
+    max_regions: int = DEFAULT_MAX_REGIONS
     edit_weight: float = DEFAULT_EDIT_WEIGHT
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
             _check_threshold(self.threshold)
+        check_max_regions(self.max_regions)
         if int(self.min_region_size) != self.min_region_size or self.min_region_size < 0:
             raise ValueError(f"min_region_size must be an integer >= 0, got {self.min_region_size}")
         if not (np.isfinite(self.min_region_mm) and self.min_region_mm >= 0):
@@ -182,6 +205,13 @@ def min_voxels(min_region_size: int, min_region_mm: float, spacing: Sequence[flo
     voxel = 1.0 if spacing is None else float(np.prod(np.asarray(spacing, dtype=np.float64)))
     from_mm = int(np.ceil(min_region_mm / voxel - 1e-9)) if min_region_mm > 0 else 0
     return max(int(min_region_size), from_mm)
+
+
+def check_max_regions(max_regions: int) -> int:
+    """``max_regions`` as an int; ValueError unless it is an integer >= 0."""
+    if isinstance(max_regions, bool) or int(max_regions) != max_regions or max_regions < 0:
+        raise ValueError(f"max_regions must be an integer >= 0 (0: no limit), got {max_regions}")
+    return int(max_regions)
 
 
 def _check_threshold(threshold: float) -> float:
@@ -320,6 +350,136 @@ def threshold_map(anomaly_map: Any, threshold: float, min_region_size: int = 0) 
     if min_region_size > 1:
         _drop_small_regions(mask, min_region_size)
     return mask
+
+
+def count_regions(anomaly_map: Any, threshold: float, min_region_size: int = 0) -> int:
+    """Regions in :func:`threshold_map` of the same arguments (full connectivity)."""
+    mask = threshold_map(anomaly_map, threshold)
+    flat, labels, count = _components(mask)
+    if count == 0 or min_region_size <= 1:
+        return count
+    return int(np.count_nonzero(np.bincount(labels, minlength=count + 1)[1:] >= min_region_size))
+
+
+@dataclass(frozen=True)
+class RegionLimit:
+    """How a new case's threshold was chosen under a limit of regions.
+
+    Attributes
+    ----------
+    requested : float
+        The threshold asked for (given, or calibrated for the model).
+    requested_regions : int
+        Regions at ``requested``.
+    threshold : float
+        The threshold the case starts at: ``requested`` when that held at most
+        ``max_regions`` regions, else a higher one.
+    regions : int
+        Regions at ``threshold``.
+    max_regions : int
+        The limit.
+    """
+
+    requested: float
+    requested_regions: int
+    threshold: float
+    regions: int
+    max_regions: int
+
+    @property
+    def raised(self) -> bool:
+        """Whether the case starts above the requested threshold."""
+        return self.threshold > self.requested
+
+    def describe(self) -> str:
+        """One line for a reviewer, e.g. ``threshold raised from 0.56 (143 regions) to
+        0.71 (18 regions): a new case starts with at most 20``."""
+        return (
+            f"threshold raised from {self.requested:.2f} ({self.requested_regions} regions) to "
+            f"{self.threshold:.2f} ({self.regions} regions): a new case starts with at most "
+            f"{self.max_regions}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RegionLimit:
+        return cls(
+            requested=float(data["requested"]),
+            requested_regions=int(data["requested_regions"]),
+            threshold=float(data["threshold"]),
+            regions=int(data["regions"]),
+            max_regions=int(data["max_regions"]),
+        )
+
+
+def limit_regions(
+    anomaly_map: Any, threshold: float, max_regions: int, min_region_size: int = 0
+) -> RegionLimit:
+    """The threshold at which a map's mask holds at most ``max_regions`` regions.
+
+    ``threshold`` itself when its mask holds at most ``max_regions`` regions (or
+    ``max_regions`` is 0: no limit). Otherwise the lowest threshold above it on the
+    slider's grid (:data:`THRESHOLD_STEP`) that does: the search walks up in steps
+    of 0.05 to the first that holds at most ``max_regions`` and bisects the last
+    step. The count need not fall steadily as the threshold rises (a field of
+    touching blobs first splits into more regions, then they vanish), which is
+    why the walk starts from the bottom; the threshold returned always holds at
+    most ``max_regions``. If even 1.0 holds more (scores saturated over many
+    places), 1.0 is returned with its count.
+
+    Parameters
+    ----------
+    anomaly_map : array_like of float, shape (Y, X) or (Z, Y, X)
+        Scores in [0, 1].
+    threshold : float
+        The threshold asked for.
+    max_regions : int
+        The most regions wanted (>= 0; 0: no limit).
+    min_region_size : int, default 0
+        Regions with fewer voxels are not counted (they are not shown either).
+
+    Returns
+    -------
+    RegionLimit
+    """
+    array = _check_map(anomaly_map)
+    requested = _check_threshold(threshold)
+    limit = check_max_regions(max_regions)
+    counted: dict[float, int] = {requested: count_regions(array, requested, min_region_size)}
+
+    def result(chosen: float) -> RegionLimit:
+        return RegionLimit(requested, counted[requested], chosen, counted[chosen], limit)
+
+    if limit == 0 or counted[requested] <= limit:
+        return result(requested)
+    # Candidates above the request on the slider's grid, 1.0 last.
+    first = int(np.floor(requested / THRESHOLD_STEP + 1e-9)) + 1
+    grid = [round(k * THRESHOLD_STEP, 2) for k in range(first, round(1 / THRESHOLD_STEP) + 1)]
+    grid = [value for value in grid if value > requested] or [1.0]
+
+    def count(index: int) -> int:
+        value = grid[index]
+        if value not in counted:
+            counted[value] = count_regions(array, value, min_region_size)
+        return counted[value]
+
+    stride = 5  # 0.05: the walk's step
+    low = -1  # the request: more than the limit
+    for high in [*range(stride - 1, len(grid) - 1, stride), len(grid) - 1]:
+        if count(high) <= limit:
+            break
+        low = high
+    else:
+        return result(grid[-1])  # even 1.0 holds more
+    while high - low > 1:
+        middle = (low + high) // 2
+        if count(middle) <= limit:
+            high = middle
+        else:
+            low = middle
+    return result(grid[high])
 
 
 # --------------------------------------------------------------------------- #

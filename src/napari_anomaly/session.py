@@ -68,9 +68,11 @@ from napari_anomaly.progress import Job, Progress
 from napari_anomaly.review import (
     MaskEdits,
     Region,
+    RegionLimit,
     ReviewConfig,
     find_regions,
     finetune_targets,
+    limit_regions,
     min_voxels,
     rethreshold,
 )
@@ -212,6 +214,9 @@ class Case:
     #: The SeriesInstanceUID read from ``source_path`` when that folder holds several
     #: DICOM series (``None``: the only one, or not DICOM).
     source_series: str | None = None
+    #: How the starting threshold was chosen under the session's limit of regions
+    #: (:func:`~napari_anomaly.review.limit_regions`; ``None``: no limit applied).
+    region_limit: RegionLimit | None = None
     #: Changes whenever the maps change (a saved session rewrites them only then).
     maps_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     undo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
@@ -595,6 +600,11 @@ class ReviewSession:
         steps are dropped: they were made on other maps); a new shape starts
         afresh. A reviewed case is final: it is returned unchanged.
 
+        A new case starts at :attr:`default_threshold`, raised where its mask
+        would hold more than ``review.max_regions`` regions there
+        (:func:`~napari_anomaly.review.limit_regions`; ``Case.region_limit``
+        says how).
+
         ``source_path`` is the file (or DICOM folder) the image was read from;
         its sha256 is computed when not given. Sidecars name both, and a saved
         session reads the scan from there on resuming (checking the hash).
@@ -636,6 +646,12 @@ class ReviewSession:
             case.redo_steps.clear()  # they were made on the previous maps
             case._changed()
         else:
+            min_region_size = min_voxels(
+                self.review.min_region_size, self.review.min_region_mm, geometry.spacing
+            )
+            region_limit = limit_regions(
+                anomaly_map, self.default_threshold, self.review.max_regions, min_region_size
+            )
             case = Case(
                 case_id=case_id,
                 name=name or (previous.name if previous else case_id),
@@ -644,7 +660,8 @@ class ReviewSession:
                 anomaly_map=anomaly_map,
                 confidence_map=np.asarray(confidence_map),
                 edits=MaskEdits.empty(image.shape),
-                threshold=self.default_threshold,
+                threshold=region_limit.threshold,
+                region_limit=region_limit if self.review.max_regions else None,
                 min_region_voxels=self.review.min_region_size,
                 min_region_mm=self.review.min_region_mm,
                 model_sha256=model_sha256,

@@ -450,6 +450,9 @@ def _save(session: ReviewSession, folder: Path) -> Path:
                     "min_region_voxels": case.min_region_voxels,
                     "min_region_mm": case.min_region_mm,
                     "rank_by": case.rank_by,
+                    "region_limit": None
+                    if case.region_limit is None
+                    else case.region_limit.to_dict(),
                     "model_name": case.model_name,
                     "model_sha256": case.model_sha256,
                     "localised_at": case.localised_at,
@@ -642,7 +645,7 @@ def load_session(
     from napari_anomaly.config import config_from_dict
     from napari_anomaly.inference import InferenceConfig
     from napari_anomaly.localiser import Localiser
-    from napari_anomaly.review import MaskEdits, ReviewConfig
+    from napari_anomaly.review import MaskEdits, RegionLimit, ReviewConfig
     from napari_anomaly.session import Case, ReviewSession
 
     folder = Path(folder)
@@ -710,6 +713,9 @@ def load_session(
                 min_region_mm=float(entry.get("min_region_mm", 0.0)),
                 localised_at=str(entry.get("localised_at", "")),
                 rank_by=str(entry.get("rank_by", review.rank_by)),
+                region_limit=RegionLimit.from_dict(entry["region_limit"])
+                if entry.get("region_limit")
+                else None,
                 reviewed_at=entry.get("reviewed_at"),
                 approved_mask=approved,
                 source_path=source.get("path"),

@@ -763,6 +763,12 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 + ", "
                 f"peak score {case.anomaly_map.max():.2f} (model {case.model_name})."
             )
+            limit = case.region_limit
+            if limit is not None and limit.raised and case.threshold == limit.threshold:
+                text += (
+                    f" Started above {limit.requested:.2f}, where the mask held "
+                    f"{limit.requested_regions} regions; the slider goes lower."
+                )
         return text + (f" Warning: {warning}" if warning else "")
 
     def _render_shown_case(self, note: str = "", error: bool = False) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_anomaly.metrics import average_precision
-from napari_anomaly.review import find_regions, min_voxels, threshold_map
+from napari_anomaly.review import find_regions, limit_regions, min_voxels, threshold_map
 
 __all__ = ["CaseTriage", "format_triage", "summarise_triage", "triage_case", "triage_scans"]
 
@@ -44,11 +44,15 @@ class CaseTriage:
         touching it, or ``None``.
     lesion_coverage
         Per true lesion, the share of its voxels inside the mask.
+    threshold
+        The threshold the regions were found at: the one asked for, or higher
+        under a limit of regions (``triage_case(max_regions=...)``).
     """
 
     regions: int
     lesion_ranks: tuple[int | None, ...]
     lesion_coverage: tuple[float, ...]
+    threshold: float | None = None
 
     @property
     def lesions(self) -> int:
@@ -74,6 +78,7 @@ def triage_case(
     min_region_voxels: int = 0,
     rank_by: str = "mass",
     spacing: Sequence[float] | None = None,
+    max_regions: int = 0,
 ) -> CaseTriage:
     """Region-table figures of one scan at one threshold.
 
@@ -87,8 +92,13 @@ def triage_case(
         As in the review step.
     spacing
         Voxel size (mm), for ``rank_by="mass"`` in physical units.
+    max_regions
+        Raise the threshold for this scan where its mask would hold more
+        regions, as a new case in the review step starts
+        (:func:`napari_anomaly.review.limit_regions`; 0: never).
     """
     truth = np.asarray(truth, dtype=bool)
+    threshold = limit_regions(anomaly_map, threshold, max_regions, min_region_voxels).threshold
     mask = threshold_map(anomaly_map, threshold, min_region_voxels)
     regions, labels = find_regions(
         mask, anomaly_map, spacing=spacing, rank_by=rank_by, return_labels=True
@@ -105,7 +115,7 @@ def triage_case(
             touching = touching[touching > 0]
             ranks.append(int(touching.min()) if touching.size else None)
             coverage.append(float(mask[lesion].mean()))
-    return CaseTriage(len(regions), tuple(ranks), tuple(coverage))
+    return CaseTriage(len(regions), tuple(ranks), tuple(coverage), float(threshold))
 
 
 def _finite_or_none(value) -> float | None:
@@ -157,6 +167,7 @@ def triage_scans(
     min_region_size: int,
     min_region_mm: float,
     rank_by: str,
+    max_regions: int = 0,
     top_k: int = TOP_K,
 ) -> dict:
     """Region triage of scans read from files, as ``napari-anomaly evaluate`` reports it.
@@ -175,8 +186,9 @@ def triage_scans(
         The lesion masks; ``None`` for a normal scan (every region a false one).
     spacings
         Voxel sizes in mm (``None``: 1 mm).
-    threshold, rank_by
-        As in the review step.
+    threshold, rank_by, max_regions
+        As in the review step (``max_regions``: a scan whose mask holds more regions
+        is triaged at the higher threshold its case would start at).
 
     Returns
     -------
@@ -203,6 +215,7 @@ def triage_scans(
             min_region_voxels=min_voxels(min_region_size, min_region_mm, spacing),
             rank_by=rank_by,
             spacing=spacing,
+            max_regions=max_regions,
         )
         row = {"name": name, "normal": truth is None, **triage.to_dict()}
         if lesions.any():
@@ -215,7 +228,12 @@ def triage_scans(
             )
         cases.append(row)
         figures.append(triage)
-    return {"top_k": top_k, "summary": summarise_triage(figures, top_k), "cases": cases}
+    return {
+        "top_k": top_k,
+        "threshold": float(threshold),
+        "summary": summarise_triage(figures, top_k),
+        "cases": cases,
+    }
 
 
 def format_triage(report: dict) -> str:
@@ -225,6 +243,8 @@ def format_triage(report: dict) -> str:
     lines = []
     for case in report["cases"]:
         regions = f"{case['regions']} region{'s' if case['regions'] != 1 else ''}"
+        if case.get("threshold") is not None and case["threshold"] > report["threshold"]:
+            regions += f" at threshold {case['threshold']:.2f} (raised)"
         if case["normal"]:
             lines.append(f"  {case['name']} (normal): {regions}")
             continue
