@@ -15,6 +15,11 @@ The map: smooth background scores (0.05-0.35) with a few hundred specks of a few
 near the threshold range (the noise a min region size drops) and 12 lesion-like blobs of
 1 000 - 30 000 voxels peaking at 0.6-0.95; a few voxels painted and a region erased.
 
+It also times what a new case costs when its mask holds too many regions: the search for
+the lowest threshold holding at most 20 (:func:`napari_anomaly.review.limit_regions`,
+from 0.30, where the map holds a few hundred regions), beside one threshold change,
+interleaved, and counts the thresholds it tried.
+
 With ``--widget`` (needs a display: ``xvfb-run -a``) it also times the whole threshold
 change in the dock widget, as the slider's settle timer runs it: re-threshold, regions,
 the mask layer, the region table and the status line updated, and the canvas repainted
@@ -39,7 +44,8 @@ import numpy as np
 from _machine import environment, write_report
 from scipy import ndimage as ndi
 
-from napari_anomaly.review import MaskEdits, find_regions, rethreshold
+from napari_anomaly import review
+from napari_anomaly.review import MaskEdits, find_regions, limit_regions, rethreshold
 
 BEFORE: types.ModuleType
 
@@ -176,6 +182,26 @@ def main() -> None:
                 ms[name].append(1000 * (time.perf_counter() - started))
                 regions_at[t] = len(regions)
     medians = {name: statistics.median(values) for name, values in ms.items()}
+
+    # A new case with too many regions: the search beside one threshold change.
+    counted = []
+    count_regions = review.count_regions
+
+    def counting(*args, **kwargs):
+        counted.append(args[1])
+        return count_regions(*args, **kwargs)
+
+    review.count_regions = counting  # limit_regions looks it up in its module
+    limit_ms, change_ms = [], []
+    for _ in range(args.repeats):
+        counted.clear()
+        started = time.perf_counter()
+        limit = limit_regions(scores, 0.30, 20, args.min_region_size)
+        limit_ms.append(1000 * (time.perf_counter() - started))
+        started = time.perf_counter()
+        _change_after(scores, 0.30, MaskEdits.empty(scores.shape), args.min_region_size)
+        change_ms.append(1000 * (time.perf_counter() - started))
+    review.count_regions = count_regions
     report = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "map": f"float32 {scores.shape}, synthetic (see the script's docstring)",
@@ -186,6 +212,14 @@ def main() -> None:
         "median_ms_per_threshold_change": {k: round(v, 1) for k, v in medians.items()},
         "max_ms": {k: round(max(v), 1) for k, v in ms.items()},
         "speed_up": round(medians["before"] / medians["after"], 2),
+        "region_limit": {
+            "what": "limit_regions(map, 0.30, 20, min size) beside one threshold change at 0.30",
+            "result": limit.to_dict(),
+            "thresholds_tried": len(counted),
+            "median_ms": round(statistics.median(limit_ms), 1),
+            "threshold_change_median_ms": round(statistics.median(change_ms), 1),
+            "ratio": round(statistics.median(limit_ms) / statistics.median(change_ms), 2),
+        },
     }
     if args.widget:
         shown = widget_ms(scores, thresholds, args.repeats)
@@ -198,6 +232,11 @@ def main() -> None:
     print(
         f"median per threshold change: before {medians['before']:.0f} ms, "
         f"after {medians['after']:.0f} ms ({report['speed_up']:.1f}x)"
+    )
+    print(
+        f"a new case with too many regions: {limit.describe()}; "
+        f"{len(counted)} thresholds tried, median {report['region_limit']['median_ms']:.0f} ms "
+        f"({report['region_limit']['ratio']:.1f}x one threshold change)"
     )
     write_report(args.out, report)
 
