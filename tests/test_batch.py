@@ -162,6 +162,30 @@ def test_batch_matches_localise_and_reports_the_broken_case(
     assert not _leftovers(out), _leftovers(out)
 
 
+def test_a_case_with_more_regions_than_the_limit_gets_its_own_higher_threshold(
+    cohort, client, tmp_path
+):
+    # A limit of one region: every scan whose mask holds more starts higher, each its own.
+    cases = batch.read_inputs(cohort["scans"])
+    settings = LocaliseSettings(device="cpu", max_regions=1)
+    plan = batch.prepare_batch(
+        cases, tmp_path / "out", cohort["model"], batch.BatchConfig(settings)
+    )
+    result = batch.run_batch_to_end(plan, client)
+    assert result.done == len(cases)
+    raised = 0
+    for row in result.rows:
+        stem = row["case"]
+        sidecar = json.loads((tmp_path / "out" / stem / f"{stem}_mask.json").read_text())
+        limit = sidecar["region_limit"]
+        assert limit["requested"] == 0.5 and limit["max_regions"] == 1
+        assert row["threshold"] == sidecar["threshold"] == limit["threshold"]
+        assert row["regions"] == sidecar["regions"] == limit["regions"]
+        assert (limit["threshold"] > 0.5) == (limit["requested_regions"] > 1)
+        raised += limit["threshold"] > 0.5
+    assert raised, "the test needs a scan with more than one region at 0.5"
+
+
 def test_a_rerun_skips_done_cases_retries_failed_ones_and_redoes_changed_ones(client, tmp_path):
     model = _model(tmp_path / "model.safetensors")
     scans = [_scan(tmp_path / f"scan{seed}.nii.gz", seed) for seed in range(2)]
