@@ -139,6 +139,13 @@ def main() -> None:
         "the calibration scans stay axial, as the bundled model's own calibration is",
     )
     parser.add_argument(
+        "--planes",
+        choices=("slices", "axial"),
+        default="slices",
+        help="the planes a 2D model walks: each stack's own slices, or axial planes (along "
+        "each scan's head-foot axis, ClinicalCase.head_foot_axis) whatever the stack",
+    )
+    parser.add_argument(
         "--venous-sinuses",
         choices=("none", "yardstick", "both"),
         default="none",
@@ -298,7 +305,9 @@ def main() -> None:
     for name, (predict, prepare, info) in predictors.items():
         t0 = time.perf_counter()
         cal = run_to_end(collect_maps(predict, calibration_cases, f"{name} calibration"))
-        records = run_to_end(collect_maps(predict, cases, f"{name} yardstick"))
+        records = run_to_end(
+            collect_maps(predict, cases, f"{name} yardstick", args.planes == "axial")
+        )
         if args.brain_only:
             cal = only_brain(cal, calibration_cases)
             records = only_brain(records, cases)

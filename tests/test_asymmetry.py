@@ -11,6 +11,7 @@ from scipy import ndimage as ndi
 from napari_anomaly.asymmetry import (
     asymmetry_plane,
     find_mirror,
+    head_foot_axis,
     left_right_axis,
     raise_by_asymmetry,
 )
@@ -74,6 +75,18 @@ def test_the_left_right_axis_comes_from_the_geometry():
     # an oblique grid: every axis at 55 degrees from left-right
     oblique = np.array([[1, 1, 1] / np.sqrt(3), [1, -1, 0] / np.sqrt(2), [1, 1, -2] / np.sqrt(6)])
     assert left_right_axis(oblique.ravel(), 3) is None
+
+
+def test_the_head_foot_axis_comes_from_the_geometry():
+    assert head_foot_axis(None, 3) == 0 and head_foot_axis(None, 2) is None
+    assert head_foot_axis(Geometry.identity(3).direction, 3) == 0  # axial slices
+    # coronal slices: rows run head to foot, columns left-right
+    assert head_foot_axis((1, 0, 0, 0, 0, 1, 0, -1, 0), 3) == 1
+    # sagittal slices stacked along the first array axis, rows head to foot
+    assert head_foot_axis((0, 0, 1, 1, 0, 0, 0, -1, 0), 3) == 1
+    # an oblique grid: every axis at 55 degrees from head-foot
+    oblique = np.array([[1, -1, 0] / np.sqrt(2), [1, 1, -2] / np.sqrt(6), [1, 1, 1] / np.sqrt(3)])
+    assert head_foot_axis(oblique.ravel(), 3) is None
 
 
 def _localisers():

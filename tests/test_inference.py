@@ -107,3 +107,27 @@ def test_a_huge_volume_is_refused_before_any_work(monkeypatch):
     monkeypatch.setattr(inference, "MAX_VOXELS", 1000)
     with pytest.raises(ValueError, match="voxels"):
         run_to_end(localise(phantom((16, 32, 32)), _model(TINY_NETWORK_2D), CPU))
+
+
+def test_axial_planes_read_a_coronal_stack_as_the_same_head_in_axial_planes():
+    # One head as an axial stack (Z, Y, X) and as a coronal one (Y, Z, X): with
+    # axial_planes the coronal stack is walked along its head-foot axis (1), so the
+    # network sees the very planes of the axial stack and the maps agree.
+    from napari_anomaly.inference import placement
+    from napari_anomaly.io import Geometry
+
+    model = _model(TINY_NETWORK_2D)
+    axial = phantom((12, 40, 36))
+    coronal = np.ascontiguousarray(np.swapaxes(axial, 0, 1))
+    geometry = Geometry(
+        spacing=(1.0, 1.0, 1.0), origin=(0.0,) * 3, direction=(1, 0, 0, 0, 0, 1, 0, -1, 0)
+    )
+    where = placement(geometry, 3)
+    assert where["head_foot_axis"] == 1
+    walked = InferenceConfig(device="cpu", axial_planes=True)
+    expected = run_to_end(localise(axial, model, CPU)).anomaly_map
+    seen = run_to_end(localise(coronal, model, walked, **where)).anomaly_map
+    np.testing.assert_allclose(np.swapaxes(seen, 0, 1), expected, atol=1e-5)
+    # Without the option the coronal stack is walked along its slices: other planes.
+    own = run_to_end(localise(coronal, model, CPU, **where)).anomaly_map
+    assert np.abs(np.swapaxes(own, 0, 1) - expected).max() > 1e-3

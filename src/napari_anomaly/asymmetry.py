@@ -98,10 +98,32 @@ def left_right_axis(direction: Sequence[float] | None, ndim: int) -> int | None:
     """
     if direction is None:
         return ndim - 1
+    return _patient_axis(direction, ndim, 0)
+
+
+def head_foot_axis(direction: Sequence[float] | None, ndim: int) -> int | None:
+    """The NumPy axis of a volume that runs along the patient's head-foot axis, or ``None``.
+
+    The axis a 2D model walks along to see axial planes (``InferenceConfig.axial_planes``):
+    0 for an axial stack, a row axis for a coronal or sagittal one. ``direction`` as in
+    :func:`left_right_axis`; ``None`` (no geometry) gives axis 0, the slices. A 2D image,
+    or an oblique grid whose axes all lie far from head-foot, gets ``None``.
+    """
+    if ndim != 3:
+        return None
+    if direction is None:
+        return 0
+    return _patient_axis(direction, ndim, 2)
+
+
+def _patient_axis(direction: Sequence[float], ndim: int, row: int) -> int | None:
+    """The NumPy axis closest to the patient's axis ``row`` (0: x, left-right; 2: z,
+    head-foot) of LPS direction cosines, or ``None`` when none lies near it."""
     matrix = np.asarray(direction, dtype=np.float64).reshape(ndim, ndim)
-    # Column j is index axis j's direction; NumPy axis a is index axis ndim-1-a;
-    # row 0 is the patient's x (left-right).
-    cosines = np.abs(matrix[0, ::-1])
+    if row >= ndim:
+        return None
+    # Column j is index axis j's direction; NumPy axis a is index axis ndim-1-a.
+    cosines = np.abs(matrix[row, ::-1])
     best = int(np.argmax(cosines))
     return best if cosines[best] >= _LEFT_RIGHT_COSINE else None
 

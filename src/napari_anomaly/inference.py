@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from napari_anomaly.asymmetry import blend_asymmetry, left_right_axis
+from napari_anomaly.asymmetry import blend_asymmetry, head_foot_axis, left_right_axis
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -75,6 +75,17 @@ class InferenceConfig:
         Tiles per forward pass.
     slice_axis
         Axis along which a 2D model walks through a 3D volume.
+    axial_planes
+        A 2D model walks a volume along its head-foot axis, read from the
+        scan's geometry (:func:`localise`'s ``head_foot_axis``), so that it
+        sees axial planes whatever the stack: for a coronal or sagittal series
+        these are planes across its thick slices. The post-processing keeps
+        the stack's own slices (``slice_axis``: edge fade, end planes). A
+        volume without that axis is walked along ``slice_axis``. Costs as many
+        more planes as the head-foot axis has rows over slices (about 3x on a
+        coronal brain series of 3-7 mm); on the clinical yardstick's coronal
+        stacks it raised pixel AP and removed most false regions
+        (docs/evaluation.md).
     sigma_scale
         Standard deviation of the Gaussian blending window, as a fraction of
         the tile side.
@@ -94,6 +105,7 @@ class InferenceConfig:
     sigma_scale: float = 0.125
     device: str = "auto"
     flips: bool = False
+    axial_planes: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
@@ -446,10 +458,12 @@ def _network_for_inference(network: torch.nn.Module, device: torch.device) -> to
 
 def placement(geometry, ndim: int) -> dict:
     """:func:`localise`'s keyword arguments that come from an image's
-    :class:`~napari_anomaly.io.images.Geometry`: its spacing and left-right axis."""
+    :class:`~napari_anomaly.io.images.Geometry`: its spacing, left-right and head-foot
+    axes."""
     return {
         "spacing": geometry.spacing,
         "left_right_axis": left_right_axis(geometry.direction, ndim),
+        "head_foot_axis": head_foot_axis(geometry.direction, ndim),
     }
 
 
@@ -461,6 +475,7 @@ def localise(
     *,
     spacing: tuple[float, ...] | None = None,
     left_right_axis: int | None = -1,
+    head_foot_axis: int | None = None,
 ) -> Job[LocalisationResult]:
     """Predict the anomaly and confidence maps of one image or volume.
 
@@ -483,6 +498,10 @@ def localise(
         :func:`napari_anomaly.asymmetry.left_right_axis` reads it from a
         geometry); negative counts from the end; ``None``, or the axis the
         planes are taken across, turns the comparison off.
+    head_foot_axis
+        The array axis along the patient's head-foot axis
+        (:func:`napari_anomaly.asymmetry.head_foot_axis`), which a 2D model walks
+        along with ``config.axial_planes``; ``None``: ``config.slice_axis``.
 
     Notes
     -----
@@ -508,9 +527,13 @@ def localise(
     dims = localiser.spatial_dims
     if dims == 3 and arr.ndim == 2:
         raise ValueError("this is a 3D model; it cannot localise in a 2D image")
-    zooms = _plane_zooms(localiser, spacing, arr.ndim, dims, config.slice_axis)
+    # The axis the network walks along, and the stack's own slices for post-processing.
+    walk = config.slice_axis
+    if config.axial_planes and head_foot_axis is not None and arr.ndim == 3:
+        walk = head_foot_axis % 3
+    zooms = _plane_zooms(localiser, spacing, arr.ndim, dims, walk)
     tile = config.tile_size or localiser.patch_size
-    _refuse_what_will_not_fit(arr, dims, zooms, tile, config)
+    _refuse_what_will_not_fit(arr, dims, zooms, tile, walk)
     device = resolve_device(config.device)
     network = _network_for_inference(localiser.network, device)
     yield Progress(0, 0, "preprocessing")
@@ -520,11 +543,11 @@ def localise(
     anomaly_map = np.zeros(arr.shape, dtype=np.float32)
     confidence_map = np.zeros(arr.shape, dtype=np.float32)
     by_plane = dims == 2 and arr.ndim == 3
-    axis = config.slice_axis if by_plane else None
+    axis = walk if by_plane else None
 
     def planes_of(a: np.ndarray) -> np.ndarray:
         # The input as a stack of model-dimensional planes (views, no copies).
-        return np.moveaxis(a, config.slice_axis, 0) if by_plane else a[None]
+        return np.moveaxis(a, walk, 0) if by_plane else a[None]
 
     frame = _Frame(
         arr,
@@ -570,7 +593,8 @@ def localise(
             post,
         )
     if post.changes_the_map:
-        postprocess_map(anomaly_map, foreground, spacing, post, axis, out=anomaly_map)
+        slices = config.slice_axis if by_plane else None
+        postprocess_map(anomaly_map, foreground, spacing, post, slices, out=anomaly_map)
     calibration = localiser.score_calibration
     if calibration is not None:
         calibration.apply(anomaly_map, out=anomaly_map)
@@ -661,10 +685,12 @@ def _gigabytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def _refuse_what_will_not_fit(arr: np.ndarray, dims: int, zooms, tile: int, config) -> None:
+def _refuse_what_will_not_fit(
+    arr: np.ndarray, dims: int, zooms, tile: int, slice_axis: int
+) -> None:
     # Passes run one after the other and fold into the same results: the largest counts.
     needed = max(
-        localise_memory(arr.shape, arr.dtype, dims, zoom=zoom, slice_axis=config.slice_axis)
+        localise_memory(arr.shape, arr.dtype, dims, zoom=zoom, slice_axis=slice_axis)
         for zoom in zooms
     )
     available = available_memory()

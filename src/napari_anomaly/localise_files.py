@@ -56,6 +56,7 @@ class LocaliseSettings:
     max_regions: int = ReviewConfig.max_regions
     device: str = InferenceConfig.device
     slice_axis: int = 0
+    axial_planes: bool = InferenceConfig.axial_planes
     flips: bool = InferenceConfig.flips
 
     def __post_init__(self) -> None:
@@ -92,7 +93,10 @@ def file_session(localiser: Localiser, settings: LocaliseSettings) -> ReviewSess
             max_regions=settings.max_regions,
         ),
         InferenceConfig(
-            device=settings.device, slice_axis=settings.slice_axis, flips=settings.flips
+            device=settings.device,
+            slice_axis=settings.slice_axis,
+            axial_planes=settings.axial_planes,
+            flips=settings.flips,
         ),
     )
     if settings.max_false_regions is not None:

@@ -70,6 +70,7 @@ __all__ = [
     "ALL_FAMILIES",
     "EXTRA_FAMILIES",
     "FAMILIES",
+    "HEAD_FOOT_AXIS",
     "LEFT_RIGHT_AXIS",
     "AcquisitionConfig",
     "Anatomy",
@@ -146,6 +147,10 @@ _TUMOUR_HETEROGENEITY = 0.12
 #: axis itself, so no plane holds both sides). The head volumes are (Z, Y, X) with X
 #: left-right.
 LEFT_RIGHT_AXIS: dict[str, int | None] = {"axial": 2, "coronal": 2, "sagittal": None}
+
+#: Per slice orientation, the acquired array's head-foot axis: the axis a 2D model
+#: walks along to see axial planes (the slicing axis itself only for an axial stack).
+HEAD_FOOT_AXIS: dict[str, int] = {"axial": 0, "coronal": 1, "sagittal": 1}
 
 
 def _orient(volume: np.ndarray, orientation: str) -> np.ndarray:
@@ -338,6 +343,11 @@ class ClinicalCase:
         """The image's left-right axis; ``None`` for a sagittal stack, whose planes
         each hold one side only (:data:`LEFT_RIGHT_AXIS`)."""
         return LEFT_RIGHT_AXIS[self.params["acquisition"].get("slice_orientation", "axial")]
+
+    @property
+    def head_foot_axis(self) -> int:
+        """The image's head-foot axis (:data:`HEAD_FOOT_AXIS`)."""
+        return HEAD_FOOT_AXIS[self.params["acquisition"].get("slice_orientation", "axial")]
 
 
 @dataclass(frozen=True, eq=False)

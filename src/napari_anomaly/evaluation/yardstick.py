@@ -56,7 +56,9 @@ __all__ = [
 ]
 
 #: ``(image, spacing) -> (raw anomaly map in [0, 1], foreground)``
-Predictor = Callable[[np.ndarray, tuple[float, ...]], tuple[np.ndarray, np.ndarray]]
+#: ``predict(image, spacing, slice_axis)`` -> (raw map, foreground); ``slice_axis`` is the
+#: axis a 2D network walks along.
+Predictor = Callable[[np.ndarray, tuple[float, ...], int], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -91,8 +93,9 @@ def model_predictor(
     raw = Localiser(localiser.network, localiser.preprocess, metadata)
     config = inference or InferenceConfig()
 
-    def predict(image: np.ndarray, spacing: tuple[float, ...]):
-        result = run_to_end(localise(image, raw, config, spacing=spacing))
+    def predict(image: np.ndarray, spacing: tuple[float, ...], slice_axis: int = 0):
+        walk = dataclasses.replace(config, slice_axis=slice_axis)
+        result = run_to_end(localise(image, raw, walk, spacing=spacing))
         return result.anomaly_map, result.foreground
 
     return predict
@@ -102,7 +105,7 @@ def baseline_predictor(median_size: int = 7) -> Predictor:
     """The trivial baseline: ``|x - median(x)|`` of the preprocessed image, in-plane
     (a ``median_size`` square window per slice), scaled by its 99.9th percentile."""
 
-    def predict(image: np.ndarray, spacing: tuple[float, ...]):
+    def predict(image: np.ndarray, spacing: tuple[float, ...], slice_axis: int = 0):
         prepared, foreground = preprocess(image, PreprocessConfig())
         size = (median_size,) * 2 if prepared.ndim == 2 else (1, median_size, median_size)
         residual = np.abs(prepared - ndi.median_filter(prepared, size=size, mode="nearest"))
@@ -113,13 +116,18 @@ def baseline_predictor(median_size: int = 7) -> Predictor:
     return predict
 
 
-def collect_maps(predict: Predictor, cases: Iterable, label: str = "") -> Job[list[CaseMaps]]:
+def collect_maps(
+    predict: Predictor, cases: Iterable, label: str = "", axial_planes: bool = False
+) -> Job[list[CaseMaps]]:
     """Run ``predict`` over clinical cases (objects with ``image``, ``lesion_mask``,
-    ``spacing``, ``family``, ``contrast``); yields once per case."""
+    ``spacing``, ``family``, ``contrast``); yields once per case. A 2D network walks each
+    stack along its slices, or with ``axial_planes`` along its head-foot axis
+    (``case.head_foot_axis``), so that it sees axial planes whatever the stack."""
     records = []
     for index, case in enumerate(cases):
         yield Progress(index, 0, f"{label} case {index + 1}: {case.family}/{case.contrast}")
-        raw, foreground = predict(case.image, tuple(case.spacing))
+        axis = getattr(case, "head_foot_axis", 0) if axial_planes else 0
+        raw, foreground = predict(case.image, tuple(case.spacing), axis)
         records.append(
             CaseMaps(
                 case.family,
