@@ -758,7 +758,7 @@ def add_localise_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a 2D model walks each volume along its head-foot axis (from the scan's "
         "geometry), so a coronal or sagittal series is read in axial planes "
-        "(about 3x slower on one; fewer false regions)",
+        "(about 4x slower on one; fewer false regions)",
     )
     flips(p)
 

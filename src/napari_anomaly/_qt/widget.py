@@ -291,7 +291,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         )
         self.axial_planes.tooltip = (
             "A coronal or sagittal series is read in axial planes, across its slices: "
-            "fewer false regions on the clinical yardstick, about 3x the time on such a series."
+            "fewer false regions on the clinical yardstick, about 4x the time on such a series."
         )
         self.localise_button = PushButton(text="Localise")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
