@@ -287,7 +287,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.display_window.tooltip = "Display window (contrast limits) of the scan shown."
         self.flips = CheckBox(text="Average over mirrored views (steadier, 4x slower)", value=False)
         self.axial_planes = CheckBox(
-            text="Read coronal and sagittal stacks in axial planes (slower)", value=False
+            text="Read in axial planes (coronal, sagittal stacks; slower)", value=False
         )
         self.axial_planes.tooltip = (
             "A coronal or sagittal series is read in axial planes, across its slices: "
