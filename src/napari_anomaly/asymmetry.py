@@ -120,8 +120,6 @@ def _patient_axis(direction: Sequence[float], ndim: int, row: int) -> int | None
     """The NumPy axis closest to the patient's axis ``row`` (0: x, left-right; 2: z,
     head-foot) of LPS direction cosines, or ``None`` when none lies near it."""
     matrix = np.asarray(direction, dtype=np.float64).reshape(ndim, ndim)
-    if row >= ndim:
-        return None
     # Column j is index axis j's direction; NumPy axis a is index axis ndim-1-a.
     cosines = np.abs(matrix[row, ::-1])
     best = int(np.argmax(cosines))

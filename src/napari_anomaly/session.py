@@ -646,12 +646,17 @@ class ReviewSession:
             case.redo_steps.clear()  # they were made on the previous maps
             case._changed()
         else:
-            min_region_size = min_voxels(
-                self.review.min_region_size, self.review.min_region_mm, geometry.spacing
-            )
-            region_limit = limit_regions(
-                anomaly_map, self.default_threshold, self.review.max_regions, min_region_size
-            )
+            threshold, region_limit = self.default_threshold, None
+            if self.review.max_regions:  # no count of the regions without a limit
+                region_limit = limit_regions(
+                    anomaly_map,
+                    threshold,
+                    self.review.max_regions,
+                    min_voxels(
+                        self.review.min_region_size, self.review.min_region_mm, geometry.spacing
+                    ),
+                )
+                threshold = region_limit.threshold
             case = Case(
                 case_id=case_id,
                 name=name or (previous.name if previous else case_id),
@@ -660,8 +665,8 @@ class ReviewSession:
                 anomaly_map=anomaly_map,
                 confidence_map=np.asarray(confidence_map),
                 edits=MaskEdits.empty(image.shape),
-                threshold=region_limit.threshold,
-                region_limit=region_limit if self.review.max_regions else None,
+                threshold=threshold,
+                region_limit=region_limit,
                 min_region_voxels=self.review.min_region_size,
                 min_region_mm=self.review.min_region_mm,
                 model_sha256=model_sha256,

@@ -98,7 +98,8 @@ def triage_case(
         (:func:`napari_anomaly.review.limit_regions`; 0: never).
     """
     truth = np.asarray(truth, dtype=bool)
-    threshold = limit_regions(anomaly_map, threshold, max_regions, min_region_voxels).threshold
+    if max_regions:  # a count of the regions only where a limit asks for it
+        threshold = limit_regions(anomaly_map, threshold, max_regions, min_region_voxels).threshold
     mask = threshold_map(anomaly_map, threshold, min_region_voxels)
     regions, labels = find_regions(
         mask, anomaly_map, spacing=spacing, rank_by=rank_by, return_labels=True
