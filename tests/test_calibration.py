@@ -184,6 +184,50 @@ def test_mass_ranking_puts_a_large_lesion_before_a_bright_speck():
     assert by_mass[0].voxel_count == 100
 
 
+def _tube_and_ball(spacing=(5.0, 1.0, 1.0)):
+    """A thin tube along x (a sinus-like region, more score mass) and a ball
+    (a lesion-like one) in a thick-slice volume."""
+    zz, yy, xx = np.mgrid[:12, :80, :80]
+    scores = np.zeros((12, 80, 80), dtype=np.float32)
+    tube = (np.abs(yy - 60) <= 2) & (xx >= 5) & (xx < 75) & (zz == 6)
+    ball = ((yy - 20) ** 2 + (xx - 20) ** 2) * 1.0 + ((zz - 6) * spacing[0]) ** 2 <= 36
+    scores[tube] = 0.8
+    scores[ball] = 0.7
+    return scores, tube, ball
+
+
+def test_elongation_tells_a_tube_from_a_ball_in_millimetres():
+    scores, tube, ball = _tube_and_ball()
+    regions = find_regions(scores > 0.5, scores, spacing=(5.0, 1.0, 1.0), rank_by="mass")
+    by_size = {r.voxel_count: r.elongation for r in regions}
+    assert by_size[int(ball.sum())] < 1.5
+    assert by_size[int(tube.sum())] > 5.0
+    # The same voxels with thin slices: the ball is flattened to a disc, still not a tube.
+    flat = find_regions(scores > 0.5, scores, spacing=(1.0, 1.0, 1.0), rank_by="mass")
+    assert {r.voxel_count: r.elongation for r in flat}[int(ball.sum())] < 2.0
+
+
+def test_compact_ranking_puts_a_ball_before_a_tube_of_more_mass():
+    scores, tube, ball = _tube_and_ball()
+    mask = scores > 0.5
+    assert tube.sum() * 0.8 > ball.sum() * 0.7
+    by_mass = find_regions(mask, scores, spacing=(5.0, 1.0, 1.0), rank_by="mass")
+    by_compact = find_regions(mask, scores, spacing=(5.0, 1.0, 1.0), rank_by="compact")
+    assert by_mass[0].voxel_count == int(tube.sum())
+    assert by_compact[0].voxel_count == int(ball.sum())
+
+
+def test_compact_ranking_is_mass_ranking_for_regions_no_more_elongated_than_two():
+    scores = np.zeros((60, 60), dtype=np.float32)
+    scores[5:15, 5:25] = 0.6  # 2:1 rectangle, more mass
+    scores[30:40, 30:40] = 0.9  # square
+    mask = scores > 0.5
+    by_mass = find_regions(mask, scores, rank_by="mass")
+    by_compact = find_regions(mask, scores, rank_by="compact")
+    assert by_mass[0].elongation <= 2.0
+    assert [r.voxel_count for r in by_compact] == [r.voxel_count for r in by_mass] == [200, 100]
+
+
 def test_triage_reports_the_rank_of_the_first_region_touching_each_lesion():
     scores = np.zeros((40, 40), dtype=np.float32)
     scores[2:4, 2:4] = 0.95

@@ -242,7 +242,7 @@ def test_evaluate_ranks_each_lesion_as_the_region_table_of_localise_does(
     normal_ranks = read_image(maps / "normal1_regions.nii.gz").array
     assert normal["normal"] and normal["regions"] == normal_ranks.max()
     assert triage["summary"]["scans_with_lesion_in_top_5"] == 1
-    assert triage["rank_by"] == "mass"
+    assert triage["rank_by"] == "compact"  # the product's default (ReviewConfig.rank_by)
     # Where localise raised the scan's threshold (more than 20 regions at the one given),
     # evaluate triages at the raised one too, and says so.
     raised = json.loads((maps / "normal0_mask.json").read_text())["threshold"]

@@ -204,7 +204,7 @@ class Case:
     model_name: str
     min_region_mm: float = 0.0
     localised_at: str = field(default_factory=_now)
-    rank_by: str = "mass"
+    rank_by: str = ReviewConfig.rank_by
     reviewed_at: str | None = None
     approved_mask: np.ndarray | None = field(default=None, repr=False)
     #: The file (or DICOM folder) the scan was read from, and its sha256; ``None``
