@@ -76,8 +76,12 @@ def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geome
     for row in rows[1:]:
         rank, voxels = (int(v) for v in row.split(",")[:2])
         assert np.count_nonzero(ranks == rank) == voxels
-    masses = [float(row.split(",")[8]) for row in rows[1:]]
-    assert masses == sorted(masses, reverse=True)  # default order: largest mass first
+    # Default order ("compact"): the largest mass first, a drawn-out region's mass divided
+    # by (elongation / 2)^2 (the CSV's mass and last column, rounded to 3 decimals).
+    assert rows[0].endswith(",elongation")
+    cells = [row.split(",") for row in rows[1:]]
+    compact = [float(c[8]) / max(1.0, float(c[-1]) / 2.0) ** 2 for c in cells]
+    assert np.all(np.diff(compact) <= 1e-3 * max(compact, default=1.0))
     for kind in ("anomaly", "confidence", "mask", "regions"):
         loaded = read_image(out / f"normal0_{kind}.nii.gz")
         assert loaded.array.shape == (12, 40, 40)
