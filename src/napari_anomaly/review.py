@@ -669,7 +669,7 @@ class Region:
     Attributes
     ----------
     label : int
-        1-based rank in the sorted list (1 = highest mean score).
+        1-based rank in the sorted list (1 = first by ``rank_by``).
     voxel_count : int
         Number of voxels (pixels in 2D).
     size_physical : float
@@ -863,10 +863,9 @@ def find_regions(
         conf_sums = np.bincount(lab, weights=conf_values, minlength=count + 1)[1:]
         mean_confidence = conf_sums / sizes
 
-    # Sort: highest mean score first (peaks saturate near the model's ceiling
-    # and tie often; the mean separates a compact lesion from a large, faint
-    # false positive), then peak, then size, then raster order of the raw label
-    # (which ndimage assigns in C order) so the order is deterministic.
+    # Sort by the ranking statistic; ties by mean score (peaks saturate near the
+    # model's ceiling and tie often), then peak, then size, then raster order of
+    # the raw label (which ndimage assigns in C order) so the order is deterministic.
     means = sums / sizes
     primary = {
         "mean": means,
