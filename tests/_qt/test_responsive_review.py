@@ -114,9 +114,12 @@ def test_the_region_table_shows_ten_rows_with_readable_numbers(widget):
         for row in range(table.rowCount())
     ]
     assert shown
+    columns = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    assert columns == ["#", "size", "elong.", "mean", "peak", "conf."]
     for row in shown:
         assert row[1].endswith(" mm²") and "." not in row[1], row
-        for score in row[2:]:
+        assert len(row[2].split(".")[1]) == 1 and float(row[2]) >= 1.0, row
+        for score in row[3:]:
             assert len(score.split(".")[1]) == 2 and "e" not in score, row
 
 

@@ -252,3 +252,28 @@ def test_the_region_table_is_in_view_after_localise_in_a_small_window(widget, qt
     for control in (widget.localise_button, widget.threshold):
         y = control.native.mapTo(scroll.widget(), QPoint(0, 0)).y()
         assert 0 <= y < top
+
+
+def test_the_region_table_shows_how_drawn_out_each_region_is(widget):
+    """A reviewer sees why a large stripe (a vessel, a sinus) sits below a smaller round
+    finding: the ``elong.`` column shows the stripe's length over its width."""
+    viewer = widget.viewer
+    viewer.add_image(body_scan((40, 48)), name="scan", scale=(0.5, 0.5))
+    widget.image_layer.value = "scan"
+    widget.localise(wait=True)
+    assert widget.last_error is None, widget.last_error
+    mask = viewer.layers["scan mask"]
+    edited = np.zeros(mask.data.shape, dtype=mask.data.dtype)
+    edited[4:6, 4:44] = 1  # a stripe of 80 voxels, 20 times as long as wide
+    edited[20:27, 20:27] = 1  # a square of 49 voxels
+    mask.data = edited
+
+    columns = widget.regions.value["columns"]
+    rows = [dict(zip(columns, row)) for row in widget.regions.value["data"]]
+    assert [row["size"] for row in rows] == ["12 mm²", "20 mm²"], rows
+    square, stripe = rows
+    assert float(square["elong."]) == pytest.approx(1.0, abs=0.05)
+    assert float(stripe["elong."]) > 10.0, "the stripe must read as drawn out"
+    assert [r.elongation for r in widget._regions] == pytest.approx(
+        [float(row["elong."]) for row in rows], abs=0.05
+    )

@@ -120,7 +120,9 @@ if TYPE_CHECKING:
 
 __all__ = ["AnomalyReviewWidget"]
 
-REGION_COLUMNS = ["#", "size", "mean", "peak", "conf."]
+#: ``elong.``: how drawn out a region is (:attr:`Region.elongation`; 1 = round). Regions
+#: more than ``review.COMPACT_ELONGATION`` times as long as wide rank lower (``compact``).
+REGION_COLUMNS = ["#", "size", "elong.", "mean", "peak", "conf."]
 #: Before -> after on the cases fine-tuning did not learn from (no ground truth).
 COMPARISON_COLUMNS = ["case", "regions", "top region", "case score"]
 #: The review is saved this long after the last change (and when the widget closes).
@@ -1245,6 +1247,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         rows = {
             "#": [r.label for r in self._regions],
             "size": [f"{r.size_physical:.0f} {unit}" for r in self._regions],
+            "elong.": [f"{r.elongation:.1f}" for r in self._regions],
             "mean": [f"{r.mean_score:.2f}" for r in self._regions],
             "peak": [f"{r.peak_score:.2f}" for r in self._regions],
             "conf.": [
