@@ -192,10 +192,14 @@ class FinetuneConfig:
     ----------
     steps, batch_size, learning_rate
         A short AdamW run from the current weights. 300 steps: on the clinical
-        yardstick one corrected scan then at least doubles AP on the other
-        scans of its kind (masses on FLAIR 2.1x, periventricular spots on PD
-        2.7-2.8x, two fine-tuning seeds each) where 100 steps gave 1.7x and
-        3.2x (docs/evaluation.md).
+        yardstick, from ``default_2d_v5``, one corrected scan then at least
+        doubled AP on the other scans of its kind (masses on FLAIR 2.1x,
+        periventricular spots on PD 2.7-2.8x, two fine-tuning seeds each) where
+        100 steps gave 1.7x and 3.2x. From the bundled ``default_2d_v11``, which
+        starts higher, the same settings give 1.49x (masses on FLAIR), 1.52x
+        (spots on PD), 1.86x (masses on T1 with contrast) and 2.46x (nodules on
+        T1 with contrast); other kinds of lesion gain 1.07-1.21x
+        (docs/evaluation.md).
     replay_fraction
         Share of every batch made of replayed synthetic tasks (P-PII, and the
         lesion-like task where the parent learnt it) on the corrected images,
