@@ -40,6 +40,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 __all__ = [
+    "COMPACT_ELONGATION",
     "DEFAULT_EDIT_WEIGHT",
     "DEFAULT_MAX_REGIONS",
     "RANKINGS",

@@ -258,10 +258,18 @@ def test_the_region_table_shows_how_drawn_out_each_region_is(widget):
     """A reviewer sees why a large stripe (a vessel, a sinus) sits below a smaller round
     finding: the ``elong.`` column shows the stripe's length over its width."""
     viewer = widget.viewer
+    table = widget.regions.native
+
+    def elong_tip():
+        headers = [table.horizontalHeaderItem(c) for c in range(table.columnCount())]
+        return next(h.toolTip() for h in headers if h.text() == "elong.")
+
+    assert "long as wide" in elong_tip(), "the header says what the column means"
     viewer.add_image(body_scan((40, 48)), name="scan", scale=(0.5, 0.5))
     widget.image_layer.value = "scan"
     widget.localise(wait=True)
     assert widget.last_error is None, widget.last_error
+    assert "long as wide" in elong_tip(), "and still says so once the table is filled"
     mask = viewer.layers["scan mask"]
     edited = np.zeros(mask.data.shape, dtype=mask.data.dtype)
     edited[4:6, 4:44] = 1  # a stripe of 80 voxels, 20 times as long as wide

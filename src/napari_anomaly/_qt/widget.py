@@ -94,7 +94,7 @@ from napari_anomaly.domain import check_domain
 from napari_anomaly.inference import InferenceConfig, placement
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress, relay
-from napari_anomaly.review import Region, ReviewConfig
+from napari_anomaly.review import COMPACT_ELONGATION, Region, ReviewConfig
 from napari_anomaly.session import (
     CalibrationOutcome,
     Case,
@@ -120,9 +120,20 @@ if TYPE_CHECKING:
 
 __all__ = ["AnomalyReviewWidget"]
 
-#: ``elong.``: how drawn out a region is (:attr:`Region.elongation`; 1 = round). Regions
-#: more than ``review.COMPACT_ELONGATION`` times as long as wide rank lower (``compact``).
-REGION_COLUMNS = ["#", "size", "elong.", "mean", "peak", "conf."]
+#: The region table's columns and what each header's tooltip says of it.
+REGION_COLUMN_TIPS = {
+    "#": "Rank in the table (the order the regions are reviewed in)",
+    "size": "Size in mm³ (mm² in 2D)",
+    "elong.": (
+        "Length over width (1.0 = round). A region more than "
+        f"{COMPACT_ELONGATION:g} times as long as wide (a vessel, a venous sinus) ranks lower "
+        "under the default ranking, compact"
+    ),
+    "mean": "Mean anomaly score inside the region (calibrated, 0-1)",
+    "peak": "Highest anomaly score inside the region",
+    "conf.": "Mean confidence of the map inside the region (- without a confidence map)",
+}
+REGION_COLUMNS = list(REGION_COLUMN_TIPS)
 #: Before -> after on the cases fine-tuning did not learn from (no ground truth).
 COMPARISON_COLUMNS = ["case", "regions", "top region", "case score"]
 #: The review is saved this long after the last change (and when the widget closes).
@@ -412,6 +423,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         header.setSectionResizeMode(header.ResizeMode.ResizeToContents)
         header.setStretchLastSection(True)
         self.regions.native.verticalHeader().setVisible(False)
+        self._explain_region_columns()
         compared = self.comparison.native
         compared.horizontalHeader().setSectionResizeMode(header.ResizeMode.ResizeToContents)
         compared.horizontalHeader().setStretchLastSection(True)
@@ -1262,9 +1274,19 @@ class AnomalyReviewWidget(WorklistControls, Container):
         blocked = table.blockSignals(True)
         try:
             self.regions.value = rows
+            # Setting the value makes the header items anew, without their tooltips.
+            self._explain_region_columns()
         finally:
             table.blockSignals(blocked)
             table.setUpdatesEnabled(True)
+
+    def _explain_region_columns(self) -> None:
+        """Give each header of the region table its tooltip (REGION_COLUMN_TIPS)."""
+        table = self.regions.native
+        for column, tip in enumerate(REGION_COLUMN_TIPS.values()):
+            item = table.horizontalHeaderItem(column)
+            if item is not None:
+                item.setToolTip(tip)
 
     def selected_region(self) -> Region | None:
         """The region selected in the table (of the shown case), if any."""
