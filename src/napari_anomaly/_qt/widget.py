@@ -129,7 +129,7 @@ REGION_COLUMN_TIPS = {
         f"{COMPACT_ELONGATION:g} times as long as wide (a vessel, a venous sinus) ranks lower "
         "under the default ranking, compact"
     ),
-    "mean": "Mean anomaly score inside the region (calibrated, 0-1)",
+    "mean": "Mean anomaly score inside the region (0-1)",
     "peak": "Highest anomaly score inside the region",
     "conf.": "Mean confidence of the map inside the region (- without a confidence map)",
 }
