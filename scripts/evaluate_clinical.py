@@ -51,6 +51,8 @@ from napari_anomaly.evaluation.clinical import (
     EXTRA_FAMILIES,
     FAMILIES,
     LEFT_RIGHT_AXIS,
+    MIDLINE_SITE_MM,
+    SITES,
     AcquisitionConfig,
     lesion_contrast,
     make_cohort,
@@ -153,6 +155,13 @@ def main() -> None:
         "ghosts (AcquisitionConfig.venous_sinuses) on the yardstick's scans, or on them and "
         "on the calibration scans",
     )
+    parser.add_argument(
+        "--site",
+        choices=SITES,
+        default="anywhere",
+        help="where the lesions lie: anywhere their family's rule allows, or on the midline "
+        f"(centres within {MIDLINE_SITE_MM:g} mm of it; clinical.SITES)",
+    )
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--rank-by", nargs="+", default=["mass"])
@@ -222,6 +231,7 @@ def main() -> None:
                 venous_sinuses=args.venous_sinuses != "none",
                 slice_orientation=args.slice_orientation,
             ),
+            site=args.site,
         )
     )
     calibration_cases = calibration_scans(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from conftest import TINY_NETWORK_2D
 from scipy import ndimage as ndi
 
 from napari_anomaly.asymmetry import (
+    Midline,
     asymmetry_plane,
     find_mirror,
     head_foot_axis,
@@ -226,3 +229,40 @@ def test_threshold_from_normal_scans_compares_the_sides_each_scan_really_has(tmp
         out = tmp_path / f"{name}.calibrated.safetensors"
         assert main(["calibrate", str(path), "--model", str(model), "--out", str(out)]) == 0
         assert highest_raw_score(Localiser.load(out).metadata["calibration"]) < 0.102
+
+
+def test_a_scan_s_midline_gives_each_voxel_its_distance_in_mm():
+    # the head moved 12 pixels right: its midline is the column (180 - 1) / 2 + 12
+    image, _ = _head(shift=12.0)
+    midline = Midline.of(find_mirror(image, axis=1), (1, 2))
+    centre = (180 - 1) / 2 + 12
+    rows = np.array([50.0, 100.0, 150.0])
+    columns = np.array([centre, centre + 10, centre - 30])
+    depth = np.zeros(3)
+    # 0.8 mm pixels: 10 pixels off the midline are 8 mm
+    distance = midline.distance_mm([depth, rows, columns], (5.0, 0.8, 0.8))
+    np.testing.assert_allclose(distance, [0.0, 8.0, 24.0], atol=0.6)
+    # it travels as plain data and comes back the same
+    again = Midline.from_dict(json.loads(json.dumps(midline.to_dict())))
+    np.testing.assert_allclose(again.distance_mm([depth, rows, columns]), distance / 0.8)
+    for bad in (
+        {"plane_axes": [1, 2], "matrix": [[1, 0]], "offset": [0, 0]},
+        {"plane_axes": [1, 2], "matrix": [[1, 0], [0, float("nan")]], "offset": [0, 0]},
+        {"matrix": [[1, 0], [0, 1]], "offset": [0, 0]},
+    ):
+        with pytest.raises((ValueError, KeyError)):
+            Midline.from_dict(bad)
+
+
+def test_localise_finds_the_midline_wherever_the_planes_hold_left_and_right():
+    plain, comparing = _localisers()
+    volume = np.stack([_head(shift=-15.0)[0] for _ in range(5)]) * 1000
+    centre = (180 - 1) / 2 - 15
+    for model in (plain, comparing):  # with or without the left-right comparison
+        midline = run_to_end(localise(volume, model, spacing=(5.0, 1.0, 1.0))).midline
+        assert midline is not None and midline.plane_axes == (1, 2)
+        on = midline.distance_mm([np.array([1.0]), np.array([100.0]), np.array([centre])])
+        assert on[0] < 0.6
+    # sagittal planes hold one side only: no midline
+    assert run_to_end(localise(volume, comparing, left_right_axis=0)).midline is None
+    assert run_to_end(localise(volume, comparing, left_right_axis=None)).midline is None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import TINY_NETWORK_2D, TINY_NETWORK_3D, phantom
 
+from napari_anomaly.asymmetry import Midline, Mirror
 from napari_anomaly.calibration import (
     DECADES,
     PostprocessConfig,
@@ -27,7 +28,7 @@ from napari_anomaly.inference import localise
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import AnomalyNet
 from napari_anomaly.progress import run_to_end
-from napari_anomaly.review import ReviewConfig, find_regions, min_voxels
+from napari_anomaly.review import ReviewConfig, find_regions, min_voxels, regions_csv
 from napari_anomaly.training import FinetuneConfig, finetune
 
 
@@ -226,6 +227,58 @@ def test_compact_ranking_is_mass_ranking_for_regions_no_more_elongated_than_two(
     by_compact = find_regions(mask, scores, rank_by="compact")
     assert by_mass[0].elongation <= 2.0
     assert [r.voxel_count for r in by_compact] == [r.voxel_count for r in by_mass] == [200, 100]
+
+
+def _midline_at(column: float) -> Midline:
+    """The midline of axial planes ``(Z, Y, X)`` at ``column``, square to the grid."""
+    flip = Mirror(np.array([[1.0, 0.0], [0.0, -1.0]]), np.array([0.0, 2 * column]), 0.0, 1)
+    return Midline.of(flip, (1, 2))
+
+
+def test_the_midline_ranking_moves_regions_within_the_falx_band_behind_the_rest():
+    # Three round findings, 1 mm pixels, 5 mm slices; the midline at column 40.
+    zz, yy, xx = np.mgrid[:12, :80, :80]
+    scores = np.zeros((12, 80, 80), dtype=np.float32)
+    on_midline = (np.hypot(yy - 15, xx - 40) <= 4) & (zz == 6)  # reaches 4 mm
+    lateral = (np.hypot(yy - 40, xx - 65) <= 5) & (zz == 6)
+    across = (np.hypot(yy - 65, xx - 40) <= 9) & (zz == 6)  # a mass across the midline
+    scores[on_midline] = 0.9
+    scores[lateral] = 0.52
+    scores[across] = 0.55
+    mask = scores > 0.5
+    spacing = (5.0, 1.0, 1.0)
+    compact = find_regions(mask, scores, spacing=spacing, rank_by="compact")
+    assert [r.voxel_count for r in compact] == [
+        int(across.sum()),
+        int(on_midline.sum()),
+        int(lateral.sum()),
+    ]
+    assert all(r.midline_reach_mm is None for r in compact)
+    # Without a midline the order is the compact one; with it, the region that lies
+    # wholly within 7 mm of the midline goes from second to last: its mass counts a quarter.
+    assert [
+        r.voxel_count
+        for r in find_regions(mask, scores, spacing=spacing, rank_by="compact-midline")
+    ] == [r.voxel_count for r in compact]
+    midline = _midline_at(40.0)
+    ranked = find_regions(mask, scores, spacing=spacing, rank_by="compact-midline", midline=midline)
+    assert [r.voxel_count for r in ranked] == [
+        int(across.sum()),
+        int(lateral.sum()),
+        int(on_midline.sum()),
+    ]
+    reach = {r.voxel_count: r.midline_reach_mm for r in ranked}
+    assert reach[int(on_midline.sum())] == pytest.approx(4.0)
+    assert reach[int(across.sum())] == pytest.approx(9.0)  # wider than the band: kept first
+    assert reach[int(lateral.sum())] == pytest.approx(30.0)
+    assert [r.on_midline for r in ranked] == [False, False, True]
+    # The other orders do not look at the midline, and the CSV says how far each reaches.
+    by_mass = find_regions(mask, scores, spacing=spacing, rank_by="mass", midline=midline)
+    assert [r.voxel_count for r in by_mass] == [r.voxel_count for r in compact]
+    rows = regions_csv(ranked, spacing).splitlines()
+    assert rows[0].endswith(",elongation,midline_reach_mm")
+    assert [row.split(",")[-1] for row in rows[1:]] == ["9.0", "30.0", "4.0"]
+    assert regions_csv(compact, spacing).splitlines()[1].endswith(",")
 
 
 def test_triage_reports_the_rank_of_the_first_region_touching_each_lesion():

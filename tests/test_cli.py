@@ -76,11 +76,16 @@ def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geome
     for row in rows[1:]:
         rank, voxels = (int(v) for v in row.split(",")[:2])
         assert np.count_nonzero(ranks == rank) == voxels
-    # Default order ("compact"): the largest mass first, a drawn-out region's mass divided
-    # by (elongation / 2)^2 (the CSV's mass and last column, rounded to 3 decimals).
-    assert rows[0].endswith(",elongation")
+    # Default order ("compact-midline"): the largest mass first, a drawn-out region's mass
+    # divided by (elongation / 2)^2, a quarter of it for a region within 7 mm of the
+    # midline (the CSV's mass and last two columns, rounded).
+    assert rows[0].endswith(",elongation,midline_reach_mm")
     cells = [row.split(",") for row in rows[1:]]
-    compact = [float(c[8]) / max(1.0, float(c[-1]) / 2.0) ** 2 for c in cells]
+    assert all(c[-1] for c in cells), "the scan's midline is known"
+    compact = [
+        float(c[8]) / max(1.0, float(c[-2]) / 2.0) ** 2 * (0.25 if float(c[-1]) <= 7 else 1.0)
+        for c in cells
+    ]
     assert np.all(np.diff(compact) <= 1e-3 * max(compact, default=1.0))
     for kind in ("anomaly", "confidence", "mask", "regions"):
         loaded = read_image(out / f"normal0_{kind}.nii.gz")
@@ -246,7 +251,7 @@ def test_evaluate_ranks_each_lesion_as_the_region_table_of_localise_does(
     normal_ranks = read_image(maps / "normal1_regions.nii.gz").array
     assert normal["normal"] and normal["regions"] == normal_ranks.max()
     assert triage["summary"]["scans_with_lesion_in_top_5"] == 1
-    assert triage["rank_by"] == "compact"  # the product's default (ReviewConfig.rank_by)
+    assert triage["rank_by"] == "compact-midline"  # the default (ReviewConfig.rank_by)
     # Where localise raised the scan's threshold (more than 20 regions at the one given),
     # evaluate triages at the raised one too, and says so.
     raised = json.loads((maps / "normal0_mask.json").read_text())["threshold"]

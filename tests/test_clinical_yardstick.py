@@ -11,6 +11,7 @@ from scipy import ndimage
 from napari_anomaly.evaluation.clinical import (
     EXTRA_FAMILIES,
     FAMILIES,
+    MIDLINE_SITE_MM,
     AcquisitionConfig,
     acquire,
     add_venous_sinuses,
@@ -392,6 +393,23 @@ def test_cohort_is_keyed_by_name_so_adding_a_family_changes_nothing_else(head):
     np.testing.assert_array_equal(alone[0].image, again[0].image)
 
 
+@pytest.mark.parametrize("family", [*LESION_FAMILIES, "meningioma"])
+def test_midline_cases_put_every_lesion_on_the_midline(head, anatomy, family):
+    t1, brain, _ = head
+    anywhere, midline = (
+        insert_lesions(t1, anatomy.classes, brain, family, "t1c", 5, anatomy=anatomy, site=site)[2]
+        for site in ("anywhere", "midline")
+    )
+    off = [abs(lesion["centre"][2] - anatomy.centre[2]) for lesion in midline["lesions"]]
+    # a meningioma's base sits on the dura, 2 mm out from where it was picked
+    assert off and max(off) <= MIDLINE_SITE_MM + (2.0 if family == "meningioma" else 0.0)
+    # the same draws leave a lesion anywhere else; the case records where it was asked for
+    assert len(midline["lesions"]) == len(anywhere["lesions"])
+    case = make_case(t1, brain, family, "t1c", 5, site="midline", anatomy=anatomy)
+    assert case.params["site"] == "midline" and case.lesion_mask.any()
+    assert "site" not in make_case(t1, brain, family, "t1c", 5, anatomy=anatomy).params
+
+
 def test_invalid_requests_are_refused(head):
     t1, brain, _ = head
     with pytest.raises(ValueError, match="family"):
@@ -400,6 +418,8 @@ def test_invalid_requests_are_refused(head):
         next(make_cohort(t1, brain, contrasts=("dwi",)))
     with pytest.raises(ValueError, match="slice_thickness_mm"):
         AcquisitionConfig(slice_thickness_mm=(7.0, 3.0))
+    with pytest.raises(ValueError, match="site"):
+        next(make_cohort(t1, brain, site="falx"))
 
 
 def test_lesion_contrast_says_flair_lesions_stand_out_more_than_t1_ones(head, anatomy):

@@ -332,13 +332,13 @@ def test_no_limit_of_regions_keeps_the_threshold_whatever_the_count():
 
 def test_a_new_case_lists_a_compact_region_before_a_tube_of_more_score(session):
     # A vessel-like streak with more summed score than a round finding: the table's
-    # default order (ReviewConfig.rank_by = "compact") puts the round finding first.
+    # default order (ReviewConfig.rank_by = "compact-midline") puts the round finding first.
     scores = np.full((64, 64), 0.1, dtype=np.float32)
     scores[50:53, 4:60] = 0.8  # tube: 168 pixels, elongation about 19
     y, x = np.ogrid[:64, :64]
     scores[(y - 20) ** 2 + (x - 20) ** 2 <= 36] = 0.7  # disc: 113 pixels
     case = _add(session, anomaly_map=scores)
-    assert case.rank_by == "compact"
+    assert case.rank_by == "compact-midline"
     first, second = case.regions()
     assert first.voxel_count == 113 and second.voxel_count == 168
     assert second.elongation > 10 > 2 > first.elongation

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY_NETWORK_2D
 
+from napari_anomaly.asymmetry import Midline, Mirror
 from napari_anomaly.io import Geometry, write_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import AnomalyNet
@@ -210,3 +211,48 @@ def test_the_session_store_imports_neither_qt_nor_napari():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def _midline_session(localiser):
+    """One axial volume whose only finding above the threshold besides a lateral one
+    lies on the patient's midline (column 20), with more score than the lateral one."""
+    scores = np.full((6, 40, 40), 0.1, dtype=np.float32)
+    scores[3, 8:14, 18:23] = 0.9  # on the midline: reaches 2 mm from it
+    scores[3, 25:31, 30:35] = 0.7  # lateral
+    flip = Mirror(np.array([[1.0, 0.0], [0.0, -1.0]]), np.array([0.0, 40.0]), 0.0, 1)
+    session = ReviewSession(localiser, ReviewConfig(min_region_size=5))
+    session.add_case("v", _scan((6, 40, 40)), scores, midline=Midline.of(flip, (1, 2)))
+    return session
+
+
+def test_a_resumed_case_keeps_its_midline_and_its_region_order(localiser, tmp_path):
+    session = _midline_session(localiser)
+    case = session.case("v")
+    assert case.rank_by == "compact-midline"
+    before = [(r.voxel_count, r.midline_reach_mm) for r in case.regions()]
+    # the lateral finding first although the midline one has more score
+    assert before == [(30, 14.0), (30, 2.0)]
+    save_session(session, tmp_path / "review")
+    back = load_session(tmp_path / "review").case("v")
+    assert back.midline == case.midline
+    assert [(r.voxel_count, r.midline_reach_mm) for r in back.regions()] == before
+
+
+def test_a_session_saved_without_midlines_resumes_in_the_order_it_had(localiser, tmp_path):
+    # A session saved by a version that knew no midline: its cases ranked by compact.
+    session = _midline_session(localiser)
+    session.case("v").rank_by = "compact"
+    save_session(session, tmp_path / "review")
+    manifest_file = tmp_path / "review" / "session.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["cases"][0]["midline"]
+    manifest_file.write_text(json.dumps(manifest))
+    back = load_session(tmp_path / "review").case("v")
+    assert back.midline is None and back.rank_by == "compact"
+    assert [r.midline_reach_mm for r in back.regions()] == [None, None]
+    assert back.regions()[0].mean_score == pytest.approx(0.9)
+    # a damaged midline is refused by name, not guessed at
+    manifest["cases"][0]["midline"] = {"plane_axes": [1, 2], "matrix": [[1, 0]], "offset": [0]}
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(SessionFileError, match="session.json: a case entry is damaged"):
+        load_session(tmp_path / "review")

@@ -41,7 +41,9 @@ from napari_anomaly.calibration import PostprocessConfig
 from napari_anomaly.progress import Job, Progress
 
 __all__ = [
+    "Midline",
     "Mirror",
+    "mean_plane_mirror",
     "find_mirror",
     "asymmetry_plane",
     "blend_asymmetry",
@@ -85,6 +87,70 @@ class Mirror:
             mode="constant",
             cval=0.0,
         )
+
+
+@dataclass(frozen=True)
+class Midline:
+    """The patient's mid-sagittal plane in an array's voxel grid.
+
+    Every plane across ``plane_axes`` (the array's two in-plane axes, in array
+    order) is mirrored by the same reflection (:class:`Mirror`, ``matrix`` and
+    ``offset`` on the plane's ``(row, column)`` grid). Small and plain, so that
+    it travels with a case (:meth:`to_dict`).
+    """
+
+    plane_axes: tuple[int, int]
+    matrix: tuple[tuple[float, float], tuple[float, float]]
+    offset: tuple[float, float]
+
+    @classmethod
+    def of(cls, mirror: Mirror, plane_axes: Sequence[int]) -> Midline:
+        """The midline of a :class:`Mirror` found on the planes across ``plane_axes``."""
+        axes = tuple(int(a) for a in plane_axes)
+        if len(axes) != 2 or axes[0] >= axes[1]:
+            raise ValueError(f"plane_axes must be two ascending axes, got {plane_axes}")
+        matrix = np.asarray(mirror.matrix, dtype=np.float64)
+        return cls(
+            axes,  # type: ignore[arg-type]
+            tuple(tuple(float(v) for v in row) for row in matrix),  # type: ignore[arg-type]
+            tuple(float(v) for v in mirror.offset),  # type: ignore[arg-type]
+        )
+
+    def distance_mm(
+        self, coordinates: Sequence[np.ndarray], spacing: Sequence[float] | None = None
+    ) -> np.ndarray:
+        """Distance (mm) of voxels from the plane: half the distance to their mirror image.
+
+        ``coordinates``: one array of voxel indices per array axis (as from
+        ``np.nonzero``); ``spacing``: the voxel size per axis (mm), default 1.
+        """
+        ndim = len(coordinates)
+        if max(self.plane_axes) >= ndim:
+            raise ValueError(f"a midline of axes {self.plane_axes} needs at least 2 axes")
+        step = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+        row, column = (np.asarray(coordinates[a], dtype=np.float64) for a in self.plane_axes)
+        (a, b), (c, d) = self.matrix
+        gap_row = (row - (a * row + b * column + self.offset[0])) * step[self.plane_axes[0]]
+        gap_column = (column - (c * row + d * column + self.offset[1])) * step[self.plane_axes[1]]
+        return 0.5 * np.hypot(gap_row, gap_column)
+
+    def to_dict(self) -> dict[str, list]:
+        return {
+            "plane_axes": list(self.plane_axes),
+            "matrix": [list(row) for row in self.matrix],
+            "offset": list(self.offset),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Midline:
+        matrix = np.asarray(data["matrix"], dtype=np.float64)
+        offset = np.asarray(data["offset"], dtype=np.float64)
+        axes = tuple(int(a) for a in data["plane_axes"])
+        if matrix.shape != (2, 2) or offset.shape != (2,) or len(axes) != 2:
+            raise ValueError("a midline needs plane_axes (2), a 2x2 matrix and an offset (2)")
+        if not (np.isfinite(matrix).all() and np.isfinite(offset).all()):
+            raise ValueError("a midline's matrix and offset must be finite")
+        return cls.of(Mirror(matrix, offset, 0.0, 0), axes)
 
 
 def left_right_axis(direction: Sequence[float] | None, ndim: int) -> int | None:
@@ -216,6 +282,22 @@ def raise_by_asymmetry(scores: np.ndarray, asymmetry: np.ndarray, weight: float)
     return scores
 
 
+def mean_plane_mirror(
+    prepared_plane: Callable[[int], np.ndarray],
+    foreground_planes: np.ndarray,
+    lr_axis: int,
+) -> Mirror:
+    """The mirror (:func:`find_mirror`) of the mean of a stack's preprocessed planes,
+    their background at 0. ``prepared_plane(p)``: plane ``p`` preprocessed;
+    ``lr_axis``: the planes' left-right axis (0 or 1). One plane in memory at a time."""
+    count = foreground_planes.shape[0]
+    total = np.zeros(foreground_planes.shape[1:], dtype=np.float64)
+    for p in range(count):
+        if foreground_planes[p].any():
+            total += np.where(foreground_planes[p], prepared_plane(p), 0)
+    return find_mirror(total / max(count, 1), lr_axis)
+
+
 def blend_asymmetry(
     anomaly_planes: np.ndarray,
     prepared_plane: Callable[[int], np.ndarray],
@@ -223,6 +305,7 @@ def blend_asymmetry(
     plane_spacing: Sequence[float],
     lr_axis: int,
     config: PostprocessConfig,
+    mirror: Mirror | None = None,
 ) -> Job[Mirror]:
     """Raise a stack of anomaly planes by their asymmetry, in place
     (:func:`raise_by_asymmetry` with ``config.asymmetry_weight``); a job that
@@ -233,14 +316,13 @@ def blend_asymmetry(
     ``p`` of the preprocessed image; ``plane_spacing``: the planes' pixel size
     (mm); ``lr_axis``: their left-right axis (0 or 1). Memory: a few planes at a
     time; each plane is prepared twice (for the midline, then for the comparison)
-    rather than kept. Returns the mirror used.
+    rather than kept. ``mirror``: the midline when already found
+    (:func:`mean_plane_mirror`). Returns the mirror used.
     """
     weight = config.asymmetry_weight
     count = anomaly_planes.shape[0]
-    total = np.zeros(anomaly_planes.shape[1:], dtype=np.float64)
-    for p in range(count):
-        total += np.where(foreground_planes[p], prepared_plane(p), 0)
-    mirror = find_mirror(total / max(count, 1), lr_axis)
+    if mirror is None:
+        mirror = mean_plane_mirror(prepared_plane, foreground_planes, lr_axis)
     for p in range(count):
         yield Progress(p, count, "comparing left and right")
         if not foreground_planes[p].any():

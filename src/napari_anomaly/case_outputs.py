@@ -179,6 +179,7 @@ def case_sidecar(
         "min_region_mm": case.min_region_mm,
         "min_region_voxels": case.min_region_size,
         "rank_by": case.rank_by,
+        "midline": None if case.midline is None else case.midline.to_dict(),
         "region_limit": None if case.region_limit is None else case.region_limit.to_dict(),
         "regions": regions,
         "marked_voxels": int(np.count_nonzero(mask)),

@@ -482,7 +482,8 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
     return pairs
 
 
-def _predict_all(localiser, images, args) -> list:
+def _localise_all(localiser, images, args) -> list[tuple]:
+    """Per image, its anomaly map and midline (the confidence maps are not kept)."""
     from napari_anomaly.inference import InferenceConfig, localise, placement
 
     config = InferenceConfig(
@@ -491,8 +492,9 @@ def _predict_all(localiser, images, args) -> list:
         slice_axis=getattr(args, "slice_axis", 0),
         axial_planes=getattr(args, "axial_planes", False),
     )
-    return [
-        _run(
+    found = []
+    for image in images:
+        result = _run(
             localise(
                 image.array,
                 localiser,
@@ -500,9 +502,13 @@ def _predict_all(localiser, images, args) -> list:
                 **placement(image.geometry, image.array.ndim),
             ),
             f"localise {image.path.name}",
-        ).anomaly_map
-        for image in images
-    ]
+        )
+        found.append((result.anomaly_map, result.midline))
+    return found
+
+
+def _predict_all(localiser, images, args) -> list:
+    return [anomaly_map for anomaly_map, _ in _localise_all(localiser, images, args)]
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -598,8 +604,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     threshold = _threshold(args, localiser)
     pairs = _read_case_pairs(args.images, args.masks)
     normals = [_read(p) for p in args.normals or ()]
-    maps = _predict_all(localiser, [p[0] for p in pairs], args)
-    normal_maps = _predict_all(localiser, normals, args) if normals else None
+    found = _localise_all(localiser, [p[0] for p in pairs], args)
+    found_normal = _localise_all(localiser, normals, args) if normals else []
+    maps = [anomaly_map for anomaly_map, _ in found]
+    normal_maps = [anomaly_map for anomaly_map, _ in found_normal] or None
     report = evaluate_cases(maps, [p[1] for p in pairs], threshold, normal_maps=normal_maps)
     scans = [p[0] for p in pairs] + normals
     triage = triage_scans(
@@ -612,6 +620,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         min_region_mm=args.min_region_mm,
         rank_by=args.rank_by,
         max_regions=args.max_regions,
+        midlines=[midline for _, midline in found + found_normal],
     )
     print(report.format_table())
     print(f"region triage (the region table of localise, ranked by {args.rank_by}):")

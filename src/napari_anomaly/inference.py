@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from napari_anomaly.asymmetry import blend_asymmetry, head_foot_axis, left_right_axis
+from napari_anomaly.asymmetry import (
+    Midline,
+    blend_asymmetry,
+    head_foot_axis,
+    left_right_axis,
+    mean_plane_mirror,
+)
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -128,11 +134,16 @@ class LocalisationResult:
         float32 in [0, 1]: 1 where the model expects annotators to agree.
     foreground
         bool: the foreground used for preprocessing.
+    midline
+        The patient's mid-sagittal plane as found in the image
+        (:class:`~napari_anomaly.asymmetry.Midline`), or ``None`` where the model's
+        planes do not include the left-right axis (sagittal slices, a 3D model).
     """
 
     anomaly_map: np.ndarray
     confidence_map: np.ndarray
     foreground: np.ndarray
+    midline: Midline | None = None
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -582,23 +593,32 @@ def localise(
     post = localiser.postprocess
     plane_axes = [a for a in range(arr.ndim) if a != axis]
     lr = None if left_right_axis is None or dims == 3 else left_right_axis % arr.ndim
-    if post.asymmetry_weight > 0 and lr in plane_axes:
-        step = (1.0,) * arr.ndim if spacing is None else tuple(spacing)
-        yield from blend_asymmetry(
-            frame.anomaly_planes,
-            lambda p: mapping.apply(frame.raw_planes[p], frame.foreground_planes[p]),
-            frame.foreground_planes,
-            [step[a] for a in plane_axes],
-            plane_axes.index(lr),
-            post,
-        )
+    midline = None
+    if lr in plane_axes:
+
+        def prepared(p: int) -> np.ndarray:
+            return mapping.apply(frame.raw_planes[p], frame.foreground_planes[p])
+
+        mirror = mean_plane_mirror(prepared, frame.foreground_planes, plane_axes.index(lr))
+        midline = Midline.of(mirror, plane_axes)
+        if post.asymmetry_weight > 0:
+            step = (1.0,) * arr.ndim if spacing is None else tuple(spacing)
+            yield from blend_asymmetry(
+                frame.anomaly_planes,
+                prepared,
+                frame.foreground_planes,
+                [step[a] for a in plane_axes],
+                plane_axes.index(lr),
+                post,
+                mirror,
+            )
     if post.changes_the_map:
         slices = config.slice_axis if by_plane else None
         postprocess_map(anomaly_map, foreground, spacing, post, slices, out=anomaly_map)
     calibration = localiser.score_calibration
     if calibration is not None:
         calibration.apply(anomaly_map, out=anomaly_map)
-    return LocalisationResult(anomaly_map, confidence_map, foreground)
+    return LocalisationResult(anomaly_map, confidence_map, foreground, midline)
 
 
 # -- memory ----------------------------------------------------------------------------

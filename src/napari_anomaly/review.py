@@ -32,15 +32,20 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
+if TYPE_CHECKING:
+    from napari_anomaly.asymmetry import Midline
+
 __all__ = [
     "COMPACT_ELONGATION",
+    "MIDLINE_BAND_MM",
+    "MIDLINE_FACTOR",
     "DEFAULT_EDIT_WEIGHT",
     "DEFAULT_MAX_REGIONS",
     "RANKINGS",
@@ -66,14 +71,28 @@ __all__ = [
 #: ``size`` = voxel count, ``compact`` = mass divided by ``max(1, elongation /
 #: COMPACT_ELONGATION) ** 2`` (:attr:`Region.elongation`): a region no more elongated
 #: than that ranks as by mass, a tube (a vessel, a venous sinus) falls behind compact
-#: regions of the same mass (the default, :class:`ReviewConfig`).
-RANKINGS = ("mass", "compact", "mean", "peak", "size")
+#: regions of the same mass; ``compact-midline`` = ``compact``, times
+#: :data:`MIDLINE_FACTOR` for a region that lies wholly within :data:`MIDLINE_BAND_MM`
+#: of the patient's mid-sagittal plane (:attr:`Region.midline_reach_mm`: the falx, the
+#: superior sagittal sinus), the same as ``compact`` where the midline is not known
+#: (the default, :class:`ReviewConfig`).
+RANKINGS = ("mass", "compact", "compact-midline", "mean", "peak", "size")
 
 #: Elongation up to which ``rank_by="compact"`` leaves a region's mass as it is. Every
 #: lesion region on the clinical yardstick was at most 2.0 (masses with oedema,
 #: infarct wedges, nodules, periventricular spots); the venous sinuses and vessels on
 #: T1 with contrast reach 3-8 (docs/evaluation.md).
 COMPACT_ELONGATION = 2.0
+
+#: How far from the mid-sagittal plane a region may reach and still count as lying on
+#: the midline for ``rank_by="compact-midline"``. On T1 with contrast the falx and the
+#: superior sagittal sinus enhance: on the clinical yardstick every false region above
+#: the first lesion in such scans lay within it, and lesion regions reached further
+#: (docs/evaluation.md).
+MIDLINE_BAND_MM = 7.0
+
+#: The factor ``rank_by="compact-midline"`` puts on the mass of a region on the midline.
+MIDLINE_FACTOR = 0.25
 
 #: Loss weight of the voxels the reviewer explicitly added or erased, relative
 #: to 1 for every other voxel: they are the model's known mistakes (hard
@@ -137,7 +156,7 @@ class ReviewConfig:
     threshold: float | None = None
     min_region_size: int = 10
     min_region_mm: float = 0.0
-    rank_by: str = "compact"
+    rank_by: str = "compact-midline"
     max_regions: int = DEFAULT_MAX_REGIONS
     edit_weight: float = DEFAULT_EDIT_WEIGHT
 
@@ -695,6 +714,9 @@ class Region:
         largest variances of its voxels' positions in mm (each voxel counted as
         a box of its spacing). About 1 for a ball or disc, 2 for an ellipsoid
         twice as long as it is wide, more for a tube.
+    midline_reach_mm : float or None
+        The farthest any voxel of the region lies from the patient's mid-sagittal
+        plane (mm); ``None`` where the midline is not known.
     """
 
     label: int
@@ -708,6 +730,12 @@ class Region:
     peak_position: tuple[int, ...]
     bbox: tuple[tuple[int, int], ...]
     elongation: float = 1.0
+    midline_reach_mm: float | None = None
+
+    @property
+    def on_midline(self) -> bool:
+        """Whether the region lies wholly within :data:`MIDLINE_BAND_MM` of the midline."""
+        return self.midline_reach_mm is not None and self.midline_reach_mm <= MIDLINE_BAND_MM
 
     @property
     def slices(self) -> tuple[slice, ...]:
@@ -778,6 +806,7 @@ def find_regions(
     *,
     rank_by: str = "mean",
     return_labels: bool = False,
+    midline: Midline | None = None,
 ) -> list[Region] | tuple[list[Region], np.ndarray]:
     """List the connected components of a mask with their scores and sizes.
 
@@ -799,6 +828,10 @@ def find_regions(
     return_labels : bool, default False
         Also return the label image whose value ``k`` marks the voxels of
         ``regions[k - 1]`` (for accept/reject and click-to-jump).
+    midline : Midline, optional
+        The patient's mid-sagittal plane in this grid
+        (:attr:`~napari_anomaly.inference.LocalisationResult.midline`), for
+        :attr:`Region.midline_reach_mm` and ``rank_by="compact-midline"``.
 
     Returns
     -------
@@ -858,6 +891,11 @@ def find_regions(
         lows.append(low[1:].astype(np.int64))
         highs.append(high[1:].astype(np.int64) + 1)
     elongation = _elongations(lab, count, sizes, centroids, coordinates, spacing_vec)
+    reach = None
+    if midline is not None:
+        reach = np.zeros(count + 1)
+        np.maximum.at(reach, lab, midline.distance_mm(coordinates, spacing_vec))
+        reach = reach[1:]
     mean_confidence = None
     if confidence is not None:
         conf_values = confidence.reshape(-1)[flat]
@@ -868,11 +906,15 @@ def find_regions(
     # model's ceiling and tie often), then peak, then size, then raster order of
     # the raw label (which ndimage assigns in C order) so the order is deterministic.
     means = sums / sizes
+    compact = sums / np.maximum(1.0, elongation / COMPACT_ELONGATION) ** 2
     primary = {
         "mean": means,
         "peak": peaks,
         "mass": sums,
-        "compact": sums / np.maximum(1.0, elongation / COMPACT_ELONGATION) ** 2,
+        "compact": compact,
+        "compact-midline": compact
+        if reach is None
+        else np.where(reach <= MIDLINE_BAND_MM, MIDLINE_FACTOR * compact, compact),
         "size": sizes.astype(np.float64),
     }
     order = np.lexsort((np.arange(count), -sizes, -peaks, -means, -primary[rank_by]))
@@ -897,6 +939,7 @@ def find_regions(
                 ),
                 bbox=tuple((int(low[index]), int(high[index])) for low, high in zip(lows, highs)),
                 elongation=float(elongation[index]),
+                midline_reach_mm=None if reach is None else float(reach[index]),
             )
         )
     if not return_labels:
@@ -916,8 +959,9 @@ def regions_csv(regions: Sequence[Region], spacing: Sequence[float] | None = Non
     in mm (``centroid_z_mm``, ``centroid_y_mm``, ``centroid_x_mm``: origin +
     index x spacing, in the image's axis order), ``peak_score``, ``mean_score``,
     ``mass`` (sum of scores x voxel volume), ``mean_confidence`` (empty without a
-    confidence map), the voxel index of the peak (``peak_z``, ``peak_y``, ``peak_x``)
-    and ``elongation`` (:attr:`Region.elongation`).
+    confidence map), the voxel index of the peak (``peak_z``, ``peak_y``, ``peak_x``),
+    ``elongation`` (:attr:`Region.elongation`) and ``midline_reach_mm``
+    (:attr:`Region.midline_reach_mm`; empty where the midline is not known).
     """
     ndim = len(regions[0].centroid) if regions else (len(spacing) if spacing else 3)
     axes = "zyx"[3 - ndim :]
@@ -927,7 +971,7 @@ def regions_csv(regions: Sequence[Region], spacing: Sequence[float] | None = Non
         + [f"centroid_{a}_mm" for a in axes]
         + ["peak_score", "mean_score", "mass", "mean_confidence"]
         + [f"peak_{a}" for a in axes]
-        + ["elongation"]
+        + ["elongation", "midline_reach_mm"]
     )
     lines = [",".join(header)]
     for r in regions:
@@ -939,6 +983,7 @@ def regions_csv(regions: Sequence[Region], spacing: Sequence[float] | None = Non
             + [f"{r.mean_score * r.voxel_count * voxel:.3f}", confidence]
             + [str(i) for i in r.peak_position]
             + [f"{r.elongation:.3f}"]
+            + ["" if r.midline_reach_mm is None else f"{r.midline_reach_mm:.1f}"]
         )
         lines.append(",".join(row))
     return "\n".join(lines) + "\n"

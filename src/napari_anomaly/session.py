@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_anomaly.asymmetry import Midline
 from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS, calibrate
 from napari_anomaly.case_outputs import OutputPlan, export_plan, timestamp, write_case
 from napari_anomaly.inference import InferenceConfig, LocalisationResult, localise, placement
@@ -217,6 +218,10 @@ class Case:
     #: How the starting threshold was chosen under the session's limit of regions
     #: (:func:`~napari_anomaly.review.limit_regions`; ``None``: no limit applied).
     region_limit: RegionLimit | None = None
+    #: The patient's mid-sagittal plane as found with the maps
+    #: (:attr:`~napari_anomaly.inference.LocalisationResult.midline`), for the region
+    #: table's ``compact-midline`` order; ``None``: not known.
+    midline: Midline | None = None
     #: Changes whenever the maps change (a saved session rewrites them only then).
     maps_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     undo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
@@ -275,7 +280,14 @@ class Case:
             mask = self.mask
             # The inputs themselves (not their ids) are kept and compared, so that a new
             # array can never be mistaken for the one the regions were found in.
-            inputs = (mask, self.anomaly_map, self.confidence_map, self.geometry, self.rank_by)
+            inputs = (
+                mask,
+                self.anomaly_map,
+                self.confidence_map,
+                self.geometry,
+                self.rank_by,
+                self.midline,
+            )
             cached = self._found_regions
             stale = cached is None or any(a is not b for a, b in zip(cached[0], inputs))
             if not stale and not ranks:
@@ -288,6 +300,7 @@ class Case:
                 origin=self.geometry.origin,
                 rank_by=self.rank_by,
                 return_labels=ranks,
+                midline=self.midline,
             )
             regions, labels = found if ranks else (found, None)
             self._found_regions = (inputs, regions)
@@ -322,7 +335,9 @@ def case_figures(case: Case, anomaly_map: np.ndarray | None = None) -> CaseFigur
     """:class:`CaseFigures` of a case, on its own map or on ``anomaly_map`` (new maps of it)."""
     scores = case.anomaly_map if anomaly_map is None else np.asarray(anomaly_map)
     mask = rethreshold(scores, case.threshold, case.edits, case.min_region_size)
-    regions = find_regions(mask, scores, spacing=case.geometry.spacing, rank_by=case.rank_by)
+    regions = find_regions(
+        mask, scores, spacing=case.geometry.spacing, rank_by=case.rank_by, midline=case.midline
+    )
     return CaseFigures(
         regions=len(regions),
         top_region_score=float(regions[0].peak_score) if regions else None,
@@ -592,6 +607,7 @@ class ReviewSession:
         source_path: str | Path | None = None,
         source_sha256: str | None = None,
         source_series: str | None = None,
+        midline: Midline | None = None,
     ) -> Case:
         """Store maps of ``image`` as case ``case_id`` (new maps for an existing case).
 
@@ -610,6 +626,9 @@ class ReviewSession:
         session reads the scan from there on resuming (checking the hash).
         Without it (and for a case that had none) the image is kept in memory
         and in a saved session.
+
+        ``midline``: the patient's mid-sagittal plane found with the maps
+        (:attr:`~napari_anomaly.inference.LocalisationResult.midline`).
         """
         if source_path is not None and source_sha256 is None:
             from napari_anomaly.session_store import source_sha256 as hash_source
@@ -642,6 +661,7 @@ class ReviewSession:
             case.source_path = None if source_path is None else str(source_path)
             case.source_sha256 = source_sha256
             case.source_series = source_series
+            case.midline = midline
             case.maps_id = uuid.uuid4().hex[:12]
             case.redo_steps.clear()  # they were made on the previous maps
             case._changed()
@@ -675,6 +695,7 @@ class ReviewSession:
                 source_path=None if source_path is None else str(source_path),
                 source_sha256=source_sha256,
                 source_series=source_series,
+                midline=midline,
             )
         self.cases[case_id] = case
         self._touch()
@@ -702,6 +723,7 @@ class ReviewSession:
             source_path=source[0] if source else None,
             source_sha256=source[1] if source else None,
             source_series=source[2] if source else None,
+            midline=result.midline,
         )
 
     # -- localisation -----------------------------------------------------------
@@ -970,7 +992,11 @@ class ReviewSession:
     def _region_mask(case: Case, region: Region) -> np.ndarray:
         """The voxels of ``region`` in the case's mask; refuses a region of another mask."""
         _, labels = find_regions(
-            case.mask, case.anomaly_map, rank_by=case.rank_by, return_labels=True
+            case.mask,
+            case.anomaly_map,
+            rank_by=case.rank_by,
+            return_labels=True,
+            midline=case.midline,
         )
         if len(region.peak_position) != labels.ndim:
             raise ValueError(f"region {region.label} is not a region of {case.name}")

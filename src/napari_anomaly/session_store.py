@@ -450,6 +450,7 @@ def _save(session: ReviewSession, folder: Path) -> Path:
                     "min_region_voxels": case.min_region_voxels,
                     "min_region_mm": case.min_region_mm,
                     "rank_by": case.rank_by,
+                    "midline": None if case.midline is None else case.midline.to_dict(),
                     "region_limit": None
                     if case.region_limit is None
                     else case.region_limit.to_dict(),
@@ -642,6 +643,7 @@ def load_session(
         If the folder is not a session, a file is damaged, or a scan's source
         file is missing or changed (named in the message; nothing is loaded).
     """
+    from napari_anomaly.asymmetry import Midline
     from napari_anomaly.config import config_from_dict
     from napari_anomaly.inference import InferenceConfig
     from napari_anomaly.localiser import Localiser
@@ -713,6 +715,7 @@ def load_session(
                 min_region_mm=float(entry.get("min_region_mm", 0.0)),
                 localised_at=str(entry.get("localised_at", "")),
                 rank_by=str(entry.get("rank_by", review.rank_by)),
+                midline=Midline.from_dict(entry["midline"]) if entry.get("midline") else None,
                 region_limit=RegionLimit.from_dict(entry["region_limit"])
                 if entry.get("region_limit")
                 else None,

@@ -115,11 +115,12 @@ def test_the_region_table_shows_ten_rows_with_readable_numbers(widget):
     ]
     assert shown
     columns = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
-    assert columns == ["#", "size", "elong.", "mean", "peak", "conf."]
+    assert columns == ["#", "size", "elong.", "midline", "mean", "peak", "conf."]
     for row in shown:
         assert row[1].endswith(" mm²") and "." not in row[1], row
         assert len(row[2].split(".")[1]) == 1 and float(row[2]) >= 1.0, row
-        for score in row[3:]:
+        assert row[3].endswith(" mm") and "." not in row[3], row
+        for score in row[4:]:
             assert len(score.split(".")[1]) == 2 and "e" not in score, row
 
 

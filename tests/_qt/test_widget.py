@@ -254,6 +254,36 @@ def test_the_region_table_is_in_view_after_localise_in_a_small_window(widget, qt
         assert 0 <= y < top
 
 
+def test_the_region_table_shows_how_far_each_region_reaches_from_the_midline(widget):
+    """A reviewer sees why a finding on the falx sits below a lateral one: the ``midline``
+    column shows how far each region reaches from the patient's midline, in mm."""
+    viewer = widget.viewer
+    table = widget.regions.native
+
+    def midline_tip():
+        headers = [table.horizontalHeaderItem(c) for c in range(table.columnCount())]
+        return next(h.toolTip() for h in headers if h.text() == "midline")
+
+    assert "midline" in midline_tip() and "7 mm" in midline_tip()
+    # an axial stack of a symmetric body, 0.5 mm pixels: its midline is column 31.5
+    viewer.add_image(body_scan((6, 48, 64)), name="stack", scale=(5.0, 0.5, 0.5))
+    widget.image_layer.value = "stack"
+    widget.localise(wait=True)
+    assert widget.last_error is None, widget.last_error
+    mask = viewer.layers["stack mask"]
+    edited = np.zeros(mask.data.shape, dtype=mask.data.dtype)
+    edited[3, 10:16, 30:34] = 1  # on the midline: reaches 1.25 mm from it
+    edited[3, 30:36, 50:56] = 1  # lateral: 12.25 mm
+    mask.data = edited
+
+    columns = widget.regions.value["columns"]
+    rows = [dict(zip(columns, row)) for row in widget.regions.value["data"]]
+    assert {row["size"]: row["midline"] for row in rows} == {"30 mm³": "1 mm", "45 mm³": "12 mm"}
+    assert [f"{r.midline_reach_mm:.0f} mm" for r in widget._regions] == [
+        row["midline"] for row in rows
+    ]
+
+
 def test_the_region_table_shows_how_drawn_out_each_region_is(widget):
     """A reviewer sees why a large stripe (a vessel, a sinus) sits below a smaller round
     finding: the ``elong.`` column shows the stripe's length over its width."""

@@ -94,7 +94,7 @@ from napari_anomaly.domain import check_domain
 from napari_anomaly.inference import InferenceConfig, placement
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress, relay
-from napari_anomaly.review import COMPACT_ELONGATION, Region, ReviewConfig
+from napari_anomaly.review import COMPACT_ELONGATION, MIDLINE_BAND_MM, Region, ReviewConfig
 from napari_anomaly.session import (
     CalibrationOutcome,
     Case,
@@ -127,7 +127,12 @@ REGION_COLUMN_TIPS = {
     "elong.": (
         "Length over width (1.0 = round). A region more than "
         f"{COMPACT_ELONGATION:g} times as long as wide (a vessel, a venous sinus) ranks lower "
-        "under the default ranking, compact"
+        "under the default ranking, compact-midline"
+    ),
+    "midline": (
+        "How far the region reaches from the patient's midline, in mm (- where the midline "
+        f"is not known). A region wholly within {MIDLINE_BAND_MM:g} mm of it (the falx, the "
+        "superior sagittal sinus) ranks lower under the default ranking, compact-midline"
     ),
     "mean": "Mean anomaly score inside the region (0-1)",
     "peak": "Highest anomaly score inside the region",
@@ -1260,6 +1265,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
             "#": [r.label for r in self._regions],
             "size": [f"{r.size_physical:.0f} {unit}" for r in self._regions],
             "elong.": [f"{r.elongation:.1f}" for r in self._regions],
+            "midline": [
+                "-" if r.midline_reach_mm is None else f"{r.midline_reach_mm:.0f} mm"
+                for r in self._regions
+            ],
             "mean": [f"{r.mean_score:.2f}" for r in self._regions],
             "peak": [f"{r.peak_score:.2f}" for r in self._regions],
             "conf.": [

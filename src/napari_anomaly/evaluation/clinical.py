@@ -54,6 +54,7 @@ turned into the ratios below by eye; they are not measurements):
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ __all__ = [
     "FAMILIES",
     "HEAD_FOOT_AXIS",
     "LEFT_RIGHT_AXIS",
+    "MIDLINE_SITE_MM",
+    "SITES",
     "AcquisitionConfig",
     "Anatomy",
     "ClinicalCase",
@@ -94,6 +97,13 @@ FAMILIES = ("mass", "enhancing_nodule", "infarct", "periventricular", "normal")
 #: every figure made with it, stays as it was.
 EXTRA_FAMILIES = ("meningioma",)
 ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
+#: Where a case's lesions may lie: ``anywhere`` a family's own rule allows, or on the
+#: ``midline``, their centres within :data:`MIDLINE_SITE_MM` of the head's mid-sagittal
+#: plane (the corpus callosum, the falx, the medial cortex): the lesions that a
+#: review which discounts the midline's normal findings (the falx, the superior
+#: sagittal sinus) would pay for.
+SITES = ("anywhere", "midline")
+MIDLINE_SITE_MM = 5.0
 
 BACKGROUND, CSF, GREY_MATTER, WHITE_MATTER = 0, 1, 2, 3
 
@@ -367,6 +377,9 @@ class Anatomy:
         Distance to the ventricles, mm (``inf`` beyond 15 mm of them).
     centre : ndarray, float64, (3,)
         Centroid of the brain mask, voxel coordinates.
+    site : ndarray, bool, optional
+        Where lesion centres may lie (:data:`SITES`); ``None``: anywhere the
+        family's own rule allows.
     """
 
     classes: np.ndarray
@@ -375,6 +388,15 @@ class Anatomy:
     ventricles: np.ndarray
     ventricle_distance_mm: np.ndarray
     centre: np.ndarray
+    site: np.ndarray | None = None
+
+    def within_site(self, allowed: np.ndarray) -> np.ndarray:
+        """The voxels of ``allowed`` in :attr:`site`; where none are, the brain's voxels
+        in the site (a family's own rule gives way to the site asked for)."""
+        if self.site is None:
+            return allowed
+        both = allowed & self.site
+        return both if both.any() else self.brain_mask & self.site
 
 
 # --------------------------------------------------------------------------- helpers
@@ -649,6 +671,17 @@ def _anatomy_for(classes: np.ndarray, brain_mask: np.ndarray, anatomy: Anatomy |
     if anatomy.classes.shape != classes.shape:
         raise ValueError("anatomy does not match the volume's shape")
     return anatomy
+
+
+def _with_site(anatomy: Anatomy, site: str) -> Anatomy:
+    """``anatomy`` with the :attr:`Anatomy.site` of a name of :data:`SITES`."""
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+    if site == "anywhere":
+        return anatomy
+    left_right = np.arange(anatomy.brain_mask.shape[2]) - anatomy.centre[2]
+    band = np.broadcast_to(np.abs(left_right) <= MIDLINE_SITE_MM, anatomy.brain_mask.shape)
+    return dataclasses.replace(anatomy, site=np.array(band))
 
 
 def _tissue_levels(volume: np.ndarray, classes: np.ndarray) -> dict[str, float]:
@@ -947,6 +980,7 @@ def insert_lesions(
     rng: np.random.Generator | int | None = None,
     *,
     anatomy: Anatomy | None = None,
+    site: str = "anywhere",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Insert one family of pathology into a 1 mm head of a given contrast.
 
@@ -1008,6 +1042,11 @@ def insert_lesions(
     rng : numpy.random.Generator or int, optional
     anatomy : Anatomy, optional
         Precomputed maps of this head (computed from ``classes`` if absent).
+    site : str, default "anywhere"
+        One of :data:`SITES`: ``midline`` puts every lesion's centre within
+        :data:`MIDLINE_SITE_MM` (left-right, the last axis) of the brain's
+        centroid, where the family's own rule allows it there, else anywhere in
+        the brain there.
 
     Returns
     -------
@@ -1029,7 +1068,7 @@ def insert_lesions(
     classes = np.asarray(classes, dtype=np.uint8)
     brain_mask = np.asarray(brain_mask, dtype=bool)
     _check_volume(volume, brain_mask)
-    anatomy = _anatomy_for(classes, brain_mask, anatomy)
+    anatomy = _with_site(_anatomy_for(classes, brain_mask, anatomy), site)
     white = _tissue_levels(volume, classes)["wm"]
     mask = np.zeros(volume.shape, dtype=bool)
     params: dict[str, Any] = {"family": family, "contrast": contrast, "lesions": []}
@@ -1071,7 +1110,7 @@ def _insert_mass(
     # uneven wall typical of ring-enhancing tumours [Osborn].
     eccentricity = rng.standard_normal(3) * 0.12 * radius
     tissue = (anatomy.classes == GREY_MATTER) | (anatomy.classes == WHITE_MATTER)
-    centre = _pick_voxel(tissue, anatomy.depth_mm, 1.3 * radius + 2.0, rng)
+    centre = _pick_voxel(anatomy.within_site(tissue), anatomy.depth_mm, 1.3 * radius + 2.0, rng)
     box, low = _box(centre, 3.5 * radius + 2.0, volume.shape)
     shape = tuple(s.stop - s.start for s in box)
     texture = 1.0 + _LESION_TEXTURE * _smooth_noise(shape, rng, 1.0)
@@ -1141,7 +1180,9 @@ def _insert_nodules(
     count = int(rng.integers(1, 5))
     white_matter = anatomy.classes == WHITE_MATTER
     # Haematogenous metastases lodge at the grey/white junction [Osborn].
-    junction = white_matter & ndimage.binary_dilation(anatomy.classes == GREY_MATTER)
+    junction = anatomy.within_site(
+        white_matter & ndimage.binary_dilation(anatomy.classes == GREY_MATTER)
+    )
     lesions: list[dict] = []
     for _ in range(count):
         radius = rng.uniform(2.0, 5.0)
@@ -1213,7 +1254,10 @@ def _insert_infarct(
     in_plane = np.sqrt((grid[1] - anatomy.centre[1]) ** 2 + (grid[2] - anatomy.centre[2]) ** 2)
     convexity = cortex & (np.abs(grid[0] - anatomy.centre[0]) <= 0.5 * in_plane)
     surface = _pick_voxel(
-        convexity if convexity.any() else cortex, np.ones(cortex.shape, np.float32), 0.0, rng
+        anatomy.within_site(convexity if convexity.any() else cortex),
+        np.ones(cortex.shape, np.float32),
+        0.0,
+        rng,
     )
     axis = (anatomy.centre - surface) * np.array([0.3, 1.0, 1.0])
     axis = axis / max(np.linalg.norm(axis), 1e-6) + tilt
@@ -1269,6 +1313,7 @@ def _insert_periventricular(
     else:  # no ventricles found: deep white matter instead
         near = white_matter
         closeness = anatomy.depth_mm
+    near = anatomy.within_site(near)
     lesions: list[dict] = []
     for _ in range(count):
         radius = rng.uniform(1.5, 4.0)
@@ -1339,7 +1384,10 @@ def _insert_meningioma(
     # Convexity and falx, not the skull base: above a plane 10 mm below the brain's centre.
     above = surface & (np.arange(surface.shape[0])[:, None, None] >= anatomy.centre[0] - 10)
     point = _pick_voxel(
-        above if above.any() else surface, np.ones(surface.shape, np.float32), 0.0, rng
+        anatomy.within_site(above if above.any() else surface),
+        np.ones(surface.shape, np.float32),
+        0.0,
+        rng,
     )
     inward = _inward_normal(brain_mask, point)
     # The base sits on the dura, 2 mm outside the brain mask; the dome grows inward.
@@ -1733,6 +1781,7 @@ def make_case(
     config: AcquisitionConfig = DEFAULT_ACQUISITION,
     *,
     anatomy: Anatomy | None = None,
+    site: str = "anywhere",
 ) -> ClinicalCase:
     """Make one clinical case: contrast, lesions and acquisition of a normal T1 head.
 
@@ -1754,6 +1803,8 @@ def make_case(
     anatomy : Anatomy, optional
         From :func:`prepare_anatomy` of this head; pass it when making many
         cases (it is the slow part).
+    site : str, default "anywhere"
+        Where the lesions lie (:data:`SITES`, :func:`insert_lesions`).
 
     Returns
     -------
@@ -1779,7 +1830,14 @@ def make_case(
         sinus_rng = np.random.default_rng(int(contrast_rng.integers(0, 2**63 - 1)))
         contrasted, sinus_params = add_venous_sinuses(contrasted, anatomy, sinus_rng)
     lesioned, lesion, lesion_params = insert_lesions(
-        contrasted, anatomy.classes, brain_mask, family, contrast, lesion_rng, anatomy=anatomy
+        contrasted,
+        anatomy.classes,
+        brain_mask,
+        family,
+        contrast,
+        lesion_rng,
+        anatomy=anatomy,
+        site=site,
     )
     white = _tissue_levels(lesioned, anatomy.classes)["wm"]
     image, (partial, brain_partial), spacing, acquisition = _acquire(
@@ -1792,6 +1850,8 @@ def make_case(
         "lesions": lesion_params["lesions"],
         "acquisition": acquisition,
     }
+    if site != "anywhere":
+        params["site"] = site
     if sinus_params is not None:
         params["contrast"]["venous_sinuses"] = sinus_params
     return ClinicalCase(
@@ -1821,6 +1881,7 @@ def make_cohort(
     cases_per_cell: int = 2,
     seed: int = 0,
     config: AcquisitionConfig = DEFAULT_ACQUISITION,
+    site: str = "anywhere",
 ) -> Iterator[ClinicalCase]:
     """Yield ``cases_per_cell`` cases for every family and contrast of one normal head.
 
@@ -1842,6 +1903,8 @@ def make_cohort(
     cases_per_cell : int
     seed : int
     config : AcquisitionConfig
+    site : str
+        Where the lesions lie (:data:`SITES`); a seed's other draws stay as they were.
 
     Yields
     ------
@@ -1855,6 +1918,8 @@ def make_cohort(
             raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
     if cases_per_cell < 0:
         raise ValueError("cases_per_cell must be >= 0")
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
     volume = np.asarray(volume_1mm, dtype=np.float32)
     brain_mask = np.asarray(brain_mask, dtype=bool)
     anatomy = prepare_anatomy(volume, brain_mask)
@@ -1862,7 +1927,9 @@ def make_cohort(
         for contrast in contrasts:
             for index in range(cases_per_cell):
                 rng = np.random.default_rng(_case_seed(seed, family, contrast, index))
-                case = make_case(volume, brain_mask, family, contrast, rng, config, anatomy=anatomy)
+                case = make_case(
+                    volume, brain_mask, family, contrast, rng, config, anatomy=anatomy, site=site
+                )
                 case.params["seed"] = {"seed": int(seed), "index": index}
                 yield case
 

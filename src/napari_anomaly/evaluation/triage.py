@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_anomaly.asymmetry import Midline
 from napari_anomaly.metrics import average_precision
 from napari_anomaly.review import find_regions, limit_regions, min_voxels, threshold_map
 
@@ -79,6 +80,7 @@ def triage_case(
     rank_by: str = "mass",
     spacing: Sequence[float] | None = None,
     max_regions: int = 0,
+    midline: Midline | None = None,
 ) -> CaseTriage:
     """Region-table figures of one scan at one threshold.
 
@@ -96,13 +98,16 @@ def triage_case(
         Raise the threshold for this scan where its mask would hold more
         regions, as a new case in the review step starts
         (:func:`napari_anomaly.review.limit_regions`; 0: never).
+    midline
+        The scan's mid-sagittal plane, for ``rank_by="compact-midline"``
+        (:func:`napari_anomaly.review.find_regions`).
     """
     truth = np.asarray(truth, dtype=bool)
     if max_regions:  # a count of the regions only where a limit asks for it
         threshold = limit_regions(anomaly_map, threshold, max_regions, min_region_voxels).threshold
     mask = threshold_map(anomaly_map, threshold, min_region_voxels)
     regions, labels = find_regions(
-        mask, anomaly_map, spacing=spacing, rank_by=rank_by, return_labels=True
+        mask, anomaly_map, spacing=spacing, rank_by=rank_by, return_labels=True, midline=midline
     )
     structure = ndi.generate_binary_structure(truth.ndim, truth.ndim)
     lesion_labels, count = ndi.label(truth, structure=structure)
@@ -170,6 +175,7 @@ def triage_scans(
     rank_by: str,
     max_regions: int = 0,
     top_k: int = TOP_K,
+    midlines: Sequence[Midline | None] | None = None,
 ) -> dict:
     """Region triage of scans read from files, as ``napari-anomaly evaluate`` reports it.
 
@@ -190,6 +196,8 @@ def triage_scans(
     threshold, rank_by, max_regions
         As in the review step (``max_regions``: a scan whose mask holds more regions
         is triaged at the higher threshold its case would start at).
+    midlines
+        Per scan, the midline ``localise`` found (``None``: not known); default: none.
 
     Returns
     -------
@@ -200,8 +208,10 @@ def triage_scans(
         their ratio.
     """
     cases, figures = [], []
-    for name, anomaly_map, truth, spacing in zip(
-        names, anomaly_maps, truths, spacings, strict=True
+    if midlines is None:
+        midlines = [None] * len(names)
+    for name, anomaly_map, truth, spacing, midline in zip(
+        names, anomaly_maps, truths, spacings, midlines, strict=True
     ):
         anomaly_map = np.asarray(anomaly_map)
         lesions = (
@@ -217,6 +227,7 @@ def triage_scans(
             rank_by=rank_by,
             spacing=spacing,
             max_regions=max_regions,
+            midline=midline,
         )
         row = {"name": name, "normal": truth is None, **triage.to_dict()}
         if lesions.any():

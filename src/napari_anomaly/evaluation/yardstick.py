@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_anomaly.asymmetry import blend_asymmetry, raise_by_asymmetry
+from napari_anomaly.asymmetry import Midline, blend_asymmetry, raise_by_asymmetry
 from napari_anomaly.calibration import (
     CURVE_THRESHOLDS,
     DEFAULT_MAX_FALSE_REGIONS,
@@ -73,6 +73,8 @@ class CaseMaps:
     truth: np.ndarray  # bool
     #: the left-right comparison alone (float16), for variants that blend it in
     asymmetry: np.ndarray | None = None
+    #: the patient's midline, found with the comparison, for ``compact-midline``
+    midline: Midline | None = None
 
 
 def model_predictor(
@@ -153,7 +155,9 @@ def with_asymmetry(
 
     ``left_right_axes``: per image, its left-right axis, which must be the last (axial and
     coronal stacks), or ``None`` (a sagittal stack: no plane holds both sides, so the
-    comparison is empty, as ``localise`` leaves it); default: the last axis of every image."""
+    comparison is empty, as ``localise`` leaves it); default: the last axis of every image.
+    The midline found on the way is kept too (``midline``), for the ``compact-midline``
+    order of the region table."""
     whole = dataclasses.replace(post, asymmetry_weight=1.0)
     if left_right_axes is None:
         left_right_axes = [img.ndim - 1 for img in images]
@@ -170,7 +174,7 @@ def with_asymmetry(
         planes = image if image.ndim == 3 else image[None]
         fg_planes = foreground if image.ndim == 3 else foreground[None]
         asym = np.zeros(planes.shape, dtype=np.float32)
-        yield from blend_asymmetry(
+        mirror = yield from blend_asymmetry(
             asym,
             lambda p, m=mapping, a=planes, f=fg_planes: m.apply(a[p], f[p]),
             fg_planes,
@@ -178,7 +182,13 @@ def with_asymmetry(
             1,
             whole,
         )
-        out.append(dataclasses.replace(r, asymmetry=asym.reshape(image.shape).astype(np.float16)))
+        out.append(
+            dataclasses.replace(
+                r,
+                asymmetry=asym.reshape(image.shape).astype(np.float16),
+                midline=Midline.of(mirror, (image.ndim - 2, image.ndim - 1)),
+            )
+        )
     return out
 
 
@@ -233,6 +243,7 @@ def score_variant(
             min_region_voxels=min_voxels(min_region_size, min_region_mm, r.spacing),
             rank_by=rank_by,
             spacing=r.spacing,
+            midline=r.midline,
         )
         for m, r in zip(maps, records)
     ]
