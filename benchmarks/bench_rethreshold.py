@@ -26,8 +26,13 @@ change in the dock widget, as the slider's settle timer runs it: re-threshold, r
 the mask layer, the region table and the status line updated, and the canvas repainted
 (``AnomalyReviewWidget.set_threshold`` + processing the Qt events), on the same map.
 
+With ``--midline`` "after" also measures how far each region reaches from a midline
+through the map's centre (``find_regions(midline=...)``, what the default
+``compact-midline`` ranking reads), so that ``--before-commit`` of the commit before it
+gives that measurement's cost.
+
     python benchmarks/bench_rethreshold.py [--size 256] [--repeats 3] [--widget]
-        [--before-commit COMMIT]
+        [--before-commit COMMIT] [--midline]
 
 Writes ``benchmarks/results/rethreshold.json`` (``--out`` to change).
 """
@@ -47,9 +52,12 @@ from _machine import environment, write_report
 from scipy import ndimage as ndi
 
 from napari_anomaly import review
+from napari_anomaly.asymmetry import Midline, Mirror
 from napari_anomaly.review import MaskEdits, find_regions, limit_regions, rethreshold
 
 BEFORE: types.ModuleType
+#: The midline "after" measures each region's reach from (``--midline``), or ``None``.
+MIDLINE = None
 
 
 def anomaly_map(size: int, seed: int = 0) -> np.ndarray:
@@ -104,7 +112,7 @@ def _change_before(scores, threshold, edits, min_size):
 
 def _change_after(scores, threshold, edits, min_size):
     mask = rethreshold(scores, threshold, edits, min_size)
-    return mask, find_regions(mask, scores, scores, rank_by="mass")
+    return mask, find_regions(mask, scores, scores, rank_by="mass", midline=MIDLINE)
 
 
 def widget_ms(scores: np.ndarray, thresholds: list[float], repeats: int) -> list[float]:
@@ -156,11 +164,19 @@ def main() -> None:
         default=BEFORE_COMMIT,
         help="the commit whose review.py is timed as 'before' (default: before the speed-up)",
     )
+    parser.add_argument(
+        "--midline",
+        action="store_true",
+        help="'after' also measures each region's reach from a midline (see the docstring)",
+    )
     args = parser.parse_args()
 
-    global BEFORE
+    global BEFORE, MIDLINE
     BEFORE = review_before(args.before_commit)
     scores = anomaly_map(args.size)
+    if args.midline:  # axial planes (Z, Y, X), the midline square to them at the centre
+        flip = Mirror(np.diag([1.0, -1.0]), np.array([0.0, args.size - 1.0]), 0.0, 1)
+        MIDLINE = Midline.of(flip, (1, 2))
     edits = MaskEdits.empty(scores.shape)
     added = np.zeros(scores.shape, dtype=bool)
     added[10:13, 10:13, 10:13] = True  # a small painted finding
@@ -217,6 +233,7 @@ def main() -> None:
         "map": f"float32 {scores.shape}, synthetic (see the script's docstring)",
         "what": "rethreshold + find_regions (with a confidence map) per threshold change",
         "before": f"review.py at {args.before_commit}",
+        "after_measures_midline_reach": args.midline,
         "thresholds": thresholds,
         "regions_at_threshold": {str(t): n for t, n in regions_at.items()},
         "min_region_size": args.min_region_size,

@@ -126,7 +126,10 @@ class Midline:
         """
         ndim = len(coordinates)
         if max(self.plane_axes) >= ndim:
-            raise ValueError(f"a midline of axes {self.plane_axes} needs at least 2 axes")
+            raise ValueError(
+                f"a midline across axes {self.plane_axes} needs coordinates on at least "
+                f"{max(self.plane_axes) + 1} axes, got {ndim}"
+            )
         step = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
         row, column = (np.asarray(coordinates[a], dtype=np.float64) for a in self.plane_axes)
         (a, b), (c, d) = self.matrix
@@ -135,6 +138,7 @@ class Midline:
         return 0.5 * np.hypot(gap_row, gap_column)
 
     def to_dict(self) -> dict[str, list]:
+        """Plain lists, for JSON (a session's manifest, a sidecar)."""
         return {
             "plane_axes": list(self.plane_axes),
             "matrix": [list(row) for row in self.matrix],
@@ -143,6 +147,7 @@ class Midline:
 
     @classmethod
     def from_dict(cls, data: dict) -> Midline:
+        """The midline of :meth:`to_dict`; ``ValueError`` or ``KeyError`` for damaged data."""
         matrix = np.asarray(data["matrix"], dtype=np.float64)
         offset = np.asarray(data["offset"], dtype=np.float64)
         axes = tuple(int(a) for a in data["plane_axes"])
