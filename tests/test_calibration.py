@@ -271,7 +271,6 @@ def test_the_midline_ranking_moves_regions_within_the_falx_band_behind_the_rest(
     assert reach[int(on_midline.sum())] == pytest.approx(4.0)
     assert reach[int(across.sum())] == pytest.approx(9.0)  # wider than the band: kept first
     assert reach[int(lateral.sum())] == pytest.approx(30.0)
-    assert [r.on_midline for r in ranked] == [False, False, True]
     # The other orders do not look at the midline, and the CSV says how far each reaches.
     by_mass = find_regions(mask, scores, spacing=spacing, rank_by="mass", midline=midline)
     assert [r.voxel_count for r in by_mass] == [r.voxel_count for r in compact]

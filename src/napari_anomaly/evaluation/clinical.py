@@ -1814,6 +1814,8 @@ def make_case(
         raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     if contrast not in CONTRASTS:
         raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
     rng = _as_generator(rng)
     volume = np.asarray(volume_1mm, dtype=np.float32)
     brain_mask = np.asarray(brain_mask, dtype=bool)
