@@ -70,6 +70,7 @@ from napari_anomaly.io import atomic_write_text
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.preprocess import PreprocessConfig
 from napari_anomaly.progress import run_to_end
+from napari_anomaly.review import RANKINGS
 
 
 def only_brain(records, cases):
@@ -164,7 +165,7 @@ def main() -> None:
     )
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
-    parser.add_argument("--rank-by", nargs="+", default=["mass"])
+    parser.add_argument("--rank-by", nargs="+", choices=RANKINGS, default=["mass"])
     parser.add_argument(
         "--asymmetry-weight",
         type=float,
@@ -321,7 +322,9 @@ def main() -> None:
         if args.brain_only:
             cal = only_brain(cal, calibration_cases)
             records = only_brain(records, cases)
-        if any(w > 0 for w in args.asymmetry_weight):
+        # The left-right comparison also finds each scan's midline, which the
+        # compact-midline order reads even where no variant blends the comparison in.
+        if any(w > 0 for w in args.asymmetry_weight) or "compact-midline" in args.rank_by:
             post = PostprocessConfig()
             cal = run_to_end(
                 with_asymmetry(cal, [c.image for c in calibration_cases], prepare, post)
