@@ -23,9 +23,12 @@ what the network misses:
 :func:`napari_anomaly.inference.localise` raises the network's map towards this
 one where it is higher (:func:`raise_by_asymmetry`, by
 ``PostprocessConfig.asymmetry_weight``) before smoothing and calibration; the
-comparison never lowers what the networks see.
+comparison never lowers what the networks see. It also keeps the line it found
+as the scan's :class:`Midline` (``LocalisationResult.midline``, for every model),
+from which the region table reads how far each region reaches from the midline
+(``review.find_regions``, the ``compact-midline`` order).
 Planes whose grid does not include the left-right axis (sagittal slices) and
-3D networks get no comparison. A head rolled about its front-back axis is not
+3D networks get no comparison and no midline. A head rolled about its front-back axis is not
 corrected for: its left and right halves lie in different slices.
 """
 
