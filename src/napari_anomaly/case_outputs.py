@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_anomaly import io
+from napari_anomaly.asymmetry import Midline
 from napari_anomaly.io import (
     OutputSet,
     atomic_write_text,
@@ -50,6 +51,7 @@ __all__ = [
     "LOCALISE_KINDS",
     "OutputPlan",
     "case_sidecar",
+    "sidecar_midline",
     "export_plan",
     "is_dicom_source",
     "localise_plan",
@@ -117,6 +119,16 @@ def localise_plan(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
         files["seg"] = companion_path(source, "_seg", ".dcm", out_dir=out_dir)
     files["sidecar"] = sidecar_path(files["mask"])
     return OutputPlan(Path(out_dir), files)
+
+
+def sidecar_midline(mask_path: str | os.PathLike[str]) -> Midline | None:
+    """The midline recorded in the sidecar of the mask at ``mask_path`` (``None`` where
+    there is no sidecar, it records none, or it cannot be read)."""
+    try:
+        data = json.loads(sidecar_path(Path(mask_path)).read_text(encoding="utf-8"))
+        return Midline.from_dict(data["midline"]) if data.get("midline") else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def export_plan(mask_path: str | os.PathLike[str], include_anomaly_map: bool = False) -> OutputPlan:

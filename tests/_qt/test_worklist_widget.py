@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import body_scan
 
+from napari_anomaly.asymmetry import Midline
 from napari_anomaly.io import Geometry, read_image, write_image
 
 GEOMETRY = Geometry(spacing=(0.7, 0.9), origin=(5.0, -3.0), direction=(1, 0, 0, 1))
@@ -58,6 +59,9 @@ def test_next_case_reviews_a_cohort_and_exports_the_reviewed_cases(widget, cohor
     # p1's layers leave the viewer (its review stays in the session).
     widget.next_case(wait=True)
     assert widget.image_layer.value == "p2" and not widget.busy
+    # ...and with the midline found with its maps, so that its table is ordered as a
+    # case localised in the foreground is (compact-midline).
+    assert widget.case().midline is not None
     assert widget.case() is not None and widget.case().source_path.endswith("p2.nrrd")
     assert _scan_layers(widget) == ["p2"]
     assert "p1 mask" not in widget.viewer.layers
@@ -140,6 +144,9 @@ def test_a_batch_table_opens_its_cases_with_the_batch_maps_most_suspicious_first
     write_image(case / "p2_anomaly.nrrd", anomaly, GEOMETRY)
     write_image(case / "p2_confidence.nrrd", np.full((32, 32), 0.8, np.float32), GEOMETRY)
     write_image(case / "p2_mask.nrrd", (anomaly > 0.5).astype(np.uint8), GEOMETRY)
+    # the batch's sidecar records the midline localise found in the scan
+    midline = {"plane_axes": [0, 1], "matrix": [[1.0, 0.0], [0.0, -1.0]], "offset": [0.0, 31.0]}
+    (case / "p2_mask.json").write_text(json.dumps({"midline": midline}))
     sha = widget.session.localiser.sha256
     (batch / "results.csv").write_text(
         "case,source,model_sha256,sample_score,status,error,mask\n"
@@ -155,5 +162,6 @@ def test_a_batch_table_opens_its_cases_with_the_batch_maps_most_suspicious_first
     case = widget.case()
     np.testing.assert_array_equal(case.anomaly_map, anomaly)
     assert case.source_path == str(cohort / "p2.nrrd")
+    assert case.midline == Midline.from_dict(midline)
     widget._wait_prefetch()  # p1, localised in the background meanwhile
     assert _statuses(widget)[:2] == ["localised", "ready"]

@@ -22,6 +22,7 @@ from qtpy.QtWidgets import QApplication, QFileDialog, QStyledItemDelegate
 
 from napari_anomaly._layers import CASE_ID_KEY
 from napari_anomaly._reader import layer_data_of
+from napari_anomaly.case_outputs import sidecar_midline
 from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
@@ -62,7 +63,7 @@ class WorklistControls:
         self._prefetch_worker = None
         self._prefetching: int | None = None  # item index being localised in the background
         # item index -> (model, geometry, anomaly map, confidence map) made ahead
-        self._prefetched: dict[int, tuple[Localiser, Any, Any, Any]] = {}
+        self._prefetched: dict[int, tuple[Localiser, Any, Any, Any, Any]] = {}
         self._open_when_ready: int | None = None
         self._worklist_shown: tuple | None = None  # what the table shows now
         table = self.worklist_table.native
@@ -214,7 +215,7 @@ class WorklistControls:
             self._show_layers(case)
             self._render_shown_case()
         elif made is not None and made[0] is session.localiser:
-            _, geometry, anomaly_map, confidence_map = made
+            _, geometry, anomaly_map, confidence_map, midline = made
             case = session.add_case(
                 case_id,
                 np.asarray(layer.data),
@@ -225,6 +226,7 @@ class WorklistControls:
                 model_name=made[0].name,
                 model_sha256=made[0].sha256,
                 source_path=item.path,
+                midline=midline,
             )
             self._check_domain(case_id, layer.name, case.image, session.localiser)
             self._on_localised(case)
@@ -235,8 +237,8 @@ class WorklistControls:
 
     def _batch_maps(self, item, layer) -> tuple | None:
         """The maps a batch run made for ``item`` with the session's current model, as
-        ``(localiser, geometry, anomaly_map, confidence_map)``; ``None`` when there are
-        none to use."""
+        ``(localiser, geometry, anomaly_map, confidence_map, midline)`` (the midline its
+        sidecar records); ``None`` when there are none to use."""
         localiser = self._session.localiser
         files = item.map_files()
         if files is None or item.maps_model_sha256 != localiser.sha256:
@@ -251,7 +253,7 @@ class WorklistControls:
             or confidence.shape != anomaly.array.shape
         ):
             return None
-        return localiser, anomaly.geometry, anomaly.array, confidence
+        return localiser, anomaly.geometry, anomaly.array, confidence, sidecar_midline(item.maps)
 
     def _add_scan_layer(self, item, loaded) -> Any:
         data, kwargs, _ = layer_data_of(loaded)
@@ -323,6 +325,7 @@ class WorklistControls:
             loaded.geometry,
             result.anomaly_map,
             result.confidence_map,
+            result.midline,
         )
         self._refresh_worklist()
 
