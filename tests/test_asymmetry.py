@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 from napari_anomaly.asymmetry import (
     Midline,
     asymmetry_plane,
+    find_midline,
     find_mirror,
     head_foot_axis,
     left_right_axis,
@@ -266,3 +267,76 @@ def test_localise_finds_the_midline_wherever_the_planes_hold_left_and_right():
     # sagittal planes hold one side only: no midline
     assert run_to_end(localise(volume, comparing, left_right_axis=0)).midline is None
     assert run_to_end(localise(volume, comparing, left_right_axis=None)).midline is None
+
+
+def _rolled_head(roll: float, shape=(24, 180, 160), spacing=(5.0, 1.0, 1.0)):
+    """A 3D 'head' (an ellipsoid with two symmetric 'ventricles' and ridges that change
+    with height), rolled ``roll`` degrees about its front-back axis (one side lower).
+    Returns the volume, its inside, and each voxel's signed distance (mm) from the
+    head's own mid-sagittal plane."""
+    z, y, x = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    cz, cy, cx = [(n - 1) * s / 2 for n, s in zip(shape, spacing)]
+    angle = np.deg2rad(roll)
+    up = np.cos(angle) * (z - cz) + np.sin(angle) * (x - cx)
+    side = -np.sin(angle) * (z - cz) + np.cos(angle) * (x - cx)
+    inside = (side / 70) ** 2 + ((y - cy) / 85) ** 2 + (up / 80) ** 2 < 1
+    image = 0.6 * inside
+    image -= 0.4 * np.exp(-(((np.abs(side) - 18) / 7) ** 2 + ((y - cy + 10) / 20) ** 2))
+    image += 0.2 * np.cos(np.abs(side) / 6.0 + up / 15) * inside
+    return (image * 1000).astype(np.float32), inside, side
+
+
+def test_a_rolled_head_s_midline_follows_it_from_slice_to_slice():
+    """A head rolled 8 degrees: its mid-sagittal plane crosses 24 slices of 5 mm at a
+    slant (about 8 mm either way of the middle slice); one line for every slice is
+    that far off at the ends, the followed line stays on it."""
+    spacing = (5.0, 1.0, 1.0)
+    for roll in (8.0, -5.0):
+        volume, inside, side = _rolled_head(roll)
+        midline = find_midline(volume.__getitem__, inside, (1, 2), 1, spacing)
+        on_plane = np.nonzero((np.abs(side) < 0.6) & inside)
+        assert np.quantile(midline.distance_mm(on_plane, spacing), 0.95) < 2.0
+        flat = Midline(midline.plane_axes, midline.matrix, midline.offset)
+        assert flat.distance_mm(on_plane, spacing).max() > 5.0
+        # the move per slice says how far it is rolled: 2 tan(roll) * 5 mm / 1 mm
+        expected = 2 * np.tan(np.deg2rad(abs(roll))) * 5.0
+        assert abs(abs(midline.offset_step[1]) - expected) < 0.15 * expected
+    # a head that is not rolled keeps one line for every slice
+    volume, inside, _ = _rolled_head(0.0)
+    level = find_midline(lambda p: volume[p], inside, (1, 2), 1, spacing)
+    assert np.abs(level.offset_step).max() < 0.05
+
+
+def test_localise_compares_a_rolled_head_slice_by_slice():
+    """The comparison mirrors each slice about its own line: a head rolled 4 degrees
+    raises nothing deep inside (about one line for all slices, the top 1 % of it rose
+    to 0.28), and a one-sided spot still stands out."""
+    _, comparing = _localisers()  # the network says 0.1 everywhere
+    volume, inside, side = _rolled_head(4.0)
+    spot = (np.abs(side + 30) < 5) & (np.abs(np.arange(180) - 60)[None, :, None] < 5)
+    volume = volume + 500 * spot[:, :, :]
+    result = run_to_end(localise(volume, comparing, spacing=(5.0, 1.0, 1.0)))
+    plane = np.zeros((1, 3, 3), bool)
+    plane[0, 1, :] = plane[0, :, 1] = True  # in-plane neighbours only
+    deep = ndi.binary_erosion(inside, plane, iterations=12)
+    deep &= ~ndi.binary_dilation(spot, plane, iterations=6)
+    assert np.quantile(result.anomaly_map[deep], 0.99) < 0.11
+    assert result.anomaly_map[spot & inside].mean() > 0.15
+    assert result.midline is not None and abs(result.midline.offset_step[1]) > 0.5
+
+
+def test_a_midline_saved_before_rolled_heads_were_followed_still_loads():
+    old = {"plane_axes": [1, 2], "matrix": [[1.0, 0.0], [0.0, -1.0]], "offset": [0.0, 100.0]}
+    midline = Midline.from_dict(old)
+    assert midline.offset_step == (0.0, 0.0)
+    rolled = Midline((1, 2), midline.matrix, midline.offset, (0.0, 1.5))
+    assert Midline.from_dict(json.loads(json.dumps(rolled.to_dict()))) == rolled
+    # column 50 is on the line in slice 0 and 0.75 pixels further per slice (1 mm pixels)
+    distance = rolled.distance_mm(
+        [np.array([0.0, 4.0]), np.array([10.0, 10.0]), np.array([50.0, 53.0])]
+    )
+    np.testing.assert_allclose(distance, [0.0, 0.0], atol=1e-9)
+    with pytest.raises(ValueError, match="offset_step"):
+        Midline.from_dict({**old, "offset_step": [0.0]})
+    with pytest.raises(ValueError, match="finite"):
+        Midline.from_dict({**old, "offset_step": [0.0, float("inf")]})

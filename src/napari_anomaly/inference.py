@@ -38,9 +38,9 @@ from scipy import ndimage
 from napari_anomaly.asymmetry import (
     Midline,
     blend_asymmetry,
+    find_midline,
     head_foot_axis,
     left_right_axis,
-    mean_plane_mirror,
 )
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
@@ -599,18 +599,18 @@ def localise(
         def prepared(p: int) -> np.ndarray:
             return mapping.apply(frame.raw_planes[p], frame.foreground_planes[p])
 
-        mirror = mean_plane_mirror(prepared, frame.foreground_planes, plane_axes.index(lr))
-        midline = Midline.of(mirror, plane_axes)
+        step = (1.0,) * arr.ndim if spacing is None else tuple(spacing)
+        midline = find_midline(
+            prepared, frame.foreground_planes, plane_axes, plane_axes.index(lr), step
+        )
         if post.asymmetry_weight > 0:
-            step = (1.0,) * arr.ndim if spacing is None else tuple(spacing)
             yield from blend_asymmetry(
                 frame.anomaly_planes,
                 prepared,
                 frame.foreground_planes,
                 [step[a] for a in plane_axes],
-                plane_axes.index(lr),
+                midline,
                 post,
-                mirror,
             )
     if post.changes_the_map:
         slices = config.slice_axis if by_plane else None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_anomaly.asymmetry import Midline, blend_asymmetry, raise_by_asymmetry
+from napari_anomaly.asymmetry import Midline, blend_asymmetry, find_midline, raise_by_asymmetry
 from napari_anomaly.calibration import (
     CURVE_THRESHOLDS,
     DEFAULT_MAX_FALSE_REGIONS,
@@ -174,19 +174,16 @@ def with_asymmetry(
         planes = image if image.ndim == 3 else image[None]
         fg_planes = foreground if image.ndim == 3 else foreground[None]
         asym = np.zeros(planes.shape, dtype=np.float32)
-        mirror = yield from blend_asymmetry(
-            asym,
-            lambda p, m=mapping, a=planes, f=fg_planes: m.apply(a[p], f[p]),
-            fg_planes,
-            r.spacing[-2:],
-            1,
-            whole,
-        )
+        axes = (image.ndim - 2, image.ndim - 1)
+
+        def prepared(p, m=mapping, a=planes, f=fg_planes):
+            return m.apply(a[p], f[p])
+
+        midline = find_midline(prepared, fg_planes, axes, 1, r.spacing)
+        yield from blend_asymmetry(asym, prepared, fg_planes, r.spacing[-2:], midline, whole)
         out.append(
             dataclasses.replace(
-                r,
-                asymmetry=asym.reshape(image.shape).astype(np.float16),
-                midline=Midline.of(mirror, (image.ndim - 2, image.ndim - 1)),
+                r, asymmetry=asym.reshape(image.shape).astype(np.float16), midline=midline
             )
         )
     return out
