@@ -301,6 +301,11 @@ def test_a_rolled_head_s_midline_follows_it_from_slice_to_slice():
         # the move per slice says how far it is rolled: 2 tan(roll) * 5 mm / 1 mm
         expected = 2 * np.tan(np.deg2rad(abs(roll))) * 5.0
         assert abs(abs(midline.offset_step[1]) - expected) < 0.15 * expected
+    # thin slices (130 of 1 mm): a share of them is used, evenly, and the line still follows
+    volume, inside, side = _rolled_head(6.0, shape=(130, 180, 160), spacing=(1.0, 1.0, 1.0))
+    thin = find_midline(volume.__getitem__, inside, (1, 2), 1, (1.0, 1.0, 1.0))
+    on_plane = np.nonzero((np.abs(side) < 0.6) & inside)
+    assert np.quantile(thin.distance_mm(on_plane, (1.0, 1.0, 1.0)), 0.95) < 2.0
     # a head that is not rolled keeps one line for every slice
     volume, inside, _ = _rolled_head(0.0)
     level = find_midline(lambda p: volume[p], inside, (1, 2), 1, spacing)

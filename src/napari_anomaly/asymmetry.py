@@ -74,6 +74,8 @@ _ROLL_STEPS = 60
 _ROLL_AREA_SHARE = 0.3
 #: Fewer such slices than this: the same line in every slice.
 _ROLL_MIN_SLICES = 5
+#: More than this many such slices (a thin-slice volume): every second, third, ... is used.
+_ROLL_MAX_SLICES = 64
 #: How far (mm) from the mean's line the line through the slices is looked for.
 _ROLL_SEARCH_MM = 25.0
 #: A slice's detail for following the roll: the slice less its blur of this sigma (mm),
@@ -399,6 +401,7 @@ def find_midline(
     mean = _plane(total / max(count, 1), lr_axis)
     degrees, twice_line = _find_line(mean, lr_axis)
     slices = [p for p in range(count) if areas[p] and areas[p] >= _ROLL_AREA_SHARE * areas.max()]
+    slices = slices[:: -(-len(slices) // _ROLL_MAX_SLICES) or 1]  # evenly, at most so many
     fit = None
     if len(slices) >= _ROLL_MIN_SLICES:
         (stack,) = set(range(3)) - set(plane_axes)
