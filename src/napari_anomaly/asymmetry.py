@@ -69,6 +69,10 @@ _YAW_STEP_DEGREES = 1.0
 MAX_ROLL_DEGREES = 15.0
 #: The line's move per slice is tried in this many steps each way.
 _ROLL_STEPS = 60
+#: A fitted roll smaller than this (degrees) keeps one line for every slice: it moves the
+#: line by less than 2 mm 60 mm above or below the middle slice, within what the left-right
+#: comparison tolerates, and keeps a level head's results as they were.
+_ROLL_MIN_DEGREES = 2.0
 #: Slices whose foreground covers at least this share of the largest slice's take part
 #: in the fit (the vertex and the skull base show too little of the head).
 _ROLL_AREA_SHARE = 0.3
@@ -421,6 +425,9 @@ def find_midline(
                 int(np.ceil(2 * _ROLL_SEARCH_MM / pixel_mm)),
                 2 * np.tan(np.radians(MAX_ROLL_DEGREES)) * step[stack] / pixel_mm,
             )
+            roll = np.degrees(np.arctan(fit[1] / 2 * pixel_mm / step[stack]))
+            if abs(roll) < _ROLL_MIN_DEGREES:
+                fit = None  # a level head: one line, as found on the mean
     if fit is None:
         return Midline.of(_reflection(mean.shape, lr_axis, degrees, twice_line), plane_axes)
     first, move = fit
