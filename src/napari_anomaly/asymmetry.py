@@ -13,9 +13,10 @@ what the network misses:
    axis (one FFT), whose peak gives the line's position. The best angle and
    position win. :func:`find_midline` then follows a head rolled about its
    front-back axis (one side lower), whose mid-sagittal plane crosses the slices
-   at a slant: each slice's own line is found at that angle, near the mean's,
-   and a robust straight-line fit of its position against the slice index
-   (Theil-Sen) gives the line's move per slice (:attr:`Midline.offset_step`).
+   at a slant: each slice's inner detail (away from the slanted outline) is
+   correlated with its flip at that angle, and the straight line through the
+   slices with the highest sum of these correlations gives the line's move per
+   slice (:attr:`Midline.offset_step`; a roll under 2 degrees keeps one line).
 2. :func:`asymmetry_map`: each plane is smoothed in plane (fine anatomy is not
    symmetric; only coarse structure is), reflected with that line, and compared
    with itself: the score of a voxel is how far its value lies outside the range
@@ -313,7 +314,7 @@ def _find_line(plane: np.ndarray, axis: int) -> tuple[float, float]:
 def _plane(mean_plane: np.ndarray, axis: int) -> np.ndarray:
     plane = np.nan_to_num(np.asarray(mean_plane, dtype=np.float64))
     if plane.ndim != 2 or axis not in (0, 1):
-        raise ValueError("find_mirror needs a 2D plane and its left-right axis, 0 or 1")
+        raise ValueError("the midline needs a 2D plane and its left-right axis, 0 or 1")
     return plane
 
 
