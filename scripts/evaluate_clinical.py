@@ -198,6 +198,15 @@ def main() -> None:
     )
     parser.add_argument("--max-false-regions", type=float, nargs="+", default=[5.0])
     parser.add_argument("--min-region-mm", type=float, default=0.0)
+    parser.add_argument(
+        "--min-regions",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="also triage each scan whose mask holds fewer regions at the threshold at the "
+        "lower threshold its case would start at in the review step (ReviewConfig.min_regions; "
+        "default 0: the calibrated threshold for every scan)",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument(
         "--brain-only",
@@ -340,13 +349,14 @@ def main() -> None:
             )
         seconds = time.perf_counter() - t0
         variants = {}
-        for smooth, edge, asym, ends, rank, budget in itertools.product(
+        for smooth, edge, asym, ends, rank, budget, fewest in itertools.product(
             args.smooth_mm,
             args.edge_mm,
             args.asymmetry_weight,
             args.end_plane_weight,
             args.rank_by,
             args.max_false_regions,
+            args.min_regions,
         ):
             post = PostprocessConfig(
                 smooth_mm=smooth,
@@ -361,9 +371,12 @@ def main() -> None:
                 max_false_regions=budget,
                 min_region_mm=args.min_region_mm,
                 rank_by=rank,
+                min_regions=fewest,
             )
-            key = f"smooth{smooth:g}_edge{edge:g}_asym{asym:g}_{rank}_k{budget:g}" + (
-                f"_ends{ends:g}" if ends < 1 else ""
+            key = (
+                f"smooth{smooth:g}_edge{edge:g}_asym{asym:g}_{rank}_k{budget:g}"
+                + (f"_ends{ends:g}" if ends < 1 else "")
+                + (f"_min{fewest}" if fewest else "")
             )
             variants[key] = result
             o = result["overall"]

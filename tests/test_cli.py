@@ -93,9 +93,10 @@ def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geome
         np.testing.assert_allclose(loaded.geometry.spacing, GEOMETRY.spacing, rtol=1e-6)
         np.testing.assert_allclose(loaded.geometry.origin, GEOMETRY.origin, rtol=1e-6)
     # The sidecar records what the mask is: the model's own threshold (none was given),
-    # raised where the mask held more than the default 20 regions there, applied to the
-    # written map, small regions dropped, and the model it came from.
-    from napari_anomaly.review import DEFAULT_MAX_REGIONS, threshold_map
+    # raised where the mask held more than the default 20 regions there (lowered a little
+    # where it held fewer than 5), applied to the written map, small regions dropped, and
+    # the model it came from.
+    from napari_anomaly.review import DEFAULT_MAX_REGIONS, DEFAULT_MIN_REGIONS, threshold_map
 
     sidecar = json.loads((out / "normal0_mask.json").read_text())
     trained = Localiser.load(model)
@@ -103,9 +104,10 @@ def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geome
     limit = sidecar["region_limit"]
     assert limit["requested"] == trained.recommended_threshold
     assert limit["max_regions"] == DEFAULT_MAX_REGIONS
-    assert sidecar["threshold"] == limit["threshold"] >= limit["requested"]
+    assert limit["min_regions"] == DEFAULT_MIN_REGIONS
+    assert sidecar["threshold"] == limit["threshold"]
     assert sidecar["regions"] == limit["regions"] <= DEFAULT_MAX_REGIONS
-    if limit["requested_regions"] <= DEFAULT_MAX_REGIONS:
+    if DEFAULT_MIN_REGIONS <= limit["requested_regions"] <= DEFAULT_MAX_REGIONS:
         assert limit["threshold"] == limit["requested"]
     anomaly = read_image(out / "normal0_anomaly.nii.gz").array
     np.testing.assert_array_equal(
@@ -117,15 +119,17 @@ def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geome
         main(["localise", normals[0], "--out", str(out), "--model", str(model), "--device", "cpu"])
         != 0
     )
-    # --max-regions 0 keeps the model's threshold whatever the count.
+    # --max-regions 0 --min-regions 0 keep the model's threshold whatever the count.
     unlimited = tmp_path / "unlimited"
     localise = ["localise", normals[0], "--model", str(model), "--device", "cpu"]
-    assert main([*localise, "--out", str(unlimited), "--max-regions", "0"]) == 0
+    limits = ["--max-regions", "0", "--min-regions", "0"]
+    assert main([*localise, "--out", str(unlimited), *limits]) == 0
     kept = json.loads((unlimited / "normal0_mask.json").read_text())
     assert kept["threshold"] == trained.recommended_threshold and kept["region_limit"] is None
     assert kept["regions"] == limit["requested_regions"]
     printed = capsys.readouterr().out
     assert ("threshold raised" in printed) == (limit["threshold"] > limit["requested"])
+    assert ("threshold lowered" in printed) == (limit["threshold"] < limit["requested"])
 
 
 def test_refused_input_leaves_no_output_folder(model, tmp_path, capsys):
@@ -367,7 +371,9 @@ def test_calibrate_gives_a_child_model_whose_threshold_meets_the_budget(
     localise = ["localise", normals[0], "--out", str(out), "--device", "cpu"]
     assert main([*localise, "--model", str(child), "--max-false-regions", "0"]) == 0
     sidecar = json.loads((out / "normal0_mask.json").read_text())
-    assert sidecar["threshold"] == loaded.threshold_for_false_regions(0)
+    assert sidecar["region_limit"]["min_regions"] == 0  # a budget chosen: no lowering
+    if sidecar["region_limit"]["requested_regions"] <= 20:
+        assert sidecar["threshold"] == loaded.threshold_for_false_regions(0)
     # ... and the uncalibrated parent refuses it, writing nothing.
     out2 = tmp_path / "out2"
     assert main([*localise[:3], str(out2), "--model", str(model), "--max-false-regions", "1"]) == 2
@@ -384,6 +390,7 @@ def test_calibrate_gives_a_child_model_whose_threshold_meets_the_budget(
         ["--min-region-size", "-2"],
         ["--max-false-regions", "-1"],
         ["--max-regions", "-1"],
+        ["--min-regions", "-1"],
     ],
 )
 @pytest.mark.parametrize("command", ["localise", "evaluate"])

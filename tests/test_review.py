@@ -429,6 +429,65 @@ def test_scores_saturated_in_many_places_start_at_one():
     assert (limit.threshold, limit.regions) == (1.0, 25)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_map_with_too_few_regions_starts_at_the_highest_lower_threshold_holding_the_minimum(
+    ndim,
+):
+    # Blobs scored 0.60, 0.58, 0.55, 0.52, 0.45 and 0.30: at 0.55 three show; at least 5
+    # means going down to 0.45, just within 0.1 of 0.55; the 0.30 blob never shows.
+    scores = _graded_blobs([0.60, 0.58, 0.55, 0.52, 0.45, 0.30], ndim)
+    limit = limit_regions(scores, 0.55, 20, min_regions=5)
+    assert limit == RegionLimit(0.55, 3, 0.45, 5, 20, 5)
+    assert limit.lowered and limit.moved and not limit.raised
+    assert len(find_regions(threshold_map(scores, limit.threshold), scores)) == 5
+    # Five are not within reach of 0.58 (0.48 is the lowest it may go): the most
+    # regions within reach, at the highest threshold showing them.
+    short = limit_regions(scores, 0.58, 20, min_regions=5)
+    assert short == RegionLimit(0.58, 2, 0.52, 4, 20, 5)
+    # Enough regions already, or no minimum: the threshold stays.
+    assert limit_regions(scores, 0.45, 20, min_regions=5).threshold == 0.45
+    assert limit_regions(scores, 0.55, 20).threshold == 0.55
+    assert not limit_regions(scores, 0.55, 20).moved
+
+
+def test_lowering_for_the_minimum_keeps_a_map_whose_regions_only_grow():
+    # One smooth bump: a lower threshold makes its region larger, not more regions.
+    y, x = np.mgrid[:32, :32]
+    bump = 0.8 * np.exp(-((y - 16) ** 2 + (x - 16) ** 2) / 50.0)
+    limit = limit_regions(bump, 0.5, 20, min_regions=5)
+    assert (limit.threshold, limit.regions) == (0.5, 1) and not limit.moved
+
+
+def test_lowering_for_the_minimum_never_passes_the_most_regions():
+    # 3 regions at 0.5; at 0.49 a field of 30 specks joins them: more than the most
+    # allowed, so the case stays where it was rather than start past the limit.
+    scores = _graded_blobs([0.6, 0.55, 0.5] + [0.49] * 30)
+    assert count_regions(scores, 0.49) == 33
+    limit = limit_regions(scores, 0.5, 20, min_regions=5)
+    assert (limit.threshold, limit.regions) == (0.5, 3)
+
+
+def test_a_limit_saved_before_the_minimum_existed_still_loads():
+    saved = {"requested": 0.5, "requested_regions": 30, "threshold": 0.6, "regions": 20}
+    limit = RegionLimit.from_dict({**saved, "max_regions": 20})
+    assert limit == RegionLimit(0.5, 30, 0.6, 20, 20, 0) and limit.raised
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_a_bad_minimum_of_regions_is_refused(bad):
+    with pytest.raises(ValueError, match="min_regions"):
+        ReviewConfig(min_regions=bad)
+    with pytest.raises(ValueError, match="min_regions"):
+        limit_regions(np.zeros((4, 4)), 0.5, 20, min_regions=bad)
+
+
+def test_a_minimum_above_the_most_regions_asks_for_the_most():
+    # The most regions wins: a minimum of 5 under a limit of 3 lowers to 3 regions only.
+    scores = _graded_blobs([0.60, 0.58, 0.55, 0.52, 0.45, 0.30])
+    assert limit_regions(scores, 0.59, 3, min_regions=5) == RegionLimit(0.59, 1, 0.55, 3, 3, 3)
+    assert ReviewConfig(max_regions=3, min_regions=5).min_regions == 5  # applied as 3
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True])
 def test_a_bad_limit_of_regions_is_refused(bad):
     with pytest.raises(ValueError, match="max_regions"):

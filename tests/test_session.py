@@ -297,7 +297,7 @@ def test_a_case_with_too_many_regions_starts_higher_and_the_slider_still_goes_lo
 
     assert session.review.max_regions == DEFAULT_MAX_REGIONS == 20
     case = _add(session, "many", _many_blobs())
-    assert case.region_limit == RegionLimit(0.5, 30, 0.6, 20, 20)
+    assert case.region_limit == RegionLimit(0.5, 30, 0.6, 20, 20, 5)
     assert case.threshold == 0.6 and len(case.regions()) == 20
     # A case within the limit starts at the session's threshold.
     within = _add(session, "few")
@@ -324,10 +324,59 @@ def test_no_limit_of_regions_keeps_the_threshold_whatever_the_count():
     torch.manual_seed(0)
     network = AnomalyNet(TINY_NETWORK_2D).eval()
     localiser = Localiser(network, metadata={"patch_size": 32, "recommended_threshold": 0.5})
-    unlimited = ReviewSession(localiser, ReviewConfig(min_region_size=5, max_regions=0))
+    unlimited = ReviewSession(
+        localiser, ReviewConfig(min_region_size=5, max_regions=0, min_regions=0)
+    )
     case = _add(unlimited, "many", _many_blobs())
     assert case.threshold == 0.5 and case.region_limit is None
     assert len(case.regions()) == 30
+    few = _add(unlimited, "few", _few_blobs())
+    assert few.threshold == 0.5 and few.region_limit is None and len(few.regions()) == 2
+
+
+def _few_blobs(shape=(48, 48)):
+    """Small blobs on a 0.1 floor scored 0.60, 0.58 (above 0.5), 0.48, 0.45, 0.42 (within
+    0.1 below it) and 0.35 (further below), apart from each other."""
+    scores = np.full(shape, 0.1, np.float32)
+    for index, peak in enumerate((0.60, 0.58, 0.48, 0.45, 0.42, 0.35)):
+        row, col = divmod(index, 6)
+        scores[6 * row + 1 : 6 * row + 4, 6 * col + 1 : 6 * col + 4] = peak
+    return scores
+
+
+def test_a_case_with_too_few_regions_starts_a_little_lower_and_says_so(session, tmp_path):
+    from napari_anomaly.review import DEFAULT_MIN_REGIONS, MIN_REGIONS_REACH, RegionLimit
+
+    assert session.review.min_regions == DEFAULT_MIN_REGIONS == 5 and MIN_REGIONS_REACH == 0.1
+    case = _add(session, "quiet", _few_blobs())
+    # 2 regions at the calibrated 0.5; 0.42 shows 5, the fifth 0.08 below it; the blob
+    # at 0.35 lies further below than a new case may start.
+    assert case.region_limit == RegionLimit(0.5, 2, 0.42, 5, 20, 5)
+    assert case.threshold == 0.42 and len(case.regions()) == 5
+    assert case.region_limit.lowered and not case.region_limit.raised
+    assert case.region_limit.describe() == (
+        "threshold lowered from 0.50 (2 regions) to 0.42 (5 regions): a new case starts "
+        "with at least 5 where a threshold at most 0.10 lower finds them"
+    )
+    # The table still puts the strongest first, and the slider goes back up.
+    assert [round(r.peak_score, 2) for r in case.regions()][:2] == [0.6, 0.58]
+    session.threshold("quiet", 0.5)
+    assert len(session.case("quiet").regions()) == 2
+    # A saved session remembers how the case started.
+    session.save(tmp_path / "saved")
+    loaded = ReviewSession.load(tmp_path / "saved", images={"quiet": case.image})
+    assert loaded.case("quiet").region_limit == case.region_limit
+    assert loaded.case("quiet").threshold == 0.5
+
+
+def test_a_threshold_the_reviewer_gave_is_kept_however_few_regions_it_shows():
+    torch.manual_seed(0)
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    localiser = Localiser(network, metadata={"patch_size": 32, "recommended_threshold": 0.5})
+    given = ReviewSession(localiser, ReviewConfig(threshold=0.5, min_region_size=5))
+    case = _add(given, "quiet", _few_blobs())
+    assert case.threshold == 0.5 and len(case.regions()) == 2
+    assert case.region_limit.min_regions == 0 and not case.region_limit.moved
 
 
 def test_a_new_case_lists_a_compact_region_before_a_tube_of_more_score(session):

@@ -337,6 +337,7 @@ def _localise_settings(args: argparse.Namespace):
         min_region_mm=args.min_region_mm,
         rank_by=args.rank_by,
         max_regions=args.max_regions,
+        min_regions=args.min_regions,
         device=args.device,
         slice_axis=args.slice_axis,
         axial_planes=args.axial_planes,
@@ -389,11 +390,10 @@ def _cmd_localise(args: argparse.Namespace) -> int:
             f"table {plan.files['regions_csv'].name}"
             + (f", DICOM-SEG {plan.files['seg'].name}" if "seg" in plan.files else "")
         )
-        if outcome.region_limit is not None and outcome.region_limit.raised:
-            print(
-                f"{Path(path).name}: {outcome.region_limit.describe()} "
-                "(--max-regions 0 keeps the threshold)"
-            )
+        limit = outcome.region_limit
+        if limit is not None and limit.moved:
+            flag = "--max-regions" if limit.raised else "--min-regions"
+            print(f"{Path(path).name}: {limit.describe()} ({flag} 0 keeps the threshold)")
         del loaded
     return 0
 
@@ -452,6 +452,16 @@ def _check_region_limits(args: argparse.Namespace) -> None:
     max_regions = getattr(args, "max_regions", None)
     if max_regions is not None and max_regions < 0:
         raise CommandError(f"--max-regions must be >= 0 (0: no limit), got {max_regions}")
+    min_regions = getattr(args, "min_regions", None)
+    if min_regions is not None and min_regions < 0:
+        raise CommandError(f"--min-regions must be >= 0 (0: none), got {min_regions}")
+
+
+def _min_regions(args: argparse.Namespace) -> int:
+    """``--min-regions`` where the threshold is the model's own, else 0 (a threshold given
+    or read off normal scans for a budget is kept, as a review session keeps it)."""
+    chosen = args.threshold is not None or getattr(args, "max_false_regions", None) is not None
+    return 0 if chosen else args.min_regions
 
 
 def _threshold(args: argparse.Namespace, localiser) -> float:
@@ -620,6 +630,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         min_region_mm=args.min_region_mm,
         rank_by=args.rank_by,
         max_regions=args.max_regions,
+        min_regions=_min_regions(args),
         midlines=[midline for _, midline in found + found_normal],
     )
     print(report.format_table())
@@ -633,6 +644,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "min_region_mm": args.min_region_mm,
             "rank_by": args.rank_by,
             "max_regions": args.max_regions,
+            "min_regions": _min_regions(args),
             **triage,
         }
         report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -727,7 +739,7 @@ def flips(p: argparse.ArgumentParser) -> None:
 def add_localise_options(p: argparse.ArgumentParser) -> None:
     """The flags of ``localise`` that ``batch`` shares: threshold, minimum region size,
     ranking, most regions, slice axis, flips (read back by :func:`_localise_settings`)."""
-    from napari_anomaly.review import RANKINGS, ReviewConfig
+    from napari_anomaly.review import MIN_REGIONS_REACH, RANKINGS, ReviewConfig
 
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     p.add_argument(
@@ -760,6 +772,15 @@ def add_localise_options(p: argparse.ArgumentParser) -> None:
         default=ReviewConfig.max_regions,
         help="a scan whose mask holds more regions at the threshold gets a higher threshold, "
         "the lowest that holds at most this many (default %(default)s; 0: no limit)",
+    )
+    p.add_argument(
+        "--min-regions",
+        type=int,
+        default=ReviewConfig.min_regions,
+        help="a scan whose mask holds fewer regions at the model's own threshold gets a "
+        f"lower one, the highest at most {MIN_REGIONS_REACH:g} lower that holds this many, "
+        "up to --max-regions (default %(default)s; 0: none; not with --threshold or "
+        "--max-false-regions, which are kept as given)",
     )
     p.add_argument("--slice-axis", type=int, default=0, help="axis a 2D model walks along")
     p.add_argument(

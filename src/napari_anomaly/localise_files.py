@@ -33,7 +33,13 @@ from napari_anomaly.io import LoadedImage, check_output_folder, read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import sample_score
 from napari_anomaly.progress import Job
-from napari_anomaly.review import RANKINGS, RegionLimit, ReviewConfig, check_max_regions
+from napari_anomaly.review import (
+    RANKINGS,
+    RegionLimit,
+    ReviewConfig,
+    check_max_regions,
+    check_min_regions,
+)
 from napari_anomaly.session import ReviewSession
 
 __all__ = ["FileOutcome", "LocaliseSettings", "file_session", "localise_file"]
@@ -54,6 +60,7 @@ class LocaliseSettings:
     min_region_mm: float = ReviewConfig.min_region_mm
     rank_by: str = ReviewConfig.rank_by
     max_regions: int = ReviewConfig.max_regions
+    min_regions: int = ReviewConfig.min_regions
     device: str = InferenceConfig.device
     slice_axis: int = 0
     axial_planes: bool = InferenceConfig.axial_planes
@@ -71,6 +78,7 @@ class LocaliseSettings:
         if not (math.isfinite(self.min_region_mm) and self.min_region_mm >= 0):
             raise ValueError(f"min_region_mm must be >= 0, got {self.min_region_mm}")
         check_max_regions(self.max_regions)
+        check_min_regions(self.min_regions)
         if self.rank_by not in RANKINGS:
             raise ValueError(f"rank_by must be one of {', '.join(RANKINGS)}, got {self.rank_by!r}")
 
@@ -91,6 +99,7 @@ def file_session(localiser: Localiser, settings: LocaliseSettings) -> ReviewSess
             min_region_mm=settings.min_region_mm,
             rank_by=settings.rank_by,
             max_regions=settings.max_regions,
+            min_regions=settings.min_regions,
         ),
         InferenceConfig(
             device=settings.device,
@@ -127,7 +136,8 @@ class FileOutcome:
     domain : dict
         The domain check (:func:`napari_anomaly.domain.check_domain`).
     region_limit : RegionLimit or None
-        How the threshold was chosen under ``max_regions`` (``None``: no limit).
+        How the threshold was chosen under ``max_regions`` and ``min_regions``
+        (``None``: neither applied).
     """
 
     files: list[Path]

@@ -48,12 +48,15 @@ __all__ = [
     "MIDLINE_FACTOR",
     "DEFAULT_EDIT_WEIGHT",
     "DEFAULT_MAX_REGIONS",
+    "DEFAULT_MIN_REGIONS",
+    "MIN_REGIONS_REACH",
     "RANKINGS",
     "MaskEdits",
     "Region",
     "RegionLimit",
     "ReviewConfig",
     "check_max_regions",
+    "check_min_regions",
     "count_regions",
     "find_regions",
     "finetune_targets",
@@ -110,6 +113,22 @@ DEFAULT_EDIT_WEIGHT = 2.0
 #: one nobody reads. 20 rows is what a reviewer can work through per scan.
 DEFAULT_MAX_REGIONS = 20
 
+#: Fewest regions a new case's table starts with (:func:`limit_regions`), where
+#: lowering the threshold by at most :data:`MIN_REGIONS_REACH` finds them. The
+#: reviewer reads the first rows of every table anyway; a scan whose lesion scores
+#: just under the calibrated threshold, beside few other regions, would otherwise show
+#: it nowhere. On the clinical yardstick this put a lesion among the first 5 rows of
+#: scans whose mask held 1-4 regions and no lesion, at the price of 1-3 more rows on
+#: quiet normal scans (docs/evaluation.md, "A table of at least five rows").
+DEFAULT_MIN_REGIONS = 5
+
+#: How far (calibrated score) below the requested threshold a new case may start so
+#: that its table holds :data:`DEFAULT_MIN_REGIONS` rows: 0.1 is 0.6 of a decade of
+#: rarity among normal voxels (``calibration.DECADES`` = 6), so the rows found this
+#: way still peak above all but four times the share of normal voxels the requested
+#: threshold leaves above it (at 0.54: the top 0.06 % and 0.2 %).
+MIN_REGIONS_REACH = 0.1
+
 #: The grid a raised threshold lies on: the threshold slider's step.
 THRESHOLD_STEP = 0.01
 
@@ -148,6 +167,15 @@ class ReviewConfig:
         at which it holds at most this many (:func:`limit_regions`); 0 keeps
         the threshold whatever the count. It applies when a case is first
         localised, never afterwards: the reviewer's slider goes anywhere.
+    min_regions : int
+        A new case whose mask would hold fewer regions than this at its
+        threshold starts lower, at the highest threshold on the slider's grid,
+        at most :data:`MIN_REGIONS_REACH` below, at which it holds this many
+        (:func:`limit_regions`; no more than ``max_regions`` where that is set);
+        0 keeps the threshold whatever the count. Like ``max_regions``, only when
+        a case is first localised; and only at the model's own recommended
+        threshold: a threshold the reviewer gives (``threshold``), or reads off
+        normal scans for a budget of false regions of their own, is kept.
     edit_weight : float
         Loss weight (> 0) of the voxels the reviewer added or erased when the
         corrections become fine-tuning targets (:func:`finetune_targets`).
@@ -158,12 +186,14 @@ class ReviewConfig:
     min_region_mm: float = 0.0
     rank_by: str = "compact-midline"
     max_regions: int = DEFAULT_MAX_REGIONS
+    min_regions: int = DEFAULT_MIN_REGIONS
     edit_weight: float = DEFAULT_EDIT_WEIGHT
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
             _check_threshold(self.threshold)
         check_max_regions(self.max_regions)
+        check_min_regions(self.min_regions)
         if int(self.min_region_size) != self.min_region_size or self.min_region_size < 0:
             raise ValueError(f"min_region_size must be an integer >= 0, got {self.min_region_size}")
         if not (np.isfinite(self.min_region_mm) and self.min_region_mm >= 0):
@@ -245,6 +275,13 @@ def check_max_regions(max_regions: int) -> int:
     if isinstance(max_regions, bool) or int(max_regions) != max_regions or max_regions < 0:
         raise ValueError(f"max_regions must be an integer >= 0 (0: no limit), got {max_regions}")
     return int(max_regions)
+
+
+def check_min_regions(min_regions: int) -> int:
+    """``min_regions`` as an int; ValueError unless it is an integer >= 0."""
+    if isinstance(min_regions, bool) or int(min_regions) != min_regions or min_regions < 0:
+        raise ValueError(f"min_regions must be an integer >= 0 (0: none), got {min_regions}")
+    return int(min_regions)
 
 
 def _check_threshold(threshold: float) -> float:
@@ -396,7 +433,7 @@ def count_regions(anomaly_map: Any, threshold: float, min_region_size: int = 0) 
 
 @dataclass(frozen=True)
 class RegionLimit:
-    """How a new case's threshold was chosen under a limit of regions.
+    """How a new case's threshold was chosen under limits of regions.
 
     Attributes
     ----------
@@ -405,12 +442,15 @@ class RegionLimit:
     requested_regions : int
         Regions at ``requested``.
     threshold : float
-        The threshold the case starts at: ``requested`` when that held at most
-        ``max_regions`` regions, else a higher one.
+        The threshold the case starts at: ``requested`` when its region count lay
+        within the limits, a higher one where it held more than ``max_regions``,
+        a lower one where it held fewer than ``min_regions``.
     regions : int
         Regions at ``threshold``.
     max_regions : int
-        The limit.
+        The most regions (0: no limit).
+    min_regions : int
+        The fewest regions (0: none; a limit saved without it reads 0).
     """
 
     requested: float
@@ -418,15 +458,35 @@ class RegionLimit:
     threshold: float
     regions: int
     max_regions: int
+    min_regions: int = 0
 
     @property
     def raised(self) -> bool:
         """Whether the case starts above the requested threshold."""
         return self.threshold > self.requested
 
+    @property
+    def lowered(self) -> bool:
+        """Whether the case starts below the requested threshold."""
+        return self.threshold < self.requested
+
+    @property
+    def moved(self) -> bool:
+        """Whether the case starts elsewhere than the requested threshold."""
+        return self.threshold != self.requested
+
     def describe(self) -> str:
         """One line for a reviewer, e.g. ``threshold raised from 0.56 (143 regions) to
-        0.71 (18 regions): a new case starts with at most 20``."""
+        0.71 (18 regions): a new case starts with at most 20`` or ``threshold lowered
+        from 0.56 (2 regions) to 0.50 (5 regions): a new case starts with at least 5
+        where a threshold at most 0.10 lower finds them``."""
+        if self.lowered:
+            return (
+                f"threshold lowered from {self.requested:.2f} ({self.requested_regions} "
+                f"regions) to {self.threshold:.2f} ({self.regions} regions): a new case "
+                f"starts with at least {self.min_regions} where a threshold at most "
+                f"{MIN_REGIONS_REACH:.2f} lower finds them"
+            )
         return (
             f"threshold raised from {self.requested:.2f} ({self.requested_regions} regions) to "
             f"{self.threshold:.2f} ({self.regions} regions): a new case starts with at most "
@@ -444,23 +504,37 @@ class RegionLimit:
             threshold=float(data["threshold"]),
             regions=int(data["regions"]),
             max_regions=int(data["max_regions"]),
+            min_regions=int(data.get("min_regions", 0)),
         )
 
 
 def limit_regions(
-    anomaly_map: Any, threshold: float, max_regions: int, min_region_size: int = 0
+    anomaly_map: Any,
+    threshold: float,
+    max_regions: int,
+    min_region_size: int = 0,
+    min_regions: int = 0,
 ) -> RegionLimit:
-    """The threshold at which a map's mask holds at most ``max_regions`` regions.
+    """The threshold at which a map's mask holds at most ``max_regions`` regions, and
+    where it can, at least ``min_regions``.
 
-    ``threshold`` itself when its mask holds at most ``max_regions`` regions (or
-    ``max_regions`` is 0: no limit). Otherwise the lowest threshold above it on the
-    slider's grid (:data:`THRESHOLD_STEP`) that does: the search walks up in steps
-    of 0.05 to the first that holds at most ``max_regions`` and bisects the last
-    step. The count need not fall steadily as the threshold rises (a field of
-    touching blobs first splits into more regions, then they vanish), which is
+    ``threshold`` itself when its mask holds between ``min_regions`` and
+    ``max_regions`` regions (0: no such limit).
+
+    *Too many:* the lowest threshold above it on the slider's grid
+    (:data:`THRESHOLD_STEP`) that holds at most ``max_regions``. The search walks
+    up in steps of 0.05 to the first that holds at most ``max_regions`` and bisects
+    the last step. The count need not fall steadily as the threshold rises (a field
+    of touching blobs first splits into more regions, then they vanish), which is
     why the walk starts from the bottom; the threshold returned always holds at
     most ``max_regions``. If even 1.0 holds more (scores saturated over many
     places), 1.0 is returned with its count.
+
+    *Too few:* the highest threshold below it on the grid, at most
+    :data:`MIN_REGIONS_REACH` lower, that holds at least ``min_regions`` (and not
+    more than ``max_regions``). Where none within that reach does, the one of them
+    with the most regions (the highest on ties), if it holds more than the
+    requested threshold does; else the requested threshold.
 
     Parameters
     ----------
@@ -472,6 +546,9 @@ def limit_regions(
         The most regions wanted (>= 0; 0: no limit).
     min_region_size : int, default 0
         Regions with fewer voxels are not counted (they are not shown either).
+    min_regions : int, default 0
+        The fewest regions wanted (>= 0; 0: none); no more than ``max_regions``
+        where that is set.
 
     Returns
     -------
@@ -480,11 +557,16 @@ def limit_regions(
     array = _check_map(anomaly_map)
     requested = _check_threshold(threshold)
     limit = check_max_regions(max_regions)
+    fewest = check_min_regions(min_regions)
+    if limit:
+        fewest = min(fewest, limit)
     counted: dict[float, int] = {requested: count_regions(array, requested, min_region_size)}
 
     def result(chosen: float) -> RegionLimit:
-        return RegionLimit(requested, counted[requested], chosen, counted[chosen], limit)
+        return RegionLimit(requested, counted[requested], chosen, counted[chosen], limit, fewest)
 
+    if counted[requested] < fewest:
+        return result(_lower_for_regions(array, requested, fewest, limit, min_region_size, counted))
     if limit == 0 or counted[requested] <= limit:
         return result(requested)
     # Candidates above the request on the slider's grid, 1.0 last.
@@ -513,6 +595,33 @@ def limit_regions(
         else:
             low = middle
     return result(grid[high])
+
+
+def _lower_for_regions(
+    array: np.ndarray,
+    requested: float,
+    fewest: int,
+    limit: int,
+    min_region_size: int,
+    counted: dict[float, int],
+) -> float:
+    """The threshold :func:`limit_regions` starts a case with too few regions at (it
+    fills ``counted`` on the way)."""
+    top = int(np.ceil(requested / THRESHOLD_STEP - 1e-9)) - 1
+    bottom = max(0, int(np.ceil((requested - MIN_REGIONS_REACH) / THRESHOLD_STEP - 1e-9)))
+    best = requested
+    for k in range(top, bottom - 1, -1):
+        value = round(k * THRESHOLD_STEP, 2)
+        if not value < requested:
+            continue
+        counted[value] = count_regions(array, value, min_region_size)
+        if limit and counted[value] > limit:
+            break  # lower still only adds to a mask already past the limit
+        if counted[value] > counted[best]:
+            best = value
+        if counted[value] >= fewest:
+            return value
+    return best
 
 
 # --------------------------------------------------------------------------- #

@@ -532,6 +532,12 @@ class ReviewSession:
         return write_model_file(self.localiser, target, overwrite=overwrite)
 
     @property
+    def _model_threshold(self) -> bool:
+        """Whether new cases start at the model's recommended threshold (not one the
+        reviewer gave or chose a budget of false regions for)."""
+        return self.review.threshold is None and self.max_false_regions is None
+
+    @property
     def default_threshold(self) -> float:
         """The threshold a new case starts at.
 
@@ -617,9 +623,11 @@ class ReviewSession:
         afresh. A reviewed case is final: it is returned unchanged.
 
         A new case starts at :attr:`default_threshold`, raised where its mask
-        would hold more than ``review.max_regions`` regions there
-        (:func:`~napari_anomaly.review.limit_regions`; ``Case.region_limit``
-        says how).
+        would hold more than ``review.max_regions`` regions there, lowered (a
+        little) where it would hold fewer than ``review.min_regions`` and the
+        threshold is the model's own (neither ``review.threshold`` nor a budget of
+        false regions the reviewer chose; :func:`~napari_anomaly.review.limit_regions`;
+        ``Case.region_limit`` says how).
 
         ``source_path`` is the file (or DICOM folder) the image was read from;
         its sha256 is computed when not given. Sidecars name both, and a saved
@@ -667,7 +675,10 @@ class ReviewSession:
             case._changed()
         else:
             threshold, region_limit = self.default_threshold, None
-            if self.review.max_regions:  # no count of the regions without a limit
+            # The fewest regions only at the model's own threshold: one the reviewer
+            # gave, or read off normal scans for a budget of their own, is kept.
+            fewest = self.review.min_regions if self._model_threshold else 0
+            if self.review.max_regions or fewest:  # no count of the regions without a limit
                 region_limit = limit_regions(
                     anomaly_map,
                     threshold,
@@ -675,6 +686,7 @@ class ReviewSession:
                     min_voxels(
                         self.review.min_region_size, self.review.min_region_mm, geometry.spacing
                     ),
+                    fewest,
                 )
                 threshold = region_limit.threshold
             case = Case(

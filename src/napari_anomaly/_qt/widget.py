@@ -796,10 +796,11 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 f"peak score {case.anomaly_map.max():.2f} (model {case.model_name})."
             )
             limit = case.region_limit
-            if limit is not None and limit.raised and case.threshold == limit.threshold:
+            if limit is not None and limit.moved and case.threshold == limit.threshold:
                 text += (
-                    f" Started above {limit.requested:.2f}, where the mask held "
-                    f"{limit.requested_regions} regions; the slider goes lower."
+                    f" Started {'above' if limit.raised else 'below'} {limit.requested:.2f}, "
+                    f"where the mask held {limit.requested_regions} regions; the slider goes "
+                    f"{'lower' if limit.raised else 'higher'}."
                 )
         return text + (f" Warning: {warning}" if warning else "")
 

@@ -81,6 +81,7 @@ def triage_case(
     spacing: Sequence[float] | None = None,
     max_regions: int = 0,
     midline: Midline | None = None,
+    min_regions: int = 0,
 ) -> CaseTriage:
     """Region-table figures of one scan at one threshold.
 
@@ -98,13 +99,18 @@ def triage_case(
         Raise the threshold for this scan where its mask would hold more
         regions, as a new case in the review step starts
         (:func:`napari_anomaly.review.limit_regions`; 0: never).
+    min_regions
+        Lower the threshold (a little) for this scan where its mask would hold fewer
+        regions, as a new case in the review step starts (0: never).
     midline
         The scan's mid-sagittal plane, for ``rank_by="compact-midline"``
         (:func:`napari_anomaly.review.find_regions`).
     """
     truth = np.asarray(truth, dtype=bool)
-    if max_regions:  # a count of the regions only where a limit asks for it
-        threshold = limit_regions(anomaly_map, threshold, max_regions, min_region_voxels).threshold
+    if max_regions or min_regions:  # a count of the regions only where a limit asks for it
+        threshold = limit_regions(
+            anomaly_map, threshold, max_regions, min_region_voxels, min_regions
+        ).threshold
     mask = threshold_map(anomaly_map, threshold, min_region_voxels)
     regions, labels = find_regions(
         mask, anomaly_map, spacing=spacing, rank_by=rank_by, return_labels=True, midline=midline
@@ -176,6 +182,7 @@ def triage_scans(
     max_regions: int = 0,
     top_k: int = TOP_K,
     midlines: Sequence[Midline | None] | None = None,
+    min_regions: int = 0,
 ) -> dict:
     """Region triage of scans read from files, as ``napari-anomaly evaluate`` reports it.
 
@@ -193,9 +200,9 @@ def triage_scans(
         The lesion masks; ``None`` for a normal scan (every region a false one).
     spacings
         Voxel sizes in mm (``None``: 1 mm).
-    threshold, rank_by, max_regions
-        As in the review step (``max_regions``: a scan whose mask holds more regions
-        is triaged at the higher threshold its case would start at).
+    threshold, rank_by, max_regions, min_regions
+        As in the review step (``max_regions``, ``min_regions``: a scan whose mask holds
+        more or fewer regions is triaged at the threshold its case would start at).
     midlines
         Per scan, the midline ``localise`` found (``None``: not known); default: none.
 
@@ -228,6 +235,7 @@ def triage_scans(
             spacing=spacing,
             max_regions=max_regions,
             midline=midline,
+            min_regions=min_regions,
         )
         row = {"name": name, "normal": truth is None, **triage.to_dict()}
         if lesions.any():

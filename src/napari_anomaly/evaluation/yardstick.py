@@ -216,11 +216,14 @@ def score_variant(
     min_region_size: int = 10,
     min_region_mm: float = 0.0,
     rank_by: str = "mass",
+    min_regions: int = 0,
 ) -> dict:
     """Pixel AP and triage per family and contrast for one post-processing variant.
 
     The score calibration and the threshold come from ``calibration_records``
-    alone (normal scans); ``records`` are only measured.
+    alone (normal scans); ``records`` are only measured. ``min_regions``: a scan
+    whose mask holds fewer regions is triaged at the lower threshold its case would
+    start at in the review step (:func:`napari_anomaly.review.limit_regions`).
     """
     cal_maps = _maps(calibration_records, post)
     score = ScoreCalibration.fit(
@@ -241,6 +244,7 @@ def score_variant(
             rank_by=rank_by,
             spacing=r.spacing,
             midline=r.midline,
+            min_regions=min_regions,
         )
         for m, r in zip(maps, records)
     ]
@@ -264,6 +268,7 @@ def score_variant(
         "max_false_regions": max_false_regions,
         "min_region_size": min_region_size,
         "min_region_mm": min_region_mm,
+        "min_regions": min_regions,
         "threshold": threshold,
         "calibration_curve": dict(zip(map(str, CURVE_THRESHOLDS), curve)),
         "calibration": score.to_dict(),
