@@ -332,6 +332,26 @@ def test_triage_of_scans_applies_the_minimum_size_in_mm_on_each_scans_own_grid()
     assert "scans with a lesion among the top 5 regions: 2/2" in lines[3]
 
 
+def test_triage_of_scans_lowers_a_quiet_scan_as_its_case_would_start_and_says_so():
+    # One lesion scoring 0.47, just under the threshold 0.5, beside 2 regions above it.
+    scores = np.zeros((40, 40), dtype=np.float32)
+    scores[2:6, 2:6] = 0.9
+    scores[2:6, 30:34] = 0.8
+    scores[20:26, 20:26] = 0.47
+    truth = np.zeros((40, 40), dtype=bool)
+    truth[20:26, 20:26] = True
+    args = (["quiet.nii.gz"], [scores], [truth], [(1.0, 1.0)], 0.5)
+    options = {"min_region_size": 0, "min_region_mm": 0.0, "rank_by": "mass"}
+    kept = triage_scans(*args, **options)
+    assert kept["cases"][0]["lesion_ranks"] == [None]
+    lowered = triage_scans(*args, **options, min_regions=5)
+    case = lowered["cases"][0]
+    assert case["threshold"] == 0.47 and case["regions"] == 3
+    assert case["lesion_ranks"] == [1]  # the largest mass, once it shows
+    line = format_triage(lowered).splitlines()[0]
+    assert line.startswith("  quiet.nii.gz: 3 regions at threshold 0.47 (lowered); lesions")
+
+
 def test_a_model_with_a_pixel_size_sees_fine_scans_resampled_and_answers_on_their_grid():
     network = AnomalyNet(TINY_NETWORK_2D)
     native = Localiser(network, metadata={"patch_size": 32})

@@ -263,8 +263,10 @@ def format_triage(report: dict) -> str:
     lines = []
     for case in report["cases"]:
         regions = f"{case['regions']} region{'s' if case['regions'] != 1 else ''}"
-        if case.get("threshold") is not None and case["threshold"] > report["threshold"]:
-            regions += f" at threshold {case['threshold']:.2f} (raised)"
+        own = case.get("threshold")
+        if own is not None and own != report["threshold"]:
+            moved = "raised" if own > report["threshold"] else "lowered"
+            regions += f" at threshold {own:.2f} ({moved})"
         if case["normal"]:
             lines.append(f"  {case['name']} (normal): {regions}")
             continue
