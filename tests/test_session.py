@@ -22,10 +22,15 @@ from napari_anomaly.session import CaseReviewedError, ReviewSession
 
 @pytest.fixture
 def session() -> ReviewSession:
+    return _session(ReviewConfig(min_region_size=5))
+
+
+def _session(review: ReviewConfig) -> ReviewSession:
+    """A session of a small untrained network whose recommended threshold is 0.5."""
     torch.manual_seed(0)
     network = AnomalyNet(TINY_NETWORK_2D).eval()
     localiser = Localiser(network, metadata={"patch_size": 32, "recommended_threshold": 0.5})
-    return ReviewSession(localiser, ReviewConfig(min_region_size=5))
+    return ReviewSession(localiser, review)
 
 
 def _bumps(shape=(32, 32)) -> np.ndarray:
@@ -321,12 +326,7 @@ def test_a_case_with_too_many_regions_starts_higher_and_the_slider_still_goes_lo
 
 
 def test_no_limit_of_regions_keeps_the_threshold_whatever_the_count():
-    torch.manual_seed(0)
-    network = AnomalyNet(TINY_NETWORK_2D).eval()
-    localiser = Localiser(network, metadata={"patch_size": 32, "recommended_threshold": 0.5})
-    unlimited = ReviewSession(
-        localiser, ReviewConfig(min_region_size=5, max_regions=0, min_regions=0)
-    )
+    unlimited = _session(ReviewConfig(min_region_size=5, max_regions=0, min_regions=0))
     case = _add(unlimited, "many", _many_blobs())
     assert case.threshold == 0.5 and case.region_limit is None
     assert len(case.regions()) == 30
@@ -370,10 +370,7 @@ def test_a_case_with_too_few_regions_starts_a_little_lower_and_says_so(session, 
 
 
 def test_a_threshold_the_reviewer_gave_is_kept_however_few_regions_it_shows():
-    torch.manual_seed(0)
-    network = AnomalyNet(TINY_NETWORK_2D).eval()
-    localiser = Localiser(network, metadata={"patch_size": 32, "recommended_threshold": 0.5})
-    given = ReviewSession(localiser, ReviewConfig(threshold=0.5, min_region_size=5))
+    given = _session(ReviewConfig(threshold=0.5, min_region_size=5))
     case = _add(given, "quiet", _few_blobs())
     assert case.threshold == 0.5 and len(case.regions()) == 2
     assert case.region_limit.min_regions == 0 and not case.region_limit.moved
