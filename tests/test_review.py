@@ -450,6 +450,57 @@ def test_a_map_with_too_few_regions_starts_at_the_highest_lower_threshold_holdin
     assert not limit_regions(scores, 0.55, 20).moved
 
 
+def test_a_rank_floor_keeps_the_rows_that_reach_it_in_their_order_and_appends_the_rest():
+    # A small bright spot (0.9) and a broad dim field around a 0.6 core: at 0.55 the spot
+    # has the larger mass and ranks first; at 0.45 the field's skirt makes its region
+    # outweigh the spot. A 0.3 blob shows only at 0.45.
+    scores = np.zeros((40, 60), dtype=np.float64)
+    scores[5:8, 5:8] = 0.9
+    scores[15:35, 25:45] = 0.5
+    scores[24:26, 34:36] = 0.6
+    scores[5:12, 50:57] = 0.47
+    at_request = find_regions(threshold_map(scores, 0.55), scores, rank_by="mass")
+    assert [r.peak_score for r in at_request] == [0.9, 0.6]
+    lowered = threshold_map(scores, 0.45)
+    plain = find_regions(lowered, scores, rank_by="mass")
+    assert [r.peak_score for r in plain] == [0.6, 0.47, 0.9], "the field must overtake"
+    floored = find_regions(lowered, scores, rank_by="mass", rank_floor=0.55)
+    assert [r.peak_score for r in floored] == [0.9, 0.6, 0.47]
+    assert [r.label for r in floored] == [1, 2, 3]
+    # Without regions below the floor, or with a floor below them all, nothing moves.
+    assert [r.peak_score for r in find_regions(lowered, scores, rank_by="mass", rank_floor=0)] == [
+        0.6,
+        0.47,
+        0.9,
+    ]
+
+
+def test_a_rank_floor_measures_the_midline_reach_of_the_part_that_reaches_it():
+    from napari_anomaly.asymmetry import Midline, Mirror
+
+    # The midline is the column x = 40. A midline blob (0.6, within 5 mm of it) counts a
+    # quarter and ranks behind a lesion (0.7) at 0.55; at 0.45 its 0.5 skirt reaches 12 mm
+    # out, and the whole region would no longer count as on the midline.
+    midline = Midline.of(
+        Mirror(np.array([[1.0, 0.0], [0.0, -1.0]]), np.array([0.0, 80.0]), 0, 1), (0, 1)
+    )
+    scores = np.zeros((60, 80), dtype=np.float64)
+    scores[15:35, 28:53] = 0.5
+    scores[20:30, 36:45] = 0.6
+    scores[40:45, 10:15] = 0.7
+
+    def peaks(threshold, floor=None):
+        mask = threshold_map(scores, threshold)
+        found = find_regions(
+            mask, scores, rank_by="compact-midline", midline=midline, rank_floor=floor
+        )
+        return [r.peak_score for r in found]
+
+    assert peaks(0.55) == [0.7, 0.6]
+    assert peaks(0.45) == [0.6, 0.7]  # the grown region is no longer "on the midline"
+    assert peaks(0.45, floor=0.55) == [0.7, 0.6]
+
+
 def test_lowering_for_the_minimum_keeps_a_map_whose_regions_only_grow():
     # One smooth bump: a lower threshold makes its region larger, not more regions.
     y, x = np.mgrid[:32, :32]

@@ -16,7 +16,7 @@ from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import AnomalyNet
 from napari_anomaly.progress import run_to_end
-from napari_anomaly.review import ReviewConfig
+from napari_anomaly.review import ReviewConfig, find_regions
 from napari_anomaly.session import CaseReviewedError, ReviewSession
 
 
@@ -367,6 +367,24 @@ def test_a_case_with_too_few_regions_starts_a_little_lower_and_says_so(session, 
     loaded = ReviewSession.load(tmp_path / "saved", images={"quiet": case.image})
     assert loaded.case("quiet").region_limit == case.region_limit
     assert loaded.case("quiet").threshold == 0.5
+
+
+def test_a_case_that_started_lower_lists_the_rows_of_the_threshold_asked_for_first(session):
+    # At 0.5: a bright spot (0.9) and the 0.55 core of a broad 0.45 field. Lowered to show
+    # more, the field's region outweighs the spot, yet the spot keeps row 1.
+    scores = np.full((48, 48), 0.1, np.float32)
+    scores[3:6, 3:6] = 0.9
+    scores[15:35, 15:35] = 0.45
+    scores[24:26, 24:26] = 0.55
+    scores[38:45, 38:45] = 0.42
+    case = _add(session, "field", scores)
+    assert case.region_limit.lowered and case.threshold == 0.42
+    assert [round(r.peak_score, 2) for r in case.regions()] == [0.9, 0.55, 0.42]
+    plain = find_regions(case.mask, scores, rank_by=case.rank_by)
+    assert [round(r.peak_score, 2) for r in plain] == [0.55, 0.42, 0.9]
+    # Accepting row 1 accepts the spot, not the field.
+    session.accept_region("field", case.regions()[0])
+    assert session.case("field").edits.added.sum() == 9
 
 
 def test_a_threshold_the_reviewer_gave_is_kept_however_few_regions_it_shows():

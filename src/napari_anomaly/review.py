@@ -911,6 +911,7 @@ def find_regions(
     rank_by: str = "mean",
     return_labels: bool = False,
     midline: Midline | None = None,
+    rank_floor: float | None = None,
 ) -> list[Region] | tuple[list[Region], np.ndarray]:
     """List the connected components of a mask with their scores and sizes.
 
@@ -936,6 +937,12 @@ def find_regions(
         The patient's mid-sagittal plane in this grid
         (:attr:`~napari_anomaly.inference.LocalisationResult.midline`), for
         :attr:`Region.midline_reach_mm` and ``rank_by="compact-midline"``.
+    rank_floor : float, optional
+        Rank the regions that reach this score first, by ``rank_by`` over their voxels
+        at or above it, then the others by ``rank_by`` over all their voxels. A case
+        that started below the threshold asked for (:attr:`RegionLimit.lowered`) ranks
+        with that threshold as the floor, so the rows it had there keep their order
+        and the rows the lower threshold added follow them.
 
     Returns
     -------
@@ -1010,18 +1017,49 @@ def find_regions(
     # model's ceiling and tie often), then peak, then size, then raster order of
     # the raw label (which ndimage assigns in C order) so the order is deterministic.
     means = sums / sizes
-    compact = sums / np.maximum(1.0, elongation / COMPACT_ELONGATION) ** 2
-    primary = {
-        "mean": means,
-        "peak": peaks,
-        "mass": sums,
-        "compact": compact,
-        "compact-midline": compact
-        if reach is None
-        else np.where(reach <= MIDLINE_BAND_MM, MIDLINE_FACTOR * compact, compact),
-        "size": sizes.astype(np.float64),
-    }
-    order = np.lexsort((np.arange(count), -sizes, -peaks, -means, -primary[rank_by]))
+
+    def statistic(total, voxels, drawn_out, far) -> np.ndarray:
+        """The ranking statistic of regions of ``voxels`` voxels scoring ``total``,
+        of elongation ``drawn_out`` and midline reach ``far`` (None: not known)."""
+        compact = total / np.maximum(1.0, drawn_out / COMPACT_ELONGATION) ** 2
+        return {
+            "mean": total / np.maximum(voxels, 1),
+            "peak": peaks,
+            "mass": total,
+            "compact": compact,
+            "compact-midline": compact
+            if far is None
+            else np.where(far <= MIDLINE_BAND_MM, MIDLINE_FACTOR * compact, compact),
+            "size": voxels.astype(np.float64),
+        }[rank_by]
+
+    keys = [np.arange(count), -sizes, -peaks, -means, -statistic(sums, sizes, elongation, reach)]
+    if rank_floor is not None:
+        # Each region's part at or above the floor, measured as the whole region is (its
+        # mass, elongation and midline reach there), ranks first.
+        above = values >= rank_floor
+        part, part_coordinates = lab[above], [axis[above] for axis in coordinates]
+        part_sizes = np.bincount(part, minlength=count + 1)[1:]
+        counted = np.maximum(part_sizes, 1)
+        part_sums = np.bincount(part, weights=values[above], minlength=count + 1)[1:]
+        part_centroids = np.stack(
+            [
+                np.bincount(part, weights=axis, minlength=count + 1)[1:] / counted
+                for axis in part_coordinates
+            ],
+            axis=1,
+        )
+        part_elongation = _elongations(
+            part, count, counted, part_centroids, part_coordinates, spacing_vec
+        )
+        part_reach = None
+        if midline is not None:
+            part_reach = np.zeros(count + 1)
+            np.maximum.at(part_reach, part, midline.distance_mm(part_coordinates, spacing_vec))
+            part_reach = part_reach[1:]
+        part_statistic = statistic(part_sums, part_sizes, part_elongation, part_reach)
+        keys += [-part_statistic, (part_sizes == 0).astype(np.int8)]
+    order = np.lexsort(keys)
     voxel_volume = float(np.prod(spacing_vec))
     regions = []
     for rank, index in enumerate(order, start=1):

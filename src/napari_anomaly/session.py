@@ -237,6 +237,13 @@ class Case:
         return tuple(self.anomaly_map.shape)
 
     @property
+    def rank_floor(self) -> float | None:
+        """The threshold asked for where the case started below it (its rows that reach
+        it rank first: :func:`~napari_anomaly.review.find_regions`), else ``None``."""
+        limit = self.region_limit
+        return limit.requested if limit is not None and limit.lowered else None
+
+    @property
     def min_region_size(self) -> int:
         """The minimum region size in voxels that applies: the larger of the two limits."""
         return min_voxels(self.min_region_voxels, self.min_region_mm, self.geometry.spacing)
@@ -287,6 +294,7 @@ class Case:
                 self.geometry,
                 self.rank_by,
                 self.midline,
+                self.region_limit,
             )
             cached = self._found_regions
             stale = cached is None or any(a is not b for a, b in zip(cached[0], inputs))
@@ -301,6 +309,7 @@ class Case:
                 rank_by=self.rank_by,
                 return_labels=ranks,
                 midline=self.midline,
+                rank_floor=self.rank_floor,
             )
             regions, labels = found if ranks else (found, None)
             self._found_regions = (inputs, regions)
@@ -336,7 +345,12 @@ def case_figures(case: Case, anomaly_map: np.ndarray | None = None) -> CaseFigur
     scores = case.anomaly_map if anomaly_map is None else np.asarray(anomaly_map)
     mask = rethreshold(scores, case.threshold, case.edits, case.min_region_size)
     regions = find_regions(
-        mask, scores, spacing=case.geometry.spacing, rank_by=case.rank_by, midline=case.midline
+        mask,
+        scores,
+        spacing=case.geometry.spacing,
+        rank_by=case.rank_by,
+        midline=case.midline,
+        rank_floor=case.rank_floor,
     )
     return CaseFigures(
         regions=len(regions),
@@ -1009,6 +1023,7 @@ class ReviewSession:
             rank_by=case.rank_by,
             return_labels=True,
             midline=case.midline,
+            rank_floor=case.rank_floor,
         )
         if len(region.peak_position) != labels.ndim:
             raise ValueError(f"region {region.label} is not a region of {case.name}")

@@ -107,13 +107,20 @@ def triage_case(
         (:func:`napari_anomaly.review.find_regions`).
     """
     truth = np.asarray(truth, dtype=bool)
+    rank_floor = None
     if max_regions or min_regions:  # a count of the regions only where a limit asks for it
-        threshold = limit_regions(
-            anomaly_map, threshold, max_regions, min_region_voxels, min_regions
-        ).threshold
+        limit = limit_regions(anomaly_map, threshold, max_regions, min_region_voxels, min_regions)
+        threshold = limit.threshold
+        rank_floor = limit.requested if limit.lowered else None  # as the case ranks
     mask = threshold_map(anomaly_map, threshold, min_region_voxels)
     regions, labels = find_regions(
-        mask, anomaly_map, spacing=spacing, rank_by=rank_by, return_labels=True, midline=midline
+        mask,
+        anomaly_map,
+        spacing=spacing,
+        rank_by=rank_by,
+        return_labels=True,
+        midline=midline,
+        rank_floor=rank_floor,
     )
     structure = ndi.generate_binary_structure(truth.ndim, truth.ndim)
     lesion_labels, count = ndi.label(truth, structure=structure)
