@@ -118,9 +118,9 @@ DEFAULT_MAX_REGIONS = 20
 #: reviewer reads the first rows of every table anyway; a scan whose lesion scores
 #: just under the calibrated threshold, beside few other regions, would otherwise show
 #: it nowhere. On seven sets of the clinical yardstick this put a lesion among the first
-#: 5 rows of one more scan (a T1c nodule scan that showed 2 regions), cost 1.2 more rows
-#: per normal scan, and moved two lesions from row 1 to row 2 (docs/evaluation.md, "A
-#: table of at least five rows").
+#: 5 rows of one more scan (a T1c nodule scan that showed 2 regions) and cost 1.2 more
+#: rows per normal scan; the rows a case had at the threshold asked for keep their order
+#: (``find_regions(rank_floor=...)``; docs/evaluation.md, "A table of at least five rows").
 DEFAULT_MIN_REGIONS = 5
 
 #: How far (calibrated score) below the requested threshold a new case may start so
