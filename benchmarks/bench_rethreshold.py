@@ -228,6 +228,32 @@ def main() -> None:
         _change_after(scores, 0.30, MaskEdits.empty(scores.shape), args.min_region_size)
         change_ms.append(1000 * (time.perf_counter() - started))
     review.count_regions = count_regions
+
+    # A new case with too few regions: the walk down (review.MIN_REGIONS_REACH) beside one
+    # threshold change, and the table of the lowered case with and without its rank floor.
+    def quiet_threshold() -> float:
+        for k in range(95, 39, -1):
+            high = k / 100
+            lower = round(high - review.MIN_REGIONS_REACH, 2)
+            if (
+                review.count_regions(scores, high, args.min_region_size)
+                < 5
+                <= (review.count_regions(scores, lower, args.min_region_size))
+            ):
+                return high
+        raise SystemExit("the synthetic map has no threshold with fewer than 5 regions")
+
+    quiet = quiet_threshold()
+    minimum_ms, floored_ms, plain_ms = [], [], []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        lowered = limit_regions(scores, quiet, 20, args.min_region_size, min_regions=5)
+        minimum_ms.append(1000 * (time.perf_counter() - started))
+        mask = rethreshold(scores, lowered.threshold, MaskEdits.empty(scores.shape), 0)
+        for floor, timings in ((quiet, floored_ms), (None, plain_ms)):
+            started = time.perf_counter()
+            find_regions(mask, scores, rank_by="compact-midline", midline=MIDLINE, rank_floor=floor)
+            timings.append(1000 * (time.perf_counter() - started))
     report = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "map": f"float32 {scores.shape}, synthetic (see the script's docstring)",
@@ -248,6 +274,21 @@ def main() -> None:
             "threshold_change_median_ms": round(statistics.median(change_ms), 1),
             "ratio": round(statistics.median(limit_ms) / statistics.median(change_ms), 2),
         },
+        "region_minimum": {
+            "what": "limit_regions(map, T, 20, min size, min_regions=5) at a threshold T with "
+            "fewer than 5 regions; find_regions of the lowered mask with and without "
+            "rank_floor=T (compact-midline), interleaved",
+            "result": lowered.to_dict(),
+            "median_ms": round(statistics.median(minimum_ms), 1),
+            "threshold_change_median_ms": round(statistics.median(change_ms), 1),
+            "find_regions_median_ms": {
+                "with_rank_floor": round(statistics.median(floored_ms), 1),
+                "without": round(statistics.median(plain_ms), 1),
+            },
+            "rank_floor_ratio": round(
+                statistics.median(floored_ms) / statistics.median(plain_ms), 2
+            ),
+        },
     }
     if args.widget:
         shown = widget_ms(scores, thresholds, args.repeats)
@@ -265,6 +306,12 @@ def main() -> None:
         f"a new case with too many regions: {limit.describe()}; "
         f"{len(counted)} thresholds tried, median {report['region_limit']['median_ms']:.0f} ms "
         f"({report['region_limit']['ratio']:.1f}x one threshold change)"
+    )
+    minimum = report["region_minimum"]
+    print(
+        f"a new case with too few regions: {lowered.describe()}; median "
+        f"{minimum['median_ms']:.0f} ms; its table {minimum['rank_floor_ratio']:.2f}x the time "
+        "with the rank floor"
     )
     write_report(args.out, report)
 
