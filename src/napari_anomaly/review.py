@@ -270,18 +270,21 @@ def min_voxels(min_region_size: int, min_region_mm: float, spacing: Sequence[flo
     return max(int(min_region_size), from_mm)
 
 
+def _check_count(value: int, name: str, zero: str) -> int:
+    """``value`` as an int; ValueError naming ``name`` unless it is an integer >= 0."""
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0: {zero}), got {value}")
+    return int(value)
+
+
 def check_max_regions(max_regions: int) -> int:
     """``max_regions`` as an int; ValueError unless it is an integer >= 0."""
-    if isinstance(max_regions, bool) or int(max_regions) != max_regions or max_regions < 0:
-        raise ValueError(f"max_regions must be an integer >= 0 (0: no limit), got {max_regions}")
-    return int(max_regions)
+    return _check_count(max_regions, "max_regions", "no limit")
 
 
 def check_min_regions(min_regions: int) -> int:
     """``min_regions`` as an int; ValueError unless it is an integer >= 0."""
-    if isinstance(min_regions, bool) or int(min_regions) != min_regions or min_regions < 0:
-        raise ValueError(f"min_regions must be an integer >= 0 (0: none), got {min_regions}")
-    return int(min_regions)
+    return _check_count(min_regions, "min_regions", "none")
 
 
 def _check_threshold(threshold: float) -> float:
@@ -474,6 +477,12 @@ class RegionLimit:
     def moved(self) -> bool:
         """Whether the case starts elsewhere than the requested threshold."""
         return self.threshold != self.requested
+
+    @property
+    def rank_floor(self) -> float | None:
+        """The requested threshold where the case starts below it (the regions that
+        reach it rank first: :func:`find_regions`), else ``None``."""
+        return self.requested if self.lowered else None
 
     def describe(self) -> str:
         """One line for a reviewer, e.g. ``threshold raised from 0.56 (143 regions) to
@@ -901,6 +910,33 @@ def _elongations(
     return np.sqrt(np.maximum(variances[:, -1], 0.0) / variances[:, -2])
 
 
+def _centroids(
+    lab: np.ndarray, count: int, sizes: np.ndarray, coordinates: list[np.ndarray]
+) -> np.ndarray:
+    """Per region (labels ``1..count`` of the voxels ``lab``), its mean position in voxel
+    indices, ``(count, ndim)``; ``sizes`` are the voxel counts (at least 1)."""
+    return np.stack(
+        [np.bincount(lab, weights=axis, minlength=count + 1)[1:] / sizes for axis in coordinates],
+        axis=1,
+    )
+
+
+def _midline_reach(
+    lab: np.ndarray,
+    count: int,
+    coordinates: list[np.ndarray],
+    spacing: np.ndarray,
+    midline: Midline | None,
+) -> np.ndarray | None:
+    """Per region, the farthest any of its voxels lies from the midline (mm); ``None``
+    without a midline."""
+    if midline is None:
+        return None
+    reach = np.zeros(count + 1)
+    np.maximum.at(reach, lab, midline.distance_mm(coordinates, spacing))
+    return reach[1:]
+
+
 def find_regions(
     mask: Any,
     anomaly_map: Any,
@@ -988,10 +1024,7 @@ def find_regions(
     _, first = np.unique(lab[at_peak], return_index=True)
     peak_flat = flat[at_peak[first]]
     coordinates = _unravel_float(flat, binary.shape)
-    centroids = np.stack(
-        [np.bincount(lab, weights=axis, minlength=count + 1)[1:] / sizes for axis in coordinates],
-        axis=1,
-    )
+    centroids = _centroids(lab, count, sizes, coordinates)
     # Bounding boxes: per axis, the lowest and highest index of each region.
     lows, highs = [], []
     for axis in coordinates:
@@ -1002,11 +1035,7 @@ def find_regions(
         lows.append(low[1:].astype(np.int64))
         highs.append(high[1:].astype(np.int64) + 1)
     elongation = _elongations(lab, count, sizes, centroids, coordinates, spacing_vec)
-    reach = None
-    if midline is not None:
-        reach = np.zeros(count + 1)
-        np.maximum.at(reach, lab, midline.distance_mm(coordinates, spacing_vec))
-        reach = reach[1:]
+    reach = _midline_reach(lab, count, coordinates, spacing_vec, midline)
     mean_confidence = None
     if confidence is not None:
         conf_values = confidence.reshape(-1)[flat]
@@ -1042,21 +1071,11 @@ def find_regions(
         part_sizes = np.bincount(part, minlength=count + 1)[1:]
         counted = np.maximum(part_sizes, 1)
         part_sums = np.bincount(part, weights=values[above], minlength=count + 1)[1:]
-        part_centroids = np.stack(
-            [
-                np.bincount(part, weights=axis, minlength=count + 1)[1:] / counted
-                for axis in part_coordinates
-            ],
-            axis=1,
-        )
+        part_centroids = _centroids(part, count, counted, part_coordinates)
         part_elongation = _elongations(
             part, count, counted, part_centroids, part_coordinates, spacing_vec
         )
-        part_reach = None
-        if midline is not None:
-            part_reach = np.zeros(count + 1)
-            np.maximum.at(part_reach, part, midline.distance_mm(part_coordinates, spacing_vec))
-            part_reach = part_reach[1:]
+        part_reach = _midline_reach(part, count, part_coordinates, spacing_vec, midline)
         part_statistic = statistic(part_sums, part_sizes, part_elongation, part_reach)
         keys += [-part_statistic, (part_sizes == 0).astype(np.int8)]
     order = np.lexsort(keys)

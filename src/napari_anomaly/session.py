@@ -240,8 +240,7 @@ class Case:
     def rank_floor(self) -> float | None:
         """The threshold asked for where the case started below it (its rows that reach
         it rank first: :func:`~napari_anomaly.review.find_regions`), else ``None``."""
-        limit = self.region_limit
-        return limit.requested if limit is not None and limit.lowered else None
+        return None if self.region_limit is None else self.region_limit.rank_floor
 
     @property
     def min_region_size(self) -> int:

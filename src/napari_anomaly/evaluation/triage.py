@@ -111,7 +111,7 @@ def triage_case(
     if max_regions or min_regions:  # a count of the regions only where a limit asks for it
         limit = limit_regions(anomaly_map, threshold, max_regions, min_region_voxels, min_regions)
         threshold = limit.threshold
-        rank_floor = limit.requested if limit.lowered else None  # as the case ranks
+        rank_floor = limit.rank_floor  # as the case ranks
     mask = threshold_map(anomaly_map, threshold, min_region_voxels)
     regions, labels = find_regions(
         mask,
