@@ -11,7 +11,7 @@ The model is fine-tuned on the first scan of the kind with its true lesion mask
 (as if the reviewer had corrected it perfectly), once per setting in
 ``--learning-rates`` x ``--steps`` (the other settings: ``FinetuneConfig``
 defaults, or ``--anchor-weights``, ``--distill-weights``, ``--focus-probabilities``,
-``--replay-fractions`` and ``--transplant-shares``). Reported,
+``--replay-fractions``, ``--transplant-shares`` and ``--transplant-scales``). Reported,
 before and after: pixel AP on the *other* scans of the kind (pooled), on the
 corrected scan itself, and on each other family; and, through the whole
 pipeline at the model's default threshold (post-processing and calibration
@@ -100,6 +100,11 @@ def measure(localiser, kind_others, corrected, others, normals, in_plane_mm, ext
     }
 
 
+def _scale(text: str) -> tuple[float, float]:
+    low, _, high = text.partition(":")
+    return float(low), float(high or low)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -142,6 +147,14 @@ def main() -> None:
         "--transplant-shares",
         "transplant_share",
         help="shares of the replayed patches that show a marked lesion moved elsewhere",
+    )
+    parser.add_argument(
+        "--transplant-scales",
+        type=_scale,
+        nargs="+",
+        default=[FinetuneConfig.transplant_scale],
+        metavar="LOW:HIGH",
+        help="ranges of the size factor on moved lesions, e.g. 0.33:3 (1:1 their own size)",
     )
     parser.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
     parser.add_argument(
@@ -198,10 +211,11 @@ def main() -> None:
         args.focus_probabilities,
         args.replay_fractions,
         args.transplant_shares,
+        args.transplant_scales,
         args.finetune_seeds,
         args.member_losses,
     )
-    for lr, steps, anchor, distill, focus, replay, share, finetune_seed, member_loss in grid:
+    for lr, steps, anchor, distill, focus, replay, share, scale, finetune_seed, member_loss in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -213,6 +227,7 @@ def main() -> None:
             focus_probability=focus,
             replay_fraction=replay,
             transplant_share=share,
+            transplant_scale=scale,
             batch_size=args.batch_size,
             seed=finetune_seed,
             member_loss=member_loss,
@@ -254,6 +269,7 @@ def main() -> None:
             "focus_probability": focus,
             "replay_fraction": replay,
             "transplant_share": share,
+            "transplant_scale": list(scale),
             "batch_size": args.batch_size,
             "finetune_seed": finetune_seed,
             "member_loss": member_loss,

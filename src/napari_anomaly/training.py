@@ -77,7 +77,7 @@ from napari_anomaly.preprocess import PreprocessConfig, preprocess
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.synthesis import SynthesisConfig, synthesise
 from napari_anomaly.synthesis.lesions import LesionTaskConfig, synthesise_lesions
-from napari_anomaly.synthesis.transplant import collect_donors, transplant
+from napari_anomaly.synthesis.transplant import check_scale, collect_donors, transplant
 
 __all__ = ["AdaptConfig", "FinetuneConfig", "TrainConfig", "adapt", "finetune", "train"]
 
@@ -221,6 +221,12 @@ class FinetuneConfig:
         0.70x -> 1.52x) but cost other families more after a FLAIR mass
         correction (nodules -0.30 AP), until ``distill_weight`` held them
         (docs/evaluation.md).
+    transplant_scale
+        Range ``(low, high)`` of the factor on a moved lesion's size, drawn
+        log-uniformly per paste (:func:`napari_anomaly.synthesis.transplant.transplant`),
+        so that one marked finding is also shown at the sizes of its kin (a
+        corrected mass, shrunk, as a small nodule). ``(1, 1)`` moves every
+        lesion at its own size.
     positive_balance
         When > 0, the marked voxels of each batch weigh as much together as the
         unmarked ones (up to this factor each), so that a small lesion is not
@@ -272,6 +278,7 @@ class FinetuneConfig:
     replay_fraction: float = 2 / 3
     focus_probability: float = 0.6
     transplant_share: float = 0.5
+    transplant_scale: tuple[float, float] = (1.0, 1.0)
     positive_balance: float = 20.0
     anchor_weight: float = 0.0
     distill_weight: float = 5.0
@@ -292,6 +299,11 @@ class FinetuneConfig:
             raise ValueError("replay_fraction must lie in [0, 1)")
         if not 0 <= self.transplant_share <= 1:
             raise ValueError(f"transplant_share must lie in [0, 1], got {self.transplant_share}")
+        try:
+            scale = check_scale(self.transplant_scale)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"transplant_scale: {error}") from None
+        object.__setattr__(self, "transplant_scale", scale)
         if round(self.batch_size * self.replay_fraction) >= self.batch_size:
             raise ValueError(
                 f"replay_fraction {self.replay_fraction:g} leaves no correction patch in a batch "
@@ -1195,6 +1207,7 @@ def finetune(
             dims,
             localiser.patch_size,
             plane_axes=plane_axes,
+            min_scale=min(config.transplant_scale[0], 1.0),
             rng=np.random.default_rng([config.seed, 1]),
         )
         if config.transplant_share > 0
@@ -1221,7 +1234,11 @@ def finetune(
         if transplants:
             host, host_foreground, host_marked, host_weight = sampler.sample(transplants, rng)
             pasted, pasted_label, placed = transplant(
-                host, host_foreground & (host_marked < 0.5), donors, rng
+                host,
+                host_foreground & (host_marked < 0.5),
+                donors,
+                rng,
+                scale=config.transplant_scale,
             )
             moved += int(placed.sum())
             batches.append(

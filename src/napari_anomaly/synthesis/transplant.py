@@ -16,8 +16,10 @@ contrast against its surroundings and meets the new tissue without a seam.
 2. :func:`transplant` places donors in a batch of normal patches, where the
    host is foreground, not itself marked, and about as bright as the lesion's
    own surroundings (a white-matter lesion goes into white matter, not into
-   the ventricles or the scalp), and returns the blended patches and the
-   pasted lesions' masks as labels.
+   the ventricles or the scalp), optionally resized, and returns the blended
+   patches and the pasted lesions' masks as labels. Resizing shows one marked
+   finding at the sizes of its kin: a corrected mass, shrunk, looks like the
+   small enhancing nodules of another scan, and a nodule, grown, like a mass.
 
 Everything random comes from one ``numpy.random.Generator``.
 """
@@ -33,7 +35,7 @@ from scipy import ndimage
 
 from napari_anomaly.synthesis.poisson import poisson_blend
 
-__all__ = ["Donor", "collect_donors", "transplant"]
+__all__ = ["Donor", "check_scale", "collect_donors", "transplant"]
 
 #: placements tried per sample before it is left without a lesion
 _PLACEMENT_TRIES = 24
@@ -102,6 +104,7 @@ def collect_donors(
     margin: int = 6,
     min_voxels: int = 4,
     max_donors: int = 256,
+    min_scale: float = 1.0,
     rng: np.random.Generator | None = None,
 ) -> list[Donor]:
     """Every marked lesion of the cases, cut out for :func:`transplant`.
@@ -127,10 +130,15 @@ def collect_donors(
         Smaller components (stray clicks of a brush) are not moved.
     max_donors
         At most this many donors, drawn at random when there are more.
+    min_scale
+        The smallest size factor :func:`transplant` will apply: a lesion that
+        fits half a patch only once shrunk by it is kept as well.
     rng
         Source of that draw.
     """
-    side = patch_size // 2
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale must lie in (0, 1], got {min_scale}")
+    side = patch_size // 2 / min_scale
     donors: list[Donor] = []
     for image, mask in zip(images, masks):
         image = np.asarray(image, np.float32)
@@ -175,12 +183,47 @@ def _turned(donor: Donor, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     return tuple(np.ascontiguousarray(a) for a in arrays)
 
 
+def check_scale(scale: tuple[float, float]) -> tuple[float, float]:
+    """``scale`` as a ``(low, high)`` pair of size factors, ``0 < low <= high``."""
+    low, high = (float(v) for v in scale)
+    if not (np.isfinite(high) and 0 < low <= high):
+        raise ValueError(f"a size range needs 0 < low <= high, got {tuple(scale)}")
+    return low, high
+
+
+def _resized(
+    arrays: tuple[np.ndarray, ...], scale: tuple[float, float], room: int, rng: np.random.Generator
+) -> tuple[np.ndarray, ...] | None:
+    """The donor's ``(image, mask, blend)`` resized by a factor drawn log-uniformly from
+    ``scale`` (at most what keeps its widest side within ``room`` voxels); ``None`` where
+    even the smallest factor does not fit or the lesion shrinks to under 4 voxels."""
+    low, high = scale
+    fit = room / max(arrays[0].shape)
+    if low > fit:
+        return None
+    factor = low if low == high else float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    factor = min(factor, fit)
+    if factor == 1.0:
+        return arrays
+    image, mask, blend = arrays
+    shape = [max(int(round(n * factor)), 1) for n in image.shape]
+    zooms = [m / n for m, n in zip(shape, image.shape)]
+    image = ndimage.zoom(image, zooms, order=1, mode="nearest", grid_mode=True)
+    mask = ndimage.zoom(mask.astype(np.float32), zooms, order=1, mode="nearest", grid_mode=True)
+    blend = ndimage.zoom(blend.astype(np.float32), zooms, order=1, mode="nearest", grid_mode=True)
+    mask = mask >= 0.5
+    if int(mask.sum()) < 4:
+        return None
+    return image.astype(np.float32), mask, (blend >= 0.5) | mask
+
+
 def transplant(
     normal: torch.Tensor,
     free: torch.Tensor,
     donors: Sequence[Donor],
     rng: np.random.Generator,
     contrast: tuple[float, float] = (0.8, 1.2),
+    scale: tuple[float, float] = (1.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paste one random donor into each patch of ``normal`` where it finds room.
 
@@ -199,6 +242,12 @@ def transplant(
     contrast
         Range of the factor on the donor's gradients (its contrast against
         its surroundings).
+    scale
+        Range of the factor on the donor's size (drawn log-uniformly; the
+        lesion and its context are resized together, so its soft edge scales
+        with it). A factor that would make the donor wider than half a patch is
+        lowered to fit; ``(1, 1)`` pastes every lesion at its own size and draws
+        nothing from ``rng`` for it.
 
     Returns
     -------
@@ -215,11 +264,19 @@ def transplant(
     placed = torch.zeros(count, dtype=torch.bool)
     if not donors:
         return normal.clone(), label, placed
+    scale = check_scale(scale)
+    room = min(shape) // 2
     free_cpu = free.detach().to("cpu", torch.bool).numpy()
     host_cpu = normal.detach().to("cpu", torch.float32).numpy()
     for b in range(count):
         donor = donors[int(rng.integers(len(donors)))]
-        image, mask, blend = _turned(donor, rng)
+        arrays = _turned(donor, rng)
+        if scale != (1.0, 1.0):
+            resized = _resized(arrays, scale, room, rng)
+            if resized is None:
+                continue
+            arrays = resized
+        image, mask, blend = arrays
         if any(m > n for m, n in zip(mask.shape, shape)):
             continue
         lesion, around = int(mask.sum()), blend & ~mask
