@@ -133,3 +133,85 @@ def test_a_transplant_share_outside_zero_to_one_is_refused():
 def test_a_batch_without_a_single_correction_patch_is_refused():
     with pytest.raises(ValueError, match="leaves no correction patch in a batch of 2"):
         FinetuneConfig(batch_size=2, replay_fraction=0.75)
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_a_resized_lesion_keeps_its_contrast_and_its_label_follows_its_size(factor):
+    lesion = _disc((40, 40), (20, 20), 5)
+    donors = collect_donors([np.where(lesion, 0.9, 0.4).astype(np.float32)], [lesion], 2, 96)
+    host = torch.full((4, 1, 96, 96), 0.4)
+    free = torch.ones(host.shape, dtype=torch.bool)
+
+    pasted, label, placed = transplant(
+        host, free, donors, np.random.default_rng(0), contrast=(1.0, 1.0), scale=(factor, factor)
+    )
+
+    assert placed.all()
+    for b in range(4):
+        inside = label[b, 0] > 0.5
+        # the area scales with the square of the factor
+        assert int(inside.sum()) == pytest.approx(lesion.sum() * factor**2, rel=0.25)
+        ring = torch.from_numpy(_dilate(inside.numpy(), 4) & ~_dilate(inside.numpy(), 2))
+        step = pasted[b, 0][inside].mean() - pasted[b, 0][ring].mean()
+        assert 0.4 < float(step) < 0.6  # as bright against its host as in its own scan
+
+
+def test_a_lesion_too_wide_for_half_a_patch_is_moved_shrunk_when_it_may_be():
+    image = np.full((120, 120), 0.3, np.float32)
+    mass = _disc((120, 120), (60, 60), 20)
+    image[mass] = 0.9
+    assert collect_donors([image], [mass], 2, 64) == []  # 41 + 12 voxels > 32
+    donors = collect_donors([image], [mass], 2, 64, min_scale=0.25)
+    assert len(donors) == 1
+    host = torch.full((6, 1, 64, 64), 0.3)
+    free = torch.ones(host.shape, dtype=torch.bool)
+
+    _, label, placed = transplant(host, free, donors, np.random.default_rng(3), scale=(0.25, 4.0))
+
+    assert placed.all()
+    for pasted in label[:, 0] > 0.5:
+        rows, cols = np.nonzero(pasted.numpy())
+        # never wider than half a patch, whatever factor was drawn
+        assert 0 < np.ptp(rows) + 1 <= 32 and 0 < np.ptp(cols) + 1 <= 32
+        assert pasted.sum() < mass.sum() / 2
+
+
+def test_lesions_at_their_own_size_draw_the_same_as_without_resizing():
+    lesion = _disc((30, 30), (15, 15), 4)
+    donors = collect_donors([np.where(lesion, 0.9, 0.5)], [lesion], 2, 48)
+    host = torch.full((5, 1, 48, 48), 0.5)
+    free = torch.ones(host.shape, dtype=torch.bool)
+    plain = transplant(host, free, donors, np.random.default_rng(4))
+    own_size = transplant(host, free, donors, np.random.default_rng(4), scale=(1.0, 1.0))
+    resized = transplant(host, free, donors, np.random.default_rng(4), scale=(0.5, 2.0))
+    assert all(torch.equal(a, b) for a, b in zip(plain, own_size))
+    assert not torch.equal(plain[1], resized[1])
+
+
+@pytest.mark.parametrize("scale", [(2.0, 1.0), (0.0, 1.0), (-1.0, 2.0), (1.0, float("inf"))])
+def test_a_bad_size_range_is_refused(scale):
+    with pytest.raises(ValueError, match="transplant_scale"):
+        FinetuneConfig(transplant_scale=scale)
+    with pytest.raises(ValueError, match="size range"):
+        transplant(
+            torch.zeros(1, 1, 8, 8),
+            torch.ones(1, 1, 8, 8, dtype=torch.bool),
+            collect_donors([np.eye(8, dtype=np.float32)], [np.eye(8) > 0], 2, 64, min_voxels=1),
+            np.random.default_rng(0),
+            scale=scale,
+        )
+
+
+def test_fine_tuning_moves_a_large_marked_mass_only_when_it_may_shrink():
+    case = body_scan((96, 96))
+    mask = _disc((96, 96), (48, 48), 14)  # 29 voxels wide, with its context more than 32
+    case[mask] += 60
+    parent = Localiser(AnomalyNet(TINY_NETWORK_2D), metadata={"patch_size": 64})
+    moved = {}
+    for scale in ((1.0, 1.0), (0.4, 1.0)):
+        config = FinetuneConfig(steps=3, batch_size=6, device="cpu", transplant_scale=scale)
+        child = run_to_end(finetune(parent, [case], [mask], config))
+        record = child.metadata["finetuning"][-1]
+        moved[scale] = record["moved_lesions"]["lesions"]
+        assert tuple(record["config"]["transplant_scale"]) == scale
+    assert moved == {(1.0, 1.0): 0, (0.4, 1.0): 1}
