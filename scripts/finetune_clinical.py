@@ -4,9 +4,10 @@
         --model src/napari_anomaly/data/default_2d.safetensors \
         --family mass --contrast flair --json benchmarks/results/finetune_clinical.json
 
-Protocol (``napari_anomaly.evaluation``; deterministic for ``--seed``): from the
-held-out Colin27 head, ``--cases`` clinical scans of one lesion family and
-contrast (the "kind") and one scan of every other family in the same contrast.
+Protocol (``napari_anomaly.evaluation``; deterministic for ``--seed``): from a
+held-out head (``--subject``: Colin27, or the second subject), ``--cases``
+clinical scans of one lesion family and contrast (the "kind") and one scan of
+every other family in the same contrast.
 The model is fine-tuned on the first scan of the kind with its true lesion mask
 (as if the reviewer had corrected it perfectly), once per setting in
 ``--learning-rates`` x ``--steps`` (the other settings: ``FinetuneConfig``
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_anomaly.calibration import carry_calibration
-from napari_anomaly.evaluation.anatomy import held_out_head
+from napari_anomaly.evaluation.anatomy import HELD_OUT_SUBJECTS, held_out_subject
 from napari_anomaly.evaluation.clinical import FAMILIES, make_case, prepare_anatomy
 from napari_anomaly.evaluation.triage import triage_case
 from napari_anomaly.evaluation.yardstick import model_predictor
@@ -112,6 +113,12 @@ def main() -> None:
     parser.add_argument("--family", default="mass")
     parser.add_argument("--contrast", default="flair")
     parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument(
+        "--subject",
+        choices=HELD_OUT_SUBJECTS,
+        default="colin27",
+        help="the held-out head the scans are made from (brainbrowser: the second subject)",
+    )
 
     def grid(flag: str, setting: str, kind=float, help: str | None = None) -> None:
         """An option of several values of one ``FinetuneConfig`` setting, its default the
@@ -175,7 +182,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    volume, brain = held_out_head(args.data)
+    volume, brain = held_out_subject(args.data, args.subject)
     anatomy = prepare_anatomy(volume, brain)
     kind = [
         make_case(
@@ -281,6 +288,7 @@ def main() -> None:
     report = {
         "command": "python scripts/finetune_clinical.py " + " ".join(sys.argv[1:]),
         "model_sha256": localiser.sha256,
+        "subject": args.subject,
         "family": args.family,
         "contrast": args.contrast,
         "before": before,
