@@ -383,7 +383,9 @@ def main() -> None:
             print(
                 f"{name:>24} {key:>24}: mean AP {o['mean_ap_over_families']}, "
                 f"AP/prevalence {o['mean_ap_over_prevalence']}, lesions in top 5 "
-                f"{o['lesions_in_top_5']}/{o['lesions']}, scans with a lesion in top 5 "
+                f"{o['lesions_in_top_5']}/{o['lesions']} (of at least the smallest region "
+                f"{o['sizable_lesions_in_top_5']}/{o['sizable_lesions']}), "
+                f"scans with a lesion in top 5 "
                 f"{o['scans_with_lesion_in_top_5']}/{o['scans_with_lesions']}, "
                 f"regions/normal-ish scan median {o['regions_per_scan_median']}, "
                 f"threshold {result['threshold']:.2f}",

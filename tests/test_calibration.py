@@ -299,6 +299,23 @@ def test_triage_reports_the_rank_of_the_first_region_touching_each_lesion():
     assert summary["regions_per_scan_max"] == 2
 
 
+def test_triage_counts_a_speck_split_off_a_lesion_apart_from_the_lesions_the_table_can_show():
+    # A thick-slice truth mask often splits a few voxels off a lesion: they are a lesion
+    # of their own to connected components, but smaller than any region the table keeps.
+    scores = np.zeros((40, 40), dtype=np.float32)
+    scores[10:20, 10:20] = 0.9
+    truth = np.zeros((40, 40), dtype=bool)
+    truth[11:19, 11:19] = True  # the lesion, found
+    truth[30, 30] = truth[31, 31] = True  # a 2-voxel speck of its mask, never a region
+    case = triage_case(scores, truth, 0.5, min_region_voxels=10)
+    assert case.lesion_ranks == (1, None) and case.lesion_voxels == (64, 2)
+    assert case.sizable_ranks() == (1,)
+    summary = summarise_triage([case])
+    assert (summary["lesions"], summary["lesions_in_top_5"]) == (2, 1)
+    assert (summary["sizable_lesions"], summary["sizable_lesions_in_top_5"]) == (1, 1)
+    assert case.to_dict()["lesion_voxels"] == [64, 2]
+
+
 def test_triage_of_scans_applies_the_minimum_size_in_mm_on_each_scans_own_grid():
     scores = np.zeros((40, 40), dtype=np.float32)
     scores[2:4, 2:4] = 0.95  # 4 pixels: 4 mm^2 at 1 mm, 16 mm^2 at 2 mm
@@ -330,6 +347,7 @@ def test_triage_of_scans_applies_the_minimum_size_in_mm_on_each_scans_own_grid()
     assert lines[1].startswith("  coarse.nii.gz: 2 regions; lesions (largest first): rank 2;")
     assert lines[2] == "  normal.nii.gz (normal): 1 region"
     assert "scans with a lesion among the top 5 regions: 2/2" in lines[3]
+    assert "lesions among the top 5: 2/2 (of at least the smallest region: 2/2)" in lines[3]
 
 
 def test_triage_of_scans_lowers_a_quiet_scan_as_its_case_would_start_and_says_so():

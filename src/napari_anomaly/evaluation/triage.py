@@ -7,7 +7,11 @@ Pixel AP says how well a map ranks voxels; a reviewer works through the
   the first region in the table that touches it (``None`` when no region does);
 * whether that rank is within the top ``k`` (5 by default);
 * the number of regions per scan (on normal scans every region is a false one);
-* the share of each lesion's voxels inside the mask.
+* the share of each lesion's voxels inside the mask;
+* the same lesion figures over the lesions at least as large as the smallest
+  region the table keeps (``sizable_lesions``): a speck of a few voxels that a
+  thick-slice mask splits off a lesion can never be a row of its own, and counting
+  it as a missed lesion would understate what the reviewer meets.
 
 Regions are found exactly as the review step finds them
 (:func:`napari_anomaly.review.threshold_map` and
@@ -48,16 +52,32 @@ class CaseTriage:
     threshold
         The threshold the regions were found at: the one asked for, or higher
         under a limit of regions (``triage_case(max_regions=...)``).
+    lesion_voxels
+        Per true lesion, its size in voxels (empty: not known).
+    min_region_voxels
+        The smallest region the table keeps, in voxels.
     """
 
     regions: int
     lesion_ranks: tuple[int | None, ...]
     lesion_coverage: tuple[float, ...]
     threshold: float | None = None
+    lesion_voxels: tuple[int, ...] = ()
+    min_region_voxels: int = 0
 
     @property
     def lesions(self) -> int:
         return len(self.lesion_ranks)
+
+    def sizable_ranks(self) -> tuple[int | None, ...]:
+        """Ranks of the lesions at least as large as the smallest region the table keeps."""
+        if not self.lesion_voxels:
+            return self.lesion_ranks
+        return tuple(
+            rank
+            for rank, voxels in zip(self.lesion_ranks, self.lesion_voxels, strict=True)
+            if voxels >= self.min_region_voxels
+        )
 
     def first_rank(self) -> int | None:
         """Rank of the first region touching any lesion (the reviewer's first hit)."""
@@ -68,6 +88,7 @@ class CaseTriage:
         data = asdict(self)
         data["lesion_ranks"] = list(self.lesion_ranks)
         data["lesion_coverage"] = [round(c, 4) for c in self.lesion_coverage]
+        data["lesion_voxels"] = list(self.lesion_voxels)
         return data
 
 
@@ -126,6 +147,7 @@ def triage_case(
     lesion_labels, count = ndi.label(truth, structure=structure)
     ranks: list[int | None] = []
     coverage: list[float] = []
+    voxels: list[int] = []
     if count:
         sizes = np.bincount(lesion_labels.ravel(), minlength=count + 1)[1:]
         for index in np.argsort(-sizes, kind="stable"):
@@ -134,7 +156,15 @@ def triage_case(
             touching = touching[touching > 0]
             ranks.append(int(touching.min()) if touching.size else None)
             coverage.append(float(mask[lesion].mean()))
-    return CaseTriage(len(regions), tuple(ranks), tuple(coverage), float(threshold))
+            voxels.append(int(sizes[index]))
+    return CaseTriage(
+        len(regions),
+        tuple(ranks),
+        tuple(coverage),
+        float(threshold),
+        tuple(voxels),
+        int(min_region_voxels),
+    )
 
 
 def _finite_or_none(value) -> float | None:
@@ -146,9 +176,12 @@ def summarise_triage(cases: Sequence[CaseTriage], top_k: int = TOP_K) -> dict:
 
     ``scans_with_lesion_in_top_k`` counts scans with lesions whose *first* hit is
     within the top ``k`` (the issue's "true lesion among the top 5 regions").
+    ``sizable_lesions`` and ``sizable_lesions_in_top_k`` count only the lesions at
+    least as large as the smallest region the table keeps.
     """
     with_lesions = [c for c in cases if c.lesions]
     ranks = [r for c in with_lesions for r in c.lesion_ranks]
+    sizable = [r for c in with_lesions for r in c.sizable_ranks()]
     first = [c.first_rank() for c in with_lesions]
     found = [r for r in ranks if r is not None and r <= top_k]
     regions = np.array([c.regions for c in cases], dtype=float)
@@ -158,6 +191,8 @@ def summarise_triage(cases: Sequence[CaseTriage], top_k: int = TOP_K) -> dict:
         f"lesions_in_top_{top_k}": len(found),
         f"lesion_share_in_top_{top_k}": round(len(found) / len(ranks), 4) if ranks else None,
         "lesions_missed": sum(r is None for r in ranks),
+        "sizable_lesions": len(sizable),
+        f"sizable_lesions_in_top_{top_k}": sum(r is not None and r <= top_k for r in sizable),
         f"scans_with_lesion_in_top_{top_k}": sum(f is not None and f <= top_k for f in first),
         "scans_with_lesions": len(with_lesions),
         # Missed lesions count as rank infinity; a median that is infinite is reported as None.
@@ -291,7 +326,8 @@ def format_triage(report: dict) -> str:
     lines.append(
         f"  scans with a lesion among the top {k} regions: "
         f"{s[f'scans_with_lesion_in_top_{k}']}/{s['scans_with_lesions']}; lesions among the "
-        f"top {k}: {s[f'lesions_in_top_{k}']}/{s['lesions']}; regions per scan: median "
+        f"top {k}: {s[f'lesions_in_top_{k}']}/{s['lesions']} (of at least the smallest region: "
+        f"{s[f'sizable_lesions_in_top_{k}']}/{s['sizable_lesions']}); regions per scan: median "
         f"{s['regions_per_scan_median']:g}, most {s['regions_per_scan_max']}"
     )
     return "\n".join(lines)
