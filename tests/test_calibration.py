@@ -314,6 +314,19 @@ def test_triage_counts_a_speck_split_off_a_lesion_apart_from_the_lesions_the_tab
     assert (summary["lesions"], summary["lesions_in_top_5"]) == (2, 1)
     assert (summary["sizable_lesions"], summary["sizable_lesions_in_top_5"]) == (1, 1)
     assert case.to_dict()["lesion_voxels"] == [64, 2]
+    report = triage_scans(
+        ["speck.nii.gz"],
+        [scores],
+        [truth],
+        [(1.0, 1.0)],
+        0.5,
+        min_region_size=10,
+        min_region_mm=0.0,
+        rank_by="mass",
+    )
+    lines = format_triage(report).splitlines()
+    assert "lesions (largest first): rank 1, missed (a speck of 2 voxels);" in lines[0]
+    assert "lesions among the top 5: 1/2 (of at least the smallest region: 1/1)" in lines[1]
 
 
 def test_triage_of_scans_applies_the_minimum_size_in_mm_on_each_scans_own_grid():

@@ -298,6 +298,14 @@ def triage_scans(
     }
 
 
+def _lesion_text(rank: int | None, voxels: int | None, min_region_voxels: int) -> str:
+    if rank is not None:
+        return f"rank {rank}"
+    if voxels is not None and voxels < min_region_voxels:
+        return f"missed (a speck of {voxels} voxel{'s' if voxels != 1 else ''})"
+    return "missed"
+
+
 def format_triage(report: dict) -> str:
     """The report of :func:`triage_scans` as lines a reader can scan: one per scan, then
     the pooled figures."""
@@ -316,7 +324,10 @@ def format_triage(report: dict) -> str:
         if not ranks:
             lines.append(f"  {case['name']}: no lesion in its mask; {regions}")
             continue
-        found = ", ".join("missed" if r is None else f"rank {r}" for r in ranks)
+        found = ", ".join(
+            _lesion_text(rank, voxels, case.get("min_region_voxels", 0))
+            for rank, voxels in zip(ranks, case.get("lesion_voxels") or [None] * len(ranks))
+        )
         lines.append(
             f"  {case['name']}: {regions}; lesions (largest first): {found}; pixel AP "
             f"{case['pixel_ap']:.4f}, {case['ap_over_prevalence']:g}x the lesion share "
