@@ -12,15 +12,31 @@ import sys
 
 __all__ = ["main"]
 
+_CANCELLED = 130
+
 
 def main() -> int:
     try:
-        from napari_anomaly.cli import main as cli_main
-    except KeyboardInterrupt:
-        print("\ncancelled; nothing was written", file=sys.stderr)
-        return 130
-    return cli_main()
+        try:
+            from napari_anomaly.cli import main as cli_main
+        except KeyboardInterrupt:
+            print("\ncancelled; nothing was written", file=sys.stderr)
+            return _CANCELLED
+        try:
+            return cli_main()
+        except KeyboardInterrupt:  # landed in main() outside its own guard
+            print("\ncancelled", file=sys.stderr)
+            return _CANCELLED
+    finally:
+        _forget_handled_interrupts()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _forget_handled_interrupts() -> None:
+    """Let the exit status stand after a Ctrl-C that was handled.
+
+    CPython records a ``KeyboardInterrupt`` that ends any ``exec``/``eval`` of a string
+    (dataclasses and namedtuple build their methods so, at import time), even when the
+    exception is caught further up; ``python -m`` then ends the process by SIGINT instead
+    of with the status returned. Executing an empty string clears that record.
+    """
+    exec("")

@@ -21,18 +21,21 @@ Ctrl-C the message says which complete sets were written, and a later run
 clears what a killed run left behind (see docs/reliability.md).
 """
 
-from __future__ import annotations
-
 import sys
 
 if __name__ == "__main__":
     # ``python -m napari_anomaly.cli`` (torchrun runs it so), before anything else is
     # imported: run the package's module through the entry point, which imports it inside
     # a guard (a Ctrl-C while the imports run is said in one line), and so that one
-    # CommandError class is raised and caught, not this __main__ copy's.
-    from napari_anomaly._entry import main as _entry_main
-
-    sys.exit(_entry_main())
+    # CommandError class is raised and caught, not this __main__ copy's. This block comes
+    # first (no ``from __future__`` import above it) so that a Ctrl-C finds it guarded.
+    try:
+        from napari_anomaly import _entry
+    except KeyboardInterrupt:
+        print("\ncancelled; nothing was written", file=sys.stderr)
+        exec("")  # as napari_anomaly._entry._forget_handled_interrupts
+        sys.exit(130)
+    sys.exit(_entry.main())
 
 import argparse
 import json
@@ -976,10 +979,10 @@ def _message(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from napari_anomaly.interrupts import interrupts_deferred
-
     written = _Written()
     try:
+        from napari_anomaly.interrupts import interrupts_deferred
+
         # build_parser imports torch: a Ctrl-C inside the import of a compiled extension
         # can abort the interpreter, so it waits until the imports are done.
         with interrupts_deferred():
