@@ -3,9 +3,11 @@
     python scripts/domain_reference.py --data /tmp/anatomy/extracted [--json reference.json]
 
 Prints the reference (``napari_anomaly.domain.domain_reference`` of the same arrays
-``train_default_model.py`` trains on) and, for every held-out image and a few
-synthetic variants (another scanner scale, bias field, noise, thick slices, a
-T2-like remapping, a CT-like volume), its distance and whether it is flagged.
+``train_default_model.py`` trains on, with the bundled model's training size) and, for
+every held-out image and a few synthetic variants (another scanner scale, bias field,
+noise, thick slices, a T2-like remapping, a CT-like volume), its distance, its body
+extent where its voxel size is known, and whether it is flagged. The ITK abdominal slice
+has no voxel size; it is also shown at 1.5 mm, as a 384 mm field of view would give.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_anomaly.domain import check_domain, domain_reference
+from napari_anomaly.domain import check_domain, domain_reference, known_spacing
 from napari_anomaly.evaluation.anatomy import (
     ITK_DATA,
     MRICRON,
+    REAL_CLINICAL_SERIES,
+    SECOND_HELD_OUT_VOLUME,
     held_out_files,
+    read_brainbrowser_volume,
     training_arrays,
     training_files,
 )
@@ -80,24 +85,47 @@ def main() -> None:
         atomic_write_text(args.json, json.dumps(reference, indent=1), overwrite=True)
 
     model = Localiser.load(default_model_path())
-    model.metadata["domain"] = reference
+    extent = model.metadata["domain"].get("extent_mm")
+    model.metadata["domain"] = {**reference, "extent_mm": extent}
     rng = np.random.default_rng(0)
     itk, mricron = args.data / ITK_DATA, args.data / MRICRON
-    cases = {p.name: read_image(p).array for p in held_out_files(args.data)}
+    spacings = {}
+
+    def read(path: Path, name: str | None = None) -> np.ndarray:
+        image = read_image(path, scan=True)
+        spacings[name or path.name] = known_spacing(image.geometry)
+        return image.array
+
+    cases = {p.name: read(p) for p in held_out_files(args.data)}
     for name in ("ch2bet.nii.gz", "inia19-t1-brain.nii.gz"):
-        cases[name] = read_image(mricron / name).array
+        cases[name] = read(mricron / name)
     for name in ("BrainT1SliceBorder20.png", "FatMRISlice.png", "RatLungSlice1.mha"):
-        cases[name] = read_image(itk / name).array
+        cases[name] = read(itk / name)
+    cases["FatMRISlice.png at 1.5 mm"] = cases["FatMRISlice.png"]
+    spacings["FatMRISlice.png at 1.5 mm"] = (1.5, 1.5)
+    cases["real clinical PD series"] = read(
+        args.data / REAL_CLINICAL_SERIES, "real clinical PD series"
+    )
+    cases["second subject T1 head"] = read_brainbrowser_volume(args.data / SECOND_HELD_OUT_VOLUME)
+    spacings["second subject T1 head"] = (1.0, 1.0, 1.0)
     for name in ("ch2.nii.gz", "BrainProtonDensitySlice.png"):
         cases.update(variants(name, cases[name], rng))
     cases.update(variants("BrainT1Slice.png", read_image(itk / "BrainT1Slice.png").array, rng))
     cases["synthetic CT (HU)"] = ct_like()
     cases["synthetic CT stored without offset (+1024)"] = ct_like() + 1024
-    print(f"# threshold {check_domain(cases['ch2.nii.gz'], model).threshold}")
+    first = check_domain(cases["ch2.nii.gz"], model, spacing=spacings["ch2.nii.gz"])
+    print(
+        f"# threshold {first.threshold}; training extent {extent} mm, flagged above "
+        f"{first.extent_limit_mm} mm"
+    )
     for name, array in cases.items():
-        report = check_domain(array, model)
+        report = check_domain(array, model, spacing=spacings.get(name))
         flag = "FLAGGED" if not report.in_domain else "ok"
-        print(f"{name:50s} distance {report.distance:.3f}  {flag}  {'; '.join(report.reasons)}")
+        size = "-" if report.extent_mm is None else f"{report.extent_mm:.0f} mm"
+        print(
+            f"{name:50s} distance {report.distance:.3f}  extent {size:>7s}  {flag}  "
+            f"{'; '.join(report.reasons)}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The out-of-domain warning: CT into an MR model is flagged, T1 of another scanner is not."""
+"""The out-of-domain warning: CT into an MR model is flagged, T1 of another scanner is not, a
+body larger than any training head is."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from conftest import TINY_NETWORK_2D, phantom
 from scipy import ndimage
 
 from napari_anomaly.cli import main
-from napari_anomaly.domain import check_domain, domain_reference, intensity_fingerprint
-from napari_anomaly.io import write_image
-from napari_anomaly.localiser import Localiser
+from napari_anomaly.domain import (
+    EXTENT_FLOOR_MM,
+    body_extent_mm,
+    check_domain,
+    domain_reference,
+    intensity_fingerprint,
+)
+from napari_anomaly.io import Geometry, read_image, write_image
+from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.model import AnomalyNet
 
 CT_REASON = "looks like CT (Hounsfield units)"
@@ -65,10 +72,10 @@ def another_scanner(image: np.ndarray, seed: int = 1) -> dict[str, np.ndarray]:
     return variants
 
 
-def mr_model(reference_images=None) -> Localiser:
+def mr_model(reference_images=None, spacings=None) -> Localiser:
     metadata = {"patch_size": 32}
     if reference_images is not None:
-        metadata["domain"] = domain_reference(reference_images)
+        metadata["domain"] = domain_reference(reference_images, spacings=spacings)
     return Localiser(AnomalyNet(TINY_NETWORK_2D).eval(), metadata=metadata)
 
 
@@ -134,6 +141,55 @@ def test_the_fingerprint_does_not_modify_its_input():
         assert abs(sum(fingerprint["histogram"]) - 1) < 1e-3
 
 
+# Heads of about 170 mm: 64 pixels of 3 mm, the scalp at 0.95 of the half-width.
+HEAD_PIXEL_MM = (3.0, 3.0)
+SIZE_REASON = "body outline is"
+
+
+def test_a_scan_larger_than_any_training_head_is_flagged_by_its_size():
+    """The same picture at twice the voxel size: a torso's size with a head's intensities.
+    Only the size rule can tell, and only when the voxel size is known."""
+    heads = [t1_like(seed=s) for s in range(3)]
+    model = mr_model(heads, spacings=[HEAD_PIXEL_MM] * 3)
+    extent = model.metadata["domain"]["extent_mm"]
+    assert extent == max(body_extent_mm(h, HEAD_PIXEL_MM) for h in heads) and 150 < extent < 190
+    head = t1_like(seed=5)
+    at_head_size = check_domain(head, model, spacing=HEAD_PIXEL_MM)
+    assert at_head_size.in_domain and at_head_size.extent_mm < at_head_size.extent_limit_mm
+    torso = check_domain(head, model, spacing=(6.0, 6.0))
+    assert not torso.in_domain and torso.distance <= torso.threshold  # intensities pass
+    assert len(torso.reasons) == 1 and SIZE_REASON in torso.reasons[0]
+    assert torso.extent_mm > EXTENT_FLOOR_MM == torso.extent_limit_mm
+    assert "another part of the body" in torso.warning("chest.nii.gz")
+    # Without a voxel size (a picture, an array) the size cannot be judged.
+    assert check_domain(head, model).in_domain
+    # Nor by a model whose training scans had none (a model made before the rule).
+    assert check_domain(head, mr_model(heads), spacing=(6.0, 6.0)).in_domain
+
+
+def test_the_body_extent_ignores_specks_and_a_separate_arm():
+    image = np.zeros((100, 100), dtype=np.float32)
+    image[20:80, 30:70] = 100.0  # the body: 60 x 40 pixels
+    image[45:55, 85:95] = 100.0  # an arm beside it, not joined
+    image[2, 2] = 100.0  # a speck of noise
+    assert body_extent_mm(image, (2.0, 1.0)) == pytest.approx(120.0, abs=4.0)
+    before = image.copy()
+    body_extent_mm(image, (1.0, 1.0))
+    np.testing.assert_array_equal(image, before)
+    with pytest.raises(ValueError, match="spacing"):
+        body_extent_mm(image, (1.0,))
+
+
+def test_the_bundled_model_knows_its_heads_and_accepts_the_sample_scan():
+    model = Localiser.load(default_model_path())
+    assert model.metadata["domain"]["extent_mm"] == pytest.approx(186.0)
+    sample = read_image(default_model_path().parent / "sample_scan.nii.gz")
+    report = check_domain(sample.array, model, spacing=sample.geometry.spacing)
+    assert report.in_domain, report.reasons
+    assert report.extent_mm == pytest.approx(210.0, abs=5.0)
+    assert report.extent_limit_mm == EXTENT_FLOOR_MM
+
+
 # --------------------------------------------------------------------------- CLI
 @pytest.fixture
 def mr_model_file(tmp_path):
@@ -142,9 +198,9 @@ def mr_model_file(tmp_path):
     return str(path)
 
 
-def _localise(image, name, model, tmp_path):
+def _localise(image, name, model, tmp_path, geometry=None):
     path = tmp_path / name
-    write_image(path, image)
+    write_image(path, image, geometry)
     out = tmp_path / "out"
     args = ["localise", str(path), "--out", str(out), "--model", model, "--device", "cpu"]
     assert main([*args, "--overwrite"]) == 0
@@ -179,3 +235,27 @@ def test_a_model_trained_on_ct_records_it_and_does_not_warn_on_ct(tmp_path, caps
     domain = _localise(ct_like(), "head_ct.nii.gz", str(model), tmp_path)
     assert "warning" not in capsys.readouterr().err
     assert domain["in_domain"] is True and domain["distance"] is not None
+
+
+def test_train_records_the_size_of_its_scans_and_localise_warns_on_a_larger_body(tmp_path, capsys):
+    head = Geometry(spacing=(4.0, 4.0, 4.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3).ravel())
+    normals = []
+    for seed in range(3):
+        normals.append(tmp_path / f"normal{seed}.nii.gz")
+        write_image(normals[-1], phantom((12, 40, 40), seed), head)
+    model = tmp_path / "model.safetensors"
+    args = ["train", *map(str, normals), "--out", str(model), "--steps", "1"]
+    assert main([*args, "--batch-size", "2", "--patch-size", "32", "--device", "cpu"]) == 0
+    extents = [body_extent_mm(read_image(p).array, head.spacing) for p in normals]
+    assert Localiser.load(model).metadata["domain"]["extent_mm"] == max(extents)
+    capsys.readouterr()
+
+    domain = _localise(phantom((12, 40, 40), 5), "same_size.nii.gz", str(model), tmp_path, head)
+    assert domain["in_domain"] is True and domain["extent_mm"] <= domain["extent_limit_mm"]
+    assert "warning" not in capsys.readouterr().err
+    body = Geometry(spacing=(10.0, 10.0, 10.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3).ravel())
+    domain = _localise(phantom((12, 40, 40), 5), "larger.nii.gz", str(model), tmp_path, body)
+    err = capsys.readouterr().err
+    assert "warning: larger.nii.gz may be outside the model's domain" in err
+    assert SIZE_REASON in err and domain["in_domain"] is False
+    assert domain["extent_mm"] > domain["extent_limit_mm"]

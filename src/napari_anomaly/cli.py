@@ -280,7 +280,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_bytes = _model_bytes(spatial_dims=args.dims)
     out = _model_out(args, model_bytes)
     checkpoint = _checkpoint(args, out, model_bytes)
-    images = [_read(p).array for p in args.normal]
+    from napari_anomaly.domain import known_spacing
+
+    loaded = [_read(p) for p in args.normal]
+    images = [image.array for image in loaded]
     description = ", ".join(Path(p).name for p in args.normal)
     try:
         localiser = _run(
@@ -290,6 +293,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 checkpoint_path=checkpoint,
                 resume=args.resume,
                 data_description=description,
+                spacings=[known_spacing(image.geometry) for image in loaded],
             ),
             "train",
         )

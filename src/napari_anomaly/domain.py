@@ -22,6 +22,13 @@ images as a *domain reference* (stored in the model metadata under
   does not separate proton-density or T2 contrast of the same anatomy from T1
   reliably (see docs/user_guide.md), so its threshold is set for no false
   alarms on T1 of other scanners.
+* **Size rule** (only with a reference that records it, and a scan whose voxel
+  size is known): the longest side, in mm, of the box around the largest
+  connected part of the scan's foreground (:func:`body_extent_mm`). A scan
+  larger than every training scan (by ``EXTENT_MARGIN``, and at least
+  ``EXTENT_FLOOR_MM``) is flagged: a chest, abdomen or breast examination
+  shown to a model of heads keeps the intensities of MR, but not the size of
+  a head.
 
 Everything here is Qt-free and never modifies its inputs.
 """
@@ -40,9 +47,11 @@ from napari_anomaly.preprocess import validate_image as _validate_image
 __all__ = [
     "DomainReference",
     "DomainReport",
+    "body_extent_mm",
     "check_domain",
     "domain_reference",
     "intensity_fingerprint",
+    "known_spacing",
 ]
 
 #: Bins of the robustly scaled foreground histogram (on [0, 1]).
@@ -64,6 +73,13 @@ DISTANCE_FLOOR = 0.15
 DISTANCE_MARGIN = 1.5
 #: At most this many training fingerprints are stored (keeps metadata < 20 kB).
 MAX_STORED_FINGERPRINTS = 24
+#: The size rule flags a body outline longer than max(floor, margin * the largest training
+#: scan's). Heads measured 180-226 mm (Colin27, MNI152, two more T1 heads and a clinical
+#: PD series; docs/user_guide.md); a head coil's field of view is about 256 mm at most.
+EXTENT_FLOOR_MM = 280.0
+EXTENT_MARGIN = 1.3
+#: The foreground is labelled on a grid of at most this many samples per axis.
+_EXTENT_SAMPLES = 128
 REFERENCE_VERSION = 1
 
 
@@ -125,6 +141,56 @@ def intensity_fingerprint(image: Any, foreground: Any | None = None) -> dict[str
     }
 
 
+def known_spacing(geometry: Any) -> tuple[float, ...] | None:
+    """The voxel size of ``geometry`` in mm, or None when it is the identity geometry that
+    images without one get (a PNG without resolution, a NumPy array, a napari layer with
+    no scale): then no size in mm can be trusted."""
+    if geometry is None:
+        return None
+    from napari_anomaly.io import Geometry
+
+    if geometry == Geometry.identity(geometry.ndim):
+        return None
+    return tuple(float(v) for v in geometry.spacing)
+
+
+def body_extent_mm(
+    image: Any, spacing: Sequence[float], foreground: Any | None = None
+) -> float | None:
+    """The longest side, in mm, of the box around the largest connected part of a scan's
+    foreground (the body, without specks of noise or a separate arm).
+
+    Parameters
+    ----------
+    image : array_like, shape (Y, X) or (Z, Y, X)
+        The raw scan; never modified.
+    spacing : sequence of float
+        Voxel size in mm, in the image's axis order.
+    foreground : array_like of bool, same shape, optional
+        Body mask; default :func:`~napari_anomaly.preprocess.estimate_foreground`.
+
+    Returns
+    -------
+    float or None
+        None when the foreground is empty.
+    """
+    from scipy import ndimage
+
+    img = _validate_image(image)
+    if len(spacing) != img.ndim or not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"spacing {tuple(spacing)} does not fit an image of shape {img.shape}")
+    mask = estimate_foreground(img) if foreground is None else _as_foreground(foreground, img.shape)
+    steps = [max(1, -(-n // _EXTENT_SAMPLES)) for n in mask.shape]
+    coarse = mask[tuple(slice(None, None, step) for step in steps)]
+    labels, count = ndimage.label(coarse)
+    if count == 0:
+        return None
+    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    boxes = ndimage.find_objects(labels)[largest - 1]
+    sides = [(b.stop - b.start) * step * float(v) for b, step, v in zip(boxes, steps, spacing)]
+    return round(max(sides), 1)
+
+
 def histogram_distance(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
     """1-Wasserstein distance of two fingerprints' scaled histograms, in [0, 1].
 
@@ -160,15 +226,21 @@ class DomainReference:
         The largest distance of a training scan to its nearest *other* stored
         fingerprint (``None`` for a single scan): how far apart normal
         training scans already are.
+    extent_mm
+        The largest :func:`body_extent_mm` of the training scans whose voxel size
+        was known (``None`` when none was: then the size rule is off).
     """
 
     modality: str
     images: int
     fingerprints: tuple[dict[str, Any], ...]
     spread: float | None = None
+    extent_mm: float | None = None
 
     @classmethod
-    def from_fingerprints(cls, fingerprints: Sequence[Mapping[str, Any]]) -> DomainReference:
+    def from_fingerprints(
+        cls, fingerprints: Sequence[Mapping[str, Any]], extent_mm: float | None = None
+    ) -> DomainReference:
         if not fingerprints:
             raise ValueError("need at least one training fingerprint")
         kept = _farthest_points(fingerprints, MAX_STORED_FINGERPRINTS)
@@ -183,6 +255,7 @@ class DomainReference:
             images=len(fingerprints),
             fingerprints=tuple(dict(f) for f in stored),
             spread=round(max(nearest), 4) if nearest else None,
+            extent_mm=extent_mm,
         )
 
     @classmethod
@@ -192,16 +265,20 @@ class DomainReference:
             images=int(data.get("images", len(data.get("fingerprints", ())))),
             fingerprints=tuple(dict(f) for f in data.get("fingerprints", ())),
             spread=None if data.get("spread") is None else float(data["spread"]),
+            extent_mm=None if data.get("extent_mm") is None else float(data["extent_mm"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "version": REFERENCE_VERSION,
             "modality": self.modality,
             "images": self.images,
             "spread": self.spread,
             "fingerprints": [dict(f) for f in self.fingerprints],
         }
+        if self.extent_mm is not None:
+            data["extent_mm"] = self.extent_mm
+        return data
 
     @property
     def threshold(self) -> float:
@@ -213,6 +290,13 @@ class DomainReference:
     def distance(self, fingerprint: Mapping[str, Any]) -> float:
         """Distance to the nearest stored training fingerprint."""
         return min(histogram_distance(fingerprint, f) for f in self.fingerprints)
+
+    @property
+    def extent_limit_mm(self) -> float | None:
+        """Body outlines longer than this are flagged (``None``: the size rule is off)."""
+        if self.extent_mm is None:
+            return None
+        return round(max(EXTENT_FLOOR_MM, EXTENT_MARGIN * self.extent_mm), 1)
 
 
 def _farthest_points(fingerprints: Sequence[Mapping[str, Any]], limit: int) -> list[int]:
@@ -230,7 +314,9 @@ def _farthest_points(fingerprints: Sequence[Mapping[str, Any]], limit: int) -> l
 
 
 def domain_reference(
-    images: Sequence[Any], foregrounds: Sequence[Any] | None = None
+    images: Sequence[Any],
+    foregrounds: Sequence[Any] | None = None,
+    spacings: Sequence[Sequence[float] | None] | None = None,
 ) -> dict[str, Any]:
     """The domain reference of training images, as the JSON dict stored in a model.
 
@@ -240,6 +326,9 @@ def domain_reference(
         The raw training scans (2D and/or 3D, any units), as given to training.
     foregrounds
         Their body masks, if already known (saves estimating them again).
+    spacings
+        Their voxel sizes in mm (``None`` for one whose size is not known); the
+        size rule needs at least one.
 
     Returns
     -------
@@ -249,8 +338,19 @@ def domain_reference(
     masks = list(foregrounds) if foregrounds is not None else [None] * len(images)
     if len(masks) != len(images):
         raise ValueError(f"{len(images)} images but {len(masks)} foregrounds")
-    fingerprints = [intensity_fingerprint(i, m) for i, m in zip(images, masks)]
-    return DomainReference.from_fingerprints(fingerprints).to_dict()
+    sizes = list(spacings) if spacings is not None else [None] * len(images)
+    if len(sizes) != len(images):
+        raise ValueError(f"{len(images)} images but {len(sizes)} spacings")
+    fingerprints, extents = [], []
+    for image, mask, spacing in zip(images, masks, sizes):
+        img = _validate_image(image)
+        mask = estimate_foreground(img) if mask is None else _as_foreground(mask, img.shape)
+        fingerprints.append(intensity_fingerprint(img, mask))
+        extent = None if spacing is None else body_extent_mm(img, spacing, mask)
+        if extent is not None:
+            extents.append(extent)
+    extent = max(extents) if extents else None
+    return DomainReference.from_fingerprints(fingerprints, extent).to_dict()
 
 
 @dataclass(frozen=True)
@@ -271,6 +371,9 @@ class DomainReport:
         What the model was trained on (``"MR"``, ``"CT"`` or ``"mixed"``).
     fingerprint
         The scan's :func:`intensity_fingerprint`.
+    extent_mm, extent_limit_mm
+        The scan's :func:`body_extent_mm` and the length above which it is flagged
+        (``None`` when the size rule did not apply).
     """
 
     in_domain: bool
@@ -279,6 +382,8 @@ class DomainReport:
     threshold: float | None = None
     model_modality: str = "MR"
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    extent_mm: float | None = None
+    extent_limit_mm: float | None = None
 
     def warning(self, name: str) -> str:
         """One line for a reviewer (empty when in domain)."""
@@ -297,10 +402,17 @@ class DomainReport:
             "threshold": self.threshold,
             "model_modality": self.model_modality,
             "looks_like_ct": self.fingerprint.get("looks_like_ct"),
+            "extent_mm": self.extent_mm,
+            "extent_limit_mm": self.extent_limit_mm,
         }
 
 
-def check_domain(image: Any, localiser: Any, foreground: Any | None = None) -> DomainReport:
+def check_domain(
+    image: Any,
+    localiser: Any,
+    foreground: Any | None = None,
+    spacing: Sequence[float] | None = None,
+) -> DomainReport:
     """Check whether a raw scan is like the model's training scans.
 
     Parameters
@@ -311,6 +423,9 @@ def check_domain(image: Any, localiser: Any, foreground: Any | None = None) -> D
         The model; only its ``metadata`` is read (``"modality"``, ``"domain"``).
     foreground : array_like of bool, optional
         Body mask, if known.
+    spacing : sequence of float, optional
+        Voxel size in mm (:func:`known_spacing` of the scan's geometry); without it
+        the size rule does not apply.
 
     Returns
     -------
@@ -326,7 +441,9 @@ def check_domain(image: Any, localiser: Any, foreground: Any | None = None) -> D
     modality = str(
         metadata.get("modality") or (reference.modality if reference is not None else "MR")
     )
-    fingerprint = intensity_fingerprint(image, foreground)
+    img = _validate_image(image)
+    mask = estimate_foreground(img) if foreground is None else _as_foreground(foreground, img.shape)
+    fingerprint = intensity_fingerprint(img, mask)
     reasons = []
     if fingerprint["looks_like_ct"] and modality not in ("CT", "mixed"):
         reasons.append(f"looks like CT (Hounsfield units); the model was trained on {modality}")
@@ -344,6 +461,14 @@ def check_domain(image: Any, localiser: Any, foreground: Any | None = None) -> D
                 f"its intensity distribution is unlike any training scan "
                 f"(distance {distance:.2f}{spread})"
             )
+    extent = limit = None
+    if reference is not None and reference.extent_limit_mm is not None and spacing is not None:
+        extent, limit = body_extent_mm(img, spacing, mask), reference.extent_limit_mm
+        if extent is not None and extent > limit:
+            reasons.append(
+                f"its body outline is {extent:.0f} mm long, the training scans' at most "
+                f"{reference.extent_mm:.0f} mm (another part of the body?)"
+            )
     return DomainReport(
         in_domain=not reasons,
         reasons=reasons,
@@ -351,4 +476,6 @@ def check_domain(image: Any, localiser: Any, foreground: Any | None = None) -> D
         threshold=threshold,
         model_modality=modality,
         fingerprint=fingerprint,
+        extent_mm=extent,
+        extent_limit_mm=limit,
     )

@@ -187,7 +187,7 @@ def localise_file(
     source_sha256
         The source's sha256 when the caller has it already (else it is computed).
     """
-    from napari_anomaly.domain import check_domain
+    from napari_anomaly.domain import check_domain, known_spacing
 
     source = Path(source)
     plan = plan or localise_plan(source, out_dir)
@@ -196,7 +196,7 @@ def localise_file(
     # Room for this scan's outputs, before its work (a full disk refuses it here).
     needed = loaded.array.size * LOCALISE_BYTES_PER_VOXEL + 1024 * 1024
     check_output_folder(plan.folder, overwrite=overwrite, needed_bytes=needed)
-    report = check_domain(loaded.array, session.localiser)
+    report = check_domain(loaded.array, session.localiser, spacing=known_spacing(loaded.geometry))
     if not report.in_domain and warn is not None:
         warn(report.warning(source.name))
     case_id = case_id or session.new_case_id()

@@ -155,9 +155,7 @@ class TrainConfig:
                 f"lesion_task_probability must lie in [0, 1], got {self.lesion_task_probability}"
             )
         if not 0.0 <= self.lesion_task_level <= 1.0:
-            raise ValueError(
-                f"lesion_task_level must lie in [0, 1], got {self.lesion_task_level}"
-            )
+            raise ValueError(f"lesion_task_level must lie in [0, 1], got {self.lesion_task_level}")
         low, high = self.lesion_task_delta
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(
@@ -701,6 +699,7 @@ def train(
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     data_description: str = "",
+    spacings: Sequence[Sequence[float] | None] | None = None,
 ) -> Job[Localiser]:
     """Train a localiser on normal images with the P-PII task.
 
@@ -726,6 +725,10 @@ def train(
         Continue from ``checkpoint_path`` if it exists.
     data_description
         Free text stored as the model's training data description.
+    spacings
+        Voxel size in mm of each normal image (``None`` where not known), for the
+        size rule of the out-of-domain check (:mod:`napari_anomaly.domain`);
+        without any, the model's reference records no size.
 
     Yields
     ------
@@ -757,6 +760,8 @@ def train(
         raise ValueError("network.spatial_dims differs from config.spatial_dims")
     if not normal_images:
         raise ValueError("need at least one normal image to train on")
+    if spacings is not None and len(spacings) != len(normal_images):
+        raise ValueError(f"{len(spacings)} spacings for {len(normal_images)} normal images")
     launch = detect_launch()
     device = local_device(config.device, launch)
     stream_seed = config.seed if launch is None else rank_seed(config.seed, launch.rank)
@@ -829,7 +834,9 @@ def train(
         "metrics": {k: float(v) for k, v in history.items()},
         "parent_sha256": None,
         # What the training scans looked like, for the out-of-domain warning.
-        "domain": domain_reference(images, foregrounds),
+        "domain": domain_reference(
+            images, foregrounds, None if spacings is None else list(spacings)[: len(images)]
+        ),
     }
     if launch is not None:
         metadata["training"]["distributed"] = _distributed_record(launch.world_size, device, config)

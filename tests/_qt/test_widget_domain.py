@@ -43,3 +43,25 @@ def test_an_mr_scan_gets_no_warning(widget):
     widget.localise("mr", wait=True)
     assert widget.last_error is None and widget.case("mr").case_id not in widget.domain_warnings
     assert "Warning" not in widget.status.value
+
+
+def test_a_scan_larger_than_the_training_heads_gets_a_warning_when_its_scale_is_known(
+    make_review_widget,
+):
+    """The size rule reads the layer's scale (mm per voxel): the same head at a torso's
+    size is flagged; without a scale (napari's default 1) it cannot be judged."""
+    from napari_anomaly.domain import domain_reference
+
+    heads = [_mr_head((6, 64, 64))]
+    reference = domain_reference(heads, spacings=[(5.0, 3.0, 3.0)])  # about 170 mm
+    widget = make_review_widget(recommended_threshold=0.5, domain=reference)
+    widget.viewer.add_image(_mr_head((6, 64, 64)), name="head", scale=(5.0, 3.0, 3.0))
+    widget.viewer.add_image(_mr_head((6, 64, 64)), name="torso", scale=(5.0, 6.0, 6.0))
+    widget.viewer.add_image(_mr_head((6, 64, 64)), name="no scale")
+    for name in ("head", "torso", "no scale"):
+        widget.localise(name, wait=True)
+        assert widget.last_error is None
+    warnings = {name: widget.domain_warnings.get(widget.case(name).case_id) for name in
+                ("head", "torso", "no scale")}  # fmt: skip
+    assert warnings["head"] is None and warnings["no scale"] is None
+    assert "body outline is" in warnings["torso"], warnings

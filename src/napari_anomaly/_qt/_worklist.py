@@ -228,7 +228,7 @@ class WorklistControls:
                 source_path=item.path,
                 midline=midline,
             )
-            self._check_domain(case_id, layer.name, case.image, session.localiser)
+            self._check_domain(case_id, layer.name, case.image, session.localiser, geometry)
             self._on_localised(case)
         else:
             self.localise(layer.name, wait=wait)

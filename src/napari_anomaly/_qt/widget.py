@@ -90,7 +90,7 @@ from napari_anomaly._qt._worklist import row as _row
 from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
 from napari_anomaly.devices import DEVICE_CHOICES, resolve_device
 from napari_anomaly.display import WINDOW_KEY, WINDOWS_KEY, display_windows
-from napari_anomaly.domain import check_domain
+from napari_anomaly.domain import check_domain, known_spacing
 from napari_anomaly.inference import InferenceConfig, placement
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress, relay
@@ -117,6 +117,8 @@ from napari_anomaly.training import AdaptConfig, FinetuneConfig
 
 if TYPE_CHECKING:
     import napari
+
+    from napari_anomaly.io import Geometry
 
 __all__ = ["AnomalyReviewWidget"]
 
@@ -1006,7 +1008,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             source_series=(layer.metadata or {}).get("source_series"),
         )
         self._start(job, f"Localising {layer.name}", self._on_localised)
-        self._check_domain(case_id, layer.name, image, session.localiser)
+        self._check_domain(case_id, layer.name, image, session.localiser, geometry)
         if wait:
             self.wait()
 
@@ -1020,12 +1022,18 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self._render_shown_case(f"({case.name} localised.)")
 
     def _check_domain(
-        self, case_id: str, name: str, image: np.ndarray, localiser: Localiser
+        self,
+        case_id: str,
+        name: str,
+        image: np.ndarray,
+        localiser: Localiser,
+        geometry: Geometry | None = None,
     ) -> None:
         """Warn (status line and a napari notification) when the scan is unlike the training
         data; the warning stays with the case and is repeated with its result."""
         try:
-            warning = check_domain(image, localiser).warning(name)
+            report = check_domain(image, localiser, spacing=known_spacing(geometry))
+            warning = report.warning(name)
         except ValueError:
             return  # the localise job itself reports what is wrong with the image
         if warning:
