@@ -165,6 +165,8 @@ def test_a_scan_larger_than_any_training_head_is_flagged_by_its_size():
     assert check_domain(head, model).in_domain
     # Nor by a model whose training scans had none (a model made before the rule).
     assert check_domain(head, mr_model(heads), spacing=(6.0, 6.0)).in_domain
+    # A voxel size that does not fit the scan skips the rule; it never refuses the scan.
+    assert check_domain(head, model, spacing=(6.0, 6.0, 6.0)).extent_mm is None
 
 
 def test_the_body_extent_ignores_specks_and_a_separate_arm():

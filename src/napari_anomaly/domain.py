@@ -462,6 +462,10 @@ def check_domain(
                 f"(distance {distance:.2f}{spread})"
             )
     extent = limit = None
+    if spacing is not None and (
+        len(spacing) != img.ndim or not all(np.isfinite(v) and v > 0 for v in spacing)
+    ):
+        spacing = None  # a warning is never a reason to refuse a scan
     if reference is not None and reference.extent_limit_mm is not None and spacing is not None:
         extent, limit = body_extent_mm(img, spacing, mask), reference.extent_limit_mm
         if extent is not None and extent > limit:
