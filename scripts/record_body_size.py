@@ -48,15 +48,11 @@ def main() -> None:
             parser.error(f"{path} has no voxel size")
         extents[path.name] = body_extent_mm(image.array, spacing)
         print(f"{path.name}: {extents[path.name]} mm")
+    if all(e is None for e in extents.values()):
+        parser.error("no foreground found in the scans")
+    data = {**data, "extent_mm": max(e for e in extents.values() if e is not None)}
     reference = DomainReference.from_dict(data)
-    reference = DomainReference(
-        modality=reference.modality,
-        images=reference.images,
-        fingerprints=reference.fingerprints,
-        spread=reference.spread,
-        extent_mm=max(e for e in extents.values() if e is not None),
-    )
-    localiser.metadata = {**localiser.metadata, "domain": {**data, **reference.to_dict()}}
+    localiser.metadata = {**localiser.metadata, "domain": data}
     sha = localiser.save(args.out)
     print(
         f"wrote {args.out} (sha256 {sha[:12]}): extent {reference.extent_mm} mm, "

@@ -83,6 +83,18 @@ _EXTENT_SAMPLES = 128
 REFERENCE_VERSION = 1
 
 
+def _image_and_foreground(image: Any, foreground: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    """The checked image and its foreground (estimated when not given)."""
+    img = _validate_image(image)
+    mask = estimate_foreground(img) if foreground is None else _as_foreground(foreground, img.shape)
+    return img, mask
+
+
+def _fits(spacing: Sequence[float], ndim: int) -> bool:
+    """Whether ``spacing`` is a voxel size (positive, finite) for an image of ``ndim`` axes."""
+    return len(spacing) == ndim and all(np.isfinite(v) and v > 0 for v in spacing)
+
+
 def intensity_fingerprint(image: Any, foreground: Any | None = None) -> dict[str, Any]:
     """A small, JSON-serialisable description of a raw scan's intensities.
 
@@ -111,8 +123,7 @@ def intensity_fingerprint(image: Any, foreground: Any | None = None) -> dict[str
         If the image is invalid (see :func:`~napari_anomaly.preprocess.validate_image`)
         or the foreground has the wrong shape or is empty.
     """
-    img = _validate_image(image)
-    mask = estimate_foreground(img) if foreground is None else _as_foreground(foreground, img.shape)
+    img, mask = _image_and_foreground(image, foreground)
     everywhere = _subsample(img).astype(np.float64)
     inside = _subsample(img[mask]).astype(np.float64)
 
@@ -177,9 +188,9 @@ def body_extent_mm(
     from scipy import ndimage
 
     img = _validate_image(image)
-    if len(spacing) != img.ndim or not all(np.isfinite(v) and v > 0 for v in spacing):
+    if not _fits(spacing, img.ndim):
         raise ValueError(f"spacing {tuple(spacing)} does not fit an image of shape {img.shape}")
-    mask = estimate_foreground(img) if foreground is None else _as_foreground(foreground, img.shape)
+    img, mask = _image_and_foreground(img, foreground)
     steps = [max(1, -(-n // _EXTENT_SAMPLES)) for n in mask.shape]
     coarse = mask[tuple(slice(None, None, step) for step in steps)]
     labels, count = ndimage.label(coarse)
@@ -343,8 +354,7 @@ def domain_reference(
         raise ValueError(f"{len(images)} images but {len(sizes)} spacings")
     fingerprints, extents = [], []
     for image, mask, spacing in zip(images, masks, sizes):
-        img = _validate_image(image)
-        mask = estimate_foreground(img) if mask is None else _as_foreground(mask, img.shape)
+        img, mask = _image_and_foreground(image, mask)
         fingerprints.append(intensity_fingerprint(img, mask))
         extent = None if spacing is None else body_extent_mm(img, spacing, mask)
         if extent is not None:
@@ -441,8 +451,7 @@ def check_domain(
     modality = str(
         metadata.get("modality") or (reference.modality if reference is not None else "MR")
     )
-    img = _validate_image(image)
-    mask = estimate_foreground(img) if foreground is None else _as_foreground(foreground, img.shape)
+    img, mask = _image_and_foreground(image, foreground)
     fingerprint = intensity_fingerprint(img, mask)
     reasons = []
     if fingerprint["looks_like_ct"] and modality not in ("CT", "mixed"):
@@ -462,9 +471,7 @@ def check_domain(
                 f"(distance {distance:.2f}{spread})"
             )
     extent = limit = None
-    if spacing is not None and (
-        len(spacing) != img.ndim or not all(np.isfinite(v) and v > 0 for v in spacing)
-    ):
+    if spacing is not None and not _fits(spacing, img.ndim):
         spacing = None  # a warning is never a reason to refuse a scan
     if reference is not None and reference.extent_limit_mm is not None and spacing is not None:
         extent, limit = body_extent_mm(img, spacing, mask), reference.extent_limit_mm

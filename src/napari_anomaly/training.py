@@ -834,6 +834,7 @@ def train(
         "metrics": {k: float(v) for k, v in history.items()},
         "parent_sha256": None,
         # What the training scans looked like, for the out-of-domain warning.
+        # ``images`` lost the held-out scan from its end, if any: the spacings follow suit.
         "domain": domain_reference(
             images, foregrounds, None if spacings is None else list(spacings)[: len(images)]
         ),
