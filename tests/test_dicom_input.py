@@ -404,3 +404,88 @@ def test_a_series_of_several_multiframe_files_needs_the_file(tmp_path):
     second = read_image(folder / "stack2.dcm")
     np.testing.assert_array_equal(second.array, array[3:])
     assert dicom_series_files(folder / "stack2.dcm") == [folder / "stack2.dcm"]
+
+
+# --------------------------------------------------------------------------
+# One series holding several acquisitions of the same slices (dynamic scans)
+# --------------------------------------------------------------------------
+
+
+def _dynamic_series(folder: Path, tag: str, values, shape=(4, 12, 12)) -> tuple[str, list]:
+    """One series UID over len(values) acquisitions of the same slices, told apart by
+    ``tag``; the files of all acquisitions in one folder (as a PACS export leaves them)."""
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), np.eye(3).ravel())
+    uid, volumes = None, []
+    for k, value in enumerate(values):
+        volume = np.full(shape, 100.0 * (k + 1), np.float32) + np.arange(shape[0])[:, None, None]
+        volumes.append(volume)
+        files = write_dicom_series(volume, folder / f"t{k}", geometry=geometry, seed=10 + k)
+        for f in files:
+            ds = pydicom.dcmread(f)
+            uid = uid or ds.SeriesInstanceUID
+            ds.SeriesInstanceUID = uid
+            setattr(ds, tag, value)
+            ds.save_as(folder / f"{k}_{f.name}")
+        shutil.rmtree(folder / f"t{k}")
+    return uid, volumes
+
+
+def test_a_dynamic_series_is_listed_and_read_one_time_point_at_a_time(tmp_path):
+    folder = tmp_path / "dce"
+    uid, volumes = _dynamic_series(folder, "TemporalPositionIdentifier", [3, 1, 2])
+    infos = list_dicom_series(folder)
+    assert [i.key for i in infos] == [f"{uid}:TemporalPositionIdentifier={v}" for v in (1, 2, 3)]
+    assert all(i.n_files == 4 and i.series_instance_uid == uid for i in infos)
+    # Without a choice: refused, naming every time point (not one volume of 12 slices).
+    with pytest.raises(ImageFileError) as info:
+        read_image(folder)
+    message = str(info.value)
+    assert "\n" not in message and "3 DICOM series" in message
+    assert all(i.key in message for i in infos)
+    # The series UID alone is not enough either: it names the parts.
+    with pytest.raises(ImageFileError, match="holds 3 acquisitions of the same slices"):
+        read_image(folder, series=uid)
+    # Each key reads its own time point, on the same grid.
+    for value, volume in zip((3, 1, 2), volumes):
+        loaded = read_image(folder, series=f"{uid}:TemporalPositionIdentifier={value}")
+        np.testing.assert_array_equal(loaded.array, volume)
+        assert loaded.geometry.spacing == pytest.approx((3.0, 0.8, 0.8))
+    second = f"{uid}:TemporalPositionIdentifier=2"
+    files = dicom_series_files(folder, second)
+    assert len(files) == 4 and all(f.name.startswith("2_") for f in files)
+    # One file reads the time point it belongs to; its series UID alone is accepted.
+    one = next(p for p in sorted(folder.iterdir()) if p.name.startswith("0_"))
+    np.testing.assert_array_equal(read_image(one).array, volumes[0])
+    np.testing.assert_array_equal(read_image(one, series=uid).array, volumes[0])
+    with pytest.raises(ImageFileError, match=f"belongs to DICOM series {uid}:Temporal"):
+        read_image(one, series=second)
+
+
+def test_echoes_split_by_their_number_and_repeats_without_a_tag_are_still_refused(tmp_path):
+    uid, volumes = _dynamic_series(tmp_path / "echoes", "EchoNumbers", [1, 2])
+    infos = list_dicom_series(tmp_path / "echoes")
+    assert [i.part for i in infos] == ["EchoNumbers=1", "EchoNumbers=2"]
+    np.testing.assert_array_equal(
+        read_image(tmp_path / "echoes", series=f"{uid}:EchoNumbers=2").array, volumes[1]
+    )
+    # The same slices twice with nothing that tells the copies apart: one series,
+    # refused when read, as before.
+    _dynamic_series(tmp_path / "copies", "SeriesDescription", ["T1", "T1"])
+    (only,) = list_dicom_series(tmp_path / "copies")
+    assert only.part == "" and only.n_files == 8
+    with pytest.raises(ImageFileError, match="same position"):
+        read_image(tmp_path / "copies")
+
+
+def test_a_napari_folder_of_a_dynamic_series_opens_one_layer_per_time_point(tmp_path):
+    from napari_anomaly._reader import read_paths
+
+    uid, volumes = _dynamic_series(tmp_path / "dce", "TemporalPositionIdentifier", [1, 2])
+    layers = read_paths(str(tmp_path / "dce"))
+    assert [kwargs["metadata"]["source_series"] for _, kwargs, _ in layers] == [
+        f"{uid}:TemporalPositionIdentifier=1",
+        f"{uid}:TemporalPositionIdentifier=2",
+    ]
+    assert [kwargs["name"] for _, kwargs, _ in layers][1].endswith("TemporalPositionIdentifier=2")
+    for (data, _, _), volume in zip(layers, volumes):
+        np.testing.assert_array_equal(data, volume)

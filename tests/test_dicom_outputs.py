@@ -81,6 +81,7 @@ def test_localise_writes_a_dicom_seg_of_the_mask_for_the_series_asked(
     assert segment.SegmentAlgorithmName == Localiser.load(model).name
     sidecar = json.loads((out / "study_mask.json").read_text())
     assert sidecar["dicom_seg"] == "study_seg.dcm" and "study_seg.dcm" in sidecar["outputs"]
+    assert sidecar["source_series"] == t1_uid  # which of the folder's series the mask is on
 
 
 def test_series_is_refused_for_a_file_input(model, tmp_path, capsys):

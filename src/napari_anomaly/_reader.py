@@ -149,6 +149,10 @@ def read_paths(path: PathOrPaths) -> list[LayerData]:
         image series (a whole study) gives one layer per series, named
         ``<folder> <series description>``, with the series' UID in
         ``metadata["source_series"]``: choose the one to review in **Image**.
+        A series that holds several acquisitions of the same slices (time
+        points, echoes) gives one layer per acquisition, its name and
+        ``source_series`` ending in the part (e.g. ``:TemporalPositionIdentifier=2``,
+        :attr:`napari_anomaly.io.SeriesInfo.key`).
 
     Returns
     -------
@@ -195,13 +199,12 @@ def _image_series(path: str | os.PathLike[str]) -> list:
 def _series_layer_data(folder: str | os.PathLike[str], info) -> LayerData:
     """One series of a folder that holds several: a layer of its own, named by the folder
     and the series' description, remembering which series it is (``source_series``)."""
-    data, kwargs, layer_type = layer_data_of(read_image(folder, series=info.series_instance_uid))
+    data, kwargs, layer_type = layer_data_of(read_image(folder, series=info.key))
     label = info.description or f"{info.modality or 'series'} {info.series_instance_uid[-6:]}"
+    if info.part:
+        label = f"{label} {info.part}"
     kwargs = {**kwargs, "name": f"{Path(folder).name} {label}"}
-    kwargs["metadata"] = {
-        **kwargs.get("metadata", {}),
-        "source_series": info.series_instance_uid,
-    }
+    kwargs["metadata"] = {**kwargs.get("metadata", {}), "source_series": info.key}
     return data, kwargs, layer_type
 
 

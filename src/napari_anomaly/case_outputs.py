@@ -180,6 +180,8 @@ def case_sidecar(
         "case_id": case.case_id,
         "source_path": case.source_path,
         "source_sha256": case.source_sha256,
+        # the series read from a DICOM folder (SeriesInfo.key); None for a file
+        "source_series": case.source_series,
         "outputs": [p.name for p in plan.all_files if p != plan.files["sidecar"]],
         "mask": names.get("mask") or names.get("seg"),
         "dicom_seg": names.get("seg"),

@@ -838,7 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--series",
         metavar="UID",
-        help="the SeriesInstanceUID to read from a DICOM folder that holds several",
+        help="the SeriesInstanceUID to read from a DICOM folder that holds several "
+        "(UID:Tag=value for one acquisition of a dynamic series, as the folder's listing shows)",
     )
     common(p)
     p.set_defaults(func=_cmd_localise)

@@ -85,6 +85,12 @@ class SeriesInfo:
         The first file's SOPClassUID.
     files : tuple of pathlib.Path
         The files, sorted by name (not by position).
+    part : str
+        ``''`` for a whole series. A series whose files hold several
+        acquisitions of the same slices (time points of a dynamic scan,
+        echoes, b-values) is listed once per acquisition, each with the tag
+        and value that tell it apart, e.g. ``'TemporalPositionIdentifier=3'``
+        (see :attr:`key`).
     """
 
     series_instance_uid: str
@@ -96,6 +102,14 @@ class SeriesInfo:
     n_frames: int = 1
     sop_class_uid: str = ""
     files: tuple[Path, ...] = ()
+    part: str = ""
+
+    @property
+    def key(self) -> str:
+        """What chooses this series (``series=`` of :func:`~napari_anomaly.io.read_image`,
+        ``--series`` on the command line): the UID, followed by ``:`` and the part
+        for one acquisition of a series that holds several."""
+        return f"{self.series_instance_uid}:{self.part}" if self.part else self.series_instance_uid
 
     @property
     def is_segmentation(self) -> bool:
@@ -117,10 +131,7 @@ class SeriesInfo:
         description = f" {self.description!r}" if self.description else ""
         frames = f", {self.n_frames} frames" if self.n_frames > 1 else ""
         files = "file" if self.n_files == 1 else "files"
-        return (
-            f"{self.series_instance_uid} ({self.modality or '?'}{description}, "
-            f"{self.n_files} {files}{frames})"
-        )
+        return f"{self.key} ({self.modality or '?'}{description}, {self.n_files} {files}{frames})"
 
 
 def _pydicom() -> Any:
@@ -153,7 +164,10 @@ def list_dicom_series(
     Returns
     -------
     list of SeriesInfo
-        Most files first, then by UID (a stable order).
+        Most files first, then by UID (a stable order). A series whose slices
+        repeat their positions because it holds several acquisitions (time
+        points, echoes, b-values) is listed once per acquisition, in the order
+        of the tag that tells them apart (:attr:`SeriesInfo.part`).
     """
     pydicom = _pydicom()
     root = Path(folder)
@@ -180,28 +194,103 @@ def list_dicom_series(
             },
         )
         group["files"].append(path)
+        group.setdefault("headers", []).append(ds)
         try:
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         except (TypeError, ValueError):
             frames = 1
         group["n_frames"] = max(group["n_frames"], frames)
-    infos = [
-        SeriesInfo(
-            series_instance_uid=uid,
-            modality=g["modality"],
-            description=g["description"],
-            n_files=len(g["files"]),
-            rows=g["rows"],
-            columns=g["columns"],
-            n_frames=g["n_frames"],
-            sop_class_uid=g["sop_class_uid"],
-            files=tuple(g["files"]),
-        )
-        for uid, g in groups.items()
-    ]
+    infos = []
+    for uid, g in groups.items():
+        parts = _acquisitions(g["headers"]) if g["n_frames"] == 1 else None
+        for part, indices in parts or [("", range(len(g["files"])))]:
+            infos.append(
+                SeriesInfo(
+                    series_instance_uid=uid,
+                    modality=g["modality"],
+                    description=g["description"],
+                    n_files=len(indices),
+                    rows=g["rows"],
+                    columns=g["columns"],
+                    n_frames=g["n_frames"],
+                    sop_class_uid=g["sop_class_uid"],
+                    files=tuple(g["files"][k] for k in indices),
+                    part=part,
+                )
+            )
     if images_only:
         infos = [info for info in infos if info.is_image]
+    # Parts keep the order _acquisitions gave them (sorted is stable).
     return sorted(infos, key=lambda info: (-info.n_files, info.series_instance_uid))
+
+
+# Tags that tell apart the acquisitions of one series that repeat the same slices,
+# in the order they are tried: time points of a dynamic (perfusion, DCE) scan,
+# echoes, b-values of a diffusion scan, then what scanners set per acquisition.
+_PART_TAGS = (
+    "TemporalPositionIdentifier",
+    "TriggerTime",
+    "EchoNumbers",
+    "EchoTime",
+    "DiffusionBValue",
+    "AcquisitionNumber",
+    "ImageType",
+)
+
+# Positions closer than this (mm) are the same slice position when splitting.
+_SAME_POSITION_DECIMALS = 2
+
+
+def _header_value(ds: Any, keyword: str) -> str | None:
+    value = getattr(ds, keyword, None)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "/".join(str(v).strip() for v in value)
+    return str(value).strip() or None
+
+
+def _sort_key(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _acquisitions(headers: Sequence[Any]) -> list[tuple[str, list[int]]] | None:
+    """The acquisitions of a classic series whose slices repeat their positions.
+
+    ``None`` when no two files share a position (or positions are missing):
+    the series is one volume. Otherwise the first tag of :data:`_PART_TAGS`
+    under which every file has a value and the values split the files into
+    several parts of one size (at least two files each) in which no two files
+    share a position gives the parts, as ``("Tag=value", file indices)`` in the
+    order of the values. ``None`` when no tag does (the reader then refuses
+    the series with its repeated positions).
+    """
+    positions = []
+    for ds in headers:
+        position = getattr(ds, "ImagePositionPatient", None)
+        try:
+            positions.append(tuple(round(float(v), _SAME_POSITION_DECIMALS) for v in position))
+        except (TypeError, ValueError):
+            return None
+    if len(set(positions)) == len(positions):
+        return None
+    for keyword in _PART_TAGS:
+        values = [_header_value(ds, keyword) for ds in headers]
+        if any(v is None for v in values) or len(set(values)) < 2:
+            continue
+        groups: dict[str, list[int]] = {}
+        for index, value in enumerate(values):
+            groups.setdefault(value, []).append(index)
+        sizes = {len(ks) for ks in groups.values()}
+        if len(sizes) > 1 or min(sizes) < 2:
+            continue
+        if all(len({positions[k] for k in ks}) == len(ks) for ks in groups.values()):
+            ordered = sorted(groups, key=_sort_key)
+            return [(f"{keyword}={value}", groups[value]) for value in ordered]
+    return None
 
 
 def _read_header(pydicom: Any, path: Path) -> Any:
@@ -238,6 +327,8 @@ _LIST_TAGS = [
     "Rows",
     "Columns",
     "NumberOfFrames",
+    "ImagePositionPatient",
+    *_PART_TAGS,
 ]
 
 

@@ -653,8 +653,7 @@ def _refuse_nonfinite_nifti(path: Path, dtype: np.dtype, offset: int, count: int
             carry = block[usable:]
             if not np.isfinite(np.frombuffer(block[:usable], dtype=dtype)).all():
                 raise ImageFileError(
-                    f"{path} holds NaN or infinite values; replace them (e.g. by 0) "
-                    "before using it"
+                    f"{path} holds NaN or infinite values; replace them (e.g. by 0) before using it"
                 )
 
 
@@ -987,9 +986,12 @@ def _select_dicom_series(path: Path, series: str | None) -> Any:
                     "from it."
                 )
             return None
-        if series is not None and mine[0].series_instance_uid != series:
+        if series is not None and series.strip() not in (
+            mine[0].key,
+            mine[0].series_instance_uid,
+        ):
             raise ImageFileError(
-                f"{path} belongs to DICOM series {mine[0].series_instance_uid}, not {series}; "
+                f"{path} belongs to DICOM series {mine[0].key}, not {series}; "
                 "give the folder to choose another series."
             )
         return mine[0]
@@ -999,20 +1001,28 @@ def _select_dicom_series(path: Path, series: str | None) -> Any:
             "a series directly (sub-folders are not searched)."
         )
     if series is not None:
-        match = [i for i in infos if i.series_instance_uid == series.strip()]
-        if not match:
+        match = [i for i in infos if i.key == series.strip()]
+        if match:
+            return match[0]
+        parts = [i for i in infos if i.series_instance_uid == series.strip()]
+        if parts:
             raise ImageFileError(
-                f"{folder} holds no DICOM series with the UID {series}; it holds "
-                f"{len(infos)}: {_series_listing(infos)}."
+                f"{folder}: DICOM series {series} holds {len(parts)} acquisitions of the same "
+                f"slices (time points, echoes, ...): {_series_listing(parts)}. Pass the one to "
+                "read as listed, the UID followed by ':' and its part (series=... in Python, "
+                "--series on the command line)."
             )
-        return match[0]
+        raise ImageFileError(
+            f"{folder} holds no DICOM series with the UID {series}; it holds "
+            f"{len(infos)}: {_series_listing(infos)}."
+        )
     images = [i for i in infos if i.is_image]
     if len(images) == 1:
         if len(infos) > 1:
             logger.info(
                 "%s: reading the only image series %s (%d other series hold no image)",
                 folder,
-                images[0].series_instance_uid,
+                images[0].key,
                 len(infos) - 1,
             )
         return images[0]
@@ -1020,8 +1030,8 @@ def _select_dicom_series(path: Path, series: str | None) -> Any:
         return infos[0]  # e.g. a folder holding one segmentation
     raise ImageFileError(
         f"{folder} holds {len(infos)} DICOM series: {_series_listing(infos)}. Pass the "
-        "SeriesInstanceUID of the one to read (series=... in Python, --series on the command "
-        "line)."
+        "SeriesInstanceUID of the one to read, as listed (series=... in Python, --series on "
+        "the command line)."
     )
 
 
@@ -1060,7 +1070,7 @@ def _one_multiframe_file(path: Path, info: Any) -> list[Path]:
     if info.n_files > 1:
         kind = "segmentation" if info.is_segmentation else "multi-frame"
         raise ImageFileError(
-            f"{folder}: DICOM series {info.series_instance_uid} has {info.n_files} "
+            f"{folder}: DICOM series {info.key} has {info.n_files} "
             f"{kind} files ({info.files[0].name}, ...); give one of them."
         )
     return [info.files[0]]
