@@ -229,3 +229,46 @@ def test_finetune_with_distillation_stays_closer_to_the_parents_map(images_2d):
 def test_finetune_refuses_a_bad_distillation_weight(value):
     with pytest.raises(ValueError, match="distill_weight"):
         FinetuneConfig(distill_weight=value)
+
+
+def _parent_with_threshold_at(images, quantile):
+    """A briefly trained parent whose recommended threshold marks the top of its own map."""
+    from napari_anomaly.inference import InferenceConfig, localise
+
+    parent = run_to_end(train(images, TrainConfig(steps=2, **TINY), network=TINY_NETWORK_2D))
+    result = run_to_end(localise(images[0], parent, InferenceConfig(device="cpu")))
+    threshold = float(np.quantile(result.anomaly_map[result.foreground], quantile))
+    parent.metadata["recommended_threshold"] = threshold
+    return parent, result, threshold
+
+
+def test_hard_negatives_are_the_parents_high_scores_away_from_the_marked_lesion(images_2d):
+    from scipy import ndimage
+
+    from napari_anomaly.training import _false_alarms
+
+    parent, result, threshold = _parent_with_threshold_at(images_2d, 0.9)
+    mask = np.zeros(images_2d[0].shape, dtype=bool)
+    mask[20:28, 20:28] = True
+    alarms = run_to_end(_false_alarms(parent, [images_2d[0]], [mask], None, None, 5.0, "cpu"))
+    far = ndimage.distance_transform_edt(~mask) > 5.0
+    expected = (result.anomaly_map >= threshold) & result.foreground & far
+    assert expected.any() and np.array_equal(alarms[0], expected)
+    # Voxel sizes count in mm: at 2 mm per pixel the same margin keeps fewer pixels out.
+    coarse = run_to_end(
+        _false_alarms(parent, [images_2d[0]], [mask], [(2.0, 2.0)], None, 5.0, "cpu")
+    )
+    assert coarse[0].sum() >= alarms[0].sum()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("hard_negative_share", 1.5),
+        ("hard_negative_share", -0.1),
+        ("hard_negative_margin_mm", float("nan")),
+    ],
+)
+def test_finetune_refuses_a_bad_hard_negative_setting(field, value):
+    with pytest.raises(ValueError, match=field):
+        FinetuneConfig(**{field: value})
