@@ -149,11 +149,6 @@ def main() -> None:
         "focus_probability",
         help="probabilities that a correction patch is centred on a marked lesion",
     )
-    grid(
-        "--hard-negative-shares",
-        "hard_negative_share",
-        help="shares of the correction patches centred on the parent's false alarms",
-    )
     grid("--replay-fractions", "replay_fraction")
     grid(
         "--transplant-shares",
@@ -221,26 +216,13 @@ def main() -> None:
         args.anchor_weights,
         args.distill_weights,
         args.focus_probabilities,
-        args.hard_negative_shares,
         args.replay_fractions,
         args.transplant_shares,
         args.transplant_scales,
         args.finetune_seeds,
         args.member_losses,
     )
-    for (
-        lr,
-        steps,
-        anchor,
-        distill,
-        focus,
-        hard,
-        replay,
-        share,
-        scale,
-        finetune_seed,
-        member_loss,
-    ) in grid:
+    for lr, steps, anchor, distill, focus, replay, share, scale, finetune_seed, member_loss in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -250,7 +232,6 @@ def main() -> None:
             anchor_weight=anchor,
             distill_weight=distill,
             focus_probability=focus,
-            hard_negative_share=hard,
             replay_fraction=replay,
             transplant_share=share,
             transplant_scale=scale,
@@ -293,7 +274,6 @@ def main() -> None:
             "anchor_weight": anchor,
             "distill_weight": distill,
             "focus_probability": focus,
-            "hard_negative_share": hard,
             "replay_fraction": replay,
             "transplant_share": share,
             "transplant_scale": list(scale),

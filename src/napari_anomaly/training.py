@@ -229,18 +229,6 @@ class FinetuneConfig:
         against +0.03-0.10) but the other masses less (1.66x against 1.83x), PD
         spots less (1.34x against 1.52x), and cost FLAIR periventricular spots
         0.037 AP after a FLAIR mass correction; hence off (docs/evaluation.md).
-    hard_negative_share
-        Share of the correction patches centred on the parent's false alarms
-        in the corrected cases: voxels it scores at or above its recommended
-        threshold more than ``hard_negative_margin_mm`` from any marked voxel
-        (what a reviewer erases from the proposed mask). These patches teach
-        "this is normal" where the parent was wrong, rather than on random
-        tissue. Costs one localisation of each corrected case by the parent;
-        a case without false alarms gives random patches instead. 0 turns it
-        off.
-    hard_negative_margin_mm
-        Distance from the marked voxels within which the parent's high scores
-        are the lesion's rim, not false alarms.
     positive_balance
         When > 0, the marked voxels of each batch weigh as much together as the
         unmarked ones (up to this factor each), so that a small lesion is not
@@ -293,8 +281,6 @@ class FinetuneConfig:
     focus_probability: float = 0.6
     transplant_share: float = 0.5
     transplant_scale: tuple[float, float] = (1.0, 1.0)
-    hard_negative_share: float = 0.0
-    hard_negative_margin_mm: float = 5.0
     positive_balance: float = 20.0
     anchor_weight: float = 0.0
     distill_weight: float = 5.0
@@ -313,15 +299,6 @@ class FinetuneConfig:
             raise ValueError(f"distill_weight must be finite and >= 0, got {self.distill_weight}")
         if not 0 <= self.replay_fraction < 1:
             raise ValueError("replay_fraction must lie in [0, 1)")
-        if not 0 <= self.hard_negative_share <= 1:
-            raise ValueError(
-                f"hard_negative_share must lie in [0, 1], got {self.hard_negative_share}"
-            )
-        if not (np.isfinite(self.hard_negative_margin_mm) and self.hard_negative_margin_mm >= 0):
-            raise ValueError(
-                f"hard_negative_margin_mm must be finite and >= 0, got "
-                f"{self.hard_negative_margin_mm}"
-            )
         if not 0 <= self.transplant_share <= 1:
             raise ValueError(f"transplant_share must lie in [0, 1], got {self.transplant_share}")
         try:
@@ -1091,22 +1068,17 @@ def _balance_positives(weight: torch.Tensor, target: torch.Tensor, cap: float) -
     return torch.where(positive, weight * ratio, weight)
 
 
-def _as_the_model_sees_them(localiser, prepared, foregrounds, masks, weights, spacings, *more):
+def _as_the_model_sees_them(localiser, prepared, foregrounds, masks, weights, spacings):
     """Corrected cases resampled in plane to the model's pixel size (if it has one), and
-    the slice axes to train on: axial only when a volume has thick slices.
-
-    ``more`` are further per-case boolean masks (e.g. the parent's false alarms),
-    resampled like ``masks`` and returned after ``weights``, before the axes."""
+    the slice axes to train on: axial only when a volume has thick slices."""
     from scipy import ndimage
 
     target = localiser.postprocess.in_plane_mm
     if len(spacings) != len(prepared):
         raise ValueError(f"{len(spacings)} spacings for {len(prepared)} cases")
-    layers = (prepared, foregrounds, masks, weights, *more)
-    out: tuple[list, ...] = tuple([] for _ in layers)
+    out = ([], [], [], [])
     thick = False
-    for case, spacing in enumerate(spacings):
-        arrays = [layer[case] for layer in layers]
+    for arrays, spacing in zip(zip(prepared, foregrounds, masks, weights), spacings):
         if spacing is None:
             for store, array in zip(out, arrays):
                 store.append(array)
@@ -1128,42 +1100,6 @@ def _as_the_model_sees_them(localiser, prepared, foregrounds, masks, weights, sp
             )
             store.append(zoomed if k in (0, 3) else zoomed > 0.5)
     return (*out, (0,) if thick else (0, 1, 2))
-
-
-def _false_alarms(
-    localiser: Localiser,
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    spacings: Sequence[Sequence[float] | None] | None,
-    left_right_axes: Sequence[int | None] | None,
-    margin_mm: float,
-    device: str,
-) -> Job[list[np.ndarray]]:
-    """Per corrected case, the voxels the model marks at its recommended threshold
-    farther than ``margin_mm`` from every marked voxel: the regions a reviewer erases."""
-    from scipy import ndimage
-
-    from napari_anomaly.inference import InferenceConfig, localise
-
-    spacing_list = list(spacings) if spacings is not None else [None] * len(images)
-    axes = list(left_right_axes) if left_right_axes is not None else [None] * len(images)
-    threshold = localiser.recommended_threshold
-    alarms = []
-    for index, (image, mask, spacing, axis) in enumerate(zip(images, masks, spacing_list, axes)):
-        yield Progress(index, len(images), f"finding the model's false alarms: case {index + 1}")
-        result = yield from localise(
-            image,
-            localiser,
-            InferenceConfig(device=device),
-            spacing=spacing,
-            left_right_axis=axis,
-        )
-        alarm = (result.anomaly_map >= threshold) & result.foreground
-        if mask.any():
-            distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
-            alarm &= distance > margin_mm
-        alarms.append(alarm)
-    return alarms
 
 
 def finetune(
@@ -1244,24 +1180,11 @@ def finetune(
     masks = [np.asarray(m).astype(bool) for m in corrected_masks]
     weights = [np.asarray(w, np.float32) for w in weights]
     dims = localiser.spatial_dims
-    alarms: list[np.ndarray] = []
-    if config.hard_negative_share > 0:
-        alarms = yield from _false_alarms(
-            localiser,
-            images,
-            masks,
-            spacings,
-            left_right_axes,
-            config.hard_negative_margin_mm,
-            config.device,
-        )
     plane_axes: tuple[int, ...] = (0, 1, 2)
     if spacings is not None and dims == 2:
-        more = [alarms] if alarms else []
-        prepared, foregrounds, masks, weights, *resampled, plane_axes = _as_the_model_sees_them(
-            localiser, prepared, foregrounds, masks, weights, spacings, *more
+        prepared, foregrounds, masks, weights, plane_axes = _as_the_model_sees_them(
+            localiser, prepared, foregrounds, masks, weights, spacings
         )
-        alarms = resampled[0] if alarms else []
     parent_config = (localiser.metadata.get("training") or {}).get("config") or {}
     lesion_task = float(parent_config.get("lesion_task_probability", 0.0))
     lesion_delta = tuple(parent_config.get("lesion_task_delta", TrainConfig.lesion_task_delta))
@@ -1289,24 +1212,6 @@ def finetune(
     )
     replay = int(round(config.batch_size * config.replay_fraction))
     corrections = config.batch_size - replay
-    hard = int(round(corrections * config.hard_negative_share)) if alarms else 0
-    corrections -= hard
-    # The same arrays, with patches centred on the parent's false alarms.
-    hard_sampler = (
-        PatchSampler(
-            prepared,
-            foregrounds,
-            dims,
-            localiser.patch_size,
-            scale_range=(1.0, 1.0),
-            min_foreground_fraction=0.05,
-            extras=[[m.astype(np.float32) for m in masks], weights],
-            focus=alarms,
-            plane_axes=plane_axes,
-        )
-        if hard
-        else None
-    )
     donors = (
         collect_donors(
             prepared,
@@ -1338,9 +1243,6 @@ def finetune(
                 corrections, rng, focus_probability=config.focus_probability
             )
             batches.append((images_c, target, weight))
-        if hard_sampler is not None:
-            images_h, _, target, weight = hard_sampler.sample(hard, rng, focus_probability=1.0)
-            batches.append((images_h, target, weight))
         if transplants:
             host, host_foreground, host_marked, host_weight = sampler.sample(transplants, rng)
             pasted, pasted_label, placed = transplant(
@@ -1418,8 +1320,6 @@ def finetune(
             "marked_voxels": int(sum(m.sum() for m in masks)),
             # marked lesions that could be moved, and patches that received one
             "moved_lesions": {"lesions": len(donors), "patches": moved},
-            # voxels of the parent's false alarms that hard-negative patches centred on
-            "false_alarm_voxels": int(sum(a.sum() for a in alarms)),
             "steps": config.steps,
             "seed": config.seed,
             "seconds": round(time.perf_counter() - started, 1),
