@@ -486,6 +486,6 @@ def test_a_napari_folder_of_a_dynamic_series_opens_one_layer_per_time_point(tmp_
         f"{uid}:TemporalPositionIdentifier=1",
         f"{uid}:TemporalPositionIdentifier=2",
     ]
-    assert [kwargs["name"] for _, kwargs, _ in layers][1].endswith("TemporalPositionIdentifier=2")
+    assert [kwargs["name"] for _, kwargs, _ in layers][1].endswith(" time point 2")
     for (data, _, _), volume in zip(layers, volumes):
         np.testing.assert_array_equal(data, volume)

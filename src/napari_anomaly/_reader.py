@@ -150,9 +150,9 @@ def read_paths(path: PathOrPaths) -> list[LayerData]:
         ``<folder> <series description>``, with the series' UID in
         ``metadata["source_series"]``: choose the one to review in **Image**.
         A series that holds several acquisitions of the same slices (time
-        points, echoes) gives one layer per acquisition, its name and
-        ``source_series`` ending in the part (e.g. ``:TemporalPositionIdentifier=2``,
-        :attr:`napari_anomaly.io.SeriesInfo.key`).
+        points, echoes) gives one layer per acquisition, its name ending in the
+        part (e.g. ``time point 2``) and its ``source_series`` in the part's key
+        (``UID:TemporalPositionIdentifier=2``, :attr:`napari_anomaly.io.SeriesInfo.key`).
 
     Returns
     -------
@@ -202,7 +202,7 @@ def _series_layer_data(folder: str | os.PathLike[str], info) -> LayerData:
     data, kwargs, layer_type = layer_data_of(read_image(folder, series=info.key))
     label = info.description or f"{info.modality or 'series'} {info.series_instance_uid[-6:]}"
     if info.part:
-        label = f"{label} {info.part}"
+        label = f"{label} {info.part_label}"
     kwargs = {**kwargs, "name": f"{Path(folder).name} {label}"}
     kwargs["metadata"] = {**kwargs.get("metadata", {}), "source_series": info.key}
     return data, kwargs, layer_type

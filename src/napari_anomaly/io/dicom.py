@@ -112,6 +112,15 @@ class SeriesInfo:
         return f"{self.series_instance_uid}:{self.part}" if self.part else self.series_instance_uid
 
     @property
+    def part_label(self) -> str:
+        """The part in words for a layer name, e.g. ``'time point 3'``, ``'echo 2'``;
+        ``''`` for a whole series."""
+        if not self.part:
+            return ""
+        tag, _, value = self.part.partition("=")
+        return f"{_PART_WORDS.get(tag, tag)} {value}"
+
+    @property
     def is_segmentation(self) -> bool:
         """True for a DICOM-SEG series."""
         return self.sop_class_uid == SEG_SOP_CLASS_UID or self.modality in _SEG_MODALITIES
@@ -236,6 +245,17 @@ _PART_TAGS = (
     "AcquisitionNumber",
     "ImageType",
 )
+
+# How a layer name speaks of each part.
+_PART_WORDS = {
+    "TemporalPositionIdentifier": "time point",
+    "TriggerTime": "trigger time",
+    "EchoNumbers": "echo",
+    "EchoTime": "echo time",
+    "DiffusionBValue": "b-value",
+    "AcquisitionNumber": "acquisition",
+    "ImageType": "image type",
+}
 
 # Positions closer than this (mm) are the same slice position when splitting.
 _SAME_POSITION_DECIMALS = 2
