@@ -20,6 +20,11 @@ included), the rank of the first region on each lesion of the other scans of
 the kind and the regions on ``--normals`` normal scans of the contrast, with
 the parent's score calibration as it was and carried over to the new network
 (``calibration.carry_calibration``, what ``finetune`` does by default).
+
+With ``--measure-subject``, the corrected scan comes from ``--subject`` and every
+measured scan (the other scans of the kind, the other families, the normal
+scans) from the other head: one patient's correction judged on another
+patient's scans, as in a clinic.
 """
 
 from __future__ import annotations
@@ -126,6 +131,11 @@ def main() -> None:
         default = [getattr(FinetuneConfig, setting)]
         parser.add_argument(flag, type=kind, nargs="+", default=default, help=help)
 
+    parser.add_argument(
+        "--measure-subject",
+        choices=HELD_OUT_SUBJECTS,
+        help="make the measured scans from this head instead (the corrected one from --subject)",
+    )
     grid("--learning-rates", "learning_rate")
     grid("--steps", "steps", int)
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
@@ -184,11 +194,17 @@ def main() -> None:
     started = time.perf_counter()
     volume, brain = held_out_subject(args.data, args.subject)
     anatomy = prepare_anatomy(volume, brain)
-    kind = [
+    corrected = make_case(
+        volume, brain, args.family, args.contrast, rng=args.seed * 100, anatomy=anatomy
+    )
+    if args.measure_subject not in (None, args.subject):
+        volume, brain = held_out_subject(args.data, args.measure_subject)
+        anatomy = prepare_anatomy(volume, brain)
+    kind_others = [
         make_case(
             volume, brain, args.family, args.contrast, rng=args.seed * 100 + i, anatomy=anatomy
         )
-        for i in range(args.cases)
+        for i in range(1, args.cases)
     ]
     others = [
         make_case(
@@ -203,7 +219,6 @@ def main() -> None:
         )
         for k in range(args.normals)
     ]
-    corrected, kind_others = kind[0], kind[1:]
     localiser = Localiser.load(args.model)
     before = measure(
         localiser, kind_others, corrected, others, normals, args.in_plane_mm, args.extra_in_plane_mm
@@ -289,6 +304,7 @@ def main() -> None:
         "command": "python scripts/finetune_clinical.py " + " ".join(sys.argv[1:]),
         "model_sha256": localiser.sha256,
         "subject": args.subject,
+        "measure_subject": args.measure_subject or args.subject,
         "family": args.family,
         "contrast": args.contrast,
         "before": before,
