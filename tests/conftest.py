@@ -77,3 +77,28 @@ def make_review_widget(make_napari_viewer):
         return widget
 
     return make
+
+
+def dicom_study(folder) -> dict[str, np.ndarray]:
+    """A folder holding two image series of one study, as a PACS export leaves them:
+    'T2 axial' (6 x 40 x 40) and 'T1 axial' (5 x 40 x 40), MR, 1 x 0.8 x 0.8 mm.
+    Returns each series' volume by its SeriesInstanceUID."""
+    import pydicom
+
+    from napari_anomaly.io import Geometry, write_dicom_series
+
+    geometry = Geometry((1.0, 0.8, 0.8), (0.0, 0.0, 0.0), np.eye(3).ravel())
+    volumes = {}
+    for number, (description, slices) in enumerate((("T2 axial", 6), ("T1 axial", 5)), 1):
+        volume = phantom((slices, 40, 40), number).astype(np.float32) + 1000
+        files = write_dicom_series(
+            volume,
+            folder,
+            geometry=geometry,
+            series_description=description,
+            series_number=number,
+            file_prefix=f"S{number}_",
+            seed=number,
+        )
+        volumes[pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID] = volume
+    return volumes

@@ -436,3 +436,48 @@ def test_results_table_round_trips_and_refuses_other_csv(tmp_path):
     other.write_text("path,case\n")
     with pytest.raises(ValueError, match="other.csv is not a batch results table"):
         batch.read_results(other)
+
+
+def test_a_dicom_folder_of_several_series_is_a_case_per_series(client, tmp_path):
+    from conftest import dicom_study
+
+    volumes = dicom_study(tmp_path / "study")
+    (t2_uid, t2), (t1_uid, t1) = volumes.items()
+    cases = batch.read_inputs([tmp_path / "study"])
+    assert [(c.name, c.series) for c in cases] == [
+        ("study_T2_axial", t2_uid),
+        ("study_T1_axial", t1_uid),
+    ]
+    # A manifest chooses a series by its UID; one the folder does not hold is refused.
+    (tmp_path / "m.csv").write_text(f"path,case,series\nstudy,t1,{t1_uid}\n")
+    assert [(c.name, c.series) for c in batch.read_inputs([tmp_path / "m.csv"])] == [("t1", t1_uid)]
+    (tmp_path / "bad.csv").write_text("path,case,series\nstudy,x,1.2.3\n")
+    with pytest.raises(ValueError, match=r"bad.csv row 2: .*holds no image series 1.2.3"):
+        batch.read_inputs([tmp_path / "bad.csv"])
+
+    plan = batch.prepare_batch(
+        cases,
+        tmp_path / "out",
+        _model(tmp_path / "model.safetensors"),
+        batch.BatchConfig(LocaliseSettings(device="cpu")),
+    )
+    result = batch.run_batch_to_end(plan, client)
+    assert (result.done, result.failed) == (2, 0)
+    rows = batch.read_results(tmp_path / "out")
+    assert [(r["case"], r["series"], r["status"]) for r in rows] == [
+        ("study_T2_axial", t2_uid, "done"),
+        ("study_T1_axial", t1_uid, "done"),
+    ]
+    for row, volume in zip(rows, (t2, t1)):
+        mask = read_image(tmp_path / "out" / row["mask"])
+        assert mask.array.shape == volume.shape  # each case is its own series
+        sidecar = tmp_path / "out" / row["mask"].replace(".nii.gz", ".json")
+        assert json.loads(sidecar.read_text())["source_series"] == row["series"]
+
+
+def test_a_results_table_from_before_the_series_column_is_still_read(tmp_path):
+    old = [c for c in batch.RESULT_COLUMNS if c != "series"]
+    row = "a,/x/a.nii.gz" + "," * (len(old) - 2)
+    (tmp_path / "results.csv").write_text(",".join(old) + "\n" + row + "\n")
+    (row,) = batch.read_results(tmp_path)
+    assert row["case"] == "a" and row["series"] == ""

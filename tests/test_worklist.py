@@ -175,3 +175,38 @@ def test_a_saved_session_keeps_its_worklist(tmp_path, cohort, session):
         "reviewed",
         "to do",
     ]
+
+
+def test_a_folder_of_several_dicom_series_is_an_item_per_series(tmp_path, session):
+    from conftest import dicom_study
+
+    (t2_uid, _), (t1_uid, _) = dicom_study(tmp_path / "cohort" / "study").items()
+    write_image(tmp_path / "cohort" / "alone.nii.gz", phantom((32, 32), 3), GEOMETRY)
+    worklist = Worklist.open(tmp_path / "cohort")
+    assert [(i.name, i.series) for i in worklist.items] == [
+        ("alone", None),
+        ("study_T2_axial", t2_uid),
+        ("study_T1_axial", t1_uid),
+    ]
+    study = str((tmp_path / "cohort" / "study").resolve())
+    assert worklist.items[1].path == worklist.items[2].path == study
+    # Each item reads its own series.
+    shapes = [read_image(i.path, series=i.series).array.shape for i in worklist.items[1:]]
+    assert shapes == [(6, 40, 40), (5, 40, 40)]
+    # A batch's table names the series: one folder, two rows, two items.
+    results = tmp_path / "results.csv"
+    results.write_text(
+        "case,source,series,sample_score,status\n"
+        f"t2,cohort/study,{t2_uid},0.2,done\n"
+        f"t1,cohort/study,{t1_uid},0.7,done\n"
+    )
+    ranked = Worklist.open(results)
+    assert [(i.name, i.series) for i in ranked.items] == [("t1", t1_uid), ("t2", t2_uid)]
+    results.write_text(f"source,series\ncohort/study,{t1_uid}\ncohort/study,{t1_uid}\n")
+    with pytest.raises(WorklistError, match=f"line 3: study \\(series {t1_uid}\\) is already"):
+        Worklist.open(results)
+    # A saved session keeps which series each item is.
+    session.set_worklist(worklist)
+    save_session(session, tmp_path / "saved")
+    restored = load_session(tmp_path / "saved").worklist
+    assert [i.series for i in restored.items] == [None, t2_uid, t1_uid]

@@ -84,6 +84,7 @@ RECORD_VERSION = 1
 RESULT_COLUMNS = (
     "case",
     "source",
+    "series",
     "source_sha256",
     "model_sha256",
     "threshold",
@@ -96,6 +97,8 @@ RESULT_COLUMNS = (
     "mask",
     "domain_warning",
 )
+# The table of a batch run before cases could be one series of a DICOM folder: still read.
+_RESULT_COLUMNS_BEFORE_SERIES = tuple(c for c in RESULT_COLUMNS if c != "series")
 _FLOAT_COLUMNS = ("threshold", "top_region_score", "sample_score", "seconds")
 _INT_COLUMNS = ("regions",)
 
@@ -145,11 +148,16 @@ class Case:
     name
         Unique within the batch; letters, digits and ``._- +()``; the output folder.
     source
-        An image file or a folder holding one DICOM series (absolute path).
+        An image file or a DICOM folder (absolute path).
+    series
+        For a DICOM folder that holds several image series (a study, or one
+        dynamic series of several time points): the one this case reads, as
+        :attr:`napari_anomaly.io.SeriesInfo.key`; ``None`` otherwise.
     """
 
     name: str
     source: str
+    series: str | None = None
 
 
 def _check_case_name(name: str, where: str) -> str:
@@ -163,8 +171,11 @@ def _check_case_name(name: str, where: str) -> str:
     return name
 
 
-def _case_for(path: Path, where: str, name: str | None = None) -> Case:
-    """A case for one image file or DICOM folder, checked to exist and be readable in kind."""
+def _case_for(
+    path: Path, where: str, name: str | None = None, series: str | None = None
+) -> Case:
+    """A case for one image file or DICOM folder, checked to exist and be readable in kind
+    (and, where ``series`` is given, to hold that series)."""
     from napari_anomaly.io import detect_format, image_stem
 
     if not path.exists():
@@ -172,19 +183,45 @@ def _case_for(path: Path, where: str, name: str | None = None) -> Case:
     detect_format(path)  # an unknown suffix is refused here, naming the file
     if name is None:
         name = image_stem(path)
-    return Case(_check_case_name(name, where), str(path.absolute()))
+    if series is not None:
+        from napari_anomaly.io import list_dicom_series
+
+        if not path.is_dir():
+            raise ValueError(f"{where}: a series applies to a DICOM folder, not to {path}")
+        keys = [info.key for info in list_dicom_series(path, images_only=True)]
+        if series not in keys:
+            raise ValueError(
+                f"{where}: {path} holds no image series {series}; it holds "
+                f"{', '.join(keys) or 'none'}"
+            )
+    return Case(_check_case_name(name, where), str(path.absolute()), series)
+
+
+def _dicom_folder_cases(folder: Path, where: str) -> list[Case]:
+    """A DICOM folder's cases: one for a folder of one image series, else one per image
+    series (``<folder>_<description>``; two alike end in the UID's last digits)."""
+    from napari_anomaly.io import list_dicom_series, series_stems
+
+    infos = list_dicom_series(folder, images_only=True)
+    if len(infos) <= 1:
+        return [_case_for(folder, where)]
+    names = series_stems(folder, infos)
+    return [
+        Case(_check_case_name(name, where), str(folder.absolute()), info.key)
+        for name, info in zip(names, infos)
+    ]
 
 
 def _cases_in_folder(folder: Path) -> list[Case]:
-    """A folder holding DICOM files is one series; otherwise each scan in it is a case:
-    image files (not napari-anomaly's own outputs such as ``*_mask.nii.gz``) and
-    sub-folders holding a DICOM series, by name."""
+    """A folder holding DICOM files is a case per image series in it; otherwise each scan
+    in it is a case: image files (not napari-anomaly's own outputs such as
+    ``*_mask.nii.gz``) and sub-folders holding DICOM series, by name."""
     from napari_anomaly._reader import can_read
     from napari_anomaly.case_outputs import LOCALISE_KINDS
     from napari_anomaly.io import image_stem
 
     if can_read(folder):  # DICOM files right inside it
-        return [_case_for(folder, str(folder))]
+        return _dicom_folder_cases(folder, str(folder))
     output_tags = tuple(f"_{kind}" for kind in LOCALISE_KINDS)
     scans = [
         p
@@ -198,20 +235,31 @@ def _cases_in_folder(folder: Path) -> list[Case]:
             f"{folder} holds no scans (image files such as .nii.gz, .nrrd, .mha, or folders "
             "holding a DICOM series)"
         )
-    return [_case_for(p, str(folder)) for p in scans]
+    return [
+        case
+        for p in scans
+        for case in (
+            _dicom_folder_cases(p, str(folder)) if p.is_dir() else [_case_for(p, str(folder))]
+        )
+    ]
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[Case]:
-    """Read a CSV manifest: a header naming ``path`` and optionally ``case``, one row a case.
+    """Read a CSV manifest: a header naming ``path`` and optionally ``case`` and ``series``,
+    one row a case.
 
     Relative paths are relative to the manifest's folder; a row without a case name is
-    named after its file (``scan.nii.gz`` -> ``scan``). Empty rows are skipped.
+    named after its file (``scan.nii.gz`` -> ``scan``). ``series`` chooses one image
+    series of a DICOM folder that holds several (its UID, or ``UID:Tag=value`` for one
+    acquisition of a dynamic series, as :func:`napari_anomaly.io.list_dicom_series`
+    lists them). Empty rows are skipped.
 
     Raises
     ------
     ValueError
         One line naming the manifest and the row: no ``path`` column, an empty path, a
-        missing or unsupported file, a case name that cannot name a folder.
+        missing or unsupported file, a case name that cannot name a folder, a series the
+        folder does not hold.
     """
     manifest = Path(path)
     try:
@@ -227,6 +275,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[Case]:
         )
     at_path = header.index("path")
     at_case = header.index("case") if "case" in header else None
+    at_series = header.index("series") if "series" in header else None
     cases = []
     for number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
@@ -239,7 +288,8 @@ def read_manifest(path: str | os.PathLike[str]) -> list[Case]:
         if not source.is_absolute():
             source = manifest.parent / source
         name = row[at_case].strip() if at_case is not None and at_case < len(row) else ""
-        cases.append(_case_for(source, where, name or None))
+        series = row[at_series].strip() if at_series is not None and at_series < len(row) else ""
+        cases.append(_case_for(source, where, name or None, series or None))
     if not cases:
         raise ValueError(f"{manifest}: the manifest lists no cases")
     return cases
@@ -251,9 +301,11 @@ def read_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Case]:
     * an image file (any suffix :func:`napari_anomaly.io.read_image` reads) is one case,
       named after its file;
     * a ``.csv`` file is a manifest (:func:`read_manifest`);
-    * a folder holding DICOM files is one series, named after the folder; any other
-      folder gives one case per scan in it (image files and DICOM series sub-folders,
-      by name; not napari-anomaly's own outputs).
+    * a folder holding DICOM files is one case, named after the folder, or one case per
+      image series where it holds several (a study; the time points of a dynamic
+      series), named ``<folder>_<series description>``; any other folder gives one case
+      per scan in it (image files and DICOM folders, by name; not napari-anomaly's own
+      outputs).
 
     Raises
     ------
@@ -288,7 +340,9 @@ def read_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Case]:
 # --------------------------------------------------------------------------- #
 # One case, as ``napari-anomaly localise`` does it (the only call into that logic)
 # --------------------------------------------------------------------------- #
-def _localise_case(session, path: str, out_dir: Path, source_sha256: str) -> dict:
+def _localise_case(
+    session, path: str, out_dir: Path, source_sha256: str, series: str | None = None
+) -> dict:
     """Localise one case exactly as ``napari-anomaly localise PATH --out OUT_DIR`` does
     (:func:`napari_anomaly.localise_files.localise_file`) and write its outputs as one set
     (all or none, replacing an earlier set of this case); ``source_sha256`` is the hash
@@ -312,7 +366,13 @@ def _localise_case(session, path: str, out_dir: Path, source_sha256: str) -> dic
         )
     outcome = run_to_end(
         localise_file(
-            session, path, out_dir, plan=plan, overwrite=True, source_sha256=source_sha256
+            session,
+            path,
+            out_dir,
+            plan=plan,
+            overwrite=True,
+            series=series,
+            source_sha256=source_sha256,
         )
     )
     top = outcome.top_region_score
@@ -426,7 +486,11 @@ def localise_case(
     """
     started = time.perf_counter()
     case_dir = Path(out_dir) / case.name
-    expected = {"model_sha256": model_sha256, "settings": _fingerprint(settings, threshold)}
+    expected = {
+        "model_sha256": model_sha256,
+        "settings": _fingerprint(settings, threshold),
+        "series": case.series,
+    }
     record = _base_record(case, {**expected, "threshold": threshold})
     try:
         from napari_anomaly.io import clear_leftovers
@@ -446,7 +510,9 @@ def localise_case(
 
             torch.set_num_threads(torch_threads)
         session = _worker_session(model_path, model_sha256, settings)
-        summary = _localise_case(session, case.source, case_dir, record["source_sha256"])
+        summary = _localise_case(
+            session, case.source, case_dir, record["source_sha256"], case.series
+        )
         record.update(status="done", error="", **summary)
     except Exception as error:  # a bad case is a row of the table, never a stopped batch
         record.update(status="failed", error=_one_line(error))
@@ -470,6 +536,7 @@ def _row(case: Case, record: dict | None) -> dict[str, Any]:
     return {
         "case": case.name,
         "source": case.source,
+        "series": case.series or "",
         "source_sha256": record.get("source_sha256", ""),
         "model_sha256": record.get("model_sha256", ""),
         "threshold": record.get("threshold"),
@@ -558,13 +625,14 @@ def read_results(
         table = table / RESULTS_CSV
     with open(table, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        if tuple(reader.fieldnames or ()) != RESULT_COLUMNS:
+        columns = tuple(reader.fieldnames or ())
+        if columns not in (RESULT_COLUMNS, _RESULT_COLUMNS_BEFORE_SERIES):
             raise ValueError(
                 f"{table} is not a batch results table (columns {', '.join(RESULT_COLUMNS)})"
             )
         rows = []
         for number, raw in enumerate(reader, start=2):
-            row: dict[str, Any] = dict(raw)
+            row: dict[str, Any] = {"series": "", **raw}
             try:
                 for column in _FLOAT_COLUMNS:
                     row[column] = float(raw[column]) if raw[column] else None

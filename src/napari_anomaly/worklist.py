@@ -1,7 +1,7 @@
 """A cohort's worklist: the scans to review, in order, and where each one stands.
 
 A worklist is opened from a folder of scans (image files and DICOM series folders),
-from a CSV manifest (a ``path`` column and optionally ``case``), or from the
+from a CSV manifest (a ``path`` column and optionally ``case`` and ``series``), or from the
 ``results.csv`` of ``napari-anomaly batch`` (most suspicious case first, by its
 ``sample_score``). Each item is *to do*, *localised*, *reviewed*, *exported* or
 *failed*; the state of a case is read from the :class:`~napari_anomaly.session.ReviewSession`
@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from napari_anomaly._reader import can_read
 from napari_anomaly.case_outputs import export_plan
-from napari_anomaly.io.names import image_stem, output_suffix
+from napari_anomaly.io.dicom import list_dicom_series
+from napari_anomaly.io.names import image_stem, output_suffix, series_stems
 
 if TYPE_CHECKING:
     from napari_anomaly.session import ReviewSession
@@ -79,6 +80,9 @@ class WorkItem:
         localising again when the session's model is that one.
     maps_model_sha256 : str or None
         The sha256 of the model that made ``maps``.
+    series : str or None
+        For a DICOM folder that holds several image series: the one to review
+        (:attr:`napari_anomaly.io.SeriesInfo.key`); ``None`` otherwise.
     """
 
     path: str
@@ -89,6 +93,7 @@ class WorkItem:
     error: str | None = None
     maps: str | None = None
     maps_model_sha256: str | None = None
+    series: str | None = None
 
     def map_files(self) -> dict[str, Path] | None:
         """The anomaly and confidence map files beside :attr:`maps` (``None`` if there
@@ -157,7 +162,9 @@ class Worklist:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str]) -> Worklist:
         """Every scan in ``folder``, by name: image files (not napari-anomaly's own
-        outputs such as ``*_mask.nii.gz``) and sub-folders holding a DICOM series."""
+        outputs such as ``*_mask.nii.gz``) and sub-folders holding DICOM files, one item
+        per image series where a sub-folder holds several (named as ``batch`` names
+        their cases, :func:`napari_anomaly.io.series_stems`)."""
         folder = Path(folder)
         try:
             entries = sorted(folder.iterdir(), key=lambda p: p.name.lower())
@@ -165,7 +172,13 @@ class Worklist:
             raise WorklistError(f"{folder}: cannot list the folder ({error.strerror})") from None
         items = []
         for path in entries:
-            if _is_scan(path):
+            if not _is_scan(path):
+                continue
+            infos = list_dicom_series(path, images_only=True) if path.is_dir() else []
+            if len(infos) > 1:
+                for info, name in zip(infos, series_stems(path, infos)):
+                    items.append(WorkItem(str(path.resolve()), name, series=info.key))
+            else:
                 items.append(WorkItem(str(path.resolve()), image_stem(path)))
         if not items:
             raise WorklistError(
@@ -178,7 +191,8 @@ class Worklist:
     def from_csv(cls, path: str | os.PathLike[str]) -> Worklist:
         """A manifest: a header row, a path column (``path``, ``source_path``,
         ``source`` or ``image``; relative paths are relative to the CSV's folder)
-        and optionally ``case``. With a ``sample_score`` column (``batch``'s
+        and optionally ``case`` and ``series`` (one image series of a DICOM folder
+        that holds several). With a ``sample_score`` column (``batch``'s
         results.csv) the cases are ordered most suspicious first, cases without
         a score (failed in the batch) last; cases the batch could not process
         are *failed* with its message, and the maps it made are kept
@@ -208,13 +222,15 @@ class Worklist:
             if not scan.exists():
                 raise WorklistError(f"{path} line {line}: {scan} does not exist")
             scan = scan.resolve()
-            if scan in seen:
+            series = row.get("series") or None
+            if (scan, series) in seen:
+                what = scan.name + (f" (series {series})" if series else "")
                 raise WorklistError(
-                    f"{path} line {line}: {scan.name} is already on line {seen[scan]}"
+                    f"{path} line {line}: {what} is already on line {seen[scan, series]}"
                 )
-            seen[scan] = line
+            seen[scan, series] = line
             name = (row.get(case_column) if case_column else "") or image_stem(scan)
-            item = WorkItem(str(scan), name, score=_score(row.get(SCORE_COLUMN)))
+            item = WorkItem(str(scan), name, score=_score(row.get(SCORE_COLUMN)), series=series)
             # A batch's results: its failures stay failed, its maps are reused.
             if row.get("status") == "failed":
                 item.error = row.get("error") or "failed in the batch run"

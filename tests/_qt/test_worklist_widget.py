@@ -165,3 +165,35 @@ def test_a_batch_table_opens_its_cases_with_the_batch_maps_most_suspicious_first
     assert case.midline == Midline.from_dict(midline)
     widget._wait_prefetch()  # p1, localised in the background meanwhile
     assert _statuses(widget)[:2] == ["localised", "ready"]
+
+
+def test_a_study_folder_is_reviewed_series_by_series(widget, tmp_path):
+    from conftest import dicom_study
+
+    (t2_uid, t2), (t1_uid, t1) = dicom_study(tmp_path / "cohort" / "study").items()
+    widget.worklist_source.value = tmp_path / "cohort"
+    widget.open_worklist_button.clicked.emit()
+    names = ["study_T2_axial", "study_T1_axial"]
+    assert [row[1] for row in widget.worklist_table.value["data"]] == names
+
+    # The first opens its own series (localised now); the second is read in the
+    # background, from its own series too.
+    assert widget.next_case(wait=True)
+    np.testing.assert_array_equal(widget.viewer.layers[names[0]].data, t2)
+    assert widget.case().source_series == t2_uid
+    widget.mark_reviewed()
+    widget._wait_prefetch()
+    widget.next_case(wait=True)
+    np.testing.assert_array_equal(widget.viewer.layers[names[1]].data, t1)
+    assert widget.case().source_series == t1_uid
+    widget.mark_reviewed()
+
+    # Exported masks lie on their own series and say which one they are.
+    written = widget.export_reviewed(tmp_path / "reviewed")
+    assert sorted(p.name for p in written) == sorted(
+        f"{n}_mask.{s}" for n in names for s in ("json", "nii.gz")
+    )
+    for name, uid, volume in zip(names, (t2_uid, t1_uid), (t2, t1)):
+        assert read_image(tmp_path / "reviewed" / f"{name}_mask.nii.gz").array.shape == volume.shape
+        sidecar = json.loads((tmp_path / "reviewed" / f"{name}_mask.json").read_text())
+        assert sidecar["source_series"] == uid

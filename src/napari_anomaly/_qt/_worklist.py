@@ -35,9 +35,11 @@ WORKLIST_TABLE_ROWS = 6
 NEXT_CASE_KEY = "Shift-C"
 
 
-def _read_and_localise(path: str, localiser: Localiser, inference: InferenceConfig):
+def _read_and_localise(
+    path: str, series: str | None, localiser: Localiser, inference: InferenceConfig
+):
     """Read a scan and localise it (a job: the prefetch worker runs it, Cancel stops it)."""
-    loaded = read_image(path, scan=True)
+    loaded = read_image(path, scan=True, series=series)
     result = yield from localise(
         loaded.array, localiser, inference, **placement(loaded.geometry, loaded.array.ndim)
     )
@@ -189,7 +191,7 @@ class WorklistControls:
         layer = self._scan_layer_of(item.case_id) if item.case_id else None
         if layer is None:
             try:
-                loaded = read_image(item.path, scan=True)
+                loaded = read_image(item.path, scan=True, series=item.series)
             except (OSError, ValueError, MemoryError) as error:
                 item.error = str(error).splitlines()[0]
                 self._session.worklist_changed()
@@ -226,6 +228,7 @@ class WorklistControls:
                 model_name=made[0].name,
                 model_sha256=made[0].sha256,
                 source_path=item.path,
+                source_series=item.series,
                 midline=midline,
             )
             self._check_domain(case_id, layer.name, case.image, session.localiser, geometry)
@@ -260,6 +263,8 @@ class WorklistControls:
         kwargs = dict(kwargs)
         kwargs["name"] = item.name
         kwargs["metadata"] = {**kwargs.get("metadata", {}), "source_path": item.path}
+        if item.series:
+            kwargs["metadata"]["source_series"] = item.series
         if item.case_id:
             kwargs["metadata"][CASE_ID_KEY] = item.case_id
         return self.viewer.add_image(data, **kwargs)
@@ -305,6 +310,7 @@ class WorklistControls:
         worker = create_worker(
             _read_and_localise,
             worklist.items[target].path,
+            worklist.items[target].series,
             localiser,
             self._session.inference,
             _start_thread=False,

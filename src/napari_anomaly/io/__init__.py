@@ -38,7 +38,14 @@ from .model_file import (
     read_model_metadata,
     save_model_file,
 )
-from .names import companion_path, data_files, image_stem, output_suffix, sidecar_path
+from .names import (
+    companion_path,
+    data_files,
+    image_stem,
+    output_suffix,
+    series_stems,
+    sidecar_path,
+)
 
 __all__ = [
     "METADATA_KEY",
@@ -71,6 +78,7 @@ __all__ = [
     "read_image",
     "read_model_metadata",
     "read_seg",
+    "series_stems",
     "read_seg_info",
     "save_model_file",
     "sidecar_path",

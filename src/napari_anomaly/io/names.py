@@ -22,7 +22,10 @@ Examples
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .atomic import full_suffix
 
@@ -32,6 +35,7 @@ __all__ = [
     "data_files",
     "image_stem",
     "output_suffix",
+    "series_stems",
     "sidecar_path",
 ]
 
@@ -139,3 +143,31 @@ def data_files(image_file: str | os.PathLike[str]) -> list[Path]:
     p = Path(image_file)
     extra = _DATA_FILE_SUFFIX.get(_image_suffix(p).lower())
     return [p.with_name(image_stem(p) + extra)] if extra else []
+
+
+def series_stems(folder: str | os.PathLike[str], infos: Sequence[Any]) -> list[str]:
+    """Stems for the image series of one DICOM folder that holds several, as cases of a
+    cohort and their outputs are named: ``<folder>_<description>`` (the modality when a
+    series has none), with the part in words for one acquisition of a dynamic series
+    (``dce_DCE_time_point_2``). Characters other than letters, digits and ``._-+()``
+    become ``_``; two series that would share a stem get the last six digits of their
+    UID appended. ``infos`` are :class:`~napari_anomaly.io.SeriesInfo` records.
+
+    >>> from napari_anomaly.io import SeriesInfo
+    >>> t1 = SeriesInfo("1.2.345678", "MR", "T1 axial", 20, 64, 64)
+    >>> dce = SeriesInfo("1.2.999", "MR", "DCE", 20, 64, 64, part="TemporalPositionIdentifier=2")
+    >>> infos = [t1, dce]
+    >>> series_stems("study", infos)
+    ['study_T1_axial', 'study_DCE_time_point_2']
+    """
+    stem = image_stem(folder)
+    stems = []
+    for info in infos:
+        label = info.description or info.modality or "series"
+        if info.part:
+            label = f"{label} {info.part_label}"
+        stems.append(re.sub(r"[^\w.\-+()]+", "_", f"{stem}_{label}").strip("_.")[:200])
+    for index, info in enumerate(infos):
+        if stems.count(stems[index]) > 1:
+            stems[index] = f"{stems[index]}_{info.series_instance_uid[-6:]}"
+    return stems
