@@ -171,9 +171,7 @@ def _check_case_name(name: str, where: str) -> str:
     return name
 
 
-def _case_for(
-    path: Path, where: str, name: str | None = None, series: str | None = None
-) -> Case:
+def _case_for(path: Path, where: str, name: str | None = None, series: str | None = None) -> Case:
     """A case for one image file or DICOM folder, checked to exist and be readable in kind
     (and, where ``series`` is given, to hold that series)."""
     from napari_anomaly.io import detect_format, image_stem
