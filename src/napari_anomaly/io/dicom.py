@@ -257,7 +257,7 @@ _PART_WORDS = {
     "ImageType": "image type",
 }
 
-# Positions closer than this (mm) are the same slice position when splitting.
+# Slice positions are compared rounded to this many decimals (0.01 mm) when splitting.
 _SAME_POSITION_DECIMALS = 2
 
 
