@@ -182,11 +182,9 @@ def _case_for(path: Path, where: str, name: str | None = None, series: str | Non
     if name is None:
         name = image_stem(path)
     if series is not None:
-        from napari_anomaly.io import list_dicom_series
-
         if not path.is_dir():
             raise ValueError(f"{where}: a series applies to a DICOM folder, not to {path}")
-        keys = [info.key for info in list_dicom_series(path, images_only=True)]
+        keys = [info.key for info in _image_series(path, where)]
         if series not in keys:
             raise ValueError(
                 f"{where}: {path} holds no image series {series}; it holds "
@@ -195,12 +193,23 @@ def _case_for(path: Path, where: str, name: str | None = None, series: str | Non
     return Case(_check_case_name(name, where), str(path.absolute()), series)
 
 
+def _image_series(folder: Path, where: str) -> list:
+    """The image series of a DICOM folder, from its headers (refused in one line when the
+    folder cannot be listed)."""
+    from napari_anomaly.io import list_dicom_series
+
+    try:
+        return list_dicom_series(folder, images_only=True)
+    except OSError as error:
+        raise ValueError(f"{where}: cannot list {folder} ({error.strerror or error})") from None
+
+
 def _dicom_folder_cases(folder: Path, where: str) -> list[Case]:
     """A DICOM folder's cases: one for a folder of one image series, else one per image
     series (``<folder>_<description>``; two alike end in the UID's last digits)."""
-    from napari_anomaly.io import list_dicom_series, series_stems
+    from napari_anomaly.io import series_stems
 
-    infos = list_dicom_series(folder, images_only=True)
+    infos = _image_series(folder, where)
     if len(infos) <= 1:
         return [_case_for(folder, where)]
     names = series_stems(folder, infos)
