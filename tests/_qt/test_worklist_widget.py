@@ -167,10 +167,13 @@ def test_a_batch_table_opens_its_cases_with_the_batch_maps_most_suspicious_first
     assert _statuses(widget)[:2] == ["localised", "ready"]
 
 
-def test_a_study_folder_is_reviewed_series_by_series(widget, tmp_path):
+def test_a_study_folder_is_reviewed_series_by_series(make_review_widget, tmp_path):
     from conftest import dicom_study
 
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+
     (t2_uid, t2), (t1_uid, t1) = dicom_study(tmp_path / "cohort" / "study").items()
+    widget = make_review_widget(recommended_threshold=0.5)
     widget.worklist_source.value = tmp_path / "cohort"
     widget.open_worklist_button.clicked.emit()
     names = ["study_T2_axial", "study_T1_axial"]
@@ -183,6 +186,11 @@ def test_a_study_folder_is_reviewed_series_by_series(widget, tmp_path):
     assert widget.case().source_series == t2_uid
     widget.mark_reviewed()
     widget._wait_prefetch()
+    # Closed and opened again: the worklist still knows which series each row is.
+    widget.flush_autosave()
+    widget._on_closed()
+    widget = AnomalyReviewWidget(widget.viewer, localiser=widget.session.localiser)
+    assert widget.resume()
     widget.next_case(wait=True)
     np.testing.assert_array_equal(widget.viewer.layers[names[1]].data, t1)
     assert widget.case().source_series == t1_uid
