@@ -24,7 +24,9 @@ the parent's score calibration as it was and carried over to the new network
 With ``--measure-subject``, the corrected scan comes from ``--subject`` and every
 measured scan (the other scans of the kind, the other families, the normal
 scans) from the other head: one patient's correction judged on another
-patient's scans, as in a clinic.
+patient's scans, as in a clinic. ``--held-normals N`` makes N further normal
+scans of the measured head (never measured) and gives them to ``finetune`` as
+``held_images``: other scans of the site whose maps are held to the parent's.
 """
 
 from __future__ import annotations
@@ -136,6 +138,13 @@ def main() -> None:
         choices=HELD_OUT_SUBJECTS,
         help="make the measured scans from this head instead (the corrected one from --subject)",
     )
+    parser.add_argument(
+        "--held-normals",
+        type=int,
+        default=0,
+        help="normal scans of the measured head (not measured) whose maps fine-tuning holds "
+        "to the parent's (finetune's held_images: other scans of the site)",
+    )
     grid("--learning-rates", "learning_rate")
     grid("--steps", "steps", int)
     parser.add_argument("--in-plane-mm", type=float, default=0.0)
@@ -219,6 +228,12 @@ def main() -> None:
         )
         for k in range(args.normals)
     ]
+    held = [
+        make_case(
+            volume, brain, "normal", args.contrast, rng=args.seed * 100 + 90 + k, anatomy=anatomy
+        )
+        for k in range(args.held_normals)
+    ]
     localiser = Localiser.load(args.model)
     before = measure(
         localiser, kind_others, corrected, others, normals, args.in_plane_mm, args.extra_in_plane_mm
@@ -262,6 +277,8 @@ def main() -> None:
                 [corrected.lesion_mask],
                 config,
                 spacings=None if args.native else [tuple(corrected.spacing)],
+                held_images=[h.image for h in held],
+                held_spacings=None if args.native else [tuple(h.spacing) for h in held],
             )
         )
         after = measure(
@@ -305,6 +322,7 @@ def main() -> None:
         "model_sha256": localiser.sha256,
         "subject": args.subject,
         "measure_subject": args.measure_subject or args.subject,
+        "held_normals": args.held_normals,
         "family": args.family,
         "contrast": args.contrast,
         "before": before,

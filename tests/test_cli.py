@@ -494,3 +494,21 @@ def test_python_m_reports_a_refusal_from_a_subcommand_module_in_one_line(tmp_pat
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_finetune_holds_its_maps_on_other_scans_given(model, normals, tmp_path, capsys):
+    mask = np.zeros((12, 40, 40), dtype=np.uint8)
+    mask[5:8, 15:18, 15:18] = 1
+    mask_path = tmp_path / "normal0_mask.nii.gz"
+    write_image(mask_path, mask, GEOMETRY)
+    child = tmp_path / "child.safetensors"
+    args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
+    args += ["--out", str(child), "--steps", "2", "--device", "cpu", "--hold", *normals[1:]]
+    capsys.readouterr()
+    # Holding needs the distillation term it holds with: refused in one line, nothing written.
+    assert main([*args, "--distill-weight", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--hold needs --distill-weight" in err and len(err.strip().splitlines()) == 1
+    assert not child.exists()
+    assert main(args) == 0
+    assert Localiser.load(child).metadata["finetuning"][-1]["held_scans"] == len(normals) - 1

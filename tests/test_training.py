@@ -229,3 +229,40 @@ def test_finetune_with_distillation_stays_closer_to_the_parents_map(images_2d):
 def test_finetune_refuses_a_bad_distillation_weight(value):
     with pytest.raises(ValueError, match="distill_weight"):
         FinetuneConfig(distill_weight=value)
+
+
+def test_finetune_holds_the_parents_map_on_other_scans_of_the_site(images_2d):
+    from napari_anomaly.inference import InferenceConfig, localise
+
+    parent = run_to_end(train(images_2d, TrainConfig(steps=2, **TINY), network=TINY_NETWORK_2D))
+    image, others = images_2d[0], images_2d[1:]
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[20:28, 20:28] = True
+    inference = InferenceConfig(device="cpu")
+    parent_maps = [run_to_end(localise(o, parent, inference)).anomaly_map for o in others]
+    # Only the held scans keep the new network near the parent: no replay, no moved lesions.
+    settings = {"steps": 12, "batch_size": 4, "learning_rate": 1e-3, "device": "cpu"}
+    config = FinetuneConfig(
+        replay_fraction=0.0, transplant_share=0.0, distill_weight=20.0, **settings
+    )
+
+    def drift(held: list) -> float:
+        reports: list[Progress] = []
+        child = run_to_end(
+            finetune(parent, [image], [mask], config, held_images=held), reports.append
+        )
+        last = [r for r in reports if r.message == "fine-tuning"][-1]
+        assert ("loss_held" in last.metrics) == bool(held)
+        assert child.metadata["finetuning"][-1]["held_scans"] == len(held)
+        changes = [
+            np.abs(run_to_end(localise(other, child, inference)).anomaly_map - before).mean()
+            for other, before in zip(others, parent_maps)
+        ]
+        return float(np.mean(changes))
+
+    assert drift(list(others)) < 0.7 * drift([])
+
+
+def test_finetune_refuses_no_held_patches():
+    with pytest.raises(ValueError, match="held_patches"):
+        FinetuneConfig(held_patches=0)

@@ -542,9 +542,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
+    if args.hold and not config.distill_weight > 0:
+        raise CommandError("--hold needs --distill-weight above 0 (it holds the maps with it)")
     localiser = _load_model(args.model)
     out = _model_out(args, _model_bytes(localiser))
     pairs = _read_case_pairs(args.images, args.masks)
+    held = [_read(path) for path in args.hold]
     images = [p[0] for p in pairs]
     masks = [p[1] for p in pairs]
     threshold = _threshold(args, localiser)
@@ -557,6 +560,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             config,
             spacings=[i.geometry.spacing for i in images],
             left_right_axes=_left_right_axes(images),
+            held_images=[h.array for h in held],
+            held_spacings=[h.geometry.spacing for h in held],
         ),
         "finetune",
     )
@@ -882,6 +887,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of holding the model's maps on the replayed patches to the parent's, so "
         "that it keeps finding the kinds of lesion that were not corrected (0 turns it off; "
         "default %(default)g)",
+    )
+    p.add_argument(
+        "--hold",
+        nargs="+",
+        default=[],
+        metavar="SCAN",
+        help="other scans of your site, unlabelled (they may hold lesions): the model's maps "
+        "on them are held to the parent's, so that the correction does not change what it "
+        "does on other patients' anatomy",
     )
     p.add_argument("--threshold", type=float, default=ReviewConfig.threshold, help=THRESHOLD_HELP)
     flips(p)
