@@ -1207,18 +1207,18 @@ def finetune(
         )
     held_sampler = None
     if held_images and config.distill_weight > 0:
-        held, held_foregrounds = yield from _preprocess_all(
+        held_prepared, held_foregrounds = yield from _preprocess_all(
             held_images, localiser.preprocess, "held scan"
         )
         held_axes: tuple[int, ...] = (0, 1, 2)
         if held_spacings is not None and dims == 2:
-            no_marks = [np.zeros(h.shape, dtype=bool) for h in held]
-            ones = [np.ones(h.shape, dtype=np.float32) for h in held]
-            held, held_foregrounds, _, _, held_axes = _as_the_model_sees_them(
-                localiser, held, held_foregrounds, no_marks, ones, held_spacings
+            no_marks = [np.zeros(h.shape, dtype=bool) for h in held_prepared]
+            ones = [np.ones(h.shape, dtype=np.float32) for h in held_prepared]
+            held_prepared, held_foregrounds, _, _, held_axes = _as_the_model_sees_them(
+                localiser, held_prepared, held_foregrounds, no_marks, ones, held_spacings
             )
         held_sampler = PatchSampler(
-            held,
+            held_prepared,
             held_foregrounds,
             dims,
             localiser.patch_size,
