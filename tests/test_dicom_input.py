@@ -440,7 +440,7 @@ def test_a_dynamic_series_is_listed_and_read_one_time_point_at_a_time(tmp_path):
     with pytest.raises(ImageFileError) as info:
         read_image(folder)
     message = str(info.value)
-    assert "\n" not in message and "3 DICOM series" in message
+    assert "\n" not in message and "one DICOM series of 3 acquisitions" in message
     assert all(i.key in message for i in infos)
     # The series UID alone is not enough either: it names the parts.
     with pytest.raises(ImageFileError, match="holds 3 acquisitions of the same slices"):

@@ -1028,6 +1028,12 @@ def _select_dicom_series(path: Path, series: str | None) -> Any:
         return images[0]
     if not images and len(infos) == 1:
         return infos[0]  # e.g. a folder holding one segmentation
+    if len({i.series_instance_uid for i in infos}) == 1:
+        raise ImageFileError(
+            f"{folder} holds one DICOM series of {len(infos)} acquisitions of the same slices "
+            f"(time points, echoes, ...): {_series_listing(infos)}. Pass the one to read, as "
+            "listed (series=... in Python, --series on the command line)."
+        )
     raise ImageFileError(
         f"{folder} holds {len(infos)} DICOM series: {_series_listing(infos)}. Pass the "
         "SeriesInstanceUID of the one to read, as listed (series=... in Python, --series on "
