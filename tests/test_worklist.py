@@ -190,6 +190,12 @@ def test_a_folder_of_several_dicom_series_is_an_item_per_series(tmp_path, sessio
     ]
     study = str((tmp_path / "cohort" / "study").resolve())
     assert worklist.items[1].path == worklist.items[2].path == study
+    # The study folder itself is its two series, not one row per file.
+    direct = Worklist.open(tmp_path / "cohort" / "study")
+    assert [(i.name, i.series) for i in direct.items] == [
+        ("study_T2_axial", t2_uid),
+        ("study_T1_axial", t1_uid),
+    ]
     # Each item reads its own series.
     shapes = [read_image(i.path, series=i.series).array.shape for i in worklist.items[1:]]
     assert shapes == [(6, 40, 40), (5, 40, 40)]

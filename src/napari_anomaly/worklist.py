@@ -164,12 +164,17 @@ class Worklist:
         """Every scan in ``folder``, by name: image files (not napari-anomaly's own
         outputs such as ``*_mask.nii.gz``) and sub-folders holding DICOM files, one item
         per image series where a sub-folder holds several (named as ``batch`` names
-        their cases, :func:`napari_anomaly.io.series_stems`)."""
+        their cases, :func:`napari_anomaly.io.series_stems`). A folder that holds DICOM
+        files itself is one scan (an item per series), as for ``batch``."""
         folder = Path(folder)
         try:
             entries = sorted(folder.iterdir(), key=lambda p: p.name.lower())
         except OSError as error:
             raise WorklistError(f"{folder}: cannot list the folder ({error.strerror})") from None
+        if can_read(folder):
+            # DICOM files right inside: the folder is the scan (a row per series), not
+            # each of its files.
+            entries = [folder]
         items = []
         for path in entries:
             if not _is_scan(path):
