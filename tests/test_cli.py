@@ -176,14 +176,22 @@ def test_localise_with_flips_records_them_and_changes_the_map(model, normals, tm
     assert json.loads((tmp_path / "plain" / "normal0_mask.json").read_text())["flips"] is False
 
 
-def test_finetune_and_evaluate(model, normals, tmp_path, capsys):
+def _finetune_args(model, normals, tmp_path, side: int):
+    """``finetune`` arguments for the first normal scan with a marked cube of ``side``
+    voxels in plane (3 slices): the arguments, the child model file they write, the
+    mask and its file."""
     mask = np.zeros((12, 40, 40), dtype=np.uint8)
-    mask[5:8, 15:22, 15:22] = 1
+    mask[5:8, 15 : 15 + side, 15 : 15 + side] = 1
     mask_path = tmp_path / "normal0_mask.nii.gz"
     write_image(mask_path, mask, GEOMETRY)
     child = tmp_path / "child.safetensors"
     args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
-    assert main([*args, "--out", str(child), "--steps", "2", "--device", "cpu"]) == 0
+    return [*args, "--out", str(child), "--steps", "2", "--device", "cpu"], child, mask, mask_path
+
+
+def test_finetune_and_evaluate(model, normals, tmp_path, capsys):
+    args, child, mask, mask_path = _finetune_args(model, normals, tmp_path, side=7)
+    assert main(args) == 0
     from napari_anomaly.localiser import Localiser
 
     parent, tuned = Localiser.load(model), Localiser.load(child)
@@ -304,13 +312,8 @@ def test_finetuning_a_calibrated_model_keeps_its_score_scale(model, normals, tmp
 def test_finetune_takes_its_options_and_refuses_a_bad_value(
     model, normals, tmp_path, capsys, option, bad, message, good, setting
 ):
-    mask = np.zeros((12, 40, 40), dtype=np.uint8)
-    mask[5:8, 15:18, 15:18] = 1  # small enough to move within a 32-voxel patch
-    mask_path = tmp_path / "normal0_mask.nii.gz"
-    write_image(mask_path, mask, GEOMETRY)
-    child = tmp_path / "child.safetensors"
-    args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
-    args += ["--out", str(child), "--steps", "2", "--device", "cpu"]
+    # A cube small enough to move within a 32-voxel patch.
+    args, child, _, _ = _finetune_args(model, normals, tmp_path, side=3)
     capsys.readouterr()
     assert main([*args, option, bad]) == 2
     err = capsys.readouterr().err
@@ -497,13 +500,8 @@ def test_python_m_reports_a_refusal_from_a_subcommand_module_in_one_line(tmp_pat
 
 
 def test_finetune_holds_its_maps_on_other_scans_given(model, normals, tmp_path, capsys):
-    mask = np.zeros((12, 40, 40), dtype=np.uint8)
-    mask[5:8, 15:18, 15:18] = 1
-    mask_path = tmp_path / "normal0_mask.nii.gz"
-    write_image(mask_path, mask, GEOMETRY)
-    child = tmp_path / "child.safetensors"
-    args = ["finetune", "--model", str(model), "--images", normals[0], "--masks", str(mask_path)]
-    args += ["--out", str(child), "--steps", "2", "--device", "cpu", "--hold", *normals[1:]]
+    args, child, _, _ = _finetune_args(model, normals, tmp_path, side=3)
+    args += ["--hold", *normals[1:]]
     capsys.readouterr()
     # Holding needs the distillation term it holds with: refused in one line, nothing written.
     assert main([*args, "--distill-weight", "0"]) == 2
