@@ -124,6 +124,11 @@ def intensity_fingerprint(image: Any, foreground: Any | None = None) -> dict[str
         or the foreground has the wrong shape or is empty.
     """
     img, mask = _image_and_foreground(image, foreground)
+    return _fingerprint(img, mask)
+
+
+def _fingerprint(img: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """:func:`intensity_fingerprint` of a checked image and its foreground."""
     everywhere = _subsample(img).astype(np.float64)
     inside = _subsample(img[mask]).astype(np.float64)
 
@@ -185,12 +190,16 @@ def body_extent_mm(
     float or None
         None when the foreground is empty.
     """
+    img, mask = _image_and_foreground(image, foreground)
+    return _extent(mask, spacing)
+
+
+def _extent(mask: np.ndarray, spacing: Sequence[float]) -> float | None:
+    """:func:`body_extent_mm` of a foreground (refused when ``spacing`` does not fit it)."""
     from scipy import ndimage
 
-    img = _validate_image(image)
-    if not _fits(spacing, img.ndim):
-        raise ValueError(f"spacing {tuple(spacing)} does not fit an image of shape {img.shape}")
-    img, mask = _image_and_foreground(img, foreground)
+    if not _fits(spacing, mask.ndim):
+        raise ValueError(f"spacing {tuple(spacing)} does not fit an image of shape {mask.shape}")
     steps = [max(1, -(-n // _EXTENT_SAMPLES)) for n in mask.shape]
     coarse = mask[tuple(slice(None, None, step) for step in steps)]
     labels, count = ndimage.label(coarse)
@@ -355,8 +364,8 @@ def domain_reference(
     fingerprints, extents = [], []
     for image, mask, spacing in zip(images, masks, sizes):
         img, mask = _image_and_foreground(image, mask)
-        fingerprints.append(intensity_fingerprint(img, mask))
-        extent = None if spacing is None else body_extent_mm(img, spacing, mask)
+        fingerprints.append(_fingerprint(img, mask))
+        extent = None if spacing is None else _extent(mask, spacing)
         if extent is not None:
             extents.append(extent)
     extent = max(extents) if extents else None
@@ -452,7 +461,7 @@ def check_domain(
         metadata.get("modality") or (reference.modality if reference is not None else "MR")
     )
     img, mask = _image_and_foreground(image, foreground)
-    fingerprint = intensity_fingerprint(img, mask)
+    fingerprint = _fingerprint(img, mask)
     reasons = []
     if fingerprint["looks_like_ct"] and modality not in ("CT", "mixed"):
         reasons.append(f"looks like CT (Hounsfield units); the model was trained on {modality}")
@@ -474,7 +483,7 @@ def check_domain(
     if spacing is not None and not _fits(spacing, img.ndim):
         spacing = None  # a warning is never a reason to refuse a scan
     if reference is not None and reference.extent_limit_mm is not None and spacing is not None:
-        extent, limit = body_extent_mm(img, spacing, mask), reference.extent_limit_mm
+        extent, limit = _extent(mask, spacing), reference.extent_limit_mm
         if extent is not None and extent > limit:
             reasons.append(
                 f"its body outline is {extent:.0f} mm long, the training scans' at most "

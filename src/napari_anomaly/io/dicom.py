@@ -265,8 +265,8 @@ def _header_value(ds: Any, keyword: str) -> str | None:
     value = getattr(ds, keyword, None)
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "/".join(str(v).strip() for v in value)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return "/".join(str(v).strip() for v in value)  # a multi-valued tag (MultiValue)
     return str(value).strip() or None
 
 
