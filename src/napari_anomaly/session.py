@@ -1106,6 +1106,8 @@ class ReviewSession:
         self,
         config: FinetuneConfig = FinetuneConfig(),
         compare: Iterable[str] | None = None,
+        held_images: Sequence[np.ndarray] = (),
+        held_spacings: Sequence[Sequence[float] | None] | None = None,
     ) -> Job[FinetuneOutcome]:
         """Fine-tune the current model on every corrected or reviewed case of the session.
 
@@ -1117,7 +1119,10 @@ class ReviewSession:
         edited nor reviewed; only those in ``compare`` when given). The new
         version becomes current only when the job finishes; no case changes
         (:meth:`relocalise` brings the cases not yet reviewed to it, with the
-        maps this job already made).
+        maps this job already made). ``held_images`` (other scans of the site,
+        typically the reviewer's normal scans, with ``held_spacings``) are held
+        to the current model's map while it learns
+        (:func:`napari_anomaly.training.finetune`).
         """
         cases = self.corrected_cases()
         if not cases:
@@ -1144,6 +1149,8 @@ class ReviewSession:
             voxel_weights=weights,
             spacings=[c.geometry.spacing for c in cases],
             left_right_axes=[placement(c.geometry, c.image.ndim)["left_right_axis"] for c in cases],
+            held_images=held_images,
+            held_spacings=held_spacings,
         )
         after_maps, made, new_maps = [], {}, {}
         for index, case in enumerate([*cases, *others]):

@@ -134,3 +134,47 @@ def test_fine_tuning_shows_before_and_after_on_a_case_that_was_not_corrected(
     assert "→" in rows[0][1] and rows[0][1].startswith(f"{before_regions} ")
     assert not widget.comparison.native.isHidden()
     assert "pixel_ap" in widget.metrics.value or "AP" in widget.metrics.value
+
+
+def test_fine_tuning_holds_the_map_on_the_normal_scans_chosen(make_review_widget):
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.add_image(body_scan((40, 48)), name="corrected")
+    for seed, name in enumerate(["normal 1", "normal 2"]):
+        viewer.add_image(body_scan((48, 48), seed + 10), name=name)
+    mask = _localise(widget, "corrected")
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited
+    # The corrected case chosen among the normal scans by mistake is not held.
+    widget.normal_scans.value = ["normal 1", "normal 2", "corrected"]
+
+    widget.finetune(steps=3, wait=True)
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    tuned = widget.session.localiser
+    assert tuned.metadata["finetuning"][-1]["held_scans"] == 2
+    assert "the map held on 2 normal scan(s)" in widget.metrics.value
+
+    # Without normal scans chosen, nothing is held and the status does not claim it.
+    widget.normal_scans.value = []
+    widget.finetune(steps=3, wait=True)
+    widget.wait()
+    assert widget.session.localiser.metadata["finetuning"][-1]["held_scans"] == 0
+    assert "held on" not in widget.metrics.value
+
+
+def test_fine_tuning_refuses_a_normal_scan_it_cannot_hold(make_review_widget):
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.add_image(body_scan((40, 48)), name="corrected")
+    viewer.add_image(np.zeros((16, 16, 3), np.uint8), name="photo", rgb=True)
+    mask = _localise(widget, "corrected")
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited
+    widget.normal_scans.value = ["photo"]
+
+    widget.finetune(steps=3, wait=True)
+    assert widget.last_error is not None and "'photo' is RGB" in widget.last_error
+    assert len(widget.session.versions) == 1, "no new version"

@@ -444,7 +444,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.normal_scans.native.setMaximumHeight(64)
         self.normal_scans.tooltip = (
             "Scans without findings: the threshold is chosen so that they show at most "
-            "'Max false regions / scan' regions each (Ctrl-click to choose several)."
+            "'Max false regions / scan' regions each, and fine-tuning keeps the map on them "
+            "as it was (Ctrl-click to choose several)."
         )
         for label in (self.status, self.metrics, self.resume_text, self.comparison_caption):
             label.native.setWordWrap(True)
@@ -1457,6 +1458,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
 
         When it ends, the open cases not yet reviewed are localised again with
         the new version (keeping every edit); reviewed cases stay as approved.
+        The scans chosen in **Normal scans** are held to the current model's map
+        meanwhile (:meth:`_held_scans`).
         """
         self._flush_threshold()
         if self.busy:
@@ -1471,12 +1474,43 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if not self.session.corrected_cases():
             self._say("No corrections yet: paint or erase on a mask layer first.", error=True)
             return
+        held = self._held_scans()
+        if held is None:
+            return  # _selected_image said what is wrong with a chosen normal scan
         config = FinetuneConfig(steps=steps or self.finetune_steps.value, device=self.device.value)
         # Before/after figures on the open cases that were not corrected.
-        job = self.session.finetune(config, compare=self._open_case_ids())
-        self._start(job, "Fine-tuning", self._on_finetuned)
+        job = self.session.finetune(
+            config,
+            compare=self._open_case_ids(),
+            held_images=[image for image, _ in held],
+            held_spacings=[spacing for _, spacing in held],
+        )
+        label = "Fine-tuning"
+        if held:
+            label += f", holding the map on {len(held)} normal scan(s)"
+        self._start(job, label, self._on_finetuned)
         if wait:
             self.wait()
+
+    def _held_scans(self) -> list[tuple[np.ndarray, tuple[float, ...]]] | None:
+        """The scans chosen in **Normal scans** that fine-tuning holds to the current map.
+
+        Scans without findings from the reviewer's site keep the parent's map while
+        the model learns the corrections, so a correction does not change what the
+        model shows on other patients (:func:`napari_anomaly.training.finetune`,
+        ``held_images``). A chosen scan that is itself a corrected or reviewed case
+        is not held. ``None`` when a chosen layer cannot be used (said in the status).
+        """
+        learnt = {case.case_id for case in self.session.corrected_cases()}
+        held = []
+        for name in self.normal_scans.value:
+            layer = self._selected_image(name)
+            if layer is None:
+                return None
+            if layer.metadata.get(CASE_ID_KEY) in learnt:
+                continue
+            held.append((np.asarray(layer.data), _placement(layer)["spacing"]))
+        return held
 
     def _on_finetuned(self, outcome: FinetuneOutcome) -> None:
         self.last_finetune = outcome
@@ -1486,8 +1520,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
             f"{names.get(key, key)} {_change(outcome.before[key], outcome.after.get(key), 3)}"
             for key in outcome.before
         )
+        held = (outcome.localiser.metadata.get("finetuning") or [{}])[-1].get("held_scans", 0)
         self.metrics.value = (
-            f"Corrected case(s) {', '.join(outcome.cases)}, before → after: {figures or '-'}."
+            f"Corrected case(s) {', '.join(outcome.cases)}, before → after: {figures or '-'}"
+            + (f"; the map held on {held} normal scan(s)." if held else ".")
         )
         self._show_comparison(outcome)
         self._say(f"New model version {outcome.localiser.name}.")
