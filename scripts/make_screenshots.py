@@ -123,7 +123,7 @@ def main() -> None:
     for layer in list(viewer.layers):
         layer.visible = False
     widget.worklist_source.value = cohort
-    widget.open_worklist(cohort)
+    widget.open_worklist(cohort, wait=True)
     widget.next_case(wait=True)
     widget._wait_prefetch()
     widget.select_region(0)

@@ -30,6 +30,7 @@ from napari_anomaly._reader import can_read
 from napari_anomaly.case_outputs import export_plan
 from napari_anomaly.io.dicom import list_dicom_series
 from napari_anomaly.io.names import image_stem, output_suffix, series_stems
+from napari_anomaly.progress import Job, Progress, run_to_end
 
 if TYPE_CHECKING:
     from napari_anomaly.session import ReviewSession
@@ -150,9 +151,16 @@ class Worklist:
             The folder holds no scans; the CSV lacks a path column, names a scan
             that does not exist, or names one twice.
         """
+        return run_to_end(cls.reading(source))
+
+    @classmethod
+    def reading(cls, source: str | os.PathLike[str]) -> Job[Worklist]:
+        """:meth:`open` as a cancellable job, with a progress report per entry of a
+        folder: telling a DICOM folder's series apart reads every file's header
+        (about 2 ms a file), so a cohort of studies takes a while to list."""
         source = Path(source)
         if source.is_dir():
-            return cls.from_folder(source)
+            return (yield from cls._folder_job(source))
         if source.suffix.lower() == ".csv" and source.is_file():
             return cls.from_csv(source)
         if not source.exists():
@@ -166,6 +174,10 @@ class Worklist:
         per image series where a sub-folder holds several (named as ``batch`` names
         their cases, :func:`napari_anomaly.io.series_stems`). A folder that holds DICOM
         files itself is one scan (an item per series), as for ``batch``."""
+        return run_to_end(cls._folder_job(folder))
+
+    @classmethod
+    def _folder_job(cls, folder: str | os.PathLike[str]) -> Job[Worklist]:
         folder = Path(folder)
         try:
             entries = sorted(folder.iterdir(), key=lambda p: p.name.lower())
@@ -176,7 +188,8 @@ class Worklist:
             # each of its files.
             entries = [folder]
         items = []
-        for path in entries:
+        for done, path in enumerate(entries):
+            yield Progress(done, len(entries), f"listing {path.name}")
             if not _is_scan(path):
                 continue
             infos = list_dicom_series(path, images_only=True) if path.is_dir() else []

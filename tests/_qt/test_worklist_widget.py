@@ -41,6 +41,7 @@ def _scan_layers(widget):
 def test_next_case_reviews_a_cohort_and_exports_the_reviewed_cases(widget, cohort, tmp_path):
     widget.worklist_source.value = cohort
     widget.open_worklist_button.clicked.emit()
+    widget.wait()  # a folder is listed in the background
     assert [row[1] for row in widget.worklist_table.value["data"]] == ["p1", "p2", "p3"]
     assert _statuses(widget) == ["to do"] * 3
 
@@ -91,7 +92,7 @@ def test_next_case_reviews_a_cohort_and_exports_the_reviewed_cases(widget, cohor
 
 def test_a_scan_that_cannot_be_read_is_marked_failed_and_skipped(widget, cohort):
     (cohort / "p2.nrrd").write_bytes(b"NRRD0004\nbroken header\n")
-    assert widget.open_worklist(cohort)
+    assert widget.open_worklist(cohort, wait=True)
     widget.next_case(wait=True)
     widget._wait_prefetch()
     assert _statuses(widget)[1] == "failed"
@@ -103,7 +104,7 @@ def test_a_scan_that_cannot_be_read_is_marked_failed_and_skipped(widget, cohort)
 def test_a_refused_worklist_says_why_and_changes_nothing(widget, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert not widget.open_worklist(empty)
+    assert not widget.open_worklist(empty, wait=True)
     assert "no scans found" in widget.status.value
     assert widget.worklist is None and not widget.next_case_button.enabled
 
@@ -111,7 +112,7 @@ def test_a_refused_worklist_says_why_and_changes_nothing(widget, tmp_path):
 def test_the_worklist_survives_closing_and_reopening_the_widget(make_review_widget, cohort, qtbot):
     widget = make_review_widget(recommended_threshold=0.5)
     viewer = widget.viewer
-    widget.open_worklist(cohort)
+    widget.open_worklist(cohort, wait=True)
     widget.next_case(wait=True)
     widget.mark_reviewed()
     widget._wait_prefetch()
@@ -176,6 +177,7 @@ def test_a_study_folder_is_reviewed_series_by_series(make_review_widget, tmp_pat
     widget = make_review_widget(recommended_threshold=0.5)
     widget.worklist_source.value = tmp_path / "cohort"
     widget.open_worklist_button.clicked.emit()
+    widget.wait()
     names = ["study_T2_axial", "study_T1_axial"]
     assert [row[1] for row in widget.worklist_table.value["data"]] == names
 
@@ -205,3 +207,40 @@ def test_a_study_folder_is_reviewed_series_by_series(make_review_widget, tmp_pat
         assert read_image(tmp_path / "reviewed" / f"{name}_mask.nii.gz").array.shape == volume.shape
         sidecar = json.loads((tmp_path / "reviewed" / f"{name}_mask.json").read_text())
         assert sidecar["source_series"] == uid
+
+
+def test_a_folder_is_listed_in_the_background_and_cancelling_keeps_the_worklist(
+    widget, cohort, tmp_path, monkeypatch
+):
+    """Telling a cohort's DICOM series apart reads every header: the listing is a job the
+    reviewer sees progress of and can cancel, and the worklist changes only when it ends."""
+    import threading
+
+    import napari_anomaly.worklist as worklist_module
+
+    assert widget.open_worklist(cohort, wait=True)
+    first = widget.worklist
+    from conftest import dicom_study
+
+    studies = tmp_path / "studies"
+    for name in ("a", "b"):
+        dicom_study(studies / name)
+    release, listing = threading.Event(), threading.Event()
+    real = worklist_module.list_dicom_series
+
+    def slow_listing(path, **kwargs):
+        listing.set()
+        release.wait(30)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(worklist_module, "list_dicom_series", slow_listing)
+    assert widget.open_worklist(studies)
+    assert listing.wait(30), "the listing runs in the background"
+    assert widget.busy and "Listing the scans in studies" in widget.status.value
+    assert not widget.localise_button.enabled
+    widget.cancel()
+    release.set()
+    widget.wait()
+    assert widget.worklist is first, "a cancelled listing leaves the worklist as it was"
+    assert "cancelled; nothing changed" in widget.status.value
+    assert [row[1] for row in widget.worklist_table.value["data"]] == ["p1", "p2", "p3"]

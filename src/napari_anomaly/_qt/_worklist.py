@@ -117,18 +117,42 @@ class WorklistControls:
         """The cohort under review (kept in the session), if one is open."""
         return self._session.worklist if self._session is not None else None
 
-    def open_worklist(self, source: str | Path) -> bool:
+    def open_worklist(self, source: str | Path, wait: bool = False) -> bool:
         """Review a cohort: a folder of scans, a CSV manifest or ``batch``'s results.csv.
 
         Replaces the worklist (the cases already reviewed stay in the session).
-        Returns False (saying why in the status line) when the source is refused.
+        A folder is listed in a background job with progress (a DICOM study's
+        series are told apart from every file's header), cancellable; the
+        worklist changes only when it ends. Returns False (saying why in the
+        status line) when the source is refused; True when the worklist is open
+        or, with ``wait=False``, when a folder's listing has started.
         """
+        if self.busy:
+            self._say("A job is running; cancel it or wait.", error=True)
+            return False
+        self.last_error = None
         try:
-            worklist = Worklist.open(source)
             session = self.session
+            if not Path(source).is_dir():
+                self._use_worklist(Worklist.open(source), source)
+                return True
         except (WorklistError, OSError, ValueError) as error:
             self._say(f"{error}", error=True)
             return False
+        name = Path(source).name or str(source)
+        before = session.worklist
+        self._start(
+            Worklist.reading(source),
+            f"Listing the scans in {name}",
+            lambda worklist: self._use_worklist(worklist, source),
+        )
+        if not wait:
+            return True
+        self.wait()
+        return session.worklist is not before
+
+    def _use_worklist(self, worklist: Worklist, source: str | Path) -> None:
+        session = self.session
         self._cancel_prefetch()
         self._prefetched.clear()
         session.set_worklist(worklist)
@@ -138,7 +162,6 @@ class WorklistControls:
             f"Worklist: {len(worklist)} scan(s) from {Path(source).name}. "
             f"Press Next case ({NEXT_CASE_KEY})."
         )
-        return True
 
     def _on_open_csv_clicked(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
