@@ -489,3 +489,24 @@ def test_a_napari_folder_of_a_dynamic_series_opens_one_layer_per_time_point(tmp_
     assert [kwargs["name"] for _, kwargs, _ in layers][1].endswith(" time point 2")
     for (data, _, _), volume in zip(layers, volumes):
         np.testing.assert_array_equal(data, volume)
+
+
+def test_a_diffusion_series_splits_by_its_sequence_name_and_a_part_may_have_fewer_slices(
+    tmp_path,
+):
+    """A diffusion series exported without the standard b-value tag names each b-value in
+    SequenceName; its b = 0 images may cover fewer slices than the trace images."""
+    folder = tmp_path / "dwi"
+    uid, volumes = _dynamic_series(folder, "SequenceName", ["*ep_b0", "*ep_b1000t"])
+    dropped = sorted(folder.glob("0_*"))[-1]  # the b = 0 part's last slice
+    dropped.unlink()
+    infos = list_dicom_series(folder)
+    assert [(i.part, i.n_files) for i in infos] == [
+        ("SequenceName=*ep_b1000t", 4),
+        ("SequenceName=*ep_b0", 3),
+    ]
+    assert infos[1].part_label == "sequence *ep_b0"
+    np.testing.assert_array_equal(
+        read_image(folder, series=f"{uid}:SequenceName=*ep_b1000t").array, volumes[1]
+    )
+    assert read_image(folder, series=f"{uid}:SequenceName=*ep_b0").array.shape == (3, 12, 12)

@@ -235,13 +235,16 @@ def list_dicom_series(
 
 # Tags that tell apart the acquisitions of one series that repeat the same slices,
 # in the order they are tried: time points of a dynamic (perfusion, DCE) scan,
-# echoes, b-values of a diffusion scan, then what scanners set per acquisition.
+# echoes, b-values of a diffusion scan (standard tag, else the sequence name many
+# scanners set per b-value, e.g. '*ep_b0' and '*ep_b1000t'), then what scanners set
+# per acquisition.
 _PART_TAGS = (
     "TemporalPositionIdentifier",
     "TriggerTime",
     "EchoNumbers",
     "EchoTime",
     "DiffusionBValue",
+    "SequenceName",
     "AcquisitionNumber",
     "ImageType",
 )
@@ -253,6 +256,7 @@ _PART_WORDS = {
     "EchoNumbers": "echo",
     "EchoTime": "echo time",
     "DiffusionBValue": "b-value",
+    "SequenceName": "sequence",
     "AcquisitionNumber": "acquisition",
     "ImageType": "image type",
 }
@@ -283,10 +287,11 @@ def _acquisitions(headers: Sequence[Any]) -> list[tuple[str, list[int]]] | None:
     ``None`` when no two files share a position (or positions are missing):
     the series is one volume. Otherwise the first tag of :data:`_PART_TAGS`
     under which every file has a value and the values split the files into
-    several parts of one size (at least two files each) in which no two files
-    share a position gives the parts, as ``("Tag=value", file indices)`` in the
-    order of the values. ``None`` when no tag does (the reader then refuses
-    the series with its repeated positions).
+    several parts (at least two files each; a part may have fewer slices than
+    another, e.g. a diffusion series' b = 0 images over fewer slices) in which
+    no two files share a position gives the parts, as ``("Tag=value", file
+    indices)`` in the order of the values. ``None`` when no tag does (the
+    reader then refuses the series with its repeated positions).
     """
     positions = []
     for ds in headers:
@@ -304,8 +309,7 @@ def _acquisitions(headers: Sequence[Any]) -> list[tuple[str, list[int]]] | None:
         groups: dict[str, list[int]] = {}
         for index, value in enumerate(values):
             groups.setdefault(value, []).append(index)
-        sizes = {len(ks) for ks in groups.values()}
-        if len(sizes) > 1 or min(sizes) < 2:
+        if min(len(ks) for ks in groups.values()) < 2:
             continue
         if all(len({positions[k] for k in ks}) == len(ks) for ks in groups.values()):
             ordered = sorted(groups, key=_sort_key)
