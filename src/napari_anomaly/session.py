@@ -875,6 +875,8 @@ class ReviewSession:
                 approved.flat[step.approved] = True
                 approved.setflags(write=False)
                 case.approved_mask = approved
+            elif self.worklist is not None:
+                self.worklist.review_withdrawn(case.case_id)
         case._changed()
 
     def _edit(self, case: Case, edits: MaskEdits, action: str) -> Case:

@@ -264,14 +264,18 @@ class Worklist:
     def status(self, index: int, session: ReviewSession) -> str:
         """One of :data:`STATUSES` for item ``index``, read from ``session``."""
         item = self.items[index]
+        case = session.cases.get(item.case_id) if item.case_id else None
+        if case is not None:
+            # The review in the session is what counts (not a failed re-opening of its
+            # scan, nor an export of an earlier approval).
+            if not case.reviewed:
+                return "localised"
+            return "exported" if item.exported else "reviewed"
         if item.error:
             return "failed"
         if item.exported:
             return "exported"
-        case = session.cases.get(item.case_id) if item.case_id else None
-        if case is None:
-            return "to do"
-        return "reviewed" if case.reviewed else "localised"
+        return "to do"
 
     def counts(self, session: ReviewSession) -> dict[str, int]:
         """How many items are in each status."""
@@ -279,6 +283,13 @@ class Worklist:
         for index in range(len(self.items)):
             counts[self.status(index, session)] += 1
         return counts
+
+    def review_withdrawn(self, case_id: str) -> None:
+        """A case was reopened: what was exported for it is no longer its review, so it
+        waits for export again once it is approved again."""
+        for item in self.items:
+            if item.case_id == case_id:
+                item.exported = None
 
     def index_of_case(self, case_id: str) -> int | None:
         return next((i for i, item in enumerate(self.items) if item.case_id == case_id), None)

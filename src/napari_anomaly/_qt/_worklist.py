@@ -26,6 +26,7 @@ from napari_anomaly.case_outputs import sidecar_midline
 from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
+from napari_anomaly.session_store import source_sha256
 from napari_anomaly.worklist import Worklist, WorklistError
 
 #: Columns of the worklist table.
@@ -212,14 +213,29 @@ class WorklistControls:
                 self._wait_prefetch()
             return
         layer = self._scan_layer_of(item.case_id) if item.case_id else None
+        reviewed_case = self._session.cases.get(item.case_id) if item.case_id else None
         if layer is None:
             try:
                 loaded = read_image(item.path, scan=True, series=item.series)
+                changed = (
+                    reviewed_case is not None
+                    and reviewed_case.source_sha256 is not None
+                    and source_sha256(item.path) != reviewed_case.source_sha256
+                )
             except (OSError, ValueError, MemoryError) as error:
-                item.error = str(error).splitlines()[0]
-                self._session.worklist_changed()
+                reason = str(error).splitlines()[0]
+                if reviewed_case is None:  # a case in the session stays as it is
+                    item.error = reason
+                    self._session.worklist_changed()
                 self._refresh_worklist()
-                self._say(f"{item.name}: cannot be opened: {item.error}", error=True)
+                self._say(f"{item.name}: cannot be opened: {reason}", error=True)
+                return
+            if changed:
+                self._say(
+                    f"{item.name}: {item.path} changed since it was reviewed (its sha256 "
+                    "differs); the review was made on the old scan and is not shown on it.",
+                    error=True,
+                )
                 return
             self._close_worklist_case(self._worklist_index)
             layer = self._add_scan_layer(item, loaded)
@@ -339,8 +355,13 @@ class WorklistControls:
             _start_thread=False,
             _ignore_errors=True,
         )
-        worker.returned.connect(lambda made: self._on_prefetched(target, localiser, made))
-        worker.errored.connect(lambda error: self._on_prefetch_failed(target, error))
+        # Maps for this worklist's row only: another worklist opened meanwhile is not it.
+        worker.returned.connect(
+            lambda made: self.worklist is worklist and self._on_prefetched(target, localiser, made)
+        )
+        worker.errored.connect(
+            lambda error: self.worklist is worklist and self._on_prefetch_failed(target, error)
+        )
         worker.finished.connect(self._on_prefetch_finished)
         self._prefetch_worker = worker
         self._prefetching = target

@@ -1014,6 +1014,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self.wait()
 
     def _on_localised(self, case: Case) -> None:
+        scan = self._scan_layer_of(case.case_id)
+        if scan is not None and scan.name != case.name:  # renamed while the job ran
+            self.session.rename(case.case_id, scan.name)
         self._show_layers(case)
         shown = self._shown_case()
         if shown is not None and shown.case_id == case.case_id:
@@ -1236,6 +1239,14 @@ class AnomalyReviewWidget(WorklistControls, Container):
         shown = self._shown_case()
         if case_id is not None and shown is not None and shown.case_id == case_id:
             self._apply_settings(merge=True)
+        elif case_id is not None and self._session is not None:
+            # Another image was chosen before the slider settled: the slider still holds
+            # the move, which belongs to the case it was made on.
+            case = self._session.cases.get(case_id)
+            if case is not None and not case.reviewed:
+                self._sync_edits(case_id)
+                self._session.threshold(case_id, self.threshold.value, merge=True)
+                self._render_mask(case)
         self._pending_threshold = None
 
     def _apply_settings(self, merge: bool) -> None:
@@ -2018,7 +2029,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         for layer in self.viewer.layers:
             case_id = layer.metadata.get(CASE_ID_KEY)
             if self._is_scan_layer(layer) and case_id and not layer.multiscale:
-                images[case_id] = np.asarray(layer.data)
+                # The first, as _install shows it: a copy made while the widget was
+                # closed (napari copies the metadata) comes after its original.
+                images.setdefault(case_id, np.asarray(layer.data))
         inference = InferenceConfig(
             device=self.device.value, flips=self.flips.value, axial_planes=self.axial_planes.value
         )
@@ -2052,11 +2065,15 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if continue_autosave:
             claim(folder)
             self._autosave_folder = folder
-        self._install(session)
+        self._install(session, keep_strokes=continue_autosave)
         self._saved = (id(session), session.revision) if continue_autosave else None
 
-    def _install(self, session: ReviewSession) -> None:
-        """Make a loaded session the widget's: layers for its cases, its models, its settings."""
+    def _install(self, session: ReviewSession, keep_strokes: bool = True) -> None:
+        """Make a loaded session the widget's: layers for its cases, its models, its settings.
+
+        ``keep_strokes`` (resuming the autosave): what an open mask layer shows beyond the
+        saved mask are strokes made while the widget was closed, and are kept. Loading a
+        saved session brings it back as it was saved."""
         self._session = session
         self._case_layers.clear()
         self._rendered.clear()
@@ -2092,6 +2109,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self._case_layers[case.case_id] = weakref.ref(layer)
             if layer.name != case.name:  # renamed while the widget was closed
                 session.rename(case.case_id, layer.name)
+            mask_layer = self._derived_layer(case.case_id, "mask")
+            if not keep_strokes and mask_layer is not None:
+                self._rendered[case.case_id] = np.asarray(mask_layer.data) != 0
             self._show_layers(case)
         self._refresh_models()
         self._on_device_changed()
