@@ -198,8 +198,24 @@ def _model_out(args: argparse.Namespace, needed_bytes: int = 0) -> Path:
     folder = out.parent
     if not folder.is_dir():
         raise CommandError(f"cannot write {out}: folder {folder} does not exist")
+    _not_an_input(out, args, "--out")
     _prepare_folder(folder, [out], args, needed_bytes)
     return out
+
+
+# The flags that name files a command reads.
+_INPUT_FLAGS = ("model", "images", "masks", "normals", "hold", "continue_from")
+
+
+def _not_an_input(out: Path, args: argparse.Namespace, flag: str) -> None:
+    """Refuse an output that is one of the command's inputs, ``--overwrite`` or not."""
+    target = out.resolve()
+    for name in _INPUT_FLAGS:
+        given = getattr(args, name, None)
+        for path in [given] if isinstance(given, (str, os.PathLike)) else given or ():
+            if Path(path).resolve() == target:
+                option = "--" + name.replace("_", "-")
+                raise CommandError(f"{flag} {out} is the {option} input; write to another file")
 
 
 def _save_model(localiser, out: Path, args: argparse.Namespace) -> str:
@@ -368,6 +384,9 @@ def _cmd_localise(args: argparse.Namespace) -> int:
 
     settings = _localise_settings(args)
     out_dir = Path(args.out)
+    for path in args.images:  # every input, before the first is localised
+        if not Path(path).exists():
+            raise CommandError(f"{path} does not exist")
     plans = _localise_targets(args.images, out_dir)
     _prepare_folder(out_dir, [f for plan in plans for f in plan.all_files], args)
     session = _file_session(_load_model(args.model), settings)
@@ -477,6 +496,8 @@ def _threshold(args: argparse.Namespace, localiser) -> float:
     if args.threshold is not None and getattr(args, "max_false_regions", None) is not None:
         raise CommandError("give --threshold or --max-false-regions, not both")
     if args.threshold is not None:
+        if not 0.0 <= args.threshold <= 1.0:  # NaN too
+            raise CommandError(f"--threshold must lie in [0, 1], got {args.threshold}")
         return args.threshold
     if getattr(args, "max_false_regions", None) is not None:
         try:
@@ -496,6 +517,13 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
         image = _read(image_path)
         # Same shape and grid, finite, non-zero = marked (io.masks).
         pairs.append((image, read_mask_for(image, mask_path, image_path)))
+    named = ", ".join(Path(m).name for m in masks)
+    if not any(mask.any() for _, mask in pairs):
+        raise CommandError(
+            f"{named}: the masks mark no voxel; there is no lesion to learn or measure"
+        )
+    if all(mask.all() for _, mask in pairs):
+        raise CommandError(f"{named}: the masks mark every voxel (--images and --masks swapped?)")
     return pairs
 
 
@@ -621,6 +649,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _check_region_limits(args)
     report_path = Path(args.json) if args.json else None
     if report_path is not None:  # checked before the evaluation, not after it
+        _not_an_input(report_path, args, "--json")
         _prepare_folder(report_path.parent, [report_path], args, needed_bytes=1024 * 1024)
     localiser = _load_model(args.model)
     threshold = _threshold(args, localiser)
@@ -1008,6 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser = build_parser()
         args = parser.parse_args(argv)
         args.written = written
+        if getattr(args, "seed", 0) < 0:  # before any scan is read or localised
+            raise CommandError(f"--seed must be >= 0, got {args.seed}")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"\ncancelled; {written.summary()}", file=sys.stderr)

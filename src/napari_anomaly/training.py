@@ -150,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be at least 1")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.lesion_task_probability <= 1.0:
             raise ValueError(
                 f"lesion_task_probability must lie in [0, 1], got {self.lesion_task_probability}"
@@ -297,8 +299,12 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 2:
-            raise ValueError("need steps >= 1 and batch_size >= 2")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not (np.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise ValueError(f"anchor_weight must be finite and >= 0, got {self.anchor_weight}")
         if not (np.isfinite(self.distill_weight) and self.distill_weight >= 0):
@@ -368,6 +374,8 @@ class AdaptConfig:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not self.learning_rate > 0 or self.warmup_steps < 0:
             raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
         _check_member_loss(self.member_loss)

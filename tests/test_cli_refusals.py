@@ -1,0 +1,109 @@
+"""Command-line refusals of bad values, masks and outputs: each comes in one line, naming
+what to change, before any scan is localised or any step trained, and write nothing."""
+
+import numpy as np
+import pytest
+from conftest import phantom
+
+from napari_anomaly.cli import main
+from napari_anomaly.io import Geometry, write_image
+
+GEOMETRY = Geometry(
+    spacing=(2.0, 0.8, 0.7), origin=(-10.0, 5.0, 3.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
+)
+
+
+@pytest.fixture
+def case(tmp_path):
+    """A small scan and a mask on its grid marking a block."""
+    image = tmp_path / "scan.nii.gz"
+    write_image(image, phantom((12, 40, 40), 0), GEOMETRY)
+    mask = np.zeros((12, 40, 40), np.uint8)
+    mask[4:8, 15:25, 15:25] = 1
+    mask_path = tmp_path / "scan_mask.nii.gz"
+    write_image(mask_path, mask, GEOMETRY)
+    return str(image), mask_path
+
+
+def _refused_in_one_line(capsys, *words: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line and not line.startswith("warning:")]
+    assert len(lines) == 1, err  # no progress line: nothing ran
+    for word in words:
+        assert word in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "named"),
+    [
+        ("evaluate", ["--threshold", "1.5"], "--threshold"),
+        ("finetune", ["--threshold", "1.5"], "--threshold"),
+        ("finetune", ["--seed", "-1"], "--seed"),
+    ],
+)
+def test_a_bad_option_value_is_refused_before_any_scan_is_localised(
+    case, tmp_path, capsys, command, option, named
+):
+    image, mask = case
+    out = tmp_path / "new.safetensors"
+    args = [command, "--images", image, "--masks", str(mask), "--device", "cpu", *option]
+    if command == "finetune":
+        args += ["--out", str(out), "--steps", "1"]
+    assert main(args) == 2
+    _refused_in_one_line(capsys, named)
+    assert not out.exists()
+
+
+def test_adapt_refuses_a_negative_seed_before_the_first_step(case, tmp_path, capsys):
+    image, _ = case
+    out = tmp_path / "adapted.safetensors"
+    args = ["adapt", image, "--out", str(out), "--steps", "1", "--seed", "-1"]
+    assert main([*args, "--device", "cpu"]) == 2
+    _refused_in_one_line(capsys, "--seed")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fill", [0, 1])
+def test_a_mask_that_marks_nothing_or_everything_is_named_before_localising(
+    case, tmp_path, capsys, fill
+):
+    image, _ = case
+    mask = tmp_path / "degenerate_mask.nii.gz"
+    write_image(mask, np.full((12, 40, 40), fill, np.uint8), GEOMETRY)
+    args = ["evaluate", "--images", image, "--masks", str(mask), "--device", "cpu"]
+    assert main(args) == 2
+    _refused_in_one_line(capsys, "degenerate_mask.nii.gz")
+
+
+def test_evaluate_never_writes_its_report_over_an_input(case, capsys):
+    image, mask = case
+    before = mask.read_bytes()
+    args = ["evaluate", "--images", image, "--masks", str(mask), "--device", "cpu"]
+    code = main([*args, "--json", str(mask), "--overwrite"])
+    assert mask.read_bytes() == before  # the ground truth is still there
+    assert code == 2
+
+
+def test_finetune_never_writes_its_model_over_the_parent(case, tmp_path, capsys):
+    image, mask = case
+    from napari_anomaly.localiser import default_model_path
+
+    parent = tmp_path / "parent.safetensors"
+    parent.write_bytes(default_model_path().read_bytes())
+    before = parent.read_bytes()
+    args = ["finetune", "--images", image, "--masks", str(mask), "--model", str(parent)]
+    code = main([*args, "--out", str(parent), "--overwrite", "--steps", "1", "--device", "cpu"])
+    assert parent.read_bytes() == before  # docs/cli.md: "The parent file is untouched."
+    assert code == 2
+
+
+def test_localise_checks_that_every_input_exists_before_the_first_is_localised(
+    case, tmp_path, capsys
+):
+    image, _ = case
+    out = tmp_path / "out"
+    args = ["localise", image, str(tmp_path / "missing.nii.gz"), "--out", str(out)]
+    assert main([*args, "--device", "cpu"]) == 2
+    _refused_in_one_line(capsys, "missing.nii.gz")
+    assert not out.exists()
