@@ -202,6 +202,15 @@ class PacsSettings:
     timeout: float = 20.0
 
     def __post_init__(self) -> None:
+        # Credentials in the address are refused before the address is ever repeated in
+        # a message (a malformed one too: "user:pw@host/..." has no scheme to split on).
+        scheme_end = self.url.find("//")
+        authority = self.url[scheme_end + 2 :] if scheme_end >= 0 else self.url
+        if "@" in authority.split("/", 1)[0]:
+            raise ValueError(
+                "the PACS URL must not hold a user name or password; give the user with "
+                f"--user and the password in ${PASSWORD_ENV}"
+            )
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(
@@ -214,7 +223,8 @@ class PacsSettings:
                 f"--user and the password in ${PASSWORD_ENV}"
             )
         if parts.query or parts.fragment:
-            raise ValueError(f"PACS URL {self.url!r} must not have a query (?...) or fragment")
+            shown = f"{parts.scheme}://{parts.netloc}{parts.path}"  # a query may hold secrets
+            raise ValueError(f"PACS URL {shown} must not have a query (?...) or fragment")
         if self.password is not None and not self.user:
             raise ValueError("a PACS password was given without a user name; give the user too")
         if self.user is not None and self.password is None:
@@ -446,6 +456,7 @@ def _talking_to(settings: PacsSettings, action: str, not_found: str | None = Non
     its query (patient ids), which must not reach a traceback or a log.
     """
     import requests
+    from retrying import RetryError
     from urllib3.exceptions import InsecureRequestWarning
 
     where = f"the PACS at {settings.url}"
@@ -494,6 +505,14 @@ def _talking_to(settings: PacsSettings, action: str, not_found: str | None = Non
             )
         else:
             message = f"cannot {action}: {where} answered HTTP {status} {reason}".rstrip()
+    except RetryError as error:
+        # dicomweb-client gave up on a busy server (429/503) after its tries.
+        status = getattr(error.last_attempt.value, "status_code", None)
+        message = (
+            f"cannot {action}: {where} is busy"
+            + (f" (HTTP {status})" if status else "")
+            + f" after {error.last_attempt.attempt_number} tries; try again later"
+        )
     except (requests.exceptions.RequestException, ValueError, KeyError, TypeError):
         # A JSON body that does not decode, a multipart body that does not split into
         # DICOM parts: whatever answered is not a DICOMweb server.
@@ -857,7 +876,9 @@ def _list_instances(
         for k in ("study_uid", "rows", "columns", "bits_allocated", "samples_per_pixel", "frames")
     ]
     not_found = f"series {series_uid} is not on the PACS at {settings.url}"
-    with _talking_to(settings, "list the series", not_found=not_found):
+    # A search by series UID answers an empty list for an unknown series, so a 404 there
+    # means the address is not the DICOMweb root; a study's path may itself be unknown.
+    with _talking_to(settings, "list the series", not_found=not_found if study_uid else None):
         answer = client.search_for_instances(
             study_instance_uid=study_uid,
             series_instance_uid=series_uid if study_uid else None,
@@ -1052,15 +1073,30 @@ def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[st
     stored: list[str] = []
     for path in paths:
         dataset = pydicom.dcmread(path)
-        with _talking_to(settings, f"store {path.name}"):
-            answer = client.store_instances(datasets=[dataset])
+        before = f"{len(stored)} file(s) before it were stored"
+        try:
+            with _talking_to(settings, f"store {path.name}"):
+                answer = client.store_instances(datasets=[dataset])
+        except PacsError as error:
+            raise PacsError(f"{error}; {before}") from None
         failed = getattr(answer, "FailedSOPSequence", None)
         if failed:
             reason = getattr(failed[0], "FailureReason", "?")
             raise PacsError(
-                f"{settings.url} refused to store {path} (failure reason {reason}); "
-                f"{len(stored)} file(s) before it were stored"
+                f"{settings.url} refused to store {path} (failure reason {reason}); {before}"
             )
-        stored.append(str(dataset.SOPInstanceUID))
+        # A DICOMweb server lists what it stored; an empty or non-DICOM answer (a login
+        # page, a proxy) stored nothing, whatever its HTTP status.
+        uid = str(dataset.SOPInstanceUID)
+        confirmed = {
+            str(getattr(item, "ReferencedSOPInstanceUID", ""))
+            for item in getattr(answer, "ReferencedSOPSequence", None) or ()
+        }
+        if uid not in confirmed:
+            raise PacsError(
+                f"{settings.url} did not confirm storing {path.name} (no DICOMweb store "
+                f"answer naming it; is the address the DICOMweb root?); {before}"
+            )
+        stored.append(uid)
     logger.info("stored %d instance(s) on the PACS", len(stored))
     return stored
