@@ -510,3 +510,22 @@ def test_a_diffusion_series_splits_by_its_sequence_name_and_a_part_may_have_fewe
         read_image(folder, series=f"{uid}:SequenceName=*ep_b1000t").array, volumes[1]
     )
     assert read_image(folder, series=f"{uid}:SequenceName=*ep_b0").array.shape == (3, 12, 12)
+
+
+def test_a_gantry_tilted_series_is_refused_not_read_sheared(tmp_path):
+    """A CT acquired with the gantry tilted shifts every slice within its plane: no grid of
+    spacing and direction holds it, and the outputs would disagree with the DICOM-SEG."""
+    folder = tmp_path / "tilt"
+    geometry = Geometry((2.5, 0.8, 0.7), (0.0, 0.0, 0.0), np.eye(3).ravel())
+    files = write_dicom_series(np.zeros((6, 16, 20), np.float32), folder, geometry=geometry)
+    shift = 2.5 * np.tan(np.radians(20))
+    for f in files:
+        ds = pydicom.dcmread(f)
+        position = [float(v) for v in ds.ImagePositionPatient]
+        position[1] += position[2] / 2.5 * shift
+        ds.ImagePositionPatient = position
+        ds.GantryDetectorTilt = 20
+        ds.save_as(f)
+    with pytest.raises(ImageFileError, match="sheared") as info:
+        read_image(folder)
+    assert "\n" not in str(info.value) and "tilt" in str(info.value)

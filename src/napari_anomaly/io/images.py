@@ -161,6 +161,9 @@ _DICOM_SPACING_TOLERANCE = 0.1
 _DICOM_ORIENTATION_TOLERANCE = 1e-3
 # Slices closer than this (mm) along the normal are at the same position.
 _DICOM_SAME_POSITION_MM = 1e-3
+# Largest in-plane offset (mm) of a slice from the line along the normal through the
+# first one (positions are written to about 1e-4 mm); at least 5 % of the slice spacing.
+_DICOM_SHEAR_TOLERANCE_MM = 0.05
 
 
 class ImageFileError(ValueError):
@@ -905,6 +908,21 @@ def _check_slice_geometry(
             "acquisitions (echoes, time points). Keep one of each."
         )
     spacing = float(np.median(steps))
+    # Each slice must lie on the line along the normal through the first: a slice shifted
+    # within its plane (a CT acquired with the gantry tilted) makes a sheared volume that
+    # a grid of spacing and direction cannot hold.
+    points = np.asarray(positions, dtype=np.float64)[order]
+    unit = normal / np.linalg.norm(normal)
+    inplane = points - np.outer(along[order], unit)
+    off = np.linalg.norm(inplane - inplane[0], axis=1)
+    if off.max() > max(_DICOM_SHEAR_TOLERANCE_MM, 0.05 * spacing):
+        k = int(np.argmax(off))
+        raise ImageFileError(
+            f"{where}: the DICOM {what}s are sheared: {names[order[k]]} lies {off[k]:.3g} mm "
+            f"within its plane off the line through {names[order[0]]} along the slice normal "
+            "(a CT acquired with a tilted gantry?); read as one volume it would be misplaced. "
+            "Resample it to an untilted grid first (e.g. dcm2niix's gantry-tilt correction)."
+        )
     uneven = np.flatnonzero(np.abs(steps - spacing) > _DICOM_SPACING_TOLERANCE * spacing)
     if uneven.size:
         k = int(uneven[0])
