@@ -252,3 +252,63 @@ def test_regions_below_the_minimum_size_never_appear_after_lowering_the_threshol
     assert sizes.size, "a lower threshold marks new regions"
     assert sizes.min() >= 8, f"regions of {sorted(sizes)[:5]} voxels in the mask"
     assert all(float(size.split()[0]) >= 8 for _, size in _table(widget))
+
+
+def test_a_slider_move_not_yet_applied_belongs_to_the_case_it_was_made_on(widget):
+    """The slider moved on case A, then B is chosen before the slider settled: A gets the
+    new threshold (the widget's own comment: 'a slider move not applied yet belongs to the
+    case shown until now'); it must not be dropped."""
+    _open(widget, "B", (32, 32), seed=3)
+    _open(widget, "A")
+    widget.threshold.value = 0.3  # a drag on A, not settled yet
+    widget.image_layer.value = "B"
+    assert widget.case("A").threshold == pytest.approx(0.3)
+    assert widget.case("B").threshold == pytest.approx(0.5)
+
+
+def test_load_session_brings_back_the_saved_review_not_the_masks_open_now(widget, tmp_path):
+    """Save session, go on (a lower threshold), then Load session: the saved review comes
+    back as it was; what the threshold showed since must not become painted voxels."""
+    mask = _open(widget, "scan")
+    saved_mask = widget.case().mask.copy()
+    folder = tmp_path / "review"
+    assert widget.save_session(folder) is not None
+    widget.set_threshold(0.3)
+    assert (np.asarray(mask.data) != 0).sum() > saved_mask.sum()
+
+    assert widget.load_session(folder)
+    case = widget.case("scan")
+    assert case.threshold == pytest.approx(0.5)
+    assert int(case.edits.added.sum()) == 0, "threshold voxels were recorded as painted"
+    np.testing.assert_array_equal(case.mask, saved_mask)
+
+
+def test_renaming_the_scan_while_it_is_localised_keeps_the_new_name(widget):
+    """Rename the scan layer while its localisation runs: the case keeps the new name."""
+    widget.viewer.add_image(body_scan((40, 48)), name="scan")
+    widget.image_layer.value = "scan"
+    widget.localise()
+    widget.viewer.layers["scan"].name = "patient 7"
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    assert widget.case("patient 7").name == "patient 7"
+
+
+def test_resume_takes_the_scan_it_shows_not_a_processed_copy_carrying_its_case_id(widget):
+    """While the widget was closed the reviewer duplicated the scan (napari copies the
+    metadata, case id included) and processed the copy. Resume shows the original as the
+    case's scan: the case's pixels (trained on, re-localised) must be the original's too."""
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+
+    viewer = widget.viewer
+    _open(widget, "a")
+    original = np.asarray(viewer.layers["a"].data).copy()
+    widget._on_closed()
+    scan = viewer.layers["a"]
+    viewer.add_image(original * 0.5 + 3, name="a smoothed", metadata=dict(scan.metadata))
+
+    again = AnomalyReviewWidget(viewer, localiser=widget.session.localiser)
+    again.device.value = "cpu"
+    assert again.resume()
+    assert again.image_layer.value == "a"
+    np.testing.assert_array_equal(again.case("a").image, original)

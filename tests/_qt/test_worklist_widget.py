@@ -244,3 +244,131 @@ def test_a_folder_is_listed_in_the_background_and_cancelling_keeps_the_worklist(
     assert widget.worklist is first, "a cancelled listing leaves the worklist as it was"
     assert "cancelled; nothing changed" in widget.status.value
     assert [row[1] for row in widget.worklist_table.value["data"]] == ["p1", "p2", "p3"]
+
+
+def test_a_case_reopened_and_approved_again_after_export_is_exported_again(
+    widget, cohort, tmp_path
+):
+    """Export, then notice a miss: Reopen, paint it, Mark reviewed. The corrected mask must
+    reach the export folder (or at least be offered for export), not the stale one."""
+    widget.open_worklist(cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    widget.mark_reviewed()
+    out = tmp_path / "reviewed"
+    widget.export_reviewed(out)
+    assert _statuses(widget)[0] == "exported"
+
+    widget.reopen()
+    mask = widget.viewer.layers["p1 mask"]
+    painted = np.asarray(mask.data).copy()
+    painted[1:4, 1:4] = 1  # the lesion the first review missed
+    mask.data = painted
+    widget.mark_reviewed()
+    corrected = widget.case().mask.copy()
+    assert corrected[1:4, 1:4].all()
+
+    assert _statuses(widget)[0] == "reviewed", "a re-approved case waits for export again"
+    widget.export_reviewed(out, overwrite=True)
+    np.testing.assert_array_equal(read_image(out / "p1_mask.nrrd").array != 0, corrected)
+
+
+def test_a_reviewed_case_whose_scan_was_briefly_unreadable_is_still_exported(
+    widget, cohort, tmp_path
+):
+    """A reviewed case is complete in the session; failing to re-open its scan once (a
+    network share hiccup) must not turn it into *failed* and drop it from the export."""
+    widget.open_worklist(cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    widget.mark_reviewed()
+    approved = widget.case().mask.copy()
+    widget.next_case(wait=True)  # p1's layers leave the viewer
+    widget._wait_prefetch()
+
+    scan = cohort / "p1.nrrd"
+    away = cohort.parent / "p1.away"
+    scan.rename(away)
+    widget.open_worklist_item(0)  # double-click p1's row: its file is not there now
+    away.rename(scan)
+
+    assert _statuses(widget)[0] == "reviewed", _statuses(widget)
+    out = tmp_path / "reviewed"
+    widget.export_reviewed(out)
+    np.testing.assert_array_equal(read_image(out / "p1_mask.nrrd").array != 0, approved)
+
+
+def test_a_worklist_case_whose_scan_file_was_replaced_is_not_shown_on_the_new_pixels(
+    widget, cohort
+):
+    """Resume refuses a changed source file ("the edits were made on the old scan");
+    going back to a worklist case must not show its review on a replaced scan either."""
+    widget.open_worklist(cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    mask = widget.viewer.layers["p1 mask"]
+    painted = np.asarray(mask.data).copy()
+    painted[1:4, 1:4] = 1
+    mask.data = painted
+    reviewed_on = widget.case().image.copy()
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+
+    # The scan at the same path is replaced (same shape: another acquisition).
+    write_image(cohort / "p1.nrrd", body_scan((40, 48), 7), GEOMETRY, overwrite=True)
+    widget.last_error = None
+    widget.open_worklist_item(0)
+    shown = np.asarray(widget.viewer.layers["p1"].data) if "p1" in widget.viewer.layers else None
+    refused = widget.last_error is not None and "changed" in widget.last_error
+    assert refused or np.array_equal(shown, reviewed_on), (
+        "p1's edits are shown over a scan they were not made on"
+    )
+
+
+def test_maps_made_for_the_previous_worklist_never_reach_a_case_of_the_new_one(
+    widget, cohort, tmp_path, monkeypatch
+):
+    """The next case is localised in the background; meanwhile the reviewer opens another
+    worklist (a CSV is read at once, on the GUI thread). The background maps belong to
+    the old worklist's scan and must not be used for the new one's row."""
+    import threading
+    import time
+
+    from napari_anomaly._qt import _worklist
+    from napari_anomaly.inference import localise, placement
+    from napari_anomaly.progress import run_to_end
+
+    other = tmp_path / "other cohort"
+    other.mkdir()
+    for index, shape in enumerate([(40, 48), (32, 32), (36, 40)]):
+        write_image(other / f"q{index + 1}.nrrd", body_scan(shape, index + 10), GEOMETRY)
+    (other / "list.csv").write_text("path\nq1.nrrd\nq2.nrrd\nq3.nrrd\n")
+
+    done = threading.Event()
+    original = _worklist._read_and_localise
+
+    def read_and_localise(*args):
+        made = yield from original(*args)
+        done.set()
+        return made
+
+    monkeypatch.setattr(_worklist, "_read_and_localise", read_and_localise)
+    widget.open_worklist(cohort, wait=True)
+    widget.next_case(wait=True)  # p1 shown; p2 is being localised in the background
+    worker = widget._prefetch_worker
+    assert worker is not None
+    # The background job ends while the GUI thread is busy opening the other worklist.
+    assert done.wait(60)
+    while worker.is_running:
+        time.sleep(0.01)
+    assert widget.open_worklist(other / "list.csv")
+    widget._wait_prefetch()
+
+    widget.open_worklist_item(1, wait=True)  # q2, same shape as p2
+    assert widget.image_layer.value == "q2"
+    session = widget.session
+    scan = read_image(other / "q2.nrrd")
+    expected = run_to_end(
+        localise(scan.array, session.localiser, session.inference, **placement(scan.geometry, 2))
+    )
+    np.testing.assert_allclose(widget.case().anomaly_map, expected.anomaly_map, atol=1e-5)
