@@ -213,6 +213,7 @@ class WorklistControls:
                 self._wait_prefetch()
             return
         layer = self._scan_layer_of(item.case_id) if item.case_id else None
+        # The review this row already has in the session, if any (localised, edited, approved).
         reviewed_case = self._session.cases.get(item.case_id) if item.case_id else None
         if layer is None:
             try:
@@ -232,7 +233,7 @@ class WorklistControls:
                 return
             if changed:
                 self._say(
-                    f"{item.name}: {item.path} changed since it was reviewed (its sha256 "
+                    f"{item.name}: {item.path} changed since its review began (its sha256 "
                     "differs); the review was made on the old scan and is not shown on it.",
                     error=True,
                 )
