@@ -107,3 +107,15 @@ def test_localise_checks_that_every_input_exists_before_the_first_is_localised(
     assert main([*args, "--device", "cpu"]) == 2
     _refused_in_one_line(capsys, "missing.nii.gz")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("budget", ["inf", "nan", "-1"])
+def test_a_false_region_budget_that_is_no_number_of_regions_is_refused(
+    case, tmp_path, capsys, budget
+):
+    image, _ = case
+    out = tmp_path / "out"
+    args = ["localise", image, "--out", str(out), "--max-false-regions", budget]
+    assert main([*args, "--device", "cpu"]) == 2
+    _refused_in_one_line(capsys, "--max-false-regions")
+    assert not out.exists()

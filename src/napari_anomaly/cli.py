@@ -428,8 +428,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from napari_anomaly.calibration import calibrate
     from napari_anomaly.inference import InferenceConfig
 
-    if not args.max_false_regions >= 0:
-        raise CommandError(f"--max-false-regions must be >= 0, got {args.max_false_regions}")
     _check_region_limits(args)
     localiser = _load_model(args.model)
     out = _model_out(args, _model_bytes(localiser))
@@ -469,8 +467,8 @@ def _left_right_axes(loaded) -> list[int | None]:
 def _check_region_limits(args: argparse.Namespace) -> None:
     """Refuse negative minimum region sizes and false-region budgets before anything runs."""
     budget = getattr(args, "max_false_regions", None)
-    if budget is not None and not budget >= 0:
-        raise CommandError(f"--max-false-regions must be >= 0, got {budget}")
+    if budget is not None and not (math.isfinite(budget) and budget >= 0):
+        raise CommandError(f"--max-false-regions must be a number >= 0, got {budget}")
     if args.min_region_size < 0:
         raise CommandError(f"--min-region-size must be >= 0, got {args.min_region_size}")
     if not (math.isfinite(args.min_region_mm) and args.min_region_mm >= 0):
