@@ -468,7 +468,7 @@ def _check_region_limits(args: argparse.Namespace) -> None:
     """Refuse negative minimum region sizes and false-region budgets before anything runs."""
     budget = getattr(args, "max_false_regions", None)
     if budget is not None and not (math.isfinite(budget) and budget >= 0):
-        raise CommandError(f"--max-false-regions must be a number >= 0, got {budget}")
+        raise CommandError(f"--max-false-regions must be >= 0 and finite, got {budget}")
     if args.min_region_size < 0:
         raise CommandError(f"--min-region-size must be >= 0, got {args.min_region_size}")
     if not (math.isfinite(args.min_region_mm) and args.min_region_mm >= 0):
