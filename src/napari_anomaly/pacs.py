@@ -202,8 +202,9 @@ class PacsSettings:
     timeout: float = 20.0
 
     def __post_init__(self) -> None:
-        # Credentials in the address are refused before the address is ever repeated in
-        # a message (a malformed one too: "user:pw@host/..." has no scheme to split on).
+        # Credentials in the address (user:pw@ before the first "/" of the authority) are
+        # refused before the address is ever repeated in a message, a malformed address
+        # too: "user:pw@host/..." has no scheme for urlsplit to find the user in.
         scheme_end = self.url.find("//")
         authority = self.url[scheme_end + 2 :] if scheme_end >= 0 else self.url
         if "@" in authority.split("/", 1)[0]:
@@ -216,11 +217,6 @@ class PacsSettings:
             raise ValueError(
                 f"PACS URL {self.url!r} is not an http:// or https:// address "
                 "(e.g. http://localhost:8042/dicom-web)"
-            )
-        if parts.username or parts.password:
-            raise ValueError(
-                "the PACS URL must not hold a user name or password; give the user with "
-                f"--user and the password in ${PASSWORD_ENV}"
             )
         if parts.query or parts.fragment:
             shown = f"{parts.scheme}://{parts.netloc}{parts.path}"  # a query may hold secrets
