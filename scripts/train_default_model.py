@@ -137,6 +137,12 @@ def main() -> None:
         help="TrainConfig.lesion_task_level: share of the lesion task's blobs that take "
         "another tissue's level (default 0, or the parent's with --continue-from)",
     )
+    parser.add_argument(
+        "--deformation-task",
+        type=float,
+        help="TrainConfig.deformation_task_probability: share of the samples warped by a sink "
+        "or source deformation (default 0, or the parent's with --continue-from)",
+    )
     parser.add_argument("--remap", type=float, default=0.0, help="AugmentConfig.remap_probability")
     parser.add_argument(
         "--deform",
@@ -231,6 +237,7 @@ def main() -> None:
             learning_rate=args.learning_rate,
             lesion_task_probability=args.lesion_task,
             lesion_task_level=args.lesion_level or 0.0,
+            deformation_task_probability=args.deformation_task or 0.0,
             **({"lesion_task_delta": tuple(args.lesion_delta)} if args.lesion_delta else {}),
         )
     description = ", ".join(train_names)
@@ -250,6 +257,8 @@ def main() -> None:
             stored["config"]["lesion_task_delta"] = list(args.lesion_delta)
         if args.lesion_level is not None:
             stored["config"]["lesion_task_level"] = args.lesion_level
+        if args.deformation_task is not None:
+            stored["config"]["deformation_task_probability"] = args.deformation_task
         if args.deform is not None:
             stored.setdefault("augmentation", {})["deform_probability"] = args.deform
         config = AdaptConfig(

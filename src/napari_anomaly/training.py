@@ -76,6 +76,7 @@ from napari_anomaly.patches import PatchSampler
 from napari_anomaly.preprocess import PreprocessConfig, preprocess
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.synthesis import SynthesisConfig, synthesise
+from napari_anomaly.synthesis.deformations import DeformationTaskConfig, synthesise_deformations
 from napari_anomaly.synthesis.lesions import LesionTaskConfig, synthesise_lesions
 from napari_anomaly.synthesis.transplant import check_scale, collect_donors, transplant
 
@@ -114,6 +115,10 @@ class TrainConfig:
         Share of that task's blobs that take the local intensity of another
         place of the same image (another tissue's level) instead of a shift
         (``LesionTaskConfig.level_probability``); 0 keeps the shift alone.
+    deformation_task_probability
+        Share of the training samples that get the sink/source deformation task
+        (:mod:`napari_anomaly.synthesis.deformations`) instead of either task
+        above; 0 (the default) draws nothing extra.
     validation_every, validation_batches
         Validation on held-out normal images with synthetic anomalies.
     checkpoint_every
@@ -138,6 +143,7 @@ class TrainConfig:
     lesion_task_probability: float = 0.0
     lesion_task_delta: tuple[float, float] = (0.08, 0.45)
     lesion_task_level: float = 0.0
+    deformation_task_probability: float = 0.0
     validation_every: int = 250
     validation_batches: int = 2
     checkpoint_every: int = 250
@@ -158,6 +164,11 @@ class TrainConfig:
             )
         if not 0.0 <= self.lesion_task_level <= 1.0:
             raise ValueError(f"lesion_task_level must lie in [0, 1], got {self.lesion_task_level}")
+        if not 0.0 <= self.deformation_task_probability <= 1.0:
+            raise ValueError(
+                "deformation_task_probability must lie in [0, 1], got "
+                f"{self.deformation_task_probability}"
+            )
         low, high = self.lesion_task_delta
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(
@@ -567,13 +578,45 @@ def _mix_lesion_task(
     level: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give a random share of the batch the lesion-like intensity task instead of P-PII."""
+    task = LesionTaskConfig(probability=probability, delta=tuple(delta), level_probability=level)
+    return _mix_task(
+        batch,
+        foreground,
+        ppii,
+        probability,
+        generator,
+        synthesis_of=lambda b, f: synthesise_lesions(b, f, task, generator, synthesis),
+    )
+
+
+def _mix_deformation_task(
+    batch: torch.Tensor,
+    foreground: torch.Tensor,
+    current: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    probability: float,
+    synthesis: SynthesisConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give a random share of the batch the sink/source deformation task instead."""
+    task = DeformationTaskConfig(probability=probability)
+    return _mix_task(
+        batch,
+        foreground,
+        current,
+        probability,
+        generator,
+        synthesis_of=lambda b, f: synthesise_deformations(b, f, task, generator, synthesis),
+    )
+
+
+def _mix_task(batch, foreground, current, probability, generator, *, synthesis_of):
+    """Replace a random share (``probability``) of ``current``'s samples by another task's."""
     chosen = torch.rand(batch.shape[0], generator=generator) < probability
     if not bool(chosen.any()):
-        return ppii
+        return current
     index = torch.nonzero(chosen).ravel().to(batch.device)
-    task = LesionTaskConfig(probability=probability, delta=tuple(delta), level_probability=level)
-    changed = synthesise_lesions(batch[index], foreground[index], task, generator, synthesis)
-    out = [t.clone() for t in ppii]
+    changed = synthesis_of(batch[index], foreground[index])
+    out = [t.clone() for t in current]
     for tensor, values in zip(out, changed):
         tensor[index] = values.to(tensor.dtype)
     return out[0], out[1], out[2]
@@ -656,6 +699,15 @@ def _ppii_steps(
                 generator,
                 config.lesion_task_delta,
                 config.lesion_task_level,
+            )
+        if config.deformation_task_probability > 0:
+            anomalous, label, label_std = _mix_deformation_task(
+                batch,
+                foreground,
+                (anomalous, label, label_std),
+                config.deformation_task_probability,
+                synthesis,
+                generator,
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
