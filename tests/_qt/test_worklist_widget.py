@@ -158,9 +158,8 @@ def test_a_batch_table_opens_its_cases_with_the_batch_maps_most_suspicious_first
     assert widget.open_worklist(batch / "results.csv")
     assert [row[1] for row in widget.worklist_table.value["data"]] == ["p2", "p1", "p3"]
     assert _statuses(widget)[2] == "failed"
-    widget.next_case()
-    assert not widget.busy  # the batch's maps were used: nothing to localise
-    case = widget.case()
+    widget.next_case(wait=True)
+    case = widget.case()  # the batch's maps were used: nothing localised again
     np.testing.assert_array_equal(case.anomaly_map, anomaly)
     assert case.source_path == str(cohort / "p2.nrrd")
     assert case.midline == Midline.from_dict(midline)
@@ -289,7 +288,7 @@ def test_a_reviewed_case_whose_scan_was_briefly_unreadable_is_still_exported(
     scan = cohort / "p1.nrrd"
     away = cohort.parent / "p1.away"
     scan.rename(away)
-    widget.open_worklist_item(0)  # double-click p1's row: its file is not there now
+    widget.open_worklist_item(0, wait=True)  # double-click p1's row: its file is not there now
     away.rename(scan)
 
     assert _statuses(widget)[0] == "reviewed", _statuses(widget)
@@ -317,7 +316,7 @@ def test_a_worklist_case_whose_scan_file_was_replaced_is_not_shown_on_the_new_pi
     # The scan at the same path is replaced (same shape: another acquisition).
     write_image(cohort / "p1.nrrd", body_scan((40, 48), 7), GEOMETRY, overwrite=True)
     widget.last_error = None
-    widget.open_worklist_item(0)
+    widget.open_worklist_item(0, wait=True)
     shown = np.asarray(widget.viewer.layers["p1"].data) if "p1" in widget.viewer.layers else None
     refused = widget.last_error is not None and "changed" in widget.last_error
     assert refused or np.array_equal(shown, reviewed_on), (
@@ -372,3 +371,39 @@ def test_maps_made_for_the_previous_worklist_never_reach_a_case_of_the_new_one(
         localise(scan.array, session.localiser, session.inference, **placement(scan.geometry, 2))
     )
     np.testing.assert_allclose(widget.case().anomaly_map, expected.anomaly_map, atol=1e-5)
+
+
+def test_going_back_to_a_case_reads_its_scan_in_the_background(widget, cohort, monkeypatch):
+    """Going back to a reviewed row reads its scan again and hashes it against the one
+    reviewed (a DICOM study: every file, twice). The window must not freeze meanwhile:
+    the reading is a job with progress, and the case is shown when it ends."""
+    import threading
+
+    import napari_anomaly._qt._worklist as worklist_part
+
+    widget.open_worklist(cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    widget.mark_reviewed()
+    approved = widget.case().mask.copy()
+    widget.next_case(wait=True)  # p1's layers leave the viewer
+    widget._wait_prefetch()
+
+    release, reading = threading.Event(), threading.Event()
+    real = worklist_part.read_image
+
+    def slow_read(path, **kwargs):
+        reading.set()
+        release.wait(10)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(worklist_part, "read_image", slow_read)
+    widget.open_worklist_item(0)  # double-click p1's row
+    assert reading.wait(10)
+    assert widget.busy and "Opening p1" in widget.status.value, "the reading is a job"
+    assert "p1" not in widget.viewer.layers
+    release.set()
+    widget.wait()
+    assert widget.case().name == "p1"
+    np.testing.assert_array_equal(np.asarray(widget.viewer.layers["p1 mask"].data) != 0, approved)
+    assert _statuses(widget)[0] == "reviewed"

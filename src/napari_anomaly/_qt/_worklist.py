@@ -26,6 +26,7 @@ from napari_anomaly.case_outputs import sidecar_midline
 from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
+from napari_anomaly.progress import Progress
 from napari_anomaly.session_store import source_sha256
 from napari_anomaly.worklist import Worklist, WorklistError
 
@@ -45,6 +46,26 @@ def _read_and_localise(
         loaded.array, localiser, inference, **placement(loaded.geometry, loaded.array.ndim)
     )
     return loaded, result
+
+
+def _reading_case(path: str, series: str | None, name: str, reviewed_sha256: str | None):
+    """Read a worklist case's scan and check that it is the one reviewed (a job).
+
+    Returns ``(loaded, None, changed)``, or ``(None, reason, False)`` when the scan
+    cannot be read: the widget decides on the GUI thread what that means for the row.
+    ``changed`` is whether the file's sha256 differs from ``reviewed_sha256`` (the
+    scan the case's review was made on); a DICOM study folder is read and hashed
+    file by file, which is why this runs in the background.
+    """
+    yield Progress(0, 2, f"reading {name}")
+    try:
+        loaded = read_image(path, scan=True, series=series)
+        if reviewed_sha256 is None:
+            return loaded, None, False
+        yield Progress(1, 2, f"checking that {name} is the scan reviewed")
+        return loaded, None, source_sha256(path) != reviewed_sha256
+    except (OSError, ValueError, MemoryError) as error:
+        return None, str(error).splitlines()[0] or repr(error), False
 
 
 class WorklistControls:
@@ -213,35 +234,54 @@ class WorklistControls:
                 self._wait_prefetch()
             return
         layer = self._scan_layer_of(item.case_id) if item.case_id else None
+        if layer is None:
+            # Its scan is read (and checked against the one reviewed) in the background.
+            reviewed_case = self._session.cases.get(item.case_id) if item.case_id else None
+            reviewed_sha256 = reviewed_case.source_sha256 if reviewed_case is not None else None
+
+            def read(result) -> None:
+                self._then = lambda: self._open_read_item(worklist, index, result, wait)
+
+            self._start(
+                _reading_case(item.path, item.series, item.name, reviewed_sha256),
+                f"Opening {item.name}",
+                read,
+            )
+            if wait:
+                self.wait()
+            return
+        self._close_worklist_case(self._worklist_index)
+        self._show_worklist_item(index, layer, wait)
+
+    def _open_read_item(self, worklist, index: int, result: tuple, wait: bool) -> None:
+        """Show worklist row ``index`` once its scan was read (``_reading_case``'s result)."""
+        if self._closed or self.worklist is not worklist:
+            return  # the widget closed or another worklist opened meanwhile
+        item = worklist.items[index]
+        loaded, reason, changed = result
         # The review this row already has in the session, if any (localised, edited, approved).
         reviewed_case = self._session.cases.get(item.case_id) if item.case_id else None
-        if layer is None:
-            try:
-                loaded = read_image(item.path, scan=True, series=item.series)
-                changed = (
-                    reviewed_case is not None
-                    and reviewed_case.source_sha256 is not None
-                    and source_sha256(item.path) != reviewed_case.source_sha256
-                )
-            except (OSError, ValueError, MemoryError) as error:
-                reason = str(error).splitlines()[0]
-                if reviewed_case is None:  # a case in the session stays as it is
-                    item.error = reason
-                    self._session.worklist_changed()
-                self._refresh_worklist()
-                self._say(f"{item.name}: cannot be opened: {reason}", error=True)
-                return
-            if changed:
-                self._say(
-                    f"{item.name}: {item.path} changed since its review began (its sha256 "
-                    "differs); the review was made on the old scan and is not shown on it.",
-                    error=True,
-                )
-                return
-            self._close_worklist_case(self._worklist_index)
-            layer = self._add_scan_layer(item, loaded)
-        else:
-            self._close_worklist_case(self._worklist_index)
+        if loaded is None:
+            if reviewed_case is None:  # a case in the session stays as it is
+                item.error = reason
+                self._session.worklist_changed()
+            self._refresh_worklist()
+            self._say(f"{item.name}: cannot be opened: {reason}", error=True)
+            return
+        if changed:
+            self._say(
+                f"{item.name}: {item.path} changed since its review began (its sha256 "
+                "differs); the review was made on the old scan and is not shown on it.",
+                error=True,
+            )
+            return
+        self._close_worklist_case(self._worklist_index)
+        self._show_worklist_item(index, self._add_scan_layer(item, loaded), wait)
+
+    def _show_worklist_item(self, index: int, layer, wait: bool) -> None:
+        """Make ``layer`` (row ``index``'s scan, in the viewer) the case shown, with its maps."""
+        worklist = self.worklist
+        item = worklist.items[index]
         self._worklist_index = index
         self._show_scan(layer)
         case_id = self._case_id_of(layer, create=True)
