@@ -135,6 +135,45 @@ def test_the_progress_bar_is_reset_after_a_cancel(widget, qtbot):
     assert widget.progress.value == 0
 
 
+def test_a_job_that_reports_faster_than_the_window_redraws_does_not_nest_its_reports(
+    widget, monkeypatch
+):
+    """napari's progress bar processes Qt events when its text changes, which delivered
+    the job's next queued report into the widget's progress slot again, nested: a volume
+    localised slice by slice in a large window went hundreds deep and aborted napari at
+    Python's recursion limit. Reports now replace one another; none is shown nested."""
+    import time
+
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+    from napari_anomaly.progress import Progress
+
+    depth = {"now": 0, "most": 0}
+    slot = AnomalyReviewWidget._on_progress
+
+    def counting(self, report):
+        depth["now"] += 1
+        depth["most"] = max(depth["most"], depth["now"])
+        try:
+            return slot(self, report)
+        finally:
+            depth["now"] -= 1
+
+    monkeypatch.setattr(AnomalyReviewWidget, "_on_progress", counting)
+
+    def chatty():
+        for step in range(400):
+            yield Progress(step, 400, f"slice {step + 1} of 400")
+        time.sleep(0.2)
+        return "done"
+
+    finished = []
+    widget._start(chatty(), "Reporting", finished.append)
+    widget.wait()
+    assert finished == ["done"]
+    assert depth["most"] <= 2, f"progress reports nested {depth['most']} deep"
+    assert widget.progress.value == 100
+
+
 def _ct_scan(shape=(40, 48)):
     """Air at -1000 HU around a soft-tissue body at about 40 HU."""
     scan = body_scan(shape)

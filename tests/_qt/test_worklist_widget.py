@@ -343,10 +343,11 @@ def test_maps_made_for_the_previous_worklist_never_reach_a_case_of_the_new_one(
         write_image(other / f"q{index + 1}.nrrd", body_scan(shape, index + 10), GEOMETRY)
     (other / "list.csv").write_text("path\nq1.nrrd\nq2.nrrd\nq3.nrrd\n")
 
-    done = threading.Event()
+    go, done = threading.Event(), threading.Event()
     original = _worklist._read_and_localise
 
     def read_and_localise(*args):
+        go.wait(60)  # held until the test has seen the job running
         made = yield from original(*args)
         done.set()
         return made
@@ -357,6 +358,7 @@ def test_maps_made_for_the_previous_worklist_never_reach_a_case_of_the_new_one(
     worker = widget._prefetch_worker
     assert worker is not None
     # The background job ends while the GUI thread is busy opening the other worklist.
+    go.set()
     assert done.wait(60)
     while worker.is_running:
         time.sleep(0.01)

@@ -234,6 +234,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._worker = None
         self._then = None  # follow-up action once the running job has finished
         self._napari_progress = None
+        self._pending_progress: Progress | None = None  # see _on_progress
+        self._showing_progress = False
+        self._bar_description = ""
         self._regions: list[Region] = []
         self._region_total = 0  # regions of the case in the table (it lists the top ones)
         self._table_case: str | None = None  # case id of the regions listed
@@ -877,6 +880,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.progress.value = 0
         self._say(f"{label}...")
         self._napari_progress = napari_progress(total=0, desc=label)
+        self._bar_description = label
         # Errors are shown in the widget (status line), not re-raised in the event loop.
         worker = create_worker(relay, job, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
@@ -901,6 +905,23 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.cancel_button.enabled = running
 
     def _on_progress(self, report: Progress) -> None:
+        # napari's progress bar processes Qt events when its description is set, which
+        # delivers the job's next queued report into this slot again: a job reporting
+        # faster than the window redraws (a large window, a volume's slices) nested the
+        # slot hundreds deep until Python's recursion limit aborted napari. A report
+        # arriving meanwhile only replaces the pending one; the outer call shows it.
+        self._pending_progress = report
+        if self._showing_progress:
+            return
+        self._showing_progress = True
+        try:
+            while self._pending_progress is not None:
+                report, self._pending_progress = self._pending_progress, None
+                self._show_progress(report)
+        finally:
+            self._showing_progress = False
+
+    def _show_progress(self, report: Progress) -> None:
         if report.total:
             self.progress.value = int(100 * report.fraction)
         metrics = report.metrics
@@ -912,7 +933,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 bar.total = report.total
             if report.total:
                 bar.n = report.step
-            bar.set_description(report.message[:60])
+            description = report.message[:60]
+            if description != self._bar_description:  # setting it processes Qt events
+                self._bar_description = description
+                bar.set_description(description)
             bar.refresh()
 
     def _on_returned(self, *_: Any) -> None:
@@ -924,6 +948,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
 
     def _on_finished(self) -> None:
         self._worker = None
+        self._pending_progress = None  # a report still queued is stale now
         self._set_running(False)
         if self._napari_progress is not None:
             self._napari_progress.close()
