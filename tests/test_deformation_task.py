@@ -124,3 +124,35 @@ def test_training_with_the_deformation_task_runs_and_records_it(monkeypatch):
         )
     )
     assert calls == []  # off by default: a seed trains as it did before
+
+
+def test_fine_tuning_and_adapting_replay_the_parents_deformation_task(monkeypatch):
+    import napari_anomaly.training as training
+
+    images = [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
+    config = TrainConfig(
+        steps=2, batch_size=4, patch_size=32, device="cpu", deformation_task_probability=0.4
+    )
+    model = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    shares = []
+    mix = training._mix_deformation_task
+
+    def recording(*args, **kwargs):
+        shares.append(args[3])
+        return mix(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_mix_deformation_task", recording)
+    mask = np.zeros((48, 48), bool)
+    mask[20:26, 20:26] = True
+    run_to_end(
+        training.finetune(
+            model, [images[0]], [mask], training.FinetuneConfig(steps=2, device="cpu")
+        )
+    )
+    assert shares == [0.4, 0.4]
+    shares.clear()
+    adapted = run_to_end(
+        training.adapt(model, images, training.AdaptConfig(steps=2, batch_size=4, device="cpu"))
+    )
+    assert shares == [0.4, 0.4]
+    assert adapted.metadata["training"]["config"]["deformation_task_probability"] == 0.4

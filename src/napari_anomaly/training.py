@@ -1201,8 +1201,9 @@ def finetune(
         reviewer edited, see :func:`napari_anomaly.review.finetune_targets`).
     synthesis
         Settings of the replayed P-PII batches. Where the parent was trained with
-        the lesion-like task too (``lesion_task_probability``), the replay mixes
-        it in the same way.
+        the lesion-like task or the deformation task too
+        (``lesion_task_probability``, ``deformation_task_probability``), the
+        replay mixes them in the same way.
     spacings
         Voxel size (mm) per case. With them, a 2D model whose maps are made at
         a pixel size (``postprocess.in_plane_mm``) learns from the cases
@@ -1290,6 +1291,7 @@ def finetune(
     lesion_task = float(parent_config.get("lesion_task_probability", 0.0))
     lesion_delta = tuple(parent_config.get("lesion_task_delta", TrainConfig.lesion_task_delta))
     lesion_level = float(parent_config.get("lesion_task_level", 0.0))
+    deformation_task = float(parent_config.get("deformation_task_probability", 0.0))
     sampler = PatchSampler(
         prepared,
         foregrounds,
@@ -1386,6 +1388,15 @@ def finetune(
                     generator,
                     lesion_delta,
                     lesion_level,
+                )
+            if deformation_task > 0:
+                anomalous, label, label_std = _mix_deformation_task(
+                    normal.to(device),
+                    free,
+                    (anomalous, label, label_std),
+                    deformation_task,
+                    synthesis,
+                    generator,
                 )
             logits = model(anomalous, **forward)
             replay_loss, replay_parts = loss_of(
