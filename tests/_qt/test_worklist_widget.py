@@ -34,6 +34,36 @@ def _statuses(widget):
     return [row[2] for row in widget.worklist_table.value["data"]]
 
 
+def _review_p1_and_move_on(widget, cohort):
+    """Open the cohort, approve p1 as localised and go on to p2 (p1's layers leave the
+    viewer); returns p1's approved mask."""
+    widget.open_worklist(cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    widget.mark_reviewed()
+    approved = widget.case().mask.copy()
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    return approved
+
+
+def _held(monkeypatch, module, name):
+    """Make ``module.name`` wait (in its worker thread) until released: returns the
+    events ``(called, release)``."""
+    import threading
+
+    called, release = threading.Event(), threading.Event()
+    real = getattr(module, name)
+
+    def held(*args, **kwargs):
+        called.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, held)
+    return called, release
+
+
 def _scan_layers(widget):
     return sorted(layer.name for layer in widget.viewer.layers if widget._is_scan_layer(layer))
 
@@ -213,7 +243,6 @@ def test_a_folder_is_listed_in_the_background_and_cancelling_keeps_the_worklist(
 ):
     """Telling a cohort's DICOM series apart reads every header: the listing is a job the
     reviewer sees progress of and can cancel, and the worklist changes only when it ends."""
-    import threading
 
     import napari_anomaly.worklist as worklist_module
 
@@ -224,15 +253,7 @@ def test_a_folder_is_listed_in_the_background_and_cancelling_keeps_the_worklist(
     studies = tmp_path / "studies"
     for name in ("a", "b"):
         dicom_study(studies / name)
-    release, listing = threading.Event(), threading.Event()
-    real = worklist_module.list_dicom_series
-
-    def slow_listing(path, **kwargs):
-        listing.set()
-        release.wait(30)
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(worklist_module, "list_dicom_series", slow_listing)
+    listing, release = _held(monkeypatch, worklist_module, "list_dicom_series")
     assert widget.open_worklist(studies)
     assert listing.wait(30), "the listing runs in the background"
     assert widget.busy and "Listing the scans in studies" in widget.status.value
@@ -277,13 +298,7 @@ def test_a_reviewed_case_whose_scan_was_briefly_unreadable_is_still_exported(
 ):
     """A reviewed case is complete in the session; failing to re-open its scan once (a
     network share hiccup) must not turn it into *failed* and drop it from the export."""
-    widget.open_worklist(cohort, wait=True)
-    widget.next_case(wait=True)
-    widget._wait_prefetch()
-    widget.mark_reviewed()
-    approved = widget.case().mask.copy()
-    widget.next_case(wait=True)  # p1's layers leave the viewer
-    widget._wait_prefetch()
+    approved = _review_p1_and_move_on(widget, cohort)
 
     scan = cohort / "p1.nrrd"
     away = cohort.parent / "p1.away"
@@ -379,27 +394,12 @@ def test_going_back_to_a_case_reads_its_scan_in_the_background(widget, cohort, m
     """Going back to a reviewed row reads its scan again and hashes it against the one
     reviewed (a DICOM study: every file, twice). The window must not freeze meanwhile:
     the reading is a job with progress, and the case is shown when it ends."""
-    import threading
 
     import napari_anomaly._qt._worklist as worklist_part
 
-    widget.open_worklist(cohort, wait=True)
-    widget.next_case(wait=True)
-    widget._wait_prefetch()
-    widget.mark_reviewed()
-    approved = widget.case().mask.copy()
-    widget.next_case(wait=True)  # p1's layers leave the viewer
-    widget._wait_prefetch()
+    approved = _review_p1_and_move_on(widget, cohort)
 
-    release, reading = threading.Event(), threading.Event()
-    real = worklist_part.read_image
-
-    def slow_read(path, **kwargs):
-        reading.set()
-        release.wait(10)
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(worklist_part, "read_image", slow_read)
+    reading, release = _held(monkeypatch, worklist_part, "read_image")
     widget.open_worklist_item(0)  # double-click p1's row
     assert reading.wait(10)
     assert widget.busy and "Opening p1" in widget.status.value, "the reading is a job"

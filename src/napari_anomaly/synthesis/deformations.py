@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from napari_anomaly.synthesis.lesions import _random_rotation
 from napari_anomaly.synthesis.ppii import SynthesisConfig, label_from_deviation
 
 __all__ = ["DeformationTaskConfig", "synthesise_deformations"]
@@ -81,15 +82,6 @@ class DeformationTaskConfig:
 
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:
     return low + (high - low) * float(torch.rand(1, generator=generator))
-
-
-def _random_rotation(dims: int, generator: torch.Generator) -> torch.Tensor:
-    """A random rotation matrix (dims x dims) from the QR of a Gaussian matrix."""
-    q, r = torch.linalg.qr(torch.randn(dims, dims, generator=generator))
-    q = q * torch.sign(torch.diagonal(r))
-    if torch.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 def _radial_map(distance: torch.Tensor, factor: float, sink: bool) -> torch.Tensor:
