@@ -512,6 +512,35 @@ def test_a_diffusion_series_splits_by_its_sequence_name_and_a_part_may_have_fewe
     assert read_image(folder, series=f"{uid}:SequenceName=*ep_b0").array.shape == (3, 12, 12)
 
 
+def test_a_diffusion_series_with_several_directions_splits_by_b_value_and_direction(tmp_path):
+    """Without trace images, a diffusion series holds one image per slice for b = 0 and one
+    per slice and gradient direction for each other b-value: the b-value alone repeats
+    positions, so each direction is a volume of its own (b = 0 has no direction)."""
+    folder = tmp_path / "dwi"
+    directions = [None, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+    uid, volumes = _dynamic_series(folder, "DiffusionBValue", [0, 1000, 1000, 1000])
+    for f in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        direction = directions[int(f.name.split("_")[0])]
+        if direction is not None:
+            ds.DiffusionGradientOrientation = list(direction)
+            ds.save_as(f)
+    infos = list_dicom_series(folder)
+    tag = "DiffusionBValue+DiffusionGradientOrientation"
+    assert [i.part for i in infos] == [
+        f"{tag}=0.0",
+        f"{tag}=1000.0,0.0/0.0/1.0",
+        f"{tag}=1000.0,0.0/1.0/0.0",
+        f"{tag}=1000.0,1.0/0.0/0.0",
+    ]
+    assert all(i.n_files == 4 for i in infos)
+    assert infos[3].part_label == "b-value 1000.0, direction 1.0/0.0/0.0"
+    np.testing.assert_array_equal(
+        read_image(folder, series=f"{uid}:{tag}=1000.0,0.0/1.0/0.0").array, volumes[2]
+    )
+    np.testing.assert_array_equal(read_image(folder, series=f"{uid}:{tag}=0.0").array, volumes[0])
+
+
 def test_a_gantry_tilted_series_is_refused_not_read_sheared(tmp_path):
     """A CT acquired with the gantry tilted shifts every slice within its plane: no grid of
     spacing and direction holds it, and the outputs would disagree with the DICOM-SEG."""

@@ -117,8 +117,11 @@ class SeriesInfo:
         ``''`` for a whole series."""
         if not self.part:
             return ""
-        tag, _, value = self.part.partition("=")
-        return f"{_PART_WORDS.get(tag, tag)} {value}"
+        tags, _, values = self.part.partition("=")
+        return ", ".join(
+            f"{_PART_WORDS.get(tag, tag)} {value}"
+            for tag, value in zip(tags.split("+"), values.split(","))
+        )
 
     @property
     def is_segmentation(self) -> bool:
@@ -236,8 +239,11 @@ def list_dicom_series(
 # Tags that tell apart the acquisitions of one series that repeat the same slices,
 # in the order they are tried: time points of a dynamic (perfusion, DCE) scan,
 # echoes, b-values of a diffusion scan (standard tag, else the sequence name many
-# scanners set per b-value, e.g. '*ep_b0' and '*ep_b1000t'), then what scanners set
-# per acquisition.
+# scanners set per b-value, e.g. '*ep_b0' and '*ep_b1000t' or, per direction,
+# '*ep_b1000#1'), the b-value with the gradient direction (a diffusion series with
+# several directions per b-value and no trace images), then what scanners set per
+# acquisition. 'A+B' joins two tags: the value is A's, followed by ',' and B's
+# where a file has B (a b = 0 image has no direction).
 _PART_TAGS = (
     "TemporalPositionIdentifier",
     "TriggerTime",
@@ -245,6 +251,7 @@ _PART_TAGS = (
     "EchoTime",
     "DiffusionBValue",
     "SequenceName",
+    "DiffusionBValue+DiffusionGradientOrientation",
     "AcquisitionNumber",
     "ImageType",
 )
@@ -256,6 +263,7 @@ _PART_WORDS = {
     "EchoNumbers": "echo",
     "EchoTime": "echo time",
     "DiffusionBValue": "b-value",
+    "DiffusionGradientOrientation": "direction",
     "SequenceName": "sequence",
     "AcquisitionNumber": "acquisition",
     "ImageType": "image type",
@@ -274,11 +282,26 @@ def _header_value(ds: Any, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
-def _sort_key(value: str) -> tuple[int, float, str]:
-    try:
-        return (0, float(value), value)
-    except ValueError:
-        return (1, 0.0, value)
+def _part_value(ds: Any, keyword: str) -> str | None:
+    """A file's value under one of :data:`_PART_TAGS` (``'A+B'``: A's value, then ``,``
+    and B's where the file has B); ``None`` when the file lacks the (first) tag."""
+    first, *others = keyword.split("+")
+    value = _header_value(ds, first)
+    if value is None:
+        return None
+    extra = [v for v in (_header_value(ds, k) for k in others) if v is not None]
+    return ",".join([value, *extra])
+
+
+def _sort_key(value: str) -> tuple:
+    """Numbers in numeric order (b-value 500 before 1000), per ``,``-joined component."""
+    key = []
+    for part in value.split(","):
+        try:
+            key.append((0, float(part), part))
+        except ValueError:
+            key.append((1, 0.0, part))
+    return tuple(key)
 
 
 def _acquisitions(headers: Sequence[Any]) -> list[tuple[str, list[int]]] | None:
@@ -303,7 +326,7 @@ def _acquisitions(headers: Sequence[Any]) -> list[tuple[str, list[int]]] | None:
     if len(set(positions)) == len(positions):
         return None
     for keyword in _PART_TAGS:
-        values = [_header_value(ds, keyword) for ds in headers]
+        values = [_part_value(ds, keyword) for ds in headers]
         if any(v is None for v in values) or len(set(values)) < 2:
             continue
         groups: dict[str, list[int]] = {}
@@ -352,7 +375,7 @@ _LIST_TAGS = [
     "Columns",
     "NumberOfFrames",
     "ImagePositionPatient",
-    *_PART_TAGS,
+    *dict.fromkeys(tag for keyword in _PART_TAGS for tag in keyword.split("+")),
 ]
 
 
