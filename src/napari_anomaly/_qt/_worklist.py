@@ -65,7 +65,7 @@ def _reading_case(path: str, series: str | None, name: str, reviewed_sha256: str
         yield Progress(1, 2, f"checking that {name} is the scan reviewed")
         return loaded, None, source_sha256(path) != reviewed_sha256
     except (OSError, ValueError, MemoryError) as error:
-        return None, str(error).splitlines()[0] or repr(error), False
+        return None, (str(error).splitlines() or [repr(error)])[0], False
 
 
 class WorklistControls:
