@@ -19,9 +19,11 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +271,31 @@ def write_series(
         description=description,
         study_date=str(header.StudyDate),
     )
+
+
+@contextlib.contextmanager
+def answering_server(status: int, body: bytes = b"", content_type: str = "text/html"):
+    """A local HTTP server answering every GET and POST with ``status`` and ``body``
+    (a PACS that misbehaves: busy, a login page, not DICOMweb); yields its DICOMweb URL."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer  # noqa: N815 (the standard library's names)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()

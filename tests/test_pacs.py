@@ -21,6 +21,7 @@ import pytest
 from orthanc import (  # noqa: F401
     TEST_PASSWORD,
     TEST_USER,
+    answering_server,
     free_port,
     orthanc,
     running_orthanc,
@@ -341,7 +342,7 @@ def test_a_server_that_is_not_dicomweb_is_named(orthanc, uploaded):  # noqa: F81
 
 
 @contextlib.contextmanager
-def _web_server(body: bytes, content_type: str, certificate=None):
+def _webanswering_server(body: bytes, content_type: str, certificate=None):
     """A local web server answering every GET with ``body``; over HTTPS with a
     ``(certificate, key)`` pair. Yields its address."""
 
@@ -375,7 +376,7 @@ def _web_server(body: bytes, content_type: str, certificate=None):
 
 def test_a_web_page_is_not_taken_for_a_pacs():
     page = b"<html><body>Intranet</body></html>"
-    with _web_server(page, "text/html") as address:
+    with _webanswering_server(page, "text/html") as address:
         settings = PacsSettings(f"{address}/intranet")
         with pytest.raises(PacsError, match="/intranet does not answer as a DICOMweb server"):
             pacs.search_series(settings)
@@ -386,7 +387,7 @@ def test_https_checks_the_certificate_against_the_given_ca_bundle(tmp_path):
     # Debian's Orthanc 1.10 crashes on its first HTTPS request). A local HTTPS server
     # answering an empty QIDO-RS search stands in for that proxy.
     certificate, key = self_signed_certificate(tmp_path)
-    with _web_server(b"[]", "application/dicom+json", (certificate, key)) as address:
+    with _webanswering_server(b"[]", "application/dicom+json", (certificate, key)) as address:
         url = f"{address}/dicom-web"
         with pytest.raises(PacsError, match=r"HTTPS certificate .* could not be verified"):
             pacs.search_series(PacsSettings(url))
@@ -514,33 +515,6 @@ def test_cli_refusals_come_before_any_request(monkeypatch, capsys):
 FAILING_PATIENT = "PAT-FAIL-4242"
 
 
-@contextlib.contextmanager
-def _server(status: int, body: bytes = b"", content_type: str = "text/html"):
-    """A local HTTP server answering every GET and POST with ``status`` and ``body``."""
-
-    class Answer(BaseHTTPRequestHandler):
-        def _answer(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _answer  # noqa: N815 (the standard library's names)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/dicom-web"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def series(tmp_path):
     return write_series(
@@ -550,14 +524,14 @@ def series(tmp_path):
 
 def test_a_login_page_answering_the_upload_is_not_taken_for_a_stored_instance(series):
     page = b"<html><body>Sign in</body></html>"
-    with _server(200, page) as url, pytest.raises(PacsError, match="not confirm") as info:
+    with answering_server(200, page) as url, pytest.raises(PacsError, match="not confirm") as info:
         pacs.store_instances(PacsSettings(url), series[:1])
     assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("call", ["search", "retrieve"])
 def test_a_busy_pacs_is_one_line_after_its_tries(call, tmp_path):
-    with _server(503) as url:
+    with answering_server(503) as url:
         settings = PacsSettings(url)
         with pytest.raises(PacsError, match=r"is busy \(HTTP 503\) after 3 tries") as info:
             if call == "search":
@@ -569,7 +543,7 @@ def test_a_busy_pacs_is_one_line_after_its_tries(call, tmp_path):
 
 
 def test_the_command_line_says_a_busy_pacs_in_one_line_without_the_patient_id(tmp_path):
-    with _server(503) as url:
+    with answering_server(503) as url:
         run = subprocess.run(
             [sys.executable, "-m", "napari_anomaly.cli", "pacs", "search", "--url", url]
             + ["--patient-id", FAILING_PATIENT],

@@ -6,7 +6,14 @@ import time
 
 import numpy as np
 import pytest
-from orthanc import TEST_PASSWORD, TEST_USER, free_port, orthanc, write_series  # noqa: F401
+from orthanc import (  # noqa: F401
+    TEST_PASSWORD,
+    TEST_USER,
+    answering_server,
+    free_port,
+    orthanc,
+    write_series,
+)
 
 from napari_anomaly import pacs
 from napari_anomaly.io import read_image
@@ -105,6 +112,24 @@ def test_a_server_that_is_down_is_said_in_the_dialog(dialog):
     browser.search()
     browser.wait()
     assert "no server answers at" in browser.status.value
+
+
+def test_a_busy_pacs_is_said_in_one_line_and_the_dialog_stays_usable(dialog, series):
+    browser = dialog.browser
+    browser.password.value = TEST_PASSWORD
+    browser.search()  # the real PACS first: its series are listed
+    browser.wait()
+    listed = _table(browser)
+    assert listed
+    with answering_server(503) as busy:
+        browser.url.value = busy
+        browser.search()
+        browser.wait()
+    status = browser.status.value
+    assert "busy (HTTP 503) after 3 tries" in status and "\n" not in status
+    assert TEST_PASSWORD not in status
+    assert _table(browser) == listed, "a failed search leaves the results as they were"
+    assert browser.search_button.enabled and not browser.busy
 
 
 def test_cancel_keeps_what_was_fetched_and_the_next_retrieve_resumes(
