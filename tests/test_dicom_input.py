@@ -4,6 +4,7 @@ patient attributes kept out of every message."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -535,6 +536,9 @@ def test_a_diffusion_series_with_several_directions_splits_by_b_value_and_direct
     ]
     assert all(i.n_files == 4 for i in infos)
     assert infos[3].part_label == "b-value 1000.0, direction 1.0/0.0/0.0"
+    assert infos[0].part_label == "b-value 0.0"
+    one_tag = dataclasses.replace(infos[0], part="SequenceName=*ep_b1000,t")
+    assert one_tag.part_label == "sequence *ep_b1000,t"  # a comma of one tag's value stays
     np.testing.assert_array_equal(
         read_image(folder, series=f"{uid}:{tag}=1000.0,0.0/1.0/0.0").array, volumes[2]
     )

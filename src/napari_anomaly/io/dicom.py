@@ -117,10 +117,11 @@ class SeriesInfo:
         ``''`` for a whole series."""
         if not self.part:
             return ""
-        tags, _, values = self.part.partition("=")
+        joined, _, values = self.part.partition("=")
+        tags = joined.split("+")  # one tag, or 'A+B' (values joined by ',')
         return ", ".join(
             f"{_PART_WORDS.get(tag, tag)} {value}"
-            for tag, value in zip(tags.split("+"), values.split(","))
+            for tag, value in zip(tags, values.split(",", len(tags) - 1))
         )
 
     @property
