@@ -35,7 +35,7 @@ import functools
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -609,8 +609,20 @@ def _mix_deformation_task(
     )
 
 
-def _mix_task(batch, foreground, current, probability, generator, *, synthesis_of):
-    """Replace a random share (``probability``) of ``current``'s samples by another task's."""
+_Synthesised = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # anomalous, label, label_std
+
+
+def _mix_task(
+    batch: torch.Tensor,
+    foreground: torch.Tensor,
+    current: _Synthesised,
+    probability: float,
+    generator: torch.Generator,
+    *,
+    synthesis_of: Callable[[torch.Tensor, torch.Tensor], _Synthesised],
+) -> _Synthesised:
+    """Replace a random share (``probability``) of ``current``'s samples by another task's
+    (``synthesis_of(images, foreground)`` of the chosen samples)."""
     chosen = torch.rand(batch.shape[0], generator=generator) < probability
     if not bool(chosen.any()):
         return current
