@@ -97,22 +97,36 @@ def test_deformations_are_reproducible_for_a_seed_and_bad_ranges_are_refused():
         TrainConfig(deformation_task_probability=-0.1)
 
 
-def test_training_with_the_deformation_task_runs_and_records_it(monkeypatch):
+def _phantoms() -> list[np.ndarray]:
+    return [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
+
+
+def _tiny_model(share: float):
+    config = TrainConfig(
+        steps=2, batch_size=4, patch_size=32, device="cpu", deformation_task_probability=share
+    )
+    return run_to_end(train(_phantoms(), config, network=TINY_NETWORK_2D))
+
+
+def _recorded_shares(monkeypatch) -> list[float]:
+    """The share each call of the training's deformation mix asks for, as calls come."""
     import napari_anomaly.training as training
 
-    calls = []
+    shares = []
     mix = training._mix_deformation_task
 
     def recording(*args, **kwargs):
-        calls.append(args[3])
+        shares.append(args[3])
         return mix(*args, **kwargs)
 
     monkeypatch.setattr(training, "_mix_deformation_task", recording)
-    images = [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
-    config = TrainConfig(
-        steps=2, batch_size=4, patch_size=32, device="cpu", deformation_task_probability=0.5
-    )
-    model = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    return shares
+
+
+def test_training_with_the_deformation_task_runs_and_records_it(monkeypatch):
+    calls = _recorded_shares(monkeypatch)
+    images = _phantoms()
+    model = _tiny_model(0.5)
     assert model.metadata["training"]["config"]["deformation_task_probability"] == 0.5
     assert calls == [0.5, 0.5]
     calls.clear()
@@ -129,19 +143,9 @@ def test_training_with_the_deformation_task_runs_and_records_it(monkeypatch):
 def test_fine_tuning_and_adapting_replay_the_parents_deformation_task(monkeypatch):
     import napari_anomaly.training as training
 
-    images = [phantom((48, 48), seed).astype(np.float32) for seed in range(2)]
-    config = TrainConfig(
-        steps=2, batch_size=4, patch_size=32, device="cpu", deformation_task_probability=0.4
-    )
-    model = run_to_end(train(images, config, network=TINY_NETWORK_2D))
-    shares = []
-    mix = training._mix_deformation_task
-
-    def recording(*args, **kwargs):
-        shares.append(args[3])
-        return mix(*args, **kwargs)
-
-    monkeypatch.setattr(training, "_mix_deformation_task", recording)
+    images = _phantoms()
+    model = _tiny_model(0.4)
+    shares = _recorded_shares(monkeypatch)
     mask = np.zeros((48, 48), bool)
     mask[20:26, 20:26] = True
     run_to_end(
