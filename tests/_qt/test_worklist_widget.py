@@ -409,3 +409,27 @@ def test_going_back_to_a_case_reads_its_scan_in_the_background(widget, cohort, m
     assert widget.case().name == "p1"
     np.testing.assert_array_equal(np.asarray(widget.viewer.layers["p1 mask"].data) != 0, approved)
     assert _statuses(widget)[0] == "reviewed"
+
+
+def test_resuming_a_worklist_opens_only_the_case_that_was_shown(make_review_widget, cohort):
+    """A worklist shows one case at a time; closing and reopening the widget must not put
+    every case of the review back into the viewer at once (a cohort of volumes), and the
+    cases left out still open from their rows with their reviews."""
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    approved = _review_p1_and_move_on(widget, cohort)  # p2 is shown
+    widget.mark_reviewed()
+    widget.flush_autosave()
+    widget._on_closed()
+
+    again = AnomalyReviewWidget(viewer, localiser=widget.session.localiser)
+    assert again.resume()
+    assert _scan_layers(again) == ["p2"], "only the case shown when the widget closed"
+    assert "p1 mask" not in viewer.layers
+    assert _statuses(again)[:2] == ["reviewed", "reviewed"]
+    again.open_worklist_item(0, wait=True)
+    assert again.case().name == "p1"
+    np.testing.assert_array_equal(np.asarray(viewer.layers["p1 mask"].data) != 0, approved)
+    assert _scan_layers(again) == ["p1"]

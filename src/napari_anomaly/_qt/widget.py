@@ -2106,6 +2106,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.last_finetune = None
         self._show_comparison(None)
         self.metrics.value = ""
+        worklist = session.worklist
         for case in list(session.cases.values()):
             layer = next(
                 (
@@ -2117,6 +2118,14 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 ),
                 None,
             )
+            if (
+                layer is None
+                and worklist is not None
+                and worklist.index_of_case(case.case_id) is not None
+            ):
+                # A worklist shows one case at a time: the others stay in the session
+                # (their reviews intact) and open from their rows, not all at once.
+                continue
             if layer is None:
                 # The reader's windows (CT keeps its HU windows, soft tissue first).
                 windows = display_windows(case.image)
