@@ -612,6 +612,34 @@ def _mix_deformation_task(
 _Synthesised = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # anomalous, label, label_std
 
 
+def _mix_other_tasks(
+    batch: torch.Tensor,
+    foreground: torch.Tensor,
+    current: _Synthesised,
+    tasks: TrainConfig,
+    synthesis: SynthesisConfig,
+    generator: torch.Generator,
+) -> _Synthesised:
+    """P-PII's samples (``current``) with shares given the lesion-like and the
+    deformation task, as ``tasks`` (a training's settings) asks; none drawn at 0."""
+    if tasks.lesion_task_probability > 0:
+        current = _mix_lesion_task(
+            batch,
+            foreground,
+            current,
+            tasks.lesion_task_probability,
+            synthesis,
+            generator,
+            tasks.lesion_task_delta,
+            tasks.lesion_task_level,
+        )
+    if tasks.deformation_task_probability > 0:
+        current = _mix_deformation_task(
+            batch, foreground, current, tasks.deformation_task_probability, synthesis, generator
+        )
+    return current
+
+
 def _mix_task(
     batch: torch.Tensor,
     foreground: torch.Tensor,
@@ -701,26 +729,9 @@ def _ppii_steps(
         batch, foreground = batch.to(device), foreground.to(device)
         batch, foreground = augment_batch(batch, foreground, augmentation, generator)
         anomalous, label, label_std = synthesise(batch, synthesis, rng, foreground)
-        if config.lesion_task_probability > 0:
-            anomalous, label, label_std = _mix_lesion_task(
-                batch,
-                foreground,
-                (anomalous, label, label_std),
-                config.lesion_task_probability,
-                synthesis,
-                generator,
-                config.lesion_task_delta,
-                config.lesion_task_level,
-            )
-        if config.deformation_task_probability > 0:
-            anomalous, label, label_std = _mix_deformation_task(
-                batch,
-                foreground,
-                (anomalous, label, label_std),
-                config.deformation_task_probability,
-                synthesis,
-                generator,
-            )
+        anomalous, label, label_std = _mix_other_tasks(
+            batch, foreground, (anomalous, label, label_std), config, synthesis, generator
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -1300,10 +1311,15 @@ def finetune(
             plane_axes=held_axes,
         )
     parent_config = (localiser.metadata.get("training") or {}).get("config") or {}
-    lesion_task = float(parent_config.get("lesion_task_probability", 0.0))
-    lesion_delta = tuple(parent_config.get("lesion_task_delta", TrainConfig.lesion_task_delta))
-    lesion_level = float(parent_config.get("lesion_task_level", 0.0))
-    deformation_task = float(parent_config.get("deformation_task_probability", 0.0))
+    # The parent's other synthetic tasks, replayed as it was trained with them.
+    tasks = TrainConfig(
+        lesion_task_probability=float(parent_config.get("lesion_task_probability", 0.0)),
+        lesion_task_delta=tuple(
+            parent_config.get("lesion_task_delta", TrainConfig.lesion_task_delta)
+        ),
+        lesion_task_level=float(parent_config.get("lesion_task_level", 0.0)),
+        deformation_task_probability=float(parent_config.get("deformation_task_probability", 0.0)),
+    )
     sampler = PatchSampler(
         prepared,
         foregrounds,
@@ -1390,26 +1406,9 @@ def finetune(
             # (otherwise replay would teach that the marked lesions are normal).
             free = foreground.to(device) & (marked < 0.5)
             anomalous, label, label_std = synthesise(normal.to(device), synthesis, rng, free)
-            if lesion_task > 0:
-                anomalous, label, label_std = _mix_lesion_task(
-                    normal.to(device),
-                    free,
-                    (anomalous, label, label_std),
-                    lesion_task,
-                    synthesis,
-                    generator,
-                    lesion_delta,
-                    lesion_level,
-                )
-            if deformation_task > 0:
-                anomalous, label, label_std = _mix_deformation_task(
-                    normal.to(device),
-                    free,
-                    (anomalous, label, label_std),
-                    deformation_task,
-                    synthesis,
-                    generator,
-                )
+            anomalous, label, label_std = _mix_other_tasks(
+                normal.to(device), free, (anomalous, label, label_std), tasks, synthesis, generator
+            )
             logits = model(anomalous, **forward)
             replay_loss, replay_parts = loss_of(
                 logits, torch.maximum(label, marked), label_std, config.confidence_weight

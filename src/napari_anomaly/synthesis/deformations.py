@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from napari_anomaly.synthesis.lesions import _random_rotation
+from napari_anomaly.synthesis.lesions import random_ellipse
 from napari_anomaly.synthesis.ppii import SynthesisConfig, label_from_deviation
 
 __all__ = ["DeformationTaskConfig", "synthesise_deformations"]
@@ -131,37 +131,24 @@ def synthesise_deformations(
     batch, dims = images.shape[0], images.ndim - 2
     spatial = images.shape[2:]
     device, dtype = images.device, images.dtype
-    side = float(min(spatial))
     axes = [torch.arange(n, device=device, dtype=dtype) for n in spatial]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (dims, *spatial)
     sizes = torch.tensor([max(n - 1, 1) for n in spatial], device=device, dtype=dtype)
     shape = (dims, *([1] * dims))
     anomalous = images.clone()
-    region_levels = torch.zeros(batch, device=device, dtype=dtype)
     moved_masks = torch.zeros_like(images, dtype=torch.bool)
-    mode = "bilinear"
     for b in range(batch):
         inside = torch.nonzero(foreground[b, 0].cpu())
         if inside.numel() == 0:
             continue
-        centre = inside[int(torch.randint(0, inside.shape[0], (1,), generator=generator))]
-        centre = centre.to(device=device, dtype=dtype).reshape(shape)
-        radii = torch.tensor(
-            [_uniform(*config.radius, generator) * side for _ in range(dims)],
-            device=device,
-            dtype=dtype,
-        ).clamp_min(2.0)
-        rotation = _random_rotation(dims, generator).to(device=device, dtype=dtype)
+        offset, distance = random_ellipse(grid, inside, config.radius, 2.0, generator)
         factor = 2.0 ** _uniform(*config.log2_factor, generator)
         sink = float(torch.rand(1, generator=generator)) < config.sink_probability
-        offset = grid - centre
-        local = torch.einsum("ij,j...->i...", rotation, offset) / radii.reshape(shape)
-        distance = local.pow(2).sum(0).sqrt()
         within = distance < 1.0
         scale = torch.ones_like(distance)
         safe = distance.clamp_min(1e-6)
         scale[within] = _radial_map(safe[within], factor, sink) / safe[within]
-        source = centre + offset * scale  # where each voxel now samples (voxel units)
+        source = grid - offset + offset * scale  # where each voxel now samples (voxel units)
         moved_masks[b, 0] = within & ((source - grid).pow(2).sum(0).sqrt() >= config.moved)
         # grid_sample wants (x, y[, z]) = the last axis first, in [-1, 1].
         normalised = (2.0 * source / sizes.reshape(shape) - 1.0).flip(0)
@@ -169,7 +156,7 @@ def synthesise_deformations(
         warped = F.grid_sample(
             images[b : b + 1],
             sampling,
-            mode=mode,
+            mode="bilinear",
             padding_mode="border",
             align_corners=True,
         )
@@ -180,7 +167,7 @@ def synthesise_deformations(
         moved = moved_masks[b, 0]
         if bool(moved.any()):
             values = label[b, 0][moved]
-            region_levels[b] = torch.quantile(values.float(), 0.5).to(dtype)
-            label[b, 0] = torch.where(moved, label[b, 0].clamp_min(region_levels[b]), label[b, 0])
+            level = torch.quantile(values.float(), 0.5).to(dtype)
+            label[b, 0] = torch.where(moved, label[b, 0].clamp_min(level), label[b, 0])
     label = label * foreground.to(dtype)
     return anomalous, label, torch.zeros_like(label)

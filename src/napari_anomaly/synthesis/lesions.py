@@ -79,9 +79,7 @@ class LesionTaskConfig:
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(f"probability must lie in [0, 1], got {self.probability}")
         if not 0.0 <= self.level_probability <= 1.0:
-            raise ValueError(
-                f"level_probability must lie in [0, 1], got {self.level_probability}"
-            )
+            raise ValueError(f"level_probability must lie in [0, 1], got {self.level_probability}")
         if self.blobs[0] < 1 or self.blobs[1] < self.blobs[0]:
             raise ValueError(f"blobs must be a range of at least 1, got {self.blobs}")
 
@@ -97,6 +95,35 @@ def _random_rotation(dims: int, generator: torch.Generator) -> torch.Tensor:
     if torch.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+def random_ellipse(
+    grid: torch.Tensor,
+    inside: torch.Tensor,
+    radius: tuple[float, float],
+    smallest: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ellipse (ellipsoid in 3D) of random half-axes and orientation, centred on a
+    random voxel of ``inside``.
+
+    ``grid`` is ``(dims, *spatial)``, each voxel's coordinates; ``inside`` the
+    ``(N, dims)`` voxels a centre may fall on; ``radius`` the range of the half-axes
+    as fractions of the patch's shortest side, at least ``smallest`` voxels. Returns
+    each voxel's offset from the centre ``(dims, *spatial)`` and its distance in units
+    of the ellipse's radius along its ray ``(*spatial)``: 1 on the edge.
+    """
+    dims = grid.shape[0]
+    shape = (dims, *([1] * dims))
+    device, dtype = grid.device, grid.dtype
+    centre = inside[int(torch.randint(0, inside.shape[0], (1,), generator=generator))]
+    radii = _uniform(*radius, (dims,), generator) * float(min(grid.shape[1:]))
+    radii = radii.clamp_min(smallest)
+    rotation = _random_rotation(dims, generator).to(device=device, dtype=dtype)
+    offset = grid - centre.to(device=device, dtype=dtype).reshape(shape)
+    local = torch.einsum("ij,j...->i...", rotation, offset)
+    scaled = local / radii.to(device=device, dtype=dtype).reshape(shape)
+    return offset, scaled.pow(2).sum(0).sqrt()
 
 
 _LEVEL_WINDOW = 5
@@ -159,7 +186,6 @@ def synthesise_lesions(
     batch, dims = images.shape[0], images.ndim - 2
     spatial = images.shape[2:]
     device, dtype = images.device, images.dtype
-    side = float(min(spatial))
     axes = [torch.linspace(0, n - 1, n, device=device, dtype=dtype) for n in spatial]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (dims, *spatial)
     anomalous = images.clone()
@@ -172,14 +198,7 @@ def synthesise_lesions(
         count = int(torch.randint(config.blobs[0], config.blobs[1] + 1, (1,), generator=generator))
         sample = anomalous[b, 0]
         for _ in range(count):
-            centre = inside[int(torch.randint(0, inside.shape[0], (1,), generator=generator))]
-            radii = _uniform(*config.radius, (dims,), generator) * side
-            radii = radii.clamp_min(1.5)
-            rotation = _random_rotation(dims, generator).to(device=device, dtype=dtype)
-            offset = grid - centre.to(device=device, dtype=dtype).reshape(dims, *([1] * dims))
-            local = torch.einsum("ij,j...->i...", rotation, offset)
-            scaled = local / radii.to(device=device, dtype=dtype).reshape(dims, *([1] * dims))
-            distance = scaled.pow(2).sum(0).sqrt()
+            _, distance = random_ellipse(grid, inside, config.radius, 1.5, generator)
             # Smooth boundary perturbation: coarse noise up-sampled over the patch.
             coarse = torch.randn((1, 1, *([4] * dims)), generator=generator)
             mode = "bilinear" if dims == 2 else "trilinear"
