@@ -84,6 +84,27 @@ def test_the_case_in_the_dropdown_owns_table_status_and_reject(widget):
     np.testing.assert_array_equal(np.asarray(a_mask.data) != 0, a_after)
 
 
+def test_the_case_chosen_in_the_dropdown_is_the_one_on_the_canvas(widget):
+    """Two scans of one size: choosing the first must not leave the second's scan, map
+    and mask covering it while the reviewer paints on the first's mask."""
+    viewer = widget.viewer
+    _open(widget, "A", (40, 48))
+    _open(widget, "B", (40, 48), seed=3)
+    widget.image_layer.value = "A"
+    on_top = [layer.name for layer in viewer.layers][-4:]
+    assert on_top == ["A", "A anomaly", "A confidence", "A mask"]
+    assert viewer.layers.selection.active.name == "A mask"
+    widget.image_layer.value = "B"
+    assert [layer.name for layer in viewer.layers][-4:] == [
+        "B",
+        "B anomaly",
+        "B confidence",
+        "B mask",
+    ]
+    assert viewer.layers.selection.active.name == "B mask"
+    assert widget.status.value.startswith("B:")
+
+
 def test_renaming_the_image_keeps_its_case_and_edits(widget):
     viewer = widget.viewer
     mask = _open(widget, "scan")

@@ -737,9 +737,27 @@ class AnomalyReviewWidget(WorklistControls, Container):
         """Another image was chosen: show its case, and make its mask the layer to paint on."""
         self._on_image_chosen()
         case = self._shown_case()
+        self._bring_to_front(case)
         mask = self._derived_layer(case.case_id, "mask") if case is not None else None
         if mask is not None:
             self.viewer.layers.selection.active = mask
+
+    def _bring_to_front(self, case: Case | None) -> None:
+        """Put the chosen scan and its maps on top of the layer list (the scan lowest, the
+        mask highest), so that the canvas shows the case the table and the controls act
+        on: another case's scan, of the same size, would otherwise cover it."""
+        layer = self._shown_layer()
+        if layer is None:
+            return
+        parts = [layer]
+        if case is not None:
+            parts += [self._derived_layer(case.case_id, role) for role in DERIVED_SUFFIXES]
+        parts = [part for part in parts if part is not None]
+        layers = self.viewer.layers
+        if list(layers)[-len(parts) :] == parts:
+            return  # already on top, in order
+        for part in parts:  # each to the top in turn
+            layers.move(layers.index(part), len(layers))
 
     def _on_image_chosen(self, *_: Any) -> None:
         # A slider move not applied yet belongs to the case shown until now.
