@@ -191,6 +191,21 @@ def main() -> None:
         help="an ensemble's loss: every member's own, or only their average's",
     )
     grid("--finetune-seeds", "seed", int)
+    parser.add_argument(
+        "--pixel-sizes",
+        nargs="+",
+        choices=["model", "every"],
+        default=["every" if FinetuneConfig.every_pixel_size else "model"],
+        help="fine-tune on the corrected scan at the model's pixel size only, or at every "
+        "pixel size its maps are made at",
+    )
+    parser.add_argument(
+        "--train-layers",
+        nargs="+",
+        choices=["all", "decoder"],
+        default=[FinetuneConfig.train_layers],
+        help="which weights fine-tuning changes",
+    )
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--native",
@@ -251,8 +266,23 @@ def main() -> None:
         args.transplant_scales,
         args.finetune_seeds,
         args.member_losses,
+        args.pixel_sizes,
+        args.train_layers,
     )
-    for lr, steps, anchor, distill, focus, replay, share, scale, finetune_seed, member_loss in grid:
+    for (
+        lr,
+        steps,
+        anchor,
+        distill,
+        focus,
+        replay,
+        share,
+        scale,
+        finetune_seed,
+        member_loss,
+        pixel_sizes,
+        layers,
+    ) in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -268,6 +298,8 @@ def main() -> None:
             batch_size=args.batch_size,
             seed=finetune_seed,
             member_loss=member_loss,
+            every_pixel_size=pixel_sizes == "every",
+            train_layers=layers,
             carry_calibration=False,
         )
         tuned = run_to_end(
@@ -312,6 +344,8 @@ def main() -> None:
             "batch_size": args.batch_size,
             "finetune_seed": finetune_seed,
             "member_loss": member_loss,
+            "pixel_sizes": pixel_sizes,
+            "train_layers": layers,
             "weight_drift": round(weight_drift(localiser, tuned), 6),
             "after": after,
         }

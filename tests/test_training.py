@@ -173,6 +173,35 @@ def test_finetune_learns_from_cases_as_the_model_sees_them():
     assert tuned.metadata["postprocess"] == parent.metadata["postprocess"]
 
 
+def test_finetune_learns_from_cases_at_every_pixel_size_the_maps_are_made_at():
+    """A model whose maps are made at 1 mm and again at 0.5 mm (the higher score kept)
+    learns from the corrected case at both pixel sizes, the marked lesion in each."""
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.model import AnomalyNet
+    from napari_anomaly.training import _as_the_model_sees_them
+
+    post = {"in_plane_mm": 1, "extra_in_plane_mm": [0.5]}
+    parent = Localiser(
+        AnomalyNet(TINY_NETWORK_2D), metadata={"patch_size": 32, "postprocess": post}
+    )
+    volume = phantom((6, 64, 64)).astype(np.float32)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:4, 30:36, 30:36] = True
+    arrays = ([volume], [volume > -500], [mask], [np.ones(volume.shape, np.float32)])
+    prepared, _, masks, _, axes = _as_the_model_sees_them(
+        parent, *arrays, [(5.0, 0.5, 0.5)], every_pixel_size=True
+    )
+    assert [p.shape for p in prepared] == [(6, 32, 32), (6, 64, 64)]
+    assert [int(m.sum()) for m in masks] == [2 * 3 * 3, 2 * 6 * 6]
+    assert axes == (0,)
+    only_the_first = _as_the_model_sees_them(parent, *arrays, [(5.0, 0.5, 0.5)])
+    assert [p.shape for p in only_the_first[0]] == [(6, 32, 32)]
+
+    config = FinetuneConfig(steps=2, batch_size=2, device="cpu", every_pixel_size=True)
+    tuned = run_to_end(finetune(parent, [volume], [mask], config, spacings=[(5.0, 0.5, 0.5)]))
+    assert tuned.metadata["finetuning"][-1]["config"]["every_pixel_size"] is True
+
+
 def test_distillation_loss_is_least_at_the_parents_map_and_counts_only_kept_voxels():
     from napari_anomaly.model import distillation_loss
 
@@ -266,3 +295,21 @@ def test_finetune_holds_the_parents_map_on_other_scans_of_the_site(images_2d):
 def test_finetune_refuses_no_held_patches():
     with pytest.raises(ValueError, match="held_patches"):
         FinetuneConfig(held_patches=0)
+
+
+def test_finetune_of_the_decoder_only_leaves_the_encoder_as_it_was(images_2d):
+    from napari_anomaly.model import decoder_parameters
+
+    parent = run_to_end(train(images_2d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
+    image = images_2d[0]
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[20:28, 20:28] = True
+    config = FinetuneConfig(steps=2, batch_size=2, device="cpu", train_layers="decoder")
+    child = run_to_end(finetune(parent, [image], [mask], config))
+    decoder = {id(p) for p in decoder_parameters(child.network)}
+    moved = {
+        id(b): not torch.equal(a, b)
+        for a, b in zip(parent.network.parameters(), child.network.parameters())
+    }
+    assert decoder and not any(moved[k] for k in moved if k not in decoder)
+    assert any(moved[k] for k in decoder)

@@ -69,6 +69,7 @@ from napari_anomaly.model import (
     AnomalyNet,
     NetworkConfig,
     anomaly_loss,
+    decoder_parameters,
     distillation_loss,
     members_loss,
 )
@@ -304,6 +305,8 @@ class FinetuneConfig:
     distill_weight: float = 5.0
     held_patches: int = 4
     member_loss: Literal["each", "average"] = "each"
+    every_pixel_size: bool = False
+    train_layers: Literal["all", "decoder"] = "all"
     carry_calibration: bool = True
     confidence_weight: float = 0.5
     device: str = "auto"
@@ -337,6 +340,14 @@ class FinetuneConfig:
                 f"of {self.batch_size}; lower it or raise batch_size"
             )
         _check_member_loss(self.member_loss)
+        if self.train_layers not in TRAIN_LAYERS:
+            raise ValueError(
+                f"train_layers must be one of {TRAIN_LAYERS}, got {self.train_layers!r}"
+            )
+
+
+#: Which weights fine-tuning changes (``FinetuneConfig.train_layers``).
+TRAIN_LAYERS = ("all", "decoder")
 
 
 @dataclass(frozen=True)
@@ -1159,12 +1170,19 @@ def _balance_positives(weight: torch.Tensor, target: torch.Tensor, cap: float) -
     return torch.where(positive, weight * ratio, weight)
 
 
-def _as_the_model_sees_them(localiser, prepared, foregrounds, masks, weights, spacings):
+def _as_the_model_sees_them(
+    localiser, prepared, foregrounds, masks, weights, spacings, every_pixel_size=False
+):
     """Corrected cases resampled in plane to the model's pixel size (if it has one), and
-    the slice axes to train on: axial only when a volume has thick slices."""
+    the slice axes to train on: axial only when a volume has thick slices. With
+    ``every_pixel_size``, one copy of each case per pixel size the model's maps are
+    made at (``in_plane_mm`` and each ``extra_in_plane_mm``)."""
     from scipy import ndimage
 
-    target = localiser.postprocess.in_plane_mm
+    post = localiser.postprocess
+    targets = [post.in_plane_mm]
+    if every_pixel_size and post.in_plane_mm:
+        targets += [size for size in post.extra_in_plane_mm if size != post.in_plane_mm]
     if len(spacings) != len(prepared):
         raise ValueError(f"{len(spacings)} spacings for {len(prepared)} cases")
     out = ([], [], [], [])
@@ -1178,18 +1196,19 @@ def _as_the_model_sees_them(localiser, prepared, foregrounds, masks, weights, sp
         in_plane = step[1:] if step.size == 3 else step
         if step.size == 3 and step[0] > 1.5 * in_plane.max():
             thick = True
-        factors = in_plane / target if target else np.ones_like(in_plane)
-        if np.all(np.abs(factors - 1.0) < 0.1):
-            for store, array in zip(out, arrays):
-                store.append(array)
-            continue
-        zoom = (1.0, *factors) if step.size == 3 else tuple(factors)
-        for k, (store, array) in enumerate(zip(out, arrays)):
-            order = 1 if k == 0 else 0  # intensities linear, masks and weights nearest
-            zoomed = ndimage.zoom(
-                array.astype(np.float32), zoom, order=order, grid_mode=True, mode="nearest"
-            )
-            store.append(zoomed if k in (0, 3) else zoomed > 0.5)
+        for target in targets:
+            factors = in_plane / target if target else np.ones_like(in_plane)
+            if np.all(np.abs(factors - 1.0) < 0.1):
+                for store, array in zip(out, arrays):
+                    store.append(array)
+                continue
+            zoom = (1.0, *factors) if step.size == 3 else tuple(factors)
+            for k, (store, array) in enumerate(zip(out, arrays)):
+                order = 1 if k == 0 else 0  # intensities linear, masks and weights nearest
+                zoomed = ndimage.zoom(
+                    array.astype(np.float32), zoom, order=order, grid_mode=True, mode="nearest"
+                )
+                store.append(zoomed if k in (0, 3) else zoomed > 0.5)
     return (*out, (0,) if thick else (0, 1, 2))
 
 
@@ -1287,7 +1306,7 @@ def finetune(
     plane_axes: tuple[int, ...] = (0, 1, 2)
     if spacings is not None and dims == 2:
         prepared, foregrounds, masks, weights, plane_axes = _as_the_model_sees_them(
-            localiser, prepared, foregrounds, masks, weights, spacings
+            localiser, prepared, foregrounds, masks, weights, spacings, config.every_pixel_size
         )
     held_sampler = None
     if held_images and config.distill_weight > 0:
@@ -1299,7 +1318,13 @@ def finetune(
             no_marks = [np.zeros(h.shape, dtype=bool) for h in held_prepared]
             ones = [np.ones(h.shape, dtype=np.float32) for h in held_prepared]
             held_prepared, held_foregrounds, _, _, held_axes = _as_the_model_sees_them(
-                localiser, held_prepared, held_foregrounds, no_marks, ones, held_spacings
+                localiser,
+                held_prepared,
+                held_foregrounds,
+                no_marks,
+                ones,
+                held_spacings,
+                config.every_pixel_size,
             )
         held_sampler = PatchSampler(
             held_prepared,
@@ -1337,9 +1362,12 @@ def finetune(
 
     model = copy.deepcopy(localiser.network).to(device)
     model.train()
+    trained = (
+        decoder_parameters(model) if config.train_layers == "decoder" else list(model.parameters())
+    )
     anchors = [p.detach().clone() for p in model.parameters()] if config.anchor_weight > 0 else []
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        trained, lr=config.learning_rate, weight_decay=config.weight_decay
     )
     replay = int(round(config.batch_size * config.replay_fraction))
     corrections = config.batch_size - replay
