@@ -199,13 +199,6 @@ def main() -> None:
         help="fine-tune on the corrected scan at the model's pixel size only, or at every "
         "pixel size its maps are made at",
     )
-    parser.add_argument(
-        "--train-layers",
-        nargs="+",
-        choices=["all", "decoder"],
-        default=[FinetuneConfig.train_layers],
-        help="which weights fine-tuning changes",
-    )
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--native",
@@ -267,7 +260,6 @@ def main() -> None:
         args.finetune_seeds,
         args.member_losses,
         args.pixel_sizes,
-        args.train_layers,
     )
     for (
         lr,
@@ -281,7 +273,6 @@ def main() -> None:
         finetune_seed,
         member_loss,
         pixel_sizes,
-        layers,
     ) in grid:
         config = replace(
             FinetuneConfig(),
@@ -299,7 +290,6 @@ def main() -> None:
             seed=finetune_seed,
             member_loss=member_loss,
             every_pixel_size=pixel_sizes == "every",
-            train_layers=layers,
             carry_calibration=False,
         )
         tuned = run_to_end(
@@ -345,7 +335,6 @@ def main() -> None:
             "finetune_seed": finetune_seed,
             "member_loss": member_loss,
             "pixel_sizes": pixel_sizes,
-            "train_layers": layers,
             "weight_drift": round(weight_drift(localiser, tuned), 6),
             "after": after,
         }

@@ -160,10 +160,11 @@ def test_finetune_learns_from_cases_as_the_model_sees_them():
     arrays = _as_the_model_sees_them(
         parent, [volume], [foreground], [mask], [weight], [(5.0, 0.5, 0.5)]
     )
-    prepared, foregrounds, masks, weights, axes = arrays
+    prepared, foregrounds, masks, weights, axes, sizes = arrays
     assert prepared[0].shape == (6, 32, 32) and masks[0].shape == (6, 32, 32)
     assert masks[0].dtype == bool and masks[0].any() and foregrounds[0].dtype == bool
     assert axes == (0,)  # 5 mm slices of 0.5 mm pixels: axial slices only
+    assert sizes == [1.0]
     # Isotropic 1 mm voxels: nothing resampled, every slice axis used.
     same = _as_the_model_sees_them(parent, [volume], [foreground], [mask], [weight], [(1, 1, 1)])
     assert same[0][0] is volume and same[4] == (0, 1, 2)
@@ -188,10 +189,10 @@ def test_finetune_learns_from_cases_at_every_pixel_size_the_maps_are_made_at():
     mask = np.zeros(volume.shape, dtype=bool)
     mask[2:4, 30:36, 30:36] = True
     arrays = ([volume], [volume > -500], [mask], [np.ones(volume.shape, np.float32)])
-    prepared, _, masks, _, axes = _as_the_model_sees_them(
+    prepared, _, masks, _, axes, sizes = _as_the_model_sees_them(
         parent, *arrays, [(5.0, 0.5, 0.5)], every_pixel_size=True
     )
-    assert [p.shape for p in prepared] == [(6, 32, 32), (6, 64, 64)]
+    assert [p.shape for p in prepared] == [(6, 32, 32), (6, 64, 64)] and sizes == [1.0, 0.5]
     assert [int(m.sum()) for m in masks] == [2 * 3 * 3, 2 * 6 * 6]
     assert axes == (0,)
     only_the_first = _as_the_model_sees_them(parent, *arrays, [(5.0, 0.5, 0.5)])
@@ -297,19 +298,31 @@ def test_finetune_refuses_no_held_patches():
         FinetuneConfig(held_patches=0)
 
 
-def test_finetune_of_the_decoder_only_leaves_the_encoder_as_it_was(images_2d):
-    from napari_anomaly.model import decoder_parameters
+def test_a_moved_lesion_is_pasted_at_the_pixel_size_it_was_cut_at(monkeypatch):
+    """With the case at 1 mm and at 0.5 mm, a lesion cut from the 0.5 mm copy (twice as
+    wide in voxels) is pasted only into patches of the 0.5 mm copy, and the other way."""
+    from napari_anomaly import training
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.model import AnomalyNet
 
-    parent = run_to_end(train(images_2d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
-    image = images_2d[0]
-    mask = np.zeros(image.shape, dtype=bool)
-    mask[20:28, 20:28] = True
-    config = FinetuneConfig(steps=2, batch_size=2, device="cpu", train_layers="decoder")
-    child = run_to_end(finetune(parent, [image], [mask], config))
-    decoder = {id(p) for p in decoder_parameters(child.network)}
-    moved = {
-        id(b): not torch.equal(a, b)
-        for a, b in zip(parent.network.parameters(), child.network.parameters())
-    }
-    assert decoder and not any(moved[k] for k in moved if k not in decoder)
-    assert any(moved[k] for k in decoder)
+    post = {"in_plane_mm": 1, "extra_in_plane_mm": [0.5]}
+    parent = Localiser(
+        AnomalyNet(TINY_NETWORK_2D), metadata={"patch_size": 64, "postprocess": post}
+    )
+    volume = phantom((6, 128, 128)).astype(np.float32)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:4, 40:48, 40:48] = True
+    calls = []
+    real = training.transplant
+
+    def recording(host, free, donors, rng, **kwargs):
+        calls.append({int(d.mask.sum()) for d in donors})
+        return real(host, free, donors, rng, **kwargs)
+
+    monkeypatch.setattr(training, "transplant", recording)
+    config = FinetuneConfig(steps=6, batch_size=4, device="cpu", every_pixel_size=True)
+    tuned = run_to_end(finetune(parent, [volume], [mask], config, spacings=[(5.0, 0.5, 0.5)]))
+    # Each call draws its donors from one pixel size: the 4x4 cuts of 1 mm or the 8x8 of 0.5 mm.
+    assert calls and all(len(sizes) == 1 for sizes in calls)
+    assert {next(iter(sizes)) for sizes in calls} == {16, 64}
+    assert tuned.metadata["finetuning"][-1]["moved_lesions"]["lesions"] >= 1

@@ -16,7 +16,6 @@ channels per voxel:
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -246,23 +245,6 @@ class AnomalyNet(nn.Module):
         anomaly = torch.sigmoid(logits[:, :1])
         confidence = 1.0 - torch.sigmoid(logits[:, 1:2])
         return anomaly, confidence
-
-
-# MONAI's UNet nests ``Sequential(down, SkipConnection(inner), up)`` per level: the
-# up-path of a level is its ``model...2`` module.
-_UP_PATH = re.compile(r"(?:^|\.)model(?:\.1\.submodule)*\.2\.")
-
-
-def decoder_parameters(network: AnomalyNet) -> list[nn.Parameter]:
-    """The weights of every member's up-path (decoder and output layers).
-
-    The encoder's weights, which hold what the network knows about anatomy in
-    general, are the rest.
-    """
-    chosen = [p for name, p in network.named_parameters() if _UP_PATH.search(name)]
-    if not chosen:
-        raise ValueError("this network has no U-Net up-path to train")
-    return chosen
 
 
 def anomaly_loss(
