@@ -191,14 +191,6 @@ def main() -> None:
         help="an ensemble's loss: every member's own, or only their average's",
     )
     grid("--finetune-seeds", "seed", int)
-    parser.add_argument(
-        "--pixel-sizes",
-        nargs="+",
-        choices=["model", "every"],
-        default=["every" if FinetuneConfig.every_pixel_size else "model"],
-        help="fine-tune on the corrected scan at the model's pixel size only, or at every "
-        "pixel size its maps are made at",
-    )
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--native",
@@ -259,21 +251,8 @@ def main() -> None:
         args.transplant_scales,
         args.finetune_seeds,
         args.member_losses,
-        args.pixel_sizes,
     )
-    for (
-        lr,
-        steps,
-        anchor,
-        distill,
-        focus,
-        replay,
-        share,
-        scale,
-        finetune_seed,
-        member_loss,
-        pixel_sizes,
-    ) in grid:
+    for lr, steps, anchor, distill, focus, replay, share, scale, finetune_seed, member_loss in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -289,7 +268,6 @@ def main() -> None:
             batch_size=args.batch_size,
             seed=finetune_seed,
             member_loss=member_loss,
-            every_pixel_size=pixel_sizes == "every",
             carry_calibration=False,
         )
         tuned = run_to_end(
@@ -334,7 +312,6 @@ def main() -> None:
             "batch_size": args.batch_size,
             "finetune_seed": finetune_seed,
             "member_loss": member_loss,
-            "pixel_sizes": pixel_sizes,
             "weight_drift": round(weight_drift(localiser, tuned), 6),
             "after": after,
         }

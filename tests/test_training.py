@@ -160,11 +160,10 @@ def test_finetune_learns_from_cases_as_the_model_sees_them():
     arrays = _as_the_model_sees_them(
         parent, [volume], [foreground], [mask], [weight], [(5.0, 0.5, 0.5)]
     )
-    prepared, foregrounds, masks, weights, axes, sizes = arrays
+    prepared, foregrounds, masks, weights, axes = arrays
     assert prepared[0].shape == (6, 32, 32) and masks[0].shape == (6, 32, 32)
     assert masks[0].dtype == bool and masks[0].any() and foregrounds[0].dtype == bool
     assert axes == (0,)  # 5 mm slices of 0.5 mm pixels: axial slices only
-    assert sizes == [1.0]
     # Isotropic 1 mm voxels: nothing resampled, every slice axis used.
     same = _as_the_model_sees_them(parent, [volume], [foreground], [mask], [weight], [(1, 1, 1)])
     assert same[0][0] is volume and same[4] == (0, 1, 2)
@@ -172,35 +171,6 @@ def test_finetune_learns_from_cases_as_the_model_sees_them():
     config = FinetuneConfig(steps=2, batch_size=2, device="cpu")
     tuned = run_to_end(finetune(parent, [volume], [mask], config, spacings=[(5.0, 0.5, 0.5)]))
     assert tuned.metadata["postprocess"] == parent.metadata["postprocess"]
-
-
-def test_finetune_learns_from_cases_at_every_pixel_size_the_maps_are_made_at():
-    """A model whose maps are made at 1 mm and again at 0.5 mm (the higher score kept)
-    learns from the corrected case at both pixel sizes, the marked lesion in each."""
-    from napari_anomaly.localiser import Localiser
-    from napari_anomaly.model import AnomalyNet
-    from napari_anomaly.training import _as_the_model_sees_them
-
-    post = {"in_plane_mm": 1, "extra_in_plane_mm": [0.5]}
-    parent = Localiser(
-        AnomalyNet(TINY_NETWORK_2D), metadata={"patch_size": 32, "postprocess": post}
-    )
-    volume = phantom((6, 64, 64)).astype(np.float32)
-    mask = np.zeros(volume.shape, dtype=bool)
-    mask[2:4, 30:36, 30:36] = True
-    arrays = ([volume], [volume > -500], [mask], [np.ones(volume.shape, np.float32)])
-    prepared, _, masks, _, axes, sizes = _as_the_model_sees_them(
-        parent, *arrays, [(5.0, 0.5, 0.5)], every_pixel_size=True
-    )
-    assert [p.shape for p in prepared] == [(6, 32, 32), (6, 64, 64)] and sizes == [1.0, 0.5]
-    assert [int(m.sum()) for m in masks] == [2 * 3 * 3, 2 * 6 * 6]
-    assert axes == (0,)
-    only_the_first = _as_the_model_sees_them(parent, *arrays, [(5.0, 0.5, 0.5)])
-    assert [p.shape for p in only_the_first[0]] == [(6, 32, 32)]
-
-    config = FinetuneConfig(steps=2, batch_size=2, device="cpu", every_pixel_size=True)
-    tuned = run_to_end(finetune(parent, [volume], [mask], config, spacings=[(5.0, 0.5, 0.5)]))
-    assert tuned.metadata["finetuning"][-1]["config"]["every_pixel_size"] is True
 
 
 def test_distillation_loss_is_least_at_the_parents_map_and_counts_only_kept_voxels():
@@ -296,33 +266,3 @@ def test_finetune_holds_the_parents_map_on_other_scans_of_the_site(images_2d):
 def test_finetune_refuses_no_held_patches():
     with pytest.raises(ValueError, match="held_patches"):
         FinetuneConfig(held_patches=0)
-
-
-def test_a_moved_lesion_is_pasted_at_the_pixel_size_it_was_cut_at(monkeypatch):
-    """With the case at 1 mm and at 0.5 mm, a lesion cut from the 0.5 mm copy (twice as
-    wide in voxels) is pasted only into patches of the 0.5 mm copy, and the other way."""
-    from napari_anomaly import training
-    from napari_anomaly.localiser import Localiser
-    from napari_anomaly.model import AnomalyNet
-
-    post = {"in_plane_mm": 1, "extra_in_plane_mm": [0.5]}
-    parent = Localiser(
-        AnomalyNet(TINY_NETWORK_2D), metadata={"patch_size": 64, "postprocess": post}
-    )
-    volume = phantom((6, 128, 128)).astype(np.float32)
-    mask = np.zeros(volume.shape, dtype=bool)
-    mask[2:4, 40:48, 40:48] = True
-    calls = []
-    real = training.transplant
-
-    def recording(host, free, donors, rng, **kwargs):
-        calls.append({int(d.mask.sum()) for d in donors})
-        return real(host, free, donors, rng, **kwargs)
-
-    monkeypatch.setattr(training, "transplant", recording)
-    config = FinetuneConfig(steps=6, batch_size=4, device="cpu", every_pixel_size=True)
-    tuned = run_to_end(finetune(parent, [volume], [mask], config, spacings=[(5.0, 0.5, 0.5)]))
-    # Each call draws its donors from one pixel size: the 4x4 cuts of 1 mm or the 8x8 of 0.5 mm.
-    assert calls and all(len(sizes) == 1 for sizes in calls)
-    assert {next(iter(sizes)) for sizes in calls} == {16, 64}
-    assert tuned.metadata["finetuning"][-1]["moved_lesions"]["lesions"] >= 1

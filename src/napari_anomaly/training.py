@@ -281,16 +281,6 @@ class FinetuneConfig:
         better and forgot less on the clinical yardstick (masses on FLAIR: 1.43x
         against 1.34x on the other scans of the kind; docs/evaluation.md). A
         single network is trained alike either way.
-    every_pixel_size
-        With the cases' voxel sizes, learn from each corrected case at every
-        pixel size the model's maps are made at (``postprocess.in_plane_mm``
-        and each ``extra_in_plane_mm``), not at the first only. On the clinical
-        yardstick (``default_2d_v12``, T1 with contrast) it lifted the other
-        scans of the corrected kind more (the second subject's nodules 1.78x
-        and 1.80x against 1.42x and 1.22x, its masses 1.60x against 1.36x
-        and 1.39x, Colin27's masses 2.46x against 1.85x), but after every mass
-        correction the nodule scan lost AP (0.019-0.136), where it gains
-        without; hence off (docs/evaluation.md).
     carry_calibration
         When the parent has a score calibration, carry it over to the new
         network by matching score quantiles on the unmarked parts of the
@@ -314,7 +304,6 @@ class FinetuneConfig:
     distill_weight: float = 5.0
     held_patches: int = 4
     member_loss: Literal["each", "average"] = "each"
-    every_pixel_size: bool = False
     carry_calibration: bool = True
     confidence_weight: float = 0.5
     device: str = "auto"
@@ -1170,50 +1159,38 @@ def _balance_positives(weight: torch.Tensor, target: torch.Tensor, cap: float) -
     return torch.where(positive, weight * ratio, weight)
 
 
-def _as_the_model_sees_them(
-    localiser, prepared, foregrounds, masks, weights, spacings, every_pixel_size=False
-):
+def _as_the_model_sees_them(localiser, prepared, foregrounds, masks, weights, spacings):
     """Corrected cases resampled in plane to the model's pixel size (if it has one), and
-    the slice axes to train on: axial only when a volume has thick slices. With
-    ``every_pixel_size``, one copy of each case per pixel size the model's maps are
-    made at (``in_plane_mm`` and each ``extra_in_plane_mm``). Also returns each array's
-    pixel size (0 where it was not resampled)."""
+    the slice axes to train on: axial only when a volume has thick slices."""
     from scipy import ndimage
 
-    post = localiser.postprocess
-    targets = [post.in_plane_mm]
-    if every_pixel_size and post.in_plane_mm:
-        targets += [size for size in post.extra_in_plane_mm if size != post.in_plane_mm]
+    target = localiser.postprocess.in_plane_mm
     if len(spacings) != len(prepared):
         raise ValueError(f"{len(spacings)} spacings for {len(prepared)} cases")
     out = ([], [], [], [])
-    sizes: list[float] = []
     thick = False
     for arrays, spacing in zip(zip(prepared, foregrounds, masks, weights), spacings):
         if spacing is None:
             for store, array in zip(out, arrays):
                 store.append(array)
-            sizes.append(0.0)
             continue
         step = np.asarray(spacing, dtype=float)
         in_plane = step[1:] if step.size == 3 else step
         if step.size == 3 and step[0] > 1.5 * in_plane.max():
             thick = True
-        for target in targets:
-            sizes.append(float(target))
-            factors = in_plane / target if target else np.ones_like(in_plane)
-            if np.all(np.abs(factors - 1.0) < 0.1):
-                for store, array in zip(out, arrays):
-                    store.append(array)
-                continue
-            zoom = (1.0, *factors) if step.size == 3 else tuple(factors)
-            for k, (store, array) in enumerate(zip(out, arrays)):
-                order = 1 if k == 0 else 0  # intensities linear, masks and weights nearest
-                zoomed = ndimage.zoom(
-                    array.astype(np.float32), zoom, order=order, grid_mode=True, mode="nearest"
-                )
-                store.append(zoomed if k in (0, 3) else zoomed > 0.5)
-    return (*out, (0,) if thick else (0, 1, 2), sizes)
+        factors = in_plane / target if target else np.ones_like(in_plane)
+        if np.all(np.abs(factors - 1.0) < 0.1):
+            for store, array in zip(out, arrays):
+                store.append(array)
+            continue
+        zoom = (1.0, *factors) if step.size == 3 else tuple(factors)
+        for k, (store, array) in enumerate(zip(out, arrays)):
+            order = 1 if k == 0 else 0  # intensities linear, masks and weights nearest
+            zoomed = ndimage.zoom(
+                array.astype(np.float32), zoom, order=order, grid_mode=True, mode="nearest"
+            )
+            store.append(zoomed if k in (0, 3) else zoomed > 0.5)
+    return (*out, (0,) if thick else (0, 1, 2))
 
 
 def finetune(
@@ -1308,10 +1285,9 @@ def finetune(
     weights = [np.asarray(w, np.float32) for w in weights]
     dims = localiser.spatial_dims
     plane_axes: tuple[int, ...] = (0, 1, 2)
-    sizes = [0.0] * len(prepared)
     if spacings is not None and dims == 2:
-        prepared, foregrounds, masks, weights, plane_axes, sizes = _as_the_model_sees_them(
-            localiser, prepared, foregrounds, masks, weights, spacings, config.every_pixel_size
+        prepared, foregrounds, masks, weights, plane_axes = _as_the_model_sees_them(
+            localiser, prepared, foregrounds, masks, weights, spacings
         )
     held_sampler = None
     if held_images and config.distill_weight > 0:
@@ -1322,14 +1298,8 @@ def finetune(
         if held_spacings is not None and dims == 2:
             no_marks = [np.zeros(h.shape, dtype=bool) for h in held_prepared]
             ones = [np.ones(h.shape, dtype=np.float32) for h in held_prepared]
-            held_prepared, held_foregrounds, _, _, held_axes, _ = _as_the_model_sees_them(
-                localiser,
-                held_prepared,
-                held_foregrounds,
-                no_marks,
-                ones,
-                held_spacings,
-                config.every_pixel_size,
+            held_prepared, held_foregrounds, _, _, held_axes = _as_the_model_sees_them(
+                localiser, held_prepared, held_foregrounds, no_marks, ones, held_spacings
             )
         held_sampler = PatchSampler(
             held_prepared,
@@ -1350,7 +1320,6 @@ def finetune(
         lesion_task_level=float(parent_config.get("lesion_task_level", 0.0)),
         deformation_task_probability=float(parent_config.get("deformation_task_probability", 0.0)),
     )
-    marked_maps = [m.astype(np.float32) for m in masks]
     sampler = PatchSampler(
         prepared,
         foregrounds,
@@ -1358,7 +1327,10 @@ def finetune(
         localiser.patch_size,
         scale_range=(1.0, 1.0),
         min_foreground_fraction=0.05,
-        extras=[marked_maps, weights],
+        extras=[
+            [m.astype(np.float32) for m in masks],
+            weights,
+        ],
         focus=masks,
         plane_axes=plane_axes,
     )
@@ -1371,43 +1343,20 @@ def finetune(
     )
     replay = int(round(config.batch_size * config.replay_fraction))
     corrections = config.batch_size - replay
-    # Moved lesions stay at the pixel size they were cut at: with the cases at several
-    # sizes, one host sampler and one set of donors per size.
-    movers: list[tuple[PatchSampler, list]] = []
-    if config.transplant_share > 0:
-        donor_rng = np.random.default_rng([config.seed, 1])
-        groups: dict[float, list[int]] = {}
-        for index, size in enumerate(sizes):
-            groups.setdefault(size, []).append(index)
-        for members in groups.values():
-
-            def pick(arrays: list, members: list[int] = members) -> list:
-                return [arrays[i] for i in members]
-
-            hosts = sampler
-            if len(groups) > 1:
-                hosts = PatchSampler(
-                    pick(prepared),
-                    pick(foregrounds),
-                    dims,
-                    localiser.patch_size,
-                    scale_range=(1.0, 1.0),
-                    min_foreground_fraction=0.05,
-                    extras=[pick(marked_maps), pick(weights)],
-                    plane_axes=plane_axes,
-                )
-            donors = collect_donors(
-                pick(prepared),
-                pick(masks),
-                dims,
-                localiser.patch_size,
-                plane_axes=plane_axes,
-                min_scale=min(config.transplant_scale[0], 1.0),
-                rng=donor_rng,
-            )
-            if donors:
-                movers.append((hosts, donors))
-    transplants = int(round(replay * config.transplant_share)) if movers else 0
+    donors = (
+        collect_donors(
+            prepared,
+            masks,
+            dims,
+            localiser.patch_size,
+            plane_axes=plane_axes,
+            min_scale=min(config.transplant_scale[0], 1.0),
+            rng=np.random.default_rng([config.seed, 1]),
+        )
+        if config.transplant_share > 0
+        else []
+    )
+    transplants = int(round(replay * config.transplant_share)) if donors else 0
     replay -= transplants
     # The parent, frozen, whose maps the replayed patches are held to.
     teacher = None
@@ -1426,8 +1375,7 @@ def finetune(
             )
             batches.append((images_c, target, weight))
         if transplants:
-            hosts, donors = movers[rng.integers(len(movers))] if len(movers) > 1 else movers[0]
-            host, host_foreground, host_marked, host_weight = hosts.sample(transplants, rng)
+            host, host_foreground, host_marked, host_weight = sampler.sample(transplants, rng)
             pasted, pasted_label, placed = transplant(
                 host,
                 host_foreground & (host_marked < 0.5),
@@ -1502,11 +1450,7 @@ def finetune(
             "cases": len(images),
             "marked_voxels": int(sum(m.sum() for m in masks)),
             # marked lesions that could be moved, and patches that received one
-            # (at the pixel size with the most, where the cases were seen at several)
-            "moved_lesions": {
-                "lesions": max((len(d) for _, d in movers), default=0),
-                "patches": moved,
-            },
+            "moved_lesions": {"lesions": len(donors), "patches": moved},
             "held_scans": len(held_images) if held_sampler is not None else 0,
             "steps": config.steps,
             "seed": config.seed,
