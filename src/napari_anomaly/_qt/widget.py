@@ -754,10 +754,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
             parts += [self._derived_layer(case.case_id, role) for role in DERIVED_SUFFIXES]
         parts = [part for part in parts if part is not None]
         layers = self.viewer.layers
-        if list(layers)[-len(parts) :] == parts:
-            return  # already on top, in order
-        for part in parts:  # each to the top in turn
-            layers.move(layers.index(part), len(layers))
+        if list(layers)[-len(parts) :] != parts:  # not already on top, in order
+            layers.move_multiple([layers.index(part) for part in parts], len(layers))
 
     def _on_image_chosen(self, *_: Any) -> None:
         # A slider move not applied yet belongs to the case shown until now.
