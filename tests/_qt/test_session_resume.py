@@ -160,6 +160,31 @@ def test_a_scripted_review_loses_nothing_when_the_widget_is_closed_and_reopened(
     assert sidecar["added_voxels"] == int(again.case("a").edits.added.sum())
 
 
+def test_after_resuming_the_case_shown_is_the_one_on_the_canvas(make_review_widget):
+    """Two cases of one size; after closing and reopening the widget, the case it shows
+    must be the one on top, its mask the layer to paint on (not the other case's)."""
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    for name, seed in (("a", 0), ("b", 3)):
+        viewer.add_image(body_scan((40, 48), seed=seed), name=name)
+        _localise(widget, name)
+    widget.image_layer.value = "b"
+    _close(viewer, widget)
+    viewer.layers.move_multiple(
+        [viewer.layers.index(f"b{suffix}") for suffix in ("", " anomaly", " confidence", " mask")],
+        0,
+    )  # the reviewer rearranged the layers while the widget was closed: "a" on top
+
+    again = _reopen(viewer, type(widget))
+    again.resume()
+    assert again.last_error is None, again.last_error
+    shown = again.image_layer.value
+    on_top = [layer.name for layer in viewer.layers][-4:]
+    assert on_top == [shown, f"{shown} anomaly", f"{shown} confidence", f"{shown} mask"]
+    assert viewer.layers.selection.active.name == f"{shown} mask"
+
+
 def test_restarting_napari_offers_to_resume_and_refuses_a_changed_scan(
     make_review_widget, make_napari_viewer, tmp_path
 ):

@@ -736,16 +736,13 @@ class AnomalyReviewWidget(WorklistControls, Container):
     def _on_image_switched(self, *_: Any) -> None:
         """Another image was chosen: show its case, and make its mask the layer to paint on."""
         self._on_image_chosen()
-        case = self._shown_case()
-        self._bring_to_front(case)
-        mask = self._derived_layer(case.case_id, "mask") if case is not None else None
-        if mask is not None:
-            self.viewer.layers.selection.active = mask
+        self._bring_to_front(self._shown_case())
 
     def _bring_to_front(self, case: Case | None) -> None:
-        """Put the chosen scan and its maps on top of the layer list (the scan lowest, the
-        mask highest), so that the canvas shows the case the table and the controls act
-        on: another case's scan, of the same size, would otherwise cover it."""
+        """Put the shown scan and its maps on top of the layer list (the scan lowest, the
+        mask highest) and make its mask the layer to paint on, so that the canvas shows
+        the case the table and the controls act on: another case's scan, of the same
+        size, would otherwise cover it."""
         layer = self._shown_layer()
         if layer is None:
             return
@@ -756,6 +753,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         layers = self.viewer.layers
         if list(layers)[-len(parts) :] != parts:  # not already on top, in order
             layers.move_multiple([layers.index(part) for part in parts], len(layers))
+        mask = self._derived_layer(case.case_id, "mask") if case is not None else None
+        if mask is not None:
+            layers.selection.active = mask
 
     def _on_image_chosen(self, *_: Any) -> None:
         # A slider move not applied yet belongs to the case shown until now.
@@ -2174,6 +2174,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 self.image_layer.value = first.name
         reviewed = sum(1 for c in session.cases.values() if c.reviewed)
         shown = self._shown_case()
+        self._bring_to_front(shown)
         self._prefetched.clear()
         self._worklist_index = (
             session.worklist.index_of_case(shown.case_id)
