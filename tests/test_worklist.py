@@ -216,3 +216,40 @@ def test_a_folder_of_several_dicom_series_is_an_item_per_series(tmp_path, sessio
     save_session(session, tmp_path / "saved")
     restored = load_session(tmp_path / "saved").worklist
     assert [i.series for i in restored.items] == [None, t2_uid, t1_uid]
+
+
+def test_opening_the_cohort_again_keeps_its_reviewed_cases_on_their_rows(tmp_path, cohort, session):
+    worklist = Worklist.open(cohort)
+    session.set_worklist(worklist)
+    names = [item.name for item in worklist.items]
+    first, second = names.index("a_scan"), names.index("b_scan")
+    _localise_fake(session, worklist, first)
+    _localise_fake(session, worklist, second)
+    session.mark_reviewed(f"case{first}")
+    out = tmp_path / "reviewed"
+    assert len(worklist.export_reviewed(session, out)) == 2
+    # A case opened from one of the cohort's files outside the worklist.
+    third = names.index("c.v1")
+    manual = read_image(worklist.items[third].path).array
+    session.add_case(
+        "by_hand",
+        manual,
+        np.zeros(manual.shape, np.float32),
+        geometry=GEOMETRY,
+        name="c.v1",
+        source_path=worklist.items[third].path,
+    )
+    write_image(cohort / "d_new.nrrd", phantom((32, 32), 3), GEOMETRY)  # a new scan arrived
+
+    again = Worklist.open(cohort)
+    session.set_worklist(again)
+    status = {item.name: again.status(i, session) for i, item in enumerate(again.items)}
+    assert status["a_scan"] == "exported" and status["b_scan"] == "localised"
+    assert status["c.v1"] == "localised" and status["d_new"] == "to do"
+    assert again.items[[i.name for i in again.items].index("c.v1")].case_id == "by_hand"
+    assert again.export_reviewed(session, out) == [], "the exported case is done"
+    session.mark_reviewed(f"case{second}")
+    assert sorted(p.name for p in again.export_reviewed(session, out)) == [
+        "b_scan_mask.json",
+        "b_scan_mask.nii.gz",
+    ]

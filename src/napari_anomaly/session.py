@@ -467,7 +467,11 @@ class ReviewSession:
         self.revision += 1
 
     def set_worklist(self, worklist: Worklist | None) -> None:
-        """Review a cohort: the worklist is kept (and saved) with the session."""
+        """Review a cohort: the worklist is kept (and saved) with the session. Its scans
+        that this session already reviewed keep their cases (:meth:`Worklist.link_reviews`),
+        so opening a cohort again does not start its reviewed cases anew."""
+        if worklist is not None:
+            worklist.link_reviews(self, previous=self.worklist)
         self.worklist = worklist
         self._touch()
 

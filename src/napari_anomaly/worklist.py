@@ -291,6 +291,38 @@ class Worklist:
             if item.case_id == case_id:
                 item.exported = None
 
+    def link_reviews(self, session: ReviewSession, previous: Worklist | None = None) -> int:
+        """Give each item that has no case yet the review ``session`` already holds of its
+        scan: the same file (or DICOM folder) and series as a row of ``previous`` (the
+        worklist open until now; what it exported for that case comes with it) or as a
+        case opened from that file. Opening a cohort's folder again so keeps its reviewed
+        cases on their rows (not shown as *to do*, opened as new cases, and left out of
+        the export). Returns how many items were linked.
+        """
+        known: dict[tuple[str, str | None], tuple[str, str | None]] = {}
+        for item in previous.items if previous is not None else ():
+            if item.case_id in session.cases:
+                known.setdefault(_scan_key(item.path, item.series), (item.case_id, item.exported))
+        for case in session.cases.values():
+            if case.source_path:
+                known.setdefault(
+                    _scan_key(case.source_path, case.source_series), (case.case_id, None)
+                )
+        taken = {item.case_id for item in self.items if item.case_id}
+        linked = 0
+        for item in self.items:
+            if item.case_id is not None:
+                continue
+            case_id, exported = known.get(_scan_key(item.path, item.series), (None, None))
+            if case_id is None or case_id in taken:
+                continue
+            item.case_id = case_id
+            taken.add(case_id)
+            if item.exported is None:
+                item.exported = exported
+            linked += 1
+        return linked
+
     def index_of_case(self, case_id: str) -> int | None:
         return next((i for i, item in enumerate(self.items) if item.case_id == case_id), None)
 
@@ -366,6 +398,15 @@ class Worklist:
             WorkItem(**{k: v for k, v in entry.items() if k in fields}) for entry in data["items"]
         ]
         return cls(items, str(data.get("source", "")))
+
+
+def _scan_key(path: str, series: str | None) -> tuple[str, str | None]:
+    """A scan as a worklist names it: the resolved file or folder, and the series."""
+    try:
+        resolved = str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):
+        resolved = os.path.abspath(path)
+    return resolved, series
 
 
 def _score(text: str | None) -> float | None:

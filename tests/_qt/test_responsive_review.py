@@ -60,6 +60,21 @@ def test_an_action_right_after_a_drag_acts_on_the_new_threshold(widget):
     np.testing.assert_array_equal(np.asarray(mask.data) != 0, case.mask)
 
 
+def test_a_stroke_right_after_a_drag_keeps_the_new_threshold(widget, qtbot):
+    """A brush stroke while the slider settles redraws the case: the slider must keep
+    the reviewer's move, and the move must still be applied."""
+    mask = _open(widget, "scan", body_scan((40, 48)))
+    widget.threshold.value = 0.2
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited  # a stroke before the slider's timer fired
+    assert widget.threshold.value == pytest.approx(0.2)
+    _settle(qtbot, widget)
+    case = widget.case("scan")
+    assert case.threshold == pytest.approx(0.2)
+    assert case.mask[1:4, 1:4].all(), "the stroke is kept"
+
+
 def test_localise_jumps_to_the_top_region_and_the_keys_walk_the_table(widget):
     _open(widget, "scan", body_scan((6, 40, 48)))
     regions = widget.case("scan").regions()

@@ -105,6 +105,28 @@ def test_the_case_chosen_in_the_dropdown_is_the_one_on_the_canvas(widget):
     assert widget.status.value.startswith("B:")
 
 
+def test_a_case_localised_in_the_background_does_not_cover_the_case_shown(widget):
+    """Localise A, then choose B while A's maps are made: when they arrive, B must stay
+    on the canvas with its mask the layer to paint on (not A's new mask)."""
+    viewer = widget.viewer
+    _open(widget, "B", (40, 48), seed=3)
+    viewer.add_image(body_scan((40, 48), 0), name="A")
+    widget.image_layer.value = "A"
+    widget.localise("A")  # runs in the background
+    widget.image_layer.value = "B"  # the reviewer goes back to B meanwhile
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    assert widget.case("A") is not None and "A mask" in viewer.layers
+    assert [layer.name for layer in viewer.layers][-4:] == [
+        "B",
+        "B anomaly",
+        "B confidence",
+        "B mask",
+    ]
+    assert viewer.layers.selection.active.name == "B mask"
+    assert widget.status.value.startswith("B:")
+
+
 def test_renaming_the_image_keeps_its_case_and_edits(widget):
     viewer = widget.viewer
     mask = _open(widget, "scan")

@@ -251,6 +251,37 @@ def test_discard_starts_afresh_and_is_not_offered_again(make_review_widget):
     assert third.resume_offer is None
 
 
+def test_after_discarding_localise_starts_from_a_fresh_mask_not_the_old_review(
+    make_review_widget,
+):
+    """The old review's mask layer is still open after Discard: localising the scan again
+    must give the automatic mask, not turn the old approved mask into painted voxels."""
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    viewer.add_image(body_scan((40, 48)), name="scan")
+    mask = _localise(widget, "scan")
+    widget.set_threshold(0.7)
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited
+    widget.mark_reviewed()
+    _close(viewer, widget)
+
+    again = _reopen(viewer, type(widget))
+    again.discard_autosave()
+    again.image_layer.value = "scan"
+    again.localise(wait=True)
+    assert again.last_error is None, again.last_error
+    case = again.case("scan")
+    assert not case.reviewed and case.threshold == pytest.approx(0.5)
+    assert not case.edits.added.any() and not case.edits.erased.any(), "no strokes were made"
+    assert not case.undo_steps
+    np.testing.assert_array_equal(np.asarray(viewer.layers["scan mask"].data) != 0, case.mask)
+    again.set_threshold(0.7)  # the slider moves the mask again
+    assert not case.mask[1:4, 1:4].any()
+
+
 def test_after_fine_tuning_the_sidecar_names_the_model_hash_and_the_source_file(
     make_review_widget, tmp_path
 ):

@@ -433,3 +433,43 @@ def test_resuming_a_worklist_opens_only_the_case_that_was_shown(make_review_widg
     assert again.case().name == "p1"
     np.testing.assert_array_equal(np.asarray(viewer.layers["p1 mask"].data) != 0, approved)
     assert _scan_layers(again) == ["p1"]
+
+
+def test_opening_the_row_of_the_case_shown_keeps_it_open(widget, cohort):
+    """A double-click on the row of the case on screen must not close that case's scan."""
+    widget.open_worklist(cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    mask_before = widget.case().mask.copy()
+    widget.open_worklist_item(0, wait=True)
+    assert widget.image_layer.value == "p1" and widget.case() is not None
+    assert [layer.name for layer in widget.viewer.layers] == [
+        "p1",
+        "p1 anomaly",
+        "p1 confidence",
+        "p1 mask",
+    ]
+    np.testing.assert_array_equal(widget.case().mask, mask_before)
+
+
+def test_opening_the_cohort_again_keeps_its_reviewed_cases_on_their_rows(widget, cohort, tmp_path):
+    """New scans arrived, the reviewer opens the cohort's folder again: the cases reviewed
+    and exported stay so (not *to do*, not opened anew, not left out of the export)."""
+    approved_p1 = _review_p1_and_move_on(widget, cohort)
+    widget.mark_reviewed()  # p2
+    out = tmp_path / "reviewed"
+    assert len(widget.export_reviewed(out)) == 4
+    write_image(cohort / "p4.nrrd", body_scan((32, 32), 7), GEOMETRY)
+
+    widget.open_worklist(cohort, wait=True)
+    assert _statuses(widget) == ["exported", "exported", "to do", "to do"]
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    assert widget.image_layer.value == "p3"
+    assert _scan_layers(widget) == ["p3"], "the case shown until now was closed"
+    assert len(widget.session.cases) == 3
+    widget.open_worklist_item(0, wait=True)
+    case = widget.case()
+    assert case.reviewed, "p1 opens as the case reviewed, not as a new one"
+    np.testing.assert_array_equal(case.mask, approved_p1)
+    assert widget.export_reviewed(out) == [], "nothing exported twice"

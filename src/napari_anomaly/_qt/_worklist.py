@@ -177,8 +177,9 @@ class WorklistControls:
         session = self.session
         self._cancel_prefetch()
         self._prefetched.clear()
-        session.set_worklist(worklist)
-        self._worklist_index = None
+        session.set_worklist(worklist)  # its scans reviewed already keep their cases
+        shown = self._shown_case()
+        self._worklist_index = worklist.index_of_case(shown.case_id) if shown is not None else None
         self._refresh_worklist()
         self._say(
             f"Worklist: {len(worklist)} scan(s) from {Path(source).name}. "
@@ -249,6 +250,11 @@ class WorklistControls:
             )
             if wait:
                 self.wait()
+            return
+        if index == self._worklist_index:
+            # The row of the case shown: it stays open as it is, back on top.
+            self._show_scan(layer)
+            self._bring_to_front(self._shown_case())
             return
         self._close_worklist_case(self._worklist_index)
         self._show_worklist_item(index, layer, wait)

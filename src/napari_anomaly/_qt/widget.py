@@ -837,7 +837,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self.min_region_mm.changed.blocked(),
         ):
             if case is not None:
-                self.threshold.value = case.threshold
+                if self._pending_threshold != case.case_id:
+                    # (a move still settling is the reviewer's: it is applied, not undone)
+                    self.threshold.value = case.threshold
                 self.min_region_size.value = case.min_region_voxels
                 self.min_region_mm.value = case.min_region_mm
             elif self._session is not None:
@@ -1060,6 +1062,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self.session.rename(case.case_id, scan.name)
         self._show_layers(case)
         shown = self._shown_case()
+        # New layers land on top, the new mask active: the case shown goes back on top,
+        # so that the canvas and the brush stay with the case the table shows.
+        self._bring_to_front(shown)
         if shown is not None and shown.case_id == case.case_id:
             self._render_shown_case()
             self.select_region(0)  # the view jumps to the top-ranked region
@@ -1088,8 +1093,15 @@ class AnomalyReviewWidget(WorklistControls, Container):
         else:
             self.domain_warnings.pop(case_id, None)
 
-    def _show_layers(self, case: Case) -> None:
-        """Add or update the anomaly, confidence and mask layers of a case."""
+    def _show_layers(self, case: Case, strokes_since_saved: bool = False) -> bool:
+        """Add or update the anomaly, confidence and mask layers of a case; True when a
+        layer was added (it lands on top of the layer list, the mask active).
+
+        What an open mask layer shows beyond the mask this widget last put in it are the
+        reviewer's strokes, and are kept. A layer this widget has not rendered holds no
+        strokes of this case (it is left from a review that was discarded or not
+        resumed), unless ``strokes_since_saved``: resuming, where what it shows beyond the
+        saved mask was painted while the widget was closed."""
         # The geometry (direction included) goes into each layer's metadata, so
         # napari's own "Save layer" with our writer restores it too.
         common = layer_kwargs_from_geometry(case.geometry, case.name)
@@ -1098,6 +1110,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if scan is not None:
             # Follow the scan layer exactly, whatever its geometry metadata says.
             common.update(scale=scan.scale, translate=scan.translate)
+        before = len(self.viewer.layers)
         self._set_layer(
             Image,
             case,
@@ -1121,9 +1134,14 @@ class AnomalyReviewWidget(WorklistControls, Container):
         )
         # Strokes made on the old mask while the job ran are the reviewer's: keep them.
         mask_layer = self._derived_layer(case.case_id, "mask")
-        if mask_layer is not None and mask_layer.data.shape == case.shape:
+        if (
+            mask_layer is not None
+            and mask_layer.data.shape == case.shape
+            and (strokes_since_saved or case.case_id in self._rendered)
+        ):
             self._sync_edits(case.case_id)
         self._set_layer(Labels, case, "mask", case.mask.astype(np.uint8), opacity=0.5, **common)
+        return len(self.viewer.layers) > before
 
     def _set_layer(self, kind, case: Case, role: str, data: np.ndarray, **kwargs: Any) -> None:
         kwargs["metadata"] = {**kwargs["metadata"], ROLE_KEY: role, CASE_ID_KEY: case.case_id}
@@ -1624,8 +1642,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         )
 
     def _on_relocalised(self, cases: list[Case]) -> None:
-        for case in cases:
-            self._show_layers(case)
+        added = [self._show_layers(case) for case in cases]
+        if any(added):
+            self._bring_to_front(self._shown_case())
         reviewed = [c.name for c in self.session.cases.values() if c.reviewed]
         self._render_shown_case(
             f"Re-localised {', '.join(c.name for c in cases) or 'nothing'} with "
@@ -1777,10 +1796,13 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.last_calibration = outcome
         self._refresh_models()
         version = outcome.localiser
+        added = False
         for case_id in self._open_case_ids():
             case = self.session.cases[case_id]
             if version is not None and case.model_sha256 == version.sha256:
-                self._show_layers(case)
+                added = self._show_layers(case) or added
+        if added:
+            self._bring_to_front(self._shown_case())
         reviewed = [c.name for c in self.session.cases.values() if c.reviewed]
         self._render_shown_case(
             f"Threshold {outcome.threshold:.2f} from {len(outcome.normals)} normal scan(s): at "
@@ -2162,7 +2184,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             mask_layer = self._derived_layer(case.case_id, "mask")
             if not keep_strokes and mask_layer is not None:
                 self._rendered[case.case_id] = np.asarray(mask_layer.data) != 0
-            self._show_layers(case)
+            self._show_layers(case, strokes_since_saved=keep_strokes)
         self._refresh_models()
         self._on_device_changed()
         self._on_reading_options_changed()
