@@ -224,6 +224,33 @@ def test_a_rerun_skips_done_cases_retries_failed_ones_and_redoes_changed_ones(cl
     assert not _leftovers(out), _leftovers(out)
 
 
+def test_a_rerun_never_replaces_a_mask_a_reviewer_edited_or_approved(client, tmp_path):
+    model = _model(tmp_path / "model.safetensors")
+    scan = _scan(tmp_path / "scan0.nii.gz", 0)
+    out = tmp_path / "out"
+    cases = batch.read_inputs([scan])
+
+    def run(threshold):
+        config = batch.BatchConfig(LocaliseSettings(device="cpu", threshold=threshold))
+        return batch.run_batch_to_end(batch.prepare_batch(cases, out, model, config), client)
+
+    assert run(0.5).done == 1
+    # The reviewer's Export over the batch's mask: an edited, approved mask and sidecar.
+    mask_file, sidecar_file = out / "scan0" / "scan0_mask.nii.gz", out / "scan0" / "scan0_mask.json"
+    edited = np.zeros((64, 64), np.uint8)
+    edited[10:20, 10:20] = 1
+    write_image(mask_file, edited, GEOMETRY, overwrite=True)
+    sidecar = json.loads(sidecar_file.read_text())
+    sidecar.update(reviewed=True, edited_voxels=100)
+    sidecar_file.write_text(json.dumps(sidecar))
+    reviewed = (mask_file.read_bytes(), sidecar_file.read_bytes())
+
+    again = run(0.7)  # other settings: the case would be localised again
+    assert (again.done, again.failed) == (0, 1)
+    assert "scan0_mask.nii.gz" in again.rows[0]["error"] and "reviewer" in again.rows[0]["error"]
+    assert (mask_file.read_bytes(), sidecar_file.read_bytes()) == reviewed
+
+
 @pytest.mark.parametrize("allowed_failures", [3, 0], ids=["retried", "given up"])
 def test_a_worker_killed_mid_case_loses_only_that_case(allowed_failures, tmp_path):
     model = _model(tmp_path / "model.safetensors")

@@ -1,6 +1,8 @@
 """Command-line refusals of bad values, masks and outputs: each comes in one line, naming
 what to change, before any scan is localised or any step trained, and write nothing."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import phantom
@@ -96,6 +98,41 @@ def test_finetune_never_writes_its_model_over_the_parent(case, tmp_path, capsys)
     code = main([*args, "--out", str(parent), "--overwrite", "--steps", "1", "--device", "cpu"])
     assert parent.read_bytes() == before  # docs/cli.md: "The parent file is untouched."
     assert code == 2
+
+
+def test_no_command_writes_over_the_bundled_model(case, tmp_path, monkeypatch, capsys):
+    """``--model`` left out: the command reads the bundled model, and ``--out`` naming it
+    would replace it for every later command (with ``--overwrite`` too)."""
+    import napari_anomaly.localiser as localiser_module
+
+    bundled = tmp_path / "package" / "default_2d.safetensors"
+    bundled.parent.mkdir()
+    bundled.write_bytes(localiser_module.default_model_path().read_bytes())
+    monkeypatch.setattr(localiser_module, "default_model_path", lambda: bundled)
+    before = bundled.read_bytes()
+    image, mask = case
+    for command in (
+        ["finetune", "--images", image, "--masks", str(mask), "--steps", "1"],
+        ["calibrate", image],
+    ):
+        assert main([*command, "--out", str(bundled), "--overwrite", "--device", "cpu"]) == 2
+        _refused_in_one_line(capsys, "bundled default model")
+    assert bundled.read_bytes() == before
+
+
+def test_a_scan_given_as_the_mask_or_a_mask_as_the_scan_is_refused(case, tmp_path, capsys):
+    image, mask = case
+    out = tmp_path / "new.safetensors"
+    args = ["finetune", "--device", "cpu", "--steps", "1", "--out", str(out)]
+    assert main([*args, "--images", str(mask), "--masks", image]) == 2  # swapped
+    _refused_in_one_line(capsys, "scan_mask.nii.gz", "swapped")
+    assert main([*args, "--images", image, "--masks", image]) == 2
+    _refused_in_one_line(capsys, "its own mask")
+    copy = tmp_path / "copy_of_the_scan.nii.gz"
+    copy.write_bytes(Path(image).read_bytes())
+    assert main([*args, "--images", image, "--masks", str(copy)]) == 2
+    _refused_in_one_line(capsys, "copy_of_the_scan.nii.gz", "not a mask")
+    assert not out.exists()
 
 
 def test_localise_checks_that_every_input_exists_before_the_first_is_localised(

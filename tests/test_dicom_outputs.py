@@ -165,6 +165,42 @@ def test_the_export_command_puts_a_reviewed_mask_on_its_series(model, two_series
     assert "a_mask.nii.gz" in capsys.readouterr().err and not other.exists()
 
 
+def test_export_never_puts_a_mask_on_another_patient_nor_writes_over_its_inputs(
+    model, two_series, tmp_path, capsys
+):
+    folder, t1_uid = two_series
+    session = _session_with(model, folder, t1_uid)
+    session.mark_reviewed("a")
+    reviewed = tmp_path / "reviewed" / "a_mask.nii.gz"
+    session.export("a", reviewed)
+    # Another patient scanned with the same protocol: the same grid, other pixels.
+    other = tmp_path / "other_patient"
+    write_dicom_series(
+        phantom((6, 40, 40), 7), other, geometry=GEOMETRY, patient_id="OTHER",
+        patient_name="Other^Patient", seed=7,
+    )  # fmt: skip
+    out = tmp_path / "seg" / "a_seg.dcm"
+    out.parent.mkdir()
+    assert main(["export", str(reviewed), "--source", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a_mask.nii.gz" in err and "other_patient" in err and "Other" not in err
+    assert not out.exists()
+
+    # A file written into the series folder would join the series; the mask is an input.
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    inside = folder / sorted(before)[0]
+    argv = ["export", str(reviewed), "--source", str(folder), "--series", t1_uid]
+    assert main([*argv, "--out", str(inside), "--overwrite"]) == 2
+    assert "inside the --source folder" in capsys.readouterr().err
+    seg_as_mask = tmp_path / "seg" / "earlier_seg.dcm"
+    seg_as_mask.write_bytes(b"an earlier SEG")
+    argv = ["export", str(seg_as_mask), "--source", str(folder), "--out", str(seg_as_mask)]
+    assert main([*argv, "--overwrite"]) == 2
+    assert "MASK input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert seg_as_mask.read_bytes() == b"an earlier SEG"
+
+
 def _series_uids(folder) -> set[str]:
     import pydicom
 

@@ -256,6 +256,51 @@ def test_ctrl_c_on_the_second_scan_names_the_complete_set_of_the_first(
     assert _names(out) == _set_of("normal0")
 
 
+def test_an_input_spelt_another_way_is_never_overwritten(model, scans, tmp_path, capsys):
+    """``folder/../folder/x`` or a link is the same file: still an input, not an output."""
+    folder = tmp_path / "D"
+    folder.mkdir()
+    scan = folder / "scan.nii.gz"
+    other = folder / "scan_anomaly.nii.gz"  # a scan whose name is one of scan's outputs
+    scan.write_bytes(Path(scans[0]).read_bytes())
+    other.write_bytes(Path(scans[1]).read_bytes())
+    before = other.read_bytes()
+    for spelt in (str(tmp_path / "D" / ".." / "D" / other.name), str(tmp_path / "link.nii.gz")):
+        if spelt.endswith("link.nii.gz"):
+            Path(spelt).symlink_to(other)
+        args = ["localise", str(scan), spelt, "--out", str(folder), "--overwrite"]
+        assert main([*args, "--model", str(model), "--device", "cpu"]) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+        assert other.read_bytes() == before
+
+
+SIGTERM_ON_THE_SECOND_SCAN = """
+import os, signal, sys
+from pathlib import Path
+import napari_anomaly.io as nio
+from napari_anomaly.cli import main
+real = nio.write_image
+def write(path, *args, **kwargs):
+    if "normal1_mask" in Path(path).name:
+        os.kill(os.getpid(), signal.SIGTERM)  # a batch system stops the job
+    return real(path, *args, **kwargs)
+nio.write_image = write
+sys.exit(main(["localise", *sys.argv[3:], "--out", sys.argv[1], "--model", sys.argv[2],
+               "--device", "cpu"]))
+"""
+
+
+def test_sigterm_is_reported_like_ctrl_c_with_what_was_written(model, scans, tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-c", SIGTERM_ON_THE_SECOND_SCAN, str(out), str(model), *scans]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, (result.returncode, result.stderr)
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("terminated;") and "normal0.nii.gz" in message
+    assert "Traceback" not in result.stderr
+    assert _names(out) == _set_of("normal0")
+
+
 def test_ctrl_c_while_replacing_a_set_keeps_the_old_set_whole(
     model, scans, tmp_path, monkeypatch, capsys
 ):

@@ -367,10 +367,11 @@ def _localise_case(
     from napari_anomaly.progress import run_to_end
 
     plan = localise_plan(path, out_dir)
-    if Path(path).absolute() in {f.absolute() for f in plan.all_files}:
+    if Path(path).resolve() in {f.resolve() for f in plan.all_files}:
         raise ValueError(
             f"{path} would be overwritten by its own outputs; move it out of {out_dir}"
         )
+    _refuse_a_reviewed_mask(plan)
     outcome = run_to_end(
         localise_file(
             session,
@@ -470,6 +471,25 @@ def _base_record(case: Case, plan_fields: dict) -> dict:
         "source": case.source,
         **plan_fields,
     }
+
+
+def _refuse_a_reviewed_mask(plan) -> None:
+    """A mask a reviewer edited or approved (its sidecar says so) is never replaced by a
+    new automatic one: the case is refused, naming the file, and nothing is written."""
+    sidecar = plan.files.get("sidecar")
+    if sidecar is None or not sidecar.is_file():
+        return
+    try:
+        earlier = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return  # not ours to judge; the writer's own checks apply
+    if isinstance(earlier, dict) and (earlier.get("reviewed") or earlier.get("edited_voxels")):
+        state = "approved by a reviewer" if earlier.get("reviewed") else "edited by a reviewer"
+        mask = plan.files.get("mask") or plan.files.get("seg") or sidecar
+        raise ValueError(
+            f"{mask} is a mask {state} (its sidecar {sidecar.name} says so); it is not "
+            "replaced: move it elsewhere to localise this case again"
+        )
 
 
 def localise_case(

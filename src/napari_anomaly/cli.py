@@ -204,18 +204,29 @@ def _model_out(args: argparse.Namespace, needed_bytes: int = 0) -> Path:
 
 
 # The flags that name files a command reads.
-_INPUT_FLAGS = ("model", "images", "masks", "normals", "hold", "continue_from")
+_INPUT_FLAGS = ("model", "images", "masks", "normals", "hold", "continue_from", "source", "mask")
 
 
 def _not_an_input(out: Path, args: argparse.Namespace, flag: str) -> None:
-    """Refuse an output that is one of the command's inputs, ``--overwrite`` or not."""
+    """Refuse an output that is one of the command's inputs, ``--overwrite`` or not: a
+    file named by an input flag, a file inside an input folder (a DICOM series), or the
+    bundled model (which every command reads when ``--model`` is left out)."""
+    from napari_anomaly.localiser import default_model_path
+
     target = out.resolve()
+    if target == default_model_path().resolve():
+        raise CommandError(f"{flag} {out} is the bundled default model; write to another file")
     for name in _INPUT_FLAGS:
         given = getattr(args, name, None)
         for path in [given] if isinstance(given, (str, os.PathLike)) else given or ():
-            if Path(path).resolve() == target:
-                option = "--" + name.replace("_", "-")
+            read = Path(path).resolve()
+            option = "--" + name.replace("_", "-") if name != "mask" else "MASK"
+            if read == target:
                 raise CommandError(f"{flag} {out} is the {option} input; write to another file")
+            if read.is_dir() and read in target.parents:
+                raise CommandError(
+                    f"{flag} {out} is inside the {option} folder {path}; write elsewhere"
+                )
 
 
 def _save_model(localiser, out: Path, args: argparse.Namespace) -> str:
@@ -329,7 +340,7 @@ def _localise_targets(paths: Sequence[str], out_dir: Path) -> list:
     no two inputs may produce the same file, and no output may replace an input."""
     from napari_anomaly.case_outputs import localise_plan
 
-    inputs = {Path(p).absolute(): p for p in paths}
+    inputs = {Path(p).resolve(): p for p in paths}  # (".." and links resolved)
     plans, owner = [], {}
     for path in paths:
         plan = localise_plan(path, out_dir)
@@ -339,7 +350,7 @@ def _localise_targets(paths: Sequence[str], out_dir: Path) -> list:
                     f"{owner[target]} and {path} would both write {target}; "
                     "localise them into different --out folders"
                 )
-            if target.absolute() in inputs:
+            if target.resolve() in inputs:
                 raise CommandError(f"{path} would overwrite the input {target}; choose --out")
             owner[target] = path
         plans.append(plan)
@@ -509,10 +520,19 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
     if len(images) != len(masks):
         raise CommandError(f"{len(images)} images but {len(masks)} masks; give one mask per image")
     pairs = []
+    import numpy as np
+
     from napari_anomaly.io.masks import read_mask_for
 
     for image_path, mask_path in zip(images, masks):
+        if Path(image_path).resolve() == Path(mask_path).resolve():
+            raise CommandError(f"{image_path} is given as its own mask; give the mask file")
         image = _read(image_path)
+        if np.isin(image.array, (0, 1)).all():
+            raise CommandError(
+                f"{image_path} holds only 0 and 1, which looks like a mask, not a scan "
+                "(--images and --masks swapped?)"
+            )
         # Same shape and grid, finite, non-zero = marked (io.masks).
         pairs.append((image, read_mask_for(image, mask_path, image_path)))
     named = ", ".join(Path(m).name for m in masks)
@@ -692,6 +712,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_scan(mask: str, sidecar: dict, source: str) -> None:
+    """Refuse to put a mask on a series other than the one it was made on: the mask's
+    sidecar names its scan (its sha256, else its path), and two patients scanned with
+    one protocol share a grid, so the grid check alone cannot tell them apart."""
+    from napari_anomaly.session_store import source_sha256
+
+    made_on = sidecar.get("source_sha256")
+    if not made_on and sidecar.get("source_path") and Path(sidecar["source_path"]).exists():
+        if Path(sidecar["source_path"]).resolve() == Path(source).resolve():
+            return
+        made_on = source_sha256(sidecar["source_path"])
+    if made_on and source_sha256(source) != made_on:
+        raise CommandError(
+            f"{mask} was made on {sidecar.get('source_path') or 'another scan'}, not on "
+            f"--source {source} (their contents differ); give the series it was made on"
+        )
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     """A reviewed mask (from *Export* or ``localise``) as DICOM-SEG on its DICOM series."""
     from napari_anomaly.case_outputs import is_dicom_source
@@ -704,6 +742,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {out}: a DICOM-SEG file name ends in .dcm")
     if not is_dicom_source(args.source):
         raise CommandError(f"--source {args.source}: not a DICOM series folder or .dcm file")
+    _not_an_input(out, args, "--out")
     _prepare_folder(out.parent, [out], args)
     sidecar_file = sidecar_path(args.mask)
     sidecar = {}
@@ -712,6 +751,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             sidecar = json.loads(sidecar_file.read_text())
         except (OSError, ValueError) as error:
             raise CommandError(f"{sidecar_file}: not a readable sidecar ({error})") from None
+    _same_scan(args.mask, sidecar, args.source)
     if args.model:
         model = _load_model(args.model)
         model_name, model_sha256 = model.name, model.sha256
@@ -1027,7 +1067,7 @@ def _message(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     written = _Written()
     try:
-        from napari_anomaly.interrupts import interrupts_deferred
+        from napari_anomaly.interrupts import interrupts_deferred, terminate_as_interrupt
 
         # build_parser imports torch: a Ctrl-C inside the import of a compiled extension
         # can abort the interpreter, so it waits until the imports are done.
@@ -1037,10 +1077,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.written = written
         if getattr(args, "seed", 0) < 0:  # before any scan is read or localised
             raise CommandError(f"--seed must be >= 0, got {args.seed}")
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"\ncancelled; {written.summary()}", file=sys.stderr)
-        return 130
+        if args.func is _cmd_demo:  # napari's own event loop: SIGTERM ends it as always
+            return int(args.func(args) or 0)
+        with terminate_as_interrupt():  # a batch system's stop: reported like Ctrl-C
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as interrupt:
+        # SIGTERM raises interrupts.Terminated (by name: a Ctrl-C can land before the
+        # import above is done)
+        terminated = type(interrupt).__name__ == "Terminated"
+        print(
+            f"\n{'terminated' if terminated else 'cancelled'}; {written.summary()}", file=sys.stderr
+        )
+        return 143 if terminated else 130
     except (CommandError, ValueError, OSError, MemoryError) as error:
         print(f"error: {_message(error)}", file=sys.stderr)
         if written.entries or not _is_refusal(error):

@@ -61,14 +61,30 @@ def read_mask_for(
     mask = read_image(mask_path)
     if mask.array.shape != image.array.shape:
         raise ImageFileError(
-            f"{name}: mask shape {mask.array.shape} differs from {image_name}'s "
-            f"{image.array.shape}"
+            f"{name}: mask shape {mask.array.shape} differs from {image_name}'s {image.array.shape}"
         )
     values = mask.array
     if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
         raise ImageFileError(f"{name}: the mask holds NaN or infinite values")
     check_mask_geometry(image.geometry, mask.geometry, name)
+    _refuse_a_scan(values, name)
     return values != 0
+
+
+#: A mask holds at most this many distinct values (background included): one label per
+#: lesion leaves room for dozens of lesions, while even an 8-bit scan holds hundreds.
+MAX_MASK_LABELS = 64
+
+
+def _refuse_a_scan(values: np.ndarray, name: str) -> None:
+    """A mask is a label image (non-zero = marked): more distinct values than a mask's
+    labels are a scan given as the mask, and would mark most of it."""
+    distinct = np.unique(values).size
+    if distinct > MAX_MASK_LABELS:
+        raise ImageFileError(
+            f"{name}: holds {distinct} distinct values, so it is not a mask (labels); "
+            "a scan given as the mask?"
+        )
 
 
 def _mm(values) -> str:
