@@ -144,6 +144,13 @@ def test_localise_checks_that_every_input_exists_before_the_first_is_localised(
     assert main([*args, "--device", "cpu"]) == 2
     _refused_in_one_line(capsys, "missing.nii.gz")
     assert not out.exists()
+    # A damaged file at the end of the list: refused before the first scan is localised.
+    damaged = tmp_path / "damaged.nii.gz"
+    damaged.write_bytes(b"")
+    args = ["localise", image, str(damaged), "--out", str(out)]
+    assert main([*args, "--device", "cpu"]) == 2
+    _refused_in_one_line(capsys, "damaged.nii.gz")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("budget", ["inf", "nan", "-1"])

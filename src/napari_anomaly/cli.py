@@ -398,14 +398,20 @@ def _cmd_localise(args: argparse.Namespace) -> int:
     for path in args.images:  # every input, before the first is localised
         if not Path(path).exists():
             raise CommandError(f"{path} does not exist")
-    plans = _localise_targets(args.images, out_dir)
-    _prepare_folder(out_dir, [f for plan in plans for f in plan.all_files], args)
-    session = _file_session(_load_model(args.model), settings)
     if args.series and not all(is_dicom_source(p) for p in args.images):
         raise CommandError("--series applies to DICOM inputs (series folders) only")
-    for path, plan in zip(args.images, plans):
-        # Read (and refuse) before the progress line starts.
-        loaded = read_image(path, scan=True, series=args.series)
+    plans = _localise_targets(args.images, out_dir)
+    _prepare_folder(out_dir, [f for plan in plans for f in plan.all_files], args)
+    # Every input read and checked before the first is localised (a damaged file at the
+    # end of a long list is refused now, not after hours of work); each is read again in
+    # its turn, so that only one scan is held at a time.
+    loaded = read_image(args.images[0], scan=True, series=args.series)
+    for path in args.images[1:]:
+        read_image(path, scan=True, series=args.series)
+    session = _file_session(_load_model(args.model), settings)
+    for index, (path, plan) in enumerate(zip(args.images, plans)):
+        if index:
+            loaded = read_image(path, scan=True, series=args.series)
         outcome = _run(
             localise_file(
                 session,
