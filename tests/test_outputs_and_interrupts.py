@@ -301,6 +301,40 @@ def test_sigterm_is_reported_like_ctrl_c_with_what_was_written(model, scans, tmp
     assert _names(out) == _set_of("normal0")
 
 
+SIGTERM_WHILE_HELD = """
+import os, signal, sys
+from napari_anomaly.interrupts import Terminated, interrupts_deferred, terminate_as_interrupt
+def held():
+    with interrupts_deferred():  # a few renames that must complete together
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("the renames completed", flush=True)
+    print("went on after SIGTERM", flush=True)
+if sys.argv[1] == "command line":
+    try:
+        with terminate_as_interrupt():
+            held()
+    except Terminated:
+        print("reported as terminated", flush=True)
+else:
+    held()
+"""
+
+
+@pytest.mark.parametrize("where", ["command line", "elsewhere"])
+def test_sigterm_during_held_renames_waits_for_them_then_stops(where):
+    """Held back until the renames are done; then the command line reports it, and any
+    other program (napari) ends by the signal as it would have without the hold."""
+    argv = [sys.executable, "-c", SIGTERM_WHILE_HELD, where]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "the renames completed"
+    assert "went on after SIGTERM" not in lines
+    if where == "command line":
+        assert lines[1:] == ["reported as terminated"] and result.returncode == 0
+    else:
+        assert result.returncode == -signal.SIGTERM
+
+
 def test_ctrl_c_while_replacing_a_set_keeps_the_old_set_whole(
     model, scans, tmp_path, monkeypatch, capsys
 ):

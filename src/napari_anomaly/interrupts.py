@@ -8,6 +8,7 @@ imported.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -71,6 +72,18 @@ def interrupts_deferred() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if signal.SIGTERM in received:
-            raise Terminated
+            _deliver_sigterm(previous[signal.SIGTERM])
         if received:
             raise KeyboardInterrupt
+
+
+def _deliver_sigterm(handler) -> None:
+    """A SIGTERM held back, delivered as it would have been: :class:`Terminated` under
+    :func:`terminate_as_interrupt`, another Python handler called, else (the default)
+    the process ends by the signal, as without the hold."""
+    if handler is _raise_terminated:
+        raise Terminated
+    if callable(handler):
+        handler(signal.SIGTERM, None)
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGTERM)
