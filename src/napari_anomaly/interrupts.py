@@ -25,53 +25,55 @@ def _raise_terminated(signum, frame) -> None:
 
 
 @contextlib.contextmanager
+def _handlers(handlers: dict[int, object]) -> Iterator[dict[int, object] | None]:
+    """Install signal handlers for the block and restore the previous ones after; yields
+    the previous handlers, or ``None`` outside the main thread (where Python delivers
+    signals) or the main interpreter, where nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    try:
+        previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    except ValueError:  # not the main interpreter
+        yield None
+        return
+    try:
+        yield previous
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``)
     instead of ending the process at once, so that a stopped job reports truthfully what
     exists and leaves no half-written file. Only in the main thread; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    with _handlers({signal.SIGTERM: _raise_terminated}):
         yield
-        return
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, then raise
-    ``KeyboardInterrupt`` (:class:`Terminated` for SIGTERM):
-    around a few renames that must complete together, and around the command line's
-    start-up (a Ctrl-C inside the import of a compiled extension can abort the
+    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, then deliver them:
+    Ctrl-C as ``KeyboardInterrupt``, SIGTERM as it would have been delivered without the
+    hold. Around a few renames that must complete together, and around the command
+    line's start-up (a Ctrl-C inside the import of a compiled extension can abort the
     interpreter instead of raising).
 
     Only in the main thread (where Python delivers signals); elsewhere a no-op.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+
+    def hold(signum, frame) -> None:
+        received.append(signum)
+
+    previous = None
     try:
-        previous = {
-            signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-            for signum in held
-        }
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if signal.SIGTERM in received:
+        with _handlers({signal.SIGINT: hold, signal.SIGTERM: hold}) as previous:
+            yield
+    finally:  # (also when the block raised: the signal wins, as it would have)
+        if previous is not None and signal.SIGTERM in received:
             _deliver_sigterm(previous[signal.SIGTERM])
         if received:
             raise KeyboardInterrupt

@@ -95,14 +95,21 @@ def test_the_case_chosen_in_the_dropdown_is_the_one_on_the_canvas(widget):
     assert on_top == ["A", "A anomaly", "A confidence", "A mask"]
     assert viewer.layers.selection.active.name == "A mask"
     widget.image_layer.value = "B"
-    assert [layer.name for layer in viewer.layers][-4:] == [
-        "B",
-        "B anomaly",
-        "B confidence",
-        "B mask",
+    _assert_on_the_canvas(widget, "B")
+
+
+def _assert_on_the_canvas(widget, name):
+    """The case ``name`` is on top of the layer list (scan lowest, mask highest), its mask
+    the layer to paint on, and the status line speaks of it."""
+    layers = widget.viewer.layers
+    assert [layer.name for layer in layers][-4:] == [
+        name,
+        f"{name} anomaly",
+        f"{name} confidence",
+        f"{name} mask",
     ]
-    assert viewer.layers.selection.active.name == "B mask"
-    assert widget.status.value.startswith("B:")
+    assert layers.selection.active.name == f"{name} mask"
+    assert widget.status.value.startswith(f"{name}:")
 
 
 def test_a_case_localised_in_the_background_does_not_cover_the_case_shown(widget):
@@ -117,14 +124,7 @@ def test_a_case_localised_in_the_background_does_not_cover_the_case_shown(widget
     widget.wait()
     assert widget.last_error is None, widget.last_error
     assert widget.case("A") is not None and "A mask" in viewer.layers
-    assert [layer.name for layer in viewer.layers][-4:] == [
-        "B",
-        "B anomaly",
-        "B confidence",
-        "B mask",
-    ]
-    assert viewer.layers.selection.active.name == "B mask"
-    assert widget.status.value.startswith("B:")
+    _assert_on_the_canvas(widget, "B")
 
 
 def test_renaming_the_image_keeps_its_case_and_edits(widget):
