@@ -201,6 +201,25 @@ def test_export_never_puts_a_mask_on_another_patient_nor_writes_over_its_inputs(
     assert seg_as_mask.read_bytes() == b"an earlier SEG"
 
 
+def test_a_seg_is_not_written_on_a_series_folder_that_changed_since_the_review(
+    model, two_series, tmp_path
+):
+    """The case's folder was reused for another patient's series on the same grid: the
+    widget's Export must not put the reviewed mask on it."""
+    folder, t1_uid = two_series
+    session = _session_with(model, folder, t1_uid)
+    session.mark_reviewed("a")
+    for path in folder.iterdir():
+        path.unlink()
+    write_dicom_series(
+        phantom((6, 40, 40), 7), folder, geometry=GEOMETRY, patient_id="OTHER", seed=7
+    )
+    target = tmp_path / "reviewed" / "a_seg.dcm"
+    with pytest.raises(ValueError, match="changed since"):
+        session.export("a", target)
+    assert not target.parent.exists() or not any(target.parent.iterdir())
+
+
 def _series_uids(folder) -> set[str]:
     import pydicom
 

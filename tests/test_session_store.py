@@ -116,6 +116,20 @@ def test_a_changed_or_missing_source_file_is_refused_by_name(localiser, tmp_path
     np.testing.assert_array_equal(loaded.case("a").mask, session.case("a").mask)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "emptied"])
+def test_a_damaged_maps_file_is_refused_by_name_and_left_as_it_is(localiser, tmp_path, damage):
+    session, _ = _reviewed_session(localiser, tmp_path)
+    folder = tmp_path / "review"
+    save_session(session, folder)
+    maps = next(folder.rglob("maps-*.npz"))
+    data = maps.read_bytes()
+    maps.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(SessionFileError, match=maps.name + " in the session folder is damaged"):
+        load_session(folder)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
 def test_fine_tuned_versions_are_saved_as_safetensors_with_a_hash_and_their_lineage(
     localiser, tmp_path
 ):

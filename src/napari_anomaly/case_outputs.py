@@ -239,8 +239,19 @@ def write_case(
                 f"{case.name} came without one; export it as .nii.gz instead"
             )
     plan.check(overwrite=overwrite)
-    mask = case.mask
     files = plan.files
+    if ("seg" in files or "anomaly_seg" in files) and case.source_sha256:
+        # A SEG is written on the series as it is now: it must be the scan reviewed (a
+        # folder reused for another patient's series shares the grid, not the patient).
+        from napari_anomaly.session_store import source_sha256
+
+        if source_sha256(case.source_path) != case.source_sha256:
+            raise ValueError(
+                f"{case.source_path} changed since {case.name} was localised (its sha256 "
+                "differs): the DICOM-SEG is not written on another scan; export it as "
+                ".nii.gz instead"
+            )
+    mask = case.mask
     geometry = case.geometry
     regions, ranks = case.regions_and_ranks(ranks="regions" in files)
     with OutputSet(plan.folder, overwrite=overwrite) as outputs:

@@ -49,6 +49,8 @@ import shutil
 import socket
 import threading
 import uuid
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,11 +180,12 @@ def _write_npz(path: Path, arrays: Mapping[str, np.ndarray], compress: bool = Fa
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # (opened here: np.load leaves its own handle open on a damaged archive)
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except FileNotFoundError:
         raise SessionFileError(f"{path.name} is missing from the session folder") from None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise SessionFileError(f"{path.name} in the session folder is damaged ({error})") from None
 
 
