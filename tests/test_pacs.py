@@ -216,6 +216,34 @@ def test_an_interrupted_retrieve_resumes_without_fetching_again(
     np.testing.assert_array_equal(read_image(folder).array, read_image(uploaded["mr"].folder).array)
 
 
+def test_an_instance_cut_short_stops_the_retrieve_and_a_rerun_completes_it(
+    settings, uploaded, tmp_path, monkeypatch
+):
+    """A body cut off mid-transfer that the multipart parser took as whole: the short
+    pixel data must not reach a series folder that localise would read as complete."""
+    from dicomweb_client import DICOMwebClient
+
+    uid = uploaded["mr"].series_uid
+    target = tmp_path / "series"
+    original = DICOMwebClient.retrieve_instance
+    calls = []
+
+    def cut_short(client, *args, **kwargs):
+        dataset = original(client, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            dataset.PixelData = dataset.PixelData[: len(dataset.PixelData) // 6]
+        return dataset
+
+    monkeypatch.setattr(DICOMwebClient, "retrieve_instance", cut_short)
+    with pytest.raises(PacsError, match="cut short.*run the retrieve again"):
+        run_to_end(pacs.retrieve_series(settings, uid, target))
+    assert not target.exists(), "an incomplete series is never under the final name"
+    monkeypatch.setattr(DICOMwebClient, "retrieve_instance", original)
+    folder = run_to_end(pacs.retrieve_series(settings, uid, target))
+    np.testing.assert_array_equal(read_image(folder).array, read_image(uploaded["mr"].folder).array)
+
+
 def test_a_second_retrieve_of_the_same_series_is_refused_while_the_first_runs(
     settings, uploaded, tmp_path
 ):

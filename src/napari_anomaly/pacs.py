@@ -791,6 +791,29 @@ def _instance_bytes(item: dict) -> int | None:
     return rows * columns * samples * frames * max(bits // 8, 1)
 
 
+def pixel_data_shortfall(dataset) -> tuple[int, int] | None:
+    """``(received, expected)`` bytes of native (uncompressed) pixel data when an
+    instance holds less than its rows, columns, samples, frames and bits announce (a
+    transfer cut off mid-body that the multipart parser took as whole); else ``None``."""
+    try:
+        element = dataset["PixelData"]  # the data element (its .get gives the bare bytes)
+    except (KeyError, TypeError):
+        element = None
+    if element is None or getattr(element, "is_undefined_length", False):
+        return None  # no pixels, or encapsulated (compressed) frames
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        return None
+    try:
+        bits = int(dataset.Rows) * int(dataset.Columns) * int(dataset.BitsAllocated)
+        bits *= int(getattr(dataset, "SamplesPerPixel", 1) or 1)
+        bits *= int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    expected, received = (bits + 7) // 8, len(element.value or b"")
+    return (received, expected) if received < expected else None
+
+
 def _megabytes(n: float) -> str:
     return f"{n / 1024**2:.0f} MB" if n >= 1024**2 else f"{n / 1024:.0f} kB"
 
@@ -976,6 +999,13 @@ def _retrieve(
                     study_instance_uid=study_uid or _value(item, "study_uid"),
                     series_instance_uid=series_uid,
                     sop_instance_uid=name[: -len(".dcm")],
+                )
+            short = pixel_data_shortfall(dataset)
+            if short is not None:
+                raise PacsError(
+                    f"an instance of series {series_uid} arrived cut short ({short[0]} of "
+                    f"{short[1]} bytes of pixel data); the {done} instances fetched so far "
+                    f"wait in {staging}: run the retrieve again to fetch the rest"
                 )
             data = _encode(dataset)
             received += len(data)
