@@ -217,12 +217,15 @@ def write_case(
     *,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    verify_source: bool = True,
 ) -> list[Path]:
     """Write the files of ``plan`` for ``case`` as one set (all or none); returns them.
 
     The mask is the case's mask: for a reviewed case exactly the approved one. The
     region table and rank image are those of that mask, ranked as the review table
-    ranks them. Refuses (before writing) a file that exists unless ``overwrite``.
+    ranks them. Refuses (before writing) a file that exists unless ``overwrite``, and a
+    DICOM-SEG on a series folder that changed since the case was localised (hashed
+    again unless ``verify_source`` is False: the caller has just read and hashed it).
     """
     dicom_outputs = [k for k in ("seg", "anomaly_seg") if k in plan.files]
     if dicom_outputs:
@@ -240,7 +243,7 @@ def write_case(
             )
     plan.check(overwrite=overwrite)
     files = plan.files
-    if ("seg" in files or "anomaly_seg" in files) and case.source_sha256:
+    if verify_source and ("seg" in files or "anomaly_seg" in files) and case.source_sha256:
         # A SEG is written on the series as it is now: it must be the scan reviewed (a
         # folder reused for another patient's series shares the grid, not the patient).
         from napari_anomaly.session_store import source_sha256

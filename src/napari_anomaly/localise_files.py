@@ -211,7 +211,10 @@ def localise_file(
     )
     try:
         extra = {"domain_check": report.to_dict(), "flips": session.inference.flips}
-        files = session.write_outputs(case_id, plan, overwrite=overwrite, extra=extra)
+        # (the source was read and hashed for this case a moment ago: not hashed again)
+        files = session.write_outputs(
+            case_id, plan, overwrite=overwrite, extra=extra, verify_source=False
+        )
         regions = case.regions()
         return FileOutcome(
             files=files,

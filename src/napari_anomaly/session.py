@@ -1357,8 +1357,11 @@ class ReviewSession:
         plan: OutputPlan,
         overwrite: bool = False,
         extra: dict | None = None,
+        verify_source: bool = True,
     ) -> list[Path]:
         """Write the files of ``plan`` for a case as one set, with the one sidecar
         format (:func:`napari_anomaly.case_outputs.write_case`); ``extra`` adds
         sidecar keys."""
-        return write_case(self.case(case_id), plan, overwrite=overwrite, extra=extra)
+        return write_case(
+            self.case(case_id), plan, overwrite=overwrite, extra=extra, verify_source=verify_source
+        )
