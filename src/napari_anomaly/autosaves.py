@@ -31,9 +31,12 @@ from napari_anomaly.session_store import (
     DISCARDED_FOLDER,
     MANIFEST_NAME,
     AutosaveInfo,
+    FolderInUseError,
     SessionFileError,
     autosave_root,
+    claim,
     is_claimed,
+    release,
 )
 
 __all__ = [
@@ -224,10 +227,18 @@ def remove_autosave(entry: AutosaveEntry) -> None:
         When the folder is in use.
     """
     folder = entry.folder
-    if entry.state != DISCARDED and is_claimed(folder):
-        raise ValueError(f"{entry.name}: a running napari autosaves into it; close it first")
+    token = f"remove-{uuid.uuid4().hex}"
+    try:
+        claim(folder, token)  # no window resumes it while it goes
+    except FolderInUseError:
+        raise ValueError(
+            f"{entry.name}: a running napari autosaves into it; close it first"
+        ) from None
     doomed = folder.parent / f"{_REMOVING}{folder.name}-{uuid.uuid4().hex[:6]}"
-    os.replace(folder, doomed)
+    try:
+        os.replace(folder, doomed)
+    finally:
+        release(folder, token)
     shutil.rmtree(doomed)
 
 

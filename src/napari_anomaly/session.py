@@ -461,6 +461,12 @@ class ReviewSession:
         #: The cohort under review (:class:`napari_anomaly.worklist.Worklist`), if any;
         #: saved and resumed with the session.
         self.worklist: Worklist | None = None
+        #: Names this review in every folder it is saved in: a folder that holds another
+        #: review is never saved over (:func:`session_store.save_session`).
+        self.session_id = uuid.uuid4().hex
+        # Per session folder, the save this session last wrote or read there: a folder
+        # another window saved into since is not saved over either.
+        self._folder_saves: dict[str, str | None] = {}
         self.add_version(localiser)
 
     def _touch(self) -> None:
@@ -573,11 +579,12 @@ class ReviewSession:
         return self.localiser.recommended_threshold
 
     # -- persistence --------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """Save the session to a folder (see :mod:`napari_anomaly.session_store`)."""
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Save the session to a folder (see :func:`session_store.save_session`: a folder
+        holding another review is refused unless ``overwrite``)."""
         from napari_anomaly.session_store import save_session
 
-        return save_session(self, folder)
+        return save_session(self, folder, overwrite=overwrite)
 
     @classmethod
     def load(cls, folder: str | Path, **kwargs) -> ReviewSession:
@@ -655,6 +662,9 @@ class ReviewSession:
         ``midline``: the patient's mid-sagittal plane found with the maps
         (:attr:`~napari_anomaly.inference.LocalisationResult.midline`).
         """
+        if source_path is not None:
+            # Absolute: a saved session is resumed from any working directory.
+            source_path = Path(source_path).expanduser().resolve()
         if source_path is not None and source_sha256 is None:
             from napari_anomaly.session_store import source_sha256 as hash_source
 
@@ -784,6 +794,7 @@ class ReviewSession:
         if source_path is not None:
             from napari_anomaly.session_store import source_sha256 as hash_source
 
+            source_path = Path(source_path).expanduser().resolve()
             digest = source_sha256 or hash_source(source_path)
             source = (str(source_path), digest, source_series)
         localiser = self.localiser

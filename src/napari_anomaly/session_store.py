@@ -25,6 +25,14 @@ files get new names when their content changes, and the manifest is written
 last: a crash at any moment leaves the previous complete session readable.
 Files no longer named by the manifest are removed after it is written.
 
+``session.json`` also names the review (``session_id``) and the save (``save_id``):
+a folder holding another review, or a save of this review made elsewhere since
+this session last saw the folder, is not saved over (:class:`OtherReviewError`).
+An autosave folder in use carries a ``.in-use`` claim naming its owner (the
+machine, the process and its start time, the window): no other window saves
+into it, resumes it, discards it or removes it (:class:`FolderInUseError`), and
+a claim whose process is gone is taken over.
+
 Resuming reads a case's scan from its source file after checking the file's
 sha256; a changed or missing file stops the whole load with a message naming
 it (the edits were made on the old scan). A scan still open in the viewer can
@@ -72,6 +80,8 @@ __all__ = [
     "MANIFEST_NAME",
     "SESSION_FORMAT_VERSION",
     "AutosaveInfo",
+    "FolderInUseError",
+    "OtherReviewError",
     "SessionFileError",
     "autosave_root",
     "claim",
@@ -216,9 +226,20 @@ def _case_folder_name(case_id: str) -> str:
 
 
 # ----------------------------------------------------------------------------- locking
+# A folder in use carries a lock file naming its owner: this machine, the process
+# (pid and start time, so that a pid reused after a crash is not taken for the
+# owner) and the owner's token. Within one process, _CLAIMED says which owner (a
+# widget) holds which folder: two widgets of one napari never share a folder.
 _FOLDER_LOCKS: dict[str, threading.Lock] = {}
 _FOLDER_LOCKS_GUARD = threading.Lock()
-_CLAIMED: set[str] = set()
+_CLAIMED: dict[str, str] = {}
+_CLAIMS_GUARD = threading.RLock()
+#: The owner of claims made without one (scripts, the command line).
+_PROCESS_OWNER = "process"
+
+
+class FolderInUseError(SessionFileError):
+    """Another live review (another window or napari) uses the folder."""
 
 
 def _key(folder: str | os.PathLike[str]) -> str:
@@ -234,7 +255,31 @@ def _folder_lock(folder: Path):
         yield
 
 
+def _process_started(pid: int) -> str | None:
+    """When process ``pid`` started, where the system says (Linux); ``None`` elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (start time in clock ticks since boot) comes after the name in parentheses.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl+C there
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        try:
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        finally:
+            kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -244,34 +289,104 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def claim(folder: str | os.PathLike[str]) -> None:
-    """Mark an autosave folder as in use by this process (not offered for resuming)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _CLAIMED.add(_key(folder))
-    owner = {"pid": os.getpid(), "host": socket.gethostname()}
-    atomic_write_text(folder / _LOCK_NAME, json.dumps(owner), overwrite=True)
+def _lock_record(owner: str) -> dict[str, Any]:
+    pid = os.getpid()
+    return {
+        "pid": pid,
+        "started": _process_started(pid),
+        "host": socket.gethostname(),
+        "owner": owner,
+    }
 
 
-def release(folder: str | os.PathLike[str]) -> None:
-    """Give up an autosave folder claimed with :func:`claim`."""
-    _CLAIMED.discard(_key(folder))
-    with contextlib.suppress(OSError):
-        (Path(folder) / _LOCK_NAME).unlink()
-
-
-def is_claimed(folder: str | os.PathLike[str]) -> bool:
-    """Whether a live widget (of this process or another on this machine) uses the folder."""
-    if _key(folder) in _CLAIMED:
-        return True
+def _held_elsewhere(folder: Path) -> bool:
+    """Whether the folder's lock file names a live process of this machine other than this one."""
     try:
-        owner = json.loads((Path(folder) / _LOCK_NAME).read_text())
+        owner = json.loads((folder / _LOCK_NAME).read_text())
     except (OSError, ValueError):
         return False
     if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
         return False  # another machine's lock cannot be checked; its work is offered
     pid = owner.get("pid")
-    return isinstance(pid, int) and pid != os.getpid() and _alive(pid)
+    if not isinstance(pid, int) or pid == os.getpid() or not _alive(pid):
+        return False
+    started = owner.get("started")
+    # A pid reused by an unrelated process after the owner died is no owner.
+    return started is None or _process_started(pid) in (None, started)
+
+
+def _write_lock(folder: Path, owner: str, exclusive: bool) -> bool:
+    """Write the lock file; with ``exclusive``, only when there is none (``False`` then)."""
+    record = json.dumps(_lock_record(owner))
+    if not exclusive:
+        atomic_write_text(folder / _LOCK_NAME, record, overwrite=True)
+        return True
+    try:
+        handle = os.open(folder / _LOCK_NAME, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(handle, "w") as stream:
+        stream.write(record)
+    return True
+
+
+def claim(folder: str | os.PathLike[str], owner: str | None = None) -> None:
+    """Take an autosave folder for ``owner`` (a widget's token; default: this process).
+
+    A folder claimed is not offered for resuming, not discarded and not removed,
+    and no other owner saves into it. Claiming a folder the owner holds again
+    rewrites its lock file if someone removed it.
+
+    Raises
+    ------
+    FolderInUseError
+        When another owner of this process, or another live process on this
+        machine, holds the folder (a claim left by a process that died is taken over).
+    """
+    folder = Path(folder)
+    owner = owner or _PROCESS_OWNER
+    key = _key(folder)
+    with _CLAIMS_GUARD:
+        held = _CLAIMED.get(key)
+        if held is not None and held != owner:
+            raise FolderInUseError(f"{folder} is in use by another review in this napari")
+        folder.mkdir(parents=True, exist_ok=True)
+        if held == owner:
+            if not (folder / _LOCK_NAME).is_file():
+                _write_lock(folder, owner, exclusive=False)
+            return
+        for _attempt in range(3):
+            if _write_lock(folder, owner, exclusive=True):
+                _CLAIMED[key] = owner
+                return
+            if _held_elsewhere(folder):
+                break
+            # A claim left behind by a process that is gone: take it over.
+            with contextlib.suppress(FileNotFoundError):
+                (folder / _LOCK_NAME).unlink()
+        raise FolderInUseError(f"{folder} is in use by another napari on this machine")
+
+
+def release(folder: str | os.PathLike[str], owner: str | None = None) -> None:
+    """Give up a folder claimed with :func:`claim` by the same ``owner`` (another
+    owner's claim is left alone)."""
+    owner = owner or _PROCESS_OWNER
+    key = _key(folder)
+    with _CLAIMS_GUARD:
+        if _CLAIMED.get(key) != owner:
+            return
+        del _CLAIMED[key]
+        with contextlib.suppress(OSError):
+            (Path(folder) / _LOCK_NAME).unlink()
+
+
+def is_claimed(folder: str | os.PathLike[str], owner: str | None = None) -> bool:
+    """Whether a live review other than ``owner``'s (of this process, or of another
+    process on this machine) uses the folder."""
+    held = _CLAIMED.get(_key(folder))
+    if held is not None:
+        return held != owner
+    return _held_elsewhere(Path(folder))
 
 
 # ----------------------------------------------------------------------------- autosave
@@ -323,15 +438,18 @@ class AutosaveInfo:
             model_name=str(current.get("name", "?")),
         )
 
-    def describe(self) -> str:
-        """One line for the resume prompt."""
+    def describe_time(self) -> str:
+        """When it was saved, in local time (``03 Dec 2026, 21:40``)."""
         try:
             when = _dt.datetime.fromisoformat(self.saved_at).astimezone()
-            saved = when.strftime("%d %b %Y, %H:%M")
         except ValueError:
-            saved = self.saved_at
+            return self.saved_at
+        return when.strftime("%d %b %Y, %H:%M")
+
+    def describe(self) -> str:
+        """One line for the resume prompt."""
         return (
-            f"Autosaved {saved}: {self.cases} case(s), {self.reviewed} reviewed, "
+            f"Autosaved {self.describe_time()}: {self.cases} case(s), {self.reviewed} reviewed, "
             f"model {self.model_name}."
         )
 
@@ -361,15 +479,29 @@ def find_autosaves(
 
 
 def discard(folder: str | os.PathLike[str]) -> Path:
-    """Set an autosaved session aside: it is kept (``<root>/.discarded/``) but not offered again."""
+    """Set an autosaved session aside: it is kept (``<root>/.discarded/``) but not offered again.
+
+    Raises
+    ------
+    FolderInUseError
+        When a live review uses the folder (another window resumed it): nothing is moved.
+    """
     folder = Path(folder)
-    aside = folder.parent / DISCARDED_FOLDER
-    aside.mkdir(parents=True, exist_ok=True)
-    target = aside / folder.name
-    if target.exists():
-        target = aside / f"{folder.name}-{uuid.uuid4().hex[:6]}"
-    release(folder)
-    shutil.move(str(folder), str(target))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found")
+    token = f"discard-{uuid.uuid4().hex}"
+    claim(folder, token)  # no one resumes it while it moves
+    try:
+        aside = folder.parent / DISCARDED_FOLDER
+        aside.mkdir(parents=True, exist_ok=True)
+        target = aside / folder.name
+        if target.exists():
+            target = aside / f"{folder.name}-{uuid.uuid4().hex[:6]}"
+        shutil.move(str(folder), str(target))
+    finally:
+        release(folder, token)  # (once moved: only this process's record of the claim)
+    with contextlib.suppress(OSError):
+        (target / _LOCK_NAME).unlink()
     return target
 
 
@@ -378,12 +510,62 @@ def _looks_like_session(folder: Path) -> bool:
     return (folder / MANIFEST_NAME).is_file()
 
 
-def save_session(session: ReviewSession, folder: str | os.PathLike[str]) -> Path:
+class OtherReviewError(SessionFileError):
+    """The folder holds another review, or a newer save of this one: it is not saved over."""
+
+
+_NEVER = object()  # a folder this session has neither read nor written
+
+
+def _folder_session_id(manifest: Mapping[str, Any], folder: Path) -> str:
+    """The review a manifest belongs to (older manifests: one per folder)."""
+    known = manifest.get("session_id")
+    if isinstance(known, str) and known:
+        return known
+    return "folder-" + hashlib.sha256(_key(folder).encode()).hexdigest()[:32]
+
+
+def _check_not_another_review(session: ReviewSession, folder: Path) -> None:
+    """Refuse a folder that holds another review, or a save of this review made
+    elsewhere (another window that loaded the same session) since this one last saw it."""
+    try:
+        manifest = read_manifest(folder)
+    except SessionFileError as error:
+        raise OtherReviewError(
+            f"{folder} holds a review session that cannot be read ({error}); "
+            "choose another folder (nothing was written)"
+        ) from None
+    info = AutosaveInfo.read(folder)
+    saved = f"{info.cases} case(s), saved {info.describe_time()}"
+    if _folder_session_id(manifest, folder) != session.session_id:
+        raise OtherReviewError(
+            f"{folder} holds another review ({saved}); choose an empty folder (nothing was written)"
+        )
+    seen = session._folder_saves.get(_key(folder), _NEVER)
+    if manifest.get("save_id") != seen:
+        raise OtherReviewError(
+            f"{folder} was saved by another window since this review last saved there "
+            f"({saved}); choose another folder (nothing was written)"
+        )
+
+
+def save_session(
+    session: ReviewSession,
+    folder: str | os.PathLike[str],
+    *,
+    owner: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a review session to a folder (created if needed); returns the manifest's path.
 
-    Saving into a folder that already holds this or another session updates
-    it: unchanged arrays and model files are not written again. A non-empty
-    folder that is not a session is refused (nothing is written into it).
+    Saving into a folder that already holds this session updates it:
+    unchanged arrays and model files are not written again. Nothing is
+    written, and :class:`OtherReviewError` says why, when the folder holds
+    *another* review, or a save of this review that another window made after
+    this session last saved there or read it (``overwrite=True`` replaces
+    either); :class:`FolderInUseError` when a live review other than
+    ``owner``'s autosaves into it (always). A non-empty folder that is not a
+    session is refused too.
 
     Thread-safe with respect to the session: each case is read under its
     lock, so a background thread can save while the reviewer works.
@@ -391,6 +573,11 @@ def save_session(session: ReviewSession, folder: str | os.PathLike[str]) -> Path
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SessionFileError(f"{folder} is a file; choose a folder to save the session in")
+    if is_claimed(folder, owner):
+        raise FolderInUseError(
+            f"{folder} is in use: another review autosaves into it; choose another folder "
+            "(nothing was written)"
+        )
     if folder.is_dir() and any(folder.iterdir()) and not _looks_like_session(folder):
         only_lock = {p.name for p in folder.iterdir()} <= {_LOCK_NAME}
         if not only_lock:
@@ -399,6 +586,8 @@ def save_session(session: ReviewSession, folder: str | os.PathLike[str]) -> Path
             )
     folder.mkdir(parents=True, exist_ok=True)
     with _folder_lock(folder):
+        if _looks_like_session(folder) and not overwrite:
+            _check_not_another_review(session, folder)
         return _save(session, folder)
 
 
@@ -515,9 +704,12 @@ def _save(session: ReviewSession, folder: Path) -> Path:
 
     from napari_anomaly.config import config_to_dict
 
+    save_id = uuid.uuid4().hex
     manifest = {
         "format": _FORMAT_NAME,
         "format_version": SESSION_FORMAT_VERSION,
+        "session_id": session.session_id,
+        "save_id": save_id,
         "software": f"napari-anomaly {__version__}",
         "saved_at": _now(),
         "saved_by": getpass.getuser(),
@@ -530,6 +722,7 @@ def _save(session: ReviewSession, folder: Path) -> Path:
     manifest_path = atomic_write_text(
         folder / MANIFEST_NAME, json.dumps(manifest, indent=1), overwrite=True
     )
+    session._folder_saves[_key(folder)] = save_id
     _remove_unreferenced(folder, referenced)
     logger.debug(
         "saved a review session: %d case(s), %d model version(s)",
@@ -752,5 +945,7 @@ def load_session(
         except (KeyError, TypeError, WorklistError) as error:
             message = f"{MANIFEST_NAME}: the worklist is damaged ({error!r})"
             raise SessionFileError(message) from None
+    session.session_id = _folder_session_id(manifest, folder)
+    session._folder_saves[_key(folder)] = manifest.get("save_id")
     session.revision = 0
     return session

@@ -7,6 +7,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,3 +383,131 @@ def test_resume_reads_the_files_in_the_background(make_review_widget, tmp_path, 
     assert readers == [False], "read on a worker thread"
     assert [case.name for case in again.session.cases.values()] == ["a"]
     assert again.resume_offer is None and again.last_error is None
+
+
+def _docked(make_review_widget):
+    widget = make_review_widget(recommended_threshold=0.5)
+    widget.viewer.window.add_dock_widget(widget, name="Anomaly review")
+    return widget
+
+
+def test_two_windows_offered_one_autosave_cannot_both_resume_or_discard_it(make_review_widget):
+    from napari_anomaly.session_store import is_claimed, load_session
+
+    widget = _docked(make_review_widget)
+    widget.viewer.add_image(body_scan((32, 32)), name="scan")
+    _localise(widget, "scan")
+    _close(widget.viewer, widget)
+    folder = widget.autosave_folder
+
+    first, second = _docked(make_review_widget), _docked(make_review_widget)
+    assert first.resume_offer == folder == second.resume_offer  # both opened before either chose
+    assert first.resume()
+    second.discard_autosave()
+    assert "resumed in another napari window" in second.status.value
+    assert folder.is_dir() and second.resume_offer is None
+    second.resume_offer = folder  # (pressed before its banner went)
+    assert not second.resume()
+    assert "resumed in another napari window" in second.status.value
+    assert not second.session.cases and second.autosave_folder is None
+
+    _close(second.viewer, second)  # the other window closing lets go of nothing of first's
+    assert is_claimed(folder)
+    assert _docked(make_review_widget).resume_offer is None
+    first.image_layer.value = "scan"
+    first.mark_reviewed()
+    first.flush_autosave()
+    assert first.autosave_folder == folder
+    assert [c.reviewed for c in load_session(folder).cases.values()] == [True]
+
+
+def test_save_session_never_writes_over_another_review(make_review_widget, tmp_path):
+    from napari_anomaly.session_store import load_session
+
+    first = _docked(make_review_widget)
+    first.viewer.add_image(body_scan((32, 32)), name="A")
+    _localise(first, "A")
+    first.mark_reviewed()
+    colleague = tmp_path / "colleague"
+    assert first.save_session(colleague) is not None
+    first.flush_autosave()
+
+    second = _docked(make_review_widget)
+    second.viewer.add_image(body_scan((32, 32), seed=1), name="B")
+    _localise(second, "B")
+    for taken in (colleague, first.autosave_folder):  # a saved review; a live autosave
+        assert second.save_session(taken) is None
+        assert "Session not saved" in second.status.value
+        assert [(c.name, c.reviewed) for c in load_session(taken).cases.values()] == [("A", True)]
+    assert second.save_session(tmp_path / "mine") is not None
+    second.set_threshold(0.7)
+    assert second.save_session(tmp_path / "mine") is not None  # its own folder: updated
+
+
+def _autosave_fails(monkeypatch, tmp_path):
+    """The disk of the autosave folder is full; other disks are not (the temporary
+    folder is ``tmp_path/tmp``)."""
+    import os
+    import tempfile
+
+    from napari_anomaly._qt import widget as widget_module
+
+    real = widget_module.save_session
+    root = Path(os.environ["NAPARI_ANOMALY_SESSIONS"])
+
+    def save_session(session, folder, **kwargs):
+        if root in Path(folder).parents:
+            raise OSError(28, "No space left on device")
+        return real(session, folder, **kwargs)
+
+    monkeypatch.setattr(widget_module, "save_session", save_session)
+    spare = tmp_path / "tmp"
+    spare.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spare))
+    return spare
+
+
+def test_a_review_that_cannot_be_autosaved_is_not_replaced_by_loading_another(
+    make_review_widget, tmp_path, monkeypatch
+):
+    other = _docked(make_review_widget)
+    other.viewer.add_image(body_scan((32, 32), seed=1), name="other")
+    _localise(other, "other")
+    saved = tmp_path / "saved"
+    other.save_session(saved)
+
+    widget = _docked(make_review_widget)
+    widget.viewer.add_image(body_scan((32, 32)), name="scan")
+    _localise(widget, "scan")
+    widget.flush_autosave()
+    _autosave_fails(monkeypatch, tmp_path)
+    widget.mark_reviewed()  # not on disk anywhere
+    assert not widget.load_session(saved)
+    assert "not saved ([Errno 28] No space left on device)" in widget.status.value
+    assert [c.name for c in widget.session.cases.values()] == ["scan"]
+    assert widget.case("scan").reviewed
+
+    assert widget.save_session(tmp_path / "rescued") is not None  # saved elsewhere: now it may
+    assert widget.load_session(saved)
+    assert [c.name for c in widget.session.cases.values()] == ["other"]
+
+
+def test_closing_while_autosave_fails_saves_the_review_elsewhere_and_says_where(
+    make_review_widget, tmp_path, monkeypatch
+):
+    from napari_anomaly._qt import widget as widget_module
+    from napari_anomaly.session_store import load_session
+
+    widget = _docked(make_review_widget)
+    widget.viewer.add_image(body_scan((32, 32)), name="scan")
+    _localise(widget, "scan")
+    widget.flush_autosave()
+    spare = _autosave_fails(monkeypatch, tmp_path)
+    warnings = []
+    monkeypatch.setattr(widget_module, "show_warning", warnings.append)
+    widget.mark_reviewed()
+    _close(widget.viewer, widget)
+
+    (rescued,) = spare.glob("napari-anomaly-unsaved-*")
+    assert [(c.name, c.reviewed) for c in load_session(rescued).cases.values()] == [("scan", True)]
+    assert len(warnings) == 1 and str(rescued) in warnings[0] and "Load session" in warnings[0]

@@ -40,8 +40,12 @@ brush strokes only).
 
 from __future__ import annotations
 
+import logging
+import shutil
+import tempfile
 import threading
 import time
+import uuid
 import weakref
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -67,7 +71,7 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
-from napari.utils.notifications import show_warning
+from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QEvent, QItemSelectionModel, QObject, Qt, QTimer
 from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import (
@@ -104,6 +108,8 @@ from napari_anomaly.session import (
 )
 from napari_anomaly.session_store import (
     AutosaveInfo,
+    FolderInUseError,
+    OtherReviewError,
     autosave_root,
     claim,
     discard,
@@ -121,6 +127,8 @@ if TYPE_CHECKING:
     from napari_anomaly.io import Geometry
 
 __all__ = ["AnomalyReviewWidget"]
+
+logger = logging.getLogger(__name__)
 
 #: The region table's columns and what each header's tooltip says of it.
 REGION_COLUMN_TIPS = {
@@ -260,6 +268,12 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._autosave_thread: threading.Thread | None = None
         self._autosave_error: str | None = None
         self._saved: tuple[int, int] | None = None  # (id(session), revision) on disk
+        # ... written by Save session (elsewhere: the autosave may still be failing)
+        self._saved_elsewhere: tuple[int, int] | None = None
+        # Names this widget's claim on its autosave folder (another widget of the same
+        # napari never writes into it, nor lets it go).
+        self._owner = f"widget-{uuid.uuid4().hex}"
+        self._folder_lost: Path | None = None  # an autosave folder taken from this widget
         self._docked = False
         self._closed = False
         self._key_bindings: dict[str, Any] = {}
@@ -893,7 +907,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.progress.value = 0
         self._say(f"{label} cancelled; nothing changed.")
 
-    def _start(self, job: Job, label: str, on_done) -> None:
+    def _start(self, job: Job, label: str, on_done, on_finished=None) -> None:
         self._set_running(True)
         self.progress.value = 0
         self._say(f"{label}...")
@@ -907,6 +921,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
         worker.errored.connect(self._on_error)
         worker.aborted.connect(lambda: self._on_aborted(label))
         worker.finished.connect(self._on_finished)
+        if on_finished is not None:
+            worker.finished.connect(on_finished)
         self._worker = worker
         worker.start()
 
@@ -2006,10 +2022,11 @@ class AnomalyReviewWidget(WorklistControls, Container):
         for case_id in list(session.cases):
             self._sync_edits(case_id)
         try:
-            manifest = save_session(session, path)
+            manifest = save_session(session, path, owner=self._owner)
         except (OSError, ValueError) as error:
             self._say(f"Session not saved: {error}", error=True)
             return None
+        self._saved_elsewhere = (id(session), session.revision)
         self._say(
             f"Saved the review ({len(session.cases)} case(s), {len(session.versions)} model "
             f"version(s)) in {Path(path)}."
@@ -2063,6 +2080,14 @@ class AnomalyReviewWidget(WorklistControls, Container):
             return
         try:
             aside = discard(self.resume_offer)
+        except FolderInUseError:
+            self._offer_resume()
+            self._say(
+                "That autosaved review was resumed in another napari window meanwhile; "
+                "it was not set aside.",
+                error=True,
+            )
+            return
         except OSError as error:
             self._say(f"Could not set the autosaved review aside: {error}", error=True)
             return
@@ -2100,36 +2125,80 @@ class AnomalyReviewWidget(WorklistControls, Container):
         )
         verb = "resume" if continue_autosave else "load"
         outcome: dict[str, bool] = {}
+        unsaved = self._unsaved_problem()
+        if unsaved is not None:
+            self._refuse_replacing(verb, folder, unsaved)
+            return False
+        if continue_autosave:
+            # Taken before reading: no other window resumes (or discards) it meanwhile.
+            try:
+                claim(folder, self._owner)
+            except FolderInUseError:
+                self._offer_resume()
+                self._say(
+                    "That autosaved review was resumed in another napari window meanwhile; "
+                    "go on with it there.",
+                    error=True,
+                )
+                self.last_error = "in use"
+                return False
 
         def done(loaded: ReviewSession | str) -> None:
             if isinstance(loaded, str):
                 self._say(f"Cannot {verb} the review in {folder}: {loaded}", error=True)
                 self.last_error = loaded
                 return
-            self._adopt_loaded(loaded, folder, continue_autosave)
-            outcome["loaded"] = True
+            outcome["loaded"] = self._adopt_loaded(loaded, folder, continue_autosave)
+
+        def finished() -> None:
+            if continue_autosave and not outcome.get("loaded"):
+                release(folder, self._owner)  # not resumed (damaged, refused, cancelled)
 
         self._start(
-            _read_session(folder, images, inference), f"Reading the review in {folder.name}", done
+            _read_session(folder, images, inference),
+            f"Reading the review in {folder.name}",
+            done,
+            on_finished=finished,
         )
         if not wait:
             return True
         self.wait()
         return outcome.get("loaded", False)
 
-    def _adopt_loaded(self, session: ReviewSession, folder: Path, continue_autosave: bool) -> None:
+    def _adopt_loaded(self, session: ReviewSession, folder: Path, continue_autosave: bool) -> bool:
+        # The review being replaced stays in its own folder: only once it is there.
+        unsaved = self._unsaved_problem()
+        if unsaved is not None:
+            self._refuse_replacing("resume" if continue_autosave else "load", folder, unsaved)
+            return False
         if continue_autosave and self.resume_offer == folder:
             self.resume_offer = None
             self.resume_banner.visible = False
-        self.flush_autosave()  # the review being replaced stays in its own folder
-        if self._autosave_folder is not None:
-            release(self._autosave_folder)
-            self._autosave_folder = None
-        if continue_autosave:
-            claim(folder)
-            self._autosave_folder = folder
+        if self._autosave_folder is not None and self._autosave_folder != folder:
+            release(self._autosave_folder, self._owner)
+        self._autosave_folder = folder if continue_autosave else None
         self._install(session, keep_strokes=continue_autosave)
         self._saved = (id(session), session.revision) if continue_autosave else None
+        return True
+
+    def _unsaved_problem(self) -> str | None:
+        """Why the review's latest changes are on disk nowhere (``None``: they are saved,
+        or there is nothing to save). Writes what is not autosaved yet first."""
+        self.flush_autosave()
+        session = self._session
+        if session is None or not self._worth_saving(session):
+            return None
+        if (id(session), session.revision) in (self._saved, self._saved_elsewhere):
+            return None
+        return self._autosave_error or "it could not be autosaved"
+
+    def _refuse_replacing(self, verb: str, folder: Path, problem: str) -> None:
+        message = (
+            f"Cannot {verb} the review in {folder.name}: the review open now is not saved "
+            f"({problem}). Save it with Save session (to another disk), then try again."
+        )
+        self._say(message, error=True)
+        self.last_error = message
 
     def _install(self, session: ReviewSession, keep_strokes: bool = True) -> None:
         """Make a loaded session the widget's: layers for its cases, its models, its settings.
@@ -2248,16 +2317,33 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._autosave_thread.start()
 
     def _claim_autosave_folder(self) -> Path:
-        if self._autosave_folder is None:
-            self._autosave_folder = new_autosave_folder(self._autosave_root)
-            claim(self._autosave_folder)
-        return self._autosave_folder
+        """The folder to autosave into, claimed for this widget (again: its lock file may
+        have been removed). A folder another review took (its lock removed by hand,
+        then claimed elsewhere) is left to it: the review goes on in a new folder."""
+        folder = self._autosave_folder
+        if folder is not None and folder == self._folder_lost:
+            folder = None
+        if folder is not None:
+            try:
+                claim(folder, self._owner)
+            except FolderInUseError:
+                folder = None
+        if folder is None:
+            if self._autosave_folder is not None:
+                self._folder_lost = self._autosave_folder
+                release(self._autosave_folder, self._owner)
+            folder = new_autosave_folder(self._autosave_root)
+            claim(folder, self._owner)
+            self._autosave_folder = folder
+        return folder
 
     def _autosave_into(self, session: ReviewSession, folder: Path) -> None:
         # In a background thread: no Qt here; the next tick reports an error.
         try:
-            save_session(session, folder)
+            save_session(session, folder, owner=self._owner)
         except Exception as error:  # noqa: BLE001 - any failure is reported, none is fatal
+            if isinstance(error, (FolderInUseError, OtherReviewError)):
+                self._folder_lost = folder  # the next save goes to a new folder
             self._autosave_error = str(error)
             self._saved = None
 
@@ -2271,12 +2357,19 @@ class AnomalyReviewWidget(WorklistControls, Container):
             return self._autosave_folder
         state = (id(session), session.revision)
         if state != self._saved:
-            folder = self._claim_autosave_folder()
-            try:
-                save_session(session, folder)
-                self._saved = state
-            except (OSError, ValueError) as error:
-                self._autosave_error = str(error)
+            for _attempt in range(2):  # a folder taken meanwhile: once more, in a new one
+                try:
+                    folder = self._claim_autosave_folder()
+                    save_session(session, folder, owner=self._owner)
+                    self._saved = state
+                    self._autosave_error = None
+                    break
+                except (FolderInUseError, OtherReviewError) as error:
+                    self._folder_lost = self._autosave_folder
+                    self._autosave_error = str(error)
+                except (OSError, ValueError) as error:
+                    self._autosave_error = str(error)
+                    break
         return self._autosave_folder
 
     def _on_hidden(self) -> None:
@@ -2313,10 +2406,35 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if self._worker is not None:
             self._worker.quit()
         self._cancel_prefetch()
-        self.flush_autosave()
+        unsaved = self._unsaved_problem()
+        if unsaved is not None:
+            self._rescue(unsaved)
         if self._autosave_folder is not None:
-            release(self._autosave_folder)
+            release(self._autosave_folder, self._owner)
         self._detach()
+
+    def _rescue(self, problem: str) -> None:
+        """The widget closes with changes that could not be autosaved: save them in a
+        new folder of the temporary directory and say where, or say they are lost."""
+        session = self._session
+        rescue = None
+        try:
+            rescue = Path(tempfile.mkdtemp(prefix="napari-anomaly-unsaved-"))
+            save_session(session, rescue, owner=self._owner)
+        except (OSError, ValueError) as error:
+            if rescue is not None:
+                shutil.rmtree(rescue, ignore_errors=True)
+            logger.error("the review could not be saved when the widget closed")
+            show_error(
+                f"The review could not be autosaved ({problem}) nor saved elsewhere "
+                f"({error}): its changes since the last autosave are lost."
+            )
+            return
+        logger.warning("autosave failed; the review was saved in a temporary folder")
+        show_warning(
+            f"The review could not be autosaved ({problem}); it was saved in {rescue} "
+            "instead. Open it with Load session."
+        )
 
     def _detach(self) -> None:
         """Stop listening to the viewer: a closed widget must not record or undo anything."""
