@@ -511,3 +511,34 @@ def test_closing_while_autosave_fails_saves_the_review_elsewhere_and_says_where(
     (rescued,) = spare.glob("napari-anomaly-unsaved-*")
     assert [(c.name, c.reviewed) for c in load_session(rescued).cases.values()] == [("scan", True)]
     assert len(warnings) == 1 and str(rescued) in warnings[0] and "Load session" in warnings[0]
+
+
+def test_loading_a_session_from_an_autosave_folder_does_not_keep_it_from_being_offered(
+    make_review_widget,
+):
+    from napari_anomaly.session_store import is_claimed
+
+    widget = _docked(make_review_widget)
+    widget.viewer.add_image(body_scan((32, 32)), name="scan")
+    _localise(widget, "scan")
+    own = widget.flush_autosave()
+    assert widget.load_session(own)  # its own autosave, opened as a saved session
+    assert widget.autosave_folder != own and not is_claimed(own)
+
+
+def test_an_autosave_root_that_cannot_be_made_is_reported_not_raised(
+    make_review_widget, tmp_path, monkeypatch
+):
+    import tempfile
+
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("NAPARI_ANOMALY_SESSIONS", str(blocked / "sessions"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where closing rescues it
+    widget = _docked(make_review_widget)
+    widget.viewer.add_image(body_scan((32, 32)), name="scan")
+    _localise(widget, "scan")
+    widget._autosave_tick()  # the timer's call: must not raise
+    widget._autosave_tick()
+    assert "Autosave failed" in widget.status.value
+    assert widget.case("scan") is not None

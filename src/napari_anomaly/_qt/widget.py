@@ -2174,7 +2174,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if continue_autosave and self.resume_offer == folder:
             self.resume_offer = None
             self.resume_banner.visible = False
-        if self._autosave_folder is not None and self._autosave_folder != folder:
+        if self._autosave_folder is not None and (
+            not continue_autosave or self._autosave_folder != folder
+        ):
             release(self._autosave_folder, self._owner)
         self._autosave_folder = folder if continue_autosave else None
         self._install(session, keep_strokes=continue_autosave)
@@ -2304,7 +2306,11 @@ class AnomalyReviewWidget(WorklistControls, Container):
         state = (id(session), session.revision)
         if state == self._saved or not self._worth_saving(session):
             return
-        folder = self._claim_autosave_folder()
+        try:
+            folder = self._claim_autosave_folder()
+        except (OSError, ValueError) as error:  # the autosave root cannot be written
+            self._autosave_error = str(error)
+            return
         self._saved = state
         self._autosave_thread = threading.Thread(
             target=self._autosave_into,
