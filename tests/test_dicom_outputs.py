@@ -201,6 +201,38 @@ def test_export_never_puts_a_mask_on_another_patient_nor_writes_over_its_inputs(
     assert seg_as_mask.read_bytes() == b"an earlier SEG"
 
 
+def test_export_puts_the_mask_on_the_series_it_was_made_on_not_another_of_the_study(
+    model, tmp_path, capsys
+):
+    """T1 before and after contrast: one folder, one grid. The folder's hash covers both,
+    so only the series named in the mask's sidecar tells them apart."""
+    import pydicom
+
+    folder = tmp_path / "study"
+    uids = {}
+    for number, name in enumerate(("pre", "post"), 1):
+        files = write_dicom_series(
+            phantom((6, 40, 40), number), folder, geometry=GEOMETRY,
+            series_description=f"T1 {name}", file_prefix=f"{name}_", seed=number,
+        )  # fmt: skip
+        uids[name] = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    session = _session_with(model, folder, uids["post"])
+    session.mark_reviewed("a")
+    reviewed = tmp_path / "reviewed" / "a_mask.nii.gz"
+    session.export("a", reviewed)
+    out = tmp_path / "seg" / "a_seg.dcm"
+    out.parent.mkdir()
+    argv = ["export", str(reviewed), "--source", str(folder), "--out", str(out)]
+
+    assert main([*argv, "--series", uids["pre"]]) == 2
+    err = capsys.readouterr().err
+    assert f"made on series {uids['post']}, not on --series {uids['pre']}" in err
+    assert not out.exists()
+    assert main(argv) == 0  # no --series: the one it was made on
+    seg = highdicom.seg.segread(out)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["post"]
+
+
 def test_a_seg_is_not_written_on_a_series_folder_that_changed_since_the_review(
     model, two_series, tmp_path
 ):

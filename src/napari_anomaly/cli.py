@@ -736,6 +736,19 @@ def _same_scan(mask: str, sidecar: dict, source: str) -> None:
         )
 
 
+def _same_series(mask: str, sidecar: dict, series: str | None) -> str | None:
+    """The series to put the mask on: the one its sidecar says it was made on. A study
+    folder holds several series, often on one grid (T1 before and after contrast), and
+    the folder's hash covers them all: a ``--series`` naming another one is refused."""
+    made_on = sidecar.get("source_series")
+    if made_on and series and series.strip() != made_on:
+        raise CommandError(
+            f"{mask} was made on series {made_on}, not on --series {series}; give the "
+            "series it was made on (or leave --series out)"
+        )
+    return series or made_on or None
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     """A reviewed mask (from *Export* or ``localise``) as DICOM-SEG on its DICOM series."""
     from napari_anomaly.case_outputs import is_dicom_source
@@ -758,6 +771,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             raise CommandError(f"{sidecar_file}: not a readable sidecar ({error})") from None
     _same_scan(args.mask, sidecar, args.source)
+    series = _same_series(args.mask, sidecar, args.series)
     if args.model:
         model = _load_model(args.model)
         model_name, model_sha256 = model.name, model.sha256
@@ -768,7 +782,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"{args.mask}: no sidecar names the model that made it ({sidecar_file.name}); "
             "give --model"
         )
-    source = read_image(args.source, series=args.series)
+    source = read_image(args.source, series=series)
     mask = read_mask_for(source, args.mask, args.source)
     check_output_folder(out.parent, [out], overwrite=args.overwrite)
     edited = bool(sidecar.get("edited_voxels")) or args.edited
@@ -779,7 +793,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         model_name=model_name,
         model_sha256=model_sha256,
         reviewer_edited=edited,
-        series=args.series,
+        series=series,
         overwrite=args.overwrite,
     )
     args.written.add(Path(args.mask).name, [out])
