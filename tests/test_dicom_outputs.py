@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_NETWORK_2D, phantom
 
 from napari_anomaly.cli import main
-from napari_anomaly.io import Geometry, read_image
+from napari_anomaly.io import Geometry, read_image, write_image
 from napari_anomaly.io.dicom import write_dicom_series
 from napari_anomaly.io.dicom_seg import read_seg
 from napari_anomaly.localiser import Localiser
@@ -231,6 +231,30 @@ def test_export_puts_the_mask_on_the_series_it_was_made_on_not_another_of_the_st
     assert main(argv) == 0  # no --series: the one it was made on
     seg = highdicom.seg.segread(out)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["post"]
+
+
+def test_export_never_writes_into_the_scan_it_reviewed(model, two_series, tmp_path):
+    """A SEG put beside the series' files would join the series and change the folder's
+    hash: the saved session would no longer resume, and no SEG could be exported again."""
+    folder, t1_uid = two_series
+    session = _session_with(model, folder, t1_uid)
+    session.mark_reviewed("a")
+    save_session(session, tmp_path / "saved")
+    before = sorted(p.name for p in folder.iterdir())
+    for target in (folder / "a_seg.dcm", folder / "masks" / "a_mask.nii.gz"):
+        with pytest.raises(ValueError, match="would write into the scan of"):
+            session.export("a", target)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert load_session(tmp_path / "saved").case("a").reviewed
+    assert session.export("a", tmp_path / "out" / "a_seg.dcm")
+
+    scan_file = tmp_path / "scan.nii.gz"
+    write_image(scan_file, phantom((6, 40, 40), 3), GEOMETRY)
+    nifti = _session_with(model, scan_file)
+    original = scan_file.read_bytes()
+    with pytest.raises(ValueError, match="would write into the scan of"):
+        nifti.export("a", scan_file, overwrite=True)
+    assert scan_file.read_bytes() == original
 
 
 def test_a_seg_is_not_written_on_a_series_folder_that_changed_since_the_review(

@@ -211,6 +211,22 @@ def case_sidecar(
     return sidecar
 
 
+def _refuse_writing_into_the_scan(case: Case, plan: OutputPlan) -> None:
+    """No output replaces the case's scan file or lands in its DICOM series folder: a
+    file there would join the series, and the scan would no longer be the one reviewed
+    (its hash, which a saved session checks before resuming, would change)."""
+    if not case.source_path:
+        return
+    source = Path(case.source_path).resolve()
+    for path in plan.files.values():
+        target = Path(path).resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            raise ValueError(
+                f"{path}: this would write into the scan of {case.name} ({source}); "
+                "export to another folder"
+            )
+
+
 def write_case(
     case: Case,
     plan: OutputPlan,
@@ -227,6 +243,7 @@ def write_case(
     DICOM-SEG on a series folder that changed since the case was localised (hashed
     again unless ``verify_source`` is False: the caller has just read and hashed it).
     """
+    _refuse_writing_into_the_scan(case, plan)
     dicom_outputs = [k for k in ("seg", "anomaly_seg") if k in plan.files]
     if dicom_outputs:
         name = plan.files[dicom_outputs[0]].name
