@@ -42,10 +42,10 @@ def _bumps(shape=(32, 32)) -> np.ndarray:
     return (0.1 + first + second).astype(np.float32)
 
 
-def _add(session, case_id="a", anomaly_map=None):
+def _add(session, case_id="a", anomaly_map=None, **fields):
     anomaly_map = _bumps() if anomaly_map is None else anomaly_map
     return session.add_case(
-        case_id, np.zeros_like(anomaly_map), anomaly_map, name=f"scan {case_id}"
+        case_id, np.zeros_like(anomaly_map), anomaly_map, name=f"scan {case_id}", **fields
     )
 
 
@@ -120,6 +120,24 @@ def test_undo_and_redo_walk_every_kind_of_action_exactly(session):
     session.undo("a")
     session.threshold("a", 0.6)
     assert session.redo("a") is None and not case.redo_steps
+
+
+def test_undo_does_not_bring_back_an_approval_made_on_maps_since_replaced(session):
+    """Approve under one model, reopen, localise again with a fine-tuned one: undoing the
+    reopen would pass off the old approval as the new model's work (sidecar, SEG)."""
+    _add(session, model_sha256="v0" * 32, model_name="v0")
+    session.mark_reviewed("a")
+    session.reopen("a")
+    _add(session, anomaly_map=np.flip(_bumps(), 1).copy(), model_sha256="v1" * 32)
+    stroke = session.case("a").mask.copy()
+    stroke[0:2, 0:2] = True
+    session.record_edits("a", stroke)
+
+    assert session.undo("a").action == "paint"  # the stroke made since is undoable
+    assert session.undo("a") is None
+    case = session.case("a")
+    assert not case.reviewed and case.approved_mask is None
+    assert case.model_sha256 == "v1" * 32
 
 
 def test_a_slider_drag_is_one_undo_step(session):

@@ -699,6 +699,12 @@ class ReviewSession:
             case.midline = midline
             case.maps_id = uuid.uuid4().hex[:12]
             case.redo_steps.clear()  # they were made on the previous maps
+            # An approval (or its withdrawal) was made on the previous maps and model:
+            # undo must not bring it back on these, naming a model that did not make it.
+            # Strokes since the last one stay undoable (the edits are kept).
+            review_steps = [k for k, s in enumerate(case.undo_steps) if s.reviewed_at is not None]
+            if review_steps:
+                del case.undo_steps[: review_steps[-1] + 1]
             case._changed()
         else:
             threshold, region_limit = self.default_threshold, None
