@@ -144,9 +144,11 @@ def test_an_existing_file_refuses_the_whole_export_and_writes_nothing(tmp_path, 
     out = tmp_path / "reviewed"
     out.mkdir()
     (out / "b_scan_mask.nii.gz").write_bytes(b"the reviewer's earlier export")
-    with pytest.raises(FileExistsError, match="b_scan_mask.nii.gz"):
+    (out / "a_scan_mask.json").write_text("{}")
+    # Every file that would be replaced is named: a "yes" answers for all of them.
+    with pytest.raises(FileExistsError, match="2 file.s. .* a_scan_mask.json, b_scan_mask.nii.gz"):
         worklist.export_reviewed(session, out)
-    assert sorted(p.name for p in out.iterdir()) == ["b_scan_mask.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_scan_mask.json", "b_scan_mask.nii.gz"]
     assert (out / "b_scan_mask.nii.gz").read_bytes() == b"the reviewer's earlier export"
     assert [worklist.status(i, session) for i in (0, 1)] == ["reviewed", "reviewed"]
 

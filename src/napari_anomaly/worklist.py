@@ -370,14 +370,24 @@ class Worklist:
         """Export every reviewed case not exported yet to ``folder`` with automatic
         names (:meth:`export_names`); returns the files written.
 
-        Every target is checked before anything is written: an existing file
-        (without ``overwrite``) refuses the whole export. Each case's files
+        Every target is checked before anything is written: existing files
+        (without ``overwrite``) refuse the whole export, naming every one of them. Each case's files
         appear together or not at all; an item is marked *exported* once its
         files are in place.
         """
         names = self.export_names(folder)
         todo = [i for i in range(len(self.items)) if self.status(i, session) == "reviewed"]
         plans = {i: export_plan(names[i], include_anomaly_map) for i in todo}
+        if not overwrite:
+            # Every file that would be replaced, named at once: a "yes, overwrite" is
+            # then an answer about all of them, not about the first one found.
+            existing = [p.name for plan in plans.values() for p in plan.all_files if p.exists()]
+            if existing:
+                listed = ", ".join(existing[:10])
+                more = f" and {len(existing) - 10} more" if len(existing) > 10 else ""
+                raise FileExistsError(
+                    f"{len(existing)} file(s) in {folder} would be replaced: {listed}{more}"
+                )
         for plan in plans.values():
             plan.check(overwrite=overwrite)
         written: list[Path] = []

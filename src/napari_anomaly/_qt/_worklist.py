@@ -487,8 +487,13 @@ class WorklistControls:
         try:
             self.export_reviewed(folder)
         except FileExistsError as error:
-            if self._confirm_overwrite(error):
-                self.export_reviewed(folder, overwrite=True)
+            if self._confirm_overwrite(error):  # the question names every file replaced
+                try:
+                    self.export_reviewed(folder, overwrite=True)
+                except (OSError, ValueError) as again:
+                    self._say(f"Export failed: {again}", error=True)
+            else:
+                self._say("Export cancelled; nothing was written.")
         except (OSError, ValueError) as error:
             self._say(f"Export failed: {error}", error=True)
 
