@@ -355,3 +355,51 @@ def test_resume_takes_the_scan_it_shows_not_a_processed_copy_carrying_its_case_i
     assert again.resume()
     assert again.image_layer.value == "a"
     np.testing.assert_array_equal(again.case("a").image, original)
+
+
+def test_removing_a_scan_puts_its_layers_away_and_opening_it_again_brings_back_its_review(
+    widget, tmp_path
+):
+    from napari_anomaly.io import write_image
+
+    viewer = widget.viewer
+    first, second = tmp_path / "p1" / "scan.nii.gz", tmp_path / "p2" / "scan.nii.gz"
+    for seed, path in enumerate((first, second)):
+        path.parent.mkdir()
+        write_image(path, body_scan((40, 48), seed))
+    viewer.open(str(first), plugin="napari-anomaly")
+    widget.image_layer.value = "scan"
+    widget.localise(wait=True)
+    mask = viewer.layers["scan mask"]
+    painted = np.asarray(mask.data).copy()
+    painted[1:4, 1:4] = 1
+    mask.data = painted
+    widget.mark_reviewed()
+    reviewed = widget.case("scan")
+    approved = reviewed.approved_mask.copy()
+
+    viewer.layers.remove(viewer.layers["scan"])
+    QApplication.processEvents()
+    assert [layer.name for layer in viewer.layers] == []  # no mask left to catch strokes
+
+    # Another patient's scan of the same name: a case of its own, its own layers.
+    viewer.open(str(second), plugin="napari-anomaly")
+    widget.image_layer.value = "scan"
+    widget.localise(wait=True)
+    other = widget.case("scan")
+    assert other.case_id != reviewed.case_id
+    mask = viewer.layers["scan mask"]
+    assert mask.metadata["napari_anomaly_case_id"] == other.case_id
+    viewer.layers.remove(viewer.layers["scan"])
+    QApplication.processEvents()
+
+    # The first patient's file again: its review comes back, approved as it was.
+    viewer.open(str(first), plugin="napari-anomaly")
+    widget.image_layer.value = "scan"
+    case = widget.case("scan")
+    assert case.case_id == reviewed.case_id and case.reviewed
+    np.testing.assert_array_equal(np.asarray(viewer.layers["scan mask"].data) != 0, approved)
+    assert "reviewed" in widget.status.value
+    written = widget.export(tmp_path / "out" / "p1_mask.nii.gz")
+    exported = read_image(next(p for p in written if p.name == "p1_mask.nii.gz")).array
+    np.testing.assert_array_equal(exported != 0, approved)

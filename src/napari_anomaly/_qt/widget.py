@@ -515,7 +515,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.axial_planes.changed.connect(self._on_reading_options_changed)
         self.regions.native.itemSelectionChanged.connect(self._on_region_selected)
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
-        self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._on_layer_renamed)
         self._bind_keys()
@@ -583,8 +583,65 @@ class AnomalyReviewWidget(WorklistControls, Container):
             ]
             if twins:
                 metadata.pop(CASE_ID_KEY)
+        elif self._is_scan_layer(layer):
+            self._link_to_its_review(layer)
         layer.events.name.connect(self._on_layer_renamed)
         self._refresh_layer_choices()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        layer = event.value
+        case_id = (layer.metadata or {}).get(CASE_ID_KEY)
+        ref = self._case_layers.get(case_id) if case_id is not None else None
+        if self._is_scan_layer(layer) and ref is not None and ref() is layer:
+            # After the removal has finished (napari may be removing several layers).
+            QTimer.singleShot(0, lambda: self._put_away(case_id))
+        self._refresh_layer_choices()
+
+    def _put_away(self, case_id: str) -> None:
+        """The scan layer of a case was removed: its maps and mask go too. The case stays
+        in the review with its edits (opening its file again brings it back); a mask left
+        behind under the scan's name would catch strokes meant for the next scan of that
+        name."""
+        session = self._session
+        if self._closed or session is None or case_id not in session.cases:
+            return
+        if self._scan_layer_of(case_id) is not None:
+            return
+        self._sync_edits(case_id)  # strokes made on its mask up to now are the case's
+        for role in DERIVED_SUFFIXES:
+            derived = self._derived_layer(case_id, role)
+            if derived is not None:
+                self.viewer.layers.remove(derived)
+        self._rendered.pop(case_id, None)
+
+    def _link_to_its_review(self, layer: Any) -> None:
+        """A scan opened again (from the same file, unchanged, of the same series and
+        shape) whose case is in the review without a scan layer gets that case back,
+        with its edits and review state, instead of a new case."""
+        session = self._session
+        source = self._source_of(layer)
+        if session is None or source is None or layer.multiscale:
+            return
+        series = (layer.metadata or {}).get("source_series")
+        resolved = str(Path(source).resolve())
+        for case in session.cases.values():
+            if (
+                case.source_path is not None
+                and str(Path(case.source_path).resolve()) == resolved
+                and case.source_series == series
+                and tuple(layer.data.shape) == case.shape
+                and self._scan_layer_of(case.case_id) is None
+            ):
+                from napari_anomaly.session_store import source_sha256
+
+                if case.source_sha256 and source_sha256(source) != case.source_sha256:
+                    continue  # the file changed: the review was made on the old scan
+                layer.metadata[CASE_ID_KEY] = case.case_id
+                self._case_layers[case.case_id] = weakref.ref(layer)
+                if layer.name != case.name:
+                    session.rename(case.case_id, layer.name)
+                self._show_layers(case)
+                return
 
     def _on_layer_renamed(self, event: Any) -> None:
         layer = event.source
@@ -2447,7 +2504,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         viewer = self.viewer
         for emitter, handler in (
             (viewer.layers.events.inserted, self._on_layer_inserted),
-            (viewer.layers.events.removed, self._refresh_layer_choices),
+            (viewer.layers.events.removed, self._on_layer_removed),
         ):
             emitter.disconnect(handler)
         for layer in viewer.layers:
