@@ -140,6 +140,31 @@ def test_undo_does_not_bring_back_an_approval_made_on_maps_since_replaced(sessio
     assert case.model_sha256 == "v1" * 32
 
 
+def test_fine_tuning_from_an_earlier_version_shows_that_version_as_before(session):
+    """Fine-tune (v1; the cases are localised again with it), go back to v0, fine-tune
+    again: "before" must be v0's figures, not those of v1's maps the cases still hold."""
+    from conftest import body_scan
+
+    from napari_anomaly.session import case_figures
+    from napari_anomaly.training import FinetuneConfig
+
+    for case_id, seed in (("a", 0), ("b", 1)):
+        run_to_end(session.localise(case_id, body_scan((40, 48), seed), name=case_id))
+    corrected = session.case("a").mask.copy()
+    corrected[5:15, 5:15] = True
+    session.record_edits("a", corrected)
+    v0_figures = case_figures(session.case("b"))
+    config = FinetuneConfig(steps=4, batch_size=2, learning_rate=3e-3)
+    run_to_end(session.finetune(config, compare=["b"]))
+    run_to_end(session.relocalise())
+    assert session.case("b").model_sha256 == session.versions[1].sha256
+    assert case_figures(session.case("b")) != v0_figures, "v1 scores b otherwise"
+
+    session.revert(0)
+    outcome = run_to_end(session.finetune(config, compare=["b"]))
+    assert outcome.uncorrected[0].before == v0_figures
+
+
 def test_a_slider_drag_is_one_undo_step(session):
     case = _add(session)
     for value in (0.45, 0.4, 0.35, 0.3):

@@ -1161,9 +1161,25 @@ class ReviewSession:
             target, weight = finetune_targets(case.mask, case.edits, self.review.edit_weight)
             masks.append(target > 0.5)
             weights.append(weight)
-        before = self._metrics([c.anomaly_map for c in cases], masks)
-        before_figures = {case.case_id: case_figures(case) for case in others}
         parent = self.localiser
+        # "Before" is the parent's: a case localised with another version (the reviewer
+        # went back to an earlier one) is measured on the parent's map of it.
+        parent_maps: dict[str, np.ndarray] = {}
+        stale = [
+            c
+            for c in [*cases, *others]
+            if c.model_sha256 is not None and c.model_sha256 != parent.sha256
+        ]
+        for index, case in enumerate(stale):
+            yield Progress(index, len(stale), f"measuring {parent.name} on {case.name}")
+            result = yield from localise(
+                case.image, parent, self.inference, **placement(case.geometry, case.image.ndim)
+            )
+            parent_maps[case.case_id] = result.anomaly_map
+        before = self._metrics([parent_maps.get(c.case_id, c.anomaly_map) for c in cases], masks)
+        before_figures = {
+            case.case_id: case_figures(case, parent_maps.get(case.case_id)) for case in others
+        }
         tuned = yield from finetune(
             parent,
             [c.image for c in cases],
