@@ -403,3 +403,35 @@ def test_removing_a_scan_puts_its_layers_away_and_opening_it_again_brings_back_i
     written = widget.export(tmp_path / "out" / "p1_mask.nii.gz")
     exported = read_image(next(p for p in written if p.name == "p1_mask.nii.gz")).array
     np.testing.assert_array_equal(exported != 0, approved)
+
+
+def test_a_scan_layer_given_other_pixels_lets_go_of_its_review_and_of_its_file(widget, tmp_path):
+    """A script or plugin replaces the layer's data: the review and the file it names
+    belong to the old pixels, so neither may carry over to a mask made on the new ones."""
+    from napari_anomaly.io import write_image
+
+    viewer = widget.viewer
+    path = tmp_path / "patient1.nii.gz"
+    write_image(path, body_scan((40, 48), 0))
+    viewer.open(str(path), plugin="napari-anomaly")
+    widget.image_layer.value = "patient1"
+    widget.localise(wait=True)
+    mask = viewer.layers["patient1 mask"]
+    painted = np.asarray(mask.data).copy()
+    painted[1:4, 1:4] = 1
+    mask.data = painted
+    old = widget.case("patient1")
+
+    viewer.layers["patient1"].data = body_scan((40, 48), 7)
+    QApplication.processEvents()
+    assert [layer.name for layer in viewer.layers] == ["patient1"]
+    assert "changed" in widget.status.value and widget.case("patient1") is None
+    assert old.case_id in widget.session.cases and old.mask[1:4, 1:4].all()  # kept
+
+    widget.localise(wait=True)
+    new = widget.case("patient1")
+    assert new.case_id != old.case_id and new.source_path is None
+    assert not new.edits.added.any()
+    written = widget.export(tmp_path / "out" / "p_mask.nii.gz")
+    sidecar = json.loads(next(p for p in written if p.suffix == ".json").read_text())
+    assert sidecar.get("source_path") is None

@@ -155,6 +155,9 @@ COMPARISON_COLUMNS = ["case", "regions", "top region", "case score"]
 AUTOSAVE_DELAY_MS = 500
 
 OUTPUT_ROLES = ("anomaly_map", "confidence_map")
+#: Set in a scan layer's metadata when its pixels were replaced after it was read: it no
+#: longer shows its file.
+DATA_CHANGED_KEY = "napari_anomaly_data_changed"
 #: The layers made for a case: role -> name suffix (``"<image> anomaly"``...).
 DERIVED_SUFFIXES = {"anomaly_map": "anomaly", "confidence_map": "confidence", "mask": "mask"}
 
@@ -518,6 +521,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._on_layer_renamed)
+            layer.events.data.connect(self._on_scan_data_changed)
         self._bind_keys()
         self._on_device_changed()
         try:
@@ -586,6 +590,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         elif self._is_scan_layer(layer):
             self._link_to_its_review(layer)
         layer.events.name.connect(self._on_layer_renamed)
+        layer.events.data.connect(self._on_scan_data_changed)
         self._refresh_layer_choices()
 
     def _on_layer_removed(self, event: Any) -> None:
@@ -596,6 +601,39 @@ class AnomalyReviewWidget(WorklistControls, Container):
             # After the removal has finished (napari may be removing several layers).
             QTimer.singleShot(0, lambda: self._put_away(case_id))
         self._refresh_layer_choices()
+
+    def _on_scan_data_changed(self, event: Any) -> None:
+        """A case's scan layer got other pixels (a script, another plugin): the review was
+        made on the old ones. The layer lets go of the case (kept in the review), its maps
+        and mask go, and the layer no longer names its file: Localise makes a new case of
+        what it shows now, never one that claims the old file."""
+        layer = event.source
+        case_id = (layer.metadata or {}).get(CASE_ID_KEY)
+        session = self._session
+        if (
+            self._closed
+            or case_id is None
+            or session is None
+            or case_id not in session.cases
+            or not self._is_scan_layer(layer)
+            or layer.multiscale
+            or self._scan_layer_of(case_id) is not layer
+        ):
+            return
+        case = session.cases[case_id]
+        if tuple(layer.data.shape) == case.shape and np.array_equal(
+            np.asarray(layer.data), case.image
+        ):
+            return
+        layer.metadata.pop(CASE_ID_KEY, None)
+        layer.metadata[DATA_CHANGED_KEY] = True
+        self._case_layers.pop(case_id, None)
+        self._put_away(case_id)
+        self._render_shown_case(
+            f"The pixels of {layer.name} changed: its review (kept) no longer applies to "
+            "them; press Localise for a new case.",
+            error=True,
+        )
 
     def _put_away(self, case_id: str) -> None:
         """The scan layer of a case was removed: its maps and mask go too. The case stays
@@ -758,7 +796,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
 
     @staticmethod
     def _source_of(layer: Any) -> str | None:
-        """The file (or DICOM folder) a scan layer was read from, if it is still there."""
+        """The file (or DICOM folder) a scan layer was read from, if it is still there
+        (and the layer still shows what was read from it)."""
+        if (layer.metadata or {}).get(DATA_CHANGED_KEY):
+            return None
         source = getattr(getattr(layer, "source", None), "path", None)
         path = source or (layer.metadata or {}).get("source_path")
         return str(path) if path and Path(path).exists() else None
@@ -2509,6 +2550,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             emitter.disconnect(handler)
         for layer in viewer.layers:
             layer.events.name.disconnect(self._on_layer_renamed)
+            layer.events.data.disconnect(self._on_scan_data_changed)
         for key, action in self._key_bindings.items():
             current = viewer.bind_key(key, None)
             if current is not None and current is not action:
