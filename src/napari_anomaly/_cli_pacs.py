@@ -44,7 +44,9 @@ def _connection_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not check the server's HTTPS certificate (test servers only)",
     )
-    p.add_argument("--timeout", type=float, help="seconds to wait for each answer (default 20)")
+    p.add_argument(
+        "--timeout", type=float, help="seconds to wait for each answer (default 20, at most 86400)"
+    )
 
 
 def add_pacs_parser(sub: argparse._SubParsersAction, common=None) -> argparse.ArgumentParser:
@@ -81,7 +83,10 @@ def add_pacs_parser(sub: argparse._SubParsersAction, common=None) -> argparse.Ar
     p.add_argument("--description", help="words the series description contains")
     p.add_argument("--study", help="only the series of this Study Instance UID")
     p.add_argument(
-        "--limit", type=int, default=DEFAULT_LIMIT, help="at most this many (default %(default)s)"
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help="at most this many, >= 1 (default %(default)s)",
     )
     p.set_defaults(func=run_pacs)
 
@@ -107,6 +112,29 @@ def add_pacs_parser(sub: argparse._SubParsersAction, common=None) -> argparse.Ar
     p.add_argument("files", nargs="+", help="DICOM files, or folders of DICOM files")
     p.set_defaults(func=run_pacs)
     return pacs
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse impossible option values in one line, before the settings are read and
+    anything is sent."""
+    from napari_anomaly.pacs import MAX_TIMEOUT_S, _date_filter
+
+    # "not 0 < x <= limit" refuses NaN as well
+    if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise CommandError(
+            f"--timeout must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:.0f}, "
+            f"got {args.timeout:g}"
+        )
+    if args.pacs_command == "search":
+        if args.limit < 1:
+            raise CommandError(f"--limit must be >= 1, got {args.limit}")
+        if args.date:
+            try:
+                _date_filter(args.date)
+            except ValueError as error:
+                raise CommandError(f"--date: {error}") from None
+    if args.pacs_command == "get" and not 0 < args.max_mb < float("inf"):
+        raise CommandError(f"--max-mb must be > 0 and finite, got {args.max_mb:g}")
 
 
 def _settings(args: argparse.Namespace):
@@ -156,8 +184,6 @@ def _search(args: argparse.Namespace, settings) -> int:
 def _get(args: argparse.Namespace, settings) -> int:
     from napari_anomaly.pacs import retrieve_series
 
-    if not args.max_mb > 0:
-        raise CommandError(f"--max-mb must be > 0, got {args.max_mb}")
     job = retrieve_series(
         settings,
         args.series,
@@ -195,6 +221,7 @@ def run_pacs(args: argparse.Namespace) -> int:
     (one line, exit code 2)."""
     from napari_anomaly.pacs import PacsError
 
+    _check_options(args)
     try:
         settings = _settings(args)
     except ValueError as error:  # a bad --url, a user without a password

@@ -32,6 +32,7 @@ Nothing here imports Qt or napari; ``requests``, ``dicomweb-client`` and
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 import logging
@@ -39,6 +40,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ __all__ = [
     "CACHE_ENV",
     "CONFIG_ENV",
     "DEFAULT_MAX_BYTES",
+    "MAX_TIMEOUT_S",
     "PASSWORD_ENV",
     "PacsError",
     "PacsSettings",
@@ -81,6 +84,11 @@ CACHE_ENV = "NAPARI_ANOMALY_PACS_CACHE"
 DEFAULT_MAX_BYTES = 2 * 1024**3
 #: At most this many records per search unless asked for more.
 DEFAULT_LIMIT = 200
+#: Seconds to wait for one answer unless told otherwise.
+DEFAULT_TIMEOUT_S = 20.0
+#: The longest wait for one answer that can be asked for (a day; the HTTP libraries
+#: overflow on much longer ones).
+MAX_TIMEOUT_S = 86400.0
 
 # DICOM tags (group+element) read from QIDO-RS answers.
 _TAGS = {
@@ -147,6 +155,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"the PACS configuration {path} has unknown keys {', '.join(unknown)} "
             f"(known: {', '.join(sorted(known))})"
         )
+    _check_config_values(path, config)
     if config.get("password") and os.name == "posix":
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -155,6 +164,37 @@ def _read_config(path: Path) -> dict[str, Any]:
                 f"(mode {stat.filemode(mode)}); make it private with: chmod 600 {path}"
             )
     return config
+
+
+def _check_config_values(path: Path, config: dict[str, Any]) -> None:
+    """Refuse a configuration value of the wrong type, naming the file and the key
+    (never the password's value). ``null`` leaves a text setting unset."""
+    for key in ("url", "user", "password", "ca_bundle"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, str):
+            shown = "" if key == "password" else f", not {json.dumps(value)}"
+            raise PacsError(f'the PACS configuration {path}: "{key}" must be a text string{shown}')
+    if "verify" in config and not isinstance(config["verify"], bool):
+        raise PacsError(
+            f'the PACS configuration {path}: "verify" must be true or false, '
+            f"not {json.dumps(config['verify'])}"
+        )
+    if "timeout" in config:
+        try:
+            _check_timeout(config["timeout"], '"timeout"')
+        except ValueError as error:
+            raise PacsError(f"the PACS configuration {path}: {error}") from None
+
+
+def _check_timeout(value: Any, what: str) -> float:
+    """A wait in seconds: a finite number > 0, at most :data:`MAX_TIMEOUT_S`."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not 0 < number <= MAX_TIMEOUT_S:  # NaN fails the comparison too
+        shown = json.dumps(value) if value is None or isinstance(value, (bool, str)) else value
+        raise ValueError(
+            f"{what} must be a number of seconds > 0 and at most {MAX_TIMEOUT_S:.0f}, not {shown}"
+        )
+    return float(number)
 
 
 def stored_url_and_user(config: str | os.PathLike[str] | None = None) -> tuple[str, str]:
@@ -191,7 +231,11 @@ class PacsSettings:
     verify
         Check the server's HTTPS certificate (turn off only for a test server).
     timeout
-        Seconds to wait for the PACS to answer one request.
+        Seconds to wait for the PACS to answer one request (> 0, at most
+        :data:`MAX_TIMEOUT_S`).
+
+    The user name and password are sent UTF-8 encoded (HTTP basic authentication,
+    RFC 7617), so they may hold any character.
     """
 
     url: str
@@ -199,9 +243,11 @@ class PacsSettings:
     password: str | None = field(default=None, repr=False, compare=False)
     ca_bundle: str | None = None
     verify: bool = True
-    timeout: float = 20.0
+    timeout: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
+        if not isinstance(self.url, str):
+            raise ValueError(f"the PACS URL must be text, not {type(self.url).__name__}")
         # Credentials in the address (user:pw@ before the first "/" of the authority) are
         # refused before the address is ever repeated in a message, a malformed address
         # too: "user:pw@host/..." has no scheme for urlsplit to find the user in.
@@ -212,15 +258,32 @@ class PacsSettings:
                 "the PACS URL must not hold a user name or password; give the user with "
                 f"--user and the password in ${PASSWORD_ENV}"
             )
-        parts = urlsplit(self.url)
+        shown = self.url.split("?", 1)[0].split("#", 1)[0]  # a query may hold secrets
+        try:
+            parts = urlsplit(self.url)
+            port = parts.port
+        except ValueError as error:  # "Port out of range 0-65535", "Invalid IPv6 URL"
+            reason = (
+                "the port must be a number from 1 to 65535"
+                if "port" in str(error).lower()
+                else str(error)
+            )
+            raise ValueError(f"PACS URL {shown} is invalid: {reason}") from None
+        if port == 0:
+            raise ValueError(
+                f"PACS URL {shown} is invalid: the port must be a number from 1 to 65535"
+            )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(
-                f"PACS URL {self.url!r} is not an http:// or https:// address "
+                f"PACS URL {shown!r} is not an http:// or https:// address "
                 "(e.g. http://localhost:8042/dicom-web)"
             )
         if parts.query or parts.fragment:
-            shown = f"{parts.scheme}://{parts.netloc}{parts.path}"  # a query may hold secrets
             raise ValueError(f"PACS URL {shown} must not have a query (?...) or fragment")
+        if self.user is not None and not isinstance(self.user, str):
+            raise ValueError(f"the PACS user name must be text, not {self.user!r}")
+        if self.password is not None and not isinstance(self.password, str):
+            raise ValueError("the PACS password must be text")  # its value is never shown
         if self.password is not None and not self.user:
             raise ValueError("a PACS password was given without a user name; give the user too")
         if self.user is not None and self.password is None:
@@ -228,10 +291,13 @@ class PacsSettings:
                 f"no password for PACS user {self.user!r}: set ${PASSWORD_ENV} or put it in "
                 f"{config_path()} (readable only by you)"
             )
+        if self.ca_bundle is not None and not isinstance(self.ca_bundle, (str, os.PathLike)):
+            raise ValueError(f"the CA bundle must be a file name, not {self.ca_bundle!r}")
         if self.ca_bundle is not None and not Path(self.ca_bundle).is_file():
             raise FileNotFoundError(f"CA bundle {self.ca_bundle} not found")
-        if not self.timeout > 0:
-            raise ValueError(f"PACS timeout must be > 0 seconds, got {self.timeout}")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"verify must be True or False, not {self.verify!r}")
+        object.__setattr__(self, "timeout", _check_timeout(self.timeout, "the PACS timeout"))
 
     def __str__(self) -> str:
         who = f"{self.user}@" if self.user else ""
@@ -268,7 +334,7 @@ class PacsSettings:
         PacsError
             The configuration file is unreadable, malformed or not private.
         ValueError
-            No URL anywhere, a bad URL, or a user without a password.
+            No URL anywhere, a bad URL or timeout, or a user without a password.
         """
         stored = _read_config(Path(config) if config is not None else config_path())
         url = url or stored.get("url")
@@ -288,8 +354,8 @@ class PacsSettings:
             user=user or None,
             password=password if user else None,
             ca_bundle=ca_bundle if ca_bundle is not None else stored.get("ca_bundle"),
-            verify=verify if verify is not None else bool(stored.get("verify", True)),
-            timeout=float(timeout if timeout is not None else stored.get("timeout", 20.0)),
+            verify=verify if verify is not None else stored.get("verify", True),
+            timeout=timeout if timeout is not None else stored.get("timeout", DEFAULT_TIMEOUT_S),
         )
 
 
@@ -392,6 +458,15 @@ def _hide_queries_in_library_logs() -> None:
             library_logger.addFilter(_HIDE_QUERIES)
 
 
+# How many answers (any HTTP status) this thread's PACS transports have received: an
+# error raised where none came is not the server's fault (see _talking_to).
+_ANSWERS = threading.local()
+
+
+def _answers_received() -> int:
+    return getattr(_ANSWERS, "count", 0)
+
+
 def _transport(settings: PacsSettings) -> Any:
     """A ``requests`` transport for the PACS.
 
@@ -415,7 +490,9 @@ def _transport(settings: PacsSettings) -> Any:
                 request.url = f"{path}?{query}"
             if verify is not None:
                 kwargs["verify"] = verify
-            return super().send(request, **kwargs)
+            answer = super().send(request, **kwargs)
+            _ANSWERS.count = _answers_received() + 1
+            return answer
 
     return PacsTransport()
 
@@ -430,7 +507,10 @@ def _client(settings: PacsSettings) -> DICOMwebClient:
     session.mount("http://", transport)
     session.mount("https://", transport)
     if settings.user:
-        session.auth = (settings.user, settings.password or "")
+        # UTF-8, as browsers and curl send it and as RFC 7617 names it (Orthanc expects
+        # it): requests would encode str credentials as Latin-1, and fail on any other
+        # character (a password with a euro sign).
+        session.auth = (settings.user.encode("utf-8"), (settings.password or "").encode("utf-8"))
     session.verify = settings.ca_bundle if settings.ca_bundle else settings.verify
     client = DICOMwebClient(settings.url, session=session, timeout=settings.timeout)
     # Three tries within a second (a busy server's 429/503, a dropped connection): a
@@ -457,6 +537,7 @@ def _talking_to(settings: PacsSettings, action: str, not_found: str | None = Non
 
     where = f"the PACS at {settings.url}"
     message = None
+    answers_before = _answers_received()
     try:
         with warnings.catch_warnings():
             if not settings.verify:  # asked for explicitly; said once by the caller
@@ -478,8 +559,13 @@ def _talking_to(settings: PacsSettings, action: str, not_found: str | None = Non
         status = error.response.status_code if error.response is not None else 0
         reason = error.response.reason if error.response is not None else ""
         if status == 401:
+            encoded = (
+                " (a password with characters other than ASCII is sent UTF-8 encoded)"
+                if settings.password and not settings.password.isascii()
+                else ""
+            )
             message = (
-                f"{where} refused the credentials for user {settings.user!r}"
+                f"{where} refused the credentials for user {settings.user!r}{encoded}"
                 if settings.user
                 else f"{where} asks for a user name and password: give --user NAME and "
                 f"set ${PASSWORD_ENV}"
@@ -509,13 +595,23 @@ def _talking_to(settings: PacsSettings, action: str, not_found: str | None = Non
             + (f" (HTTP {status})" if status else "")
             + f" after {error.last_attempt.attempt_number} tries; try again later"
         )
-    except (requests.exceptions.RequestException, ValueError, KeyError, TypeError):
-        # A JSON body that does not decode, a multipart body that does not split into
-        # DICOM parts: whatever answered is not a DICOMweb server.
-        message = (
-            f"cannot {action}: {settings.url} does not answer as a DICOMweb server; give the "
-            "DICOMweb root, e.g. http://localhost:8042/dicom-web"
-        )
+    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema):
+        # Not said by the server: the address could not be turned into a request.
+        message = f"cannot {action}: the PACS URL {settings.url} is not a valid address"
+    except (requests.exceptions.RequestException, ValueError, KeyError, TypeError) as error:
+        if _answers_received() > answers_before:
+            # A JSON body that does not decode, a multipart body that does not split
+            # into DICOM parts: whatever answered is not a DICOMweb server.
+            message = (
+                f"cannot {action}: {settings.url} does not answer as a DICOMweb server; give "
+                "the DICOMweb root, e.g. http://localhost:8042/dicom-web"
+            )
+        else:
+            # Nothing was answered: the request could not be made. Its text may hold the
+            # request's query (a patient id): hidden.
+            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            detail = _HideQueries._QUERY.sub("?<query hidden>", text) or type(error).__name__
+            message = f"cannot {action}: the request to {settings.url} could not be made ({detail})"
     if message is not None:
         raise PacsError(message) from None
 
@@ -544,7 +640,8 @@ def _check_uid(uid: str, what: str) -> str:
 def _date_filter(date: str) -> str:
     """A DICOM date or range (``20240131``, ``20240101-20240131``, ``20240101-``,
     ``-20240131``), also written with ISO dates (``2024-01-31``,
-    ``2024-01-01-2024-01-31``)."""
+    ``2024-01-01-2024-01-31``). Each date must be a day of the calendar, and a range
+    must not end before it starts."""
     given = date
     date = _ISO_DATE.sub(r"\1\2\3", date.strip())
     match = _DATE.match(date)
@@ -557,6 +654,19 @@ def _date_filter(date: str) -> str:
             f"study date {given!r} is not a date (YYYYMMDD or YYYY-MM-DD) or a range "
             "(YYYYMMDD-YYYYMMDD, open ends allowed)"
         )
+    days = []
+    for text in (match.group(1), match.group(3)):
+        if text is None:
+            continue
+        try:
+            days.append(datetime.datetime.strptime(text, "%Y%m%d").date())
+        except ValueError:
+            which = "" if match.group(2) is None else f": {text[:4]}-{text[4:6]}-{text[6:]}"
+            raise ValueError(
+                f"study date {given!r}{which} is not a day of the calendar (YYYYMMDD or YYYY-MM-DD)"
+            ) from None
+    if len(days) == 2 and days[1] < days[0]:
+        raise ValueError(f"study date range {given!r} ends before it starts")
     return date
 
 
@@ -588,9 +698,14 @@ def _filters(
 
 
 def _check_limit(limit: int) -> int:
-    if int(limit) < 1:
-        raise ValueError(f"search limit must be >= 1, got {limit}")
-    return int(limit)
+    """A search limit: a whole number >= 1 (checked before anything is sent)."""
+    try:
+        number = int(limit)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if isinstance(limit, bool) or number is None or number != limit or number < 1:
+        raise ValueError(f"the search limit must be a whole number >= 1, not {limit!r}")
+    return number
 
 
 def search_studies(
@@ -642,11 +757,10 @@ def search_studies(
             "patient_id",
         )
     ]
+    limit = _check_limit(limit)
     client = _client(settings)
     with _talking_to(settings, "search the PACS"):
-        answer = client.search_for_studies(
-            search_filters=filters, fields=fields, limit=_check_limit(limit)
-        )
+        answer = client.search_for_studies(search_filters=filters, fields=fields, limit=limit)
     records = [
         StudyRecord(
             study_uid=_value(item, "study_uid"),
@@ -719,11 +833,10 @@ def search_series(
             "study_uid",
         )
     ]
+    limit = _check_limit(limit)
     client = _client(settings)
     with _talking_to(settings, "search the PACS"):
-        answer = client.search_for_series(
-            search_filters=filters, fields=fields, limit=_check_limit(limit)
-        )
+        answer = client.search_for_series(search_filters=filters, fields=fields, limit=limit)
     records = [
         SeriesRecord(
             series_uid=_value(item, "series_uid"),
@@ -746,7 +859,10 @@ def search_series(
 def cache_folder(series_uid: str | None = None) -> Path:
     """Where retrieved series go by default: ``$NAPARI_ANOMALY_PACS_CACHE``, else ``pacs``
     in the user's cache folder (``~/.cache/napari-anomaly/pacs`` on Linux); with a
-    series UID, that series' folder in it."""
+    series UID, that series' folder in it.
+
+    A retrieve makes the folders of the cache it creates ``rwx------`` and its files
+    ``rw-------`` (patient data); folders that exist already keep their mode."""
     if os.environ.get(CACHE_ENV):
         root = Path(os.environ[CACHE_ENV]).expanduser()
     else:
@@ -757,6 +873,31 @@ def cache_folder(series_uid: str | None = None) -> Path:
         else:
             root = Path(platformdirs.user_cache_dir("napari-anomaly", appauthor=False)) / "pacs"
     return root if series_uid is None else root / _check_uid(series_uid, "series UID")
+
+
+def _in_cache(folder: Path) -> bool:
+    """Whether ``folder`` is the cache folder or inside it."""
+    root = cache_folder().resolve()
+    target = folder.expanduser().resolve()
+    return target == root or root in target.parents
+
+
+def _make_folder(folder: Path, private: bool) -> None:
+    """``mkdir -p folder``; with ``private``, each folder made here is made ``rwx------``
+    (the cache holds patient data). Folders that exist already keep their mode."""
+    if not private:
+        folder.mkdir(parents=True, exist_ok=True)
+        return
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by another retrieve
+            continue
+        os.chmod(made, 0o700)  # whatever the umask
 
 
 def _protected_folders() -> list[Path]:
@@ -878,13 +1019,17 @@ def retrieve_series(
     series_uid = _check_uid(series_uid, "series UID")
     if study_uid is not None:
         study_uid = _check_uid(study_uid, "study UID")
-    if int(max_bytes) < 1:
-        raise ValueError(f"the size limit must be at least 1 byte, got {max_bytes}")
+    try:
+        limit = int(max_bytes)
+    except (TypeError, ValueError, OverflowError):  # None, NaN, infinity
+        limit = 0
+    if isinstance(max_bytes, bool) or limit < 1:
+        raise ValueError(f"the size limit must be a whole number of bytes >= 1, not {max_bytes!r}")
     final = Path(out_dir).expanduser() if out_dir is not None else cache_folder(series_uid)
     _refuse_source_tree(final)
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"{final} is a file; give a folder for the series")
-    return _retrieve(settings, series_uid, final, study_uid, int(max_bytes), overwrite)
+    return _retrieve(settings, series_uid, final, study_uid, limit, overwrite)
 
 
 def _list_instances(
@@ -977,9 +1122,12 @@ def _retrieve(
 
     staging = _staging_folder(final)
     check_output_folder(final.parent, needed_bytes=announced or 0)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    # In the cache, patient data are readable by the user only: the folders made for
+    # it are rwx------ and the files rw-------.
+    private = _in_cache(final)
+    _make_folder(final.parent, private)
     with _one_retrieve_at_a_time(final, series_uid):
-        staging.mkdir(parents=True, exist_ok=True)
+        _make_folder(staging, private)
         clear_leftovers(staging)  # half-written files of a killed run
         for stray in staging.iterdir():
             if stray.name not in names:  # no longer in the series on the PACS
@@ -1016,6 +1164,8 @@ def _retrieve(
                     "with a larger limit"
                 )
             atomic_write_bytes(staging / name, data, overwrite=True)
+            if private:
+                os.chmod(staging / name, 0o600)
             done += 1
             yield Progress(done, total, f"retrieved {done} of {total} instances")
 
