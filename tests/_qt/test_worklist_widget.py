@@ -473,3 +473,24 @@ def test_opening_the_cohort_again_keeps_its_reviewed_cases_on_their_rows(widget,
     assert case.reviewed, "p1 opens as the case reviewed, not as a new one"
     np.testing.assert_array_equal(case.mask, approved_p1)
     assert widget.export_reviewed(out) == [], "nothing exported twice"
+
+
+def test_export_of_the_reviewed_cases_includes_the_anomaly_map_when_ticked(
+    widget, cohort, tmp_path
+):
+    widget.open_worklist(cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    widget.mark_reviewed()
+    widget.export_anomaly.value = True  # *Also export the anomaly map*
+    written = widget.export_reviewed(tmp_path / "reviewed")
+    assert sorted(p.name for p in written) == [
+        "p1_mask.json",
+        "p1_mask.nrrd",
+        "p1_mask_anomaly.nrrd",
+    ]
+    np.testing.assert_allclose(
+        read_image(tmp_path / "reviewed" / "p1_mask_anomaly.nrrd").array,
+        widget.case().anomaly_map,
+        rtol=1e-6,
+    )

@@ -461,9 +461,17 @@ class WorklistControls:
         return self._prefetch_worker is not None
 
     # ---------------------------------------------------------------- export
-    def export_reviewed(self, folder: str | Path, overwrite: bool = False) -> list[Path]:
+    def export_reviewed(
+        self,
+        folder: str | Path,
+        overwrite: bool = False,
+        include_anomaly_map: bool | None = None,
+    ) -> list[Path]:
         """Export every reviewed worklist case not exported yet into ``folder``
-        (``<case>_mask<suffix>`` and its sidecar); returns the files written."""
+        (``<case>_mask<suffix>`` and its sidecar, and ``<case>_mask_anomaly<suffix>``
+        when *Also export the anomaly map* is ticked or ``include_anomaly_map``);
+        returns the files written."""
+        include = self.export_anomaly.value if include_anomaly_map is None else include_anomaly_map
         worklist = self.worklist
         if worklist is None:
             raise ValueError("no worklist is open")
@@ -471,7 +479,9 @@ class WorklistControls:
             if self._scan_layer_of(case_id) is not None:
                 self._sync_edits(case_id)
         try:
-            written = worklist.export_reviewed(self._session, folder, overwrite=overwrite)
+            written = worklist.export_reviewed(
+                self._session, folder, overwrite=overwrite, include_anomaly_map=include
+            )
         finally:
             self._session.worklist_changed()
             self._refresh_worklist()
