@@ -186,6 +186,28 @@ def test_a_series_already_retrieved_is_not_fetched_again(settings, uploaded, tmp
     assert "already retrieved" in reports[-1].message
 
 
+def test_a_series_that_grew_on_the_pacs_is_completed_not_refused(
+    settings, uploaded, tmp_path, monkeypatch
+):
+    """A late slice reached the PACS after the series was retrieved: opening it again (the
+    dialog has no overwrite) fetches the new instance only."""
+    uid = uploaded["mr"].series_uid
+    folder = run_to_end(pacs.retrieve_series(settings, uid, tmp_path / "mr"))
+    late = sorted(folder.iterdir())[-1]
+    late.unlink()  # the folder as it was before that instance reached the PACS
+    fetches = _Fetches(monkeypatch)
+    reports = []
+    assert run_to_end(pacs.retrieve_series(settings, uid, folder), reports.append) == folder
+    assert fetches.count == 1
+    assert any("5 of 6 instances already here" in r.message for r in reports)
+    np.testing.assert_array_equal(read_image(folder).array, read_image(uploaded["mr"].folder).array)
+
+    (folder / "notes.txt").write_text("mine")  # not an instance of the series: refused
+    with pytest.raises(FileExistsError, match="already holds other files"):
+        run_to_end(pacs.retrieve_series(settings, uid, folder))
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
 def test_default_folder_is_the_cache(settings, uploaded, tmp_path, monkeypatch):
     monkeypatch.setenv(pacs.CACHE_ENV, str(tmp_path / "cache"))
     uid = uploaded["ct"].series_uid

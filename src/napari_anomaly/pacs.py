@@ -981,7 +981,8 @@ def retrieve_series(
     the staging folder is renamed into place. A cancelled, failed or killed retrieve
     leaves the staging folder: the next retrieve of the series into the same folder
     fetches only what is missing. A folder that already holds exactly the series is
-    returned at once.
+    returned at once; one that holds some of its instances and nothing else (the
+    series grew on the PACS since it was retrieved) is completed.
 
     Parameters
     ----------
@@ -1106,7 +1107,10 @@ def _retrieve(
         logger.info("series %s is already in %s", series_uid, final)
         yield Progress(total, total, f"all {total} instances were already retrieved")
         return final
-    if existing and not overwrite:
+    # Instances of this series only, fewer than the PACS now holds: the series grew on
+    # the PACS since it was retrieved (a late slice). It is completed, not refused.
+    grown = bool(existing) and existing < set(names)
+    if existing and not overwrite and not grown:
         raise FileExistsError(
             f"{final} already holds other files; give an empty or new folder, or pass "
             "overwrite=True (the CLI flag is --overwrite)"
@@ -1132,6 +1136,11 @@ def _retrieve(
         for stray in staging.iterdir():
             if stray.name not in names:  # no longer in the series on the PACS
                 shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
+        if grown:  # what was retrieved before is not fetched again
+            for name in sorted(existing - {p.name for p in staging.iterdir()}):
+                atomic_write_bytes(staging / name, (final / name).read_bytes(), overwrite=True)
+                if private:
+                    os.chmod(staging / name, 0o600)
         have = {p.name for p in staging.iterdir()}
         received = sum((staging / name).stat().st_size for name in have)
         done = len(have)
