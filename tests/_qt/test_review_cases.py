@@ -435,3 +435,13 @@ def test_a_scan_layer_given_other_pixels_lets_go_of_its_review_and_of_its_file(w
     written = widget.export(tmp_path / "out" / "p_mask.nii.gz")
     sidecar = json.loads(next(p for p in written if p.suffix == ".json").read_text())
     assert sidecar.get("source_path") is None
+
+
+def test_a_mask_layer_is_never_taken_for_its_cases_scan(widget):
+    _open(widget, "scan")
+    viewer = widget.viewer
+    assert widget.case("scan mask") is None and widget.case("scan anomaly") is None
+    viewer.layers.remove(viewer.layers["scan"])
+    assert widget.case("scan mask") is None  # asked before its layers were put away
+    QApplication.processEvents()
+    assert [layer.name for layer in viewer.layers] == []

@@ -781,6 +781,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
         """
         metadata = layer.metadata
         case_id = metadata.get(CASE_ID_KEY)
+        if not self._is_scan_layer(layer):
+            return None  # the maps and the mask carry the id of the case they belong to
         if case_id is not None:
             owner = self._case_layers.get(case_id)
             owner_layer = owner() if owner is not None else None
@@ -843,7 +845,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
             return self._shown_case()
         if layer_name not in self.viewer.layers or self._session is None:
             return None
-        return self._session.cases.get(self._case_id_of(self.viewer.layers[layer_name]))
+        layer = self.viewer.layers[layer_name]
+        if not self._is_scan_layer(layer):  # a mask or a map: never the case's owner
+            return None
+        return self._session.cases.get(self._case_id_of(layer))
 
     def _on_image_switched(self, *_: Any) -> None:
         """Another image was chosen: show its case, and make its mask the layer to paint on."""
