@@ -54,6 +54,15 @@ def _names(folder) -> list[str]:
     return sorted(case.name for case in load_session(folder).cases.values())
 
 
+@pytest.fixture
+def autosaved(tmp_path):
+    """An autosave root holding one autosaved review (of case "a"): (root, its folder)."""
+    root = tmp_path / "sessions"
+    folder = root / "20261203-100000-aaaaaa"
+    save_session(_session("a"), folder)
+    return root, folder
+
+
 def test_a_folder_holding_another_review_is_not_saved_over(tmp_path):
     folder = tmp_path / "saved"
     save_session(_session("colleague's case"), folder)
@@ -102,10 +111,8 @@ def test_a_session_folder_written_before_review_ids_is_still_updated_in_place(tm
         save_session(_session("b"), folder)
 
 
-def test_one_owner_per_folder_and_no_owner_lets_go_of_another_ones_claim(tmp_path):
-    root = tmp_path / "sessions"
-    folder = root / "20261203-100000-aaaaaa"
-    save_session(_session("a"), folder)
+def test_one_owner_per_folder_and_no_owner_lets_go_of_another_ones_claim(autosaved):
+    root, folder = autosaved
     claim(folder, "window 1")
     with pytest.raises(FolderInUseError):
         claim(folder, "window 2")
@@ -120,10 +127,8 @@ def test_one_owner_per_folder_and_no_owner_lets_go_of_another_ones_claim(tmp_pat
     assert not is_claimed(folder) and [i.folder for i in find_autosaves(root)] == [folder]
 
 
-def test_a_folder_in_use_is_neither_set_aside_nor_removed(tmp_path):
-    root = tmp_path / "sessions"
-    folder = root / "20261203-100000-aaaaaa"
-    save_session(_session("a"), folder)
+def test_a_folder_in_use_is_neither_set_aside_nor_removed(autosaved):
+    root, folder = autosaved
     claim(folder, "window 1")
     with pytest.raises(FolderInUseError):
         discard(folder)
@@ -144,10 +149,8 @@ def _lock(folder, pid: int, started: str | None) -> None:
     (folder / ".in-use").write_text(json.dumps(record))
 
 
-def test_a_claim_is_held_while_its_process_lives_and_not_by_a_reused_pid(tmp_path):
-    root = tmp_path / "sessions"
-    folder = root / "20261203-100000-aaaaaa"
-    save_session(_session("a"), folder)
+def test_a_claim_is_held_while_its_process_lives_and_not_by_a_reused_pid(autosaved):
+    root, folder = autosaved
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         _lock(folder, child.pid, process_started(child.pid))

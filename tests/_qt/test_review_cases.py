@@ -357,6 +357,20 @@ def test_resume_takes_the_scan_it_shows_not_a_processed_copy_carrying_its_case_i
     np.testing.assert_array_equal(again.case("a").image, original)
 
 
+def _open_file_and_paint(widget, path):
+    """Open a scan file as a reviewer does, localise it and paint voxels [1:4, 1:4] into
+    its mask; returns its case."""
+    widget.viewer.open(str(path), plugin="napari-anomaly")
+    name = path.name.split(".")[0]
+    widget.image_layer.value = name
+    widget.localise(wait=True)
+    mask = widget.viewer.layers[f"{name} mask"]
+    painted = np.asarray(mask.data).copy()
+    painted[1:4, 1:4] = 1
+    mask.data = painted
+    return widget.case(name)
+
+
 def test_removing_a_scan_puts_its_layers_away_and_opening_it_again_brings_back_its_review(
     widget, tmp_path
 ):
@@ -367,13 +381,7 @@ def test_removing_a_scan_puts_its_layers_away_and_opening_it_again_brings_back_i
     for seed, path in enumerate((first, second)):
         path.parent.mkdir()
         write_image(path, body_scan((40, 48), seed))
-    viewer.open(str(first), plugin="napari-anomaly")
-    widget.image_layer.value = "scan"
-    widget.localise(wait=True)
-    mask = viewer.layers["scan mask"]
-    painted = np.asarray(mask.data).copy()
-    painted[1:4, 1:4] = 1
-    mask.data = painted
+    _open_file_and_paint(widget, first)
     widget.mark_reviewed()
     reviewed = widget.case("scan")
     approved = reviewed.approved_mask.copy()
@@ -413,14 +421,7 @@ def test_a_scan_layer_given_other_pixels_lets_go_of_its_review_and_of_its_file(w
     viewer = widget.viewer
     path = tmp_path / "patient1.nii.gz"
     write_image(path, body_scan((40, 48), 0))
-    viewer.open(str(path), plugin="napari-anomaly")
-    widget.image_layer.value = "patient1"
-    widget.localise(wait=True)
-    mask = viewer.layers["patient1 mask"]
-    painted = np.asarray(mask.data).copy()
-    painted[1:4, 1:4] = 1
-    mask.data = painted
-    old = widget.case("patient1")
+    old = _open_file_and_paint(widget, path)
 
     viewer.layers["patient1"].data = body_scan((40, 48), 7)
     QApplication.processEvents()
