@@ -426,7 +426,13 @@ class AutosaveInfo:
     def read(cls, folder: str | os.PathLike[str]) -> AutosaveInfo:
         """The summary of a session folder (``SessionFileError`` if it has no readable
         manifest)."""
-        manifest = read_manifest(folder)
+        return cls.from_manifest(folder, read_manifest(folder))
+
+    @classmethod
+    def from_manifest(
+        cls, folder: str | os.PathLike[str], manifest: Mapping[str, Any]
+    ) -> AutosaveInfo:
+        """The summary of a manifest already read (:func:`read_manifest`)."""
         cases = manifest.get("cases") or []
         models = manifest["models"]
         current = models["versions"][models["current"]]
@@ -535,18 +541,21 @@ def _check_not_another_review(session: ReviewSession, folder: Path) -> None:
             f"{folder} holds a review session that cannot be read ({error}); "
             "choose another folder (nothing was written)"
         ) from None
-    info = AutosaveInfo.read(folder)
+    if _folder_session_id(manifest, folder) == session.session_id and manifest.get(
+        "save_id"
+    ) == session._folder_saves.get(_key(folder), _NEVER):
+        return  # this review's own folder, as it last saved or read it
+    # (the summary only for the message: a save into its own folder reads the manifest once)
+    info = AutosaveInfo.from_manifest(folder, manifest)
     saved = f"{info.cases} case(s), saved {info.describe_time()}"
     if _folder_session_id(manifest, folder) != session.session_id:
         raise OtherReviewError(
             f"{folder} holds another review ({saved}); choose an empty folder (nothing was written)"
         )
-    seen = session._folder_saves.get(_key(folder), _NEVER)
-    if manifest.get("save_id") != seen:
-        raise OtherReviewError(
-            f"{folder} was saved by another window since this review last saved there "
-            f"({saved}); choose another folder (nothing was written)"
-        )
+    raise OtherReviewError(
+        f"{folder} was saved by another window since this review last saved there "
+        f"({saved}); choose another folder (nothing was written)"
+    )
 
 
 def save_session(
