@@ -441,6 +441,34 @@ def test_train_refuses_arguments_it_cannot_honour_before_the_first_step(
     assert previous.read_bytes() == b"a checkpoint of another run, or anything else"
 
 
+def test_a_checkpoint_is_never_the_model_it_makes_nor_the_bundled_model(
+    normals, tmp_path, capsys, monkeypatch
+):
+    """``--checkpoint`` spelt through ``..`` is still ``--out`` (the run would be lost when
+    the model could not be saved over its own checkpoint), and the bundled default model is
+    never a checkpoint, ``--overwrite`` or not."""
+    import napari_anomaly.localiser
+
+    bundled = tmp_path / "bundled" / "default.safetensors"
+    bundled.parent.mkdir()
+    bundled.write_bytes(b"the bundled model")
+    monkeypatch.setattr(napari_anomaly.localiser, "default_model_path", lambda: bundled)
+    (tmp_path / "sub").mkdir()
+    out = tmp_path / "model.safetensors"
+    args = ["train", *normals, "--out", str(out), "--steps", "2", "--batch-size", "2"]
+    args += ["--patch-size", "32", "--device", "cpu"]
+    for checkpoint, message in [
+        (tmp_path / "sub" / ".." / "model.safetensors", "--checkpoint and --out are the same"),
+        (bundled, "is the bundled default model"),
+    ]:
+        code = main([*args, "--checkpoint", str(checkpoint), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not out.exists()
+    assert bundled.read_bytes() == b"the bundled model"
+
+
 def test_localise_and_the_review_export_write_one_sidecar_format(model, normals, tmp_path):
     """``localise`` is a client of the review session: its mask is the session's mask at
     the same settings, and its sidecar names the source file and its sha256 and who wrote

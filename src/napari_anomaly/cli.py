@@ -248,7 +248,7 @@ def _checkpoint(args: argparse.Namespace, out: Path, model_bytes: int) -> Path |
     checkpoint = Path(args.checkpoint)
     if checkpoint.suffix != ".safetensors":
         raise CommandError(f"{checkpoint}: checkpoint files end in .safetensors")
-    if checkpoint.absolute() == out.absolute() or (
+    if checkpoint.resolve() == out.resolve() or (
         checkpoint.exists() and out.exists() and os.path.samefile(checkpoint, out)
     ):
         raise CommandError(
@@ -257,6 +257,7 @@ def _checkpoint(args: argparse.Namespace, out: Path, model_bytes: int) -> Path |
         )
     if checkpoint.is_dir():
         raise CommandError(f"{checkpoint} is a folder; give the checkpoint file")
+    _not_an_input(checkpoint, args, "--checkpoint")
     if args.resume:
         if not checkpoint.exists():
             raise CommandError(
