@@ -593,6 +593,33 @@ def test_scans_whose_names_differ_after_the_first_dot_get_their_own_outputs(mode
     assert sidecar["source_path"].endswith("scan.v2.nii.gz")
 
 
+def test_synthesise_never_writes_over_an_input_scan_and_bounds_n(tmp_path, capsys):
+    """``slice_ppii0.png`` given as an input is the name of ``slice.png``'s first sample:
+    even ``--overwrite`` does not replace it. An impossible ``--n`` is refused at once,
+    before a plan of every file is made."""
+    paths = []
+    for name, seed in (("slice", 0), ("slice_ppii0", 1)):
+        path = tmp_path / f"{name}.png"
+        image = phantom((48, 48), seed).astype(np.float32)
+        write_image(path, (image - image.min()) / (image.max() - image.min()))
+        paths.append(str(path))
+    before = (tmp_path / "slice_ppii0.png").read_bytes()
+    args = ["synthesise", *paths, "--out", str(tmp_path), "--overwrite"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "slice_ppii0.png would be written over the input" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (tmp_path / "slice_ppii0.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slice.png", "slice_ppii0.png"]
+    out = tmp_path / "synth"
+    for n in ("0", "100000000"):
+        assert main(["synthesise", paths[0], "--out", str(out), "--n", n]) == 2
+        err = capsys.readouterr().err
+        assert "n must be a whole number from 1 to 10000" in err
+        assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_synthesise_names_every_sample_after_the_whole_stem(tmp_path):
     source = tmp_path / "slice.v1.png"
     image = phantom((64, 64)).astype(np.float32)

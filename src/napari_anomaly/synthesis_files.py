@@ -38,6 +38,7 @@ from napari_anomaly.synthesis import SynthesisConfig, synthesise
 __all__ = ["overview_image", "synthesise_files"]
 
 POOL_SIZE = 8  # images per synthesis batch (the pool patches are drawn from)
+MAX_SAMPLES = 10_000  # samples per input image in one call (each is four files)
 
 
 def overview_image(
@@ -57,6 +58,27 @@ def overview_image(
         [grey(image), gap, grey(anomalous), gap, overlay, gap, grey(disagreement)], axis=1
     )
     return (panel * 255).round().astype(np.uint8)
+
+
+def _sample_bytes(image) -> int:
+    """Room one sample of ``image`` takes: three float32 images and the RGB overview (a
+    middle slice, 4 panels wide), with a margin for each file's header."""
+    plane = image.array.shape[-2] * image.array.shape[-1]
+    return 3 * 4 * image.array.size + 3 * 4 * plane + 3 * 64 * 1024
+
+
+def _refuse_writing_over_inputs(files: list[Path], inputs: list[Path]) -> None:
+    """An output that is an input scan, or lies inside an input's DICOM folder, is refused
+    even with ``overwrite``: it would replace the normal scan it was made from."""
+    read = [Path(p).resolve() for p in inputs]
+    for file in files:
+        target = file.resolve()
+        for source, path in zip(read, inputs):
+            if target == source or (source.is_dir() and source in target.parents):
+                raise ValueError(
+                    f"{file} would be written over the input {path}; choose another --out "
+                    "folder or rename the input"
+                )
 
 
 def _middle(a: np.ndarray) -> np.ndarray:
@@ -83,10 +105,12 @@ def synthesise_files(
     ``on_written(label, files)`` is called after each complete set. Returns the
     written paths.
     """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+        raise ValueError(f"n must be a whole number from 1 to {MAX_SAMPLES}, got {n}")
     out_dir = Path(out_dir)
     loaded = [read_image(p) for p in paths]
+    # Room first, from the sizes alone: the plan of every file is built only once it fits.
+    check_output_folder(out_dir, needed_bytes=n * sum(map(_sample_bytes, loaded)))
     planned: list[tuple[int, int, dict[str, Path]]] = []
     needed = 0
     for index, image in enumerate(loaded):
@@ -102,13 +126,12 @@ def synthesise_files(
                 )
             }
             planned.append((index, k, targets))
-            # Three float32 images and the RGB overview (a middle slice, 4 panels wide).
-            plane = image.array.shape[-2] * image.array.shape[-1]
-            needed += 3 * 4 * image.array.size + 3 * 4 * plane + 3 * 64 * 1024
+            needed += _sample_bytes(image)
     files = [f for _, _, t in planned for p in t.values() for f in (p, *data_files(p))]
     duplicates = sorted(str(f) for f, count in Counter(files).items() if count > 1)
     if duplicates:
         raise ValueError(f"two inputs would both write {duplicates[0]}; rename one of them")
+    _refuse_writing_over_inputs(files, [image.path for image in loaded])
     check_output_folder(out_dir, files, overwrite=overwrite, needed_bytes=needed)
 
     prepared = []
