@@ -81,6 +81,20 @@ def test_resume_continues_from_the_checkpoint(images_2d, tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_a_checkpoint_is_not_resumed_on_other_scans_of_the_same_shape(images_2d, tmp_path):
+    """Resuming on other scans would give a model whose record names the new scans while
+    its weights learnt the first ones: refused before the first step."""
+    from napari_anomaly.io.model_file import ModelFileError
+
+    checkpoint = tmp_path / "run.safetensors"
+    config = TrainConfig(steps=2, checkpoint_every=2, **TINY)
+    run_to_end(train(images_2d, config, network=TINY_NETWORK_2D, checkpoint_path=checkpoint))
+    others = [np.flip(image, -1).copy() for image in images_2d]
+    job = train(others, config, network=TINY_NETWORK_2D, checkpoint_path=checkpoint, resume=True)
+    with pytest.raises(ModelFileError, match="other settings or data"):
+        run_to_end(job)
+
+
 @pytest.mark.parametrize(("cancel_after", "left"), [(1, []), (3, ["run.safetensors"])])
 def test_cancelled_training_leaves_only_its_last_complete_checkpoint(
     images_2d, tmp_path, monkeypatch, cancel_after, left

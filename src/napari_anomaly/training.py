@@ -517,6 +517,17 @@ def _save_checkpoint(
     save_model_file(path, tensors, metadata, overwrite=True)
 
 
+def _data_digest(arrays: Sequence[np.ndarray]) -> str:
+    """sha256 over the pixels (and shapes and types) of the training and held-out
+    images, in order: what a checkpoint's run was trained on."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array.reshape(-1)).cast("B"))
+    return digest.hexdigest()
+
+
 def _load_checkpoint(
     path: Path,
     network: AnomalyNet,
@@ -879,10 +890,15 @@ def train(
         validation = _validation_batches(val_sampler, config, synthesis, device)
 
     model = AnomalyNet(network_config).to(device)
+    # A checkpoint is resumed only by the run that wrote it: same settings, same scans.
     fingerprint = {
         "config": config_to_dict(config),
         "shapes": [list(a.shape) for a in images],
         "network": network_config.to_dict(),
+        "data": _data_digest([*images, *held_out]),
+        "synthesis": config_to_dict(synthesis),
+        "augmentation": config_to_dict(augmentation),
+        "preprocessing": config_to_dict(preprocessing),
     }
     started = time.perf_counter()
     with process_group(launch, device) as run:
