@@ -9,6 +9,7 @@ from conftest import phantom
 
 from napari_anomaly.cli import main
 from napari_anomaly.io import Geometry, write_image
+from napari_anomaly.localiser import Localiser
 
 GEOMETRY = Geometry(
     spacing=(2.0, 0.8, 0.7), origin=(-10.0, 5.0, 3.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
@@ -133,6 +134,60 @@ def test_a_scan_given_as_the_mask_or_a_mask_as_the_scan_is_refused(case, tmp_pat
     assert main([*args, "--images", image, "--masks", str(copy)]) == 2
     _refused_in_one_line(capsys, "copy_of_the_scan.nii.gz", "not a mask")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["calibrate", "{mask}", "--out", "{out}.safetensors"],
+        ["adapt", "{mask}", "--out", "{out}.safetensors", "--steps", "1"],
+        ["train", "{mask}", "--out", "{out}.safetensors", "--steps", "1", "--patch-size", "16"],
+        ["localise", "{mask}", "--out", "{out}"],
+    ],
+)
+def test_every_command_that_reads_scans_refuses_a_mask_given_as_one(
+    case, tmp_path, capsys, command
+):
+    """A 0/1 mask in place of a scan gives a model or a map of nothing: refused by name."""
+    _, mask = case
+    out = tmp_path / "written"
+    args = [arg.format(mask=mask, out=out) for arg in command]
+    assert main([*args, "--device", "cpu"]) == 2
+    _refused_in_one_line(capsys, "scan_mask.nii.gz holds only 0 and 1", "not a scan")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz", "scan_mask.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["calibrate", "{scan}", "{flat}", "--out", "{out}.safetensors"],
+        ["localise", "{scan}", "{flat}", "--out", "{out}"],
+        ["evaluate", "--images", "{scan}", "{flat}", "--masks", "{mask}", "{flat_mask}"],
+        ["finetune", "--images", "{scan}", "{flat}", "--masks", "{mask}", "{flat_mask}"]
+        + ["--out", "{out}.safetensors", "--steps", "1"],
+    ],
+)
+def test_a_2d_image_among_volumes_for_a_3d_model_is_named_before_any_scan_is_localised(
+    case, tmp_path, capsys, command
+):
+    from conftest import TINY_NETWORK_3D
+
+    from napari_anomaly.model import AnomalyNet
+
+    model = tmp_path / "model3d.safetensors"
+    Localiser(AnomalyNet(TINY_NETWORK_3D).eval(), metadata={"patch_size": 16}).save(model)
+    scan, mask = case
+    flat, flat_mask = tmp_path / "flat.nii.gz", tmp_path / "flat_mask.nii.gz"
+    write_image(flat, phantom((40, 40), 1), Geometry.identity(2))
+    block = np.zeros((40, 40), np.uint8)
+    block[10:20, 10:20] = 1
+    write_image(flat_mask, block, Geometry.identity(2))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    names = {"scan": scan, "flat": flat, "mask": mask, "flat_mask": flat_mask}
+    args = [arg.format(out=tmp_path / "written", **names) for arg in command]
+    assert main([*args, "--model", str(model), "--device", "cpu"]) == 2
+    _refused_in_one_line(capsys, "flat.nii.gz is a 2D image and the model is a 3D model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_localise_checks_that_every_input_exists_before_the_first_is_localised(

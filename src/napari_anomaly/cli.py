@@ -149,6 +149,19 @@ def _read(path: str, scan: bool = True):
     return read_image(path, scan=scan)
 
 
+def _fits_the_model(localiser, images) -> None:
+    """Before any scan is localised or any step trained: a 3D model takes 3D volumes only
+    (a 2D model takes both, a volume slice by slice)."""
+    if localiser.spatial_dims != 3:
+        return
+    for image in images:
+        if image.array.ndim == 2:
+            raise CommandError(
+                f"{image.path} is a 2D image and the model is a 3D model; give 3D volumes, "
+                "or a 2D model (--model)"
+            )
+
+
 def _prepare_folder(
     folder: Path,
     targets: Sequence[Path],
@@ -406,10 +419,12 @@ def _cmd_localise(args: argparse.Namespace) -> int:
     # Every input read and checked before the first is localised (a damaged file at the
     # end of a long list is refused now, not after hours of work); each is read again in
     # its turn, so that only one scan is held at a time.
+    localiser = _load_model(args.model)
     loaded = read_image(args.images[0], scan=True, series=args.series)
+    _fits_the_model(localiser, [loaded])
     for path in args.images[1:]:
-        read_image(path, scan=True, series=args.series)
-    session = _file_session(_load_model(args.model), settings)
+        _fits_the_model(localiser, [read_image(path, scan=True, series=args.series)])
+    session = _file_session(localiser, settings)
     for index, (path, plan) in enumerate(zip(args.images, plans)):
         if index:
             loaded = read_image(path, scan=True, series=args.series)
@@ -450,6 +465,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     localiser = _load_model(args.model)
     out = _model_out(args, _model_bytes(localiser))
     loaded = [_read(p) for p in args.normals]
+    _fits_the_model(localiser, loaded)
     calibrated = _run(
         calibrate(
             localiser,
@@ -527,19 +543,16 @@ def _read_case_pairs(images: Sequence[str], masks: Sequence[str]):
     if len(images) != len(masks):
         raise CommandError(f"{len(images)} images but {len(masks)} masks; give one mask per image")
     pairs = []
-    import numpy as np
-
+    from napari_anomaly.io.images import MaskNotScanError
     from napari_anomaly.io.masks import read_mask_for
 
     for image_path, mask_path in zip(images, masks):
         if Path(image_path).resolve() == Path(mask_path).resolve():
             raise CommandError(f"{image_path} is given as its own mask; give the mask file")
-        image = _read(image_path)
-        if np.isin(image.array, (0, 1)).all():
-            raise CommandError(
-                f"{image_path} holds only 0 and 1, which looks like a mask, not a scan "
-                "(--images and --masks swapped?)"
-            )
+        try:
+            image = _read(image_path)
+        except MaskNotScanError as error:
+            raise CommandError(f"{error} (--images and --masks swapped?)") from None
         # Same shape and grid, finite, non-zero = marked (io.masks).
         pairs.append((image, read_mask_for(image, mask_path, image_path)))
     named = ", ".join(Path(m).name for m in masks)
@@ -602,6 +615,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     pairs = _read_case_pairs(args.images, args.masks)
     held = [_read(path) for path in args.hold]
     images = [p[0] for p in pairs]
+    _fits_the_model(localiser, [*images, *held])
     masks = [p[1] for p in pairs]
     threshold = _threshold(args, localiser)
     before = evaluate_cases(_predict_all(localiser, images, args), masks, threshold)
@@ -680,6 +694,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     threshold = _threshold(args, localiser)
     pairs = _read_case_pairs(args.images, args.masks)
     normals = [_read(p) for p in args.normals or ()]
+    _fits_the_model(localiser, [p[0] for p in pairs] + normals)
     found = _localise_all(localiser, [p[0] for p in pairs], args)
     found_normal = _localise_all(localiser, normals, args) if normals else []
     maps = [anomaly_map for anomaly_map, _ in found]

@@ -1527,12 +1527,22 @@ def _read_npy(path: Path) -> LoadedImage:
     return _finish(arr, Geometry.identity(max(arr.ndim, 1)), source_dtype, "npy", path)
 
 
+class MaskNotScanError(ImageFileError):
+    """A file given as a scan holds a mask: true/false, or only the values 0 and 1."""
+
+
 def _check_scan(image: LoadedImage) -> None:
     """Refuse an image that cannot be localised or trained on, naming its file."""
     if image.source_dtype == "bool":
-        raise ImageFileError(
+        raise MaskNotScanError(
             f"{image.path} holds a boolean (true/false) image, which looks like a mask; "
             "a scan with intensities is needed."
+        )
+    array = image.array
+    # min/max first: a scan is out of [0, 1] almost always, and then isin is not needed.
+    if array.size and array.min() >= 0 and array.max() <= 1 and np.isin(array, (0, 1)).all():
+        raise MaskNotScanError(
+            f"{image.path} holds only 0 and 1, which looks like a mask, not a scan"
         )
     # One owner for what can be localised: preprocess.validate_image (imported
     # here, not at the top, so that reading files stays light).
