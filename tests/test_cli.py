@@ -48,6 +48,22 @@ def test_train_writes_a_model_and_refuses_to_overwrite(model, normals, capsys):
     assert model.read_bytes() == before
 
 
+def test_model_files_record_their_scans_by_count_never_by_file_name(model, normals, tmp_path):
+    """File names often hold a patient's name or number, and model files travel: ``train``
+    and ``calibrate`` record how many scans (and which was held out), not their names."""
+    trained = Localiser.load(model)
+    assert trained.metadata["training"]["data"] == (
+        "2 normal image(s), 1 more held out for validation"
+    )
+    child = tmp_path / "calibrated.safetensors"
+    args = ["calibrate", *normals[:2], "--out", str(child), "--model", str(model)]
+    assert main([*args, "--device", "cpu"]) == 0
+    calibrated = Localiser.load(child)
+    assert calibrated.metadata["calibration"]["data"] == "2 normal scan(s)"
+    for loaded in (trained, calibrated):
+        assert "normal0.nii" not in json.dumps(loaded.metadata) + loaded.card()
+
+
 def test_localise_writes_maps_and_the_region_table_in_the_input_format_and_geometry(
     model, normals, tmp_path, capsys
 ):

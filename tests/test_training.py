@@ -185,6 +185,8 @@ def test_finetune_learns_from_cases_as_the_model_sees_them():
     config = FinetuneConfig(steps=2, batch_size=2, device="cpu")
     tuned = run_to_end(finetune(parent, [volume], [mask], config, spacings=[(5.0, 0.5, 0.5)]))
     assert tuned.metadata["postprocess"] == parent.metadata["postprocess"]
+    # The record counts the voxels the reviewer marked, not those of the resampled mask.
+    assert tuned.metadata["finetuning"][-1]["marked_voxels"] == 2 * 6 * 6
 
 
 def test_distillation_loss_is_least_at_the_parents_map_and_counts_only_kept_voxels():

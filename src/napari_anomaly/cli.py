@@ -325,7 +325,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     loaded = [_read(p) for p in args.normal]
     images = [image.array for image in loaded]
-    description = ", ".join(Path(p).name for p in args.normal)
     try:
         localiser = _run(
             train(
@@ -333,7 +332,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 config,
                 checkpoint_path=checkpoint,
                 resume=args.resume,
-                data_description=description,
                 spacings=[known_spacing(image.geometry) for image in loaded],
             ),
             "train",
@@ -475,7 +473,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             min_region_size=args.min_region_size,
             min_region_mm=args.min_region_mm,
             inference=InferenceConfig(device=args.device),
-            description=", ".join(Path(p).name for p in args.normals),
+            # Counts only: file names may identify patients, and model files travel.
+            description=f"{len(loaded)} normal scan(s)",
             left_right_axes=_left_right_axes(loaded),
         ),
         "calibrate",
@@ -576,7 +575,7 @@ def _localise_all(localiser, images, args) -> list[tuple]:
         axial_planes=getattr(args, "axial_planes", False),
     )
     found = []
-    for image in images:
+    for index, image in enumerate(images):
         result = _run(
             localise(
                 image.array,
@@ -584,7 +583,7 @@ def _localise_all(localiser, images, args) -> list[tuple]:
                 config,
                 **placement(image.geometry, image.array.ndim),
             ),
-            f"localise {image.path.name}",
+            f"localise scan {index + 1}/{len(images)}",
         )
         found.append((result.anomaly_map, result.midline))
     return found

@@ -927,7 +927,9 @@ def train(
         "recommended_threshold": recommended,
         "training": {
             "kind": "train",
-            "data": data_description or f"{len(images)} normal image(s)",
+            "data": data_description
+            or f"{len(images)} normal image(s)"
+            + (f", {len(held_out)} more held out for validation" if held_out else ""),
             "images": [list(a.shape) for a in images],
             "validation_images": [list(np.shape(a)) for a in held_out],
             "steps": config.steps,
@@ -1112,17 +1114,17 @@ def adapt(
     metadata = copy.deepcopy(localiser.metadata)
     for key in ("created", "name", "software"):
         metadata.pop(key, None)
-    labels = names or [f"image {i + 1}" for i in range(len(images))]
+    # Counts, shapes and voxel hashes only: file names may identify patients, and model
+    # files travel.
     metadata.update(
         parent_sha256=localiser.sha256,
         parent_name=localiser.name,
         metrics={k: float(v) for k, v in history.items()},
         training={
             "kind": "adapt",
-            "data": ", ".join(labels),
+            "data": f"{len(images)} unlabelled scan(s)",
             "images": [
-                {"name": label, "shape": list(np.shape(image)), "sha256": _array_sha256(image)}
-                for label, image in zip(labels, images)
+                {"shape": list(np.shape(image)), "sha256": _array_sha256(image)} for image in images
             ],
             "steps": settings.steps,
             "seed": settings.seed,
@@ -1156,7 +1158,7 @@ def adapt(
             min_region_size=parent_calibration.get("min_region_size", 10),
             min_region_mm=parent_calibration.get("min_region_mm", 0.0),
             inference=InferenceConfig(device=settings.device),
-            description="the adaptation scans: " + ", ".join(labels),
+            description=f"the adaptation scans ({len(images)})",
             left_right_axes=left_right_axes,
         )
         recalibrated.metadata["parent_sha256"] = localiser.sha256
@@ -1464,7 +1466,8 @@ def finetune(
     metadata["finetuning"] = metadata.get("finetuning", []) + [
         {
             "cases": len(images),
-            "marked_voxels": int(sum(m.sum() for m in masks)),
+            # as the reviewer marked them, on the scans' own grids (not as resampled)
+            "marked_voxels": int(sum(np.count_nonzero(m) for m in corrected_masks)),
             # marked lesions that could be moved, and patches that received one
             "moved_lesions": {"lesions": len(donors), "patches": moved},
             "held_scans": len(held_images) if held_sampler is not None else 0,

@@ -1540,7 +1540,8 @@ def _check_scan(image: LoadedImage) -> None:
         )
     array = image.array
     # min/max first: a scan is out of [0, 1] almost always, and then isin is not needed.
-    if array.size and array.min() >= 0 and array.max() <= 1 and np.isin(array, (0, 1)).all():
+    # (A constant image is left to validate_image, which says so.)
+    if array.size and array.min() == 0 and array.max() == 1 and np.isin(array, (0, 1)).all():
         raise MaskNotScanError(
             f"{image.path} holds only 0 and 1, which looks like a mask, not a scan"
         )
