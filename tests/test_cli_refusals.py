@@ -58,6 +58,36 @@ def test_a_bad_option_value_is_refused_before_any_scan_is_localised(
     assert not out.exists()
 
 
+_FINETUNE = ["finetune", "--images", "{image}", "--masks", "{mask}", "--out", "{out}"]
+_EVALUATE = ["evaluate", "--images", "{image}", "--masks", "{mask}"]
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "named"),
+    [
+        (["train", "{image}", "--out", "{out}"], ["--batch-size", "0"], "--batch-size must"),
+        (["train", "{image}", "--out", "{out}"], ["--patch-size", "0"], "--patch-size must"),
+        (["adapt", "{image}", "--out", "{out}"], ["--steps", "0"], "--steps must"),
+        (_FINETUNE, ["--transplant-share", "2"], "--transplant-share must"),
+        (_FINETUNE, ["--distill-weight", "-1"], "--distill-weight must"),
+        (["localise", "{image}", "--out", "{folder}"], ["--slice-axis", "5"], "--slice-axis must"),
+        (_EVALUATE, ["--slice-axis", "5"], "--slice-axis must"),
+        (["localise", "{image}", "--out", "{folder}"], ["--min-region-mm", "inf"], "finite"),
+    ],
+)
+def test_a_refused_setting_is_named_by_the_flag_the_user_typed(
+    case, tmp_path, capsys, command, option, named
+):
+    image, mask = case
+    names = {"image": image, "mask": mask, "out": tmp_path / "new.safetensors"}
+    args = [arg.format(folder=tmp_path / "maps", **names) for arg in command]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([*args, *option, "--device", "cpu"]) == 2
+    err = _refused_in_one_line(capsys, named)
+    assert "_" not in err.split(" must")[0]  # no settings field name (batch_size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_adapt_refuses_a_negative_seed_before_the_first_step(case, tmp_path, capsys):
     image, _ = case
     out = tmp_path / "adapted.safetensors"

@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -310,7 +311,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from napari_anomaly.training import TrainConfig, train
 
     # Every argument is checked before anything is read or trained.
-    config = TrainConfig(
+    config = _settings(
+        TrainConfig,
         spatial_dims=args.dims,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -374,9 +376,19 @@ def _localise_settings(args: argparse.Namespace):
     from napari_anomaly.localise_files import LocaliseSettings
 
     _check_region_limits(args)
+    from napari_anomaly.inference import InferenceConfig
+
     if args.threshold is not None and args.max_false_regions is not None:
         raise CommandError("give --threshold or --max-false-regions, not both")
-    return LocaliseSettings(
+    _settings(  # checked now, by flag, before any file is read
+        InferenceConfig,
+        device=args.device,
+        slice_axis=args.slice_axis,
+        axial_planes=args.axial_planes,
+        flips=args.flips,
+    )
+    return _settings(
+        LocaliseSettings,
         threshold=args.threshold,
         max_false_regions=args.max_false_regions,
         min_region_size=args.min_region_size,
@@ -497,6 +509,23 @@ def _left_right_axes(loaded) -> list[int | None]:
     return [placement(i.geometry, i.array.ndim)["left_right_axis"] for i in loaded]
 
 
+# Settings fields whose command-line flag is not ``--`` + the field's name with dashes.
+_FLAG_OF_FIELD = {"spatial_dims": "--dims"}
+
+
+def _settings(make, **values):
+    """``make(**values)``, the values being the command's flags: a refusal names the flag
+    the user typed (``--batch-size``), not the settings field (``batch_size``)."""
+    try:
+        return make(**values)
+    except ValueError as error:
+        message = str(error)
+        for field in values:
+            flag = _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+            message = re.sub(rf"(?<![\w.-]){field}\b", flag, message)
+        raise CommandError(message) from None
+
+
 def _check_region_limits(args: argparse.Namespace) -> None:
     """Refuse negative minimum region sizes and false-region budgets before anything runs."""
     budget = getattr(args, "max_false_regions", None)
@@ -505,7 +534,9 @@ def _check_region_limits(args: argparse.Namespace) -> None:
     if args.min_region_size < 0:
         raise CommandError(f"--min-region-size must be >= 0, got {args.min_region_size}")
     if not (math.isfinite(args.min_region_mm) and args.min_region_mm >= 0):
-        raise CommandError(f"--min-region-mm must be >= 0, got {args.min_region_mm}")
+        raise CommandError(
+            f"--min-region-mm must be a finite number >= 0, got {args.min_region_mm}"
+        )
     max_regions = getattr(args, "max_regions", None)
     if max_regions is not None and max_regions < 0:
         raise CommandError(f"--max-regions must be >= 0 (0: no limit), got {max_regions}")
@@ -568,7 +599,8 @@ def _localise_all(localiser, images, args) -> list[tuple]:
     """Per image, its anomaly map and midline (the confidence maps are not kept)."""
     from napari_anomaly.inference import InferenceConfig, localise, placement
 
-    config = InferenceConfig(
+    config = _settings(
+        InferenceConfig,
         device=args.device,
         flips=args.flips,
         slice_axis=getattr(args, "slice_axis", 0),
@@ -597,16 +629,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from napari_anomaly.metrics import evaluate_cases
     from napari_anomaly.training import FinetuneConfig, finetune
 
-    try:
-        config = FinetuneConfig(
-            steps=args.steps,
-            device=args.device,
-            seed=args.seed,
-            transplant_share=args.transplant_share,
-            distill_weight=args.distill_weight,
-        )
-    except ValueError as error:
-        raise CommandError(str(error)) from None
+    config = _settings(
+        FinetuneConfig,
+        steps=args.steps,
+        device=args.device,
+        seed=args.seed,
+        transplant_share=args.transplant_share,
+        distill_weight=args.distill_weight,
+    )
     if args.hold and not config.distill_weight > 0:
         raise CommandError("--hold needs --distill-weight above 0 (it holds the maps with it)")
     localiser = _load_model(args.model)
@@ -655,7 +685,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     from napari_anomaly.distributed import is_main_process
     from napari_anomaly.training import AdaptConfig, adapt
 
-    config = AdaptConfig(steps=args.steps, device=args.device, seed=args.seed)
+    config = _settings(AdaptConfig, steps=args.steps, device=args.device, seed=args.seed)
     parent = _load_model(args.model)
     out = _model_out(args, _model_bytes(parent))
     # Every input is read here and checked by adapt() before the first step.
