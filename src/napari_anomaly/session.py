@@ -65,6 +65,7 @@ from napari_anomaly.inference import InferenceConfig, LocalisationResult, locali
 from napari_anomaly.io import Geometry
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import evaluate_cases, sample_score
+from napari_anomaly.parking import ArrayParking
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.review import (
     MaskEdits,
@@ -467,6 +468,8 @@ class ReviewSession:
         # Per session folder, the save this session last wrote or read there: a folder
         # another window saved into since is not saved over either.
         self._folder_saves: dict[str, str | None] = {}
+        # Where park() keeps the arrays of cases out of sight (made on first use).
+        self._parking = ArrayParking()
         self.add_version(localiser)
 
     def _touch(self) -> None:
@@ -612,6 +615,37 @@ class ReviewSession:
                 f"{case.name} is marked reviewed, its mask is final; reopen it to {doing}"
             )
         return case
+
+    @_holding_case_lock
+    def park(self, case_id: str) -> int:
+        """Keep the arrays of case ``case_id`` in files, not in memory, while it is not
+        shown (:mod:`napari_anomaly.parking`): its scan, maps, edits and approved mask
+        become read-only memory maps with the same values, and the caches made from them
+        are dropped. Nothing about the case changes (no undo step, no autosave); a later
+        edit or new maps bring those arrays back into memory. Returns the bytes moved out
+        of memory (0 when it was parked already, or the disk had no room)."""
+        case = self.case(case_id)
+        moved = 0
+
+        def put(name: str, array: np.ndarray) -> np.ndarray:
+            nonlocal moved
+            parked = self._parking.park(f"{case_id}/{name}", array)
+            if parked is not array:
+                moved += array.nbytes
+            return parked
+
+        case.image = put("image", case.image)
+        case.anomaly_map = put("anomaly_map", case.anomaly_map)
+        case.confidence_map = put("confidence_map", case.confidence_map)
+        # MaskEdits replaces its arrays on every change, never writes into them.
+        case.edits.added = put("added", case.edits.added)
+        case.edits.erased = put("erased", case.edits.erased)
+        if case.approved_mask is not None:
+            case.approved_mask = put("approved_mask", case.approved_mask)
+        case._composed = None
+        case._found_regions = None
+        self._predictions.pop(case_id, None)
+        return moved
 
     @_holding_case_lock
     def rename(self, case_id: str, name: str) -> Case:

@@ -826,6 +826,7 @@ def load_session(
     images: Mapping[str, np.ndarray] | None = None,
     inference: InferenceConfig | None = None,
     device: str = "cpu",
+    park: bool = False,
 ) -> ReviewSession:
     """Resume a review session saved with :func:`save_session`.
 
@@ -841,6 +842,9 @@ def load_session(
         business, not the session's).
     device
         Where the model versions are loaded.
+    park
+        Park every case as it is read (:meth:`ReviewSession.park`): a review of many
+        large volumes resumes holding about one case in memory, not all of them.
 
     Raises
     ------
@@ -852,17 +856,21 @@ def load_session(
     from napari_anomaly.config import config_from_dict
     from napari_anomaly.inference import InferenceConfig
     from napari_anomaly.localiser import Localiser
+    from napari_anomaly.parking import ArrayParking
     from napari_anomaly.review import MaskEdits, RegionLimit, ReviewConfig
     from napari_anomaly.session import Case, ReviewSession
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     images = images or {}
+    parking = ArrayParking()
     scans, problems = {}, []
     for entry in manifest["cases"]:
         image, problem = _case_image(folder, entry, images)
         if problem:
             problems.append(problem)
+        if park and image is not None:  # the session's key for it (ReviewSession.park)
+            image = parking.park(f"{entry['case_id']}/image", image)
         scans[entry["case_id"]] = image
     if problems:
         raise SessionFileError("; ".join(problems) + ". Nothing was resumed.")
@@ -883,6 +891,7 @@ def load_session(
     except (TypeError, ValueError) as error:
         raise SessionFileError(f"{MANIFEST_NAME}: invalid review settings ({error})") from None
     session = ReviewSession(versions[0], review, inference or InferenceConfig())
+    session._parking = parking
     session.versions = versions
     session.current = int(manifest["models"]["current"])
     session.max_false_regions = manifest.get("max_false_regions")
@@ -946,6 +955,8 @@ def load_session(
             case._changed()
             logger.warning("a resumed mask differed from its saved copy; the saved one was kept")
         session.cases[case_id] = case
+        if park:
+            session.park(case_id)
     if manifest.get("worklist"):
         from napari_anomaly.worklist import Worklist, WorklistError
 

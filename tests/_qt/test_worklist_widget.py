@@ -494,3 +494,35 @@ def test_export_of_the_reviewed_cases_includes_the_anomaly_map_when_ticked(
         widget.case().anomaly_map,
         rtol=1e-6,
     )
+
+
+def test_a_case_left_for_the_next_keeps_its_arrays_in_files_not_in_memory(
+    make_review_widget, tmp_path
+):
+    """A cohort of volumes reviewed case after case must not fill the memory: the case
+    left behind is parked (its scan and maps in files), and it comes back unchanged from
+    its row, and after closing and resuming the widget."""
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for index in range(2):
+        write_image(folder / f"p{index + 1}.nrrd", body_scan((256, 256), index), GEOMETRY)
+    widget = make_review_widget(recommended_threshold=0.5)
+    approved = _review_p1_and_move_on(widget, folder)
+    widget.wait()  # p1 is parked in a thread of its own: the next case does not wait
+    p1 = widget.session.cases[widget.worklist.items[0].case_id]
+    for array in (p1.image, p1.anomaly_map, p1.confidence_map, p1.approved_mask):
+        assert isinstance(array, np.memmap), "p1 is out of sight: parked"
+    assert not isinstance(widget.case().anomaly_map, np.memmap), "p2, shown, is not"
+    widget.open_worklist_item(0, wait=True)
+    np.testing.assert_array_equal(np.asarray(widget.viewer.layers["p1 mask"].data) != 0, approved)
+
+    widget.flush_autosave()
+    viewer = widget.viewer
+    widget._on_closed()
+    again = AnomalyReviewWidget(viewer, localiser=widget.session.localiser)
+    assert again.resume()
+    resumed = again.session.cases[again.worklist.items[0].case_id]
+    assert isinstance(resumed.anomaly_map, np.memmap), "resumed parked, case by case"
+    np.testing.assert_array_equal(resumed.mask, approved)

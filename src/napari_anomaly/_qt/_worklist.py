@@ -380,6 +380,7 @@ class WorklistControls:
         for layer in doomed:
             self.viewer.layers.remove(layer)
         self._rendered.pop(case_id, None)
+        self._park(case_id)
 
     # ---------------------------------------------------------------- background
     def _prefetch_after(self, index: int) -> None:

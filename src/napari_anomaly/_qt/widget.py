@@ -47,6 +47,8 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
@@ -203,7 +205,8 @@ def _read_session(folder: Path, images: dict, inference: InferenceConfig):
     the session, or the one-line reason it could not be read."""
     yield Progress(0, 0, f"reading the review in {folder.name}")
     try:
-        return load_session(folder, images=images, inference=inference)
+        # Parked as read: one case at a time in memory, however many the review holds.
+        return load_session(folder, images=images, inference=inference, park=True)
     except (OSError, ValueError) as error:
         return str(error)
 
@@ -279,6 +282,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._folder_lost: Path | None = None  # an autosave folder taken from this widget
         self._docked = False
         self._closed = False
+        # Cases out of sight are parked (ReviewSession.park) one at a time in a thread of
+        # their own: writing a large volume's arrays must not hold up the next case.
+        self._parker: ThreadPoolExecutor | None = None
+        self._parking: list[Future] = []
         self._key_bindings: dict[str, Any] = {}
         self._mask_handlers: dict[int, tuple[Any, Any, Any]] = {}  # id(layer) -> handlers
         self._pending_threshold: str | None = None  # case id the slider moved for
@@ -651,6 +658,25 @@ class AnomalyReviewWidget(WorklistControls, Container):
             if derived is not None:
                 self.viewer.layers.remove(derived)
         self._rendered.pop(case_id, None)
+        self._park(case_id)
+
+    def _park(self, case_id: str) -> None:
+        """A case out of sight keeps its arrays in files, not in memory
+        (:meth:`ReviewSession.park`): a worklist of large volumes does not fill the
+        memory case by case."""
+        session = self._session
+        if self._closed or session is None or case_id not in session.cases:
+            return
+
+        def park() -> None:
+            try:
+                session.park(case_id)
+            except (OSError, ValueError) as error:  # parking saves memory, never fails
+                logger.warning("a case stays in memory: %s", error)
+
+        if self._parker is None:
+            self._parker = ThreadPoolExecutor(1, thread_name_prefix="napari-anomaly-park")
+        self._parking = [f for f in self._parking if not f.done()] + [self._parker.submit(park)]
 
     def _link_to_its_review(self, layer: Any) -> None:
         """A scan opened again (from the same file, unchanged, of the same series and
@@ -771,6 +797,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
             QApplication.processEvents()
             time.sleep(0.01)
         QApplication.processEvents()
+        # Cases being parked (a script's next step may read them).
+        futures_wait(self._parking, timeout=max(deadline - time.monotonic(), 0.0))
 
     # ------------------------------------------------------------------ cases
     def _case_id_of(self, layer: Any, create: bool = False) -> str | None:
@@ -2515,6 +2543,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if self._worker is not None:
             self._worker.quit()
         self._cancel_prefetch()
+        if self._parker is not None:
+            self._parker.shutdown(wait=False)  # what is parking finishes on its own
         unsaved = self._unsaved_problem()
         if unsaved is not None:
             self._rescue(unsaved)
