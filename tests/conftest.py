@@ -36,8 +36,14 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def _sessions_in_tmp(tmp_path, monkeypatch):
-    """Review sessions autosave into the test's own folder, never the user's data folder."""
+    """Review sessions autosave (and park cases) into the test's own folder, never the
+    user's data or cache folder."""
     monkeypatch.setenv("NAPARI_ANOMALY_SESSIONS", str(tmp_path / "autosaved sessions"))
+    monkeypatch.setenv("NAPARI_ANOMALY_PARKING", str(tmp_path / "parked cases"))
+    # Cases are parked whatever room the test machine's disk has (test_parking.py checks
+    # the reserve itself).
+    monkeypatch.setattr("napari_anomaly.parking.RESERVE_BYTES", 0)
+    monkeypatch.setattr("napari_anomaly.parking.RESERVE_SHARE", 0.0)
 
 
 @pytest.fixture

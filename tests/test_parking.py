@@ -174,3 +174,32 @@ def test_a_review_resumed_with_parking_holds_its_cases_in_files(tmp_path):
         assert isinstance(case.image, np.memmap) and isinstance(case.anomaly_map, np.memmap)
         assert _equal(_view(case), view)
     assert isinstance(resumed.cases["b"].approved_mask, np.memmap)
+
+
+def test_parking_leaves_the_disk_room_for_the_autosave(monkeypatch, tmp_path):
+    """Parking never takes the last of the disk: an array that would leave less than the
+    reserve free stays in memory (and the autosave keeps its room)."""
+    from collections import namedtuple
+
+    import napari_anomaly.parking as parking_module
+
+    monkeypatch.setattr(parking_module, "RESERVE_BYTES", 2 * 2**30)
+    monkeypatch.setattr(parking_module, "RESERVE_SHARE", 0.05)
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 3 * 2**30}
+    monkeypatch.setattr(
+        parking_module.shutil, "disk_usage", lambda path: usage(10 * 2**30, 0, free["bytes"])
+    )
+    parking = ArrayParking(tmp_path)
+    array = np.ones(2**18, np.float32)  # 1 MiB
+    assert isinstance(parking.park("fits", array), np.memmap)  # 3 GiB free: 2.5 needed
+    free["bytes"] = int(2.5 * 2**30)
+    assert parking.park("does not fit", array) is array
+    assert len(list(parking.folder.iterdir())) == 1
+
+
+def test_cases_are_parked_under_the_folder_the_environment_names(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAPARI_ANOMALY_PARKING", str(tmp_path / "elsewhere"))
+    parking = ArrayParking()
+    parking.park("k", np.ones(2**16, np.float32))
+    assert parking.folder.parent == tmp_path / "elsewhere"

@@ -8,12 +8,15 @@ replaced by a read-only memory map of that file. Code that reads the case sees t
 values (a memory map is an ndarray); the operating system keeps in memory only what is
 read, and drops it again under pressure.
 
-The folder is made on the first park (``napari-anomaly-parked-<pid>-*`` in the system's
-temporary folder, readable by its owner only: it holds patient data) and removed when the
-:class:`ArrayParking` is closed or garbage-collected, or, after a crash, by the next
+The folder is made on the first park (``napari-anomaly-parked-<pid>-*`` under
+:func:`parking_root`, readable by its owner only: it holds patient data) and removed when
+the :class:`ArrayParking` is closed or garbage-collected, or, after a crash, by the next
 process that parks (a folder whose process is gone is removed).
 
-A write that fails (a full disk) keeps the array in memory: parking never loses data.
+An array is parked only where the disk keeps :data:`RESERVE_BYTES` and
+:data:`RESERVE_SHARE` of its size free afterwards, so that the autosave never runs out of room because of
+parking; otherwise, and when a write fails, the array stays in memory: parking never
+loses data.
 """
 
 from __future__ import annotations
@@ -37,6 +40,29 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "napari-anomaly-parked-"
 _OWNER = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
+#: Environment variable naming the folder where parking folders are made.
+PARKING_ENV = "NAPARI_ANOMALY_PARKING"
+#: Free disk space parking always leaves: this many bytes and this share of the disk.
+RESERVE_BYTES = 2 * 2**30
+RESERVE_SHARE = 0.05
+
+
+def parking_root() -> Path:
+    """Where parking folders are made: ``$NAPARI_ANOMALY_PARKING`` when set; else
+    ``parked`` in the user's cache folder (``platformdirs``; on disk, where the system's
+    temporary folder is often held in memory), else ``~/.napari-anomaly/parked``."""
+    if os.environ.get(PARKING_ENV):
+        return Path(os.environ[PARKING_ENV]).expanduser()
+    try:
+        import platformdirs
+    except ImportError:
+        return Path.home() / ".napari-anomaly" / "parked"
+    return Path(platformdirs.user_cache_dir("napari-anomaly", appauthor=False)) / "parked"
+
+
+def _room_for(folder: Path, nbytes: int) -> bool:
+    usage = shutil.disk_usage(folder)
+    return usage.free - nbytes >= RESERVE_BYTES + RESERVE_SHARE * usage.total
 
 
 def _remove_folders_of_gone_processes(root: Path) -> list[Path]:
@@ -63,11 +89,11 @@ class ArrayParking:
     Parameters
     ----------
     root
-        Where the folder is made (default: the system's temporary folder).
+        Where the folder is made (default: :func:`parking_root`, read on first use).
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self._root = Path(root) if root is not None else Path(tempfile.gettempdir())
+        self._root = Path(root) if root is not None else None
         self._folder: Path | None = None
         self._files: dict[str, Path] = {}
         self._lock = threading.Lock()
@@ -80,9 +106,11 @@ class ArrayParking:
 
     def _make_folder(self) -> Path:
         if self._folder is None:
-            _remove_folders_of_gone_processes(self._root)
+            root = self._root if self._root is not None else parking_root()
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _remove_folders_of_gone_processes(root)
             # mkdtemp: a new name, mode 0700 (patient data).
-            folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=self._root))
+            folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
             self._folder = folder
             self._finalizer = weakref.finalize(self, shutil.rmtree, folder, True)
         return self._folder
@@ -99,7 +127,11 @@ class ArrayParking:
         with self._lock:
             path = None
             try:
-                path = self._make_folder() / f"{uuid.uuid4().hex}.npy"
+                folder = self._make_folder()
+                if not _room_for(folder, array.nbytes):
+                    logger.warning("an array stays in memory: the disk is nearly full")
+                    return array
+                path = folder / f"{uuid.uuid4().hex}.npy"
                 np.save(path, array, allow_pickle=False)
                 parked = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as error:
