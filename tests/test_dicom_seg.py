@@ -422,3 +422,20 @@ def test_a_seg_sent_to_the_pacs_comes_back_on_the_retrieved_scan(pacs_settings, 
     assert geometry.allclose(scan.geometry, atol=1e-5)
     assert pydicom.dcmread(returned, stop_before_pixels=True).SOPInstanceUID == seg_uid
     assert read_seg_info(returned).algorithm_types == ("SEMIAUTOMATIC",)
+
+
+def test_a_seg_is_not_placed_on_another_series_of_the_same_grid(tmp_path):
+    """T1 before and after contrast, or two patients scanned with one protocol, share a
+    grid: the SEG names the series it was drawn on, and no other is taken as its source."""
+    case = SEG_CASES[2]
+    geometry = Geometry(case.spacing, case.origin, case.direction)
+    drawn_on = write_dicom_series(_scan(case.shape), tmp_path / "pre", geometry=geometry, seed=8)
+    write_dicom_series(_scan(case.shape) + 1, tmp_path / "post", geometry=geometry, seed=9)
+    seg = _write(_anomaly_mask(case.shape), tmp_path / "pre", tmp_path / "pre_seg.dcm")
+    series = str(pydicom.dcmread(drawn_on[0], stop_before_pixels=True).SeriesInstanceUID)
+    with pytest.raises(ImageFileError, match="not drawn on that series") as info:
+        read_seg(seg, source=tmp_path / "post")
+    assert series in str(info.value)
+    np.testing.assert_array_equal(
+        read_seg(seg, source=tmp_path / "pre")[0], _anomaly_mask(case.shape)
+    )

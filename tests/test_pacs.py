@@ -574,8 +574,39 @@ def series(tmp_path):
 
 def test_a_login_page_answering_the_upload_is_not_taken_for_a_stored_instance(series):
     page = b"<html><body>Sign in</body></html>"
-    with answering_server(200, page) as url, pytest.raises(PacsError, match="not confirm") as info:
+    # A login page for everything: named at the first request (asking what the PACS holds).
+    with answering_server(200, page) as url, pytest.raises(PacsError, match="DICOMweb") as info:
         pacs.store_instances(PacsSettings(url), series[:1])
+    assert "\n" not in str(info.value)
+
+    # A proxy that answers searches but puts a login page before the upload.
+    class Proxy(BaseHTTPRequestHandler):
+        def _answer(self, body: bytes, content_type: str):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 (the standard library's name)
+            self._answer(b"[]", "application/dicom+json")
+
+        def do_POST(self):  # noqa: N802
+            self._answer(page, "text/html")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+        with pytest.raises(PacsError, match="not confirm") as info:
+            pacs.store_instances(PacsSettings(url), series[:1])
+    finally:
+        server.shutdown()
+        server.server_close()
     assert "\n" not in str(info.value)
 
 

@@ -11,8 +11,8 @@ password is read from ``$NAPARI_ANOMALY_PACS_PASSWORD`` (or the configuration
 file, see :mod:`napari_anomaly.pacs`), never from the command line, where other
 users of the machine could see it.
 
-``search`` prints one series a line (UID, modality, date, instances,
-description), without patient identifiers. ``get`` prints the folder the
+``search`` prints one series a line (UID, modality, date and time, instances,
+description), newest first, without patient identifiers. ``get`` prints the folder the
 series is in (default: the cache); a cancelled ``get`` resumes when run again.
 """
 

@@ -99,6 +99,7 @@ _TAGS = {
     "modalities_in_study": "00080061",
     "series_uid": "0020000E",
     "series_date": "00080021",
+    "series_time": "00080031",
     "modality": "00080060",
     "series_description": "0008103E",
     "series_number": "00200011",
@@ -388,6 +389,10 @@ class SeriesRecord:
     modality, description, date, series_number
         What a user picks a series by (``date``: the series date, else the study
         date, as ``YYYYMMDD``).
+    time
+        The series time (``HHMMSS``, maybe with a fraction) when the PACS says and
+        the date is the series date; ``""`` otherwise. It tells apart two SEGs of one
+        scan made the same day (a re-export after further edits).
     instances
         Number of instances (slices), when the PACS says.
     patient_id
@@ -403,13 +408,17 @@ class SeriesRecord:
     series_number: int | None = None
     instances: int | None = None
     patient_id: str = field(default="", repr=False)
+    time: str = ""
 
     def line(self) -> str:
-        """One line for a listing (no patient identifier): UID, modality, date, size,
-        description."""
+        """One line for a listing (no patient identifier): UID, modality, date (and
+        time, ``HH:MM``, when the PACS gives the series time), size, description."""
         count = "?" if self.instances is None else str(self.instances)
+        when = self.date or "-"
+        if self.date and len(self.time) >= 4 and self.time[:4].isdigit():
+            when += f" {self.time[:2]}:{self.time[2:4]}"
         return (
-            f"{self.series_uid}  {self.modality or '-':<4} {self.date or '-':<8}  "
+            f"{self.series_uid}  {self.modality or '-':<4} {when:<14}  "
             f"{count:>5} instances  {self.description}"
         ).rstrip()
 
@@ -809,7 +818,8 @@ def search_series(
     Returns
     -------
     list of SeriesRecord
-        Newest first, then by series number.
+        Newest first (by series date and time, else the study date), then by series
+        number.
 
     Raises
     ------
@@ -826,6 +836,7 @@ def search_series(
         for k in (
             "series_description",
             "series_date",
+            "series_time",
             "study_date",
             "patient_id",
             "series_number",
@@ -847,12 +858,22 @@ def search_series(
             series_number=_int_or_none(_value(item, "series_number", None)),
             instances=_int_or_none(_value(item, "series_instances", None)),
             patient_id=str(_value(item, "patient_id")),
+            # A time is only the series' own when the date is (not the study's).
+            time=str(_value(item, "series_time")) if _value(item, "series_date") else "",
         )
         for item in _check_dicom_json(settings, answer, "search the PACS")
     ]
     logger.info("PACS search: %d series", len(records))
     records.sort(key=lambda r: (r.series_number is None, r.series_number or 0))
-    return sorted(records, key=lambda r: r.date, reverse=True)
+    # Newest first: of two SEGs of one scan (same number, same description), the
+    # later re-export is listed before the one it supersedes.
+    return sorted(records, key=lambda r: (r.date, _time_key(r.time)), reverse=True)
+
+
+def _time_key(time: str) -> str:
+    """A DICOM time (``HHMMSS.FFFFFF``, or shorter) in a form that sorts in time order."""
+    whole, _, fraction = time.strip().partition(".")
+    return whole.ljust(6, "0") + "." + fraction.ljust(6, "0")
 
 
 # ----------------------------------------------------------------------------- retrieve
@@ -1197,6 +1218,10 @@ def _retrieve(
 
 
 # ----------------------------------------------------------------------------- store
+# SOP class of a DICOM Segmentation (as napari_anomaly.io.dicom.SEG_SOP_CLASS_UID).
+_SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
 def _dicom_files(files: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """The files to send: folders stand for the files in them (not hidden, not nested)."""
     paths: list[Path] = []
@@ -1217,10 +1242,86 @@ def _dicom_files(files: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return paths
 
 
+def _sop_uids_on_pacs(
+    settings: PacsSettings, client: DICOMwebClient, study_uid: str, series_uid: str
+) -> set[str]:
+    """The SOP Instance UIDs the PACS holds in a series (empty for a series it does not
+    know: some servers answer that with an empty list, others with HTTP 404)."""
+    import requests
+
+    with _talking_to(settings, "ask the PACS what it holds"):
+        try:
+            answer = client.search_for_instances(
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                fields=[_TAGS["sop_uid"]],
+                get_remaining=True,
+            )
+        except requests.exceptions.HTTPError as error:
+            if error.response is None or error.response.status_code != 404:
+                raise
+            answer = []
+    items = _check_dicom_json(settings, answer, "ask the PACS what it holds")
+    return {str(_value(item, "sop_uid")) for item in items if _value(item, "sop_uid")}
+
+
+def _referenced_instances(header: Any) -> dict[str, set[str]]:
+    """The source slices a DICOM-SEG references, by series (its Referenced Series
+    Sequence: the series of its own study it was drawn on); {} for any other file."""
+    if str(getattr(header, "SOPClassUID", "")) != _SEG_SOP_CLASS_UID:
+        return {}
+    referenced: dict[str, set[str]] = {}
+    for item in header.get("ReferencedSeriesSequence") or []:
+        series = str(getattr(item, "SeriesInstanceUID", "") or "")
+        if series:
+            referenced.setdefault(series, set()).update(
+                str(ref.ReferencedSOPInstanceUID)
+                for ref in item.get("ReferencedInstanceSequence") or []
+                if "ReferencedSOPInstanceUID" in ref
+            )
+    return referenced
+
+
+def _same_instance(sent: Any, kept: Any) -> bool:
+    """Whether the instance a PACS holds is the one sent: the same attributes and the
+    same pixels (compared decoded when the PACS keeps another transfer syntax)."""
+    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+    def attributes(dataset: Any) -> dict:
+        return {e.tag: e for e in dataset if e.keyword not in pixels}
+
+    if attributes(sent) != attributes(kept):
+        return False
+    syntax = [
+        getattr(getattr(d, "file_meta", None), "TransferSyntaxUID", None) for d in (sent, kept)
+    ]
+    for tag in pixels:
+        if (tag in sent) != (tag in kept):
+            return False
+        if tag in sent and sent[tag].value != kept[tag].value:
+            if syntax[0] == syntax[1]:
+                return False
+            try:
+                import numpy as np
+
+                return bool(np.array_equal(sent.pixel_array, kept.pixel_array))
+            except Exception:  # no decoder here: cannot be shown to be the same
+                return False
+    return True
+
+
 def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[str]]) -> list[str]:
     """Send DICOM files to the PACS (STOW-RS): a DICOM-SEG, a series, any instance.
 
-    Every file is read and checked first; if one is not a DICOM file nothing is sent.
+    Every file is read and checked first, and nothing is sent if one is not a DICOM
+    file, or is a DICOM-SEG whose scan the PACS does not hold (neither on the PACS nor
+    among the files sent with it): such a SEG would show on no scan there (sent to
+    another PACS, or the series was deleted or re-sent with new UIDs since it was
+    retrieved).
+
+    A PACS that already holds an instance with a file's SOP Instance UID may keep the
+    one it has (Orthanc does, and its answer still lists the UID as stored): such a
+    file counts as stored only when the instance the PACS then holds is the file's.
 
     Parameters
     ----------
@@ -1239,22 +1340,55 @@ def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[st
     ValueError
         A file is not DICOM or lacks its UIDs (nothing was sent).
     PacsError
-        The PACS could not be reached or refused an instance (the ones before it
-        are stored).
+        The PACS could not be reached, refused an instance, or kept another instance
+        under a file's UID (the files before it are stored); or a SEG's scan is not on
+        the PACS (nothing was sent).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     paths = _dicom_files(files)
+    headers = []
     for path in paths:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError) as error:
             raise ValueError(f"{path} is not a DICOM file ({error})") from None
-        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SOPClassUID"):
+        for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"):
             if not getattr(header, keyword, None):
                 raise ValueError(f"{path} has no {keyword}; a PACS cannot store it")
+        headers.append(header)
     client = _client(settings)
+    held: dict[tuple[str, str], set[str]] = {}
+
+    def on_pacs(study: str, series: str) -> set[str]:
+        if (study, series) not in held:
+            held[study, series] = _sop_uids_on_pacs(settings, client, study, series)
+        return held[study, series]
+
+    for path, header in zip(paths, headers):
+        for series, slices in _referenced_instances(header).items():
+            sent_with_it = {str(h.SOPInstanceUID) for h in headers if h.SeriesInstanceUID == series}
+            there = on_pacs(str(header.StudyInstanceUID), series) | sent_with_it
+            missing = slices - there
+            if there and not missing:
+                continue
+            what = (
+                f"does not hold series {series}, the scan that {path.name} segments"
+                if not there or not there & slices
+                else f"lacks {len(missing)} of the {len(slices)} slices of series {series} "
+                f"that {path.name} segments"
+            )
+            raise PacsError(
+                f"{settings.url} {what}; the SEG would show on no scan there, so nothing "
+                "was sent (put the scan first, or retrieve the series as the PACS now holds "
+                "it and export the mask on it again)"
+            )
+    already = {
+        str(h.SOPInstanceUID)
+        for h in headers
+        if str(h.SOPInstanceUID) in on_pacs(str(h.StudyInstanceUID), str(h.SeriesInstanceUID))
+    }
     stored: list[str] = []
     for path in paths:
         dataset = pydicom.dcmread(path)
@@ -1282,6 +1416,20 @@ def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[st
                 f"{settings.url} did not confirm storing {path.name} (no DICOMweb store "
                 f"answer naming it; is the address the DICOMweb root?); {before}"
             )
+        if uid in already:
+            # The answer names the UID whether or not the PACS replaced what it held.
+            with _talking_to(settings, f"check {path.name} on the PACS"):
+                kept = client.retrieve_instance(
+                    study_instance_uid=str(dataset.StudyInstanceUID),
+                    series_instance_uid=str(dataset.SeriesInstanceUID),
+                    sop_instance_uid=uid,
+                )
+            if not _same_instance(dataset, kept):
+                raise PacsError(
+                    f"{settings.url} already held another instance with the SOP Instance UID "
+                    f"of {path.name} and kept it: {path.name} was NOT stored; {before}. Write "
+                    "it again with new UIDs (a SEG written with a fixed seed repeats its UIDs)"
+                )
         stored.append(uid)
     logger.info("stored %d instance(s) on the PACS", len(stored))
     return stored

@@ -367,6 +367,10 @@ def _write_segmentation(
             content_creator_name=content_creator_name,
             omit_empty_frames=False,
         )
+    # The series is dated when the SEG is made (highdicom leaves the series date out, so
+    # a PACS listing showed the scan's study date): a re-export after further edits is
+    # a second SEG series of the scan, and its date and time tell it from the older one.
+    seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime
     atomic_write(target, lambda tmp: seg.save_as(tmp), overwrite=overwrite)
     logger.info(
         "wrote a %s DICOM-SEG of %d frame(s) (%s) to %s",
@@ -459,7 +463,9 @@ def read_seg(
     ------
     ImageFileError
         Not a segmentation, frames without positions, or frames that do not
-        form one regular grid (or do not lie on the source's planes).
+        form one regular grid (or do not lie on the source's planes); or a
+        ``source`` series other than the one the SEG references (two series on
+        one grid, such as T1 before and after contrast, are told apart by it).
     """
     import highdicom as hd
 
@@ -499,6 +505,7 @@ def read_seg(
 
     if source is not None:
         src = _source_datasets(source, series)
+        _refuse_another_series(p, seg, src.datasets[0], source)
         geometry, plane_positions = src.geometry, src.positions
         if (int(seg.Rows), int(seg.Columns)) != src.shape[-2:] or not np.allclose(
             orientation, _source_orientation(src.datasets[0]), atol=1e-4
@@ -550,6 +557,28 @@ def read_seg(
     if len(plane_positions) == 1:
         return volume[0], geometry
     return volume, geometry
+
+
+def _referenced_series(seg: Any) -> set[str]:
+    """The SeriesInstanceUIDs a SEG says it was drawn on (its Common Instance Reference)."""
+    items = list(seg.get("ReferencedSeriesSequence") or [])
+    for study in seg.get("StudiesContainingOtherReferencedInstancesSequence") or []:
+        items.extend(study.get("ReferencedSeriesSequence") or [])
+    return {str(item.SeriesInstanceUID) for item in items if "SeriesInstanceUID" in item}
+
+
+def _refuse_another_series(path: Path, seg: Any, first: Any, source: Any) -> None:
+    """Refuse a source series the SEG does not reference. Two series on one grid (T1
+    before and after contrast, two patients scanned with one protocol) pass every
+    geometric check, so the series UID the SEG names is what tells them apart."""
+    referenced = _referenced_series(seg)
+    given = str(getattr(first, "SeriesInstanceUID", ""))
+    if referenced and given not in referenced:
+        name = source.path if isinstance(source, LoadedImage) else source
+        raise ImageFileError(
+            f"{path}: it was drawn on series {', '.join(sorted(referenced))}, not on series "
+            f"{given} in {name}; it was not drawn on that series"
+        )
 
 
 def _unique_planes(positions: np.ndarray, along: np.ndarray) -> np.ndarray:
