@@ -84,6 +84,33 @@ def test_localise_writes_a_dicom_seg_of_the_mask_for_the_series_asked(
     assert sidecar["source_series"] == t1_uid  # which of the folder's series the mask is on
 
 
+def test_a_mask_file_edited_after_localise_is_exported_as_a_reviewers_work(
+    model, two_series, tmp_path, capsys
+):
+    """A reviewer who corrects localise's mask file in another tool and exports it gets a
+    SEMIAUTOMATIC SEG: the model is not credited with a person's work. The mask as
+    localise wrote it stays AUTOMATIC."""
+    folder, t1_uid = two_series
+    out = tmp_path / "out"
+    args = ["localise", str(folder), "--out", str(out), "--model", str(model)]
+    assert main([*args, "--device", "cpu", "--series", t1_uid, "--threshold", "0.4"]) == 0
+    capsys.readouterr()
+    export = ["export", str(out / "study_mask.nii.gz"), "--source", str(folder)]
+    export += ["--series", t1_uid]
+    assert main([*export, "--out", str(tmp_path / "as_localised.dcm")]) == 0
+    assert ", AUTOMATIC" in capsys.readouterr().out
+    mask = read_image(out / "study_mask.nii.gz")
+    edited = mask.array > 0
+    edited[0, :4, :4] = ~edited[0, :4, :4]  # a correction the sidecar does not know
+    write_image(out / "study_mask.nii.gz", edited.astype(np.uint8), mask.geometry, overwrite=True)
+    assert main([*export, "--out", str(tmp_path / "corrected.dcm")]) == 0
+    printed = capsys.readouterr()
+    assert "SEMIAUTOMATIC" in printed.out and "differs from the mask its sidecar" in printed.err
+    seg = highdicom.seg.segread(tmp_path / "corrected.dcm")
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    np.testing.assert_array_equal(read_seg(tmp_path / "corrected.dcm")[0], edited)
+
+
 def test_series_is_refused_for_a_file_input(model, tmp_path, capsys):
     from napari_anomaly.io import write_image
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -69,6 +70,14 @@ LOCALISE_BYTES_PER_VOXEL = 4 + 4 + 1 + 4
 
 #: Version of the sidecar format written by :func:`case_sidecar`.
 SIDECAR_VERSION = 2
+
+
+def mask_digest(mask: np.ndarray) -> str:
+    """sha256 of a mask's set voxels and shape (the same for any file format)."""
+    flags = np.ascontiguousarray(np.asarray(mask) != 0)
+    digest = hashlib.sha256(repr(flags.shape).encode())
+    digest.update(np.packbits(flags.reshape(-1)).tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,9 @@ def case_sidecar(
         "region_limit": None if case.region_limit is None else case.region_limit.to_dict(),
         "regions": regions,
         "marked_voxels": int(np.count_nonzero(mask)),
+        # What the mask file holds, so that a change made to it afterwards shows
+        # (export then counts it as a reviewer's edit).
+        "mask_sha256": mask_digest(mask),
         "edited_voxels": case.edits.edit_count,
         "added_voxels": int(np.count_nonzero(case.edits.added)),
         "erased_voxels": int(np.count_nonzero(case.edits.erased)),

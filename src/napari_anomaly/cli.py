@@ -830,7 +830,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = read_image(args.source, series=series)
     mask = read_mask_for(source, args.mask, args.source)
     check_output_folder(out.parent, [out], overwrite=args.overwrite)
-    edited = bool(sidecar.get("edited_voxels")) or args.edited
+    changed = _changed_since_its_sidecar(mask, sidecar)
+    edited = bool(sidecar.get("edited_voxels")) or args.edited or changed
+    if changed and not args.edited and not sidecar.get("edited_voxels"):
+        print(
+            f"note: {Path(args.mask).name} differs from the mask its sidecar records: it is "
+            "exported as edited by a reviewer (SEMIAUTOMATIC)",
+            file=sys.stderr,
+        )
     write_seg(
         mask,
         source,
@@ -845,6 +852,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     kind = "SEMIAUTOMATIC (edited by a reviewer)" if edited else "AUTOMATIC"
     print(f"wrote {out}: {int(mask.sum())} voxels, {kind}, model {model_name}")
     return 0
+
+
+def _changed_since_its_sidecar(mask, sidecar: dict) -> bool:
+    """Whether a mask file was changed after it was written (a person edited it): its
+    voxels differ from the sidecar's ``mask_sha256`` (or, in sidecars without one, its
+    count from ``marked_voxels``)."""
+    import numpy as np
+
+    from napari_anomaly.case_outputs import mask_digest
+
+    if sidecar.get("mask_sha256"):
+        return mask_digest(mask) != sidecar["mask_sha256"]
+    if isinstance(sidecar.get("marked_voxels"), int):
+        return int(np.count_nonzero(mask)) != sidecar["marked_voxels"]
+    return False
 
 
 def _cmd_synthesise(args: argparse.Namespace) -> int:
