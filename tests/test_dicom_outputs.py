@@ -111,6 +111,29 @@ def test_a_mask_file_edited_after_localise_is_exported_as_a_reviewers_work(
     np.testing.assert_array_equal(read_seg(tmp_path / "corrected.dcm")[0], edited)
 
 
+def test_a_seg_of_one_patient_is_never_the_mask_of_another_on_the_same_grid(
+    model, tmp_path, capsys
+):
+    """evaluate and finetune read a DICOM-SEG as the scan's mask only for the series it
+    references: patient B's scan on the same protocol (same grid) refuses A's SEG."""
+    patients = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        folder = tmp_path / name
+        write_dicom_series(phantom((6, 40, 40), seed), folder, geometry=GEOMETRY, seed=seed)
+        patients[name] = folder
+    out = tmp_path / "out"
+    localise = ["localise", str(patients["a"]), "--out", str(out), "--model", str(model)]
+    assert main([*localise, "--device", "cpu", "--threshold", "0.3"]) == 0
+    seg = out / "a_seg.dcm"
+    capsys.readouterr()
+    evaluate = ["evaluate", "--model", str(model), "--device", "cpu", "--threshold", "0.3"]
+    assert main([*evaluate, "--images", str(patients["a"]), "--masks", str(seg)]) == 0
+    capsys.readouterr()
+    assert main([*evaluate, "--images", str(patients["b"]), "--masks", str(seg)]) == 2
+    err = capsys.readouterr().err
+    assert "a_seg.dcm" in err and len(err.strip().splitlines()) == 1
+
+
 def test_series_is_refused_for_a_file_input(model, tmp_path, capsys):
     from napari_anomaly.io import write_image
 

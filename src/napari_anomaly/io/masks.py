@@ -59,6 +59,14 @@ def read_mask_for(
     """
     name = os.fspath(mask_path)
     mask = read_image(mask_path)
+    seg = _seg_file(mask_path) if mask.format == "dicom" else None
+    if seg is not None and image.format == "dicom":
+        # Two patients scanned with one protocol share a grid: a SEG is placed only on
+        # the series it references (read_seg refuses any other, naming both).
+        from .dicom_seg import read_seg
+
+        array, geometry = read_seg(seg, source=image)
+        mask = LoadedImage(array, geometry, mask.source_dtype, mask.format, mask.path)
     if mask.array.shape != image.array.shape:
         raise ImageFileError(
             f"{name}: mask shape {mask.array.shape} differs from {image_name}'s {image.array.shape}"
@@ -69,6 +77,22 @@ def read_mask_for(
     check_mask_geometry(image.geometry, mask.geometry, name)
     _refuse_a_scan(values, name)
     return values != 0
+
+
+def _seg_file(path: str | os.PathLike[str]) -> str | os.PathLike[str] | None:
+    """``path`` when it is a DICOM-SEG file (its header says so), else ``None``."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from .dicom import SEG_SOP_CLASS_UID
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except (OSError, ValueError, EOFError, InvalidDicomError):
+        return None
+    return path if str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS_UID else None
 
 
 #: A mask holds at most this many distinct values (background included): one label per
