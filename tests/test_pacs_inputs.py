@@ -353,3 +353,23 @@ def test_the_cache_is_made_private_and_existing_folders_are_left_alone(
     assert len(files) == len(series.files)
     assert all(_mode(f) == 0o600 for f in files)
     assert _mode(out) == 0o755 and all(_mode(f) == 0o644 for f in out.iterdir())
+
+
+def test_ctrl_c_during_get_says_in_one_line_that_the_instances_fetched_are_kept(
+    monkeypatch, capsys, tmp_path
+):
+    """A cancelled retrieve keeps what it fetched (a rerun fetches only the rest): the
+    line after Ctrl-C says so, and does not also claim that nothing was written."""
+    from napari_anomaly.progress import Progress
+
+    def interrupted(*args, **kwargs):
+        yield Progress(3, 10, "retrieving")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pacs, "retrieve_series", interrupted)
+    monkeypatch.setenv("NAPARI_ANOMALY_PACS_PASSWORD", "secret")
+    argv = ["pacs", "get", *DOWN, "--series", "1.2.3", "--out", str(tmp_path / "s")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "the instances fetched so far are kept" in err
+    assert "nothing was written" not in err and "nothing else was written" in err

@@ -195,11 +195,12 @@ def _get(args: argparse.Namespace, settings) -> int:
     try:
         folder = run_to_end(job, _ProgressPrinter("pacs get"))
     except KeyboardInterrupt:
-        print(
-            "\nthe instances fetched so far are kept; run the same command again to "
-            "fetch only the rest",
-            file=sys.stderr,
-        )
+        written = getattr(args, "written", None)
+        if written is not None:  # said in the one line after the interrupt
+            written.keep(
+                "the instances fetched so far are kept (run the same command again to "
+                "fetch only the rest)"
+            )
         raise
     written = getattr(args, "written", None)
     if written is not None:

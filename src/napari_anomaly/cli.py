@@ -68,12 +68,23 @@ class _Written:
 
     def __init__(self) -> None:
         self.entries: list[tuple[str, list[Path]]] = []
+        self.kept: list[str] = []
         self.started = time.time()
 
     def add(self, label: str, files: Sequence[Path]) -> None:
         self.entries.append((label, list(files)))
 
+    def keep(self, what: str) -> None:
+        """Say that an incomplete result was kept on purpose (to be completed by a rerun)."""
+        self.kept.append(what)
+
     def summary(self) -> str:
+        if self.kept:
+            rest = self._complete() if self.entries else "nothing else was written"
+            return "; ".join(self.kept) + "; " + rest
+        return self._complete()
+
+    def _complete(self) -> str:
         if not self.entries:
             return "nothing was written"
         files = [f for _, group in self.entries for f in group]
