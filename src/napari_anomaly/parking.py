@@ -14,9 +14,9 @@ the :class:`ArrayParking` is closed or garbage-collected, or, after a crash, by 
 process that parks (a folder whose process is gone is removed).
 
 An array is parked only where the disk keeps :data:`RESERVE_BYTES` and
-:data:`RESERVE_SHARE` of its size free afterwards, so that the autosave never runs out of room because of
-parking; otherwise, and when a write fails, the array stays in memory: parking never
-loses data.
+:data:`RESERVE_SHARE` of its size free afterwards, so that the autosave never runs out
+of room because of parking; otherwise, and when a write fails, the array stays in
+memory: parking never loses data.
 """
 
 from __future__ import annotations
