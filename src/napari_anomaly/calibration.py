@@ -31,8 +31,9 @@ naming its parent. Pure NumPy/SciPy apart from running the network.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,8 @@ __all__ = [
     "ScoreCalibration",
     "calibrate",
     "carry_calibration",
+    "check_calibration_record",
+    "check_max_false_regions",
     "false_region_curve",
     "postprocess_map",
     "threshold_for_false_regions",
@@ -62,6 +65,15 @@ DECADES = 6.0
 DEFAULT_MAX_FALSE_REGIONS = 5.0
 #: Thresholds (calibrated scores) at which the false-region curve is measured.
 CURVE_THRESHOLDS = tuple(np.round(np.arange(0.20, 1.0001, 0.02), 2).tolist())
+#: Pixel sizes (mm) the network's planes may be resampled to (``in_plane_mm``,
+#: ``extra_in_plane_mm``). A finer size than any clinical scan's pixels would make
+#: the resampled planes hundreds of times the scan's size.
+PIXEL_MM_RANGE = (0.1, 10.0)
+#: Most further pixel sizes; each is a whole pass of the network over the scan.
+MAX_EXTRA_PIXEL_SIZES = 4
+#: Longest length (mm) of the smoothing, the edge margin and the asymmetry's
+#: smoothing and tolerance: their filters grow with it, and a head is ~200 mm.
+MAX_LENGTH_MM = 100.0
 
 
 @dataclass(frozen=True)
@@ -117,9 +129,20 @@ class PostprocessConfig:
     end_plane_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        extra = tuple(float(v) for v in np.atleast_1d(self.extra_in_plane_mm))
-        if not all(np.isfinite(v) and v > 0 for v in extra):
-            raise ValueError(f"extra_in_plane_mm must hold finite sizes > 0, got {extra}")
+        # Every field is checked, types included: the values may come from a model file.
+        low, high = PIXEL_MM_RANGE
+        try:
+            extra = tuple(float(v) for v in np.atleast_1d(self.extra_in_plane_mm))
+        except (TypeError, ValueError):
+            extra = None
+        if extra is None or not all(np.isfinite(v) and v > 0 for v in extra):
+            got = _short(self.extra_in_plane_mm)
+            raise ValueError(f"extra_in_plane_mm must hold finite sizes > 0, got {got}")
+        if len(extra) > MAX_EXTRA_PIXEL_SIZES or not all(low <= v <= high for v in extra):
+            raise ValueError(
+                f"extra_in_plane_mm must hold at most {MAX_EXTRA_PIXEL_SIZES} pixel sizes "
+                f"from {low:g} to {high:g} mm, got {_short(extra)}"
+            )
         object.__setattr__(self, "extra_in_plane_mm", extra)
         for name in (
             "smooth_mm",
@@ -128,26 +151,50 @@ class PostprocessConfig:
             "asymmetry_weight",
             "asymmetry_smooth_mm",
             "asymmetry_tolerance_mm",
+            "asymmetry_full_scale",
+            "end_plane_weight",
         ):
             value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise ValueError(f"{name} must be a number, got {_short(value)}")
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if self.in_plane_mm and not low <= self.in_plane_mm <= high:
+            raise ValueError(
+                f"in_plane_mm must be 0 (the scan's own grid) or a pixel size from {low:g} "
+                f"to {high:g} mm, got {self.in_plane_mm:g}"
+            )
+        for name in (
+            "smooth_mm",
+            "edge_margin_mm",
+            "asymmetry_smooth_mm",
+            "asymmetry_tolerance_mm",
+        ):
+            if getattr(self, name) > MAX_LENGTH_MM:
+                raise ValueError(
+                    f"{name} must be at most {MAX_LENGTH_MM:g} mm, got {getattr(self, name):g}"
+                )
         if self.asymmetry_weight > 1:
             raise ValueError(f"asymmetry_weight must lie in [0, 1], got {self.asymmetry_weight}")
         if not 0.0 <= self.end_plane_weight <= 1.0:
             raise ValueError(f"end_plane_weight must lie in [0, 1], got {self.end_plane_weight}")
-        if not (np.isfinite(self.asymmetry_full_scale) and self.asymmetry_full_scale > 0):
+        if not self.asymmetry_full_scale > 0:
             raise ValueError(
                 f"asymmetry_full_scale must be finite and > 0, got {self.asymmetry_full_scale}"
             )
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, Any]) -> PostprocessConfig:
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> PostprocessConfig:
+        """The settings in a model's metadata (``postprocess``); absent ones take the
+        defaults, unknown ones (from a newer version) are ignored. ValueError or
+        TypeError for a value of the wrong type or out of bounds."""
         data = metadata.get("postprocess") or {}
-        # __post_init__ makes the sizes' list a tuple of floats.
+        if not isinstance(data, Mapping):
+            raise ValueError(f"postprocess must be a JSON object, got {_short(data)}")
+        # JSON integers become floats; __post_init__ makes the sizes' list a tuple of floats.
         return cls(
             **{
-                k: v if k == "extra_in_plane_mm" else float(v)
+                k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
                 for k, v in data.items()
                 if k in cls.__dataclass_fields__
             }
@@ -295,8 +342,14 @@ class ScoreCalibration:
     voxels: int = 0
 
     def __post_init__(self) -> None:
-        raw = np.asarray(self.raw, dtype=np.float64)
-        cal = np.asarray(self.calibrated, dtype=np.float64)
+        try:
+            raw = np.asarray(self.raw, dtype=np.float64)
+            cal = np.asarray(self.calibrated, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"raw and calibrated must be lists of numbers, got {_short(self.raw)} "
+                f"and {_short(self.calibrated)}"
+            ) from None
         if raw.ndim != 1 or raw.shape != cal.shape or raw.size < 2:
             raise ValueError("raw and calibrated must be 1D of the same length (>= 2)")
         if not (np.all(np.diff(raw) > 0) and np.all(np.diff(cal) >= 0)):
@@ -322,16 +375,36 @@ class ScoreCalibration:
         return float(np.interp(calibrated_score, self.calibrated, self.raw))
 
     def to_dict(self) -> dict[str, Any]:
+        raw = [round(float(v), 7) for v in self.raw]
+        if any(high <= low for low, high in zip(raw, raw[1:])):
+            # Knots closer than 1e-7 (a network that scores nearly alike everywhere):
+            # rounding would merge them, and from_dict refuse the map.
+            raw = [float(v) for v in self.raw]
         return {
-            "raw": [round(float(v), 7) for v in self.raw],
+            "raw": raw,
             "calibrated": [round(float(v), 5) for v in self.calibrated],
             "voxels": int(self.voxels),
             "decades": DECADES,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScoreCalibration:
-        return cls(tuple(data["raw"]), tuple(data["calibrated"]), int(data.get("voxels", 0)))
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoreCalibration:
+        """The map :meth:`to_dict` wrote; ValueError for anything else."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"the score map must be a JSON object, got {_short(data)}")
+        missing = [key for key in ("raw", "calibrated") if key not in data]
+        if missing:
+            raise ValueError(f"the score map has no {' or '.join(missing)} knots")
+        knots = [data[key] for key in ("raw", "calibrated")]
+        if not all(isinstance(k, (list, tuple)) for k in knots):
+            raise ValueError(
+                f"raw and calibrated must be lists of numbers, got {_short(knots[0])} "
+                f"and {_short(knots[1])}"
+            )
+        voxels = data.get("voxels", 0)
+        if isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 0:
+            raise ValueError(f"voxels must be a whole number >= 0, got {_short(voxels)}")
+        return cls(tuple(knots[0]), tuple(knots[1]), voxels)
 
     @classmethod
     def fit(cls, normal_values: np.ndarray, knots_per_decade: int = 8) -> ScoreCalibration:
@@ -409,6 +482,43 @@ def false_region_curve(
     return (counts / max(1, len(anomaly_maps))).round(3).tolist()
 
 
+def check_max_false_regions(max_false_regions: Any) -> float:
+    """``max_false_regions`` (regions per normal scan) as a float; ValueError unless it
+    is a number >= 0."""
+    value = max_false_regions
+    if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0:
+        raise ValueError(f"max_false_regions must be a number >= 0, got {_short(value)}")
+    return float(value)
+
+
+def _check_curve(thresholds: Any, mean_regions: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A false-region curve as two float arrays; ValueError unless both are lists of the
+    same length (>= 1) of finite numbers: increasing thresholds in [0, 1], counts >= 0."""
+    try:
+        levels = np.asarray(thresholds, dtype=np.float64)
+        counts = np.asarray(mean_regions, dtype=np.float64)
+    except (TypeError, ValueError):
+        levels = counts = None
+    if (
+        levels is None
+        or levels.ndim != 1
+        or levels.shape != counts.shape
+        or levels.size < 1
+        or not (np.isfinite(levels).all() and np.isfinite(counts).all())
+    ):
+        raise ValueError(
+            "the false-region curve must hold as many finite numbers in mean_per_scan as "
+            f"in thresholds, got {_short(thresholds)} and {_short(mean_regions)}"
+        )
+    if not (levels.min() >= 0 and levels.max() <= 1 and np.all(np.diff(levels) > 0)):
+        raise ValueError(
+            f"the curve's thresholds must rise within [0, 1], got {_short(thresholds)}"
+        )
+    if not counts.min() >= 0:
+        raise ValueError(f"the curve's region counts must be >= 0, got {_short(mean_regions)}")
+    return levels, counts
+
+
 def threshold_for_false_regions(
     thresholds: Sequence[float], mean_regions: Sequence[float], max_false_regions: float
 ) -> float:
@@ -418,11 +528,43 @@ def threshold_for_false_regions(
     is replaced by its running maximum from the right first, so a dip at a
     low threshold (regions merging into one) cannot win.
     """
-    if not max_false_regions >= 0:
-        raise ValueError(f"max_false_regions must be >= 0, got {max_false_regions}")
-    levels = np.maximum.accumulate(np.asarray(mean_regions, dtype=float)[::-1])[::-1]
-    ok = np.flatnonzero(levels <= max_false_regions)
-    return float(thresholds[int(ok[0])]) if ok.size else float(thresholds[-1])
+    budget = check_max_false_regions(max_false_regions)
+    levels, counts = _check_curve(thresholds, mean_regions)
+    highest_after = np.maximum.accumulate(counts[::-1])[::-1]
+    ok = np.flatnonzero(highest_after <= budget)
+    return float(levels[int(ok[0])]) if ok.size else float(levels[-1])
+
+
+def check_calibration_record(record: Any) -> None:
+    """Raise ValueError unless ``record`` is a model's ``calibration`` metadata as
+    :func:`calibrate` writes it: a score map (:meth:`ScoreCalibration.from_dict`), and
+    where present a budget of false regions, the minimum region size it was counted
+    with (:class:`~napari_anomaly.review.ReviewConfig`'s bounds) and the false-region
+    curve. Other keys are descriptions and are not checked. Cheap: no tensor work."""
+    from napari_anomaly.review import ReviewConfig
+
+    if not isinstance(record, Mapping):
+        raise ValueError(f"must be a JSON object, got {_short(record)}")
+    if "score" not in record:
+        raise ValueError("has no score map ('score'); calibrate the model again")
+    ScoreCalibration.from_dict(record["score"])
+    if "max_false_regions" in record:
+        check_max_false_regions(record["max_false_regions"])
+    sizes = {k: record[k] for k in ("min_region_size", "min_region_mm") if k in record}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise ValueError(f"{name} must be a number, got {_short(value)}")
+    ReviewConfig(**sizes)
+    if "false_regions" in record:
+        curve = record["false_regions"]
+        if not isinstance(curve, Mapping):
+            raise ValueError(f"false_regions must be a JSON object, got {_short(curve)}")
+        _check_curve(curve.get("thresholds"), curve.get("mean_per_scan"))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _left_right_axes(axes: Sequence[int | None] | None, count: int, what: str) -> list[int | None]:
@@ -490,6 +632,7 @@ def calibrate(
     from napari_anomaly.localiser import Localiser
     from napari_anomaly.review import min_voxels
 
+    check_max_false_regions(max_false_regions)  # before any scan is localised
     images = list(normal_images)
     if not images:
         raise ValueError("need at least one normal scan to calibrate on")

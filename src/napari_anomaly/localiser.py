@@ -137,16 +137,16 @@ class Localiser:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Localiser:
-        """Load a model file; refuses anything that is not one (``ModelFileError``)."""
+        """Load a model file; refuses anything that is not one (``ModelFileError``).
+
+        Every setting stored in the metadata is checked by its own class before
+        the network is built (:func:`_stored_settings`), so that a model file
+        with edited metadata is refused here, in one line naming the file and
+        the field, instead of failing (or running for hours) in a later step.
+        """
         path = Path(path)
         tensors, metadata = load_model_file(path)
-        try:
-            network_config = NetworkConfig.from_dict(metadata["network"])
-            preprocess = config_from_dict(PreprocessConfig, metadata.get("preprocess", {}))
-        except (KeyError, TypeError, ValueError) as error:
-            raise ModelFileError(
-                f"{path}: model metadata is incomplete or invalid ({error})"
-            ) from error
+        network_config, preprocess = _stored_settings(path, metadata)
         network = AnomalyNet(network_config)
         expected = network.state_dict()
         missing = sorted(set(expected) - set(tensors))
@@ -196,6 +196,70 @@ class Localiser:
                 f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}"
             )
         return "\n".join(lines)
+
+
+def _stored_settings(
+    path: Path, metadata: dict[str, Any]
+) -> tuple[NetworkConfig, PreprocessConfig]:
+    """Check every setting a model's metadata holds with the checks of its own class;
+    return the network's and the preprocessing's.
+
+    ``network`` (:class:`~napari_anomaly.model.NetworkConfig`), ``preprocess``
+    (:class:`~napari_anomaly.preprocess.PreprocessConfig`), ``postprocess``
+    (:class:`~napari_anomaly.calibration.PostprocessConfig`), ``calibration``
+    (:func:`~napari_anomaly.calibration.check_calibration_record`) and the
+    ``config``, ``synthesis`` and ``augmentation`` of ``training`` (the
+    ``TrainConfig``, ``SynthesisConfig`` and ``AugmentConfig`` that
+    :func:`~napari_anomaly.training.adapt` continues with). The records'
+    JSON types were checked when the file was read (:mod:`napari_anomaly.io.model_file`).
+    Cheap: nothing is built or computed.
+
+    Raises
+    ------
+    ModelFileError
+        Naming the file and the field, for a setting that is missing, of the
+        wrong type, out of bounds, or (in a settings class) unknown.
+    """
+    from napari_anomaly.augment import AugmentConfig
+    from napari_anomaly.calibration import PostprocessConfig, check_calibration_record
+    from napari_anomaly.messages import error_line
+    from napari_anomaly.synthesis import SynthesisConfig
+    from napari_anomaly.training import TrainConfig
+
+    def checked(field: str, check, *args):
+        try:
+            return check(*args)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelFileError(f"{path}: metadata field {field}: {error_line(error)}") from error
+
+    if "network" not in metadata:
+        raise ModelFileError(f"{path}: metadata field network is missing")
+    network = checked("network", NetworkConfig.from_dict, metadata["network"])
+    preprocess = checked(
+        "preprocess", config_from_dict, PreprocessConfig, metadata.get("preprocess", {})
+    )
+    checked("postprocess", PostprocessConfig.from_metadata, metadata)
+    if "calibration" in metadata:
+        checked("calibration", check_calibration_record, metadata["calibration"])
+    training = metadata.get("training", {})
+    for key, settings in (
+        ("config", TrainConfig),
+        ("synthesis", SynthesisConfig),
+        ("augmentation", AugmentConfig),
+    ):
+        if key not in training:
+            continue
+        field, record = f"training.{key}", training[key]
+        if not isinstance(record, dict):
+            raise ModelFileError(
+                f"{path}: metadata field {field} must be a JSON object, got {record!r:.80}"
+            )
+        # The known settings only: a training record is history, not needed to localise,
+        # and one written by another version may hold settings this one lacks (adapt,
+        # which continues with them, refuses those itself).
+        known = {f.name for f in dataclasses.fields(settings)}
+        checked(field, config_from_dict, settings, {k: v for k, v in record.items() if k in known})
+    return network, preprocess
 
 
 def ensemble(members: list[Localiser], name: str | None = None) -> Localiser:

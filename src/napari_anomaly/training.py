@@ -82,6 +82,29 @@ from napari_anomaly.synthesis.transplant import check_scale, collect_donors, tra
 
 __all__ = ["AdaptConfig", "FinetuneConfig", "TrainConfig", "adapt", "finetune", "train"]
 
+#: Most patches in one optimisation step (``TrainConfig.batch_size``).
+MAX_BATCH_SIZE = 4096
+#: Widest random zoom of the training patches (``TrainConfig.scale_range``): a crop of
+#: ``patch_size * s`` voxels is resampled to the patch, so ``s`` sizes the crop.
+SCALE_LIMITS = (0.125, 8.0)
+
+
+def _check_whole(name: str, value: object, low: int, high: int | None = None) -> None:
+    """ValueError unless ``value`` is a whole number (not a bool) from ``low`` to ``high``."""
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not whole or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ValueError(f"{name} must be a whole number {bounds}, got {value!r}")
+
+
+def _check_number(name: str, value: object, *, positive: bool = False) -> None:
+    """ValueError unless ``value`` is a finite number >= 0 (> 0 if ``positive``)."""
+    number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
+        )
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -152,12 +175,38 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.spatial_dims not in (2, 3):
+        # Types too: the values may come from a model file's metadata (Localiser.load
+        # checks a stored training record with these checks).
+        if self.spatial_dims not in (2, 3) or isinstance(self.spatial_dims, bool):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        _check_whole("patch_size", self.patch_size, 1)
+        _check_whole("steps", self.steps, 1)
+        _check_whole("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_whole("seed", self.seed, 0)
+        _check_whole("warmup_steps", self.warmup_steps, 0)
+        _check_whole("validation_every", self.validation_every, 1)
+        _check_whole("validation_batches", self.validation_batches, 0)
+        _check_whole("checkpoint_every", self.checkpoint_every, 1)
+        _check_number("learning_rate", self.learning_rate, positive=True)
+        _check_number("weight_decay", self.weight_decay)
+        _check_number("confidence_weight", self.confidence_weight)
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a name such as 'cpu', got {self.device!r}")
+        if not isinstance(self.amp, (bool, np.bool_)):
+            raise ValueError(f"amp must be true or false, got {self.amp!r}")
+        scale = self.scale_range
+        low, high = SCALE_LIMITS
+        if not (
+            isinstance(scale, (tuple, list))
+            and len(scale) == 2
+            and all(isinstance(s, (int, float, np.number)) for s in scale)
+            and not any(isinstance(s, bool) for s in scale)
+            and low <= scale[0] <= scale[1] <= high
+        ):
+            raise ValueError(
+                f"scale_range must be two zoom factors {low:g} <= low <= high <= {high:g}, "
+                f"got {scale!r}"
+            )
         if not 0.0 <= self.lesion_task_probability <= 1.0:
             raise ValueError(
                 f"lesion_task_probability must lie in [0, 1], got {self.lesion_task_probability}"

@@ -12,8 +12,11 @@ the file's structure is checked byte by byte *before* any parser sees it, and
 anything that is not a well-formed napari-anomaly safetensors file is refused
 with :class:`ModelFileError`. The metadata fields that size later work
 (``spatial_dims``, ``patch_size``) and ``recommended_threshold`` are checked
-for type and bounds here; the network's own fields are bounded by
-``napari_anomaly.model.NetworkConfig`` before a network is built.
+for type and bounds here, and every record (``training``, ``calibration``...)
+for its JSON type; the settings inside the records are bounded by their own
+classes (``NetworkConfig``, ``TrainConfig``...) when
+``napari_anomaly.localiser.Localiser.load`` reads them, before a network is
+built.
 
 The safetensors layout checked here::
 
@@ -60,6 +63,22 @@ _MAX_HEADER_BYTES = 100_000_000
 MIN_PATCH_SIZE = 8
 #: Largest training patch, in voxels: 4096^2 in 2D, 256^3 in 3D.
 MAX_PATCH_VOXELS = 2**24
+
+# The JSON type of each record a model's metadata may hold, and for a list the
+# type of its entries. A record that is present has its type (None included);
+# what is inside the settings records is checked by their own classes when a
+# model is loaded (napari_anomaly.localiser.Localiser.load).
+_RECORD_TYPES: dict[str, tuple[type, type | None]] = {
+    "network": (dict, None),
+    "preprocess": (dict, None),
+    "postprocess": (dict, None),
+    "training": (dict, None),
+    "calibration": (dict, None),
+    "metrics": (dict, None),
+    "finetuning": (list, dict),
+    "lineage": (list, dict),
+}
+_JSON_NAMES = {dict: "a JSON object", list: "a JSON list"}
 
 # Bytes per element of the safetensors dtypes, to check that each tensor's
 # byte range matches its shape before handing the file over.
@@ -201,15 +220,31 @@ def _is_int(value: object) -> bool:
 def _check_metadata_fields(path: Path, metadata: dict[str, Any]) -> None:
     """Refuse known metadata fields of the wrong type or out of bounds.
 
-    Only the fields that decide how much is allocated or how results are
-    thresholded are checked here; the network's architecture is checked by
-    ``NetworkConfig`` before anything is built. Absent fields take defaults.
+    Checked here: the fields that decide how much is allocated or how results
+    are thresholded, and the JSON type of every record (``_RECORD_TYPES``). The
+    settings inside the records (network, preprocessing, post-processing,
+    training, calibration) are checked by their own classes when a model is
+    loaded. Absent fields take defaults; unknown ones are left alone.
     """
     dims = metadata.get("spatial_dims", 2)
     if not _is_int(dims) or dims not in (2, 3):
         raise ModelFileError(f"{path}: spatial_dims must be 2 or 3, got {_short(repr(dims))}.")
-    if "network" in metadata and not isinstance(metadata["network"], dict):
-        raise ModelFileError(f"{path}: the network settings are not a JSON object.")
+    for field, (kind, entry_kind) in _RECORD_TYPES.items():
+        if field not in metadata:
+            continue
+        value = metadata[field]
+        if not isinstance(value, kind):
+            raise ModelFileError(
+                f"{path}: metadata field {field} must be {_JSON_NAMES[kind]}, "
+                f"got {_short(repr(value))}."
+            )
+        if entry_kind is not None:
+            for index, entry in enumerate(value):
+                if not isinstance(entry, entry_kind):
+                    raise ModelFileError(
+                        f"{path}: metadata field {field}[{index}] must be "
+                        f"{_JSON_NAMES[entry_kind]}, got {_short(repr(entry))}."
+                    )
     if "patch_size" in metadata:
         patch = metadata["patch_size"]
         if not _is_int(patch) or patch < MIN_PATCH_SIZE or patch**dims > MAX_PATCH_VOXELS:

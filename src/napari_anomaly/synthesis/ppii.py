@@ -76,6 +76,20 @@ __all__ = [
 
 RoundShape = Literal["disc", "ball", "ellipse", "ellipsoid"]
 
+#: Most anomalies per image and simulated raters per anomaly (``SynthesisConfig``):
+#: each rater is a Poisson blend, so these size every batch's work. The paper draws
+#: 10-19 anomalies and 1-9 raters.
+MAX_ANOMALIES_PER_IMAGE = 100
+MAX_RATERS_PER_ANOMALY = 50
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
 
 @dataclass(frozen=True)
 class SynthesisConfig:
@@ -136,12 +150,43 @@ class SynthesisConfig:
     size_multiple: int = 8
 
     def __post_init__(self) -> None:
+        # Types too: the values may come from a model file's metadata.
         for name in ("anomalies_per_image", "raters_per_anomaly", "strength", "patch_fraction"):
-            low, high = getattr(self, name)
+            bounds = getattr(self, name)
+            whole = name != "patch_fraction"
+            if not (
+                isinstance(bounds, (tuple, list))
+                and len(bounds) == 2
+                and all((_is_whole if whole else _is_number)(b) for b in bounds)
+                and all(math.isfinite(b) for b in bounds)
+            ):
+                kind = "whole numbers" if whole else "numbers"
+                raise ValueError(f"{name} must be a range of two {kind}, got {bounds!r}")
+            low, high = bounds
             if low > high:
                 raise ValueError(f"{name}: lower bound {low} exceeds upper bound {high}")
         if self.anomalies_per_image[0] < 0 or self.raters_per_anomaly[0] < 1:
             raise ValueError("need anomalies_per_image >= 0 and raters_per_anomaly >= 1")
+        if self.anomalies_per_image[1] > MAX_ANOMALIES_PER_IMAGE:
+            raise ValueError(
+                f"anomalies_per_image must be at most {MAX_ANOMALIES_PER_IMAGE}, "
+                f"got {self.anomalies_per_image}"
+            )
+        if self.raters_per_anomaly[1] > MAX_RATERS_PER_ANOMALY:
+            raise ValueError(
+                f"raters_per_anomaly must be at most {MAX_RATERS_PER_ANOMALY}, "
+                f"got {self.raters_per_anomaly}"
+            )
+        for name in ("min_patch_size", "size_multiple"):
+            if not _is_whole(getattr(self, name)):
+                raise ValueError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        for name in ("core_fraction", "centre_sd_fraction", "radius_fraction", "radius_sd"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("mix_gradients", "clip_output"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not 0 < self.patch_fraction[0] <= self.patch_fraction[1] <= 1:
             raise ValueError(f"patch_fraction must lie in (0, 1], got {self.patch_fraction}")
         if not 0 < self.core_fraction <= 1:
@@ -150,6 +195,8 @@ class SynthesisConfig:
             raise ValueError(f"unknown mask_shape {self.mask_shape!r}")
         if self.label_mapping not in ("saturate", "clip"):
             raise ValueError(f"unknown label_mapping {self.label_mapping!r}")
+        if not (_is_number(self.label_scale) and math.isfinite(self.label_scale)):
+            raise ValueError(f"label_scale must be a finite number, got {self.label_scale!r}")
         if self.label_scale <= 0 or self.min_patch_size < 1 or self.size_multiple < 1:
             raise ValueError("label_scale, min_patch_size and size_multiple must be positive")
 
