@@ -390,6 +390,7 @@ def test_calibrate_gives_a_child_model_whose_threshold_meets_the_budget(
     loaded = Localiser.load(child)
     parent = Localiser.load(model)
     assert loaded.metadata["parent_sha256"] == parent.sha256
+    assert loaded.metadata["parent_name"] == parent.name  # the lineage reads by name too
     assert loaded.metadata["calibration"]["max_false_regions"] == 2.0
     # localise --max-false-regions reads the threshold off the child's curve ...
     out = tmp_path / "out"

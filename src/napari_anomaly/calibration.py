@@ -678,6 +678,7 @@ def calibrate(
     }
     metadata["recommended_threshold"] = threshold
     metadata["parent_sha256"] = localiser.sha256
+    metadata["parent_name"] = localiser.name  # as finetune and adapt name their parent
     metadata.pop("name", None)
     metadata.pop("created", None)
     return Localiser(localiser.network, localiser.preprocess, metadata)
