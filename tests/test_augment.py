@@ -71,7 +71,18 @@ def test_deformation_is_reproducible_for_a_seed_and_works_in_3d():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"deform_probability": 1.5}, {"scale_range": (1.2, 0.9)}, {"elastic_points": 1}],
+    [
+        {"deform_probability": 1.5},
+        {"scale_range": (1.2, 0.9)},
+        {"elastic_points": 1},
+        # What a model file could hold: a blur or a control grid that would run for hours.
+        {"thick_slice_sigma": (0.8, 1e6)},
+        {"elastic_points": 10**6},
+        {"remap_knots": 10**9},
+        {"noise_probability": float("nan")},
+        {"noise_sd": (0.1, "x")},
+        {"flip": "false"},
+    ],
 )
 def test_bad_deformation_settings_are_refused(bad):
     with pytest.raises(ValueError):

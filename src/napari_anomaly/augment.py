@@ -61,15 +61,58 @@ class AugmentConfig:
     elastic_points: int = 5
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.deform_probability <= 1.0:
-            raise ValueError(
-                f"deform_probability must lie in [0, 1], got {self.deform_probability}"
-            )
-        low, high = self.scale_range
-        if not 0.0 < low <= high:
+        # Bounded (types too): the values may come from a model file, and a huge blur or
+        # control grid would run for hours.
+        for name in (
+            "bias_probability",
+            "thick_slice_probability",
+            "noise_probability",
+            "remap_probability",
+            "deform_probability",
+        ):
+            _check_number(name, getattr(self, name), 0.0, 1.0)
+        for name, high in (
+            ("gamma_log_range", 2.0),
+            ("bias_strength", 1.0),
+            ("rotation_degrees", 180.0),
+            ("elastic_amplitude", 0.5),
+        ):
+            _check_number(name, getattr(self, name), 0.0, high)
+        _check_range("thick_slice_sigma", self.thick_slice_sigma, 1e-3, MAX_BLUR_SIGMA)
+        _check_range("noise_sd", self.noise_sd, 0.0, 1.0)
+        _check_range("scale_range", self.scale_range, 1e-3, 8.0)
+        if self.scale_range[0] <= 0:
             raise ValueError(f"scale_range must be 0 < low <= high, got {self.scale_range}")
-        if self.elastic_points < 2:
-            raise ValueError(f"elastic_points must be at least 2, got {self.elastic_points}")
+        for name, low, high in (("remap_knots", 2, 64), ("elastic_points", 2, 32)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(
+                    f"{name} must be a whole number from {low} to {high}, got {value!r}"
+                )
+        for name in ("flip", "enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+#: Widest thick-slice blur (standard deviation in voxels): its kernel spans 6 sigma.
+MAX_BLUR_SIGMA = 10.0
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+
+
+def _check_range(name: str, value: object, low: float, high: float) -> None:
+    pair = isinstance(value, (tuple, list)) and len(value) == 2
+    numbers = pair and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not numbers or not low <= value[0] <= value[1] <= high:
+        raise ValueError(
+            f"{name} must be two numbers {low:g} <= low <= high <= {high:g}, got {value!r}"
+        )
 
 
 def _gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -210,9 +210,14 @@ def _check_percentiles(lower: float, upper: float) -> None:
         )
 
 
+#: Most histogram bins (the equalisation's lookup table is this long).
+MAX_NBINS = 65536
+
+
 def _check_nbins(nbins: Any) -> None:
-    if isinstance(nbins, bool) or not isinstance(nbins, (int, np.integer)) or nbins < 2:
-        raise ValueError(f"nbins must be an integer >= 2, got {nbins!r}")
+    whole = not isinstance(nbins, bool) and isinstance(nbins, (int, np.integer))
+    if not whole or not 2 <= nbins <= MAX_NBINS:
+        raise ValueError(f"nbins must be a whole number from 2 to {MAX_NBINS}, got {nbins!r}")
 
 
 # --------------------------------------------------------------------------- #
@@ -419,6 +424,7 @@ def _background_contrast(smooth: np.ndarray, mask: np.ndarray) -> float:
 # Intensities
 # --------------------------------------------------------------------------- #
 
+
 def _intensity_range(
     values: np.ndarray, lower: float, upper: float, *, overwrite: bool = False
 ) -> tuple[float, float]:
@@ -436,6 +442,7 @@ def _intensity_range(
             "cannot normalise its intensities"
         )
     return lo, hi
+
 
 def normalise_intensity(
     image: Any,
