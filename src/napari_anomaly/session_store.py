@@ -57,6 +57,7 @@ import shutil
 import socket
 import threading
 import uuid
+import weakref
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
@@ -223,6 +224,70 @@ def _case_folder_name(case_id: str) -> str:
     if _SAFE_NAME.match(case_id):
         return case_id
     return "case-" + hashlib.sha256(case_id.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- unchanged cases
+# A save after one stroke must not read every case of a cohort again: indexing and hashing
+# the edits of a case reads its arrays (parked ones from disk) and composes its mask (a
+# cache as large as the scan, which then stayed in memory). Per session and case, the edits
+# file a save wrote (or a load read) is remembered with what it was made from: the edit and
+# approved arrays and the anomaly map by identity (a change replaces them, never writes
+# into them; weak references, so a parked or replaced array is not kept alive) and the
+# settings of the mask by value. A case whose inputs are all the same keeps its file.
+_SAVED_EDITS: weakref.WeakKeyDictionary[ReviewSession, dict[str, tuple]] = (
+    weakref.WeakKeyDictionary()
+)
+_SAVED_EDITS_GUARD = threading.Lock()
+
+
+def _edits_inputs(case) -> tuple:
+    """What a case's edits file is made of (call under the case's lock)."""
+    arrays = (case.edits.added, case.edits.erased, case.approved_mask, case.anomaly_map)
+    settings = (case.threshold, case.min_region_size, case.reviewed_at)
+    return arrays, settings
+
+
+def _same_inputs(remembered: tuple, case) -> bool:
+    arrays, settings = _edits_inputs(case)
+    refs, known_settings = remembered
+    if known_settings != settings:
+        return False
+    for ref, array in zip(refs, arrays):
+        if ref is None:
+            if array is not None:
+                return False
+        elif ref() is not array:  # (a dead reference gives None: never the same)
+            return False
+    return True
+
+
+def _remember_edits(session: ReviewSession, case, edits_file: str, edited_voxels: int) -> None:
+    """Record that ``edits_file`` (relative to a session folder) holds ``case``'s edits as
+    they are now (call under the case's lock)."""
+    arrays, settings = _edits_inputs(case)
+    try:
+        refs = tuple(None if a is None else weakref.ref(a) for a in arrays)
+    except TypeError:  # an array type without weak references: always read again
+        return
+    with _SAVED_EDITS_GUARD:
+        _SAVED_EDITS.setdefault(session, {})[case.case_id] = (
+            weakref.ref(case),
+            (refs, settings),
+            edits_file,
+            int(edited_voxels),
+        )
+
+
+def _unchanged_edits(session: ReviewSession, case, folder: Path) -> tuple[str, int] | None:
+    """``(edits file, edited voxels)`` when ``case``'s edits file in ``folder`` is already
+    the one its edits make, else ``None`` (call under the case's lock)."""
+    with _SAVED_EDITS_GUARD:
+        known = _SAVED_EDITS.get(session, {}).get(case.case_id)
+    if known is None or known[0]() is not case or not _same_inputs(known[1], case):
+        return None
+    if not (folder / known[2]).is_file():  # another folder, or the file was removed
+        return None
+    return known[2], known[3]
 
 
 # ----------------------------------------------------------------------------- locking
@@ -629,7 +694,33 @@ def _save(session: ReviewSession, folder: Path) -> Path:
     cases_dir.mkdir(exist_ok=True)
     case_entries = []
     for case_id, case in list(session.cases.items()):
+        case_dir = cases_dir / _case_folder_name(case_id)
         with case._lock:
+            unchanged = _unchanged_edits(session, case, folder)
+            edits = None
+            if unchanged is None:
+                composed = case._composed
+                edits = {
+                    "added": _indices(case.edits.added),
+                    "erased": _indices(case.edits.erased),
+                    "approved": _indices(case.approved_mask)
+                    if case.approved_mask is not None
+                    else np.zeros(0, np.int32),
+                    "mask": _indices(case.mask),
+                }
+                # The save leaves the mask cache as it found it: a parked case does not
+                # get a mask as large as its scan back in memory for being saved.
+                case._composed = composed
+                digest = hashlib.blake2b(digest_size=8)
+                for key in ("added", "erased", "approved", "mask"):
+                    digest.update(key.encode() + edits[key].tobytes())
+                edits_name = (case_dir / f"edits-{digest.hexdigest()}.npz").relative_to(folder)
+                edits_name = edits_name.as_posix()
+                edited_voxels = case.edits.edit_count
+                # (a write that fails leaves no file: the next save finds none and writes it)
+                _remember_edits(session, case, edits_name, edited_voxels)
+            else:
+                edits_name, edited_voxels = unchanged
             snapshot = {
                 "name": case.name,
                 "shape": list(case.shape),
@@ -637,14 +728,7 @@ def _save(session: ReviewSession, folder: Path) -> Path:
                 "anomaly_map": case.anomaly_map,
                 "confidence_map": case.confidence_map,
                 "maps_id": case.maps_id,
-                "edits": {
-                    "added": _indices(case.edits.added),
-                    "erased": _indices(case.edits.erased),
-                    "approved": _indices(case.approved_mask)
-                    if case.approved_mask is not None
-                    else np.zeros(0, np.int32),
-                    "mask": _indices(case.mask),
-                },
+                "edits": edits,
                 "fields": {
                     "geometry": case.geometry.to_dict(),
                     "threshold": case.threshold,
@@ -659,7 +743,7 @@ def _save(session: ReviewSession, folder: Path) -> Path:
                     "model_sha256": case.model_sha256,
                     "localised_at": case.localised_at,
                     "reviewed_at": case.reviewed_at,
-                    "edited_voxels": case.edits.edit_count,
+                    "edited_voxels": edited_voxels,
                 },
                 "source": (
                     {
@@ -671,7 +755,6 @@ def _save(session: ReviewSession, folder: Path) -> Path:
                     else None
                 ),
             }
-        case_dir = cases_dir / _case_folder_name(case_id)
         case_dir.mkdir(exist_ok=True)
         maps_file = case_dir / f"maps-{snapshot['maps_id']}.npz"
         if not maps_file.is_file():
@@ -689,12 +772,8 @@ def _save(session: ReviewSession, folder: Path) -> Path:
             if not image_file.is_file():
                 _write_npz(image_file, {"image": np.asarray(snapshot["image"])})
             referenced.add(image_file)
-        edits = snapshot["edits"]
-        digest = hashlib.blake2b(digest_size=8)
-        for key in ("added", "erased", "approved", "mask"):
-            digest.update(key.encode() + edits[key].tobytes())
-        edits_file = case_dir / f"edits-{digest.hexdigest()}.npz"
-        if not edits_file.is_file():
+        edits_file = folder / edits_name
+        if edits is not None and not edits_file.is_file():
             _write_npz(edits_file, edits, compress=True)
         referenced.add(edits_file)
         case_entries.append(
@@ -743,7 +822,9 @@ def _save(session: ReviewSession, folder: Path) -> Path:
 
 def _remove_unreferenced(folder: Path, referenced: set[Path]) -> None:
     """Remove array and model files (and stray temporary files) the manifest no longer names."""
-    keep = {p.resolve() for p in referenced}
+    # (Compared as written, under ``folder``: resolving every path of a cohort's folder
+    # took longer than the rest of a save after one stroke.)
+    keep = {p.relative_to(folder) for p in referenced}
     for stray in folder.glob(".*.tmp-*"):  # a manifest write that was interrupted
         with contextlib.suppress(OSError):
             stray.unlink()
@@ -751,7 +832,7 @@ def _remove_unreferenced(folder: Path, referenced: set[Path]) -> None:
         base = folder / sub
         for path in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
-                if path.is_file() and path.resolve() not in keep:
+                if path.is_file() and path.relative_to(folder) not in keep:
                     path.unlink()
                 elif path.is_dir() and not any(path.iterdir()):
                     path.rmdir()
@@ -954,9 +1035,17 @@ def load_session(
             case.edits = keep
             case._changed()
             logger.warning("a resumed mask differed from its saved copy; the saved one was kept")
+            kept_file = False
+        else:
+            kept_file = True
         session.cases[case_id] = case
         if park:
             session.park(case_id)
+        if kept_file:
+            # Its edits file holds its edits as they are: the next save into this folder
+            # keeps it without reading the case's arrays again.
+            with case._lock:
+                _remember_edits(session, case, entry["edits_file"], case.edits.edit_count)
     if manifest.get("worklist"):
         from napari_anomaly.worklist import Worklist, WorklistError
 

@@ -1,0 +1,146 @@
+"""A review as large as a cohort: what one change costs the autosave, headless.
+
+The widget autosaves the whole review half a second after every change. With a worklist
+of hundreds of cases, a save after one stroke must only read the case that changed: the
+others' edits are not indexed and hashed again, and their masks (as large as their scans)
+are not composed again and kept in memory after they were parked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_NETWORK_2D
+
+from napari_anomaly import session_store
+from napari_anomaly.io import write_image
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet
+from napari_anomaly.review import ReviewConfig
+from napari_anomaly.session import ReviewSession
+from napari_anomaly.session_store import load_session, save_session
+
+SHAPE = (8, 64, 64)  # float32 maps of 128 KiB: parked into files as in a real review
+CASES = 6
+
+
+def _scores(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in SHAPE], indexing="ij")
+    centre = [rng.integers(2, n - 2) for n in SHAPE]
+    blob = np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / 20)
+    return (0.1 + 0.8 * blob + 0.05 * rng.random(SHAPE)).astype(np.float32)
+
+
+@pytest.fixture
+def cohort(tmp_path) -> ReviewSession:
+    """A review of CASES scans read from files, every case parked; ``c0`` edited, ``c1``
+    approved."""
+    torch.manual_seed(0)
+    localiser = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(), metadata={"recommended_threshold": 0.5}
+    )
+    session = ReviewSession(localiser, ReviewConfig(min_region_size=3))
+    for i in range(CASES):
+        scan = np.random.default_rng(i).normal(100, 20, SHAPE).astype(np.float32)
+        path = write_image(tmp_path / f"scan{i}.nii.gz", scan)
+        session.add_case(f"c{i}", scan, _scores(i), source_path=path, name=f"scan{i}")
+    edited = session.case("c0").mask.copy()
+    edited[0, :4, :4] = True
+    session.record_edits("c0", edited)
+    session.mark_reviewed("c1")
+    for case_id in session.cases:
+        session.park(case_id)
+    return session
+
+
+class _Reads:
+    """Counts the case arrays a save reads whole (``session_store._indices``: the voxel
+    indices of an edit, approved or composed mask)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls = 0
+        real = session_store._indices
+
+        def counting(mask):
+            self.calls += 1
+            return real(mask)
+
+        monkeypatch.setattr(session_store, "_indices", counting)
+
+
+def _stroke(session: ReviewSession, case_id: str, where=(0, slice(60, 63), slice(60, 63))):
+    edited = session.case(case_id).mask.copy()
+    edited[where] = ~edited[where]
+    session.record_edits(case_id, edited)
+
+
+def _masks(session: ReviewSession) -> dict[str, np.ndarray]:
+    return {case_id: np.array(case.mask) for case_id, case in session.cases.items()}
+
+
+def test_a_save_after_one_stroke_reads_only_that_case_and_keeps_no_parked_mask(
+    cohort, tmp_path, monkeypatch
+):
+    folder = tmp_path / "review"
+    save_session(cohort, folder)
+    _stroke(cohort, "c4")
+    cohort.park("c4")  # the widget parks the case it leaves
+    reads = _Reads(monkeypatch)
+    save_session(cohort, folder)
+    # the one case changed (not approved): its added, erased and mask voxels
+    assert reads.calls == 3
+    # the parked cases do not get their masks back in memory for being saved
+    assert all(case._composed is None for case in cohort.cases.values())
+    # and what was saved is the review as it is
+    resumed = load_session(folder)
+    expected = _masks(cohort)
+    for case_id, mask in _masks(resumed).items():
+        np.testing.assert_array_equal(mask, expected[case_id])
+    assert resumed.case("c4").edits.edit_count == cohort.case("c4").edits.edit_count > 0
+
+
+def test_a_save_after_a_threshold_or_an_approval_rewrites_only_those_cases_edits(
+    cohort, tmp_path, monkeypatch
+):
+    folder = tmp_path / "review"
+    save_session(cohort, folder)
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("edits-*.npz")}
+    cohort.threshold("c2", 0.7)  # no stroke: only the mask made from the edits changes
+    cohort.mark_reviewed("c3")
+    cohort.reopen("c1")
+    reads = _Reads(monkeypatch)
+    save_session(cohort, folder)
+    # c2 and c1 (not approved): added, erased, mask; c3 also its approved mask
+    assert reads.calls == 3 + 4 + 3
+    after = {p: p.stat().st_mtime_ns for p in folder.rglob("edits-*.npz")}
+    new = {p.parent.name for p in after if p not in before}
+    assert new == {"c2", "c3", "c1"}
+    assert all(after[p] == stamp for p, stamp in before.items() if p in after)
+    resumed = load_session(folder)
+    assert resumed.case("c2").threshold == 0.7
+    assert resumed.case("c3").reviewed and not resumed.case("c1").reviewed
+    expected = _masks(cohort)
+    for case_id, mask in _masks(resumed).items():
+        np.testing.assert_array_equal(mask, expected[case_id])
+
+
+def test_the_first_save_after_resuming_reads_no_case_and_a_new_folder_gets_every_case(
+    cohort, tmp_path, monkeypatch
+):
+    folder = tmp_path / "review"
+    save_session(cohort, folder)
+    resumed = load_session(folder, park=True)
+    reads = _Reads(monkeypatch)
+    save_session(resumed, folder)
+    assert reads.calls == 0
+    assert all(case._composed is None for case in resumed.cases.values())
+    # Save session into another folder: nothing there yet, so every case is written.
+    elsewhere = tmp_path / "copy"
+    save_session(resumed, elsewhere)
+    assert len(list(elsewhere.rglob("edits-*.npz"))) == CASES
+    copy = load_session(elsewhere)
+    expected = _masks(cohort)
+    for case_id, mask in _masks(copy).items():
+        np.testing.assert_array_equal(mask, expected[case_id])
