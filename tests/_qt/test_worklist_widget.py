@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import body_scan
 
+from napari_anomaly._layers import CASE_ID_KEY
 from napari_anomaly.asymmetry import Midline
 from napari_anomaly.io import Geometry, read_image, write_image
 
@@ -526,3 +527,61 @@ def test_a_case_left_for_the_next_keeps_its_arrays_in_files_not_in_memory(
     resumed = again.session.cases[again.worklist.items[0].case_id]
     assert isinstance(resumed.anomaly_map, np.memmap), "resumed parked, case by case"
     np.testing.assert_array_equal(resumed.mask, approved)
+
+
+# A worklist as long as a cohort: what Next case and a status change cost does not grow
+# with the rows (and Next case does not pay napari's clean-up once per layer).
+ROWS = 30
+
+
+@pytest.fixture
+def long_cohort(tmp_path):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for index in range(ROWS):
+        write_image(folder / f"p{index:02d}.nrrd", body_scan((32, 32), index))
+    return folder
+
+
+def test_a_status_change_rewrites_only_its_cells_of_a_long_worklist(widget, long_cohort):
+    widget.open_worklist(long_cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    table = widget.worklist_table.native
+    written = []
+    real = table.setItem
+    table.setItem = lambda row, column, item: (
+        written.append((row, column)),
+        real(row, column, item),
+    )
+    widget.mark_reviewed()
+    assert written == [(0, 2)]  # the status of the case shown, not the 4 x 30 cells
+    assert _statuses(widget) == ["reviewed", "ready"] + ["to do"] * (ROWS - 2)
+
+    written.clear()
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    assert set(written) <= {(1, 2), (2, 2)}
+    assert _statuses(widget) == ["reviewed", "localised", "ready"] + ["to do"] * (ROWS - 3)
+    assert table.selectionModel().selectedRows()[0].row() == 1
+
+
+def test_next_case_takes_the_previous_cases_layers_out_in_one_batch(widget, long_cohort):
+    widget.open_worklist(long_cohort, wait=True)
+    widget.next_case(wait=True)
+    widget._wait_prefetch()
+    previous = widget.case().case_id
+    events = []
+    layers = widget.viewer.layers
+    layers.events.begin_batch.connect(lambda _event: events.append("begin"))
+    layers.events.end_batch.connect(lambda _event: events.append("end"))
+    layers.events.removed.connect(
+        lambda event: (
+            events.append("removed") if event.value.metadata.get(CASE_ID_KEY) == previous else None
+        )
+    )
+    widget.next_case(wait=True)
+    # scan, anomaly, confidence and mask: napari cleans up (a full garbage collection,
+    # about 0.3 s) once after a batch, but after every layer removed outside one
+    assert events == ["begin"] + ["removed"] * 4 + ["end"]
+    assert widget.image_layer.value == "p01"
