@@ -653,10 +653,12 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if self._scan_layer_of(case_id) is not None:
             return
         self._sync_edits(case_id)  # strokes made on its mask up to now are the case's
-        for role in DERIVED_SUFFIXES:
-            derived = self._derived_layer(case_id, role)
-            if derived is not None:
-                self.viewer.layers.remove(derived)
+        derived = [self._derived_layer(case_id, role) for role in DERIVED_SUFFIXES]
+        # In one batch: napari collects garbage after every layer removed outside one.
+        with self.viewer.layers.batched_update():
+            for layer in derived:
+                if layer is not None:
+                    self.viewer.layers.remove(layer)
         self._rendered.pop(case_id, None)
         self._park(case_id)
 
