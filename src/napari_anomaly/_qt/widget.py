@@ -654,10 +654,11 @@ class AnomalyReviewWidget(WorklistControls, Container):
             return
         self._sync_edits(case_id)  # strokes made on its mask up to now are the case's
         derived = [self._derived_layer(case_id, role) for role in DERIVED_SUFFIXES]
-        # In one batch: napari collects garbage after every layer removed outside one.
-        with self.viewer.layers.batched_update():
-            for layer in derived:
-                if layer is not None:
+        derived = [layer for layer in derived if layer is not None]
+        if derived:  # (a worklist case's layers went already, in a batch of their own)
+            # In one batch: napari collects garbage after every layer removed outside one.
+            with self.viewer.layers.batched_update():
+                for layer in derived:
                     self.viewer.layers.remove(layer)
         self._rendered.pop(case_id, None)
         self._park(case_id)
