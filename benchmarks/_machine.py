@@ -1,4 +1,5 @@
-"""What machine a benchmark ran on (shared by the benchmark scripts)."""
+"""What machine a benchmark ran on, and the code it compares against (shared by the
+benchmark scripts)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,21 @@ def write_report(path: Path, report: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(report, indent=1) + "\n", overwrite=True)
     print(f"wrote {path}")
+
+
+def module_at(revision: str, path: str, name: str):
+    """The module in ``path`` (``src/napari_anomaly/review.py``) as it was at git
+    ``revision``, loaded as a module of its own called ``name``: the "before" of a
+    benchmark that compares old and new code side by side in one run."""
+    import subprocess
+    import sys
+    import types
+
+    source = subprocess.run(
+        ["git", "show", f"{revision}:{path}"], check=True, capture_output=True, text=True
+    ).stdout
+    module = types.ModuleType(name)
+    module.__file__ = f"<{path} at {revision}>"
+    sys.modules[name] = module  # (dataclasses look their module up)
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module

@@ -24,16 +24,13 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
-from _machine import environment, write_report
+from _machine import environment, module_at, write_report
 from scipy import ndimage
 
 from napari_anomaly import parking, session_store
@@ -91,17 +88,7 @@ def composed_bytes(session: ReviewSession) -> int:
 def store_at(revision: str):
     """``napari_anomaly.session_store`` as it was at git ``revision`` (a module of its own;
     its saves write the same folder format)."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:src/napari_anomaly/session_store.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    module = types.ModuleType("session_store_before")
-    module.__file__ = f"<session_store at {revision}>"
-    sys.modules[module.__name__] = module  # (its dataclasses look their module up)
-    exec(compile(source, module.__file__, "exec"), module.__dict__)
-    return module
+    return module_at(revision, "src/napari_anomaly/session_store.py", "session_store_before")
 
 
 STORES = {"now": session_store}

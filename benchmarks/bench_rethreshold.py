@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
 import numpy as np
-from _machine import environment, write_report
+from _machine import environment, module_at, write_report
 from scipy import ndimage as ndi
 
 from napari_anomaly import review
@@ -90,17 +89,7 @@ BEFORE_COMMIT = "6821235ed90f84d1cb9cf0ec6061b74e876a85f0"
 
 def review_before(commit: str = BEFORE_COMMIT) -> types.ModuleType:
     """``napari_anomaly.review`` as it was at ``commit`` (read with ``git show``)."""
-    source = subprocess.run(
-        ["git", "show", f"{commit}:src/napari_anomaly/review.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    module = types.ModuleType("review_before")
-    module.__dict__["__name__"] = "review_before"
-    sys.modules["review_before"] = module  # dataclasses look their module up
-    exec(compile(source, "review_before.py", "exec"), module.__dict__)
-    return module
+    return module_at(commit, "src/napari_anomaly/review.py", "review_before")
 
 
 def _change_before(scores, threshold, edits, min_size):
