@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import environment, write_report  # (beside this script, as for the others)
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -181,9 +183,6 @@ def main() -> None:
     def per_case(mode: str) -> float:
         grown = high[mode]["anonymous_added_mib"] - low[mode]["anonymous_added_mib"]
         return round(grown / extra, 1) if extra else float("nan")
-
-    sys.path.insert(0, str(HERE))
-    from _machine import environment, write_report
 
     report = {
         "command": "python benchmarks/bench_parking.py --cases "

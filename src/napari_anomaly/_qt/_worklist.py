@@ -387,7 +387,7 @@ class WorklistControls:
             for layer in doomed:
                 self.viewer.layers.remove(layer)
         self._rendered.pop(case_id, None)
-        self._park(case_id)
+        # (its scan layer's removal parks the case: AnomalyReviewWidget._put_away)
 
     # ---------------------------------------------------------------- background
     def _prefetch_after(self, index: int) -> None:
