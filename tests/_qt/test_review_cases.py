@@ -464,3 +464,48 @@ def test_a_mask_layer_is_never_taken_for_its_cases_scan(widget):
     assert widget.case("scan mask") is None  # asked before its layers were put away
     QApplication.processEvents()
     assert [layer.name for layer in viewer.layers] == []
+
+
+def test_a_scan_closed_while_it_is_localised_again_gets_no_maps_or_mask_back(widget, monkeypatch):
+    """The reviewer closes a scan while its case is localised again: when the job ends,
+    no maps or mask come back without their scan (a mask left behind catches strokes
+    meant for another scan), and the case keeps its edits in the review."""
+    import threading
+
+    import napari_anomaly.session as session_module
+
+    viewer = widget.viewer
+    _open(widget, "other", seed=1)
+    mask = _open(widget, "scan")
+    painted = np.asarray(mask.data).copy()
+    painted[1:4, 1:4] = 1
+    mask.data = painted
+    case = widget.case("scan")
+
+    started, release = threading.Event(), threading.Event()
+    real_localise = session_module.localise
+
+    def held_localise(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return (yield from real_localise(*args, **kwargs))
+
+    monkeypatch.setattr(session_module, "localise", held_localise)
+    widget.localise("scan")
+    while not started.wait(0.01):
+        QApplication.processEvents()
+    viewer.layers.remove(viewer.layers["scan"])
+    QApplication.processEvents()
+    release.set()
+    widget.wait()
+    QApplication.processEvents()
+
+    assert widget.last_error is None, widget.last_error
+    assert sorted(layer.name for layer in viewer.layers) == [
+        "other",
+        "other anomaly",
+        "other confidence",
+        "other mask",
+    ]
+    assert case.mask[1:4, 1:4].all(), "the review keeps its edits"
+    assert "closed" in widget.status.value

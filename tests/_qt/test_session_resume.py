@@ -542,3 +542,55 @@ def test_an_autosave_root_that_cannot_be_made_is_reported_not_raised(
     widget._autosave_tick()
     assert "Autosave failed" in widget.status.value
     assert widget.case("scan") is not None
+
+
+def test_resuming_after_localising_its_scan_anew_brings_back_the_review_unchanged(
+    make_review_widget,
+):
+    """The widget opens again and, before resuming, the reviewer localises the scan anew
+    (a fresh case at the model's threshold). Resuming then brings back the saved review
+    exactly: the fresh mask the widget showed meanwhile is not taken for strokes."""
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    viewer.add_image(body_scan((40, 48)), name="scan")
+    mask = _localise(widget, "scan")
+    widget.set_threshold(0.7)
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited
+    expected = _review_state(widget)
+    _close(viewer, widget)
+
+    again = _reopen(viewer, type(widget))
+    assert again.resume_offer is not None
+    _localise(again, "scan")
+    assert again.case("scan").threshold == pytest.approx(0.5)
+    assert again.resume()
+    _assert_same_review(again, expected)
+
+
+def test_strokes_made_while_the_widget_was_closed_are_autosaved_once_resumed(
+    make_review_widget,
+):
+    """The reviewer paints on a mask layer while the widget is closed, then resumes: the
+    strokes join the review and reach its autosave (napari may quit next)."""
+    from napari_anomaly.session import ReviewSession
+
+    widget = make_review_widget(recommended_threshold=0.5)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    viewer.add_image(body_scan((40, 48)), name="scan")
+    mask = _localise(widget, "scan")
+    _close(viewer, widget)
+    painted = np.asarray(mask.data).copy()
+    painted[1:4, 1:4] = 1
+    mask.data = painted  # a stroke while the widget is closed
+
+    again = _reopen(viewer, type(widget))
+    assert again.resume()
+    assert again.case("scan").mask[1:4, 1:4].all(), "the stroke joins the resumed review"
+    folder = again.flush_autosave()
+    saved = ReviewSession.load(folder)
+    (case,) = saved.cases.values()
+    assert case.mask[1:4, 1:4].all(), "the stroke is in the autosave"

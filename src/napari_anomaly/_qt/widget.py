@@ -1218,6 +1218,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if shown is not None and shown.case_id == case.case_id:
             self._render_shown_case()
             self.select_region(0)  # the view jumps to the top-ranked region
+        elif scan is None:
+            self._render_shown_case(
+                f"({case.name} localised while its scan was closed; its review keeps the maps.)"
+            )
         else:
             self._render_shown_case(f"({case.name} localised.)")
 
@@ -1251,15 +1255,21 @@ class AnomalyReviewWidget(WorklistControls, Container):
         reviewer's strokes, and are kept. A layer this widget has not rendered holds no
         strokes of this case (it is left from a review that was discarded or not
         resumed), unless ``strokes_since_saved``: resuming, where what it shows beyond the
-        saved mask was painted while the widget was closed."""
+        saved mask was painted while the widget was closed.
+
+        A case whose scan layer is closed (removed while a job made its maps) gets no
+        layers: it stays in the review out of sight, parked, as when its scan was
+        removed (:meth:`_put_away`)."""
+        scan = self._scan_layer_of(case.case_id)
+        if scan is None:
+            self._park(case.case_id)
+            return False
         # The geometry (direction included) goes into each layer's metadata, so
         # napari's own "Save layer" with our writer restores it too.
         common = layer_kwargs_from_geometry(case.geometry, case.name)
         del common["name"]
-        scan = self._scan_layer_of(case.case_id)
-        if scan is not None:
-            # Follow the scan layer exactly, whatever its geometry metadata says.
-            common.update(scale=scan.scale, translate=scan.translate)
+        # Follow the scan layer exactly, whatever its geometry metadata says.
+        common.update(scale=scan.scale, translate=scan.translate)
         before = len(self.viewer.layers)
         self._set_layer(
             Image,
@@ -2313,8 +2323,11 @@ class AnomalyReviewWidget(WorklistControls, Container):
         ):
             release(self._autosave_folder, self._owner)
         self._autosave_folder = folder if continue_autosave else None
+        # The folder holds the session as read; what installing it adds (strokes made
+        # while the widget was closed, a scan renamed meanwhile) is saved next.
+        as_read = (id(session), session.revision)
         self._install(session, keep_strokes=continue_autosave)
-        self._saved = (id(session), session.revision) if continue_autosave else None
+        self._saved = as_read if continue_autosave else None
         return True
 
     def _unsaved_problem(self) -> str | None:
@@ -2340,8 +2353,10 @@ class AnomalyReviewWidget(WorklistControls, Container):
         """Make a loaded session the widget's: layers for its cases, its models, its settings.
 
         ``keep_strokes`` (resuming the autosave): what an open mask layer shows beyond the
-        saved mask are strokes made while the widget was closed, and are kept. Loading a
-        saved session brings it back as it was saved."""
+        saved mask are strokes made while the widget was closed, and are kept; a mask
+        layer this widget rendered for the review it replaces shows that review's mask,
+        not strokes. Loading a saved session brings it back as it was saved."""
+        rendered_for_replaced = set(self._rendered)
         self._session = session
         self._case_layers.clear()
         self._rendered.clear()
@@ -2387,7 +2402,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
             if layer.name != case.name:  # renamed while the widget was closed
                 session.rename(case.case_id, layer.name)
             mask_layer = self._derived_layer(case.case_id, "mask")
-            if not keep_strokes and mask_layer is not None:
+            holds_no_strokes = not keep_strokes or case.case_id in rendered_for_replaced
+            if holds_no_strokes and mask_layer is not None:
                 self._rendered[case.case_id] = np.asarray(mask_layer.data) != 0
             self._show_layers(case, strokes_since_saved=keep_strokes)
         self._refresh_models()
