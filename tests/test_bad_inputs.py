@@ -113,6 +113,21 @@ def _raw_itk(path: Path) -> None:
     sitk.WriteImage(sitk.GetImageFromArray(_scan()), str(path), False)
 
 
+def _mha_direction(name: str, matrix: str) -> Callable[[Path], Path]:
+    """A MetaImage scan whose header gives ``matrix`` (9 numbers) as its direction."""
+
+    def make(folder: Path) -> Path:
+        path = folder / name
+        _raw_itk(path)
+        identity = b"TransformMatrix = 1 0 0 0 1 0 0 0 1"
+        path.write_bytes(
+            path.read_bytes().replace(identity, f"TransformMatrix = {matrix}".encode())
+        )
+        return path
+
+    return make
+
+
 def _picture(path: Path) -> None:
     iio.imwrite(path, np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8))
 
@@ -173,6 +188,12 @@ IMAGE_CASES = [
         "orientation",
     ),
     Case("dicom-regular", _dicom([(0.0, 0.0, 2.5 * k) for k in range(6)]), None),  # fine
+    # Direction matrices that no voxel grid has: sheared, rescaled (the spacing hidden in
+    # it), singular. Written as NIfTI they would be changed, and measured they would be wrong.
+    Case("sheared.mha", _mha_direction("sheared.mha", "1 0.5 0 0 1 0 0 0 1"), "orthonormal"),
+    Case("rescaled.mha", _mha_direction("rescaled.mha", "2 0 0 0 2 0 0 0 2"), "orthonormal"),
+    Case("singular.mha", _mha_direction("singular.mha", "1 0 0 1 0 0 0 0 1"), "orthonormal"),
+    Case("flipped.mha", _mha_direction("flipped.mha", "-1 0 0 0 -1 0 0 0 1"), None),  # fine
     # Content that napari may show but that cannot be localised.
     Case("mask.npy", _array("mask.npy", _scan() > 0), "boolean", scan_only=True, layer="labels"),
     Case("nan.npy", _array("nan.npy", np.full((16, 16), np.nan, np.float32)), "NaN", True),
@@ -239,11 +260,7 @@ def test_napari_reader(tmp_path, case):
 
 @pytest.mark.parametrize(
     "case",
-    [
-        case
-        for case in IMAGE_CASES
-        if case.refused is not None or case.name == "scan.nii.gz"
-    ],
+    [case for case in IMAGE_CASES if case.refused is not None or case.name == "scan.nii.gz"],
     ids=lambda c: c.name,
 )
 def test_cli_localise(tmp_path, capsys, case):

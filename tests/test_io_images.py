@@ -412,6 +412,17 @@ def test_write_checks_shape_and_geometry(tmp_path):
         write_image(tmp_path / "m.mha", np.zeros((2, 2)), _geometry(3))
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_a_sheared_direction_is_refused_not_silently_changed_on_write(tmp_path, suffix):
+    # NIfTI would store the nearest rotation and NRRD would fold the shear into the
+    # spacing: the mask would no longer lie on its scan's grid.
+    sheared = Geometry((2.5, 0.8, 0.7), (0.0, 0.0, 0.0), (1, 0, 0, 0.5, 1, 0, 0, 0, 1))
+    path = tmp_path / f"mask{suffix}"
+    with pytest.raises(ValueError, match=r"mask.*not orthonormal"):
+        write_image(path, np.zeros((4, 7, 9), np.uint8), sheared)
+    assert os.listdir(tmp_path) == []
+
+
 def test_write_refuses_to_overwrite_and_leaves_file_unchanged(tmp_path):
     path = write_image(tmp_path / "a.nii.gz", _array(3), _geometry(3))
     before = path.read_bytes()

@@ -348,6 +348,19 @@ def test_writers_refuse_non_spatial_data(tmp_path, data, meta, match):
     assert not out.exists()
 
 
+def test_a_name_typed_without_suffix_is_saved_as_nifti_never_over_another_file(tmp_path):
+    # napari's save dialog, with "napari-anomaly with geometry" chosen, passes the
+    # name as typed; only that name was confirmed, so scan_mask.nii.gz is not replaced.
+    typed = tmp_path / "scan_mask"
+
+    assert write_labels(str(typed), _mask(), {}) == [str(tmp_path / "scan_mask.nii.gz")]
+    np.testing.assert_array_equal(read_image(tmp_path / "scan_mask.nii.gz").array, _mask())
+    before = (tmp_path / "scan_mask.nii.gz").read_bytes()
+    with pytest.raises(FileExistsError, match="scan_mask.nii.gz"):
+        write_image_layer(str(typed), _scan().astype(np.float32), {})
+    assert (tmp_path / "scan_mask.nii.gz").read_bytes() == before
+
+
 def test_labels_writer_refuses_negative_labels(tmp_path):
     with pytest.raises(ValueError, match="negative"):
         write_labels(str(tmp_path / "m.nii.gz"), -_mask().astype(np.int8), {})
@@ -474,6 +487,27 @@ def test_viewer_shows_ct_at_soft_tissue_and_switches_to_the_lung_window(
     layer.contrast_limits = windows["lung"]
     np.testing.assert_allclose(layer.contrast_limits, (-1350.0, 150.0))
     assert layer.contrast_limits_range[0] <= -1350.0
+
+
+@pytest.mark.filterwarnings("ignore:System theme detection requires a Qt6 backend:UserWarning")
+def test_a_mask_drawn_on_a_new_labels_layer_is_saved_in_its_scans_orientation(
+    make_napari_viewer, tmp_path
+):
+    # The layer list's "New labels layer" button gives a layer on the scan's grid
+    # (scale and translate), but without the scan's flipped orientation.
+    path = write_image(tmp_path / "scan.nii.gz", _scan(), GEOMETRY)
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari-anomaly")
+    viewer._new_labels()  # what the button calls
+    drawn = viewer.layers[-1]
+    drawn.data = _mask()
+    out = tmp_path / "drawn_mask.nii.gz"
+
+    viewer.layers.save(str(out), selected=True, plugin="napari-anomaly")
+
+    saved = read_image(out)
+    np.testing.assert_array_equal(saved.array, _mask())
+    _assert_same_geometry(saved.geometry, GEOMETRY)
 
 
 _OPEN_WITHOUT_PLUGIN = """

@@ -307,6 +307,38 @@ class Geometry:
         )
 
 
+# Largest difference between ``D^T D`` and the identity for a direction matrix ``D``
+# to count as orthonormal: headers written as text (NRRD, MHA, DICOM tags) round
+# their cosines to about 1e-6.
+_DIRECTION_TOLERANCE = 1e-3
+
+
+def _direction_problem(direction: Sequence[float]) -> str | None:
+    """What is wrong with a flattened direction matrix, or ``None`` if it is orthonormal.
+
+    A direction matrix only rotates or flips the voxel grid. One whose columns
+    are not unit length hides part of the spacing (measured sizes would be
+    wrong); one whose columns are not at right angles shears the grid, and
+    NIfTI cannot store it (ITK silently replaces it by the nearest rotation).
+    """
+    n = math.isqrt(len(direction))
+    matrix = np.asarray(direction, dtype=np.float64).reshape(n, n)
+    error = float(np.abs(matrix.T @ matrix - np.eye(n)).max())
+    if error <= _DIRECTION_TOLERANCE:
+        return None
+    rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in matrix)
+    return f"its direction matrix ({rows}) is not orthonormal"
+
+
+def _refuse_bad_direction(path: Path, direction: Sequence[float]) -> None:
+    problem = _direction_problem(direction)
+    if problem is not None:
+        raise ImageFileError(
+            f"{path} has an unusable geometry: {problem}; a voxel grid is only rotated or "
+            "flipped (resample the image onto such a grid first)"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedImage:
     """An image read from disk.
@@ -797,13 +829,15 @@ _LAYOUT_CHECKS: dict[str, Callable[[Path], None]] = {
 
 def _geometry_from_sitk(img: Any, path: Path) -> Geometry:
     try:
-        return Geometry(
+        geometry = Geometry(
             spacing=tuple(reversed(img.GetSpacing())),
             origin=tuple(reversed(img.GetOrigin())),
             direction=img.GetDirection(),
         )
     except ValueError as exc:
         raise ImageFileError(f"{path} has an unusable geometry: {exc}") from None
+    _refuse_bad_direction(path, geometry.direction)
+    return geometry
 
 
 def _from_sitk_image(img: Any, path: Path, fmt: str, collapse_single_slice: bool) -> LoadedImage:
@@ -840,6 +874,7 @@ def _read_sitk_file(path: Path, fmt: str) -> LoadedImage:
     except Exception as exc:  # SimpleITK raises RuntimeError; be sure nothing else escapes
         raise ImageFileError(f"could not read {path} as {fmt}: {_first_line(exc)}") from None
     _check_claimed_size(path, (*reader.GetSize(), max(int(reader.GetNumberOfComponents()), 1)))
+    _refuse_bad_direction(path, reader.GetDirection())
     layout_check = _LAYOUT_CHECKS.get(fmt)
     if layout_check is not None:
         layout_check(path)
@@ -1596,7 +1631,8 @@ def read_image(
         series and no ``series`` (or an unknown one), a file the reader cannot decode
         (empty, text, damaged), a truncated file (fewer bytes than its header
         describes, TIFF pages missing), a header claiming more than
-        :data:`MAX_VOXELS` voxels, a DICOM series with missing, repeated or
+        :data:`MAX_VOXELS` voxels, a direction matrix that is not orthonormal
+        (sheared, rescaled or singular), a DICOM series with missing, repeated or
         differently oriented slices, a colour or multi-channel image, a
         pickled ``.npy``, or anything that is not 2D/3D. Only one leading or
         trailing channel axis of size 1 is dropped silently; a single-file
@@ -1860,8 +1896,9 @@ def write_image(
         If ``path`` exists and ``overwrite`` is False.
     ValueError
         Unsupported suffix (DICOM and JPEG are read-only), wrong number of
-        axes, a shape or geometry that does not match, or values the format
-        cannot hold.
+        axes, a shape or geometry that does not match, a direction matrix
+        that is not orthonormal (NIfTI would silently store another), or
+        values the format cannot hold.
 
     Notes
     -----
@@ -1903,6 +1940,9 @@ def write_image(
         raise ValueError(
             f"{p}: geometry has {geometry.ndim} axes but the array has shape {arr.shape}"
         )
+    problem = _direction_problem(geometry.direction)
+    if problem is not None:
+        raise ValueError(f"{p}: not written, the geometry is unusable: {problem}")
     _WRITERS[fmt](p, arr, geometry, overwrite)
     return p
 
