@@ -3,10 +3,14 @@
 The widget autosaves the whole review half a second after every change. With a worklist
 of hundreds of cases, a save after one stroke must only read the case that changed: the
 others' edits are not indexed and hashed again, and their masks (as large as their scans)
-are not composed again and kept in memory after they were parked.
+are not composed again and kept in memory after they were parked. Fine-tuning on the
+corrected cases does not keep their masks in memory either, and a scan file is read
+through for its sha256 once while it stays as it was.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -17,9 +21,11 @@ from napari_anomaly import session_store
 from napari_anomaly.io import write_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import AnomalyNet
+from napari_anomaly.progress import run_to_end
 from napari_anomaly.review import ReviewConfig
 from napari_anomaly.session import ReviewSession
-from napari_anomaly.session_store import load_session, save_session
+from napari_anomaly.session_store import load_session, save_session, source_sha256
+from napari_anomaly.training import FinetuneConfig
 
 SHAPE = (8, 64, 64)  # float32 maps of 128 KiB: parked into files as in a real review
 CASES = 6
@@ -144,3 +150,117 @@ def test_the_first_save_after_resuming_reads_no_case_and_a_new_folder_gets_every
     expected = _masks(cohort)
     for case_id, mask in _masks(copy).items():
         np.testing.assert_array_equal(mask, expected[case_id])
+
+
+def test_fine_tuning_on_parked_cases_leaves_their_masks_in_files(cohort):
+    """Fine-tuning reads the mask of every corrected case; a parked one does not get its
+    mask (as large as its scan) back in memory for that."""
+    expected = _masks(cohort)
+    for case_id in cohort.cases:
+        cohort.park(case_id)  # reading the masks above composed them again
+    config = FinetuneConfig(steps=2, batch_size=2)
+    outcome = run_to_end(cohort.finetune(config))
+    assert set(outcome.cases) == {"scan0", "scan1"}
+    assert all(case._composed is None for case in cohort.cases.values())
+    assert all(isinstance(case.anomaly_map, np.memmap) for case in cohort.cases.values())
+    for case_id, mask in _masks(cohort).items():
+        np.testing.assert_array_equal(mask, expected[case_id])
+
+
+class _FileReads:
+    """Counts the files read through for a sha256 (``session_store.file_sha256``)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls = 0
+        real = session_store.file_sha256
+
+        def counting(path):
+            self.calls += 1
+            return real(path)
+
+        monkeypatch.setattr(session_store, "file_sha256", counting)
+
+
+def _settle(path, seconds_ago: float = 3600.0) -> None:
+    """Date a file's last change back, as for a scan written well before it is opened."""
+    stamp = path.stat().st_mtime - seconds_ago
+    os.utime(path, (stamp, stamp))
+
+
+def _rewrite_in_place(path, data: bytes) -> None:
+    """Other bytes of the same length, with the file's old modification time put back."""
+    before = path.stat()
+    with open(path, "r+b") as file:
+        file.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_an_unchanged_scan_file_is_read_for_its_hash_once(tmp_path, monkeypatch):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(b"pixels of the first patient")
+    _settle(path)
+    reads = _FileReads(monkeypatch)
+    first = source_sha256(path)
+    assert [source_sha256(path) for _ in range(3)] == [first] * 3
+    assert reads.calls == 1
+
+
+def test_a_scan_file_changed_since_its_hash_is_hashed_anew(tmp_path, monkeypatch):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(b"pixels of the first patient")
+    _settle(path)
+    first = source_sha256(path)
+    # Same size, same modification time: the change time still tells.
+    _rewrite_in_place(path, b"pixels of the other patient")
+    assert source_sha256(path) != first
+    # Replaced by another file (a copy, an atomic rename) dated as the first.
+    replacement = tmp_path / "other.nii.gz"
+    replacement.write_bytes(b"pixels of the first patient")
+    os.utime(replacement, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    os.replace(replacement, path)
+    assert source_sha256(path) == first
+    path.write_bytes(b"pixels of a third patient, longer")
+    assert source_sha256(path) != first
+
+
+def test_a_file_written_just_before_its_hash_is_hashed_again(tmp_path, monkeypatch):
+    """A second write within the file system's clock tick could leave size and times as
+    they were: a hash taken so soon after a write is not trusted later."""
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(b"pixels of the first patient")
+    reads = _FileReads(monkeypatch)
+    source_sha256(path)
+    source_sha256(path)
+    assert reads.calls == 2
+
+
+def test_a_dicom_folder_is_hashed_once_and_a_changed_or_new_file_is_seen(tmp_path, monkeypatch):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"slice{index}.dcm").write_bytes(b"slice %d" % index)
+        _settle(folder / f"slice{index}.dcm")
+    reads = _FileReads(monkeypatch)
+    first = source_sha256(folder)
+    assert source_sha256(folder) == first and reads.calls == 3
+    _rewrite_in_place(folder / "slice1.dcm", b"slice 9")
+    assert source_sha256(folder) != first
+    (folder / "slice1.dcm").write_bytes(b"slice 1")
+    _settle(folder / "slice1.dcm")
+    assert source_sha256(folder) == first
+    (folder / "slice3.dcm").write_bytes(b"slice 3")
+    assert source_sha256(folder) != first
+
+
+def test_a_scan_file_named_another_way_is_not_read_again(tmp_path, monkeypatch):
+    """The widget names a reopened scan as its layer does, the session by its absolute
+    path: the same file either way."""
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(b"pixels of the first patient")
+    _settle(path)
+    reads = _FileReads(monkeypatch)
+    source_sha256(path)
+    monkeypatch.chdir(tmp_path)
+    source_sha256("./scan.nii.gz")
+    source_sha256(tmp_path / "." / "scan.nii.gz")
+    assert reads.calls == 1

@@ -256,15 +256,24 @@ class Case:
     def mask(self) -> np.ndarray:
         """The case's mask (bool): the approved one once reviewed. Do not modify it."""
         with self._lock:
+            if self.approved_mask is None and self._composed is None:
+                self._composed = self._compose()
+            return self.read_mask()
+
+    def read_mask(self) -> np.ndarray:
+        """:attr:`mask`, without keeping a mask composed for this read: for code that
+        reads every case of a review once (a save, fine-tuning), so that a parked case
+        (:meth:`ReviewSession.park`) does not get a mask as large as its scan back in
+        memory. Do not modify it."""
+        with self._lock:
             if self.approved_mask is not None:
                 return self.approved_mask
-            if self._composed is None:
-                composed = rethreshold(
-                    self.anomaly_map, self.threshold, self.edits, self.min_region_size
-                )
-                composed.setflags(write=False)
-                self._composed = composed
-            return self._composed
+            return self._composed if self._composed is not None else self._compose()
+
+    def _compose(self) -> np.ndarray:
+        composed = rethreshold(self.anomaly_map, self.threshold, self.edits, self.min_region_size)
+        composed.setflags(write=False)
+        return composed
 
     @property
     def corrected(self) -> bool:
@@ -1192,7 +1201,8 @@ class ReviewSession:
         ]
         masks, weights = [], []
         for case in cases:
-            target, weight = finetune_targets(case.mask, case.edits, self.review.edit_weight)
+            # (read_mask: a parked case's mask is not kept in memory after the job)
+            target, weight = finetune_targets(case.read_mask(), case.edits, self.review.edit_weight)
             masks.append(target > 0.5)
             weights.append(weight)
         parent = self.localiser

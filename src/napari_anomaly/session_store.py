@@ -56,6 +56,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 import uuid
 import weakref
 import zipfile
@@ -121,19 +122,73 @@ def _now() -> str:
 
 
 # ----------------------------------------------------------------------------- sources
+#: A source is hashed anew where its newest file was changed less than this long before
+#: it was hashed: a second write within the file system's clock tick (up to 2 s on FAT)
+#: can leave a file's size and times as they were.
+SETTLED_SECONDS = 2.0
+# Resolved source path -> (stamp of its files when hashed, their sha256), for this process.
+_known_hashes: dict[str, tuple[bytes, str]] = {}
+_known_hashes_lock = threading.Lock()
+
+
 def source_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a scan's source: a file's bytes, or a folder's files (a DICOM series).
 
     For a folder, the hash covers every file below it: its relative path and
     its content, in sorted order.
+
+    A review hashes the same scans again and again (localise, resume, reopen, export):
+    a source is read through once, and its hash given again while each of its files
+    keeps the device, inode, size, modification and change times it had then (a file
+    rewritten, replaced, added or removed is read again). A hash taken within
+    :data:`SETTLED_SECONDS` of a file's last modification is not given again.
     """
-    source = Path(path)
+    source = Path(path).resolve()  # (one entry however the path is spelt)
+    files = _source_files(source)
+    started = time.time()
+    stamp, newest = _stamp(files)
+    with _known_hashes_lock:
+        known = _known_hashes.get(str(source))
+    if known is not None and known[0] == stamp:
+        return known[1]
+    digest = _hash_files(source, files)
+    # Remembered only when no file changed while it was read, nor just before.
+    if newest < started - SETTLED_SECONDS and _stamp(files)[0] == stamp:
+        with _known_hashes_lock:
+            _known_hashes[str(source)] = (stamp, digest)
+    return digest
+
+
+def _source_files(source: Path) -> list[Path]:
+    """The files a source's hash covers: the file itself, or a folder's files, sorted."""
     if source.is_file():
-        return file_sha256(source)
+        return [source]
     if not source.is_dir():
         raise FileNotFoundError(f"{source} not found")
+    return sorted(p for p in source.rglob("*") if p.is_file())
+
+
+def _stamp(files: list[Path]) -> tuple[bytes, float]:
+    """What tells that ``files`` changed (a short digest of their names, so a file added
+    or removed changes it, and of their status), and the newest modification time among
+    them (seconds since the epoch)."""
+    digest = hashlib.blake2b(digest_size=16)
+    newest = 0.0
+    for file in files:
+        status = file.stat()
+        digest.update(
+            f"{file}\0{status.st_dev},{status.st_ino},{status.st_size},"
+            f"{status.st_mtime_ns},{status.st_ctime_ns}\n".encode()
+        )
+        newest = max(newest, status.st_mtime)
+    return digest.digest(), newest
+
+
+def _hash_files(source: Path, files: list[Path]) -> str:
+    if source.is_file():
+        return file_sha256(source)
     digest = hashlib.sha256()
-    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+    for file in files:
         digest.update(file.relative_to(source).as_posix().encode() + b"\0")
         digest.update(file_sha256(file).encode() + b"\0")
     return digest.hexdigest()
@@ -699,18 +754,16 @@ def _save(session: ReviewSession, folder: Path) -> Path:
             unchanged = _unchanged_edits(session, case, folder)
             edits = None
             if unchanged is None:
-                composed = case._composed
                 edits = {
                     "added": _indices(case.edits.added),
                     "erased": _indices(case.edits.erased),
                     "approved": _indices(case.approved_mask)
                     if case.approved_mask is not None
                     else np.zeros(0, np.int32),
-                    "mask": _indices(case.mask),
+                    # read_mask: a parked case does not get a mask as large as its scan
+                    # back in memory for being saved.
+                    "mask": _indices(case.read_mask()),
                 }
-                # The save leaves the mask cache as it found it: a parked case does not
-                # get a mask as large as its scan back in memory for being saved.
-                case._composed = composed
                 digest = hashlib.blake2b(digest_size=8)
                 for key in ("added", "erased", "approved", "mask"):
                     digest.update(key.encode() + edits[key].tobytes())

@@ -509,3 +509,38 @@ def test_a_scan_closed_while_it_is_localised_again_gets_no_maps_or_mask_back(wid
     ]
     assert case.mask[1:4, 1:4].all(), "the review keeps its edits"
     assert "closed" in widget.status.value
+
+
+def test_a_scan_opened_again_unchanged_is_not_read_for_its_hash_again_a_changed_one_is(
+    widget, tmp_path, monkeypatch
+):
+    """Opening a scan again checks on the GUI thread that its file is the one reviewed:
+    the file hashed when it was localised is not read through again while it is
+    unchanged, and one rewritten since is still told apart (a case of its own)."""
+    import os
+
+    from napari_anomaly import session_store
+    from napari_anomaly.io import write_image
+
+    viewer = widget.viewer
+    path = tmp_path / "patient1.nii.gz"
+    write_image(path, body_scan((40, 48), 0))
+    written_long_ago = path.stat().st_mtime - 3600
+    os.utime(path, (written_long_ago, written_long_ago))
+    reviewed = _open_file_and_paint(widget, path)
+    viewer.layers.remove(viewer.layers["patient1"])
+    QApplication.processEvents()
+    reads = []
+    real = session_store.file_sha256
+    monkeypatch.setattr(session_store, "file_sha256", lambda p: reads.append(p) or real(p))
+
+    viewer.open(str(path), plugin="napari-anomaly")
+    assert widget.case("patient1").case_id == reviewed.case_id
+    assert reads == []
+    viewer.layers.remove(viewer.layers["patient1"])
+    QApplication.processEvents()
+
+    write_image(path, body_scan((40, 48), 7), overwrite=True)
+    viewer.open(str(path), plugin="napari-anomaly")
+    assert widget.case("patient1") is None or widget.case("patient1").case_id != reviewed.case_id
+    assert len(reads) == 1

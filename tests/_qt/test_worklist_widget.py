@@ -5,6 +5,7 @@ names, close the widget and resume the worklist where it was (issue 11, delivera
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -410,6 +411,32 @@ def test_going_back_to_a_case_reads_its_scan_in_the_background(widget, cohort, m
     assert widget.case().name == "p1"
     np.testing.assert_array_equal(np.asarray(widget.viewer.layers["p1 mask"].data) != 0, approved)
     assert _statuses(widget)[0] == "reviewed"
+
+
+def test_no_scan_file_is_hashed_on_the_gui_thread_case_after_case(widget, cohort, monkeypatch):
+    """A case's file is hashed for its sidecar and to tell a changed scan (seconds for a
+    large volume or a DICOM study): never on the GUI thread, where the window would
+    freeze at every Next case, and once while the file is unchanged."""
+    import os
+    import threading
+
+    from napari_anomaly import session_store
+
+    for path in cohort.iterdir():  # scans written well before the review
+        stamp = path.stat().st_mtime - 3600
+        os.utime(path, (stamp, stamp))
+    hashed = []
+    real = session_store.file_sha256
+
+    def recording(path):
+        hashed.append((Path(path).name, threading.current_thread() is threading.main_thread()))
+        return real(path)
+
+    monkeypatch.setattr(session_store, "file_sha256", recording)
+    _review_p1_and_move_on(widget, cohort)  # p2: its maps were made in the background
+    widget.open_worklist_item(0, wait=True)  # back to p1, checked against its review
+    assert widget.case().name == "p1" and widget.case().source_sha256
+    assert sorted(hashed) == [("p1.nrrd", False), ("p2.nrrd", False)]
 
 
 def test_resuming_a_worklist_opens_only_the_case_that_was_shown(make_review_widget, cohort):

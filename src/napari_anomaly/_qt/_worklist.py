@@ -51,23 +51,22 @@ def _read_and_localise(
 
 
 def _reading_case(path: str, series: str | None, name: str, reviewed_sha256: str | None):
-    """Read a worklist case's scan and check that it is the one reviewed (a job).
+    """Read a worklist case's scan and hash its file (a job).
 
-    Returns ``(loaded, None, changed)``, or ``(None, reason, False)`` when the scan
-    cannot be read: the widget decides on the GUI thread what that means for the row.
-    ``changed`` is whether the file's sha256 differs from ``reviewed_sha256`` (the
-    scan the case's review was made on); a DICOM study folder is read and hashed
-    file by file, which is why this runs in the background.
+    Returns ``(loaded, None, sha256)``, or ``(None, reason, None)`` when the scan
+    cannot be read: the widget decides on the GUI thread what that means for the row,
+    whether the file is the one reviewed (``reviewed_sha256``), and gives the hash to
+    the case it makes. A large volume or a DICOM study folder (hashed file by file)
+    takes seconds to hash, which is why this runs in the background.
     """
     yield Progress(0, 2, f"reading {name}")
     try:
         loaded = read_image(path, scan=True, series=series)
-        if reviewed_sha256 is None:
-            return loaded, None, False
-        yield Progress(1, 2, f"checking that {name} is the scan reviewed")
-        return loaded, None, source_sha256(path) != reviewed_sha256
+        checking = "the scan reviewed" if reviewed_sha256 else "unchanged while it is reviewed"
+        yield Progress(1, 2, f"hashing {name}: checking that it is {checking}")
+        return loaded, None, source_sha256(path)
     except (OSError, ValueError, MemoryError) as error:
-        return None, (str(error).splitlines() or [repr(error)])[0], False
+        return None, (str(error).splitlines() or [repr(error)])[0], None
 
 
 class WorklistControls:
@@ -266,9 +265,10 @@ class WorklistControls:
         if self._closed or self.worklist is not worklist:
             return  # the widget closed or another worklist opened meanwhile
         item = worklist.items[index]
-        loaded, reason, changed = result
+        loaded, reason, digest = result
         # The review this row already has in the session, if any (localised, edited, approved).
         reviewed_case = self._session.cases.get(item.case_id) if item.case_id else None
+        reviewed_sha256 = reviewed_case.source_sha256 if reviewed_case is not None else None
         if loaded is None:
             if reviewed_case is None:  # a case in the session stays as it is
                 item.error = reason
@@ -276,7 +276,7 @@ class WorklistControls:
             self._refresh_worklist()
             self._say(f"{item.name}: cannot be opened: {reason}", error=True)
             return
-        if changed:
+        if reviewed_sha256 is not None and digest != reviewed_sha256:
             self._say(
                 f"{item.name}: {item.path} changed since its review began (its sha256 "
                 "differs); the review was made on the old scan and is not shown on it.",
@@ -284,10 +284,14 @@ class WorklistControls:
             )
             return
         self._close_worklist_case(self._worklist_index)
-        self._show_worklist_item(index, self._add_scan_layer(item, loaded), wait)
+        self._show_worklist_item(index, self._add_scan_layer(item, loaded), wait, digest)
 
-    def _show_worklist_item(self, index: int, layer, wait: bool) -> None:
-        """Make ``layer`` (row ``index``'s scan, in the viewer) the case shown, with its maps."""
+    def _show_worklist_item(
+        self, index: int, layer, wait: bool, source_sha256: str | None = None
+    ) -> None:
+        """Make ``layer`` (row ``index``'s scan, in the viewer) the case shown, with its
+        maps. ``source_sha256``: its file's hash, taken in the background as it was read
+        (else a case made of it here would hash the file on the GUI thread)."""
         worklist = self.worklist
         item = worklist.items[index]
         self._worklist_index = index
@@ -316,6 +320,7 @@ class WorklistControls:
                 model_name=made[0].name,
                 model_sha256=made[0].sha256,
                 source_path=item.path,
+                source_sha256=source_sha256,
                 source_series=item.series,
                 midline=midline,
             )
