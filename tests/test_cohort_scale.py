@@ -264,3 +264,21 @@ def test_a_scan_file_named_another_way_is_not_read_again(tmp_path, monkeypatch):
     source_sha256("./scan.nii.gz")
     source_sha256(tmp_path / "." / "scan.nii.gz")
     assert reads.calls == 1
+
+
+def test_the_new_maps_fine_tuning_keeps_for_parked_cases_are_in_files(cohort):
+    """Fine-tuning makes each case's maps with the new version and keeps them until the
+    case is localised again; for a parked case they are kept in files too, not a scan's
+    worth of maps per case in memory, and re-localising gives the same maps."""
+    for case_id in cohort.cases:
+        cohort.park(case_id)
+    run_to_end(cohort.finetune(FinetuneConfig(steps=2, batch_size=2)))
+    kept = {case_id: made[2] for case_id, made in cohort._predictions.items()}
+    assert set(kept) == {c.case_id for c in cohort.cases.values() if not c.reviewed}
+    for result in kept.values():
+        assert isinstance(result.anomaly_map, np.memmap)
+        assert isinstance(result.confidence_map, np.memmap)
+    maps = {case_id: np.array(result.anomaly_map) for case_id, result in kept.items()}
+    run_to_end(cohort.relocalise())
+    for case_id, anomaly_map in maps.items():
+        np.testing.assert_array_equal(cohort.case(case_id).anomaly_map, anomaly_map)

@@ -119,7 +119,7 @@ class ArrayParking:
         """``array``'s values as a read-only memory map of a file (``key`` names it: a
         later park of the same key replaces it). An array that is already one of this
         folder's maps comes back as it is; a write that fails gives back ``array``."""
-        if isinstance(array, np.memmap) and self._is_ours(array):
+        if self.holds(array):
             return array
         array = np.asarray(array)
         if array.dtype.hasobject or array.nbytes < 1 << 16:
@@ -148,6 +148,10 @@ class ArrayParking:
             with contextlib.suppress(OSError):
                 old.unlink()
         return parked
+
+    def holds(self, array: np.ndarray) -> bool:
+        """Whether ``array`` is one of this folder's read-only maps (a parked array)."""
+        return isinstance(array, np.memmap) and self._is_ours(array)
 
     def forget(self, key: str) -> None:
         """Drop the file of ``key`` (its maps stay valid on POSIX)."""

@@ -1257,7 +1257,8 @@ class ReviewSession:
         self.add_version(tuned)
         tuned = self.localiser
         self._predictions = {
-            case_id: (tuned, image, result) for case_id, (image, result) in made.items()
+            case_id: (tuned, image, self._kept_like_its_case(case_id, result))
+            for case_id, (image, result) in made.items()
         }
         comparisons = tuple(
             CaseComparison(
@@ -1269,6 +1270,22 @@ class ReviewSession:
             for case in others
         )
         return FinetuneOutcome(tuned, before, after, tuple(c.name for c in cases), comparisons)
+
+    def _kept_like_its_case(self, case_id: str, result: LocalisationResult) -> LocalisationResult:
+        """New maps kept for a case until it is localised again: in files, as memory
+        maps, when the case itself is parked (:meth:`park`), so that fine-tuning on a
+        cohort out of sight does not bring a scan's worth of maps per case back into
+        memory; as they are otherwise."""
+        case = self.cases.get(case_id)
+        if case is None or not self._parking.holds(case.image):
+            return result
+        keep = self._parking.park
+        return replace(
+            result,
+            anomaly_map=keep(f"{case_id}/next_anomaly_map", result.anomaly_map),
+            confidence_map=keep(f"{case_id}/next_confidence_map", result.confidence_map),
+            foreground=keep(f"{case_id}/next_foreground", result.foreground),
+        )
 
     def _metrics(self, maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
         if not any(m.any() for m in masks):
