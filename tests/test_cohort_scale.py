@@ -61,19 +61,20 @@ def cohort(tmp_path) -> ReviewSession:
     return session
 
 
-class _Reads:
-    """Counts the case arrays a save reads whole (``session_store._indices``: the voxel
-    indices of an edit, approved or composed mask)."""
+class _Calls:
+    """Counts the calls of ``session_store.<name>``: ``_indices`` (the voxel indices of an
+    edit, approved or composed mask: a case array a save reads whole) or ``file_sha256``
+    (a file read through for its hash)."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch, name: str) -> None:
         self.calls = 0
-        real = session_store._indices
+        real = getattr(session_store, name)
 
-        def counting(mask):
+        def counting(*args):
             self.calls += 1
-            return real(mask)
+            return real(*args)
 
-        monkeypatch.setattr(session_store, "_indices", counting)
+        monkeypatch.setattr(session_store, name, counting)
 
 
 def _stroke(session: ReviewSession, case_id: str, where=(0, slice(60, 63), slice(60, 63))):
@@ -93,7 +94,7 @@ def test_a_save_after_one_stroke_reads_only_that_case_and_keeps_no_parked_mask(
     save_session(cohort, folder)
     _stroke(cohort, "c4")
     cohort.park("c4")  # the widget parks the case it leaves
-    reads = _Reads(monkeypatch)
+    reads = _Calls(monkeypatch, "_indices")
     save_session(cohort, folder)
     # the one case changed (not approved): its added, erased and mask voxels
     assert reads.calls == 3
@@ -116,7 +117,7 @@ def test_a_save_after_a_threshold_or_an_approval_rewrites_only_those_cases_edits
     cohort.threshold("c2", 0.7)  # no stroke: only the mask made from the edits changes
     cohort.mark_reviewed("c3")
     cohort.reopen("c1")
-    reads = _Reads(monkeypatch)
+    reads = _Calls(monkeypatch, "_indices")
     save_session(cohort, folder)
     # c2 and c1 (not approved): added, erased, mask; c3 also its approved mask
     assert reads.calls == 3 + 4 + 3
@@ -138,7 +139,7 @@ def test_the_first_save_after_resuming_reads_no_case_and_a_new_folder_gets_every
     folder = tmp_path / "review"
     save_session(cohort, folder)
     resumed = load_session(folder, park=True)
-    reads = _Reads(monkeypatch)
+    reads = _Calls(monkeypatch, "_indices")
     save_session(resumed, folder)
     assert reads.calls == 0
     assert all(case._composed is None for case in resumed.cases.values())
@@ -167,20 +168,6 @@ def test_fine_tuning_on_parked_cases_leaves_their_masks_in_files(cohort):
         np.testing.assert_array_equal(mask, expected[case_id])
 
 
-class _FileReads:
-    """Counts the files read through for a sha256 (``session_store.file_sha256``)."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.calls = 0
-        real = session_store.file_sha256
-
-        def counting(path):
-            self.calls += 1
-            return real(path)
-
-        monkeypatch.setattr(session_store, "file_sha256", counting)
-
-
 def _settle(path, seconds_ago: float = 3600.0) -> None:
     """Date a file's last change back, as for a scan written well before it is opened."""
     stamp = path.stat().st_mtime - seconds_ago
@@ -199,7 +186,7 @@ def test_an_unchanged_scan_file_is_read_for_its_hash_once(tmp_path, monkeypatch)
     path = tmp_path / "scan.nii.gz"
     path.write_bytes(b"pixels of the first patient")
     _settle(path)
-    reads = _FileReads(monkeypatch)
+    reads = _Calls(monkeypatch, "file_sha256")
     first = source_sha256(path)
     assert [source_sha256(path) for _ in range(3)] == [first] * 3
     assert reads.calls == 1
@@ -228,7 +215,7 @@ def test_a_file_written_just_before_its_hash_is_hashed_again(tmp_path, monkeypat
     they were: a hash taken so soon after a write is not trusted later."""
     path = tmp_path / "scan.nii.gz"
     path.write_bytes(b"pixels of the first patient")
-    reads = _FileReads(monkeypatch)
+    reads = _Calls(monkeypatch, "file_sha256")
     source_sha256(path)
     source_sha256(path)
     assert reads.calls == 2
@@ -240,7 +227,7 @@ def test_a_dicom_folder_is_hashed_once_and_a_changed_or_new_file_is_seen(tmp_pat
     for index in range(3):
         (folder / f"slice{index}.dcm").write_bytes(b"slice %d" % index)
         _settle(folder / f"slice{index}.dcm")
-    reads = _FileReads(monkeypatch)
+    reads = _Calls(monkeypatch, "file_sha256")
     first = source_sha256(folder)
     assert source_sha256(folder) == first and reads.calls == 3
     _rewrite_in_place(folder / "slice1.dcm", b"slice 9")
@@ -258,7 +245,7 @@ def test_a_scan_file_named_another_way_is_not_read_again(tmp_path, monkeypatch):
     path = tmp_path / "scan.nii.gz"
     path.write_bytes(b"pixels of the first patient")
     _settle(path)
-    reads = _FileReads(monkeypatch)
+    reads = _Calls(monkeypatch, "file_sha256")
     source_sha256(path)
     monkeypatch.chdir(tmp_path)
     source_sha256("./scan.nii.gz")

@@ -64,6 +64,19 @@ def _reopen(viewer, widget_class):
     return again
 
 
+def _a_review_with_a_stroke(make_review_widget):
+    """A docked widget whose scan "scan" is localised, thresholded at 0.7 and painted."""
+    widget = make_review_widget(recommended_threshold=0.5)
+    widget.viewer.window.add_dock_widget(widget, name="Anomaly review")
+    widget.viewer.add_image(body_scan((40, 48)), name="scan")
+    mask = _localise(widget, "scan")
+    widget.set_threshold(0.7)
+    edited = np.asarray(mask.data).copy()
+    edited[1:4, 1:4] = 1
+    mask.data = edited
+    return widget
+
+
 def _review_state(widget):
     """Everything a reviewer would not want to lose, per case name."""
     state = {}
@@ -257,15 +270,8 @@ def test_after_discarding_localise_starts_from_a_fresh_mask_not_the_old_review(
 ):
     """The old review's mask layer is still open after Discard: localising the scan again
     must give the automatic mask, not turn the old approved mask into painted voxels."""
-    widget = make_review_widget(recommended_threshold=0.5)
+    widget = _a_review_with_a_stroke(make_review_widget)
     viewer = widget.viewer
-    viewer.window.add_dock_widget(widget, name="Anomaly review")
-    viewer.add_image(body_scan((40, 48)), name="scan")
-    mask = _localise(widget, "scan")
-    widget.set_threshold(0.7)
-    edited = np.asarray(mask.data).copy()
-    edited[1:4, 1:4] = 1
-    mask.data = edited
     widget.mark_reviewed()
     _close(viewer, widget)
 
@@ -550,15 +556,8 @@ def test_resuming_after_localising_its_scan_anew_brings_back_the_review_unchange
     """The widget opens again and, before resuming, the reviewer localises the scan anew
     (a fresh case at the model's threshold). Resuming then brings back the saved review
     exactly: the fresh mask the widget showed meanwhile is not taken for strokes."""
-    widget = make_review_widget(recommended_threshold=0.5)
+    widget = _a_review_with_a_stroke(make_review_widget)
     viewer = widget.viewer
-    viewer.window.add_dock_widget(widget, name="Anomaly review")
-    viewer.add_image(body_scan((40, 48)), name="scan")
-    mask = _localise(widget, "scan")
-    widget.set_threshold(0.7)
-    edited = np.asarray(mask.data).copy()
-    edited[1:4, 1:4] = 1
-    mask.data = edited
     expected = _review_state(widget)
     _close(viewer, widget)
 
