@@ -87,6 +87,17 @@ def masks_in_memory(review) -> int:
     return sum(c._composed.nbytes for c in review.cases.values() if c._composed is not None)
 
 
+def maps_kept_in_memory(review) -> int:
+    """Bytes of the new version's maps that fine-tuning keeps for the cases' next
+    localisation and that are in memory (not memory maps of the parking folder)."""
+    return sum(
+        array.nbytes
+        for _, _, result in review._predictions.values()
+        for array in (result.anomaly_map, result.confidence_map, result.foreground)
+        if not isinstance(array, np.memmap)
+    )
+
+
 def measure_finetune(module, cases: int, shape: tuple[int, ...], steps: int) -> dict:
     review = parked_cohort(module, cases, shape)
     config = FinetuneConfig(steps=steps, batch_size=2)
@@ -97,6 +108,7 @@ def measure_finetune(module, cases: int, shape: tuple[int, ...], steps: int) -> 
         "seconds": round(seconds, 2),
         "masks_left_in_memory_mib": round(masks_in_memory(review) / 2**20, 2),
         "cases_holding_a_mask": sum(c._composed is not None for c in review.cases.values()),
+        "new_maps_kept_in_memory_mib": round(maps_kept_in_memory(review) / 2**20, 2),
     }
     report["_masks"] = [np.array(case.mask) for case in review.cases.values()]  # (measured)
     return report
