@@ -212,8 +212,15 @@ def _get(args: argparse.Namespace, settings) -> int:
 def _put(args: argparse.Namespace, settings) -> int:
     from napari_anomaly.pacs import store_instances
 
-    stored = store_instances(settings, args.files)
-    print(f"stored {len(stored)} instance(s) on {settings.url}")
+    warned: list[str] = []
+
+    def warn(line: str) -> None:  # one line each, as it happens
+        warned.append(line)
+        print(f"warning: {line}", file=sys.stderr)
+
+    stored = store_instances(settings, args.files, on_warning=warn)
+    note = f" ({len(warned)} with a warning: see above)" if warned else ""
+    print(f"stored {len(stored)} instance(s) on {settings.url}{note}")
     return 0
 
 

@@ -42,7 +42,7 @@ import shutil
 import stat
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -501,6 +501,9 @@ def _transport(settings: PacsSettings) -> Any:
                 kwargs["verify"] = verify
             answer = super().send(request, **kwargs)
             _ANSWERS.count = _answers_received() + 1
+            kept = getattr(_ANSWERS, "kept", None)
+            if kept is not None:  # a store reads the server's answer itself
+                kept.append(answer)
             return answer
 
     return PacsTransport()
@@ -1310,7 +1313,179 @@ def _same_instance(sent: Any, kept: Any) -> bool:
     return True
 
 
-def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[str]]) -> list[str]:
+# The status codes of a store answer (PS3.18 §10.5.3, PS3.4 Annex B, PS3.7 C.4): Failure
+# Reason (0008,1197) and Warning Reason (0008,1196). Only codes are ever shown: a server's
+# own text may repeat the patient's name or id.
+_STORE_REASONS = {
+    0x0110: "processing failure",
+    0x0111: "duplicate SOP instance",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "transfer syntax not supported",
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+}
+# Families of codes (A7xx, A9xx, Cxxx) whose last digits a server chooses.
+_STORE_REASON_FAMILIES = {0xA700: 0xFF00, 0xA900: 0xFF00, 0xC000: 0xF000}
+# What places an instance (a SEG on its scan): a PACS that changes one of these files it
+# elsewhere than where it was made for.
+_PLACEMENT = {
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "ReferencedSeriesSequence",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+}
+
+
+def _reason(code: Any) -> str:
+    """A Failure or Warning Reason as ``0xA700 out of resources``."""
+    try:
+        number = int(code[0] if isinstance(code, (list, tuple)) else code)
+    except (TypeError, ValueError, IndexError):
+        return "no reason given"
+    meaning = _STORE_REASONS.get(number) or next(
+        (_STORE_REASONS[k] for k, mask in _STORE_REASON_FAMILIES.items() if number & mask == k),
+        "",
+    )
+    return f"0x{number:04X} {meaning}".rstrip()
+
+
+def _store_answer(response: Any) -> Any:
+    """The Store Instances Response a STOW-RS answer holds (DICOM JSON or XML, whatever
+    the parameters of its media type, or with none: Orthanc sends its 409 so), or None
+    when the answer is empty or is not one (a login page, a proxy, a body cut short)."""
+    import pydicom
+
+    body = getattr(response, "content", b"") or b""
+    if not body.strip():
+        return None
+    media = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    try:
+        if media in ("application/dicom+xml", "application/xml", "text/xml") or (
+            not media and body.lstrip()[:1] == b"<"
+        ):
+            from xml.etree.ElementTree import fromstring
+
+            from dicomweb_client.web import _load_xml_dataset
+
+            dataset = _load_xml_dataset(fromstring(body))
+        elif media in ("application/dicom+json", "application/json") or not media:
+            data = json.loads(body)
+            if isinstance(data, list) and len(data) == 1:  # a list of one, as some send it
+                data = data[0]
+            if not isinstance(data, dict):
+                return None
+            dataset = pydicom.Dataset.from_json(data)
+        else:
+            return None
+        # Read what is used now: a malformed element fails here, not later.
+        for item in [
+            *_sequence(dataset, "FailedSOPSequence"),
+            *_sequence(dataset, "ReferencedSOPSequence"),
+        ]:
+            for keyword in ("ReferencedSOPInstanceUID", "FailureReason", "WarningReason"):
+                str(item.get(keyword, ""))
+        str(dataset.get("WarningReason", ""))
+    except Exception:  # noqa: BLE001 (anything a malformed body raises: not an answer)
+        return None
+    return dataset
+
+
+def _sequence(dataset: Any, keyword: str) -> list:
+    value = dataset.get(keyword) if dataset is not None else None
+    return list(value or [])
+
+
+def _post_instance(client: DICOMwebClient, dataset: Any) -> Any:
+    """POST one instance (inside :func:`_talking_to`); the server's answer, whatever its
+    status: a 4xx that holds a Failed SOP Sequence is the server refusing this instance
+    (409 Conflict, 400), read as such; any other HTTP error is raised."""
+    import requests
+
+    kept: list = []
+    _ANSWERS.kept = kept
+    try:
+        client.store_instances(datasets=[dataset])
+    except requests.exceptions.HTTPError as error:
+        response = error.response
+        if (
+            response is None
+            or not 400 <= response.status_code < 500
+            or response.status_code in (401, 403, 404, 429)
+            or not _sequence(_store_answer(response), "FailedSOPSequence")
+        ):
+            raise
+        return response
+    except (ValueError, KeyError, TypeError, SyntaxError):
+        # dicomweb-client could not read the answer (a body that does not decode, a media
+        # type it does not know, an XML ParseError): read below as not a store answer.
+        if not kept:
+            raise
+    finally:
+        _ANSWERS.kept = None
+    return kept[-1]
+
+
+def _changed_elements(sent: Any, kept: Any) -> list[str]:
+    """The keywords (never the values) of the attributes a PACS changed, added or
+    dropped, pixels left out (their encoding may change)."""
+    pixels = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    tags = {e.tag for e in sent} | {e.tag for e in kept}
+    changed = []
+    for tag in sorted(tags):
+        a, b = sent.get(tag), kept.get(tag)
+        keyword = (a if a is not None else b).keyword or str(tag)
+        if keyword not in pixels and (a is None or b is None or a.value != b.value):
+            changed.append(keyword)
+    return changed
+
+
+def _warning_line(
+    settings: PacsSettings,
+    client: DICOMwebClient,
+    dataset: Any,
+    name: str,
+    codes: list[Any],
+) -> str:
+    """One line for a stored instance the PACS answered with warnings: the codes, and
+    what it changed (read back), never a value."""
+    reasons = ", ".join(dict.fromkeys(_reason(code) for code in codes))
+    line = f"{settings.url} stored {name} with a warning ({reasons})"
+    try:
+        with _talking_to(settings, f"read {name} back"):
+            kept = client.retrieve_instance(
+                study_instance_uid=str(dataset.StudyInstanceUID),
+                series_instance_uid=str(dataset.SeriesInstanceUID),
+                sop_instance_uid=str(dataset.SOPInstanceUID),
+            )
+        changed = _changed_elements(dataset, kept)
+    except Exception:  # noqa: BLE001 (a warning is said whatever the read back does)
+        return f"{line}; it could not be read back to see what changed: check it on the PACS"
+    if not changed:
+        return f"{line}; it reads back the same"
+    misplaced = [k for k in changed if k in _PLACEMENT]
+    changed = misplaced + [k for k in changed if k not in _PLACEMENT]
+    shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    where = (
+        "; where it is filed changed, so it may show on no scan: check it on the PACS"
+        if misplaced
+        else ""
+    )
+    return f"{line}: it changed {shown}{where}"
+
+
+def store_instances(
+    settings: PacsSettings,
+    files: Sequence[str | os.PathLike[str]],
+    on_warning: Callable[[str], None] | None = None,
+) -> list[str]:
     """Send DICOM files to the PACS (STOW-RS): a DICOM-SEG, a series, any instance.
 
     Every file is read and checked first, and nothing is sent if one is not a DICOM
@@ -1318,6 +1493,16 @@ def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[st
     among the files sent with it): such a SEG would show on no scan there (sent to
     another PACS, or the series was deleted or re-sent with new UIDs since it was
     retrieved).
+
+    A file counts as stored only when the server's answer (a Store Instances Response,
+    PS3.18 §10.5.3, in DICOM JSON or XML) names its SOP Instance UID in the Referenced
+    SOP Sequence and lists no failure: a Failed SOP Sequence (whatever the HTTP status,
+    202 or 409 or 400), an empty answer or one that is not DICOM is a :class:`PacsError`
+    saying the file is NOT stored, with the failure reason's code. A stored file the
+    server answered with a Warning Reason (0xB000 coercion of data elements, 0xB006
+    elements discarded, 0xB007 data set does not match SOP class) is read back, and one
+    line names the warning and the attributes the PACS changed (their keywords, never
+    their values); it is given to ``on_warning``, or logged as a warning without one.
 
     A PACS that already holds an instance with a file's SOP Instance UID may keep the
     one it has (Orthanc does, and its answer still lists the UID as stored): such a
@@ -1329,6 +1514,8 @@ def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[st
         The PACS.
     files
         DICOM files, or folders whose files are all DICOM.
+    on_warning
+        Called with the one line of each file stored with a warning.
 
     Returns
     -------
@@ -1395,26 +1582,43 @@ def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[st
         before = f"{len(stored)} file(s) before it were stored"
         try:
             with _talking_to(settings, f"store {path.name}"):
-                answer = client.store_instances(datasets=[dataset])
+                response = _post_instance(client, dataset)
         except PacsError as error:
             raise PacsError(f"{error}; {before}") from None
-        failed = getattr(answer, "FailedSOPSequence", None)
+        answer = _store_answer(response)
+        status = f"HTTP {response.status_code}"
+        uid = str(dataset.SOPInstanceUID)
+        failed = _sequence(answer, "FailedSOPSequence")
         if failed:
-            reason = getattr(failed[0], "FailureReason", "?")
+            # One instance is sent at a time: any failure listed is this file's.
+            item = next(
+                (i for i in failed if str(i.get("ReferencedSOPInstanceUID", "")) == uid),
+                failed[0],
+            )
             raise PacsError(
-                f"{settings.url} refused to store {path} (failure reason {reason}); {before}"
+                f"{settings.url} refused to store {path.name} ({status}, failure reason "
+                f"{_reason(item.get('FailureReason'))}): it was NOT stored; {before}"
             )
         # A DICOMweb server lists what it stored; an empty or non-DICOM answer (a login
-        # page, a proxy) stored nothing, whatever its HTTP status.
-        uid = str(dataset.SOPInstanceUID)
-        confirmed = {
-            str(getattr(item, "ReferencedSOPInstanceUID", ""))
-            for item in getattr(answer, "ReferencedSOPSequence", None) or ()
-        }
-        if uid not in confirmed:
+        # page, a proxy) stored nothing we can know of, whatever its HTTP status.
+        confirmed = [
+            item
+            for item in _sequence(answer, "ReferencedSOPSequence")
+            if str(item.get("ReferencedSOPInstanceUID", "")) == uid
+        ]
+        if not confirmed:
+            media = (response.headers.get("Content-Type") or "").split(";")[0].strip()
+            why = (
+                "an empty answer"
+                if not (response.content or b"").strip()
+                else f"its answer does not name {path.name}"
+                if answer is not None
+                else f"not a DICOMweb store answer ({media or 'no media type'}); is the "
+                "address the DICOMweb root?"
+            )
             raise PacsError(
-                f"{settings.url} did not confirm storing {path.name} (no DICOMweb store "
-                f"answer naming it; is the address the DICOMweb root?); {before}"
+                f"{settings.url} did not confirm storing {path.name} ({status}, {why}): "
+                f"count it as NOT stored; {before}"
             )
         if uid in already:
             # The answer names the UID whether or not the PACS replaced what it held.
@@ -1430,6 +1634,18 @@ def store_instances(settings: PacsSettings, files: Sequence[str | os.PathLike[st
                     f"of {path.name} and kept it: {path.name} was NOT stored; {before}. Write "
                     "it again with new UIDs (a SEG written with a fixed seed repeats its UIDs)"
                 )
+        codes = [
+            code
+            for code in (answer.get("WarningReason"), *(i.get("WarningReason") for i in confirmed))
+            if code is not None
+        ]
+        if codes:
+            line = _warning_line(settings, client, dataset, path.name, codes)
+            if on_warning is not None:
+                logger.info("%s", line)  # said by the caller: once
+                on_warning(line)
+            else:
+                logger.warning("%s", line)
         stored.append(uid)
     logger.info("stored %d instance(s) on the PACS", len(stored))
     return stored
