@@ -13,12 +13,14 @@ docs/pacs.md shows the same configuration (:func:`orthanc_config`).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -40,6 +42,21 @@ START_TIMEOUT_S = 30.0
 
 class OrthancUnavailable(RuntimeError):
     """Orthanc is not installed here, or did not start (the message says which)."""
+
+
+def pacs_cli(argv: list[str]) -> int:
+    """``napari-anomaly pacs ...`` as main() runs it: a refusal is one ``error:`` line."""
+    from napari_anomaly._cli_pacs import add_pacs_parser
+    from napari_anomaly.cli import CommandError
+
+    parser = argparse.ArgumentParser(prog="napari-anomaly")
+    add_pacs_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["pacs", *argv])
+    try:
+        return args.func(args)
+    except (CommandError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def free_port() -> int:

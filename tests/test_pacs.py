@@ -3,7 +3,6 @@ search, retrieve (complete, resumable, bounded), store, and the failures a user 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import logging
@@ -24,6 +23,7 @@ from orthanc import (  # noqa: F401
     answering_server,
     free_port,
     orthanc,
+    pacs_cli,
     running_orthanc,
     self_signed_certificate,
     write_series,
@@ -67,21 +67,6 @@ def settings(orthanc):  # noqa: F811
 
 def _uids(records) -> set[str]:
     return {r.series_uid for r in records}
-
-
-def _cli(argv: list[str]) -> int:
-    """``napari-anomaly pacs ...`` as main() runs it: a refusal is one ``error:`` line."""
-    from napari_anomaly._cli_pacs import add_pacs_parser
-    from napari_anomaly.cli import CommandError
-
-    parser = argparse.ArgumentParser(prog="napari-anomaly")
-    add_pacs_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["pacs", *argv])
-    try:
-        return args.func(args)
-    except (CommandError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
 
 class _Fetches:
@@ -150,7 +135,9 @@ def test_cli_search_prints_one_series_a_line_without_patient_ids(
     capsys,
 ):
     monkeypatch.setenv(pacs.PASSWORD_ENV, TEST_PASSWORD)
-    code = _cli(["search", "--url", orthanc.dicomweb_url, "--user", TEST_USER, "--modality", "MR"])
+    code = pacs_cli(
+        ["search", "--url", orthanc.dicomweb_url, "--user", TEST_USER, "--modality", "MR"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     lines = out.strip().splitlines()
@@ -320,7 +307,7 @@ def test_an_unknown_series_is_a_clear_error(settings, uploaded, tmp_path):
 def test_cli_get_retrieves_into_the_folder(orthanc, uploaded, tmp_path, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setenv(pacs.PASSWORD_ENV, TEST_PASSWORD)
     out_dir = tmp_path / "ct"
-    code = _cli(
+    code = pacs_cli(
         ["get", "--url", orthanc.dicomweb_url, "--user", TEST_USER,
          "--series", uploaded["ct"].series_uid, "--out", str(out_dir)]
     )  # fmt: skip
@@ -336,7 +323,9 @@ def test_put_stores_a_series_that_search_then_finds(orthanc, tmp_path, monkeypat
         tmp_path / "new", patient_id="PAT-PACS-0003", modality="CT", description="Put test",
         seed=3,
     )  # fmt: skip
-    code = _cli(["put", "--url", orthanc.dicomweb_url, "--user", TEST_USER, *map(str, new.files)])
+    code = pacs_cli(
+        ["put", "--url", orthanc.dicomweb_url, "--user", TEST_USER, *map(str, new.files)]
+    )
     assert code == 0
     assert "stored 6 instance(s)" in capsys.readouterr().out
     (found,) = pacs.search_series(orthanc.settings(), description="put test")
@@ -467,12 +456,12 @@ def test_the_password_never_reaches_logs_or_output(
     monkeypatch.setenv(pacs.PASSWORD_ENV, TEST_PASSWORD)
     caplog.set_level(logging.DEBUG)
     url = ["--url", orthanc.dicomweb_url, "--user", TEST_USER]
-    assert _cli(["search", *url, "--patient-id", MR_PATIENT]) == 0
-    assert _cli(["get", *url, "--series", uploaded["mr"].series_uid,
+    assert pacs_cli(["search", *url, "--patient-id", MR_PATIENT]) == 0
+    assert pacs_cli(["get", *url, "--series", uploaded["mr"].series_uid,
                  "--out", str(tmp_path / "s")]) == 0  # fmt: skip
-    assert _cli(["put", *url, str(uploaded["ct"].files[0])]) == 0
+    assert pacs_cli(["put", *url, str(uploaded["ct"].files[0])]) == 0
     monkeypatch.setenv(pacs.PASSWORD_ENV, "Wrong-" + TEST_PASSWORD)
-    assert _cli(["search", *url]) == 2
+    assert pacs_cli(["search", *url]) == 2
     captured = capfd.readouterr()
     assert "refused the credentials for user 'reviewer'" in captured.err
     seen = captured.out + captured.err + caplog.text
@@ -543,18 +532,18 @@ def test_the_round_trip_retrieve_segment_store_and_find_the_seg(settings, upload
 
 
 def test_cli_refusals_come_before_any_request(monkeypatch, capsys):
-    assert _cli(["search"]) == 2
+    assert pacs_cli(["search"]) == 2
     assert "error: no PACS address: give --url" in capsys.readouterr().err
     down = f"http://127.0.0.1:{free_port()}/dicom-web"
-    assert _cli(["search", "--url", down, "--user", "dr"]) == 2
+    assert pacs_cli(["search", "--url", down, "--user", "dr"]) == 2
     assert "no password for PACS user 'dr': set $NAPARI_ANOMALY_PACS_PASSWORD" in (
         capsys.readouterr().err
     )
-    assert _cli(["search", "--url", down, "--insecure", "--ca-bundle", "ca.pem"]) == 2
+    assert pacs_cli(["search", "--url", down, "--insecure", "--ca-bundle", "ca.pem"]) == 2
     assert "not both" in capsys.readouterr().err
-    assert _cli(["get", "--url", down, "--series", "1.2.3", "--max-mb", "0"]) == 2
+    assert pacs_cli(["get", "--url", down, "--series", "1.2.3", "--max-mb", "0"]) == 2
     assert "--max-mb must be > 0" in capsys.readouterr().err
-    assert _cli(["search", "--url", down]) == 2, "and then the server is down"
+    assert pacs_cli(["search", "--url", down]) == 2, "and then the server is down"
     assert "no server answers at" in capsys.readouterr().err
 
 

@@ -8,34 +8,17 @@ local server stands in for the others (dcm4chee, Google Healthcare, hospital PAC
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pydicom
 import pytest
-from orthanc import write_series
+from orthanc import pacs_cli, write_series
 
 PATIENT = "PAT-STOW-7731"
 NAME = "TEST^PHANTOM"
-
-
-def _cli(argv: list[str]) -> int:
-    """``napari-anomaly pacs ...`` as main() runs it: a refusal is one ``error:`` line."""
-    from napari_anomaly._cli_pacs import add_pacs_parser
-    from napari_anomaly.cli import CommandError
-
-    parser = argparse.ArgumentParser(prog="napari-anomaly")
-    add_pacs_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["pacs", *argv])
-    try:
-        return args.func(args)
-    except (CommandError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
 
 @pytest.fixture
@@ -130,7 +113,7 @@ class _Stow:
 
 
 def _put(url: str, path, capsys) -> tuple[int, str, str]:
-    code = _cli(["put", "--url", url, str(path)])
+    code = pacs_cli(["put", "--url", url, str(path)])
     out, err = capsys.readouterr()
     assert PATIENT not in out + err and "PHANTOM" not in out + err, "a patient identifier"
     assert len(err.strip().splitlines()) <= 1, err
