@@ -35,9 +35,10 @@ def _slab():
     scan = _read_resource(SAMPLE_SCAN)
     truth = _read_resource(SAMPLE_SCAN_MASK).array[SLAB] > 0
     g = scan.geometry
-    origin = np.asarray(g.origin) + SLAB.start * np.asarray(g.spacing)[0] * np.asarray(
-        g.direction
-    ).reshape(3, 3)[:, 0]
+    origin = (
+        np.asarray(g.origin)
+        + SLAB.start * np.asarray(g.spacing)[0] * np.asarray(g.direction).reshape(3, 3)[:, 0]
+    )
     geometry = Geometry(spacing=g.spacing, origin=tuple(origin), direction=g.direction)
     return scan.array[SLAB], geometry, truth
 

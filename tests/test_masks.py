@@ -49,8 +49,19 @@ def test_a_mask_on_another_grid_is_refused_before_finetuning(
     mask = _mask(tmp_path, _lesion(), geometry)
     out = tmp_path / "child.safetensors"
     code = main(
-        ["finetune", "--images", str(scan), "--masks", str(mask), "--out", str(out),
-         "--steps", "1", "--device", "cpu"]
+        [
+            "finetune",
+            "--images",
+            str(scan),
+            "--masks",
+            str(mask),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ]
     )
     err = capsys.readouterr().err
     assert code == 2
