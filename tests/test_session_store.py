@@ -270,3 +270,53 @@ def test_a_session_saved_without_midlines_resumes_in_the_order_it_had(localiser,
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(SessionFileError, match="session.json: a case entry is damaged"):
         load_session(tmp_path / "review")
+
+
+def test_an_autosave_during_a_new_model_version_names_only_models_the_folder_holds(
+    localiser, tmp_path, monkeypatch
+):
+    """A save under way while a job adds a version and re-localises the open cases
+    with it (threshold from normal scans) leaves a folder that holds every model its
+    cases name: resuming it does not lose the model the cases' maps were made with."""
+    import threading
+
+    from napari_anomaly import session_store
+
+    session = ReviewSession(localiser)
+    normals = [np.pad(np.full((24, 24), 100.0, np.float32), 4) for _ in range(2)]
+    for index, normal in enumerate(normals):
+        normal += np.random.default_rng(index).normal(0, 5, normal.shape).astype(np.float32)
+    run_to_end(session.localise("open", normals[0] + 1, name="open"))
+
+    # Pause the save once it has written the models it knew of, before it reads the cases.
+    written, go_on = threading.Event(), threading.Event()
+    write_model = session_store.write_model_file
+
+    def pausing(*args, **kwargs):
+        sha = write_model(*args, **kwargs)
+        written.set()
+        assert go_on.wait(60)
+        return sha
+
+    monkeypatch.setattr(session_store, "write_model_file", pausing)
+    folder = tmp_path / "autosave"
+    saving = threading.Thread(target=save_session, args=(session, folder))
+    saving.start()
+    try:
+        assert written.wait(60)
+        run_to_end(session.calibrate(normals, max_false_regions=2))  # the job finishes
+    finally:
+        go_on.set()
+        saving.join(60)
+    calibrated = session.localiser
+    assert session.case("open").model_sha256 == calibrated.sha256
+
+    manifest = json.loads((folder / "session.json").read_text())
+    named = {entry["sha256"] for entry in manifest["models"]["versions"]}
+    for entry in manifest["models"]["versions"]:
+        assert (folder / entry["file"]).is_file()
+    for case in manifest["cases"]:
+        assert case["model_sha256"] in named, "a case names a model the folder lacks"
+    resumed = load_session(folder)
+    versions = {v.sha256 for v in resumed.versions}
+    assert all(c.model_sha256 in versions for c in resumed.cases.values())

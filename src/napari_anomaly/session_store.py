@@ -724,26 +724,31 @@ def _save(session: ReviewSession, folder: Path) -> Path:
     referenced: set[Path] = set()
     models_dir = folder / "models"
     models_dir.mkdir(exist_ok=True)
-    # Read the index first: a version added meanwhile only makes the list longer.
-    current = session.current
-    versions = list(session.versions)
-    current = min(current, len(versions) - 1)
-    model_entries = []
-    for localiser in versions:
-        if localiser.sha256 is None:
-            raise ValueError(f"model version {localiser.name} has no sha256")
-        target = models_dir / f"{localiser.sha256}.safetensors"
-        if not target.is_file():
-            write_model_file(localiser, target, overwrite=True)
-        referenced.add(target)
-        model_entries.append(
-            {
-                "name": localiser.name,
-                "sha256": localiser.sha256,
-                "parent_sha256": localiser.metadata.get("parent_sha256"),
-                "file": target.relative_to(folder).as_posix(),
-            }
-        )
+    model_entries: list[dict[str, Any]] = []
+
+    def save_models() -> int:
+        """Write the model versions the folder lacks; returns the current one's index."""
+        # Read the index first: a version added meanwhile only makes the list longer.
+        current = session.current
+        versions = list(session.versions)
+        for localiser in versions[len(model_entries) :]:
+            if localiser.sha256 is None:
+                raise ValueError(f"model version {localiser.name} has no sha256")
+            target = models_dir / f"{localiser.sha256}.safetensors"
+            if not target.is_file():
+                write_model_file(localiser, target, overwrite=True)
+            referenced.add(target)
+            model_entries.append(
+                {
+                    "name": localiser.name,
+                    "sha256": localiser.sha256,
+                    "parent_sha256": localiser.metadata.get("parent_sha256"),
+                    "file": target.relative_to(folder).as_posix(),
+                }
+            )
+        return min(current, len(model_entries) - 1)
+
+    save_models()
 
     cases_dir = folder / "cases"
     cases_dir.mkdir(exist_ok=True)
@@ -842,6 +847,12 @@ def _save(session: ReviewSession, folder: Path) -> Path:
                 "edits_file": edits_file.relative_to(folder).as_posix(),
             }
         )
+
+    # A job may have added a version while the cases were read (threshold from normal
+    # scans adds one, then re-localises the open cases with it): a version is added
+    # before any case names it, so the versions read again now hold every model a case
+    # read above was made with. Their files are written before the manifest names them.
+    current = save_models()
 
     from napari_anomaly.config import config_to_dict
 
