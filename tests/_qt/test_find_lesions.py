@@ -178,3 +178,54 @@ def test_fine_tuning_refuses_a_normal_scan_it_cannot_hold(make_review_widget):
     widget.finetune(steps=3, wait=True)
     assert widget.last_error is not None and "'photo' is RGB" in widget.last_error
     assert len(widget.session.versions) == 1, "no new version"
+
+
+def test_a_case_closed_while_threshold_from_normals_runs_keeps_its_new_maps_in_files(
+    make_review_widget, monkeypatch
+):
+    """The reviewer closes a scan while *threshold from normal scans* re-scores it: the
+    case stays in the review, out of sight, with its new maps in the parking folder (as
+    any case whose scan was closed), not in memory and not on screen."""
+    import threading
+
+    from qtpy.QtWidgets import QApplication
+
+    import napari_anomaly.session as session_module
+
+    widget = make_review_widget(
+        name="base", recommended_threshold=0.5, postprocess={"smooth_mm": 2.0}
+    )
+    viewer = widget.viewer
+    normals = [f"normal {i}" for i in range(2)]
+    for seed, name in enumerate(normals):
+        viewer.add_image(body_scan((48, 48), seed + 10), name=name)
+    # Maps of 160x160 float32 (100 KiB) are large enough to be parked into files.
+    viewer.add_image(body_scan((160, 160), 1), name="case")
+    _localise(widget, "case")
+
+    started, release = threading.Event(), threading.Event()
+    real_localise = session_module.localise
+
+    def held_localise(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return (yield from real_localise(*args, **kwargs))
+
+    monkeypatch.setattr(session_module, "localise", held_localise)
+    widget.normal_scans.value = normals
+    widget.calibrate_button.clicked.emit()
+    while not started.wait(0.01):
+        QApplication.processEvents()
+    viewer.layers.remove(viewer.layers["case"])
+    QApplication.processEvents()
+    release.set()
+    widget.wait()
+    for future in widget._parking:
+        future.result(30)
+    assert widget.last_error is None, widget.last_error
+
+    case = widget.session.cases[next(iter(widget.session.cases))]
+    assert case.model_name == "base+cal1", "re-scored with the calibrated version"
+    assert not any(layer.name.startswith("case") for layer in viewer.layers)
+    assert isinstance(case.anomaly_map, np.memmap)
+    assert isinstance(case.confidence_map, np.memmap)

@@ -1957,8 +1957,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._refresh_models()
         version = outcome.localiser
         added = False
-        for case_id in self._open_case_ids():
-            case = self.session.cases[case_id]
+        # The cases re-scored with the new version: on screen, or parked where their scan
+        # was closed while the job ran (:meth:`_show_layers`).
+        for case in list(self.session.cases.values()):
             if version is not None and case.model_sha256 == version.sha256:
                 added = self._show_layers(case) or added
         if added:
