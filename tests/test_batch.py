@@ -251,6 +251,81 @@ def test_a_rerun_never_replaces_a_mask_a_reviewer_edited_or_approved(client, tmp
     assert (mask_file.read_bytes(), sidecar_file.read_bytes()) == reviewed
 
 
+def test_a_later_batch_into_the_same_folder_keeps_earlier_cases_and_another_scans_outputs(
+    client, tmp_path
+):
+    model = _model(tmp_path / "model.safetensors")
+    for folder, seeds in (("site-a", (0, 1)), ("site-b", (2, 3))):
+        (tmp_path / folder).mkdir()
+        _scan(tmp_path / folder / "scan.nii.gz", seeds[0])  # one name, other patients
+        _scan(tmp_path / folder / f"{folder}-other.nii.gz", seeds[1])
+    out = tmp_path / "out"
+    config = batch.BatchConfig(LocaliseSettings(device="cpu"))
+
+    def run(folder):
+        cases = batch.read_inputs([tmp_path / folder])
+        return batch.run_batch_to_end(batch.prepare_batch(cases, out, model, config), client)
+
+    assert run("site-a").done == 2
+    site_a = {p.name: p.read_bytes() for p in (out / "scan").iterdir()}
+
+    later = run("site-b")
+    # site-b's scan is not localised over site-a's: it fails, naming the scan it would replace.
+    assert (later.done, later.failed) == (1, 1)
+    assert {p.name: p.read_bytes() for p in (out / "scan").iterdir()} == site_a
+    rows = {r["case"]: r for r in batch.read_results(out)}
+    assert rows["scan"]["status"] == "failed"
+    assert "another scan" in rows["scan"]["error"] and "site-a" in rows["scan"]["error"]
+    # The table still lists site-a's other case, as its record says, after the batch's own.
+    assert list(rows) == ["scan", "site-b-other", "site-a-other"]
+    assert rows["site-a-other"]["status"] == "done"
+    assert rows["site-a-other"]["source"] == str(tmp_path / "site-a" / "site-a-other.nii.gz")
+    # The same scan moved elsewhere is the same case: done earlier, not another scan's.
+    moved = tmp_path / "moved"
+    (tmp_path / "site-a").rename(moved)
+    again = batch.run_batch_to_end(
+        batch.prepare_batch(batch.read_inputs([moved]), out, model, config), client
+    )
+    assert (again.done, again.failed, again.reused) == (2, 0, 2)
+
+
+def test_a_batch_cancelled_before_its_first_case_finished_lists_every_case_pending(
+    client, tmp_path
+):
+    model = _model(tmp_path / "model.safetensors")
+    scans = [_scan(tmp_path / f"scan{seed}.nii.gz", seed) for seed in range(3)]
+    config = batch.BatchConfig(LocaliseSettings(device="cpu"))
+    plan = batch.prepare_batch(batch.read_inputs(scans), tmp_path / "out", model, config)
+    job = batch.localise_cohort(plan, client)
+    next(job)  # submitted; Ctrl-C now
+    job.close()
+    rows = batch.read_results(plan.out_dir)
+    assert [(r["case"], r["status"]) for r in rows] == [
+        (f"scan{seed}", "pending") for seed in range(3)
+    ]
+
+
+def test_sigterm_during_a_batch_exits_143_saying_terminated(
+    napari_anomaly, monkeypatch, tmp_path, capsys
+):
+    from napari_anomaly import progress
+    from napari_anomaly.interrupts import Terminated
+
+    model = _model(tmp_path / "model.safetensors")
+    scan = _scan(tmp_path / "scan0.nii.gz", 0)
+
+    def stopped(job, on_progress=None):  # SIGTERM (Slurm's stop) while the batch runs
+        next(job)
+        raise Terminated
+
+    monkeypatch.setattr(progress, "run_to_end", stopped)
+    argv = ["batch", str(scan), "--out", str(tmp_path / "out"), "--model", str(model)]
+    assert napari_anomaly([*argv, "--workers", "1", "--device", "cpu"]) == 143
+    err = capsys.readouterr().err
+    assert "terminated;" in err and "cancelled" not in err, err
+    assert [r["status"] for r in batch.read_results(tmp_path / "out")] == ["pending"]
+
+
 @pytest.mark.parametrize("allowed_failures", [3, 0], ids=["retried", "given up"])
 def test_a_worker_killed_mid_case_loses_only_that_case(allowed_failures, tmp_path):
     model = _model(tmp_path / "model.safetensors")

@@ -11,7 +11,8 @@ command skips the cases already done and retries the failed ones. The work itsel
 :mod:`napari_anomaly.batch`.
 
 Exit status: 0 every case done, 1 some cases failed (listed in ``DIR/results.csv``),
-2 refused before any work, 130 cancelled with Ctrl-C (finished cases are kept).
+2 refused before any work, 130 cancelled with Ctrl-C, 143 stopped by SIGTERM (finished
+cases are kept).
 """
 
 from __future__ import annotations
@@ -101,14 +102,19 @@ def run_batch(args: argparse.Namespace) -> int:
         job = batch.localise_cohort(plan, client)
         try:
             result = run_to_end(job, _ProgressPrinter("batch"))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             job.close()  # cancels the tasks left and writes the table
+            from napari_anomaly.interrupts import Terminated
+
+            # SIGTERM (Slurm, Kubernetes) raises Terminated: exit 143, not 130.
+            terminated = isinstance(interrupt, Terminated)
             print(
-                f"\ncancelled; the cases finished so far are kept and listed in "
-                f"{plan.out_dir / batch.RESULTS_CSV}; run the same command again to do the rest",
+                f"\n{'terminated' if terminated else 'cancelled'}; the cases finished so far "
+                f"are kept and listed in {plan.out_dir / batch.RESULTS_CSV}; run the same "
+                "command again to do the rest",
                 file=sys.stderr,
             )
-            return 130
+            return 143 if terminated else 130
     earlier = f" ({result.reused} done by an earlier run)" if result.reused else ""
     print(
         f"{result.done} case(s) done{earlier}, {result.failed} failed, "

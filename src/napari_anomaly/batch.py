@@ -11,13 +11,15 @@ any running scheduler: Slurm through dask-jobqueue, Kubernetes through dask-kube
 
 Layout of the output folder::
 
-    DIR/results.csv                 one row per case (RESULT_COLUMNS), input order
+    DIR/results.csv                 one row per case (RESULT_COLUMNS), input order, then
+                                    the cases of earlier batches into DIR, by name
     DIR/results.parquet             the same table, when pyarrow is installed
     DIR/<case>/<stem>_anomaly...    exactly what ``napari-anomaly localise`` writes
     DIR/<case>/case.json            the case's record (CASE_RECORD), written last
 
 Each task hashes its source, and returns at once when ``case.json`` says the case was
-done with the same source, model and settings and its outputs are all there; otherwise
+done with the same source, model and settings and its outputs are all there; it refuses (a
+failed row) when ``case.json`` is another scan's of the same name; otherwise
 it localises the case exactly as ``localise`` does
 (:func:`napari_anomaly.localise_files.localise_file`, in a review session made once per
 worker thread from the model's *path*: a model is never pickled), writes the outputs as
@@ -457,6 +459,33 @@ def _is_reusable(record: dict | None, case_dir: Path, expected: dict) -> bool:
     return bool(outputs) and all((case_dir / name).is_file() for name in outputs)
 
 
+class _AnotherScanError(ValueError):
+    """A case's folder holds another scan's outputs (:func:`_is_another_scan`)."""
+
+
+def _is_another_scan(record: dict | None, case: Case, source_sha256: str) -> bool:
+    """The case's folder holds a record of another scan of the same name (another file
+    with other voxels, e.g. ``a/scan.nii.gz`` then ``b/scan.nii.gz``): not this case
+    changed, nor this case moved (same hash), so its outputs are not this case's to
+    replace."""
+    if record is None:
+        return False
+    same_source = (record.get("source"), record.get("series")) == (case.source, case.series)
+    return not same_source and record.get("source_sha256") != source_sha256
+
+
+def _earlier_cases(out_dir: Path, names: set[str]) -> list[tuple[Case, dict]]:
+    """The cases an earlier batch into ``out_dir`` recorded that this one does not list
+    (by folder name), with their records: they stay in the table."""
+    found = []
+    for record_file in sorted(out_dir.glob(f"*/{CASE_RECORD}"), key=lambda p: p.parent.name):
+        name = record_file.parent.name
+        record = None if name in names else _read_record(record_file.parent)
+        if record is not None and isinstance(record.get("source"), str):
+            found.append((Case(name, record["source"], record.get("series") or None), record))
+    return found
+
+
 def _write_record(case_dir: Path, record: dict) -> None:
     from napari_anomaly.io import atomic_write_text
 
@@ -532,6 +561,12 @@ def localise_case(
             earlier, case_dir, {**expected, "source_sha256": record["source_sha256"]}
         ):
             return {**earlier, "reused": True}
+        if not redo and _is_another_scan(earlier, case, record["source_sha256"]):
+            raise _AnotherScanError(
+                f"{case_dir} holds the outputs of another scan ({earlier['source']}); they "
+                "are not replaced: name this case otherwise in a CSV manifest (path,case) "
+                "or give another --out"
+            )
         if torch_threads is not None:
             import torch
 
@@ -543,6 +578,9 @@ def localise_case(
         record.update(status="done", error="", **summary)
     except Exception as error:  # a bad case is a row of the table, never a stopped batch
         record.update(status="failed", error=_one_line(error))
+        if isinstance(error, _AnotherScanError):  # that scan's record stays as it is
+            record["seconds"] = round(time.perf_counter() - started, 3)
+            return {**record, "reused": False}
     record["seconds"] = round(time.perf_counter() - started, 3)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
@@ -793,7 +831,9 @@ def localise_cohort(plan: BatchPlan, client) -> Job[BatchResult]:
 
     ``results.csv`` is rewritten every few seconds while it runs and at its end, also
     when the generator is closed (cancelled): cases not finished are ``pending`` and a
-    rerun of the same batch does them. Closing cancels the tasks not yet finished.
+    rerun of the same batch does them. Cases an earlier batch into the same folder
+    recorded and this one does not list keep their rows, after this batch's (by name);
+    the returned rows are this batch's. Closing cancels the tasks not yet finished.
 
     Parameters
     ----------
@@ -814,6 +854,8 @@ def localise_cohort(plan: BatchPlan, client) -> Job[BatchResult]:
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     clear_leftovers(plan.out_dir)  # a table half-written by a killed client
     records: list[dict | None] = [None] * len(plan.cases)
+    # Cases of earlier batches into this folder keep their rows, after this batch's.
+    earlier = _earlier_cases(plan.out_dir, {c.name for c in plan.cases})
     token = uuid.uuid4().hex[:8]
     futures = {}
     for index, case in enumerate(plan.cases):
@@ -838,8 +880,13 @@ def localise_cohort(plan: BatchPlan, client) -> Job[BatchResult]:
     def rows() -> list[dict[str, Any]]:
         return [_row(c, r) for c, r in zip(plan.cases, records)]
 
-    yield Progress(0, total, f"0/{total} cases")
+    def table_rows() -> list[dict[str, Any]]:
+        return rows() + [_row(c, r) for c, r in earlier]
+
     try:
+        # Inside the try: a Ctrl-C before the first case finishes still cancels the
+        # tasks and writes the table (every case pending).
+        yield Progress(0, total, f"0/{total} cases")
         for future in as_completed(list(futures)):
             index = futures[future]
             try:
@@ -851,7 +898,7 @@ def localise_cohort(plan: BatchPlan, client) -> Job[BatchResult]:
             counts["reused"] += bool(record.get("reused"))
             finished = counts["done"] + counts["failed"]
             if time.perf_counter() - last_table >= _TABLE_EVERY_S:
-                write_results(plan.out_dir, rows())
+                write_results(plan.out_dir, table_rows())
                 last_table = time.perf_counter()
             elapsed = time.perf_counter() - started
             yield Progress(
@@ -870,7 +917,7 @@ def localise_cohort(plan: BatchPlan, client) -> Job[BatchResult]:
         if pending:
             with contextlib.suppress(Exception):
                 client.cancel(pending)
-        table = write_results(plan.out_dir, rows())[0]
+        table = write_results(plan.out_dir, table_rows())[0]
     final = rows()
     return BatchResult(
         rows=tuple(final),
