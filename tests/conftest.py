@@ -108,3 +108,29 @@ def dicom_study(folder) -> dict[str, np.ndarray]:
         )
         volumes[pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID] = volume
     return volumes
+
+
+def remove_while_localising(monkeypatch, viewer, start, name: str) -> None:
+    """Start a widget job with ``start()``, remove layer ``name`` while the job's first
+    localisation in the review session is held, then let the job go on."""
+    import threading
+
+    from qtpy.QtWidgets import QApplication
+
+    import napari_anomaly.session as session_module
+
+    started, release = threading.Event(), threading.Event()
+    real_localise = session_module.localise
+
+    def held_localise(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return (yield from real_localise(*args, **kwargs))
+
+    monkeypatch.setattr(session_module, "localise", held_localise)
+    start()
+    while not started.wait(0.01):
+        QApplication.processEvents()
+    viewer.layers.remove(viewer.layers[name])
+    QApplication.processEvents()
+    release.set()

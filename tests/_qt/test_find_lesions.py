@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import body_scan
+from conftest import body_scan, remove_while_localising
 
 from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
 
@@ -186,12 +186,6 @@ def test_a_case_closed_while_threshold_from_normals_runs_keeps_its_new_maps_in_f
     """The reviewer closes a scan while *threshold from normal scans* re-scores it: the
     case stays in the review, out of sight, with its new maps in the parking folder (as
     any case whose scan was closed), not in memory and not on screen."""
-    import threading
-
-    from qtpy.QtWidgets import QApplication
-
-    import napari_anomaly.session as session_module
-
     widget = make_review_widget(
         name="base", recommended_threshold=0.5, postprocess={"smooth_mm": 2.0}
     )
@@ -203,22 +197,8 @@ def test_a_case_closed_while_threshold_from_normals_runs_keeps_its_new_maps_in_f
     viewer.add_image(body_scan((160, 160), 1), name="case")
     _localise(widget, "case")
 
-    started, release = threading.Event(), threading.Event()
-    real_localise = session_module.localise
-
-    def held_localise(*args, **kwargs):
-        started.set()
-        release.wait(30)
-        return (yield from real_localise(*args, **kwargs))
-
-    monkeypatch.setattr(session_module, "localise", held_localise)
     widget.normal_scans.value = normals
-    widget.calibrate_button.clicked.emit()
-    while not started.wait(0.01):
-        QApplication.processEvents()
-    viewer.layers.remove(viewer.layers["case"])
-    QApplication.processEvents()
-    release.set()
+    remove_while_localising(monkeypatch, viewer, widget.calibrate_button.clicked.emit, "case")
     widget.wait()
     for future in widget._parking:
         future.result(30)

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import body_scan
+from conftest import body_scan, remove_while_localising
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QApplication
 from scipy import ndimage as ndi
@@ -470,10 +470,6 @@ def test_a_scan_closed_while_it_is_localised_again_gets_no_maps_or_mask_back(wid
     """The reviewer closes a scan while its case is localised again: when the job ends,
     no maps or mask come back without their scan (a mask left behind catches strokes
     meant for another scan), and the case keeps its edits in the review."""
-    import threading
-
-    import napari_anomaly.session as session_module
-
     viewer = widget.viewer
     _open(widget, "other", seed=1)
     mask = _open(widget, "scan")
@@ -482,21 +478,7 @@ def test_a_scan_closed_while_it_is_localised_again_gets_no_maps_or_mask_back(wid
     mask.data = painted
     case = widget.case("scan")
 
-    started, release = threading.Event(), threading.Event()
-    real_localise = session_module.localise
-
-    def held_localise(*args, **kwargs):
-        started.set()
-        release.wait(30)
-        return (yield from real_localise(*args, **kwargs))
-
-    monkeypatch.setattr(session_module, "localise", held_localise)
-    widget.localise("scan")
-    while not started.wait(0.01):
-        QApplication.processEvents()
-    viewer.layers.remove(viewer.layers["scan"])
-    QApplication.processEvents()
-    release.set()
+    remove_while_localising(monkeypatch, viewer, lambda: widget.localise("scan"), "scan")
     widget.wait()
     QApplication.processEvents()
 
