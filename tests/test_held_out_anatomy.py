@@ -126,3 +126,26 @@ def test_calibration_refuses_unknown_subjects_before_any_work(monkeypatch):
     monkeypatch.setattr(anatomy, "clinical_heads", no_work)
     with pytest.raises(ValueError, match=r"unknown subject\(s\) \['bob'\].*colin27"):
         anatomy.calibration_scans(Path("."), subjects=("colin27", "bob"))
+
+
+def test_the_older_training_head_is_read_axial_first_with_a_brain_carried_from_a_training_head(
+    tmp_path,
+):
+    from napari_anomaly.io import Geometry, write_image
+
+    atlas, atlas_brain = _phantom_head((48, 56, 52), (24, 28, 26), (21, 26, 24))
+    head, truth = _phantom_head((50, 58, 54), (25, 29, 27), (20, 25, 23))
+    with pytest.raises(FileNotFoundError, match="fetch_normal_anatomy.sh"):
+        anatomy.older_training_head(tmp_path, atlas, atlas_brain)
+    # Stored with the superior-inferior axis as the array's last axis (a sagittal-first
+    # file); the training sees it with that axis first, as every other head.
+    stored = np.ascontiguousarray(np.transpose(head, (1, 2, 0)))  # array axes (y, x, z)
+    direction = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)  # x = j, y = k, z = i
+    path = tmp_path / anatomy.OLDER_TRAINING_HEAD
+    path.parent.mkdir(parents=True)
+    write_image(path, stored, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), direction))
+    volume, mask = anatomy.older_training_head(tmp_path, atlas, atlas_brain)
+    assert volume.shape == head.shape and volume.dtype == np.float32
+    np.testing.assert_allclose(volume, head, atol=1e-3)
+    assert mask.shape == head.shape and mask.dtype == bool
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9

