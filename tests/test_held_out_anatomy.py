@@ -128,8 +128,8 @@ def test_calibration_refuses_unknown_subjects_before_any_work(monkeypatch):
         anatomy.calibration_scans(Path("."), subjects=("colin27", "bob"))
 
 
-def test_the_older_training_head_is_read_axial_first_with_a_brain_carried_from_a_training_head(
-    tmp_path,
+def test_the_older_head_is_read_axial_first_with_a_brain_carried_from_a_training_or_held_out_head(
+    tmp_path, monkeypatch
 ):
     from napari_anomaly.io import Geometry, write_image
 
@@ -141,7 +141,7 @@ def test_the_older_training_head_is_read_axial_first_with_a_brain_carried_from_a
     # file); the training sees it with that axis first, as every other head.
     stored = np.ascontiguousarray(np.transpose(head, (1, 2, 0)))  # array axes (y, x, z)
     direction = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)  # x = j, y = k, z = i
-    path = tmp_path / anatomy.OLDER_TRAINING_HEAD
+    path = tmp_path / anatomy.OLDER_HEAD
     path.parent.mkdir(parents=True)
     write_image(path, stored, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), direction))
     volume, mask = anatomy.older_training_head(tmp_path, atlas, atlas_brain)
@@ -149,3 +149,8 @@ def test_the_older_training_head_is_read_axial_first_with_a_brain_carried_from_a
     np.testing.assert_allclose(volume, head, atol=1e-3)
     assert mask.shape == head.shape and mask.dtype == bool
     assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9
+    # As the yardstick's third held-out subject its brain comes from Colin27 (here a phantom).
+    monkeypatch.setattr(anatomy, "held_out_head", lambda data: (atlas, atlas_brain))
+    volume, held_out_mask = anatomy.held_out_subject(tmp_path, "older_head")
+    np.testing.assert_allclose(volume, head, atol=1e-3)
+    assert 2 * (held_out_mask & truth).sum() / (held_out_mask.sum() + truth.sum()) > 0.9

