@@ -5,8 +5,8 @@ calibration of the default model (``scripts/``), so that the split between
 training data (the MNI152 template, ITK example slices and the ITK
 single-subject head) and held-out data (Colin27, the ITK proton-density slice, a
 second subject's T1 head, an older person's T1 head and a real clinical
-proton-density series) cannot drift apart. The files come from the package registries (``scripts/fetch_normal_anatomy.sh``);
-nothing here downloads anything.
+proton-density series) cannot drift apart. The files come from the package
+registries (``scripts/fetch_normal_anatomy.sh``); nothing here downloads anything.
 """
 
 from __future__ import annotations
