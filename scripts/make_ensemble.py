@@ -3,8 +3,11 @@
     python scripts/make_ensemble.py A.safetensors B.safetensors --out ENSEMBLE.safetensors \\
         [--name NAME]
 
-The new model takes the first model's settings and post-processing, without its score
-calibration (``localiser.ensemble``); calibrate it before use, e.g. with
+A model that is itself an ensemble gives each of its networks, so that
+``make_ensemble.py src/napari_anomaly/data/default_2d.safetensors new.safetensors`` adds one
+network to the bundled ensemble, every network weighing the same. The new model takes the
+first model's settings and post-processing, without its score calibration
+(``localiser.ensemble``); calibrate it before use, e.g. with
 ``scripts/calibrate_default_model.py``.
 """
 
@@ -25,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     combined = ensemble([Localiser.load(p) for p in args.models], name=args.name or args.out.stem)
     sha = combined.save(args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out} sha256={sha} ({len(args.models)} networks)")
+    print(f"wrote {args.out} sha256={sha} ({combined.network.config.members} networks)")
 
 
 if __name__ == "__main__":

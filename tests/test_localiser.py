@@ -111,6 +111,30 @@ def test_an_ensemble_averages_its_members_and_survives_a_round_trip(tmp_path):
     assert torch.allclose(again, anomaly, atol=1e-6)
 
 
+def test_an_ensemble_and_one_more_network_average_three_networks_alike(tmp_path):
+    """Adding a network to a bundled ensemble weighs every network the same, and the
+    file still names each network it averages."""
+    from napari_anomaly.localiser import ensemble
+
+    a, b, c = _member(1, "a"), _member(2, "b"), _member(3, "c")
+    pair = ensemble([a, b], name="a+b")
+    path = tmp_path / "pair.safetensors"
+    pair.save(path)
+    pair = Localiser.load(path)
+    three = ensemble([pair, c], name="a+b+c")
+    image = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        anomaly, confidence = three.network.split(three.network(image))
+        parts = [m.network.split(m.network(image)) for m in (a, b, c)]
+    assert three.network.config.members == 3
+    assert torch.allclose(anomaly, sum(p[0] for p in parts) / 3, atol=1e-5)
+    assert torch.allclose(confidence, sum(p[1] for p in parts) / 3, atol=1e-5)
+    records = three.metadata["ensemble_of"]
+    assert [r["name"] for r in records] == ["a", "b", "c"]
+    assert records[0]["via"] == {"name": "a+b", "sha256": pair.sha256}
+    assert "via" not in records[2]
+
+
 def test_models_that_cannot_be_averaged_are_refused():
     from napari_anomaly.localiser import ensemble
 
@@ -123,8 +147,10 @@ def test_models_that_cannot_be_averaged_are_refused():
         ensemble([a, other])
     with pytest.raises(ValueError, match="at least two"):
         ensemble([a])
-    with pytest.raises(ValueError, match="already an ensemble"):
-        ensemble([ensemble([a, _member(2, "b")]), a])
+    with pytest.raises(ValueError, match="at most 8 networks"):
+        ensemble(
+            [ensemble([_member(i, str(i)) for i in range(5)]), *(_member(i, "x") for i in range(4))]
+        )
     with pytest.raises(ValueError, match="members"):
         NetworkConfig(members=0)
 

@@ -27,7 +27,7 @@ from napari_anomaly.io.model_file import (
     load_model_file,
     save_model_file,
 )
-from napari_anomaly.model import AnomalyNet, NetworkConfig
+from napari_anomaly.model import MAX_MEMBERS, AnomalyNet, NetworkConfig
 from napari_anomaly.preprocess import PreprocessConfig
 
 __all__ = ["DEFAULT_MODEL_NAME", "Localiser", "default_model_path", "ensemble"]
@@ -266,7 +266,9 @@ def ensemble(members: list[Localiser], name: str | None = None) -> Localiser:
     """One model that averages several networks of one architecture.
 
     The members must share their architecture, preprocessing, patch size and
-    dimensionality; each must be a single network. Their anomaly and
+    dimensionality. A member that is itself an ensemble gives each of its
+    networks, so that ``ensemble([bundled, new])`` adds one network to an
+    ensemble with every network weighing the same. The networks' anomaly and
     disagreement probabilities are averaged per voxel
     (:class:`~napari_anomaly.model.AnomalyNet` with ``members > 1``). The new
     model takes the first member's metadata (training record, domain reference,
@@ -284,10 +286,8 @@ def ensemble(members: list[Localiser], name: str | None = None) -> Localiser:
         raise ValueError(f"an ensemble needs at least two models, got {len(members)}")
     first = members[0]
     for member in members:
-        config = member.network.config
-        if config.members != 1:
-            raise ValueError(f"model {member.name} is already an ensemble")
-        if config != first.network.config:
+        config = dataclasses.replace(member.network.config, members=1)
+        if config != dataclasses.replace(first.network.config, members=1):
             raise ValueError(
                 f"model {member.name} has another architecture than {first.name}; "
                 "only networks of one architecture can be averaged"
@@ -296,23 +296,48 @@ def ensemble(members: list[Localiser], name: str | None = None) -> Localiser:
             raise ValueError(
                 f"model {member.name} preprocesses its input otherwise than {first.name}"
             )
-    config = dataclasses.replace(first.network.config, members=len(members))
+    networks = [net for member in members for net in _networks(member)]
+    records = [record for member in members for record in _member_records(member)]
+    if len(networks) > MAX_MEMBERS:
+        raise ValueError(
+            f"an ensemble holds at most {MAX_MEMBERS} networks; these models hold {len(networks)}"
+        )
+    config = dataclasses.replace(first.network.config, members=len(networks))
     network = AnomalyNet(config)
-    for target, member in zip(network.members, members):
-        target.load_state_dict(member.network.unet.state_dict())
+    for target, source in zip(network.members, networks, strict=True):
+        target.load_state_dict(source.state_dict())
     network.eval()
     metadata = copy.deepcopy(first.metadata)
     for key in ("calibration", "recommended_threshold", "created", "name", "parent_sha256"):
         metadata.pop(key, None)
     if name:
         metadata["name"] = name
-    metadata["ensemble_of"] = [
-        {
-            "name": m.name,
-            "sha256": m.sha256,
-            "training": copy.deepcopy(m.metadata.get("training")),
-            "metrics": copy.deepcopy(m.metadata.get("metrics")),
-        }
-        for m in members
-    ]
+    metadata["ensemble_of"] = records
     return Localiser(network, first.preprocess, metadata)
+
+
+def _networks(model: Localiser) -> list[torch.nn.Module]:
+    """The single networks of ``model``: itself, or each member of an ensemble."""
+    net = model.network
+    return [net.unet] if net.config.members == 1 else list(net.members)
+
+
+def _member_records(model: Localiser) -> list[dict]:
+    """``metadata["ensemble_of"]`` entries for each network of ``model``: an
+    ensemble's own records (naming the file they came through), one for a network."""
+    if model.network.config.members > 1:
+        nested = copy.deepcopy(model.metadata.get("ensemble_of") or [])
+        if len(nested) == model.network.config.members:
+            return [{**r, "via": {"name": model.name, "sha256": model.sha256}} for r in nested]
+        return [
+            {"name": f"{model.name}[{i}]", "sha256": model.sha256}
+            for i in range(model.network.config.members)
+        ]
+    return [
+        {
+            "name": model.name,
+            "sha256": model.sha256,
+            "training": copy.deepcopy(model.metadata.get("training")),
+            "metrics": copy.deepcopy(model.metadata.get("metrics")),
+        }
+    ]
