@@ -78,11 +78,12 @@ def test_the_atlas_brain_is_carried_onto_another_head_with_its_neck():
     assert dice > 0.9, dice
     assert not mask[:25].any()  # nothing in the neck
     assert np.isfinite(metric) and metric < 0  # Mattes MI is reported negative
-    # The yardstick's lesions are placed in the mask, so it must not wander between runs. On
-    # this smooth, symmetric phantom ITK's optimiser can end a hair apart (38 edge voxels of
-    # 25,000, in about one full test run of ten; not on the second subject's real head).
-    again, _ = anatomy.register_brain_mask(atlas, atlas_brain, head)
-    assert (again != mask).sum() <= 0.005 * mask.sum()
+    # The yardstick's lesions are placed in the mask, so it must be the same on every run:
+    # with ITK's filters on several threads this phantom's mask came out in two versions,
+    # 32 edge voxels apart, about one run in four.
+    for _ in range(7):
+        again, _ = anatomy.register_brain_mask(atlas, atlas_brain, head)
+        assert np.array_equal(again, mask)
 
 
 def test_unknown_subjects_are_refused(tmp_path):

@@ -316,8 +316,8 @@ def register_brain_mask(
     registration of the ``atlas`` head (1 mm, T1, same axis order) onto it.
 
     Mattes mutual information on a regular 10 % sample (its jitter seeded, and one
-    thread, so that the mask, and every lesion placed in it, stays put between runs; see
-    the comment below for how far), three resolutions; started from the translation that
+    thread, so that the mask, and every lesion placed in it, is the same on every run),
+    three resolutions; started from the translation that
     lines up the top 150 mm of both heads (a head with its neck and one without would
     otherwise be matched by their centres of mass).
     Returns the mask (closed, holes filled) and the final metric value.
@@ -344,13 +344,18 @@ def register_brain_mask(
     method.SetShrinkFactorsPerLevel([4, 2, 1])
     method.SetSmoothingSigmasPerLevel([2, 1, 0])
     method.SetInitialTransform(start, inPlace=False)
-    # One thread: the metric's sums then add up in one order. On the second subject the
-    # mask is the same on every run (checked in separate processes), in the same time as with
-    # several threads (about a minute). The registration is still not bitwise reproducible
-    # everywhere: on a smooth symmetric phantom two runs can end a few dozen edge voxels apart
-    # (tests/test_held_out_anatomy.py).
+    # One thread for the metric and for every filter ITK runs under it (the resolution
+    # pyramid's smoothing and shrinking): the sums then add up in one order and every run
+    # ends on the same transform. With the metric alone on one thread the older head's
+    # transform still wandered by about 1e-5 between runs, enough to move a dozen edge
+    # voxels of its brain and with them the yardstick's lesions.
     method.SetNumberOfThreads(1)
-    transform = method.Execute(fixed, moving)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        transform = method.Execute(fixed, moving)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     carried = sitk.Resample(
         sitk.GetImageFromArray(np.asarray(atlas_brain, dtype=np.uint8)),
         fixed,
