@@ -5,14 +5,16 @@
         --json benchmarks/results/adapt_clinical_flair.json
 
 Protocol (``napari_anomaly.evaluation``; deterministic for ``--seed``): a "site"
-is one contrast. Its unlabelled scans are ``--scans`` clinical scans of the
-held-out Colin27 head in that contrast, half normal and half holding a lesion of
-a random family (as a site's scans would). The model is adapted to them
-(``training.adapt``; a calibrated model is re-calibrated on the same scans). Then
-both models are measured on *other* scans of the site (new seeds), one per
-lesion family plus two normal ones: pixel AP per family, the rank of the first
-region touching the lesion, and the regions on the normal scans at each model's
-default threshold (the full, calibrated pipeline of ``inference.localise``).
+is one contrast and one held-out head (``--subject``: Colin27 by default; the
+older head stands for a site whose patients are older). Its unlabelled scans are
+``--scans`` clinical scans of that head in that contrast, half normal and half
+holding a lesion of a random family (as a site's scans would). The model is
+adapted to them (``training.adapt``; a calibrated model is re-calibrated on the
+same scans). Then both models are measured on *other* scans of the site (new
+seeds), ``--tests-per-family`` per lesion family (``--families``) plus two normal
+ones: pixel AP per scan, the rank of the first region touching the lesion, and
+the regions per scan at each model's default threshold (the full, calibrated
+pipeline of ``inference.localise``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_anomaly.evaluation.anatomy import held_out_head
+from napari_anomaly.evaluation.anatomy import HELD_OUT_SUBJECTS, held_out_subject
 from napari_anomaly.evaluation.clinical import (
     FAMILIES,
     AcquisitionConfig,
@@ -67,6 +69,20 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--contrast", default="flair")
+    parser.add_argument(
+        "--subject",
+        choices=HELD_OUT_SUBJECTS,
+        default="colin27",
+        help="the held-out head the site's scans are made from",
+    )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=[f for f in FAMILIES if f != "normal"],
+        default=[f for f in FAMILIES if f != "normal"],
+        help="lesion families of the test scans",
+    )
+    parser.add_argument("--tests-per-family", type=int, default=1)
     parser.add_argument("--scans", type=int, default=4)
     parser.add_argument("--steps", type=int, default=AdaptConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
@@ -97,7 +113,7 @@ def main() -> None:
     )
 
     started = time.perf_counter()
-    volume, brain = held_out_head(args.data)
+    volume, brain = held_out_subject(args.data, args.subject)
     anatomy = prepare_anatomy(volume, brain)
     rng = np.random.default_rng(args.seed)
     lesion_families = [f for f in FAMILIES if f != "normal"]
@@ -123,7 +139,9 @@ def main() -> None:
             config=acquisition,
             anatomy=anatomy,
         )
-        for k, family in enumerate(lesion_families + ["normal", "normal"])
+        for k, family in enumerate(
+            [f for f in args.families for _ in range(args.tests_per_family)] + ["normal"] * 2
+        )
     ]
     parent = Localiser.load(args.model)
     before = measure(parent, test)
@@ -145,6 +163,7 @@ def main() -> None:
         "command": "python scripts/adapt_clinical.py " + " ".join(sys.argv[1:]),
         "model_sha256": parent.sha256,
         "contrast": args.contrast,
+        "subject": args.subject,
         "site_scans": [c.family for c in site],
         "steps": args.steps,
         "member_loss": args.member_loss,
