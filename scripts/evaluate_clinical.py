@@ -60,6 +60,7 @@ from napari_anomaly.evaluation.clinical import (
 from napari_anomaly.evaluation.yardstick import (
     baseline_predictor,
     collect_maps,
+    find_brains,
     markdown_tables,
     model_predictor,
     score_variant,
@@ -196,6 +197,21 @@ def main() -> None:
         help="also run each model at these pixel sizes, keeping the highest score "
         "(PostprocessConfig.extra_in_plane_mm)",
     )
+    parser.add_argument(
+        "--outside-brain-weight",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="factors on the scores outside the brain napari_anomaly.brain finds in each scan "
+        "(PostprocessConfig.outside_brain_weight; 1: off); axial stacks only",
+    )
+    parser.add_argument(
+        "--outside-brain-margin-mm",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="grow the brain found by this much first (PostprocessConfig.outside_brain_margin_mm)",
+    )
     parser.add_argument("--max-false-regions", type=float, nargs="+", default=[5.0])
     parser.add_argument("--min-region-mm", type=float, default=0.0)
     parser.add_argument(
@@ -221,6 +237,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    weighs_brain = any(w < 1 for w in args.outside_brain_weight)
+    if weighs_brain and args.slice_orientation != "axial":
+        parser.error("--outside-brain-weight below 1 needs axial stacks")
 
     started = time.perf_counter()
     acquisition = AcquisitionConfig(
@@ -321,6 +340,13 @@ def main() -> None:
         ],
         "predictors": {},
     }
+    brains = cal_brains = None
+    if weighs_brain:
+        # The brain found in each scan depends on the scan alone: once for every predictor.
+        t0 = time.perf_counter()
+        cal_brains = run_to_end(find_brains(calibration_cases))
+        brains = run_to_end(find_brains(cases))
+        print(f"brains found in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     best_tables = {}
     for name, (predict, prepare, info) in predictors.items():
         t0 = time.perf_counter()
@@ -347,9 +373,14 @@ def main() -> None:
                     [c.left_right_axis for c in cases],
                 )
             )
+        if weighs_brain:
+            cal = [dataclasses.replace(r, brain=b) for r, b in zip(cal, cal_brains, strict=True)]
+            records = [
+                dataclasses.replace(r, brain=b) for r, b in zip(records, brains, strict=True)
+            ]
         seconds = time.perf_counter() - t0
         variants = {}
-        for smooth, edge, asym, ends, rank, budget, fewest in itertools.product(
+        for smooth, edge, asym, ends, rank, budget, fewest, outside, margin in itertools.product(
             args.smooth_mm,
             args.edge_mm,
             args.asymmetry_weight,
@@ -357,12 +388,16 @@ def main() -> None:
             args.rank_by,
             args.max_false_regions,
             args.min_regions,
+            args.outside_brain_weight,
+            args.outside_brain_margin_mm,
         ):
             post = PostprocessConfig(
                 smooth_mm=smooth,
                 edge_margin_mm=edge,
                 asymmetry_weight=asym,
                 end_plane_weight=ends,
+                outside_brain_weight=outside,
+                outside_brain_margin_mm=margin,
             )
             result = score_variant(
                 cal,
@@ -377,6 +412,7 @@ def main() -> None:
                 f"smooth{smooth:g}_edge{edge:g}_asym{asym:g}_{rank}_k{budget:g}"
                 + (f"_ends{ends:g}" if ends < 1 else "")
                 + (f"_min{fewest}" if fewest else "")
+                + (f"_brain{outside:g}+{margin:g}mm" if outside < 1 else "")
             )
             variants[key] = result
             o = result["overall"]

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_anomaly.brain import widen
 from napari_anomaly.progress import Job, Progress
 
 __all__ = [
@@ -116,6 +117,14 @@ class PostprocessConfig:
         partial volume, unlike any plane the network learnt from; like the edge
         margin, this keeps them from crowding the region table. 1 turns it off;
         a 3D network and a 2D image are never affected.
+    outside_brain_weight, outside_brain_margin_mm
+        Factor on the scores outside the scan's brain grown by the margin (mm), after
+        the smoothing, the edge margin and the end planes. The brain is the bundled
+        head template's, carried onto the scan by an affine registration
+        (:func:`napari_anomaly.brain.find_brain`); the skull base, scalp and vertex then
+        stop crowding the region table. 1 turns it off; a 2D image, and a volume whose
+        spacing or head-foot axis is not known, are never affected. Findings outside
+        the brain (extra-axial masses, the skull) are weighed down too.
     """
 
     smooth_mm: float = 0.0
@@ -127,6 +136,8 @@ class PostprocessConfig:
     asymmetry_full_scale: float = 0.5
     extra_in_plane_mm: tuple[float, ...] = ()
     end_plane_weight: float = 1.0
+    outside_brain_weight: float = 1.0
+    outside_brain_margin_mm: float = 0.0
 
     def __post_init__(self) -> None:
         # Every field is checked, types included: the values may come from a model file.
@@ -153,6 +164,8 @@ class PostprocessConfig:
             "asymmetry_tolerance_mm",
             "asymmetry_full_scale",
             "end_plane_weight",
+            "outside_brain_weight",
+            "outside_brain_margin_mm",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real):
@@ -169,6 +182,7 @@ class PostprocessConfig:
             "edge_margin_mm",
             "asymmetry_smooth_mm",
             "asymmetry_tolerance_mm",
+            "outside_brain_margin_mm",
         ):
             if getattr(self, name) > MAX_LENGTH_MM:
                 raise ValueError(
@@ -178,6 +192,10 @@ class PostprocessConfig:
             raise ValueError(f"asymmetry_weight must lie in [0, 1], got {self.asymmetry_weight}")
         if not 0.0 <= self.end_plane_weight <= 1.0:
             raise ValueError(f"end_plane_weight must lie in [0, 1], got {self.end_plane_weight}")
+        if not 0.0 <= self.outside_brain_weight <= 1.0:
+            raise ValueError(
+                f"outside_brain_weight must lie in [0, 1], got {self.outside_brain_weight}"
+            )
         if not self.asymmetry_full_scale > 0:
             raise ValueError(
                 f"asymmetry_full_scale must be finite and > 0, got {self.asymmetry_full_scale}"
@@ -207,9 +225,19 @@ class PostprocessConfig:
 
     @property
     def changes_the_map(self) -> bool:
-        """Whether :func:`postprocess_map` has anything to do (smoothing, edge margin or
-        end planes)."""
-        return self.smooth_mm > 0 or self.edge_margin_mm > 0 or self.end_plane_weight < 1
+        """Whether :func:`postprocess_map` has anything to do (smoothing, edge margin, end
+        planes or the brain)."""
+        return (
+            self.smooth_mm > 0
+            or self.edge_margin_mm > 0
+            or self.end_plane_weight < 1
+            or self.uses_brain
+        )
+
+    @property
+    def uses_brain(self) -> bool:
+        """Whether the scores outside the brain are weighed (``outside_brain_weight``)."""
+        return self.outside_brain_weight < 1
 
 
 def _spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray:
@@ -229,8 +257,10 @@ def postprocess_map(
     plane_axis: int | None = None,
     *,
     out: np.ndarray | None = None,
+    brain: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Smooth an anomaly map, fade it out at the foreground's edge and weigh the end planes.
+    """Smooth an anomaly map, fade it out at the foreground's edge, weigh the end planes
+    and what lies outside the brain.
 
     Parameters
     ----------
@@ -250,6 +280,9 @@ def postprocess_map(
     out
         C-contiguous float32 array of the same shape to write into; it may be
         ``anomaly_map`` itself, which then needs no second map's worth of memory.
+    brain
+        bool, same shape: the scan's brain (:func:`napari_anomaly.brain.find_brain`), for
+        ``config.outside_brain_weight``; ``None`` weighs nothing.
 
     Returns
     -------
@@ -277,6 +310,9 @@ def postprocess_map(
         planes[0] *= config.end_plane_weight
         if len(planes) > 1:
             planes[-1] *= config.end_plane_weight
+    if config.uses_brain and brain is not None:
+        inside = widen(np.asarray(brain, dtype=bool), step, config.outside_brain_margin_mm)
+        out[~inside] *= config.outside_brain_weight
     return np.clip(out, 0.0, 1.0, out=out)
 
 

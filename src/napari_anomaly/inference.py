@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,6 +43,7 @@ from napari_anomaly.asymmetry import (
     head_foot_axis,
     left_right_axis,
 )
+from napari_anomaly.brain import find_brain
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -138,12 +140,17 @@ class LocalisationResult:
         The patient's mid-sagittal plane as found in the image
         (:class:`~napari_anomaly.asymmetry.Midline`), or ``None`` where the model's
         planes do not include the left-right axis (sagittal slices, a 3D model).
+    brain
+        bool: the brain found in the scan (:func:`napari_anomaly.brain.find_brain`)
+        where the model weighs the scores outside it
+        (``PostprocessConfig.outside_brain_weight``), else ``None``.
     """
 
     anomaly_map: np.ndarray
     confidence_map: np.ndarray
     foreground: np.ndarray
     midline: Midline | None = None
+    brain: np.ndarray | None = None
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -470,9 +477,10 @@ def _network_for_inference(network: torch.nn.Module, device: torch.device) -> to
 def placement(geometry, ndim: int) -> dict:
     """:func:`localise`'s keyword arguments that come from an image's
     :class:`~napari_anomaly.io.images.Geometry`: its spacing, left-right and head-foot
-    axes."""
+    axes, and the patient directions of its axes."""
     return {
         "spacing": geometry.spacing,
+        "direction": geometry.direction if ndim == 3 else None,
         "left_right_axis": left_right_axis(geometry.direction, ndim),
         "head_foot_axis": head_foot_axis(geometry.direction, ndim),
     }
@@ -487,6 +495,7 @@ def localise(
     spacing: tuple[float, ...] | None = None,
     left_right_axis: int | None = -1,
     head_foot_axis: int | None = None,
+    direction: Sequence[float] | None = None,
 ) -> Job[LocalisationResult]:
     """Predict the anomaly and confidence maps of one image or volume.
 
@@ -513,6 +522,12 @@ def localise(
         The array axis along the patient's head-foot axis
         (:func:`napari_anomaly.asymmetry.head_foot_axis`), which a 2D model walks
         along with ``config.axial_planes``; ``None``: ``config.slice_axis``.
+    direction
+        The patient directions of a volume's axes (a ``Geometry``'s flattened direction
+        cosines), for a model that weighs the scores outside the brain
+        (``PostprocessConfig.outside_brain_weight``; :func:`napari_anomaly.brain.find_brain`);
+        ``None``: the volume lies as the brain template does (axis 0 head-foot, the top
+        of the head at the higher indices).
 
     Notes
     -----
@@ -612,13 +627,19 @@ def localise(
                 midline,
                 post,
             )
+    brain = None
+    if post.uses_brain and arr.ndim == 3 and spacing is not None:
+        yield Progress(done, total, "finding the brain")
+        brain = find_brain(arr, spacing, direction)
     if post.changes_the_map:
         slices = config.slice_axis if by_plane else None
-        postprocess_map(anomaly_map, foreground, spacing, post, slices, out=anomaly_map)
+        postprocess_map(
+            anomaly_map, foreground, spacing, post, slices, out=anomaly_map, brain=brain
+        )
     calibration = localiser.score_calibration
     if calibration is not None:
         calibration.apply(anomaly_map, out=anomaly_map)
-    return LocalisationResult(anomaly_map, confidence_map, foreground, midline)
+    return LocalisationResult(anomaly_map, confidence_map, foreground, midline, brain)
 
 
 # -- memory ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from napari_anomaly.brain import RegistrationConfig, register_mask
 from napari_anomaly.io import read_image
 
 ITK_DATA = "usr/share/doc/insighttoolkit5-examples/examples/Data"
@@ -309,63 +310,34 @@ def read_brainbrowser_volume(stem: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+#: The yardstick's registration of a 1 mm atlas head onto a 1 mm held-out head.
+ATLAS_REGISTRATION = RegistrationConfig(
+    sampling=0.1,
+    iterations=300,
+    shrink=(4, 2, 1),
+    smoothing=(2.0, 1.0, 0.0),
+    top_mm=150.0,
+    top_smooth_mm=2.0,
+    linear_mask=False,
+    close_iterations=2,
+)
+
+
 def register_brain_mask(
     atlas: np.ndarray, atlas_brain: np.ndarray, head: np.ndarray
 ) -> tuple[np.ndarray, float]:
     """The brain of a 1 mm T1 ``head``: ``atlas_brain`` carried over by an affine
-    registration of the ``atlas`` head (1 mm, T1, same axis order) onto it.
+    registration of the ``atlas`` head (1 mm, T1, same axis order) onto it
+    (:func:`napari_anomaly.brain.register_mask` with :data:`ATLAS_REGISTRATION`).
 
     Mattes mutual information on a regular 10 % sample (its jitter seeded, and one
     thread, so that the mask, and every lesion placed in it, is the same on every run),
-    three resolutions; started from the translation that
-    lines up the top 150 mm of both heads (a head with its neck and one without would
-    otherwise be matched by their centres of mass).
-    Returns the mask (closed, holes filled) and the final metric value.
+    three resolutions; started from the translation that lines up the top 150 mm of both
+    heads (a head with its neck and one without would otherwise be matched by their
+    centres of mass). Returns the mask (closed, holes filled) and the final metric value.
     """
-    import SimpleITK as sitk
-
-    def top_centre(volume: np.ndarray) -> np.ndarray:
-        inside = ndimage.gaussian_filter(volume, 2.0) > 0.3 * np.percentile(volume, 99)
-        slices = np.flatnonzero(inside.any(axis=(1, 2)))
-        inside[: max(int(slices.max()) - 150, 0)] = False
-        return np.asarray(ndimage.center_of_mass(inside))[::-1]  # (x, y, z)
-
-    fixed = sitk.GetImageFromArray(np.asarray(head, dtype=np.float32))
-    moving = sitk.GetImageFromArray(np.asarray(atlas, dtype=np.float32))
-    start = sitk.AffineTransform(3)
-    start.SetTranslation((top_centre(atlas) - top_centre(head)).tolist())
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(32)
-    method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(0.1, 7)  # the default seed is the wall clock
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, 300)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([2, 1, 0])
-    method.SetInitialTransform(start, inPlace=False)
-    # One thread for the metric and for every filter ITK runs under it (the resolution
-    # pyramid's smoothing and shrinking): the sums then add up in one order and every run
-    # ends on the same transform. With the metric alone on one thread the older head's
-    # transform still wandered by about 1e-5 between runs, enough to move a dozen edge
-    # voxels of its brain and with them the yardstick's lesions.
-    method.SetNumberOfThreads(1)
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
-        transform = method.Execute(fixed, moving)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    carried = sitk.Resample(
-        sitk.GetImageFromArray(np.asarray(atlas_brain, dtype=np.uint8)),
-        fixed,
-        transform,
-        sitk.sitkNearestNeighbor,
-        0,
-    )
-    mask = sitk.GetArrayFromImage(carried).astype(bool)
-    mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, iterations=2))
-    return mask, float(method.GetMetricValue())
+    one_mm = (1.0, 1.0, 1.0)
+    return register_mask(atlas, one_mm, atlas_brain, head, one_mm, ATLAS_REGISTRATION)
 
 
 def second_held_out_head(data: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -53,6 +53,7 @@ __all__ = [
     "score_variant",
     "markdown_tables",
     "with_asymmetry",
+    "find_brains",
 ]
 
 #: ``(image, spacing) -> (raw anomaly map in [0, 1], foreground)``
@@ -75,6 +76,9 @@ class CaseMaps:
     asymmetry: np.ndarray | None = None
     #: the patient's midline, found with the comparison, for ``compact-midline``
     midline: Midline | None = None
+    #: the brain found in the scan (:func:`napari_anomaly.brain.find_brain`), for variants
+    #: that weigh the scores outside it
+    brain: np.ndarray | None = None
 
 
 def model_predictor(
@@ -189,6 +193,21 @@ def with_asymmetry(
     return out
 
 
+def find_brains(cases: Iterable) -> Job[list[np.ndarray]]:
+    """The brain :func:`napari_anomaly.brain.find_brain` finds in each of ``cases`` (objects
+    with an axial ``image`` and its ``spacing``), as ``localise`` finds it; yields once per
+    scan. Put them into the records (``CaseMaps.brain``) for the variants that weigh the
+    scores outside the brain."""
+    from napari_anomaly.brain import find_brain
+
+    cases = list(cases)
+    brains = []
+    for index, case in enumerate(cases):
+        yield Progress(index, len(cases), f"brain {index + 1}")
+        brains.append(find_brain(case.image, tuple(case.spacing)))
+    return brains
+
+
 def _maps(records: Sequence[CaseMaps], post: PostprocessConfig) -> list[np.ndarray]:
     plane_axis = 0  # 2D networks walk through volumes along axis 0 (axial slices)
     out = []
@@ -201,8 +220,13 @@ def _maps(records: Sequence[CaseMaps], post: PostprocessConfig) -> list[np.ndarr
                     "add it to the records first (with_asymmetry)"
                 )
             raise_by_asymmetry(raw, r.asymmetry, post.asymmetry_weight)
+        if post.uses_brain and r.brain is None:
+            raise ValueError(
+                "this variant weighs the scores outside the brain: add the brains to the "
+                "records first (find_brains)"
+            )
         if post.changes_the_map:
-            raw = postprocess_map(raw, r.foreground, r.spacing, post, plane_axis)
+            raw = postprocess_map(raw, r.foreground, r.spacing, post, plane_axis, brain=r.brain)
         out.append(raw)
     return out
 

@@ -1,0 +1,291 @@
+"""Where the brain is: a head template's brain carried onto a scan by an affine registration.
+
+A head scan's false regions gather outside the brain: in the skull base, the scalp, the
+orbits and the planes that graze the vertex (``docs/evaluation.md``, "Where the older
+head's false regions lie"). :func:`find_brain` estimates a scan's brain by registering a
+small T1 head template with its brain mask (:func:`load_template`, bundled as
+``data/head_template.npz``) onto the scan: an affine transform, Mattes mutual information
+(so that any contrast fits a T1 template), started from the translation that lines up the
+tops of both heads. The same function carries a held-out atlas brain onto a held-out head
+for the clinical yardstick (``evaluation.anatomy.register_brain_mask``).
+
+Arrays are ``(Z, Y, X)`` with axis 0 the head-foot axis, its higher indices towards the
+top of the head, as the yardstick's scans and the template are; every registration runs
+on one thread with a seeded sample, so that one scan always gives one mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "SCAN_REGISTRATION",
+    "HeadTemplate",
+    "RegistrationConfig",
+    "find_brain",
+    "load_template",
+    "orientation",
+    "register_mask",
+    "template_path",
+    "widen",
+]
+
+TEMPLATE_FILE = "head_template.npz"
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """How :func:`register_mask` registers one head onto another.
+
+    Attributes
+    ----------
+    sampling
+        Share of the fixed image's voxels the metric samples (a regular grid, seeded).
+    iterations
+        Most gradient-descent steps per resolution level.
+    shrink, smoothing
+        Down-sampling factor and Gaussian smoothing of each resolution level, coarse to
+        fine; ``smoothing_in_mm`` says whether the smoothing is in mm or in voxels.
+    top_mm, top_smooth_mm
+        The start lines up the centres of the top ``top_mm`` of both heads, found on
+        each image smoothed by ``top_smooth_mm`` (so that a head with its neck and one
+        without are not matched by their centres of mass).
+    linear_mask
+        Resample the mask linearly and keep > 0.5 (smooth edges on a coarse template),
+        or by its nearest voxel.
+    close_iterations
+        Binary closings of the carried mask before its holes are filled (0: none).
+    """
+
+    sampling: float = 0.2
+    iterations: int = 200
+    shrink: tuple[int, ...] = (4, 2)
+    smoothing: tuple[float, ...] = (4.0, 2.0)
+    smoothing_in_mm: bool = True
+    top_mm: float = 100.0
+    top_smooth_mm: float = 2.0
+    linear_mask: bool = True
+    close_iterations: int = 0
+
+
+#: A coarse template onto a thick-slice clinical scan (:func:`find_brain`).
+SCAN_REGISTRATION = RegistrationConfig()
+
+
+@dataclass(frozen=True)
+class HeadTemplate:
+    """A T1 head and its brain mask on one grid (``(Z, Y, X)``, ``spacing`` in mm;
+    ``direction``: the patient directions of the array's axes, flattened as a
+    :class:`~napari_anomaly.io.images.Geometry`'s)."""
+
+    head: np.ndarray
+    brain: np.ndarray
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    source: str = ""
+
+
+def template_path() -> Path:
+    """Path of the bundled head template (ships inside the package)."""
+    return Path(str(resources.files("napari_anomaly") / "data" / TEMPLATE_FILE))
+
+
+@lru_cache(maxsize=2)
+def load_template(path: str | Path | None = None) -> HeadTemplate:
+    """The bundled head template (:func:`template_path`), or the one at ``path``.
+
+    Made by ``scripts/make_head_template.py`` from the ITK single-subject T1 head and its
+    brain label map (Apache-2.0), one of the default model's training heads, at 2 mm.
+    Read without unpickling.
+
+    Raises
+    ------
+    ValueError
+        For a file that is not a head template.
+    """
+    path = Path(path) if path is not None else template_path()
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            head = np.asarray(data["head"], dtype=np.float32)
+            brain = np.asarray(data["brain"], dtype=bool)
+            spacing = tuple(float(s) for s in np.ravel(data["spacing"]))
+            source = str(data["source"]) if "source" in data.files else ""
+            direction = tuple(float(v) for v in np.ravel(data["direction"]))
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path}: not a head template ({error})") from None
+    if (
+        head.ndim != 3
+        or head.shape != brain.shape
+        or len(spacing) != 3
+        or len(direction) != 9
+        or not brain.any()
+    ):
+        raise ValueError(
+            f"{path}: not a head template (head, brain of one 3D shape, spacing, direction)"
+        )
+    return HeadTemplate(head, brain, spacing, direction, source)
+
+
+def _axis_directions(direction: Sequence[float]) -> np.ndarray:
+    """Row ``a``: the patient direction (LPS) of NumPy axis ``a`` of a 3D array."""
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    return matrix[:, ::-1].T  # column j is index axis j, the NumPy axis 2 - j
+
+
+def orientation(direction: Sequence[float], template: Sequence[float]) -> list[tuple[int, bool]]:
+    """For each axis of the ``template``'s array, the axis of an array with ``direction``
+    that runs closest to it, and whether it runs the other way: how to turn that array
+    onto the template's axes (both flattened direction cosines, as in a ``Geometry``)."""
+    scan, target = _axis_directions(direction), _axis_directions(template)
+    overlap = target @ scan.T  # [template axis, scan axis]
+    taken: list[tuple[int, bool]] = []
+    free = [0, 1, 2]
+    for row in np.argsort(-np.abs(overlap).max(axis=1)):  # the clearest match first
+        best = max(free, key=lambda a: abs(overlap[row, a]))
+        free.remove(best)
+        taken.append((int(row), best, bool(overlap[row, best] < 0)))
+    return [(axis, flip) for _, axis, flip in sorted(taken)]
+
+
+def _top_centre(volume: np.ndarray, spacing: np.ndarray, config: RegistrationConfig) -> np.ndarray:
+    """Centre (x, y, z mm) of the top ``config.top_mm`` of the head in ``volume``."""
+    smooth = ndimage.gaussian_filter(
+        np.asarray(volume, dtype=np.float32), config.top_smooth_mm / spacing
+    )
+    inside = smooth > 0.3 * np.percentile(volume, 99)
+    planes = np.flatnonzero(inside.any(axis=(1, 2)))
+    if planes.size == 0:
+        return np.asarray(volume.shape, dtype=float)[::-1] * spacing[::-1] / 2
+    top = int(planes.max())
+    low = max(top - int(round(config.top_mm / spacing[0])), 0)
+    inside[:low] = False
+    return (np.asarray(ndimage.center_of_mass(inside)) * spacing)[::-1]
+
+
+def register_mask(
+    head: np.ndarray,
+    head_spacing: Sequence[float],
+    mask: np.ndarray,
+    target: np.ndarray,
+    target_spacing: Sequence[float],
+    config: RegistrationConfig = SCAN_REGISTRATION,
+) -> tuple[np.ndarray, float]:
+    """``mask`` (on ``head``'s grid) carried onto ``target``'s grid by an affine
+    registration of ``head`` onto ``target``; returns the mask (holes filled) and the
+    final metric value (Mattes mutual information, lower is better).
+
+    Every ITK filter runs on one thread during the registration (the global setting is
+    restored after): the sums then add up in one order and every run ends on the same
+    transform.
+    """
+    import SimpleITK as sitk
+
+    head_step = np.asarray(head_spacing, dtype=float)
+    target_step = np.asarray(target_spacing, dtype=float)
+
+    def image(array: np.ndarray, step: np.ndarray, dtype=np.float32):
+        img = sitk.GetImageFromArray(np.asarray(array, dtype=dtype))
+        img.SetSpacing(tuple(float(s) for s in step[::-1]))
+        return img
+
+    fixed, moving = image(target, target_step), image(head, head_step)
+    start = sitk.AffineTransform(3)
+    shift = _top_centre(head, head_step, config) - _top_centre(target, target_step, config)
+    start.SetTranslation(shift.tolist())
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(config.sampling, 7)  # the default seed is the clock
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, config.iterations)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(list(config.shrink))
+    method.SetSmoothingSigmasPerLevel(list(config.smoothing))
+    if config.smoothing_in_mm:
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    else:
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    method.SetInitialTransform(start, inPlace=False)
+    method.SetNumberOfThreads(1)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        transform = method.Execute(fixed, moving)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    if config.linear_mask:
+        carried = sitk.Resample(
+            image(mask, head_step), fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32
+        )
+        out = sitk.GetArrayFromImage(carried) > 0.5
+    else:
+        carried = sitk.Resample(
+            image(mask, head_step, np.uint8), fixed, transform, sitk.sitkNearestNeighbor, 0
+        )
+        out = sitk.GetArrayFromImage(carried).astype(bool)
+    if config.close_iterations:
+        out = ndimage.binary_closing(out, iterations=config.close_iterations)
+    return ndimage.binary_fill_holes(out), float(method.GetMetricValue())
+
+
+def find_brain(
+    image: np.ndarray,
+    spacing: Sequence[float],
+    direction: Sequence[float] | None = None,
+    template: HeadTemplate | None = None,
+    config: RegistrationConfig = SCAN_REGISTRATION,
+) -> np.ndarray:
+    """The brain of a head scan ``image`` (3D, ``spacing`` in mm per axis): the template's
+    brain carried onto it (:func:`register_mask`). A bool mask of the image's shape.
+
+    ``direction``: the patient directions of the image's axes (a ``Geometry``'s); the
+    image is turned onto the template's axes for the registration and the mask turned
+    back. ``None``: the image lies as the template does (axis 0 head-foot with the top of
+    the head at the higher indices), as the yardstick's scans do.
+
+    Raises
+    ------
+    ValueError
+        For anything but a 3D image with a positive spacing per axis.
+    """
+    arr = np.asarray(image)
+    step = np.asarray(spacing, dtype=float)
+    if arr.ndim != 3 or step.shape != (3,) or not np.all(np.isfinite(step) & (step > 0)):
+        raise ValueError(
+            f"a brain is found in a 3D head scan with a spacing per axis, got shape "
+            f"{arr.shape} and spacing {tuple(spacing)}"
+        )
+    template = template or load_template()
+    if direction is None:
+        mask, _ = register_mask(template.head, template.spacing, template.brain, arr, step, config)
+        return mask
+    turns = orientation(direction, template.direction)
+    axes = [axis for axis, _ in turns]
+    turned = np.transpose(arr, axes)
+    flips = tuple(i for i, (_, flip) in enumerate(turns) if flip)
+    if flips:
+        turned = np.flip(turned, flips)
+    mask, _ = register_mask(
+        template.head, template.spacing, template.brain, turned, step[axes], config
+    )
+    if flips:
+        mask = np.flip(mask, flips)
+    return np.ascontiguousarray(np.transpose(mask, np.argsort(axes)))
+
+
+def widen(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """``mask`` grown by ``margin_mm`` (an ellipsoid of that radius in mm); itself for 0."""
+    if margin_mm <= 0:
+        return mask
+    step = np.asarray(spacing, dtype=float)
+    reach = [int(np.floor(margin_mm / s)) for s in step]
+    grid = np.ogrid[tuple(slice(-r, r + 1) for r in reach)]
+    ball = sum((g * s) ** 2 for g, s in zip(grid, step)) <= margin_mm**2
+    return ndimage.binary_dilation(mask, ball)

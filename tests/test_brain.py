@@ -1,0 +1,165 @@
+"""Finding the brain in a head scan (napari_anomaly.brain) and weighing what lies outside it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_NETWORK_2D
+
+from napari_anomaly.brain import (
+    HeadTemplate,
+    find_brain,
+    load_template,
+    orientation,
+    template_path,
+    widen,
+)
+from napari_anomaly.calibration import PostprocessConfig, postprocess_map
+from napari_anomaly.inference import InferenceConfig, localise, placement
+from napari_anomaly.io import Geometry
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.model import AnomalyNet
+from napari_anomaly.progress import run_to_end
+
+#: The template's axes: 0 to the top of the head, 1 to the front, 2 to the left (LPS).
+TEMPLATE_DIRECTION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def phantom_head(shape, spacing, shift_mm=(0.0, 0.0, 0.0), scale=1.0):
+    """A head: skull shell, brain with white matter and two ventricles, a nose at the
+    front (axis 1, higher indices) so that front and back differ; and its brain mask."""
+    grid = np.meshgrid(*[(np.arange(n) - n / 2) * s for n, s in zip(shape, spacing)], indexing="ij")
+    z, y, x = (g - d for g, d in zip(grid, shift_mm))
+    z, y, x = z / scale, y / scale, x / scale
+
+    def inside(radii, centre=(0, 0, 0)):
+        return sum(((c - m) / r) ** 2 for c, m, r in zip((z, y, x), centre, radii)) < 1
+
+    head = np.zeros(shape, np.float32)
+    head[inside((80, 95, 75))] = 0.9  # scalp and skull
+    brain = inside((68, 82, 63))
+    head[brain] = 0.45
+    head[inside((45, 60, 45))] = 0.65  # white matter
+    head[inside((18, 25, 6), (5, 0, 12)) | inside((18, 25, 6), (5, 0, -12))] = 0.1
+    head[inside((15, 12, 10), (-40, 95, 0))] = 0.8  # the nose
+    return head, brain
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def template():
+    head, brain = phantom_head((96, 112, 88), (2.0, 2.0, 2.0))
+    return HeadTemplate(head, brain, (2.0, 2.0, 2.0), TEMPLATE_DIRECTION)
+
+
+def test_the_brain_of_a_thick_slice_scan_is_found_and_found_alike_every_time(template):
+    spacing = (6.0, 1.0, 1.0)
+    scan, truth = phantom_head((34, 200, 170), spacing, shift_mm=(8, -6, 4), scale=1.05)
+    scan += np.random.default_rng(0).normal(0, 0.03, scan.shape).astype(np.float32)
+    found = find_brain(scan, spacing, template=template)
+    assert found.shape == scan.shape and found.dtype == bool
+    assert dice(found, truth) > 0.9
+    # Started from the template's place, its brain alone would miss the moved head.
+    assert np.array_equal(find_brain(scan, spacing, template=template), found)
+
+
+def test_a_coronal_stack_is_turned_onto_the_template_and_its_brain_turned_back(template):
+    spacing = (6.0, 1.0, 1.0)
+    axial, truth = phantom_head((34, 200, 170), spacing, shift_mm=(4, 3, -2))
+    # Stored coronal: NumPy axis 0 runs to the back, axis 1 to the feet, axis 2 to the left.
+    coronal = np.flip(np.transpose(axial, (1, 0, 2)), (0, 1))
+    truth_coronal = np.flip(np.transpose(truth, (1, 0, 2)), (0, 1))
+    # Index axes x, y, z (NumPy 2, 1, 0): left, feet (-S), back (+P).
+    direction = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)
+    assert orientation(direction, TEMPLATE_DIRECTION) == [(1, True), (0, True), (2, False)]
+    found = find_brain(coronal, (1.0, 6.0, 1.0), direction, template=template)
+    assert found.shape == coronal.shape
+    assert dice(found, truth_coronal) > 0.9
+
+
+def test_only_3d_scans_with_a_spacing_have_a_brain_to_find(template):
+    with pytest.raises(ValueError, match="3D head scan"):
+        find_brain(np.zeros((32, 32), np.float32), (1.0, 1.0), template=template)
+    with pytest.raises(ValueError, match="spacing"):
+        find_brain(np.zeros((8, 32, 32), np.float32), (0.0, 1.0, 1.0), template=template)
+
+
+def test_the_bundled_template_is_a_head_with_its_brain(tmp_path):
+    bundled = load_template()
+    assert bundled.head.ndim == 3 and bundled.head.shape == bundled.brain.shape
+    assert 0.05 < bundled.brain.mean() < 0.5
+    assert bundled.spacing == (2.0, 2.0, 2.0)
+    assert template_path().stat().st_size < 1_000_000
+    bad = tmp_path / "not a template.npz"
+    np.savez(bad, head=np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="not a template.npz: not a head template"):
+        load_template(bad)
+
+
+def test_scores_outside_the_brain_are_weighed_and_the_margin_grows_it():
+    scores = np.full((4, 20, 20), 0.8, np.float32)
+    foreground = np.ones(scores.shape, bool)
+    brain = np.zeros(scores.shape, bool)
+    brain[:, 5:15, 5:15] = True
+    post = PostprocessConfig(outside_brain_weight=0.25)
+    out = postprocess_map(scores, foreground, (5.0, 1.0, 1.0), post, brain=brain)
+    assert np.allclose(out[brain], 0.8) and np.allclose(out[~brain], 0.2)
+    grown = PostprocessConfig(outside_brain_weight=0.0, outside_brain_margin_mm=2.0)
+    out = postprocess_map(scores, foreground, (5.0, 1.0, 1.0), grown, brain=brain)
+    assert out[0, 10, 3] == pytest.approx(0.8) and out[0, 10, 2] == 0.0
+    assert np.array_equal(widen(brain, (5.0, 1.0, 1.0), 2.0)[0], out[0] > 0)
+    # Without a brain (a 2D image, an unknown spacing) nothing is weighed.
+    assert np.allclose(postprocess_map(scores, foreground, None, post), 0.8)
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="outside_brain_weight"):
+            PostprocessConfig(outside_brain_weight=bad)
+    with pytest.raises(ValueError, match="outside_brain_margin_mm"):
+        PostprocessConfig(outside_brain_margin_mm=500.0)
+    stored = PostprocessConfig.from_metadata({"postprocess": post.to_dict()})
+    assert stored == post and stored.uses_brain and not PostprocessConfig().uses_brain
+
+
+def test_localise_finds_the_brain_of_a_volume_only_where_the_model_asks(monkeypatch):
+    seen = []
+
+    def fake_brain(image, spacing, direction=None):
+        seen.append((image.shape, tuple(spacing), direction))
+        brain = np.zeros(image.shape, bool)
+        brain[:, 8:24, 8:24] = True
+        return brain
+
+    monkeypatch.setattr("napari_anomaly.inference.find_brain", fake_brain)
+    torch.manual_seed(0)
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    volume = np.random.default_rng(1).normal(100, 20, (6, 32, 32)).astype(np.float32)
+    geometry = Geometry((3.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    config = InferenceConfig(device="cpu")
+
+    def run(**post):
+        model = Localiser(network, metadata={"patch_size": 32, "postprocess": post})
+        return run_to_end(localise(volume, model, config, **placement(geometry, 3)))
+
+    plain = run()
+    assert plain.brain is None and not seen
+    weighed = run(outside_brain_weight=0.5)
+    assert seen == [((6, 32, 32), (3.0, 1.0, 1.0), geometry.direction)]
+    assert weighed.brain is not None and weighed.brain[:, 8:24, 8:24].all()
+    outside = ~weighed.brain
+    assert np.allclose(weighed.anomaly_map[outside], 0.5 * plain.anomaly_map[outside], atol=1e-6)
+    assert np.allclose(weighed.anomaly_map[~outside], plain.anomaly_map[~outside])
+    # A 2D image has no brain to find.
+    run_to_end(
+        localise(
+            volume[0],
+            Localiser(
+                network, metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}}
+            ),
+            config,
+            spacing=(1.0, 1.0),
+        )
+    )
+    assert len(seen) == 1
