@@ -163,3 +163,35 @@ def test_localise_finds_the_brain_of_a_volume_only_where_the_model_asks(monkeypa
         )
     )
     assert len(seen) == 1
+
+
+def test_threshold_from_normal_scans_finds_each_scans_brain_along_its_own_axes(monkeypatch):
+    from napari_anomaly.calibration import calibrate
+
+    seen = []
+
+    def fake_brain(image, spacing, direction=None):
+        seen.append(direction)
+        return np.ones(image.shape, bool)
+
+    monkeypatch.setattr("napari_anomaly.inference.find_brain", fake_brain)
+    torch.manual_seed(0)
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    model = Localiser(
+        network, metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}}
+    )
+    rng = np.random.default_rng(2)
+    scans = [rng.normal(100, 20, (6, 32, 32)).astype(np.float32) for _ in range(2)]
+    coronal = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)
+    run_to_end(
+        calibrate(
+            model,
+            scans,
+            [(3.0, 1.0, 1.0)] * 2,
+            inference=InferenceConfig(device="cpu"),
+            directions=[None, coronal],
+        )
+    )
+    assert seen == [None, coronal]
+    with pytest.raises(ValueError, match="one direction per normal scan"):
+        run_to_end(calibrate(model, scans, directions=[None]))

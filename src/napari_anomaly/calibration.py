@@ -612,6 +612,16 @@ def _left_right_axes(axes: Sequence[int | None] | None, count: int, what: str) -
     return axes
 
 
+def _directions(directions, count: int, what: str) -> list:
+    """One direction (or ``None``) per scan, for a model that finds the brain."""
+    if directions is None:
+        return [None] * count
+    directions = list(directions)
+    if len(directions) != count:
+        raise ValueError(f"give one direction per {what}: {len(directions)} for {count}")
+    return directions
+
+
 def calibrate(
     localiser,
     normal_images: Sequence[np.ndarray],
@@ -624,6 +634,7 @@ def calibrate(
     inference=None,
     description: str = "",
     left_right_axes: Sequence[int | None] | None = None,
+    directions: Sequence[Sequence[float] | None] | None = None,
 ) -> Job:
     """Fit the score calibration and the default threshold on normal scans.
 
@@ -651,6 +662,11 @@ def calibrate(
         from a geometry); ``None`` = the last axis of every scan. The scans must
         be seen as :func:`~napari_anomaly.inference.localise` will see the
         user's scans, or the threshold means something else.
+    directions
+        Per scan, the patient directions of its axes (a ``Geometry``'s; ``placement``
+        gives them), for a model that weighs the scores outside the brain
+        (:func:`napari_anomaly.brain.find_brain`); ``None``: every scan lies as the
+        brain template does.
 
     Yields
     ------
@@ -676,6 +692,7 @@ def calibrate(
     if len(spacing_list) != len(images):
         raise ValueError("give one spacing per normal scan")
     axes = _left_right_axes(left_right_axes, len(images), "normal scan")
+    turns = _directions(directions, len(images), "normal scan")
     post = postprocess or PostprocessConfig.from_metadata(localiser.metadata)
     metadata = copy.deepcopy(localiser.metadata)
     metadata.pop("calibration", None)
@@ -684,10 +701,17 @@ def calibrate(
     config = inference or InferenceConfig()
 
     raw_maps, values = [], []
-    for index, (image, spacing, axis) in enumerate(zip(images, spacing_list, axes)):
+    for index, (image, spacing, axis, direction) in enumerate(
+        zip(images, spacing_list, axes, turns)
+    ):
         yield Progress(index, len(images), f"calibrating: normal scan {index + 1}/{len(images)}")
         result = yield from localise(
-            image, uncalibrated, config, spacing=spacing, left_right_axis=axis
+            image,
+            uncalibrated,
+            config,
+            spacing=spacing,
+            left_right_axis=axis,
+            direction=direction,
         )
         raw_maps.append(result.anomaly_map)
         values.append(result.anomaly_map[result.foreground])
@@ -785,6 +809,7 @@ def carry_calibration(
     margin_mm: float = 5.0,
     inference=None,
     left_right_axes: Sequence[int | None] | None = None,
+    directions: Sequence[Sequence[float] | None] | None = None,
 ) -> Job:
     """Give a fine-tuned model its parent's score scale (see :func:`transfer_score_calibration`).
 
@@ -794,8 +819,8 @@ def carry_calibration(
     threshold is kept: on the transferred scale it cuts the same share of
     normal voxels, so it keeps its meaning of "about K false regions per
     normal scan" as well as the corrected cases can tell. A parent without a
-    calibration gives the child back unchanged. ``left_right_axes`` is as in
-    :func:`calibrate`.
+    calibration gives the child back unchanged. ``left_right_axes`` and ``directions``
+    are as in :func:`calibrate`.
 
     Returns
     -------
@@ -811,15 +836,23 @@ def carry_calibration(
     score = ScoreCalibration.from_dict(parent.metadata["calibration"]["score"])
     spacing_list = list(spacings) if spacings is not None else [None] * len(images)
     axes = _left_right_axes(left_right_axes, len(images), "case")
+    turns = _directions(directions, len(images), "case")
     config = inference or InferenceConfig()
     networks = (_uncalibrated(parent), _uncalibrated(child))
     parent_values, child_values = [], []
-    for index, (image, mask, spacing, axis) in enumerate(zip(images, masks, spacing_list, axes)):
+    for index, (image, mask, spacing, axis, direction) in enumerate(
+        zip(images, masks, spacing_list, axes, turns)
+    ):
         yield Progress(index, len(images), f"carrying the score scale over: case {index + 1}")
         maps = []
         for network in networks:
             result = yield from localise(
-                image, network, config, spacing=spacing, left_right_axis=axis
+                image,
+                network,
+                config,
+                spacing=spacing,
+                left_right_axis=axis,
+                direction=direction,
             )
             maps.append(result)
         marked = np.asarray(mask, dtype=bool)

@@ -499,6 +499,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             # Counts only: file names may identify patients, and model files travel.
             description=f"{len(loaded)} normal scan(s)",
             left_right_axes=_left_right_axes(loaded),
+            directions=_directions(loaded),
         ),
         "calibrate",
     )
@@ -518,6 +519,13 @@ def _left_right_axes(loaded) -> list[int | None]:
     from napari_anomaly.inference import placement
 
     return [placement(i.geometry, i.array.ndim)["left_right_axis"] for i in loaded]
+
+
+def _directions(loaded) -> list:
+    """Each read image's axis directions, from its geometry (as ``localise`` sees them)."""
+    from napari_anomaly.inference import placement
+
+    return [placement(i.geometry, i.array.ndim)["direction"] for i in loaded]
 
 
 # Settings fields whose command-line flag is not ``--`` + the field's name with dashes.
@@ -667,6 +675,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             config,
             spacings=[i.geometry.spacing for i in images],
             left_right_axes=_left_right_axes(images),
+            directions=_directions(images),
             held_images=[h.array for h in held],
             held_spacings=[h.geometry.spacing for h in held],
         ),
@@ -710,6 +719,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             image_names=names,
             spacings=[image.geometry.spacing for image in loaded],
             left_right_axes=_left_right_axes(loaded),
+            directions=_directions(loaded),
         ),
         "adapt",
     )

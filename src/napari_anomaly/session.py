@@ -1232,6 +1232,7 @@ class ReviewSession:
             voxel_weights=weights,
             spacings=[c.geometry.spacing for c in cases],
             left_right_axes=[placement(c.geometry, c.image.ndim)["left_right_axis"] for c in cases],
+            directions=[placement(c.geometry, c.image.ndim)["direction"] for c in cases],
             held_images=held_images,
             held_spacings=held_spacings,
         )
@@ -1348,6 +1349,7 @@ class ReviewSession:
         names: Sequence[str] | None = None,
         case_ids: Iterable[str] | None = None,
         left_right_axes: Sequence[int | None] | None = None,
+        directions: Sequence[Sequence[float] | None] | None = None,
     ) -> Job[CalibrationOutcome]:
         """*Threshold from normal scans*: calibrate the current model on normal scans.
 
@@ -1360,7 +1362,9 @@ class ReviewSession:
         score scale and its threshold (one undo step each), and new cases
         start at it. Reviewed cases are not changed. Cancelling changes nothing.
         ``left_right_axes`` gives each scan's left-right array axis (default: the
-        last), as :func:`napari_anomaly.inference.placement` reads it from a geometry.
+        last), as :func:`napari_anomaly.inference.placement` reads it from a geometry,
+        and ``directions`` the patient directions of each scan's axes (``placement``
+        too), for a model that finds the brain.
         """
         images = [np.asarray(image) for image in normal_images]
         if not images:
@@ -1377,6 +1381,7 @@ class ReviewSession:
             # Counts only: layer names may identify patients, and model files travel.
             description=f"{len(images)} normal scan(s) chosen in a review session",
             left_right_axes=left_right_axes,
+            directions=directions,
         )
         calibrated.metadata["name"] = f"{parent.name}+cal{len(self.versions)}"
         ids = list(self.cases) if case_ids is None else list(case_ids)
@@ -1404,6 +1409,7 @@ class ReviewSession:
         names: Sequence[str] | None = None,
         spacings: Sequence[Sequence[float]] | None = None,
         left_right_axes: Sequence[int | None] | None = None,
+        directions: Sequence[Sequence[float] | None] | None = None,
     ) -> Job[Localiser]:
         """Adapt the current model to unlabelled scans (see :func:`training.adapt`).
 
@@ -1419,6 +1425,7 @@ class ReviewSession:
             image_names=names,
             spacings=spacings,
             left_right_axes=left_right_axes,
+            directions=directions,
         )
         adapted.metadata["name"] = f"{parent.name}+ad{len(self.versions)}"
         self.add_version(adapted)

@@ -1058,6 +1058,7 @@ def adapt(
     synthesis: SynthesisConfig | None = None,
     augmentation: AugmentConfig | None = None,
     left_right_axes: Sequence[int | None] | None = None,
+    directions: Sequence[Sequence[float] | None] | None = None,
 ) -> Job[Localiser]:
     """Adapt a localiser to a site's own unlabelled scans.
 
@@ -1094,6 +1095,9 @@ def adapt(
         Per image, the array axis along the patient's left-right axis, for the
         re-calibration (:func:`napari_anomaly.calibration.calibrate`); ``None``
         = the last axis.
+    directions
+        Per image, the patient directions of its axes, for the re-calibration of a
+        model that finds the brain (as in :func:`~napari_anomaly.calibration.calibrate`).
 
     Yields
     ------
@@ -1209,6 +1213,7 @@ def adapt(
             inference=InferenceConfig(device=settings.device),
             description=f"the adaptation scans ({len(images)})",
             left_right_axes=left_right_axes,
+            directions=directions,
         )
         recalibrated.metadata["parent_sha256"] = localiser.sha256
         child = recalibrated
@@ -1270,6 +1275,7 @@ def finetune(
     synthesis: SynthesisConfig = SynthesisConfig(),
     spacings: Sequence[Sequence[float] | None] | None = None,
     left_right_axes: Sequence[int | None] | None = None,
+    directions: Sequence[Sequence[float] | None] | None = None,
     held_images: Sequence[np.ndarray] = (),
     held_spacings: Sequence[Sequence[float] | None] | None = None,
 ) -> Job[Localiser]:
@@ -1304,6 +1310,9 @@ def finetune(
         Per case, the array axis along the patient's left-right axis, for
         carrying the score scale over (:func:`napari_anomaly.calibration.carry_calibration`);
         ``None`` = the last axis.
+    directions
+        Per case, the patient directions of its axes, for carrying the score scale of
+        a model that finds the brain (as in :func:`~napari_anomaly.calibration.calibrate`).
     held_images, held_spacings
         Other scans of the site, unlabelled (they may hold lesions), with their
         voxel sizes: every step, ``config.held_patches`` patches of them are
@@ -1535,5 +1544,6 @@ def finetune(
             [np.asarray(m).astype(bool) for m in corrected_masks],
             spacings,
             left_right_axes=left_right_axes,
+            directions=directions,
         )
     return tuned

@@ -1817,8 +1817,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self,
     ) -> tuple[list[np.ndarray], list[str], list[str], list[tuple[float, ...]], list]:
         """The open scans (2D/3D greyscale Image layers, not our maps), what was skipped,
-        the scans' voxel sizes (the layers' scale) and their left-right axes."""
-        images, names, skipped, spacings, sides = [], [], [], [], []
+        the scans' voxel sizes (the layers' scale) and their placements
+        (:func:`napari_anomaly.inference.placement`: left-right axis, directions)."""
+        images, names, skipped, spacings, placed = [], [], [], [], []
         for layer in self.viewer.layers:
             if not self._is_scan_layer(layer):
                 continue
@@ -1828,8 +1829,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
             images.append(np.asarray(layer.data))
             names.append(layer.name)
             spacings.append(tuple(float(v) for v in layer.scale))
-            sides.append(_placement(layer)["left_right_axis"])
-        return images, names, skipped, spacings, sides
+            placed.append(_placement(layer))
+        return images, names, skipped, spacings, placed
 
     def adapt(self, steps: int | None = None, wait: bool = False) -> None:
         """Adapt the current model to the scans open in the viewer.
@@ -1843,7 +1844,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self._say("A job is running; cancel it or wait.", error=True)
             return
         self.last_error = None
-        images, names, skipped, spacings, sides = self._scans_to_adapt_on()
+        images, names, skipped, spacings, placed = self._scans_to_adapt_on()
         if not images:
             self._say(
                 "No scans to adapt to: open some scans from your scanner (2D images or 3D "
@@ -1861,7 +1862,14 @@ class AnomalyReviewWidget(WorklistControls, Container):
         if skipped:
             label += f" (skipped {', '.join(skipped)}: RGB, multiscale or not 2D/3D)"
         self._start(
-            session.adapt(images, config, names, spacings, left_right_axes=sides),
+            session.adapt(
+                images,
+                config,
+                names,
+                spacings,
+                left_right_axes=[p["left_right_axis"] for p in placed],
+                directions=[p["direction"] for p in placed],
+            ),
             label,
             self._on_adapted,
         )
@@ -1927,7 +1935,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
                 )
             )
             return
-        images, spacings, sides = [], [], []
+        images, spacings, sides, directions = [], [], [], []
         for name in names:
             layer = self._selected_image(name)
             if layer is None:
@@ -1936,6 +1944,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             placed = _placement(layer)
             spacings.append(placed["spacing"])
             sides.append(placed["left_right_axis"])
+            directions.append(placed["direction"])
         job = session.calibrate(
             images,
             spacings,
@@ -1943,6 +1952,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             names=names,
             case_ids=open_ids,
             left_right_axes=sides,
+            directions=directions,
         )
         self._start(
             job,
