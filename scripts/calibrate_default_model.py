@@ -10,7 +10,7 @@ five contrasts, acquired as clinics do (``evaluation.clinical``), seed
 ``--seed``, and with ``--calibration-subjects`` normal scans of held-out subjects
 (never trained on; ``evaluation.anatomy.calibration_scans``). The model's
 post-processing (``--smooth-mm``, ``--edge-mm``, ``--in-plane-mm``,
-``--asymmetry-weight``, ``--end-plane-weight``) is stored with it, then
+``--asymmetry-weight``, ``--end-plane-weight``, ``--outside-brain-weight``) is stored with it, then
 ``calibration.calibrate`` fits the score scale and the default threshold (at most
 ``--max-false-regions`` regions per normal scan) and the result is written as a
 new version naming its parent.
@@ -56,6 +56,19 @@ def main() -> None:
         type=float,
         default=1.0,
         help="factor on the scores of a stack's first and last plane (1: off)",
+    )
+    parser.add_argument(
+        "--outside-brain-weight",
+        type=float,
+        default=1.0,
+        help="factor on the scores outside the brain found in each scan (napari_anomaly.brain; "
+        "1: off)",
+    )
+    parser.add_argument(
+        "--outside-brain-margin-mm",
+        type=float,
+        default=0.0,
+        help="grow the brain found by this much first",
     )
     parser.add_argument("--max-false-regions", type=float, default=5.0)
     parser.add_argument(
@@ -113,6 +126,8 @@ def main() -> None:
         asymmetry_weight=args.asymmetry_weight,
         extra_in_plane_mm=tuple(args.extra_in_plane_mm),
         end_plane_weight=args.end_plane_weight,
+        outside_brain_weight=args.outside_brain_weight,
+        outside_brain_margin_mm=args.outside_brain_margin_mm,
     )
     calibrated = run_to_end(
         calibrate(

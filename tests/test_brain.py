@@ -195,3 +195,11 @@ def test_threshold_from_normal_scans_finds_each_scans_brain_along_its_own_axes(m
     assert seen == [None, coronal]
     with pytest.raises(ValueError, match="one direction per normal scan"):
         run_to_end(calibrate(model, scans, directions=[None]))
+
+
+def test_finding_the_brain_is_counted_in_the_memory_a_volume_needs():
+    from napari_anomaly.inference import localise_memory
+
+    volume = (200, 512, 512)
+    assert localise_memory(volume, finds_brain=True) > localise_memory(volume)
+    assert localise_memory((512, 512), finds_brain=True) == localise_memory((512, 512))

@@ -559,7 +559,8 @@ def localise(
         walk = head_foot_axis % 3
     zooms = _plane_zooms(localiser, spacing, arr.ndim, dims, walk)
     tile = config.tile_size or localiser.patch_size
-    _refuse_what_will_not_fit(arr, dims, zooms, tile, walk)
+    finds_brain = localiser.postprocess.uses_brain and arr.ndim == 3 and spacing is not None
+    _refuse_what_will_not_fit(arr, dims, zooms, tile, walk, finds_brain)
     device = resolve_device(config.device)
     network = _network_for_inference(localiser.network, device)
     yield Progress(0, 0, "preprocessing")
@@ -628,7 +629,7 @@ def localise(
                 post,
             )
     brain = None
-    if post.uses_brain and arr.ndim == 3 and spacing is not None:
+    if finds_brain:
         yield Progress(done, total, "finding the brain")
         brain = find_brain(arr, spacing, direction)
     if post.changes_the_map:
@@ -652,6 +653,9 @@ _FIT_BYTES = 1 + 4 + 2
 # The network and one batch of tiles and activations, a plane or slab of blending
 # weights and edge distances, chunks of the calibration, the allocator's slack.
 _FIXED_BYTES = 256 * 1024 * 1024
+# Finding the brain (napari_anomaly.brain) beside the results: the scan as float32 for ITK,
+# its smoothed copy and the mask resampled as float32, then bool masks.
+_BRAIN_BYTES = 4 + 4 + 4 + 3
 
 
 def localise_memory(
@@ -661,6 +665,7 @@ def localise_memory(
     *,
     zoom: tuple[float, ...] | None = None,
     slice_axis: int = 0,
+    finds_brain: bool = False,
 ) -> int:
     """Estimated peak of the memory :func:`localise` adds to the caller's image, in bytes.
 
@@ -674,6 +679,9 @@ def localise_memory(
         In-plane resampling factors to the model's pixel size, if any.
     slice_axis
         The axis a 2D model walks along a volume.
+    finds_brain
+        Whether the model weighs the scores outside the brain (a volume's brain is
+        found after the network has run, beside the results).
 
     Returns
     -------
@@ -695,7 +703,8 @@ def localise_memory(
         else:
             plane = voxels // shape[slice_axis]
             tiling += int(plane * (8 + 12 * scale))
-    return int(max(fit, tiling) + _FIXED_BYTES)
+    brain = voxels * (_RESULT_BYTES + _BRAIN_BYTES) if finds_brain and len(shape) == 3 else 0
+    return int(max(fit, tiling, brain) + _FIXED_BYTES)
 
 
 def available_memory() -> int | None:
@@ -727,11 +736,13 @@ def _gigabytes(n: float) -> str:
 
 
 def _refuse_what_will_not_fit(
-    arr: np.ndarray, dims: int, zooms, tile: int, slice_axis: int
+    arr: np.ndarray, dims: int, zooms, tile: int, slice_axis: int, finds_brain: bool = False
 ) -> None:
     # Passes run one after the other and fold into the same results: the largest counts.
     needed = max(
-        localise_memory(arr.shape, arr.dtype, dims, zoom=zoom, slice_axis=slice_axis)
+        localise_memory(
+            arr.shape, arr.dtype, dims, zoom=zoom, slice_axis=slice_axis, finds_brain=finds_brain
+        )
         for zoom in zooms
     )
     available = available_memory()
