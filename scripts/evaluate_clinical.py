@@ -40,6 +40,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from napari_anomaly.brain import landed
 from napari_anomaly.calibration import PostprocessConfig
 from napari_anomaly.evaluation.anatomy import (
     HELD_OUT_SUBJECTS,
@@ -80,6 +83,12 @@ def only_brain(records, cases):
         dataclasses.replace(r, raw_map=(r.raw_map * c.brain_mask).astype(r.raw_map.dtype))
         for r, c in zip(records, cases, strict=True)
     ]
+
+
+def _weighed(brain, record):
+    """The brain to weigh ``record``'s map by: the one found, or where it did not land on
+    the scan (``brain.landed``, as in ``localise``) the whole scan, which weighs nothing."""
+    return brain if landed(brain, record.foreground) else np.ones_like(brain)
 
 
 def main() -> None:
@@ -374,9 +383,10 @@ def main() -> None:
                 )
             )
         if weighs_brain:
-            cal = [dataclasses.replace(r, brain=b) for r, b in zip(cal, cal_brains, strict=True)]
+            # As localise: a brain that did not land on the scan weighs nothing.
+            cal = [dataclasses.replace(r, brain=_weighed(b, r)) for r, b in zip(cal, cal_brains)]
             records = [
-                dataclasses.replace(r, brain=b) for r, b in zip(records, brains, strict=True)
+                dataclasses.replace(r, brain=_weighed(b, r)) for r, b in zip(records, brains)
             ]
         seconds = time.perf_counter() - t0
         variants = {}

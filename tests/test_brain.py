@@ -203,3 +203,25 @@ def test_finding_the_brain_is_counted_in_the_memory_a_volume_needs():
     volume = (200, 512, 512)
     assert localise_memory(volume, finds_brain=True) > localise_memory(volume)
     assert localise_memory((512, 512), finds_brain=True) == localise_memory((512, 512))
+
+
+def test_a_brain_found_off_the_scan_weighs_nothing(monkeypatch):
+    def brain_in_the_air(image, spacing, direction=None):
+        brain = np.zeros(image.shape, bool)
+        brain[:, :6, :6] = True  # the corner, where the scan holds air
+        return brain
+
+    monkeypatch.setattr("napari_anomaly.inference.find_brain", brain_in_the_air)
+    torch.manual_seed(0)
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    volume = np.zeros((6, 32, 32), np.float32)
+    volume[:, 8:28, 8:28] = np.random.default_rng(3).normal(100, 20, (6, 20, 20))
+    config = InferenceConfig(device="cpu")
+    plain = Localiser(network, metadata={"patch_size": 32})
+    weighed = Localiser(
+        network, metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}}
+    )
+    before = run_to_end(localise(volume, plain, config, spacing=(3.0, 1.0, 1.0)))
+    after = run_to_end(localise(volume, weighed, config, spacing=(3.0, 1.0, 1.0)))
+    assert after.brain is None
+    np.testing.assert_array_equal(after.anomaly_map, before.anomaly_map)

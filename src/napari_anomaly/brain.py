@@ -30,6 +30,7 @@ __all__ = [
     "HeadTemplate",
     "RegistrationConfig",
     "find_brain",
+    "landed",
     "load_template",
     "orientation",
     "register_mask",
@@ -290,6 +291,20 @@ def find_brain(
     if flips:
         mask = np.flip(mask, flips)
     return np.ascontiguousarray(np.transpose(mask, np.argsort(axes)))
+
+
+#: Largest share of a brain found that may lie outside the scan's foreground (:func:`landed`).
+MAX_BRAIN_OUTSIDE_HEAD = 0.1
+
+
+def landed(brain: np.ndarray, foreground: np.ndarray) -> bool:
+    """Whether a brain found in a scan lies on the scan's foreground (the head): at most
+    :data:`MAX_BRAIN_OUTSIDE_HEAD` of it outside. Where the template did not land (a
+    partial field of view, a body part that is not a head), weighing the scores by its
+    brain would damp the scan at random."""
+    inside = np.asarray(brain, dtype=bool)
+    outside = int((inside & ~np.asarray(foreground, dtype=bool)).sum())
+    return bool(inside.any()) and outside <= MAX_BRAIN_OUTSIDE_HEAD * int(inside.sum())
 
 
 def widen(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:

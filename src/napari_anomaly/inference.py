@@ -43,7 +43,7 @@ from napari_anomaly.asymmetry import (
     head_foot_axis,
     left_right_axis,
 )
-from napari_anomaly.brain import find_brain
+from napari_anomaly.brain import find_brain, landed
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -143,7 +143,9 @@ class LocalisationResult:
     brain
         bool: the brain found in the scan (:func:`napari_anomaly.brain.find_brain`)
         where the model weighs the scores outside it
-        (``PostprocessConfig.outside_brain_weight``), else ``None``.
+        (``PostprocessConfig.outside_brain_weight``), else ``None``; ``None`` too where
+        the brain found did not land on the scan's foreground
+        (:func:`napari_anomaly.brain.landed`): nothing is weighed then.
     """
 
     anomaly_map: np.ndarray
@@ -632,6 +634,8 @@ def localise(
     if finds_brain:
         yield Progress(done, total, "finding the brain")
         brain = find_brain(arr, spacing, direction)
+        if not landed(brain, foreground):
+            brain = None  # weighing by a brain off the scan would damp it at random
     if post.changes_the_map:
         slices = config.slice_axis if by_plane else None
         postprocess_map(
