@@ -163,17 +163,30 @@ def orientation(direction: Sequence[float], template: Sequence[float]) -> list[t
 
 def _top_centre(volume: np.ndarray, spacing: np.ndarray, config: RegistrationConfig) -> np.ndarray:
     """Centre (x, y, z mm) of the top ``config.top_mm`` of the head in ``volume``."""
-    smooth = ndimage.gaussian_filter(
-        np.asarray(volume, dtype=np.float32), config.top_smooth_mm / spacing
-    )
-    inside = smooth > 0.3 * np.percentile(volume, 99)
+    level = 0.3 * np.percentile(volume, 99)  # before the smoothed copy: one copy at a time
+    sigma = config.top_smooth_mm / spacing
+    if np.issubdtype(volume.dtype, np.integer) or volume.dtype == np.bool_:
+        # Exactly what filtering a float32 copy gives, without the copy.
+        smooth = ndimage.gaussian_filter(volume, sigma, output=np.float32)
+    else:
+        smooth = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma)
+    inside = smooth > level
+    del smooth
     planes = np.flatnonzero(inside.any(axis=(1, 2)))
     if planes.size == 0:
         return np.asarray(volume.shape, dtype=float)[::-1] * spacing[::-1] / 2
     top = int(planes.max())
     low = max(top - int(round(config.top_mm / spacing[0])), 0)
     inside[:low] = False
-    return (np.asarray(ndimage.center_of_mass(inside)) * spacing)[::-1]
+    if config.coarsest_mm <= 0:
+        centre = np.asarray(ndimage.center_of_mass(inside))
+    else:
+        # The same centre from each axis's voxel counts: no float64 volume of products
+        # (ndimage.center_of_mass makes one per axis, twice the scan's float32 size).
+        counts = [inside.sum(axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]
+        total = float(counts[0].sum())
+        centre = np.array([float(np.dot(c, np.arange(c.size))) / total for c in counts])
+    return (centre * spacing)[::-1]
 
 
 def register_mask(
@@ -198,20 +211,27 @@ def register_mask(
     target_step = np.asarray(target_spacing, dtype=float)
 
     def image(array: np.ndarray, step: np.ndarray, dtype=np.float32):
-        img = sitk.GetImageFromArray(np.asarray(array, dtype=dtype))
+        array = np.asarray(array)
+        if array.dtype == dtype or not np.issubdtype(array.dtype, np.integer):
+            img = sitk.GetImageFromArray(np.asarray(array, dtype=dtype))
+        else:  # whole numbers: cast by ITK, without a NumPy copy of the volume first
+            pixel = sitk.sitkFloat32 if dtype == np.float32 else sitk.sitkUInt8
+            img = sitk.Cast(sitk.GetImageFromArray(array), pixel)
         img.SetSpacing(tuple(float(s) for s in step[::-1]))
         return img
 
-    grid = image(target, target_step)
-    moving = image(head, head_step)
-    fixed = grid
-    if config.coarsest_mm > 0:
-        bins = [max(1, int(config.coarsest_mm // s)) for s in target_step[::-1]]  # x, y, z
-        if any(b > 1 for b in bins):
-            fixed = sitk.BinShrink(grid, bins)
+    # The target's grid, for the mask at the end: the full-size copy is not kept meanwhile.
+    size = [int(n) for n in np.shape(target)[::-1]]
+    grid_spacing = tuple(float(s) for s in target_step[::-1])
     start = sitk.AffineTransform(3)
     shift = _top_centre(head, head_step, config) - _top_centre(target, target_step, config)
     start.SetTranslation(shift.tolist())
+    moving = image(head, head_step)
+    fixed = image(target, target_step)
+    if config.coarsest_mm > 0:
+        bins = [max(1, int(config.coarsest_mm // s)) for s in target_step[::-1]]  # x, y, z
+        if any(b > 1 for b in bins):
+            fixed = sitk.BinShrink(fixed, bins)
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(32)
     method.SetMetricSamplingStrategy(method.REGULAR)
@@ -233,19 +253,38 @@ def register_mask(
         transform = method.Execute(fixed, moving)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    metric = float(method.GetMetricValue())
+    del fixed, method
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    place = (size, transform)
     if config.linear_mask:
         carried = sitk.Resample(
-            image(mask, head_step), grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32
+            image(mask, head_step),
+            *place,
+            sitk.sitkLinear,
+            (0.0, 0.0, 0.0),
+            grid_spacing,
+            identity,
+            0.0,
+            sitk.sitkFloat32,
         )
-        out = sitk.GetArrayFromImage(carried) > 0.5
+        out = sitk.GetArrayViewFromImage(carried) > 0.5
     else:
         carried = sitk.Resample(
-            image(mask, head_step, np.uint8), grid, transform, sitk.sitkNearestNeighbor, 0
+            image(mask, head_step, np.uint8),
+            *place,
+            sitk.sitkNearestNeighbor,
+            (0.0, 0.0, 0.0),
+            grid_spacing,
+            identity,
+            0,
+            sitk.sitkUInt8,
         )
-        out = sitk.GetArrayFromImage(carried).astype(bool)
+        out = sitk.GetArrayViewFromImage(carried).astype(bool)
+    del carried
     if config.close_iterations:
         out = ndimage.binary_closing(out, iterations=config.close_iterations)
-    return ndimage.binary_fill_holes(out), float(method.GetMetricValue())
+    return ndimage.binary_fill_holes(out), metric
 
 
 def find_brain(

@@ -312,7 +312,8 @@ def postprocess_map(
             planes[-1] *= config.end_plane_weight
     if config.uses_brain and brain is not None:
         inside = widen(np.asarray(brain, dtype=bool), step, config.outside_brain_margin_mm)
-        out[~inside] *= config.outside_brain_weight
+        # In place, without a copy of the scores outside.
+        np.multiply(out, np.float32(config.outside_brain_weight), out=out, where=~inside)
     return np.clip(out, 0.0, 1.0, out=out)
 
 

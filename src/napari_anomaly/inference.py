@@ -567,6 +567,13 @@ def localise(
     network = _network_for_inference(localiser.network, device)
     yield Progress(0, 0, "preprocessing")
     mapping, foreground = fit_preprocess(arr, localiser.preprocess, foreground=foreground)
+    brain = None
+    if finds_brain:
+        # Before the result maps exist: its working copies of the scan then never add to them.
+        yield Progress(0, 0, "finding the brain")
+        brain = find_brain(arr, spacing, direction)
+        if not landed(brain, foreground):
+            brain = None  # weighing by a brain off the scan would damp it at random
 
     # The results, written plane by plane (or tile by tile) as the network goes.
     anomaly_map = np.zeros(arr.shape, dtype=np.float32)
@@ -630,12 +637,6 @@ def localise(
                 midline,
                 post,
             )
-    brain = None
-    if finds_brain:
-        yield Progress(done, total, "finding the brain")
-        brain = find_brain(arr, spacing, direction)
-        if not landed(brain, foreground):
-            brain = None  # weighing by a brain off the scan would damp it at random
     if post.changes_the_map:
         slices = config.slice_axis if by_plane else None
         postprocess_map(
