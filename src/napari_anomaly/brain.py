@@ -256,11 +256,11 @@ def register_mask(
     metric = float(method.GetMetricValue())
     del fixed, method
     identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-    place = (size, transform)
     if config.linear_mask:
         carried = sitk.Resample(
             image(mask, head_step),
-            *place,
+            size,
+            transform,
             sitk.sitkLinear,
             (0.0, 0.0, 0.0),
             grid_spacing,
@@ -272,7 +272,8 @@ def register_mask(
     else:
         carried = sitk.Resample(
             image(mask, head_step, np.uint8),
-            *place,
+            size,
+            transform,
             sitk.sitkNearestNeighbor,
             (0.0, 0.0, 0.0),
             grid_spacing,

@@ -604,23 +604,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _left_right_axes(axes: Sequence[int | None] | None, count: int, what: str) -> list[int | None]:
-    if axes is None:
-        return [-1] * count
-    axes = list(axes)
-    if len(axes) != count:
-        raise ValueError(f"give one left-right axis per {what}: {len(axes)} for {count}")
-    return axes
-
-
-def _directions(directions, count: int, what: str) -> list:
-    """One direction (or ``None``) per scan, for a model that finds the brain."""
-    if directions is None:
-        return [None] * count
-    directions = list(directions)
-    if len(directions) != count:
-        raise ValueError(f"give one direction per {what}: {len(directions)} for {count}")
-    return directions
+def _one_per_scan(values, count: int, default, thing: str, what: str) -> list:
+    """``values`` as a list of one per scan (``default`` for each when ``None``)."""
+    if values is None:
+        return [default] * count
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"give one {thing} per {what}: {len(values)} for {count}")
+    return values
 
 
 def calibrate(
@@ -692,8 +683,8 @@ def calibrate(
     spacing_list = list(spacings) if spacings is not None else [None] * len(images)
     if len(spacing_list) != len(images):
         raise ValueError("give one spacing per normal scan")
-    axes = _left_right_axes(left_right_axes, len(images), "normal scan")
-    turns = _directions(directions, len(images), "normal scan")
+    axes = _one_per_scan(left_right_axes, len(images), -1, "left-right axis", "normal scan")
+    turns = _one_per_scan(directions, len(images), None, "direction", "normal scan")
     post = postprocess or PostprocessConfig.from_metadata(localiser.metadata)
     metadata = copy.deepcopy(localiser.metadata)
     metadata.pop("calibration", None)
@@ -836,8 +827,8 @@ def carry_calibration(
         return child
     score = ScoreCalibration.from_dict(parent.metadata["calibration"]["score"])
     spacing_list = list(spacings) if spacings is not None else [None] * len(images)
-    axes = _left_right_axes(left_right_axes, len(images), "case")
-    turns = _directions(directions, len(images), "case")
+    axes = _one_per_scan(left_right_axes, len(images), -1, "left-right axis", "case")
+    turns = _one_per_scan(directions, len(images), None, "direction", "case")
     config = inference or InferenceConfig()
     networks = (_uncalibrated(parent), _uncalibrated(child))
     parent_values, child_values = [], []

@@ -498,8 +498,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             inference=InferenceConfig(device=args.device),
             # Counts only: file names may identify patients, and model files travel.
             description=f"{len(loaded)} normal scan(s)",
-            left_right_axes=_left_right_axes(loaded),
-            directions=_directions(loaded),
+            left_right_axes=_placed(loaded, "left_right_axis"),
+            directions=_placed(loaded, "direction"),
         ),
         "calibrate",
     )
@@ -514,18 +514,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _left_right_axes(loaded) -> list[int | None]:
-    """Each read image's left-right array axis, from its geometry (as ``localise`` sees it)."""
+def _placed(loaded, key: str) -> list:
+    """Each read image's ``key`` of ``inference.placement`` (its left-right axis, its
+    directions), from its geometry, as ``localise`` sees it."""
     from napari_anomaly.inference import placement
 
-    return [placement(i.geometry, i.array.ndim)["left_right_axis"] for i in loaded]
-
-
-def _directions(loaded) -> list:
-    """Each read image's axis directions, from its geometry (as ``localise`` sees them)."""
-    from napari_anomaly.inference import placement
-
-    return [placement(i.geometry, i.array.ndim)["direction"] for i in loaded]
+    return [placement(i.geometry, i.array.ndim)[key] for i in loaded]
 
 
 # Settings fields whose command-line flag is not ``--`` + the field's name with dashes.
@@ -674,8 +668,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             masks,
             config,
             spacings=[i.geometry.spacing for i in images],
-            left_right_axes=_left_right_axes(images),
-            directions=_directions(images),
+            left_right_axes=_placed(images, "left_right_axis"),
+            directions=_placed(images, "direction"),
             held_images=[h.array for h in held],
             held_spacings=[h.geometry.spacing for h in held],
         ),
@@ -718,8 +712,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             config,
             image_names=names,
             spacings=[image.geometry.spacing for image in loaded],
-            left_right_axes=_left_right_axes(loaded),
-            directions=_directions(loaded),
+            left_right_axes=_placed(loaded, "left_right_axis"),
+            directions=_placed(loaded, "direction"),
         ),
         "adapt",
     )

@@ -1224,6 +1224,7 @@ class ReviewSession:
         before_figures = {
             case.case_id: case_figures(case, parent_maps.get(case.case_id)) for case in others
         }
+        placed = [placement(c.geometry, c.image.ndim) for c in cases]
         tuned = yield from finetune(
             parent,
             [c.image for c in cases],
@@ -1231,8 +1232,8 @@ class ReviewSession:
             config,
             voxel_weights=weights,
             spacings=[c.geometry.spacing for c in cases],
-            left_right_axes=[placement(c.geometry, c.image.ndim)["left_right_axis"] for c in cases],
-            directions=[placement(c.geometry, c.image.ndim)["direction"] for c in cases],
+            left_right_axes=[p["left_right_axis"] for p in placed],
+            directions=[p["direction"] for p in placed],
             held_images=held_images,
             held_spacings=held_spacings,
         )
