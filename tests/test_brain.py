@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TINY_NETWORK_2D
 
+from napari_anomaly import brain as brain_module
 from napari_anomaly.brain import (
     HeadTemplate,
     find_brain,
@@ -79,6 +80,25 @@ def test_a_coronal_stack_is_turned_onto_the_template_and_its_brain_turned_back(t
     found = find_brain(coronal, (1.0, 6.0, 1.0), direction, template=template)
     assert found.shape == coronal.shape
     assert dice(found, truth_coronal) > 0.9
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_a_brain_found_a_few_planes_at_a_time_is_the_brain_found_at_once(
+    template, monkeypatch, dtype
+):
+    """The scan is smoothed, binned and given its mask in slabs of planes so that no
+    float32 copy of a large volume is made; slabs of 3 to 5 planes (1 mm planes, binned
+    by two along every axis, so slabs end inside and between blocks) give the brain
+    found with the whole volume in one slab, voxel for voxel."""
+    spacing = (1.0, 1.0, 1.0)
+    scan, _ = phantom_head((165, 190, 160), spacing, shift_mm=(5, 3, -4))
+    scan = (scan * 1000 + np.random.default_rng(1).normal(0, 20, scan.shape)).astype(dtype)
+    whole = find_brain(scan, spacing, template=template)
+    plane = 190 * 160
+    for planes in (3, 4, 5):
+        monkeypatch.setattr(brain_module, "_SLAB_VOXELS", planes * plane)
+        assert np.array_equal(find_brain(scan, spacing, template=template), whole), planes
+    assert whole.sum() > 0.1 * whole.size
 
 
 def test_only_3d_scans_with_a_spacing_have_a_brain_to_find(template):

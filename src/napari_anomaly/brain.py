@@ -16,6 +16,7 @@ on one thread with a seeded sample, so that one scan always gives one mask.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -67,6 +68,10 @@ class RegistrationConfig:
         or by its nearest voxel.
     close_iterations
         Binary closings of the carried mask before its holes are filled (0: none).
+    gradient_image
+        Let the metric take the moving head's gradients from a precomputed gradient image
+        (ITK's default; three doubles a voxel, about 37 MB for the bundled template) or
+        compute them where it samples.
     """
 
     sampling: float = 0.2
@@ -79,11 +84,15 @@ class RegistrationConfig:
     coarsest_mm: float = 0.0
     linear_mask: bool = True
     close_iterations: int = 0
+    gradient_image: bool = True
 
 
 #: A coarse template onto a clinical scan (:func:`find_brain`): the scan binned to about
-#: the template's 2 mm, two resolutions (4 and 2 mm smoothing).
-SCAN_REGISTRATION = RegistrationConfig(shrink=(2, 1), smoothing=(4.0, 2.0), coarsest_mm=2.0)
+#: the template's 2 mm, two resolutions (4 and 2 mm smoothing), gradients where sampled
+#: (the gradient image would be most of the registration's working memory).
+SCAN_REGISTRATION = RegistrationConfig(
+    shrink=(2, 1), smoothing=(4.0, 2.0), coarsest_mm=2.0, gradient_image=False
+)
 
 
 @dataclass(frozen=True)
@@ -161,17 +170,38 @@ def orientation(direction: Sequence[float], template: Sequence[float]) -> list[t
     return [(axis, flip) for _, axis, flip in sorted(taken)]
 
 
+#: Voxels per slab when a scan is smoothed, binned or given its mask a slab of planes at a
+#: time (about 4 MB of float32): the working copies stay small beside the scan itself.
+_SLAB_VOXELS = 2**20
+
+
+def _slabs(planes: int, plane_voxels: int, multiple: int = 1):
+    """``(start, stop)`` of slabs of whole planes along axis 0, each a multiple of
+    ``multiple`` planes long (the last one may be shorter) and about :data:`_SLAB_VOXELS`."""
+    step = max(1, _SLAB_VOXELS // max(plane_voxels * multiple, 1)) * multiple
+    return [(a, min(a + step, planes)) for a in range(0, planes, step)]
+
+
+def _smoothed_above(volume: np.ndarray, sigma: np.ndarray, level: float) -> np.ndarray:
+    """``gaussian_filter(volume as float32, sigma) > level``, a slab of planes at a time:
+    each slab is filtered with ``gaussian_filter``'s reach of planes on both sides, so
+    the result is the whole volume's, bit for bit, without a float32 copy of it."""
+    reach = int(4.0 * float(sigma[0]) + 0.5)  # gaussian_filter's default truncate, 4
+    inside = np.empty(volume.shape, dtype=bool)
+    for start, stop in _slabs(volume.shape[0], int(np.prod(volume.shape[1:]))):
+        low, high = max(start - reach, 0), min(stop + reach, volume.shape[0])
+        block = volume[low:high]
+        if not (np.issubdtype(block.dtype, np.integer) or block.dtype == np.bool_):
+            block = np.asarray(block, dtype=np.float32)
+        smooth = ndimage.gaussian_filter(block, sigma, output=np.float32)
+        inside[start:stop] = smooth[start - low : stop - low] > level
+    return inside
+
+
 def _top_centre(volume: np.ndarray, spacing: np.ndarray, config: RegistrationConfig) -> np.ndarray:
     """Centre (x, y, z mm) of the top ``config.top_mm`` of the head in ``volume``."""
-    level = 0.3 * np.percentile(volume, 99)  # before the smoothed copy: one copy at a time
-    sigma = config.top_smooth_mm / spacing
-    if np.issubdtype(volume.dtype, np.integer) or volume.dtype == np.bool_:
-        # Exactly what filtering a float32 copy gives, without the copy.
-        smooth = ndimage.gaussian_filter(volume, sigma, output=np.float32)
-    else:
-        smooth = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma)
-    inside = smooth > level
-    del smooth
+    level = 0.3 * np.percentile(volume, 99)
+    inside = _smoothed_above(volume, config.top_smooth_mm / spacing, level)
     planes = np.flatnonzero(inside.any(axis=(1, 2)))
     if planes.size == 0:
         return np.asarray(volume.shape, dtype=float)[::-1] * spacing[::-1] / 2
@@ -187,6 +217,26 @@ def _top_centre(volume: np.ndarray, spacing: np.ndarray, config: RegistrationCon
         total = float(counts[0].sum())
         centre = np.array([float(np.dot(c, np.arange(c.size))) / total for c in counts])
     return (centre * spacing)[::-1]
+
+
+def _binned(target: np.ndarray, step: np.ndarray, bins: Sequence[int]):
+    """``target`` as a float32 ITK image binned by ``bins`` (x, y, z; the mean of whole
+    blocks, as ``sitk.BinShrink``), a slab of whole blocks of planes at a time: the same
+    image as binning a float32 copy of the whole, without that copy."""
+    import SimpleITK as sitk
+
+    parts = []
+    plane_voxels = int(np.prod(target.shape[1:]))
+    for start, stop in _slabs(target.shape[0], plane_voxels, bins[2]):
+        if stop - start < bins[2]:
+            break  # planes short of a whole block: BinShrink leaves them out too
+        slab = sitk.GetImageFromArray(np.asarray(target[start:stop], dtype=np.float32))
+        parts.append(sitk.GetArrayFromImage(sitk.BinShrink(slab, list(bins))))
+    binned = sitk.GetImageFromArray(np.concatenate(parts))
+    xyz = step[::-1]
+    binned.SetSpacing(tuple(float(s * b) for s, b in zip(xyz, bins)))
+    binned.SetOrigin(tuple(float((b - 1) * s / 2) for s, b in zip(xyz, bins)))
+    return binned
 
 
 def register_mask(
@@ -227,13 +277,16 @@ def register_mask(
     shift = _top_centre(head, head_step, config) - _top_centre(target, target_step, config)
     start.SetTranslation(shift.tolist())
     moving = image(head, head_step)
-    fixed = image(target, target_step)
+    bins = [1, 1, 1]
     if config.coarsest_mm > 0:
         bins = [max(1, int(config.coarsest_mm // s)) for s in target_step[::-1]]  # x, y, z
-        if any(b > 1 for b in bins):
-            fixed = sitk.BinShrink(fixed, bins)
+    if any(b > 1 for b in bins):
+        fixed = _binned(np.asarray(target), target_step, bins)
+    else:
+        fixed = image(target, target_step)
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricUseMovingImageGradientFilter(config.gradient_image)
     method.SetMetricSamplingStrategy(method.REGULAR)
     method.SetMetricSamplingPercentage(config.sampling, 7)  # the default seed is the clock
     method.SetInterpolator(sitk.sitkLinear)
@@ -255,37 +308,52 @@ def register_mask(
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     metric = float(method.GetMetricValue())
     del fixed, method
-    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-    if config.linear_mask:
-        carried = sitk.Resample(
-            image(mask, head_step),
-            size,
-            transform,
-            sitk.sitkLinear,
-            (0.0, 0.0, 0.0),
-            grid_spacing,
-            identity,
-            0.0,
-            sitk.sitkFloat32,
-        )
-        out = sitk.GetArrayViewFromImage(carried) > 0.5
-    else:
-        carried = sitk.Resample(
-            image(mask, head_step, np.uint8),
-            size,
-            transform,
-            sitk.sitkNearestNeighbor,
-            (0.0, 0.0, 0.0),
-            grid_spacing,
-            identity,
-            0,
-            sitk.sitkUInt8,
-        )
-        out = sitk.GetArrayViewFromImage(carried).astype(bool)
-    del carried
+    out = _carried(image(mask, head_step), transform, size, grid_spacing, config.linear_mask)
     if config.close_iterations:
         out = ndimage.binary_closing(out, iterations=config.close_iterations)
-    return ndimage.binary_fill_holes(out), metric
+    out = ndimage.binary_fill_holes(out)
+    _hand_back_freed_memory()
+    return out, metric
+
+
+def _hand_back_freed_memory() -> None:
+    """Return the heap's free memory to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). The registration's many working buffers of a few MB are freed into the
+    heap, and glibc keeps up to twice its mmap threshold of them (which grows to ~32 MB
+    once a large array was freed): without this the maps made next would come on top."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _carried(mask, transform, size: list[int], spacing: tuple[float, ...], linear: bool):
+    """A mask image resampled through ``transform`` onto a grid of ``size`` and ``spacing``
+    (x, y, z; origin 0, identity directions) as a bool array, a slab of planes at a time:
+    linearly and kept > 0.5, or by the nearest voxel."""
+    import SimpleITK as sitk
+
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    out = np.empty(size[::-1], dtype=bool)
+    if not linear:
+        mask = sitk.Cast(mask > 0.5, sitk.sitkUInt8)
+    for start, stop in _slabs(size[2], size[0] * size[1]):
+        # The slab's planes are the grid's planes start..stop: its origin moves, not its points.
+        slab = sitk.Resample(
+            mask,
+            [size[0], size[1], stop - start],
+            transform,
+            sitk.sitkLinear if linear else sitk.sitkNearestNeighbor,
+            (0.0, 0.0, float(start * spacing[2])),
+            spacing,
+            identity,
+            0.0,
+            sitk.sitkFloat32 if linear else sitk.sitkUInt8,
+        )
+        values = sitk.GetArrayViewFromImage(slab)
+        out[start:stop] = values > 0.5 if linear else values > 0
+    return out
 
 
 def find_brain(
