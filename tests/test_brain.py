@@ -245,3 +245,44 @@ def test_a_brain_found_off_the_scan_weighs_nothing(monkeypatch):
     after = run_to_end(localise(volume, weighed, config, spacing=(3.0, 1.0, 1.0)))
     assert after.brain is None
     np.testing.assert_array_equal(after.anomaly_map, before.anomaly_map)
+
+
+def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch):
+    """A parent and its fine-tuned child on one scan, before and after: one registration
+    per scan. Another scan, or the same voxels along other axes, is registered anew."""
+    from collections import OrderedDict
+
+    registered = []
+
+    def fake_register(head, head_spacing, mask, target, target_spacing, config):
+        registered.append(target.shape)
+        brain = np.zeros(target.shape, bool)
+        brain[:, 4:28, 4:28] = True
+        return brain, 0.0
+
+    monkeypatch.setattr(brain_module, "register_mask", fake_register)
+    monkeypatch.setattr(brain_module, "_BRAINS", OrderedDict())
+    torch.manual_seed(0)
+    config = InferenceConfig(device="cpu")
+    post = {"outside_brain_weight": 0.5}
+    parent = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(), metadata={"patch_size": 32, "postprocess": post}
+    )
+    child = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(), metadata={"patch_size": 32, "postprocess": post}
+    )
+    volume = np.random.default_rng(4).normal(100, 20, (6, 32, 32)).astype(np.float32)
+    first = run_to_end(localise(volume, parent, config, spacing=(3.0, 1.0, 1.0)))
+    second = run_to_end(localise(volume, child, config, spacing=(3.0, 1.0, 1.0)))
+    assert registered == [(6, 32, 32)]
+    assert second.brain is first.brain and not first.brain.flags.writeable
+    changed = volume.copy()
+    changed[3, 16, 16] += 1
+    run_to_end(localise(changed, parent, config, spacing=(3.0, 1.0, 1.0)))
+    assert len(registered) == 2
+    find_brain(volume, (3.0, 1.0, 1.0), TEMPLATE_DIRECTION)  # the same voxels, stated axes
+    assert len(registered) == 3
+    # Brains found with another template are never taken from (or put into) the cache.
+    template = HeadTemplate(*phantom_head((20, 20, 20), (8.0, 8.0, 8.0)), (8.0,) * 3)
+    find_brain(volume, (3.0, 1.0, 1.0), template=template)
+    assert len(registered) == 4 and len(brain_module._BRAINS) == 3
