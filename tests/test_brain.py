@@ -155,7 +155,7 @@ def test_localise_finds_the_brain_of_a_volume_only_where_the_model_asks(monkeypa
     monkeypatch.setattr("napari_anomaly.inference.find_brain", fake_brain)
     torch.manual_seed(0)
     network = AnomalyNet(TINY_NETWORK_2D).eval()
-    volume = np.random.default_rng(1).normal(100, 20, (6, 32, 32)).astype(np.float32)
+    volume = np.random.default_rng(1).normal(100, 20, (8, 32, 32)).astype(np.float32)
     geometry = Geometry((3.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     config = InferenceConfig(device="cpu")
 
@@ -166,7 +166,7 @@ def test_localise_finds_the_brain_of_a_volume_only_where_the_model_asks(monkeypa
     plain = run()
     assert plain.brain is None and not seen
     weighed = run(outside_brain_weight=0.5)
-    assert seen == [((6, 32, 32), (3.0, 1.0, 1.0), geometry.direction)]
+    assert seen == [((8, 32, 32), (3.0, 1.0, 1.0), geometry.direction)]
     assert weighed.brain is not None and weighed.brain[:, 8:24, 8:24].all()
     outside = ~weighed.brain
     assert np.allclose(weighed.anomaly_map[outside], 0.5 * plain.anomaly_map[outside], atol=1e-6)
@@ -201,7 +201,7 @@ def test_threshold_from_normal_scans_finds_each_scans_brain_along_its_own_axes(m
         network, metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}}
     )
     rng = np.random.default_rng(2)
-    scans = [rng.normal(100, 20, (6, 32, 32)).astype(np.float32) for _ in range(2)]
+    scans = [rng.normal(100, 20, (8, 32, 32)).astype(np.float32) for _ in range(2)]
     coronal = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)
     run_to_end(
         calibrate(
@@ -234,8 +234,8 @@ def test_a_brain_found_off_the_scan_weighs_nothing(monkeypatch):
     monkeypatch.setattr("napari_anomaly.inference.find_brain", brain_in_the_air)
     torch.manual_seed(0)
     network = AnomalyNet(TINY_NETWORK_2D).eval()
-    volume = np.zeros((6, 32, 32), np.float32)
-    volume[:, 8:28, 8:28] = np.random.default_rng(3).normal(100, 20, (6, 20, 20))
+    volume = np.zeros((8, 32, 32), np.float32)
+    volume[:, 8:28, 8:28] = np.random.default_rng(3).normal(100, 20, (8, 20, 20))
     config = InferenceConfig(device="cpu")
     plain = Localiser(network, metadata={"patch_size": 32})
     weighed = Localiser(
@@ -271,10 +271,10 @@ def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch)
     child = Localiser(
         AnomalyNet(TINY_NETWORK_2D).eval(), metadata={"patch_size": 32, "postprocess": post}
     )
-    volume = np.random.default_rng(4).normal(100, 20, (6, 32, 32)).astype(np.float32)
+    volume = np.random.default_rng(4).normal(100, 20, (8, 32, 32)).astype(np.float32)
     first = run_to_end(localise(volume, parent, config, spacing=(3.0, 1.0, 1.0)))
     second = run_to_end(localise(volume, child, config, spacing=(3.0, 1.0, 1.0)))
-    assert registered == [(6, 32, 32)]
+    assert registered == [(8, 32, 32)]
     assert second.brain is first.brain and not first.brain.flags.writeable
     changed = volume.copy()
     changed[3, 16, 16] += 1
@@ -286,3 +286,29 @@ def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch)
     template = HeadTemplate(*phantom_head((20, 20, 20), (8.0, 8.0, 8.0)), (8.0,) * 3)
     find_brain(volume, (3.0, 1.0, 1.0), template=template)
     assert len(registered) == 4 and len(brain_module._BRAINS) == 3
+
+
+def test_a_stack_of_a_few_slices_is_localised_without_a_brain(monkeypatch):
+    """Five 1 mm slices (the fewest a volume may have) hold too little of a head to
+    register onto: the weighting is left out and the scan localised, where it used to end
+    in ITK's error."""
+    torch.manual_seed(0)
+    model = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(),
+        metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}},
+    )
+    config = InferenceConfig(device="cpu")
+    few = np.random.default_rng(5).normal(100, 20, (5, 32, 32)).astype(np.float32)
+    result = run_to_end(localise(few, model, config, spacing=(1.0, 1.0, 1.0)))
+    assert result.brain is None and np.isfinite(result.anomaly_map).all()
+    with pytest.raises(ValueError, match="too little of a head"):
+        find_brain(few, (1.0, 1.0, 1.0))
+
+    # A registration that fails on a scan large enough weighs nothing either.
+    def failing(*args, **kwargs):
+        raise RuntimeError("ITK ERROR: All samples map outside moving image buffer")
+
+    monkeypatch.setattr(brain_module, "_find_brain", failing)
+    monkeypatch.setattr(brain_module, "_BRAINS", __import__("collections").OrderedDict())
+    volume = np.random.default_rng(6).normal(100, 20, (16, 32, 32)).astype(np.float32)
+    assert run_to_end(localise(volume, model, config, spacing=(1.0, 1.0, 1.0))).brain is None

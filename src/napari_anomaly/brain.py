@@ -33,6 +33,7 @@ __all__ = [
     "SCAN_REGISTRATION",
     "HeadTemplate",
     "RegistrationConfig",
+    "can_find_brain",
     "find_brain",
     "landed",
     "load_template",
@@ -359,6 +360,28 @@ def _carried(mask, transform, size: list[int], spacing: tuple[float, ...], linea
     return out
 
 
+#: Fewest voxels along each axis at the registration's coarsest level (ITK's smoothing
+#: needs four).
+_FEWEST_VOXELS = 4
+
+
+def can_find_brain(shape: Sequence[int], spacing: Sequence[float]) -> bool:
+    """Whether :func:`find_brain` can register the template onto a 3D scan of ``shape``
+    and ``spacing`` (mm): eight voxels along every axis once binned to about 2 mm (16 mm
+    of 1 mm planes, eight thick slices). A handful of slices holds too little of a head
+    to place it."""
+    if len(shape) != 3 or len(spacing) != 3:
+        return False
+    config = SCAN_REGISTRATION
+    for n, s in zip(shape, spacing):
+        if not (np.isfinite(s) and s > 0):
+            return False
+        binned = n // max(1, int(config.coarsest_mm // s)) if config.coarsest_mm > 0 else n
+        if binned < _FEWEST_VOXELS * max(config.shrink):
+            return False
+    return True
+
+
 def find_brain(
     image: np.ndarray,
     spacing: Sequence[float],
@@ -390,6 +413,11 @@ def find_brain(
         raise ValueError(
             f"a brain is found in a 3D head scan with a spacing per axis, got shape "
             f"{arr.shape} and spacing {tuple(spacing)}"
+        )
+    if not can_find_brain(arr.shape, step):
+        raise ValueError(
+            f"a scan of shape {arr.shape} with spacing {tuple(spacing)} holds too little of "
+            "a head to find its brain"
         )
     cached = template is None and config == SCAN_REGISTRATION
     if cached:

@@ -43,7 +43,7 @@ from napari_anomaly.asymmetry import (
     head_foot_axis,
     left_right_axis,
 )
-from napari_anomaly.brain import find_brain, landed
+from napari_anomaly.brain import can_find_brain, find_brain, landed
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -145,7 +145,9 @@ class LocalisationResult:
         where the model weighs the scores outside it
         (``PostprocessConfig.outside_brain_weight``), else ``None``; ``None`` too where
         the brain found did not land on the scan's foreground
-        (:func:`napari_anomaly.brain.landed`): nothing is weighed then.
+        (:func:`napari_anomaly.brain.landed`), where the scan holds too few slices
+        (:func:`napari_anomaly.brain.can_find_brain`) or the registration failed:
+        nothing is weighed then.
     """
 
     anomaly_map: np.ndarray
@@ -561,7 +563,12 @@ def localise(
         walk = head_foot_axis % 3
     zooms = _plane_zooms(localiser, spacing, arr.ndim, dims, walk)
     tile = config.tile_size or localiser.patch_size
-    finds_brain = localiser.postprocess.uses_brain and arr.ndim == 3 and spacing is not None
+    finds_brain = (
+        localiser.postprocess.uses_brain
+        and arr.ndim == 3
+        and spacing is not None
+        and can_find_brain(arr.shape, spacing)
+    )
     _refuse_what_will_not_fit(arr, dims, zooms, tile, walk, finds_brain)
     device = resolve_device(config.device)
     network = _network_for_inference(localiser.network, device)
@@ -571,8 +578,11 @@ def localise(
     if finds_brain:
         # Before the result maps exist: its working copies of the scan then never add to them.
         yield Progress(0, 0, "finding the brain")
-        brain = find_brain(arr, spacing, direction)
-        if not landed(brain, foreground):
+        try:
+            brain = find_brain(arr, spacing, direction)
+        except RuntimeError:  # the registration failed (ITK): like a brain off the scan
+            brain = None
+        if brain is not None and not landed(brain, foreground):
             brain = None  # weighing by a brain off the scan would damp it at random
 
     # The results, written plane by plane (or tile by tile) as the network goes.
@@ -658,9 +668,11 @@ _FIT_BYTES = 1 + 4 + 2
 # The network and one batch of tiles and activations, a plane or slab of blending
 # weights and edge distances, chunks of the calibration, the allocator's slack.
 _FIXED_BYTES = 256 * 1024 * 1024
-# Finding the brain (napari_anomaly.brain) beside the results: the scan as float32 for ITK,
-# its smoothed copy and the mask resampled as float32, then bool masks.
-_BRAIN_BYTES = 4 + 4 + 4 + 3
+# Finding the brain (napari_anomaly.brain), before the results exist, beside the bool
+# foreground: a sorted copy of the scan for its 99th percentile, an allowance as large
+# for the registration's buffers and the heap they leave (measured: 1.6 float32 copies
+# at the peak on a 48 x 384 x 384 volume), and three bool masks.
+_BRAIN_BYTES = 4 + 4 + 3
 
 
 def localise_memory(
@@ -708,7 +720,7 @@ def localise_memory(
         else:
             plane = voxels // shape[slice_axis]
             tiling += int(plane * (8 + 12 * scale))
-    brain = voxels * (_RESULT_BYTES + _BRAIN_BYTES) if finds_brain and len(shape) == 3 else 0
+    brain = voxels * (1 + _BRAIN_BYTES) if finds_brain and len(shape) == 3 else 0
     return int(max(fit, tiling, brain) + _FIXED_BYTES)
 
 
