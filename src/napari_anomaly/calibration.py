@@ -312,8 +312,10 @@ def postprocess_map(
             planes[-1] *= config.end_plane_weight
     if config.uses_brain and brain is not None:
         inside = widen(np.asarray(brain, dtype=bool), step, config.outside_brain_margin_mm)
-        # In place, without a copy of the scores outside.
-        np.multiply(out, np.float32(config.outside_brain_weight), out=out, where=~inside)
+        weight = np.float32(config.outside_brain_weight)
+        # In place, a plane at a time: no copy of the scores outside, nor of the mask inverted.
+        for plane, kept in zip(out, inside):  # views of ``out``, whatever its strides
+            np.multiply(plane, weight, out=plane, where=~kept)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
