@@ -583,3 +583,13 @@ def test_a_results_table_from_before_the_series_column_is_still_read(tmp_path):
     (tmp_path / "results.csv").write_text(",".join(old) + "\n" + row + "\n")
     (row,) = batch.read_results(tmp_path)
     assert row["case"] == "a" and row["series"] == ""
+
+
+def test_a_local_cluster_leaves_this_processs_environment_as_it_was():
+    """Dask puts its workers' settings (one OpenMP thread, a malloc trim threshold) into
+    the parent's environment to spawn them; after the batch, processes started later
+    (a CLI run from the same napari, a test's child) must not inherit them."""
+    before = dict(os.environ)
+    with batch.dask_client(workers=1, threads_per_worker=1):
+        pass
+    assert dict(os.environ) == before

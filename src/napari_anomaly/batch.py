@@ -1005,22 +1005,33 @@ def dask_client(
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
         workers = max(1, (cores or os.cpu_count() or 1) // threads_per_worker)
-    # ':0': any free port, so two batches on one machine never fight over 8787.
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads_per_worker,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    )
+    # Dask sets its workers' settings (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_, ...) in
+    # this process's environment to spawn them, and leaves them there: every process
+    # started later (and its threads and allocator) would inherit them. Put it back after.
+    environment = dict(os.environ)
     try:
-        client = Client(cluster)
+        # ':0': any free port, so two batches on one machine never fight over 8787.
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
         try:
-            yield client, _dashboard_note(client, local=True)
+            client = Client(cluster)
+            try:
+                yield client, _dashboard_note(client, local=True)
+            finally:
+                client.close()
         finally:
-            client.close()
+            cluster.close()
     finally:
-        cluster.close()
+        for name in [n for n in os.environ if n not in environment]:
+            del os.environ[name]  # only what changed: other threads may be reading it
+        for name, value in environment.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def run_batch_to_end(
