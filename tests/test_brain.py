@@ -10,6 +10,7 @@ from conftest import TINY_NETWORK_2D
 from napari_anomaly import brain as brain_module
 from napari_anomaly.brain import (
     HeadTemplate,
+    PackedMask,
     find_brain,
     load_template,
     orientation,
@@ -143,6 +144,24 @@ def test_scores_outside_the_brain_are_weighed_and_the_margin_grows_it():
     assert stored == post and stored.uses_brain and not PostprocessConfig().uses_brain
 
 
+def test_a_brain_kept_at_one_bit_a_voxel_weighs_the_scores_as_the_bool_mask_does():
+    rng = np.random.default_rng(7)
+    for shape in ((5, 9, 13), (3, 16, 16), (2, 7, 1)):  # rows of a byte, less, more
+        mask = rng.random(shape) < 0.4
+        packed = PackedMask.of(mask)
+        assert packed.shape == shape and packed.nbytes == shape[0] * shape[1] * -(-shape[2] // 8)
+        np.testing.assert_array_equal(packed.unpack(), mask)
+        np.testing.assert_array_equal(packed.plane(shape[0] - 1), mask[-1])
+        assert packed.unpack().dtype == bool and not packed.bits.flags.writeable
+        scores = rng.random(shape, dtype=np.float32)
+        foreground = np.ones(shape, bool)
+        for margin in (0.0, 1.5):
+            post = PostprocessConfig(outside_brain_weight=0.5, outside_brain_margin_mm=margin)
+            expected = postprocess_map(scores, foreground, (3.0, 1.0, 1.0), post, brain=mask)
+            got = postprocess_map(scores, foreground, (3.0, 1.0, 1.0), post, brain=packed)
+            np.testing.assert_array_equal(got, expected)
+
+
 def test_localise_finds_the_brain_of_a_volume_only_where_the_model_asks(monkeypatch):
     seen = []
 
@@ -167,8 +186,8 @@ def test_localise_finds_the_brain_of_a_volume_only_where_the_model_asks(monkeypa
     assert plain.brain is None and not seen
     weighed = run(outside_brain_weight=0.5)
     assert seen == [((8, 32, 32), (3.0, 1.0, 1.0), geometry.direction)]
-    assert weighed.brain is not None and weighed.brain[:, 8:24, 8:24].all()
-    outside = ~weighed.brain
+    assert weighed.brain is not None and weighed.brain.unpack()[:, 8:24, 8:24].all()
+    outside = ~weighed.brain.unpack()
     assert np.allclose(weighed.anomaly_map[outside], 0.5 * plain.anomaly_map[outside], atol=1e-6)
     assert np.allclose(weighed.anomaly_map[~outside], plain.anomaly_map[~outside])
     # A 2D image has no brain to find.
@@ -275,7 +294,7 @@ def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch)
     first = run_to_end(localise(volume, parent, config, spacing=(3.0, 1.0, 1.0)))
     second = run_to_end(localise(volume, child, config, spacing=(3.0, 1.0, 1.0)))
     assert registered == [(8, 32, 32)]
-    assert second.brain is first.brain and not first.brain.flags.writeable
+    np.testing.assert_array_equal(second.brain.unpack(), first.brain.unpack())
     changed = volume.copy()
     changed[3, 16, 16] += 1
     run_to_end(localise(changed, parent, config, spacing=(3.0, 1.0, 1.0)))

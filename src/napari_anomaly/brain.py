@@ -32,6 +32,7 @@ from scipy import ndimage
 __all__ = [
     "SCAN_REGISTRATION",
     "HeadTemplate",
+    "PackedMask",
     "RegistrationConfig",
     "can_find_brain",
     "find_brain",
@@ -382,6 +383,47 @@ def can_find_brain(shape: Sequence[int], spacing: Sequence[float]) -> bool:
     return True
 
 
+@dataclass(frozen=True, eq=False)
+class PackedMask:
+    """A bool volume kept at one bit a voxel, each row packed along the last axis: a
+    scan's brain held beside its result maps at an eighth of a bool mask's bytes.
+
+    Attributes
+    ----------
+    bits
+        uint8, ``shape[:-1] + (ceil(shape[-1] / 8),)`` (:func:`numpy.packbits`), read-only.
+    shape
+        The mask's shape.
+    """
+
+    bits: np.ndarray
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> PackedMask:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim < 1:
+            raise ValueError("a packed mask needs at least one axis")
+        bits = np.packbits(mask, axis=-1)
+        bits.flags.writeable = False
+        return cls(bits, tuple(mask.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes)
+
+    def unpack(self) -> np.ndarray:
+        """The bool mask (a new array)."""
+        return self._unpacked(self.bits)
+
+    def plane(self, index: int) -> np.ndarray:
+        """The bool plane ``index`` along axis 0 (a new array of ``shape[1:]``)."""
+        return self._unpacked(self.bits[index])
+
+    def _unpacked(self, bits: np.ndarray) -> np.ndarray:
+        return np.unpackbits(bits, axis=-1, count=self.shape[-1]).view(bool)
+
+
 def find_brain(
     image: np.ndarray,
     spacing: Sequence[float],
@@ -397,10 +439,10 @@ def find_brain(
     back. ``None``: the image lies as the template does (axis 0 head-foot with the top of
     the head at the higher indices), as the yardstick's scans do.
 
-    With the bundled template and settings, the brains of the last scans are kept (up to
-    :data:`BRAIN_CACHE_BYTES`, keyed on the scan's voxels, spacing and direction): a scan
-    localised again (by a parent and its fine-tuned child, before and after) is not
-    registered again. The mask returned is then read-only.
+    With the bundled template and settings, the brains of the last scans are kept at one
+    bit a voxel (:class:`PackedMask`, up to :data:`BRAIN_CACHE_BYTES`, keyed on the scan's
+    voxels, spacing and direction): a scan localised again (by a parent and its
+    fine-tuned child, before and after) is not registered again.
 
     Raises
     ------
@@ -425,11 +467,10 @@ def find_brain(
         with _BRAINS_LOCK:
             if key in _BRAINS:
                 _BRAINS.move_to_end(key)
-                return _BRAINS[key]
+                return _BRAINS[key].unpack()
         mask = _find_brain(arr, step, direction, load_template(), config)
-        mask.flags.writeable = False
         with _BRAINS_LOCK:
-            _BRAINS[key] = mask
+            _BRAINS[key] = PackedMask.of(mask)
             while sum(m.nbytes for m in _BRAINS.values()) > BRAIN_CACHE_BYTES and len(_BRAINS) > 1:
                 _BRAINS.popitem(last=False)
         return mask
@@ -437,9 +478,10 @@ def find_brain(
 
 
 #: Most bytes of brain masks :func:`find_brain` keeps for scans it may see again (one
-#: byte a voxel: 256 MB hold thirty thick-slice scans of 30 x 512 x 512).
-BRAIN_CACHE_BYTES = 2**28
-_BRAINS: OrderedDict[tuple, np.ndarray] = OrderedDict()
+#: bit a voxel: 32 MB hold thirty thick-slice scans of 30 x 512 x 512, or sixteen 1 mm
+#: heads of 256 x 256 x 256).
+BRAIN_CACHE_BYTES = 2**25
+_BRAINS: OrderedDict[tuple, PackedMask] = OrderedDict()
 _BRAINS_LOCK = threading.Lock()  # jobs of the widget and of a batch run in threads
 
 

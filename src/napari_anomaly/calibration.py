@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_anomaly.brain import widen
+from napari_anomaly.brain import PackedMask, widen
 from napari_anomaly.progress import Job, Progress
 
 __all__ = [
@@ -257,7 +257,7 @@ def postprocess_map(
     plane_axis: int | None = None,
     *,
     out: np.ndarray | None = None,
-    brain: np.ndarray | None = None,
+    brain: np.ndarray | PackedMask | None = None,
 ) -> np.ndarray:
     """Smooth an anomaly map, fade it out at the foreground's edge, weigh the end planes
     and what lies outside the brain.
@@ -281,8 +281,10 @@ def postprocess_map(
         C-contiguous float32 array of the same shape to write into; it may be
         ``anomaly_map`` itself, which then needs no second map's worth of memory.
     brain
-        bool, same shape: the scan's brain (:func:`napari_anomaly.brain.find_brain`), for
-        ``config.outside_brain_weight``; ``None`` weighs nothing.
+        bool, same shape, or that mask packed (:class:`napari_anomaly.brain.PackedMask`,
+        unpacked a plane at a time): the scan's brain
+        (:func:`napari_anomaly.brain.find_brain`), for ``config.outside_brain_weight``;
+        ``None`` weighs nothing.
 
     Returns
     -------
@@ -311,7 +313,11 @@ def postprocess_map(
         if len(planes) > 1:
             planes[-1] *= config.end_plane_weight
     if config.uses_brain and brain is not None:
-        inside = widen(np.asarray(brain, dtype=bool), step, config.outside_brain_margin_mm)
+        if isinstance(brain, PackedMask) and config.outside_brain_margin_mm <= 0:
+            inside = (brain.plane(index) for index in range(len(out)))  # a plane unpacked at a time
+        else:
+            whole = brain.unpack() if isinstance(brain, PackedMask) else np.asarray(brain, bool)
+            inside = widen(whole, step, config.outside_brain_margin_mm)
         weight = np.float32(config.outside_brain_weight)
         # In place, a plane at a time: no copy of the scores outside, nor of the mask inverted.
         for plane, kept in zip(out, inside):  # views of ``out``, whatever its strides

@@ -43,7 +43,7 @@ from napari_anomaly.asymmetry import (
     head_foot_axis,
     left_right_axis,
 )
-from napari_anomaly.brain import can_find_brain, find_brain, landed
+from napari_anomaly.brain import PackedMask, can_find_brain, find_brain, landed
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -141,8 +141,9 @@ class LocalisationResult:
         (:class:`~napari_anomaly.asymmetry.Midline`), or ``None`` where the model's
         planes do not include the left-right axis (sagittal slices, a 3D model).
     brain
-        bool: the brain found in the scan (:func:`napari_anomaly.brain.find_brain`)
-        where the model weighs the scores outside it
+        The brain found in the scan (:func:`napari_anomaly.brain.find_brain`) at one
+        bit a voxel (:class:`~napari_anomaly.brain.PackedMask`; ``.unpack()`` gives the
+        bool mask) where the model weighs the scores outside it
         (``PostprocessConfig.outside_brain_weight``), else ``None``; ``None`` too where
         the brain found did not land on the scan's foreground
         (:func:`napari_anomaly.brain.landed`), where the scan holds too few slices
@@ -154,7 +155,7 @@ class LocalisationResult:
     confidence_map: np.ndarray
     foreground: np.ndarray
     midline: Midline | None = None
-    brain: np.ndarray | None = None
+    brain: PackedMask | None = None
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -579,11 +580,14 @@ def localise(
         # Before the result maps exist: its working copies of the scan then never add to them.
         yield Progress(0, 0, "finding the brain")
         try:
-            brain = find_brain(arr, spacing, direction)
+            found = find_brain(arr, spacing, direction)
         except RuntimeError:  # the registration failed (ITK): like a brain off the scan
-            brain = None
-        if brain is not None and not landed(brain, foreground):
-            brain = None  # weighing by a brain off the scan would damp it at random
+            found = None
+        # Weighing by a brain off the scan would damp it at random. Kept at one bit a
+        # voxel beside the result maps.
+        if found is not None and landed(found, foreground):
+            brain = PackedMask.of(found)
+        del found
 
     # The results, written plane by plane (or tile by tile) as the network goes.
     anomaly_map = np.zeros(arr.shape, dtype=np.float32)
