@@ -526,3 +526,29 @@ def test_a_scan_opened_again_unchanged_is_not_read_for_its_hash_again_a_changed_
     viewer.open(str(path), plugin="napari-anomaly")
     assert widget.case("patient1") is None or widget.case("patient1").case_id != reviewed.case_id
     assert len(reads) == 1
+
+
+def test_a_widget_opened_over_several_scans_acts_on_the_one_on_top(make_napari_viewer):
+    """Two scans loaded before *Plugins > Anomaly review* is opened: the canvas shows the
+    last one loaded (on top), so Localise must act on that one, not on the first."""
+    import torch
+    from conftest import TINY_NETWORK_2D
+
+    from napari_anomaly._qt.widget import AnomalyReviewWidget
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.model import AnomalyNet
+
+    viewer = make_napari_viewer()
+    viewer.add_image(body_scan((40, 48), 0), name="first loaded")
+    viewer.add_image(body_scan((32, 32), 3), name="on top")
+    torch.manual_seed(0)
+    model = Localiser(AnomalyNet(TINY_NETWORK_2D).eval(), metadata={"patch_size": 32})
+    widget = AnomalyReviewWidget(viewer, localiser=model)
+    widget.device.value = "cpu"
+    assert widget.image_layer.value == "on top"
+    order = [layer.name for layer in viewer.layers]
+    widget.localise_button.clicked.emit()
+    widget.wait()
+    assert widget.last_error is None, widget.last_error
+    assert "on top mask" in viewer.layers and "first loaded mask" not in viewer.layers
+    assert [name for name in (layer.name for layer in viewer.layers) if name in order] == order

@@ -535,6 +535,11 @@ class AnomalyReviewWidget(WorklistControls, Container):
             _ = self.session  # load the model now, so its name and threshold show at once
         except (OSError, ValueError) as error:
             self._say(f"Cannot load the model: {error}", error=True)
+        # Scans loaded before the widget opened: the one on top is the one the canvas shows.
+        scans = self._image_layer_names()
+        if scans:
+            with self.image_layer.changed.blocked():
+                self.image_layer.value = scans[-1]
         self._on_image_chosen()
         # Autosave: a change is written AUTOSAVE_DELAY_MS later, in a background thread.
         self._autosave_timer = QTimer(self.native)
