@@ -145,6 +145,15 @@ def main() -> None:
         "default: the head volume's whole Z extent, neck included)",
     )
     parser.add_argument(
+        "--slice-thickness-mm",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="draw the yardstick scans' slice thickness from this range (mm; "
+        "AcquisitionConfig.slice_thickness_mm, default 3-7), e.g. 6 7 for the thick slices of a "
+        "routine post-contrast series; the calibration scans keep the default",
+    )
+    parser.add_argument(
         "--slice-orientation",
         choices=tuple(LEFT_RIGHT_AXIS),
         default="axial",
@@ -268,6 +277,11 @@ def main() -> None:
                 acquisition,
                 venous_sinuses=args.venous_sinuses != "none",
                 slice_orientation=args.slice_orientation,
+                **(
+                    {}
+                    if args.slice_thickness_mm is None
+                    else {"slice_thickness_mm": tuple(args.slice_thickness_mm)}
+                ),
             ),
             site=args.site,
         )
