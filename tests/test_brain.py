@@ -12,6 +12,7 @@ from napari_anomaly.brain import (
     HeadTemplate,
     PackedMask,
     find_brain,
+    fits_a_head,
     load_template,
     orientation,
     template_path,
@@ -264,6 +265,56 @@ def test_a_brain_found_off_the_scan_weighs_nothing(monkeypatch):
     after = run_to_end(localise(volume, weighed, config, spacing=(3.0, 1.0, 1.0)))
     assert after.brain is None
     np.testing.assert_array_equal(after.anomaly_map, before.anomaly_map)
+
+
+def _body(shape, across_mm, spacing, shoulders=0):
+    """A volume whose body is an ellipse ``across_mm`` wide (left-right) and 0.7 of that
+    front to back in every plane; the lowest ``shoulders`` planes twice as wide."""
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(float)
+    yy = (y - shape[1] / 2) * spacing[1]
+    xx = (x - shape[2] / 2) * spacing[2]
+    half = np.where(z < shoulders, across_mm, across_mm / 2)
+    body = (xx / half) ** 2 + (yy / (0.7 * half)) ** 2 <= 1
+    noise = np.random.default_rng(8).normal(0, 5, shape)
+    return (np.where(body, 100.0, 0.0) + noise).astype(np.float32)
+
+
+def test_a_chest_or_breast_examination_is_not_given_a_brain(monkeypatch):
+    """A head template registers onto any body, and the brain it finds lies on it: a
+    volume wider than a head (a chest, 340 mm across) must not be weighed by a brain at
+    all, while a head (190 mm), also one whose lowest planes hold the shoulders, is."""
+    seen = []
+
+    def fake_brain(image, spacing, direction=None):
+        seen.append(image.shape)
+        brain = np.zeros(image.shape, bool)
+        brain[:, 24:40, 24:40] = True
+        return brain
+
+    monkeypatch.setattr("napari_anomaly.inference.find_brain", fake_brain)
+    torch.manual_seed(0)
+    model = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(),
+        metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}},
+    )
+    config = InferenceConfig(device="cpu")
+    chest_spacing, head_spacing = (5.0, 6.0, 6.0), (5.0, 3.5, 3.5)
+    chest = _body((10, 64, 64), 340.0, chest_spacing)
+    head = _body((10, 64, 64), 190.0, head_spacing)
+    shoulders = _body((10, 64, 64), 190.0, head_spacing, shoulders=3)
+    assert not fits_a_head(chest > 50, chest_spacing)
+    assert fits_a_head(head > 50, head_spacing) and fits_a_head(shoulders > 50, head_spacing)
+    # The head-foot axis is read from the geometry: a whole head (300 mm from the neck up)
+    # as a coronal stack is 190 mm across its head-foot axis, 300 mm across the first axis.
+    coronal = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)
+    tall = np.ascontiguousarray(np.swapaxes(_body((60, 64, 64), 190.0, head_spacing), 0, 1))
+    assert fits_a_head(tall > 50, (3.5, 5.0, 3.5), coronal)
+    assert not fits_a_head(tall > 50, (3.5, 5.0, 3.5))
+
+    result = run_to_end(localise(chest, model, config, spacing=chest_spacing))
+    assert result.brain is None and seen == []
+    result = run_to_end(localise(shoulders, model, config, spacing=head_spacing))
+    assert result.brain is not None and seen == [(10, 64, 64)]
 
 
 def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch):

@@ -36,6 +36,7 @@ __all__ = [
     "RegistrationConfig",
     "can_find_brain",
     "find_brain",
+    "fits_a_head",
     "landed",
     "load_template",
     "orientation",
@@ -517,6 +518,54 @@ def _find_brain(
     if flips:
         mask = np.flip(mask, flips)
     return np.ascontiguousarray(np.transpose(mask, np.argsort(axes)))
+
+
+#: Widest a head scan's body may be across its head-foot axis, in mm: the median over its
+#: planes of the longer side of the box around the body in each. 1.4 times the template
+#: head's widest side (186 mm, front to back); an adult head is about 200 mm long and 150 mm
+#: broad (Gordon et al. 1989, "1988 Anthropometric Survey of U.S. Army Personnel", head
+#: length and breadth). A chest, an abdomen or a breast examination is 300 mm or more across.
+MAX_HEAD_ACROSS_MM = 260.0
+#: Most samples per axis when the body's width is measured (a coarse grid is enough).
+_WIDTH_SAMPLES = 128
+
+
+def fits_a_head(
+    foreground: np.ndarray,
+    spacing: Sequence[float],
+    direction: Sequence[float] | None = None,
+) -> bool:
+    """Whether a volume's body (the largest connected part of its ``foreground``) is no
+    wider across its head-foot axis than a head (:data:`MAX_HEAD_ACROSS_MM`), so that a
+    brain may be looked for in it. A head template registers onto a chest or a breast
+    examination too, and :func:`landed` cannot tell: the brain it finds lies on the body.
+
+    The width of each plane across the head-foot axis (axis 0 for ``direction`` ``None``,
+    else the axis the geometry's directions run closest to it) is the longer side of the
+    body's box in that plane; their median counts, so that the shoulders in the lowest
+    planes of a head scan do not make it a chest.
+    """
+    body = np.asarray(foreground, dtype=bool)
+    step = np.asarray(spacing, dtype=float)
+    if body.ndim != 3 or step.shape != (3,) or not body.any():
+        return False
+    axis = 0 if direction is None else orientation(direction, load_template().direction)[0][0]
+    strides = [max(1, -(-n // _WIDTH_SAMPLES)) for n in body.shape]
+    coarse = body[tuple(slice(None, None, stride) for stride in strides)]
+    labels, count = ndimage.label(coarse)
+    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    across = [a for a in range(3) if a != axis]
+    size = [strides[a] * step[a] for a in across]  # mm per coarse voxel, plane axes in order
+    widths = []
+    for plane in np.moveaxis(labels == largest, axis, 0):
+        if not plane.any():
+            continue
+        sides = []
+        for k in range(2):
+            held = np.flatnonzero(plane.any(axis=1 - k))
+            sides.append((held[-1] - held[0] + 1) * size[k])
+        widths.append(max(sides))
+    return float(np.median(widths)) <= MAX_HEAD_ACROSS_MM
 
 
 #: Largest share of a brain found that may lie outside the scan's foreground (:func:`landed`).

@@ -43,7 +43,7 @@ from napari_anomaly.asymmetry import (
     head_foot_axis,
     left_right_axis,
 )
-from napari_anomaly.brain import PackedMask, can_find_brain, find_brain, landed
+from napari_anomaly.brain import PackedMask, can_find_brain, find_brain, fits_a_head, landed
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -146,7 +146,9 @@ class LocalisationResult:
         bool mask) where the model weighs the scores outside it
         (``PostprocessConfig.outside_brain_weight``), else ``None``; ``None`` too where
         the brain found did not land on the scan's foreground
-        (:func:`napari_anomaly.brain.landed`), where the scan holds too few slices
+        (:func:`napari_anomaly.brain.landed`), where the body is wider than a head (a
+        chest, a breast examination: :func:`napari_anomaly.brain.fits_a_head`), where
+        the scan holds too few slices
         (:func:`napari_anomaly.brain.can_find_brain`) or the registration failed:
         nothing is weighed then.
     """
@@ -576,6 +578,8 @@ def localise(
     yield Progress(0, 0, "preprocessing")
     mapping, foreground = fit_preprocess(arr, localiser.preprocess, foreground=foreground)
     brain = None
+    if finds_brain and not fits_a_head(foreground, spacing, direction):
+        finds_brain = False  # a chest or a breast examination: no brain to weigh by
     if finds_brain:
         # Before the result maps exist: its working copies of the scan then never add to them.
         yield Progress(0, 0, "finding the brain")
