@@ -3,8 +3,10 @@
 Runs :func:`napari_anomaly.inference.localise` (the CLI's and the widget's path: the
 model's own resampling, post-processing and calibration) on the bundled sample scan with
 each model file in turn, interleaved (A, B, A, B, ...) so that all see the same machine
-load, on one torch thread by default. Reports the median seconds per model and each
-model's ratio to the first.
+load, on one torch thread by default. Every run starts without the brains
+:func:`napari_anomaly.brain.find_brain` keeps, so a model that weighs the scores outside
+the brain registers the scan each time, as on a reviewer's first *Localise*. Reports the
+median seconds per model and each model's ratio to the first.
 
     python benchmarks/bench_models.py OLD.safetensors src/napari_anomaly/data/default_2d.safetensors
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from _machine import environment, write_report
 
+from napari_anomaly.brain import forget_brains
 from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
@@ -43,6 +46,7 @@ def main() -> None:
     times: dict[str, list[float]] = {str(p): [] for p in args.models}
     for _ in range(args.repeats):
         for path, localiser in zip(args.models, localisers):
+            forget_brains()
             started = time.perf_counter()
             run_to_end(localise(scan.array, localiser, config, **placement(scan.geometry, 3)))
             times[str(path)].append(round(time.perf_counter() - started, 2))

@@ -356,6 +356,9 @@ def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch)
     template = HeadTemplate(*phantom_head((20, 20, 20), (8.0, 8.0, 8.0)), (8.0,) * 3)
     find_brain(volume, (3.0, 1.0, 1.0), template=template)
     assert len(registered) == 4 and len(brain_module._BRAINS) == 3
+    brain_module.forget_brains()  # the next localisation registers the scan again
+    run_to_end(localise(volume, parent, config, spacing=(3.0, 1.0, 1.0)))
+    assert len(registered) == 5 and len(brain_module._BRAINS) == 1
 
 
 def test_a_stack_of_a_few_slices_is_localised_without_a_brain(monkeypatch):

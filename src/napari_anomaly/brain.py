@@ -37,6 +37,7 @@ __all__ = [
     "can_find_brain",
     "find_brain",
     "fits_a_head",
+    "forget_brains",
     "landed",
     "load_template",
     "orientation",
@@ -484,6 +485,13 @@ def find_brain(
 BRAIN_CACHE_BYTES = 2**25
 _BRAINS: OrderedDict[tuple, PackedMask] = OrderedDict()
 _BRAINS_LOCK = threading.Lock()  # jobs of the widget and of a batch run in threads
+
+
+def forget_brains() -> None:
+    """Let go of every brain :func:`find_brain` keeps (a benchmark measuring the first
+    localisation of a scan; memory wanted back)."""
+    with _BRAINS_LOCK:
+        _BRAINS.clear()
 
 
 def _scan_key(arr: np.ndarray, step: np.ndarray, direction: Sequence[float] | None) -> tuple:
