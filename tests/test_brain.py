@@ -9,12 +9,14 @@ from conftest import TINY_NETWORK_2D
 
 from napari_anomaly import brain as brain_module
 from napari_anomaly.brain import (
+    BrainSearchStopped,
     HeadTemplate,
     PackedMask,
     find_brain,
     fits_a_head,
     load_template,
     orientation,
+    register_mask,
     template_path,
     widen,
 )
@@ -166,13 +168,13 @@ def test_a_brain_kept_at_one_bit_a_voxel_weighs_the_scores_as_the_bool_mask_does
 def test_localise_finds_the_brain_of_a_volume_only_where_the_model_asks(monkeypatch):
     seen = []
 
-    def fake_brain(image, spacing, direction=None):
+    def fake_brain(image, spacing, direction=None, **_):
         seen.append((image.shape, tuple(spacing), direction))
         brain = np.zeros(image.shape, bool)
         brain[:, 8:24, 8:24] = True
         return brain
 
-    monkeypatch.setattr("napari_anomaly.inference.find_brain", fake_brain)
+    monkeypatch.setattr("napari_anomaly.brain.find_brain", fake_brain)
     torch.manual_seed(0)
     network = AnomalyNet(TINY_NETWORK_2D).eval()
     volume = np.random.default_rng(1).normal(100, 20, (8, 32, 32)).astype(np.float32)
@@ -210,11 +212,11 @@ def test_threshold_from_normal_scans_finds_each_scans_brain_along_its_own_axes(m
 
     seen = []
 
-    def fake_brain(image, spacing, direction=None):
+    def fake_brain(image, spacing, direction=None, **_):
         seen.append(direction)
         return np.ones(image.shape, bool)
 
-    monkeypatch.setattr("napari_anomaly.inference.find_brain", fake_brain)
+    monkeypatch.setattr("napari_anomaly.brain.find_brain", fake_brain)
     torch.manual_seed(0)
     network = AnomalyNet(TINY_NETWORK_2D).eval()
     model = Localiser(
@@ -246,12 +248,12 @@ def test_finding_the_brain_is_counted_in_the_memory_a_volume_needs():
 
 
 def test_a_brain_found_off_the_scan_weighs_nothing(monkeypatch):
-    def brain_in_the_air(image, spacing, direction=None):
+    def brain_in_the_air(image, spacing, direction=None, **_):
         brain = np.zeros(image.shape, bool)
         brain[:, :6, :6] = True  # the corner, where the scan holds air
         return brain
 
-    monkeypatch.setattr("napari_anomaly.inference.find_brain", brain_in_the_air)
+    monkeypatch.setattr("napari_anomaly.brain.find_brain", brain_in_the_air)
     torch.manual_seed(0)
     network = AnomalyNet(TINY_NETWORK_2D).eval()
     volume = np.zeros((8, 32, 32), np.float32)
@@ -285,13 +287,13 @@ def test_a_chest_or_breast_examination_is_not_given_a_brain(monkeypatch):
     all, while a head (190 mm), also one whose lowest planes hold the shoulders, is."""
     seen = []
 
-    def fake_brain(image, spacing, direction=None):
+    def fake_brain(image, spacing, direction=None, **_):
         seen.append(image.shape)
         brain = np.zeros(image.shape, bool)
         brain[:, 24:40, 24:40] = True
         return brain
 
-    monkeypatch.setattr("napari_anomaly.inference.find_brain", fake_brain)
+    monkeypatch.setattr("napari_anomaly.brain.find_brain", fake_brain)
     torch.manual_seed(0)
     model = Localiser(
         AnomalyNet(TINY_NETWORK_2D).eval(),
@@ -324,7 +326,7 @@ def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch)
 
     registered = []
 
-    def fake_register(head, head_spacing, mask, target, target_spacing, config):
+    def fake_register(head, head_spacing, mask, target, target_spacing, config, stop=None):
         registered.append(target.shape)
         brain = np.zeros(target.shape, bool)
         brain[:, 4:28, 4:28] = True
@@ -359,6 +361,52 @@ def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch)
     brain_module.forget_brains()  # the next localisation registers the scan again
     run_to_end(localise(volume, parent, config, spacing=(3.0, 1.0, 1.0)))
     assert len(registered) == 5 and len(brain_module._BRAINS) == 1
+
+
+def test_a_cancel_while_the_brain_is_searched_stops_the_search(monkeypatch):
+    """The registration takes 10-40 s: *Cancel* (the job closed) must stop it, and leave
+    no thread working and no brain kept, rather than wait for it to end."""
+    import threading
+    from collections import OrderedDict
+
+    stopped = []
+
+    def registering_until_told(arr, step, direction, template, config, stop=None):
+        told = stop is not None and stop.wait(60)  # a registration longer than any test
+        stopped.append(told)
+        if told:
+            raise BrainSearchStopped("stopped")
+        return np.ones(arr.shape, bool)
+
+    monkeypatch.setattr(brain_module, "_find_brain", registering_until_told)
+    monkeypatch.setattr(brain_module, "_BRAINS", OrderedDict())
+    monkeypatch.setattr(brain_module, "_REPORT_EVERY_S", 0.01)
+    torch.manual_seed(0)
+    model = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(),
+        metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}},
+    )
+    volume = np.random.default_rng(9).normal(100, 20, (16, 32, 32)).astype(np.float32)
+    job = localise(volume, model, InferenceConfig(device="cpu"), spacing=(1.0, 1.0, 1.0))
+    searching = 0
+    for report in job:
+        searching += report.message == "finding the brain"
+        if searching == 2:  # a report from inside the running search
+            break
+    job.close()
+    assert stopped == [True], "the registration was not told to stop"
+    assert not any(t.name == "napari-anomaly brain search" for t in threading.enumerate())
+    assert len(brain_module._BRAINS) == 0
+
+
+def test_a_registration_told_to_stop_ends_without_a_mask(template):
+    import threading
+
+    stop = threading.Event()
+    stop.set()
+    head, _ = phantom_head((48, 64, 48), (3.0, 3.0, 3.0))
+    with pytest.raises(BrainSearchStopped):
+        register_mask(template.head, template.spacing, template.brain, head, (3.0,) * 3, stop=stop)
 
 
 def test_a_stack_of_a_few_slices_is_localised_without_a_brain(monkeypatch):

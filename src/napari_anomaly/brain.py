@@ -29,13 +29,17 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from napari_anomaly.progress import Job, Progress
+
 __all__ = [
     "SCAN_REGISTRATION",
+    "BrainSearchStopped",
     "HeadTemplate",
     "PackedMask",
     "RegistrationConfig",
     "can_find_brain",
     "find_brain",
+    "find_brain_job",
     "fits_a_head",
     "forget_brains",
     "landed",
@@ -47,6 +51,10 @@ __all__ = [
 ]
 
 TEMPLATE_FILE = "head_template.npz"
+
+
+class BrainSearchStopped(Exception):
+    """The registration was stopped on request (:func:`register_mask`'s ``stop``)."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,7 @@ def register_mask(
     target: np.ndarray,
     target_spacing: Sequence[float],
     config: RegistrationConfig = SCAN_REGISTRATION,
+    stop: threading.Event | None = None,
 ) -> tuple[np.ndarray, float]:
     """``mask`` (on ``head``'s grid) carried onto ``target``'s grid by an affine
     registration of ``head`` onto ``target``; returns the mask (holes filled) and the
@@ -261,6 +270,9 @@ def register_mask(
     Every ITK filter runs on one thread during the registration (the global setting is
     restored after): the sums then add up in one order and every run ends on the same
     transform.
+
+    ``stop``: set from another thread, it ends the registration at its next iteration
+    and raises :class:`BrainSearchStopped` (no mask is made).
     """
     import SimpleITK as sitk
 
@@ -307,12 +319,23 @@ def register_mask(
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     method.SetInitialTransform(start, inPlace=False)
     method.SetNumberOfThreads(1)
+    if stop is not None:
+
+        def check(registration=method) -> None:
+            if stop.is_set():  # this level's optimiser, and the levels after it
+                registration.StopRegistration()
+                registration.Abort()
+
+        method.AddCommand(sitk.sitkIterationEvent, check)
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
         transform = method.Execute(fixed, moving)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        method.RemoveAllCommands()  # the command refers to the method: no cycle left
+    if stop is not None and stop.is_set():
+        raise BrainSearchStopped("the search for the brain was stopped")
     metric = float(method.GetMetricValue())
     del fixed, method
     out = _carried(image(mask, head_step), transform, size, grid_spacing, config.linear_mask)
@@ -432,6 +455,7 @@ def find_brain(
     direction: Sequence[float] | None = None,
     template: HeadTemplate | None = None,
     config: RegistrationConfig = SCAN_REGISTRATION,
+    stop: threading.Event | None = None,
 ) -> np.ndarray:
     """The brain of a head scan ``image`` (3D, ``spacing`` in mm per axis): the template's
     brain carried onto it (:func:`register_mask`). A bool mask of the image's shape.
@@ -446,10 +470,15 @@ def find_brain(
     voxels, spacing and direction): a scan localised again (by a parent and its
     fine-tuned child, before and after) is not registered again.
 
+    ``stop``: as in :func:`register_mask` (:func:`find_brain_job` sets it when its
+    caller stops); a stopped search keeps nothing.
+
     Raises
     ------
     ValueError
         For anything but a 3D image with a positive spacing per axis.
+    BrainSearchStopped
+        When ``stop`` was set before the registration ended.
     """
     arr = np.asarray(image)
     step = np.asarray(spacing, dtype=float)
@@ -470,13 +499,56 @@ def find_brain(
             if key in _BRAINS:
                 _BRAINS.move_to_end(key)
                 return _BRAINS[key].unpack()
-        mask = _find_brain(arr, step, direction, load_template(), config)
+        mask = _find_brain(arr, step, direction, load_template(), config, stop)
         with _BRAINS_LOCK:
             _BRAINS[key] = PackedMask.of(mask)
             while sum(m.nbytes for m in _BRAINS.values()) > BRAIN_CACHE_BYTES and len(_BRAINS) > 1:
                 _BRAINS.popitem(last=False)
         return mask
-    return _find_brain(arr, step, direction, template or load_template(), config)
+    return _find_brain(arr, step, direction, template or load_template(), config, stop)
+
+
+#: Seconds between the reports :func:`find_brain_job` yields while the registration runs.
+_REPORT_EVERY_S = 0.5
+
+
+def find_brain_job(
+    image: np.ndarray,
+    spacing: Sequence[float],
+    direction: Sequence[float] | None = None,
+) -> Job:
+    """:func:`find_brain` (bundled template and settings) as a cancellable job: the
+    registration runs in a worker thread while this generator yields a
+    :class:`~napari_anomaly.progress.Progress` every half second. Closing the generator
+    (a *Cancel*, an interrupt) stops the registration at its next iteration and waits
+    for the thread to end, so nothing keeps working or holding memory after it.
+
+    Returns (as the generator's value) the bool brain mask; raises what
+    :func:`find_brain` raises.
+    """
+    stop = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def search() -> None:
+        try:
+            outcome["brain"] = find_brain(image, spacing, direction, stop=stop)
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=search, name="napari-anomaly brain search", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(_REPORT_EVERY_S)
+            if worker.is_alive():
+                yield Progress(0, 0, "finding the brain")
+    finally:
+        if worker.is_alive():  # the caller stopped: end the registration, then return
+            stop.set()
+            worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["brain"]
 
 
 #: Most bytes of brain masks :func:`find_brain` keeps for scans it may see again (one
@@ -510,9 +582,12 @@ def _find_brain(
     direction: Sequence[float] | None,
     template: HeadTemplate,
     config: RegistrationConfig,
+    stop: threading.Event | None = None,
 ) -> np.ndarray:
     if direction is None:
-        mask, _ = register_mask(template.head, template.spacing, template.brain, arr, step, config)
+        mask, _ = register_mask(
+            template.head, template.spacing, template.brain, arr, step, config, stop
+        )
         return mask
     turns = orientation(direction, template.direction)
     axes = [axis for axis, _ in turns]
@@ -521,7 +596,7 @@ def _find_brain(
     if flips:
         turned = np.flip(turned, flips)
     mask, _ = register_mask(
-        template.head, template.spacing, template.brain, turned, step[axes], config
+        template.head, template.spacing, template.brain, turned, step[axes], config, stop
     )
     if flips:
         mask = np.flip(mask, flips)

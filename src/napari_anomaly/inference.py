@@ -43,7 +43,7 @@ from napari_anomaly.asymmetry import (
     head_foot_axis,
     left_right_axis,
 )
-from napari_anomaly.brain import PackedMask, can_find_brain, find_brain, fits_a_head, landed
+from napari_anomaly.brain import PackedMask, can_find_brain, find_brain_job, fits_a_head, landed
 from napari_anomaly.calibration import postprocess_map
 from napari_anomaly.devices import resolve_device
 from napari_anomaly.io.images import MAX_VOXELS  # one owner of the size limit
@@ -583,8 +583,8 @@ def localise(
     if finds_brain:
         # Before the result maps exist: its working copies of the scan then never add to them.
         yield Progress(0, 0, "finding the brain")
-        try:
-            found = find_brain(arr, spacing, direction)
+        try:  # a job: a Cancel during the registration stops it
+            found = yield from find_brain_job(arr, spacing, direction)
         except RuntimeError:  # the registration failed (ITK): like a brain off the scan
             found = None
         # Weighing by a brain off the scan would damp it at random. Kept at one bit a
