@@ -535,7 +535,8 @@ def find_brain_job(
         except BaseException as error:  # handed to the caller's thread
             outcome["error"] = error
 
-    worker = threading.Thread(target=search, name="napari-anomaly brain search", daemon=True)
+    # Not a daemon: an interpreter ending while ITK works in a daemon thread aborts.
+    worker = threading.Thread(target=search, name="napari-anomaly brain search")
     worker.start()
     try:
         while worker.is_alive():

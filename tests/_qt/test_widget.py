@@ -124,6 +124,41 @@ def test_cancel_during_localise_changes_nothing(widget):
     assert widget.progress.value == 0
 
 
+def test_cancel_while_the_brain_is_searched_stops_the_search(make_review_widget, monkeypatch):
+    """A model that weighs the scores outside the brain registers each volume (10-40 s):
+    Cancel must stop that registration too, not leave it running behind the widget."""
+    import threading
+    from collections import OrderedDict
+
+    from napari_anomaly import brain
+
+    searching, stopped = threading.Event(), []
+
+    def registering_until_told(arr, step, direction, template, config, stop=None):
+        searching.set()
+        told = stop is not None and stop.wait(60)  # a registration longer than any test
+        stopped.append(told)
+        if told:
+            raise brain.BrainSearchStopped("stopped")
+        return np.ones(arr.shape, bool)
+
+    monkeypatch.setattr(brain, "_find_brain", registering_until_told)
+    monkeypatch.setattr(brain, "_BRAINS", OrderedDict())
+    widget = make_review_widget(
+        recommended_threshold=0.5, postprocess={"outside_brain_weight": 0.5}
+    )
+    widget.viewer.add_image(body_scan((16, 48, 48)), name="head", scale=(1.0, 1.0, 1.0))
+    widget.image_layer.value = "head"
+    widget.localise()
+    assert searching.wait(60), "the brain search did not start"
+    widget.cancel()
+    widget.wait()
+    assert "cancelled; nothing changed" in widget.status.value
+    assert stopped == [True], "the registration went on after Cancel"
+    assert not any(t.name == "napari-anomaly brain search" for t in threading.enumerate())
+    assert [layer.name for layer in widget.viewer.layers] == ["head"]
+
+
 def test_cancel_during_finetune_keeps_the_model(widget):
     viewer = widget.viewer
     viewer.add_image(body_scan((40, 40)), name="scan")

@@ -28,7 +28,7 @@ from napari_anomaly.case_outputs import sidecar_midline
 from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
-from napari_anomaly.progress import Progress
+from napari_anomaly.progress import Progress, relay
 from napari_anomaly.session_store import source_sha256
 from napari_anomaly.worklist import Worklist, WorklistError
 
@@ -406,15 +406,14 @@ class WorklistControls:
         if worklist.status(target, self._session) != "to do":
             return
         localiser = self._session.localiser
-        worker = create_worker(
-            _read_and_localise,
+        job = _read_and_localise(
             worklist.items[target].path,
             worklist.items[target].series,
             localiser,
             self._session.inference,
-            _start_thread=False,
-            _ignore_errors=True,
         )
+        worker = create_worker(relay, job, _start_thread=False, _ignore_errors=True)
+        worker.finished.connect(job.close)  # a cancelled prefetch stops its brain search too
         # Maps for this worklist's row only: another worklist opened meanwhile is not it.
         worker.returned.connect(
             lambda made: self.worklist is worklist and self._on_prefetched(target, localiser, made)

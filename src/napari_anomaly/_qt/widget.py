@@ -1060,6 +1060,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         worker.errored.connect(self._on_error)
         worker.aborted.connect(lambda: self._on_aborted(label))
         worker.finished.connect(self._on_finished)
+        # A cancelled worker stops pulling from the job without closing it: close it, so
+        # that what it runs beside itself stops now (brain.find_brain_job's registration).
+        worker.finished.connect(job.close)
         if on_finished is not None:
             worker.finished.connect(on_finished)
         self._worker = worker
