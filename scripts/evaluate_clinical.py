@@ -149,6 +149,7 @@ def main() -> None:
         type=float,
         nargs=2,
         metavar=("LOW", "HIGH"),
+        default=AcquisitionConfig.slice_thickness_mm,
         help="draw the yardstick scans' slice thickness from this range (mm; "
         "AcquisitionConfig.slice_thickness_mm, default 3-7), e.g. 6 7 for the thick slices of a "
         "routine post-contrast series; the calibration scans keep the default",
@@ -277,11 +278,7 @@ def main() -> None:
                 acquisition,
                 venous_sinuses=args.venous_sinuses != "none",
                 slice_orientation=args.slice_orientation,
-                **(
-                    {}
-                    if args.slice_thickness_mm is None
-                    else {"slice_thickness_mm": tuple(args.slice_thickness_mm)}
-                ),
+                slice_thickness_mm=tuple(args.slice_thickness_mm),
             ),
             site=args.site,
         )

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from napari_anomaly.domain import largest_body  # the body, as the size rule sees it
 from napari_anomaly.progress import Job, Progress
 
 __all__ = [
@@ -610,8 +611,6 @@ def _find_brain(
 #: broad (Gordon et al. 1989, "1988 Anthropometric Survey of U.S. Army Personnel", head
 #: length and breadth). A chest, an abdomen or a breast examination is 300 mm or more across.
 MAX_HEAD_ACROSS_MM = 260.0
-#: Most samples per axis when the body's width is measured (a coarse grid is enough).
-_WIDTH_SAMPLES = 128
 
 
 def fits_a_head(
@@ -629,19 +628,17 @@ def fits_a_head(
     body's box in that plane; their median counts, so that the shoulders in the lowest
     planes of a head scan do not make it a chest.
     """
-    body = np.asarray(foreground, dtype=bool)
     step = np.asarray(spacing, dtype=float)
-    if body.ndim != 3 or step.shape != (3,) or not body.any():
+    if np.ndim(foreground) != 3 or step.shape != (3,):
+        return False
+    body, strides = largest_body(foreground)
+    if body is None:
         return False
     axis = 0 if direction is None else orientation(direction, load_template().direction)[0][0]
-    strides = [max(1, -(-n // _WIDTH_SAMPLES)) for n in body.shape]
-    coarse = body[tuple(slice(None, None, stride) for stride in strides)]
-    labels, count = ndimage.label(coarse)
-    largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
     across = [a for a in range(3) if a != axis]
     size = [strides[a] * step[a] for a in across]  # mm per coarse voxel, plane axes in order
     widths = []
-    for plane in np.moveaxis(labels == largest, axis, 0):
+    for plane in np.moveaxis(body, axis, 0):
         if not plane.any():
             continue
         sides = []

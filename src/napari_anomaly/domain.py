@@ -52,6 +52,7 @@ __all__ = [
     "domain_reference",
     "intensity_fingerprint",
     "known_spacing",
+    "largest_body",
 ]
 
 #: Bins of the robustly scaled foreground histogram (on [0, 1]).
@@ -194,20 +195,36 @@ def body_extent_mm(
     return _extent(mask, spacing)
 
 
-def _extent(mask: np.ndarray, spacing: Sequence[float]) -> float | None:
-    """:func:`body_extent_mm` of a foreground (refused when ``spacing`` does not fit it)."""
+def largest_body(mask: Any) -> tuple[np.ndarray | None, list[int]]:
+    """The body of a foreground: its largest connected part, on a grid of at most
+    ``_EXTENT_SAMPLES`` samples per axis (specks of noise and a separate arm left out).
+
+    Returns the coarse bool mask (``None`` for an empty foreground) and the stride of the
+    grid along each axis, in voxels.
+    """
     from scipy import ndimage
 
-    if not _fits(spacing, mask.ndim):
-        raise ValueError(f"spacing {tuple(spacing)} does not fit an image of shape {mask.shape}")
-    steps = [max(1, -(-n // _EXTENT_SAMPLES)) for n in mask.shape]
-    coarse = mask[tuple(slice(None, None, step) for step in steps)]
+    mask = np.asarray(mask, dtype=bool)
+    strides = [max(1, -(-n // _EXTENT_SAMPLES)) for n in mask.shape]
+    coarse = mask[tuple(slice(None, None, stride) for stride in strides)]
     labels, count = ndimage.label(coarse)
     if count == 0:
-        return None
+        return None, strides
     largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    boxes = ndimage.find_objects(labels)[largest - 1]
-    sides = [(b.stop - b.start) * step * float(v) for b, step, v in zip(boxes, steps, spacing)]
+    return labels == largest, strides
+
+
+def _extent(mask: np.ndarray, spacing: Sequence[float]) -> float | None:
+    """:func:`body_extent_mm` of a foreground (refused when ``spacing`` does not fit it)."""
+    if not _fits(spacing, mask.ndim):
+        raise ValueError(f"spacing {tuple(spacing)} does not fit an image of shape {mask.shape}")
+    body, strides = largest_body(mask)
+    if body is None:
+        return None
+    sides = []
+    for axis, (stride, size) in enumerate(zip(strides, spacing)):
+        held = np.flatnonzero(body.any(axis=tuple(a for a in range(body.ndim) if a != axis)))
+        sides.append((held[-1] - held[0] + 1) * stride * float(size))
     return round(max(sides), 1)
 
 
