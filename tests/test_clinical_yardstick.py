@@ -551,3 +551,25 @@ def test_clinical_training_normals_are_shared_out_among_slice_planes(head):
     # the axial share is what axial alone gives; the coronal and sagittal scans are new
     assert np.array_equal(mixed[0], axial[0])
     assert not any(m.shape == a.shape and np.array_equal(m, a) for m in mixed[5:] for a in axial)
+
+
+def test_low_resolution_training_normals_cover_the_same_head_in_cubic_voxels(head):
+    # A low-resolution 3D model (scripts/train_default_model.py --voxel-mm) learns from
+    # the clinical-like normal scans at its own voxel size: the same field of view,
+    # every axis at that size, the intensities those of the scan.
+    from napari_anomaly.evaluation.anatomy import clinical_normals, isotropic
+
+    t1, brain, _ = head
+    heads = [("synthetic", t1, brain)]
+    cases = list(make_cohort(t1, brain, families=("normal",), cases_per_cell=1, seed=1000))
+    coarse = clinical_normals(heads, 1, 0, voxel_mm=2.0)
+    assert len(coarse) == len(cases) == 5
+    for volume, case in zip(coarse, cases):
+        extent = np.asarray(case.image.shape) * np.asarray(case.spacing)
+        assert np.allclose(np.asarray(volume.shape) * 2.0, extent, atol=2.0)
+        assert abs(float(volume.mean()) - float(case.image.mean())) < 0.05 * float(case.image.std())
+    # without a voxel size: the finest spacing of each scan, as before
+    assert np.array_equal(
+        clinical_normals(heads, 1, 0)[0], isotropic(cases[0].image, cases[0].spacing)
+    )
+    assert isotropic(np.ones((4, 4, 4), np.float32), (2.0, 2.0, 2.0), 2.0).shape == (4, 4, 4)

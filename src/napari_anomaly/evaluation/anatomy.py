@@ -99,16 +99,19 @@ def held_out_files(data_dir: Path) -> list[Path]:
     ]
 
 
-def isotropic(array: np.ndarray, spacing) -> np.ndarray:
-    """``array`` resampled (linear) to the finest spacing of its axes.
+def isotropic(array: np.ndarray, spacing, voxel_mm: float | None = None) -> np.ndarray:
+    """``array`` resampled (linear) to cubic voxels: of ``voxel_mm`` when given, of the
+    finest spacing of its axes otherwise.
 
     The 2D model learns from slices along every axis of a volume; anisotropic
-    voxels would show it squashed anatomy as normal.
+    voxels would show it squashed anatomy as normal. A low-resolution 3D model
+    learns from volumes at its own voxel size (``voxel_mm``).
     """
     spacing = np.asarray(spacing, dtype=float)
-    if array.ndim < 3 or np.allclose(spacing, spacing.min()):
+    target = spacing.min() if voxel_mm is None else float(voxel_mm)
+    if array.ndim < 3 or np.allclose(spacing, target):
         return array
-    return ndimage.zoom(array, spacing / spacing.min(), order=1).astype(np.float32)
+    return ndimage.zoom(array, spacing / target, order=1).astype(np.float32)
 
 
 def brain_mask(labels: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -210,7 +213,12 @@ def axial_first(geometry) -> tuple[int, int, int]:
 
 
 def clinical_normals(
-    heads, cases_per_contrast: int, seed: int, acquisition=None, orientations=("axial",)
+    heads,
+    cases_per_contrast: int,
+    seed: int,
+    acquisition=None,
+    orientations=("axial",),
+    voxel_mm: float | None = None,
 ) -> list[np.ndarray]:
     """Normal scans of the training heads as clinics acquire them (thick slices, five
     contrasts, noise, bias field, field of view; ``evaluation.clinical``), resampled to
@@ -220,6 +228,8 @@ def clinical_normals(
     ``orientations``: the slice planes (``AcquisitionConfig.slice_orientation``) the
     ``cases_per_contrast`` scans are shared out among, in this order (3 scans over
     axial, coronal, sagittal: one each). Axial alone gives the scans it always gave.
+    ``voxel_mm``: the scans' voxel size (:func:`isotropic`; default the finest in-plane
+    pixel of each).
     """
     from napari_anomaly.evaluation.clinical import DEFAULT_ACQUISITION, make_cohort
 
@@ -242,7 +252,7 @@ def clinical_normals(
                 seed=seed + 1000 + index + 100 * position,
                 config=config,
             ):
-                volumes.append(isotropic(case.image, case.spacing))
+                volumes.append(isotropic(case.image, case.spacing, voxel_mm))
     return volumes
 
 
