@@ -9,6 +9,7 @@ from conftest import TINY_NETWORK_2D
 
 from napari_anomaly import brain as brain_module
 from napari_anomaly.brain import (
+    MAX_BODY_OUTSIDE_HEAD,
     BrainSearchStopped,
     HeadTemplate,
     PackedMask,
@@ -25,6 +26,7 @@ from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import Geometry
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import AnomalyNet
+from napari_anomaly.preprocess import PreprocessConfig, fit_preprocess
 from napari_anomaly.progress import run_to_end
 
 #: The template's axes: 0 to the top of the head, 1 to the front, 2 to the left (LPS).
@@ -326,13 +328,13 @@ def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch)
 
     registered = []
 
-    def fake_register(head, head_spacing, mask, target, target_spacing, config, stop=None):
-        registered.append(target.shape)
-        brain = np.zeros(target.shape, bool)
+    def fake_find(arr, step, direction, template, config, stop=None):
+        registered.append(arr.shape)
+        brain = np.zeros(arr.shape, bool)
         brain[:, 4:28, 4:28] = True
-        return brain, 0.0
+        return brain
 
-    monkeypatch.setattr(brain_module, "register_mask", fake_register)
+    monkeypatch.setattr(brain_module, "_find_brain", fake_find)
     monkeypatch.setattr(brain_module, "_BRAINS", OrderedDict())
     torch.manual_seed(0)
     config = InferenceConfig(device="cpu")
@@ -433,3 +435,57 @@ def test_a_stack_of_a_few_slices_is_localised_without_a_brain(monkeypatch):
     monkeypatch.setattr(brain_module, "_BRAINS", __import__("collections").OrderedDict())
     volume = np.random.default_rng(6).normal(100, 20, (16, 32, 32)).astype(np.float32)
     assert run_to_end(localise(volume, model, config, spacing=(1.0, 1.0, 1.0))).brain is None
+
+
+def _one_breast(shape, spacing):
+    """One prone breast in axial planes: a cone 140 mm wide and 110 mm deep hanging
+    forward (axis 1, lower indices) from a slab of chest-wall muscle; fat bright, gland
+    and muscle darker. Narrower than a head, so the size rule lets it through."""
+    grid = np.meshgrid(*[(np.arange(n) - n / 2) * s for n, s in zip(shape, spacing)], indexing="ij")
+    z, y, x = grid
+    rng = np.random.default_rng(3)
+    wall = (y > 40) & (y < 90) & (np.abs(x) < 90)
+    breast = (np.hypot(x, z) <= 70 * np.sqrt(np.clip((y + 70) / 110, 0, 1))) & (y <= 40)
+    volume = np.zeros(shape, np.float32)
+    volume[breast] = 350.0
+    gland = breast & (np.hypot(x, z) < 35) & (y > -40) & (rng.random(shape) < 0.6)
+    volume[gland] = 120.0
+    volume[wall] = 160.0
+    return np.abs(volume + rng.normal(0, 8, shape).astype(np.float32))
+
+
+def test_a_body_the_template_head_does_not_cover_is_not_given_a_brain(template):
+    """A one-sided breast examination is as narrow as a head (fits_a_head passes it), and
+    the bundled template lands inside it (`landed`), so its scores outside that "brain"
+    were halved. The template's head, carried by the same registration, leaves a third
+    of that body uncovered: no brain. A head, moved and scaled, keeps its brain."""
+    spacing = (2.5, 0.75, 0.75)
+    breast = _one_breast((60, 256, 256), spacing)
+    _, foreground = fit_preprocess(breast, PreprocessConfig())
+    assert fits_a_head(foreground, spacing)
+    torch.manual_seed(0)
+    model = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(),
+        metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}},
+    )
+    result = run_to_end(localise(breast, model, InferenceConfig(device="cpu"), spacing=spacing))
+    assert result.brain is None
+
+    head_spacing = (4.0, 1.0, 1.0)
+    scan, truth = phantom_head((40, 200, 170), head_spacing, shift_mm=(8, -6, 4), scale=1.05)
+    scan += np.random.default_rng(0).normal(0, 0.03, scan.shape).astype(np.float32)
+    assert dice(find_brain(scan, head_spacing, template=template), truth) > 0.9
+
+    seen = []
+    real = brain_module.body_outside_head
+
+    def measured(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(brain_module, "body_outside_head", measured)
+        find_brain(breast, spacing, template=load_template())
+        find_brain(scan, head_spacing, template=template)
+    breast_share, head_share = seen
+    assert breast_share > MAX_BODY_OUTSIDE_HEAD > head_share
