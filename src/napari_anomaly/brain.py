@@ -38,8 +38,8 @@ __all__ = [
     "HeadTemplate",
     "MAX_BODY_OUTSIDE_HEAD",
     "PackedMask",
-    "body_outside_head",
     "RegistrationConfig",
+    "body_outside_head",
     "can_find_brain",
     "find_brain",
     "find_brain_job",
@@ -216,10 +216,16 @@ def _smoothed_above(volume: np.ndarray, sigma: np.ndarray, level: float) -> np.n
     return inside
 
 
+def _above_body_level(volume: np.ndarray, spacing: np.ndarray, smooth_mm: float) -> np.ndarray:
+    """Where ``volume`` smoothed by ``smooth_mm`` is above 0.3 of its 99th percentile: the
+    body of a head scan, whatever its contrast."""
+    level = 0.3 * np.percentile(volume, 99)
+    return _smoothed_above(volume, smooth_mm / spacing, level)
+
+
 def _top_centre(volume: np.ndarray, spacing: np.ndarray, config: RegistrationConfig) -> np.ndarray:
     """Centre (x, y, z mm) of the top ``config.top_mm`` of the head in ``volume``."""
-    level = 0.3 * np.percentile(volume, 99)
-    inside = _smoothed_above(volume, config.top_smooth_mm / spacing, level)
+    inside = _above_body_level(volume, spacing, config.top_smooth_mm)
     planes = np.flatnonzero(inside.any(axis=(1, 2)))
     if planes.size == 0:
         return np.asarray(volume.shape, dtype=float)[::-1] * spacing[::-1] / 2
@@ -476,7 +482,10 @@ def find_brain(
     stop: threading.Event | None = None,
 ) -> np.ndarray:
     """The brain of a head scan ``image`` (3D, ``spacing`` in mm per axis): the template's
-    brain carried onto it (:func:`register_mask`). A bool mask of the image's shape.
+    brain carried onto it (:func:`register_mask`). A bool mask of the image's shape, empty
+    where the template's head, carried by the same registration, leaves more than
+    :data:`MAX_BODY_OUTSIDE_HEAD` of the scan's body uncovered (:func:`body_outside_head`:
+    a breast, a chest, not a head).
 
     ``direction``: the patient directions of the image's axes (a ``Geometry``'s); the
     image is turned onto the template's axes for the registration and the mask turned
@@ -612,10 +621,8 @@ _LINEAR_CARRY = RegistrationConfig()
 
 
 def _outline(volume: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """The body in ``volume``: smoothed by 2 mm, above 0.3 of its 99th percentile (the
-    level :func:`_top_centre` finds the head at), holes filled."""
-    level = 0.3 * float(np.percentile(volume, 99))
-    return ndimage.binary_fill_holes(_smoothed_above(volume, 2.0 / spacing, level))
+    """The body in ``volume`` (:func:`_above_body_level` at 2 mm), holes filled."""
+    return ndimage.binary_fill_holes(_above_body_level(volume, spacing, 2.0))
 
 
 def body_outside_head(
@@ -671,7 +678,6 @@ def _find_brain(
     mask = _carried_onto(
         template.brain, template.spacing, transform, turned.shape, turned_step, config
     )
-    del transform
     _hand_back_freed_memory()
     if flips:
         mask = np.flip(mask, flips)
