@@ -268,6 +268,8 @@ def test_a_brain_found_off_the_scan_weighs_nothing(monkeypatch):
     before = run_to_end(localise(volume, plain, config, spacing=(3.0, 1.0, 1.0)))
     after = run_to_end(localise(volume, weighed, config, spacing=(3.0, 1.0, 1.0)))
     assert after.brain is None
+    # A template off the scan (a partial field of view) says nothing of the body's shape.
+    assert after.head_shaped is True and before.head_shaped is None
     np.testing.assert_array_equal(after.anomaly_map, before.anomaly_map)
 
 
@@ -317,8 +319,10 @@ def test_a_chest_or_breast_examination_is_not_given_a_brain(monkeypatch):
 
     result = run_to_end(localise(chest, model, config, spacing=chest_spacing))
     assert result.brain is None and seen == []
+    assert result.head_shaped is False  # the out-of-domain warning's head rule
     result = run_to_end(localise(shoulders, model, config, spacing=head_spacing))
     assert result.brain is not None and seen == [(10, 64, 64)]
+    assert result.head_shaped is True
 
 
 def test_a_scan_localised_again_does_not_have_its_brain_found_again(monkeypatch):
@@ -434,7 +438,8 @@ def test_a_stack_of_a_few_slices_is_localised_without_a_brain(monkeypatch):
     monkeypatch.setattr(brain_module, "_find_brain", failing)
     monkeypatch.setattr(brain_module, "_BRAINS", __import__("collections").OrderedDict())
     volume = np.random.default_rng(6).normal(100, 20, (16, 32, 32)).astype(np.float32)
-    assert run_to_end(localise(volume, model, config, spacing=(1.0, 1.0, 1.0))).brain is None
+    failed = run_to_end(localise(volume, model, config, spacing=(1.0, 1.0, 1.0)))
+    assert failed.brain is None and failed.head_shaped is None and result.head_shaped is None
 
 
 def _one_breast(shape, spacing):
@@ -470,6 +475,7 @@ def test_a_body_the_template_head_does_not_cover_is_not_given_a_brain(template):
     )
     result = run_to_end(localise(breast, model, InferenceConfig(device="cpu"), spacing=spacing))
     assert result.brain is None
+    assert result.head_shaped is False  # and the out-of-domain warning says so
 
     head_spacing = (4.0, 1.0, 1.0)
     scan, truth = phantom_head((40, 200, 170), head_spacing, shift_mm=(8, -6, 4), scale=1.05)

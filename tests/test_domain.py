@@ -7,12 +7,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_NETWORK_2D, phantom
 from scipy import ndimage
 
+from napari_anomaly.case_outputs import sidecar_head_shaped
 from napari_anomaly.cli import main
 from napari_anomaly.domain import (
     EXTENT_FLOOR_MM,
+    NOT_A_HEAD,
     body_extent_mm,
     check_domain,
     domain_reference,
@@ -261,3 +264,53 @@ def test_train_records_the_size_of_its_scans_and_localise_warns_on_a_larger_body
     assert "warning: larger.nii.gz may be outside the model's domain" in err
     assert SIZE_REASON in err and domain["in_domain"] is False
     assert domain["extent_mm"] > domain["extent_limit_mm"]
+
+
+def test_localise_warns_when_the_body_it_looked_for_a_brain_in_is_not_a_head(
+    tmp_path, capsys, monkeypatch
+):
+    """The head rule is known once the brain has been looked for: a body the template's
+    head leaves uncovered (find_brain returns no brain: a breast of one side) gets the
+    warning on the command line and in the sidecar; a head gets none."""
+    torch.manual_seed(0)
+    model = tmp_path / "head_model.safetensors"
+    network = AnomalyNet(TINY_NETWORK_2D).eval()
+    weighs = {"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}}
+    Localiser(network, metadata=weighs).save(model)
+    geometry = Geometry((5.0, 3.0, 3.0), (0.0, 0.0, 0.0), np.eye(3).ravel())  # 192 mm across
+    scan = t1_like((12, 64, 64))
+
+    def no_brain(image, spacing, direction=None, **_):
+        return np.zeros(image.shape, bool)
+
+    monkeypatch.setattr("napari_anomaly.brain.find_brain", no_brain)
+    domain = _localise(scan, "breast.nii.gz", str(model), tmp_path, geometry)
+    err = capsys.readouterr().err
+    assert f"warning: breast.nii.gz may be outside the model's domain: {NOT_A_HEAD}" in err
+    assert domain["in_domain"] is False and domain["reasons"] == [NOT_A_HEAD]
+    sidecar = json.loads((tmp_path / "out" / "breast_mask.json").read_text())
+    # (a worklist opening this batch output reads it back for the widget's warning)
+    assert sidecar["head_shaped"] is False
+    assert sidecar_head_shaped(tmp_path / "out" / "breast_mask.nii.gz") is False
+    assert (tmp_path / "out" / "breast_anomaly.nii.gz").exists(), "a warning, not a refusal"
+
+    def a_brain(image, spacing, direction=None, **_):
+        brain = np.zeros(image.shape, bool)
+        brain[:, 20:44, 20:44] = True
+        return brain
+
+    monkeypatch.setattr("napari_anomaly.brain.find_brain", a_brain)
+    domain = _localise(scan, "head.nii.gz", str(model), tmp_path, geometry)
+    assert "warning" not in capsys.readouterr().err
+    assert domain["in_domain"] is True
+    assert json.loads((tmp_path / "out" / "head_mask.json").read_text())["head_shaped"] is True
+
+
+def test_the_head_rule_adds_its_reason_once_to_a_report():
+    report = check_domain(ct_like(), mr_model())
+    flagged = report.not_a_head()
+    assert flagged.reasons == [*report.reasons, NOT_A_HEAD] and not flagged.in_domain
+    assert flagged.not_a_head() is flagged
+    assert NOT_A_HEAD in flagged.warning("scan.nii.gz") and NOT_A_HEAD not in report.reasons
+    clean = check_domain(t1_like(), mr_model())
+    assert clean.in_domain and not clean.not_a_head().in_domain

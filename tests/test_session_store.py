@@ -235,7 +235,9 @@ def _midline_session(localiser):
     scores[3, 25:31, 30:35] = 0.7  # lateral
     flip = Mirror(np.array([[1.0, 0.0], [0.0, -1.0]]), np.array([0.0, 40.0]), 0.0, 1)
     session = ReviewSession(localiser, ReviewConfig(min_region_size=5))
-    session.add_case("v", _scan((6, 40, 40)), scores, midline=Midline.of(flip, (1, 2)))
+    session.add_case(
+        "v", _scan((6, 40, 40)), scores, midline=Midline.of(flip, (1, 2)), head_shaped=False
+    )
     return session
 
 
@@ -249,6 +251,7 @@ def test_a_resumed_case_keeps_its_midline_and_its_region_order(localiser, tmp_pa
     save_session(session, tmp_path / "review")
     back = load_session(tmp_path / "review").case("v")
     assert back.midline == case.midline
+    assert back.head_shaped is False  # the out-of-domain warning's head rule
     assert [(r.voxel_count, r.midline_reach_mm) for r in back.regions()] == before
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "LOCALISE_KINDS",
     "OutputPlan",
     "case_sidecar",
+    "sidecar_head_shaped",
     "sidecar_midline",
     "export_plan",
     "is_dicom_source",
@@ -130,14 +131,32 @@ def localise_plan(source: str | os.PathLike[str], out_dir: str | os.PathLike[str
     return OutputPlan(Path(out_dir), files)
 
 
+def _sidecar_of(mask_path: str | os.PathLike[str]) -> dict:
+    """The sidecar of the mask at ``mask_path`` (empty where there is none or it
+    cannot be read)."""
+    try:
+        data = json.loads(sidecar_path(Path(mask_path)).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def sidecar_midline(mask_path: str | os.PathLike[str]) -> Midline | None:
     """The midline recorded in the sidecar of the mask at ``mask_path`` (``None`` where
     there is no sidecar, it records none, or it cannot be read)."""
     try:
-        data = json.loads(sidecar_path(Path(mask_path)).read_text(encoding="utf-8"))
-        return Midline.from_dict(data["midline"]) if data.get("midline") else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        recorded = _sidecar_of(mask_path).get("midline")
+        return Midline.from_dict(recorded) if recorded else None
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def sidecar_head_shaped(mask_path: str | os.PathLike[str]) -> bool | None:
+    """Whether the sidecar of the mask at ``mask_path`` records the scan's body as
+    shaped like a head (:attr:`~napari_anomaly.session.Case.head_shaped`; ``None``:
+    not recorded or not readable)."""
+    recorded = _sidecar_of(mask_path).get("head_shaped")
+    return recorded if isinstance(recorded, bool) else None
 
 
 def export_plan(mask_path: str | os.PathLike[str], include_anomaly_map: bool = False) -> OutputPlan:
@@ -203,6 +222,8 @@ def case_sidecar(
         "min_region_voxels": case.min_region_size,
         "rank_by": case.rank_by,
         "midline": None if case.midline is None else case.midline.to_dict(),
+        # False: the body is not shaped like a head (the out-of-domain head rule)
+        "head_shaped": case.head_shaped,
         "region_limit": None if case.region_limit is None else case.region_limit.to_dict(),
         "regions": regions,
         "marked_voxels": int(np.count_nonzero(mask)),

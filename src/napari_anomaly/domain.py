@@ -29,6 +29,13 @@ images as a *domain reference* (stored in the model metadata under
   ``EXTENT_FLOOR_MM``) is flagged: a chest, abdomen or breast examination
   shown to a model of heads keeps the intensities of MR, but not the size of
   a head.
+* **Head rule** (a model that looks for the brain, a 3D scan with a voxel size;
+  known only once the brain has been looked for, so it comes with the map):
+  where the scan's body is wider than a head or the head template, registered
+  onto it, leaves much of it uncovered
+  (:attr:`napari_anomaly.inference.LocalisationResult.head_shaped`; a breast
+  examination of one side is narrower than a head but not shaped like one), the
+  report gains :data:`NOT_A_HEAD` (:meth:`DomainReport.not_a_head`).
 
 Everything here is Qt-free and never modifies its inputs.
 """
@@ -36,7 +43,7 @@ Everything here is Qt-free and never modifies its inputs.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -47,13 +54,18 @@ from napari_anomaly.preprocess import validate_image as _validate_image
 __all__ = [
     "DomainReference",
     "DomainReport",
+    "NOT_A_HEAD",
     "body_extent_mm",
     "check_domain",
     "domain_reference",
     "intensity_fingerprint",
     "known_spacing",
     "largest_body",
+    "warning_line",
 ]
+
+#: The head rule's reason (:meth:`DomainReport.not_a_head`).
+NOT_A_HEAD = "its body is not shaped like a head (the model reads head scans)"
 
 #: Bins of the robustly scaled foreground histogram (on [0, 1]).
 HISTOGRAM_BINS = 32
@@ -423,12 +435,15 @@ class DomainReport:
 
     def warning(self, name: str) -> str:
         """One line for a reviewer (empty when in domain)."""
-        if self.in_domain:
-            return ""
-        return (
-            f"{name} may be outside the model's domain: {'; '.join(self.reasons)}. "
-            "Treat its map with caution."
-        )
+        return "" if self.in_domain else warning_line(name, self.reasons)
+
+    def not_a_head(self) -> DomainReport:
+        """This report flagged by the head rule (:data:`NOT_A_HEAD`): for a scan whose
+        body the localisation found not shaped like a head
+        (:attr:`napari_anomaly.inference.LocalisationResult.head_shaped` False)."""
+        if NOT_A_HEAD in self.reasons:
+            return self
+        return replace(self, in_domain=False, reasons=[*self.reasons, NOT_A_HEAD])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -441,6 +456,14 @@ class DomainReport:
             "extent_mm": self.extent_mm,
             "extent_limit_mm": self.extent_limit_mm,
         }
+
+
+def warning_line(name: str, reasons: Sequence[str]) -> str:
+    """The reviewer's one line for a scan ``name`` flagged for ``reasons``."""
+    return (
+        f"{name} may be outside the model's domain: {'; '.join(reasons)}. "
+        "Treat its map with caution."
+    )
 
 
 def check_domain(

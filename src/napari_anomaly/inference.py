@@ -151,6 +151,14 @@ class LocalisationResult:
         the scan holds too few slices
         (:func:`napari_anomaly.brain.can_find_brain`) or the registration failed:
         nothing is weighed then.
+    head_shaped
+        For a model that looks for the brain: False where the scan's body is not shaped
+        like a head (wider than one, :func:`napari_anomaly.brain.fits_a_head`, or left
+        largely uncovered by the template's head, :func:`napari_anomaly.brain.find_brain`
+        finding no brain), True where the template's head covers it; ``None`` where it
+        was not looked at (another model, a 2D image, no voxel size, too few slices, a
+        failed registration). The out-of-domain warning reads it
+        (:meth:`napari_anomaly.domain.DomainReport.not_a_head`).
     """
 
     anomaly_map: np.ndarray
@@ -158,6 +166,7 @@ class LocalisationResult:
     foreground: np.ndarray
     midline: Midline | None = None
     brain: PackedMask | None = None
+    head_shaped: bool | None = None
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -577,9 +586,10 @@ def localise(
     network = _network_for_inference(localiser.network, device)
     yield Progress(0, 0, "preprocessing")
     mapping, foreground = fit_preprocess(arr, localiser.preprocess, foreground=foreground)
-    brain = None
+    brain = head_shaped = None
     if finds_brain and not fits_a_head(foreground, spacing, direction):
         finds_brain = False  # a chest or a breast examination: no brain to weigh by
+        head_shaped = False
     if finds_brain:
         # Before the result maps exist: its working copies of the scan then never add to them.
         yield Progress(0, 0, "finding the brain")
@@ -587,6 +597,8 @@ def localise(
             found = yield from find_brain_job(arr, spacing, direction)
         except RuntimeError:  # the registration failed (ITK): like a brain off the scan
             found = None
+        if found is not None:  # no brain at all: a body the template's head does not cover
+            head_shaped = bool(found.any())
         # Weighing by a brain off the scan would damp it at random. Kept at one bit a
         # voxel beside the result maps.
         if found is not None and landed(found, foreground):
@@ -663,7 +675,7 @@ def localise(
     calibration = localiser.score_calibration
     if calibration is not None:
         calibration.apply(anomaly_map, out=anomaly_map)
-    return LocalisationResult(anomaly_map, confidence_map, foreground, midline, brain)
+    return LocalisationResult(anomaly_map, confidence_map, foreground, midline, brain, head_shaped)
 
 
 # -- memory ----------------------------------------------------------------------------

@@ -134,7 +134,9 @@ class FileOutcome:
         ranks first (NaN without regions), and the case-level score
         (:func:`napari_anomaly.metrics.sample_score`) used to sort a cohort.
     domain : dict
-        The domain check (:func:`napari_anomaly.domain.check_domain`).
+        The domain check (:func:`napari_anomaly.domain.check_domain`), with the
+        head rule that the localisation decides
+        (:meth:`napari_anomaly.domain.DomainReport.not_a_head`).
     region_limit : RegionLimit or None
         How the threshold was chosen under ``max_regions`` and ``min_regions``
         (``None``: neither applied).
@@ -181,13 +183,15 @@ def localise_file(
         Replace existing outputs (else they are refused before any work).
     warn
         Called with a one-line warning when the scan is unlike the model's
-        training data (the map is still made).
+        training data, before the map is made (which it still is); called again
+        after it when the localisation found the scan's body not shaped like a head
+        (a model that looks for the brain).
     series
         The SeriesInstanceUID to read from a DICOM folder holding several.
     source_sha256
         The source's sha256 when the caller has it already (else it is computed).
     """
-    from napari_anomaly.domain import check_domain, known_spacing
+    from napari_anomaly.domain import NOT_A_HEAD, check_domain, known_spacing, warning_line
 
     source = Path(source)
     plan = plan or localise_plan(source, out_dir)
@@ -209,6 +213,10 @@ def localise_file(
         source_series=series,
         source_sha256=source_sha256,
     )
+    if case.head_shaped is False:  # the head rule, known with the map
+        report = report.not_a_head()
+        if warn is not None:
+            warn(warning_line(source.name, [NOT_A_HEAD]))
     try:
         extra = {"domain_check": report.to_dict(), "flips": session.inference.flips}
         # (the source was read and hashed for this case a moment ago: not hashed again)

@@ -223,6 +223,10 @@ class Case:
     #: (:attr:`~napari_anomaly.inference.LocalisationResult.midline`), for the region
     #: table's ``compact-midline`` order; ``None``: not known.
     midline: Midline | None = None
+    #: False where the model looks for the brain and the scan's body is not shaped like a
+    #: head (:attr:`~napari_anomaly.inference.LocalisationResult.head_shaped`): the
+    #: out-of-domain warning says so; ``None``: not looked at.
+    head_shaped: bool | None = None
     #: Changes whenever the maps change (a saved session rewrites them only then).
     maps_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     undo_steps: list[HistoryStep] = field(default_factory=list, repr=False)
@@ -681,6 +685,7 @@ class ReviewSession:
         source_sha256: str | None = None,
         source_series: str | None = None,
         midline: Midline | None = None,
+        head_shaped: bool | None = None,
     ) -> Case:
         """Store maps of ``image`` as case ``case_id`` (new maps for an existing case).
 
@@ -703,7 +708,9 @@ class ReviewSession:
         and in a saved session.
 
         ``midline``: the patient's mid-sagittal plane found with the maps
-        (:attr:`~napari_anomaly.inference.LocalisationResult.midline`).
+        (:attr:`~napari_anomaly.inference.LocalisationResult.midline`); ``head_shaped``:
+        whether its body is shaped like a head
+        (:attr:`~napari_anomaly.inference.LocalisationResult.head_shaped`).
         """
         if source_path is not None:
             # Absolute: a saved session is resumed from any working directory.
@@ -740,6 +747,7 @@ class ReviewSession:
             case.source_sha256 = source_sha256
             case.source_series = source_series
             case.midline = midline
+            case.head_shaped = head_shaped
             case.maps_id = uuid.uuid4().hex[:12]
             case.redo_steps.clear()  # they were made on the previous maps
             # An approval (or its withdrawal) was made on the previous maps and model:
@@ -784,6 +792,7 @@ class ReviewSession:
                 source_sha256=source_sha256,
                 source_series=source_series,
                 midline=midline,
+                head_shaped=head_shaped,
             )
         self.cases[case_id] = case
         self._touch()
@@ -812,6 +821,7 @@ class ReviewSession:
             source_sha256=source[1] if source else None,
             source_series=source[2] if source else None,
             midline=result.midline,
+            head_shaped=result.head_shaped,
         )
 
     # -- localisation -----------------------------------------------------------

@@ -794,6 +794,7 @@ def _save(session: ReviewSession, folder: Path) -> Path:
                     "min_region_mm": case.min_region_mm,
                     "rank_by": case.rank_by,
                     "midline": None if case.midline is None else case.midline.to_dict(),
+                    "head_shaped": case.head_shaped,
                     "region_limit": None
                     if case.region_limit is None
                     else case.region_limit.to_dict(),
@@ -1075,6 +1076,9 @@ def load_session(
                 localised_at=str(entry.get("localised_at", "")),
                 rank_by=str(entry.get("rank_by", review.rank_by)),
                 midline=Midline.from_dict(entry["midline"]) if entry.get("midline") else None,
+                head_shaped=entry["head_shaped"]
+                if isinstance(entry.get("head_shaped"), bool)
+                else None,
                 region_limit=RegionLimit.from_dict(entry["region_limit"])
                 if entry.get("region_limit")
                 else None,

@@ -65,3 +65,40 @@ def test_a_scan_larger_than_the_training_heads_gets_a_warning_when_its_scale_is_
                 ("head", "torso", "no scale")}  # fmt: skip
     assert warnings["head"] is None and warnings["no scale"] is None
     assert "body outline is" in warnings["torso"], warnings
+
+
+def test_a_body_not_shaped_like_a_head_gets_the_warning_with_its_map(
+    make_review_widget, monkeypatch
+):
+    """A model that looks for the brain learns whether the body is a head only while it
+    localises: the warning comes with the map, once, and is given again for a new map."""
+    from napari_anomaly.domain import NOT_A_HEAD
+
+    monkeypatch.setattr(
+        "napari_anomaly.brain.find_brain",
+        lambda image, *args, **kwargs: np.zeros(image.shape, bool),
+    )
+    widget = make_review_widget(
+        recommended_threshold=0.5, postprocess={"outside_brain_weight": 0.5}
+    )
+    widget.viewer.add_image(_mr_head((12, 64, 64)), name="breast", scale=(5.0, 3.0, 3.0))
+    widget.viewer.add_image(_mr_head((12, 64, 64)), name="other", scale=(5.0, 3.0, 3.0))
+    shown = []
+    notification_manager.notification_ready.connect(lambda event: shown.append(event.message))
+    widget.localise("breast", wait=True)
+    assert widget.last_error is None and "breast mask" in widget.viewer.layers
+    case_id = widget.case("breast").case_id
+    assert widget.case("breast").head_shaped is False
+    assert widget.domain_warnings[case_id].count(NOT_A_HEAD) == 1
+    assert "Warning: breast may be outside the model's domain" in widget.status.value
+    assert sum(NOT_A_HEAD in str(message) for message in shown) == 1
+    widget.localise("breast", wait=True)  # a new map: the warning again, still one reason
+    assert widget.domain_warnings[case_id].count(NOT_A_HEAD) == 1
+    assert sum(NOT_A_HEAD in str(message) for message in shown) == 2
+
+    monkeypatch.setattr(
+        "napari_anomaly.brain.find_brain", lambda image, *args, **kwargs: np.ones(image.shape, bool)
+    )
+    widget.localise("other", wait=True)
+    assert widget.case("other").head_shaped is True
+    assert widget.case("other").case_id not in widget.domain_warnings

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import QApplication, QFileDialog, QStyledItemDelegate
 
 from napari_anomaly._layers import CASE_ID_KEY
 from napari_anomaly._reader import layer_data_of
-from napari_anomaly.case_outputs import sidecar_midline
+from napari_anomaly.case_outputs import sidecar_head_shaped, sidecar_midline
 from napari_anomaly.inference import InferenceConfig, localise, placement
 from napari_anomaly.io import read_image
 from napari_anomaly.localiser import Localiser
@@ -87,8 +87,9 @@ class WorklistControls:
         self._worklist_index: int | None = None
         self._prefetch_worker = None
         self._prefetching: int | None = None  # item index being localised in the background
-        # item index -> (model, geometry, anomaly map, confidence map) made ahead
-        self._prefetched: dict[int, tuple[Localiser, Any, Any, Any, Any]] = {}
+        # item index -> (model, geometry, anomaly map, confidence map, midline,
+        # head_shaped) made ahead
+        self._prefetched: dict[int, tuple[Localiser, Any, Any, Any, Any, Any]] = {}
         self._open_when_ready: int | None = None
         self._worklist_shown: tuple | None = None  # what the table shows now
         table = self.worklist_table.native
@@ -309,7 +310,7 @@ class WorklistControls:
             self._show_layers(case)
             self._render_shown_case()
         elif made is not None and made[0] is session.localiser:
-            _, geometry, anomaly_map, confidence_map, midline = made
+            _, geometry, anomaly_map, confidence_map, midline, head_shaped = made
             case = session.add_case(
                 case_id,
                 np.asarray(layer.data),
@@ -323,6 +324,7 @@ class WorklistControls:
                 source_sha256=source_sha256,
                 source_series=item.series,
                 midline=midline,
+                head_shaped=head_shaped,
             )
             self._check_domain(case_id, layer.name, case.image, session.localiser, geometry)
             self._on_localised(case)
@@ -333,8 +335,8 @@ class WorklistControls:
 
     def _batch_maps(self, item, layer) -> tuple | None:
         """The maps a batch run made for ``item`` with the session's current model, as
-        ``(localiser, geometry, anomaly_map, confidence_map, midline)`` (the midline its
-        sidecar records); ``None`` when there are none to use."""
+        ``(localiser, geometry, anomaly_map, confidence_map, midline, head_shaped)`` (the
+        midline and head rule its sidecar records); ``None`` when there are none to use."""
         localiser = self._session.localiser
         files = item.map_files()
         if files is None or item.maps_model_sha256 != localiser.sha256:
@@ -349,7 +351,14 @@ class WorklistControls:
             or confidence.shape != anomaly.array.shape
         ):
             return None
-        return localiser, anomaly.geometry, anomaly.array, confidence, sidecar_midline(item.maps)
+        return (
+            localiser,
+            anomaly.geometry,
+            anomaly.array,
+            confidence,
+            sidecar_midline(item.maps),
+            sidecar_head_shaped(item.maps),
+        )
 
     def _add_scan_layer(self, item, loaded) -> Any:
         data, kwargs, _ = layer_data_of(loaded)
@@ -435,6 +444,7 @@ class WorklistControls:
             result.anomaly_map,
             result.confidence_map,
             result.midline,
+            result.head_shaped,
         )
         self._refresh_worklist()
 

@@ -96,7 +96,7 @@ from napari_anomaly._qt._worklist import row as _row
 from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
 from napari_anomaly.devices import DEVICE_CHOICES, resolve_device
 from napari_anomaly.display import WINDOW_KEY, WINDOWS_KEY, display_windows
-from napari_anomaly.domain import check_domain, known_spacing
+from napari_anomaly.domain import NOT_A_HEAD, check_domain, known_spacing, warning_line
 from napari_anomaly.inference import InferenceConfig, placement
 from napari_anomaly.localiser import Localiser, default_model_path
 from napari_anomaly.progress import Job, Progress, relay
@@ -1215,6 +1215,8 @@ class AnomalyReviewWidget(WorklistControls, Container):
             self.wait()
 
     def _on_localised(self, case: Case) -> None:
+        if case.head_shaped is False:
+            self._warn_not_a_head(case)
         scan = self._scan_layer_of(case.case_id)
         if scan is not None and scan.name != case.name:  # renamed while the job ran
             self.session.rename(case.case_id, scan.name)
@@ -1232,6 +1234,17 @@ class AnomalyReviewWidget(WorklistControls, Container):
             )
         else:
             self._render_shown_case(f"({case.name} localised.)")
+
+    def _warn_not_a_head(self, case: Case) -> None:
+        """The head rule's warning (:data:`~napari_anomaly.domain.NOT_A_HEAD`), known once
+        the brain was looked for: added to the case's warning, once."""
+        known = self.domain_warnings.get(case.case_id, "")
+        if NOT_A_HEAD in known:
+            return
+        warning = warning_line(case.name, [NOT_A_HEAD])
+        self.domain_warnings[case.case_id] = f"{known} {warning}".strip()
+        self._say(f"Warning: {warning}")
+        show_warning(warning)
 
     def _check_domain(
         self,
