@@ -88,7 +88,7 @@ def only_brain(records, cases):
 def _weighed(brain, record):
     """The brain to weigh ``record``'s map by: the one found, or where it did not land on
     the scan (``brain.landed``, as in ``localise``) the whole scan, which weighs nothing."""
-    return brain if landed(brain, record.foreground) else np.ones_like(brain)
+    return brain if landed(brain, record.foreground, record.spacing) else np.ones_like(brain)
 
 
 def main() -> None:

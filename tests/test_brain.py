@@ -15,6 +15,7 @@ from napari_anomaly.brain import (
     PackedMask,
     find_brain,
     fits_a_head,
+    landed,
     load_template,
     orientation,
     register_mask,
@@ -495,3 +496,38 @@ def test_a_body_the_template_head_does_not_cover_is_not_given_a_brain(template):
         find_brain(scan, head_spacing, template=template)
     breast_share, head_share = seen
     assert breast_share > MAX_BODY_OUTSIDE_HEAD > head_share
+
+
+def _ball(shape, spacing, radius_mm, centre_shift_mm=(0.0, 0.0, 0.0)):
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    centre = [n / 2 + d / s for n, s, d in zip(shape, spacing, centre_shift_mm)]
+    distance = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing))
+    return distance <= radius_mm**2
+
+
+def test_a_brain_reaching_into_the_dark_csf_of_a_flair_scan_still_lands(monkeypatch):
+    """FLAIR shows the CSF around the brain dark, and a dark scalp leaves the foreground
+    hugging the brain: the template's brain, a few millimetres larger, lay 13 % off it on a
+    Colin27 FLAIR scan and was refused, so FLAIR went unweighed. A brain 3 mm beyond the
+    foreground lands; one 30 mm off the head does not."""
+    spacing = (6.0, 0.8, 0.8)
+    shape = (26, 220, 220)
+    foreground = _ball(shape, spacing, 70.0)
+    reaching = _ball(shape, spacing, 73.0)  # 12 % of it off the foreground
+    assert (reaching & ~foreground).sum() > 0.1 * reaching.sum()
+    assert landed(reaching, foreground, spacing)
+    assert not landed(reaching, foreground)  # the scan's size unknown: as before
+    off = _ball(shape, spacing, 60.0, centre_shift_mm=(0.0, 0.0, 35.0))
+    assert not landed(off, foreground, spacing)
+
+    monkeypatch.setattr("napari_anomaly.brain.find_brain", lambda image, *a, **k: reaching)
+    monkeypatch.setattr("napari_anomaly.inference.fits_a_head", lambda *a, **k: True)
+    scan = np.where(foreground, 100.0, 0.0).astype(np.float32)
+    scan += np.random.default_rng(2).normal(0, 2, shape).astype(np.float32)
+    torch.manual_seed(0)
+    model = Localiser(
+        AnomalyNet(TINY_NETWORK_2D).eval(),
+        metadata={"patch_size": 32, "postprocess": {"outside_brain_weight": 0.5}},
+    )
+    found = run_to_end(localise(scan, model, InferenceConfig(device="cpu"), spacing=spacing))
+    assert found.brain is not None and found.head_shaped is True

@@ -601,7 +601,7 @@ def localise(
             head_shaped = bool(found.any())
         # Weighing by a brain off the scan would damp it at random. Kept at one bit a
         # voxel beside the result maps.
-        if found is not None and landed(found, foreground):
+        if found is not None and landed(found, foreground, spacing):
             brain = PackedMask.of(found)
         del found
 
