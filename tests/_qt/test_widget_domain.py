@@ -102,3 +102,57 @@ def test_a_body_not_shaped_like_a_head_gets_the_warning_with_its_map(
     widget.localise("other", wait=True)
     assert widget.case("other").head_shaped is True
     assert widget.case("other").case_id not in widget.domain_warnings
+
+
+def test_the_warnings_come_back_with_a_resumed_review(make_review_widget, monkeypatch):
+    """Closing the widget and resuming the review must not drop what the reviewer was
+    warned of: the CT scan is checked again, and the head rule comes from the case."""
+    import torch
+    from conftest import TINY_NETWORK_2D
+    from qtpy.QtWidgets import QApplication
+
+    from napari_anomaly.domain import NOT_A_HEAD
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.model import AnomalyNet
+
+    monkeypatch.setattr(
+        "napari_anomaly.brain.find_brain",
+        lambda image, *args, **kwargs: np.zeros(image.shape, bool),
+    )
+    weighs = {"recommended_threshold": 0.5, "postprocess": {"outside_brain_weight": 0.5}}
+    widget = make_review_widget(**weighs)
+    viewer = widget.viewer
+    viewer.window.add_dock_widget(widget, name="Anomaly review")
+    viewer.add_image(_ct_head(), name="ct")
+    viewer.add_image(_mr_head((12, 64, 64)), name="breast", scale=(5.0, 3.0, 3.0))
+    viewer.add_image(_mr_head(), name="mr")
+    for name in ("ct", "breast", "mr"):
+        widget.localise(name, wait=True)
+        assert widget.last_error is None
+    before = {name: widget.domain_warnings.get(widget.case(name).case_id) for name in
+              ("ct", "breast", "mr")}  # fmt: skip
+    assert "looks like CT" in before["ct"] and NOT_A_HEAD in before["breast"]
+    assert before["mr"] is None
+
+    for dock in list(viewer.window._wrapped_dock_widgets.values()):
+        if dock.widget() is widget.native:
+            dock.destroyOnClose()
+    QApplication.processEvents()
+    torch.manual_seed(0)
+    again = type(widget)(
+        viewer,
+        localiser=Localiser(
+            AnomalyNet(TINY_NETWORK_2D).eval(), metadata={"patch_size": 32, **weighs}
+        ),
+    )
+    again.device.value = "cpu"
+    viewer.window.add_dock_widget(again, name="Anomaly review")
+    again.resume()
+    assert again.last_error is None, again.last_error
+    for name in ("ct", "breast", "mr"):
+        again.image_layer.value = name
+        warning = before[name]
+        if warning is None:
+            assert "Warning" not in again.status.value
+        else:
+            assert warning in again.status.value, (name, again.status.value)

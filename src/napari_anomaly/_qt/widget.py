@@ -263,6 +263,9 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._rendered_name: str | None = None  # name of the image whose case is shown
         #: Out-of-domain warning per case id (shown again with the case's result).
         self.domain_warnings: dict[str, str] = {}
+        #: Case ids whose warning this widget knows (checked when localised here, or when
+        #: first shown after a review was resumed: :meth:`_domain_warning_of`).
+        self._domain_checked: set[str] = set()
         self.last_error: str | None = None
         self.last_finetune: FinetuneOutcome | None = None
         self.last_calibration: CalibrationOutcome | None = None
@@ -952,7 +955,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
             layer.contrast_limits = (lo, hi)
 
     def _case_summary(self, case: Case) -> str:
-        warning = self.domain_warnings.get(case.case_id)
+        warning = self._domain_warning_of(case)
         regions = self._region_total if self._table_case == case.case_id else len(case.regions())
         if case.reviewed:
             text = (
@@ -1235,6 +1238,24 @@ class AnomalyReviewWidget(WorklistControls, Container):
         else:
             self._render_shown_case(f"({case.name} localised.)")
 
+    def _domain_warning_of(self, case: Case) -> str | None:
+        """The case's out-of-domain warning. A case this widget has not localised (a review
+        resumed, a session loaded) is checked when first shown: its scan against the model
+        again, quietly, and the head rule as its maps recorded it (``Case.head_shaped``)."""
+        if case.case_id not in self._domain_checked:
+            self._domain_checked.add(case.case_id)
+            try:
+                report = check_domain(
+                    case.image, self.session.localiser, spacing=known_spacing(case.geometry)
+                )
+            except ValueError:
+                report = None
+            if report is not None and case.head_shaped is False:
+                report = report.not_a_head()
+            if report is not None and not report.in_domain:
+                self.domain_warnings[case.case_id] = report.warning(case.name)
+        return self.domain_warnings.get(case.case_id)
+
     def _warn_not_a_head(self, case: Case) -> None:
         """The head rule's warning (:data:`~napari_anomaly.domain.NOT_A_HEAD`), known once
         the brain was looked for: added to the case's warning, once."""
@@ -1256,6 +1277,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
     ) -> None:
         """Warn (status line and a napari notification) when the scan is unlike the training
         data; the warning stays with the case and is repeated with its result."""
+        self._domain_checked.add(case_id)
         try:
             report = check_domain(image, localiser, spacing=known_spacing(geometry))
             warning = report.warning(name)
@@ -2393,6 +2415,7 @@ class AnomalyReviewWidget(WorklistControls, Container):
         self._case_layers.clear()
         self._rendered.clear()
         self.domain_warnings.clear()
+        self._domain_checked.clear()
         self.last_finetune = None
         self._show_comparison(None)
         self.metrics.value = ""
