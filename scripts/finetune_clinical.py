@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_anomaly.brain import widen
 from napari_anomaly.calibration import carry_calibration
 from napari_anomaly.evaluation.anatomy import HELD_OUT_SUBJECTS, held_out_subject
 from napari_anomaly.evaluation.clinical import FAMILIES, make_case, prepare_anatomy
@@ -191,6 +192,20 @@ def main() -> None:
         help="an ensemble's loss: every member's own, or only their average's",
     )
     grid("--finetune-seeds", "seed", int)
+    parser.add_argument(
+        "--far-weights",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="loss weights of the corrected scan's voxels farther than --near-mm from its "
+        "marked lesion (1: every voxel alike, as the widget's untouched voxels)",
+    )
+    parser.add_argument(
+        "--near-mm",
+        type=float,
+        default=10.0,
+        help="the marked lesion's surroundings that keep weight 1 (with --far-weights)",
+    )
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--native",
@@ -251,8 +266,22 @@ def main() -> None:
         args.transplant_scales,
         args.finetune_seeds,
         args.member_losses,
+        args.far_weights,
     )
-    for lr, steps, anchor, distill, focus, replay, share, scale, finetune_seed, member_loss in grid:
+    near = widen(corrected.lesion_mask, tuple(corrected.spacing), args.near_mm)
+    for (
+        lr,
+        steps,
+        anchor,
+        distill,
+        focus,
+        replay,
+        share,
+        scale,
+        finetune_seed,
+        member_loss,
+        far,
+    ) in grid:
         config = replace(
             FinetuneConfig(),
             learning_rate=lr,
@@ -276,6 +305,7 @@ def main() -> None:
                 [corrected.image],
                 [corrected.lesion_mask],
                 config,
+                voxel_weights=[np.where(near, 1.0, far).astype(np.float32)],
                 spacings=None if args.native else [tuple(corrected.spacing)],
                 held_images=[h.image for h in held],
                 held_spacings=None if args.native else [tuple(h.spacing) for h in held],
@@ -312,6 +342,8 @@ def main() -> None:
             "batch_size": args.batch_size,
             "finetune_seed": finetune_seed,
             "member_loss": member_loss,
+            "far_weight": far,
+            "near_mm": args.near_mm,
             "weight_drift": round(weight_drift(localiser, tuned), 6),
             "after": after,
         }
