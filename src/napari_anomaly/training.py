@@ -286,7 +286,8 @@ class FinetuneConfig:
         0.03-0.08 with the masses lifted as much (1.53x and 1.46x against 1.55x
         and 1.36x), and a nodule correction still doubles the other head's
         nodules (2.01x against 2.18x); 0 loses the nodules' transfer (1.06x).
-        Hence 0.25.
+        On one head 0.25 lifts FLAIR masses and PD spots 1.40x (0.5: 1.49x,
+        1.52x), no family losing either way. Hence 0.25.
     transplant_scale
         Range ``(low, high)`` of the factor on a moved lesion's size, drawn
         log-uniformly per paste (:func:`napari_anomaly.synthesis.transplant.transplant`),
