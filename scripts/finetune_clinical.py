@@ -53,7 +53,7 @@ from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import average_precision
 from napari_anomaly.progress import run_to_end
 from napari_anomaly.review import min_voxels
-from napari_anomaly.training import FinetuneConfig, finetune
+from napari_anomaly.training import FinetuneConfig, finetune, interpolate_weights
 
 
 def pooled_ap(localiser, cases, in_plane_mm: float, extra_in_plane_mm=()) -> float:
@@ -100,13 +100,17 @@ def pipeline_triage(localiser, kind_others, normals) -> dict:
     }
 
 
-def measure(localiser, kind_others, corrected, others, normals, in_plane_mm, extra=()) -> dict:
-    return {
+def measure(
+    localiser, kind_others, corrected, others, normals, in_plane_mm, extra=(), pipeline=True
+) -> dict:
+    measured = {
         "kind_other_scans": pooled_ap(localiser, kind_others, in_plane_mm, extra),
         "corrected_scan": pooled_ap(localiser, [corrected], in_plane_mm, extra),
         **{c.family: pooled_ap(localiser, [c], in_plane_mm, extra) for c in others},
-        "pipeline": pipeline_triage(localiser, kind_others, normals),
     }
+    if pipeline:
+        measured["pipeline"] = pipeline_triage(localiser, kind_others, normals)
+    return measured
 
 
 def _scale(text: str) -> tuple[float, float]:
@@ -206,6 +210,19 @@ def main() -> None:
         default=10.0,
         help="the marked lesion's surroundings that keep weight 1 (with --far-weights)",
     )
+    parser.add_argument(
+        "--weight-interpolations",
+        type=float,
+        nargs="+",
+        default=[FinetuneConfig.weight_interpolation],
+        help="shares of each fine-tuning's weight change kept (FinetuneConfig."
+        "weight_interpolation), each measured from the same fine-tuned network",
+    )
+    parser.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="pixel AP only: skip the ranks and normal-scan regions through the pipeline",
+    )
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--native",
@@ -250,8 +267,16 @@ def main() -> None:
         for k in range(args.held_normals)
     ]
     localiser = Localiser.load(args.model)
+    pipeline = not args.no_pipeline
     before = measure(
-        localiser, kind_others, corrected, others, normals, args.in_plane_mm, args.extra_in_plane_mm
+        localiser,
+        kind_others,
+        corrected,
+        others,
+        normals,
+        args.in_plane_mm,
+        args.extra_in_plane_mm,
+        pipeline,
     )
     print(json.dumps({"before": before}), flush=True)
     runs = []
@@ -299,56 +324,66 @@ def main() -> None:
             member_loss=member_loss,
             carry_calibration=False,
         )
-        tuned = run_to_end(
+        fine_tuned = run_to_end(
             finetune(
                 localiser,
                 [corrected.image],
                 [corrected.lesion_mask],
-                config,
+                replace(config, weight_interpolation=1.0),
                 voxel_weights=[np.where(near, 1.0, far).astype(np.float32)],
                 spacings=None if args.native else [tuple(corrected.spacing)],
                 held_images=[h.image for h in held],
                 held_spacings=None if args.native else [tuple(h.spacing) for h in held],
             )
         )
-        after = measure(
-            tuned,
-            kind_others,
-            corrected,
-            others,
-            normals,
-            args.in_plane_mm,
-            args.extra_in_plane_mm,
-        )
-        carried = run_to_end(
-            carry_calibration(
-                localiser,
+        for kept in args.weight_interpolations:
+            tuned = fine_tuned
+            if kept < 1:
+                network = interpolate_weights(localiser.network, fine_tuned.network, kept)
+                tuned = Localiser(network, fine_tuned.preprocess, fine_tuned.metadata)
+            after = measure(
                 tuned,
-                [corrected.image],
-                [corrected.lesion_mask],
-                [tuple(corrected.spacing)],
+                kind_others,
+                corrected,
+                others,
+                normals,
+                args.in_plane_mm,
+                args.extra_in_plane_mm,
+                pipeline,
             )
-        )
-        after["pipeline_carried_calibration"] = pipeline_triage(carried, kind_others, normals)
-        run = {
-            "learning_rate": lr,
-            "steps": steps,
-            "anchor_weight": anchor,
-            "distill_weight": distill,
-            "focus_probability": focus,
-            "replay_fraction": replay,
-            "transplant_share": share,
-            "transplant_scale": list(scale),
-            "batch_size": args.batch_size,
-            "finetune_seed": finetune_seed,
-            "member_loss": member_loss,
-            "far_weight": far,
-            "near_mm": args.near_mm,
-            "weight_drift": round(weight_drift(localiser, tuned), 6),
-            "after": after,
-        }
-        runs.append(run)
-        print(json.dumps(run), flush=True)
+            if pipeline:
+                carried = run_to_end(
+                    carry_calibration(
+                        localiser,
+                        tuned,
+                        [corrected.image],
+                        [corrected.lesion_mask],
+                        [tuple(corrected.spacing)],
+                    )
+                )
+                after["pipeline_carried_calibration"] = pipeline_triage(
+                    carried, kind_others, normals
+                )
+            run = {
+                "learning_rate": lr,
+                "steps": steps,
+                "anchor_weight": anchor,
+                "distill_weight": distill,
+                "focus_probability": focus,
+                "replay_fraction": replay,
+                "transplant_share": share,
+                "transplant_scale": list(scale),
+                "batch_size": args.batch_size,
+                "finetune_seed": finetune_seed,
+                "member_loss": member_loss,
+                "far_weight": far,
+                "near_mm": args.near_mm,
+                "weight_interpolation": kept,
+                "weight_drift": round(weight_drift(localiser, tuned), 6),
+                "after": after,
+            }
+            runs.append(run)
+            print(json.dumps(run), flush=True)
     report = {
         "command": "python scripts/finetune_clinical.py " + " ".join(sys.argv[1:]),
         "model_sha256": localiser.sha256,

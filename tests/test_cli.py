@@ -329,6 +329,13 @@ def test_finetuning_a_calibrated_model_keeps_its_score_scale(model, normals, tmp
             "3",
             "distill_weight",
         ),
+        (
+            "--weight-interpolation",
+            "0",
+            "--weight-interpolation must lie in (0, 1]",
+            "0.7",
+            "weight_interpolation",
+        ),
     ],
 )
 def test_finetune_takes_its_options_and_refuses_a_bad_value(

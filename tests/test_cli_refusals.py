@@ -70,6 +70,7 @@ _EVALUATE = ["evaluate", "--images", "{image}", "--masks", "{mask}"]
         (["adapt", "{image}", "--out", "{out}"], ["--steps", "0"], "--steps must"),
         (_FINETUNE, ["--transplant-share", "2"], "--transplant-share must"),
         (_FINETUNE, ["--distill-weight", "-1"], "--distill-weight must"),
+        (_FINETUNE, ["--weight-interpolation", "1.5"], "--weight-interpolation must"),
         (["localise", "{image}", "--out", "{folder}"], ["--slice-axis", "5"], "--slice-axis must"),
         (_EVALUATE, ["--slice-axis", "5"], "--slice-axis must"),
         (["localise", "{image}", "--out", "{folder}"], ["--min-region-mm", "inf"], "finite"),

@@ -7,7 +7,13 @@ from conftest import TINY_NETWORK_2D, TINY_NETWORK_3D, phantom
 
 from napari_anomaly.io import read_model_metadata
 from napari_anomaly.progress import Progress, run_to_end
-from napari_anomaly.training import FinetuneConfig, TrainConfig, finetune, train
+from napari_anomaly.training import (
+    FinetuneConfig,
+    TrainConfig,
+    finetune,
+    interpolate_weights,
+    train,
+)
 
 TINY = {"batch_size": 2, "patch_size": 32, "validation_every": 2, "device": "cpu"}
 
@@ -277,6 +283,54 @@ def test_finetune_holds_the_parents_map_on_other_scans_of_the_site(images_2d):
         return float(np.mean(changes))
 
     assert drift(list(others)) < 0.7 * drift([])
+
+
+def test_finetune_keeps_the_asked_share_of_the_weight_change(images_2d):
+    """With ``weight_interpolation`` 0.4 the child sits 40 % of the way from the parent
+    to the child the same fine-tuning makes with the whole change, and says so."""
+    parent = run_to_end(train(images_2d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
+    image = images_2d[0]
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[20:28, 20:28] = True
+    settings = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "device": "cpu"}
+    whole = run_to_end(finetune(parent, [image], [mask], FinetuneConfig(**settings)))
+    part = run_to_end(
+        finetune(parent, [image], [mask], FinetuneConfig(weight_interpolation=0.4, **settings))
+    )
+    start, end, mixed = (m.network.state_dict() for m in (parent, whole, part))
+    moved = 0
+    for name, value in mixed.items():
+        if value.is_floating_point():
+            expected = start[name] + 0.4 * (end[name] - start[name])
+            torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5)
+            moved += int(not torch.equal(start[name], end[name]))
+        else:
+            assert torch.equal(value, end[name])
+    assert moved > 0  # the fine-tuning changed weights, so the 40 % are a real step
+    assert part.metadata["finetuning"][-1]["config"]["weight_interpolation"] == 0.4
+
+
+def test_interpolated_weights_leave_both_networks_as_they_were():
+    first, second = (
+        torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)) for _ in "ab"
+    )
+    second[1].running_mean.fill_(2.0)
+    second[1].num_batches_tracked.fill_(7)
+    copies = [{k: v.clone() for k, v in n.state_dict().items()} for n in (first, second)]
+    mixed = interpolate_weights(first, second, 0.25)
+    torch.testing.assert_close(mixed[1].running_mean, torch.full((2,), 0.5))
+    assert int(mixed[1].num_batches_tracked) == 7
+    for network, copy in zip((first, second), copies):
+        for name, value in network.state_dict().items():
+            assert torch.equal(value, copy[name])
+    with pytest.raises(ValueError, match="differ"):
+        interpolate_weights(first, torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)), 0.5)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, float("nan")])
+def test_finetune_refuses_a_weight_interpolation_outside_its_range(value):
+    with pytest.raises(ValueError, match="weight_interpolation"):
+        FinetuneConfig(weight_interpolation=value)
 
 
 def test_finetune_refuses_no_held_patches():

@@ -649,6 +649,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         transplant_share=args.transplant_share,
         distill_weight=args.distill_weight,
+        weight_interpolation=args.weight_interpolation,
     )
     if args.hold and not config.distill_weight > 0:
         raise CommandError("--hold needs --distill-weight above 0 (it holds the maps with it)")
@@ -1056,6 +1057,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of holding the model's maps on the replayed patches to the parent's, so "
         "that it keeps finding the kinds of lesion that were not corrected (0 turns it off; "
         "default %(default)g)",
+    )
+    p.add_argument(
+        "--weight-interpolation",
+        type=float,
+        default=FinetuneConfig.weight_interpolation,
+        help="share of the fine-tuning's change of the weights that the new model keeps "
+        "(above 0, at most 1): less keeps more of what the parent did on other patients' "
+        "scans, and learns the correction less (default %(default)g)",
     )
     p.add_argument(
         "--hold",

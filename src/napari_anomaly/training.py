@@ -337,6 +337,15 @@ class FinetuneConfig:
         better and forgot less on the clinical yardstick (masses on FLAIR: 1.43x
         against 1.34x on the other scans of the kind; docs/evaluation.md). A
         single network is trained alike either way.
+    weight_interpolation
+        Share of the fine-tuning's change of the weights that the new model
+        keeps: its weights are ``parent + share * (fine-tuned - parent)``,
+        every parameter and buffer alike (weight-space ensembling, "WiSE-FT":
+        Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"). The
+        fine-tuned weights learn the corrected scan's lesions and, with them,
+        that scan's own normal tissue; part of the way back towards the parent
+        keeps what the parent did on other patients' scans. 1 keeps the whole
+        change.
     carry_calibration
         When the parent has a score calibration, carry it over to the new
         network by matching score quantiles on the unmarked parts of the
@@ -360,6 +369,7 @@ class FinetuneConfig:
     distill_weight: float = 5.0
     held_patches: int = 4
     member_loss: Literal["each", "average"] = "each"
+    weight_interpolation: float = 1.0
     carry_calibration: bool = True
     confidence_weight: float = 0.5
     device: str = "auto"
@@ -382,6 +392,10 @@ class FinetuneConfig:
             raise ValueError(f"held_patches must be >= 1, got {self.held_patches}")
         if not 0 <= self.transplant_share <= 1:
             raise ValueError(f"transplant_share must lie in [0, 1], got {self.transplant_share}")
+        if not 0 < self.weight_interpolation <= 1:
+            raise ValueError(
+                f"weight_interpolation must lie in (0, 1], got {self.weight_interpolation}"
+            )
         try:
             scale = check_scale(self.transplant_scale)
         except (TypeError, ValueError) as error:
@@ -1227,6 +1241,28 @@ def adapt(
     return child
 
 
+def interpolate_weights(
+    parent: torch.nn.Module, tuned: torch.nn.Module, share: float
+) -> torch.nn.Module:
+    """A copy of ``tuned`` whose weights are ``parent + share * (tuned - parent)``:
+    floating-point parameters and buffers interpolated, the others (counters) taken
+    from ``tuned``. The two networks must have one architecture; ``parent`` is left
+    as it is and may live on another device."""
+    mixed = copy.deepcopy(tuned)
+    start, end = parent.state_dict(), tuned.state_dict()
+    if start.keys() != end.keys():
+        raise ValueError("the two networks differ in their parameters")
+    mixed.load_state_dict(
+        {
+            name: torch.lerp(start[name].to(value), value, share)
+            if value.is_floating_point()
+            else value
+            for name, value in end.items()
+        }
+    )
+    return mixed
+
+
 def _balance_positives(weight: torch.Tensor, target: torch.Tensor, cap: float) -> torch.Tensor:
     """Weights that give the marked voxels of a batch as much say as the rest (the
     ratio of unmarked to marked voxels, at most ``cap``, on the marked ones)."""
@@ -1523,6 +1559,8 @@ def finetune(
         yield Progress(step + 1, config.steps, "fine-tuning", metrics)
 
     model.eval()
+    if config.weight_interpolation < 1:
+        model = interpolate_weights(localiser.network, model, config.weight_interpolation)
     metadata = copy.deepcopy(localiser.metadata)
     for key in ("created", "name", "software"):
         metadata.pop(key, None)
