@@ -293,7 +293,9 @@ def test_finetune_keeps_the_asked_share_of_the_weight_change(images_2d):
     mask = np.zeros(image.shape, dtype=bool)
     mask[20:28, 20:28] = True
     settings = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "device": "cpu"}
-    whole = run_to_end(finetune(parent, [image], [mask], FinetuneConfig(**settings)))
+    whole = run_to_end(
+        finetune(parent, [image], [mask], FinetuneConfig(weight_interpolation=1.0, **settings))
+    )
     part = run_to_end(
         finetune(parent, [image], [mask], FinetuneConfig(weight_interpolation=0.4, **settings))
     )

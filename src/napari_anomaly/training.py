@@ -345,7 +345,14 @@ class FinetuneConfig:
         fine-tuned weights learn the corrected scan's lesions and, with them,
         that scan's own normal tissue; part of the way back towards the parent
         keeps what the parent did on other patients' scans. 1 keeps the whole
-        change.
+        change. On the clinical yardstick, one head's correction measured on
+        another head's scans (T1 with contrast), 0.8 turned the other head's
+        nodule losses after a mass correction (-0.027, -0.081 AP, two seeds)
+        into gains (+0.071, +0.034) and a nodule correction's cost to the mass
+        scan from -0.013 to -0.007, for less transfer to the corrected kind
+        (masses 1.44x and 1.40x against 1.53x and 1.46x; nodules 1.94x against
+        2.02x; on one head FLAIR masses 1.37x against 1.40x, T1c masses 1.61x
+        against 1.77x; docs/evaluation.md). Hence 0.8.
     carry_calibration
         When the parent has a score calibration, carry it over to the new
         network by matching score quantiles on the unmarked parts of the
@@ -369,7 +376,7 @@ class FinetuneConfig:
     distill_weight: float = 5.0
     held_patches: int = 4
     member_loss: Literal["each", "average"] = "each"
-    weight_interpolation: float = 1.0
+    weight_interpolation: float = 0.8
     carry_calibration: bool = True
     confidence_weight: float = 0.5
     device: str = "auto"
