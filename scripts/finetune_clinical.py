@@ -268,16 +268,20 @@ def main() -> None:
     ]
     localiser = Localiser.load(args.model)
     pipeline = not args.no_pipeline
-    before = measure(
-        localiser,
-        kind_others,
-        corrected,
-        others,
-        normals,
-        args.in_plane_mm,
-        args.extra_in_plane_mm,
-        pipeline,
-    )
+
+    def measured(model: Localiser) -> dict:
+        return measure(
+            model,
+            kind_others,
+            corrected,
+            others,
+            normals,
+            args.in_plane_mm,
+            args.extra_in_plane_mm,
+            pipeline,
+        )
+
+    before = measured(localiser)
     print(json.dumps({"before": before}), flush=True)
     runs = []
     grid = itertools.product(
@@ -341,16 +345,7 @@ def main() -> None:
             if kept < 1:
                 network = interpolate_weights(localiser.network, fine_tuned.network, kept)
                 tuned = Localiser(network, fine_tuned.preprocess, fine_tuned.metadata)
-            after = measure(
-                tuned,
-                kind_others,
-                corrected,
-                others,
-                normals,
-                args.in_plane_mm,
-                args.extra_in_plane_mm,
-                pipeline,
-            )
+            after = measured(tuned)
             if pipeline:
                 carried = run_to_end(
                     carry_calibration(
