@@ -53,7 +53,12 @@ from napari_anomaly.localiser import Localiser
 from napari_anomaly.metrics import average_precision
 from napari_anomaly.progress import run_to_end
 from napari_anomaly.review import min_voxels
-from napari_anomaly.training import FinetuneConfig, finetune, interpolate_weights
+from napari_anomaly.training import (
+    FinetuneConfig,
+    finetune,
+    interpolate_weights,
+    weight_interpolation,
+)
 
 
 def pooled_ap(localiser, cases, in_plane_mm: float, extra_in_plane_mm=()) -> float:
@@ -214,9 +219,9 @@ def main() -> None:
         "--weight-interpolations",
         type=float,
         nargs="+",
-        default=[FinetuneConfig.weight_interpolation],
         help="shares of each fine-tuning's weight change kept (FinetuneConfig."
-        "weight_interpolation), each measured from the same fine-tuned network",
+        "weight_interpolation), each measured from the same fine-tuned network (default: "
+        "what finetune chooses, 0.8, or 1 with --held-normals)",
     )
     parser.add_argument(
         "--no-pipeline",
@@ -340,7 +345,8 @@ def main() -> None:
                 held_spacings=None if args.native else [tuple(h.spacing) for h in held],
             )
         )
-        for kept in args.weight_interpolations:
+        shares = args.weight_interpolations or [weight_interpolation(config, held=bool(held))]
+        for kept in shares:
             tuned = fine_tuned
             if kept < 1:
                 network = interpolate_weights(localiser.network, fine_tuned.network, kept)

@@ -310,6 +310,34 @@ def test_finetune_keeps_the_asked_share_of_the_weight_change(images_2d):
             assert torch.equal(value, end[name])
     assert moved > 0  # the fine-tuning changed weights, so the 40 % are a real step
     assert part.metadata["finetuning"][-1]["config"]["weight_interpolation"] == 0.4
+    assert part.metadata["finetuning"][-1]["weight_interpolation"] == 0.4
+
+
+def test_finetune_keeps_the_whole_change_only_where_scans_of_the_site_are_held(images_2d):
+    """The default keeps 80 % of the change; with held scans, which already hold the
+    parent's map on other patients' anatomy, it keeps all of it."""
+    parent = run_to_end(train(images_2d, TrainConfig(steps=1, **TINY), network=TINY_NETWORK_2D))
+    image, held = images_2d[0], list(images_2d[1:])
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[20:28, 20:28] = True
+    settings = {"steps": 2, "batch_size": 4, "learning_rate": 1e-3, "device": "cpu"}
+
+    def child(held_images: list, **setting):
+        config = FinetuneConfig(**settings, **setting)
+        return run_to_end(finetune(parent, [image], [mask], config, held_images=held_images))
+
+    for held_images, share in (([], 0.8), (held, 1.0)):
+        default = child(held_images)
+        assert default.metadata["finetuning"][-1]["weight_interpolation"] == share
+        assert default.metadata["finetuning"][-1]["config"]["weight_interpolation"] is None
+        explicit = child(held_images, weight_interpolation=share)
+        other = child(held_images, weight_interpolation=1.3 - share)  # 0.5 or 0.3
+        for name, value in default.network.state_dict().items():
+            assert torch.equal(value, explicit.network.state_dict()[name]), name
+        assert any(
+            not torch.equal(value, other.network.state_dict()[name])
+            for name, value in default.network.state_dict().items()
+        )
 
 
 def test_interpolated_weights_leave_both_networks_as_they_were():

@@ -1064,7 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=FinetuneConfig.weight_interpolation,
         help="share of the fine-tuning's change of the weights that the new model keeps "
         "(above 0, at most 1): less keeps more of what the parent did on other patients' "
-        "scans, and learns the correction less (default %(default)g)",
+        "scans, and learns the correction less (default 0.8, or 1 with --hold)",
     )
     p.add_argument(
         "--hold",

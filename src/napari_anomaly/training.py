@@ -82,6 +82,9 @@ from napari_anomaly.synthesis.transplant import check_scale, collect_donors, tra
 
 __all__ = ["AdaptConfig", "FinetuneConfig", "TrainConfig", "adapt", "finetune", "train"]
 
+#: Share of the weight change fine-tuning keeps when no other scans of the site are held
+#: (``FinetuneConfig.weight_interpolation``).
+DEFAULT_WEIGHT_INTERPOLATION = 0.8
 #: Most patches in one optimisation step (``TrainConfig.batch_size``).
 MAX_BATCH_SIZE = 4096
 #: Widest random zoom of the training patches (``TrainConfig.scale_range``): a crop of
@@ -345,14 +348,19 @@ class FinetuneConfig:
         fine-tuned weights learn the corrected scan's lesions and, with them,
         that scan's own normal tissue; part of the way back towards the parent
         keeps what the parent did on other patients' scans. 1 keeps the whole
-        change. On the clinical yardstick, one head's correction measured on
-        another head's scans (T1 with contrast), 0.8 turned the other head's
-        nodule losses after a mass correction (-0.027, -0.081 AP, two seeds)
-        into gains (+0.071, +0.034) and a nodule correction's cost to the mass
-        scan from -0.013 to -0.007, for less transfer to the corrected kind
-        (masses 1.44x and 1.40x against 1.53x and 1.46x; nodules 1.94x against
-        2.02x; on one head FLAIR masses 1.37x against 1.40x, T1c masses 1.61x
-        against 1.77x; docs/evaluation.md). Hence 0.8.
+        change. ``None`` (the default) chooses by what else holds the parent's
+        behaviour: :data:`DEFAULT_WEIGHT_INTERPOLATION` (0.8) without held
+        images, 1 with them. On the clinical yardstick, one head's correction
+        measured on another head's scans (T1 with contrast), 0.8 turned the
+        other head's nodule losses after a mass correction (-0.027, -0.081 AP,
+        two seeds) into gains (+0.071, +0.034) and a nodule correction's cost
+        to the mass scan from -0.013 to -0.007, for less transfer to the
+        corrected kind (masses 1.44x and 1.40x against 1.53x and 1.46x;
+        nodules 1.94x against 2.02x; on one head FLAIR masses 1.37x against
+        1.40x, T1c masses 1.61x against 1.77x). With two normal scans of the
+        measured head held, the nodules already gained with the whole change
+        (+0.058; masses 1.49x) and 0.8 only cost transfer (1.41x), hence 1
+        there (docs/evaluation.md).
     carry_calibration
         When the parent has a score calibration, carry it over to the new
         network by matching score quantiles on the unmarked parts of the
@@ -376,7 +384,7 @@ class FinetuneConfig:
     distill_weight: float = 5.0
     held_patches: int = 4
     member_loss: Literal["each", "average"] = "each"
-    weight_interpolation: float = 0.8
+    weight_interpolation: float | None = None
     carry_calibration: bool = True
     confidence_weight: float = 0.5
     device: str = "auto"
@@ -399,7 +407,7 @@ class FinetuneConfig:
             raise ValueError(f"held_patches must be >= 1, got {self.held_patches}")
         if not 0 <= self.transplant_share <= 1:
             raise ValueError(f"transplant_share must lie in [0, 1], got {self.transplant_share}")
-        if not 0 < self.weight_interpolation <= 1:
+        if self.weight_interpolation is not None and not 0 < self.weight_interpolation <= 1:
             raise ValueError(
                 f"weight_interpolation must lie in (0, 1], got {self.weight_interpolation}"
             )
@@ -1248,6 +1256,15 @@ def adapt(
     return child
 
 
+def weight_interpolation(config: FinetuneConfig, held: bool) -> float:
+    """The share of the weight change :func:`finetune` keeps: the setting, or where it
+    is ``None``, 1 when other scans of the site are held and
+    :data:`DEFAULT_WEIGHT_INTERPOLATION` otherwise."""
+    if config.weight_interpolation is not None:
+        return float(config.weight_interpolation)
+    return 1.0 if held else DEFAULT_WEIGHT_INTERPOLATION
+
+
 def interpolate_weights(
     parent: torch.nn.Module, tuned: torch.nn.Module, share: float
 ) -> torch.nn.Module:
@@ -1566,8 +1583,9 @@ def finetune(
         yield Progress(step + 1, config.steps, "fine-tuning", metrics)
 
     model.eval()
-    if config.weight_interpolation < 1:
-        model = interpolate_weights(localiser.network, model, config.weight_interpolation)
+    kept = weight_interpolation(config, held=held_sampler is not None)
+    if kept < 1:
+        model = interpolate_weights(localiser.network, model, kept)
     metadata = copy.deepcopy(localiser.metadata)
     for key in ("created", "name", "software"):
         metadata.pop(key, None)
@@ -1581,6 +1599,8 @@ def finetune(
             # marked lesions that could be moved, and patches that received one
             "moved_lesions": {"lesions": len(donors), "patches": moved},
             "held_scans": len(held_images) if held_sampler is not None else 0,
+            # the share of the weight change kept (the setting, or what None chose)
+            "weight_interpolation": kept,
             "steps": config.steps,
             "seed": config.seed,
             "seconds": round(time.perf_counter() - started, 1),
