@@ -154,6 +154,8 @@ def test_fine_tuning_holds_the_map_on_the_normal_scans_chosen(make_review_widget
     assert widget.last_error is None, widget.last_error
     tuned = widget.session.localiser
     assert tuned.metadata["finetuning"][-1]["held_scans"] == 2
+    # the held scans keep the other patients' anatomy: the whole weight change is kept
+    assert tuned.metadata["finetuning"][-1]["weight_interpolation"] == 1.0
     assert "the map held on 2 normal scan(s)" in widget.metrics.value
 
     # Without normal scans chosen, nothing is held and the status does not claim it.
@@ -161,6 +163,7 @@ def test_fine_tuning_holds_the_map_on_the_normal_scans_chosen(make_review_widget
     widget.finetune(steps=3, wait=True)
     widget.wait()
     assert widget.session.localiser.metadata["finetuning"][-1]["held_scans"] == 0
+    assert widget.session.localiser.metadata["finetuning"][-1]["weight_interpolation"] == 0.8
     assert "held on" not in widget.metrics.value
 
 
