@@ -345,7 +345,8 @@ def main() -> None:
                 held_spacings=None if args.native else [tuple(h.spacing) for h in held],
             )
         )
-        shares = args.weight_interpolations or [weight_interpolation(config, held=bool(held))]
+        holding = bool(held) and distill > 0  # finetune holds scans only with distillation
+        shares = args.weight_interpolations or [weight_interpolation(config, held=holding)]
         for kept in shares:
             tuned = fine_tuned
             if kept < 1:
