@@ -430,6 +430,25 @@ def test_a_transferred_calibration_gives_a_shifted_network_the_parents_scale():
         transfer_score_calibration(score, parent_raw, child_raw[:-1])
 
 
+def test_a_transferred_calibration_keeps_the_spread_of_scores_above_what_one_case_can_match():
+    # The parent was calibrated on a million normal voxels (six decades of rarity);
+    # one corrected case gives 20,000 reference voxels, which match about three.
+    rng = np.random.default_rng(5)
+    score = ScoreCalibration.fit(rng.beta(2, 8, size=1_000_000))
+    parent_ref = rng.beta(2, 8, size=20_000)
+    shifted = lambda raw: 0.05 + 0.9 * raw  # noqa: E731 - fine-tuning moved the scores
+    carried = transfer_score_calibration(score, parent_ref, shifted(parent_ref))
+    assert max(c for r, c in zip(carried.raw, carried.calibrated) if r < 1) > 0.9
+    # Findings the parent scored as one in 10^4 to one in 10^6 of normal voxels: the
+    # new network's scores for them keep the parent's calibrated scores and spread...
+    findings = np.array([score.invert(c) for c in (0.7, 0.8, 0.9, 0.99)])
+    as_parent = score.apply(findings.astype(np.float32))
+    carried_scores = carried.apply(shifted(findings).astype(np.float32))
+    np.testing.assert_allclose(carried_scores, as_parent, atol=0.03)
+    # ...rather than all landing in a band just above the last matched knot.
+    assert np.ptp(carried_scores) > 0.25
+
+
 def test_finetuning_a_calibrated_model_carries_its_score_scale_over():
     network = AnomalyNet(TINY_NETWORK_2D)
     parent = Localiser(network, metadata={"recommended_threshold": 0.3, "name": "parent"})

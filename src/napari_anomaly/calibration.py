@@ -59,6 +59,13 @@ __all__ = [
 
 #: Decades of normal-voxel rarity spanned by the calibrated score (see module doc).
 DECADES = 6.0
+#: Matched knots (one decade of rarity) whose quantile-quantile line carries a
+#: transferred calibration beyond the rarest knot the reference voxels can match
+#: (:func:`transfer_score_calibration`).
+TAIL_FIT_KNOTS = 8
+#: Bounds on that line's slope (new raw score per parent raw score), so that a few
+#: noisy knots cannot stretch or flatten the tail without limit.
+TAIL_SLOPE_RANGE = (0.25, 4.0)
 #: Default number of false regions per normal scan the default threshold allows.
 #: The clinical target is at most 20 regions per scan (issue "Find real lesions");
 #: 5 leaves room for the lesions themselves and for scans less normal than the
@@ -758,9 +765,18 @@ def transfer_score_calibration(
     that the reviewer left unmarked), each knot of the parent's map moves to
     the raw score that cuts the same share of those voxels under the new
     network: a calibrated score keeps meaning "as rare as this among normal
-    voxels". Knots whose tail holds fewer than ``min_tail_voxels`` of the
-    reference voxels cannot be matched; above the last matched knot the map
-    runs linearly to (1, 1), as in :meth:`ScoreCalibration.fit`.
+    voxels".
+
+    Knots whose tail holds fewer than ``min_tail_voxels`` of the reference
+    voxels cannot be matched: one corrected case holds far fewer normal voxels
+    than the parent's calibration scans, and its rarest ones are often the
+    very tissue the fine-tuning was told is normal. Those knots follow the
+    quantile-quantile line of the last matched decade (:data:`TAIL_FIT_KNOTS`
+    knots; parent raw score to new raw score, its slope kept within
+    :data:`TAIL_SLOPE_RANGE`), so the scores above the matched range keep the
+    parent's spread. Were the map to run straight from the last matched knot
+    to (1, 1), every finding above it would be squeezed into a narrow band
+    just over the threshold, and the slider above it would do nothing.
 
     Parameters
     ----------
@@ -781,13 +797,42 @@ def transfer_score_calibration(
     n = parent.size
     if n < 100:
         raise ValueError(f"need at least 100 reference voxels, got {n}")
-    matched = []
+    matched: list[tuple[float, float]] = []  # (new raw, calibrated)
+    pairs: list[tuple[float, float]] = []  # (parent raw, new raw) of the matched knots
+    unmatched: list[tuple[float, float]] = []  # (parent raw, calibrated)
     for r, c in zip(score.raw[1:], score.calibrated[1:]):
-        tail = n - np.searchsorted(parent, r, side="left")  # voxels with parent >= r
-        if tail < min_tail_voxels or r >= 1.0:
+        if r >= 1.0:
             break
-        matched.append((float(np.clip(child[n - tail], 0.0, 1.0)), c))
+        tail = n - np.searchsorted(parent, r, side="left")  # voxels with parent >= r
+        if unmatched or tail < min_tail_voxels:
+            unmatched.append((r, c))
+            continue
+        new_raw = float(np.clip(child[n - tail], 0.0, 1.0))
+        matched.append((new_raw, c))
+        pairs.append((r, new_raw))
+    matched += _extrapolated_tail(pairs, unmatched)
     return ScoreCalibration(*_knots(matched), voxels=score.voxels)
+
+
+def _extrapolated_tail(
+    pairs: list[tuple[float, float]], unmatched: list[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    """Knots ``(new raw, calibrated)`` for the parent's ``unmatched`` knots ``(parent
+    raw, calibrated)``: the parent's raw score carried along the least-squares line
+    through the last :data:`TAIL_FIT_KNOTS` matched ``pairs`` ``(parent raw, new raw)``,
+    anchored at the last of them; none where fewer than two distinct pairs were
+    matched. Knots that would reach 1 are left out (the map ends at (1, 1))."""
+    last = pairs[-TAIL_FIT_KNOTS:]
+    if not unmatched or len(last) < 2:
+        return []
+    x = np.array([p for p, _ in last])
+    y = np.array([q for _, q in last])
+    if np.ptp(x) <= 0:
+        return []
+    slope = float(np.polyfit(x, y, 1)[0])
+    slope = float(np.clip(slope, *TAIL_SLOPE_RANGE))
+    x0, y0 = last[-1]
+    return [(y0 + slope * (r - x0), c) for r, c in unmatched if y0 + slope * (r - x0) < 1.0]
 
 
 def _uncalibrated(localiser):
