@@ -107,6 +107,15 @@ def main() -> None:
         default=["colin27", "brainbrowser"],
     )
     parser.add_argument("--finetune-seed", type=int, default=0)
+    parser.add_argument(
+        "--held-normals",
+        type=int,
+        default=0,
+        help="normal scans of --held-subject (seeds 90 on, never measured) held by the "
+        "fine-tuning, as the widget holds its Normal scans; adds the scale 'with_held', "
+        "matched on them as well as on the corrected scan",
+    )
+    parser.add_argument("--held-subject", choices=HELD_OUT_SUBJECTS, default="brainbrowser")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -130,6 +139,7 @@ def main() -> None:
         for seed in (80, 81):
             scans[f"{subject} normal {seed}"] = case(subject, "normal", seed)
 
+    held = [case(args.held_subject, "normal", 90 + k) for k in range(args.held_normals)]
     parent = Localiser.load(args.model)
     if parent.score_calibration is None:
         parser.error(f"{args.model}: the model has no score calibration to carry over")
@@ -143,6 +153,8 @@ def main() -> None:
             [corrected.lesion_mask],
             config,
             spacings=[tuple(corrected.spacing)],
+            held_images=[h.image for h in held],
+            held_spacings=[tuple(h.spacing) for h in held],
         )
     )
     raw_models = [
@@ -159,6 +171,11 @@ def main() -> None:
             for m in raw_models
         ]
         print("localised", name, flush=True)
+    held_values = [[], []]
+    for scan in held:
+        for which, m in enumerate(raw_models):
+            result = run_to_end(localise(scan.image, m, inference, spacing=tuple(scan.spacing)))
+            held_values[which].append(result.anomaly_map[result.foreground])
 
     spacing = tuple(corrected.spacing)
     marked = corrected.lesion_mask.astype(bool)
@@ -173,6 +190,16 @@ def main() -> None:
         "carried": (1, carried),
         "straight": (1, straight_tail(score, carried, parent_ref)),
     }
+    if held:
+        scales["with_held"] = (
+            1,
+            transfer_score_calibration(
+                score,
+                np.concatenate([parent_ref, *held_values[0]]),
+                np.concatenate([child_ref, *held_values[1]]),
+                MIN_TAIL_VOXELS,
+            ),
+        )
     threshold = parent.recommended_threshold
     report = {
         "command": "python scripts/carried_score_scale.py " + " ".join(sys.argv[1:]),
