@@ -184,6 +184,11 @@ def main() -> None:
         "transplant_share",
         help="shares of the replayed patches that show a marked lesion moved elsewhere",
     )
+    grid(
+        "--held-transplant-shares",
+        "held_transplant_share",
+        help="shares of the held scans' patches that show a marked lesion moved into them",
+    )
     parser.add_argument(
         "--transplant-scales",
         type=_scale,
@@ -301,6 +306,7 @@ def main() -> None:
         args.finetune_seeds,
         args.member_losses,
         args.far_weights,
+        args.held_transplant_shares,
     )
     near = widen(corrected.lesion_mask, tuple(corrected.spacing), args.near_mm)
     for (
@@ -315,6 +321,7 @@ def main() -> None:
         finetune_seed,
         member_loss,
         far,
+        held_share,
     ) in grid:
         config = replace(
             FinetuneConfig(),
@@ -331,6 +338,7 @@ def main() -> None:
             batch_size=args.batch_size,
             seed=finetune_seed,
             member_loss=member_loss,
+            held_transplant_share=held_share,
             carry_calibration=False,
         )
         fine_tuned = run_to_end(
@@ -379,6 +387,7 @@ def main() -> None:
                 "finetune_seed": finetune_seed,
                 "member_loss": member_loss,
                 "far_weight": far,
+                "held_transplant_share": held_share,
                 "near_mm": args.near_mm,
                 "weight_interpolation": kept,
                 "weight_drift": round(weight_drift(localiser, tuned), 6),

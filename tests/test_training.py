@@ -340,6 +340,28 @@ def test_finetune_keeps_the_whole_change_only_where_scans_of_the_site_are_held(i
         )
 
 
+def test_finetune_moves_marked_lesions_into_the_held_scans_when_asked():
+    # 64 px patches: room for the lesion and its surroundings to be moved
+    images = [phantom((64, 64), seed).astype(np.float32) for seed in range(3)]
+    config = TrainConfig(steps=1, batch_size=2, patch_size=64, device="cpu")
+    parent = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    image, held = images[0], images[1:]
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[20:28, 20:28] = True
+    settings = {"steps": 4, "batch_size": 4, "device": "cpu"}
+
+    def moved(share: float, held_images: list) -> dict:
+        config = FinetuneConfig(**settings, held_transplant_share=share)
+        child = run_to_end(finetune(parent, [image], [mask], config, held_images=held_images))
+        return child.metadata["finetuning"][-1]["moved_lesions"]
+
+    assert moved(1.0, held)["held_patches"] > 0
+    assert moved(0.0, held)["held_patches"] == 0
+    assert moved(1.0, [])["held_patches"] == 0  # nothing held, nothing to move into
+    with pytest.raises(ValueError, match="held_transplant_share"):
+        FinetuneConfig(held_transplant_share=1.5)
+
+
 def test_interpolated_weights_leave_both_networks_as_they_were():
     first, second = (
         torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)) for _ in "ab"
