@@ -44,7 +44,12 @@ import numpy as np
 from napari_anomaly.brain import widen
 from napari_anomaly.calibration import carry_calibration
 from napari_anomaly.evaluation.anatomy import HELD_OUT_SUBJECTS, held_out_subject
-from napari_anomaly.evaluation.clinical import FAMILIES, make_case, prepare_anatomy
+from napari_anomaly.evaluation.clinical import (
+    FAMILIES,
+    AcquisitionConfig,
+    make_case,
+    prepare_anatomy,
+)
 from napari_anomaly.evaluation.triage import triage_case
 from napari_anomaly.evaluation.yardstick import model_predictor
 from napari_anomaly.inference import InferenceConfig, localise
@@ -235,6 +240,15 @@ def main() -> None:
     )
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
+        "--slice-thickness-mm",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=AcquisitionConfig.slice_thickness_mm,
+        help="draw every scan's slice thickness from this range (mm; default 3-7), e.g. 6 7 "
+        "for the thick slices of a routine post-contrast series",
+    )
+    parser.add_argument(
         "--native",
         action="store_true",
         help="fine-tune on the scan's own grid and all slice axes (no spacing given)",
@@ -243,36 +257,67 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
+    acquisition = AcquisitionConfig(slice_thickness_mm=tuple(args.slice_thickness_mm))
     volume, brain = held_out_subject(args.data, args.subject)
     anatomy = prepare_anatomy(volume, brain)
     corrected = make_case(
-        volume, brain, args.family, args.contrast, rng=args.seed * 100, anatomy=anatomy
+        volume,
+        brain,
+        args.family,
+        args.contrast,
+        rng=args.seed * 100,
+        config=acquisition,
+        anatomy=anatomy,
     )
     if args.measure_subject not in (None, args.subject):
         volume, brain = held_out_subject(args.data, args.measure_subject)
         anatomy = prepare_anatomy(volume, brain)
     kind_others = [
         make_case(
-            volume, brain, args.family, args.contrast, rng=args.seed * 100 + i, anatomy=anatomy
+            volume,
+            brain,
+            args.family,
+            args.contrast,
+            rng=args.seed * 100 + i,
+            config=acquisition,
+            anatomy=anatomy,
         )
         for i in range(1, args.cases)
     ]
     others = [
         make_case(
-            volume, brain, family, args.contrast, rng=args.seed * 100 + 50 + k, anatomy=anatomy
+            volume,
+            brain,
+            family,
+            args.contrast,
+            rng=args.seed * 100 + 50 + k,
+            config=acquisition,
+            anatomy=anatomy,
         )
         for k, family in enumerate(FAMILIES)
         if family not in (args.family, "normal")
     ]
     normals = [
         make_case(
-            volume, brain, "normal", args.contrast, rng=args.seed * 100 + 80 + k, anatomy=anatomy
+            volume,
+            brain,
+            "normal",
+            args.contrast,
+            rng=args.seed * 100 + 80 + k,
+            config=acquisition,
+            anatomy=anatomy,
         )
         for k in range(args.normals)
     ]
     held = [
         make_case(
-            volume, brain, "normal", args.contrast, rng=args.seed * 100 + 90 + k, anatomy=anatomy
+            volume,
+            brain,
+            "normal",
+            args.contrast,
+            rng=args.seed * 100 + 90 + k,
+            config=acquisition,
+            anatomy=anatomy,
         )
         for k in range(args.held_normals)
     ]
