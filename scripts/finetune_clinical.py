@@ -258,69 +258,30 @@ def main() -> None:
 
     started = time.perf_counter()
     acquisition = AcquisitionConfig(slice_thickness_mm=tuple(args.slice_thickness_mm))
-    volume, brain = held_out_subject(args.data, args.subject)
-    anatomy = prepare_anatomy(volume, brain)
-    corrected = make_case(
-        volume,
-        brain,
-        args.family,
-        args.contrast,
-        rng=args.seed * 100,
-        config=acquisition,
-        anatomy=anatomy,
-    )
+    heads = [args.subject]
     if args.measure_subject not in (None, args.subject):
-        volume, brain = held_out_subject(args.data, args.measure_subject)
-        anatomy = prepare_anatomy(volume, brain)
-    kind_others = [
-        make_case(
-            volume,
-            brain,
-            args.family,
-            args.contrast,
-            rng=args.seed * 100 + i,
-            config=acquisition,
-            anatomy=anatomy,
+        heads.append(args.measure_subject)  # every scan but the corrected one
+    made = {}
+    for subject in heads:
+        volume, brain = held_out_subject(args.data, subject)
+        made[subject] = (volume, brain, prepare_anatomy(volume, brain))
+
+    def case(family: str, offset: int, subject: str = heads[-1]):
+        volume, brain, anatomy = made[subject]
+        seed = args.seed * 100 + offset
+        return make_case(
+            volume, brain, family, args.contrast, rng=seed, config=acquisition, anatomy=anatomy
         )
-        for i in range(1, args.cases)
-    ]
+
+    corrected = case(args.family, 0, args.subject)
+    kind_others = [case(args.family, i) for i in range(1, args.cases)]
     others = [
-        make_case(
-            volume,
-            brain,
-            family,
-            args.contrast,
-            rng=args.seed * 100 + 50 + k,
-            config=acquisition,
-            anatomy=anatomy,
-        )
+        case(family, 50 + k)
         for k, family in enumerate(FAMILIES)
         if family not in (args.family, "normal")
     ]
-    normals = [
-        make_case(
-            volume,
-            brain,
-            "normal",
-            args.contrast,
-            rng=args.seed * 100 + 80 + k,
-            config=acquisition,
-            anatomy=anatomy,
-        )
-        for k in range(args.normals)
-    ]
-    held = [
-        make_case(
-            volume,
-            brain,
-            "normal",
-            args.contrast,
-            rng=args.seed * 100 + 90 + k,
-            config=acquisition,
-            anatomy=anatomy,
-        )
-        for k in range(args.held_normals)
-    ]
+    normals = [case("normal", 80 + k) for k in range(args.normals)]
+    held = [case("normal", 90 + k) for k in range(args.held_normals)]
     localiser = Localiser.load(args.model)
     pipeline = not args.no_pipeline
 
