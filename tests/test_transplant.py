@@ -120,7 +120,9 @@ def test_fine_tuning_moves_the_marked_lesions_and_says_how_often():
         config = FinetuneConfig(steps=4, batch_size=6, device="cpu", transplant_share=share)
         child = run_to_end(finetune(parent, [case], [mask], config))
         record[share] = child.metadata["finetuning"][-1]["moved_lesions"]
-    assert record[0.0] == {"lesions": 0, "patches": 0}
+    # no held scans: none moved into them either
+    assert record[0.0] == {"lesions": 0, "patches": 0, "held_patches": 0}
+    assert record[0.5]["held_patches"] == 0
     # 6 patches: 2 corrections, 4 replayed of which half show a moved lesion (2 per step)
     assert record[0.5]["lesions"] == 2 and 0 < record[0.5]["patches"] <= 4 * 2
 
