@@ -34,7 +34,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from napari_anomaly.calibration import ScoreCalibration, transfer_score_calibration
+from napari_anomaly.calibration import (
+    ScoreCalibration,
+    transfer_score_calibration,
+    uncalibrated,
+)
 from napari_anomaly.evaluation.anatomy import HELD_OUT_SUBJECTS, held_out_subject
 from napari_anomaly.evaluation.clinical import make_case, prepare_anatomy
 from napari_anomaly.evaluation.triage import triage_case
@@ -157,12 +161,7 @@ def main() -> None:
             held_spacings=[tuple(h.spacing) for h in held],
         )
     )
-    raw_models = [
-        Localiser(
-            m.network, m.preprocess, {k: v for k, v in m.metadata.items() if k != "calibration"}
-        )
-        for m in (parent, tuned)
-    ]
+    raw_models = [uncalibrated(parent), uncalibrated(tuned)]
     inference = InferenceConfig(device="cpu")
     results = {}
     for name, scan in scans.items():

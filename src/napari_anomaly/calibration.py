@@ -55,6 +55,7 @@ __all__ = [
     "postprocess_map",
     "threshold_for_false_regions",
     "transfer_score_calibration",
+    "uncalibrated",
 ]
 
 #: Decades of normal-voxel rarity spanned by the calibrated score (see module doc).
@@ -835,7 +836,7 @@ def _extrapolated_tail(
     return [(y0 + slope * (r - x0), c) for r, c in unmatched if y0 + slope * (r - x0) < 1.0]
 
 
-def _uncalibrated(localiser):
+def uncalibrated(localiser):
     """The same network and post-processing, without the score calibration."""
     from napari_anomaly.localiser import Localiser
 
@@ -883,7 +884,7 @@ def carry_calibration(
     axes = _one_per_scan(left_right_axes, len(images), -1, "left-right axis", "case")
     turns = _one_per_scan(directions, len(images), None, "direction", "case")
     config = inference or InferenceConfig()
-    networks = (_uncalibrated(parent), _uncalibrated(child))
+    networks = (uncalibrated(parent), uncalibrated(child))
     parent_values, child_values = [], []
     for index, (image, mask, spacing, axis, direction) in enumerate(
         zip(images, masks, spacing_list, axes, turns)

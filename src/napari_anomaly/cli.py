@@ -979,7 +979,12 @@ def build_parser() -> argparse.ArgumentParser:
     from napari_anomaly.calibration import DEFAULT_MAX_FALSE_REGIONS
     from napari_anomaly.devices import DEVICE_CHOICES
     from napari_anomaly.review import ReviewConfig
-    from napari_anomaly.training import AdaptConfig, FinetuneConfig, TrainConfig
+    from napari_anomaly.training import (
+        DEFAULT_WEIGHT_INTERPOLATION,
+        AdaptConfig,
+        FinetuneConfig,
+        TrainConfig,
+    )
 
     parser = argparse.ArgumentParser(
         prog="napari-anomaly",
@@ -1064,7 +1069,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=FinetuneConfig.weight_interpolation,
         help="share of the fine-tuning's change of the weights that the new model keeps "
         "(above 0, at most 1): less keeps more of what the parent did on other patients' "
-        "scans, and learns the correction less (default 0.8, or 1 with --hold)",
+        f"scans, and learns the correction less (default {DEFAULT_WEIGHT_INTERPOLATION:g}, "
+        "or 1 with --hold)",
     )
     p.add_argument(
         "--hold",
