@@ -59,6 +59,7 @@ from napari_anomaly.metrics import average_precision
 from napari_anomaly.progress import run_to_end
 from napari_anomaly.review import min_voxels
 from napari_anomaly.training import (
+    MOVED_LESION_SURROUNDINGS,
     FinetuneConfig,
     finetune,
     interpolate_weights,
@@ -202,6 +203,14 @@ def main() -> None:
         metavar="LOW:HIGH",
         help="ranges of the size factor on moved lesions, e.g. 0.33:3 (1:1 their own size)",
     )
+    parser.add_argument(
+        "--moved-surroundings",
+        nargs="+",
+        choices=MOVED_LESION_SURROUNDINGS,
+        default=[FinetuneConfig.moved_lesion_surroundings],
+        help="what a patch with a moved lesion teaches about the tissue around it: taught "
+        "as normal, or held to the parent's map",
+    )
     parser.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
     parser.add_argument(
         "--member-losses",
@@ -313,6 +322,7 @@ def main() -> None:
         args.member_losses,
         args.far_weights,
         args.held_transplant_shares,
+        args.moved_surroundings,
     )
     near = widen(corrected.lesion_mask, tuple(corrected.spacing), args.near_mm)
     for (
@@ -328,6 +338,7 @@ def main() -> None:
         member_loss,
         far,
         held_share,
+        surroundings,
     ) in grid:
         config = replace(
             FinetuneConfig(),
@@ -345,6 +356,7 @@ def main() -> None:
             seed=finetune_seed,
             member_loss=member_loss,
             held_transplant_share=held_share,
+            moved_lesion_surroundings=surroundings,
             carry_calibration=False,
         )
         fine_tuned = run_to_end(
@@ -394,6 +406,7 @@ def main() -> None:
                 "member_loss": member_loss,
                 "far_weight": far,
                 "held_transplant_share": held_share,
+                "moved_lesion_surroundings": surroundings,
                 "near_mm": args.near_mm,
                 "weight_interpolation": kept,
                 "weight_drift": round(weight_drift(localiser, tuned), 6),

@@ -242,6 +242,11 @@ class TrainConfig:
 MEMBER_LOSSES = ("each", "average")
 
 
+#: What a patch with a moved lesion teaches about the tissue around the lesion
+#: (``FinetuneConfig.moved_lesion_surroundings``).
+MOVED_LESION_SURROUNDINGS = ("taught", "held")
+
+
 def _check_member_loss(value: str) -> None:
     if value not in MEMBER_LOSSES:
         raise ValueError(f"member_loss must be one of {MEMBER_LOSSES}, got {value!r}")
@@ -301,6 +306,14 @@ class FinetuneConfig:
         against +0.03-0.10) but the other masses less (1.66x against 1.83x), PD
         spots less (1.34x against 1.52x), and cost FLAIR periventricular spots
         0.037 AP after a FLAIR mass correction; hence off (docs/evaluation.md).
+    moved_lesion_surroundings
+        What a patch with a moved lesion teaches about the tissue around it:
+        ``"taught"`` trains it as normal, as a correction patch's unmarked
+        voxels are; ``"held"`` holds it to the parent's map with the
+        ``distill_weight`` term (as a held scan's patch with a moved lesion;
+        left untrained when that weight is 0), so that only the moved lesion
+        itself is taught. ``"taught"`` shows the
+        network more of the corrected scan's own normal tissue as normal.
     positive_balance
         When > 0, the marked voxels of each batch weigh as much together as the
         unmarked ones (up to this factor each), so that a small lesion is not
@@ -390,6 +403,7 @@ class FinetuneConfig:
     focus_probability: float = 0.6
     transplant_share: float = 0.25
     transplant_scale: tuple[float, float] = (1.0, 1.0)
+    moved_lesion_surroundings: Literal["taught", "held"] = "taught"
     positive_balance: float = 20.0
     anchor_weight: float = 0.0
     distill_weight: float = 5.0
@@ -438,6 +452,11 @@ class FinetuneConfig:
                 f"of {self.batch_size}; lower it or raise batch_size"
             )
         _check_member_loss(self.member_loss)
+        if self.moved_lesion_surroundings not in MOVED_LESION_SURROUNDINGS:
+            raise ValueError(
+                f"moved_lesion_surroundings must be one of {MOVED_LESION_SURROUNDINGS}, "
+                f"got {self.moved_lesion_surroundings!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -1518,9 +1537,11 @@ def finetune(
     )
     transplants = int(round(replay * config.transplant_share)) if donors else 0
     replay -= transplants
+    # the tissue around a moved lesion held to the parent's map, not taught as normal
+    hold_around_moved = bool(transplants) and config.moved_lesion_surroundings == "held"
     # The parent, frozen, whose maps the replayed patches are held to.
     teacher = None
-    if config.distill_weight > 0 and (replay or held_sampler is not None):
+    if config.distill_weight > 0 and (replay or held_sampler is not None or hold_around_moved):
         teacher = copy.deepcopy(localiser.network).to(device).eval().requires_grad_(False)
     moved = moved_held = 0
     held_moves = (
@@ -1549,20 +1570,29 @@ def finetune(
                 scale=config.transplant_scale,
             )
             moved += int(placed.sum())
-            batches.append(
-                (
-                    pasted,
-                    torch.maximum(host_marked, pasted_label),
-                    torch.where(pasted_label > 0.5, host_weight.clamp_min(1.0), host_weight),
-                )
-            )
+            moved_target = torch.maximum(host_marked, pasted_label)
+            moved_weight = torch.where(pasted_label > 0.5, host_weight.clamp_min(1.0), host_weight)
+            if hold_around_moved:  # only the lesions are taught; the rest is held below
+                moved_weight = torch.where(moved_target > 0.5, moved_weight, 0.0)
+            batches.append((pasted, moved_target, moved_weight))
         images_c, target, weight = (torch.cat(list(parts)) for parts in zip(*batches))
         if config.positive_balance > 0:
             weight = _balance_positives(weight, target, config.positive_balance)
-        loss, parts = loss_of(
-            model(images_c.to(device), **forward), target.to(device), None, 0.0, weight.to(device)
-        )
+        images_c = images_c.to(device)
+        logits = model(images_c, **forward)
+        loss, parts = loss_of(logits, target.to(device), None, 0.0, weight.to(device))
         metrics = {"loss_corrections": parts["loss"]}
+        if hold_around_moved and teacher is not None:
+            batch_axis = 1 if each else 0  # each member's logits come first
+            with torch.no_grad():
+                parent_logits = teacher(images_c[-transplants:], **forward)
+            around = distillation_loss(
+                logits.narrow(batch_axis, logits.shape[batch_axis] - transplants, transplants),
+                parent_logits,
+                keep=target[-transplants:].to(device) < 0.5,
+            )
+            loss = loss + config.distill_weight * around
+            metrics["loss_around_moved"] = float(around.detach())
         if replay:
             normal, foreground, marked, _ = sampler.sample(replay, rng)
             marked = marked.to(device)
