@@ -31,7 +31,7 @@ from napari_anomaly.evaluation.anatomy import held_out_head
 from napari_anomaly.evaluation.clinical import make_cohort
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.progress import run_to_end
-from napari_anomaly.training import FinetuneConfig, finetune
+from napari_anomaly.training import FinetuneConfig, finetune, moved_lesion_settings
 
 DEFAULT_MODEL = (
     Path(__file__).resolve().parents[1] / "src/napari_anomaly/data/default_2d.safetensors"
@@ -49,7 +49,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 300])
     parser.add_argument(
-        "--transplant-shares", type=float, nargs="+", default=[FinetuneConfig.transplant_share]
+        "--transplant-shares",
+        type=float,
+        nargs="+",
+        help="default: what finetune chooses for the case's slices",
     )
     parser.add_argument(
         "--distill-weights", type=float, nargs="+", default=[FinetuneConfig.distill_weight]
@@ -64,7 +67,8 @@ def main() -> None:
     )
     localiser = Localiser.load(args.model)
     base = FinetuneConfig(device="cpu")
-    settings = list(itertools.product(args.steps, args.transplant_shares, args.distill_weights))
+    shares = args.transplant_shares or [moved_lesion_settings(base, [max(case.spacing)])[0]]
+    settings = list(itertools.product(args.steps, shares, args.distill_weights))
     runs: dict[str, list[float]] = {_key(s): [] for s in settings}
     for _ in range(args.repeats):
         for steps, share, distill in settings:
@@ -87,7 +91,7 @@ def main() -> None:
         "command": "python benchmarks/bench_finetune.py --data DATA --steps "
         + " ".join(str(s) for s in args.steps)
         + " --transplant-shares "
-        + " ".join(f"{s:g}" for s in args.transplant_shares)
+        + " ".join(f"{s:g}" for s in shares)
         + " --distill-weights "
         + " ".join(f"{w:g}" for w in args.distill_weights)
         + f" --repeats {args.repeats}",

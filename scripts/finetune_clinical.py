@@ -188,7 +188,8 @@ def main() -> None:
     grid(
         "--transplant-shares",
         "transplant_share",
-        help="shares of the replayed patches that show a marked lesion moved elsewhere",
+        help="shares of the replayed patches that show a marked lesion moved elsewhere "
+        "(default: what finetune chooses by the corrected scan's slices)",
     )
     grid(
         "--held-transplant-shares",
@@ -209,7 +210,8 @@ def main() -> None:
         choices=MOVED_LESION_SURROUNDINGS,
         default=[FinetuneConfig.moved_lesion_surroundings],
         help="what a patch with a moved lesion teaches about the tissue around it: taught "
-        "as normal, or held to the parent's map",
+        "as normal, or held to the parent's map (default: what finetune chooses by the "
+        "corrected scan's slices)",
     )
     parser.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
     parser.add_argument(
@@ -399,14 +401,17 @@ def main() -> None:
                 "distill_weight": distill,
                 "focus_probability": focus,
                 "replay_fraction": replay,
-                "transplant_share": share,
+                # as finetune chose them where the options left them open
+                "transplant_share": fine_tuned.metadata["finetuning"][-1]["transplant_share"],
                 "transplant_scale": list(scale),
                 "batch_size": args.batch_size,
                 "finetune_seed": finetune_seed,
                 "member_loss": member_loss,
                 "far_weight": far,
                 "held_transplant_share": held_share,
-                "moved_lesion_surroundings": surroundings,
+                "moved_lesion_surroundings": fine_tuned.metadata["finetuning"][-1][
+                    "moved_lesion_surroundings"
+                ],
                 "near_mm": args.near_mm,
                 "weight_interpolation": kept,
                 "weight_drift": round(weight_drift(localiser, tuned), 6),

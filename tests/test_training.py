@@ -430,3 +430,47 @@ def test_finetune_can_hold_the_tissue_around_moved_lesions_to_the_parents_map():
     assert drift("held") < 0.75 * drift("taught")  # about 0.5 on this data
     with pytest.raises(ValueError, match="moved_lesion_surroundings"):
         FinetuneConfig(moved_lesion_surroundings="ignored")
+
+
+def test_moved_lesion_defaults_follow_the_corrected_scans_slice_thickness():
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.model import AnomalyNet
+    from napari_anomaly.training import (
+        THICK_SLICE_MOVED_LESIONS,
+        THIN_SLICE_MOVED_LESIONS,
+        moved_lesion_settings,
+    )
+
+    default = FinetuneConfig()
+    assert moved_lesion_settings(default, [6.4]) == THICK_SLICE_MOVED_LESIONS == (0.5, "held")
+    assert moved_lesion_settings(default, [5.0, 7.0]) == THICK_SLICE_MOVED_LESIONS
+    # thin, mixed, without spacing or a 2D image: the thin-slice settings
+    assert THIN_SLICE_MOVED_LESIONS == (0.25, "taught")
+    for slices in ([4.8], [6.4, 3.0], [None], [6.4, None], []):
+        assert moved_lesion_settings(default, slices) == THIN_SLICE_MOVED_LESIONS
+    # a setting the user chose is kept
+    chosen = FinetuneConfig(transplant_share=0.1, moved_lesion_surroundings="taught")
+    assert moved_lesion_settings(chosen, [6.4]) == (0.1, "taught")
+    assert moved_lesion_settings(FinetuneConfig(transplant_share=0.0), [6.4]) == (0.0, "held")
+
+    # finetune applies the rule and records what it chose
+    parent = Localiser(
+        AnomalyNet(TINY_NETWORK_2D), metadata={"patch_size": 32, "postprocess": {"in_plane_mm": 1}}
+    )
+    volume = phantom((6, 64, 64)).astype(np.float32)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:4, 30:36, 30:36] = True
+    config = FinetuneConfig(steps=2, batch_size=6, device="cpu", carry_calibration=False)
+
+    def chosen_for(spacing):
+        reports: list[Progress] = []
+        tuned = run_to_end(
+            finetune(parent, [volume], [mask], config, spacings=[spacing]), reports.append
+        )
+        record = tuned.metadata["finetuning"][-1]
+        assert record["moved_lesions"]["patches"] > 0
+        held = "loss_around_moved" in [r for r in reports if r.message == "fine-tuning"][-1].metrics
+        return record["transplant_share"], record["moved_lesion_surroundings"], held
+
+    assert chosen_for((6.0, 0.5, 0.5)) == (0.5, "held", True)
+    assert chosen_for((2.0, 0.5, 0.5)) == (0.25, "taught", False)

@@ -981,6 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
     from napari_anomaly.review import ReviewConfig
     from napari_anomaly.training import (
         DEFAULT_WEIGHT_INTERPOLATION,
+        THICK_SLICE_MM,
+        THICK_SLICE_MOVED_LESIONS,
+        THIN_SLICE_MOVED_LESIONS,
         AdaptConfig,
         FinetuneConfig,
         TrainConfig,
@@ -1053,7 +1056,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=FinetuneConfig.transplant_share,
         help="share of the replayed patches that show a marked lesion moved into normal "
         "tissue elsewhere, so that the model learns the kind of finding rather than its "
-        "place (0 turns it off; default %(default)g)",
+        f"place (0 turns it off; default {THIN_SLICE_MOVED_LESIONS[0]:g}, or "
+        f"{THICK_SLICE_MOVED_LESIONS[0]:g} where every corrected volume has slices of "
+        f"{THICK_SLICE_MM:g} mm or more: there the tissue around a moved lesion is held to "
+        "the parent's map instead of taught as normal)",
     )
     p.add_argument(
         "--distill-weight",
