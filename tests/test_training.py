@@ -340,14 +340,20 @@ def test_finetune_keeps_the_whole_change_only_where_scans_of_the_site_are_held(i
         )
 
 
-def test_finetune_moves_marked_lesions_into_the_held_scans_when_asked():
-    # 64 px patches: room for the lesion and its surroundings to be moved
-    images = [phantom((64, 64), seed).astype(np.float32) for seed in range(3)]
-    config = TrainConfig(steps=1, batch_size=2, patch_size=64, device="cpu")
+def _movable_lesion_case(count: int, steps: int):
+    """A tiny parent trained on ``count`` 64 px phantoms (room for a lesion and its
+    surroundings to be moved), the phantoms, and a marked square on the first."""
+    images = [phantom((64, 64), seed).astype(np.float32) for seed in range(count)]
+    config = TrainConfig(steps=steps, batch_size=2, patch_size=64, device="cpu")
     parent = run_to_end(train(images, config, network=TINY_NETWORK_2D))
-    image, held = images[0], images[1:]
-    mask = np.zeros(image.shape, dtype=bool)
+    mask = np.zeros(images[0].shape, dtype=bool)
     mask[20:28, 20:28] = True
+    return parent, images, mask
+
+
+def test_finetune_moves_marked_lesions_into_the_held_scans_when_asked():
+    parent, images, mask = _movable_lesion_case(3, steps=1)
+    image, held = images[0], images[1:]
     settings = {"steps": 4, "batch_size": 4, "device": "cpu"}
 
     def moved(share: float, held_images: list) -> dict:
@@ -393,13 +399,8 @@ def test_finetune_refuses_no_held_patches():
 def test_finetune_can_hold_the_tissue_around_moved_lesions_to_the_parents_map():
     from napari_anomaly.inference import InferenceConfig, localise
 
-    # 64 px patches: room for the lesion and its surroundings to be moved
-    images = [phantom((64, 64), seed).astype(np.float32) for seed in range(4)]
-    config = TrainConfig(steps=2, batch_size=2, patch_size=64, device="cpu")
-    parent = run_to_end(train(images, config, network=TINY_NETWORK_2D))
+    parent, images, mask = _movable_lesion_case(4, steps=2)
     image, others = images[0], images[1:]
-    mask = np.zeros(image.shape, dtype=bool)
-    mask[20:28, 20:28] = True
     inference = InferenceConfig(device="cpu")
     parent_maps = [run_to_end(localise(o, parent, inference)).anomaly_map for o in others]
 
