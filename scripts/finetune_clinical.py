@@ -260,6 +260,14 @@ def main() -> None:
         "for the thick slices of a routine post-contrast series",
     )
     parser.add_argument(
+        "--truth",
+        choices=("whole", "core"),
+        default="whole",
+        help="what the correction marks and AP is measured on: the whole lesion with its "
+        "oedema (default), or the lesion without it (ClinicalCase.core_mask: a mass's tumour, "
+        "as a reader outlines it on a post-contrast T1)",
+    )
+    parser.add_argument(
         "--native",
         action="store_true",
         help="fine-tune on the scan's own grid and all slice axes (no spacing given)",
@@ -280,9 +288,10 @@ def main() -> None:
     def case(family: str, offset: int, subject: str = heads[-1]):
         volume, brain, anatomy = made[subject]
         seed = args.seed * 100 + offset
-        return make_case(
+        scan = make_case(
             volume, brain, family, args.contrast, rng=seed, config=acquisition, anatomy=anatomy
         )
+        return replace(scan, lesion_mask=scan.core_mask) if args.truth == "core" else scan
 
     corrected = case(args.family, 0, args.subject)
     kind_others = [case(args.family, i) for i in range(1, args.cases)]
@@ -427,6 +436,7 @@ def main() -> None:
         "held_normals": args.held_normals,
         "family": args.family,
         "contrast": args.contrast,
+        "truth": args.truth,
         "before": before,
         "runs": runs,
         "seconds": round(time.perf_counter() - started, 1),

@@ -23,6 +23,7 @@ from napari_anomaly.evaluation.clinical import (
     prepare_anatomy,
     tissue_classes,
 )
+from napari_anomaly.evaluation.yardstick import CaseMaps, score_variant
 
 LESION_FAMILIES = [f for f in FAMILIES if f != "normal"]
 AIR, SCALP, SKULL, CSF_T1, GM_T1, WM_T1 = 0.0, 200.0, 15.0, 35.0, 80.0, 110.0
@@ -167,6 +168,56 @@ def test_nodules_enhance_on_t1c_and_are_subtle_on_t1(head, anatomy):
     assert means["t1c"] > 1.3
     assert 0.75 < means["t1"] < 1.0
     assert means["t1c"] > means["t1"] + 0.3
+
+
+@pytest.mark.parametrize("family", LESION_FAMILIES)
+def test_the_core_mask_is_the_lesion_without_its_oedema(head, anatomy, family):
+    """What a reader outlines on a post-contrast T1: a mass's tumour and each nodule,
+    without the oedema around them; the whole lesion where there is no oedema."""
+    t1, brain, _ = head
+    case = make_case(t1, brain, family, "t1c", 4, anatomy=anatomy)
+    core, truth = case.core_mask, case.lesion_mask
+    assert core.shape == truth.shape and core.any()
+    assert not (core & ~truth).any()
+    if family in ("mass", "enhancing_nodule"):
+        assert core.sum() < 0.8 * truth.sum()
+        # the oedema lies around the core, and the core enhances above it
+        oedema = truth & ~core
+        assert case.image[core].mean() > case.image[oedema].mean()
+    else:
+        assert np.array_equal(core, truth)
+
+
+def test_the_yardstick_scores_the_core_apart_from_the_whole_lesion():
+    """A map that marks a mass's tumour and not its oedema: AP on the whole lesion counts
+    the oedema as missed, AP on the core (``ap_core``) does not."""
+    rng = np.random.default_rng(0)
+    shape = (5, 40, 40)
+    foreground = np.ones(shape, dtype=bool)
+    truth = np.zeros(shape, dtype=bool)
+    truth[1:4, 10:30, 10:30] = True
+    core = np.zeros(shape, dtype=bool)
+    core[1:4, 16:24, 16:24] = True
+    raw = (0.3 * rng.random(shape)).astype(np.float32)
+    raw[core] = 0.9
+    spacing = (5.0, 1.0, 1.0)
+
+    def record(family, mask, core_mask, values=raw):
+        return CaseMaps(
+            family, "t1c", spacing, values.astype(np.float16), foreground, mask, core=core_mask
+        )
+
+    normal = record("normal", np.zeros(shape, bool), np.zeros(shape, bool), 0.3 * rng.random(shape))
+    cells = score_variant([normal], [record("mass", truth, core)])["cells"]
+    assert cells["mass/t1c"]["ap_core"] > 0.95
+    assert cells["mass/t1c"]["ap"] < 0.5
+    assert cells["mass/t1c"]["core_prevalence"] == pytest.approx(core.mean(), abs=1e-6)
+    # no core recorded, or a core that is the whole lesion: one AP only
+    for same in (None, truth):
+        assert (
+            "ap_core"
+            not in score_variant([normal], [record("mass", truth, same)])["cells"]["mass/t1c"]
+        )
 
 
 def test_mass_effect_pushes_tissue_around_the_mass(head, anatomy):

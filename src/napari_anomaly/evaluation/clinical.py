@@ -45,6 +45,9 @@ turned into the ratios below by eye; they are not measurements):
   Other Central Nervous System Tumors Diagnosed in the United States in
   2015-2019", Neuro-Oncology 24 (Suppl. 5), 2022 (meningioma is the most
   common primary intracranial tumour, about 40 % of them).
+* [BraTS] B. H. Menze et al., "The Multimodal Brain Tumor Image Segmentation
+  Benchmark (BRATS)", IEEE TMI 34 (2015) 1993-2024 (the tumour core, enhancing
+  and necrotic parts, outlined on the post-contrast T1; the oedema on FLAIR/T2).
 * [Rician] H. Gudbjartsson, S. Patz, "The Rician distribution of noisy MRI
   data", Magnetic Resonance in Medicine 34 (1995) 910-914.
 * [N3] J. G. Sled, A. P. Zijdenbos, A. C. Evans, "A nonparametric method for
@@ -337,6 +340,12 @@ class ClinicalCase:
     brain_mask : ndarray, bool, (Z, Y, X)
         The brain mask through the same acquisition (partial volume >= 0.5), for
         scores restricted to the brain.
+    core_mask : ndarray, bool, (Z, Y, X)
+        The lesions without their oedema, through the same acquisition and inside
+        ``lesion_mask``: a mass's tumour (enhancing wall and necrosis), each nodule
+        itself; the whole lesion for the families without oedema. What a reader
+        outlines on a post-contrast T1, where the oedema is marked on FLAIR or T2
+        instead (the tumour core of the BraTS labels [BraTS]).
     """
 
     image: np.ndarray
@@ -347,6 +356,7 @@ class ClinicalCase:
     lesion_count: int
     params: dict
     brain_mask: np.ndarray | None = None
+    core_mask: np.ndarray | None = None
 
     @property
     def left_right_axis(self) -> int | None:
@@ -1059,6 +1069,26 @@ def insert_lesions(
         with each lesion's kind, centre (voxel coordinates), radius (mm) and
         drawn levels.
     """
+    volume, mask, _, params = _insert_lesions(
+        volume_1mm, classes, brain_mask, family, contrast, rng, anatomy=anatomy, site=site
+    )
+    return volume, mask, params
+
+
+def _insert_lesions(
+    volume_1mm: np.ndarray,
+    classes: np.ndarray,
+    brain_mask: np.ndarray,
+    family: str,
+    contrast: str,
+    rng: np.random.Generator | int | None,
+    *,
+    anatomy: Anatomy | None,
+    site: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """:func:`insert_lesions`, also returning the lesions without their oedema (the
+    ``core`` mask, inside the truth): a mass's tumour, a nodule itself, and the whole of
+    the families without oedema."""
     if family not in ALL_FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     if contrast not in CONTRASTS:
@@ -1071,9 +1101,10 @@ def insert_lesions(
     anatomy = _with_site(_anatomy_for(classes, brain_mask, anatomy), site)
     white = _tissue_levels(volume, classes)["wm"]
     mask = np.zeros(volume.shape, dtype=bool)
+    core = np.zeros(volume.shape, dtype=bool)
     params: dict[str, Any] = {"family": family, "contrast": contrast, "lesions": []}
     if family == "normal":
-        return volume, mask, params
+        return volume, mask, core, params
     inserter = {
         "mass": _insert_mass,
         "enhancing_nodule": _insert_nodules,
@@ -1081,17 +1112,19 @@ def insert_lesions(
         "periventricular": _insert_periventricular,
         "meningioma": _insert_meningioma,
     }[family]
-    params["lesions"] = inserter(volume, mask, anatomy, contrast, white, rng)
+    params["lesions"] = inserter(volume, mask, core, anatomy, contrast, white, rng)
     if family in _EXTRA_AXIAL:
         mask &= ndimage.binary_dilation(brain_mask, iterations=_INTRACRANIAL_MM)
     else:
         mask &= brain_mask
-    return volume, mask, params
+    core &= mask
+    return volume, mask, core, params
 
 
 def _insert_mass(
     volume: np.ndarray,
     mask: np.ndarray,
+    core_mask: np.ndarray,
     anatomy: Anatomy,
     contrast: str,
     white: float,
@@ -1151,6 +1184,7 @@ def _insert_mass(
     _paint(region, _soft(core), tumour)
     volume[box] = region
     mask[box] |= _soft(core | oedema) >= 0.5
+    core_mask[box] |= _soft(core) >= 0.5
     return [
         {
             "kind": "mass",
@@ -1172,6 +1206,7 @@ def _insert_mass(
 def _insert_nodules(
     volume: np.ndarray,
     mask: np.ndarray,
+    core_mask: np.ndarray,
     anatomy: Anatomy,
     contrast: str,
     white: float,
@@ -1218,6 +1253,7 @@ def _insert_nodules(
         _paint(region, 0.7 * _soft(oedema | core), oedema_level * local_white * texture)
         _paint(region, _soft(core), nodule_level * local_white * texture)
         mask[box] |= _soft(core | oedema) >= 0.5
+        core_mask[box] |= _soft(core) >= 0.5
         lesions.append(
             {
                 "kind": "nodule",
@@ -1234,6 +1270,7 @@ def _insert_nodules(
 def _insert_infarct(
     volume: np.ndarray,
     mask: np.ndarray,
+    core_mask: np.ndarray,
     anatomy: Anatomy,
     contrast: str,
     white: float,
@@ -1283,6 +1320,7 @@ def _insert_infarct(
     level = _level("infarct", contrast, jitter)
     _paint(region, _soft(wedge), level * local_white * texture)
     mask[box] |= _soft(wedge) >= 0.5
+    core_mask[box] |= _soft(wedge) >= 0.5
     return [
         {
             "kind": "infarct",
@@ -1299,6 +1337,7 @@ def _insert_infarct(
 def _insert_periventricular(
     volume: np.ndarray,
     mask: np.ndarray,
+    core_mask: np.ndarray,
     anatomy: Anatomy,
     contrast: str,
     white: float,
@@ -1349,6 +1388,7 @@ def _insert_periventricular(
         level = _level("wmh", contrast, jitter)
         _paint(region, _soft(spot), level * local_white * texture)
         mask[box] |= _soft(spot) >= 0.5
+        core_mask[box] |= _soft(spot) >= 0.5
         lesions.append(
             {
                 "kind": "wmh",
@@ -1366,6 +1406,7 @@ def _insert_periventricular(
 def _insert_meningioma(
     volume: np.ndarray,
     mask: np.ndarray,
+    core_mask: np.ndarray,
     anatomy: Anatomy,
     contrast: str,
     white: float,
@@ -1423,6 +1464,7 @@ def _insert_meningioma(
     _paint(region, _soft(dome, 0.7), level * local_white * texture)
     volume[box] = region
     mask[box] |= _soft(dome, 0.7) >= 0.5
+    core_mask[box] |= _soft(dome, 0.7) >= 0.5
     return [
         {
             "kind": "meningioma",
@@ -1831,7 +1873,7 @@ def make_case(
     if config.venous_sinuses and contrast == "t1c":
         sinus_rng = np.random.default_rng(int(contrast_rng.integers(0, 2**63 - 1)))
         contrasted, sinus_params = add_venous_sinuses(contrasted, anatomy, sinus_rng)
-    lesioned, lesion, lesion_params = insert_lesions(
+    lesioned, lesion, core, lesion_params = _insert_lesions(
         contrasted,
         anatomy.classes,
         brain_mask,
@@ -1842,10 +1884,11 @@ def make_case(
         site=site,
     )
     white = _tissue_levels(lesioned, anatomy.classes)["wm"]
-    image, (partial, brain_partial), spacing, acquisition = _acquire(
-        lesioned, [lesion, brain_mask], acquisition_rng, config, white, lesion, brain_index=1
+    image, (partial, brain_partial, core_partial), spacing, acquisition = _acquire(
+        lesioned, [lesion, brain_mask, core], acquisition_rng, config, white, lesion, brain_index=1
     )
     truth = _truth_from_partial_volume(partial, config.faint_partial_volume)
+    core_truth = _truth_from_partial_volume(core_partial, config.faint_partial_volume) & truth
     _, regions = ndimage.label(truth, structure=np.ones((3, 3, 3), bool))
     params = {
         "contrast": {"name": contrast},
@@ -1865,6 +1908,7 @@ def make_case(
         lesion_count=int(regions),
         params=params,
         brain_mask=brain_partial >= 0.5,
+        core_mask=core_truth,
     )
 
 

@@ -79,6 +79,9 @@ class CaseMaps:
     #: the brain found in the scan (:func:`napari_anomaly.brain.find_brain`), for variants
     #: that weigh the scores outside it
     brain: np.ndarray | None = None
+    #: the lesions without their oedema (``ClinicalCase.core_mask``; bool), for the AP of
+    #: what a reader outlines on a post-contrast T1
+    core: np.ndarray | None = None
 
 
 def model_predictor(
@@ -142,6 +145,9 @@ def collect_maps(
                 raw.astype(np.float16),
                 np.asarray(foreground, dtype=bool),
                 np.asarray(case.lesion_mask, dtype=bool),
+                core=None
+                if getattr(case, "core_mask", None) is None
+                else np.asarray(case.core_mask, dtype=bool),
             )
         )
     return records
@@ -283,6 +289,14 @@ def score_variant(
         if truth.any():
             scores = np.concatenate([maps[i].ravel() for i in indices])
             cell["ap"] = round(average_precision(scores, truth), 4)
+            cores = [records[i].core for i in indices]
+            if all(c is not None for c in cores) and any(
+                not np.array_equal(c, records[i].truth) for c, i in zip(cores, indices)
+            ):
+                # the lesions without their oedema, against everything else (the oedema too)
+                core = np.concatenate([c.ravel() for c in cores])
+                cell["core_prevalence"] = round(float(core.mean()), 6)
+                cell["ap_core"] = round(average_precision(scores, core), 4)
         cell.update(summarise_triage([triage[i] for i in indices]))
         cells[f"{family}/{contrast}"] = cell
     lesion_cells = [c for k, c in cells.items() if k.endswith("/all") and "ap" in c]
