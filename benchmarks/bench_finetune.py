@@ -67,7 +67,7 @@ def main() -> None:
     )
     localiser = Localiser.load(args.model)
     base = FinetuneConfig(device="cpu")
-    shares = args.transplant_shares or [moved_lesion_settings(base, [max(case.spacing)])[0]]
+    shares = args.transplant_shares or [moved_lesion_settings(base, [case.spacing])[0]]
     settings = list(itertools.product(args.steps, shares, args.distill_weights))
     runs: dict[str, list[float]] = {_key(s): [] for s in settings}
     for _ in range(args.repeats):

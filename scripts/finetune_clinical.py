@@ -382,6 +382,7 @@ def main() -> None:
                 held_spacings=None if args.native else [tuple(h.spacing) for h in held],
             )
         )
+        chosen = fine_tuned.metadata["finetuning"][-1]  # what finetune chose and did
         holding = bool(held) and distill > 0  # finetune holds scans only with distillation
         shares = args.weight_interpolations or [weight_interpolation(config, held=holding)]
         for kept in shares:
@@ -411,16 +412,14 @@ def main() -> None:
                 "focus_probability": focus,
                 "replay_fraction": replay,
                 # as finetune chose them where the options left them open
-                "transplant_share": fine_tuned.metadata["finetuning"][-1]["transplant_share"],
+                "transplant_share": chosen["transplant_share"],
                 "transplant_scale": list(scale),
                 "batch_size": args.batch_size,
                 "finetune_seed": finetune_seed,
                 "member_loss": member_loss,
                 "far_weight": far,
                 "held_transplant_share": held_share,
-                "moved_lesion_surroundings": fine_tuned.metadata["finetuning"][-1][
-                    "moved_lesion_surroundings"
-                ],
+                "moved_lesion_surroundings": chosen["moved_lesion_surroundings"],
                 "near_mm": args.near_mm,
                 "weight_interpolation": kept,
                 "weight_drift": round(weight_drift(localiser, tuned), 6),

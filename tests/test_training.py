@@ -443,16 +443,19 @@ def test_moved_lesion_defaults_follow_the_corrected_scans_slice_thickness():
     )
 
     default = FinetuneConfig()
-    assert moved_lesion_settings(default, [6.4]) == THICK_SLICE_MOVED_LESIONS == (0.5, "held")
-    assert moved_lesion_settings(default, [5.0, 7.0]) == THICK_SLICE_MOVED_LESIONS
+    thick, thin = (6.4, 0.9, 0.9), (4.8, 0.5, 0.5)
+    assert moved_lesion_settings(default, [thick]) == THICK_SLICE_MOVED_LESIONS == (0.5, "held")
+    assert moved_lesion_settings(default, [(5.0, 1, 1), (0.5, 7.0, 0.5)]) == (
+        THICK_SLICE_MOVED_LESIONS
+    )
     # thin, mixed, without spacing or a 2D image: the thin-slice settings
     assert THIN_SLICE_MOVED_LESIONS == (0.25, "taught")
-    for slices in ([4.8], [6.4, 3.0], [None], [6.4, None], []):
-        assert moved_lesion_settings(default, slices) == THIN_SLICE_MOVED_LESIONS
+    for spacings in ([thin], [thick, (3.0, 1, 1)], [None], [thick, None], [(6.0, 6.0)], []):
+        assert moved_lesion_settings(default, spacings) == THIN_SLICE_MOVED_LESIONS
     # a setting the user chose is kept
     chosen = FinetuneConfig(transplant_share=0.1, moved_lesion_surroundings="taught")
-    assert moved_lesion_settings(chosen, [6.4]) == (0.1, "taught")
-    assert moved_lesion_settings(FinetuneConfig(transplant_share=0.0), [6.4]) == (0.0, "held")
+    assert moved_lesion_settings(chosen, [thick]) == (0.1, "taught")
+    assert moved_lesion_settings(FinetuneConfig(transplant_share=0.0), [thick]) == (0.0, "held")
 
     # finetune applies the rule and records what it chose
     parent = Localiser(

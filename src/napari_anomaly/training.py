@@ -1318,14 +1318,17 @@ def adapt(
 
 
 def moved_lesion_settings(
-    config: FinetuneConfig, slice_mm: Sequence[float | None]
+    config: FinetuneConfig, spacings: Sequence[Sequence[float] | None]
 ) -> tuple[float, str]:
     """``(transplant_share, moved_lesion_surroundings)`` that :func:`finetune` uses: the
     settings, or where one is ``None``, :data:`THICK_SLICE_MOVED_LESIONS` when every
-    corrected case is a volume with slices (``slice_mm``: each case's slice spacing,
-    ``None`` for an image or a case without spacing) of at least :data:`THICK_SLICE_MM`,
-    :data:`THIN_SLICE_MOVED_LESIONS` otherwise."""
-    thick = bool(slice_mm) and all(s is not None and s >= THICK_SLICE_MM for s in slice_mm)
+    corrected case is a volume whose slices (its coarsest voxel spacing, mm; ``spacings``
+    holds each case's voxel size, ``None`` for a case without one) are at least
+    :data:`THICK_SLICE_MM` thick, :data:`THIN_SLICE_MOVED_LESIONS` otherwise (2D images
+    included)."""
+    thick = bool(spacings) and all(
+        s is not None and len(s) == 3 and max(s) >= THICK_SLICE_MM for s in spacings
+    )
     share, surroundings = THICK_SLICE_MOVED_LESIONS if thick else THIN_SLICE_MOVED_LESIONS
     if config.transplant_share is not None:
         share = config.transplant_share
@@ -1498,12 +1501,10 @@ def finetune(
         if voxel_weights is not None
         else [np.ones(np.shape(m), dtype=np.float32) for m in corrected_masks]
     )
-    # each volume's slice spacing (mm, its coarsest axis): the moved lesions' defaults follow it
-    slice_mm = [
-        float(max(spacing)) if spacing is not None and len(spacing) == 3 else None
-        for spacing in (spacings if spacings is not None else [None] * len(images))
-    ]
-    transplant_share, surroundings = moved_lesion_settings(config, slice_mm)
+    # the moved lesions' defaults follow the corrected volumes' slice thickness
+    transplant_share, surroundings = moved_lesion_settings(
+        config, spacings if spacings is not None else [None] * len(images)
+    )
     device = resolve_device(config.device)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

@@ -137,6 +137,7 @@ def collect_maps(
         yield Progress(index, 0, f"{label} case {index + 1}: {case.family}/{case.contrast}")
         axis = getattr(case, "head_foot_axis", 0) if axial_planes else 0
         raw, foreground = predict(case.image, tuple(case.spacing), axis)
+        core = getattr(case, "core_mask", None)  # a clinical case's lesions without oedema
         records.append(
             CaseMaps(
                 case.family,
@@ -145,9 +146,7 @@ def collect_maps(
                 raw.astype(np.float16),
                 np.asarray(foreground, dtype=bool),
                 np.asarray(case.lesion_mask, dtype=bool),
-                core=None
-                if getattr(case, "core_mask", None) is None
-                else np.asarray(case.core_mask, dtype=bool),
+                core=None if core is None else np.asarray(core, dtype=bool),
             )
         )
     return records
