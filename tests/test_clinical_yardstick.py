@@ -23,7 +23,7 @@ from napari_anomaly.evaluation.clinical import (
     prepare_anatomy,
     tissue_classes,
 )
-from napari_anomaly.evaluation.yardstick import CaseMaps, score_variant
+from napari_anomaly.evaluation.yardstick import CaseMaps, markdown_tables, score_variant
 
 LESION_FAMILIES = [f for f in FAMILIES if f != "normal"]
 AIR, SCALP, SKULL, CSF_T1, GM_T1, WM_T1 = 0.0, 200.0, 15.0, 35.0, 80.0, 110.0
@@ -208,10 +208,17 @@ def test_the_yardstick_scores_the_core_apart_from_the_whole_lesion():
         )
 
     normal = record("normal", np.zeros(shape, bool), np.zeros(shape, bool), 0.3 * rng.random(shape))
-    cells = score_variant([normal], [record("mass", truth, core)])["cells"]
+    result = score_variant([normal], [record("mass", truth, core)])
+    cells = result["cells"]
     assert cells["mass/t1c"]["ap_core"] > 0.95
     assert cells["mass/t1c"]["ap"] < 0.5
     assert cells["mass/t1c"]["core_prevalence"] == pytest.approx(core.mean(), abs=1e-6)
+    # the printed tables show both
+    table = markdown_tables({"model": result})
+    assert (
+        f"{cells['mass/t1c']['ap']:.4f} (without oedema {cells['mass/t1c']['ap_core']:.4f})"
+        in table
+    )
     # no core recorded, or a core that is the whole lesion: one AP only
     for same in (None, truth):
         assert (

@@ -329,7 +329,8 @@ def score_variant(
 
 
 def markdown_tables(results: dict[str, dict]) -> str:
-    """Per-family tables (rows = contrasts) with one column group per predictor."""
+    """Per-family tables (rows = contrasts) with one column group per predictor; a cell
+    that has ``ap_core`` shows it in brackets after the AP."""
     names = list(results)
     first = results[names[0]]["cells"]
     families = sorted({key.split("/")[0] for key in first})
@@ -348,8 +349,10 @@ def markdown_tables(results: dict[str, dict]) -> str:
                 c = results[name]["cells"][key]
                 top = f"{c['lesions_in_top_5']}/{c['lesions']}" if c["lesions"] else "-"
                 rank = c["median_first_rank"]
+                # beside a mass's or nodule's AP, the AP of the lesion without its oedema
+                core = f" (without oedema {c['ap_core']:.4f})" if "ap_core" in c else ""
                 row += (
-                    f" {c.get('ap', float('nan')):.4f} | {top} | "
+                    f" {c.get('ap', float('nan')):.4f}{core} | {top} | "
                     f"{'-' if rank is None else f'{rank:g}'} | "
                     f"{c['regions_per_scan_median']:g} |"
                 )
