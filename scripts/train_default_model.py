@@ -160,6 +160,14 @@ def main() -> None:
         "another tissue's level (default 0, or the parent's with --continue-from)",
     )
     parser.add_argument(
+        "--lesion-radius",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="TrainConfig.lesion_task_radius: range of the lesion task's blob half-axes as "
+        "fractions of the patch side (default 0.02 0.15, or the parent's with --continue-from)",
+    )
+    parser.add_argument(
         "--deformation-task",
         type=float,
         help="TrainConfig.deformation_task_probability: share of the samples warped by a sink "
@@ -286,6 +294,7 @@ def main() -> None:
             lesion_task_level=args.lesion_level or 0.0,
             deformation_task_probability=args.deformation_task or 0.0,
             **({"lesion_task_delta": tuple(args.lesion_delta)} if args.lesion_delta else {}),
+            **({"lesion_task_radius": tuple(args.lesion_radius)} if args.lesion_radius else {}),
         )
     description = ", ".join(train_names)
     if low_resolution_3d:
@@ -306,6 +315,8 @@ def main() -> None:
             stored["config"]["lesion_task_delta"] = list(args.lesion_delta)
         if args.lesion_level is not None:
             stored["config"]["lesion_task_level"] = args.lesion_level
+        if args.lesion_radius:
+            stored["config"]["lesion_task_radius"] = list(args.lesion_radius)
         if args.deformation_task is not None:
             stored["config"]["deformation_task_probability"] = args.deformation_task
         if args.deform is not None:

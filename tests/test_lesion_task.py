@@ -200,3 +200,62 @@ def test_the_level_share_is_recorded_with_the_model_and_replayed_by_fine_tuning(
         )
     )
     assert levels and set(levels) == {0.5}
+
+
+def test_the_training_config_sets_how_large_the_lesion_task_blobs_are():
+    from napari_anomaly.synthesis.ppii import SynthesisConfig
+    from napari_anomaly.training import _mix_lesion_task
+
+    images = torch.full((8, 1, 64, 64), 0.5)
+    foreground = torch.ones_like(images, dtype=torch.bool)
+    zeros = torch.zeros_like(images)
+
+    def changed_share(radius) -> float:
+        anomalous, _, _ = _mix_lesion_task(
+            images,
+            foreground,
+            (images.clone(), zeros, zeros),
+            1.0,
+            SynthesisConfig(),
+            torch.Generator().manual_seed(3),
+            (0.2, 0.2),
+            0.0,
+            radius,
+        )
+        return float(((anomalous - images).abs() > 0.01).float().mean())
+
+    # Half-axes of 2-4 % of the side against 30-35 %: the large blobs cover far more.
+    small, large = changed_share((0.02, 0.04)), changed_share((0.3, 0.35))
+    assert large > 10 * small > 0
+    assert changed_share(TrainConfig.lesion_task_radius) == changed_share((0.02, 0.15))
+
+
+def test_the_blob_size_is_recorded_with_the_model_replayed_by_fine_tuning_and_checked(
+    monkeypatch,
+):
+    import napari_anomaly.training as training
+
+    model = _tiny_model(lesion_task_radius=(0.1, 0.3))
+    assert model.metadata["training"]["config"]["lesion_task_radius"] == [0.1, 0.3]
+    radii = []
+    mix = training._mix_lesion_task
+
+    def recording(*args, **kwargs):
+        radii.append(tuple(args[8]) if len(args) > 8 else kwargs.get("radius"))
+        return mix(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_mix_lesion_task", recording)
+    mask = np.zeros((48, 48), bool)
+    mask[20:26, 20:26] = True
+    run_to_end(
+        training.finetune(
+            model, [_phantoms()[0]], [mask], training.FinetuneConfig(steps=2, device="cpu")
+        )
+    )
+    assert radii and set(radii) == {(0.1, 0.3)}
+    radii.clear()
+    run_to_end(training.adapt(model, _phantoms(), training.AdaptConfig(steps=2, device="cpu")))
+    assert radii and set(radii) == {(0.1, 0.3)}
+    for bad in [(0.3, 0.1), (0.0, 0.2), (0.1, 0.6)]:
+        with pytest.raises(ValueError, match="lesion_task_radius"):
+            TrainConfig(lesion_task_radius=bad)

@@ -141,6 +141,12 @@ class TrainConfig:
         Share of that task's blobs that take the local intensity of another
         place of the same image (another tissue's level) instead of a shift
         (``LesionTaskConfig.level_probability``); 0 keeps the shift alone.
+    lesion_task_radius
+        Range of that task's blob half-axes as fractions of the patch side
+        (``LesionTaskConfig.radius``). The default reaches about 19 voxels of a
+        128-voxel patch; the oedema around a mass spreads 1.5-2.5 times the
+        tumour's radius of 6-15 mm (:mod:`napari_anomaly.evaluation.clinical`),
+        up to about 0.3 of a patch at 1 mm.
     deformation_task_probability
         Share of the training samples that get the sink/source deformation task
         (:mod:`napari_anomaly.synthesis.deformations`) instead of either task
@@ -169,6 +175,7 @@ class TrainConfig:
     lesion_task_probability: float = 0.0
     lesion_task_delta: tuple[float, float] = (0.08, 0.45)
     lesion_task_level: float = 0.0
+    lesion_task_radius: tuple[float, float] = LesionTaskConfig.radius
     deformation_task_probability: float = 0.0
     validation_every: int = 250
     validation_batches: int = 2
@@ -226,6 +233,12 @@ class TrainConfig:
             raise ValueError(
                 f"lesion_task_delta must be a range 0 < low <= high <= 1, got "
                 f"{self.lesion_task_delta}"
+            )
+        low, high = self.lesion_task_radius
+        if not 0.0 < low <= high <= 0.5:
+            raise ValueError(
+                f"lesion_task_radius must be a range 0 < low <= high <= 0.5, got "
+                f"{self.lesion_task_radius}"
             )
         if self.patch_size < 16 or self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 and >= 16, got {self.patch_size}")
@@ -733,9 +746,15 @@ def _mix_lesion_task(
     generator: torch.Generator,
     delta: tuple[float, float] = TrainConfig.lesion_task_delta,
     level: float = 0.0,
+    radius: tuple[float, float] = TrainConfig.lesion_task_radius,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give a random share of the batch the lesion-like intensity task instead of P-PII."""
-    task = LesionTaskConfig(probability=probability, delta=tuple(delta), level_probability=level)
+    task = LesionTaskConfig(
+        probability=probability,
+        delta=tuple(delta),
+        level_probability=level,
+        radius=tuple(radius),
+    )
     return _mix_task(
         batch,
         foreground,
@@ -789,6 +808,7 @@ def _mix_other_tasks(
             generator,
             tasks.lesion_task_delta,
             tasks.lesion_task_level,
+            tasks.lesion_task_radius,
         )
     if tasks.deformation_task_probability > 0:
         current = _mix_deformation_task(
@@ -1546,6 +1566,9 @@ def finetune(
             parent_config.get("lesion_task_delta", TrainConfig.lesion_task_delta)
         ),
         lesion_task_level=float(parent_config.get("lesion_task_level", 0.0)),
+        lesion_task_radius=tuple(
+            parent_config.get("lesion_task_radius", TrainConfig.lesion_task_radius)
+        ),
         deformation_task_probability=float(parent_config.get("deformation_task_probability", 0.0)),
     )
     sampler = PatchSampler(
