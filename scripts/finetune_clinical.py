@@ -7,7 +7,8 @@
 Protocol (``napari_anomaly.evaluation``; deterministic for ``--seed``): from a
 held-out head (``--subject``: Colin27, or the second subject), ``--cases``
 clinical scans of one lesion family and contrast (the "kind") and one scan of
-every other family in the same contrast.
+every other family in the same contrast (``--other-cases N``: N of each, pooled;
+one scan per family moves by a few hundredths between corrections of one kind).
 The model is fine-tuned on the first scan of the kind with its true lesion mask
 (as if the reviewer had corrected it perfectly), once per setting in
 ``--learning-rates`` x ``--steps`` (the other settings: ``FinetuneConfig``
@@ -117,7 +118,12 @@ def measure(
     measured = {
         "kind_other_scans": pooled_ap(localiser, kind_others, in_plane_mm, extra),
         "corrected_scan": pooled_ap(localiser, [corrected], in_plane_mm, extra),
-        **{c.family: pooled_ap(localiser, [c], in_plane_mm, extra) for c in others},
+        **{
+            family: pooled_ap(
+                localiser, [c for c in others if c.family == family], in_plane_mm, extra
+            )
+            for family in dict.fromkeys(c.family for c in others)
+        },
     }
     if pipeline:
         measured["pipeline"] = pipeline_triage(localiser, kind_others, normals)
@@ -160,6 +166,14 @@ def main() -> None:
         default=0,
         help="normal scans of the measured head (not measured) whose maps fine-tuning holds "
         "to the parent's (finetune's held_images: other scans of the site)",
+    )
+    parser.add_argument(
+        "--other-cases",
+        type=int,
+        choices=(1, 2, 3, 4),
+        default=1,
+        help="scans of every other family, their AP pooled per family (default 1; the first "
+        "is the same scan whatever the number)",
     )
     grid("--learning-rates", "learning_rate")
     grid("--steps", "steps", int)
@@ -295,10 +309,13 @@ def main() -> None:
 
     corrected = case(args.family, 0, args.subject)
     kind_others = [case(args.family, i) for i in range(1, args.cases)]
+    # Seeds 50 + k for the first scan of family k (as before --other-cases), then 100 +
+    # 10 j + k: clear of the kind's scans (1..), the normal (80..) and held (90..) ones.
     others = [
-        case(family, 50 + k)
+        case(family, 50 + k if j == 0 else 100 + 10 * j + k)
         for k, family in enumerate(FAMILIES)
         if family not in (args.family, "normal")
+        for j in range(args.other_cases)
     ]
     normals = [case("normal", 80 + k) for k in range(args.normals)]
     held = [case("normal", 90 + k) for k in range(args.held_normals)]
@@ -433,6 +450,7 @@ def main() -> None:
         "subject": args.subject,
         "measure_subject": args.measure_subject or args.subject,
         "held_normals": args.held_normals,
+        "other_cases": args.other_cases,
         "family": args.family,
         "contrast": args.contrast,
         "truth": args.truth,
