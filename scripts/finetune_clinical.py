@@ -7,8 +7,9 @@
 Protocol (``napari_anomaly.evaluation``; deterministic for ``--seed``): from a
 held-out head (``--subject``: Colin27, or the second subject), ``--cases``
 clinical scans of one lesion family and contrast (the "kind") and one scan of
-every other family in the same contrast (``--other-cases N``: N of each, pooled;
-one scan per family moves by a few hundredths between corrections of one kind).
+every other family in the same contrast (``--other-cases N``: N of each, pooled,
+as one scan per family moves by a few hundredths between corrections of one kind;
+``--other-families``: which, e.g. meningiomas beside T1c masses).
 The model is fine-tuned on the first scan of the kind with its true lesion mask
 (as if the reviewer had corrected it perfectly), once per setting in
 ``--learning-rates`` x ``--steps`` (the other settings: ``FinetuneConfig``
@@ -46,6 +47,7 @@ from napari_anomaly.brain import widen
 from napari_anomaly.calibration import carry_calibration
 from napari_anomaly.evaluation.anatomy import HELD_OUT_SUBJECTS, held_out_subject
 from napari_anomaly.evaluation.clinical import (
+    ALL_FAMILIES,
     FAMILIES,
     AcquisitionConfig,
     make_case,
@@ -139,7 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--family", default="mass")
+    parser.add_argument(
+        "--family", default="mass", choices=[f for f in ALL_FAMILIES if f != "normal"]
+    )
     parser.add_argument("--contrast", default="flair")
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument(
@@ -174,6 +178,13 @@ def main() -> None:
         default=1,
         help="scans of every other family, their AP pooled per family (default 1; the first "
         "is the same scan whatever the number)",
+    )
+    parser.add_argument(
+        "--other-families",
+        nargs="+",
+        choices=[f for f in ALL_FAMILIES if f != "normal"],
+        help="the other families measured (default: every family of the yardstick's plan but "
+        "--family; meningioma, an extra family, only when named)",
     )
     grid("--learning-rates", "learning_rate")
     grid("--steps", "steps", int)
@@ -311,10 +322,11 @@ def main() -> None:
     kind_others = [case(args.family, i) for i in range(1, args.cases)]
     # Seeds 50 + k for the first scan of family k (as before --other-cases), then 100 +
     # 10 j + k: clear of the kind's scans (1..), the normal (80..) and held (90..) ones.
+    measured_families = args.other_families or [f for f in FAMILIES if f != "normal"]
     others = [
         case(family, 50 + k if j == 0 else 100 + 10 * j + k)
-        for k, family in enumerate(FAMILIES)
-        if family not in (args.family, "normal")
+        for k, family in enumerate(ALL_FAMILIES)
+        if family in measured_families and family != args.family
         for j in range(args.other_cases)
     ]
     normals = [case("normal", 80 + k) for k in range(args.normals)]
@@ -451,6 +463,7 @@ def main() -> None:
         "measure_subject": args.measure_subject or args.subject,
         "held_normals": args.held_normals,
         "other_cases": args.other_cases,
+        "other_families": sorted({c.family for c in others}, key=ALL_FAMILIES.index),
         "family": args.family,
         "contrast": args.contrast,
         "truth": args.truth,
