@@ -83,13 +83,13 @@ def test_training_with_the_lesion_task_runs_and_records_it():
         TrainConfig(lesion_task_probability=1.5)
 
 
-@pytest.mark.parametrize("delta", [(0.02, 0.02), (0.3, 0.3)])
-def test_the_training_config_sets_how_strong_the_lesion_task_changes_are(delta):
+def _lesion_task_on_flat(shape, seed: int, *settings):
+    """Every sample of a flat batch given the lesion task by the training's own mixing, with
+    ``settings`` (delta, level, radius) after the generator."""
     from napari_anomaly.synthesis.ppii import SynthesisConfig
     from napari_anomaly.training import _mix_lesion_task
 
-    # A flat image: flattening its texture changes nothing, so every change is the shift.
-    images = torch.full((4, 1, 32, 32), 0.5)
+    images = torch.full(shape, 0.5)
     foreground = torch.ones_like(images, dtype=torch.bool)
     zeros = torch.zeros_like(images)
     anomalous, label, _ = _mix_lesion_task(
@@ -98,9 +98,16 @@ def test_the_training_config_sets_how_strong_the_lesion_task_changes_are(delta):
         (images.clone(), zeros, zeros),
         1.0,
         SynthesisConfig(),
-        torch.Generator().manual_seed(0),
-        delta,
+        torch.Generator().manual_seed(seed),
+        *settings,
     )
+    return images, anomalous, label
+
+
+@pytest.mark.parametrize("delta", [(0.02, 0.02), (0.3, 0.3)])
+def test_the_training_config_sets_how_strong_the_lesion_task_changes_are(delta):
+    # A flat image: flattening its texture changes nothing, so every change is the shift.
+    images, anomalous, label = _lesion_task_on_flat((4, 1, 32, 32), 0, delta)
     change = (anomalous - images).abs()
     # Overlapping soft edges may add a little; the size of the change is the setting.
     assert float(change.max()) == pytest.approx(delta[0], rel=0.05)
@@ -178,50 +185,42 @@ def test_without_the_level_share_a_seed_gives_the_lesions_it_gave_before():
         TrainConfig(lesion_task_level=-0.1)
 
 
-def test_the_level_share_is_recorded_with_the_model_and_replayed_by_fine_tuning(monkeypatch):
+def _record_lesion_task_setting(monkeypatch, position: int, name: str) -> list:
+    """From now on, every value the training passes ``_mix_lesion_task`` as its setting
+    ``name`` (positional argument ``position``), in a list."""
     import napari_anomaly.training as training
 
-    images = _phantoms()
-    model = _tiny_model(lesion_task_level=0.5)
-    assert model.metadata["training"]["config"]["lesion_task_level"] == 0.5
-    levels = []
+    seen = []
     mix = training._mix_lesion_task
 
     def recording(*args, **kwargs):
-        levels.append(args[7] if len(args) > 7 else kwargs.get("level"))
+        value = args[position] if len(args) > position else kwargs.get(name)
+        seen.append(tuple(value) if isinstance(value, (list, tuple)) else value)
         return mix(*args, **kwargs)
 
     monkeypatch.setattr(training, "_mix_lesion_task", recording)
+    return seen
+
+
+def _finetune_briefly(model) -> None:
+    from napari_anomaly.training import FinetuneConfig, finetune
+
     mask = np.zeros((48, 48), bool)
     mask[20:26, 20:26] = True
-    run_to_end(
-        training.finetune(
-            model, [images[0]], [mask], training.FinetuneConfig(steps=2, device="cpu")
-        )
-    )
+    run_to_end(finetune(model, [_phantoms()[0]], [mask], FinetuneConfig(steps=2, device="cpu")))
+
+
+def test_the_level_share_is_recorded_with_the_model_and_replayed_by_fine_tuning(monkeypatch):
+    model = _tiny_model(lesion_task_level=0.5)
+    assert model.metadata["training"]["config"]["lesion_task_level"] == 0.5
+    levels = _record_lesion_task_setting(monkeypatch, 7, "level")
+    _finetune_briefly(model)
     assert levels and set(levels) == {0.5}
 
 
 def test_the_training_config_sets_how_large_the_lesion_task_blobs_are():
-    from napari_anomaly.synthesis.ppii import SynthesisConfig
-    from napari_anomaly.training import _mix_lesion_task
-
-    images = torch.full((8, 1, 64, 64), 0.5)
-    foreground = torch.ones_like(images, dtype=torch.bool)
-    zeros = torch.zeros_like(images)
-
     def changed_share(radius) -> float:
-        anomalous, _, _ = _mix_lesion_task(
-            images,
-            foreground,
-            (images.clone(), zeros, zeros),
-            1.0,
-            SynthesisConfig(),
-            torch.Generator().manual_seed(3),
-            (0.2, 0.2),
-            0.0,
-            radius,
-        )
+        images, anomalous, _ = _lesion_task_on_flat((8, 1, 64, 64), 3, (0.2, 0.2), 0.0, radius)
         return float(((anomalous - images).abs() > 0.01).float().mean())
 
     # Half-axes of 2-4 % of the side against 30-35 %: the large blobs cover far more.
@@ -233,28 +232,15 @@ def test_the_training_config_sets_how_large_the_lesion_task_blobs_are():
 def test_the_blob_size_is_recorded_with_the_model_replayed_by_fine_tuning_and_checked(
     monkeypatch,
 ):
-    import napari_anomaly.training as training
+    from napari_anomaly.training import AdaptConfig, adapt
 
     model = _tiny_model(lesion_task_radius=(0.1, 0.3))
     assert model.metadata["training"]["config"]["lesion_task_radius"] == [0.1, 0.3]
-    radii = []
-    mix = training._mix_lesion_task
-
-    def recording(*args, **kwargs):
-        radii.append(tuple(args[8]) if len(args) > 8 else kwargs.get("radius"))
-        return mix(*args, **kwargs)
-
-    monkeypatch.setattr(training, "_mix_lesion_task", recording)
-    mask = np.zeros((48, 48), bool)
-    mask[20:26, 20:26] = True
-    run_to_end(
-        training.finetune(
-            model, [_phantoms()[0]], [mask], training.FinetuneConfig(steps=2, device="cpu")
-        )
-    )
+    radii = _record_lesion_task_setting(monkeypatch, 8, "radius")
+    _finetune_briefly(model)
     assert radii and set(radii) == {(0.1, 0.3)}
     radii.clear()
-    run_to_end(training.adapt(model, _phantoms(), training.AdaptConfig(steps=2, device="cpu")))
+    run_to_end(adapt(model, _phantoms(), AdaptConfig(steps=2, device="cpu")))
     assert radii and set(radii) == {(0.1, 0.3)}
     for bad in [(0.3, 0.1), (0.0, 0.2), (0.1, 0.6)]:
         with pytest.raises(ValueError, match="lesion_task_radius"):
