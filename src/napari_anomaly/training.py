@@ -1130,6 +1130,20 @@ def _distributed_record(processes: int, device: torch.device, config: TrainConfi
     }
 
 
+#: Prefixes of the ``TrainConfig`` settings of the synthetic tasks beside P-PII.
+_TASK_SETTINGS = ("lesion_task_", "deformation_task_")
+
+
+def _parent_tasks(localiser: Localiser) -> TrainConfig:
+    """The parent's other synthetic tasks, to replay as it was trained with them: its
+    stored ``lesion_task_*`` and ``deformation_task_*`` settings (checked when the file was
+    loaded), the defaults (no other task) where its record has none."""
+    stored = (localiser.metadata.get("training") or {}).get("config") or {}
+    return config_from_dict(
+        TrainConfig, {k: v for k, v in stored.items() if k.startswith(_TASK_SETTINGS)}
+    )
+
+
 def _parent_settings(
     localiser: Localiser, config: AdaptConfig
 ) -> tuple[TrainConfig, SynthesisConfig, AugmentConfig]:
@@ -1558,19 +1572,7 @@ def finetune(
             min_foreground_fraction=0.05,
             plane_axes=held_axes,
         )
-    parent_config = (localiser.metadata.get("training") or {}).get("config") or {}
-    # The parent's other synthetic tasks, replayed as it was trained with them.
-    tasks = TrainConfig(
-        lesion_task_probability=float(parent_config.get("lesion_task_probability", 0.0)),
-        lesion_task_delta=tuple(
-            parent_config.get("lesion_task_delta", TrainConfig.lesion_task_delta)
-        ),
-        lesion_task_level=float(parent_config.get("lesion_task_level", 0.0)),
-        lesion_task_radius=tuple(
-            parent_config.get("lesion_task_radius", TrainConfig.lesion_task_radius)
-        ),
-        deformation_task_probability=float(parent_config.get("deformation_task_probability", 0.0)),
-    )
+    tasks = _parent_tasks(localiser)
     sampler = PatchSampler(
         prepared,
         foregrounds,
