@@ -32,6 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.share <= 1:
         parser.error(f"--share must lie in [0, 1], got {args.share}")
+    if args.out.suffix != ".safetensors":
+        parser.error(f"{args.out}: model files end in .safetensors")
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"{args.out} exists; pass --overwrite to replace it")
     try:
         start, end = Localiser.load(args.start), Localiser.load(args.end)
     except (OSError, ValueError) as error:
@@ -39,7 +43,7 @@ def main() -> None:
     if start.network.config.members != 1 or end.network.config.members != 1:
         parser.error("both models must hold a single network, not an ensemble")
     metadata = copy.deepcopy(end.metadata)
-    for key in ("calibration", "recommended_threshold"):
+    for key in ("calibration", "recommended_threshold", "created"):
         metadata.pop(key, None)
     metadata.update(
         name=args.name or args.out.stem,
