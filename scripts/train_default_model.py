@@ -37,6 +37,7 @@ from napari_anomaly.evaluation.clinical import LEFT_RIGHT_AXIS, AcquisitionConfi
 from napari_anomaly.io import atomic_write_text, read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import NetworkConfig
+from napari_anomaly.synthesis.lesions import RADIUS_DRAWS
 from napari_anomaly.training import AdaptConfig, TrainConfig, adapt, train
 
 
@@ -168,6 +169,12 @@ def main() -> None:
         "fractions of the patch side (default 0.02 0.15, or the parent's with --continue-from)",
     )
     parser.add_argument(
+        "--lesion-radius-draw",
+        choices=RADIUS_DRAWS,
+        help="TrainConfig.lesion_task_radius_draw: how the blob half-axes are drawn from "
+        "their range (default uniform, or the parent's with --continue-from)",
+    )
+    parser.add_argument(
         "--deformation-task",
         type=float,
         help="TrainConfig.deformation_task_probability: share of the samples warped by a sink "
@@ -295,6 +302,11 @@ def main() -> None:
             deformation_task_probability=args.deformation_task or 0.0,
             **({"lesion_task_delta": tuple(args.lesion_delta)} if args.lesion_delta else {}),
             **({"lesion_task_radius": tuple(args.lesion_radius)} if args.lesion_radius else {}),
+            **(
+                {"lesion_task_radius_draw": args.lesion_radius_draw}
+                if args.lesion_radius_draw
+                else {}
+            ),
         )
     description = ", ".join(train_names)
     if low_resolution_3d:
@@ -317,6 +329,8 @@ def main() -> None:
             stored["config"]["lesion_task_level"] = args.lesion_level
         if args.lesion_radius:
             stored["config"]["lesion_task_radius"] = list(args.lesion_radius)
+        if args.lesion_radius_draw:
+            stored["config"]["lesion_task_radius_draw"] = args.lesion_radius_draw
         if args.deformation_task is not None:
             stored["config"]["deformation_task_probability"] = args.deformation_task
         if args.deform is not None:

@@ -245,3 +245,39 @@ def test_the_blob_size_is_recorded_with_the_model_replayed_by_fine_tuning_and_ch
     for bad in [(0.3, 0.1), (0.0, 0.2), (0.1, 0.6)]:
         with pytest.raises(ValueError, match="lesion_task_radius"):
             TrainConfig(lesion_task_radius=bad)
+
+
+def test_a_log_uniform_draw_makes_more_of_the_lesion_task_blobs_nodule_sized():
+    from napari_anomaly.synthesis.lesions import random_ellipse
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(128, dtype=torch.float32)] * 2, indexing="ij"))
+    centre = torch.tensor([[64, 64]])
+
+    def nodule_sized_share(draw: str) -> float:
+        # Blobs no larger than a disc of radius 0.04 of the side (5 voxels of 128):
+        # a nodule's 2-5 mm radius on a 128-voxel patch at 1 mm.
+        generator = torch.Generator().manual_seed(0)
+        areas = [
+            int((random_ellipse(grid, centre, (0.02, 0.15), 1.5, generator, draw)[1] <= 1).sum())
+            for _ in range(400)
+        ]
+        return sum(area <= 3.1416 * 5.12**2 for area in areas) / len(areas)
+
+    uniform, log_uniform = nodule_sized_share("uniform"), nodule_sized_share("log-uniform")
+    # About 5 % and 22 % of the blobs (2,000 draws).
+    assert uniform < 0.1 and log_uniform > 0.15
+    assert log_uniform > 3 * uniform
+
+
+def test_the_blob_size_draw_is_recorded_with_the_model_replayed_and_checked(monkeypatch):
+    from napari_anomaly.training import AdaptConfig, adapt
+
+    # The default draw is the one every earlier model was trained with.
+    assert TrainConfig.lesion_task_radius_draw == "uniform"
+    model = _tiny_model(lesion_task_radius_draw="log-uniform")
+    assert model.metadata["training"]["config"]["lesion_task_radius_draw"] == "log-uniform"
+    draws = _record_lesion_task_setting(monkeypatch, 9, "radius_draw")
+    run_to_end(adapt(model, _phantoms(), AdaptConfig(steps=2, device="cpu")))
+    assert draws and set(draws) == {"log-uniform"}
+    with pytest.raises(ValueError, match="lesion_task_radius_draw"):
+        TrainConfig(lesion_task_radius_draw="normal")

@@ -77,7 +77,7 @@ from napari_anomaly.preprocess import PreprocessConfig, preprocess
 from napari_anomaly.progress import Job, Progress
 from napari_anomaly.synthesis import SynthesisConfig, synthesise
 from napari_anomaly.synthesis.deformations import DeformationTaskConfig, synthesise_deformations
-from napari_anomaly.synthesis.lesions import LesionTaskConfig, synthesise_lesions
+from napari_anomaly.synthesis.lesions import RADIUS_DRAWS, LesionTaskConfig, synthesise_lesions
 from napari_anomaly.synthesis.transplant import check_scale, collect_donors, transplant
 
 __all__ = ["AdaptConfig", "FinetuneConfig", "TrainConfig", "adapt", "finetune", "train"]
@@ -147,6 +147,11 @@ class TrainConfig:
         128-voxel patch; the oedema around a mass spreads 1.5-2.5 times the
         tumour's radius of 6-15 mm (:mod:`napari_anomaly.evaluation.clinical`),
         up to about 0.3 of a patch at 1 mm.
+    lesion_task_radius_draw
+        How those half-axes are drawn from their range
+        (``LesionTaskConfig.radius_draw``): ``"uniform"`` (the default) or
+        ``"log-uniform"``, which gives small, nodule-sized blobs about six times
+        as often at the default range.
     deformation_task_probability
         Share of the training samples that get the sink/source deformation task
         (:mod:`napari_anomaly.synthesis.deformations`) instead of either task
@@ -176,6 +181,7 @@ class TrainConfig:
     lesion_task_delta: tuple[float, float] = (0.08, 0.45)
     lesion_task_level: float = 0.0
     lesion_task_radius: tuple[float, float] = LesionTaskConfig.radius
+    lesion_task_radius_draw: str = LesionTaskConfig.radius_draw
     deformation_task_probability: float = 0.0
     validation_every: int = 250
     validation_batches: int = 2
@@ -239,6 +245,11 @@ class TrainConfig:
             raise ValueError(
                 f"lesion_task_radius must be a range 0 < low <= high <= 0.5, got "
                 f"{self.lesion_task_radius}"
+            )
+        if self.lesion_task_radius_draw not in RADIUS_DRAWS:
+            raise ValueError(
+                f"lesion_task_radius_draw must be one of {', '.join(RADIUS_DRAWS)}, got "
+                f"{self.lesion_task_radius_draw!r}"
             )
         if self.patch_size < 16 or self.patch_size % 8:
             raise ValueError(f"patch_size must be a multiple of 8 and >= 16, got {self.patch_size}")
@@ -747,6 +758,7 @@ def _mix_lesion_task(
     delta: tuple[float, float] = TrainConfig.lesion_task_delta,
     level: float = 0.0,
     radius: tuple[float, float] = TrainConfig.lesion_task_radius,
+    radius_draw: str = TrainConfig.lesion_task_radius_draw,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give a random share of the batch the lesion-like intensity task instead of P-PII."""
     task = LesionTaskConfig(
@@ -754,6 +766,7 @@ def _mix_lesion_task(
         delta=tuple(delta),
         level_probability=level,
         radius=tuple(radius),
+        radius_draw=radius_draw,
     )
     return _mix_task(
         batch,
@@ -809,6 +822,7 @@ def _mix_other_tasks(
             tasks.lesion_task_delta,
             tasks.lesion_task_level,
             tasks.lesion_task_radius,
+            tasks.lesion_task_radius_draw,
         )
     if tasks.deformation_task_probability > 0:
         current = _mix_deformation_task(
