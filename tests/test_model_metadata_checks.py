@@ -99,6 +99,12 @@ CASES = [
     ("training.config.scale_range", [0.0, 1e9], "training.config", "scale_range"),
     ("training.config.batch_size", 10**9, "training.config", "batch_size"),
     ("training.config.steps", -5, "training.config", "steps"),
+    (
+        "training.config.lesion_task_radius_draw",
+        "gaussian",
+        "training.config",
+        "lesion_task_radius_draw",
+    ),
     ("training.augmentation.thick_slice_sigma", [0.8, 1e6], "training.augmentation", "sigma"),
     ("preprocess.nbins", 10**9, "preprocess", "nbins"),
     ("training.config.learning_rate", math.nan, "training.config", "learning_rate"),
