@@ -344,8 +344,7 @@ def main() -> None:
             seed=args.seed,
         )
         localiser = _run_printing(adapt(parent, images, config, image_names=None), log)
-        localiser.metadata["name"] = args.out.stem
-        print(f"wrote {args.out} sha256={localiser.save(args.out, overwrite=args.overwrite)}")
+        _save(localiser, args, log, started)
         return
     if args.minutes:
         config = replace(config, steps=_steps_for(args.minutes, images, config, validation))
@@ -369,7 +368,12 @@ def main() -> None:
         ),
         data_description=description,
     )
-    localiser = _run_printing(job, log)
+    _save(_run_printing(job, log), args, log, started)
+
+
+def _save(localiser: Localiser, args, log: list, started: float) -> None:
+    """Write the trained model and, beside it, its training log (``<out>.training.json``),
+    for a fresh training and for ``--continue-from`` alike."""
     localiser.metadata["training"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     localiser.metadata["name"] = args.out.stem
     sha = localiser.save(args.out, overwrite=args.overwrite)
