@@ -1,13 +1,22 @@
 """The default model's training script: its data preparation (napari_anomaly.evaluation.anatomy)
 and what it writes."""
 
+import json
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import TINY_NETWORK_2D, phantom
 
 from napari_anomaly.evaluation import anatomy
 from napari_anomaly.io import write_image
 from napari_anomaly.io.images import Geometry
+from napari_anomaly.localiser import Localiser
+from napari_anomaly.progress import run_to_end
+from napari_anomaly.training import TrainConfig, train
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
 
 
 def _head_with_brain_labels(data: Path) -> tuple[Path, np.ndarray]:
@@ -49,33 +58,17 @@ def test_without_the_option_or_a_label_map_no_copy_is_made(tmp_path):
 def test_continuing_a_training_writes_its_log_beside_the_model(tmp_path, monkeypatch, capsys):
     # scripts/train_default_model.py --continue-from: the child model and, as for a fresh
     # training, <out>.training.json with the steps' metrics.
-    import json
-    import runpy
-    import sys
-
-    from conftest import TINY_NETWORK_2D, phantom
-
-    from napari_anomaly.localiser import Localiser
-    from napari_anomaly.progress import run_to_end
-    from napari_anomaly.training import TrainConfig, train
-
     images = [phantom((48, 48), seed).astype(np.float32) for seed in (1, 2)]
     config = TrainConfig(steps=1, batch_size=2, patch_size=32, device="cpu")
-    run_to_end(train(images, config, network=TINY_NETWORK_2D)).save(tmp_path / "parent.safetensors")
+    parent = tmp_path / "parent.safetensors"
+    run_to_end(train(images, config, network=TINY_NETWORK_2D)).save(parent)
     arrays = tmp_path / "arrays.npz"
     np.savez(arrays, train_0=images[0], train_1=images[1], train_names=np.array(["a", "b"]))
     out = tmp_path / "child.safetensors"
-    script = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
-    argv = [
-        str(script),
-        "--arrays",
-        str(arrays),
-        "--continue-from",
-        str(tmp_path / "parent.safetensors"),
-    ]
-    argv += ["--steps", "50", "--batch-size", "2", "--device", "cpu", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(script), run_name="__main__")
+    paths = ["--arrays", str(arrays), "--continue-from", str(parent), "--out", str(out)]
+    options = ["--steps", "50", "--batch-size", "2", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *paths, *options])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
 
     child = Localiser.load(out)
     assert child.metadata["parent_name"] == "parent"
