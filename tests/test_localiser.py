@@ -76,6 +76,20 @@ def test_the_bundled_default_model_loads():
     assert model.metadata["training"]["steps"] >= 1000
 
 
+def test_the_bundled_default_model_is_calibrated_and_names_every_network():
+    """What a reviewer relies on without asking: a calibrated score and threshold, the size
+    of the bodies the domain check compares with, and a record of each network averaged."""
+    model = Localiser.load(default_model_path())
+    metadata = model.metadata
+    assert 0.2 < metadata["recommended_threshold"] < 0.9
+    assert metadata["calibration"]["max_false_regions"] > 0
+    assert metadata["domain"]["extent_mm"] > 100
+    assert metadata["postprocess"]["outside_brain_weight"] < 1
+    members = metadata["ensemble_of"]
+    assert len(members) == model.network.config.members
+    assert all(len(member["sha256"]) == 64 and member["name"] for member in members)
+
+
 def _member(seed: int, name: str) -> Localiser:
     torch.manual_seed(seed)
     return Localiser(
