@@ -89,8 +89,8 @@ def main() -> None:
     for name in ("mirrored", "mirrored anomaly", "mirrored mask"):
         viewer.layers[name].visible = False
     widget.image_layer.value = "sample_scan"
-    widget.finetune(steps=args.finetune_steps, wait=True)
-    widget.wait()
+    widget.finetune(steps=args.finetune_steps)
+    widget.wait(timeout=3600)  # the bundled four networks: over ten minutes on a CPU
     if widget.last_error:
         raise SystemExit(widget.last_error)
     widget.select_region(0)
