@@ -93,6 +93,13 @@ def main() -> None:
         help="an ensemble's loss: every member's own, or only their average's",
     )
     parser.add_argument(
+        "--member-tasks",
+        choices=["parent", "own"],
+        default=AdaptConfig.member_tasks,
+        help="which synthetic tasks an ensemble's networks continue: the first network's "
+        "(the parent's training record) or each network's own (AdaptConfig.member_tasks)",
+    )
+    parser.add_argument(
         "--venous-sinuses",
         action="store_true",
         help="T1 with contrast shows the dural venous sinuses and their pulsation ghosts "
@@ -151,7 +158,11 @@ def main() -> None:
             parent,
             [c.image for c in site],
             AdaptConfig(
-                steps=args.steps, device="cpu", seed=args.seed, member_loss=args.member_loss
+                steps=args.steps,
+                device="cpu",
+                seed=args.seed,
+                member_loss=args.member_loss,
+                member_tasks=args.member_tasks,
             ),
             image_names=[f"site scan {k} ({c.family})" for k, c in enumerate(site)],
             spacings=[tuple(c.spacing) for c in site],
@@ -167,6 +178,7 @@ def main() -> None:
         "site_scans": [c.family for c in site],
         "steps": args.steps,
         "member_loss": args.member_loss,
+        "member_tasks": args.member_tasks,
         "threshold_before": parent.recommended_threshold,
         "threshold_after": child.recommended_threshold,
         "before": before,

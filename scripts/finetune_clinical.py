@@ -246,6 +246,14 @@ def main() -> None:
         default=[FinetuneConfig.member_loss],
         help="an ensemble's loss: every member's own, or only their average's",
     )
+    parser.add_argument(
+        "--member-tasks",
+        nargs="+",
+        choices=["parent", "own"],
+        default=[FinetuneConfig.member_tasks],
+        help="which synthetic tasks an ensemble's networks replay: the first network's "
+        "(the parent's training record) or each network's own (FinetuneConfig.member_tasks)",
+    )
     grid("--finetune-seeds", "seed", int)
     parser.add_argument(
         "--far-weights",
@@ -363,6 +371,7 @@ def main() -> None:
         args.far_weights,
         args.held_transplant_shares,
         args.moved_surroundings,
+        args.member_tasks,
     )
     near = widen(corrected.lesion_mask, tuple(corrected.spacing), args.near_mm)
     for (
@@ -379,6 +388,7 @@ def main() -> None:
         far,
         held_share,
         surroundings,
+        member_tasks,
     ) in grid:
         config = replace(
             FinetuneConfig(),
@@ -397,6 +407,7 @@ def main() -> None:
             member_loss=member_loss,
             held_transplant_share=held_share,
             moved_lesion_surroundings=surroundings,
+            member_tasks=member_tasks,
             carry_calibration=False,
         )
         fine_tuned = run_to_end(
@@ -446,6 +457,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "finetune_seed": finetune_seed,
                 "member_loss": member_loss,
+                "member_tasks": member_tasks,
                 "far_weight": far,
                 "held_transplant_share": held_share,
                 "moved_lesion_surroundings": chosen["moved_lesion_surroundings"],

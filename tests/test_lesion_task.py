@@ -202,12 +202,13 @@ def _record_lesion_task_setting(monkeypatch, position: int, name: str) -> list:
     return seen
 
 
-def _finetune_briefly(model) -> None:
+def _finetune_briefly(model, **settings) -> None:
     from napari_anomaly.training import FinetuneConfig, finetune
 
     mask = np.zeros((48, 48), bool)
     mask[20:26, 20:26] = True
-    run_to_end(finetune(model, [_phantoms()[0]], [mask], FinetuneConfig(steps=2, device="cpu")))
+    config = FinetuneConfig(steps=2, device="cpu", **settings)
+    run_to_end(finetune(model, [_phantoms()[0]], [mask], config))
 
 
 def test_the_level_share_is_recorded_with_the_model_and_replayed_by_fine_tuning(monkeypatch):
@@ -281,3 +282,55 @@ def test_the_blob_size_draw_is_recorded_with_the_model_replayed_and_checked(monk
     assert draws and set(draws) == {"log-uniform"}
     with pytest.raises(ValueError, match="lesion_task_radius_draw"):
         TrainConfig(lesion_task_radius_draw="normal")
+
+
+def test_an_ensembles_networks_replay_their_own_blobs_when_asked_and_adapt_with_them(
+    monkeypatch,
+):
+    """An ensemble keeps only its first network's training record at the top. Fine-tuning
+    replays that record's lesion task to every network unless asked for each one's own
+    (``member_tasks="own"``); adaptation continues each network's own training."""
+    from napari_anomaly.localiser import ensemble
+    from napari_anomaly.model import AnomalyNet
+    from napari_anomaly.training import AdaptConfig, FinetuneConfig, adapt
+
+    uniform = _tiny_model()
+    log_uniform = _tiny_model(lesion_task_radius_draw="log-uniform")
+    inputs = []
+    forward = AnomalyNet.forward
+
+    def recording(self, image, each_member=False):
+        if image.dim() == 5:  # one batch per network in front (2D patches)
+            inputs.append(image.detach().clone())
+        return forward(self, image, each_member)
+
+    monkeypatch.setattr(AnomalyNet, "forward", recording)
+    draws = _record_lesion_task_setting(monkeypatch, 9, "radius_draw")
+    mixed = ensemble([uniform, log_uniform], name="mixed")
+
+    assert FinetuneConfig.member_tasks == "parent"
+    _finetune_briefly(mixed)
+    assert set(draws) == {"uniform"} and not inputs
+
+    draws.clear()
+    _finetune_briefly(mixed, member_tasks="own")
+    assert set(draws) == {"uniform", "log-uniform"}
+    # One batch per network: the same patches, each given the blobs of its own task.
+    assert inputs and all(batch.shape[0] == 2 for batch in inputs)
+    assert any(not torch.equal(batch[0], batch[1]) for batch in inputs)
+
+    # Networks trained alike share one replayed batch, as a single network does.
+    inputs.clear()
+    draws.clear()
+    _finetune_briefly(ensemble([uniform, _tiny_model()], name="alike"), member_tasks="own")
+    assert set(draws) == {"uniform"} and not inputs
+
+    # Adapting continues the first network's tasks, or each network's own when asked.
+    draws.clear()
+    run_to_end(adapt(mixed, _phantoms(), AdaptConfig(steps=2, device="cpu")))
+    assert set(draws) == {"uniform"} and not inputs
+    run_to_end(adapt(mixed, _phantoms(), AdaptConfig(steps=2, device="cpu", member_tasks="own")))
+    assert set(draws) == {"uniform", "log-uniform"} and inputs
+    for settings in (FinetuneConfig, AdaptConfig):
+        with pytest.raises(ValueError, match="member_tasks"):
+            settings(member_tasks="first")

@@ -275,7 +275,9 @@ def ensemble(members: list[Localiser], name: str | None = None) -> Localiser:
     post-processing) without its score calibration or threshold, which no
     longer fit: calibrate it on normal scans (``napari-anomaly calibrate``)
     before use. ``metadata["ensemble_of"]`` names each member (name, sha256,
-    training record).
+    training record); fine-tuning and adaptation read each member's synthetic
+    tasks from there, so that every network continues the tasks it was trained
+    with.
 
     Raises
     ------

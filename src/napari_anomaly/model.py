@@ -227,9 +227,18 @@ class AnomalyNet(nn.Module):
     def forward(self, image: torch.Tensor, each_member: bool = False) -> torch.Tensor:
         """Output logits; with ``each_member``, every member's own, stacked
         ``(members, B, 2, *spatial)`` (one member for a single network), so
-        that each can be trained on its own loss (:func:`members_loss`)."""
+        that each can be trained on its own loss (:func:`members_loss`). With
+        ``each_member``, ``image`` may also hold one batch per member in front,
+        ``(members, B, 1, *spatial)``: each member then runs on its own (as when
+        fine-tuning replays each member's own synthetic tasks)."""
         if each_member:
             nets = [self.unet] if self.config.members == 1 else list(self.members)
+            if image.dim() == self.config.spatial_dims + 3:
+                if image.shape[0] != len(nets):
+                    raise ValueError(
+                        f"need one batch per member ({len(nets)}), got {image.shape[0]}"
+                    )
+                return torch.stack([net(batch) for net, batch in zip(nets, image)])
             return torch.stack([net(image) for net in nets])
         if self.config.members == 1:
             return self.unet(image)
@@ -298,11 +307,25 @@ def members_loss(
     ``member_logits`` is ``AnomalyNet(..., each_member=True)``'s output. Each
     member is pulled towards the labels by itself, as when the members were
     trained, instead of only their average being pulled (where a member can
-    move far to make up for another).
+    move far to make up for another). ``label``, ``label_std`` and
+    ``voxel_weight`` are shared by every member, or hold one per member in
+    front (``(members, B, 1, *spatial)``, as :class:`AnomalyNet` takes one input per
+    member).
     """
+
+    def of_member(values: torch.Tensor | None, index: int) -> torch.Tensor | None:
+        per_member = values is not None and values.dim() == member_logits.dim()
+        return values[index] if per_member else values
+
     losses, parts = [], []
-    for logits in member_logits:
-        loss, part = anomaly_loss(logits, label, label_std, confidence_weight, voxel_weight)
+    for index, logits in enumerate(member_logits):
+        loss, part = anomaly_loss(
+            logits,
+            of_member(label, index),
+            of_member(label_std, index),
+            confidence_weight,
+            of_member(voxel_weight, index),
+        )
         losses.append(loss)
         parts.append(part)
     mean_parts = {key: sum(p[key] for p in parts) / len(parts) for key in parts[0]}

@@ -265,6 +265,10 @@ class TrainConfig:
 #: How an ensemble's members learn (``FinetuneConfig.member_loss``, ``AdaptConfig.member_loss``).
 MEMBER_LOSSES = ("each", "average")
 
+#: Whose synthetic tasks an ensemble's networks rehearse when fine-tuned or adapted
+#: (``FinetuneConfig.member_tasks``, ``AdaptConfig.member_tasks``).
+MEMBER_TASKS = ("parent", "own")
+
 
 #: What a patch with a moved lesion teaches about the tissue around the lesion
 #: (``FinetuneConfig.moved_lesion_surroundings``).
@@ -280,6 +284,11 @@ THICK_SLICE_MM = 5.0
 #: moved lesion").
 THIN_SLICE_MOVED_LESIONS = (0.25, "taught")
 THICK_SLICE_MOVED_LESIONS = (0.5, "held")
+
+
+def _check_member_tasks(value: str) -> None:
+    if value not in MEMBER_TASKS:
+        raise ValueError(f"member_tasks must be one of {MEMBER_TASKS}, got {value!r}")
 
 
 def _check_member_loss(value: str) -> None:
@@ -435,6 +444,23 @@ class FinetuneConfig:
         measured head held, the nodules already gained with the whole change
         (+0.058; masses 1.49x) and 0.8 only cost transfer (1.41x), hence 1
         there (docs/evaluation.md).
+    member_tasks
+        Which lesion-like and deformation tasks the replayed patches of an
+        ensemble's networks show. An ensemble's top-level training record is its
+        first network's (:func:`napari_anomaly.localiser.ensemble`): ``"parent"``
+        replays those tasks to every network; ``"own"`` replays each network's
+        own, from its record in ``metadata["ensemble_of"]`` (with ``member_loss``
+        ``"each"``; the averaged output of ``"average"`` replays the parent's).
+        The networks of ``default_2d_v14`` differ: the first was trained with
+        stronger intensity changes (0.08-0.45), the last two with blobs drawn
+        log-uniformly. On the clinical yardstick (v14, a FLAIR mass correction on
+        one head measured on another's scans, 6-7 mm, two fine-tuning seeds)
+        ``"own"`` lifted the other masses more (2.43x and 2.26x against 2.15x
+        and 2.05x) but cost the periventricular spots more (-0.086 and -0.024
+        against -0.069 and -0.022 AP; the issue allows 0.02); a T1c mass
+        correction lifted the other masses alike (1.32x against 1.31x). Hence
+        ``"parent"`` (docs/evaluation.md). A single network, or an ensemble of
+        networks trained alike, replays the same either way.
     carry_calibration
         When the parent has a score calibration, carry it over to the new
         network by matching score quantiles on the unmarked parts of the
@@ -461,6 +487,7 @@ class FinetuneConfig:
     held_transplant_share: float = 0.0
     member_loss: Literal["each", "average"] = "each"
     weight_interpolation: float | None = None
+    member_tasks: Literal["parent", "own"] = "parent"
     carry_calibration: bool = True
     confidence_weight: float = 0.5
     device: str = "auto"
@@ -502,6 +529,7 @@ class FinetuneConfig:
                 f"of {self.batch_size}; lower it or raise batch_size"
             )
         _check_member_loss(self.member_loss)
+        _check_member_tasks(self.member_tasks)
         if self.moved_lesion_surroundings not in (None, *MOVED_LESION_SURROUNDINGS):
             raise ValueError(
                 f"moved_lesion_surroundings must be one of {MOVED_LESION_SURROUNDINGS}, "
@@ -536,6 +564,14 @@ class AdaptConfig:
         With ``default_2d_v7`` on a simulated T2 site, ``"each"`` lost less
         (mass AP -0.005 against -0.012) and left fewer regions on the site's
         normal scans (docs/evaluation.md).
+    member_tasks
+        For an ensemble trained with ``member_loss`` ``"each"``: every network
+        continues the lesion-like and deformation tasks of the parent's
+        top-level training record, its first network's (``"parent"``), or of
+        its own record in ``metadata["ensemble_of"]`` (``"own"``), as in
+        :class:`FinetuneConfig`. With ``default_2d_v14`` on a simulated T1c
+        site, ``"own"`` left 50 regions on the six test scans against 38, the
+        lesions' ranks and AP alike (docs/evaluation.md); hence ``"parent"``.
     device, amp, seed
         As in :class:`TrainConfig`.
     """
@@ -546,6 +582,7 @@ class AdaptConfig:
     weight_decay: float = 1e-4
     batch_size: int | None = None
     member_loss: Literal["each", "average"] = "each"
+    member_tasks: Literal["parent", "own"] = "parent"
     device: str = "auto"
     amp: bool = True
     seed: int = 0
@@ -560,6 +597,7 @@ class AdaptConfig:
         if not self.learning_rate > 0 or self.warmup_steps < 0:
             raise ValueError("learning_rate must be > 0 and warmup_steps >= 0")
         _check_member_loss(self.member_loss)
+        _check_member_tasks(self.member_tasks)
 
 
 def _learning_rate(step: int, config: TrainConfig) -> float:
@@ -870,6 +908,7 @@ def _ppii_steps(
     message: str = "training",
     run: DistributedRun | None = None,
     each_member: bool = False,
+    member_tasks: Sequence[TrainConfig] | None = None,
 ) -> Job[dict[str, float]]:
     """The P-PII optimisation loop of :func:`train` and :func:`adapt`.
 
@@ -887,8 +926,12 @@ def _ppii_steps(
     checkpoint (holding every rank's streams) while the others wait.
 
     With ``each_member``, every member of an ensemble is trained on its own loss
-    (:func:`napari_anomaly.model.members_loss`).
+    (:func:`napari_anomaly.model.members_loss`), and with ``member_tasks`` (one
+    ``TrainConfig`` per member) on its own lesion-like and deformation tasks
+    (:func:`_mix_member_tasks`); otherwise every member gets ``config``'s.
     """
+    if not each_member or member_tasks is None:
+        member_tasks = [config]
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -919,9 +962,9 @@ def _ppii_steps(
         batch, foreground = sampler.sample(config.batch_size, rng)
         batch, foreground = batch.to(device), foreground.to(device)
         batch, foreground = augment_batch(batch, foreground, augmentation, generator)
-        anomalous, label, label_std = synthesise(batch, synthesis, rng, foreground)
-        anomalous, label, label_std = _mix_other_tasks(
-            batch, foreground, (anomalous, label, label_std), config, synthesis, generator
+        ppii = synthesise(batch, synthesis, rng, foreground)
+        anomalous, label, label_std = _mix_member_tasks(
+            batch, foreground, ppii, member_tasks, synthesis, generator
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -1152,10 +1195,76 @@ def _parent_tasks(localiser: Localiser) -> TrainConfig:
     """The parent's other synthetic tasks, to replay as it was trained with them: its
     stored ``lesion_task_*`` and ``deformation_task_*`` settings (checked when the file was
     loaded), the defaults (no other task) where its record has none."""
-    stored = (localiser.metadata.get("training") or {}).get("config") or {}
+    return _tasks_of((localiser.metadata.get("training") or {}).get("config"))
+
+
+def _tasks_of(stored: dict | None) -> TrainConfig:
+    """The other-task settings of a stored training config (the defaults where it has none)."""
     return config_from_dict(
-        TrainConfig, {k: v for k, v in stored.items() if k.startswith(_TASK_SETTINGS)}
+        TrainConfig, {k: v for k, v in (stored or {}).items() if k.startswith(_TASK_SETTINGS)}
     )
+
+
+def _member_tasks(localiser: Localiser) -> list[TrainConfig]:
+    """The other synthetic tasks each network of ``localiser`` was trained with, in the
+    networks' order: for an ensemble, each member's own, from its record in
+    ``metadata["ensemble_of"]`` (an ensemble keeps only its first member's training
+    record at the top, so the members of ``default_2d_v14`` differ from it: one was
+    trained with blobs drawn log-uniformly, another with subtler intensity changes);
+    the parent's (:func:`_parent_tasks`) for a single network and for any member whose
+    record has no training settings.
+
+    Raises
+    ------
+    ValueError
+        A member's stored task settings cannot be read.
+    """
+    parent = _parent_tasks(localiser)
+    members = localiser.network.config.members
+    records = localiser.metadata.get("ensemble_of") or []
+    if members == 1 or len(records) != members:
+        return [parent] * members
+    tasks = []
+    for record in records:
+        stored = ((record or {}).get("training") or {}).get("config")
+        try:
+            tasks.append(parent if stored is None else _tasks_of(stored))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"model {localiser.name}: the training settings of its member "
+                f"{record.get('name', '?')} cannot be read ({error})"
+            ) from error
+    return tasks
+
+
+def _mix_member_tasks(
+    normal: torch.Tensor,
+    free: torch.Tensor,
+    ppii: _Synthesised,
+    member_tasks: Sequence[TrainConfig],
+    synthesis: SynthesisConfig,
+    generator: torch.Generator,
+) -> _Synthesised:
+    """P-PII's samples (``ppii``) with each network's other tasks mixed in.
+
+    Where every network was trained with the same tasks, one batch as
+    :func:`_mix_other_tasks` makes it, ``(B, 1, *spatial)``. Otherwise one batch per
+    network, stacked in front, ``(members, B, 1, *spatial)``, for an
+    :class:`~napari_anomaly.model.AnomalyNet` called with ``each_member``: the same patches and
+    P-PII anomalies, each network's share given its own lesion-like and deformation
+    tasks (networks with the same settings share one draw).
+    """
+    distinct: list[TrainConfig] = []
+    for tasks in member_tasks:
+        if tasks not in distinct:
+            distinct.append(tasks)
+    mixed = [
+        _mix_other_tasks(normal, free, ppii, tasks, synthesis, generator) for tasks in distinct
+    ]
+    if len(mixed) == 1:
+        return mixed[0]
+    chosen = [mixed[distinct.index(tasks)] for tasks in member_tasks]
+    return tuple(torch.stack([batch[part] for batch in chosen]) for part in range(3))
 
 
 def _parent_settings(
@@ -1274,6 +1383,8 @@ def adapt(
         raise ValueError(f"{len(image_names)} image names for {len(images)} images")
     names = list(image_names) if image_names is not None else None
     settings, parent_synthesis, parent_augmentation = _parent_settings(localiser, config)
+    own = config.member_tasks == "own" and config.member_loss == "each"
+    member_tasks = _member_tasks(localiser) if own else None
     synthesis = parent_synthesis if synthesis is None else synthesis
     augmentation = parent_augmentation if augmentation is None else augmentation
     dims = localiser.spatial_dims
@@ -1306,6 +1417,7 @@ def adapt(
             message="adapting",
             run=run,
             each_member=config.member_loss == "each",
+            member_tasks=member_tasks,
         )
     model.eval()
 
@@ -1495,7 +1607,8 @@ def finetune(
         Settings of the replayed P-PII batches. Where the parent was trained with
         the lesion-like task or the deformation task too
         (``lesion_task_probability``, ``deformation_task_probability``), the
-        replay mixes them in the same way.
+        replay mixes them in the same way (an ensemble's networks: as
+        ``config.member_tasks`` says).
     spacings
         Voxel size (mm) per case. With them, a 2D model whose maps are made at
         a pixel size (``postprocess.in_plane_mm``) learns from the cases
@@ -1536,6 +1649,8 @@ def finetune(
             "fine-tuning runs in one process (a short run on a few corrected cases); "
             "start it without torchrun"
         )
+    own = config.member_tasks == "own" and config.member_loss == "each"
+    tasks = _member_tasks(localiser) if own else [_parent_tasks(localiser)]
     if len(images) != len(corrected_masks) or not images:
         raise ValueError("need one corrected mask per image, and at least one image")
     for index, (image, mask) in enumerate(zip(images, corrected_masks)):
@@ -1586,7 +1701,6 @@ def finetune(
             min_foreground_fraction=0.05,
             plane_axes=held_axes,
         )
-    tasks = _parent_tasks(localiser)
     sampler = PatchSampler(
         prepared,
         foregrounds,
@@ -1688,9 +1802,9 @@ def finetune(
             # placed on them, and they stay positives in the replayed labels
             # (otherwise replay would teach that the marked lesions are normal).
             free = foreground.to(device) & (marked < 0.5)
-            anomalous, label, label_std = synthesise(normal.to(device), synthesis, rng, free)
-            anomalous, label, label_std = _mix_other_tasks(
-                normal.to(device), free, (anomalous, label, label_std), tasks, synthesis, generator
+            ppii = synthesise(normal.to(device), synthesis, rng, free)
+            anomalous, label, label_std = _mix_member_tasks(
+                normal.to(device), free, ppii, tasks, synthesis, generator
             )
             logits = model(anomalous, **forward)
             replay_loss, replay_parts = loss_of(
