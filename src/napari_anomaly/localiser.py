@@ -276,8 +276,8 @@ def ensemble(members: list[Localiser], name: str | None = None) -> Localiser:
     longer fit: calibrate it on normal scans (``napari-anomaly calibrate``)
     before use. ``metadata["ensemble_of"]`` names each member (name, sha256,
     training record); fine-tuning and adaptation read each member's synthetic
-    tasks from there, so that every network continues the tasks it was trained
-    with.
+    tasks from there when asked (``member_tasks="own"``), and the first
+    member's otherwise.
 
     Raises
     ------
