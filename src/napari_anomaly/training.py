@@ -1209,8 +1209,9 @@ def _member_tasks(localiser: Localiser) -> list[TrainConfig]:
     """The other synthetic tasks each network of ``localiser`` was trained with, in the
     networks' order: for an ensemble, each member's own, from its record in
     ``metadata["ensemble_of"]`` (an ensemble keeps only its first member's training
-    record at the top, so the members of ``default_2d_v14`` differ from it: one was
-    trained with blobs drawn log-uniformly, another with subtler intensity changes);
+    record at the top, and three of the four networks of ``default_2d_v14`` differ
+    from it: two were trained with blobs drawn log-uniformly, all three with subtler
+    intensity changes);
     the parent's (:func:`_parent_tasks`) for a single network and for any member whose
     record has no training settings.
 
