@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_anomaly.brain import landed
-from napari_anomaly.calibration import PostprocessConfig
+from napari_anomaly.calibration import PostprocessConfig, ScoreCalibration
 from napari_anomaly.evaluation.anatomy import (
     HELD_OUT_SUBJECTS,
     calibration_scans,
@@ -89,6 +89,65 @@ def _weighed(brain, record):
     """The brain to weigh ``record``'s map by: the one found, or where it did not land on
     the scan (``brain.landed``, as in ``localise``) the whole scan, which weighs nothing."""
     return brain if landed(brain, record.foreground, record.spacing) else np.ones_like(brain)
+
+
+def _variant_post(
+    smooth: float, edge: float, asym: float, ends: float, outside: float, margin: float
+) -> PostprocessConfig:
+    """One variant's post-processing of the maps (the planes' pixel sizes are the predictor's)."""
+    return PostprocessConfig(
+        smooth_mm=smooth,
+        edge_margin_mm=edge,
+        asymmetry_weight=asym,
+        end_plane_weight=ends,
+        outside_brain_weight=outside,
+        outside_brain_margin_mm=margin,
+    )
+
+
+def _is_shipped(post: PostprocessConfig, info: dict, own: PostprocessConfig) -> bool:
+    """Whether a variant (``post``) of a predictor (``info``) is the model's own
+    post-processing (``own``), as ``napari-anomaly localise`` runs it."""
+    with_planes = dataclasses.replace(
+        post,
+        in_plane_mm=info.get("in_plane_mm", 0.0),
+        extra_in_plane_mm=tuple(info.get("extra_in_plane_mm", ())),
+    )
+    return not info.get("flips") and with_planes == own
+
+
+def _shipped_settings(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> dict[str, tuple[ScoreCalibration, float, PostprocessConfig]]:
+    """Per model file (as its path is written in the report), its own score calibration,
+    threshold and post-processing for ``--as-shipped``; a parser error, before any work,
+    for a model without them or one that no variant of the command runs as shipped."""
+    shipped = {}
+    for path in args.models:
+        model = Localiser.load(path)
+        score, threshold = model.score_calibration, model.recommended_threshold
+        if score is None or "recommended_threshold" not in model.metadata:
+            parser.error(f"{path}: --as-shipped needs a calibrated model with a threshold")
+        own = model.postprocess
+        posts = itertools.product(
+            args.smooth_mm,
+            args.edge_mm,
+            args.asymmetry_weight,
+            args.end_plane_weight,
+            args.outside_brain_weight,
+            args.outside_brain_margin_mm,
+        )
+        planes = [
+            {"in_plane_mm": p, "extra_in_plane_mm": args.extra_in_plane_mm}
+            for p in args.in_plane_mm
+        ]
+        if not any(_is_shipped(_variant_post(*v), i, own) for v in posts for i in planes):
+            parser.error(
+                f"{path}: --as-shipped needs one variant with the model's own post-processing "
+                f"({own.to_dict()})"
+            )
+        shipped[str(path)] = (score, float(threshold), own)
+    return shipped
 
 
 def main() -> None:
@@ -242,6 +301,13 @@ def main() -> None:
         "lower threshold its case would start at in the review step (ReviewConfig.min_regions; "
         "default 0: the calibrated threshold for every scan)",
     )
+    parser.add_argument(
+        "--as-shipped",
+        action="store_true",
+        help="also triage each variant whose post-processing is the model's own at the model "
+        "file's own score calibration and threshold, as napari-anomaly localise reads a scan "
+        "(name suffix _shipped), beside the yardstick's calibration on its normal scans",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument(
         "--brain-only",
@@ -260,6 +326,7 @@ def main() -> None:
     if weighs_brain and args.slice_orientation != "axial":
         parser.error("--outside-brain-weight below 1 needs axial stacks")
 
+    shipped = _shipped_settings(parser, args) if args.as_shipped else {}
     started = time.perf_counter()
     acquisition = AcquisitionConfig(
         head_turn_degrees=tuple(args.head_turn),
@@ -412,42 +479,41 @@ def main() -> None:
             args.outside_brain_weight,
             args.outside_brain_margin_mm,
         ):
-            post = PostprocessConfig(
-                smooth_mm=smooth,
-                edge_margin_mm=edge,
-                asymmetry_weight=asym,
-                end_plane_weight=ends,
-                outside_brain_weight=outside,
-                outside_brain_margin_mm=margin,
-            )
-            result = score_variant(
-                cal,
-                records,
-                post,
-                max_false_regions=budget,
-                min_region_mm=args.min_region_mm,
-                rank_by=rank,
-                min_regions=fewest,
-            )
+            post = _variant_post(smooth, edge, asym, ends, outside, margin)
             key = (
                 f"smooth{smooth:g}_edge{edge:g}_asym{asym:g}_{rank}_k{budget:g}"
                 + (f"_ends{ends:g}" if ends < 1 else "")
                 + (f"_min{fewest}" if fewest else "")
                 + (f"_brain{outside:g}+{margin:g}mm" if outside < 1 else "")
             )
-            variants[key] = result
-            o = result["overall"]
-            print(
-                f"{name:>24} {key:>24}: mean AP {o['mean_ap_over_families']}, "
-                f"AP/prevalence {o['mean_ap_over_prevalence']}, lesions in top 5 "
-                f"{o['lesions_in_top_5']}/{o['lesions']} (of at least the smallest region "
-                f"{o['sizable_lesions_in_top_5']}/{o['sizable_lesions']}), "
-                f"scans with a lesion in top 5 "
-                f"{o['scans_with_lesion_in_top_5']}/{o['scans_with_lesions']}, "
-                f"regions/normal-ish scan median {o['regions_per_scan_median']}, "
-                f"threshold {result['threshold']:.2f}",
-                flush=True,
-            )
+            scorings = {key: None}
+            own = shipped.get(info.get("model"))
+            if own is not None and _is_shipped(post, info, own[2]):
+                scorings[key + "_shipped"] = own[:2]
+            for scored, calibration in scorings.items():
+                result = score_variant(
+                    cal,
+                    records,
+                    post,
+                    max_false_regions=budget,
+                    min_region_mm=args.min_region_mm,
+                    rank_by=rank,
+                    min_regions=fewest,
+                    shipped=calibration,
+                )
+                variants[scored] = result
+                o = result["overall"]
+                print(
+                    f"{name:>24} {scored:>24}: mean AP {o['mean_ap_over_families']}, "
+                    f"AP/prevalence {o['mean_ap_over_prevalence']}, lesions in top 5 "
+                    f"{o['lesions_in_top_5']}/{o['lesions']} (of at least the smallest region "
+                    f"{o['sizable_lesions_in_top_5']}/{o['sizable_lesions']}), "
+                    f"scans with a lesion in top 5 "
+                    f"{o['scans_with_lesion_in_top_5']}/{o['scans_with_lesions']}, "
+                    f"regions/normal-ish scan median {o['regions_per_scan_median']}, "
+                    f"threshold {result['threshold']:.2f}",
+                    flush=True,
+                )
         report["predictors"][name] = {**info, "seconds": round(seconds, 1), "variants": variants}
         first = next(iter(variants))
         best_tables[name] = variants[first]

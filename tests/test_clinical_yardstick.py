@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from napari_anomaly.evaluation.clinical import (
@@ -631,3 +633,64 @@ def test_low_resolution_training_normals_cover_the_same_head_in_cubic_voxels(hea
         clinical_normals(heads, 1, 0)[0], isotropic(cases[0].image, cases[0].spacing)
     )
     assert isotropic(np.ones((4, 4, 4), np.float32), (2.0, 2.0, 2.0), 2.0).shape == (4, 4, 4)
+
+
+def test_a_variant_scored_as_shipped_reads_scans_as_localise_does():
+    """``score_variant(shipped=...)`` uses the model file's own score calibration and
+    threshold: the map it triages is the one ``localise`` shows the reviewer, and the
+    regions it counts are the ones the review step finds at the model's threshold."""
+    from conftest import TINY_NETWORK_2D, phantom
+
+    from napari_anomaly.calibration import PostprocessConfig, ScoreCalibration
+    from napari_anomaly.evaluation.yardstick import _maps, collect_maps, model_predictor
+    from napari_anomaly.inference import InferenceConfig, localise
+    from napari_anomaly.localiser import Localiser
+    from napari_anomaly.progress import run_to_end
+    from napari_anomaly.review import count_regions
+    from napari_anomaly.training import TrainConfig, train
+
+    torch.manual_seed(0)
+    trained = run_to_end(
+        train(
+            [phantom((48, 48), s).astype(np.float32) for s in range(2)],
+            TrainConfig(steps=2, batch_size=4, patch_size=32, device="cpu"),
+            network=TINY_NETWORK_2D,
+        )
+    )
+    post = PostprocessConfig(smooth_mm=1.0, edge_margin_mm=2.0, end_plane_weight=0.5)
+    score = ScoreCalibration(raw=(0.0, 0.2, 0.5, 1.0), calibrated=(0.0, 0.3, 0.8, 1.0))
+    metadata = {
+        **trained.metadata,
+        "postprocess": post.to_dict(),
+        "calibration": {"score": score.to_dict()},
+        "recommended_threshold": 0.55,
+    }
+    model = Localiser(trained.network, trained.preprocess, metadata)
+
+    volume = np.stack([phantom((48, 48), s) for s in range(4, 10)]).astype(np.float32)
+    truth = np.zeros(volume.shape, bool)
+    truth[2:4, 20:26, 20:26] = True
+    spacing = (4.0, 1.0, 1.0)
+    case = SimpleNamespace(
+        image=volume, lesion_mask=truth, spacing=spacing, family="mass", contrast="t1c"
+    )
+    normal = SimpleNamespace(
+        image=volume[::-1].copy(),
+        lesion_mask=np.zeros_like(truth),
+        spacing=spacing,
+        family="normal",
+        contrast="t1c",
+    )
+    predict = model_predictor(model, InferenceConfig(device="cpu"))
+    cal, records = (run_to_end(collect_maps(predict, [c])) for c in (normal, case))
+
+    shown = run_to_end(localise(volume, model, InferenceConfig(device="cpu"), spacing=spacing))
+    yardstick_map = score.apply(_maps(records, post)[0])
+    # the raw maps are kept as float16 by the yardstick
+    np.testing.assert_allclose(yardstick_map, shown.anomaly_map, atol=2e-3)
+
+    result = score_variant(cal, records, post, shipped=(score, 0.55))
+    assert result["shipped"] and result["threshold"] == 0.55
+    assert result["per_case"][0]["regions"] == count_regions(shown.anomaly_map, 0.55, 10)
+    fitted = score_variant(cal, records, post)
+    assert not fitted["shipped"] and fitted["calibration"] != score.to_dict()

@@ -246,6 +246,7 @@ def score_variant(
     min_region_mm: float = 0.0,
     rank_by: str = "mass",
     min_regions: int = 0,
+    shipped: tuple[ScoreCalibration, float] | None = None,
 ) -> dict:
     """Pixel AP and triage per family and contrast for one post-processing variant.
 
@@ -253,14 +254,24 @@ def score_variant(
     alone (normal scans); ``records`` are only measured. ``min_regions``: a scan
     whose mask holds fewer regions is triaged at the lower threshold its case would
     start at in the review step (:func:`napari_anomaly.review.limit_regions`).
+    ``shipped``: a model's own score calibration and recommended threshold, used
+    instead of fitting them (as ``napari-anomaly localise`` reads every scan with
+    the model file's; ``post`` must then be the model's own post-processing); the
+    calibration records then only give the false-region curve on that scale.
     """
     cal_maps = _maps(calibration_records, post)
-    score = ScoreCalibration.fit(
-        np.concatenate([m[r.foreground] for m, r in zip(cal_maps, calibration_records)])
-    )
+    if shipped is None:
+        score = ScoreCalibration.fit(
+            np.concatenate([m[r.foreground] for m, r in zip(cal_maps, calibration_records)])
+        )
+    else:
+        score = shipped[0]
     cal_sizes = [min_voxels(min_region_size, min_region_mm, r.spacing) for r in calibration_records]
     curve = false_region_curve([score.apply(m) for m in cal_maps], cal_sizes)
-    threshold = threshold_for_false_regions(CURVE_THRESHOLDS, curve, max_false_regions)
+    if shipped is None:
+        threshold = threshold_for_false_regions(CURVE_THRESHOLDS, curve, max_false_regions)
+    else:
+        threshold = float(shipped[1])
     del cal_maps
 
     maps = [score.apply(m) for m in _maps(records, post)]
@@ -306,6 +317,7 @@ def score_variant(
         "min_region_size": min_region_size,
         "min_region_mm": min_region_mm,
         "min_regions": min_regions,
+        "shipped": shipped is not None,
         "threshold": threshold,
         "calibration_curve": dict(zip(map(str, CURVE_THRESHOLDS), curve)),
         "calibration": score.to_dict(),
