@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+import napari_anomaly.preprocess as preprocess_module
 from napari_anomaly.config import config_from_dict, config_to_dict
 from napari_anomaly.preprocess import (
     PreprocessConfig,
@@ -198,6 +199,26 @@ def test_foreground_of_body_cut_by_field_of_view():
     image = np.where(band, image.clip(min=0), image).astype(np.int16)
     truth = body | band
     assert _iou(estimate_foreground(image), truth) > 0.9
+
+
+def test_each_thick_slice_of_a_large_head_stack_keeps_its_own_outline():
+    # 24 slices of 6.5 mm under 320 x 320 pixels (2.5 M voxels, above the size at which the
+    # foreground is masked at half resolution): towards the top of the head its outline
+    # shrinks from one slice to the next. Each slice must get its own outline, not its
+    # neighbour's, and the mask must not depend on the order the slices are stored in.
+    z, y, x = np.meshgrid(
+        np.arange(24) * 6.5, np.linspace(-120, 120, 320), np.linspace(-120, 120, 320), indexing="ij"
+    )
+    assert z.size > preprocess_module.FOREGROUND_FULL_RESOLUTION_VOXELS
+    head = (x / 80) ** 2 + (y / 95) ** 2 + ((z - 60) / 95) ** 2 <= 1  # a dome above z = 60 mm
+    rng = np.random.default_rng(0)
+    image = np.where(head, 600.0, 20.0) + rng.normal(0, 15, head.shape)
+    fg = estimate_foreground(image)
+    largest = head.sum(axis=(1, 2)).max()
+    for index in range(1, len(image) - 1):  # the end slices blur with their one neighbour
+        if head[index].sum() > 0.2 * largest:  # and so does the top of the dome
+            assert _iou(fg[index], head[index]) > 0.95, f"slice {index}"
+    np.testing.assert_array_equal(estimate_foreground(image[::-1])[::-1], fg)
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (64, 64), (16, 32, 32)])

@@ -268,6 +268,16 @@ def _fill_background(
     return mask | ~outside[labels]
 
 
+def _halved_axes(shape: tuple[int, ...]) -> tuple[bool, ...]:
+    """Which axes :func:`estimate_foreground` may sample at every second voxel: those with
+    at least half as many voxels as the longest. A shorter axis is, in a scan, the slice
+    axis of a thick-slice stack (the voxel size is not known here), whose neighbouring
+    slices lie far apart (5-7 mm) and show different outlines near the top and the base
+    of the head; it keeps every slice. The longest axis is always halved."""
+    longest = max(shape)
+    return tuple(2 * n >= longest for n in shape)
+
+
 def estimate_foreground(
     image: Any,
     *,
@@ -329,16 +339,20 @@ def estimate_foreground(
     Notes
     -----
     Images of more than :data:`FOREGROUND_FULL_RESOLUTION_VOXELS` voxels are
-    masked at half resolution (every second voxel along each axis) and the
-    mask is repeated back to full size: a body outline needs no finer grid,
-    and this keeps the foreground from dominating inference time and memory
-    on large volumes.
+    masked at half resolution (every second voxel along each axis but a short
+    one, :func:`_halved_axes`) and the mask is repeated back to full size: a
+    body outline needs no finer grid, and this keeps the foreground from
+    dominating inference time and memory on large volumes. The slice axis of a
+    thick-slice stack (24 slices of 6.5 mm under 512 x 512 pixels) stays whole:
+    there the head's outline changes from one slice to the next, and a slice
+    must not take its neighbour's.
     """
     checked = check_image(image)
     if checked.size > FOREGROUND_FULL_RESOLUTION_VOXELS:
+        halved = _halved_axes(checked.shape)
         # Sub-sampled before any float32 conversion: no full-size copy is made.
         coarse = estimate_foreground(
-            checked[(slice(None, None, 2),) * checked.ndim],
+            checked[tuple(slice(None, None, 2 if h else 1) for h in halved)],
             sigma=sigma,
             closing_radius=closing_radius,
             min_component_fraction=min_component_fraction,
@@ -347,7 +361,7 @@ def estimate_foreground(
             max_fraction=max_fraction,
             min_contrast=min_contrast,
         )
-        for axis in range(coarse.ndim):
+        for axis in np.flatnonzero(halved):
             coarse = np.repeat(coarse, 2, axis=axis)
         return np.ascontiguousarray(coarse[tuple(slice(0, n) for n in checked.shape)])
     img = validate_image(checked)
