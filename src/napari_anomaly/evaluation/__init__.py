@@ -5,4 +5,5 @@
 * :mod:`.yardstick` - running predictors over cases and scoring post-processing variants;
 * :mod:`.synthetic` - the earlier synthetic-family protocol;
 * :mod:`.anatomy` - the normal anatomy of the default model: files, split, preparation.
+* :mod:`.layouts` - one scan stored as scanners store it (slice order, mirrored axes, tilt, int16).
 """
