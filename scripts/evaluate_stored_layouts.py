@@ -9,9 +9,10 @@ Each scan (the yardstick's cases, seed ``--seed``, planned on the brain with 10-
 it, T1c with the venous sinuses) is written as NRRD in every layout of
 :func:`napari_anomaly.evaluation.layouts.stored_layouts` (slices from the top down, rows or
 columns the other way, a grid tilted 15°, int16 scanner values on a 0..1000 scale) and
-localised by the CLI with the model's defaults, as a user would. The report gives, per scan and layout, the pixel AP,
-the regions in the table, the rank of the first region touching a lesion, and how far the map
-(turned back to the yardstick's layout) lies from the map of the scan as it is. The storage
+localised by the CLI with the model's defaults, as a user would. The report gives, per scan
+and layout, the pixel AP, the regions in the table, the rank of the first region touching a
+lesion, and how far the map (turned back to the yardstick's layout) lies from the map of the
+scan as it is. The storage
 alone should change nothing but what the networks' lack of mirror symmetry gives for mirrored
 rows or columns, and what another intensity scale moves (the brain found by registration).
 """
