@@ -1238,6 +1238,17 @@ def _member_tasks(localiser: Localiser) -> list[TrainConfig]:
     return tasks
 
 
+def _own_member_tasks(
+    localiser: Localiser, config: FinetuneConfig | AdaptConfig
+) -> list[TrainConfig] | None:
+    """Each network's own synthetic tasks (:func:`_member_tasks`) where ``config`` asks
+    for them (``member_tasks="own"``, which needs ``member_loss="each"``: an averaged
+    output learns one task mix); ``None``: every network rehearses the parent's."""
+    if config.member_tasks == "own" and config.member_loss == "each":
+        return _member_tasks(localiser)
+    return None
+
+
 def _mix_member_tasks(
     normal: torch.Tensor,
     free: torch.Tensor,
@@ -1384,8 +1395,7 @@ def adapt(
         raise ValueError(f"{len(image_names)} image names for {len(images)} images")
     names = list(image_names) if image_names is not None else None
     settings, parent_synthesis, parent_augmentation = _parent_settings(localiser, config)
-    own = config.member_tasks == "own" and config.member_loss == "each"
-    member_tasks = _member_tasks(localiser) if own else None
+    member_tasks = _own_member_tasks(localiser, config)
     synthesis = parent_synthesis if synthesis is None else synthesis
     augmentation = parent_augmentation if augmentation is None else augmentation
     dims = localiser.spatial_dims
@@ -1650,8 +1660,7 @@ def finetune(
             "fine-tuning runs in one process (a short run on a few corrected cases); "
             "start it without torchrun"
         )
-    own = config.member_tasks == "own" and config.member_loss == "each"
-    tasks = _member_tasks(localiser) if own else [_parent_tasks(localiser)]
+    tasks = _own_member_tasks(localiser, config) or [_parent_tasks(localiser)]
     if len(images) != len(corrected_masks) or not images:
         raise ValueError("need one corrected mask per image, and at least one image")
     for index, (image, mask) in enumerate(zip(images, corrected_masks)):
