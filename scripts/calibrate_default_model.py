@@ -29,6 +29,12 @@ from napari_anomaly.localiser import Localiser
 from napari_anomaly.progress import run_to_end
 
 
+def _turn_words(degrees: list[float]) -> str:
+    """``8 (yaw) and 4 (roll)``, or ``8 (yaw), 4 (roll) and 15 (pitch)``."""
+    words = [f"{value:g} ({name})" for value, name in zip(degrees, ("yaw", "roll", "pitch"))]
+    return " and ".join([", ".join(words[:-1]), words[-1]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -74,10 +80,11 @@ def main() -> None:
     parser.add_argument(
         "--head-turn",
         type=float,
-        nargs=2,
+        nargs="+",
         default=(0.0, 0.0),
-        metavar=("YAW", "ROLL"),
-        help="turn the calibration heads by up to these degrees (AcquisitionConfig)",
+        metavar="DEGREES",
+        help="turn the calibration heads by up to these degrees (AcquisitionConfig): "
+        "YAW ROLL [PITCH]",
     )
     parser.add_argument(
         "--venous-sinuses",
@@ -102,6 +109,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
+    if len(args.head_turn) not in (2, 3):
+        parser.error("--head-turn takes YAW ROLL or YAW ROLL PITCH")
 
     parent = Localiser.load(args.model)
     turned = AcquisitionConfig(
@@ -140,7 +149,7 @@ def main() -> None:
             description=(
                 f"{len(scans)} clinical-like normal scans of the training heads (MNI152, ITK "
                 f"head){subjects} in {', '.join(CONTRASTS)}, heads turned by up to "
-                f"{args.head_turn[0]:g} (yaw) and {args.head_turn[1]:g} (roll) degrees"
+                f"{_turn_words(args.head_turn)} degrees"
                 f"{', T1 with contrast showing the venous sinuses' if args.venous_sinuses else ''} "
                 f"(scripts/calibrate_default_model.py, seed {args.seed})"
             ),

@@ -189,10 +189,11 @@ def main() -> None:
     parser.add_argument(
         "--head-turn",
         type=float,
-        nargs=2,
+        nargs="+",
         default=(0.0, 0.0),
-        metavar=("YAW", "ROLL"),
-        help="turn the heads of the yardstick and calibration scans by up to these degrees",
+        metavar="DEGREES",
+        help="turn the heads of the yardstick and calibration scans by up to these degrees: "
+        "YAW ROLL [PITCH]",
     )
     parser.add_argument(
         "--brain-margin-mm",
@@ -322,6 +323,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if len(args.head_turn) not in (2, 3):
+        parser.error("--head-turn takes YAW ROLL or YAW ROLL PITCH")
     weighs_brain = any(w < 1 for w in args.outside_brain_weight)
     if weighs_brain and args.slice_orientation != "axial":
         parser.error("--outside-brain-weight below 1 needs axial stacks")

@@ -418,6 +418,29 @@ def test_a_turned_head_moves_its_lesion_with_it_and_no_turn_changes_nothing(head
     assert np.hypot(*moved) > 1.0
 
 
+def test_a_nodding_head_moves_its_lesion_up_or_down_but_not_sideways(head):
+    t1, _, _ = head
+    lesion = np.zeros(t1.shape, dtype=bool)
+    lesion[30:36, 8:14, 40:46] = True  # towards the front, right of the midline
+    exact = {"snr": (1e6, 1e6), "bias_strength": (0.0, 0.0), "fov_margin_mm": (20.0, 20.0)}
+    thin = {"slice_thickness_mm": (1.0, 1.0), "gap_probability": 0.0, "in_plane_mm": (1.0, 1.0)}
+    still = AcquisitionConfig(**exact, **thin)
+    nodding = AcquisitionConfig(**exact, **thin, head_turn_degrees=(0.0, 0.0, 25.0))
+    _, mask_a, _, params_a = acquire(t1, lesion, 5, still)
+    _, mask_b, _, params_b = acquire(t1, lesion, 5, nodding)
+    assert params_a["head_turn_degrees"] == [0.0, 0.0]
+    yaw, roll, pitch = params_b["head_turn_degrees"]
+    assert yaw == roll == 0.0 and 3.0 < abs(pitch) <= 25.0  # seed 5 draws a clear nod
+    moved = np.subtract(ndimage.center_of_mass(mask_b), ndimage.center_of_mass(mask_a))
+    assert np.hypot(moved[0], moved[1]) > 2.0  # up or down and forwards or back
+    assert abs(moved[2]) < 0.5  # a nod keeps left and right where they were
+
+
+def test_a_head_turn_takes_two_or_three_angles():
+    with pytest.raises(ValueError, match="yaw, roll"):
+        AcquisitionConfig(head_turn_degrees=(5.0,))
+
+
 def test_field_of_view_never_cuts_the_lesion_out(head, anatomy):
     t1, brain, _ = head
     tight = AcquisitionConfig(

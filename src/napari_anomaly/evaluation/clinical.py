@@ -222,11 +222,14 @@ class AcquisitionConfig:
         A lesion region whose largest partial volume is below 0.5 but at least
         this is outlined where it reaches half its peak (a small lesion in a
         thick slice that a reader still sees); below this it is not in the truth.
-    head_turn_degrees : (yaw, roll)
+    head_turn_degrees : (yaw, roll) or (yaw, roll, pitch)
         Largest turn of the head, degrees either way, drawn uniformly: yaw in the
-        axial plane, roll about the front-back axis (one side lower). Patients
-        lie a few degrees off the scanner's axes; 0 (the default) leaves the head
-        as the template holds it.
+        axial plane, roll about the front-back axis (one side lower), and pitch
+        about the left-right axis (a nod: chin down or up). Patients lie a few
+        degrees off the scanner's axes, and an axial series not angled along the
+        AC-PC line cuts the head 10-20 degrees off it; 0 (the default) leaves the
+        head as the template holds it. Without a pitch, no pitch is drawn, so
+        that the draws of every earlier figure stay as they were.
     brain_margin_mm : (low, high) or None
         How far the stack reaches beyond the brain at each end of Z, mm, drawn per
         end. A clinical axial brain series is planned on the brain, from the vertex
@@ -267,7 +270,7 @@ class AcquisitionConfig:
     intensity_max: tuple[float, float] = (1200.0, 3800.0)
     scanner_max: float = 4095.0
     faint_partial_volume: float = 0.25
-    head_turn_degrees: tuple[float, float] = (0.0, 0.0)
+    head_turn_degrees: tuple[float, ...] = (0.0, 0.0)
     brain_margin_mm: tuple[float, float] | None = None
     venous_sinuses: bool = False
     slice_orientation: str = "axial"
@@ -299,6 +302,11 @@ class AcquisitionConfig:
             low, high = self.brain_margin_mm
             if not 0 <= low <= high:
                 raise ValueError(f"brain_margin_mm must satisfy 0 <= low <= high: {low}, {high}")
+        if len(self.head_turn_degrees) not in (2, 3):
+            raise ValueError(
+                "head_turn_degrees must be (yaw, roll) or (yaw, roll, pitch), "
+                f"got {self.head_turn_degrees}"
+            )
         if self.bias_strength[1] >= 1:
             raise ValueError("bias_strength must stay below 1 (the field must stay positive)")
         for name in ("gap_probability", "z_cut_probability", "faint_partial_volume"):
@@ -1636,14 +1644,18 @@ def _truth_from_partial_volume(partial: np.ndarray, faint: float) -> np.ndarray:
     return partial >= lookup[labels]
 
 
-def _turn(volume: np.ndarray, degrees: tuple[float, float]) -> np.ndarray:
-    """``volume`` (Z, Y, X) turned about its centre by (yaw, roll) degrees (linear)."""
-    yaw, roll = np.deg2rad(degrees)
+def _turn(volume: np.ndarray, degrees: Sequence[float]) -> np.ndarray:
+    """``volume`` (Z, Y, X) turned about its centre by (yaw, roll[, pitch]) degrees
+    (linear): yaw within the (Y, X) plane, roll within (Z, X), pitch within (Z, Y)."""
+    yaw, roll, pitch = np.deg2rad(list(degrees) + [0.0] * (3 - len(degrees)))
     turn_yaw = np.array([[1, 0, 0], [0, np.cos(yaw), -np.sin(yaw)], [0, np.sin(yaw), np.cos(yaw)]])
     turn_roll = np.array(
         [[np.cos(roll), 0, -np.sin(roll)], [0, 1, 0], [np.sin(roll), 0, np.cos(roll)]]
     )
-    matrix = turn_yaw @ turn_roll
+    turn_pitch = np.array(
+        [[np.cos(pitch), -np.sin(pitch), 0], [np.sin(pitch), np.cos(pitch), 0], [0, 0, 1]]
+    )
+    matrix = turn_yaw @ turn_roll @ turn_pitch
     centre = (np.asarray(volume.shape, dtype=np.float64) - 1) / 2
     return ndimage.affine_transform(
         np.asarray(volume, dtype=np.float32), matrix, offset=centre - matrix @ centre, order=1
@@ -1677,7 +1689,7 @@ def _acquire(
     ]
     intensity_max = float(rng.uniform(*config.intensity_max))
     phase = float(rng.random())
-    turn = (0.0, 0.0)
+    turn = (0.0,) * len(config.head_turn_degrees)
     if any(config.head_turn_degrees):  # drawn last: the other draws stay as they were
         turn = tuple(float(rng.uniform(-t, t)) for t in config.head_turn_degrees)
         volume = _turn(volume, turn)
