@@ -10,7 +10,8 @@ five contrasts, acquired as clinics do (``evaluation.clinical``), seed
 ``--seed``, and with ``--calibration-subjects`` normal scans of held-out subjects
 (never trained on; ``evaluation.anatomy.calibration_scans``). The model's
 post-processing (``--smooth-mm``, ``--edge-mm``, ``--in-plane-mm``,
-``--asymmetry-weight``, ``--end-plane-weight``, ``--outside-brain-weight``) is stored with it, then
+``--asymmetry-weight``, ``--end-plane-weight``, ``--outside-brain-weight``,
+``--outside-brain-ramp-mm``) is stored with it, then
 ``calibration.calibrate`` fits the score scale and the default threshold (at most
 ``--max-false-regions`` regions per normal scan) and the result is written as a
 new version naming its parent.
@@ -76,6 +77,12 @@ def main() -> None:
         default=0.0,
         help="grow the brain found by this much first",
     )
+    parser.add_argument(
+        "--outside-brain-ramp-mm",
+        type=float,
+        default=0.0,
+        help="spread the step at the brain's edge over this width (0: a hard step)",
+    )
     parser.add_argument("--max-false-regions", type=float, default=5.0)
     parser.add_argument(
         "--head-turn",
@@ -137,6 +144,7 @@ def main() -> None:
         end_plane_weight=args.end_plane_weight,
         outside_brain_weight=args.outside_brain_weight,
         outside_brain_margin_mm=args.outside_brain_margin_mm,
+        outside_brain_ramp_mm=args.outside_brain_ramp_mm,
     )
     calibrated = run_to_end(
         calibrate(

@@ -92,7 +92,13 @@ def _weighed(brain, record):
 
 
 def _variant_post(
-    smooth: float, edge: float, asym: float, ends: float, outside: float, margin: float
+    smooth: float,
+    edge: float,
+    asym: float,
+    ends: float,
+    outside: float,
+    margin: float,
+    ramp: float = 0.0,
 ) -> PostprocessConfig:
     """One variant's post-processing of the maps (the planes' pixel sizes are the predictor's)."""
     return PostprocessConfig(
@@ -102,6 +108,7 @@ def _variant_post(
         end_plane_weight=ends,
         outside_brain_weight=outside,
         outside_brain_margin_mm=margin,
+        outside_brain_ramp_mm=ramp,
     )
 
 
@@ -136,6 +143,7 @@ def _shipped_settings(
             args.end_plane_weight,
             args.outside_brain_weight,
             args.outside_brain_margin_mm,
+            args.outside_brain_ramp_mm,
         )
         planes = [
             {"in_plane_mm": p, "extra_in_plane_mm": args.extra_in_plane_mm}
@@ -290,6 +298,14 @@ def main() -> None:
         nargs="+",
         default=[0.0],
         help="grow the brain found by this much first (PostprocessConfig.outside_brain_margin_mm)",
+    )
+    parser.add_argument(
+        "--outside-brain-ramp-mm",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="spread the step at the brain's edge over this width "
+        "(PostprocessConfig.outside_brain_ramp_mm; 0: a hard step)",
     )
     parser.add_argument("--max-false-regions", type=float, nargs="+", default=[5.0])
     parser.add_argument("--min-region-mm", type=float, default=0.0)
@@ -471,7 +487,18 @@ def main() -> None:
             ]
         seconds = time.perf_counter() - t0
         variants = {}
-        for smooth, edge, asym, ends, rank, budget, fewest, outside, margin in itertools.product(
+        for (
+            smooth,
+            edge,
+            asym,
+            ends,
+            rank,
+            budget,
+            fewest,
+            outside,
+            margin,
+            ramp,
+        ) in itertools.product(
             args.smooth_mm,
             args.edge_mm,
             args.asymmetry_weight,
@@ -481,13 +508,15 @@ def main() -> None:
             args.min_regions,
             args.outside_brain_weight,
             args.outside_brain_margin_mm,
+            args.outside_brain_ramp_mm,
         ):
-            post = _variant_post(smooth, edge, asym, ends, outside, margin)
+            post = _variant_post(smooth, edge, asym, ends, outside, margin, ramp)
             key = (
                 f"smooth{smooth:g}_edge{edge:g}_asym{asym:g}_{rank}_k{budget:g}"
                 + (f"_ends{ends:g}" if ends < 1 else "")
                 + (f"_min{fewest}" if fewest else "")
                 + (f"_brain{outside:g}+{margin:g}mm" if outside < 1 else "")
+                + (f"_ramp{ramp:g}mm" if outside < 1 and ramp > 0 else "")
             )
             scorings = {key: None}
             own = shipped.get(info.get("model"))

@@ -150,6 +150,56 @@ def test_scores_outside_the_brain_are_weighed_and_the_margin_grows_it():
     assert stored == post and stored.uses_brain and not PostprocessConfig().uses_brain
 
 
+def test_a_ramp_spreads_the_step_at_the_brains_edge_within_each_plane():
+    scores = np.full((3, 40, 40), 0.8, np.float32)
+    foreground = np.ones(scores.shape, bool)
+    brain = np.zeros(scores.shape, bool)
+    brain[:, 10:30, 10:30] = True
+    post = PostprocessConfig(outside_brain_weight=0.5, outside_brain_ramp_mm=8.0)
+    out = postprocess_map(scores, foreground, (6.0, 1.0, 1.0), post, plane_axis=0, brain=brain)
+    row = out[1, 20]  # across the edge at x = 10 (inside from x = 10 on)
+    assert row[20] == pytest.approx(0.8)  # 10 mm inside: the whole score
+    assert row[0] == pytest.approx(0.4)  # 10 mm outside: the factor 0.5
+    # the voxels either side of the edge straddle 0.8 x (1 + 0.5) / 2
+    assert row[9] < 0.6 < row[10] and row[9] + row[10] == pytest.approx(2 * 0.6)
+    assert np.all(np.diff(row[:20]) >= 0)  # rising into the brain, no step
+    # distances lie within the plane: every plane of this prism is weighed alike
+    np.testing.assert_array_equal(out[0], out[2])
+    # a margin moves the step outwards by as much
+    grown = PostprocessConfig(
+        outside_brain_weight=0.5, outside_brain_ramp_mm=8.0, outside_brain_margin_mm=3.0
+    )
+    moved = postprocess_map(scores, foreground, (6.0, 1.0, 1.0), grown, plane_axis=0, brain=brain)
+    np.testing.assert_allclose(moved[1, 20, 3:20], row[6:23], atol=1e-6)
+    stored = PostprocessConfig.from_metadata({"postprocess": post.to_dict()})
+    assert stored == post
+    # a model file written before the ramp existed keeps the hard step
+    older = {k: v for k, v in post.to_dict().items() if k != "outside_brain_ramp_mm"}
+    assert PostprocessConfig.from_metadata({"postprocess": older}).outside_brain_ramp_mm == 0
+    for bad in (-1.0, 500.0, float("inf"), True):
+        with pytest.raises(ValueError, match="outside_brain_ramp_mm"):
+            PostprocessConfig(outside_brain_ramp_mm=bad)
+
+
+def test_a_brain_found_a_voxel_away_moves_a_ramped_map_a_little_and_a_stepped_one_by_half():
+    rng = np.random.default_rng(3)
+    scores = rng.uniform(0.6, 1.0, (4, 48, 48)).astype(np.float32)
+    foreground = np.ones(scores.shape, bool)
+    brain = np.zeros(scores.shape, bool)
+    brain[:, 12:36, 12:36] = True
+    shifted = np.roll(brain, 1, axis=2)  # the registration landing 1 mm to one side
+    changes = {}
+    for ramp in (0.0, 12.0):
+        post = PostprocessConfig(outside_brain_weight=0.5, outside_brain_ramp_mm=ramp)
+        maps = [
+            postprocess_map(scores, foreground, (6.0, 1.0, 1.0), post, plane_axis=0, brain=b)
+            for b in (brain, shifted)
+        ]
+        changes[ramp] = float(np.abs(maps[0] - maps[1]).max())
+    assert changes[0.0] > 0.29  # half of a score of at least 0.6
+    assert changes[12.0] < 0.05  # (1 - 0.5) x 1 mm / 12 mm of a score of at most 1
+
+
 def test_a_brain_kept_at_one_bit_a_voxel_weighs_the_scores_as_the_bool_mask_does():
     rng = np.random.default_rng(7)
     for shape in ((5, 9, 13), (3, 16, 16), (2, 7, 1)):  # rows of a byte, less, more
@@ -161,11 +211,17 @@ def test_a_brain_kept_at_one_bit_a_voxel_weighs_the_scores_as_the_bool_mask_does
         assert packed.unpack().dtype == bool and not packed.bits.flags.writeable
         scores = rng.random(shape, dtype=np.float32)
         foreground = np.ones(shape, bool)
-        for margin in (0.0, 1.5):
-            post = PostprocessConfig(outside_brain_weight=0.5, outside_brain_margin_mm=margin)
-            expected = postprocess_map(scores, foreground, (3.0, 1.0, 1.0), post, brain=mask)
-            got = postprocess_map(scores, foreground, (3.0, 1.0, 1.0), post, brain=packed)
-            np.testing.assert_array_equal(got, expected)
+        for margin, ramp in ((0.0, 0.0), (1.5, 0.0), (0.0, 4.0), (1.5, 4.0)):
+            post = PostprocessConfig(
+                outside_brain_weight=0.5,
+                outside_brain_margin_mm=margin,
+                outside_brain_ramp_mm=ramp,
+            )
+            for axis in (0, 1, None):
+                step = (3.0, 1.0, 1.0)
+                expected = postprocess_map(scores, foreground, step, post, axis, brain=mask)
+                got = postprocess_map(scores, foreground, step, post, axis, brain=packed)
+                np.testing.assert_array_equal(got, expected)
 
 
 def test_localise_finds_the_brain_of_a_volume_only_where_the_model_asks(monkeypatch):
