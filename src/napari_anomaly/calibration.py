@@ -338,13 +338,18 @@ def postprocess_map(
         if isinstance(brain, PackedMask) and config.outside_brain_margin_mm <= 0:
             inside = (brain.plane(index) for index in range(len(out)))  # a plane unpacked at a time
         else:
-            whole = brain.unpack() if isinstance(brain, PackedMask) else np.asarray(brain, bool)
+            whole = _whole_mask(brain)
             inside = widen(whole, step, config.outside_brain_margin_mm)
         weight = np.float32(config.outside_brain_weight)
         # In place, a plane at a time: no copy of the scores outside, nor of the mask inverted.
         for plane, kept in zip(out, inside):  # views of ``out``, whatever its strides
             np.multiply(plane, weight, out=plane, where=~kept)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _whole_mask(brain: np.ndarray | PackedMask) -> np.ndarray:
+    """The brain as one bool array, unpacked if it was kept at one bit a voxel."""
+    return brain.unpack() if isinstance(brain, PackedMask) else np.asarray(brain, bool)
 
 
 def _signed_distance(inside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
@@ -380,13 +385,13 @@ def _weigh_outside_brain_smoothly(
         if isinstance(brain, PackedMask) and plane_axis == 0:
             inside = (brain.plane(index) for index in range(len(out)))
         else:
-            whole = brain.unpack() if isinstance(brain, PackedMask) else np.asarray(brain, bool)
+            whole = _whole_mask(brain)
             inside = iter(np.moveaxis(whole, plane_axis, 0))
         in_plane = np.delete(step, plane_axis)
         for plane, kept in zip(np.moveaxis(out, plane_axis, 0), inside):  # views of ``out``
             plane *= factor(_signed_distance(np.asarray(kept, bool), in_plane))
         return
-    whole = brain.unpack() if isinstance(brain, PackedMask) else np.asarray(brain, bool)
+    whole = _whole_mask(brain)
     out *= factor(_signed_distance(whole, step))
 
 
