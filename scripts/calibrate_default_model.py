@@ -24,16 +24,10 @@ from pathlib import Path
 
 from napari_anomaly.calibration import PostprocessConfig, calibrate
 from napari_anomaly.evaluation.anatomy import HELD_OUT_SUBJECTS, calibration_scans
-from napari_anomaly.evaluation.clinical import CONTRASTS, AcquisitionConfig
+from napari_anomaly.evaluation.clinical import CONTRASTS, AcquisitionConfig, head_turn_words
 from napari_anomaly.inference import InferenceConfig
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.progress import run_to_end
-
-
-def _turn_words(degrees: list[float]) -> str:
-    """``8 (yaw) and 4 (roll)``, or ``8 (yaw), 4 (roll) and 15 (pitch)``."""
-    words = [f"{value:g} ({name})" for value, name in zip(degrees, ("yaw", "roll", "pitch"))]
-    return " and ".join([", ".join(words[:-1]), words[-1]])
 
 
 def main() -> None:
@@ -157,7 +151,7 @@ def main() -> None:
             description=(
                 f"{len(scans)} clinical-like normal scans of the training heads (MNI152, ITK "
                 f"head){subjects} in {', '.join(CONTRASTS)}, heads turned by up to "
-                f"{_turn_words(args.head_turn)} degrees"
+                f"{head_turn_words(args.head_turn)} degrees"
                 f"{', T1 with contrast showing the venous sinuses' if args.venous_sinuses else ''} "
                 f"(scripts/calibrate_default_model.py, seed {args.seed})"
             ),

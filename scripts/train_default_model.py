@@ -33,7 +33,11 @@ from napari_anomaly.evaluation.anatomy import (
     training_arrays,
     training_files,
 )
-from napari_anomaly.evaluation.clinical import LEFT_RIGHT_AXIS, AcquisitionConfig
+from napari_anomaly.evaluation.clinical import (
+    LEFT_RIGHT_AXIS,
+    AcquisitionConfig,
+    head_turn_words,
+)
 from napari_anomaly.io import atomic_write_text, read_image
 from napari_anomaly.localiser import Localiser
 from napari_anomaly.model import NetworkConfig
@@ -131,6 +135,15 @@ def main() -> None:
         "(AcquisitionConfig.slice_orientation; default: axial only)",
     )
     parser.add_argument(
+        "--clinical-head-turn",
+        type=float,
+        nargs="+",
+        default=(0.0, 0.0),
+        metavar="DEGREES",
+        help="turn the heads of the clinical-like normal scans by up to these degrees "
+        "(AcquisitionConfig.head_turn_degrees): YAW ROLL [PITCH]; default: not turned",
+    )
+    parser.add_argument(
         "--older-head",
         action="store_true",
         help="also train on a third head, an older person's real T1 head "
@@ -221,6 +234,8 @@ def main() -> None:
     low_resolution_3d = args.dims == 3 and args.voxel_mm is not None
     if args.voxel_mm is not None and (args.dims != 3 or args.arrays is not None):
         parser.error("--voxel-mm needs --dims 3 and --data (not --arrays)")
+    if len(args.clinical_head_turn) not in (2, 3):
+        parser.error("--clinical-head-turn takes YAW ROLL or YAW ROLL PITCH")
     if args.older_head and (args.arrays is not None or (args.dims == 3 and not low_resolution_3d)):
         parser.error("--older-head needs --data (not --arrays) and a 2D model or --voxel-mm")
 
@@ -265,7 +280,10 @@ def main() -> None:
             heads,
             args.clinical_normals,
             args.seed,
-            AcquisitionConfig(venous_sinuses=args.venous_sinuses),
+            AcquisitionConfig(
+                venous_sinuses=args.venous_sinuses,
+                head_turn_degrees=tuple(args.clinical_head_turn),
+            ),
             tuple(args.clinical_orientations),
             voxel_mm=args.voxel_mm,
         )
@@ -273,6 +291,11 @@ def main() -> None:
             f"{args.clinical_normals} clinical-like normal scan(s) per contrast of "
             + ", ".join(name for name, _, _ in heads)
             + (" (T1 with contrast showing the venous sinuses)" if args.venous_sinuses else "")
+            + (
+                f", heads turned by up to {head_turn_words(args.clinical_head_turn)} degrees"
+                if any(args.clinical_head_turn)
+                else ""
+            )
             + (
                 f" in {', '.join(args.clinical_orientations)} slices"
                 if args.clinical_orientations != ["axial"]
@@ -344,6 +367,7 @@ def main() -> None:
             seed=args.seed,
         )
         localiser = _run_printing(adapt(parent, images, config, image_names=None), log)
+        localiser.metadata["training"]["data"] = description  # what the images were
         _save(localiser, args, log, started)
         return
     if args.minutes:

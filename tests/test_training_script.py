@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import TINY_NETWORK_2D, phantom
 
 from napari_anomaly.evaluation import anatomy
@@ -75,3 +76,56 @@ def test_continuing_a_training_writes_its_log_beside_the_model(tmp_path, monkeyp
     log = json.loads(out.with_suffix(".training.json").read_text())
     assert [entry["step"] for entry in log if "loss" in entry] == [50]
     assert f"wrote {out}" in capsys.readouterr().out
+
+
+def _continue_on_clinical_normals(tmp_path, monkeypatch, turn: list[str]) -> list:
+    """Run the script's --continue-from on --clinical-normals with ``turn`` as
+    --clinical-head-turn; the clinical-like scans are replaced by two small phantoms, and
+    the acquisition settings the script asked them for are returned."""
+    images = [phantom((48, 48), seed).astype(np.float32) for seed in (1, 2)]
+    config = TrainConfig(steps=1, batch_size=2, patch_size=32, device="cpu")
+    parent = tmp_path / "parent.safetensors"
+    run_to_end(train(images, config, network=TINY_NETWORK_2D)).save(parent)
+    head = np.zeros((8, 16, 16), np.float32)
+    arrays = tmp_path / "arrays.npz"
+    np.savez(
+        arrays,
+        train_0=images[0],
+        train_names=np.array(["a"]),
+        head_h=head,
+        brain_h=head > 0,
+        head_names=np.array(["h"]),
+    )
+    asked = []
+
+    def clinical_normals(heads, cases, seed, acquisition, *rest, **options):
+        asked.append(acquisition)
+        return [phantom((8, 40, 40), 3).astype(np.float32)]
+
+    monkeypatch.setattr(anatomy, "clinical_normals", clinical_normals)
+    out = tmp_path / "child.safetensors"
+    argv = ["--arrays", str(arrays), "--continue-from", str(parent), "--out", str(out)]
+    argv += ["--clinical-normals", "1", "--clinical-head-turn", *turn]
+    argv += ["--steps", "2", "--batch-size", "2", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    return asked, Localiser.load(out)
+
+
+def test_training_on_nodded_heads_draws_the_clinical_normals_turned_and_says_so(
+    tmp_path, monkeypatch
+):
+    # --clinical-head-turn YAW ROLL PITCH: the clinical-like normal scans of the training
+    # heads are drawn turned (AcquisitionConfig.head_turn_degrees), and the continued
+    # model's record names its data with the turn.
+    asked, child = _continue_on_clinical_normals(tmp_path, monkeypatch, ["8", "4", "15"])
+    assert [a.head_turn_degrees for a in asked] == [(8.0, 4.0, 15.0)]
+    data = child.metadata["training"]["data"]
+    assert "1 clinical-like normal scan(s) per contrast of h" in data
+    assert "heads turned by up to 8 (yaw), 4 (roll) and 15 (pitch) degrees" in data
+
+
+def test_a_clinical_head_turn_takes_two_or_three_angles(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _continue_on_clinical_normals(tmp_path, monkeypatch, ["15"])
+    assert "--clinical-head-turn takes YAW ROLL or YAW ROLL PITCH" in capsys.readouterr().err

@@ -84,6 +84,7 @@ __all__ = [
     "acquire",
     "add_venous_sinuses",
     "apply_contrast",
+    "head_turn_words",
     "insert_lesions",
     "lesion_contrast",
     "make_case",
@@ -1642,6 +1643,13 @@ def _truth_from_partial_volume(partial: np.ndarray, faint: float) -> np.ndarray:
     thresholds = np.where(peaks >= 0.5, 0.5, np.where(peaks >= faint, 0.5 * peaks, np.inf))
     lookup = np.concatenate([[np.inf], thresholds]).astype(np.float32)
     return partial >= lookup[labels]
+
+
+def head_turn_words(degrees) -> str:
+    """``head_turn_degrees`` in words for records and reports: ``8 (yaw) and 4 (roll)``,
+    or ``8 (yaw), 4 (roll) and 15 (pitch)``."""
+    words = [f"{value:g} ({name})" for value, name in zip(degrees, ("yaw", "roll", "pitch"))]
+    return " and ".join([", ".join(words[:-1]), words[-1]])
 
 
 def _turn(volume: np.ndarray, degrees: Sequence[float]) -> np.ndarray:
