@@ -78,10 +78,10 @@ def test_continuing_a_training_writes_its_log_beside_the_model(tmp_path, monkeyp
     assert f"wrote {out}" in capsys.readouterr().out
 
 
-def _continue_on_clinical_normals(tmp_path, monkeypatch, turn: list[str]) -> list:
+def _continue_on_clinical_normals(tmp_path, monkeypatch, turn: list[str]) -> tuple[list, Localiser]:
     """Run the script's --continue-from on --clinical-normals with ``turn`` as
-    --clinical-head-turn; the clinical-like scans are replaced by two small phantoms, and
-    the acquisition settings the script asked them for are returned."""
+    --clinical-head-turn, the clinical-like scans replaced by one small phantom volume.
+    Returns the acquisition settings the script asked for them and the continued model."""
     images = [phantom((48, 48), seed).astype(np.float32) for seed in (1, 2)]
     config = TrainConfig(steps=1, batch_size=2, patch_size=32, device="cpu")
     parent = tmp_path / "parent.safetensors"
