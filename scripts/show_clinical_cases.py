@@ -2,7 +2,8 @@
 
     python scripts/show_clinical_cases.py --data /tmp/anatomy/extracted --out /tmp/clinical.png
 
-Rows are the lesion families (``napari_anomaly.evaluation.FAMILIES``), columns
+Rows are the lesion families (``--families``; by default
+``napari_anomaly.evaluation.FAMILIES``), columns
 the contrasts (``CONTRASTS``), in that order; a row is one seed, so it shows the
 same lesion and acquisition in every contrast. Each tile is the axial slice with
 the most lesion pixels (the middle slice of the brain for ``normal``), shown
@@ -27,6 +28,7 @@ from skimage.transform import resize
 
 from napari_anomaly.evaluation.anatomy import held_out_head
 from napari_anomaly.evaluation.clinical import (
+    ALL_FAMILIES,
     CONTRASTS,
     FAMILIES,
     make_case,
@@ -79,6 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--zoom-mm", type=float, default=None, help="show only this many mm around the lesion"
     )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=ALL_FAMILIES,
+        default=list(FAMILIES),
+        help="rows, one family each (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     head, brain = held_out_head(args.data)
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     # One seed per family: a row shows the same lesion and acquisition in every contrast.
     cases = [
         make_case(head, brain, family, contrast, [args.seed, row], anatomy=anatomy)
-        for row, family in enumerate(FAMILIES)
+        for row, family in enumerate(args.families)
         for contrast in CONTRASTS
     ]
     seconds = time.perf_counter() - start
@@ -104,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     tiles = {(case.family, case.contrast): _tile(case, args.tile, args.zoom_mm) for case in cases}
     rows = [
         np.concatenate([tiles[(family, contrast)] for contrast in CONTRASTS], axis=1)
-        for family in FAMILIES
+        for family in args.families
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(args.out, np.concatenate(rows, axis=0))
-    print(f"wrote {args.out} (rows {', '.join(FAMILIES)}; columns {', '.join(CONTRASTS)})")
+    print(f"wrote {args.out} (rows {', '.join(args.families)}; columns {', '.join(CONTRASTS)})")
 
 
 if __name__ == "__main__":

@@ -31,14 +31,15 @@ LESION_FAMILIES = [f for f in FAMILIES if f != "normal"]
 AIR, SCALP, SKULL, CSF_T1, GM_T1, WM_T1 = 0.0, 200.0, 15.0, 35.0, 80.0, 110.0
 
 
-def synthetic_head(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A 48x64x64 T1 'head': scalp, skull, CSF, grey-matter shell, white matter, ventricles.
+def synthetic_head(seed: int = 0, scale: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 48x64x64 T1 'head' (times ``scale`` along every axis): scalp, skull, CSF,
+    grey-matter shell, white matter, ventricles.
 
     Returns the T1 volume (float32), the brain mask and the true tissue labels
     (0 outside the brain, 1 CSF, 2 GM, 3 WM), 1 mm voxels.
     """
-    shape = (48, 64, 64)
-    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    shape = (48 * scale, 64 * scale, 64 * scale)
+    z, y, x = (a / scale for a in np.ogrid[: shape[0], : shape[1], : shape[2]])
     r = np.sqrt(((z - 24) / 22) ** 2 + ((y - 32) / 30) ** 2 + ((x - 32) / 29) ** 2)
     truth = np.zeros(shape, dtype=np.uint8)
     truth[r <= 0.85] = 1
@@ -247,6 +248,40 @@ def test_mass_effect_pushes_tissue_around_the_mass(head, anatomy):
     np.testing.assert_allclose(volume[outside], t1[outside], atol=0.1)
 
 
+def test_a_large_mass_is_a_glioblastoma_sized_ring_enhancing_mass():
+    """``large_mass``: a tumour 3-5 cm across, with a larger tumour core than any ordinary
+    mass of the same seeds, a thick ring on T1 with contrast, and more mass effect."""
+    t1, brain, _ = synthetic_head(scale=2)  # a brain about 10 cm across, as an adult's
+    anatomy = prepare_anatomy(t1, brain)
+    white = _white_matter_median(t1, anatomy)
+    t1c = apply_contrast(t1, anatomy.classes, brain, "t1c", 0, anatomy=anatomy)
+    thin = AcquisitionConfig(slice_thickness_mm=(1.0, 1.0), in_plane_mm=(1.0, 1.0))
+    ordinary_cores, large = [], []
+    for seed in range(3):
+        case = make_case(t1, brain, "mass", "t1c", seed, config=thin, anatomy=anatomy)
+        ordinary_cores.append(case.core_mask)
+        large.append(
+            insert_lesions(t1c, anatomy.classes, brain, "large_mass", "t1c", seed, anatomy=anatomy)
+        )
+    for _, mask, params in large:
+        (lesion,) = params["lesions"]
+        assert lesion["kind"] == "large_mass"
+        assert 15.0 <= lesion["radius_mm"] <= 25.0
+        assert 3.0 <= lesion["mass_effect_mm"] <= 6.0
+        assert params["family"] == "large_mass" and mask.any() and not (mask & ~brain).any()
+    rings = [p for _, _, p in large if p["lesions"][0]["enhancement"] == "ring"]
+    assert rings, "nine large masses in ten are ring-enhancing; three seeds gave none"
+    # the tumour itself (without oedema) is larger than every ordinary mass's
+    large_cores = [
+        make_case(t1, brain, "large_mass", "t1c", seed, config=thin, anatomy=anatomy).core_mask
+        for seed in range(3)
+    ]
+    assert min(c.sum() for c in large_cores) > max(c.sum() for c in ordinary_cores)
+    # it enhances: the brightest part of the tumour stands well above white matter
+    volume, mask, _ = large[0]
+    assert np.percentile(volume[mask], 95) > 1.3 * white
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_meningioma_grows_from_the_dura_into_the_brain_and_enhances(head, anatomy, seed):
     t1, brain, _ = head
@@ -274,11 +309,11 @@ def test_a_meningioma_grows_from_the_dura_into_the_brain_and_enhances(head, anat
 
 def test_the_default_cohort_leaves_the_extra_families_out(head):
     t1, brain, _ = head
-    assert "meningioma" in EXTRA_FAMILIES and "meningioma" not in FAMILIES
-    asked = list(
-        make_cohort(t1, brain, families=("meningioma",), contrasts=("t1c",), cases_per_cell=1)
-    )
-    assert [c.family for c in asked] == ["meningioma"] and asked[0].lesion_mask.any()
+    extra = ("meningioma", "large_mass")
+    assert set(extra) <= set(EXTRA_FAMILIES) and not set(extra) & set(FAMILIES)
+    asked = list(make_cohort(t1, brain, families=extra, contrasts=("t1c",), cases_per_cell=1))
+    assert [c.family for c in asked] == list(extra)
+    assert all(c.lesion_mask.any() for c in asked)
     default = make_cohort(t1, brain, contrasts=("t1c",), cases_per_cell=1)
     assert {c.family for c in default} == set(FAMILIES)
 
@@ -476,7 +511,7 @@ def test_cohort_is_keyed_by_name_so_adding_a_family_changes_nothing_else(head):
     np.testing.assert_array_equal(alone[0].image, again[0].image)
 
 
-@pytest.mark.parametrize("family", [*LESION_FAMILIES, "meningioma"])
+@pytest.mark.parametrize("family", [*LESION_FAMILIES, *EXTRA_FAMILIES])
 def test_midline_cases_put_every_lesion_on_the_midline(head, anatomy, family):
     t1, brain, _ = head
     anywhere, midline = (

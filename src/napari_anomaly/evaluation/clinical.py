@@ -15,8 +15,9 @@ cases, each with a ground-truth lesion mask on the acquired grid:
 2. :func:`apply_contrast`: the T1 becomes a T1, contrast-enhanced T1 (``t1c``),
    T2, FLAIR or proton-density (``pd``) image, keeping its texture.
 3. :func:`insert_lesions`: one lesion family (``mass``, ``enhancing_nodule``,
-   ``infarct``, ``periventricular`` or ``normal``; and ``meningioma``, an
-   extra-axial mass, outside the default cohort) at 1 mm, with intensities
+   ``infarct``, ``periventricular`` or ``normal``; and, outside the default
+   cohort, ``meningioma``, an extra-axial mass, and ``large_mass``, a
+   glioblastoma-sized one) at 1 mm, with intensities
    set relative to the local white-matter level of that contrast.
 4. :func:`acquire`: thick axial slices (axis 0), in-plane resampling, a smooth
    bias field, Rician noise, a random field of view and a scanner intensity
@@ -58,6 +59,7 @@ turned into the ratios below by eye; they are not measurements):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -99,7 +101,7 @@ CONTRASTS = ("t1", "t1c", "t2", "flair", "pd")
 FAMILIES = ("mass", "enhancing_nodule", "infarct", "periventricular", "normal")
 #: Families a cohort takes only when asked for by name, so that the default cohort, and
 #: every figure made with it, stays as it was.
-EXTRA_FAMILIES = ("meningioma",)
+EXTRA_FAMILIES = ("meningioma", "large_mass")
 ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
 #: Where a case's lesions may lie: ``anywhere`` a family's own rule allows, or on the
 #: ``midline``, their centres within :data:`MIDLINE_SITE_MM` of the head's mid-sagittal
@@ -152,6 +154,32 @@ _LESION_TEXTURE = 0.05
 _EXTRA_AXIAL = ("meningioma",)
 _INTRACRANIAL_MM = 3
 _TUMOUR_HETEROGENEITY = 0.12
+
+
+@dataclass(frozen=True)
+class _MassShape:
+    """The ranges an intra-axial mass is drawn from (radii and distances in mm)."""
+
+    kind: str
+    radius: tuple[float, float]
+    #: how far the mass pushes the surrounding tissue outward
+    push: tuple[float, float]
+    #: the oedema's reach from the centre, in radii
+    reach: tuple[float, float]
+    ring_probability: float
+    #: the necrotic cavity leaves a wall of this share of the radius
+    rim: tuple[float, float]
+    #: the centre lies at least this many radii (plus 2 mm) inside the brain's surface
+    depth: float
+
+
+_MASS = _MassShape("mass", (6.0, 15.0), (1.0, 3.0), (1.5, 2.5), 0.6, (0.3, 0.5), 1.3)
+# A tumour 3-5 cm across. The issue's larger held-out lesion, at a prevalence of 0.0025
+# of a head's field of view (about 23 x 23 x 15 cm), is about 3.4 cm across if round.
+# Such tumours are nearly always ring-enhancing with a thick, uneven wall, push the
+# brain by several millimetres, and reach the cortex more often than small ones
+# [Osborn]; their oedema reaches less far in radii than a small mass's.
+_LARGE_MASS = _MassShape("large_mass", (15.0, 25.0), (3.0, 6.0), (1.2, 1.8), 0.9, (0.2, 0.4), 0.7)
 
 
 # --------------------------------------------------------------------------- settings
@@ -1019,6 +1047,11 @@ def insert_lesions(
         Vasogenic oedema spreads 1.5-2.5 radii from the centre *within white
         matter* (finger-like, sparing cortex), connected to the mass. Mass
         effect pushes the surrounding tissue outward by 1-3 mm.
+    ``large_mass`` (only when asked for by name, see :data:`EXTRA_FAMILIES`)
+        A glioblastoma-sized ``mass``: radius 15-25 (3-5 cm across), ring-enhancing
+        nine times in ten with a thick, uneven wall (0.2-0.4 of the radius),
+        oedema reaching 1.2-1.8 radii, mass effect 3-6 mm, and a centre that may
+        lie close enough to the surface for the tumour to reach the cortex.
     ``enhancing_nodule``
         1-4 metastasis-like spheres, radius 2-5, at the grey/white junction,
         each with a thin halo of oedema in white matter (1.3-2 radii).
@@ -1116,6 +1149,7 @@ def _insert_lesions(
         return volume, mask, core, params
     inserter = {
         "mass": _insert_mass,
+        "large_mass": functools.partial(_insert_mass, shape=_LARGE_MASS),
         "enhancing_nodule": _insert_nodules,
         "infarct": _insert_infarct,
         "periventricular": _insert_periventricular,
@@ -1138,12 +1172,13 @@ def _insert_mass(
     contrast: str,
     white: float,
     rng: np.random.Generator,
+    shape: _MassShape = _MASS,
 ) -> list[dict]:
-    radius = rng.uniform(6.0, 15.0)
-    push = rng.uniform(1.0, 3.0)
-    reach = rng.uniform(1.5, 2.5)
-    ring = bool(rng.random() < 0.6)
-    rim = rng.uniform(0.3, 0.5)
+    radius = rng.uniform(*shape.radius)
+    push = rng.uniform(*shape.push)
+    reach = rng.uniform(*shape.reach)
+    ring = bool(rng.random() < shape.ring_probability)
+    rim = rng.uniform(*shape.rim)
     jitter = rng.uniform(*_LEVEL_JITTER, size=3)
     shape_wobble = _Wobble(rng, rng.uniform(0.12, 0.25))
     oedema_wobble = _Wobble(rng, 0.3)
@@ -1152,11 +1187,12 @@ def _insert_mass(
     # uneven wall typical of ring-enhancing tumours [Osborn].
     eccentricity = rng.standard_normal(3) * 0.12 * radius
     tissue = (anatomy.classes == GREY_MATTER) | (anatomy.classes == WHITE_MATTER)
-    centre = _pick_voxel(anatomy.within_site(tissue), anatomy.depth_mm, 1.3 * radius + 2.0, rng)
+    depth = shape.depth * radius + 2.0
+    centre = _pick_voxel(anatomy.within_site(tissue), anatomy.depth_mm, depth, rng)
     box, low = _box(centre, 3.5 * radius + 2.0, volume.shape)
-    shape = tuple(s.stop - s.start for s in box)
-    texture = 1.0 + _LESION_TEXTURE * _smooth_noise(shape, rng, 1.0)
-    heterogeneity = _smooth_noise(shape, rng, 2.5)
+    box_shape = tuple(s.stop - s.start for s in box)
+    texture = 1.0 + _LESION_TEXTURE * _smooth_noise(box_shape, rng, 1.0)
+    heterogeneity = _smooth_noise(box_shape, rng, 2.5)
 
     offsets = _offsets(box, low, centre)
     distance = _distance(offsets)
@@ -1166,7 +1202,7 @@ def _insert_mass(
     )
     local_white = _local_white(region, classes, white)
     core = (distance <= radius * shape_wobble(offsets, distance)) & brain
-    centre_label = np.zeros(shape, dtype=bool)
+    centre_label = np.zeros(box_shape, dtype=bool)
     centre_label[tuple(np.round(centre - low).astype(int))] = True
     oedema = (distance <= reach * radius * oedema_wobble(offsets, distance)) & brain
     # Vasogenic oedema spreads along white-matter tracts and spares the cortex [Osborn].
@@ -1196,7 +1232,7 @@ def _insert_mass(
     core_mask[box] |= _soft(core) >= 0.5
     return [
         {
-            "kind": "mass",
+            "kind": shape.kind,
             "centre": centre.tolist(),
             "radius_mm": float(radius),
             "mass_effect_mm": float(push),
