@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import runpy
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -752,3 +754,26 @@ def test_a_variant_scored_as_shipped_reads_scans_as_localise_does():
     assert result["per_case"][0]["regions"] == count_regions(shown.anomaly_map, 0.55, 10)
     fitted = score_variant(cal, records, post)
     assert not fitted["shipped"] and fitted["calibration"] != score.to_dict()
+
+
+def test_lesion_planes_gives_each_planes_marked_share_of_the_tumour():
+    """scripts/lesion_planes.py: per plane with enough of the tumour, the share marked and the
+    mean scores; thin planes are left out."""
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "lesion_planes.py"))
+    core = np.zeros((4, 20, 20), dtype=bool)
+    core[1, :10, :] = True  # 200 voxels, all marked
+    core[2, :10, :15] = True  # 150 voxels, the first 75 marked
+    core[3, :5, :10] = True  # 50 voxels: too few
+    score = np.zeros(core.shape, dtype=np.float32)
+    score[1][core[1]] = 0.9
+    score[2, :5, :15] = 0.8
+    score[2, 5:10, :15] = 0.2
+    raw = score / 2
+    rows = script["plane_rows"](core, score >= 0.5, score, 100, raw)
+    assert [r["plane"] for r in rows] == [1, 2]
+    assert [r["core_voxels"] for r in rows] == [200, 150]
+    assert [r["marked_share"] for r in rows] == [1.0, 0.5]
+    assert rows[1]["mean_score"] == pytest.approx(0.5) and rows[1]["raw_mean"] == pytest.approx(
+        0.25
+    )
+    assert "raw_mean" not in script["plane_rows"](core, score >= 0.5, score, 100)[0]
