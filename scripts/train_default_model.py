@@ -174,6 +174,13 @@ def main() -> None:
         "another tissue's level (default 0, or the parent's with --continue-from)",
     )
     parser.add_argument(
+        "--lesion-ring",
+        type=float,
+        help="TrainConfig.lesion_task_ring: share of the lesion task's blobs that are rings, "
+        "a bright or dark wall around a hollow changed the other way (default 0, or the "
+        "parent's with --continue-from)",
+    )
+    parser.add_argument(
         "--lesion-radius",
         type=float,
         nargs=2,
@@ -322,6 +329,7 @@ def main() -> None:
             learning_rate=args.learning_rate,
             lesion_task_probability=args.lesion_task,
             lesion_task_level=args.lesion_level or 0.0,
+            lesion_task_ring=args.lesion_ring or 0.0,
             deformation_task_probability=args.deformation_task or 0.0,
             **({"lesion_task_delta": tuple(args.lesion_delta)} if args.lesion_delta else {}),
             **({"lesion_task_radius": tuple(args.lesion_radius)} if args.lesion_radius else {}),
@@ -350,6 +358,8 @@ def main() -> None:
             stored["config"]["lesion_task_delta"] = list(args.lesion_delta)
         if args.lesion_level is not None:
             stored["config"]["lesion_task_level"] = args.lesion_level
+        if args.lesion_ring is not None:
+            stored["config"]["lesion_task_ring"] = args.lesion_ring
         if args.lesion_radius:
             stored["config"]["lesion_task_radius"] = list(args.lesion_radius)
         if args.lesion_radius_draw:

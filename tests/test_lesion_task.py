@@ -334,3 +334,47 @@ def test_an_ensembles_networks_replay_their_own_blobs_when_asked_and_adapt_with_
     for settings in (FinetuneConfig, AdaptConfig):
         with pytest.raises(ValueError, match="member_tasks"):
             settings(member_tasks="first")
+
+
+def test_a_ring_changes_its_wall_one_way_and_its_hollow_the_other():
+    """``ring_probability``: a ring-enhancing tumour's bright wall around a dark centre (or
+    the reverse); without it every blob moves one way."""
+    images = torch.full((8, 1, 64, 64), 0.5)
+    foreground = torch.ones_like(images, dtype=torch.bool)
+    blob = {
+        "probability": 1.0,
+        "blobs": (1, 1),
+        "radius": (0.25, 0.25),
+        "delta": (0.3, 0.3),
+        "flatten": (0.0, 0.0),
+        "roughness": 0.0,
+    }
+
+    def both_ways(config) -> list[bool]:
+        anomalous, label, _ = synthesise_lesions(
+            images, foreground, config, torch.Generator().manual_seed(3)
+        )
+        change = anomalous - images
+        found = [bool(c.max() > 0.1 and c.min() < -0.1) for c in change]
+        # the hollow is labelled as anomalous as the wall
+        assert float(label[change.abs() > 0.1].min()) > 0
+        return found
+
+    assert not any(both_ways(LesionTaskConfig(**blob)))
+    assert all(both_ways(LesionTaskConfig(**blob, ring_probability=1.0)))
+
+
+def test_the_ring_share_is_checked_recorded_with_the_model_and_replayed_by_fine_tuning(
+    monkeypatch,
+):
+    with pytest.raises(ValueError, match="ring_probability"):
+        LesionTaskConfig(ring_probability=1.5)
+    with pytest.raises(ValueError, match="ring_wall"):
+        LesionTaskConfig(ring_wall=(0.5, 0.2))
+    with pytest.raises(ValueError, match="lesion_task_ring"):
+        TrainConfig(lesion_task_ring=-0.1)
+    model = _tiny_model(lesion_task_ring=0.5)
+    assert model.metadata["training"]["config"]["lesion_task_ring"] == 0.5
+    rings = _record_lesion_task_setting(monkeypatch, 10, "ring")
+    _finetune_briefly(model)
+    assert rings and set(rings) == {0.5}

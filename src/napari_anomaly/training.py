@@ -141,6 +141,10 @@ class TrainConfig:
         Share of that task's blobs that take the local intensity of another
         place of the same image (another tissue's level) instead of a shift
         (``LesionTaskConfig.level_probability``); 0 keeps the shift alone.
+    lesion_task_ring
+        Share of that task's blobs that are rings, a wall changed one way around a
+        hollow changed the other (``LesionTaskConfig.ring_probability``), as a
+        ring-enhancing tumour; 0 (the default) draws nothing extra.
     lesion_task_radius
         Range of that task's blob half-axes as fractions of the patch side
         (``LesionTaskConfig.radius``). The default reaches about 19 voxels of a
@@ -180,6 +184,7 @@ class TrainConfig:
     lesion_task_probability: float = 0.0
     lesion_task_delta: tuple[float, float] = (0.08, 0.45)
     lesion_task_level: float = 0.0
+    lesion_task_ring: float = 0.0
     lesion_task_radius: tuple[float, float] = LesionTaskConfig.radius
     lesion_task_radius_draw: str = LesionTaskConfig.radius_draw
     deformation_task_probability: float = 0.0
@@ -229,6 +234,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.lesion_task_level <= 1.0:
             raise ValueError(f"lesion_task_level must lie in [0, 1], got {self.lesion_task_level}")
+        if not 0.0 <= self.lesion_task_ring <= 1.0:
+            raise ValueError(f"lesion_task_ring must lie in [0, 1], got {self.lesion_task_ring}")
         if not 0.0 <= self.deformation_task_probability <= 1.0:
             raise ValueError(
                 "deformation_task_probability must lie in [0, 1], got "
@@ -797,6 +804,7 @@ def _mix_lesion_task(
     level: float = 0.0,
     radius: tuple[float, float] = TrainConfig.lesion_task_radius,
     radius_draw: str = TrainConfig.lesion_task_radius_draw,
+    ring: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give a random share of the batch the lesion-like intensity task instead of P-PII."""
     task = LesionTaskConfig(
@@ -805,6 +813,7 @@ def _mix_lesion_task(
         level_probability=level,
         radius=tuple(radius),
         radius_draw=radius_draw,
+        ring_probability=ring,
     )
     return _mix_task(
         batch,
@@ -861,6 +870,7 @@ def _mix_other_tasks(
             tasks.lesion_task_level,
             tasks.lesion_task_radius,
             tasks.lesion_task_radius_draw,
+            tasks.lesion_task_ring,
         )
     if tasks.deformation_task_probability > 0:
         current = _mix_deformation_task(

@@ -75,6 +75,15 @@ class LesionTaskConfig:
         mean by less than ``delta[0]`` is redrawn (up to 4 times) and
         otherwise the blob is shifted. 0 (the default) draws nothing extra, so
         every seed gives what it gave before.
+    ring_probability
+        Share of the blobs that are rings: the outer ``ring_wall`` of the blob
+        (a share of its radius) changes as above, and the hollow inside it is
+        shifted the other way, by 0.5-1 times ``delta``, as a ring-enhancing
+        tumour's bright wall holds a dark, necrotic centre. A blob
+        that takes another tissue's level keeps that level in its wall. 0 (the
+        default) draws nothing extra.
+    ring_wall
+        Range of a ring's wall thickness, as a share of the blob's radius.
     """
 
     probability: float = 0.0
@@ -86,12 +95,18 @@ class LesionTaskConfig:
     edge: tuple[float, float] = (0.1, 0.5)
     roughness: float = 0.3
     level_probability: float = 0.0
+    ring_probability: float = 0.0
+    ring_wall: tuple[float, float] = (0.2, 0.5)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(f"probability must lie in [0, 1], got {self.probability}")
         if not 0.0 <= self.level_probability <= 1.0:
             raise ValueError(f"level_probability must lie in [0, 1], got {self.level_probability}")
+        if not 0.0 <= self.ring_probability <= 1.0:
+            raise ValueError(f"ring_probability must lie in [0, 1], got {self.ring_probability}")
+        if not 0.0 < self.ring_wall[0] <= self.ring_wall[1] < 1.0:
+            raise ValueError(f"ring_wall must be a range within (0, 1), got {self.ring_wall}")
         if self.blobs[0] < 1 or self.blobs[1] < self.blobs[0]:
             raise ValueError(f"blobs must be a range of at least 1, got {self.blobs}")
         if self.radius_draw not in RADIUS_DRAWS:
@@ -249,7 +264,16 @@ def synthesise_lesions(
                 if level is not None:
                     # Another tissue's level, with the blob's own texture around it.
                     changed = level + (1.0 - flatten) * (sample - mean)
-            sample = sample + weight * (changed.clamp(0.0, 1.0) - sample)
+            changed = changed.clamp(0.0, 1.0)
+            if config.ring_probability > 0 and float(torch.rand(1, generator=generator)) < (
+                config.ring_probability
+            ):
+                wall = float(_uniform(*config.ring_wall, (1,), generator))
+                inner = -delta * float(_uniform(0.5, 1.0, (1,), generator))
+                hollow = torch.sigmoid(((1.0 - wall) - distance) / max(edge / 4.0, 1e-3))
+                centre = ((1.0 - flatten) * sample + flatten * mean + inner).clamp(0.0, 1.0)
+                changed = changed + hollow * (centre - changed)
+            sample = sample + weight * (changed - sample)
         anomalous[b, 0] = sample
     deviation = (anomalous - images).abs()
     label = label_from_deviation(deviation, synthesis) * fg
