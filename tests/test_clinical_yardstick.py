@@ -253,7 +253,7 @@ def test_mass_effect_pushes_tissue_around_the_mass(head, anatomy):
 def test_a_large_mass_is_a_glioblastoma_sized_ring_enhancing_mass():
     """``large_mass``: a tumour 3-5 cm across, with a larger tumour core than any ordinary
     mass of the same seeds, a thick ring on T1 with contrast, and more mass effect."""
-    t1, brain, _ = synthetic_head(scale=2)  # a brain about 10 cm across, as an adult's
+    t1, brain, _ = synthetic_head(scale=2)  # a brain about 10 cm across, room for 3-5 cm
     anatomy = prepare_anatomy(t1, brain)
     white = _white_matter_median(t1, anatomy)
     t1c = apply_contrast(t1, anatomy.classes, brain, "t1c", 0, anatomy=anatomy)
