@@ -5,9 +5,10 @@
         --subjects colin27 older_head brainbrowser --family large_mass --contrast t1c \
         --slice-thickness-mm 6 7 --raw --json benchmarks/results/lesion_planes_large_mass_t1c.json
 
-The scans are the yardstick's own (``evaluate_clinical.py`` with ``--brain-margin-mm 10
-30 --venous-sinuses both --slice-thickness-mm``: the same seeds, so case ``i`` here is
-case ``i`` of its report). Each scan goes through ``inference.localise`` with the model's
+The scans are the yardstick's own (by default those of ``evaluate_clinical.py`` with
+``--brain-margin-mm 10 30 --venous-sinuses both --slice-thickness-mm``, the settings taken
+here as ``--brain-margin-mm`` and ``--no-venous-sinuses``: the same seeds, so case ``i``
+here is case ``i`` of its report). Each scan goes through ``inference.localise`` with the model's
 own settings, as ``napari-anomaly localise`` reads it, and is thresholded at the model's
 threshold. For every plane that holds at least ``--min-voxels`` of the lesions without
 their oedema (``ClinicalCase.core_mask``: a mass's tumour, a nodule itself), the report
@@ -75,6 +76,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--slice-thickness-mm", nargs=2, type=float, metavar=("LOW", "HIGH"), default=(6.0, 7.0)
     )
+    parser.add_argument(
+        "--brain-margin-mm",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=(10.0, 30.0),
+        help="plan each scan's Z coverage on the brain, reaching this far beyond it (mm, "
+        "AcquisitionConfig.brain_margin_mm; default 10 30, as the yardstick's thick runs)",
+    )
+    parser.add_argument(
+        "--no-venous-sinuses",
+        action="store_true",
+        help="leave the dural venous sinuses out of T1 with contrast "
+        "(AcquisitionConfig.venous_sinuses; shown by default, as the yardstick's thick runs)",
+    )
     parser.add_argument("--min-voxels", type=int, default=100)
     parser.add_argument("--raw", action="store_true", help="also the raw network score")
     parser.add_argument("--json", type=Path)
@@ -87,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         model_predictor(model, in_plane_mm=model.postprocess.in_plane_mm) if args.raw else None
     )
     acquisition = AcquisitionConfig(
-        brain_margin_mm=(10.0, 30.0),
-        venous_sinuses=True,
+        brain_margin_mm=tuple(args.brain_margin_mm),
+        venous_sinuses=not args.no_venous_sinuses,
         slice_thickness_mm=tuple(args.slice_thickness_mm),
     )
     cases = []
