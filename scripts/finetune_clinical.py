@@ -222,12 +222,20 @@ def main() -> None:
         help="shares of the held scans' patches that show a marked lesion moved into them",
     )
     parser.add_argument(
+        "--transplant-scale-from",
+        type=int,
+        help="resize only moved lesions at least this many voxels wide "
+        "(FinetuneConfig.transplant_scale_from; default: what finetune chooses by the "
+        "corrected scan's slices)",
+    )
+    parser.add_argument(
         "--transplant-scales",
         type=_scale,
         nargs="+",
         default=[FinetuneConfig.transplant_scale],
         metavar="LOW:HIGH",
-        help="ranges of the size factor on moved lesions, e.g. 0.33:3 (1:1 their own size)",
+        help="ranges of the size factor on moved lesions, e.g. 0.33:3 (1:1 their own size; "
+        "default: what finetune chooses by the corrected scan's slices)",
     )
     parser.add_argument(
         "--moved-surroundings",
@@ -402,6 +410,7 @@ def main() -> None:
             replay_fraction=replay,
             transplant_share=share,
             transplant_scale=scale,
+            transplant_scale_from=args.transplant_scale_from,
             batch_size=args.batch_size,
             seed=finetune_seed,
             member_loss=member_loss,
@@ -453,7 +462,8 @@ def main() -> None:
                 "replay_fraction": replay,
                 # as finetune chose them where the options left them open
                 "transplant_share": chosen["transplant_share"],
-                "transplant_scale": list(scale),
+                "transplant_scale": chosen["transplant_scale"],
+                "transplant_scale_from": chosen["transplant_scale_from"],
                 "batch_size": args.batch_size,
                 "finetune_seed": finetune_seed,
                 "member_loss": member_loss,

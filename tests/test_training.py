@@ -444,18 +444,37 @@ def test_moved_lesion_defaults_follow_the_corrected_scans_slice_thickness():
 
     default = FinetuneConfig()
     thick, thin = (6.4, 0.9, 0.9), (4.8, 0.5, 0.5)
-    assert moved_lesion_settings(default, [thick]) == THICK_SLICE_MOVED_LESIONS == (0.5, "held")
+    assert moved_lesion_settings(default, [thick]) == THICK_SLICE_MOVED_LESIONS
+    # thick slices: half the replayed patches, the tissue around held, a lesion 20 voxels
+    # wide or wider also shown smaller
+    assert THICK_SLICE_MOVED_LESIONS == (0.5, "held", (0.3, 1.0), 20)
     assert moved_lesion_settings(default, [(5.0, 1, 1), (0.5, 7.0, 0.5)]) == (
         THICK_SLICE_MOVED_LESIONS
     )
     # thin, mixed, without spacing or a 2D image: the thin-slice settings
-    assert THIN_SLICE_MOVED_LESIONS == (0.25, "taught")
+    assert THIN_SLICE_MOVED_LESIONS == (0.25, "taught", (1.0, 1.0), 0)
     for spacings in ([thin], [thick, (3.0, 1, 1)], [None], [thick, None], [(6.0, 6.0)], []):
         assert moved_lesion_settings(default, spacings) == THIN_SLICE_MOVED_LESIONS
     # a setting the user chose is kept
-    chosen = FinetuneConfig(transplant_share=0.1, moved_lesion_surroundings="taught")
-    assert moved_lesion_settings(chosen, [thick]) == (0.1, "taught")
-    assert moved_lesion_settings(FinetuneConfig(transplant_share=0.0), [thick]) == (0.0, "held")
+    chosen = FinetuneConfig(
+        transplant_share=0.1, moved_lesion_surroundings="taught", transplant_scale=(1, 1)
+    )
+    assert moved_lesion_settings(chosen, [thick]) == (0.1, "taught", (1.0, 1.0), 20)
+    assert moved_lesion_settings(FinetuneConfig(transplant_share=0.0), [thick]) == (
+        0.0,
+        "held",
+        (0.3, 1.0),
+        20,
+    )
+    assert moved_lesion_settings(FinetuneConfig(transplant_scale=(0.5, 2)), [thin]) == (
+        0.25,
+        "taught",
+        (0.5, 2.0),
+        0,
+    )
+    assert moved_lesion_settings(FinetuneConfig(transplant_scale_from=8), [thick]).scale_from == 8
+    with pytest.raises(ValueError, match="transplant_scale_from"):
+        FinetuneConfig(transplant_scale_from=-1)
 
     # finetune applies the rule and records what it chose
     parent = Localiser(
@@ -474,7 +493,13 @@ def test_moved_lesion_defaults_follow_the_corrected_scans_slice_thickness():
         record = tuned.metadata["finetuning"][-1]
         assert record["moved_lesions"]["patches"] > 0
         held = "loss_around_moved" in [r for r in reports if r.message == "fine-tuning"][-1].metrics
-        return record["transplant_share"], record["moved_lesion_surroundings"], held
+        return (
+            record["transplant_share"],
+            record["moved_lesion_surroundings"],
+            tuple(record["transplant_scale"]),
+            record["transplant_scale_from"],
+            held,
+        )
 
-    assert chosen_for((6.0, 0.5, 0.5)) == (0.5, "held", True)
-    assert chosen_for((2.0, 0.5, 0.5)) == (0.25, "taught", False)
+    assert chosen_for((6.0, 0.5, 0.5)) == (0.5, "held", (0.3, 1.0), 20, True)
+    assert chosen_for((2.0, 0.5, 0.5)) == (0.25, "taught", (1.0, 1.0), 0, False)

@@ -190,6 +190,32 @@ def test_lesions_at_their_own_size_draw_the_same_as_without_resizing():
     assert not torch.equal(plain[1], resized[1])
 
 
+def test_only_lesions_at_least_scale_from_wide_are_resized():
+    image = np.full((60, 60), 0.4, np.float32)
+    nodule, mass = _disc((60, 60), (12, 12), 4), _disc((60, 60), (38, 38), 12)  # 9 and 25 wide
+    image[nodule | mass] = 0.9
+    donors = collect_donors([image], [nodule | mass], 2, 96, min_scale=0.3)
+    by_width = {max(d.mask.sum(axis=0).max(), d.mask.sum(axis=1).max()): d for d in donors}
+    assert sorted(by_width) == [9, 25]
+    host = torch.full((6, 1, 96, 96), 0.4)
+    free = torch.ones(host.shape, dtype=torch.bool)
+
+    def pasted(donor, scale_from):
+        return transplant(
+            host, free, [donor], np.random.default_rng(5), scale=(0.3, 0.3), scale_from=scale_from
+        )
+
+    # a nodule narrower than scale_from: as if nothing were resized, the same draws
+    own_size = transplant(host, free, [by_width[9]], np.random.default_rng(5))
+    assert all(torch.equal(a, b) for a, b in zip(pasted(by_width[9], 20), own_size))
+    # the mass is wider: shrunk to about 0.3 of its side, and so is the nodule with 0
+    for donor, scale_from in ((by_width[25], 20), (by_width[9], 0)):
+        _, label, placed = pasted(donor, scale_from)
+        assert placed.all()
+        areas = (label[:, 0] > 0.5).sum(dim=(1, 2)).numpy()
+        assert np.allclose(areas, donor.mask.sum() * 0.09, rtol=0.5)
+
+
 @pytest.mark.parametrize("scale", [(2.0, 1.0), (0.0, 1.0), (-1.0, 2.0), (1.0, float("inf"))])
 def test_a_bad_size_range_is_refused(scale):
     with pytest.raises(ValueError, match="transplant_scale"):

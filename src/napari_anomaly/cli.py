@@ -1059,7 +1059,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"place (0 turns it off; default {THIN_SLICE_MOVED_LESIONS[0]:g}, or "
         f"{THICK_SLICE_MOVED_LESIONS[0]:g} where every corrected volume has slices of "
         f"{THICK_SLICE_MM:g} mm or more: there the tissue around a moved lesion is held to "
-        "the parent's map instead of taught as normal)",
+        "the parent's map instead of taught as normal, and a lesion "
+        f"{THICK_SLICE_MOVED_LESIONS.scale_from} voxels wide or wider also moves at "
+        f"{THICK_SLICE_MOVED_LESIONS.scale[0]:g}-{THICK_SLICE_MOVED_LESIONS.scale[1]:g}x "
+        "its size)",
     )
     p.add_argument(
         "--distill-weight",

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -285,12 +285,23 @@ MOVED_LESION_SURROUNDINGS = ("taught", "held")
 #: :data:`THICK_SLICE_MOVED_LESIONS` where the settings leave the choice open.
 THICK_SLICE_MM = 5.0
 
-#: ``(transplant_share, moved_lesion_surroundings)`` where ``FinetuneConfig`` leaves them
-#: ``None``: for thin slices (and 2D images or cases given without spacing), and for
-#: slices of :data:`THICK_SLICE_MM` or more (docs/evaluation.md, "The tissue around a
-#: moved lesion").
-THIN_SLICE_MOVED_LESIONS = (0.25, "taught")
-THICK_SLICE_MOVED_LESIONS = (0.5, "held")
+
+class MovedLesions(NamedTuple):
+    """How :func:`finetune` moves marked lesions: ``FinetuneConfig.transplant_share``,
+    ``moved_lesion_surroundings`` and ``transplant_scale``."""
+
+    share: float
+    surroundings: str
+    scale: tuple[float, float]
+    scale_from: int
+
+
+#: The moved lesions' settings where ``FinetuneConfig`` leaves them ``None``: for thin
+#: slices (and 2D images or cases given without spacing), and for slices of
+#: :data:`THICK_SLICE_MM` or more (docs/evaluation.md, "The tissue around a moved
+#: lesion" and "A glioblastoma-sized tumour moved smaller").
+THIN_SLICE_MOVED_LESIONS = MovedLesions(0.25, "taught", (1.0, 1.0), 0)
+THICK_SLICE_MOVED_LESIONS = MovedLesions(0.5, "held", (0.3, 1.0), 20)
 
 
 def _check_member_tasks(value: str) -> None:
@@ -359,7 +370,26 @@ class FinetuneConfig:
         nodules of other scans more after a T1c mass correction (+0.14-0.18 AP
         against +0.03-0.10) but the other masses less (1.66x against 1.83x), PD
         spots less (1.34x against 1.52x), and cost FLAIR periventricular spots
-        0.037 AP after a FLAIR mass correction; hence off (docs/evaluation.md).
+        0.037 AP after a FLAIR mass correction; hence not on thin slices.
+        ``None`` (the default) chooses by the corrected scans' slices
+        (:func:`moved_lesion_settings`): ``(1, 1)`` on thin slices, ``(0.3, 1)``
+        on slices of :data:`THICK_SLICE_MM` or more, for lesions at least
+        ``transplant_scale_from`` wide.
+    transplant_scale_from
+        Only moved lesions at least this many voxels wide (of the grid the
+        model sees; 20 mm on the bundled model's 1 mm) are resized by
+        ``transplant_scale``; narrower ones move at their own size. ``None``
+        (the default) chooses by the corrected scans' slices: 0 (every lesion)
+        on thin slices, 20 on thick ones. On the clinical yardstick (6-7 mm,
+        T1 with contrast, one head's correction measured on another head's
+        scans), a glioblastoma-sized tumour moved at its own size cost the
+        other head's nodules 0.16 and 0.12 AP (two fine-tuning seeds); moved
+        at 0.3-1x its size they gain 0.08 and 0.06, the other large masses
+        rising 1.16x at both seeds against 1.18x and 1.19x. An ordinary mass
+        correction lifts the other head's masses 1.27x (1.29x at its own
+        size). A nodule, narrower than 20, moves as before: shrinking it too
+        lowered a nodule correction's transfer from 1.26x to 1.20x
+        (docs/evaluation.md).
     moved_lesion_surroundings
         What a patch with a moved lesion teaches about the tissue around it:
         ``"taught"`` trains it as normal, as a correction patch's unmarked
@@ -485,7 +515,8 @@ class FinetuneConfig:
     replay_fraction: float = 2 / 3
     focus_probability: float = 0.6
     transplant_share: float | None = None
-    transplant_scale: tuple[float, float] = (1.0, 1.0)
+    transplant_scale: tuple[float, float] | None = None
+    transplant_scale_from: int | None = None
     moved_lesion_surroundings: Literal["taught", "held"] | None = None
     positive_balance: float = 20.0
     anchor_weight: float = 0.0
@@ -525,11 +556,16 @@ class FinetuneConfig:
             raise ValueError(
                 f"weight_interpolation must lie in (0, 1], got {self.weight_interpolation}"
             )
-        try:
-            scale = check_scale(self.transplant_scale)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"transplant_scale: {error}") from None
-        object.__setattr__(self, "transplant_scale", scale)
+        if self.transplant_scale_from is not None and self.transplant_scale_from < 0:
+            raise ValueError(
+                f"transplant_scale_from must be >= 0, got {self.transplant_scale_from}"
+            )
+        if self.transplant_scale is not None:
+            try:
+                scale = check_scale(self.transplant_scale)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"transplant_scale: {error}") from None
+            object.__setattr__(self, "transplant_scale", scale)
         if round(self.batch_size * self.replay_fraction) >= self.batch_size:
             raise ValueError(
                 f"replay_fraction {self.replay_fraction:g} leaves no correction patch in a batch "
@@ -1500,22 +1536,30 @@ def adapt(
 
 def moved_lesion_settings(
     config: FinetuneConfig, spacings: Sequence[Sequence[float] | None]
-) -> tuple[float, str]:
-    """``(transplant_share, moved_lesion_surroundings)`` that :func:`finetune` uses: the
-    settings, or where one is ``None``, :data:`THICK_SLICE_MOVED_LESIONS` when every
-    corrected case is a volume whose slices (its coarsest voxel spacing, mm; ``spacings``
-    holds each case's voxel size, ``None`` for a case without one) are at least
-    :data:`THICK_SLICE_MM` thick, :data:`THIN_SLICE_MOVED_LESIONS` otherwise (2D images
-    included)."""
+) -> MovedLesions:
+    """The moved lesions' settings that :func:`finetune` uses: ``config``'s
+    ``transplant_share``, ``moved_lesion_surroundings`` and ``transplant_scale``, or
+    where one is ``None``, that of :data:`THICK_SLICE_MOVED_LESIONS` when every
+    corrected case is a volume whose slices (its coarsest voxel spacing, mm;
+    ``spacings`` holds each case's voxel size, ``None`` for a case without one) are at
+    least :data:`THICK_SLICE_MM` thick, of :data:`THIN_SLICE_MOVED_LESIONS` otherwise
+    (2D images included)."""
     thick = bool(spacings) and all(
         s is not None and len(s) == 3 and max(s) >= THICK_SLICE_MM for s in spacings
     )
-    share, surroundings = THICK_SLICE_MOVED_LESIONS if thick else THIN_SLICE_MOVED_LESIONS
-    if config.transplant_share is not None:
-        share = config.transplant_share
-    if config.moved_lesion_surroundings is not None:
-        surroundings = config.moved_lesion_surroundings
-    return float(share), surroundings
+    chosen = THICK_SLICE_MOVED_LESIONS if thick else THIN_SLICE_MOVED_LESIONS
+    return MovedLesions(
+        float(chosen.share if config.transplant_share is None else config.transplant_share),
+        chosen.surroundings
+        if config.moved_lesion_surroundings is None
+        else config.moved_lesion_surroundings,
+        tuple(chosen.scale if config.transplant_scale is None else config.transplant_scale),
+        int(
+            chosen.scale_from
+            if config.transplant_scale_from is None
+            else config.transplant_scale_from
+        ),
+    )
 
 
 def weight_interpolation(config: FinetuneConfig, held: bool) -> float:
@@ -1685,7 +1729,7 @@ def finetune(
         else [np.ones(np.shape(m), dtype=np.float32) for m in corrected_masks]
     )
     # the moved lesions' defaults follow the corrected volumes' slice thickness
-    transplant_share, surroundings = moved_lesion_settings(
+    transplant_share, surroundings, transplant_scale, scale_from = moved_lesion_settings(
         config, spacings if spacings is not None else [None] * len(images)
     )
     device = resolve_device(config.device)
@@ -1751,7 +1795,7 @@ def finetune(
             dims,
             localiser.patch_size,
             plane_axes=plane_axes,
-            min_scale=min(config.transplant_scale[0], 1.0),
+            min_scale=min(transplant_scale[0], 1.0),
             rng=np.random.default_rng([config.seed, 1]),
         )
         if transplant_share > 0 or (held_sampler is not None and config.held_transplant_share > 0)
@@ -1789,7 +1833,8 @@ def finetune(
                 host_foreground & (host_marked < 0.5),
                 donors,
                 rng,
-                scale=config.transplant_scale,
+                scale=transplant_scale,
+                scale_from=scale_from,
             )
             moved += int(placed.sum())
             moved_target = torch.maximum(host_marked, pasted_label)
@@ -1847,7 +1892,8 @@ def finetune(
                     held_foreground[:held_moves],
                     donors,
                     rng,
-                    scale=config.transplant_scale,
+                    scale=transplant_scale,
+                    scale_from=scale_from,
                 )
                 patches = torch.cat([pasted, patches[held_moves:]])
                 moved_held += int(placed.sum())
@@ -1893,9 +1939,12 @@ def finetune(
             "held_scans": len(held_images) if held_sampler is not None else 0,
             # the share of the weight change kept (the setting, or what None chose)
             "weight_interpolation": kept,
-            # the moved lesions' share and surroundings (the settings, or what None chose)
+            # the moved lesions' share, surroundings and sizes (the settings, or what None
+            # chose)
             "transplant_share": transplant_share,
             "moved_lesion_surroundings": surroundings,
+            "transplant_scale": list(transplant_scale),
+            "transplant_scale_from": scale_from,
             "steps": config.steps,
             "seed": config.seed,
             "seconds": round(time.perf_counter() - started, 1),

@@ -191,6 +191,15 @@ def check_scale(scale: tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
+def _width(mask: np.ndarray) -> int:
+    """The widest side (voxels) of the box around ``mask``'s marked voxels."""
+    sides = []
+    for axis in range(mask.ndim):
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        sides.append(int(along[-1] - along[0] + 1) if along.size else 0)
+    return max(sides)
+
+
 def _resized(
     arrays: tuple[np.ndarray, ...], scale: tuple[float, float], room: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, ...] | None:
@@ -224,6 +233,7 @@ def transplant(
     rng: np.random.Generator,
     contrast: tuple[float, float] = (0.8, 1.2),
     scale: tuple[float, float] = (1.0, 1.0),
+    scale_from: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paste one random donor into each patch of ``normal`` where it finds room.
 
@@ -248,6 +258,10 @@ def transplant(
         with it). A factor that would make the donor wider than half a patch is
         lowered to fit; ``(1, 1)`` pastes every lesion at its own size and draws
         nothing from ``rng`` for it.
+    scale_from
+        Only lesions at least this many voxels wide (their widest side, without
+        context) are resized by ``scale``; narrower ones are pasted at their own
+        size, drawing nothing from ``rng`` for it. 0 resizes every lesion.
 
     Returns
     -------
@@ -271,7 +285,7 @@ def transplant(
     for b in range(count):
         donor = donors[int(rng.integers(len(donors)))]
         arrays = _turned(donor, rng)
-        if scale != (1.0, 1.0):
+        if scale != (1.0, 1.0) and _width(donor.mask) >= scale_from:
             resized = _resized(arrays, scale, room, rng)
             if resized is None:
                 continue
