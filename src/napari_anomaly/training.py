@@ -288,7 +288,7 @@ THICK_SLICE_MM = 5.0
 
 class MovedLesions(NamedTuple):
     """How :func:`finetune` moves marked lesions: ``FinetuneConfig.transplant_share``,
-    ``moved_lesion_surroundings`` and ``transplant_scale``."""
+    ``moved_lesion_surroundings``, ``transplant_scale`` and ``transplant_scale_from``."""
 
     share: float
     surroundings: str
