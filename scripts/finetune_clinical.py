@@ -29,6 +29,12 @@ scans) from the other head: one patient's correction judged on another
 patient's scans, as in a clinic. ``--held-normals N`` makes N further normal
 scans of the measured head (never measured) and gives them to ``finetune`` as
 ``held_images``: other scans of the site whose maps are held to the parent's.
+
+With ``--detail`` every pooled AP comes with where it is won and lost
+(``napari_anomaly.evaluation.yardstick.where_ap_goes``): each scan's AP, the lesion
+voxels' scores against the other voxels' top percentiles, and the AP without the
+voxels within 6 mm of a lesion (tissue lit up round a lesion, told apart from a
+lesion scored lower).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from napari_anomaly.evaluation.clinical import (
     prepare_anatomy,
 )
 from napari_anomaly.evaluation.triage import triage_case
-from napari_anomaly.evaluation.yardstick import model_predictor
+from napari_anomaly.evaluation.yardstick import model_predictor, where_ap_goes
 from napari_anomaly.inference import InferenceConfig, localise
 from napari_anomaly.io import atomic_write_text
 from napari_anomaly.localiser import Localiser
@@ -70,11 +76,15 @@ from napari_anomaly.training import (
 )
 
 
-def pooled_ap(localiser, cases, in_plane_mm: float, extra_in_plane_mm=()) -> float:
+def pooled_ap(localiser, cases, in_plane_mm: float, extra_in_plane_mm=(), detail=False):
+    """Pixel AP of the cases pooled; with ``detail``, where it is won and lost
+    (:func:`napari_anomaly.evaluation.yardstick.where_ap_goes`)."""
     predict = model_predictor(
         localiser, InferenceConfig(device="cpu"), in_plane_mm, tuple(extra_in_plane_mm)
     )
     maps = [predict(c.image, tuple(c.spacing))[0] for c in cases]
+    if detail:
+        return where_ap_goes(maps, [c.lesion_mask for c in cases], [c.spacing for c in cases])
     truth = np.concatenate([c.lesion_mask.ravel() for c in cases])
     return round(average_precision(np.concatenate([m.ravel() for m in maps]), truth), 4)
 
@@ -115,14 +125,22 @@ def pipeline_triage(localiser, kind_others, normals) -> dict:
 
 
 def measure(
-    localiser, kind_others, corrected, others, normals, in_plane_mm, extra=(), pipeline=True
+    localiser,
+    kind_others,
+    corrected,
+    others,
+    normals,
+    in_plane_mm,
+    extra=(),
+    pipeline=True,
+    detail=False,
 ) -> dict:
     measured = {
-        "kind_other_scans": pooled_ap(localiser, kind_others, in_plane_mm, extra),
-        "corrected_scan": pooled_ap(localiser, [corrected], in_plane_mm, extra),
+        "kind_other_scans": pooled_ap(localiser, kind_others, in_plane_mm, extra, detail),
+        "corrected_scan": pooled_ap(localiser, [corrected], in_plane_mm, extra, detail),
         **{
             family: pooled_ap(
-                localiser, [c for c in others if c.family == family], in_plane_mm, extra
+                localiser, [c for c in others if c.family == family], in_plane_mm, extra, detail
             )
             for family in dict.fromkeys(c.family for c in others)
         },
@@ -290,6 +308,12 @@ def main() -> None:
         action="store_true",
         help="pixel AP only: skip the ranks and normal-scan regions through the pipeline",
     )
+    parser.add_argument(
+        "--detail",
+        action="store_true",
+        help="beside each pooled AP, each scan's AP, lesion and other-voxel scores, and the "
+        "AP without the 6 mm round each lesion (where_ap_goes)",
+    )
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
         "--slice-thickness-mm",
@@ -360,6 +384,7 @@ def main() -> None:
             args.in_plane_mm,
             args.extra_in_plane_mm,
             pipeline,
+            args.detail,
         )
 
     before = measured(localiser)

@@ -27,7 +27,12 @@ from napari_anomaly.evaluation.clinical import (
     prepare_anatomy,
     tissue_classes,
 )
-from napari_anomaly.evaluation.yardstick import CaseMaps, markdown_tables, score_variant
+from napari_anomaly.evaluation.yardstick import (
+    CaseMaps,
+    markdown_tables,
+    score_variant,
+    where_ap_goes,
+)
 
 LESION_FAMILIES = [f for f in FAMILIES if f != "normal"]
 AIR, SCALP, SKULL, CSF_T1, GM_T1, WM_T1 = 0.0, 200.0, 15.0, 35.0, 80.0, 110.0
@@ -230,6 +235,43 @@ def test_the_yardstick_scores_the_core_apart_from_the_whole_lesion():
             "ap_core"
             not in score_variant([normal], [record("mass", truth, same)])["cells"]["mass/t1c"]
         )
+
+
+def test_where_ap_goes_tells_a_lit_halo_from_a_lesion_scored_lower():
+    """A meningioma-like lesion on thick slices: tissue lit up round it lowers the pooled
+    AP, and leaving out the voxels within ``halo_mm`` of the lesion undoes that fall; a
+    lesion scored below far tissue loses AP that the halo's removal does not undo."""
+    rng = np.random.default_rng(1)
+    shape = (6, 48, 48)
+    spacing = (6.0, 1.0, 1.0)
+    truth = np.zeros(shape, dtype=bool)
+    truth[2:4, 20:28, 20:28] = True
+    distance = ndimage.distance_transform_edt(~truth, sampling=spacing)
+    lit = (0.2 * rng.random(shape)).astype(np.float32)
+    lit[truth] = 0.7
+    lit[(distance > 0) & (distance <= 3.0)] = 0.9  # a bright round the lesion
+    far = (0.2 * rng.random(shape)).astype(np.float32)
+    far[truth] = 0.7
+    far[0, :4, :4] = 0.9  # bright tissue far from the lesion (a corner of the top slice)
+
+    halo = where_ap_goes([lit], [truth], [spacing], halo_mm=6.0)
+    assert halo["ap"] < 0.6
+    assert halo["ap_beyond_halo"] == 1.0
+    assert halo["top_other_in_halo"] == 1.0
+    assert halo["lesion_median"] == pytest.approx(0.7)
+    assert halo["other_q9999"] == pytest.approx(0.9)
+
+    elsewhere = where_ap_goes([far, lit], [truth, truth], [spacing, spacing], halo_mm=6.0)
+    assert elsewhere["per_scan"][1] == halo["ap"]
+    assert elsewhere["per_scan"][0] < 1.0
+    assert elsewhere["ap_beyond_halo"] < 1.0
+    # the pooled AP ranks both scans' voxels together
+    assert elsewhere["ap"] < max(elsewhere["per_scan"])
+
+    with pytest.raises(ValueError, match="one mask and one spacing per map"):
+        where_ap_goes([lit], [truth, truth], [spacing])
+    with pytest.raises(ValueError, match="lesion voxels"):
+        where_ap_goes([lit], [np.zeros(shape, bool)], [spacing])
 
 
 def test_mass_effect_pushes_tissue_around_the_mass(head, anatomy):
