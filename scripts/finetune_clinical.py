@@ -312,7 +312,7 @@ def main() -> None:
         "--detail",
         action="store_true",
         help="beside each pooled AP, each scan's AP, lesion and other-voxel scores, and the "
-        "AP without the 6 mm round each lesion (where_ap_goes)",
+        "AP without the voxels within 6 mm of a lesion (where_ap_goes)",
     )
     parser.add_argument("--normals", type=int, default=2, help="normal scans of the contrast")
     parser.add_argument(
