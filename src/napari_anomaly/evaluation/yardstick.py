@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_anomaly.asymmetry import Midline, blend_asymmetry, find_midline, raise_by_asymmetry
+from napari_anomaly.brain import widen
 from napari_anomaly.calibration import (
     CURVE_THRESHOLDS,
     DEFAULT_MAX_FALSE_REGIONS,
@@ -171,10 +172,7 @@ def where_ap_goes(
     if not maps or not (len(maps) == len(masks) == len(spacings)):
         raise ValueError("where_ap_goes needs one mask and one spacing per map")
     truths = [np.asarray(m, dtype=bool) for m in masks]
-    halos = [
-        ndi.distance_transform_edt(~truth, sampling=tuple(float(s) for s in spacing)) <= halo_mm
-        for truth, spacing in zip(truths, spacings)
-    ]
+    halos = [widen(truth, spacing, halo_mm) for truth, spacing in zip(truths, spacings)]
     scores = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
     truth = np.concatenate([t.ravel() for t in truths])
     halo = np.concatenate([h.ravel() for h in halos]) & ~truth
