@@ -251,6 +251,13 @@ def main() -> None:
         help="where the lesions lie: anywhere their family's rule allows, or on the midline "
         f"(centres within {MIDLINE_SITE_MM:g} mm of it; clinical.SITES)",
     )
+    parser.add_argument(
+        "--lesion-strength",
+        type=float,
+        default=1.0,
+        help="multiply every lesion's signal deviation from white matter by this (0.5: "
+        "half as conspicuous; make_case's lesion_strength); the same lesions, fainter",
+    )
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--edge-mm", type=float, nargs="+", default=[0.0])
     parser.add_argument("--rank-by", nargs="+", choices=RANKINGS, default=["mass"])
@@ -344,6 +351,8 @@ def main() -> None:
     weighs_brain = any(w < 1 for w in args.outside_brain_weight)
     if weighs_brain and args.slice_orientation != "axial":
         parser.error("--outside-brain-weight below 1 needs axial stacks")
+    if not args.lesion_strength > 0:
+        parser.error(f"--lesion-strength must be positive, got {args.lesion_strength:g}")
 
     shipped = _shipped_settings(parser, args) if args.as_shipped else {}
     started = time.perf_counter()
@@ -367,6 +376,7 @@ def main() -> None:
                 slice_thickness_mm=tuple(args.slice_thickness_mm),
             ),
             site=args.site,
+            lesion_strength=args.lesion_strength,
         )
     )
     calibration_cases = calibration_scans(
@@ -428,6 +438,7 @@ def main() -> None:
         "command": "python scripts/evaluate_clinical.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "subject": args.subject,
+        "lesion_strength": args.lesion_strength,
         "yardstick_scans": len(cases),
         "calibration_scans": len(calibration_cases),
         "calibration_subjects": ["training heads", *args.calibration_subjects],

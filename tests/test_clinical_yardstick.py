@@ -163,6 +163,40 @@ def test_infarct_is_dark_on_t1_with_soft_edges(head, anatomy):
     assert np.mean(np.abs(volume[rim] - t1[rim]) > 1.0) > 0.5
 
 
+@pytest.mark.parametrize("family", ["mass", "enhancing_nodule", "meningioma"])
+def test_lesion_strength_gives_the_same_lesions_fainter(head, anatomy, family):
+    t1, brain, _ = head
+    t1c = apply_contrast(t1, anatomy.classes, brain, "t1c", 0, anatomy=anatomy)
+    made = {
+        strength: insert_lesions(
+            t1c, anatomy.classes, brain, family, "t1c", 8, anatomy=anatomy, strength=strength
+        )
+        for strength in (1.0, 0.5)
+    }
+    (full, mask, params), (faint, faint_mask, faint_params) = made[1.0], made[0.5]
+    # The same lesions in the same places, with the same outline.
+    np.testing.assert_array_equal(mask, faint_mask)
+    assert [p["centre"] for p in params["lesions"]] == [
+        p["centre"] for p in faint_params["lesions"]
+    ]
+    # Each drawn level half as far from white matter (1).
+    for lesion, faint_lesion in zip(params["lesions"], faint_params["lesions"]):
+        for kind, level in lesion["levels"].items():
+            if level is None:  # a solid mass has no necrosis
+                continue
+            assert faint_lesion["levels"][kind] - 1 == pytest.approx(0.5 * (level - 1), rel=1e-6)
+    # And the lesion stands out about half as much from the scan without it.
+    change = np.abs(full - t1c)[mask].mean()
+    faint_change = np.abs(faint - t1c)[mask].mean()
+    assert 0.3 * change < faint_change < 0.7 * change
+
+
+def test_lesion_strength_must_be_positive(head, anatomy):
+    t1, brain, _ = head
+    with pytest.raises(ValueError, match="lesion strength must be a positive number"):
+        insert_lesions(t1, anatomy.classes, brain, "mass", "t1", 0, anatomy=anatomy, strength=0)
+
+
 def test_nodules_enhance_on_t1c_and_are_subtle_on_t1(head, anatomy):
     t1, brain, _ = head
     means = {}

@@ -969,6 +969,11 @@ def _level(kind: str, contrast: str, jitter: float) -> float:
     return 1.0 + (base - 1.0) * jitter
 
 
+def _check_strength(strength: float) -> None:
+    if not (isinstance(strength, (int, float)) and np.isfinite(strength) and strength > 0):
+        raise ValueError(f"lesion strength must be a positive number, got {strength!r}")
+
+
 def _local_white(volume: np.ndarray, classes: np.ndarray, fallback: float) -> float:
     """Median white-matter signal of a box, or ``fallback`` if it holds too little WM."""
     values = volume[classes == WHITE_MATTER]
@@ -1028,6 +1033,7 @@ def insert_lesions(
     *,
     anatomy: Anatomy | None = None,
     site: str = "anywhere",
+    strength: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Insert one family of pathology into a 1 mm head of a given contrast.
 
@@ -1099,6 +1105,13 @@ def insert_lesions(
         :data:`MIDLINE_SITE_MM` (left-right, the last axis) of the brain's
         centroid, where the family's own rule allows it there, else anywhere in
         the brain there.
+    strength : float, default 1
+        Multiplies every lesion's signal deviation from the local white matter,
+        after its per-case draw: 1 gives the levels of ``_LESION_LEVELS``, 0.5
+        lesions half as far from white matter (a tumour enhancing to about 1.28
+        rather than 1.55 times white matter). Geometry, oedema extent, mass
+        effect and texture do not change, nor does any random draw, so a seed
+        gives the same lesions, only fainter or stronger.
 
     Returns
     -------
@@ -1112,7 +1125,15 @@ def insert_lesions(
         drawn levels.
     """
     volume, mask, _, params = _insert_lesions(
-        volume_1mm, classes, brain_mask, family, contrast, rng, anatomy=anatomy, site=site
+        volume_1mm,
+        classes,
+        brain_mask,
+        family,
+        contrast,
+        rng,
+        anatomy=anatomy,
+        site=site,
+        strength=strength,
     )
     return volume, mask, params
 
@@ -1127,6 +1148,7 @@ def _insert_lesions(
     *,
     anatomy: Anatomy | None,
     site: str,
+    strength: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """:func:`insert_lesions`, also returning the lesions without their oedema (the
     ``core`` mask, inside the truth): a mass's tumour, a nodule itself, and the whole of
@@ -1135,6 +1157,7 @@ def _insert_lesions(
         raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     if contrast not in CONTRASTS:
         raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
+    _check_strength(strength)
     rng = _as_generator(rng)
     volume = np.array(volume_1mm, dtype=np.float32, copy=True)
     classes = np.asarray(classes, dtype=np.uint8)
@@ -1155,7 +1178,9 @@ def _insert_lesions(
         "periventricular": _insert_periventricular,
         "meningioma": _insert_meningioma,
     }[family]
-    params["lesions"] = inserter(volume, mask, core, anatomy, contrast, white, rng)
+    params["lesions"] = inserter(
+        volume, mask, core, anatomy, contrast, white, rng, strength=strength
+    )
     if family in _EXTRA_AXIAL:
         mask &= ndimage.binary_dilation(brain_mask, iterations=_INTRACRANIAL_MM)
     else:
@@ -1173,13 +1198,14 @@ def _insert_mass(
     white: float,
     rng: np.random.Generator,
     shape: _MassShape = _MASS,
+    strength: float = 1.0,
 ) -> list[dict]:
     radius = rng.uniform(*shape.radius)
     push = rng.uniform(*shape.push)
     reach = rng.uniform(*shape.reach)
     ring = bool(rng.random() < shape.ring_probability)
     rim = rng.uniform(*shape.rim)
-    jitter = rng.uniform(*_LEVEL_JITTER, size=3)
+    jitter = strength * rng.uniform(*_LEVEL_JITTER, size=3)
     shape_wobble = _Wobble(rng, rng.uniform(0.12, 0.25))
     oedema_wobble = _Wobble(rng, 0.3)
     core_wobble = _Wobble(rng, 0.35)
@@ -1256,6 +1282,7 @@ def _insert_nodules(
     contrast: str,
     white: float,
     rng: np.random.Generator,
+    strength: float = 1.0,
 ) -> list[dict]:
     count = int(rng.integers(1, 5))
     white_matter = anatomy.classes == WHITE_MATTER
@@ -1267,7 +1294,7 @@ def _insert_nodules(
     for _ in range(count):
         radius = rng.uniform(2.0, 5.0)
         halo = rng.uniform(1.3, 2.0)
-        jitter = rng.uniform(*_LEVEL_JITTER, size=2)
+        jitter = strength * rng.uniform(*_LEVEL_JITTER, size=2)
         wobble = _Wobble(rng, 0.1)
         centre = _pick_voxel(junction, anatomy.depth_mm, halo * radius + 2.0, rng)
         for _attempt in range(20):
@@ -1320,10 +1347,11 @@ def _insert_infarct(
     contrast: str,
     white: float,
     rng: np.random.Generator,
+    strength: float = 1.0,
 ) -> list[dict]:
     depth_extent = rng.uniform(8.0, 25.0)
     base = rng.uniform(0.4, 0.7) * depth_extent
-    jitter = rng.uniform(*_LEVEL_JITTER)
+    jitter = strength * rng.uniform(*_LEVEL_JITTER)
     wobble = _Wobble(rng, 0.3)
     tilt = rng.standard_normal(3) * 0.2
     # A cortical voxel just under the convexity: the infarct's base is on the cortex,
@@ -1387,6 +1415,7 @@ def _insert_periventricular(
     contrast: str,
     white: float,
     rng: np.random.Generator,
+    strength: float = 1.0,
 ) -> list[dict]:
     count = int(rng.integers(3, 9))
     white_matter = anatomy.classes == WHITE_MATTER
@@ -1402,7 +1431,7 @@ def _insert_periventricular(
     for _ in range(count):
         radius = rng.uniform(1.5, 4.0)
         elongation = rng.uniform(1.3, 2.0)
-        jitter = rng.uniform(*_LEVEL_JITTER)
+        jitter = strength * rng.uniform(*_LEVEL_JITTER)
         wobble = _Wobble(rng, 0.12)
         centre = _pick_voxel(near, closeness, -np.inf, rng)
         for _attempt in range(20):
@@ -1456,11 +1485,12 @@ def _insert_meningioma(
     contrast: str,
     white: float,
     rng: np.random.Generator,
+    strength: float = 1.0,
 ) -> list[dict]:
     radius = rng.uniform(8.0, 20.0)
     height = rng.uniform(0.6, 1.0) * radius
     push = rng.uniform(0.2, 0.5) * height
-    jitter = rng.uniform(*_LEVEL_JITTER)
+    jitter = strength * rng.uniform(*_LEVEL_JITTER)
     wobble = _Wobble(rng, rng.uniform(0.08, 0.18))
     cleft = bool(rng.random() < 0.7)
     # A dural tail in about 60 % of meningiomas [Osborn].
@@ -1880,6 +1910,7 @@ def make_case(
     *,
     anatomy: Anatomy | None = None,
     site: str = "anywhere",
+    lesion_strength: float = 1.0,
 ) -> ClinicalCase:
     """Make one clinical case: contrast, lesions and acquisition of a normal T1 head.
 
@@ -1903,6 +1934,11 @@ def make_case(
         cases (it is the slow part).
     site : str, default "anywhere"
         Where the lesions lie (:data:`SITES`, :func:`insert_lesions`).
+    lesion_strength : float, default 1
+        Every lesion's signal deviation from the local white matter multiplied by
+        this (``strength`` of :func:`insert_lesions`), to ask how the yardstick's
+        figures hold for fainter lesions than the tables give; recorded in
+        ``params`` when not 1.
 
     Returns
     -------
@@ -1938,6 +1974,7 @@ def make_case(
         lesion_rng,
         anatomy=anatomy,
         site=site,
+        strength=lesion_strength,
     )
     white = _tissue_levels(lesioned, anatomy.classes)["wm"]
     image, (partial, brain_partial, core_partial), spacing, acquisition = _acquire(
@@ -1953,6 +1990,8 @@ def make_case(
     }
     if site != "anywhere":
         params["site"] = site
+    if lesion_strength != 1.0:
+        params["lesion_strength"] = lesion_strength
     if sinus_params is not None:
         params["contrast"]["venous_sinuses"] = sinus_params
     return ClinicalCase(
@@ -1984,6 +2023,7 @@ def make_cohort(
     seed: int = 0,
     config: AcquisitionConfig = DEFAULT_ACQUISITION,
     site: str = "anywhere",
+    lesion_strength: float = 1.0,
 ) -> Iterator[ClinicalCase]:
     """Yield ``cases_per_cell`` cases for every family and contrast of one normal head.
 
@@ -2007,6 +2047,9 @@ def make_cohort(
     config : AcquisitionConfig
     site : str
         Where the lesions lie (:data:`SITES`); a seed's other draws stay as they were.
+    lesion_strength : float
+        Every lesion's signal deviation from the local white matter is multiplied by
+        this (:func:`make_case`).
 
     Yields
     ------
@@ -2022,6 +2065,7 @@ def make_cohort(
         raise ValueError("cases_per_cell must be >= 0")
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+    _check_strength(lesion_strength)
     volume = np.asarray(volume_1mm, dtype=np.float32)
     brain_mask = np.asarray(brain_mask, dtype=bool)
     anatomy = prepare_anatomy(volume, brain_mask)
@@ -2030,7 +2074,15 @@ def make_cohort(
             for index in range(cases_per_cell):
                 rng = np.random.default_rng(_case_seed(seed, family, contrast, index))
                 case = make_case(
-                    volume, brain_mask, family, contrast, rng, config, anatomy=anatomy, site=site
+                    volume,
+                    brain_mask,
+                    family,
+                    contrast,
+                    rng,
+                    config,
+                    anatomy=anatomy,
+                    site=site,
+                    lesion_strength=lesion_strength,
                 )
                 case.params["seed"] = {"seed": int(seed), "index": index}
                 yield case
