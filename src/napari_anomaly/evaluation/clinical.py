@@ -970,7 +970,12 @@ def _level(kind: str, contrast: str, jitter: float) -> float:
 
 
 def _check_strength(strength: float) -> None:
-    if not (isinstance(strength, (int, float)) and np.isfinite(strength) and strength > 0):
+    """Raise unless ``strength`` (a lesion's deviation from white matter, scaled) is > 0."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
         raise ValueError(f"lesion strength must be a positive number, got {strength!r}")
 
 
