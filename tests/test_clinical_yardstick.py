@@ -195,6 +195,8 @@ def test_lesion_strength_must_be_positive(head, anatomy):
     t1, brain, _ = head
     with pytest.raises(ValueError, match="lesion strength must be a positive number"):
         insert_lesions(t1, anatomy.classes, brain, "mass", "t1", 0, anatomy=anatomy, strength=0)
+    with pytest.raises(ValueError, match="lesion strength must be a positive number"):
+        make_case(t1, brain, "mass", "t1c", 0, anatomy=anatomy, lesion_strength=float("nan"))
 
 
 def test_nodules_enhance_on_t1c_and_are_subtle_on_t1(head, anatomy):

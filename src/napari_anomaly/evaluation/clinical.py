@@ -1955,6 +1955,7 @@ def make_case(
         raise ValueError(f"unknown contrast {contrast!r}; expected one of {CONTRASTS}")
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
+    _check_strength(lesion_strength)
     rng = _as_generator(rng)
     volume = np.asarray(volume_1mm, dtype=np.float32)
     brain_mask = np.asarray(brain_mask, dtype=bool)
