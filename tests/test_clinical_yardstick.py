@@ -855,3 +855,117 @@ def test_lesion_planes_gives_each_planes_marked_share_of_the_tumour():
         0.25
     )
     assert "raw_mean" not in script["plane_rows"](core, score >= 0.5, score, 100)[0]
+
+
+# --------------------------------------------------------------- lesions in a real scan
+
+
+@pytest.fixture(scope="module")
+def thick_pd_scan(head):
+    """The synthetic head as a proton-density series of 4 mm slices every 6 mm with
+    1.25 mm pixels (a stand-in for a real acquisition), its brain and its spacing."""
+    t1, brain, _ = head
+    classes = tissue_classes(t1, brain)
+    pd = apply_contrast(t1, classes, brain, "pd", np.random.default_rng(3))
+    slabs = [(z0 + 1, z0 + 5) for z0 in range(0, pd.shape[0] - 5, 6)]  # 4 of every 6 mm
+    thick = np.stack([pd[a:b].mean(axis=0) for a, b in slabs])
+    thick_brain = np.stack([brain[a:b].mean(axis=0) for a, b in slabs]) >= 0.5
+    scan = ndimage.zoom(thick, (1, 0.8, 0.8), order=1).astype(np.float32)
+    scan_brain = ndimage.zoom(thick_brain.astype(np.float32), (1, 0.8, 0.8), order=1) >= 0.5
+    return scan, scan_brain, (6.0, 1.25, 1.25)
+
+
+@pytest.fixture(scope="module")
+def pd_background(thick_pd_scan):
+    from napari_anomaly.evaluation.real_background import prepare_background
+
+    scan, brain, spacing = thick_pd_scan
+    return prepare_background(scan, spacing, brain, "pd", slice_thickness_mm=4.0, name="pd")
+
+
+def test_real_scan_classes_follow_the_contrast(pd_background, head):
+    """On proton density white matter is the darkest tissue: the background's white
+    matter class lies in the head's white matter, not in its CSF."""
+    _, _, truth = head
+    anatomy = pd_background.anatomy
+    white = anatomy.classes == 3
+    # The 1 mm grid of the background starts at the scan's first slice (1 mm into the head).
+    fine_truth = truth[1 : 1 + white.shape[0], : white.shape[1], : white.shape[2]]
+    shared = tuple(slice(0, min(a, b)) for a, b in zip(white.shape, fine_truth.shape))
+    labels = fine_truth[shared][white[shared]]
+    assert np.mean(labels == 3) > 0.6
+    assert np.mean(labels == 1) < 0.1
+
+
+def test_lesions_in_a_real_scan_change_only_their_surroundings(pd_background):
+    from napari_anomaly.evaluation.real_background import lesions_in_scan
+
+    scan = pd_background.image
+    case = lesions_in_scan(pd_background, "mass", np.random.default_rng(5))
+    assert case.image.shape == scan.shape and case.spacing == pd_background.spacing
+    assert case.lesion_mask.any() and case.core_mask.any()
+    assert not (case.core_mask & ~case.lesion_mask).any()
+    assert case.lesion_count >= 1
+    changed = np.abs(case.image - scan) > 1e-3
+    # A mass with its oedema and mass effect changes the scan near it and nowhere else:
+    # every changed voxel lies within 3 radii of its centre, and beyond that the scan
+    # is as acquired, voxel for voxel.
+    (lesion,) = case.params["lesions"]
+    centre = np.asarray(lesion["centre_mm"])
+    grid = np.stack(
+        np.meshgrid(
+            *[(np.arange(n) + 0.5) * s for n, s in zip(scan.shape, case.spacing)], indexing="ij"
+        ),
+        axis=-1,
+    )
+    far = np.linalg.norm(grid - centre, axis=-1) > 3.5 * lesion["radius_mm"] + max(case.spacing)
+    assert changed.any() and far.any()
+    np.testing.assert_array_equal(case.image[far], scan[far])
+    # On proton density a tumour with its oedema is brighter than the tissue it replaced.
+    assert case.image[case.lesion_mask].mean() > 1.1 * scan[case.lesion_mask].mean()
+    assert case.params["acquisition"]["real_scan"] is True
+    assert case.params["background"] == "pd"
+
+
+def test_lesions_in_a_real_scan_repeat_with_the_seed(pd_background):
+    from napari_anomaly.evaluation.real_background import lesions_in_scan
+
+    first = lesions_in_scan(pd_background, "enhancing_nodule", 11)
+    again = lesions_in_scan(pd_background, "enhancing_nodule", 11)
+    other = lesions_in_scan(pd_background, "enhancing_nodule", 12)
+    np.testing.assert_array_equal(first.image, again.image)
+    np.testing.assert_array_equal(first.lesion_mask, again.lesion_mask)
+    assert not np.array_equal(first.lesion_mask, other.lesion_mask)
+    normal = lesions_in_scan(pd_background, "normal", 11)
+    np.testing.assert_array_equal(normal.image, pd_background.image)
+    assert not normal.lesion_mask.any()
+
+
+def test_a_real_scans_slices_see_nothing_in_their_gaps():
+    """Slices of 4 mm every 6 mm: a 1 mm plane in the gap between two slices adds to
+    neither, one inside a slice adds a quarter of itself; a constant stays constant."""
+    from napari_anomaly.evaluation.real_background import _averaging
+
+    weights = _averaging(count=3, step=6.0, width=4.0, fine_count=18)
+    # slice 0 covers 1..5 mm (centre 3), slice 1 7..11, slice 2 13..17
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0)
+    np.testing.assert_allclose(weights[:, [0, 5, 6, 11, 12, 17]], 0.0)
+    np.testing.assert_allclose(weights[1, 7:11], 0.25)
+
+
+def test_a_real_scan_refuses_what_does_not_fit(thick_pd_scan, pd_background):
+    from napari_anomaly.evaluation.real_background import lesions_in_scan, prepare_background
+
+    scan, brain, spacing = thick_pd_scan
+    with pytest.raises(ValueError, match="at most the slice spacing"):
+        prepare_background(scan, spacing, brain, "pd", slice_thickness_mm=7.0)
+    with pytest.raises(ValueError, match="does not match"):
+        prepare_background(scan, spacing, brain[:, :-1], "pd")
+    with pytest.raises(ValueError, match="unknown contrast"):
+        prepare_background(scan, spacing, brain, "ct")
+    with pytest.raises(ValueError, match="too little"):
+        prepare_background(scan, spacing, np.zeros_like(brain), "pd")
+    with pytest.raises(ValueError, match="unknown family"):
+        lesions_in_scan(pd_background, "tumour", 0)
+    with pytest.raises(ValueError, match="lesion strength"):
+        lesions_in_scan(pd_background, "mass", 0, strength=0.0)
