@@ -64,6 +64,7 @@ __all__ = ["RealBackground", "lesions_in_scan", "prepare_background"]
 _FINE_MM = 1.0
 #: Voxels of a found brain darker than this share of its median are not brain tissue.
 _TISSUE_FLOOR = 0.75
+#: The tissue classes are drawn on the scan smoothed by this much (mm, Gaussian sigma).
 _CLASS_SMOOTH_MM = 1.0
 
 
