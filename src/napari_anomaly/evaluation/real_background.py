@@ -42,18 +42,14 @@ from scipy import ndimage
 
 from napari_anomaly.evaluation.clinical import (
     _TISSUE_LEVELS,
-    ALL_FAMILIES,
     CONTRASTS,
     CSF,
     GREY_MATTER,
-    SITES,
     WHITE_MATTER,
     AcquisitionConfig,
     Anatomy,
     ClinicalCase,
     _anatomy_from_classes,
-    _as_generator,
-    _check_strength,
     _insert_lesions,
     _truth_from_partial_volume,
     tissue_classes,
@@ -280,13 +276,7 @@ def lesions_in_scan(
         coordinates and mm from the grid's start), ``background``, ``strength`` and
         an ``acquisition`` record (the scan's spacing and slice thickness).
     """
-    if family not in ALL_FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
-    if site not in SITES:
-        raise ValueError(f"unknown site {site!r}; expected one of {SITES}")
-    _check_strength(strength)
-    rng = _as_generator(rng)
-    anatomy = background.anatomy
+    anatomy = background.anatomy  # family, site and strength are checked before the draw
     lesioned, mask, core, params = _insert_lesions(
         background.fine,
         anatomy.classes,
