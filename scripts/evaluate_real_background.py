@@ -60,11 +60,15 @@ def _positive(text: str) -> float:
     return value
 
 
-def _triaged(localiser: Localiser, image: np.ndarray, truth: np.ndarray, geometry):
-    """``image`` localised as ``napari-anomaly localise`` does, its region table triaged
-    against ``truth`` with the review's defaults: the anomaly map and its triage."""
+def _triaged(
+    localiser: Localiser, image: np.ndarray, truth: np.ndarray, geometry, flips: bool = False
+):
+    """``image`` localised as ``napari-anomaly localise`` does (``flips``: as with
+    ``--flips``), its region table triaged against ``truth`` with the review's defaults:
+    the anomaly map and its triage."""
     review = ReviewConfig()
-    result = run_to_end(localise(image, localiser, InferenceConfig(), **placement(geometry, 3)))
+    config = InferenceConfig(flips=flips)
+    result = run_to_end(localise(image, localiser, config, **placement(geometry, 3)))
     triage = triage_case(
         result.anomaly_map,
         truth,
@@ -89,6 +93,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=6, help="cases per family")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lesion-strength", type=_positive, default=1.0)
+    parser.add_argument(
+        "--flips", action="store_true", help="average over mirrored views (as localise --flips)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write", type=Path, help="also write the cases here (NIfTI)")
     args = parser.parse_args()
@@ -146,6 +153,7 @@ def main() -> None:
             "slice_thickness_mm": SERIES_SLICE_THICKNESS_MM,
         },
         "lesion_strength": args.lesion_strength,
+        "flips": args.flips,
         "cases_per_family": args.cases,
         "seed": args.seed,
         "cases": [{"family": c.family, "params": c.params} for c in cases],
@@ -156,13 +164,18 @@ def main() -> None:
         started = time.perf_counter()
 
         scan = background.image
-        _, normal_triage = _triaged(localiser, scan, np.zeros(scan.shape, dtype=bool), geometry)
+        _, normal_triage = _triaged(
+            localiser, scan, np.zeros(scan.shape, dtype=bool), geometry, args.flips
+        )
         families = {"normal": {"regions": normal_triage.regions}}
         print(f"{path.name}: the scan as it is, {normal_triage.regions} regions", flush=True)
         for family in args.families:
             members = [c for c in cases if c.family == family]
             maps, triages = zip(
-                *(_triaged(localiser, c.image, c.lesion_mask, geometry) for c in members)
+                *(
+                    _triaged(localiser, c.image, c.lesion_mask, geometry, args.flips)
+                    for c in members
+                )
             )
             scores = np.concatenate([m.ravel() for m in maps])
             truth = np.concatenate([c.lesion_mask.ravel() for c in members])
