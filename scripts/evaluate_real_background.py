@@ -15,6 +15,10 @@ lesion and the lesion without its oedema), the triage (rank of the first region 
 each lesion, lesions and scans with a lesion in the top 5) and, for the scan as it is,
 its regions. ``--write DIR`` also writes each case and its truth as NIfTI files on the
 scan's geometry, for ``napari-anomaly evaluate`` or a look in napari.
+
+A site can run the same on its own normal scans (no labels needed): ``--scan SERIES
+--contrast pd|t2|flair|t1|t1c [--slice-thickness-mm T] [--brain MASK]`` in place of
+``--data``; the brain is found as ``localise`` finds it unless a mask is given.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 
 from napari_anomaly.brain import find_brain
 from napari_anomaly.evaluation.anatomy import real_clinical_series
-from napari_anomaly.evaluation.clinical import ALL_FAMILIES, _case_seed
+from napari_anomaly.evaluation.clinical import ALL_FAMILIES, CONTRASTS, _case_seed
 from napari_anomaly.evaluation.real_background import lesions_in_scan, prepare_background
 from napari_anomaly.evaluation.triage import summarise_triage, triage_case
 from napari_anomaly.inference import InferenceConfig, localise, placement
@@ -87,7 +91,24 @@ def _triaged(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="extracted packages")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="extracted packages (the bundled PD series)")
+    source.add_argument(
+        "--scan",
+        type=Path,
+        help="another normal thick-slice scan (axial; a file or a DICOM folder)",
+    )
+    parser.add_argument(
+        "--contrast", choices=CONTRASTS, help="the contrast of --scan (sets the lesions' levels)"
+    )
+    parser.add_argument(
+        "--slice-thickness-mm",
+        type=_positive,
+        help="the slices' thickness where a gap lies between them (default: the spacing)",
+    )
+    parser.add_argument(
+        "--brain", type=Path, help="the brain of --scan as a mask file (default: found)"
+    )
     parser.add_argument("--models", type=Path, nargs="+", required=True)
     parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES))
     parser.add_argument("--cases", type=int, default=6, help="cases per family")
@@ -110,24 +131,42 @@ def main() -> None:
         parser.error(f"model file(s) not found: {', '.join(missing)}")
     if args.write is not None and args.write.exists() and any(args.write.iterdir()):
         parser.error(f"--write {args.write} is not empty; give a new folder")
+    if args.scan is not None and args.contrast is None:
+        parser.error("--scan needs --contrast")
+    if args.scan is None and (args.contrast or args.slice_thickness_mm or args.brain):
+        parser.error("--contrast, --slice-thickness-mm and --brain go with --scan")
 
-    series = real_clinical_series(args.data)
-    loaded = read_image(series, scan=True)
-    geometry = loaded.geometry
-    brain = find_brain(loaded.array, geometry.spacing, geometry.direction)
-    background = prepare_background(
-        loaded.array,
-        geometry.spacing,
-        brain,
-        SERIES_CONTRAST,
-        slice_thickness_mm=SERIES_SLICE_THICKNESS_MM,
-        name="papaya_pd",
-    )
+    if args.scan is None:
+        series = real_clinical_series(args.data)
+        contrast, thickness, name = SERIES_CONTRAST, SERIES_SLICE_THICKNESS_MM, "papaya_pd"
+    else:
+        series, contrast, thickness = args.scan, args.contrast, args.slice_thickness_mm
+        name = args.scan.name
+    try:
+        loaded = read_image(series, scan=True)
+        geometry = loaded.geometry
+        if loaded.array.ndim != 3:
+            raise ValueError(f"{series}: expected a 3D scan, got shape {loaded.array.shape}")
+        if args.brain is not None:
+            brain = read_image(args.brain).array > 0
+        else:
+            brain = find_brain(loaded.array, geometry.spacing, geometry.direction)
+        background = prepare_background(
+            loaded.array,
+            geometry.spacing,
+            brain,
+            contrast,
+            slice_thickness_mm=thickness,
+            name=name,
+        )
+    except (OSError, ValueError) as error:
+        message = str(error)  # the readers' messages name the file already
+        parser.error(message if str(series) in message else f"{series}: {message}")
     cases = [
         lesions_in_scan(
             background,
             family,
-            np.random.default_rng(_case_seed(args.seed, family, SERIES_CONTRAST, index)),
+            np.random.default_rng(_case_seed(args.seed, family, contrast, index)),
             strength=args.lesion_strength,
         )
         for family in args.families
@@ -147,10 +186,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "background": {
             "name": background.name,
-            "contrast": SERIES_CONTRAST,
+            "contrast": contrast,
             "shape": list(loaded.array.shape),
             "spacing": list(geometry.spacing),
-            "slice_thickness_mm": SERIES_SLICE_THICKNESS_MM,
+            "slice_thickness_mm": background.slice_thickness_mm,
         },
         "lesion_strength": args.lesion_strength,
         "flips": args.flips,

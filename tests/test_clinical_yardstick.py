@@ -969,3 +969,53 @@ def test_a_real_scan_refuses_what_does_not_fit(thick_pd_scan, pd_background):
         lesions_in_scan(pd_background, "tumour", 0)
     with pytest.raises(ValueError, match="lesion strength"):
         lesions_in_scan(pd_background, "mass", 0, strength=0.0)
+
+
+def test_a_site_measures_the_yardstick_on_its_own_normal_scan(
+    thick_pd_scan, tmp_path, monkeypatch, capsys
+):
+    """scripts/evaluate_real_background.py --scan: a site's own unlabelled normal scan takes
+    the yardstick's lesions and the bundled model is measured on them as shipped; a scan
+    without its contrast is refused before any work."""
+    from napari_anomaly.io import write_image
+    from napari_anomaly.io.images import Geometry
+    from napari_anomaly.localiser import default_model_path
+
+    scan, brain, spacing = thick_pd_scan
+    geometry = Geometry(
+        spacing=spacing, origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)
+    )
+    write_image(tmp_path / "normal.nii.gz", scan, geometry)
+    write_image(tmp_path / "brain.nii.gz", brain, geometry)
+    script = str(Path(__file__).parents[1] / "scripts" / "evaluate_real_background.py")
+    report = tmp_path / "report.json"
+    common = ["evaluate_real_background.py", "--scan", str(tmp_path / "normal.nii.gz")]
+    monkeypatch.setattr("sys.argv", common + ["--models", str(default_model_path())])
+    with pytest.raises(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    assert "--scan needs --contrast" in capsys.readouterr().err
+
+    monkeypatch.setattr(
+        "sys.argv",
+        common
+        + [
+            "--contrast",
+            "pd",
+            "--slice-thickness-mm",
+            "4",
+            "--brain",
+            str(tmp_path / "brain.nii.gz"),
+        ]
+        + ["--models", str(default_model_path()), "--families", "mass", "--cases", "1"]
+        + ["--json", str(report)],
+    )
+    runpy.run_path(script, run_name="__main__")
+    data = json.loads(report.read_text())
+    assert data["background"]["contrast"] == "pd"
+    assert data["background"]["slice_thickness_mm"] == 4.0
+    (measured,) = data["models"].values()
+    assert isinstance(measured["families"]["normal"]["regions"], int)
+    mass = measured["families"]["mass"]
+    assert mass["scans"] == 1 and mass["lesions"] >= 1 and mass["prevalence"] > 0
+    assert 0.0 <= mass["ap"] <= 1.0
+    assert len(mass["per_case"]) == 1
