@@ -149,6 +149,11 @@ def main() -> None:
             raise ValueError(f"{series}: expected a 3D scan, got shape {loaded.array.shape}")
         if args.brain is not None:
             brain = read_image(args.brain).array > 0
+            if brain.shape != loaded.array.shape:
+                raise ValueError(
+                    f"{args.brain}: a mask of shape {brain.shape}, not the scan's "
+                    f"{loaded.array.shape}"
+                )
         else:
             brain = find_brain(loaded.array, geometry.spacing, geometry.direction)
         background = prepare_background(
@@ -161,7 +166,8 @@ def main() -> None:
         )
     except (OSError, ValueError) as error:
         message = str(error)  # the readers' messages name the file already
-        parser.error(message if str(series) in message else f"{series}: {message}")
+        named = str(series) in message or (args.brain is not None and str(args.brain) in message)
+        parser.error(message if named else f"{series}: {message}")
     cases = [
         lesions_in_scan(
             background,

@@ -994,6 +994,18 @@ def test_a_site_measures_the_yardstick_on_its_own_normal_scan(
     with pytest.raises(SystemExit):
         runpy.run_path(script, run_name="__main__")
     assert "--scan needs --contrast" in capsys.readouterr().err
+    write_image(tmp_path / "small_brain.nii.gz", brain[:, :-1], geometry)
+    monkeypatch.setattr(
+        "sys.argv",
+        common
+        + ["--contrast", "pd", "--brain", str(tmp_path / "small_brain.nii.gz")]
+        + ["--models", str(default_model_path()), "--json", str(tmp_path / "refused.json")],
+    )
+    with pytest.raises(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    refusal = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "small_brain.nii.gz" in refusal and "not the scan's" in refusal
+    assert not (tmp_path / "refused.json").exists()
 
     monkeypatch.setattr(
         "sys.argv",
