@@ -13,11 +13,15 @@ How a lesion is drawn into a scan of thick slices:
 1. The scan is interpolated (linearly) onto 1 mm planes and pixels, and the brain, found
    in the scan as ``localise`` finds it (:func:`napari_anomaly.brain.find_brain`), is
    carried along; its voxels darker than 0.75 of its median (the skull base's bone and
-   air that a template-carried brain takes in) are dropped. The rest are labelled CSF,
-   grey and white matter by their intensity smoothed over 1 mm
-   (:func:`~napari_anomaly.evaluation.clinical.tissue_classes`, the classes taken in the
-   order of brightness of the scan's contrast). On proton density, where CSF and grey
-   matter are nearly alike, the CSF class and the ventricles found in it are rough.
+   air that a template-carried brain takes in) are dropped. The rest are split into three
+   classes by their intensity (:func:`~napari_anomaly.evaluation.clinical.tissue_classes`
+   on a copy corrected for the coil's bias field [N4] and smoothed over 1 mm), and the
+   classes are named by where they lie, not by a textbook order of brightness, since a
+   real protocol's tissue order can differ from the textbook's (the proton-density series
+   of ``evaluate_real_background.py`` shows CSF darker than white matter, and grey matter
+   brightest): white matter is the class that lies deepest in the brain; of the other two,
+   on the same side of white matter the farther is CSF (T1, T2), on either side the darker
+   is (grey matter is brighter than white matter wherever CSF is darkest).
 2. The family's lesions are drawn on the 1 mm grid, relative to the local white matter.
 3. Only the *change* the lesions make is carried back onto the scan's grid, each slice
    averaging the 1 mm planes within its thickness (the gap between slices sees nothing)
@@ -30,6 +34,9 @@ How a lesion is drawn into a scan of thick slices:
 Every lesion of a background shares that background's false regions, so a handful of
 lesions in one real scan measures how a lesion ranks among one scanner's real findings,
 not how a scan of another head looks; the template-built yardstick does that.
+
+* [N4] N. J. Tustison et al., "N4ITK: improved N3 bias correction", IEEE Transactions on
+  Medical Imaging 29(6), 2010 (SimpleITK's ``N4BiasFieldCorrectionImageFilter``).
 """
 
 from __future__ import annotations
@@ -41,7 +48,6 @@ import numpy as np
 from scipy import ndimage
 
 from napari_anomaly.evaluation.clinical import (
-    _TISSUE_LEVELS,
     CONTRASTS,
     CSF,
     GREY_MATTER,
@@ -62,6 +68,10 @@ _FINE_MM = 1.0
 _TISSUE_FLOOR = 0.75
 #: The tissue classes are drawn on the scan smoothed by this much (mm, Gaussian sigma).
 _CLASS_SMOOTH_MM = 1.0
+#: The deepest share of the brain tissue, where white matter is the commonest class.
+_DEEP_SHARE = 0.3
+#: The bias field is fitted on the scan binned by this factor (3 mm on the 1 mm grid).
+_BIAS_SHRINK = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +90,7 @@ class RealBackground:
         The brain in the scan.
     contrast : str
         The scan's contrast, an entry of :data:`~napari_anomaly.evaluation.clinical.CONTRASTS`:
-        it sets the lesions' levels and the order of the tissue classes.
+        it sets the lesions' levels.
     name : str
         For records and reports.
     fine : ndarray, float32
@@ -99,12 +109,50 @@ class RealBackground:
     anatomy: Anatomy
 
 
-def _tissue_order(contrast: str) -> tuple[str, str, str]:
-    """CSF, grey and white matter from darkest to brightest on ``contrast``."""
-    if contrast in ("t1", "t1c"):
-        return ("csf", "gm", "wm")
-    levels = _TISSUE_LEVELS[contrast]
-    return tuple(sorted(("csf", "gm", "wm"), key=lambda name: levels[name]))
+def _bias_corrected(fine: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """``fine`` divided by the smooth multiplicative bias field that N4 [N4] fits inside
+    ``tissue`` (on the scan binned by :data:`_BIAS_SHRINK`; one thread, so every run
+    ends on the same field)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.asarray(fine, dtype=np.float32))
+    mask = sitk.GetImageFromArray(tissue.astype(np.uint8))
+    shrink = [_BIAS_SHRINK] * 3
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([30, 20, 10])
+    n4.SetNumberOfThreads(1)
+    n4.Execute(sitk.Shrink(image, shrink), sitk.Shrink(mask, shrink))
+    log_bias = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(image))
+    return (fine / np.exp(log_bias)).astype(np.float32)
+
+
+def _named_classes(labels: np.ndarray, levels: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """The class codes (``CSF``, ``GREY_MATTER``, ``WHITE_MATTER``) of intensity classes
+    ``labels`` (1 darkest ... 3 brightest, 0 outside), named by where they lie: white
+    matter is the class with the largest share of its voxels in the deepest
+    :data:`_DEEP_SHARE` of ``tissue``; of the other two, CSF is the one farther from
+    white matter when both lie on one side of it in ``levels`` (their mean intensities),
+    else the darker one."""
+    depth = ndimage.distance_transform_edt(tissue)
+    deep = tissue & (depth >= np.quantile(depth[tissue], 1.0 - _DEEP_SHARE))
+    shares = [
+        np.count_nonzero(deep & (labels == k)) / max(np.count_nonzero(labels == k), 1)
+        for k in (1, 2, 3)
+    ]
+    white = 1 + int(np.argmax(shares))
+    a, b = (k for k in (1, 2, 3) if k != white)
+    side_a, side_b = levels[a - 1] - levels[white - 1], levels[b - 1] - levels[white - 1]
+    if side_a * side_b > 0:  # both darker (T1) or both brighter (T2) than white matter
+        csf = a if abs(side_a) > abs(side_b) else b
+    else:
+        csf = a if levels[a - 1] < levels[b - 1] else b
+    lookup = np.zeros(4, dtype=np.uint8)
+    lookup[white], lookup[csf], lookup[({1, 2, 3} - {white, csf}).pop()] = (
+        WHITE_MATTER,
+        CSF,
+        GREY_MATTER,
+    )
+    return lookup[labels]
 
 
 def _fine_shape(shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, int, int]:
@@ -225,14 +273,14 @@ def prepare_background(
         raise ValueError(
             f"the brain mask holds {int(fine_brain.sum())} mm^3; too little to hold a lesion"
         )
-    # Classed on a copy smoothed over :data:`_CLASS_SMOOTH_MM`: a real scan's noise would
-    # otherwise speckle the classes, and with them the white matter oedema spreads in.
-    labels = tissue_classes(  # 1 darkest ... 3 brightest
-        ndimage.gaussian_filter(fine, _CLASS_SMOOTH_MM / _FINE_MM), fine_brain
-    )
-    code = {"csf": CSF, "gm": GREY_MATTER, "wm": WHITE_MATTER}
-    lookup = np.array([0] + [code[t] for t in _tissue_order(contrast)], dtype=np.uint8)
-    classes = lookup[labels]
+    # Classed on a copy freed of the coil's bias (one side of a head brighter than the
+    # other would otherwise split a tissue between two classes) and smoothed over
+    # :data:`_CLASS_SMOOTH_MM` (a real scan's noise would otherwise speckle the classes,
+    # and with them the white matter oedema spreads in).
+    flat = ndimage.gaussian_filter(_bias_corrected(fine, fine_brain), _CLASS_SMOOTH_MM / _FINE_MM)
+    labels = tissue_classes(flat, fine_brain)  # 1 darkest ... 3 brightest
+    levels = np.array([float(np.mean(flat[labels == k])) for k in (1, 2, 3)])
+    classes = _named_classes(labels, levels, fine_brain)
     return RealBackground(
         image=image,
         spacing=step,
