@@ -279,7 +279,9 @@ def prepare_background(
     # and with them the white matter oedema spreads in).
     flat = ndimage.gaussian_filter(_bias_corrected(fine, fine_brain), _CLASS_SMOOTH_MM / _FINE_MM)
     labels = tissue_classes(flat, fine_brain)  # 1 darkest ... 3 brightest
-    levels = np.array([float(np.mean(flat[labels == k])) for k in (1, 2, 3)])
+    levels = np.array(
+        [float(flat[labels == k].mean()) if (labels == k).any() else np.nan for k in (1, 2, 3)]
+    )
     classes = _named_classes(labels, levels, fine_brain)
     return RealBackground(
         image=image,
