@@ -56,6 +56,7 @@ from napari_anomaly.evaluation.clinical import (
     Anatomy,
     ClinicalCase,
     _anatomy_from_classes,
+    _depth,
     _insert_lesions,
     _truth_from_partial_volume,
     tissue_classes,
@@ -133,7 +134,7 @@ def _named_classes(labels: np.ndarray, levels: np.ndarray, tissue: np.ndarray) -
     :data:`_DEEP_SHARE` of ``tissue``; of the other two, CSF is the one farther from
     white matter when both lie on one side of it in ``levels`` (their mean intensities),
     else the darker one."""
-    depth = ndimage.distance_transform_edt(tissue)
+    depth = _depth(tissue)
     deep = tissue & (depth >= np.quantile(depth[tissue], 1.0 - _DEEP_SHARE))
     shares = [
         np.count_nonzero(deep & (labels == k)) / max(np.count_nonzero(labels == k), 1)
